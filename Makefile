@@ -1,0 +1,33 @@
+# Two commands do all the setup on a fresh machine: `make demo` and `make test`.
+# Both create .venv if missing and install raybm into it (torch's CPU wheel first).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel; a plain `torch` requirement would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.raybm-installed
+
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export RAY_DEDUP_LOGS ?= 0
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+# The main job on the embedded default (a local Ray started by the job).
+demo: install
+	$(VENV)/bin/raybm data --config jobs/configs/demo.yaml
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf results demo-results .pytest_cache

@@ -1,0 +1,506 @@
+"""Job configuration: one typed dataclass per stage, YAML files and dotted overrides.
+
+A job config is a YAML file whose top-level sections match the fields of ``JobConfig``
+(``data``, ``model``, ``train`` ...). Command-line overrides use the same dotted keys:
+``train.lr=3e-5 data.max_length=64``. Every key is checked: an unknown key, a value of the
+wrong type or out of range raises ``ConfigError`` naming the key and what is allowed.
+
+Each field carries its documentation as an attribute docstring (the string right below
+it); ``describe()`` reads them back for ``raybm config --describe``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from raybm.errors import ConfigError
+
+
+def _opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+         ge: float | None = None, gt: float | None = None,
+         le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with numeric bounds checked at load time."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"bounds": bounds})
+    return field(default=default, metadata={"bounds": bounds})
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class StorageConfig:
+    root: str = "results"
+    """Results folder shared by every stage and the dashboard: a local path or
+    ``s3://bucket/prefix``. Layout: docs/results.md."""
+    s3_endpoint_url: Optional[str] = None
+    """Endpoint of an S3-compatible store (MinIO, a local test server ...). Empty: the
+    ``AWS_ENDPOINT_URL`` environment variable, else AWS itself."""
+    s3_region: Optional[str] = None
+    """S3 region. Empty: ``AWS_DEFAULT_REGION``, else us-east-1."""
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None
+    """Ray cluster to join (``auto``, ``ray://host:10001`` ...). Empty: ``RAY_ADDRESS`` if
+    set, otherwise the job starts a local Ray (the embedded default)."""
+    num_cpus: Optional[int] = _opt(None, ge=1)
+    """CPUs for a local Ray. Empty: all of this machine's."""
+
+
+@dataclass
+class CleanConfig:
+    html: bool = True
+    """Remove HTML tags and unescape entities (``&amp;`` -> ``&``)."""
+    urls: bool = True
+    """Remove URLs (http://, https://, www.)."""
+    mentions: bool = True
+    """Remove @mentions."""
+    special_chars: bool = False
+    """Remove characters that are neither letters, digits, whitespace nor basic
+    punctuation. Off by default: emoticons and ``!`` carry sentiment."""
+    whitespace: bool = True
+    """Collapse runs of whitespace and trim."""
+    fix_mojibake: bool = True
+    """Repair mis-decoded text with ftfy; for the twitter corpus also its known
+    corrupted quote and apostrophe sequences."""
+    lowercase: bool = False
+    """Lowercase the text. Off by default: the tokenizer decides casing."""
+    stop_words: bool = False
+    """Remove English stop words. Off by default: negations such as "not" are stop
+    words, and dropping them flips sentiment. English text only."""
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = False
+    """Augment training texts (never validation or test). Seeded by ``data.seed``."""
+    crop_prob: float = _opt(0.1, ge=0, le=1)
+    """Chance to keep only a random contiguous window of a text's words."""
+    crop_min_ratio: float = _opt(0.7, gt=0, le=1)
+    """Smallest share of words a crop keeps."""
+    pad_prob: float = _opt(0.1, ge=0, le=1)
+    """Chance to insert random padding tokens into a text."""
+    pad_max_tokens: int = _opt(3, ge=1)
+    """Most padding tokens inserted into one text."""
+    replace_prob: float = _opt(0.05, ge=0, le=1)
+    """Chance, per word, to replace it with the tokenizer's mask token."""
+    delete_prob: float = _opt(0.05, ge=0, lt=1)
+    """Chance, per word, to delete it (a text always keeps one word)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "twitter-sentiment"
+    """Built-in corpus (``twitter-sentiment``, ``chinese-reviews``) or user files: a
+    file, a folder or a glob, local or ``s3://``, in CSV, TSV, JSONL or Parquet."""
+    name: Optional[str] = None
+    """Name of the prepared dataset under ``<root>/data/``. Empty: derived from the
+    source and a hash of this section, so a changed config never reuses old data."""
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = "auto"
+    """File format. ``auto``: from the file extension."""
+    text_column: str = "text"
+    """Column holding the text (user files)."""
+    label_column: str = "label"
+    """Column holding the label (user files)."""
+    encoding: str = "utf-8"
+    """Character encoding of CSV, TSV and JSONL files."""
+    labels: Optional[list[str]] = None
+    """Class names in id order (id 0 first). Empty: the built-in corpus's default, or
+    every label found in user files, sorted."""
+    label_values: dict[str, str] = field(default_factory=dict)
+    """Map raw label values to class names, e.g. ``{"0": negative, "4": positive}``."""
+    exclude_labels: list[str] = field(default_factory=list)
+    """Raw label values whose rows are dropped (and counted). For built-in corpora every
+    label not in ``labels`` is excluded."""
+    language: Literal["auto", "en", "zh"] = "auto"
+    """Text language, used by stop-word removal. ``auto``: the built-in corpus's, else en."""
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    """Cleaning steps, each switchable."""
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    """Train, validation and test shares; they must add up to 1."""
+    seed: int = 0
+    """Seed of the split and of augmentation. Same seed, same split, on any machine."""
+    max_rows: Optional[int] = _opt(None, ge=3)
+    """Keep at most this many rows after de-duplication (a seeded, stratified sample).
+    For quick runs; empty keeps all."""
+    max_length: int = _opt(128, ge=8, le=8192)
+    """Longest token sequence; longer texts are truncated (the report says how many)."""
+    padding: Literal["longest", "max_length"] = "longest"
+    """``longest``: pad each training batch to its longest text (fast on CPU);
+    ``max_length``: pad every text to ``max_length`` (fixed shapes)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training-only text augmentation."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "all-minilm-l6-v2"
+    """Base model: ``all-minilm-l6-v2`` (shipped offline), a local Hugging Face folder,
+    or a hub name (only where the network allows)."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub model. Off: only built-in architectures load."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _opt(3, ge=1)
+    """Passes over the training split."""
+    batch_size: int = _opt(32, ge=1)
+    """Examples per step per worker."""
+    lr: float = _opt(5e-5, gt=0, le=1)
+    """Peak learning rate."""
+    weight_decay: float = _opt(0.01, ge=0)
+    """L2 regularization (decoupled for AdamW)."""
+    optimizer: Literal["sgd", "momentum", "adagrad", "adadelta", "rmsprop", "adam", "adamw"] = "adamw"
+    """Optimizer."""
+    scheduler: Literal["constant", "step", "linear", "cosine"] = "linear"
+    """Learning-rate schedule."""
+    warmup_ratio: float = _opt(0.06, ge=0, lt=1)
+    """Share of steps spent warming up the learning rate."""
+    num_workers: int = _opt(1, ge=1)
+    """Ray Train workers (data-parallel)."""
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    """Train on GPUs: ``auto`` uses them when the cluster has any."""
+    seed: int = 0
+    """Seed of model initialization and data order."""
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = _opt(4, ge=1)
+    """Trials to run (grid values multiply this)."""
+    metric: str = "val_f1_macro"
+    """Validation metric that ranks trials."""
+    mode: Literal["max", "min"] = "max"
+    """Whether a higher or a lower metric is better."""
+    scheduler: Literal["asha", "median", "fifo"] = "asha"
+    """Trial scheduler; ASHA stops weak trials early."""
+    max_concurrent_trials: Optional[int] = _opt(None, ge=1)
+    """Trials running at once. Empty: as many as resources allow."""
+    time_budget_s: Optional[float] = _opt(None, gt=0)
+    """Stop starting trials after this many seconds."""
+    search_space: dict[str, str] = field(default_factory=dict)
+    """Dotted config key -> distribution, e.g. ``train.lr: loguniform(1e-5, 1e-3)``."""
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds."""
+    port: int = _opt(8000, ge=1, le=65535)
+    """HTTP port."""
+    num_replicas: int = _opt(1, ge=1)
+    """Model replicas."""
+    max_batch_size: int = _opt(32, ge=1)
+    """Largest dynamic batch."""
+    batch_wait_timeout_s: float = _opt(0.01, ge=0)
+    """How long a replica waits to fill a batch."""
+    max_ongoing_requests: int = _opt(16, ge=1)
+    """Requests a replica works on at once."""
+    max_queued_requests: int = _opt(64, ge=0)
+    """Requests queued beyond that; more are answered 503."""
+    api_key_env: Optional[str] = None
+    """Environment variable holding an API key that requests must send. Empty: no key."""
+
+
+@dataclass
+class ExportConfig:
+    variants: list[Literal["hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled"]] = field(
+        default_factory=lambda: ["hf", "onnx", "onnx-int8"])
+    """Variants to produce."""
+    prune_sparsity: float = _opt(0.5, gt=0, lt=1)
+    """Share of weights magnitude pruning sets to zero."""
+
+
+@dataclass
+class JobConfig:
+    name: Optional[str] = None
+    """Job name, used for run folders. Empty: derived from the config."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Where results live."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Which Ray to run on."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data stage."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Base model."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training stage."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """Hyperparameter sweep."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """Model server."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """Export and compression."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------- cross-field checks
+
+
+def _check_job(cfg: JobConfig) -> None:
+    d = cfg.data
+    if len(d.split) != 3:
+        raise ConfigError(f"data.split: give three shares (train, validation, test), got {d.split}")
+    if any(s <= 0 for s in d.split):
+        raise ConfigError(f"data.split: every share must be > 0, got {d.split}")
+    if abs(sum(d.split) - 1.0) > 1e-6:
+        raise ConfigError(f"data.split: shares must add up to 1, got {d.split} (sum {sum(d.split):g})")
+    if d.labels is not None:
+        if len(d.labels) < 2:
+            raise ConfigError(f"data.labels: a classifier needs at least 2 classes, got {d.labels}")
+        if len(set(d.labels)) != len(d.labels):
+            raise ConfigError(f"data.labels: class names repeat: {d.labels}")
+    unknown_targets = sorted(set(d.label_values.values()) - set(d.labels or d.label_values.values()))
+    if unknown_targets:
+        raise ConfigError(f"data.label_values: maps to {unknown_targets}, which are not in "
+                          f"data.labels {d.labels}")
+    if d.clean.stop_words and d.language == "zh":
+        raise ConfigError("data.clean.stop_words: supported for English text only; "
+                          "set it to false for data.language=zh")
+
+
+# ------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " (or empty)"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp``, converting strings from CLI overrides."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping of keys), got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none", "~")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not valid; choose one of: "
+                              f"{', '.join(map(str, choices))}.{hint}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value)
+            value = parsed if isinstance(parsed, list) else [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this module
+
+
+_SIGNS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _check_bounds(value: Any, bounds: dict[str, float], key: str) -> None:
+    if value is None or not bounds:
+        return
+    ok = {"ge": lambda a, b: a >= b, "gt": lambda a, b: a > b,
+          "le": lambda a, b: a <= b, "lt": lambda a, b: a < b}
+    if not all(ok[op](value, limit) for op, limit in bounds.items()):
+        valid = " and ".join(f"{_SIGNS[op]} {limit:g}" for op, limit in bounds.items())
+        raise ConfigError(f"{key}: must be {valid}, got {value!r}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in fields:
+            full = f"{prefix}.{k}" if prefix else str(k)
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            hint = f" Did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"{full}: unknown key.{hint} Valid keys"
+                              f"{' in ' + repr(prefix) if prefix else ''}: {', '.join(fields)}.")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        value = _coerce(raw[name], hints[name], key)
+        _check_bounds(value, f.metadata.get("bounds", {}), key)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=3e-5", "data.labels=[a,b]"]`` into a nested dict."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: write overrides as dotted key=value, e.g. train.lr=3e-5")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: the key is empty or malformed")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is set twice as a value and a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Validate a raw mapping (plus overrides) into a ``JobConfig``."""
+    merged = _merge(raw or {}, parse_overrides(overrides or []))
+    cfg = _build(JobConfig, merged, "")
+    _check_job(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a YAML job config and apply dotted ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found; shipped configs are in jobs/configs/")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: a config file must be a mapping of sections, got {type(raw).__name__}")
+    return build_config(raw, overrides)
+
+
+def config_hash(section: Any) -> str:
+    """Short stable hash of a config section (names prepared datasets and runs)."""
+    blob = json.dumps(dataclasses.asdict(section), sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+# ------------------------------------------------------------------------ describing
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: the string literal under each field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe(cls: type = JobConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every config key as (dotted key, default, doc), for help output and docs."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    default_obj = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key + "."))
+            continue
+        default = getattr(default_obj, f.name)
+        rows.append((key, json.dumps(default, ensure_ascii=False), docs.get(f.name, "")))
+    return rows

@@ -1,0 +1,326 @@
+"""The data stage on the driver: source -> clean -> de-duplicate -> split -> report.
+
+``run_data_stage`` builds a Ray Data pipeline, writes the prepared splits as Parquet
+into the results folder with the label map, the resolved config and a data report, and
+publishes the folder only when every file is written. ``load_split`` is how later stages
+read a prepared split back as a lazy Dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from raybm.config import JobConfig, config_hash
+from raybm.data import cleaning, splitting
+from raybm.data.sources import Source, find_undecodable, read_source, resolve_source
+from raybm.data.tokenizing import CountTokens
+from raybm.errors import DataError, RaybmError
+from raybm.results import CONFIG_FILE, LABEL_MAP_FILE, REPORT_FILE, SPLITS, Results
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class PreparedData:
+    """What the data stage hands on: where the prepared dataset is, and its report."""
+
+    name: str
+    path: str  # URI of the dataset folder
+    report: dict[str, Any]
+    reused: bool = False
+
+
+def dataset_name(cfg: JobConfig, src: Source) -> str:
+    if cfg.data.name:
+        return cfg.data.name
+    return f"{src.name}-{data_config_hash(cfg)}"
+
+
+def data_config_hash(cfg: JobConfig) -> str:
+    @dataclasses.dataclass
+    class _Key:  # everything that changes the prepared data or its report
+        data: Any
+        model: str
+
+    return config_hash(_Key(data=cfg.data, model=cfg.model.name))
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def _resolve_labels(cfg: JobConfig, src: Source, raw_ds) -> cleaning.LabelMapper:
+    d = cfg.data
+    if src.all_labels is not None:  # built-in corpus: its label set is known
+        labels = d.labels or src.default_labels or src.all_labels
+        unknown = [lab for lab in labels if lab not in src.all_labels
+                   and lab not in d.label_values.values()]
+        if unknown:
+            raise DataError(f"data.labels {unknown} are not labels of {d.source}; it has: {src.all_labels}")
+        exclude = sorted(set(src.all_labels) - set(labels) | set(d.exclude_labels))
+        return cleaning.LabelMapper(labels, d.label_values, exclude)
+    if d.labels:
+        return cleaning.LabelMapper(list(d.labels), d.label_values, list(d.exclude_labels))
+    # Infer: every distinct raw value (after label_values), minus the excluded, sorted.
+    raws = {cleaning.normalize_raw_label(v) for v in raw_ds.unique("label_raw")}
+    names = {d.label_values.get(r, r) for r in raws if r is not None}
+    labels = sorted(n for n in names if n not in set(d.exclude_labels))
+    if len(labels) < 2:
+        raise DataError(f"found {len(labels)} label value(s) {labels} in {d.label_column!r}; a classifier "
+                        f"needs at least 2. Check data.label_column and data.exclude_labels.")
+    return cleaning.LabelMapper(labels, d.label_values, list(d.exclude_labels))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _translate_read_error(exc: BaseException, src: Source, cfg: JobConfig) -> RaybmError | None:
+    """Turn a failure inside Ray Data's readers into a message that says what to do."""
+    if isinstance(exc, RaybmError):
+        return exc
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, RaybmError):
+            return cause
+        text += f"\n{type(cause).__name__}: {cause}"
+        cause = cause.__cause__
+    if any(s in text for s in ("UnicodeDecodeError", "invalid UTF8", "can't decode", "codec")):
+        bad = find_undecodable(src)
+        where = f"{bad[0]} (byte {bad[1]})" if bad else ", ".join(src.display_files[:3])
+        return DataError(f"{where}: not valid {src.encoding} text; set data.encoding to the file's "
+                         f"encoding (for example latin-1 or cp1252)")
+    for marker in ("CSV parse error", "JSON parse error", "ArrowInvalid", "straddling object",
+                   "Invalid: ", "Parquet magic bytes"):
+        if marker in text:
+            line = next((ln for ln in text.splitlines() if marker in ln), text.splitlines()[0])
+            return DataError(f"cannot read {src.format} data from {', '.join(src.display_files[:3])}: "
+                             f"{line.strip()[:300]}. Check the files or set data.format / data.encoding.")
+    return None
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_data_stage(cfg: JobConfig, *, force: bool = False,
+                   log: Callable[[str], None] = print) -> PreparedData:
+    """Prepare ``cfg.data`` into the results folder and return where it is."""
+    import ray.data
+
+    started = time.time()
+    d = cfg.data
+    # 1. Resolve the source and the destination (no Ray work yet).
+    src = resolve_source(d, cfg.storage)
+    results = Results.from_config(cfg.storage)
+    name = dataset_name(cfg, src)
+    final = results.dataset_dir(name)
+    digest = data_config_hash(cfg)
+    if results.is_complete(final) and not force:
+        report = results.dataset_report(name)
+        if report.get("config_hash") != digest:
+            raise DataError(f"dataset {name!r} already exists in {results.root} with a different data "
+                            f"config; rerun with --force to rebuild it, or set another data.name")
+        log(f"Dataset {name!r} is already prepared at {results.uri(final)} (use --force to rebuild).")
+        return PreparedData(name, results.uri(final), report, reused=True)
+
+    log(f"Preparing {d.source} -> {results.uri(final)}")
+    raw = read_source(src)
+    try:
+        mapper = _resolve_labels(cfg, src, raw)
+        # 2. Clean and map labels (streamed), marking - never silently dropping - rows.
+        marked = raw.map_batches(
+            cleaning.clean_batch, batch_format="pandas",
+            fn_kwargs=dict(cfg=d.clean, mapper=mapper, twitter_repair=src.kind == "twitter-sentiment"),
+        ).materialize()
+        rows_read = marked.count()
+    except Exception as e:  # noqa: BLE001 - translated or re-raised
+        err = _translate_read_error(e, src, cfg)
+        if err is None:
+            raise
+        raise err from None
+    if rows_read == 0:
+        raise DataError(f"{d.source}: no rows found")
+    dropped = {k: v for k, v in count_values(marked, "drop_reason").items() if k}
+    if dropped.get(cleaning.UNKNOWN_LABEL):
+        unknown = count_values(marked, "label_raw", where=("drop_reason", cleaning.UNKNOWN_LABEL))
+        shown = ", ".join(f"{v!r} ({n} rows)" for v, n in sorted(unknown.items(), key=lambda x: -x[1])[:10])
+        raise DataError(f"unknown label value(s) in {d.label_column!r}: {shown}. Known classes: "
+                        f"{mapper.labels}. Add them to data.labels, map them with data.label_values, "
+                        f"or drop them with data.exclude_labels.")
+
+    # 3. Exact-duplicate removal across the whole dataset, before the split.
+    deduped = (marked.map_batches(splitting.keep_and_bucket, batch_format="pandas")
+               .groupby("bucket", num_partitions=_partitions(splitting.DEDUP_BUCKETS))
+               .map_groups(splitting.deduplicate, batch_format="pandas")
+               .materialize())
+    n_unique = deduped.count()
+    n_clean = rows_read - sum(dropped.values())
+    if n_unique == 0:
+        raise DataError(f"no rows left after cleaning {rows_read} rows (dropped: {dropped}). Check the "
+                        f"text column and the cleaning options under data.clean.")
+    if n_clean - n_unique:
+        dropped[cleaning.DUPLICATE] = n_clean - n_unique
+    conflicts = count_values(deduped, "conflict").get(True, 0)
+    class_counts = {int(k): v for k, v in count_values(deduped, "label").items()}
+    empty = [lab for i, lab in enumerate(mapper.labels) if class_counts.get(i, 0) == 0]
+    if empty:
+        raise DataError(f"class(es) {empty} have no rows after cleaning and de-duplication; remove them "
+                        f"from data.labels or add data")
+
+    # 4. Seeded, stratified split (optionally of a stratified sample).
+    quotas = splitting.sample_quotas(class_counts, d.max_rows)
+    if sum(quotas.values()) < n_unique:
+        dropped[cleaning.SAMPLED_OUT] = n_unique - sum(quotas.values())
+    splitting.check_split_sizes(quotas, d.split, mapper.labels)
+    split_ds = (deduped.select_columns(["text", "label"])
+                .groupby("label", num_partitions=_partitions(len(class_counts)))
+                .map_groups(splitting.assign_split, batch_format="pandas",
+                            fn_kwargs=dict(quota=quotas, ratios=list(d.split), seed=d.seed))
+                .materialize())
+
+    # 5. Token lengths with the model's tokenizer (one tokenizer per Ray Data actor).
+    lengths = split_ds.map_batches(
+        CountTokens, batch_format="pandas", batch_size=512, compute=ray.data.ActorPoolStrategy(size=1),
+        fn_constructor_kwargs=dict(model=cfg.model.name, trust_remote_code=cfg.model.trust_remote_code),
+    ).to_pandas()  # three small int columns, not the texts
+
+    report = build_report(cfg, src, name, digest, mapper, rows_read, dropped, conflicts, lengths,
+                          started)
+
+    # 6. Write everything into a staging folder, then publish it in one step.
+    build = results.build_dir("data", name)
+    try:
+        if results.remote and results.exists(build):
+            results.delete_tree(build)
+        for split in SPLITS:
+            part = split_ds.map_batches(_rows_of_split, batch_format="pandas", fn_kwargs={"split": split})
+            part.write_parquet(results.join(build, split), filesystem=results.fs)
+        results.write_json(results.join(build, LABEL_MAP_FILE), mapper.to_json())
+        results.write_text(results.join(build, CONFIG_FILE), cfg.to_yaml())
+        results.write_json(results.join(build, REPORT_FILE), report)
+        results.mark_complete(build)
+        results.publish(build, final)
+    except BaseException:
+        results.delete_tree(build)
+        raise
+    return PreparedData(name, results.uri(final), report)
+
+
+def _partitions(n: int) -> int:
+    # Ray Data's default of 200 shuffle partitions is far too many for a few groups.
+    return max(1, min(n, 16))
+
+
+def _rows_of_split(batch, split: str):
+    return batch.loc[batch["split"] == split, ["text", "label"]]
+
+
+def _value_counts(batch, column: str, where: tuple[str, Any] | None):
+    import pandas as pd
+
+    if where is not None:
+        batch = batch[batch[where[0]] == where[1]]
+    counts = batch[column].value_counts()
+    return pd.DataFrame({"value": counts.index.astype(str), "n": counts.to_numpy(dtype="int64")})
+
+
+def count_values(ds, column: str, where: tuple[str, Any] | None = None) -> dict[Any, int]:
+    """Count a column's values with one small pandas frame per block (no shuffle)."""
+    partial = ds.map_batches(_value_counts, batch_format="pandas",
+                             fn_kwargs={"column": column, "where": where}).to_pandas()
+    if partial.empty:
+        return {}
+    totals = partial.groupby("value")["n"].sum()
+    out: dict[Any, int] = {}
+    for value, n in totals.items():
+        key: Any = value
+        if value in ("True", "False"):
+            key = value == "True"
+        out[key] = int(n)
+    return out
+
+
+def build_report(cfg: JobConfig, src: Source, name: str, digest: str, mapper: cleaning.LabelMapper,
+                 rows_read: int, dropped: dict[str, int], conflicts: int, lengths, started: float) -> dict:
+    labels = mapper.labels
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        part = lengths[lengths["split"] == split]
+        per_label = part["label"].value_counts().to_dict()
+        splits[split] = {
+            "rows": int(len(part)),
+            "labels": {lab: int(per_label.get(i, 0)) for i, lab in enumerate(labels)},
+            "truncated": int((part["n_tokens"] > cfg.data.max_length).sum()),
+        }
+    n_tokens = lengths["n_tokens"].to_numpy()
+    pct = {f"p{q}": int(np.percentile(n_tokens, q)) for q in (50, 90, 95, 99)}
+    truncated = int((n_tokens > cfg.data.max_length).sum())
+    rows_kept = int(len(lengths))
+    return {
+        "version": REPORT_VERSION,
+        "dataset": name,
+        "source": cfg.data.source,
+        "format": src.format,
+        "files": src.display_files,
+        "config_hash": digest,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_s": round(time.time() - started, 2),
+        "rows_read": int(rows_read),
+        "dropped": {r: int(dropped.get(r, 0)) for r in cleaning.DROP_REASONS if dropped.get(r)},
+        "dropped_total": int(sum(dropped.values())),
+        "duplicates_with_conflicting_labels": int(conflicts),
+        "rows_kept": rows_kept,
+        "labels": labels,
+        "splits": splits,
+        "tokens": {
+            "model": cfg.model.name,
+            "max_length": cfg.data.max_length,
+            "mean": round(float(n_tokens.mean()), 2),
+            **pct,
+            "max": int(n_tokens.max()),
+            "truncated_rows": truncated,
+            "truncated_share": round(truncated / max(1, rows_kept), 4),
+        },
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The data report as a short human-readable summary."""
+    lines = [f"Dataset {report['dataset']}  (source: {report['source']})",
+             f"  rows read      {report['rows_read']:>8}"]
+    for reason, n in report["dropped"].items():
+        lines.append(f"  - {reason:<14}{n:>7}")
+    lines.append(f"  rows kept      {report['rows_kept']:>8}")
+    if report.get("duplicates_with_conflicting_labels"):
+        lines.append(f"  ({report['duplicates_with_conflicting_labels']} duplicated texts had conflicting "
+                     f"labels; the majority label was kept)")
+    labels = report["labels"]
+    lines.append("")
+    lines.append("  split        rows  " + "  ".join(f"{lab:>10}" for lab in labels))
+    for split, info in report["splits"].items():
+        dist = "  ".join(f"{info['labels'][lab]:>5} {100 * info['labels'][lab] / max(1, info['rows']):3.0f}%"
+                         for lab in labels)
+        lines.append(f"  {split:<10}{info['rows']:>7}  {dist}")
+    t = report["tokens"]
+    lines.append("")
+    lines.append(f"  tokens ({t['model']}): mean {t['mean']}, p50 {t['p50']}, p95 {t['p95']}, "
+                 f"p99 {t['p99']}, max {t['max']}; {100 * t['truncated_share']:.1f}% "
+                 f"({t['truncated_rows']}) truncated at max_length {t['max_length']}")
+    return "\n".join(lines)
+
+
+def load_split(results: Results, name: str, split: str):
+    """A prepared split as a lazy Ray Dataset (columns text, label)."""
+    import ray.data
+
+    folder = results.dataset_dir(name)
+    if not results.is_complete(folder):
+        raise DataError(f"dataset {name!r} is not prepared in {results.root} (no {results.uri(folder)}/_SUCCESS); "
+                        f"run raybm data first")
+    return ray.data.read_parquet(results.dataset_split_dir(name, split), filesystem=results.fs)

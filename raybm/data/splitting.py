@@ -1,0 +1,107 @@
+"""De-duplication, sampling and the stratified split: plain functions on pandas frames.
+
+Both are deterministic functions of the rows' content and the seed, never of row order,
+partitioning or machine: every decision comes from a SHA-256 of (seed, text). So two runs
+on different machines, with any number of Ray blocks, give the same split. Duplicates are
+removed before the split, so no text can be in two splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from raybm.errors import DataError
+
+DEDUP_BUCKETS = 32
+
+# Explicit output schemas: Ray's hash shuffle cannot join an empty block whose column
+# types pandas left unknown with a full one, so every function here returns typed tables.
+BUCKETED = pa.schema([("text", pa.large_string()), ("label", pa.int64()), ("bucket", pa.int64())])
+DEDUPED = pa.schema([("text", pa.large_string()), ("label", pa.int64()), ("copies", pa.int64()),
+                     ("conflict", pa.bool_())])
+SPLIT = pa.schema([("text", pa.large_string()), ("label", pa.int64()), ("split", pa.large_string())])
+
+
+def _table(columns: dict, schema: pa.Schema) -> pa.Table:
+    return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
+
+
+def text_key(text: str, salt: str) -> int:
+    """A stable 63-bit key for a text (same on every machine and Python run)."""
+    digest = hashlib.sha256(f"{salt}\x00{text}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def keep_and_bucket(batch: pd.DataFrame) -> pa.Table:
+    """Rows kept by cleaning, bucketed by text so all copies of a text meet in one group."""
+    kept = batch.loc[batch["drop_reason"] == "", ["text", "label"]]
+    texts = kept["text"].astype(str).tolist()
+    return _table({"text": texts, "label": kept["label"].to_numpy(dtype="int64"),
+                   "bucket": [text_key(t, "bucket") % DEDUP_BUCKETS for t in texts]}, BUCKETED)
+
+
+def deduplicate(group: pd.DataFrame) -> pa.Table:
+    """Keep one row per distinct text.
+
+    Copies with one label collapse to one row. Copies with conflicting labels keep the
+    most frequent label (ties: the lowest id), so the result does not depend on order.
+    Output columns: text, label, copies (rows this one stands for), conflict (bool).
+    """
+    counts = group.groupby(["text", "label"], sort=False).size().reset_index(name="n")
+    per_text = counts.groupby("text", sort=False).agg(copies=("n", "sum"), labels=("label", "nunique"))
+    best = counts.sort_values(["text", "n", "label"], ascending=[True, False, True]).drop_duplicates("text")
+    best = best.merge(per_text, left_on="text", right_index=True)
+    return _table({
+        "text": best["text"].astype(str).tolist(),
+        "label": best["label"].to_numpy(dtype="int64"),
+        "copies": best["copies"].to_numpy(dtype="int64"),
+        "conflict": (best["labels"] > 1).to_numpy(),
+    }, DEDUPED)
+
+
+def split_sizes(n: int, ratios: list[float]) -> tuple[int, int, int]:
+    """Rows of one class per split: validation and test rounded, train gets the rest."""
+    n_val = int(round(n * ratios[1]))
+    n_test = int(round(n * ratios[2]))
+    return n - n_val - n_test, n_val, n_test
+
+
+def sample_quotas(class_counts: dict[int, int], max_rows: int | None) -> dict[int, int]:
+    """Rows to keep per class so that at most ``max_rows`` remain, in proportion."""
+    total = sum(class_counts.values())
+    if max_rows is None or max_rows >= total:
+        return dict(class_counts)
+    return {c: max(1, int(round(max_rows * n / total))) for c, n in class_counts.items()}
+
+
+def check_split_sizes(class_counts: dict[int, int], ratios: list[float], labels: list[str]) -> None:
+    """Fail before splitting if a class would be missing from any split."""
+    for cid, n in sorted(class_counts.items()):
+        sizes = split_sizes(n, ratios)
+        for split, size in zip(("train", "validation", "test"), sizes):
+            if size <= 0:
+                raise DataError(
+                    f"class {labels[cid]!r} has {n} row(s) after cleaning and de-duplication, "
+                    f"which leaves the {split} split without it (split {ratios}). Add data for "
+                    f"this class, change data.split, or drop the class with data.exclude_labels.")
+
+
+def assign_split(group: pd.DataFrame, *, quota: dict[int, int], ratios: list[float], seed: int) -> pa.Table:
+    """Sample and split the rows of ONE class (a map_groups function).
+
+    Rows are ordered by a seeded hash of their text; the first ``quota`` are kept, then
+    cut train / validation / test in that order. Output columns: text, label, split.
+    """
+    label = int(group["label"].iloc[0])
+    keep = quota[label] if label in quota else quota[str(label)]  # JSON round trips keys as str
+    texts = group["text"].astype(str).tolist()
+    sample_order = np.argsort([text_key(t, f"sample:{seed}") for t in texts], kind="stable")
+    kept = [texts[i] for i in sample_order[:keep]]
+    kept.sort(key=lambda t: text_key(t, f"split:{seed}"))
+    n_train, n_val, _ = split_sizes(len(kept), ratios)
+    splits = ["train"] * n_train + ["validation"] * n_val + ["test"] * (len(kept) - n_train - n_val)
+    return _table({"text": kept, "label": np.full(len(kept), label, dtype="int64"), "split": splits}, SPLIT)

@@ -1,0 +1,127 @@
+"""Tokenization on Ray Data, and training-only text augmentation.
+
+``Tokenize`` and ``CountTokens`` are callable classes: Ray Data runs them in a pool of
+actors and builds each one once, so the tokenizer loads once per worker, not per batch.
+Batches stream through; nothing is collected on the driver.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raybm.config import AugmentConfig, DataConfig, ModelConfig
+from raybm.data.splitting import text_key
+
+
+def augment_text(text: str, cfg: AugmentConfig, rng: np.random.Generator,
+                 mask_token: str, pad_token: str) -> str:
+    """Random crop, padding, word replacement and deletion, each by its probability."""
+    words = text.split()
+    if len(words) > 1 and rng.random() < cfg.crop_prob:
+        keep = max(1, int(np.ceil(len(words) * rng.uniform(cfg.crop_min_ratio, 1.0))))
+        start = int(rng.integers(0, len(words) - keep + 1))
+        words = words[start:start + keep]
+    if cfg.replace_prob > 0:
+        words = [mask_token if rng.random() < cfg.replace_prob else w for w in words]
+    if cfg.delete_prob > 0 and len(words) > 1:
+        kept = [w for w in words if rng.random() >= cfg.delete_prob]
+        words = kept or [words[int(rng.integers(0, len(words)))]]
+    if rng.random() < cfg.pad_prob:
+        for _ in range(int(rng.integers(1, cfg.pad_max_tokens + 1))):
+            words.insert(int(rng.integers(0, len(words) + 1)), pad_token)
+    return " ".join(words)
+
+
+class _WithTokenizer:
+    def __init__(self, model: str, trust_remote_code: bool = False) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from raybm.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model, trust_remote_code)
+
+
+class Tokenize(_WithTokenizer):
+    """Text -> ``input_ids``, ``attention_mask`` (and ``labels``) for a batch.
+
+    ``padding="max_length"`` gives fixed-width int64 arrays; ``"longest"`` gives one
+    variable-length array per row, padded per training batch by ``pad_collate``.
+    """
+
+    def __init__(self, model: str, max_length: int, padding: str, trust_remote_code: bool = False,
+                 augment: dict[str, Any] | None = None, seed: int = 0, epoch: int = 0) -> None:
+        super().__init__(model, trust_remote_code)
+        self.max_length = max_length
+        self.padding = padding
+        self.augment = AugmentConfig(**augment) if augment and augment.get("enabled") else None
+        self.salt = f"augment:{seed}:{epoch}"
+
+    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        texts = batch["text"].astype(str).tolist()
+        if self.augment is not None:
+            tok = self.tokenizer
+            texts = [augment_text(t, self.augment, np.random.default_rng(text_key(t, self.salt)),
+                                  tok.mask_token or tok.unk_token, tok.pad_token or tok.unk_token)
+                     for t in texts]
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length,
+                             padding="max_length" if self.padding == "max_length" else False)
+        out: dict[str, np.ndarray] = {}
+        for key in ("input_ids", "attention_mask"):
+            rows = [np.asarray(r, dtype=np.int64) for r in enc[key]]
+            if self.padding == "max_length":
+                out[key] = np.stack(rows)
+            else:
+                col = np.empty(len(rows), dtype=object)
+                col[:] = rows
+                out[key] = col
+        if "label" in batch:
+            out["labels"] = batch["label"].to_numpy(dtype=np.int64)
+        return out
+
+
+class CountTokens(_WithTokenizer):
+    """Untruncated token count of each text (for the data report)."""
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        enc = self.tokenizer(batch["text"].astype(str).tolist(), truncation=False, padding=False)
+        return pd.DataFrame({"split": batch["split"], "label": batch["label"],
+                             "n_tokens": np.array([len(r) for r in enc["input_ids"]], dtype=np.int64)})
+
+
+def tokenize_dataset(ds, data: DataConfig, model: ModelConfig, *, training: bool = False,
+                     epoch: int = 0, concurrency: int = 1, num_cpus: float = 1.0):
+    """Lazily tokenize a Dataset with columns text and label (augmenting if training)."""
+    import dataclasses
+
+    import ray.data
+
+    augment = dataclasses.asdict(data.augment) if training and data.augment.enabled else None
+    return ds.map_batches(
+        Tokenize, batch_format="pandas", batch_size=256, num_cpus=num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        fn_constructor_kwargs=dict(model=model.name, max_length=data.max_length, padding=data.padding,
+                                   trust_remote_code=model.trust_remote_code, augment=augment,
+                                   seed=data.seed, epoch=epoch))
+
+
+def pad_collate(batch: dict[str, np.ndarray], pad_id: int = 0) -> dict[str, Any]:
+    """Pad a batch of variable-length rows to its longest row; returns torch tensors."""
+    import torch
+
+    out: dict[str, Any] = {}
+    ids = batch["input_ids"]
+    if ids.dtype != object and ids.ndim == 2:  # already fixed width
+        out = {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}
+        return out
+    width = max(len(r) for r in ids)
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0)):
+        arr = np.full((len(ids), width), fill, dtype=np.int64)
+        for i, r in enumerate(batch[key]):
+            arr[i, :len(r)] = r
+        out[key] = torch.from_numpy(arr)
+    if "labels" in batch:
+        out["labels"] = torch.from_numpy(np.array(batch["labels"], dtype=np.int64))
+    return out

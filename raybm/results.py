@@ -1,0 +1,198 @@
+"""The results folder: the one place that knows where every artifact lives.
+
+Every stage and the dashboard read and write through ``Results``; no other module builds
+a results path by hand. The root is a local path or ``s3://bucket/prefix``; both go
+through a pyarrow filesystem, so the same code serves a laptop and a cluster.
+The layout is documented in docs/results.md:
+
+    <root>/
+      data/<dataset>/                 one prepared dataset (data stage)
+        train/ validation/ test/      Parquet parts: text (string), label (int64)
+        label_map.json                {"labels": [...], "label_to_id": {...}}
+        report.json                   data report (rows read, dropped by reason ...)
+        config.yaml                   the resolved job config that produced it
+        _SUCCESS                      written last: the dataset is complete
+      runs/<run>/                     training runs
+      sweeps/<sweep>/                 hyperparameter sweeps
+      exports/<name>/<variant>/       exported and compressed models
+
+A folder without ``_SUCCESS`` is incomplete and is never read as data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from raybm.config import StorageConfig
+from raybm.errors import RaybmError
+
+SPLITS = ("train", "validation", "test")
+SUCCESS_MARKER = "_SUCCESS"
+LABEL_MAP_FILE = "label_map.json"
+REPORT_FILE = "report.json"
+CONFIG_FILE = "config.yaml"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
+    """An S3 filesystem honouring the configured (or ``AWS_ENDPOINT_URL``) endpoint.
+
+    pyarrow does not read ``AWS_ENDPOINT_URL`` itself, so it is passed explicitly.
+    """
+    endpoint = storage.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    region = storage.s3_region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    kwargs: dict[str, Any] = {"region": region}
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve_uri(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
+    """Split a local path or ``s3://`` URI into (filesystem, path on that filesystem)."""
+    if is_s3(uri):
+        return s3_filesystem(storage), uri[len("s3://"):].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise RaybmError(f"{uri!r}: only local paths and s3:// URIs are supported")
+    local = uri[len("file://"):] if uri.startswith("file://") else uri
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
+
+
+@dataclass
+class Results:
+    """A results root and the paths of everything under it."""
+
+    root: str
+    storage: StorageConfig
+
+    def __post_init__(self) -> None:
+        self.fs, self.base = resolve_uri(self.root, self.storage)
+        self.remote = is_s3(self.root)
+
+    @classmethod
+    def from_config(cls, storage: StorageConfig) -> "Results":
+        return cls(storage.root, storage)
+
+    # -- paths (on self.fs) ------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.base, *parts) if self.remote else os.path.join(self.base, *parts)
+
+    def uri(self, path: str) -> str:
+        """A path on self.fs as the user would write it (for messages and reports)."""
+        return f"s3://{path}" if self.remote else path
+
+    def dataset_dir(self, name: str) -> str:
+        return self.path("data", name)
+
+    def dataset_split_dir(self, name: str, split: str) -> str:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}")
+        return self.path("data", name, split)
+
+    def dataset_file(self, name: str, filename: str) -> str:
+        return self.path("data", name, filename)
+
+    def run_dir(self, name: str) -> str:
+        return self.path("runs", name)
+
+    def sweep_dir(self, name: str) -> str:
+        return self.path("sweeps", name)
+
+    def export_dir(self, name: str, variant: str | None = None) -> str:
+        return self.path("exports", name, variant) if variant else self.path("exports", name)
+
+    def staging_dir(self, kind: str, name: str) -> str:
+        """A fresh hidden sibling folder to build an artifact in before publishing it."""
+        return self.path(kind, f".staging-{name}-{uuid.uuid4().hex[:8]}")
+
+    # -- file operations ---------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def is_complete(self, folder: str) -> bool:
+        return self.exists(posixpath.join(folder, SUCCESS_MARKER) if self.remote
+                           else os.path.join(folder, SUCCESS_MARKER))
+
+    def join(self, folder: str, *parts: str) -> str:
+        return posixpath.join(folder, *parts) if self.remote else os.path.join(folder, *parts)
+
+    def write_text(self, path: str, text: str) -> None:
+        """Write a whole file. Local writes go through a temp file and a rename, and an S3
+        PUT is atomic, so a reader never sees half a file."""
+        parent = posixpath.dirname(path) if self.remote else os.path.dirname(path)
+        self.fs.create_dir(parent, recursive=True)
+        tmp = path if self.remote else f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(text.encode("utf-8"))
+        if not self.remote:
+            os.replace(tmp, path)
+
+    def write_json(self, path: str, obj: Any) -> None:
+        self.write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+    def read_text(self, path: str) -> str:
+        with self.fs.open_input_stream(path) as f:
+            return f.read().decode("utf-8")
+
+    def read_json(self, path: str) -> Any:
+        return json.loads(self.read_text(path))
+
+    def mark_complete(self, folder: str) -> None:
+        self.write_text(self.join(folder, SUCCESS_MARKER), "")
+
+    def delete_tree(self, folder: str) -> None:
+        if self.exists(folder):
+            self.fs.delete_dir(folder)
+
+    def publish(self, staging: str, final: str) -> None:
+        """Make a finished staging folder the artifact at ``final``.
+
+        Local: an atomic rename (an old artifact is moved aside first, then removed).
+        S3 has no rename: the artifact is written in place and ``_SUCCESS`` marks it
+        complete, so callers build directly at ``final`` there (see ``build_dir``).
+        """
+        if self.remote:
+            return
+        old = None
+        if os.path.exists(final):
+            old = f"{final}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(staging, final)
+        if old:
+            self.fs.delete_dir(old)
+
+    def build_dir(self, kind: str, name: str) -> str:
+        """Where to build an artifact: a staging folder locally, the final folder on S3."""
+        return self.path(kind, name) if self.remote else self.staging_dir(kind, name)
+
+    # -- readers for later stages and the dashboard --------------------------------------
+    def list_datasets(self) -> list[str]:
+        """Names of complete prepared datasets."""
+        folder = self.path("data")
+        if not self.exists(folder):
+            return []
+        names = []
+        for info in self.fs.get_file_info(pafs.FileSelector(folder)):
+            name = info.base_name
+            if info.type == pafs.FileType.Directory and not name.startswith("."):
+                if self.is_complete(info.path):
+                    names.append(name)
+        return sorted(names)
+
+    def dataset_report(self, name: str) -> dict[str, Any]:
+        return self.read_json(self.dataset_file(name, REPORT_FILE))
+
+    def dataset_label_map(self, name: str) -> dict[str, Any]:
+        return self.read_json(self.dataset_file(name, LABEL_MAP_FILE))

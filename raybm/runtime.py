@@ -1,0 +1,36 @@
+"""Connecting to Ray: join a cluster when one is named, else start a local Ray.
+
+Never called at import time: each driver entrypoint calls ``ensure_ray`` once.
+"""
+
+from __future__ import annotations
+
+import os
+
+from raybm.config import RayConfig
+
+# Variables workers need that a local driver has but a cluster worker would not.
+_FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                  "AWS_ENDPOINT_URL", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
+
+
+def worker_env() -> dict[str, str]:
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    env.update({k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
+    return env
+
+
+def ensure_ray(cfg: RayConfig) -> str:
+    """Initialize Ray once; returns a short description of where it runs."""
+    import ray
+
+    if ray.is_initialized():
+        return "an already running Ray"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return f"the Ray cluster at {address}"
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=runtime_env)
+    return "a local Ray (embedded)"

@@ -1,0 +1,69 @@
+import random
+
+import pandas as pd
+import pytest
+
+from raybm.data import splitting
+from raybm.errors import DataError
+
+
+def _split_all(df, ratios=(0.8, 0.1, 0.1), seed=0, max_rows=None):
+    counts = df["label"].value_counts().to_dict()
+    quota = splitting.sample_quotas(counts, max_rows)
+    parts = [splitting.assign_split(g, quota=quota, ratios=list(ratios), seed=seed).to_pandas()
+             for _, g in df.groupby("label")]
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_deduplicate_keeps_majority_label_whatever_the_order():
+    rows = [("a", 0), ("a", 0), ("a", 1), ("b", 1), ("c", 0), ("c", 1)]
+    for _ in range(5):
+        random.shuffle(rows)
+        out = splitting.deduplicate(pd.DataFrame(rows, columns=["text", "label"])).to_pandas()
+        got = {r.text: (r.label, r.copies, r.conflict) for r in out.itertuples()}
+        assert got == {"a": (0, 3, True), "b": (1, 1, False), "c": (0, 2, True)}  # tie -> lowest id
+
+
+def test_keep_and_bucket_drops_marked_rows_and_types_empty_output():
+    batch = pd.DataFrame({"text": ["x", "y"], "label": [0, 1], "drop_reason": ["", "duplicate"]})
+    out = splitting.keep_and_bucket(batch)
+    assert out.column("text").to_pylist() == ["x"]
+    empty = splitting.keep_and_bucket(batch.iloc[0:0])
+    assert empty.num_rows == 0 and empty.schema == splitting.BUCKETED
+
+
+def test_split_is_stratified_and_sized():
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(1000)], "label": [0] * 700 + [1] * 300})
+    out = _split_all(df)
+    sizes = out.groupby(["split", "label"]).size().to_dict()
+    assert sizes == {("train", 0): 560, ("validation", 0): 70, ("test", 0): 70,
+                     ("train", 1): 240, ("validation", 1): 30, ("test", 1): 30}
+
+
+def test_split_does_not_depend_on_row_order_and_changes_with_seed():
+    df = pd.DataFrame({"text": [f"text {i}" for i in range(500)], "label": [i % 3 for i in range(500)]})
+    a = _split_all(df).set_index("text")["split"]
+    b = _split_all(df.sample(frac=1, random_state=3)).set_index("text")["split"]
+    assert a.sort_index().equals(b.sort_index())
+    c = _split_all(df, seed=1).set_index("text")["split"]
+    assert not a.sort_index().equals(c.sort_index())
+
+
+def test_sample_keeps_class_proportions():
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(1000)], "label": [0] * 800 + [1] * 200})
+    out = _split_all(df, max_rows=100)
+    assert out["label"].value_counts().to_dict() == {0: 80, 1: 20}
+
+
+def test_class_too_small_for_a_split_is_an_error():
+    with pytest.raises(DataError, match=r"class 'rare' has 3 row\(s\).*validation split"):
+        splitting.check_split_sizes({0: 100, 1: 3}, [0.8, 0.1, 0.1], ["common", "rare"])
+    splitting.check_split_sizes({0: 100, 1: 20}, [0.8, 0.1, 0.1], ["common", "rare"])
+
+
+def test_text_key_is_stable():
+    # The key is the documented SHA-256 prefix; a change would silently move every user's split.
+    import hashlib
+
+    expected = int.from_bytes(hashlib.sha256("split:0\x00héllo".encode()).digest()[:8], "big") >> 1
+    assert splitting.text_key("héllo", "split:0") == expected

@@ -1,0 +1,55 @@
+import dataclasses
+
+import numpy as np
+import pandas as pd
+
+from raybm.config import AugmentConfig
+from raybm.data.tokenizing import CountTokens, Tokenize, augment_text, pad_collate
+
+MODEL = "all-minilm-l6-v2"  # shipped in an installed package: no download
+TEXTS = ["a short one", "this text is quite a bit longer than the first one, with more words"]
+
+
+def test_tokenize_longest_gives_variable_rows_and_collate_pads():
+    tok = Tokenize(MODEL, max_length=8, padding="longest")
+    out = tok(pd.DataFrame({"text": TEXTS, "label": [0, 1]}))
+    lengths = [len(r) for r in out["input_ids"]]
+    assert lengths[0] < lengths[1] == 8  # truncated at max_length
+    assert out["labels"].tolist() == [0, 1]
+    batch = pad_collate(out)
+    assert tuple(batch["input_ids"].shape) == (2, 8)
+    assert batch["attention_mask"][0].sum().item() == lengths[0]
+    assert batch["input_ids"][0, lengths[0]:].eq(0).all()
+
+
+def test_tokenize_max_length_gives_fixed_width():
+    out = Tokenize(MODEL, max_length=16, padding="max_length")(pd.DataFrame({"text": TEXTS}))
+    assert out["input_ids"].shape == (2, 16) and out["input_ids"].dtype == np.int64
+    assert "labels" not in out
+
+
+def test_count_tokens_is_untruncated():
+    out = CountTokens(MODEL)(pd.DataFrame({"text": TEXTS, "split": ["train", "test"], "label": [0, 1]}))
+    assert out["n_tokens"].tolist()[1] > 8
+
+
+def test_augmentation_is_seeded_and_changes_text():
+    cfg = AugmentConfig(enabled=True, crop_prob=1.0, crop_min_ratio=0.5, pad_prob=1.0, pad_max_tokens=2,
+                        replace_prob=0.3, delete_prob=0.2)
+    text = "one two three four five six seven eight nine ten"
+    a = augment_text(text, cfg, np.random.default_rng(5), "[MASK]", "[PAD]")
+    b = augment_text(text, cfg, np.random.default_rng(5), "[MASK]", "[PAD]")
+    assert a == b and a != text
+    assert "[PAD]" in a
+    off = AugmentConfig(enabled=True, crop_prob=0, pad_prob=0, replace_prob=0, delete_prob=0)
+    assert augment_text(text, off, np.random.default_rng(0), "[MASK]", "[PAD]") == text
+
+
+def test_tokenize_augments_only_when_asked_and_per_epoch():
+    batch = pd.DataFrame({"text": ["the film was long but the ending was wonderful and moving"] * 1, "label": [1]})
+    aug = dataclasses.asdict(AugmentConfig(enabled=True, crop_prob=1.0, replace_prob=0.5))
+    plain = Tokenize(MODEL, 64, "longest")(batch)["input_ids"][0].tolist()
+    e0 = Tokenize(MODEL, 64, "longest", augment=aug, seed=0, epoch=0)(batch)["input_ids"][0].tolist()
+    e0_again = Tokenize(MODEL, 64, "longest", augment=aug, seed=0, epoch=0)(batch)["input_ids"][0].tolist()
+    e1 = Tokenize(MODEL, 64, "longest", augment=aug, seed=0, epoch=1)(batch)["input_ids"][0].tolist()
+    assert e0 == e0_again and e0 != plain and e1 != e0
