@@ -116,7 +116,7 @@ class LabelMapper:
 
 def normalize_raw_label(value: object) -> str | None:
     """Raw labels as strings (``4``, ``4.0`` and ``"4"`` are the same label)."""
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or (not isinstance(value, (str, bytes)) and pd.isna(value)):
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -136,7 +136,7 @@ def clean_batch(batch: pd.DataFrame, cfg: CleanConfig, mapper: LabelMapper, *,
         raw = normalize_raw_label(raw_value)
         reason = ""
         label = -1
-        if text is None or (isinstance(text, float) and text != text):
+        if text is None or (not isinstance(text, str) and pd.isna(text)) or not str(text).strip():
             reason, text = MISSING_TEXT, ""
         elif raw is None:
             reason = MISSING_LABEL

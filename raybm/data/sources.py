@@ -224,7 +224,9 @@ def read_source(src: Source):
                 strings_can_be_null=True, quoted_strings_can_be_null=False),
             file_extensions=None)
     elif src.format == "jsonl":
-        ds = ray.data.read_json(src.files, lines=True, filesystem=src.fs, file_extensions=None)
+        # pyarrow's JSON reader takes newline-delimited records; Ray's lines=True mode
+        # would refuse a custom filesystem (needed for S3 endpoints).
+        ds = ray.data.read_json(src.files, filesystem=src.fs, file_extensions=None)
     elif src.format == "parquet":
         ds = ray.data.read_parquet(src.files, filesystem=src.fs, columns=[text_col, label_col],
                                    file_extensions=None)

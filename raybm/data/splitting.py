@@ -1,7 +1,9 @@
 """De-duplication, sampling and the stratified split: plain functions on pandas frames.
 
 Both are deterministic functions of the rows' content and the seed, never of row order,
-partitioning or machine: every decision comes from a SHA-256 of (seed, text). So two runs
+partitioning or machine: every decision comes from a SHA-256 of (seed, text). Only one
+shuffle is needed (copies of a text must meet); the split itself is a per-class
+threshold on those keys, found on the driver from integer keys alone. So two runs
 on different machines, with any number of Ray blocks, give the same split. Duplicates are
 removed before the split, so no text can be in two splits.
 """
@@ -22,7 +24,7 @@ DEDUP_BUCKETS = 32
 # types pandas left unknown with a full one, so every function here returns typed tables.
 BUCKETED = pa.schema([("text", pa.large_string()), ("label", pa.int64()), ("bucket", pa.int64())])
 DEDUPED = pa.schema([("text", pa.large_string()), ("label", pa.int64()), ("copies", pa.int64()),
-                     ("conflict", pa.bool_())])
+                     ("conflict", pa.bool_()), ("sample_key", pa.int64()), ("split_key", pa.int64())])
 SPLIT = pa.schema([("text", pa.large_string()), ("label", pa.int64()), ("split", pa.large_string())])
 
 
@@ -44,22 +46,25 @@ def keep_and_bucket(batch: pd.DataFrame) -> pa.Table:
                    "bucket": [text_key(t, "bucket") % DEDUP_BUCKETS for t in texts]}, BUCKETED)
 
 
-def deduplicate(group: pd.DataFrame) -> pa.Table:
-    """Keep one row per distinct text.
+def deduplicate(group: pd.DataFrame, *, seed: int = 0) -> pa.Table:
+    """Keep one row per distinct text (a map_groups function over text buckets).
 
     Copies with one label collapse to one row. Copies with conflicting labels keep the
     most frequent label (ties: the lowest id), so the result does not depend on order.
-    Output columns: text, label, copies (rows this one stands for), conflict (bool).
+    Each row also gets its seeded sample and split keys. Output: ``DEDUPED`` columns.
     """
     counts = group.groupby(["text", "label"], sort=False).size().reset_index(name="n")
     per_text = counts.groupby("text", sort=False).agg(copies=("n", "sum"), labels=("label", "nunique"))
     best = counts.sort_values(["text", "n", "label"], ascending=[True, False, True]).drop_duplicates("text")
     best = best.merge(per_text, left_on="text", right_index=True)
+    texts = best["text"].astype(str).tolist()
     return _table({
-        "text": best["text"].astype(str).tolist(),
+        "text": texts,
         "label": best["label"].to_numpy(dtype="int64"),
         "copies": best["copies"].to_numpy(dtype="int64"),
         "conflict": (best["labels"] > 1).to_numpy(),
+        "sample_key": [text_key(t, f"sample:{seed}") for t in texts],
+        "split_key": [text_key(t, f"split:{seed}") for t in texts],
     }, DEDUPED)
 
 
@@ -90,18 +95,34 @@ def check_split_sizes(class_counts: dict[int, int], ratios: list[float], labels:
                     f"this class, change data.split, or drop the class with data.exclude_labels.")
 
 
-def assign_split(group: pd.DataFrame, *, quota: dict[int, int], ratios: list[float], seed: int) -> pa.Table:
-    """Sample and split the rows of ONE class (a map_groups function).
+def split_thresholds(keys: pd.DataFrame, quotas: dict[int, int], ratios: list[float]) -> dict[int, list[int]]:
+    """Per class, the key thresholds that sample and split it (computed on the driver).
 
-    Rows are ordered by a seeded hash of their text; the first ``quota`` are kept, then
-    cut train / validation / test in that order. Output columns: text, label, split.
+    ``keys`` holds only label, sample_key and split_key (integers, no text). A class keeps
+    its ``quota`` rows with the smallest sample keys; those, ordered by split key, are cut
+    train / validation / test. Returns class -> [max sample key, max train key, max
+    validation key].
     """
-    label = int(group["label"].iloc[0])
-    keep = quota[label] if label in quota else quota[str(label)]  # JSON round trips keys as str
-    texts = group["text"].astype(str).tolist()
-    sample_order = np.argsort([text_key(t, f"sample:{seed}") for t in texts], kind="stable")
-    kept = [texts[i] for i in sample_order[:keep]]
-    kept.sort(key=lambda t: text_key(t, f"split:{seed}"))
-    n_train, n_val, _ = split_sizes(len(kept), ratios)
-    splits = ["train"] * n_train + ["validation"] * n_val + ["test"] * (len(kept) - n_train - n_val)
-    return _table({"text": kept, "label": np.full(len(kept), label, dtype="int64"), "split": splits}, SPLIT)
+    out: dict[int, list[int]] = {}
+    for label, part in keys.groupby("label"):
+        label = int(label)
+        kept = part.nsmallest(quotas[label], "sample_key")
+        split_sorted = np.sort(kept["split_key"].to_numpy())
+        n_train, n_val, _ = split_sizes(len(kept), ratios)
+        out[label] = [int(kept["sample_key"].max()), int(split_sorted[n_train - 1]),
+                      int(split_sorted[n_train + n_val - 1])]
+    return out
+
+
+def apply_split(batch: pd.DataFrame, *, thresholds: dict[int, list[int]]) -> pa.Table:
+    """Label each row train / validation / test by the thresholds; drop sampled-out rows."""
+    texts, labels, splits = [], [], []
+    for text, label, sample_key, split_key in zip(batch["text"].tolist(), batch["label"].tolist(),
+                                                   batch["sample_key"].tolist(), batch["split_key"].tolist()):
+        t = thresholds.get(label) or thresholds.get(str(label))
+        if sample_key > t[0]:
+            continue
+        texts.append(text)
+        labels.append(label)
+        splits.append("train" if split_key <= t[1] else "validation" if split_key <= t[2] else "test")
+    return _table({"text": texts, "label": labels, "split": splits}, SPLIT)

@@ -83,12 +83,13 @@ class Tokenize(_WithTokenizer):
 
 
 class CountTokens(_WithTokenizer):
-    """Untruncated token count of each text (for the data report)."""
+    """Adds ``n_tokens``, the untruncated token count of each text (for the data report)."""
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         enc = self.tokenizer(batch["text"].astype(str).tolist(), truncation=False, padding=False)
-        return pd.DataFrame({"split": batch["split"], "label": batch["label"],
-                             "n_tokens": np.array([len(r) for r in enc["input_ids"]], dtype=np.int64)})
+        out = batch.copy()
+        out["n_tokens"] = np.array([len(r) for r in enc["input_ids"]], dtype=np.int64)
+        return out
 
 
 def tokenize_dataset(ds, data: DataConfig, model: ModelConfig, *, training: bool = False,

@@ -57,14 +57,14 @@ def test_label_mapper():
 
 
 @pytest.mark.parametrize("raw, expected", [(4, "4"), (4.0, "4"), ("4", "4"), (" pos ", "pos"),
-                                           (None, None), (float("nan"), None), ("", None), (2.5, "2.5")])
+                                           (None, None), (float("nan"), None), (pd.NA, None), ("", None), (2.5, "2.5")])
 def test_normalize_raw_label(raw, expected):
     assert normalize_raw_label(raw) == expected
 
 
 def test_clean_batch_marks_every_drop_reason():
     batch = pd.DataFrame({
-        "text": ["good", None, "fine", "meh", "<br>", "bad", "ok"],
+        "text": ["good", pd.NA, "fine", "meh", "<br>", "bad", "ok"],
         "label_raw": ["pos", "pos", None, "neutral", "neg", "weird", "neg"],
     })
     m = LabelMapper(["neg", "pos"], exclude=["neutral"])

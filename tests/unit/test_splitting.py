@@ -1,5 +1,6 @@
 import random
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -7,11 +8,15 @@ from raybm.data import splitting
 from raybm.errors import DataError
 
 
-def _split_all(df, ratios=(0.8, 0.1, 0.1), seed=0, max_rows=None):
-    counts = df["label"].value_counts().to_dict()
+def _split_all(df, ratios=(0.8, 0.1, 0.1), seed=0, max_rows=None, n_parts=3):
+    """The pipeline's steps on pandas: de-duplicate, thresholds from keys, apply per part."""
+    deduped = splitting.deduplicate(df, seed=seed).to_pandas()
+    counts = deduped["label"].value_counts().to_dict()
     quota = splitting.sample_quotas(counts, max_rows)
-    parts = [splitting.assign_split(g, quota=quota, ratios=list(ratios), seed=seed).to_pandas()
-             for _, g in df.groupby("label")]
+    thresholds = splitting.split_thresholds(deduped[["label", "sample_key", "split_key"]], quota, list(ratios))
+    parts = [splitting.apply_split(part, thresholds=thresholds).to_pandas()
+             for idx in np.array_split(np.arange(len(deduped)), n_parts)
+             for part in [deduped.iloc[idx]]]
     return pd.concat(parts, ignore_index=True)
 
 
@@ -43,7 +48,7 @@ def test_split_is_stratified_and_sized():
 def test_split_does_not_depend_on_row_order_and_changes_with_seed():
     df = pd.DataFrame({"text": [f"text {i}" for i in range(500)], "label": [i % 3 for i in range(500)]})
     a = _split_all(df).set_index("text")["split"]
-    b = _split_all(df.sample(frac=1, random_state=3)).set_index("text")["split"]
+    b = _split_all(df.sample(frac=1, random_state=3), n_parts=7).set_index("text")["split"]
     assert a.sort_index().equals(b.sort_index())
     c = _split_all(df, seed=1).set_index("text")["split"]
     assert not a.sort_index().equals(c.sort_index())
