@@ -18,12 +18,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_data(args: argparse.Namespace) -> int:
     from raybm.data import format_report, run_data_stage
+    from raybm.data.sources import resolve_source
     from raybm.runtime import ensure_ray
 
     cfg = load_config(args.config, args.overrides)
+    source = resolve_source(cfg.data, cfg.storage)  # bad paths and columns fail before Ray starts
     where = ensure_ray(cfg.ray)
     print(f"raybm data: running on {where}", flush=True)
-    prepared = run_data_stage(cfg, force=args.force)
+    prepared = run_data_stage(cfg, force=args.force, source=source)
     print()
     print(format_report(prepared.report))
     print(f"\nPrepared dataset: {prepared.path}")

@@ -117,6 +117,20 @@ class Results:
         """A fresh hidden sibling folder to build an artifact in before publishing it."""
         return self.path(kind, f".staging-{name}-{uuid.uuid4().hex[:8]}")
 
+    def check_reachable(self) -> None:
+        """Fail fast, before any work, when the results root cannot be used."""
+        if not self.remote:
+            return
+        bucket = self.base.split("/", 1)[0]
+        try:
+            info = self.fs.get_file_info(bucket)
+        except OSError as e:
+            raise RaybmError(f"cannot reach the results store {self.root!r}: {str(e).splitlines()[0]}. Check "
+                             f"storage.s3_endpoint_url and the AWS_* credentials.") from None
+        if info.type == pafs.FileType.NotFound:
+            raise RaybmError(f"results bucket {bucket!r} not found (storage.root={self.root!r}); create it "
+                             f"or point storage.root at an existing bucket")
+
     # -- file operations ---------------------------------------------------------------
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound

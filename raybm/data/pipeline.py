@@ -109,9 +109,13 @@ def _translate_read_error(exc: BaseException, src: Source, cfg: JobConfig) -> Ra
 # --------------------------------------------------------------------------- the stage
 
 
-def run_data_stage(cfg: JobConfig, *, force: bool = False,
+def run_data_stage(cfg: JobConfig, *, force: bool = False, source: Source | None = None,
                    log: Callable[[str], None] = print) -> PreparedData:
-    """Prepare ``cfg.data`` into the results folder and return where it is."""
+    """Prepare ``cfg.data`` into the results folder and return where it is.
+
+    ``source`` is what ``resolve_source`` returned, when the caller checked the input
+    before starting Ray (as the CLI does).
+    """
     import ray.data
     from ray.data.context import ShuffleStrategy
 
@@ -122,19 +126,20 @@ def run_data_stage(cfg: JobConfig, *, force: bool = False,
     saved = ctx.shuffle_strategy
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
-        return _prepare(cfg, force, log)
+        return _prepare(cfg, force, source, log)
     finally:
         ctx.shuffle_strategy = saved
 
 
-def _prepare(cfg: JobConfig, force: bool, log: Callable[[str], None]) -> PreparedData:
+def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[str], None]) -> PreparedData:
     import ray.data
 
     started = time.time()
     d = cfg.data
     # 1. Resolve the source and the destination (no Ray work yet).
-    src = resolve_source(d, cfg.storage)
+    src = source or resolve_source(d, cfg.storage)
     results = Results.from_config(cfg.storage)
+    results.check_reachable()
     name = dataset_name(cfg, src)
     final = results.dataset_dir(name)
     digest = data_config_hash(cfg)
@@ -147,6 +152,7 @@ def _prepare(cfg: JobConfig, force: bool, log: Callable[[str], None]) -> Prepare
         return PreparedData(name, results.uri(final), report, reused=True)
 
     log(f"Preparing {d.source} -> {results.uri(final)}")
+    log("  1/4 reading and cleaning")
     raw = read_source(src)
     try:
         mapper = _resolve_labels(cfg, src, raw)
@@ -172,6 +178,7 @@ def _prepare(cfg: JobConfig, force: bool, log: Callable[[str], None]) -> Prepare
                         f"or drop them with data.exclude_labels.")
 
     # 3. Exact-duplicate removal across the whole dataset, before the split.
+    log(f"  2/4 removing duplicates among {rows_read - sum(dropped.values())} cleaned rows")
     deduped = (marked.map_batches(splitting.keep_and_bucket, batch_format="pandas")
                .groupby("bucket", num_partitions=_partitions(splitting.DEDUP_BUCKETS))
                .map_groups(splitting.deduplicate, batch_format="pandas", fn_kwargs={"seed": d.seed})
@@ -194,6 +201,7 @@ def _prepare(cfg: JobConfig, force: bool, log: Callable[[str], None]) -> Prepare
 
     # 4. Seeded, stratified split (optionally of a stratified sample), and token counts
     #    with the model's tokenizer (one tokenizer per Ray Data actor).
+    log(f"  3/4 splitting {d.split} (seed {d.seed}) and counting tokens")
     quotas = splitting.sample_quotas(class_counts, d.max_rows)
     if sum(quotas.values()) < n_unique:
         dropped[cleaning.SAMPLED_OUT] = n_unique - sum(quotas.values())
@@ -211,7 +219,8 @@ def _prepare(cfg: JobConfig, force: bool, log: Callable[[str], None]) -> Prepare
     report = build_report(cfg, src, name, digest, mapper, rows_read, dropped, conflicts, lengths,
                           started)
 
-    # 6. Write everything into a staging folder, then publish it in one step.
+    # 5. Write everything into a staging folder, then publish it in one step.
+    log("  4/4 writing")
     build = results.build_dir("data", name)
     try:
         if results.remote and results.exists(build):
@@ -311,10 +320,10 @@ def build_report(cfg: JobConfig, src: Source, name: str, digest: str, mapper: cl
 def format_report(report: dict[str, Any]) -> str:
     """The data report as a short human-readable summary."""
     lines = [f"Dataset {report['dataset']}  (source: {report['source']})",
-             f"  rows read      {report['rows_read']:>8}"]
+             f"  rows read {report['rows_read']:>29}"]
     for reason, n in report["dropped"].items():
-        lines.append(f"  - {reason:<14}{n:>7}")
-    lines.append(f"  rows kept      {report['rows_kept']:>8}")
+        lines.append(f"    dropped: {reason:<22}{n:>7}")
+    lines.append(f"  rows kept {report['rows_kept']:>29}")
     if report.get("duplicates_with_conflicting_labels"):
         lines.append(f"  ({report['duplicates_with_conflicting_labels']} duplicated texts had conflicting "
                      f"labels; the majority label was kept)")
@@ -328,7 +337,7 @@ def format_report(report: dict[str, Any]) -> str:
     t = report["tokens"]
     lines.append("")
     lines.append(f"  tokens ({t['model']}): mean {t['mean']}, p50 {t['p50']}, p95 {t['p95']}, "
-                 f"p99 {t['p99']}, max {t['max']}; {100 * t['truncated_share']:.1f}% "
+                 f"p99 {t['p99']}, max {t['max']}; {100 * t['truncated_share']:.2g}% "
                  f"({t['truncated_rows']}) truncated at max_length {t['max_length']}")
     return "\n".join(lines)
 

@@ -1,0 +1,37 @@
+"""The CLI as a user runs it: a subprocess, exit codes and messages, no tracebacks."""
+
+import subprocess
+import sys
+
+import yaml
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "raybm.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_config_prints_the_resolved_config():
+    out = run("config", "--config", "jobs/configs/demo.yaml", "train.lr=3e-5")
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert resolved["train"]["lr"] == 3e-5 and resolved["data"]["source"] == "twitter-sentiment"
+
+
+def test_describe_lists_keys_with_docs():
+    out = run("config", "--describe")
+    assert out.returncode == 0
+    assert "data.clean.stop_words = false" in out.stdout and "negations" in out.stdout
+
+
+def test_bad_override_is_a_one_line_error_without_traceback():
+    out = run("data", "--config", "jobs/configs/demo.yaml", "data.max_lenght=64")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "data.max_lenght: unknown key. Did you mean 'data.max_length'?" in out.stderr
+
+
+def test_missing_source_fails_before_starting_ray(tmp_path):
+    out = run("data", f"storage.root={tmp_path}", f"data.source={tmp_path}/nope.csv")
+    assert out.returncode == 2 and "no such file or folder" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "running on" not in out.stdout  # Ray never started
