@@ -35,3 +35,13 @@ def test_missing_source_fails_before_starting_ray(tmp_path):
     assert out.returncode == 2 and "no such file or folder" in out.stderr
     assert "Traceback" not in out.stderr
     assert "running on" not in out.stdout  # Ray never started
+
+
+def test_config_reference_doc_is_current():
+    from pathlib import Path
+
+    from raybm.cli import describe_text
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+    assert doc.read_text(encoding="utf-8") == describe_text(markdown=True), \
+        "regenerate: raybm config --describe --markdown > docs/config.md"
