@@ -19,11 +19,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _cmd_data(args: argparse.Namespace) -> int:
     from raybm.data import format_report, run_data_stage
     from raybm.data.sources import resolve_source
-    from raybm.runtime import ensure_ray
+    from raybm.runtime import ensure_ray, quiet_ray_data
 
     cfg = load_config(args.config, args.overrides)
     source = resolve_source(cfg.data, cfg.storage)  # bad paths and columns fail before Ray starts
     where = ensure_ray(cfg.ray)
+    quiet_ray_data()
     print(f"raybm data: running on {where}", flush=True)
     prepared = run_data_stage(cfg, force=args.force, source=source)
     print()

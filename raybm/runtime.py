@@ -20,6 +20,18 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def quiet_ray_data() -> None:
+    """Ray Data's own progress lines drown our step messages when output is not a terminal."""
+    import logging
+    import sys
+
+    import ray.data
+
+    if not sys.stdout.isatty():
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def ensure_ray(cfg: RayConfig) -> str:
     """Initialize Ray once; returns a short description of where it runs."""
     import ray

@@ -320,10 +320,10 @@ def build_report(cfg: JobConfig, src: Source, name: str, digest: str, mapper: cl
 def format_report(report: dict[str, Any]) -> str:
     """The data report as a short human-readable summary."""
     lines = [f"Dataset {report['dataset']}  (source: {report['source']})",
-             f"  rows read {report['rows_read']:>29}"]
+             f"  rows read {report['rows_read']:>30}"]
     for reason, n in report["dropped"].items():
         lines.append(f"    dropped: {reason:<22}{n:>7}")
-    lines.append(f"  rows kept {report['rows_kept']:>29}")
+    lines.append(f"  rows kept {report['rows_kept']:>30}")
     if report.get("duplicates_with_conflicting_labels"):
         lines.append(f"  ({report['duplicates_with_conflicting_labels']} duplicated texts had conflicting "
                      f"labels; the majority label was kept)")
