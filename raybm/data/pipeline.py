@@ -80,7 +80,7 @@ def _resolve_labels(cfg: JobConfig, src: Source, raw_ds) -> cleaning.LabelMapper
 # ----------------------------------------------------------------------------- errors
 
 
-def _translate_read_error(exc: BaseException, src: Source, cfg: JobConfig) -> RaybmError | None:
+def _translate_read_error(exc: BaseException, src: Source) -> RaybmError | None:
     """Turn a failure inside Ray Data's readers into a message that says what to do."""
     if isinstance(exc, RaybmError):
         return exc
@@ -138,6 +138,9 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
     d = cfg.data
     # 1. Resolve the source and the destination (no Ray work yet).
     src = source or resolve_source(d, cfg.storage)
+    if d.clean.stop_words and src.language != "en":
+        raise DataError(f"data.clean.stop_words removes English stop words; {d.source} is {src.language} "
+                        f"text: set data.clean.stop_words=false")
     results = Results.from_config(cfg.storage)
     results.check_reachable()
     name = dataset_name(cfg, src)
@@ -163,7 +166,7 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
         ).materialize()
         rows_read = marked.count()
     except Exception as e:  # noqa: BLE001 - translated or re-raised
-        err = _translate_read_error(e, src, cfg)
+        err = _translate_read_error(e, src)
         if err is None:
             raise
         raise err from None

