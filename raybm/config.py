@@ -344,30 +344,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.lower() in ("true", "yes", "on", "1")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    if tp in (int, float):
+        what = "an integer" if tp is int else "a number"
         if isinstance(value, str):
             try:
-                return int(value)
+                value = tp(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, float) and tp is int and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and isinstance(value, float)):
+            raise ConfigError(f"{key}: expected {what}, got {value!r}")
+        return tp(value)
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{key}: expected a string, got {value!r}")

@@ -60,6 +60,22 @@ def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def check_bucket(fs: pafs.FileSystem, path: str, uri: str, role: str) -> None:
+    """Raise a clear error when the bucket under an S3 path is unreachable or missing.
+
+    ``role`` names what the URI is for in messages (e.g. "data.source", "storage.root").
+    """
+    bucket = path.split("/", 1)[0]
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as e:
+        raise RaybmError(f"cannot reach S3 for {role}={uri!r}: {str(e).splitlines()[0]}. Check "
+                         f"storage.s3_endpoint_url and the AWS_* credentials.") from None
+    if info.type == pafs.FileType.NotFound:
+        raise RaybmError(f"S3 bucket {bucket!r} not found ({role}={uri!r}). Check the name, the endpoint "
+                         f"(storage.s3_endpoint_url) and your credentials, or create the bucket.")
+
+
 def resolve_uri(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
     """Split a local path or ``s3://`` URI into (filesystem, path on that filesystem)."""
     if is_s3(uri):
@@ -119,17 +135,8 @@ class Results:
 
     def check_reachable(self) -> None:
         """Fail fast, before any work, when the results root cannot be used."""
-        if not self.remote:
-            return
-        bucket = self.base.split("/", 1)[0]
-        try:
-            info = self.fs.get_file_info(bucket)
-        except OSError as e:
-            raise RaybmError(f"cannot reach the results store {self.root!r}: {str(e).splitlines()[0]}. Check "
-                             f"storage.s3_endpoint_url and the AWS_* credentials.") from None
-        if info.type == pafs.FileType.NotFound:
-            raise RaybmError(f"results bucket {bucket!r} not found (storage.root={self.root!r}); create it "
-                             f"or point storage.root at an existing bucket")
+        if self.remote:
+            check_bucket(self.fs, self.base, self.root, "storage.root")
 
     # -- file operations ---------------------------------------------------------------
     def exists(self, path: str) -> bool:

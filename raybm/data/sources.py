@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from raybm.config import DataConfig, StorageConfig
 from raybm.errors import DataError
-from raybm.results import is_s3, resolve_uri
+from raybm.results import check_bucket, is_s3, resolve_uri
 
 BUILTIN_SOURCES = ("twitter-sentiment", "chinese-reviews")
 EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
@@ -82,15 +82,7 @@ def _list_files(source: str, storage: StorageConfig) -> tuple[pafs.FileSystem, l
     fs, path = resolve_uri(source, storage)
     where = "bucket" if is_s3(source) else "path"
     if is_s3(source):
-        bucket = path.split("/", 1)[0]
-        try:
-            info = fs.get_file_info(bucket)
-        except OSError as e:
-            raise DataError(f"cannot reach S3 for {source!r}: {e}. Check storage.s3_endpoint_url "
-                            f"and the AWS_* credentials.") from None
-        if info.type == pafs.FileType.NotFound:
-            raise DataError(f"S3 bucket {bucket!r} not found (source {source!r}). Check the name, "
-                            f"the endpoint (storage.s3_endpoint_url) and your credentials.")
+        check_bucket(fs, path, source, "data.source")
     if _has_glob(path):
         # Walk from the deepest folder without wildcards, then match the full pattern.
         parts = path.split("/")

@@ -71,5 +71,5 @@ def test_missing_buckets_fail_fast(s3_server, buckets, ray_local):
     with pytest.raises(RaybmError, match="S3 bucket 'no-such-bucket' not found"):
         run_data_stage(s3_config(s3_server, "s3://no-such-bucket/x.csv"), log=lambda _: None)
     cfg = s3_config(s3_server, "s3://raybm-data/csv/reviews.csv", "storage.root=s3://missing-results/x")
-    with pytest.raises(RaybmError, match="results bucket 'missing-results' not found"):
+    with pytest.raises(RaybmError, match=r"S3 bucket 'missing-results' not found \(storage.root="):
         run_data_stage(cfg, log=lambda _: None)
