@@ -18,18 +18,68 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_data(args: argparse.Namespace) -> int:
     from raybm.data import format_report, run_data_stage
-    from raybm.data.sources import resolve_source
-    from raybm.runtime import ensure_ray, quiet_ray_data
 
     cfg = load_config(args.config, args.overrides)
-    source = resolve_source(cfg.data, cfg.storage)  # bad paths and columns fail before Ray starts
-    where = ensure_ray(cfg.ray)
-    quiet_ray_data()
-    print(f"raybm data: running on {where}", flush=True)
-    prepared = run_data_stage(cfg, force=args.force, source=source)
+    _start(cfg)
+    prepared = run_data_stage(cfg, force=args.force)
     print()
     print(format_report(prepared.report))
     print(f"\nPrepared dataset: {prepared.path}")
+    return 0
+
+
+def _start(cfg) -> None:
+    from raybm.data.sources import resolve_source
+    from raybm.runtime import ensure_ray, quiet_ray_data
+
+    resolve_source(cfg.data, cfg.storage)  # bad paths and columns fail before Ray starts
+    where = ensure_ray(cfg.ray)
+    quiet_ray_data()
+    print(f"raybm: running on {where}", flush=True)
+
+
+def _print_test_metrics(test: dict) -> None:
+    print(f"  accuracy {test['accuracy']:.4f}  macro-F1 {test['f1_macro']:.4f}  "
+          f"precision {test['precision_macro']:.4f}  recall {test['recall_macro']:.4f}  ({test['examples']} examples)")
+    for lab, m in test["per_class"].items():
+        print(f"    {lab:<12} precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} "
+              f"support {m['support']}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from raybm.train import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    _start(cfg)
+    result = run_training(cfg)
+    print(f"\nTest metrics of the best checkpoint (epoch {result.metrics['best_epoch']}):")
+    _print_test_metrics(result.metrics["test"])
+    print(f"\nModel folder: {result.model_dir}\nRun folder:   {result.run_dir}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from raybm.data import load_split
+    from raybm.evaluate import score_dataset
+    from raybm.results import Results
+    from raybm.runtime import ensure_ray, quiet_ray_data
+
+    cfg = load_config(args.config, args.overrides)
+    results = Results.from_config(cfg.storage)
+    if args.data not in results.list_datasets():
+        raise RaybmError(f"--data {args.data!r} is not a prepared dataset in {results.root}; prepared: "
+                         f"{', '.join(results.list_datasets()) or 'none'} (raybm data prepares one)")
+    ensure_ray(cfg.ray)
+    quiet_ray_data()
+    metrics = score_dataset(args.checkpoint, load_split(results, args.data, args.split), cfg.data.max_length)
+    print(f"{args.checkpoint} on {args.data}/{args.split}:")
+    _print_test_metrics(metrics)
+    if args.output:
+        import json
+
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+        print(f"metrics written to {args.output}")
     return 0
 
 
@@ -69,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even if the dataset is already prepared")
     p.set_defaults(func=_cmd_data)
+    p = sub.add_parser("train", help="fine-tune a model on Ray Train and score it on the test split")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("evaluate", help="score a model folder on a prepared dataset's split")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="a model folder (runs/<run>/model or a checkpoint)")
+    p.add_argument("--data", required=True, help="a prepared dataset name under <storage.root>/data/")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--output", help="also write the metrics as JSON here")
+    p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("config", help="print the resolved config, or every key with --describe")
     _add_config_args(p)
     p.add_argument("--describe", action="store_true", help="list every config key, its default and meaning")

@@ -151,10 +151,22 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "all-minilm-l6-v2"
-    """Base model: ``all-minilm-l6-v2`` (shipped offline), a local Hugging Face folder,
-    or a hub name (only where the network allows)."""
+    """Base model: ``all-minilm-l6-v2`` (shipped offline), ``tiny-bert`` (a 2-layer random
+    BERT for tests and smoke runs), a local Hugging Face folder, or a hub name (only where
+    the network allows)."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub model. Off: only built-in architectures load."""
+    keep_layers: Optional[int] = _opt(None, ge=1)
+    """Layer cropping: keep only the first K encoder layers. Empty keeps all."""
+    head_init: Literal["default", "xavier", "normal"] = "default"
+    """Re-initialize the classification head: the model's own init, Xavier uniform, or
+    normal (std 0.02)."""
+    hidden_dropout: Optional[float] = _opt(None, ge=0, lt=1)
+    """Override the encoder's hidden dropout. Empty keeps the model's."""
+    attention_dropout: Optional[float] = _opt(None, ge=0, lt=1)
+    """Override the attention dropout. Empty keeps the model's."""
+    classifier_dropout: Optional[float] = _opt(None, ge=0, lt=1)
+    """Override the dropout before the classification head. Empty keeps the model's."""
 
 
 @dataclass
@@ -163,22 +175,77 @@ class TrainConfig:
     """Passes over the training split."""
     batch_size: int = _opt(32, ge=1)
     """Examples per step per worker."""
+    eval_batch_size: int = _opt(64, ge=1)
+    """Examples per batch when validating and testing."""
+    max_steps_per_epoch: Optional[int] = _opt(None, ge=1)
+    """Cap the optimizer steps of an epoch (quick runs). Empty: the whole split."""
     lr: float = _opt(5e-5, gt=0, le=1)
-    """Peak learning rate."""
-    weight_decay: float = _opt(0.01, ge=0)
-    """L2 regularization (decoupled for AdamW)."""
+    """Peak learning rate (of the top layer, with layer-wise decay)."""
     optimizer: Literal["sgd", "momentum", "adagrad", "adadelta", "rmsprop", "adam", "adamw"] = "adamw"
-    """Optimizer."""
+    """Optimizer. ``momentum`` is SGD with ``train.momentum`` (Nesterov with ``train.nesterov``)."""
+    momentum: float = _opt(0.9, ge=0, lt=1)
+    """Momentum of ``momentum`` and ``rmsprop``."""
+    nesterov: bool = False
+    """Nesterov momentum for ``momentum``."""
     scheduler: Literal["constant", "step", "linear", "cosine"] = "linear"
-    """Learning-rate schedule."""
+    """Learning-rate schedule after warmup: constant, step decay, linear decay, cosine."""
     warmup_ratio: float = _opt(0.06, ge=0, lt=1)
-    """Share of steps spent warming up the learning rate."""
+    """Share of all steps spent warming the learning rate up linearly from 0."""
+    step_epochs: int = _opt(1, ge=1)
+    """``step`` schedule: multiply the learning rate by ``step_gamma`` every this many epochs."""
+    step_gamma: float = _opt(0.5, gt=0, le=1)
+    """``step`` schedule: the factor."""
+    layerwise_lr_decay: float = _opt(1.0, gt=0, le=1)
+    """Each layer below the top gets this factor times the learning rate of the one above
+    (the head and top layer get ``lr``). 1 turns it off."""
+    weight_decay: float = _opt(0.01, ge=0)
+    """L2 regularization (decoupled for AdamW). Not applied to biases and LayerNorm."""
+    l1: float = _opt(0.0, ge=0)
+    """L1 penalty: this times the sum of |w| over trainable weights, added to the loss."""
+    label_smoothing: float = _opt(0.0, ge=0, lt=1)
+    """Label smoothing of the cross-entropy loss."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """``balanced`` weighs each class's loss by n / (classes x n_class) of the training split."""
+    grad_clip: float = _opt(1.0, ge=0)
+    """Clip the gradient norm to this; 0 turns clipping off."""
+    grad_accum: int = _opt(1, ge=1)
+    """Accumulate gradients over this many batches per optimizer step."""
+    strategy: Literal["full", "partial", "gradual", "scratch"] = "full"
+    """``full`` fine-tunes everything; ``partial`` freezes the embeddings and the lowest
+    ``freeze_layers`` layers; ``gradual`` trains the head first and unfreezes one more layer
+    from the top every ``unfreeze_every`` epochs; ``scratch`` trains the same architecture
+    from random weights."""
+    freeze_layers: int = _opt(0, ge=-1)
+    """``partial``: encoder layers to freeze from the bottom; -1 freezes all but the head."""
+    unfreeze_every: int = _opt(1, ge=1)
+    """``gradual``: epochs between unfreezing one more layer."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Mixed precision on GPU (``auto``: bf16 where supported, else fp16). CPU runs fp32."""
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """Data-parallel (DDP) or sharded (FSDP, for models that do not fit one device)."""
     num_workers: int = _opt(1, ge=1)
     """Ray Train workers (data-parallel)."""
+    cpus_per_worker: float = _opt(1.0, gt=0)
+    """CPUs each worker reserves (leave some free for Ray Data)."""
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     """Train on GPUs: ``auto`` uses them when the cluster has any."""
     seed: int = 0
-    """Seed of model initialization and data order."""
+    """Seed of model initialization and dropout."""
+    metric: str = "val_f1_macro"
+    """Validation metric that picks the best checkpoint and drives early stopping."""
+    mode: Literal["max", "min"] = "max"
+    """Whether a higher or lower ``metric`` is better."""
+    keep_checkpoints: int = _opt(2, ge=1)
+    """Checkpoints kept (the best by ``metric``)."""
+    early_stopping_patience: int = _opt(0, ge=0)
+    """Stop after this many epochs without improvement; 0 turns it off."""
+    max_failures: int = _opt(0, ge=-1)
+    """Worker failures survived by restarting from the last checkpoint (-1: no limit)."""
+    log_every_steps: int = _opt(20, ge=1)
+    """Print progress every this many optimizer steps."""
+    fail_at_epoch: Optional[int] = _opt(None, ge=2)
+    """Test hook: raise in worker 0 when this epoch starts (once, from epoch 2, so a
+    checkpoint exists), to test recovery."""
 
 
 @dataclass
@@ -276,6 +343,12 @@ def _check_job(cfg: JobConfig) -> None:
     if unknown_targets:
         raise ConfigError(f"data.label_values: maps to {unknown_targets}, which are not in "
                           f"data.labels {d.labels}")
+    t = cfg.train
+    if t.strategy == "scratch" and t.freeze_layers:
+        raise ConfigError("train.freeze_layers: only used with train.strategy=partial")
+    if cfg.model.keep_layers is not None and t.freeze_layers > cfg.model.keep_layers:
+        raise ConfigError(f"train.freeze_layers ({t.freeze_layers}) exceeds model.keep_layers "
+                          f"({cfg.model.keep_layers})")
     if d.clean.stop_words and d.language == "zh":
         raise ConfigError("data.clean.stop_words: supported for English text only; "
                           "set it to false for data.language=zh")

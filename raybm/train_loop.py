@@ -1,0 +1,266 @@
+"""Worker side of training: ``train_loop_per_worker`` runs inside each Ray Train worker.
+
+It reads only its shard of the tokenized splits, trains with the configured optimizer,
+schedule, regularization and strategy, validates every epoch (confusion matrices summed
+across workers, so the numbers equal a single-process run), and reports metrics with a
+Hugging Face checkpoint written by rank 0. A restarted worker resumes from the last
+checkpoint: model, optimizer, scheduler, epoch and early-stopping state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from raybm.config import JobConfig, build_config
+from raybm.metrics import confusion_matrix, flat, metrics_from_confusion
+
+TRAIN_STATE_FILE = "train_state.pt"
+
+
+# ------------------------------------------------------------------ optimizer, schedule
+
+
+def build_optimizer(model, t):
+    """The configured optimizer over parameter groups (no decay on biases / norms)."""
+    import torch
+
+    from raybm.models import param_groups
+
+    groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
+    if t.optimizer in ("sgd", "momentum"):
+        momentum = t.momentum if t.optimizer == "momentum" else 0.0
+        return torch.optim.SGD(groups, lr=t.lr, momentum=momentum,
+                               nesterov=t.nesterov and t.optimizer == "momentum")
+    if t.optimizer == "adagrad":
+        return torch.optim.Adagrad(groups, lr=t.lr)
+    if t.optimizer == "adadelta":
+        return torch.optim.Adadelta(groups, lr=t.lr)
+    if t.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=t.lr, momentum=t.momentum)
+    if t.optimizer == "adam":
+        # Adam's weight decay is the classic L2 term added to the gradient.
+        return torch.optim.Adam(groups, lr=t.lr)
+    return torch.optim.AdamW(groups, lr=t.lr)
+
+
+def lr_factor(step: int, t, steps_per_epoch: int, total_steps: int) -> float:
+    """Multiplier of each group's base learning rate after ``step`` optimizer steps."""
+    warmup = int(round(t.warmup_ratio * total_steps))
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if t.scheduler == "constant":
+        return 1.0
+    if t.scheduler == "step":
+        return t.step_gamma ** (step // max(1, steps_per_epoch * t.step_epochs))
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    progress = min(1.0, max(0.0, progress))
+    if t.scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _amp(device, precision: str):
+    """(autocast dtype or None, use a grad scaler) for this device and setting."""
+    import torch
+
+    if device.type != "cuda" or precision == "fp32":
+        return None, False
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def _save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list[str], state: dict) -> None:
+    import torch
+
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    with open(os.path.join(folder, "label_map.json"), "w", encoding="utf-8") as f:
+        json.dump({"labels": labels, "label_to_id": {lab: i for i, lab in enumerate(labels)}}, f, indent=2)
+    with open(os.path.join(folder, "raybm_config.yaml"), "w", encoding="utf-8") as f:
+        f.write(cfg.to_yaml())
+    torch.save(state, os.path.join(folder, TRAIN_STATE_FILE))
+
+
+def _load_checkpoint(folder: str, model, optimizer) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=False)
+    state = torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def _validate(model, shard, device, batch_size: int, num_classes: int, labels: list[str], loss_fn, world: int):
+    import torch
+    import torch.distributed as dist
+
+    from raybm.data.tokenizing import PadCollate
+
+    model.eval()
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    loss_sum = 0.0
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=PadCollate()):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            loss_sum += float(loss_fn(logits, batch["labels"]).item()) * len(batch["labels"])
+            cm += confusion_matrix(batch["labels"].cpu().numpy(), logits.argmax(-1).cpu().numpy(), num_classes)
+    totals = torch.tensor(np.append(cm.ravel(), 0).astype(np.float64))
+    totals[-1] = loss_sum
+    if world > 1 and dist.is_initialized():
+        dist.all_reduce(totals)
+    cm = totals[:-1].numpy().astype(np.int64).reshape(num_classes, num_classes)
+    n = cm.sum()
+    return metrics_from_confusion(cm, labels, loss=float(totals[-1]) / max(1, n))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from raybm.data.tokenizing import PadCollate
+    from raybm.models import apply_strategy, build_classifier, load_tokenizer
+
+    cfg = build_config(config["job"])
+    t = cfg.train
+    labels: list[str] = config["labels"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(t.cpus_per_worker)))  # Ray's OMP setting is not enough
+    torch.manual_seed(t.seed + rank)
+    device = ray.train.torch.get_device()
+
+    # 1. Model, optimizer, loss; all parameters trainable when wrapped (DDP tracks them all).
+    model = build_classifier(cfg.model, labels, pretrained=t.strategy != "scratch", seed=t.seed)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    model.to(device)
+    optimizer = build_optimizer(model, t)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) \
+        if config.get("class_weights") else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=t.label_smoothing)
+    eval_loss_fn = torch.nn.CrossEntropyLoss()
+    per_worker_rows = math.ceil(config["n_train"] / world)
+    steps_per_epoch = max(1, math.ceil(per_worker_rows / t.batch_size / t.grad_accum))
+    if t.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
+    total_steps = steps_per_epoch * t.epochs
+
+    # 2. Resume from the last checkpoint if this is a restart (worker failure or a rerun).
+    start_epoch, step, best, bad_epochs, resumed = 0, 0, None, 0, False
+    resumed_from = 0  # epochs already done when this attempt started (0: a fresh run)
+    history: list[dict[str, Any]] = []  # every epoch's metrics, kept in the checkpoints
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = _load_checkpoint(folder, model, optimizer)
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        best, bad_epochs, resumed = state.get("best"), state.get("bad_epochs", 0), True
+        resumed_from = start_epoch
+        history = list(state.get("history", []))
+        if rank == 0:
+            print(f"[raybm] resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
+
+    parallel = {"parallel_strategy": t.parallelism}
+    if t.parallelism == "ddp" and t.strategy in ("partial", "gradual"):
+        parallel["parallel_strategy_kwargs"] = {"find_unused_parameters": True}
+    wrapped = ray.train.torch.prepare_model(model, move_to_device=False, **parallel)
+    amp_dtype, use_scaler = _amp(device, t.precision)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    trainable_params = [p for p in model.parameters()]
+
+    for epoch in range(start_epoch, t.epochs):
+        if t.fail_at_epoch == epoch + 1 and not resumed and rank == 0:
+            raise RuntimeError(f"injected failure at the start of epoch {epoch + 1} (train.fail_at_epoch)")
+        n_trainable = apply_strategy(model, t, epoch)
+        wrapped.train()
+        started, seen, loss_sum, micro = time.time(), 0, 0.0, 0
+        epoch_steps = 0
+        optimizer.zero_grad(set_to_none=True)
+        for batch in train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=PadCollate()):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = loss_fn(logits.float(), batch["labels"])
+            if t.l1:
+                loss = loss + t.l1 * sum(p.abs().sum() for p in trainable_params if p.requires_grad and p.dim() > 1)
+            (scaler.scale(loss / t.grad_accum) if scaler else loss / t.grad_accum).backward()
+            seen += len(batch["labels"])
+            loss_sum += float(loss.item()) * len(batch["labels"])
+            micro += 1
+            if micro % t.grad_accum:
+                continue
+            if scaler:
+                scaler.unscale_(optimizer)
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
+            factor = lr_factor(step, t, steps_per_epoch, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            epoch_steps += 1
+            if rank == 0 and (epoch_steps % t.log_every_steps == 0 or epoch_steps == steps_per_epoch):
+                rate = seen * world / max(1e-9, time.time() - started)
+                left = (steps_per_epoch - epoch_steps) * t.batch_size * t.grad_accum * world / max(rate, 1e-9)
+                print(f"[raybm] epoch {epoch + 1}/{t.epochs} step {epoch_steps}/{steps_per_epoch} "
+                      f"loss {loss_sum / max(1, seen):.4f} {rate:.1f} samples/s ETA {left:.0f}s", flush=True)
+            if epoch_steps >= steps_per_epoch:
+                break
+        train_time = time.time() - started
+
+        # 3. Validate on every worker's shard; the matrices are summed across workers.
+        val = _validate(wrapped, val_shard, device, t.eval_batch_size, len(labels), labels, eval_loss_fn, world)
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen),
+                   "lr": optimizer.param_groups[-1]["lr"], "samples_per_s": seen * world / max(1e-9, train_time),
+                   "trainable_params": n_trainable, "resumed_from_epoch": resumed_from, **flat(val, "val_"),
+                   "val_per_class": json.dumps(val["per_class"]), "val_confusion_matrix": json.dumps(val["confusion_matrix"])}
+        value = metrics[t.metric] if t.metric in metrics else metrics.get(f"val_{t.metric}")
+        improved = best is None or (value > best if t.mode == "max" else value < best)
+        best, bad_epochs = (value, 0) if improved else (best, bad_epochs + 1)
+        stop = bool(t.early_stopping_patience and bad_epochs >= t.early_stopping_patience)
+        metrics["early_stopped"] = stop
+        history.append({k: v for k, v in metrics.items() if not k.startswith("val_per_class")
+                        and k != "val_confusion_matrix"})
+        metrics["history"] = json.dumps(history)
+        if rank == 0:
+            print(f"[raybm] epoch {epoch + 1} done: train_loss {metrics['train_loss']:.4f} "
+                  f"val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.4f} "
+                  f"val_f1_macro {metrics['val_f1_macro']:.4f} ({metrics['samples_per_s']:.1f} samples/s)",
+                  flush=True)
+
+        # 4. Report with a checkpoint (written by rank 0 only).
+        state = {"epoch": epoch, "step": step, "best": best, "bad_epochs": bad_epochs,
+                 "optimizer": optimizer.state_dict(), "history": history}
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                _save_checkpoint(tmp, model, tokenizer, cfg, labels, state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics, checkpoint=None)
+        resumed = False
+        if stop:
+            if rank == 0:
+                print(f"[raybm] early stopping: no improvement of {t.metric} for {bad_epochs} epochs", flush=True)
+            break

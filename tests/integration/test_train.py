@@ -1,0 +1,83 @@
+"""Training on a shared local Ray with a tiny random BERT and tiny data."""
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from raybm.config import build_config
+from raybm.data import load_split
+from raybm.evaluate import score_dataset
+from raybm.results import Results
+from raybm.train import run_training
+
+from .test_data_pipeline import make_frame
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train-data") / "reviews.csv"
+    make_frame(60).to_csv(path, index=False)
+    return path
+
+
+def config(root, data_csv, *overrides):
+    return build_config(overrides=[
+        f"storage.root={root}", f"data.source={data_csv}", "data.text_column=body", "data.label_column=sentiment",
+        "data.max_length=16", "model.name=tiny-bert", "train.batch_size=16", "train.lr=0.003",
+        "train.warmup_ratio=0", "train.log_every_steps=100", *overrides])
+
+
+def quiet(_):
+    pass
+
+
+def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, data_csv):
+    cfg = config(tmp_path, data_csv, "train.epochs=4", "train.keep_checkpoints=2")
+    result = run_training(cfg, log=quiet)
+    losses = [h["train_loss"] for h in result.history]
+    assert len(losses) == 4 and losses[-1] < losses[0] * 0.8
+    assert result.history[-1]["val_accuracy"] >= 0.8
+
+    run = Path(result.run_dir)
+    assert {"config.yaml", "metrics.json", "history.json", "model", "_SUCCESS"} <= set(os.listdir(run))
+    assert len([d for d in os.listdir(run) if d.startswith("checkpoint_2")]) == 2  # best K kept
+    model = run / "model"
+    assert {"model.safetensors", "config.json", "label_map.json", "raybm_config.yaml", "tokenizer.json"} <= set(os.listdir(model))
+    assert not (model / "train_state.pt").exists()  # optimizer state stays in the checkpoints
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    test = metrics["test"]
+    assert set(test) >= {"accuracy", "precision_macro", "recall_macro", "f1_macro", "per_class", "confusion_matrix"}
+    assert test["examples"] == 12 and test["accuracy"] >= 0.8
+    assert metrics["best_epoch"] in range(1, 5)
+    # evaluating the saved model folder gives the same test numbers
+    again = score_dataset(str(model), load_split(Results.from_config(cfg.storage), metrics["dataset"], "test"), 16)
+    assert again["confusion_matrix"] == test["confusion_matrix"]
+
+
+def test_early_stopping(ray_local, tmp_path, data_csv):
+    # lr 0 never improves: stops after 1 + patience epochs
+    cfg = config(tmp_path, data_csv, "train.epochs=6", "train.lr=1e-12", "train.early_stopping_patience=2",
+                 "train.metric=val_loss", "train.mode=min")
+    result = run_training(cfg, log=quiet)
+    assert len(result.history) == 3 and result.metrics["early_stopped"]
+
+
+def test_worker_failure_resumes_from_checkpoint(ray_local, tmp_path, data_csv):
+    cfg = config(tmp_path, data_csv, "train.epochs=3", "train.max_failures=1", "train.fail_at_epoch=2")
+    result = run_training(cfg, log=quiet)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 1]
+
+
+def test_rerun_with_the_same_name_resumes(ray_local, tmp_path, data_csv):
+    first = run_training(config(tmp_path, data_csv, "name=resume-me", "train.epochs=2"), log=quiet)
+    assert [h["resumed_from_epoch"] for h in first.history] == [0, 0]
+    second = run_training(config(tmp_path, data_csv, "name=resume-me", "train.epochs=3"), log=quiet)
+    assert [h["epoch"] for h in second.history] == [1, 2, 3]
+    assert second.history[-1]["resumed_from_epoch"] == 2  # only epoch 3 ran again

@@ -1,0 +1,111 @@
+"""Strategies, cropping, head init, optimizers and schedules on tiny models (no Ray)."""
+
+import pytest
+import torch
+
+from raybm.config import build_config
+from raybm.models import apply_strategy, build_classifier, encoder_layers, param_groups
+from raybm.train_loop import build_optimizer, lr_factor
+
+LABELS = ["neg", "pos"]
+
+
+def tiny(*overrides):
+    cfg = build_config(overrides=["model.name=tiny-bert", *overrides])
+    return cfg, build_classifier(cfg.model, LABELS, seed=0)
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_full_and_partial_trainable_counts():
+    cfg, model = tiny("train.strategy=partial", "train.freeze_layers=1")
+    total = count(model)
+    layers = encoder_layers(model)
+    emb = count(model.bert.embeddings)
+    assert apply_strategy(model, cfg.train, 0) == total - emb - count(layers[0])
+    cfg, model = tiny("train.strategy=partial", "train.freeze_layers=-1")
+    assert apply_strategy(model, cfg.train, 0) == count(model.classifier) + count(model.bert.pooler)
+    cfg, model = tiny("train.strategy=full")
+    assert apply_strategy(model, cfg.train, 0) == total
+
+
+def test_gradual_unfreezes_one_layer_from_the_top_per_step():
+    cfg, model = tiny("train.strategy=gradual", "train.unfreeze_every=2")
+    layers = encoder_layers(model)
+    head = count(model.classifier) + count(model.bert.pooler)
+    got = [apply_strategy(model, cfg.train, epoch) for epoch in range(7)]
+    top, second, emb = count(layers[1]), count(layers[0]), count(model.bert.embeddings)
+    assert got == [head, head, head + top, head + top, head + top + second, head + top + second,
+                   head + top + second + emb]
+    # the top layer is the one unfrozen first
+    apply_strategy(model, cfg.train, 2)
+    assert all(p.requires_grad for p in layers[1].parameters())
+    assert not any(p.requires_grad for p in layers[0].parameters())
+
+
+def test_scratch_differs_from_pretrained_and_cropping_keeps_first_layers():
+    cfg = build_config(overrides=["model.keep_layers=2"])
+    pre = build_classifier(cfg.model, LABELS, pretrained=True)
+    scratch = build_classifier(cfg.model, LABELS, pretrained=False)
+    assert len(encoder_layers(pre)) == 2 and pre.config.num_hidden_layers == 2
+    w_pre = pre.bert.encoder.layer[0].attention.self.query.weight
+    w_scr = scratch.bert.encoder.layer[0].attention.self.query.weight
+    assert not torch.allclose(w_pre, w_scr)
+    full = build_classifier(build_config().model, LABELS)
+    assert torch.allclose(full.bert.encoder.layer[1].output.dense.weight, pre.bert.encoder.layer[1].output.dense.weight)
+
+
+def test_head_init_and_dropout_overrides():
+    _, default = tiny()
+    _, xavier = tiny("model.head_init=xavier")
+    assert not torch.allclose(default.classifier.weight, xavier.classifier.weight)
+    assert xavier.classifier.bias.abs().sum() == 0
+    _, normal = tiny("model.head_init=normal")
+    assert abs(normal.classifier.weight.std().item() - 0.02) < 0.01
+    _, dropped = tiny("model.hidden_dropout=0.3", "model.attention_dropout=0.2", "model.classifier_dropout=0.4")
+    assert dropped.config.hidden_dropout_prob == 0.3 and dropped.config.attention_probs_dropout_prob == 0.2
+    assert dropped.dropout.p == 0.4
+
+
+def test_layerwise_lr_decay_groups():
+    cfg, model = tiny()
+    groups = param_groups(model, lr=1.0, weight_decay=0.1, layerwise_decay=0.5)
+    scales = sorted({g["lr_scale"] for g in groups})
+    assert scales == [0.125, 0.25, 0.5, 1.0]  # embeddings, layer 0, layer 1, head
+    assert all(g["weight_decay"] == 0.0 for g in groups if all(p.dim() < 2 for p in g["params"]))
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adagrad", "adadelta", "rmsprop", "adam", "adamw"])
+@pytest.mark.parametrize("strategy", ["full", "partial", "gradual", "scratch"])
+def test_every_optimizer_and_strategy_takes_a_step(optimizer, strategy):
+    cfg, model = tiny(f"train.optimizer={optimizer}", f"train.strategy={strategy}", "train.lr=0.05",
+                      "train.nesterov=true", "train.l1=0.001")
+    apply_strategy(model, cfg.train, 0)
+    opt = build_optimizer(model, cfg.train)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(1000, 2000, (4, 12))
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1, 0, 1]))
+    out.loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "classifier.weight" in changed
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert not (changed & frozen)
+
+
+def test_schedules():
+    cfg = build_config(overrides=["train.warmup_ratio=0.1", "train.scheduler=linear"])
+    t = cfg.train
+    f = [lr_factor(s, t, steps_per_epoch=10, total_steps=100) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+    assert f[55] == pytest.approx(0.5) and f[-1] < 0.02
+    cos = build_config(overrides=["train.warmup_ratio=0", "train.scheduler=cosine"]).train
+    assert lr_factor(50, cos, 10, 100) == pytest.approx(0.5)
+    step = build_config(overrides=["train.warmup_ratio=0", "train.scheduler=step", "train.step_epochs=2",
+                                   "train.step_gamma=0.1"]).train
+    assert [lr_factor(s, step, 10, 100) for s in (0, 19, 20, 40)] == pytest.approx([1, 1, 0.1, 0.01])
+    const = build_config(overrides=["train.warmup_ratio=0", "train.scheduler=constant"]).train
+    assert lr_factor(99, const, 10, 100) == 1.0
