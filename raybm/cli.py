@@ -83,6 +83,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from raybm.evaluate import read_label_map
+    from raybm.predict import format_prediction, predict_file, predict_texts
+
+    read_label_map(args.model)  # a clear error for a folder that is not a model
+    if args.text is not None:
+        if not args.text.strip():
+            raise RaybmError("--text is empty")
+        (label, confidence), = predict_texts(args.model, [args.text], args.max_length)
+        print(format_prediction(args.text, label, confidence))
+        return 0
+    if not args.input or not args.output:
+        raise RaybmError("give --text \"...\", or --input FILE --output FILE")
+    use_ray = True if args.ray else None
+    if use_ray:
+        from raybm.runtime import ensure_ray, quiet_ray_data
+
+        ensure_ray(load_config(None, []).ray)
+        quiet_ray_data()
+    rows = predict_file(args.model, args.input, args.output, args.text_column, args.max_length, use_ray=use_ray)
+    print(f"labelled {rows} rows -> {args.output}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.describe:
         print(describe_text(markdown=args.markdown), end="")
@@ -129,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--output", help="also write the metrics as JSON here")
     p.set_defaults(func=_cmd_evaluate)
+    p = sub.add_parser("predict", help="label a text or a whole file with a model folder, without a server")
+    p.add_argument("--model", required=True, help="a model folder (runs/<run>/model)")
+    p.add_argument("--text", help="one text to label")
+    p.add_argument("--input", help="a CSV, TSV, JSONL or Parquet file to label")
+    p.add_argument("--output", help="where to write the input rows plus predicted_label and confidence")
+    p.add_argument("--text-column", default="text", help="the input's text column (default: text)")
+    p.add_argument("--max-length", type=int, default=128, help="longest token sequence (default: 128)")
+    p.add_argument("--ray", action="store_true", help="stream through Ray Data (automatic for files over 20 MB)")
+    p.set_defaults(func=_cmd_predict)
     p = sub.add_parser("config", help="print the resolved config, or every key with --describe")
     _add_config_args(p)
     p.add_argument("--describe", action="store_true", help="list every config key, its default and meaning")

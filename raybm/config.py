@@ -227,6 +227,8 @@ class TrainConfig:
     """Ray Train workers (data-parallel)."""
     cpus_per_worker: float = _opt(1.0, gt=0)
     """CPUs each worker reserves (leave some free for Ray Data)."""
+    torch_threads: Optional[int] = _opt(None, ge=1)
+    """Torch threads per worker. Empty: the worker's CPUs (at least 1)."""
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     """Train on GPUs: ``auto`` uses them when the cluster has any."""
     seed: int = 0

@@ -44,5 +44,6 @@ def ensure_ray(cfg: RayConfig) -> str:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return f"the Ray cluster at {address}"
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=runtime_env)
+    # The dashboard also serves the state API that Ray Train's run monitor polls.
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env)
     return "a local Ray (embedded)"

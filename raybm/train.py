@@ -70,13 +70,14 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raybm.data import load_split, run_data_stage, tokenize_dataset
+    from raybm.data import format_report, load_split, run_data_stage, tokenize_dataset
     from raybm.train_loop import train_loop_per_worker
 
     started = time.time()
     t = cfg.train
     # 1. Data: prepared once, then streamed and tokenized on Ray Data.
     prepared = run_data_stage(cfg, log=log)
+    log(format_report(prepared.report))
     results = Results.from_config(cfg.storage)
     labels = results.dataset_label_map(prepared.name)["labels"]
     # The prepared text is read into Ray's object store up front: in Ray 2.60 a Parquet

@@ -24,6 +24,15 @@ from raybm.metrics import confusion_matrix, flat, metrics_from_confusion
 TRAIN_STATE_FILE = "train_state.pt"
 
 
+def say(message: str) -> None:
+    """Progress from worker 0. Not print(): Ray Train patches print into its logger, which
+    also echoes to the console, so each line would show twice."""
+    import sys
+
+    sys.stdout.write(f"[raybm] {message}\n")
+    sys.stdout.flush()
+
+
 # ------------------------------------------------------------------ optimizer, schedule
 
 
@@ -139,7 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     labels: list[str] = config["labels"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(t.cpus_per_worker)))  # Ray's OMP setting is not enough
+    torch.set_num_threads(t.torch_threads or max(1, int(t.cpus_per_worker)))  # Ray's OMP setting is not enough
     torch.manual_seed(t.seed + rank)
     device = ray.train.torch.get_device()
 
@@ -173,7 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         resumed_from = start_epoch
         history = list(state.get("history", []))
         if rank == 0:
-            print(f"[raybm] resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
+            say(f"resuming from the checkpoint of epoch {state['epoch'] + 1}")
 
     parallel = {"parallel_strategy": t.parallelism}
     if t.parallelism == "ddp" and t.strategy in ("partial", "gradual"):
@@ -224,8 +233,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0 and (epoch_steps % t.log_every_steps == 0 or epoch_steps == steps_per_epoch):
                 rate = seen * world / max(1e-9, time.time() - started)
                 left = (steps_per_epoch - epoch_steps) * t.batch_size * t.grad_accum * world / max(rate, 1e-9)
-                print(f"[raybm] epoch {epoch + 1}/{t.epochs} step {epoch_steps}/{steps_per_epoch} "
-                      f"loss {loss_sum / max(1, seen):.4f} {rate:.1f} samples/s ETA {left:.0f}s", flush=True)
+                say(f"epoch {epoch + 1}/{t.epochs} step {epoch_steps}/{steps_per_epoch} "
+                    f"loss {loss_sum / max(1, seen):.4f} {rate:.1f} samples/s ETA {left:.0f}s")
             if epoch_steps >= steps_per_epoch:
                 break
         train_time = time.time() - started
@@ -245,7 +254,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         and k != "val_confusion_matrix"})
         metrics["history"] = json.dumps(history)
         if rank == 0:
-            print(f"[raybm] epoch {epoch + 1} done: train_loss {metrics['train_loss']:.4f} "
+            say(f"epoch {epoch + 1} done: train_loss {metrics['train_loss']:.4f} "
                   f"val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.4f} "
                   f"val_f1_macro {metrics['val_f1_macro']:.4f} ({metrics['samples_per_s']:.1f} samples/s)",
                   flush=True)
@@ -262,5 +271,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         resumed = False
         if stop:
             if rank == 0:
-                print(f"[raybm] early stopping: no improvement of {t.metric} for {bad_epochs} epochs", flush=True)
+                say(f"early stopping: no improvement of {t.metric} for {bad_epochs} epochs")
             break

@@ -81,3 +81,17 @@ def test_rerun_with_the_same_name_resumes(ray_local, tmp_path, data_csv):
     second = run_training(config(tmp_path, data_csv, "name=resume-me", "train.epochs=3"), log=quiet)
     assert [h["epoch"] for h in second.history] == [1, 2, 3]
     assert second.history[-1]["resumed_from_epoch"] == 2  # only epoch 3 ran again
+
+
+def test_predict_file_through_ray_data_keeps_order(ray_local, tmp_path, tiny_model_dir):
+    from raybm.predict import PREDICTED_LABEL, predict_file
+
+    texts = [f"review number {i} {'great' if i % 3 else 'awful'}" for i in range(300)]
+    src = tmp_path / "in.jsonl"
+    pd.DataFrame({"n": range(300), "text": texts}).to_json(src, orient="records", lines=True)
+    via_ray, local = tmp_path / "ray.csv", tmp_path / "local.csv"
+    assert predict_file(tiny_model_dir, str(src), str(via_ray), max_length=32, use_ray=True) == 300
+    predict_file(tiny_model_dir, str(src), str(local), max_length=32, use_ray=False)
+    a, b = pd.read_csv(via_ray), pd.read_csv(local)
+    assert a["n"].tolist() == list(range(300))
+    assert a[PREDICTED_LABEL].tolist() == b[PREDICTED_LABEL].tolist()

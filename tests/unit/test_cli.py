@@ -45,3 +45,19 @@ def test_config_reference_doc_is_current():
     doc = Path(__file__).resolve().parents[2] / "docs" / "config.md"
     assert doc.read_text(encoding="utf-8") == describe_text(markdown=True), \
         "regenerate: raybm config --describe --markdown > docs/config.md"
+
+
+def test_predict_one_text(tiny_model_dir):
+    import json
+
+    out = run("predict", "--model", tiny_model_dir, "--text", "what a lovely day", "--max-length", "32")
+    assert out.returncode == 0, out.stderr
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["label"] in ("negative", "positive") and 0.5 <= line["confidence"] <= 1
+
+
+def test_predict_needs_text_or_files(tiny_model_dir, tmp_path):
+    out = run("predict", "--model", tiny_model_dir)
+    assert out.returncode == 2 and "give --text" in out.stderr
+    out = run("predict", "--model", str(tmp_path), "--text", "hi")
+    assert out.returncode == 2 and "not a raybm model folder" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,161 @@
+"""Offline prediction for users without a server: one text, or a whole file.
+
+Small files are labelled in this process; large ones stream through Ray Data (one model
+per actor) and are written batch by batch in input order, so no file is ever held whole
+in memory. The output is written to a temp file and renamed, never left half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+
+import pandas as pd
+
+from raybm.errors import RaybmError
+
+PREDICTED_LABEL = "predicted_label"
+CONFIDENCE = "confidence"
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+IN_PROCESS_MAX_BYTES = 20 << 20  # larger inputs go through Ray Data
+
+
+def _format(path: str, role: str) -> str:
+    fmt = FORMATS.get(os.path.splitext(path)[1].lower())
+    if fmt is None:
+        raise RaybmError(f"{role} {path!r}: use a .csv, .tsv, .jsonl or .parquet file")
+    return fmt
+
+
+def predict_texts(model_dir: str, texts: list[str], max_length: int = 128) -> list[tuple[str, float]]:
+    """(label, confidence) for each text, in order."""
+    from raybm.evaluate import Classify
+
+    clf = Classify(model_dir, max_length=max_length, threads=max(1, os.cpu_count() or 1))
+    probs = clf.predict(texts)
+    return [(clf.labels[int(p.argmax())], float(p.max())) for p in probs]
+
+
+def _read_frames(path: str, fmt: str, chunk_rows: int = 10_000) -> Iterator[pd.DataFrame]:
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+                yield batch.to_pandas()
+        elif fmt == "jsonl":
+            yield from pd.read_json(path, lines=True, chunksize=chunk_rows, dtype=False)
+        else:
+            yield from pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", chunksize=chunk_rows,
+                                   dtype=str, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise RaybmError(f"cannot read {path} as {fmt}: {str(e).splitlines()[0]}") from None
+
+
+class _Writer:
+    """Appends frames to a temp file; ``commit`` renames it into place."""
+
+    def __init__(self, path: str, fmt: str) -> None:
+        self.path, self.fmt = path, fmt
+        self.tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        self.rows = 0
+        self._parquet = None
+
+    def write(self, df: pd.DataFrame) -> None:
+        if self.fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.tmp, table.schema)
+            self._parquet.write_table(table)
+        elif self.fmt == "jsonl":
+            df.to_json(self.tmp, orient="records", lines=True, force_ascii=False, mode="a")
+        else:
+            df.to_csv(self.tmp, sep="\t" if self.fmt == "tsv" else ",", index=False, header=self.rows == 0, mode="a")
+        self.rows += len(df)
+
+    def commit(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+        if self.rows == 0:
+            raise RaybmError("the input file has no rows")
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def predict_file(model_dir: str, input_path: str, output_path: str, text_column: str = "text",
+                 max_length: int = 128, use_ray: bool | None = None) -> int:
+    """Label every row of ``input_path`` into ``output_path``; returns the row count."""
+    from raybm.evaluate import Classify, read_label_map
+
+    if not os.path.isfile(input_path):
+        raise RaybmError(f"--input {input_path!r}: no such file")
+    in_fmt, out_fmt = _format(input_path, "--input"), _format(output_path, "--output")
+    labels = read_label_map(model_dir)
+    first = next(_read_frames(input_path, in_fmt, chunk_rows=5), None)
+    if first is None or text_column not in first.columns:
+        found = [] if first is None else list(first.columns)
+        raise RaybmError(f"{input_path}: no text column {text_column!r}; columns found: {found}. "
+                         f"Pass --text-column.")
+    if use_ray is None:
+        use_ray = os.path.getsize(input_path) > IN_PROCESS_MAX_BYTES
+    writer = _Writer(output_path, out_fmt)
+    try:
+        if use_ray:
+            batches = _ray_batches(model_dir, input_path, in_fmt, text_column, max_length, labels)
+        else:
+            clf = Classify(model_dir, max_length=max_length, threads=max(1, os.cpu_count() or 1))
+
+            def label(frames):
+                for df in frames:
+                    probs = clf.predict(df[text_column].astype(str).tolist())
+                    yield df.assign(**{PREDICTED_LABEL: [labels[i] for i in probs.argmax(-1)],
+                                       CONFIDENCE: probs.max(-1)})
+
+            batches = label(_read_frames(input_path, in_fmt))
+        for df in batches:
+            writer.write(df)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.rows
+
+
+def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels):
+    """Predictions streamed from Ray Data in input order, input columns kept."""
+    import pyarrow.csv as pacsv
+    import ray.data
+
+    from raybm.evaluate import Classify
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    if fmt == "parquet":
+        ds = ray.data.read_parquet(input_path)
+    elif fmt == "jsonl":
+        ds = ray.data.read_json(input_path)
+    else:
+        ds = ray.data.read_csv(input_path, parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","))
+
+    class _Label(Classify):
+        def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+            probs = self.predict(batch[text_column].astype(str).tolist())
+            return batch.assign(**{PREDICTED_LABEL: [labels[i] for i in probs.argmax(-1)], CONFIDENCE: probs.max(-1)})
+
+    out = ds.map_batches(_Label, batch_format="pandas", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1),
+                         fn_constructor_kwargs={"model_dir": model_dir, "max_length": max_length})
+    yield from out.iter_batches(batch_format="pandas", batch_size=4096)
+
+
+def format_prediction(text: str, label: str, confidence: float) -> str:
+    return json.dumps({"text": text, "label": label, "confidence": round(confidence, 4)}, ensure_ascii=False)
