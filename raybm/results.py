@@ -12,7 +12,8 @@ The layout is documented in docs/results.md:
         report.json                   data report (rows read, dropped by reason ...)
         config.yaml                   the resolved job config that produced it
         _SUCCESS                      written last: the dataset is complete
-      runs/<run>/                     training runs
+      runs/<run>/                     training runs: config.yaml, checkpoint_*/ (Ray Train),
+                                      model/ (best), history.json, metrics.json, _SUCCESS
       sweeps/<sweep>/                 hyperparameter sweeps
       exports/<name>/<variant>/       exported and compressed models
 

@@ -123,10 +123,10 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception
-        cause = e.__cause__ or e
-        raise RaybmError(f"training run {run_name!r} failed: {type(cause).__name__}: "
-                         f"{str(cause).splitlines()[0] if str(cause) else ''}. Rerun the same command to "
-                         f"resume from the last checkpoint.") from e
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = lines[-1] if lines else type(e).__name__  # the worker's exception line
+        raise RaybmError(f"training run {run_name!r} failed: {reason}. Fix the cause and rerun the same "
+                         f"command: it resumes from the last checkpoint.") from e
     best = result.get_best_checkpoint(metric=t.metric, mode=t.mode) or result.checkpoint
     if best is None:
         raise RaybmError(f"training run {run_name!r} produced no checkpoint")

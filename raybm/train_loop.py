@@ -201,6 +201,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         wrapped.train()
         started, seen, loss_sum, micro = time.time(), 0, 0.0, 0
         epoch_steps = 0
+        warm_steps = min(3, steps_per_epoch // 4)  # steady-state rate: after these steps
+        warm_time, warm_seen = started, 0
         optimizer.zero_grad(set_to_none=True)
         for batch in train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=PadCollate()):
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -230,6 +232,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             epoch_steps += 1
+            if epoch_steps == warm_steps:
+                warm_time, warm_seen = time.time(), seen
             if rank == 0 and (epoch_steps % t.log_every_steps == 0 or epoch_steps == steps_per_epoch):
                 rate = seen * world / max(1e-9, time.time() - started)
                 left = (steps_per_epoch - epoch_steps) * t.batch_size * t.grad_accum * world / max(rate, 1e-9)
@@ -237,12 +241,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     f"loss {loss_sum / max(1, seen):.4f} {rate:.1f} samples/s ETA {left:.0f}s")
             if epoch_steps >= steps_per_epoch:
                 break
-        train_time = time.time() - started
+        train_end = time.time()
+        train_time = train_end - started
 
         # 3. Validate on every worker's shard; the matrices are summed across workers.
         val = _validate(wrapped, val_shard, device, t.eval_batch_size, len(labels), labels, eval_loss_fn, world)
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen),
                    "lr": optimizer.param_groups[-1]["lr"], "samples_per_s": seen * world / max(1e-9, train_time),
+                   "steady_samples_per_s": (seen - warm_seen) * world / max(1e-9, train_end - warm_time),
+                   "train_seconds": train_time,
                    "trainable_params": n_trainable, "resumed_from_epoch": resumed_from, **flat(val, "val_"),
                    "val_per_class": json.dumps(val["per_class"]), "val_confusion_matrix": json.dumps(val["confusion_matrix"])}
         value = metrics[t.metric] if t.metric in metrics else metrics.get(f"val_{t.metric}")
@@ -256,8 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             say(f"epoch {epoch + 1} done: train_loss {metrics['train_loss']:.4f} "
                   f"val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.4f} "
-                  f"val_f1_macro {metrics['val_f1_macro']:.4f} ({metrics['samples_per_s']:.1f} samples/s)",
-                  flush=True)
+                  f"val_f1_macro {metrics['val_f1_macro']:.4f} ({metrics['samples_per_s']:.1f} samples/s)")
 
         # 4. Report with a checkpoint (written by rank 0 only).
         state = {"epoch": epoch, "step": step, "best": best, "bad_epochs": bad_epochs,

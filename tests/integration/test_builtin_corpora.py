@@ -27,7 +27,7 @@ def split_assignment(cfg, name):
 
 
 def test_twitter_corpus_documented_counts_and_repeatable_split(ray_local, tmp_path):
-    cfg = load_config("jobs/configs/demo.yaml", [f"storage.root={tmp_path}"])
+    cfg = load_config("jobs/configs/twitter-full.yaml", [f"storage.root={tmp_path}"])
     first = run_data_stage(cfg, log=lambda _: None)
     rep = first.report
     assert rep["rows_read"] == TWITTER_BINARY["rows_read"]
