@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from raybm.config import JobConfig, describe, load_config
+from raybm.config import JobConfig, build_config, describe, load_config
 from raybm.errors import RaybmError
 
 
@@ -64,15 +64,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from raybm.results import Results
     from raybm.runtime import ensure_ray, quiet_ray_data
 
+    from raybm.evaluate import read_label_map, score_source
+
     cfg = load_config(args.config, args.overrides)
+    read_label_map(args.checkpoint)  # a clear error for a folder that is not a model
     results = Results.from_config(cfg.storage)
-    if args.data not in results.list_datasets():
-        raise RaybmError(f"--data {args.data!r} is not a prepared dataset in {results.root}; prepared: "
-                         f"{', '.join(results.list_datasets()) or 'none'} (raybm data prepares one)")
+    prepared = args.data in results.list_datasets()
+    if not prepared:  # a file, folder, glob or built-in corpus, read with the data.* options
+        cfg = build_config({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "source": args.data}})
+        from raybm.data.sources import resolve_source
+
+        resolve_source(cfg.data, cfg.storage)
     ensure_ray(cfg.ray)
     quiet_ray_data()
-    metrics = score_dataset(args.checkpoint, load_split(results, args.data, args.split), cfg.data.max_length)
-    print(f"{args.checkpoint} on {args.data}/{args.split}:")
+    if prepared:
+        metrics = score_dataset(args.checkpoint, load_split(results, args.data, args.split), cfg.data.max_length)
+        print(f"{args.checkpoint} on {args.data}/{args.split}:")
+    else:
+        metrics = score_source(args.checkpoint, cfg)
+        dropped = ", ".join(f"{k} {v}" for k, v in metrics["dropped"].items()) or "none"
+        print(f"{args.checkpoint} on {args.data} (every row; dropped: {dropped}):")
     _print_test_metrics(metrics)
     if args.output:
         import json
@@ -149,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a model folder on a prepared dataset's split")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="a model folder (runs/<run>/model or a checkpoint)")
-    p.add_argument("--data", required=True, help="a prepared dataset name under <storage.root>/data/")
+    p.add_argument("--data", required=True, help="a prepared dataset name under <storage.root>/data/ (scores "
+                   "its --split), or any source data.source accepts (scores every row)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--output", help="also write the metrics as JSON here")
     p.set_defaults(func=_cmd_evaluate)

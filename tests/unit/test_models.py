@@ -109,3 +109,34 @@ def test_schedules():
     assert [lr_factor(s, step, 10, 100) for s in (0, 19, 20, 40)] == pytest.approx([1, 1, 0.1, 0.01])
     const = build_config(overrides=["train.warmup_ratio=0", "train.scheduler=constant"]).train
     assert lr_factor(99, const, 10, 100) == 1.0
+
+
+def test_textcnn_baseline_trains_saves_and_loads(tmp_path):
+    import json
+
+    from raybm.evaluate import Classify
+
+    cfg = build_config(overrides=["model.name=textcnn", "train.strategy=scratch", "train.lr=0.01",
+                                  "model.classifier_dropout=0.1"])
+    model = build_classifier(cfg.model, LABELS)
+    assert type(model).__name__ == "TextCNNForSequenceClassification" and model.dropout.p == 0.1
+    opt = build_optimizer(model, cfg.train)
+    ids = torch.randint(1000, 2000, (8, 2))  # shorter than the widest kernel
+    y = torch.tensor([0, 1] * 4)
+    losses = []
+    for _ in range(20):
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=y)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    from raybm.models import load_tokenizer
+
+    load_tokenizer("textcnn").save_pretrained(tmp_path)
+    (tmp_path / "label_map.json").write_text(json.dumps({"labels": LABELS}))
+    clf = Classify(str(tmp_path), max_length=16)
+    assert clf.predict(["good", "bad"]).shape == (2, 2)
+    with pytest.raises(Exception, match="use strategy=full"):
+        apply_strategy(model, build_config(overrides=["train.strategy=partial"]).train, 0)
