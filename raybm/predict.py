@@ -139,7 +139,8 @@ def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels):
     from raybm.evaluate import Classify
 
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
+    saved = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # output rows in input order
     if fmt == "parquet":
         ds = ray.data.read_parquet(input_path)
     elif fmt == "jsonl":
@@ -154,7 +155,10 @@ def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels):
 
     out = ds.map_batches(_Label, batch_format="pandas", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1),
                          fn_constructor_kwargs={"model_dir": model_dir, "max_length": max_length})
-    yield from out.iter_batches(batch_format="pandas", batch_size=4096)
+    try:
+        yield from out.iter_batches(batch_format="pandas", batch_size=4096)
+    finally:
+        ctx.execution_options.preserve_order = saved
 
 
 def format_prediction(text: str, label: str, confidence: float) -> str:

@@ -115,7 +115,11 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "validation"]),
+        # Only the training split is sharded. Every worker validates on the whole
+        # validation split: sharding it would either drop examples (equal shards) or, in
+        # Ray 2.60, hang (unequal streaming shards), and every worker needs the same
+        # numbers anyway to agree on early stopping.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     log(f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"
         f"{' on GPU' if use_gpu else ''}, {t.epochs} epoch(s) -> {results.uri(run_dir)}")

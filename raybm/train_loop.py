@@ -1,8 +1,8 @@
 """Worker side of training: ``train_loop_per_worker`` runs inside each Ray Train worker.
 
-It reads only its shard of the tokenized splits, trains with the configured optimizer,
-schedule, regularization and strategy, validates every epoch (confusion matrices summed
-across workers, so the numbers equal a single-process run), and reports metrics with a
+It reads only its shard of the training split, trains with the configured optimizer,
+schedule, regularization and strategy, validates every epoch on the whole validation
+split (each worker gets the same numbers, so all agree on early stopping), and reports metrics with a
 Hugging Face checkpoint written by rank 0. A restarted worker resumes from the last
 checkpoint: model, optimizer, scheduler, epoch and early-stopping state.
 """
@@ -111,9 +111,10 @@ def _load_checkpoint(folder: str, model, optimizer) -> dict:
     return state
 
 
-def _validate(model, shard, device, batch_size: int, num_classes: int, labels: list[str], loss_fn, world: int):
+def _validate(model, data, device, batch_size: int, num_classes: int, labels: list[str], loss_fn):
+    """Metrics on the whole validation split (every worker reads all of it and gets the
+    same numbers, so they agree on early stopping without a collective)."""
     import torch
-    import torch.distributed as dist
 
     from raybm.data.tokenizing import PadCollate
 
@@ -121,18 +122,12 @@ def _validate(model, shard, device, batch_size: int, num_classes: int, labels: l
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum = 0.0
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=PadCollate()):
+        for batch in data.iter_torch_batches(batch_size=batch_size, collate_fn=PadCollate()):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             loss_sum += float(loss_fn(logits, batch["labels"]).item()) * len(batch["labels"])
             cm += confusion_matrix(batch["labels"].cpu().numpy(), logits.argmax(-1).cpu().numpy(), num_classes)
-    totals = torch.tensor(np.append(cm.ravel(), 0).astype(np.float64))
-    totals[-1] = loss_sum
-    if world > 1 and dist.is_initialized():
-        dist.all_reduce(totals)
-    cm = totals[:-1].numpy().astype(np.int64).reshape(num_classes, num_classes)
-    n = cm.sum()
-    return metrics_from_confusion(cm, labels, loss=float(totals[-1]) / max(1, n))
+    return metrics_from_confusion(cm, labels, loss=loss_sum / max(1, int(cm.sum())))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -191,7 +186,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     amp_dtype, use_scaler = _amp(device, t.precision)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
+    val_data = ray.train.get_dataset_shard("validation")  # not sharded: the whole split
     trainable_params = [p for p in model.parameters()]
 
     for epoch in range(start_epoch, t.epochs):
@@ -244,13 +239,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_end = time.time()
         train_time = train_end - started
 
-        # 3. Validate on every worker's shard; the matrices are summed across workers.
-        val = _validate(wrapped, val_shard, device, t.eval_batch_size, len(labels), labels, eval_loss_fn, world)
+        # 3. Validate on the whole validation split.
+        # The unwrapped module: a forward through DDP outside training would expect a backward.
+        val = _validate(model, val_data, device, t.eval_batch_size, len(labels), labels, eval_loss_fn)
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen),
                    "lr": optimizer.param_groups[-1]["lr"], "samples_per_s": seen * world / max(1e-9, train_time),
                    "steady_samples_per_s": (seen - warm_seen) * world / max(1e-9, train_end - warm_time),
                    "train_seconds": train_time,
-                   "trainable_params": n_trainable, "resumed_from_epoch": resumed_from, **flat(val, "val_"),
+                   "trainable_params": n_trainable, "resumed_from_epoch": resumed_from,
+                   "val_examples": val["examples"], **flat(val, "val_"),
                    "val_per_class": json.dumps(val["per_class"]), "val_confusion_matrix": json.dumps(val["confusion_matrix"])}
         value = metrics[t.metric] if t.metric in metrics else metrics.get(f"val_{t.metric}")
         improved = best is None or (value > best if t.mode == "max" else value < best)

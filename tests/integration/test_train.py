@@ -112,3 +112,22 @@ def test_evaluate_any_file_with_the_model_label_map(ray_local, tmp_path, tiny_mo
     with pytest.raises(DataError, match=r"\['neutral'\] are not classes of this model"):
         score_source(tiny_model_dir, build_config(overrides=[f"data.source={src}", "data.text_column=review",
                                                              "data.label_column=stars"]))
+
+
+def test_two_ddp_workers_with_gradual_unfreezing(ray_local, tmp_path):
+    # Two data-parallel workers (gloo on CPU): DDP must cope with layers that unfreeze
+    # mid-run, and validation must count every example exactly once across the shards
+    # (an odd number of validation rows: 8 positive + 7 negative).
+    df = make_frame(75)
+    odd = tmp_path / "odd.csv"
+    df.drop(df[df.sentiment == "neg"].index[:5]).to_csv(odd, index=False)
+    cfg = config(tmp_path, odd, "train.epochs=3", "train.num_workers=2", "train.cpus_per_worker=0.5",
+                 "train.strategy=gradual", "train.unfreeze_every=1")
+    result = run_training(cfg, log=quiet)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    counts = [h["trainable_params"] for h in result.history]
+    assert counts[0] < counts[1] < counts[2]
+    report = json.loads((Path(cfg.storage.root) / "data" / result.metrics["dataset"] / "report.json").read_text())
+    assert report["splits"]["validation"]["rows"] == 15
+    assert all(h["val_examples"] == 15 for h in result.history)
+    assert result.metrics["test"]["examples"] == report["splits"]["test"]["rows"]
