@@ -91,6 +91,10 @@ def score_dataset(model_dir: str, ds, max_length: int = 128, num_cpus: float = 1
     return metrics_from_confusion(cm, labels)
 
 
+def _kept_rows(batch: pd.DataFrame) -> pd.DataFrame:
+    return batch.loc[batch["drop_reason"] == "", ["text", "label"]]
+
+
 def score_source(model_dir: str, cfg) -> dict[str, Any]:
     """Metrics of a model on any data source (``cfg.data``: a file, folder, glob or built-in
     corpus), cleaned like the training data and labelled by the model's own label map.
@@ -116,7 +120,7 @@ def score_source(model_dir: str, cfg) -> dict[str, Any]:
         unknown = count_values(marked, "label_raw", where=("drop_reason", cleaning.UNKNOWN_LABEL))
         raise DataError(f"label value(s) {sorted(unknown)[:10]} are not classes of this model ({labels}); map "
                         f"them with data.label_values or drop them with data.exclude_labels")
-    kept = marked.filter(lambda r: r["drop_reason"] == "").select_columns(["text", "label"])
+    kept = marked.map_batches(_kept_rows, batch_format="pandas")
     metrics = score_dataset(model_dir, kept, cfg.data.max_length)
     metrics["dropped"] = dropped
     return metrics
