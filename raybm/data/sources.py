@@ -186,11 +186,12 @@ def read_source(src: Source):
 
     def to_pair(batch):
         import pandas as pd
-        labels = batch[label_col]
+
+        from raybm.data.cleaning import normalize_raw_label
+
         return pd.DataFrame({
             "text": batch[text_col].astype("object").where(batch[text_col].notna(), None),
-            "label_raw": labels.astype("object").where(labels.notna(), None).map(
-                lambda v: None if v is None else (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))),
+            "label_raw": batch[label_col].astype("object").map(normalize_raw_label),
         })
 
     if src.format == "text":
