@@ -58,6 +58,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from raybm.tune import format_leaderboard, run_sweep
+
+    cfg = load_config(args.config, args.overrides)
+    _start(cfg)
+    result = run_sweep(cfg, resume=args.resume, retry_errored=args.retry_errored)
+    print(f"\nLeaderboard ({cfg.tune.metric}, best first):")
+    print(format_leaderboard(result.leaderboard, cfg.tune.metric))
+    w = result.winner
+    values = ", ".join(f"{k}={v}" for k, v in w["values"].items())
+    print(f"\nWinner: trial {w['trial']} ({values}), validation {w['metric']} {w['validation']:.4f} "
+          f"at epoch {w['best_epoch']}. Test metrics:")
+    _print_test_metrics(w["test"])
+    print(f"\nModel folder: {result.model_dir}\nSweep folder: {result.sweep_dir}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from raybm.data import load_split
     from raybm.evaluate import score_dataset
@@ -157,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model on Ray Train and score it on the test split")
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("tune", help="search config values with Ray Tune; the winner is scored on the test split")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted sweep (finished trials are kept); an interrupted sweep "
+                        "is also resumed without it")
+    p.add_argument("--retry-errored", action="store_true", help="when resuming, run failed trials again")
+    p.set_defaults(func=_cmd_tune)
     p = sub.add_parser("evaluate", help="score a model folder on a prepared dataset's split")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="a model folder (runs/<run>/model or a checkpoint)")

@@ -253,19 +253,31 @@ class TrainConfig:
 @dataclass
 class TuneConfig:
     num_samples: int = _opt(4, ge=1)
-    """Trials to run (grid values multiply this)."""
+    """Trials to sample (a search space with ``grid`` entries runs the grid this many times)."""
     metric: str = "val_f1_macro"
-    """Validation metric that ranks trials."""
+    """Validation metric that ranks trials (also picks each trial's best checkpoint)."""
     mode: Literal["max", "min"] = "max"
     """Whether a higher or a lower metric is better."""
     scheduler: Literal["asha", "median", "fifo"] = "asha"
-    """Trial scheduler; ASHA stops weak trials early."""
+    """Trial scheduler: ``asha`` stops weak trials early at rungs, ``median`` stops a trial
+    below the median of others at the same epoch, ``fifo`` runs every trial to the end."""
+    grace_period: int = _opt(1, ge=1)
+    """Epochs every trial runs before the scheduler may stop it."""
+    reduction_factor: float = _opt(2.0, gt=1)
+    """ASHA: keep the top 1/this of trials at each rung."""
     max_concurrent_trials: Optional[int] = _opt(None, ge=1)
-    """Trials running at once. Empty: as many as resources allow."""
+    """Trials running at once. Empty: as many as the cluster's free CPUs (or GPUs) fit,
+    given each trial's ``train.num_workers`` x ``train.cpus_per_worker``."""
     time_budget_s: Optional[float] = _opt(None, gt=0)
-    """Stop starting trials after this many seconds."""
+    """Stop the sweep after this many seconds (running trials stop, the best so far wins)."""
+    max_failures: int = _opt(0, ge=-1)
+    """Times a failed trial is retried from its last checkpoint (-1: no limit)."""
     search_space: dict[str, str] = field(default_factory=dict)
-    """Dotted config key -> distribution, e.g. ``train.lr: loguniform(1e-5, 1e-3)``."""
+    """Dotted config key -> distribution: ``uniform(lo, hi)``, ``loguniform(lo, hi)``,
+    ``quniform(lo, hi, q)``, ``randint(lo, hi)``, ``lograndint(lo, hi)``, ``choice([...])``,
+    ``grid([...])``; e.g. ``train.lr: loguniform(1e-5, 1e-3)``. Checked before any trial."""
+    seed: Optional[int] = 0
+    """Seed of the random search (empty: a different sample every sweep)."""
 
 
 @dataclass
@@ -354,6 +366,50 @@ def _check_job(cfg: JobConfig) -> None:
     if d.clean.stop_words and d.language == "zh":
         raise ConfigError("data.clean.stop_words: supported for English text only; "
                           "set it to false for data.language=zh")
+    if cfg.tune.search_space:
+        _check_search_space(cfg)
+
+
+def _key_type(key: str) -> Any:
+    """The declared type of a dotted config key (None for an unknown key)."""
+    tp: Any = JobConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+        if tp is None:
+            return None
+    return tp
+
+
+def _check_search_space(cfg: JobConfig) -> None:
+    """Every searched key exists and every value a distribution can produce is valid."""
+    from raybm.search_space import CONTINUOUS, nested, parse_space
+
+    base = cfg.to_dict()
+    base["tune"]["search_space"] = {}
+
+    def check(key: str, value: Any, dist: Any) -> None:
+        tp = _key_type(key)
+        if tp is None:
+            try:
+                _build(JobConfig, nested({key: value}), "")
+            except ConfigError as e:
+                raise ConfigError(f"tune.search_space: {e}") from None
+        if dataclasses.is_dataclass(tp):
+            raise ConfigError(f"tune.search_space.{key}: {key!r} is a section; search one of its keys")
+        if dist.kind in CONTINUOUS and tp is not None and int in (tp, *typing.get_args(tp)) \
+                and float not in (tp, *typing.get_args(tp)):
+            raise ConfigError(f"tune.search_space.{key}: {key} takes whole numbers; use randint(lo, hi), "
+                              f"lograndint(lo, hi) or choice([...]) instead of {dist}")
+        try:
+            trial = _build(JobConfig, _merge(base, nested({key: value})), "")
+            _check_job(trial)
+        except ConfigError as e:
+            raise ConfigError(f"tune.search_space.{key}: {dist} allows {value!r}, which the config "
+                              f"refuses: {e}") from None
+
+    parse_space(cfg.tune.search_space, check)
 
 
 # ------------------------------------------------------------------------- loading

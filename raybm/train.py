@@ -65,17 +65,11 @@ def balanced_class_weights(report: dict, labels: list[str]) -> list[float]:
     return [total / (len(labels) * max(1, counts[lab])) for lab in labels]
 
 
-def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> TrainResult:
-    """Train ``cfg`` end to end and return where the model and its test metrics are."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+def load_text_splits(cfg: JobConfig, *, log: Callable[[str], None] = print):
+    """Prepare (or reuse) the data; return (prepared, labels, {split: materialized Dataset})
+    for the training and validation splits."""
+    from raybm.data import format_report, load_split, run_data_stage
 
-    from raybm.data import format_report, load_split, run_data_stage, tokenize_dataset
-    from raybm.train_loop import train_loop_per_worker
-
-    started = time.time()
-    t = cfg.train
-    # 1. Data: prepared once, then streamed and tokenized on Ray Data.
     prepared = run_data_stage(cfg, log=log)
     log(format_report(prepared.report))
     results = Results.from_config(cfg.storage)
@@ -85,34 +79,46 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     # workers may hold (a deadlock on small machines). Tokenization still streams into the
     # workers, in tokenizer actors that take a fraction of a CPU.
     splits = {s: load_split(results, prepared.name, s).materialize() for s in ("train", "validation")}
-    datasets = {
-        "train": tokenize_dataset(splits["train"], cfg.data, cfg.model, training=True),
-        "validation": tokenize_dataset(splits["validation"], cfg.data, cfg.model),
-    }
+    return prepared, labels, splits
 
-    # 2. The trainer: one worker per data-parallel replica.
-    run_name = run_name_for(cfg, prepared.name)
-    run_dir = results.run_dir(run_name)
-    use_gpu = _use_gpu(t.use_gpu)
+
+def tokenized_datasets(cfg: JobConfig, splits: dict) -> dict:
+    """Lazily tokenized training (augmented if configured) and validation datasets."""
+    from raybm.data import tokenize_dataset
+
+    return {"train": tokenize_dataset(splits["train"], cfg.data, cfg.model, training=True),
+            "validation": tokenize_dataset(splits["validation"], cfg.data, cfg.model)}
+
+
+def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: dict, run_name: str,
+                  storage_path: str, storage_filesystem, callbacks: list | None = None):
+    """The TorchTrainer of one training run (a plain run or one sweep trial)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raybm.train_loop import train_loop_per_worker
+
+    t = cfg.train
     loop_config = {
         "job": cfg.to_dict(),
         "labels": labels,
-        "n_train": prepared.report["splits"]["train"]["rows"],
-        "class_weights": balanced_class_weights(prepared.report, labels) if t.class_weights == "balanced" else None,
+        "n_train": report["splits"]["train"]["rows"],
+        "class_weights": balanced_class_weights(report, labels) if t.class_weights == "balanced" else None,
     }
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=_use_gpu(t.use_gpu),
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=results.path("runs"),
-            storage_filesystem=results.fs,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints,
                                                          checkpoint_score_attribute=t.metric,
                                                          checkpoint_score_order=t.mode),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks or None,
         ),
         datasets=datasets,
         # Only the training split is sharded. Every worker validates on the whole
@@ -121,27 +127,48 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
         # numbers anyway to agree on early stopping.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+def failure_reason(e: BaseException) -> str:
+    """The worker's own exception line out of Ray's wrapped error."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> TrainResult:
+    """Train ``cfg`` end to end and return where the model and its test metrics are."""
+    from raybm.data import load_split
+
+    started = time.time()
+    t = cfg.train
+    # 1. Data: prepared once, then streamed and tokenized on Ray Data.
+    prepared, labels, splits = load_text_splits(cfg, log=log)
+    results = Results.from_config(cfg.storage)
+
+    # 2. The trainer: one worker per data-parallel replica.
+    run_name = run_name_for(cfg, prepared.name)
+    run_dir = results.run_dir(run_name)
+    trainer = build_trainer(cfg, labels=labels, report=prepared.report, datasets=tokenized_datasets(cfg, splits),
+                            run_name=run_name, storage_path=results.path("runs"), storage_filesystem=results.fs)
     log(f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"
-        f"{' on GPU' if use_gpu else ''}, {t.epochs} epoch(s) -> {results.uri(run_dir)}")
+        f"{' on GPU' if _use_gpu(t.use_gpu) else ''}, {t.epochs} epoch(s) -> {results.uri(run_dir)}")
     results.write_text(results.join(run_dir, CONFIG_FILE), cfg.to_yaml())
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        reason = lines[-1] if lines else type(e).__name__  # the worker's exception line
-        raise RaybmError(f"training run {run_name!r} failed: {reason}. Fix the cause and rerun the same "
-                         f"command: it resumes from the last checkpoint.") from e
+        raise RaybmError(f"training run {run_name!r} failed: {failure_reason(e)}. Fix the cause and rerun the "
+                         f"same command: it resumes from the last checkpoint.") from e
     best = result.get_best_checkpoint(metric=t.metric, mode=t.mode) or result.checkpoint
     if best is None:
         raise RaybmError(f"training run {run_name!r} produced no checkpoint")
     history = _history(result)
 
     # 3. Publish the best checkpoint as the run's model and score it on the test split.
-    model_uri = _publish_model(results, run_dir, best)
+    model_uri = publish_model(results, run_dir, best)
     log("Scoring the best checkpoint on the test split")
     test = score_model_uri(results, model_uri, load_split(results, prepared.name, "test"), cfg.data.max_length)
     metrics = {"run": run_name, "dataset": prepared.name, "model": cfg.model.name,
-               "best_epoch": _best_epoch(history, t.metric, t.mode), "epochs_run": len(history),
+               "best_epoch": best_epoch(history, t.metric, t.mode), "epochs_run": len(history),
                "early_stopped": bool(history and history[-1].get("early_stopped")),
                "train_seconds": round(time.time() - started, 1), "test": test}
     results.write_json(results.join(run_dir, HISTORY_FILE), history)
@@ -159,7 +186,7 @@ def _history(result) -> list[dict[str, Any]]:
     return json.loads(metrics["history"]) if "history" in metrics else []
 
 
-def _best_epoch(history: list[dict], metric: str, mode: str) -> int | None:
+def best_epoch(history: list[dict], metric: str, mode: str) -> int | None:
     scored = [h for h in history if metric in h]
     if not scored:
         return None
@@ -167,8 +194,8 @@ def _best_epoch(history: list[dict], metric: str, mode: str) -> int | None:
     return int(pick(scored, key=lambda h: h[metric])["epoch"])
 
 
-def _publish_model(results: Results, run_dir: str, checkpoint) -> str:
-    """Copy a checkpoint (minus optimizer state) to <run>/model, atomically."""
+def publish_model(results: Results, run_dir: str, checkpoint) -> str:
+    """Copy a checkpoint (minus optimizer state) to <run_dir>/model, atomically."""
     import pyarrow.fs as pafs
 
     from raybm.train_loop import TRAIN_STATE_FILE

@@ -1,0 +1,369 @@
+"""Driver side of sweeps: ``run_sweep`` searches config values with Ray Tune.
+
+Each trial is a Tune function trainable that builds and fits one ``TorchTrainer`` from the
+training stage, with ``TuneReportCallback`` forwarding every epoch's validation metrics
+(and the checkpoint path) to Tune, so ASHA or the median rule can stop weak trials early.
+This is Ray 2.60's supported pattern; a Trainer handed to a Tuner is not.
+
+Layout under ``sweeps/<sweep>/`` (docs/tuning.md)::
+
+    config.yaml           the resolved job config, search space included
+    tune/                 Tune's experiment state (what --resume restores)
+    trials/<trial_id>/    each trial's Ray Train run: checkpoints
+    leaderboard.csv/.json every trial: searched values, best metric, epochs, status, time
+    model/                the winner's best checkpoint (complete or absent)
+    winner.json           pointer to the winner: trial, values, checkpoint, test metrics
+    _SUCCESS
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from raybm.config import JobConfig, build_config, config_hash
+from raybm.errors import RaybmError
+from raybm.results import CONFIG_FILE, SUCCESS_MARKER, Results
+from raybm.search_space import Distribution, grid_size, nested, parse_space
+
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+LEADERBOARD = "leaderboard"
+WINNER_FILE = "winner.json"
+MODEL_DIR = "model"
+# Each trial's function only waits on its TorchTrainer; the workers reserve the real CPUs.
+TRIAL_DRIVER_CPU = 0.05
+# Tokenizer actors of a trial that tokenizes its own data (two splits, 0.25 CPU each).
+TRIAL_TOKENIZER_CPU = 0.5
+# Keys whose change needs the data tokenized again for each trial.
+_TOKENIZATION_KEYS = ("data.", "model.name", "model.trust_remote_code")
+
+
+@dataclass
+class SweepResult:
+    name: str
+    sweep_dir: str  # URI
+    model_dir: str  # URI of the winner's model folder
+    leaderboard: list[dict[str, Any]]
+    winner: dict[str, Any]
+
+
+def sweep_name_for(cfg: JobConfig, dataset: str) -> str:
+    if cfg.name:
+        return cfg.name
+
+    @dataclasses.dataclass
+    class _Key:
+        model: Any
+        train: Any
+        tune: Any
+
+    return f"{dataset}-{cfg.model.name.replace('/', '_')}-sweep-{config_hash(_Key(cfg.model, cfg.train, cfg.tune))}"
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
+    """The job config of one trial: the base config with the trial's sampled values."""
+    raw = _merge(base, nested(params))
+    raw["tune"] = dict(raw["tune"], search_space={})
+    return build_config(raw)
+
+
+# ------------------------------------------------------------------------- one trial
+
+
+def _trial(params: dict[str, Any], *, base: dict[str, Any], labels: list[str], report: dict[str, Any],
+           text_splits: dict, tokenized: dict | None, trials_path: str) -> None:
+    """One Tune trial: a full Ray Train run of the trial's config."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raybm.train import build_trainer, tokenized_datasets
+
+    cfg = trial_config(base, params)
+    results = Results.from_config(cfg.storage)
+    # The trial id is stable across a resumed sweep, so the Train run of the same name
+    # picks up its own last checkpoint.
+    run_name = ray.tune.get_context().get_trial_id()
+    datasets = tokenized if tokenized is not None else tokenized_datasets(cfg, text_splits)
+    trainer = build_trainer(cfg, labels=labels, report=report, datasets=datasets, run_name=run_name,
+                            storage_path=trials_path, storage_filesystem=results.fs,
+                            callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+# --------------------------------------------------------------------------- sweeping
+
+
+def _scheduler(cfg: JobConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    tc = cfg.tune
+    # Trials report once per epoch; the epoch number (not Tune's report count) is the
+    # clock, so a trial resumed from a checkpoint keeps its place.
+    if tc.scheduler == "asha":
+        return ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=tc.grace_period,
+                             reduction_factor=tc.reduction_factor)
+    if tc.scheduler == "median":
+        return MedianStoppingRule(time_attr="epoch", grace_period=tc.grace_period, min_samples_required=2)
+    return FIFOScheduler()
+
+
+def trial_resources(cfg: JobConfig, tokenizes: bool) -> dict[str, float]:
+    """What one running trial holds: its workers, its driver, its tokenizer actors."""
+    from raybm.train import _use_gpu
+
+    t = cfg.train
+    cpu = t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU + (TRIAL_TOKENIZER_CPU if tokenizes else 0)
+    return {"CPU": cpu, "GPU": float(t.num_workers) if _use_gpu(t.use_gpu) else 0.0}
+
+
+def concurrent_trials(cfg: JobConfig, tokenizes: bool) -> int:
+    """Trials that fit the cluster at once (``tune.max_concurrent_trials`` wins if set)."""
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    need = trial_resources(cfg, tokenizes)
+    have = ray.cluster_resources()
+    if need["GPU"]:
+        return max(1, int(have.get("GPU", 0) // need["GPU"]))
+    return max(1, int(have.get("CPU", 1) // need["CPU"]))
+
+
+def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = False,
+              log: Callable[[str], None] = print) -> SweepResult:
+    """Run (or resume) the sweep of ``cfg`` and hand on its winner, scored on test."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    from raybm.train import load_text_splits
+
+    dists = parse_space(cfg.tune.search_space)
+    if not dists:
+        raise RaybmError("tune.search_space is empty: add the settings to search to the config, e.g. "
+                         "tune.search_space: {train.lr: 'loguniform(1e-5, 1e-3)'} (docs/tuning.md)")
+    started = time.time()
+    prepared, labels, splits = load_text_splits(cfg, log=log)
+    results = Results.from_config(cfg.storage)
+    name = sweep_name_for(cfg, prepared.name)
+    sweep_dir = results.sweep_dir(name)
+    tune_path = results.join(sweep_dir, TUNE_DIR)
+    can_restore = tune.Tuner.can_restore(results.uri(tune_path) if results.remote else tune_path,
+                                         storage_filesystem=results.fs)
+    if results.is_complete(sweep_dir):
+        done = load_sweep(results, name)
+        if not (retry_errored and any(row["status"] == "error" for row in done.leaderboard)):
+            log(f"Sweep {name!r} is already complete: {results.uri(sweep_dir)}")
+            return done
+        results.fs.delete_file(results.join(sweep_dir, SUCCESS_MARKER))  # reopened to retry failed trials
+    if resume and not can_restore:
+        raise RaybmError(f"--resume: no interrupted sweep {name!r} under {results.uri(results.path('sweeps'))}; "
+                         f"run without --resume to start it")
+
+    # Trials share the tokenized data unless the search changes how it is tokenized.
+    keys = [d.key for d in dists]
+    tokenizes = any(k.startswith(_TOKENIZATION_KEYS) for k in keys) or cfg.data.augment.enabled
+    tokenized = None
+    if not tokenizes:
+        from raybm.train import tokenized_datasets
+
+        tokenized = {s: ds.materialize() for s, ds in tokenized_datasets(cfg, splits).items()}
+    base = cfg.to_dict()
+    # Each trial keeps (and reports) its best checkpoint by the sweep's metric.
+    base["train"].update(metric=cfg.tune.metric, mode=cfg.tune.mode)
+    trainable = tune.with_parameters(_trial, base=base, labels=labels, report=prepared.report,
+                                     text_splits=splits, tokenized=tokenized,
+                                     trials_path=results.join(sweep_dir, TRIALS_DIR))
+    trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
+    concurrency = concurrent_trials(cfg, tokenizes)
+    n_trials = cfg.tune.num_samples * grid_size(dists)
+    results.write_text(results.join(sweep_dir, CONFIG_FILE), cfg.to_yaml())
+
+    if can_restore:
+        log(f"Resuming sweep {name!r}: finished trials are kept, unfinished ones continue from their "
+            f"last checkpoint{'; failed trials are retried' if retry_errored else ''}")
+        tuner = tune.Tuner.restore(results.uri(tune_path) if results.remote else tune_path, trainable,
+                                   resume_unfinished=True, resume_errored=retry_errored,
+                                   storage_filesystem=results.fs)
+    else:
+        log(f"Sweep {name!r}: {n_trials} trial(s) of {cfg.train.epochs} epoch(s), {cfg.tune.scheduler} scheduler, "
+            f"up to {concurrency} at once, ranking by {cfg.tune.metric} ({cfg.tune.mode}) -> {results.uri(sweep_dir)}")
+        for d in dists:
+            log(f"  {d.key}: {d}")
+        tuner = tune.Tuner(
+            trainable,
+            param_space={d.key: d.to_tune() for d in dists},
+            tune_config=tune.TuneConfig(
+                metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg),
+                num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrency,
+                time_budget_s=cfg.tune.time_budget_s,
+                search_alg=BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=concurrency),
+                trial_name_creator=lambda trial: trial.trial_id,
+                trial_dirname_creator=lambda trial: trial.trial_id,
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR, storage_path=results.uri(sweep_dir) if results.remote else sweep_dir,
+                storage_filesystem=results.fs,
+                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+
+    board = leaderboard(grid, cfg, dists)
+    finished = grid.num_terminated + grid.num_errors
+    if finished < len(grid) and not cfg.tune.time_budget_s:
+        raise RaybmError(f"sweep {name!r} was interrupted with {len(grid) - finished} trial(s) unfinished; "
+                         f"run the same command with --resume to finish it")
+    _write_leaderboard(results, sweep_dir, board)
+    log(format_leaderboard(board, cfg.tune.metric))
+    ranked = [row for row in board if row["best_checkpoint"] and row["status"] != "error"]
+    failed = [row for row in board if row["status"] == "error"]
+    if not ranked:
+        raise RaybmError(f"sweep {name!r}: no trial finished"
+                         + (f"; {len(failed)} failed, the first with: {failed[0]['error']}" if failed else "")
+                         + ". Fix the cause and run the same command with --resume --retry-errored")
+    if failed:
+        log(f"{len(failed)} trial(s) failed (first error: {failed[0]['error']}); the winner is the best of "
+            f"the rest. --resume --retry-errored runs the failed ones again from their last checkpoint")
+    winner_row = ranked[0]
+    winner = _publish_winner(results, sweep_dir, cfg, prepared.name, winner_row, log)
+    winner["sweep_seconds"] = round(time.time() - started, 1)
+    results.write_json(results.join(sweep_dir, WINNER_FILE), winner)
+    results.mark_complete(sweep_dir)
+    return SweepResult(name, results.uri(sweep_dir), winner["model_dir"], board, winner)
+
+
+def _status(error: str | None, history: list[dict], epochs: int) -> str:
+    if error:
+        return "error"
+    if history and history[-1].get("early_stopped"):
+        return "early-stopped"  # the training stage's patience
+    if len(history) < epochs:
+        return "stopped"  # by the scheduler (or the time budget)
+    return "completed"
+
+
+def leaderboard(grid, cfg: JobConfig, dists: list[Distribution]) -> list[dict[str, Any]]:
+    """One row per trial, best first (trials without a metric last)."""
+    metric, mode = cfg.tune.metric, cfg.tune.mode
+    rows = []
+    for res in grid:
+        df = res.metrics_dataframe
+        records = [] if df is None or df.empty else df.to_dict("records")
+        history = [r for r in records if metric in r and r.get(metric) is not None
+                   and not (isinstance(r.get(metric), float) and math.isnan(r[metric]))]
+        pick = max if mode == "max" else min
+        best = pick(history, key=lambda r: r[metric]) if history else None
+        last = (res.metrics or {})
+        trial_id = last.get("trial_id") or (res.path.rstrip("/").rsplit("/", 1)[-1] if res.path else "?")
+        error = None
+        if res.error is not None:
+            from raybm.train import failure_reason
+
+            error = failure_reason(res.error)
+        rows.append({
+            "trial": trial_id,
+            **{d.key: res.config.get(d.key) for d in dists},
+            metric: None if best is None else float(best[metric]),
+            "best_epoch": None if best is None else int(best["epoch"]),
+            "epochs_run": len(history),
+            "status": _status(error, [{"early_stopped": r.get("early_stopped")} for r in history],
+                              cfg.train.epochs),
+            "val_accuracy": None if best is None else float(best.get("val_accuracy", float("nan"))),
+            "val_loss": None if best is None else float(best.get("val_loss", float("nan"))),
+            "best_checkpoint": None if best is None else best.get("checkpoint_path"),
+            "seconds": round(float(last.get("time_total_s", 0.0)), 1),
+            "error": error,
+            "history": [{"epoch": int(r["epoch"]), metric: float(r[metric]),
+                         "resumed_from_epoch": int(r.get("resumed_from_epoch", 0) or 0),
+                         "val_loss": float(r.get("val_loss", float("nan"))),
+                         "train_loss": float(r.get("train_loss", float("nan")))} for r in history],
+        })
+    sign = -1 if mode == "max" else 1
+    rows.sort(key=lambda r: (r[metric] is None, sign * (r[metric] or 0.0)))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def _write_leaderboard(results: Results, sweep_dir: str, board: list[dict[str, Any]]) -> None:
+    results.write_json(results.join(sweep_dir, f"{LEADERBOARD}.json"), board)
+    flat = [{k: v for k, v in row.items() if k != "history"} for row in board]
+    buf = io.StringIO()
+    if flat:
+        writer = csv.DictWriter(buf, fieldnames=["rank"] + [k for k in flat[0] if k != "rank"])
+        writer.writeheader()
+        writer.writerows(flat)
+    results.write_text(results.join(sweep_dir, f"{LEADERBOARD}.csv"), buf.getvalue())
+
+
+def format_leaderboard(board: list[dict[str, Any]], metric: str) -> str:
+    """The leaderboard as a plain-text table."""
+    if not board:
+        return "(no trials)"
+    fixed = ("rank", "trial", metric, "best_epoch", "epochs_run", "status", "seconds")
+    searched = [k for k in board[0] if k not in fixed and k not in
+                ("val_accuracy", "val_loss", "best_checkpoint", "error", "history")]
+    cols = ["rank", "trial", *searched, metric, "best_epoch", "epochs_run", "status", "seconds"]
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.4f}".rstrip("0").rstrip(".")
+        return str(v)
+
+    table = [[c for c in cols]] + [[cell(row.get(c)) for c in cols] for row in board]
+    widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: str, row: dict[str, Any],
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """Copy the winner's best checkpoint to <sweep>/model and score it on the test split."""
+    import ray.train
+
+    from raybm.data import load_split
+    from raybm.train import publish_model, score_model_uri
+
+    path = row["best_checkpoint"]
+    if results.remote and path.startswith("s3://"):
+        path = path[len("s3://"):]
+    checkpoint = ray.train.Checkpoint(path, filesystem=results.fs)
+    model_uri = publish_model(results, sweep_dir, checkpoint)
+    log(f"Winner: trial {row['trial']} ({cfg.tune.metric} {row[cfg.tune.metric]:.4f} at epoch "
+        f"{row['best_epoch']}); scoring its best checkpoint on the test split")
+    test = score_model_uri(results, model_uri, load_split(results, dataset, "test"), cfg.data.max_length)
+    searched = {k: v for k, v in row.items() if k in cfg.tune.search_space}
+    return {"trial": row["trial"], "values": searched, "dataset": dataset, "model": cfg.model.name,
+            "metric": cfg.tune.metric, "validation": row[cfg.tune.metric], "best_epoch": row["best_epoch"],
+            "checkpoint": row["best_checkpoint"], "model_dir": model_uri, "test": test}
+
+
+def load_sweep(results: Results, name: str) -> SweepResult:
+    """A finished sweep's leaderboard and winner, as written."""
+    sweep_dir = results.sweep_dir(name)
+    board = results.read_json(results.join(sweep_dir, f"{LEADERBOARD}.json"))
+    winner = results.read_json(results.join(sweep_dir, WINNER_FILE))
+    return SweepResult(name, results.uri(sweep_dir), winner["model_dir"], board, winner)
+
+
+def winner_summary(winner: dict[str, Any]) -> str:
+    return json.dumps({k: winner[k] for k in ("trial", "values", "validation", "best_epoch")})

@@ -1,0 +1,122 @@
+"""Sweeps on Ray Tune, each trial a Ray Train run of a tiny random BERT on tiny data."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from raybm.config import build_config
+from raybm.errors import RaybmError
+from raybm.tune import format_leaderboard, run_sweep
+
+from .test_data_pipeline import make_frame
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ray_tune():
+    """A local Ray with its dashboard: Ray Train's placement-group cleanup (which a
+    stopped trial relies on) polls the state API the dashboard serves."""
+    import ray
+    import ray.data
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tune-data") / "reviews.csv"
+    make_frame(60).to_csv(path, index=False)
+    return path
+
+
+def config(root, data_csv, *overrides):
+    return build_config(overrides=[
+        f"storage.root={root}", f"data.source={data_csv}", "data.text_column=body", "data.label_column=sentiment",
+        "data.max_length=16", "model.name=tiny-bert", "train.batch_size=16", "train.warmup_ratio=0",
+        "train.log_every_steps=100", "train.cpus_per_worker=0.5", "tune.max_concurrent_trials=2", *overrides])
+
+
+def quiet(_):
+    pass
+
+
+def test_asha_sweep_stops_weak_trials_and_hands_on_a_tested_winner(ray_tune, tmp_path, data_csv):
+    # One learning rate that learns, three that cannot (lr ~ 0): ASHA (rungs at epochs 1
+    # and 2) must stop at least one of the three once the good trial has reported.
+    cfg = config(tmp_path, data_csv, "train.epochs=3", "tune.num_samples=1",
+                 "tune.search_space={train.lr: 'grid([3e-3, 1e-11, 1e-12, 2e-12])'}")
+    result = run_sweep(cfg, log=quiet)
+    board = result.leaderboard
+    assert len(board) == 4
+    assert [row["rank"] for row in board] == [1, 2, 3, 4]
+    assert board[0]["train.lr"] == 3e-3 and board[0]["val_f1_macro"] >= 0.8
+    assert any(row["status"] == "stopped" and row["epochs_run"] < 3 for row in board), board
+    assert all(row["best_checkpoint"] and row["seconds"] > 0 for row in board)
+    for row in board:  # per-epoch curves for the dashboard
+        assert [h["epoch"] for h in row["history"]] == list(range(1, row["epochs_run"] + 1))
+
+    sweep = Path(result.sweep_dir)
+    assert {"config.yaml", "leaderboard.csv", "leaderboard.json", "winner.json", "model", "_SUCCESS"} \
+        <= set(os.listdir(sweep))
+    with open(sweep / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["trial"] for r in rows] == [row["trial"] for row in board]
+    assert {"rank", "trial", "train.lr", "val_f1_macro", "epochs_run", "status", "best_checkpoint", "seconds"} \
+        <= set(rows[0])
+
+    winner = json.loads((sweep / "winner.json").read_text())
+    assert winner["trial"] == board[0]["trial"] and winner["values"] == {"train.lr": 3e-3}
+    assert winner["test"]["examples"] == 12 and winner["test"]["accuracy"] >= 0.8
+    assert {"model.safetensors", "config.json", "label_map.json", "_SUCCESS"} <= set(os.listdir(sweep / "model"))
+    assert not (sweep / "model" / "train_state.pt").exists()
+
+    table = format_leaderboard(board, "val_f1_macro")
+    assert "train.lr" in table.splitlines()[0] and len(table.splitlines()) == 6
+
+    # The same command again: the finished sweep is read back, nothing re-runs.
+    written = (sweep / "winner.json").stat().st_mtime_ns
+    again = run_sweep(cfg, log=quiet)
+    assert again.winner == result.winner and (sweep / "winner.json").stat().st_mtime_ns == written
+
+
+def test_failed_trials_are_reported_then_retried_from_their_checkpoint(ray_tune, tmp_path, data_csv):
+    # Each trial's worker raises at the start of epoch 2 and may not restart: both fail.
+    cfg = config(tmp_path, data_csv, "train.epochs=2", "train.lr=3e-3", "train.fail_at_epoch=2",
+                 "tune.scheduler=fifo", "tune.num_samples=1",
+                 "tune.search_space={train.weight_decay: 'grid([0.0, 0.01])'}")
+    with pytest.raises(RaybmError, match="--retry-errored"):
+        run_sweep(cfg, log=quiet)
+    # Retrying resumes each trial's Train run from its epoch-1 checkpoint (the failure
+    # hook fires only in a fresh attempt), so both finish.
+    result = run_sweep(cfg, resume=True, retry_errored=True, log=quiet)
+    assert [row["status"] for row in result.leaderboard] == ["completed", "completed"]
+    for row in result.leaderboard:
+        assert [h["epoch"] for h in row["history"]][-1] == 2
+        assert row["history"][-1]["resumed_from_epoch"] == 1
+    assert result.winner["test"]["examples"] == 12
+
+
+def test_a_trial_whose_worker_dies_resumes_inside_the_sweep(ray_tune, tmp_path, data_csv):
+    cfg = config(tmp_path, data_csv, "train.epochs=2", "train.lr=3e-3", "train.fail_at_epoch=2",
+                 "train.max_failures=1", "tune.scheduler=fifo", "tune.num_samples=1",
+                 "tune.search_space={train.seed: 'grid([0])'}")
+    result = run_sweep(cfg, log=quiet)
+    (row,) = result.leaderboard
+    assert row["status"] == "completed"
+    assert [h["resumed_from_epoch"] for h in row["history"]] == [0, 1]
+
+
+def test_resume_without_an_interrupted_sweep_is_a_clear_error(ray_tune, tmp_path, data_csv):
+    cfg = config(tmp_path, data_csv, "tune.search_space={train.lr: 'loguniform(1e-4, 1e-2)'}")
+    with pytest.raises(RaybmError, match="no interrupted sweep"):
+        run_sweep(cfg, resume=True, log=quiet)
+    with pytest.raises(RaybmError, match="search_space is empty"):
+        run_sweep(config(tmp_path, data_csv), log=quiet)
