@@ -22,6 +22,8 @@ from raybm.config import JobConfig, build_config
 from raybm.metrics import confusion_matrix, flat, metrics_from_confusion
 
 TRAIN_STATE_FILE = "train_state.pt"
+# The epoch's validation metrics, inside each checkpoint (sweeps rank checkpoints by it).
+EPOCH_METRICS_FILE = "epoch_metrics.json"
 
 
 def say(message: str) -> None:
@@ -89,7 +91,8 @@ def _amp(device, precision: str):
     return torch.float16, True
 
 
-def _save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list[str], state: dict) -> None:
+def _save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list[str], state: dict,
+                     metrics: dict) -> None:
     import torch
 
     model.save_pretrained(folder, safe_serialization=True)
@@ -99,6 +102,8 @@ def _save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list
     with open(os.path.join(folder, "raybm_config.yaml"), "w", encoding="utf-8") as f:
         f.write(cfg.to_yaml())
     torch.save(state, os.path.join(folder, TRAIN_STATE_FILE))
+    with open(os.path.join(folder, EPOCH_METRICS_FILE), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2)
 
 
 def _load_checkpoint(folder: str, model, optimizer) -> dict:
@@ -267,7 +272,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  "optimizer": optimizer.state_dict(), "history": history}
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                _save_checkpoint(tmp, model, tokenizer, cfg, labels, state)
+                _save_checkpoint(tmp, model, tokenizer, cfg, labels, state, history[-1])
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics, checkpoint=None)

@@ -224,7 +224,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
         )
     grid = tuner.fit()
 
-    board = leaderboard(grid, cfg, dists)
+    board = leaderboard(grid, cfg, dists, results, results.join(sweep_dir, TRIALS_DIR))
     finished = grid.num_terminated + grid.num_errors
     if finished < len(grid) and not cfg.tune.time_budget_s:
         raise RaybmError(f"sweep {name!r} was interrupted with {len(grid) - finished} trial(s) unfinished; "
@@ -258,41 +258,74 @@ def _status(error: str | None, history: list[dict], epochs: int) -> str:
     return "completed"
 
 
-def leaderboard(grid, cfg: JobConfig, dists: list[Distribution]) -> list[dict[str, Any]]:
+def _trial_history(res, metric: str) -> list[dict[str, Any]]:
+    """Every epoch of a trial. The Train run carries its whole history in each report, so
+    epochs from before a resume are kept (Tune's own record restarts with the trial)."""
+    last = res.metrics or {}
+    if last.get("history"):
+        history = json.loads(last["history"])
+    else:
+        df = res.metrics_dataframe
+        history = [] if df is None or df.empty else df.to_dict("records")
+    return [h for h in history if h.get(metric) is not None
+            and not (isinstance(h[metric], float) and math.isnan(h[metric]))]
+
+
+def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> tuple[str | None, dict | None]:
+    """The best complete checkpoint of a Train run by ``metric``, read from the epoch
+    metrics each checkpoint carries: (path on results.fs, its metrics)."""
+    import pyarrow.fs as pafs
+
+    from raybm.train_loop import EPOCH_METRICS_FILE
+
+    if not results.exists(run_dir):
+        return None, None
+    found = []
+    for info in results.fs.get_file_info(pafs.FileSelector(run_dir)):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            m = results.read_json(results.join(info.path, EPOCH_METRICS_FILE))
+        except (OSError, FileNotFoundError, ValueError):
+            continue  # not a complete checkpoint
+        if m.get(metric) is not None:
+            found.append((info.path, m))
+    if not found:
+        return None, None
+    found.sort(key=lambda pm: pm[1].get("epoch", 0))
+    pick = max if mode == "max" else min
+    return pick(found, key=lambda pm: pm[1][metric])
+
+
+def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Results,
+                trials_dir: str) -> list[dict[str, Any]]:
     """One row per trial, best first (trials without a metric last)."""
+    from raybm.train import failure_reason
+
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = []
     for res in grid:
-        df = res.metrics_dataframe
-        records = [] if df is None or df.empty else df.to_dict("records")
-        history = [r for r in records if metric in r and r.get(metric) is not None
-                   and not (isinstance(r.get(metric), float) and math.isnan(r[metric]))]
-        pick = max if mode == "max" else min
-        best = pick(history, key=lambda r: r[metric]) if history else None
-        last = (res.metrics or {})
+        history = _trial_history(res, metric)
+        last = res.metrics or {}
         trial_id = last.get("trial_id") or (res.path.rstrip("/").rsplit("/", 1)[-1] if res.path else "?")
-        error = None
-        if res.error is not None:
-            from raybm.train import failure_reason
-
-            error = failure_reason(res.error)
+        checkpoint, best = best_checkpoint(results, results.join(trials_dir, trial_id), metric, mode)
+        error = failure_reason(res.error) if res.error is not None else None
         rows.append({
             "trial": trial_id,
             **{d.key: res.config.get(d.key) for d in dists},
             metric: None if best is None else float(best[metric]),
             "best_epoch": None if best is None else int(best["epoch"]),
             "epochs_run": len(history),
-            "status": _status(error, [{"early_stopped": r.get("early_stopped")} for r in history],
-                              cfg.train.epochs),
-            "val_accuracy": None if best is None else float(best.get("val_accuracy", float("nan"))),
-            "val_loss": None if best is None else float(best.get("val_loss", float("nan"))),
-            "best_checkpoint": None if best is None else best.get("checkpoint_path"),
-            "seconds": round(float(last.get("time_total_s", 0.0)), 1),
+            "status": _status(error, history, cfg.train.epochs),
+            "val_accuracy": None if best is None else best.get("val_accuracy"),
+            "val_loss": None if best is None else best.get("val_loss"),
+            "best_checkpoint": None if checkpoint is None else results.uri(checkpoint),
+            "seconds": round(float(last.get("time_total_s", 0.0)), 1),  # wall time (of the last attempt)
             "error": error,
-            "history": [{"epoch": int(r["epoch"]), metric: float(r[metric]),
-                         "resumed_from_epoch": int(r.get("resumed_from_epoch", 0) or 0),
-                         "val_loss": float(r.get("val_loss", float("nan"))),
-                         "train_loss": float(r.get("train_loss", float("nan")))} for r in history],
+            "history": [{"epoch": int(h["epoch"]), metric: float(h[metric]),
+                         "resumed_from_epoch": int(h.get("resumed_from_epoch", 0) or 0),
+                         "val_loss": float(h.get("val_loss", float("nan"))),
+                         "train_loss": float(h.get("train_loss", float("nan")))} for h in history],
         })
     sign = -1 if mode == "max" else 1
     rows.sort(key=lambda r: (r[metric] is None, sign * (r[metric] or 0.0)))
@@ -344,7 +377,7 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
     from raybm.train import publish_model, score_model_uri
 
     path = row["best_checkpoint"]
-    if results.remote and path.startswith("s3://"):
+    if path.startswith("s3://"):
         path = path[len("s3://"):]
     checkpoint = ray.train.Checkpoint(path, filesystem=results.fs)
     model_uri = publish_model(results, sweep_dir, checkpoint)
