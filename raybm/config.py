@@ -156,6 +156,11 @@ class ModelConfig:
     the network allows)."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub model. Off: only built-in architectures load."""
+    pooling: Literal["auto", "cls", "mean"] = "auto"
+    """How the classifier reads the encoder: ``cls`` is the model's own sequence-classification
+    head (first token; BERT's pooler); ``mean`` averages the token vectors, what
+    sentence-transformers models (the built-in all-MiniLM-L6-v2) were trained for; ``auto``
+    picks ``mean`` for sentence-transformers folders, else ``cls``."""
     keep_layers: Optional[int] = _opt(None, ge=1)
     """Layer cropping: keep only the first K encoder layers. Empty keeps all."""
     head_init: Literal["default", "xavier", "normal"] = "default"

