@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 # The main job on the embedded default (a local Ray started by the job).
 demo: install
-	$(VENV)/bin/raybm train --config jobs/configs/demo.yaml
+	$(VENV)/bin/raybm tune --config jobs/configs/demo.yaml
 
 test: install
 	$(PY) -m pytest -q tests

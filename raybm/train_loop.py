@@ -254,13 +254,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "trainable_params": n_trainable, "resumed_from_epoch": resumed_from,
                    "val_examples": val["examples"], **flat(val, "val_"),
                    "val_per_class": json.dumps(val["per_class"]), "val_confusion_matrix": json.dumps(val["confusion_matrix"])}
+        pg = ray.util.get_current_placement_group()
+        if pg is not None:  # lets a sweep free a stopped trial's workers (raybm.tune)
+            metrics["placement_group"] = pg.id.hex()
         value = metrics[t.metric] if t.metric in metrics else metrics.get(f"val_{t.metric}")
         improved = best is None or (value > best if t.mode == "max" else value < best)
         best, bad_epochs = (value, 0) if improved else (best, bad_epochs + 1)
         stop = bool(t.early_stopping_patience and bad_epochs >= t.early_stopping_patience)
         metrics["early_stopped"] = stop
         history.append({k: v for k, v in metrics.items() if not k.startswith("val_per_class")
-                        and k != "val_confusion_matrix"})
+                        and k not in ("val_confusion_matrix", "placement_group")})
         metrics["history"] = json.dumps(history)
         if rank == 0:
             say(f"epoch {epoch + 1} done: train_loss {metrics['train_loss']:.4f} "

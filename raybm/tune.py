@@ -23,6 +23,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,6 +106,43 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], labels: list[str], r
     trainer.fit()
 
 
+def _release_placement_group(pg_hex: str | None) -> None:
+    """Remove a trial's Ray Train placement group if it is still there."""
+    if not pg_hex:
+        return
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        pg_id = ray.PlacementGroupID(bytes.fromhex(pg_hex))
+        if ray.util.placement_group_table(PlacementGroup(pg_id)).get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            remove_placement_group(PlacementGroup(pg_id))
+    except Exception:  # already gone
+        pass
+
+
+def _resource_releaser():
+    """A Tune callback that frees a stopped trial's training workers.
+
+    When the scheduler stops a trial, Tune ends the trial's actor at once, and the Ray
+    Train run inside it never shuts its worker group down. Ray Train leaves the cleanup to
+    a detached actor that polls the state API, which fails when the machine runs more than
+    one Ray (and is slow under load); until then the stopped trial's CPUs or GPUs stay
+    reserved and the next trials wait. Each training worker reports its placement group,
+    so the driver removes it as soon as the trial ends.
+    """
+    from ray import tune
+
+    class ReleaseTrialResources(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            _release_placement_group((trial.last_result or {}).get("placement_group"))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            _release_placement_group((trial.last_result or {}).get("placement_group"))
+
+    return ReleaseTrialResources()
+
+
 # --------------------------------------------------------------------------- sweeping
 
 
@@ -135,13 +173,20 @@ def concurrent_trials(cfg: JobConfig, tokenizes: bool) -> int:
     """Trials that fit the cluster at once (``tune.max_concurrent_trials`` wins if set)."""
     import ray
 
-    if cfg.tune.max_concurrent_trials:
-        return cfg.tune.max_concurrent_trials
     need = trial_resources(cfg, tokenizes)
     have = ray.cluster_resources()
     if need["GPU"]:
-        return max(1, int(have.get("GPU", 0) // need["GPU"]))
-    return max(1, int(have.get("CPU", 1) // need["CPU"]))
+        fits = max(1, int(have.get("GPU", 0) // need["GPU"]))
+    else:
+        fits = max(1, int(have.get("CPU", 1) // need["CPU"]))
+    wanted = cfg.tune.max_concurrent_trials
+    if not wanted:
+        return fits
+    # A local Ray cannot grow: trials beyond what fits would only wait for workers. A
+    # cluster may autoscale, so there the setting is taken as given.
+    if wanted > fits and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        return fits
+    return wanted
 
 
 def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = False,
@@ -219,6 +264,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
                 name=TUNE_DIR, storage_path=results.uri(sweep_dir) if results.remote else sweep_dir,
                 storage_filesystem=results.fs,
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                callbacks=[_resource_releaser()],
                 verbose=1,
             ),
         )
