@@ -120,3 +120,14 @@ def test_resume_without_an_interrupted_sweep_is_a_clear_error(ray_tune, tmp_path
         run_sweep(cfg, resume=True, log=quiet)
     with pytest.raises(RaybmError, match="search_space is empty"):
         run_sweep(config(tmp_path, data_csv), log=quiet)
+
+
+def test_concurrent_trials_follow_the_cluster(ray_tune, tmp_path, data_csv):
+    from raybm.tune import concurrent_trials, trial_resources
+
+    cfg = config(tmp_path, data_csv, "tune.max_concurrent_trials=null")  # 0.5 CPU workers, 2 CPUs
+    assert trial_resources(cfg, tokenizes=False) == {"CPU": 0.55, "GPU": 0.0}
+    assert concurrent_trials(cfg, tokenizes=False) == 3  # 2 // 0.55
+    assert concurrent_trials(cfg, tokenizes=True) == 1  # 2 // 1.05: tokenizer actors too
+    wide = config(tmp_path, data_csv, "tune.max_concurrent_trials=10", "train.num_workers=2")
+    assert concurrent_trials(wide, tokenizes=False) == 1  # a local Ray cannot grow: clamped
