@@ -67,7 +67,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     print(f"\nLeaderboard ({cfg.tune.metric}, best first):")
     print(format_leaderboard(result.leaderboard, cfg.tune.metric))
     w = result.winner
-    values = ", ".join(f"{k}={v}" for k, v in w["values"].items())
+    values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in w["values"].items())
     print(f"\nWinner: trial {w['trial']} ({values}), validation {w['metric']} {w['validation']:.4f} "
           f"at epoch {w['best_epoch']}. Test metrics:")
     _print_test_metrics(w["test"])

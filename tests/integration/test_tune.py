@@ -131,3 +131,14 @@ def test_concurrent_trials_follow_the_cluster(ray_tune, tmp_path, data_csv):
     assert concurrent_trials(cfg, tokenizes=True) == 1  # 2 // 1.05: tokenizer actors too
     wide = config(tmp_path, data_csv, "tune.max_concurrent_trials=10", "train.num_workers=2")
     assert concurrent_trials(wide, tokenizes=False) == 1  # a local Ray cannot grow: clamped
+
+
+def test_time_budget_ends_the_sweep_and_the_best_so_far_wins(ray_tune, tmp_path, data_csv):
+    cfg = config(tmp_path, data_csv, "train.epochs=3", "train.lr=3e-3", "tune.scheduler=fifo",
+                 "tune.max_concurrent_trials=1", "tune.num_samples=1", "tune.time_budget_s=30",
+                 "tune.search_space={train.seed: 'grid([0, 1, 2, 3, 4, 5])'}")
+    result = run_sweep(cfg, log=quiet)
+    statuses = [row["status"] for row in result.leaderboard]
+    assert statuses[0] == "completed" and "stopped" in statuses  # cut off by the budget
+    assert result.winner["trial"] == result.leaderboard[0]["trial"]
+    assert sum(row["epochs_run"] for row in result.leaderboard) < 6 * 3
