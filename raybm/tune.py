@@ -254,7 +254,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
             param_space={d.key: d.to_tune() for d in dists},
             tune_config=tune.TuneConfig(
                 metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg),
-                num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrency,
+                num_samples=cfg.tune.num_samples,  # concurrency: the search generator's max_concurrent
                 time_budget_s=cfg.tune.time_budget_s,
                 search_alg=BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=concurrency),
                 trial_name_creator=lambda trial: trial.trial_id,
