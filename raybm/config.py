@@ -408,7 +408,7 @@ def _check_search_space(cfg: JobConfig) -> None:
             raise ConfigError(f"tune.search_space.{key}: {key} takes whole numbers; use randint(lo, hi), "
                               f"lograndint(lo, hi) or choice([...]) instead of {dist}")
         try:
-            trial = _build(JobConfig, _merge(base, nested({key: value})), "")
+            trial = _build(JobConfig, merge_raw(base, nested({key: value})), "")
             _check_job(trial)
         except ConfigError as e:
             raise ConfigError(f"tune.search_space.{key}: {dist} allows {value!r}, which the config "
@@ -557,11 +557,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_raw(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge two raw config mappings (``extra`` wins)."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_raw(out[k], v)
         else:
             out[k] = v
     return out
@@ -569,7 +570,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Validate a raw mapping (plus overrides) into a ``JobConfig``."""
-    merged = _merge(raw or {}, parse_overrides(overrides or []))
+    merged = merge_raw(raw or {}, parse_overrides(overrides or []))
     cfg = _build(JobConfig, merged, "")
     _check_job(cfg)
     return cfg

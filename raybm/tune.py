@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raybm.config import JobConfig, build_config, config_hash
+from raybm.config import JobConfig, build_config, config_hash, merge_raw
 from raybm.errors import RaybmError
 from raybm.results import CONFIG_FILE, SUCCESS_MARKER, Results
 from raybm.search_space import Distribution, grid_size, nested, parse_space
@@ -69,16 +69,9 @@ def sweep_name_for(cfg: JobConfig, dataset: str) -> str:
     return f"{dataset}-{cfg.model.name.replace('/', '_')}-sweep-{config_hash(_Key(cfg.model, cfg.train, cfg.tune))}"
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
     """The job config of one trial: the base config with the trial's sampled values."""
-    raw = _merge(base, nested(params))
+    raw = merge_raw(base, nested(params))
     raw["tune"] = dict(raw["tune"], search_space={})
     return build_config(raw)
 
@@ -442,7 +435,3 @@ def load_sweep(results: Results, name: str) -> SweepResult:
     board = results.read_json(results.join(sweep_dir, f"{LEADERBOARD}.json"))
     winner = results.read_json(results.join(sweep_dir, WINNER_FILE))
     return SweepResult(name, results.uri(sweep_dir), winner["model_dir"], board, winner)
-
-
-def winner_summary(winner: dict[str, Any]) -> str:
-    return json.dumps({k: winner[k] for k in ("trial", "values", "validation", "best_epoch")})
