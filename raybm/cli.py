@@ -135,6 +135,57 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from raybm.inference import model_card, resolve_model
+    from raybm.runtime import ensure_ray
+    from raybm.serving import DEFAULT_LOADER, deploy, default_model_for, post_texts, read_api_key
+
+    cfg = load_config(args.config, args.overrides)
+    s = cfg.serve
+    model_dir = resolve_model(args.model, cfg.storage.root) if args.model else default_model_for(cfg)
+    card = model_card(model_dir)
+    read_api_key(s)  # a missing key fails before Ray starts
+    on_cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    if args.detach and not on_cluster:
+        raise RaybmError("--detach leaves the server running on a Ray cluster; without one (ray.address or "
+                         "RAY_ADDRESS) the server lives only as long as this command")
+    print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
+    print(f"Deploying {card['name']} ({model_dir}), backend {s.backend} ...", flush=True)
+    url = deploy(cfg, model_dir, args.loader or DEFAULT_LOADER)
+    test = card.get("test_metrics") or {}
+    if test:
+        print(f"  test accuracy {test['accuracy']:.4f}  macro-F1 {test['f1_macro']:.4f}  labels {card['labels']}")
+    print(f"Serving at {url}/predict  (API docs: {url}/docs, metadata: {url}/metadata)")
+    key = os.environ.get(s.api_key_env, "") if s.api_key_env else ""
+    key_header = f" -H 'X-API-Key: ${s.api_key_env}'" if key else ""
+    print(f"  curl -s {url}/predict -H 'Content-Type: application/json'{key_header} "
+          f"-d '{{\"texts\": [\"what a great day\"]}}'", flush=True)
+    if args.send:
+        answer = post_texts(url, args.send, api_key=key or None)
+        for text, p in zip(args.send, answer["predictions"]):
+            print(f"  {p['label']:<10} {p['confidence']:.3f}  {text}")
+    if args.detach:
+        print(f"Left running on the cluster; stop it with `serve delete {s.app_name}`.")
+        return 0
+    from ray import serve
+
+    if args.exit:
+        serve.shutdown()
+        print(f"Stopped (--exit). To keep a server up: raybm serve --model {model_dir}")
+        return 0
+    print("Serving until Ctrl-C.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        print("Stopped.")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.describe:
         print(describe_text(markdown=args.markdown), end="")
@@ -198,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128, help="longest token sequence (default: 128)")
     p.add_argument("--ray", action="store_true", help="stream through Ray Data (automatic for files over 20 MB)")
     p.set_defaults(func=_cmd_predict)
+    p = sub.add_parser("serve", help="host a model on Ray Serve behind an HTTP API")
+    _add_config_args(p)
+    p.add_argument("--model", help="a model folder, a run or sweep folder, or a run/sweep name under "
+                   "storage.root (default: the model this config's train or tune job produced)")
+    p.add_argument("--send", action="append", metavar="TEXT",
+                   help="once serving, send this text over HTTP and print the answer (repeatable)")
+    p.add_argument("--exit", action="store_true", help="stop after deploying (and --send) instead of serving on")
+    p.add_argument("--detach", action="store_true", help="on a Ray cluster: leave the server running and return")
+    p.add_argument("--loader", help="model loader as module:function (default: raybm.inference:load_predictor)")
+    p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("config", help="print the resolved config, or every key with --describe")
     _add_config_args(p)
     p.add_argument("--describe", action="store_true", help="list every config key, its default and meaning")

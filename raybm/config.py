@@ -288,21 +288,52 @@ class TuneConfig:
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"
-    """Address the HTTP server binds."""
+    """Address the HTTP server binds (0.0.0.0 to listen beyond this machine: set an API key)."""
     port: int = _opt(8000, ge=1, le=65535)
     """HTTP port."""
+    app_name: str = "raybm"
+    """Serve application name (several models can be served side by side under different names)."""
+    route_prefix: str = "/"
+    """URL prefix of the API (e.g. /sentiment)."""
+    backend: Literal["torch", "int8"] = "torch"
+    """Model backend: torch (fp32; fp16 on GPU) or int8 (PyTorch dynamic quantization, CPU)."""
     num_replicas: int = _opt(1, ge=1)
-    """Model replicas."""
+    """Model replicas (fixed). Set max_replicas to autoscale instead."""
+    min_replicas: int = _opt(1, ge=0)
+    """Autoscaling: fewest replicas (used when max_replicas is set)."""
+    max_replicas: Optional[int] = _opt(None, ge=1)
+    """Autoscaling: most replicas. Empty: a fixed num_replicas."""
+    target_ongoing_requests: float = _opt(2.0, gt=0)
+    """Autoscaling: ongoing requests per replica the autoscaler aims for."""
+    cpus_per_replica: float = _opt(1.0, gt=0)
+    """CPUs reserved for each replica."""
+    gpus_per_replica: float = _opt(0.0, ge=0)
+    """GPUs for each replica (fractions share a GPU). 0: CPU."""
+    torch_threads: Optional[int] = _opt(None, ge=1)
+    """Torch threads per replica. Empty: cpus_per_replica rounded down, at least 1."""
     max_batch_size: int = _opt(32, ge=1)
-    """Largest dynamic batch."""
+    """Most texts one model call takes; texts of concurrent requests are batched together."""
     batch_wait_timeout_s: float = _opt(0.01, ge=0)
     """How long a replica waits to fill a batch."""
-    max_ongoing_requests: int = _opt(16, ge=1)
+    max_ongoing_requests: int = _opt(32, ge=1)
     """Requests a replica works on at once."""
     max_queued_requests: int = _opt(64, ge=0)
     """Requests queued beyond that; more are answered 503."""
+    request_timeout_s: float = _opt(30.0, gt=0)
+    """A request not answered in this time gets an error instead of waiting on."""
+    max_texts: int = _opt(64, ge=1)
+    """Most texts in one request (more: 413)."""
+    max_text_chars: int = _opt(2000, ge=1)
+    """Longest text in characters (longer: 422)."""
+    max_body_bytes: int = _opt(1 << 20, ge=1024)
+    """Largest request body in bytes (larger: 413)."""
+    health_check_period_s: float = _opt(10.0, gt=0)
+    """How often Serve checks each replica's model (a failing replica is replaced)."""
+    health_check_timeout_s: float = _opt(30.0, gt=0)
+    """How long a health check may take before the replica counts as failed."""
     api_key_env: Optional[str] = None
-    """Environment variable holding an API key that requests must send. Empty: no key."""
+    """Environment variable holding an API key that /predict and /metadata require (header
+    X-API-Key or Authorization: Bearer). Empty: no key."""
 
 
 @dataclass
@@ -371,6 +402,13 @@ def _check_job(cfg: JobConfig) -> None:
     if d.clean.stop_words and d.language == "zh":
         raise ConfigError("data.clean.stop_words: supported for English text only; "
                           "set it to false for data.language=zh")
+    s = cfg.serve
+    if s.max_replicas is not None and s.min_replicas > s.max_replicas:
+        raise ConfigError(f"serve.min_replicas ({s.min_replicas}) exceeds serve.max_replicas ({s.max_replicas})")
+    if not s.route_prefix.startswith("/"):
+        raise ConfigError(f"serve.route_prefix: must start with '/', got {s.route_prefix!r}")
+    if s.backend == "int8" and s.gpus_per_replica:
+        raise ConfigError("serve.backend=int8 runs on CPU only; set serve.gpus_per_replica=0 or use backend torch")
     if cfg.tune.search_space:
         _check_search_space(cfg)
 

@@ -48,26 +48,15 @@ class Classify:
     """Text -> predicted id, confidence and class probabilities (a Ray Data UDF)."""
 
     def __init__(self, model_dir: str, max_length: int = 128, threads: int = 1, batch_size: int = 64) -> None:
-        import torch
+        from raybm.inference import load_predictor
 
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        torch.set_num_threads(threads)
-        self.model, self.tokenizer, self.labels = load_model_folder(model_dir)
-        self.max_length = max_length
-        self.batch_size = batch_size
+        self.predictor = load_predictor(model_dir, "torch", threads=threads, max_length=max_length,
+                                        batch_size=batch_size)
+        self.labels = self.predictor.labels
 
     def predict(self, texts: list[str]) -> np.ndarray:
         """Class probabilities, one row per text."""
-        import torch
-
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[i:i + self.batch_size], truncation=True, max_length=self.max_length,
-                                     padding=True, return_tensors="pt")
-                logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-                out.append(torch.softmax(logits.float(), dim=-1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+        return self.predictor.predict(texts)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         probs = self.predict(batch["text"].astype(str).tolist())

@@ -1,0 +1,138 @@
+"""Loading a model folder for prediction, with a choice of backend, and what it is.
+
+``load_predictor(model_dir, backend, threads)`` returns a ``Predictor``: texts in, class
+probabilities out. It is what the Serve deployment, the dashboard and the benchmarks run,
+so they all see the same numbers. Backends:
+
+- ``torch``: the saved safetensors weights in fp32 (fp16 on a GPU when asked);
+- ``int8``: the same model with PyTorch dynamic int8 quantization of its Linear layers,
+  applied at load time (CPU only).
+
+``model_card(model_dir)`` says what a model folder holds: base model, labels, the run or
+sweep it came from and that run's test metrics, for ``GET /metadata`` and the dashboard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from raybm.errors import RaybmError
+
+BACKENDS = ("torch", "int8")
+
+
+@dataclass
+class Predictor:
+    """A loaded model: ``predict(texts)`` gives one row of class probabilities per text."""
+
+    model: Any
+    tokenizer: Any
+    labels: list[str]
+    backend: str
+    max_length: int = 128
+    batch_size: int = 64
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[i:i + self.batch_size], truncation=True, max_length=self.max_length,
+                                     padding=True, return_tensors="pt")
+                logits = self.model(input_ids=enc["input_ids"].to(self.device),
+                                    attention_mask=enc["attention_mask"].to(self.device)).logits
+                out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+
+def model_max_length(model_dir: str, default: int = 128) -> int:
+    """The ``data.max_length`` the model was trained with (from its raybm_config.yaml)."""
+    import yaml
+
+    path = os.path.join(model_dir, "raybm_config.yaml")
+    if not os.path.isfile(path):
+        return default
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    return int((raw.get("data") or {}).get("max_length") or default)
+
+
+def load_predictor(model_dir: str, backend: str = "torch", threads: int | None = None,
+                   max_length: int | None = None, device: str = "cpu", batch_size: int = 64) -> Predictor:
+    """Load a raybm model folder for prediction with the given backend."""
+    import torch
+
+    from raybm.evaluate import load_model_folder
+
+    if backend not in BACKENDS:
+        raise RaybmError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    model, tokenizer, labels = load_model_folder(model_dir)
+    if backend == "int8":
+        if device != "cpu":
+            raise RaybmError("the int8 backend runs on CPU only; use backend torch on a GPU")
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    elif device != "cpu":
+        model = model.to(device)
+        if device.startswith("cuda"):
+            model = model.half()
+    model.eval()
+    return Predictor(model=model, tokenizer=tokenizer, labels=labels, backend=backend,
+                     max_length=max_length or model_max_length(model_dir), batch_size=batch_size, device=device)
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def model_card(model_dir: str) -> dict[str, Any]:
+    """What a model folder is: name, base model, labels, source run or sweep, test metrics."""
+    import yaml
+
+    from raybm.evaluate import read_label_map
+
+    model_dir = os.path.abspath(model_dir)
+    labels = read_label_map(model_dir)
+    card: dict[str, Any] = {"model_dir": model_dir, "labels": labels, "base_model": None, "dataset": None,
+                            "source": None, "source_kind": None, "test_metrics": None}
+    cfg_path = os.path.join(model_dir, "raybm_config.yaml")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+        card["base_model"] = (raw.get("model") or {}).get("name")
+        card["dataset"] = (raw.get("data") or {}).get("source")
+    parent = os.path.dirname(model_dir)
+    if os.path.isfile(os.path.join(parent, "winner.json")):  # sweeps/<sweep>/model
+        winner = _read_json(os.path.join(parent, "winner.json"))
+        card.update(source=parent, source_kind="sweep", test_metrics=winner.get("test"),
+                    winner={k: winner.get(k) for k in ("trial", "values", "metric", "validation", "best_epoch")})
+    elif os.path.isfile(os.path.join(parent, "metrics.json")):  # runs/<run>/model
+        metrics = _read_json(os.path.join(parent, "metrics.json"))
+        card.update(source=parent, source_kind="run", test_metrics=metrics.get("test"))
+    card["name"] = os.path.basename(card["source"]) if card["source"] else os.path.basename(model_dir)
+    return card
+
+
+def resolve_model(spec: str, results_root: str | None = None) -> str:
+    """A model folder from what a user passes: a model folder, a run or sweep folder (its
+    ``model/``), or the name of a run or sweep under the results root."""
+    candidates = [spec, os.path.join(spec, "model")]
+    if results_root and not os.path.isabs(spec):
+        candidates += [os.path.join(results_root, kind, spec, "model") for kind in ("sweeps", "runs")]
+    for folder in candidates:
+        if os.path.isfile(os.path.join(folder, "label_map.json")):
+            return os.path.abspath(folder)
+    where = f" or a run/sweep name under {results_root}" if results_root else ""
+    raise RaybmError(f"--model {spec!r}: not a model folder (one with label_map.json and model.safetensors), "
+                     f"a run or sweep folder{where}")

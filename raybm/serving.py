@@ -1,0 +1,372 @@
+"""Hosting a model on Ray Serve behind an HTTP API.
+
+    POST /predict   {"texts": ["...", ...]}  -> labels and per-class probabilities, in order
+    GET  /healthz   the replica is up and its model loaded
+    GET  /metadata  model name, labels, source run or sweep, its test metrics, backend, limits
+    GET  /docs      OpenAPI (FastAPI ingress)
+
+Each text of a request is one item of ``@serve.batch``, so texts from concurrent requests
+share model calls of up to ``serve.max_batch_size`` texts. Requests are read and checked
+here, not by FastAPI's model binding, so every client mistake (bad JSON, wrong types, an
+empty list, empty or over-long texts, too many texts, a body over the size limit) gets a
+4xx that says what is wrong, and a body is never read past its limit. Overload is shed by
+Serve itself: beyond ``max_ongoing_requests`` + ``max_queued_requests`` a request gets 503.
+Serve calls ``check_health`` on each replica, which runs the model; a replica whose model
+fails is replaced.
+
+The deployment takes its model loader as an import path (``module:function``), so tests
+and benchmarks can put a tiny or deliberately slow model behind the same server.
+``build_app`` is the Serve application builder: ``serve run raybm.serving:build_app
+model=PATH [config=FILE] [key=value ...]`` (keys are ``serve.*`` settings).
+"""
+
+# No `from __future__ import annotations`: Serve's ingress reads the handlers' real annotations.
+
+import asyncio
+import hashlib
+import hmac
+import importlib
+import json
+import os
+import socket
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
+
+from raybm.config import JobConfig, ServeConfig
+from raybm.errors import RaybmError
+
+DEFAULT_LOADER = "raybm.inference:load_predictor"
+HEALTH_PROBE = "raybm health check"
+
+PREDICT_REQUEST_SCHEMA = {
+    "type": "object",
+    "required": ["texts"],
+    "properties": {"texts": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1},
+                             "description": "texts to classify, answered in the same order"}},
+    "example": {"texts": ["what a great day", "this is the worst service ever"]},
+}
+
+
+def import_object(spec: str | Callable) -> Callable:
+    """``module:attribute`` -> the object (a callable passes through)."""
+    if callable(spec):
+        return spec
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise RaybmError(f"model loader {spec!r}: write it as module:function")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise RaybmError(f"model loader {spec!r}: {e}") from None
+
+
+def api_key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def replica_threads(s: ServeConfig) -> int:
+    return s.torch_threads or max(1, int(s.cpus_per_replica))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def check_texts(payload: Any, s: ServeConfig) -> tuple[list[str] | None, int, str]:
+    """(texts, 0, "") for a valid request body, else (None, status, message)."""
+    if not isinstance(payload, dict):
+        return None, 422, f'the body must be a JSON object like {{"texts": ["..."]}}, got {_type_name(payload)}'
+    unknown = sorted(set(payload) - {"texts"})
+    if "texts" not in payload:
+        hint = f" (unknown field(s): {', '.join(unknown)})" if unknown else ""
+        return None, 422, f'missing field "texts": send {{"texts": ["..."]}}{hint}'
+    if unknown:
+        return None, 422, f"unknown field(s): {', '.join(unknown)}; only \"texts\" is accepted"
+    texts = payload["texts"]
+    if isinstance(texts, str):
+        return None, 422, '"texts" must be a list of strings; wrap a single text: {"texts": ["..."]}'
+    if not isinstance(texts, list):
+        return None, 422, f'"texts" must be a list of strings, got {_type_name(texts)}'
+    if not texts:
+        return None, 422, '"texts" is empty: send at least one text'
+    if len(texts) > s.max_texts:
+        return None, 413, f'too many texts: {len(texts)} in one request, the limit is {s.max_texts}; split the request'
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            return None, 422, f"texts[{i}] must be a string, got {_type_name(t)}"
+        if not t.strip():
+            return None, 422, f"texts[{i}] is empty"
+        if len(t) > s.max_text_chars:
+            return None, 422, f"texts[{i}] is {len(t)} characters long, the limit is {s.max_text_chars}"
+    return texts, 0, ""
+
+
+def make_server_class():
+    """The FastAPI app and the Serve deployment class (built on first use, so importing
+    this module does not import Ray Serve)."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    app = FastAPI(title="raybm model server", version="1",
+                  description="Text classification with a model fine-tuned by raybm.")
+
+    @serve.deployment(name="ModelServer")
+    @serve.ingress(app)
+    class ModelServer:
+        def __init__(self, model_dir: str, settings: dict[str, Any], loader: str | Callable = DEFAULT_LOADER,
+                     api_key_sha256: str | None = None) -> None:
+            from raybm.inference import model_card
+
+            self.settings = ServeConfig(**settings)
+            s = self.settings
+            device = "cuda" if s.gpus_per_replica > 0 else "cpu"
+            started = time.time()
+            self.predictor = import_object(loader)(model_dir, backend=s.backend, threads=replica_threads(s),
+                                                   device=device)
+            self.labels = list(self.predictor.labels)
+            self.card = model_card(model_dir)
+            self.card.update(backend=s.backend, device=device, torch_threads=replica_threads(s),
+                             load_seconds=round(time.time() - started, 2))
+            self.api_key_sha256 = api_key_sha256
+            self._batched.set_max_batch_size(s.max_batch_size)
+            self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+
+        # -- model -------------------------------------------------------------------
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+        async def _batched(self, texts: list[str]) -> list[Any]:
+            # In a thread, so the replica keeps reading and checking requests meanwhile.
+            probs = await asyncio.to_thread(self.predictor.predict, texts)
+            return list(probs)
+
+        async def check_health(self) -> None:
+            probs = await asyncio.to_thread(self.predictor.predict, [HEALTH_PROBE])
+            if len(probs) != 1 or abs(float(sum(probs[0])) - 1.0) > 1e-3:
+                raise RuntimeError(f"model health check returned {probs!r}")
+
+        # -- HTTP --------------------------------------------------------------------
+        def _unauthorized(self, request: Request):
+            if not self.api_key_sha256:
+                return None
+            given = request.headers.get("x-api-key")
+            auth = request.headers.get("authorization", "")
+            if given is None and auth.lower().startswith("bearer "):
+                given = auth[7:].strip()
+            if given and hmac.compare_digest(api_key_digest(given), self.api_key_sha256):
+                return None
+            return _error(401, "missing or wrong API key: send it in the X-API-Key header "
+                               "(or Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"})
+
+        async def _read_body(self, request: Request) -> bytes:
+            limit = self.settings.max_body_bytes
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > limit:
+                raise _TooLarge
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise _TooLarge
+            return bytes(body)
+
+        @app.post("/predict", summary="Classify texts",
+                  openapi_extra={"requestBody": {"required": True, "content": {
+                      "application/json": {"schema": PREDICT_REQUEST_SCHEMA}}}})
+        async def predict(self, request: Request):
+            denied = self._unauthorized(request)
+            if denied is not None:
+                return denied
+            try:
+                body = await self._read_body(request)
+            except _TooLarge:
+                return _error(413, f"request body over {self.settings.max_body_bytes} bytes; send fewer or "
+                                   f"shorter texts per request")
+            try:
+                payload = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                return _error(400, f'the body is not valid JSON ({e}); send {{"texts": ["..."]}}')
+            texts, status, message = check_texts(payload, self.settings)
+            if texts is None:
+                return _error(status, message)
+            probs = await asyncio.gather(*(self._batched(t) for t in texts))
+            predictions = []
+            for p in probs:
+                best = int(p.argmax())
+                predictions.append({"label": self.labels[best], "confidence": float(p[best]),
+                                    "probabilities": {lab: float(v) for lab, v in zip(self.labels, p)}})
+            return {"predictions": predictions, "model": self.card["name"], "backend": self.settings.backend}
+
+        @app.get("/healthz", summary="Liveness: the replica is up and its model loaded")
+        async def healthz(self):
+            return {"status": "ok", "model": self.card["name"], "backend": self.settings.backend}
+
+        @app.get("/metadata", summary="The model being served and the server's limits")
+        async def metadata(self, request: Request):
+            denied = self._unauthorized(request)
+            if denied is not None:
+                return denied
+            s = self.settings
+            limits = {"max_texts": s.max_texts, "max_text_chars": s.max_text_chars,
+                      "max_body_bytes": s.max_body_bytes, "max_batch_size": s.max_batch_size}
+            return {**self.card, "limits": limits}
+
+    return ModelServer
+
+
+def deployment_options(s: ServeConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "health_check_period_s": s.health_check_period_s,
+        "health_check_timeout_s": s.health_check_timeout_s,
+        "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
+                              "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false",
+                                                           "OMP_NUM_THREADS": str(replica_threads(s))}}},
+        "max_constructor_retry_count": 3,
+    }
+    if s.max_replicas is not None:
+        opts["autoscaling_config"] = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                                      "initial_replicas": max(s.min_replicas, 1),
+                                      "target_ongoing_requests": s.target_ongoing_requests}
+        opts["num_replicas"] = "auto"
+    else:
+        opts["num_replicas"] = s.num_replicas
+    return opts
+
+
+def read_api_key(s: ServeConfig) -> str | None:
+    """The API key's SHA-256 (never the key itself leaves this process), or None."""
+    if not s.api_key_env:
+        return None
+    key = os.environ.get(s.api_key_env, "").strip()
+    if not key:
+        raise RaybmError(f"serve.api_key_env={s.api_key_env}: set the environment variable {s.api_key_env} to "
+                         f"the API key, or unset serve.api_key_env to serve without one")
+    return api_key_digest(key)
+
+
+def build_application(model_dir: str, s: ServeConfig, loader: str | Callable = DEFAULT_LOADER):
+    """A Serve application for ``model_dir`` with the settings ``s``."""
+    from raybm.evaluate import read_label_map
+
+    read_label_map(model_dir)  # a clear error now, not a replica failing to start
+    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        raise RaybmError(f"{model_dir}: no model.safetensors (raybm loads safetensors weights only)")
+    server = make_server_class().options(**deployment_options(s))
+    return server.bind(os.path.abspath(model_dir), asdict(s), loader, read_api_key(s))
+
+
+def build_app(args: dict[str, str]):
+    """Serve application builder: ``serve run raybm.serving:build_app model=PATH
+    [config=FILE] [loader=module:function] [key=value ...]`` (keys are serve.* settings)."""
+    from raybm.config import load_config
+    from raybm.inference import resolve_model
+
+    args = dict(args)
+    if "model" not in args:
+        raise RaybmError("build_app: pass model=<model folder>")
+    model, config, loader = args.pop("model"), args.pop("config", None), args.pop("loader", DEFAULT_LOADER)
+    cfg = load_config(config, [f"serve.{k}={v}" for k, v in args.items()])
+    return build_application(resolve_model(model, cfg.storage.root), cfg.serve, loader)
+
+
+def url_of(s: ServeConfig) -> str:
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    return f"http://{host}:{s.port}{s.route_prefix.rstrip('/')}"
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _serve_running() -> bool:
+    """Whether Serve already runs on this Ray (without starting it, as serve.status would)."""
+    import ray
+
+    try:
+        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    except ValueError:
+        return False
+    return True
+
+
+def deploy(cfg: JobConfig, model_dir: str, loader: str | Callable = DEFAULT_LOADER) -> str:
+    """Start Serve (if needed) on the configured host and port and deploy ``model_dir``;
+    returns the API's URL once a replica answers. Ray must already be initialized."""
+    from ray import serve
+
+    s = cfg.serve
+    app = build_application(model_dir, s, loader)
+    if not _serve_running():
+        if not _port_free(s.host, s.port):
+            raise RaybmError(f"port {s.port} on {s.host} is in use; pick another with serve.port=<port>")
+        serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
+    try:
+        serve.run(app, name=s.app_name, route_prefix=s.route_prefix)
+    except RuntimeError as e:
+        raise RaybmError(f"the model server did not start: {str(e).strip().splitlines()[-1]}") from None
+    return url_of(s)
+
+
+def default_model_for(cfg: JobConfig) -> str:
+    """The model the config's job produced: its sweep's winner when the config has a
+    search space, else its training run's best model."""
+    from raybm.data.pipeline import dataset_name
+    from raybm.data.sources import resolve_source
+    from raybm.results import Results
+
+    results = Results.from_config(cfg.storage)
+    dataset = dataset_name(cfg, resolve_source(cfg.data, cfg.storage))
+    if cfg.tune.search_space:
+        from raybm.tune import sweep_name_for
+
+        folder = results.sweep_dir(sweep_name_for(cfg, dataset))
+        what = "raybm tune"
+    else:
+        from raybm.train import run_name_for
+
+        folder = results.run_dir(run_name_for(cfg, dataset))
+        what = "raybm train"
+    if not results.is_complete(folder):
+        raise RaybmError(f"no finished model for this config at {folder}; run `{what} --config ...` first, "
+                         f"or pass --model <folder>")
+    return results.join(folder, "model")
+
+
+def post_texts(url: str, texts: list[str], api_key: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
+    """POST texts to a running server's /predict (standard library only)."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["X-API-Key"] = api_key
+    req = urllib.request.Request(f"{url}/predict", data=json.dumps({"texts": texts}).encode("utf-8"),
+                                 headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode("utf-8", "replace")[:300]
+        raise RaybmError(f"POST {url}/predict answered {e.code}: {detail}") from None
+    except urllib.error.URLError as e:
+        raise RaybmError(f"cannot reach {url}/predict: {e.reason}") from None
