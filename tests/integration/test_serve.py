@@ -1,0 +1,211 @@
+"""The model server on a real Ray Serve, called over real HTTP on loopback, tiny model."""
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from raybm.config import build_config
+from raybm.inference import load_predictor
+from raybm.serving import build_app, deploy
+
+pytestmark = pytest.mark.integration
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEXTS = ["what a wonderful morning", "the service was awful", "meh", "I love it!!", "never again", "ok then"]
+LIMITS = ["serve.max_texts=8", "serve.max_text_chars=200", "serve.max_body_bytes=4096"]
+KEY_ENV = "RAYBM_TEST_API_KEY"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    """Serve on a free loopback port with the tiny model of a (fake-named) run folder."""
+    import ray
+    from ray import serve
+
+    run = tmp_path_factory.mktemp("results") / "runs" / "tiny-run"
+    shutil.copytree(tiny_model_dir, run / "model")
+    (run / "metrics.json").write_text(json.dumps({"test": {"accuracy": 0.75, "f1_macro": 0.7}}))
+    pythonpath = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath}})
+    port = free_port()
+    cfg = build_config(overrides=[f"serve.port={port}", "serve.cpus_per_replica=0.25", *LIMITS])
+    url = deploy(cfg, str(run / "model"))
+    yield {"url": url, "port": port, "model_dir": str(run / "model"), "run": run}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy_more(server, name, *overrides, loader=None):
+    cfg = build_config(overrides=[f"serve.port={server['port']}", f"serve.app_name={name}",
+                                  f"serve.route_prefix=/{name}", "serve.cpus_per_replica=0.25", *overrides])
+    return deploy(cfg, server["model_dir"], loader) if loader else deploy(cfg, server["model_dir"])
+
+
+def post(url, body, headers=None, timeout=60):
+    data = body if isinstance(body, (bytes, str)) or hasattr(body, "__next__") else json.dumps(body)
+    return requests.post(f"{url}/predict", data=data, headers={"Content-Type": "application/json", **(headers or {})},
+                         timeout=timeout)
+
+
+def test_predictions_match_the_model_in_input_order(server):
+    reference = load_predictor(server["model_dir"]).predict(TEXTS)
+    r = post(server["url"], {"texts": TEXTS})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    got = np.array([[p["probabilities"]["negative"], p["probabilities"]["positive"]] for p in preds])
+    np.testing.assert_allclose(got, reference, atol=1e-5)
+    assert [p["label"] for p in preds] == [["negative", "positive"][i] for i in reference.argmax(1)]
+    assert [p["confidence"] for p in preds] == pytest.approx(reference.max(1).tolist(), abs=1e-5)
+
+    # Concurrent requests are batched together; each still gets its own answers in order.
+    bodies = [[TEXTS[i % 6], TEXTS[(i + 2) % 6], f"request {i}"] for i in range(16)]
+    expected = load_predictor(server["model_dir"]).predict([t for b in bodies for t in b]).reshape(16, 3, 2)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda b: post(server["url"], {"texts": b}), bodies))
+    for answer, want in zip(answers, expected):
+        assert answer.status_code == 200
+        probs = [[p["probabilities"]["negative"], p["probabilities"]["positive"]] for p in answer.json()["predictions"]]
+        np.testing.assert_allclose(probs, want, atol=1e-5)
+    assert requests.get(f"{server['url']}/healthz", timeout=10).json()["status"] == "ok"
+    assert "/predict" in requests.get(f"{server['url']}/openapi.json", timeout=10).json()["paths"]
+
+
+def test_every_client_mistake_gets_a_4xx_that_says_what_is_wrong(server):
+    url = server["url"]
+    cases = [
+        (b"{not json", 400, "not valid JSON"),
+        (b"", 400, "not valid JSON"),
+        (b"[" * 3000, 400, "not valid JSON"),
+        (["a", "b"], 422, "JSON object"),
+        ({"text": ["hi"]}, 422, 'missing field "texts"'),
+        ({"texts": ["hi"], "extra": 1}, 422, "unknown field"),
+        ({"texts": "hello"}, 422, "wrap a single text"),
+        ({"texts": []}, 422, '"texts" is empty'),
+        ({"texts": [1]}, 422, "texts[0] must be a string, got number"),
+        ({"texts": ["fine", None]}, 422, "texts[1] must be a string, got null"),
+        ({"texts": ["fine", "   "]}, 422, "texts[1] is empty"),
+        ({"texts": ["x" * 201]}, 422, "201 characters long, the limit is 200"),
+        ({"texts": ["a"] * 9}, 413, "too many texts: 9"),
+        (json.dumps({"texts": ["y" * 150] * 5}) + " " * 4000, 413, "over 4096 bytes"),
+        (iter([b'{"texts": ["', b"z" * 3000, b"z" * 3000, b'"]}']), 413, "over 4096 bytes"),  # chunked, no length
+    ]
+    for body, status, message in cases:
+        r = post(url, body)
+        assert r.status_code == status, (body if not hasattr(body, "__next__") else "chunked", r.status_code, r.text)
+        assert message in r.json()["error"], r.text
+    assert requests.get(f"{url}/predict", timeout=10).status_code == 405
+    assert post(url, {"texts": ["still serving"]}).status_code == 200
+
+
+def test_api_key_int8_backend_metadata_and_the_app_builder(server, monkeypatch):
+    from ray import serve
+
+    monkeypatch.setenv(KEY_ENV, "s3cret-key")
+    # build_app is what `serve run raybm.serving:build_app model=...` calls.
+    app = build_app({"model": str(server["run"]), "backend": "int8", "api_key_env": KEY_ENV,
+                     "cpus_per_replica": "0.25"})
+    serve.run(app, name="keyed", route_prefix="/keyed")
+    url = f"http://127.0.0.1:{server['port']}/keyed"
+
+    assert post(url, {"texts": TEXTS}).status_code == 401
+    assert post(url, {"texts": TEXTS}, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert "API key" in post(url, {"texts": TEXTS}).json()["error"]
+    assert requests.get(f"{url}/metadata", timeout=10).status_code == 401
+    assert requests.get(f"{url}/healthz", timeout=10).status_code == 200  # liveness needs no key
+    r = post(url, {"texts": TEXTS}, headers={"X-API-Key": "s3cret-key"})
+    assert r.status_code == 200
+    assert post(url, {"texts": TEXTS}, headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+
+    # int8: the same as quantizing the model here
+    reference = load_predictor(server["model_dir"], backend="int8").predict(TEXTS)
+    got = [[p["probabilities"]["negative"], p["probabilities"]["positive"]] for p in r.json()["predictions"]]
+    np.testing.assert_allclose(got, reference, atol=1e-4)
+    assert r.json()["backend"] == "int8"
+
+    meta = requests.get(f"{url}/metadata", headers={"X-API-Key": "s3cret-key"}, timeout=10).json()
+    assert meta["name"] == "tiny-run" and meta["source_kind"] == "run"
+    assert meta["labels"] == ["negative", "positive"] and meta["backend"] == "int8"
+    assert meta["test_metrics"] == {"accuracy": 0.75, "f1_macro": 0.7}
+    assert meta["limits"]["max_texts"] == 64  # build_app read no config: defaults
+    serve.delete("keyed")
+
+
+def test_overload_is_shed_with_503_and_nothing_else(server):
+    url = deploy_more(server, "slow", "serve.max_ongoing_requests=2", "serve.max_queued_requests=2",
+                      "serve.max_batch_size=1", loader="serve_helpers:slow_loader")
+    with ThreadPoolExecutor(24) as pool:
+        codes = list(pool.map(lambda i: post(url, {"texts": [f"burst {i}"]}).status_code, range(24)))
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 2 and codes.count(503) >= 1, codes
+    assert post(url, {"texts": ["after the burst"]}).status_code == 200
+
+
+def _pids(run) -> list[str]:
+    path = run / "pids"
+    return path.read_text().split() if path.exists() else []
+
+
+def _wait_for(predicate, timeout=60.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_killed_or_failing_replica_is_replaced(server):
+    import ray
+
+    url = deploy_more(server, "sick", "serve.health_check_period_s=1", "serve.health_check_timeout_s=5",
+                      loader="serve_helpers:sickly_loader")
+    run = server["run"]
+    first, = _pids(run)
+
+    # Killed during traffic: Serve starts a new replica and requests succeed again.
+    codes, stop = [], threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                codes.append(post(url, {"texts": ["steady traffic"]}, timeout=10).status_code)
+            except requests.RequestException:
+                codes.append(-1)
+            time.sleep(0.05)
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        _wait_for(lambda: len(codes) >= 3, what="traffic")
+        name, = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("SERVE_REPLICA::sick#")]
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        _wait_for(lambda: len(_pids(run)) == 2, what="a new replica")
+        seen = len(codes)
+        _wait_for(lambda: codes[seen:].count(200) >= 3, what="requests succeeding again")
+    finally:
+        stop.set()
+        worker.join()
+    assert codes[0] == 200
+    second = _pids(run)[1]
+    assert second != first
+
+    # A replica whose model fails its health check is replaced by a healthy one.
+    (run / "sick").write_text(second)
+    _wait_for(lambda: len(_pids(run)) == 3, timeout=60, what="the sick replica to be replaced")
+    _wait_for(lambda: post(url, {"texts": ["healthy again"]}).status_code == 200, what="a healthy answer")

@@ -1,0 +1,81 @@
+import json
+import shutil
+
+import pytest
+
+from raybm.config import build_config
+from raybm.errors import ConfigError, RaybmError
+from raybm.inference import model_card, resolve_model
+from raybm.serving import api_key_digest, check_texts, default_model_for, deployment_options, read_api_key
+
+
+def serve_cfg(*overrides):
+    return build_config(overrides=list(overrides)).serve
+
+
+def test_fixed_replicas_or_autoscaling():
+    opts = deployment_options(serve_cfg("serve.num_replicas=3", "serve.cpus_per_replica=2"))
+    assert opts["num_replicas"] == 3 and "autoscaling_config" not in opts
+    assert opts["ray_actor_options"]["num_cpus"] == 2
+    assert opts["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
+    opts = deployment_options(serve_cfg("serve.min_replicas=0", "serve.max_replicas=4",
+                                        "serve.target_ongoing_requests=8", "serve.max_queued_requests=10"))
+    assert opts["num_replicas"] == "auto"
+    assert opts["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1,
+                                          "target_ongoing_requests": 8.0}
+    assert opts["max_queued_requests"] == 10
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["serve.min_replicas=3", "serve.max_replicas=2"], "exceeds serve.max_replicas"),
+    (["serve.route_prefix=api"], "must start with '/'"),
+    (["serve.backend=int8", "serve.gpus_per_replica=1"], "CPU only"),
+    (["serve.backend=onnx"], "serve.backend"),
+    (["serve.max_texts=0"], "serve.max_texts"),
+])
+def test_bad_serve_settings_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides=overrides)
+
+
+def test_api_key_comes_from_the_named_variable_and_only_its_digest_travels(monkeypatch):
+    assert read_api_key(serve_cfg()) is None
+    s = serve_cfg("serve.api_key_env=RAYBM_UNIT_KEY")
+    monkeypatch.delenv("RAYBM_UNIT_KEY", raising=False)
+    with pytest.raises(RaybmError, match="set the environment variable RAYBM_UNIT_KEY"):
+        read_api_key(s)
+    monkeypatch.setenv("RAYBM_UNIT_KEY", "abc")
+    assert read_api_key(s) == api_key_digest("abc") != "abc"
+
+
+def test_request_checks_name_the_problem():
+    s = serve_cfg("serve.max_texts=2", "serve.max_text_chars=5")
+    assert check_texts({"texts": ["a", "bb"]}, s) == (["a", "bb"], 0, "")
+    assert check_texts({"texts": ["a", "b", "c"]}, s)[1] == 413
+    assert check_texts({"texts": ["toolong"]}, s)[1:] == (422, "texts[0] is 7 characters long, the limit is 5")
+    assert check_texts({"texts": [True]}, s)[2] == "texts[0] must be a string, got boolean"
+
+
+def test_models_resolve_from_folders_and_names(tmp_path, tiny_model_dir):
+    sweep = tmp_path / "sweeps" / "s1"
+    shutil.copytree(tiny_model_dir, sweep / "model")
+    (sweep / "winner.json").write_text(json.dumps({"trial": "t1", "values": {"train.lr": 0.001}, "metric": "val_f1_macro",
+                                                   "validation": 0.8, "best_epoch": 2, "test": {"accuracy": 0.9}}))
+    want = str(sweep / "model")
+    assert resolve_model(str(sweep / "model")) == want
+    assert resolve_model(str(sweep)) == want
+    assert resolve_model("s1", str(tmp_path)) == want
+    with pytest.raises(RaybmError, match="not a model folder"):
+        resolve_model("nope", str(tmp_path))
+    card = model_card(want)
+    assert card["name"] == "s1" and card["source_kind"] == "sweep" and card["test_metrics"] == {"accuracy": 0.9}
+    assert card["winner"]["values"] == {"train.lr": 0.001}
+
+
+def test_default_model_is_the_configs_own_job_result(tmp_path):
+    cfg = build_config(overrides=[f"storage.root={tmp_path}"])
+    with pytest.raises(RaybmError, match="run `raybm train --config ...` first"):
+        default_model_for(cfg)
+    cfg = build_config({"storage": {"root": str(tmp_path)}, "tune": {"search_space": {"train.lr": "loguniform(1e-5, 1e-3)"}}})
+    with pytest.raises(RaybmError, match="run `raybm tune --config ...` first"):
+        default_model_for(cfg)
