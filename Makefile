@@ -22,9 +22,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
-# The main job on the embedded default (a local Ray started by the job).
+# The main job on the embedded default (a local Ray started by the job): a sweep, then the
+# winner deployed on Ray Serve and asked about a few sentences over HTTP.
 demo: install
 	$(VENV)/bin/raybm tune --config jobs/configs/demo.yaml
+	$(VENV)/bin/raybm serve --config jobs/configs/demo.yaml --exit \
+	  --send "I love this new phone, best purchase all year" \
+	  --send "worst customer service ever, never flying with them again" \
+	  --send "the meeting got moved to 3pm"
 
 test: install
 	$(PY) -m pytest -q tests

@@ -61,3 +61,16 @@ def test_predict_needs_text_or_files(tiny_model_dir, tmp_path):
     assert out.returncode == 2 and "give --text" in out.stderr
     out = run("predict", "--model", str(tmp_path), "--text", "hi")
     assert out.returncode == 2 and "not a raybm model folder" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_refuses_what_it_cannot_do_before_starting_ray(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = run("serve", "--model", str(tmp_path))
+    assert out.returncode == 2 and "not a model folder" in out.stderr and "Traceback" not in out.stderr
+    out = run("serve", "--model", tiny_model_dir, "--detach")
+    assert out.returncode == 2 and "--detach leaves the server running on a Ray cluster" in out.stderr
+    monkeypatch.delenv("RAYBM_NO_SUCH_KEY", raising=False)
+    out = run("serve", "--model", tiny_model_dir, "serve.api_key_env=RAYBM_NO_SUCH_KEY")
+    assert out.returncode == 2 and "set the environment variable RAYBM_NO_SUCH_KEY" in out.stderr
+    out = run("serve", "--config", "jobs/configs/demo.yaml", f"storage.root={tmp_path}")
+    assert out.returncode == 2 and "run `raybm tune --config ...` first" in out.stderr

