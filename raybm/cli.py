@@ -186,6 +186,43 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from raybm.export import TRAINED, run_export
+
+    cfg = load_config(args.config, args.overrides)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    if any(v in TRAINED for v in (variants or cfg.export.variants)):
+        from raybm.runtime import ensure_ray, quiet_ray_data
+
+        print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
+        quiet_ray_data()
+    result = run_export(cfg, args.model, variants)
+    print(f"\nExports of {result.name} in {result.folder}:")
+    print(format_exports(result.reference, result.manifests))
+    if result.mobile:
+        print(f"\nMobile artifact: {result.mobile} (run it without raybm: python {result.mobile}/predict.py \"text\")")
+    return 0
+
+
+def format_exports(reference: dict | None, manifests: dict) -> str:
+    rows = [("variant", "MB", "accuracy", "macro-F1", "agree", "p50 ms (1 thread)")]
+
+    def fmt(v, spec):
+        return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+    if reference:
+        rows.append(("source (reference)", fmt(reference.get("model_bytes", 0) / 1e6, ".1f"),
+                     fmt(reference.get("accuracy"), ".4f"), fmt(reference.get("f1_macro"), ".4f"), "1.000",
+                     fmt(reference.get("latency_p50_ms"), ".2f")))
+    for v, m in manifests.items():
+        mm = m.get("measured", {})
+        rows.append((v, fmt(m["model_bytes"] / 1e6, ".1f"), fmt(mm.get("accuracy"), ".4f"),
+                     fmt(mm.get("f1_macro"), ".4f"), fmt(mm.get("agreement_with_reference"), ".3f"),
+                     fmt(mm.get("latency_p50_ms"), ".2f")))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.describe:
         print(describe_text(markdown=args.markdown), end="")
@@ -249,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128, help="longest token sequence (default: 128)")
     p.add_argument("--ray", action="store_true", help="stream through Ray Data (automatic for files over 20 MB)")
     p.set_defaults(func=_cmd_predict)
+    p = sub.add_parser("export", help="export and compress a model (ONNX, int8, fp16, pruned, distilled)")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="a model folder, a run or sweep folder, or a run/sweep name")
+    p.add_argument("--variants", help="comma-separated: hf,onnx,int8,onnx-int8,fp16,pruned,distilled "
+                   "(default: export.variants)")
+    p.set_defaults(func=_cmd_export)
     p = sub.add_parser("serve", help="host a model on Ray Serve behind an HTTP API")
     _add_config_args(p)
     p.add_argument("--model", help="a model folder, a run or sweep folder, or a run/sweep name under "

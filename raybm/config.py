@@ -207,6 +207,14 @@ class TrainConfig:
     """L2 regularization (decoupled for AdamW). Not applied to biases and LayerNorm."""
     l1: float = _opt(0.0, ge=0)
     """L1 penalty: this times the sum of |w| over trainable weights, added to the loss."""
+    keep_sparsity: bool = False
+    """Keep weights of Linear layers that are zero at the start at zero (fine-tuning a pruned model)."""
+    distill_from: Optional[str] = None
+    """Teacher model folder: train on its soft labels as well as the hard ones (knowledge distillation)."""
+    distill_alpha: float = _opt(0.5, ge=0, le=1)
+    """Weight of the soft-label (teacher) loss; 1 - alpha goes to the hard labels."""
+    distill_temperature: float = _opt(2.0, gt=0)
+    """Softmax temperature for the teacher's and student's soft labels."""
     label_smoothing: float = _opt(0.0, ge=0, lt=1)
     """Label smoothing of the cross-entropy loss."""
     class_weights: Literal["none", "balanced"] = "none"
@@ -295,8 +303,9 @@ class ServeConfig:
     """Serve application name (several models can be served side by side under different names)."""
     route_prefix: str = "/"
     """URL prefix of the API (e.g. /sentiment)."""
-    backend: Literal["torch", "int8"] = "torch"
-    """Model backend: torch (fp32; fp16 on GPU) or int8 (PyTorch dynamic quantization, CPU)."""
+    backend: Literal["auto", "torch", "int8", "onnx"] = "auto"
+    """Model backend: torch (fp32 weights; fp16 on GPU), int8 (PyTorch dynamic quantization, CPU),
+    onnx (ONNX Runtime over an export variant's model.onnx, CPU); auto: what the folder is."""
     num_replicas: int = _opt(1, ge=1)
     """Model replicas (fixed). Set max_replicas to autoscale instead."""
     min_replicas: int = _opt(1, ge=0)
@@ -339,10 +348,32 @@ class ServeConfig:
 @dataclass
 class ExportConfig:
     variants: list[Literal["hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled"]] = field(
-        default_factory=lambda: ["hf", "onnx", "onnx-int8"])
-    """Variants to produce."""
+        default_factory=lambda: ["hf", "onnx", "int8", "onnx-int8"])
+    """Variants to produce (pruned and distilled train on Ray Train; the others take seconds)."""
+    opset: int = _opt(17, ge=13)
+    """ONNX opset."""
     prune_sparsity: float = _opt(0.5, gt=0, lt=1)
-    """Share of weights magnitude pruning sets to zero."""
+    """Share of the encoder's and head's Linear weights magnitude pruning sets to zero."""
+    prune_epochs: int = _opt(1, ge=1)
+    """Fine-tuning epochs after pruning (zeros kept)."""
+    prune_lr: float = _opt(3e-5, gt=0)
+    """Learning rate of that fine-tune."""
+    distill_layers: int = _opt(3, ge=1)
+    """Encoder layers the distilled student keeps (the teacher's lowest layers to start from)."""
+    distill_epochs: int = _opt(2, ge=1)
+    """Epochs of student training."""
+    distill_lr: float = _opt(1e-4, gt=0)
+    """Learning rate of the student."""
+    distill_alpha: float = _opt(0.5, ge=0, le=1)
+    """Weight of the teacher's soft labels in the student's loss."""
+    distill_temperature: float = _opt(2.0, gt=0)
+    """Softmax temperature of the soft labels."""
+    measure: bool = True
+    """Score each variant on the source dataset's test split and time it (into its manifest)."""
+    latency_samples: int = _opt(200, ge=10)
+    """Sentences timed one at a time (1 thread) for each variant's latency."""
+    mobile_max_drop: float = _opt(0.01, ge=0, lt=1)
+    """The mobile artifact: the smallest ONNX variant within this accuracy drop of the reference."""
 
 
 @dataclass
@@ -407,8 +438,9 @@ def _check_job(cfg: JobConfig) -> None:
         raise ConfigError(f"serve.min_replicas ({s.min_replicas}) exceeds serve.max_replicas ({s.max_replicas})")
     if not s.route_prefix.startswith("/"):
         raise ConfigError(f"serve.route_prefix: must start with '/', got {s.route_prefix!r}")
-    if s.backend == "int8" and s.gpus_per_replica:
-        raise ConfigError("serve.backend=int8 runs on CPU only; set serve.gpus_per_replica=0 or use backend torch")
+    if s.backend in ("int8", "onnx") and s.gpus_per_replica:
+        raise ConfigError(f"serve.backend={s.backend} runs on CPU only; set serve.gpus_per_replica=0 or use "
+                          f"backend torch")
     if cfg.tune.search_space:
         _check_search_space(cfg)
 

@@ -38,8 +38,10 @@ def load_model_folder(model_dir: str):
     try:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise RaybmError(f"{model_dir}: cannot load the model: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - safetensors and transformers raise many kinds on a bad folder
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise RaybmError(f"{model_dir}: cannot load the model ({type(e).__name__}: {first}); the folder is "
+                         f"incomplete or corrupt, retrain or copy it again") from None
     model.eval()
     return model, tokenizer, labels
 

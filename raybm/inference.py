@@ -6,7 +6,11 @@ so they all see the same numbers. Backends:
 
 - ``torch``: the saved safetensors weights in fp32 (fp16 on a GPU when asked);
 - ``int8``: the same model with PyTorch dynamic int8 quantization of its Linear layers,
-  applied at load time (CPU only).
+  applied at load time (CPU only);
+- ``onnx``: ONNX Runtime over the folder's ``model.onnx`` (an export variant: fp32, or
+  int8 when the export quantized it);
+- ``auto``: what the folder is: ``onnx`` for an ONNX variant, ``int8`` for the int8
+  variant, else ``torch``.
 
 ``model_card(model_dir)`` says what a model folder holds: base model, labels, the run or
 sweep it came from and that run's test metrics, for ``GET /metadata`` and the dashboard.
@@ -23,7 +27,9 @@ import numpy as np
 
 from raybm.errors import RaybmError
 
-BACKENDS = ("torch", "int8")
+BACKENDS = ("auto", "torch", "int8", "onnx")
+ONNX_FILE = "model.onnx"
+VARIANT_FILE = "manifest.json"  # written by raybm export into each variant folder
 
 
 @dataclass
@@ -65,8 +71,94 @@ def model_max_length(model_dir: str, default: int = 128) -> int:
     return int((raw.get("data") or {}).get("max_length") or default)
 
 
+@dataclass
+class OnnxPredictor:
+    """ONNX Runtime over a variant folder's model.onnx; same interface as ``Predictor``."""
+
+    session: Any
+    tokenizer: Any
+    labels: list[str]
+    backend: str = "onnx"
+    max_length: int = 128
+    batch_size: int = 64
+    device: str = "cpu"
+
+    def predict(self, texts: list[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i:i + self.batch_size], truncation=True, max_length=self.max_length,
+                                 padding=True, return_tensors="np")
+            logits = self.session.run(["logits"], {"input_ids": enc["input_ids"].astype(np.int64),
+                                                   "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+            logits = logits.astype(np.float64)
+            e = np.exp(logits - logits.max(-1, keepdims=True))
+            out.append((e / e.sum(-1, keepdims=True)).astype(np.float32))
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+
+def variant_manifest(model_dir: str) -> dict[str, Any] | None:
+    path = os.path.join(model_dir, VARIANT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def auto_backend(model_dir: str) -> str:
+    manifest = variant_manifest(model_dir) or {}
+    if manifest.get("backend") in BACKENDS[1:]:
+        return manifest["backend"]
+    if os.path.isfile(os.path.join(model_dir, ONNX_FILE)) \
+            and not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        return "onnx"
+    return "torch"
+
+
+def check_model_files(model_dir: str, backend: str = "auto") -> str:
+    """Raise a clear error unless ``model_dir`` holds what ``backend`` loads; returns the
+    resolved backend."""
+    from raybm.evaluate import read_label_map
+
+    read_label_map(model_dir)
+    if backend == "auto":
+        backend = auto_backend(model_dir)
+    needed = ONNX_FILE if backend == "onnx" else "model.safetensors"
+    if not os.path.isfile(os.path.join(model_dir, needed)):
+        hint = "make one with raybm export --variants onnx" if backend == "onnx" else \
+            "raybm loads safetensors weights only"
+        raise RaybmError(f"{model_dir}: no {needed} for backend {backend} ({hint})")
+    return backend
+
+
+def load_onnx(model_dir: str, threads: int | None = None, max_length: int | None = None,
+              batch_size: int = 64) -> OnnxPredictor:
+    from raybm.evaluate import read_label_map
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise RaybmError("the onnx backend needs onnxruntime: pip install onnxruntime") from None
+    from transformers import AutoTokenizer
+
+    labels = read_label_map(model_dir)
+    path = os.path.join(model_dir, ONNX_FILE)
+    if not os.path.isfile(path):
+        raise RaybmError(f"{model_dir}: no {ONNX_FILE}; make one with raybm export --variants onnx")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise RaybmError(f"{model_dir}: cannot load {ONNX_FILE}: {str(e).splitlines()[0]}") from None
+    return OnnxPredictor(session=session, tokenizer=tokenizer, labels=labels,
+                         max_length=max_length or model_max_length(model_dir), batch_size=batch_size)
+
+
 def load_predictor(model_dir: str, backend: str = "torch", threads: int | None = None,
-                   max_length: int | None = None, device: str = "cpu", batch_size: int = 64) -> Predictor:
+                   max_length: int | None = None, device: str = "cpu", batch_size: int = 64):
     """Load a raybm model folder for prediction with the given backend."""
     import torch
 
@@ -74,6 +166,12 @@ def load_predictor(model_dir: str, backend: str = "torch", threads: int | None =
 
     if backend not in BACKENDS:
         raise RaybmError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = auto_backend(model_dir)
+    if backend == "onnx":
+        if device != "cpu":
+            raise RaybmError("raybm runs ONNX models on CPU; use backend torch on a GPU")
+        return load_onnx(model_dir, threads, max_length, batch_size)
     if threads:
         torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -102,7 +102,12 @@ def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, s
             raise RaybmError(f"cannot load model {model_cfg.name!r}: {str(e).splitlines()[0]}") from None
     if model_cfg.name not in BASELINE_MODELS:
         _apply_dropout(config, model_cfg)
-    if model_cfg.keep_layers is not None:
+    if model_cfg.keep_layers is not None and getattr(config, "model_type", "") == "raybm-pooled":
+        n = config.encoder.get("num_hidden_layers")  # a raybm mean-pooling model folder as the base
+        if n is None or model_cfg.keep_layers > n:
+            raise RaybmError(f"model.keep_layers={model_cfg.keep_layers}, but {model_cfg.name} has {n} layers")
+        config.encoder["num_hidden_layers"] = model_cfg.keep_layers
+    elif model_cfg.keep_layers is not None:
         n = getattr(config, "num_hidden_layers", None)
         if n is None or model_cfg.keep_layers > n:
             raise RaybmError(f"model.keep_layers={model_cfg.keep_layers}, but {model_cfg.name} has "

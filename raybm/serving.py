@@ -139,7 +139,8 @@ def make_server_class():
                                                    device=device)
             self.labels = list(self.predictor.labels)
             self.card = model_card(model_dir)
-            self.card.update(backend=s.backend, device=device, torch_threads=replica_threads(s),
+            self.backend = getattr(self.predictor, "backend", s.backend)
+            self.card.update(backend=self.backend, device=device, torch_threads=replica_threads(s),
                              load_seconds=round(time.time() - started, 2))
             self.api_key_sha256 = api_key_sha256
             self._batched.set_max_batch_size(s.max_batch_size)
@@ -207,11 +208,11 @@ def make_server_class():
                 best = int(p.argmax())
                 predictions.append({"label": self.labels[best], "confidence": float(p[best]),
                                     "probabilities": {lab: float(v) for lab, v in zip(self.labels, p)}})
-            return {"predictions": predictions, "model": self.card["name"], "backend": self.settings.backend}
+            return {"predictions": predictions, "model": self.card["name"], "backend": self.backend}
 
         @app.get("/healthz", summary="Liveness: the replica is up and its model loaded")
         async def healthz(self):
-            return {"status": "ok", "model": self.card["name"], "backend": self.settings.backend}
+            return {"status": "ok", "model": self.card["name"], "backend": self.backend}
 
         @app.get("/metadata", summary="The model being served and the server's limits")
         async def metadata(self, request: Request):
@@ -260,11 +261,9 @@ def read_api_key(s: ServeConfig) -> str | None:
 
 def build_application(model_dir: str, s: ServeConfig, loader: str | Callable = DEFAULT_LOADER):
     """A Serve application for ``model_dir`` with the settings ``s``."""
-    from raybm.evaluate import read_label_map
+    from raybm.inference import check_model_files
 
-    read_label_map(model_dir)  # a clear error now, not a replica failing to start
-    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        raise RaybmError(f"{model_dir}: no model.safetensors (raybm loads safetensors weights only)")
+    check_model_files(model_dir, s.backend)  # a clear error now, not a replica failing to start
     server = make_server_class().options(**deployment_options(s))
     return server.bind(os.path.abspath(model_dir), asdict(s), loader, read_api_key(s))
 

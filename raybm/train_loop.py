@@ -135,6 +135,29 @@ def _validate(model, data, device, batch_size: int, num_classes: int, labels: li
     return metrics_from_confusion(cm, labels, loss=loss_sum / max(1, int(cm.sum())))
 
 
+def _load_teacher(folder: str, device):
+    """The distillation teacher, frozen, in eval mode."""
+    from raybm.evaluate import load_model_folder
+
+    teacher, _, _ = load_model_folder(folder)
+    teacher.to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _distill_loss(student_logits, teacher, batch, temperature: float):
+    """KL divergence between the teacher's and the student's softened distributions,
+    scaled by T^2 so its gradients keep their size as T changes (Hinton et al.)."""
+    import torch
+
+    with torch.no_grad():
+        soft = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    return torch.nn.functional.kl_div(torch.log_softmax(student_logits / temperature, dim=-1),
+                                      torch.softmax(soft / temperature, dim=-1),
+                                      reduction="batchmean") * temperature ** 2
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -193,6 +216,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("validation")  # not sharded: the whole split
     trainable_params = [p for p in model.parameters()]
+    # Fine-tuning a pruned model: the zeros of Linear weights stay zero.
+    masks = [(m.weight, m.weight.ne(0)) for m in model.modules()
+             if isinstance(m, torch.nn.Linear)] if t.keep_sparsity else []
+    teacher = _load_teacher(t.distill_from, device) if t.distill_from else None
 
     for epoch in range(start_epoch, t.epochs):
         if t.fail_at_epoch == epoch + 1 and not resumed and rank == 0:
@@ -209,6 +236,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = loss_fn(logits.float(), batch["labels"])
+            if teacher is not None:
+                loss = (1 - t.distill_alpha) * loss + t.distill_alpha * _distill_loss(
+                    logits.float(), teacher, batch, t.distill_temperature)
             if t.l1:
                 loss = loss + t.l1 * sum(p.abs().sum() for p in trainable_params if p.requires_grad and p.dim() > 1)
             (scaler.scale(loss / t.grad_accum) if scaler else loss / t.grad_accum).backward()
@@ -229,6 +259,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 scaler.update()
             else:
                 optimizer.step()
+            if masks:
+                with torch.no_grad():
+                    for weight, mask in masks:
+                        weight.mul_(mask)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             epoch_steps += 1

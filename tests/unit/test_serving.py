@@ -30,7 +30,7 @@ def test_fixed_replicas_or_autoscaling():
     (["serve.min_replicas=3", "serve.max_replicas=2"], "exceeds serve.max_replicas"),
     (["serve.route_prefix=api"], "must start with '/'"),
     (["serve.backend=int8", "serve.gpus_per_replica=1"], "CPU only"),
-    (["serve.backend=onnx"], "serve.backend"),
+    (["serve.backend=tensorrt"], "serve.backend"),
     (["serve.max_texts=0"], "serve.max_texts"),
 ])
 def test_bad_serve_settings_are_refused(overrides, message):
