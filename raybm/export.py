@@ -177,8 +177,14 @@ def prune_model(model_dir: str, out_dir: str, amount: float) -> float:
     return sparsity(model)
 
 
+# Where and how fast to train is this job's business, not the source model's.
+RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "torch_threads", "use_gpu", "precision", "parallelism",
+                 "log_every_steps")
+
+
 def source_config(model_dir: str, cfg: JobConfig) -> dict[str, Any]:
-    """The config the source model was trained with, on this job's storage and Ray."""
+    """The config the source model was trained with, on this job's storage, Ray and
+    training resources."""
     import yaml
 
     path = os.path.join(model_dir, "raybm_config.yaml")
@@ -190,6 +196,7 @@ def source_config(model_dir: str, cfg: JobConfig) -> dict[str, Any]:
     raw.pop("tune", None)
     mine = cfg.to_dict()
     raw.update(storage=mine["storage"], ray=mine["ray"])
+    raw["train"] = {**(raw.get("train") or {}), **{k: mine["train"][k] for k in RESOURCE_KEYS}}
     return raw
 
 

@@ -209,3 +209,24 @@ def test_a_killed_or_failing_replica_is_replaced(server):
     (run / "sick").write_text(second)
     _wait_for(lambda: len(_pids(run)) == 3, timeout=60, what="the sick replica to be replaced")
     _wait_for(lambda: post(url, {"texts": ["healthy again"]}).status_code == 200, what="a healthy answer")
+
+
+def test_export_variants_are_served_with_their_own_backend(server, tmp_path):
+    from raybm.export import run_export
+
+    cfg = build_config(overrides=[f"storage.root={tmp_path}", "export.measure=false"])
+    out = run_export(cfg, server["model_dir"], ["onnx-int8", "int8"], log=lambda _: None)
+    for variant, backend in (("onnx-int8", "onnx"), ("int8", "int8")):
+        folder = os.path.join(out.folder, variant)
+        name = variant.replace("-", "")
+        cfg = build_config(overrides=[f"serve.port={server['port']}", f"serve.app_name={name}",
+                                      f"serve.route_prefix=/{name}", "serve.cpus_per_replica=0.25"])
+        url = deploy(cfg, folder)
+        r = post(url, {"texts": TEXTS})
+        assert r.status_code == 200 and r.json()["backend"] == backend
+        want = load_predictor(folder, "auto").predict(TEXTS)
+        got = [[p["probabilities"]["negative"], p["probabilities"]["positive"]] for p in r.json()["predictions"]]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        from ray import serve
+
+        serve.delete(name)
