@@ -49,9 +49,11 @@ def load_model_folder(model_dir: str):
 class Classify:
     """Text -> predicted id, confidence and class probabilities (a Ray Data UDF)."""
 
-    def __init__(self, model_dir: str, max_length: int = 128, threads: int = 1, batch_size: int = 64) -> None:
+    def __init__(self, model_dir: str, max_length: int = 128, threads: int = 1, batch_size: int = 64,
+                 keep_text: bool = False) -> None:
         from raybm.inference import load_predictor
 
+        self.keep_text = keep_text
         self.predictor = load_predictor(model_dir, "torch", threads=threads, max_length=max_length,
                                         batch_size=batch_size)
         self.labels = self.predictor.labels
@@ -65,21 +67,39 @@ class Classify:
         out = pd.DataFrame({"pred": probs.argmax(-1).astype(np.int64), "confidence": probs.max(-1)})
         if "label" in batch:
             out["label"] = batch["label"].to_numpy(dtype=np.int64)
+        if self.keep_text:
+            out["text"] = batch["text"].astype(str).to_numpy()
+            for i in range(probs.shape[1]):
+                out[f"prob_{i}"] = probs[:, i]
         return out
 
 
-def score_dataset(model_dir: str, ds, max_length: int = 128, num_cpus: float = 1.0) -> dict[str, Any]:
-    """Metrics of the model in ``model_dir`` on a Dataset with columns text and label."""
+def score_dataset(model_dir: str, ds, max_length: int = 128, num_cpus: float = 1.0,
+                  predictions: bool = False) -> Any:
+    """Metrics of the model in ``model_dir`` on a Dataset with columns text and label.
+
+    With ``predictions`` returns ``(metrics, frame)``: one row per example in input order
+    with text, label, pred, confidence and ``prob_<i>`` per class (the dashboard's error
+    analysis reads it)."""
     import ray.data
 
     labels = read_label_map(model_dir)
-    scored = ds.map_batches(Classify, batch_format="pandas", batch_size=256, num_cpus=num_cpus,
-                            compute=ray.data.ActorPoolStrategy(size=1),
-                            fn_constructor_kwargs={"model_dir": model_dir, "max_length": max_length,
-                                                   "threads": max(1, int(num_cpus))})
-    ids = scored.select_columns(["label", "pred"]).to_pandas()
-    cm = confusion_matrix(ids["label"].to_numpy(), ids["pred"].to_numpy(), len(labels))
-    return metrics_from_confusion(cm, labels)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = predictions
+    try:
+        scored = ds.map_batches(Classify, batch_format="pandas", batch_size=256, num_cpus=num_cpus,
+                                compute=ray.data.ActorPoolStrategy(size=1),
+                                fn_constructor_kwargs={"model_dir": model_dir, "max_length": max_length,
+                                                       "threads": max(1, int(num_cpus)), "keep_text": predictions})
+        frame = scored.to_pandas() if predictions else scored.select_columns(["label", "pred"]).to_pandas()
+    finally:
+        ctx.execution_options.preserve_order = saved
+    cm = confusion_matrix(frame["label"].to_numpy(), frame["pred"].to_numpy(), len(labels))
+    metrics = metrics_from_confusion(cm, labels)
+    if predictions:
+        return metrics, frame[["text", "label", "pred", "confidence", *[f"prob_{i}" for i in range(len(labels))]]]
+    return metrics
 
 
 def _kept_rows(batch: pd.DataFrame) -> pd.DataFrame:

@@ -25,6 +25,7 @@ from raybm.results import CONFIG_FILE, Results
 
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.json"
+PREDICTIONS_FILE = "test_predictions.parquet"  # every test example: text, label, pred, confidence, prob_<i>
 MODEL_DIR = "model"
 
 
@@ -166,7 +167,8 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     # 3. Publish the best checkpoint as the run's model and score it on the test split.
     model_uri = publish_model(results, run_dir, best)
     log("Scoring the best checkpoint on the test split")
-    test = score_model_uri(results, model_uri, load_split(results, prepared.name, "test"), cfg.data.max_length)
+    test = score_model_uri(results, model_uri, load_split(results, prepared.name, "test"), cfg.data.max_length,
+                           predictions_to=results.join(run_dir, PREDICTIONS_FILE))
     metrics = {"run": run_name, "dataset": prepared.name, "model": cfg.model.name,
                "best_epoch": best_epoch(history, t.metric, t.mode), "epochs_run": len(history),
                "early_stopped": bool(history and history[-1].get("early_stopped")),
@@ -219,15 +221,39 @@ def publish_model(results: Results, run_dir: str, checkpoint) -> str:
     return results.uri(final)
 
 
-def score_model_uri(results: Results, model_uri: str, ds, max_length: int) -> dict[str, Any]:
-    """Score a model folder (local or in the results store) on a Dataset."""
+def score_model_uri(results: Results, model_uri: str, ds, max_length: int,
+                    predictions_to: str | None = None) -> dict[str, Any]:
+    """Score a model folder (local or in the results store) on a Dataset; with
+    ``predictions_to`` (a path in the results store) also write every example's prediction
+    there as Parquet (``PREDICTIONS_FILE``)."""
     from raybm.evaluate import score_dataset
 
+    def score(folder: str) -> dict[str, Any]:
+        if predictions_to is None:
+            return score_dataset(folder, ds, max_length)
+        metrics, frame = score_dataset(folder, ds, max_length, predictions=True)
+        write_parquet(results, predictions_to, frame)
+        return metrics
+
     if not results.remote:
-        return score_dataset(model_uri, ds, max_length)
+        return score(model_uri)
     import pyarrow.fs as pafs
 
     with tempfile.TemporaryDirectory() as tmp:
         pafs.copy_files(model_uri[len("s3://"):], tmp, source_filesystem=results.fs,
                         destination_filesystem=pafs.LocalFileSystem())
-        return score_dataset(tmp, ds, max_length)
+        return score(tmp)
+
+
+def write_parquet(results: Results, path: str, frame) -> None:
+    """A whole Parquet file in the results store (temp file + rename locally)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if results.remote:
+        pq.write_table(table, path, filesystem=results.fs)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)

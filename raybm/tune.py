@@ -413,7 +413,7 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
     import ray.train
 
     from raybm.data import load_split
-    from raybm.train import publish_model, score_model_uri
+    from raybm.train import PREDICTIONS_FILE, publish_model, score_model_uri
 
     path = row["best_checkpoint"]
     if path.startswith("s3://"):
@@ -422,7 +422,8 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
     model_uri = publish_model(results, sweep_dir, checkpoint)
     log(f"Winner: trial {row['trial']} ({cfg.tune.metric} {row[cfg.tune.metric]:.4f} at epoch "
         f"{row['best_epoch']}); scoring its best checkpoint on the test split")
-    test = score_model_uri(results, model_uri, load_split(results, dataset, "test"), cfg.data.max_length)
+    test = score_model_uri(results, model_uri, load_split(results, dataset, "test"), cfg.data.max_length,
+                           predictions_to=results.join(sweep_dir, PREDICTIONS_FILE))
     searched = {k: v for k, v in row.items() if k in cfg.tune.search_space}
     return {"trial": row["trial"], "values": searched, "dataset": dataset, "model": cfg.model.name,
             "metric": cfg.tune.metric, "validation": row[cfg.tune.metric], "best_epoch": row["best_epoch"],

@@ -44,7 +44,8 @@ def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, d
     assert result.history[-1]["val_accuracy"] >= 0.8
 
     run = Path(result.run_dir)
-    assert {"config.yaml", "metrics.json", "history.json", "model", "_SUCCESS"} <= set(os.listdir(run))
+    assert {"config.yaml", "metrics.json", "history.json", "model", "_SUCCESS",
+            "test_predictions.parquet"} <= set(os.listdir(run))
     assert len([d for d in os.listdir(run) if d.startswith("checkpoint_2")]) == 2  # best K kept
     model = run / "model"
     assert {"model.safetensors", "config.json", "label_map.json", "raybm_config.yaml", "tokenizer.json"} <= set(os.listdir(model))
@@ -58,6 +59,13 @@ def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, d
     # evaluating the saved model folder gives the same test numbers
     again = score_dataset(str(model), load_split(Results.from_config(cfg.storage), metrics["dataset"], "test"), 16)
     assert again["confusion_matrix"] == test["confusion_matrix"]
+    # every test example's prediction, for error analysis, agreeing with the metrics
+    preds = pd.read_parquet(run / "test_predictions.parquet")
+    assert list(preds.columns) == ["text", "label", "pred", "confidence", "prob_0", "prob_1"] and len(preds) == 12
+    assert (preds["label"] == preds["pred"]).mean() == pytest.approx(test["accuracy"])
+    assert preds[["prob_0", "prob_1"]].sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-5)
+    assert set(preds["text"]) == set(load_split(Results.from_config(cfg.storage), metrics["dataset"], "test")
+                                      .to_pandas()["text"])
 
 
 def test_early_stopping(ray_local, tmp_path, data_csv):
