@@ -223,6 +223,29 @@ def format_exports(reference: dict | None, manifests: dict) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from raybm.results import Results
+
+    cfg = load_config(args.config, args.overrides)
+    root = args.root or cfg.storage.root
+    Results(root, cfg.storage).check_reachable()
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard_app.py")
+    env = dict(os.environ, RAYBM_RESULTS=root)
+    if args.serve_url:
+        env["RAYBM_SERVE_URL"] = args.serve_url
+    cmd = [sys.executable, "-m", "streamlit", "run", script, "--server.address", args.host,
+           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--server.maxUploadSize", "5", "--", "--root", root]
+    print(f"raybm dashboard on http://{args.host}:{args.port} over {root} (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.describe:
         print(describe_text(markdown=args.markdown), end="")
@@ -302,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="on a Ray cluster: leave the server running and return")
     p.add_argument("--loader", help="model loader as module:function (default: raybm.inference:load_predictor)")
     p.set_defaults(func=_cmd_serve)
+    p = sub.add_parser("dashboard", help="open the Streamlit dashboard over a results folder")
+    _add_config_args(p)
+    p.add_argument("--root", help="results folder or s3:// URI (default: storage.root)")
+    p.add_argument("--serve-url", help="a raybm model server for the Try it page (e.g. http://127.0.0.1:8000)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8501)
+    p.set_defaults(func=_cmd_dashboard)
     p = sub.add_parser("config", help="print the resolved config, or every key with --describe")
     _add_config_args(p)
     p.add_argument("--describe", action="store_true", help="list every config key, its default and meaning")

@@ -1,0 +1,368 @@
+"""The Streamlit dashboard: what the jobs did, for engineers, and a "try it" page for
+everyone else.
+
+    raybm dashboard --root results [--serve-url http://127.0.0.1:8000]
+    streamlit run dashboards/app.py -- --root results
+
+Settings come from the command line or the environment (``RAYBM_RESULTS``,
+``RAYBM_SERVE_URL``, ``RAYBM_API_KEY``), never from the page: a viewer picks runs, sweeps
+and models from lists of what exists under the results root and cannot type a path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+
+from raybm.errors import RaybmError
+
+PAGES = ("Runs and sweeps", "Sweep", "Model", "Errors", "Try it")
+MAX_UPLOAD_ROWS = 5000
+MAX_TEXT_CHARS = 2000
+
+
+def settings(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="raybm dashboard")
+    p.add_argument("--root", default=os.environ.get("RAYBM_RESULTS", "results"))
+    p.add_argument("--serve-url", default=os.environ.get("RAYBM_SERVE_URL"))
+    args, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def _data(root: str):
+    import streamlit as st
+
+    from raybm.dashboard_data import DashboardData
+
+    @st.cache_resource(show_spinner=False)
+    def load(r: str) -> DashboardData:
+        return DashboardData(r)
+
+    return load(root)
+
+
+def _predictor(path: str):
+    import streamlit as st
+
+    from raybm.inference import load_predictor
+
+    @st.cache_resource(show_spinner="Loading the model ...", max_entries=2)
+    def load(p: str):
+        return load_predictor(p, "auto", threads=max(1, min(4, os.cpu_count() or 1)))
+
+    return load(path)
+
+
+# ------------------------------------------------------------------------------ pages
+
+
+def page_jobs(data) -> None:
+    import streamlit as st
+
+    st.title("Runs and sweeps")
+    frame = data.jobs_frame()
+    if frame.empty:
+        st.info(f"Nothing here yet: no runs or sweeps under {data.root}. Run `make demo` or "
+                f"`raybm train --config ...` and reload.")
+        return
+    st.caption(f"Results root: {data.root}. Click a column to sort. Open one in the Sweep or Model page.")
+    st.dataframe(frame, hide_index=True, width="stretch")
+
+
+def _pick(data, kinds: tuple[str, ...], key: str) -> tuple[str, str] | None:
+    import streamlit as st
+
+    options = [(k, n) for k in kinds for n in data.names(k)]
+    if not options:
+        st.info(f"No finished {' or '.join(k[:-1] for k in kinds)} under {data.root} yet.")
+        return None
+    return st.selectbox("Choose", options, format_func=lambda o: f"{o[1]}  ({o[0][:-1]})", key=key)
+
+
+def page_sweep(data) -> None:
+    import altair as alt
+    import streamlit as st
+
+    st.title("Sweep")
+    picked = _pick(data, ("sweeps",), "sweep")
+    if not picked:
+        return
+    sweep = data.sweep(picked[1])
+    board = sweep["leaderboard"]
+    if not board:
+        st.warning("This sweep has no leaderboard.")
+        return
+    winner = sweep["winner"] or {}
+    metric = winner.get("metric") or next(k for k in board[0] if k.startswith("val_"))
+    searched = list((winner.get("values") or {}).keys()) or \
+        [k for k in board[0] if "." in k]
+    table = pd.DataFrame([{k: v for k, v in row.items() if k != "history"} for row in board])
+    st.subheader("Leaderboard")
+    st.dataframe(table, hide_index=True, width="stretch")
+
+    st.subheader(f"Searched settings against {metric}")
+    for key in searched:
+        values = table[key]
+        numeric = pd.api.types.is_numeric_dtype(values)
+        log = numeric and (key.endswith("lr") or (values > 0).all() and values.max() / max(values.min(), 1e-12) > 30)
+        x = alt.X(key, type="quantitative" if numeric else "nominal", scale=alt.Scale(type="log") if log else alt.Undefined)
+        chart = alt.Chart(table).mark_circle(size=90).encode(x=x, y=alt.Y(metric, scale=alt.Scale(zero=False)),
+                                                             color="status", tooltip=["trial", key, metric, "status"])
+        st.altair_chart(chart, width="stretch")
+
+    st.subheader("Learning curves")
+    curves = pd.DataFrame([{"trial": row["trial"], **h} for row in board for h in row.get("history") or []])
+    if not curves.empty:
+        for y in (metric, "val_loss"):
+            if y in curves:
+                st.altair_chart(alt.Chart(curves).mark_line(point=True).encode(
+                    x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1)), y=alt.Y(y, scale=alt.Scale(zero=False)),
+                    color="trial:N", tooltip=["trial", "epoch", y]), width="stretch")
+    stopped = table[table["status"].isin(["stopped", "early-stopped", "error"])]
+    st.subheader("Stopped trials")
+    if stopped.empty:
+        st.write("Every trial ran to the end.")
+    else:
+        st.dataframe(stopped[["trial", "status", "epochs_run", metric, *searched]], hide_index=True)
+        st.caption("`stopped`: the scheduler (ASHA / median) or the time budget ended it after `epochs_run` "
+                   "epochs; `early-stopped`: training's own patience.")
+
+
+def _confusion_chart(cm: list[list[int]], labels: list[str]):
+    import altair as alt
+
+    rows = [{"true": labels[i], "predicted": labels[j], "count": int(cm[i][j])}
+            for i in range(len(labels)) for j in range(len(labels))]
+    df = pd.DataFrame(rows)
+    base = alt.Chart(df).encode(x=alt.X("predicted:N", sort=labels), y=alt.Y("true:N", sort=labels))
+    return base.mark_rect().encode(color=alt.Color("count:Q", scale=alt.Scale(scheme="blues"))) + \
+        base.mark_text(fontSize=14).encode(text="count:Q")
+
+
+def page_model(data) -> None:
+    import altair as alt
+    import streamlit as st
+
+    st.title("Model")
+    picked = _pick(data, ("runs", "sweeps"), "model")
+    if not picked:
+        return
+    info = data.model_info(*picked)
+    test = info["test"]
+    if not test:
+        st.warning("This job has no test metrics yet.")
+        return
+    st.subheader(f"Test split ({test['examples']} examples)")
+    cols = st.columns(4)
+    for col, (label, key) in zip(cols, (("accuracy", "accuracy"), ("macro-F1", "f1_macro"),
+                                         ("macro precision", "precision_macro"), ("macro recall", "recall_macro"))):
+        col.metric(label, f"{test[key]:.4f}")
+    per_class = pd.DataFrame(test["per_class"]).T.reset_index(names="class")
+    st.dataframe(per_class, hide_index=True)
+    st.altair_chart(_confusion_chart(test["confusion_matrix"], list(test["per_class"])).properties(
+        title="Confusion matrix (rows: true label)"), width="content")
+
+    report = data.dataset_report(info["dataset"])
+    if report:
+        st.subheader(f"Data: {report['dataset']}")
+        dist = pd.DataFrame([{"split": s, "label": lab, "rows": n} for s, v in report["splits"].items()
+                             for lab, n in v["labels"].items()])
+        st.altair_chart(alt.Chart(dist).mark_bar().encode(x="split:N", y="rows:Q", color="label:N",
+                                                          xOffset="label:N"), width="stretch")
+        dropped = pd.DataFrame([{"reason": k, "rows": v} for k, v in report.get("dropped", {}).items()])
+        c1, c2 = st.columns(2)
+        c1.write(f"Rows read {report['rows_read']}, kept {report['rows_kept']}; dropped by reason:")
+        c1.dataframe(dropped, hide_index=True)
+        tokens = report.get("tokens") or {}
+        c2.write("Token lengths")
+        c2.dataframe(pd.DataFrame([{"statistic": k, "value": v} for k, v in tokens.items() if k != "model"]),
+                     hide_index=True)
+    exports = data.exports(picked[1])
+    st.subheader("Export variants")
+    if not exports:
+        st.write(f"Not exported yet: `raybm export --model {picked[1]}`.")
+    else:
+        rows = []
+        ref = exports.get("reference") or {}
+        rows.append({"variant": "reference", "MB": round(ref.get("model_bytes", 0) / 1e6, 1),
+                     "accuracy": ref.get("accuracy"), "macro-F1": ref.get("f1_macro"),
+                     "p50 ms": ref.get("latency_p50_ms")})
+        for v, m in exports["variants"].items():
+            mm = m.get("measured") or {}
+            rows.append({"variant": v, "MB": round(m["model_bytes"] / 1e6, 1), "accuracy": mm.get("accuracy"),
+                         "macro-F1": mm.get("f1_macro"), "p50 ms": mm.get("latency_p50_ms")})
+        st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+
+def page_errors(data) -> None:
+    import altair as alt
+    import streamlit as st
+
+    st.title("Errors")
+    picked = _pick(data, ("runs", "sweeps"), "errors")
+    if not picked:
+        return
+    preds = data.predictions(*picked)
+    info = data.model_info(*picked)
+    if preds is None or not info["test"]:
+        st.warning("No test predictions were saved for this job (older runs did not keep them).")
+        return
+    labels = list(info["test"]["per_class"])
+    preds = preds.assign(true=[labels[i] for i in preds["label"]], predicted=[labels[i] for i in preds["pred"]])
+    wrong = preds[preds["label"] != preds["pred"]]
+    st.write(f"{len(wrong)} of {len(preds)} test examples misclassified.")
+    c1, c2 = st.columns(2)
+    true_f = c1.multiselect("True label", labels, default=labels, key="err_true")
+    pred_f = c2.multiselect("Predicted label", labels, default=labels, key="err_pred")
+    lo, hi = st.slider("Confidence", 0.0, 1.0, (0.0, 1.0), 0.01, key="err_conf")
+    shown = wrong[wrong["true"].isin(true_f) & wrong["predicted"].isin(pred_f) & wrong["confidence"].between(lo, hi)]
+    st.dataframe(shown[["text", "true", "predicted", "confidence"]].sort_values("confidence", ascending=False),
+                 hide_index=True, width="stretch")
+
+    if len(labels) == 2:
+        st.subheader(f"Decision threshold for '{labels[1]}'")
+        threshold = st.slider(f"Predict {labels[1]} when its probability is at least", 0.05, 0.95, 0.5, 0.01,
+                              key="threshold")
+        y, p = preds["label"].to_numpy(), preds["prob_1"].to_numpy()
+        points = []
+        for t in np.round(np.arange(0.05, 0.951, 0.01), 2):
+            points.append({"threshold": float(t), **_pr(y, p, t)})
+        now = _pr(y, p, threshold)
+        c = st.columns(4)
+        c[0].metric("precision", f"{now['precision']:.3f}")
+        c[1].metric("recall", f"{now['recall']:.3f}")
+        c[2].metric("F1", f"{now['f1']:.3f}")
+        c[3].metric("accuracy", f"{now['accuracy']:.3f}")
+        curve = pd.DataFrame(points).melt("threshold", ["precision", "recall", "f1"], "measure", "value")
+        rule = alt.Chart(pd.DataFrame({"threshold": [threshold]})).mark_rule(color="gray").encode(x="threshold:Q")
+        st.altair_chart(alt.Chart(curve).mark_line().encode(x="threshold:Q", y="value:Q", color="measure:N") + rule,
+                        width="stretch")
+
+
+def _pr(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, float]:
+    pred = p >= t
+    tp, fp, fn = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum()), int((~pred & (y == 1)).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": float((pred == (y == 1)).mean())}
+
+
+def page_try(data, serve_url: str | None) -> None:
+    import altair as alt
+    import streamlit as st
+
+    from raybm.dashboard_data import endpoint_ok, post_predict, read_upload
+
+    st.title("Try it")
+    api_key = os.environ.get("RAYBM_API_KEY") or None
+    if endpoint_ok(serve_url):
+        st.success(f"Answers come from the model server at {serve_url}.")
+
+        def predict(texts: list[str]) -> pd.DataFrame:
+            answers = post_predict(serve_url, texts, api_key)
+            return pd.DataFrame([{"text": t, "label": a["label"], "confidence": a["confidence"],
+                                  **{f"p({k})": v for k, v in a["probabilities"].items()}}
+                                 for t, a in zip(texts, answers)])
+    else:
+        if serve_url:
+            st.warning(f"The model server at {serve_url} does not answer; using a model loaded here instead. "
+                       f"Start it with `raybm serve` or check the address.")
+        models = data.models()
+        if not models:
+            st.info(f"No trained model under {data.root} yet. Run `make demo` first.")
+            return
+        choice = st.selectbox("Model", list(models), key="try_model")
+
+        def predict(texts: list[str]) -> pd.DataFrame:
+            p = _predictor(data.local_model(models[choice]))
+            probs = p.predict(texts)
+            return pd.DataFrame([{"text": t, "label": p.labels[int(r.argmax())], "confidence": float(r.max()),
+                                  **{f"p({lab})": float(v) for lab, v in zip(p.labels, r)}}
+                                 for t, r in zip(texts, probs)])
+
+    st.subheader("Type or paste text")
+    text = st.text_area("One text per line", key="try_text", height=120)
+    if st.button("Predict", key="try_go"):
+        texts = [t.strip() for t in text.splitlines() if t.strip()]
+        if not texts:
+            st.warning("Type at least one line of text first.")
+        elif any(len(t) > MAX_TEXT_CHARS for t in texts):
+            st.warning(f"Each line can be at most {MAX_TEXT_CHARS} characters.")
+        else:
+            _show(predict, texts, st, alt)
+
+    st.subheader("Or upload a file")
+    st.caption(f"CSV, TSV or JSONL, up to {MAX_UPLOAD_ROWS} rows; one column holds the text.")
+    upload = st.file_uploader("File", type=["csv", "tsv", "jsonl", "txt"], key="try_file")
+    if upload is not None:
+        try:
+            frame = read_upload(upload.name, upload.getvalue(), MAX_UPLOAD_ROWS)
+        except RaybmError as e:
+            st.error(str(e))
+            return
+        columns = list(frame.columns)
+        default = columns.index("text") if "text" in columns else 0
+        column = st.selectbox("Text column", columns, index=default, key="try_column")
+        if st.button("Label the file", key="try_file_go"):
+            texts = frame[column].astype(str).tolist()
+            empty = [i + 2 for i, t in enumerate(texts) if not t.strip()]
+            if empty:
+                st.error(f"Column {column!r} is empty on line(s) {empty[:10]} of the file; fill or remove them.")
+                return
+            out = _show(predict, texts, st, alt)
+            if out is not None:
+                labelled = frame.assign(predicted_label=out["label"].to_numpy(), confidence=out["confidence"].to_numpy())
+                st.download_button("Download the labelled file (CSV)", labelled.to_csv(index=False).encode("utf-8"),
+                                   file_name="labelled.csv", mime="text/csv", key="try_download")
+
+
+def _show(predict, texts, st, alt) -> pd.DataFrame | None:
+    try:
+        out = predict(texts)
+    except RaybmError as e:
+        st.error(str(e))
+        return None
+    except Exception as e:  # noqa: BLE001 - a viewer sees a sentence, not a stack trace
+        st.error(f"The prediction failed ({type(e).__name__}). Check that the model folder is complete.")
+        return None
+    st.dataframe(out, hide_index=True, width="stretch")
+    if len(out) == 1:
+        probs = pd.DataFrame([{"label": c[2:-1], "probability": out.iloc[0][c]} for c in out.columns
+                              if c.startswith("p(")])
+        st.altair_chart(alt.Chart(probs).mark_bar().encode(x="probability:Q", y="label:N"), width="stretch")
+    else:
+        counts = out["label"].value_counts().rename_axis("label").reset_index(name="texts")
+        st.altair_chart(alt.Chart(counts).mark_bar().encode(x="texts:Q", y="label:N"), width="stretch")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import streamlit as st
+
+    args = settings(argv)
+    st.set_page_config(page_title="raybm", layout="wide")
+    try:
+        data = _data(args.root)
+    except RaybmError as e:
+        st.error(f"Cannot open the results root {args.root}: {e}")
+        return
+    page = st.sidebar.radio("Page", PAGES, key="page")
+    st.sidebar.caption(f"Results: {args.root}")
+    try:
+        if page == PAGES[0]:
+            page_jobs(data)
+        elif page == PAGES[1]:
+            page_sweep(data)
+        elif page == PAGES[2]:
+            page_model(data)
+        elif page == PAGES[3]:
+            page_errors(data)
+        else:
+            page_try(data, args.serve_url)
+    except RaybmError as e:
+        st.error(str(e))

@@ -1,0 +1,236 @@
+"""What the dashboard shows, read from a results folder (local or ``s3://``).
+
+Everything goes through ``Results`` and its filesystem. A page asks for a run, sweep,
+dataset or export by name, and a name is accepted only if it is one of the folders the
+listing found, so nothing a user picks can point outside the results root. Only JSON,
+YAML and Parquet are read; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import pyarrow.fs as pafs
+import yaml
+
+from raybm.config import StorageConfig
+from raybm.errors import RaybmError
+from raybm.results import SUCCESS_MARKER, Results
+
+KINDS = ("runs", "sweeps")
+
+
+@dataclass
+class Job:
+    kind: str  # run | sweep
+    name: str
+    complete: bool
+    started: float | None
+    finished: float | None
+    base_model: str | None
+    dataset: str | None
+    metric: str | None
+    best: float | None
+    test_accuracy: float | None
+    test_f1: float | None
+
+    @property
+    def seconds(self) -> float | None:
+        return self.finished - self.started if self.started and self.finished else None
+
+
+class DashboardData:
+    def __init__(self, root: str, storage: StorageConfig | None = None) -> None:
+        storage = storage or StorageConfig(root=root)
+        self.results = Results(root, storage)
+        self.root = root
+
+    # -- safe access -------------------------------------------------------------------
+    def _folders(self, kind: str) -> list[pafs.FileInfo]:
+        base = self.results.path(kind)
+        if not self.results.exists(base):
+            return []
+        return sorted((i for i in self.results.fs.get_file_info(pafs.FileSelector(base))
+                       if i.type == pafs.FileType.Directory and not i.base_name.startswith(".")),
+                      key=lambda i: i.base_name)
+
+    def _named(self, kind: str, name: str) -> str:
+        """The folder of ``name`` under ``kind``, only if the listing has it."""
+        for info in self._folders(kind):
+            if info.base_name == name:
+                return info.path
+        raise RaybmError(f"no {kind[:-1]} named {name!r} under {self.root}")
+
+    def _read_json(self, path: str) -> Any | None:
+        return self.results.read_json(path) if self.results.exists(path) else None
+
+    def _mtime(self, path: str) -> float | None:
+        info = self.results.fs.get_file_info(path)
+        return info.mtime.timestamp() if info.type != pafs.FileType.NotFound and info.mtime else None
+
+    # -- listings ----------------------------------------------------------------------
+    def jobs(self) -> list[Job]:
+        out = []
+        for kind in KINDS:
+            for info in self._folders(kind):
+                out.append(self._job(kind, info.path, info.base_name))
+        return sorted(out, key=lambda j: j.started or 0, reverse=True)
+
+    def _job(self, kind: str, folder: str, name: str) -> Job:
+        j = self.results.join
+        cfg = self._config(j(folder, "config.yaml")) or {}
+        done = self.results.exists(j(folder, SUCCESS_MARKER))
+        if kind == "runs":
+            m = self._read_json(j(folder, "metrics.json")) or {}
+            test, metric = m.get("test") or {}, (cfg.get("train") or {}).get("metric", "val_f1_macro")
+            hist = self._read_json(j(folder, "history.json")) or []
+            vals = [h[metric] for h in hist if metric in h]
+            best = (max(vals) if (cfg.get("train") or {}).get("mode", "max") == "max" else min(vals)) if vals else None
+            dataset = m.get("dataset")
+        else:
+            w = self._read_json(j(folder, "winner.json")) or {}
+            test, metric, best, dataset = w.get("test") or {}, w.get("metric"), w.get("validation"), w.get("dataset")
+        return Job(kind=kind[:-1], name=name, complete=done, started=self._mtime(j(folder, "config.yaml")),
+                   finished=self._mtime(j(folder, SUCCESS_MARKER)) if done else None,
+                   base_model=(cfg.get("model") or {}).get("name"), dataset=dataset, metric=metric, best=best,
+                   test_accuracy=test.get("accuracy"), test_f1=test.get("f1_macro"))
+
+    def jobs_frame(self) -> pd.DataFrame:
+        rows = []
+        for job in self.jobs():
+            rows.append({"kind": job.kind, "name": job.name, "status": "complete" if job.complete else "incomplete",
+                         "started": pd.Timestamp(job.started, unit="s", tz="UTC") if job.started else None,
+                         "minutes": round(job.seconds / 60, 1) if job.seconds else None,
+                         "base model": job.base_model, "dataset": job.dataset,
+                         "best validation": job.best, "metric": job.metric,
+                         "test accuracy": job.test_accuracy, "test macro-F1": job.test_f1})
+        return pd.DataFrame(rows)
+
+    def _config(self, path: str) -> dict | None:
+        return yaml.safe_load(self.results.read_text(path)) if self.results.exists(path) else None
+
+    def names(self, kind: str, complete_only: bool = True) -> list[str]:
+        return [i.base_name for i in self._folders(kind)
+                if not complete_only or self.results.is_complete(i.path)]
+
+    # -- one job -----------------------------------------------------------------------
+    def sweep(self, name: str) -> dict[str, Any]:
+        folder = self._named("sweeps", name)
+        j = self.results.join
+        return {"leaderboard": self._read_json(j(folder, "leaderboard.json")) or [],
+                "winner": self._read_json(j(folder, "winner.json")), "config": self._config(j(folder, "config.yaml"))}
+
+    def model_info(self, kind: str, name: str) -> dict[str, Any]:
+        """Test metrics, dataset and config of a run's model or a sweep's winner."""
+        folder = self._named(kind, name)
+        j = self.results.join
+        if kind == "runs":
+            m = self._read_json(j(folder, "metrics.json")) or {}
+            test, dataset = m.get("test"), m.get("dataset")
+        else:
+            w = self._read_json(j(folder, "winner.json")) or {}
+            test, dataset = w.get("test"), w.get("dataset")
+        return {"test": test, "dataset": dataset, "config": self._config(j(folder, "config.yaml")),
+                "model_dir": j(folder, "model"), "history": self._read_json(j(folder, "history.json"))}
+
+    def predictions(self, kind: str, name: str) -> pd.DataFrame | None:
+        import pyarrow.parquet as pq
+
+        path = self.results.join(self._named(kind, name), "test_predictions.parquet")
+        if not self.results.exists(path):
+            return None
+        return pq.read_table(path, filesystem=self.results.fs).to_pandas()
+
+    def dataset_report(self, name: str | None) -> dict | None:
+        if not name or name not in self.results.list_datasets():
+            return None
+        return self.results.dataset_report(name)
+
+    def exports(self, name: str) -> dict | None:
+        """``exports/<name>/summary.json`` for a run or sweep name, if it was exported."""
+        for info in self._folders("exports"):
+            if info.base_name == name:
+                return self._read_json(self.results.join(info.path, "summary.json"))
+        return None
+
+    def models(self) -> dict[str, str]:
+        """Label -> model folder (in the results store) of every servable model."""
+        out = {}
+        for kind in KINDS:
+            for name in self.names(kind):
+                out[f"{name} ({kind[:-1]})"] = self.results.join(self._named(kind, name), "model")
+        for info in self._folders("exports"):
+            for v in self.results.fs.get_file_info(pafs.FileSelector(info.path)):
+                if v.type == pafs.FileType.Directory and not v.base_name.startswith(".") and v.base_name != "mobile" \
+                        and self.results.exists(self.results.join(v.path, "manifest.json")):
+                    out[f"{info.base_name} / {v.base_name} (export)"] = v.path
+        return out
+
+    def local_model(self, path: str) -> str:
+        """A local folder for a model in the store (downloaded once from S3)."""
+        if not self.results.remote:
+            return path
+        local = os.path.join(tempfile.gettempdir(), "raybm-dashboard-models", path.replace("/", "_"))
+        if not os.path.isdir(local):
+            tmp = f"{local}.tmp-{os.getpid()}"
+            pafs.copy_files(path, tmp, source_filesystem=self.results.fs, destination_filesystem=pafs.LocalFileSystem())
+            os.replace(tmp, local)
+        return local
+
+
+def read_upload(name: str, content: bytes, max_rows: int) -> pd.DataFrame:
+    """A user's CSV / TSV / JSONL upload as strings; clear errors, no silent truncation."""
+    import io
+
+    ext = posixpath.splitext(name.lower())[1]
+    try:
+        if ext in (".csv", ".tsv", ".txt"):
+            df = pd.read_csv(io.BytesIO(content), sep="\t" if ext == ".tsv" else ",", dtype=str, keep_default_na=False)
+        elif ext in (".jsonl", ".json"):
+            df = pd.read_json(io.BytesIO(content), lines=True, dtype=False)
+        else:
+            raise RaybmError(f"{name}: upload a .csv, .tsv or .jsonl file")
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise RaybmError(f"{name} could not be read as {ext[1:].upper()}: {str(e).splitlines()[0]}") from None
+    if df.empty:
+        raise RaybmError(f"{name} has no rows")
+    if len(df) > max_rows:
+        raise RaybmError(f"{name} has {len(df)} rows; the limit here is {max_rows}. Split the file, or label it "
+                         f"with `raybm predict --input {name} --output labelled.csv`")
+    return df
+
+
+def post_predict(url: str, texts: list[str], api_key: str | None, timeout: float = 30.0) -> list[dict]:
+    """Predictions from a raybm Serve endpoint, 64 texts per request."""
+    import requests
+
+    out: list[dict] = []
+    headers = {"X-API-Key": api_key} if api_key else {}
+    for i in range(0, len(texts), 64):
+        r = requests.post(f"{url.rstrip('/')}/predict", json={"texts": texts[i:i + 64]}, headers=headers,
+                          timeout=timeout)
+        if r.status_code != 200:
+            try:
+                detail = r.json().get("error", r.text)
+            except json.JSONDecodeError:
+                detail = r.text
+            raise RaybmError(f"the model server answered {r.status_code}: {detail[:200]}")
+        out += r.json()["predictions"]
+    return out
+
+
+def endpoint_ok(url: str | None, timeout: float = 2.0) -> bool:
+    import requests
+
+    if not url:
+        return False
+    try:
+        return requests.get(f"{url.rstrip('/')}/healthz", timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False

@@ -1,0 +1,148 @@
+"""The dashboard, driven by Streamlit's own test harness over a results folder written by
+a real tiny sweep (two trials, one stopped by ASHA) and a real export."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from raybm.config import build_config
+from raybm.export import run_export
+from raybm.inference import load_predictor
+from raybm.tune import run_sweep
+
+from .test_data_pipeline import make_frame
+
+pytestmark = pytest.mark.integration
+
+APP = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "dashboards",
+                   "app.py")
+
+
+@pytest.fixture(scope="module")
+def results(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dash-results")
+    data = root / "reviews.csv"
+    make_frame(60).to_csv(data, index=False)
+    cfg = build_config(overrides=[
+        f"storage.root={root}", f"data.source={data}", "data.text_column=body", "data.label_column=sentiment",
+        "data.max_length=16", "model.name=tiny-bert", "train.batch_size=16", "train.warmup_ratio=0",
+        "train.log_every_steps=100", "train.cpus_per_worker=0.5", "train.epochs=2", "tune.max_concurrent_trials=1",
+        "tune.num_samples=1", "tune.grace_period=1", "name=dash-sweep",
+        "tune.search_space={train.lr: 'grid([3e-3, 1e-12])'}"])
+    sweep = run_sweep(cfg, log=lambda _: None)
+    run_export(cfg, "dash-sweep", ["onnx-int8"], log=lambda _: None)
+    return {"root": str(root), "sweep": sweep}
+
+
+def app(monkeypatch, root, page, serve_url=None):
+    monkeypatch.setenv("RAYBM_RESULTS", root)
+    if serve_url:
+        monkeypatch.setenv("RAYBM_SERVE_URL", serve_url)
+    else:
+        monkeypatch.delenv("RAYBM_SERVE_URL", raising=False)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.sidebar.radio[0].set_value(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_jobs_sweep_and_model_pages_show_the_run(monkeypatch, results):
+    at = app(monkeypatch, results["root"], "Runs and sweeps")
+    jobs = at.dataframe[0].value
+    assert list(jobs["name"]) == ["dash-sweep"] and jobs["status"][0] == "complete"
+    winner = results["sweep"].winner
+    assert jobs["test accuracy"][0] == pytest.approx(winner["test"]["accuracy"])
+
+    at.sidebar.radio[0].set_value("Sweep").run()
+    board = at.dataframe[0].value
+    assert len(board) == 2 and set(board["train.lr"]) == {3e-3, 1e-12}
+    assert len(at.get("vega_lite_chart")) == 3  # lr vs metric, metric curves, loss curves
+    statuses = dict(zip(board["train.lr"], board["status"]))
+    assert statuses[3e-3] == "completed"
+    stopped = at.dataframe[1].value if statuses[1e-12] == "stopped" else None
+    if stopped is not None:  # ASHA stopped the lr=1e-12 trial after its first epoch
+        assert list(stopped["epochs_run"]) == [1]
+
+    at.sidebar.radio[0].set_value("Model").run()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["accuracy"] == f"{winner['test']['accuracy']:.4f}"
+    assert metrics["macro-F1"] == f"{winner['test']['f1_macro']:.4f}"
+    per_class = at.dataframe[0].value
+    assert list(per_class["class"]) == ["neg", "pos"]
+    assert len(at.get("vega_lite_chart")) == 2  # confusion matrix, label distribution
+    tables = [d.value for d in at.dataframe]
+    assert any("onnx-int8" in list(t.get("variant", [])) for t in tables)  # export variants
+    tokens = next(t for t in tables if "statistic" in t)  # the data report's token lengths
+    assert "p95" in list(tokens["statistic"])
+
+
+def test_errors_page_filters_and_moves_the_threshold(monkeypatch, results):
+    at = app(monkeypatch, results["root"], "Errors")
+    preds = pd.read_parquet(os.path.join(results["root"], "sweeps", "dash-sweep", "test_predictions.parquet"))
+    wrong = int((preds["label"] != preds["pred"]).sum())
+    assert at.markdown[0].value == f"{wrong} of {len(preds)} test examples misclassified."
+    metrics = {m.label: float(m.value) for m in at.metric}
+    y, p = preds["label"].to_numpy(), preds["prob_1"].to_numpy()
+    assert metrics["recall"] == pytest.approx(((p >= 0.5) & (y == 1)).sum() / (y == 1).sum(), abs=1e-3)
+    at.slider(key="threshold").set_value(0.95).run()
+    high = {m.label: float(m.value) for m in at.metric}
+    assert high["recall"] <= metrics["recall"]
+    assert high["recall"] == pytest.approx(((p >= 0.95) & (y == 1)).sum() / (y == 1).sum(), abs=1e-3)
+
+
+def test_try_it_predicts_typed_and_uploaded_text_and_explains_bad_input(monkeypatch, results):
+    # A configured server that does not answer: the page says so and uses the model itself.
+    at = app(monkeypatch, results["root"], "Try it", serve_url="http://127.0.0.1:9")
+    assert "does not answer" in at.warning[0].value
+    at.selectbox(key="try_model").set_value("dash-sweep (sweep)")
+    typed = ["I really liked item number 3, great stuff", "Item 4 was a disappointment, avoid"]
+    at.text_area(key="try_text").set_value("\n".join(typed))
+    at.button(key="try_go").click().run()
+    out = at.dataframe[0].value
+    model = load_predictor(os.path.join(results["root"], "sweeps", "dash-sweep", "model"))
+    probs = model.predict(typed)
+    assert list(out["label"]) == [model.labels[i] for i in probs.argmax(1)]
+    assert list(out["confidence"]) == pytest.approx(probs.max(1).tolist(), abs=1e-5)
+
+    at.button(key="try_go").run()  # nothing typed is a hint, not an error
+    at.text_area(key="try_text").set_value("   ").run()
+    at.button(key="try_go").click().run()
+    assert "Type at least one line" in at.warning[-1].value
+
+    csv = 'id,review\n1,"I really liked item number 8, great stuff"\n2,"Item 9 was a disappointment, avoid"\n'
+    at.file_uploader(key="try_file").set_value(("reviews.csv", csv.encode(), "text/csv")).run()
+    at.selectbox(key="try_column").set_value("review").run()
+    at.button(key="try_file_go").click().run()
+    labelled = at.dataframe[-1].value
+    uploaded = ["I really liked item number 8, great stuff", "Item 9 was a disappointment, avoid"]
+    assert list(labelled["text"]) == uploaded
+    assert list(labelled["label"]) == [model.labels[i] for i in model.predict(uploaded).argmax(1)]
+    assert at.get("download_button")
+
+    at.file_uploader(key="try_file").set_value(("empty.csv", b"text\n", "text/csv")).run()
+    assert "empty.csv has no rows" in at.error[-1].value
+    gaps = "text\nI really liked item number 8\n\"\"\nItem 9 was a disappointment\n"
+    at.file_uploader(key="try_file").set_value(("gaps.csv", gaps.encode(), "text/csv")).run()
+    at.button(key="try_file_go").click().run()
+    assert "empty on line(s) [3]" in at.error[-1].value
+    at.file_uploader(key="try_file").set_value(("bad.jsonl", b"{not json\n", "application/json")).run()
+    assert "could not be read as JSONL" in at.error[-1].value
+    big = "text\n" + "\n".join(f"line {i}" for i in range(5001))
+    at.file_uploader(key="try_file").set_value(("big.csv", big.encode(), "text/csv")).run()
+    assert "5001 rows; the limit here is 5000" in at.error[-1].value
+
+
+def test_only_listed_names_are_read(results):
+    from raybm.dashboard_data import DashboardData
+    from raybm.errors import RaybmError
+
+    data = DashboardData(results["root"])
+    assert data.names("sweeps") == ["dash-sweep"]
+    for bad in ("../../etc", "/etc", "dash-sweep/../../x"):
+        with pytest.raises(RaybmError, match="no sweep named"):
+            data.sweep(bad)
+    assert json.dumps(data.exports("dash-sweep")["variants"]["onnx-int8"]["backend"]) == '"onnx"'
