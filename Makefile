@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test e2e lint clean
 
 install: $(STAMP)
 
@@ -34,5 +34,12 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
+# The real-browser check of the dashboard: headless Debian chromium driven by Playwright.
+# Not part of `make test` (CI has no browser); installs chromium with apt when missing (root).
+e2e: install
+	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	$(PY) -m pip install --quiet -e ".[dev,e2e]"
+	$(PY) -m pytest -q tests/e2e
+
 clean:
-	rm -rf results demo-results .pytest_cache
+	rm -rf results demo-results .pytest_cache e2e-artifacts

@@ -238,7 +238,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         env["RAYBM_SERVE_URL"] = args.serve_url
     cmd = [sys.executable, "-m", "streamlit", "run", script, "--server.address", args.host,
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-           "--server.maxUploadSize", "5", "--", "--root", root]
+           "--server.maxUploadSize", "5", "--client.toolbarMode", "minimal", "--", "--root", root]
     print(f"raybm dashboard on http://{args.host}:{args.port} over {root} (Ctrl-C stops it)", flush=True)
     try:
         return subprocess.call(cmd, env=env)

@@ -330,6 +330,11 @@ def _show(predict, texts, st, alt) -> pd.DataFrame | None:
     except Exception as e:  # noqa: BLE001 - a viewer sees a sentence, not a stack trace
         st.error(f"The prediction failed ({type(e).__name__}). Check that the model folder is complete.")
         return None
+    if len(out) == 1:
+        st.success(f"Prediction: {out.iloc[0]['label']} ({out.iloc[0]['confidence']:.0%} confident)")
+    else:
+        counts = out["label"].value_counts()
+        st.success(f"{len(out)} texts: " + ", ".join(f"{n} {lab}" for lab, n in counts.items()))
     st.dataframe(out, hide_index=True, width="stretch")
     if len(out) == 1:
         probs = pd.DataFrame([{"label": c[2:-1], "probability": out.iloc[0][c]} for c in out.columns
