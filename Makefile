@@ -30,6 +30,8 @@ demo: install
 	  --send "I love this new phone, best purchase all year" \
 	  --send "worst customer service ever, never flying with them again" \
 	  --send "the meeting got moved to 3pm"
+	@echo
+	@echo "See the results (leaderboard, curves, errors, try it):  $(VENV)/bin/raybm dashboard --root results"
 
 test: install
 	$(PY) -m pytest -q tests
