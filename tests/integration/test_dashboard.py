@@ -146,3 +146,27 @@ def test_only_listed_names_are_read(results):
         with pytest.raises(RaybmError, match="no sweep named"):
             data.sweep(bad)
     assert json.dumps(data.exports("dash-sweep")["variants"]["onnx-int8"]["backend"]) == '"onnx"'
+
+
+def test_the_dashboard_reads_a_results_root_on_s3(monkeypatch, results, s3_server):
+    import boto3
+    import pyarrow.fs as pafs
+
+    from raybm.config import StorageConfig
+    from raybm.dashboard_data import DashboardData
+    from raybm.results import s3_filesystem
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="dash-bucket")
+    storage = StorageConfig(root="s3://dash-bucket/results", s3_endpoint_url=s3_server)
+    pafs.copy_files(results["root"], "dash-bucket/results", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3_filesystem(storage))
+    data = DashboardData(storage.root, storage)
+    assert data.names("sweeps") == ["dash-sweep"]
+    assert len(data.sweep("dash-sweep")["leaderboard"]) == 2
+    assert len(data.predictions("sweeps", "dash-sweep")) == 12
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # how the app finds the S3 endpoint
+    at = app(monkeypatch, "s3://dash-bucket/results", "Runs and sweeps")
+    assert list(at.dataframe[0].value["name"]) == ["dash-sweep"]
+    at.sidebar.radio[0].set_value("Model").run()
+    assert {m.label for m in at.metric} >= {"accuracy", "macro-F1"}
