@@ -69,8 +69,28 @@ def page_jobs(data) -> None:
         st.info(f"Nothing here yet: no runs or sweeps under {data.root}. Run `make demo` or "
                 f"`raybm train --config ...` and reload.")
         return
-    st.caption(f"Results root: {data.root}. Click a column to sort. Open one in the Sweep or Model page.")
+    st.caption(f"Results root: {data.root}. Click a column to sort.")
     st.dataframe(frame, hide_index=True, width="stretch")
+    done = frame[frame["status"] == "complete"]
+    if done.empty:
+        return
+    job = st.selectbox("Open", list(zip(done["kind"], done["name"])), format_func=lambda o: f"{o[1]}  ({o[0]})",
+                       key="open_job")
+    kind = f"{job[0]}s"
+    cols = st.columns(3)
+    if job[0] == "sweep":
+        cols[0].button("Sweep page", key="open_sweep", on_click=_open, args=("Sweep", "sweep", (kind, job[1])))
+    cols[1].button("Model page", key="open_model", on_click=_open, args=("Model", "model", (kind, job[1])))
+    cols[2].button("Errors page", key="open_errors", on_click=_open, args=("Errors", "errors", (kind, job[1])))
+
+
+def _open(page: str, key: str, value: tuple[str, str]) -> None:
+    """Go to ``page`` with ``value`` chosen in its picker (a button callback: runs before
+    the widgets are drawn again)."""
+    import streamlit as st
+
+    st.session_state["page"] = page
+    st.session_state[key] = value
 
 
 def _pick(data, kinds: tuple[str, ...], key: str) -> tuple[str, str] | None:

@@ -57,7 +57,8 @@ def test_jobs_sweep_and_model_pages_show_the_run(monkeypatch, results):
     winner = results["sweep"].winner
     assert jobs["test accuracy"][0] == pytest.approx(winner["test"]["accuracy"])
 
-    at.sidebar.radio[0].set_value("Sweep").run()
+    at.button(key="open_sweep").click().run()  # the list links into the sweep's page
+    assert at.sidebar.radio[0].value == "Sweep" and at.selectbox(key="sweep").value == ("sweeps", "dash-sweep")
     board = at.dataframe[0].value
     assert len(board) == 2 and set(board["train.lr"]) == {3e-3, 1e-12}
     assert len(at.get("vega_lite_chart")) == 3  # lr vs metric, metric curves, loss curves
