@@ -225,7 +225,6 @@ def format_exports(reference: dict | None, manifests: dict) -> str:
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     import os
-    import subprocess
 
     from raybm.results import Results
 
@@ -240,10 +239,9 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
            "--server.maxUploadSize", "5", "--client.toolbarMode", "minimal", "--", "--root", root]
     print(f"raybm dashboard on http://{args.host}:{args.port} over {root} (Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+    # Become Streamlit (same process id), so stopping this command stops the server too.
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
