@@ -22,14 +22,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
-# The main job on the embedded default (a local Ray started by the job): a sweep, then the
-# winner deployed on Ray Serve and asked about a few sentences over HTTP.
+# The main job on the embedded default (the same entrypoint `ray job submit` runs, on a
+# local Ray started by the job): data, a sweep, the winner on test, an ONNX int8 export,
+# the release gate, and a deployment on Ray Serve asked about three sentences over HTTP.
 demo: install
-	$(VENV)/bin/raybm tune --config jobs/configs/demo.yaml
-	$(VENV)/bin/raybm serve --config jobs/configs/demo.yaml --exit \
-	  --send "I love this new phone, best purchase all year" \
-	  --send "worst customer service ever, never flying with them again" \
-	  --send "the meeting got moved to 3pm"
+	$(PY) jobs/pipeline.py --config jobs/configs/demo.yaml
 	@echo
 	@echo "See the results (leaderboard, curves, errors, try it):  $(VENV)/bin/raybm dashboard --root results"
 

@@ -75,6 +75,31 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from raybm.pipeline import preflight, run_pipeline
+    from raybm.runtime import ensure_ray, quiet_ray_data
+
+    overrides = list(args.overrides)
+    if args.stages:
+        overrides.append(f"pipeline.stages=[{args.stages}]")
+    cfg = load_config(args.config, overrides)
+    source = preflight(cfg)  # storage, data and key problems fail before Ray starts
+    print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
+    quiet_ray_data()
+    summary = run_pipeline(cfg, source=source)
+    print("\nStages:")
+    for stage, info in summary["stages"].items():
+        extra = ""
+        if info.get("test"):
+            extra = f"  test accuracy {info['test']['accuracy']:.4f} macro-F1 {info['test']['f1_macro']:.4f}"
+        if info.get("reasons"):
+            extra = "  " + "; ".join(info["reasons"])
+        if info.get("url"):
+            extra = f"  {info['url']}/predict"
+        print(f"  {stage:<8} {info['status']:<8} {info['seconds']:>7.1f}s{extra}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from raybm.data import load_split
     from raybm.evaluate import score_dataset
@@ -290,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "is also resumed without it")
     p.add_argument("--retry-errored", action="store_true", help="when resuming, run failed trials again")
     p.set_defaults(func=_cmd_tune)
+    p = sub.add_parser("pipeline", help="the whole job: data, train or tune, test, export, deploy (skips what "
+                       "is done, resumes what was interrupted)")
+    _add_config_args(p)
+    p.add_argument("--stages", help="comma-separated stages to run (default: pipeline.stages)")
+    p.set_defaults(func=_cmd_pipeline)
     p = sub.add_parser("evaluate", help="score a model folder on a prepared dataset's split")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="a model folder (runs/<run>/model or a checkpoint)")

@@ -244,6 +244,12 @@ class TrainConfig:
     """Torch threads per worker. Empty: the worker's CPUs (at least 1)."""
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     """Train on GPUs: ``auto`` uses them when the cluster has any."""
+    gpus_per_worker: float = _opt(1.0, gt=0)
+    """GPUs each worker reserves when training on GPU. Below 1, several workers share a GPU
+    (small models; they then talk over gloo, since NCCL refuses two ranks on one GPU)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Collective backend between workers. ``auto``: NCCL on GPUs (gloo when workers share a
+    GPU), gloo on CPUs."""
     seed: int = 0
     """Seed of model initialization and dropout."""
     metric: str = "val_f1_macro"
@@ -279,8 +285,12 @@ class TuneConfig:
     reduction_factor: float = _opt(2.0, gt=1)
     """ASHA: keep the top 1/this of trials at each rung."""
     max_concurrent_trials: Optional[int] = _opt(None, ge=1)
-    """Trials running at once. Empty: as many as the cluster's free CPUs (or GPUs) fit,
-    given each trial's ``train.num_workers`` x ``train.cpus_per_worker``."""
+    """Trials running at once. Empty: as many as fit the cluster's GPUs (``tune.cluster_gpus``,
+    or those it has now) or, on CPUs, its CPUs, given each trial's ``train.num_workers`` x
+    ``train.gpus_per_worker`` (or ``train.cpus_per_worker``)."""
+    cluster_gpus: Optional[int] = _opt(None, ge=1)
+    """GPUs the sweep may use on an autoscaling cluster (its GPU workers' maximum, e.g. 16),
+    which it does not have yet when the sweep starts. Empty: the GPUs the cluster has now."""
     time_budget_s: Optional[float] = _opt(None, gt=0)
     """Stop the sweep after this many seconds (running trials stop, the best so far wins)."""
     max_failures: int = _opt(0, ge=-1)
@@ -376,6 +386,33 @@ class ExportConfig:
     """The mobile artifact: the smallest ONNX variant within this accuracy drop of the reference."""
 
 
+PIPELINE_STAGES = ("data", "train", "tune", "export", "deploy")
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=list)
+    """Stages of ``raybm pipeline``, run in this order: ``data``, then ``train`` (one run) or
+    ``tune`` (a sweep; its winner is scored on test), ``export``, ``deploy``. A stage whose
+    output already exists is skipped; an interrupted one resumes. Empty: all of them, with
+    ``tune`` when ``tune.search_space`` is set, else ``train``."""
+    min_test_f1: Optional[float] = _opt(None, ge=0, le=1)
+    """Release gate: deploy only if the model's test macro-F1 is at least this. Empty: no
+    F1 condition."""
+    max_latency_ms: Optional[float] = _opt(None, gt=0)
+    """Release gate: deploy only if the served backend's median single-sentence latency
+    (measured on this machine, ``serve.torch_threads`` threads) is at most this. Empty: no
+    latency condition."""
+    latency_samples: int = _opt(30, ge=5)
+    """Single-sentence predictions timed for the latency gate."""
+    smoke_texts: list[str] = field(default_factory=lambda: ["this is a smoke test of the new deployment"])
+    """Sent to the new deployment over HTTP once it is up; the answers are printed and kept
+    in the summary. Any answer other than 200 fails the deploy stage."""
+    keep_serving: bool = False
+    """After deploying on a local (embedded) Ray, keep serving until Ctrl-C. On a cluster the
+    deployment outlives the job anyway."""
+
+
 @dataclass
 class JobConfig:
     name: Optional[str] = None
@@ -396,6 +433,8 @@ class JobConfig:
     """Model server."""
     export: ExportConfig = field(default_factory=ExportConfig)
     """Export and compression."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """The whole job in one command: stages and the release gate."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -405,6 +444,14 @@ class JobConfig:
 
 
 # ----------------------------------------------------------------------- cross-field checks
+
+
+def pipeline_stages(cfg: "JobConfig") -> list[str]:
+    """The pipeline's stages as configured, or the default ones for this config."""
+    if cfg.pipeline.stages:
+        return list(cfg.pipeline.stages)
+    return ["data", "tune" if cfg.tune.search_space else "train", "export", "deploy"]
+
 
 
 def _check_job(cfg: JobConfig) -> None:
@@ -430,6 +477,10 @@ def _check_job(cfg: JobConfig) -> None:
     if cfg.model.keep_layers is not None and t.freeze_layers > cfg.model.keep_layers:
         raise ConfigError(f"train.freeze_layers ({t.freeze_layers}) exceeds model.keep_layers "
                           f"({cfg.model.keep_layers})")
+    if t.parallelism == "fsdp" and t.backend == "gloo":
+        raise ConfigError("train.parallelism=fsdp needs NCCL (gloo has no reduce-scatter); set train.backend=auto")
+    if t.gpus_per_worker > 1 and t.gpus_per_worker != int(t.gpus_per_worker):
+        raise ConfigError(f"train.gpus_per_worker: above 1 it must be a whole number, got {t.gpus_per_worker}")
     if d.clean.stop_words and d.language == "zh":
         raise ConfigError("data.clean.stop_words: supported for English text only; "
                           "set it to false for data.language=zh")
@@ -443,6 +494,18 @@ def _check_job(cfg: JobConfig) -> None:
                           f"backend torch")
     if cfg.tune.search_space:
         _check_search_space(cfg)
+    stages = pipeline_stages(cfg)
+    bad = [x for x in stages if x not in PIPELINE_STAGES]
+    if bad:
+        raise ConfigError(f"pipeline.stages: unknown stage(s) {bad}; choose from {', '.join(PIPELINE_STAGES)}")
+    if len(set(stages)) != len(stages) or [x for x in PIPELINE_STAGES if x in stages] != list(stages):
+        raise ConfigError(f"pipeline.stages: list each stage once, in the order {', '.join(PIPELINE_STAGES)}; "
+                          f"got {stages}")
+    if "train" in stages and "tune" in stages:
+        raise ConfigError("pipeline.stages: pick train (one run) or tune (a sweep), not both")
+    if "tune" in stages and not cfg.tune.search_space:
+        raise ConfigError("pipeline.stages has tune, but tune.search_space is empty: add the settings to "
+                          "search, or use the train stage")
 
 
 def _key_type(key: str) -> Any:
@@ -463,6 +526,7 @@ def _check_search_space(cfg: JobConfig) -> None:
 
     base = cfg.to_dict()
     base["tune"]["search_space"] = {}
+    base["pipeline"]["stages"] = []  # a trial is one training run, whatever the pipeline
 
     def check(key: str, value: Any, dist: Any) -> None:
         tp = _key_type(key)
@@ -521,6 +585,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, args[0], key)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and "yes" in choices:  # YAML reads a bare yes / no as a boolean
+            value = "yes" if value else "no"
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""

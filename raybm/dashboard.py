@@ -64,6 +64,11 @@ def page_jobs(data) -> None:
     import streamlit as st
 
     st.title("Runs and sweeps")
+    pipelines = data.pipelines_frame()
+    if not pipelines.empty:
+        st.subheader("Pipelines")
+        st.caption("Each `raybm pipeline` / `jobs/pipeline.py` job: its stages, the release gate, where it serves.")
+        st.dataframe(pipelines, hide_index=True, width="stretch")
     frame = data.jobs_frame()
     if frame.empty:
         st.info(f"Nothing here yet: no runs or sweeps under {data.root}. Run `make demo` or "

@@ -21,7 +21,7 @@ import yaml
 
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
-from raybm.results import SUCCESS_MARKER, Results
+from raybm.results import SUCCESS_MARKER, Results, copy_tree_to_local
 
 KINDS = ("runs", "sweeps")
 
@@ -112,6 +112,29 @@ class DashboardData:
                          "test accuracy": job.test_accuracy, "test macro-F1": job.test_f1})
         return pd.DataFrame(rows)
 
+    def pipelines(self) -> list[dict[str, Any]]:
+        """Every pipeline's summary (``raybm pipeline`` / ``jobs/pipeline.py``), newest first."""
+        out = []
+        for info in self._folders("pipelines"):
+            summary = self._read_json(self.results.join(info.path, "summary.json"))
+            if summary:
+                out.append(summary)
+        return sorted(out, key=lambda p: p.get("started_at", ""), reverse=True)
+
+    def pipelines_frame(self) -> pd.DataFrame:
+        rows = []
+        for p in self.pipelines():
+            stages = p.get("stages", {})
+            deploy = stages.get("deploy", {})
+            model = next((stages[k] for k in ("tune", "train") if k in stages), {})
+            rows.append({"name": p["name"], "status": p["status"], "started": p.get("started_at"),
+                         "stages": ", ".join(f"{k}: {v['status']}" for k, v in stages.items()),
+                         "test macro-F1": (model.get("test") or {}).get("f1_macro"),
+                         "deploy": deploy.get("status"),
+                         "gate": "; ".join(deploy.get("reasons", [])) or ("passed" if deploy.get("url") else None),
+                         "url": deploy.get("url"), "minutes": round(p["seconds"] / 60, 1) if p.get("seconds") else None})
+        return pd.DataFrame(rows)
+
     def _config(self, path: str) -> dict | None:
         return yaml.safe_load(self.results.read_text(path)) if self.results.exists(path) else None
 
@@ -179,7 +202,7 @@ class DashboardData:
         local = os.path.join(tempfile.gettempdir(), "raybm-dashboard-models", path.replace("/", "_"))
         if not os.path.isdir(local):
             tmp = f"{local}.tmp-{os.getpid()}"
-            pafs.copy_files(path, tmp, source_filesystem=self.results.fs, destination_filesystem=pafs.LocalFileSystem())
+            copy_tree_to_local(self.results.fs, path, tmp)
             os.replace(tmp, local)
         return local
 

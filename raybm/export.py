@@ -38,7 +38,7 @@ import numpy as np
 from raybm.config import JobConfig, build_config, merge_raw
 from raybm.errors import RaybmError
 from raybm.inference import ONNX_FILE, VARIANT_FILE, load_predictor, model_card, resolve_model
-from raybm.results import Results
+from raybm.results import Results, is_s3, resolve_uri
 
 VARIANTS = ("hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled")
 BACKEND = {"hf": "torch", "onnx": "onnx", "int8": "int8", "onnx-int8": "onnx", "fp16": "torch",
@@ -200,6 +200,17 @@ def source_config(model_dir: str, cfg: JobConfig) -> dict[str, Any]:
     return raw
 
 
+def _copy_model(uri: str, dest: str, cfg: JobConfig) -> None:
+    """Copy a trained model folder (local, or s3:// on an S3 root) to the new folder ``dest``."""
+    if not is_s3(uri):
+        shutil.copytree(uri, dest)
+        return
+    from raybm.results import copy_tree_to_local
+
+    fs, path = resolve_uri(uri, cfg.storage)
+    copy_tree_to_local(fs, path, dest)
+
+
 def _train_variant(model_dir: str, cfg: JobConfig, run_name: str, overrides: dict[str, Any], log) -> str:
     """Train on Ray Train from the source config with ``overrides``; returns the model folder."""
     from raybm.train import run_training
@@ -332,15 +343,56 @@ def build_mobile(variant_dir: str, out_dir: str, manifest: dict[str, Any]) -> No
 
 def run_export(cfg: JobConfig, model_spec: str, variants: list[str] | None = None,
                log: Callable[[str], None] = print) -> ExportResult:
+    """Build ``variants`` of a model under ``<root>/exports/<name>/``.
+
+    On an S3 root the model is fetched into a temporary folder, the variants are built and
+    measured there, and the finished ``exports/<name>/`` tree is uploaded (marked complete
+    last). Pruned and distilled variants train on Ray Train with the job's storage, S3 too.
+    """
     e = cfg.export
     variants = list(dict.fromkeys(variants or e.variants))
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise RaybmError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     results = Results.from_config(cfg.storage)
-    if results.remote:
-        raise RaybmError("raybm export writes to a local storage.root; copy the exports to S3 afterwards")
-    model_dir = resolve_model(model_spec, cfg.storage.root)
+    if not results.remote:
+        return _export(cfg, resolve_model(model_spec, cfg.storage.root), variants, results, log)
+    with tempfile.TemporaryDirectory(prefix="raybm-export-") as tmp:
+        source_uri = remote_model(results, model_spec)
+        log(f"fetching {source_uri} ...")
+        _, source_path = resolve_uri(source_uri, cfg.storage)
+        model_dir = results.download_dir(source_path, os.path.join(tmp, "source"))
+        local = Results(os.path.join(tmp, "out"), cfg.storage)
+        done = _export(cfg, model_dir, variants, local, log, source_uri=source_uri)
+        final = results.export_dir(done.name)
+        log(f"uploading {done.name} to {results.uri(final)} ...")
+        results.upload_dir(done.folder, final)
+        return ExportResult(done.name, results.uri(final), done.manifests, done.reference,
+                            results.uri(results.join(final, MOBILE)) if done.mobile else None)
+
+
+def remote_model(results: Results, spec: str) -> str:
+    """The URI of a model folder in an S3 results root: an s3:// model, run or sweep folder,
+    or the name of a run or sweep."""
+    if is_s3(spec):
+        _, base = resolve_uri(spec, results.storage)
+        candidates = [base, results.join(base, "model")]
+    elif "/" in spec or os.sep in spec:
+        raise RaybmError(f"--model {spec!r}: with an S3 storage.root ({results.root}), give an s3:// model "
+                         f"folder or the name of a run or sweep under it")
+    else:
+        candidates = [results.path(kind, spec, "model") for kind in ("sweeps", "runs")]
+    for folder in candidates:
+        if results.exists(results.join(folder, "label_map.json")):
+            return f"s3://{folder}"
+    raise RaybmError(f"--model {spec!r}: no model folder (with label_map.json) found as an s3:// folder or as a "
+                     f"run or sweep name under {results.root}")
+
+
+def _export(cfg: JobConfig, model_dir: str, variants: list[str], results: Results, log,
+            source_uri: str | None = None) -> ExportResult:
+    """Build the variants of the local ``model_dir`` under the local ``results`` root."""
+    e = cfg.export
     check_source(model_dir)
     if any(v in TRAINED for v in variants):
         source_config(model_dir, cfg)  # the training data must be known before anything runs
@@ -368,7 +420,7 @@ def run_export(cfg: JobConfig, model_spec: str, variants: list[str] | None = Non
             staging = results.staging_dir("exports", f"{name}-{v}")
             try:
                 settings = _build(v, model_dir, staging, work, cfg, name, out, log)
-                manifest = {"variant": v, "backend": BACKEND[v], "source": model_dir, "source_name": name,
+                manifest = {"variant": v, "backend": BACKEND[v], "source": source_uri or model_dir, "source_name": name,
                             "base_model": card.get("base_model"), "settings": settings,
                             "model_bytes": _model_bytes(staging), "build_seconds": round(time.time() - started, 1),
                             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -393,7 +445,7 @@ def run_export(cfg: JobConfig, model_spec: str, variants: list[str] | None = Non
             log(f"  {v}: {size:.1f} MB{extra} -> {os.path.join(out, v)}")
 
     mobile = _mobile(manifests, reference, out, e, results, log)
-    summary = {"name": name, "source": model_dir, "reference": reference,
+    summary = {"name": name, "source": source_uri or model_dir, "reference": reference,
                "variants": manifests, "mobile": mobile}
     results.write_json(os.path.join(out, "summary.json"), summary)
     return ExportResult(name, out, manifests, reference, mobile)
@@ -433,7 +485,7 @@ def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name
             "model": {"name": base, "keep_layers": None, "head_init": "default", "pooling": "auto"},
             "train": {"strategy": "full", "epochs": e.prune_epochs, "lr": e.prune_lr, "keep_sparsity": True,
                       "early_stopping_patience": 0, "distill_from": None}}, log)
-        shutil.copytree(trained, staging)
+        _copy_model(trained, staging, cfg)
         from raybm.evaluate import load_model_folder
 
         after = sparsity(load_model_folder(staging)[0])
@@ -449,7 +501,7 @@ def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name
             "train": {"strategy": "full", "epochs": e.distill_epochs, "lr": e.distill_lr, "distill_from": model_dir,
                       "distill_alpha": e.distill_alpha, "distill_temperature": e.distill_temperature,
                       "keep_sparsity": False, "early_stopping_patience": 0}}, log)
-        shutil.copytree(trained, staging)
+        _copy_model(trained, staging, cfg)
         return {"method": "knowledge distillation into the teacher's lowest layers", "teacher": model_dir,
                 "student_layers": e.distill_layers, "epochs": e.distill_epochs, "lr": e.distill_lr,
                 "alpha": e.distill_alpha, "temperature": e.distill_temperature, "train_run": run}

@@ -61,11 +61,28 @@ def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def check_credentials(uri: str, role: str) -> None:
+    """Raise a clear error when no AWS credentials can be found at all (the usual chain:
+    environment, profile files, the node's instance profile)."""
+    import boto3
+
+    try:
+        found = boto3.Session().get_credentials()
+    except Exception as e:  # noqa: BLE001 - a broken profile file, say
+        raise RaybmError(f"cannot read AWS credentials for {role}={uri!r}: {e}") from None
+    if found is None:
+        raise RaybmError(f"no AWS credentials for {role}={uri!r}: set AWS_ACCESS_KEY_ID and "
+                         f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or run on a node whose instance profile "
+                         f"can reach the bucket (cluster.yaml).")
+
+
 def check_bucket(fs: pafs.FileSystem, path: str, uri: str, role: str) -> None:
-    """Raise a clear error when the bucket under an S3 path is unreachable or missing.
+    """Raise a clear error when there are no credentials, or the bucket under an S3 path is
+    unreachable or missing.
 
     ``role`` names what the URI is for in messages (e.g. "data.source", "storage.root").
     """
+    check_credentials(uri, role)
     bucket = path.split("/", 1)[0]
     try:
         info = fs.get_file_info(bucket)
@@ -75,6 +92,22 @@ def check_bucket(fs: pafs.FileSystem, path: str, uri: str, role: str) -> None:
     if info.type == pafs.FileType.NotFound:
         raise RaybmError(f"S3 bucket {bucket!r} not found ({role}={uri!r}). Check the name, the endpoint "
                          f"(storage.s3_endpoint_url) and your credentials, or create the bucket.")
+
+
+def copy_tree_to_local(fs: pafs.FileSystem, path: str, local: str) -> str:
+    """Copy the folder ``path`` on ``fs`` (S3) into the local folder ``local``, subfolders
+    included (pyarrow creates the files, not their folders)."""
+    selector = pafs.FileSelector(path, recursive=True)
+    os.makedirs(local, exist_ok=True)
+    for info in fs.get_file_info(selector):
+        rel = info.path[len(path.rstrip("/")) + 1:]
+        target = os.path.join(local, *rel.split("/"))
+        if info.type == pafs.FileType.Directory:
+            os.makedirs(target, exist_ok=True)
+        elif info.type == pafs.FileType.File:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            pafs.copy_files(info.path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
 
 
 def resolve_uri(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
@@ -194,6 +227,23 @@ class Results:
         os.replace(staging, final)
         if old:
             self.fs.delete_dir(old)
+
+    def download_dir(self, path: str, local: str) -> str:
+        """Copy the folder ``path`` (on self.fs) to the new local folder ``local``."""
+        if not self.remote:
+            import shutil
+
+            shutil.copytree(path, local)
+            return local
+        return copy_tree_to_local(self.fs, path, local)
+
+    def upload_dir(self, local: str, path: str) -> None:
+        """Replace the folder ``path`` (on self.fs) with a copy of the local folder ``local``,
+        marked complete only once every file is there."""
+        if self.exists(path):
+            self.fs.delete_dir(path)
+        pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        self.mark_complete(path)
 
     def build_dir(self, kind: str, name: str) -> str:
         """Where to build an artifact: a staging folder locally, the final folder on S3."""

@@ -6,8 +6,10 @@ Never called at import time: each driver entrypoint calls ``ensure_ray`` once.
 from __future__ import annotations
 
 import os
+import socket
 
 from raybm.config import RayConfig
+from raybm.errors import RaybmError
 
 # Variables workers need that a local driver has but a cluster worker would not.
 _FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
@@ -42,8 +44,34 @@ def ensure_ray(cfg: RayConfig) -> str:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": worker_env()}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        check_address(address)
+        if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+            # A driver started by `ray job submit`: the job's runtime env (working dir, env
+            # vars given with --runtime-env-json) already applies to every worker, and Ray
+            # refuses a second one that sets the same variables.
+            runtime_env = None
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        except ConnectionError as e:
+            raise RaybmError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
         return f"the Ray cluster at {address}"
     # The dashboard also serves the state API that Ray Train's run monitor polls.
     ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env)
     return "a local Ray (embedded)"
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when the named Ray cluster cannot be reached."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RaybmError(f"ray.address / RAY_ADDRESS {address!r}: give host:port (the head's GCS port, 6379), "
+                         f"ray://host:port, or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RaybmError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}). Is the head node "
+                         f"running (`ray status` on it), and are ray.address / RAY_ADDRESS right? Unset both to "
+                         f"start a local Ray instead.") from None

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 
-from raybm.config import JobConfig, ServeConfig
+from raybm.config import JobConfig, ServeConfig, StorageConfig
 from raybm.errors import RaybmError
 
 DEFAULT_LOADER = "raybm.inference:load_predictor"
@@ -128,9 +128,11 @@ def make_server_class():
     @serve.ingress(app)
     class ModelServer:
         def __init__(self, model_dir: str, settings: dict[str, Any], loader: str | Callable = DEFAULT_LOADER,
-                     api_key_sha256: str | None = None) -> None:
+                     api_key_sha256: str | None = None, storage: dict[str, Any] | None = None) -> None:
             from raybm.inference import model_card
 
+            if model_dir.startswith("s3://"):  # each replica fetches its own copy, on any node
+                model_dir = fetch_model(model_dir, storage or {})
             self.settings = ServeConfig(**settings)
             s = self.settings
             device = "cuda" if s.gpus_per_replica > 0 else "cpu"
@@ -259,13 +261,34 @@ def read_api_key(s: ServeConfig) -> str | None:
     return api_key_digest(key)
 
 
-def build_application(model_dir: str, s: ServeConfig, loader: str | Callable = DEFAULT_LOADER):
-    """A Serve application for ``model_dir`` with the settings ``s``."""
+def fetch_model(uri: str, storage: dict[str, Any]) -> str:
+    """A local copy of the model folder at an s3:// URI (in a fresh temporary folder)."""
+    import tempfile
+
+    from raybm.results import copy_tree_to_local, resolve_uri
+
+    fs, path = resolve_uri(uri, StorageConfig(**storage))
+    return copy_tree_to_local(fs, path, os.path.join(tempfile.mkdtemp(prefix="raybm-model-"), "model"))
+
+
+def build_application(model_dir: str, s: ServeConfig, loader: str | Callable = DEFAULT_LOADER,
+                      storage: StorageConfig | None = None):
+    """A Serve application for ``model_dir`` (a local folder, or an s3:// one with the
+    ``storage`` settings to reach it) with the settings ``s``."""
     from raybm.inference import check_model_files
 
-    check_model_files(model_dir, s.backend)  # a clear error now, not a replica failing to start
+    if model_dir.startswith("s3://"):
+        from raybm.results import resolve_uri
+
+        fs, path = resolve_uri(model_dir, storage or StorageConfig())
+        if fs.get_file_info(f"{path}/label_map.json").type == 0:  # pyarrow FileType.NotFound
+            raise RaybmError(f"{model_dir}: not a model folder (no label_map.json)")
+        target = model_dir
+    else:
+        check_model_files(model_dir, s.backend)  # a clear error now, not a replica failing to start
+        target = os.path.abspath(model_dir)
     server = make_server_class().options(**deployment_options(s))
-    return server.bind(os.path.abspath(model_dir), asdict(s), loader, read_api_key(s))
+    return server.bind(target, asdict(s), loader, read_api_key(s), asdict(storage) if storage else None)
 
 
 def build_app(args: dict[str, str]):
@@ -308,13 +331,14 @@ def _serve_running() -> bool:
     return True
 
 
-def deploy(cfg: JobConfig, model_dir: str, loader: str | Callable = DEFAULT_LOADER) -> str:
+def deploy(cfg: JobConfig, model_dir: str, loader: str | Callable = DEFAULT_LOADER,
+           storage: StorageConfig | None = None) -> str:
     """Start Serve (if needed) on the configured host and port and deploy ``model_dir``;
     returns the API's URL once a replica answers. Ray must already be initialized."""
     from ray import serve
 
     s = cfg.serve
-    app = build_application(model_dir, s, loader)
+    app = build_application(model_dir, s, loader, storage)
     if not _serve_running():
         if not _port_free(s.host, s.port):
             raise RaybmError(f"port {s.port} on {s.host} is in use; pick another with serve.port=<port>")

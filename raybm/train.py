@@ -51,12 +51,49 @@ def run_name_for(cfg: JobConfig, dataset: str) -> str:
 
 
 def _use_gpu(setting: str) -> bool:
+    """Whether training asks for GPUs. ``yes`` on a cluster is taken as given even with no
+    GPU node up yet: the autoscaler starts GPU workers when trials ask for them."""
     import ray
 
     has = ray.cluster_resources().get("GPU", 0) > 0
-    if setting == "yes" and not has:
-        raise RaybmError("train.use_gpu=yes, but the Ray cluster has no GPUs; set train.use_gpu=auto or no")
+    if setting == "yes" and not has and not os.environ.get("RAY_ADDRESS") and not _joined_cluster():
+        raise RaybmError("train.use_gpu=yes, but this local Ray has no GPUs; set train.use_gpu=auto or no")
     return has if setting == "auto" else setting == "yes"
+
+
+def _joined_cluster() -> bool:
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address is not None and len(ray.nodes()) > 1
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def worker_resources(t, use_gpu: bool) -> dict[str, float]:
+    """Resources one training worker reserves."""
+    res = {"CPU": t.cpus_per_worker}
+    if use_gpu:
+        res["GPU"] = t.gpus_per_worker
+    return res
+
+
+def torch_backend(t, use_gpu: bool) -> str:
+    """The collective backend: NCCL on GPUs unless workers share one (NCCL refuses two ranks
+    on the same device), gloo on CPUs."""
+    if t.backend != "auto":
+        return t.backend
+    if not use_gpu:
+        if t.parallelism == "fsdp":
+            raise RaybmError("train.parallelism=fsdp needs GPUs (Ray Train's FSDP runs on NCCL), and this "
+                             "run has none; use train.parallelism=ddp on CPUs")
+        return "gloo"
+    if t.gpus_per_worker < 1 and t.num_workers > 1:
+        if t.parallelism == "fsdp":
+            raise RaybmError("train.parallelism=fsdp needs one GPU per worker (NCCL); set "
+                             "train.gpus_per_worker=1 or use parallelism ddp")
+        return "gloo"
+    return "nccl"
 
 
 def balanced_class_weights(report: dict, labels: list[str]) -> list[float]:
@@ -95,11 +132,12 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
                   storage_path: str, storage_filesystem, callbacks: list | None = None):
     """The TorchTrainer of one training run (a plain run or one sweep trial)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from raybm.train_loop import train_loop_per_worker
 
     t = cfg.train
+    gpu = _use_gpu(t.use_gpu)
     loop_config = {
         "job": cfg.to_dict(),
         "labels": labels,
@@ -109,8 +147,9 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=_use_gpu(t.use_gpu),
-                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=gpu,
+                                               resources_per_worker=worker_resources(t, gpu)),
+        torch_config=TorchConfig(backend=torch_backend(t, gpu)),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -128,6 +167,42 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
         # numbers anyway to agree on early stopping.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+# Settings a rerun may change and still resume the same run: where and how it runs, how
+# long (train on for more epochs), not what it trains.
+RESUMABLE_KEYS = {"num_workers", "cpus_per_worker", "torch_threads", "use_gpu", "gpus_per_worker", "backend",
+                  "max_failures", "fail_at_epoch", "log_every_steps", "epochs", "early_stopping_patience",
+                  "keep_checkpoints"}
+
+
+def recipe_differences(old: dict, new: dict) -> list[str]:
+    """Dotted ``model.*`` / ``train.*`` keys whose values differ between two job dicts."""
+    out = []
+    for section in ("model", "train"):
+        a, b = old.get(section) or {}, new.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            if section == "train" and key in RESUMABLE_KEYS:
+                continue
+            if a.get(key) != b.get(key):
+                out.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out
+
+
+def check_same_recipe(results: Results, run_dir: str, run_name: str, cfg: JobConfig) -> None:
+    """Refuse to resume a run that was started with another model or training recipe
+    (Ray Train would resume it from its checkpoints without looking)."""
+    import yaml
+
+    path = results.join(run_dir, CONFIG_FILE)
+    if not results.exists(path):
+        return
+    old = yaml.safe_load(results.read_text(path)) or {}
+    diff = recipe_differences(old, cfg.to_dict())
+    if diff:
+        raise RaybmError(f"run {run_name!r} already exists in {results.uri(run_dir)} with another training "
+                         f"recipe ({'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}). Rerun with the same "
+                         f"settings to resume it, set another name, or delete the run folder.")
 
 
 def failure_reason(e: BaseException) -> str:
@@ -153,6 +228,7 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
                             run_name=run_name, storage_path=results.path("runs"), storage_filesystem=results.fs)
     log(f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"
         f"{' on GPU' if _use_gpu(t.use_gpu) else ''}, {t.epochs} epoch(s) -> {results.uri(run_dir)}")
+    check_same_recipe(results, run_dir, run_name, cfg)
     results.write_text(results.join(run_dir, CONFIG_FILE), cfg.to_yaml())
     try:
         result = trainer.fit()

@@ -92,10 +92,10 @@ def _amp(device, precision: str):
 
 
 def _save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list[str], state: dict,
-                     metrics: dict) -> None:
+                     metrics: dict, weights: dict | None = None) -> None:
     import torch
 
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(folder)
     with open(os.path.join(folder, "label_map.json"), "w", encoding="utf-8") as f:
         json.dump({"labels": labels, "label_to_id": {lab: i for i, lab in enumerate(labels)}}, f, indent=2)
@@ -106,14 +106,36 @@ def _save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list
         json.dump(metrics, f, indent=2)
 
 
-def _load_checkpoint(folder: str, model, optimizer) -> dict:
+def _load_checkpoint(folder: str, model) -> dict:
+    """Load the weights into ``model``; return the training state (optimizer, epoch ...)."""
     import torch
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=False)
-    state = torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    return state
+    return torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=True)
+
+
+def _fsdp_full_state(wrapped, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) full state dicts of an FSDP model, gathered to rank 0 (a collective:
+    every rank calls it)."""
+    from torch.distributed.fsdp import FullStateDictConfig, FullOptimStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
+                              FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=False)):
+        return wrapped.state_dict(), FSDP.optim_state_dict(wrapped, optimizer)
+
+
+def _fsdp_optim_to_load(wrapped, optimizer, full: dict) -> dict:
+    """This rank's optimizer state out of a full one (the state dict type must be set)."""
+    from torch.distributed.fsdp import FullStateDictConfig, FullOptimStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=True, rank0_only=False),
+                              FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=False)):
+        return FSDP.optim_state_dict_to_load(wrapped, optimizer, full)
 
 
 def _validate(model, data, device, batch_size: int, num_classes: int, labels: list[str], loss_fn):
@@ -179,9 +201,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_classifier(cfg.model, labels, pretrained=t.strategy != "scratch", seed=t.seed)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     model.to(device)
-    optimizer = build_optimizer(model, t)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) \
         if config.get("class_weights") else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=t.label_smoothing)
@@ -197,9 +216,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed_from = 0  # epochs already done when this attempt started (0: a fresh run)
     history: list[dict[str, Any]] = []  # every epoch's metrics, kept in the checkpoints
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    state = None
+    if checkpoint is not None:  # the weights go in before wrapping, the optimizer state after
         with checkpoint.as_directory() as folder:
-            state = _load_checkpoint(folder, model, optimizer)
+            state = _load_checkpoint(folder, model)
         start_epoch, step = state["epoch"] + 1, state["step"]
         best, bad_epochs, resumed = state.get("best"), state.get("bad_epochs", 0), True
         resumed_from = start_epoch
@@ -207,10 +227,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             say(f"resuming from the checkpoint of epoch {state['epoch'] + 1}")
 
-    parallel = {"parallel_strategy": t.parallelism}
-    if t.parallelism == "ddp" and t.strategy in ("partial", "gradual"):
+    fsdp = t.parallelism == "fsdp"
+    parallel: dict[str, Any] = {"parallel_strategy": t.parallelism}
+    if fsdp:
+        # Original parameters stay visible (names for layer-wise LR and weight-decay groups,
+        # freezing by strategy); the optimizer is built over them after wrapping.
+        parallel["parallel_strategy_kwargs"] = {"use_orig_params": True}
+    elif t.strategy in ("partial", "gradual"):
         parallel["parallel_strategy_kwargs"] = {"find_unused_parameters": True}
     wrapped = ray.train.torch.prepare_model(model, move_to_device=False, **parallel)
+    optimizer = build_optimizer(model, t)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    if state is not None:
+        optimizer.load_state_dict(_fsdp_optim_to_load(wrapped, optimizer, state["optimizer"])
+                                  if fsdp else state["optimizer"])
     amp_dtype, use_scaler = _amp(device, t.precision)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     train_shard = ray.train.get_dataset_shard("train")
@@ -226,7 +257,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             raise RuntimeError(f"injected failure at the start of epoch {epoch + 1} (train.fail_at_epoch)")
         n_trainable = apply_strategy(model, t, epoch)
         wrapped.train()
-        started, seen, loss_sum, micro = time.time(), 0, 0.0, 0
+        started, seen, micro = time.time(), 0, 0
+        loss_acc = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         epoch_steps = 0
         warm_steps = min(3, steps_per_epoch // 4)  # steady-state rate: after these steps
         warm_time, warm_seen = started, 0
@@ -243,14 +277,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 loss = loss + t.l1 * sum(p.abs().sum() for p in trainable_params if p.requires_grad and p.dim() > 1)
             (scaler.scale(loss / t.grad_accum) if scaler else loss / t.grad_accum).backward()
             seen += len(batch["labels"])
-            loss_sum += float(loss.item()) * len(batch["labels"])
+            loss_acc += loss.detach() * len(batch["labels"])
             micro += 1
             if micro % t.grad_accum:
                 continue
             if scaler:
                 scaler.unscale_(optimizer)
             if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
+                if fsdp:  # the norm over every rank's shard
+                    wrapped.clip_grad_norm_(t.grad_clip)
+                else:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
             factor = lr_factor(step, t, steps_per_epoch, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
@@ -272,15 +309,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 rate = seen * world / max(1e-9, time.time() - started)
                 left = (steps_per_epoch - epoch_steps) * t.batch_size * t.grad_accum * world / max(rate, 1e-9)
                 say(f"epoch {epoch + 1}/{t.epochs} step {epoch_steps}/{steps_per_epoch} "
-                    f"loss {loss_sum / max(1, seen):.4f} {rate:.1f} samples/s ETA {left:.0f}s")
+                    f"loss {float(loss_acc) / max(1, seen):.4f} {rate:.1f} samples/s ETA {left:.0f}s")
             if epoch_steps >= steps_per_epoch:
                 break
+        loss_sum = float(loss_acc)  # waits for the device
         train_end = time.time()
         train_time = train_end - started
 
         # 3. Validate on the whole validation split.
-        # The unwrapped module: a forward through DDP outside training would expect a backward.
-        val = _validate(model, val_data, device, t.eval_batch_size, len(labels), labels, eval_loss_fn)
+        # DDP: the unwrapped module (a forward through DDP outside training would expect a
+        # backward). FSDP: the wrapped one, which gathers the sharded weights.
+        val = _validate(wrapped if fsdp else model, val_data, device, t.eval_batch_size, len(labels), labels, eval_loss_fn)
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen),
                    "lr": optimizer.param_groups[-1]["lr"], "samples_per_s": seen * world / max(1e-9, train_time),
                    "steady_samples_per_s": (seen - warm_seen) * world / max(1e-9, train_end - warm_time),
@@ -288,6 +327,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "trainable_params": n_trainable, "resumed_from_epoch": resumed_from,
                    "val_examples": val["examples"], **flat(val, "val_"),
                    "val_per_class": json.dumps(val["per_class"]), "val_confusion_matrix": json.dumps(val["confusion_matrix"])}
+        if device.type == "cuda":
+            metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         pg = ray.util.get_current_placement_group()
         if pg is not None:  # lets a sweep free a stopped trial's workers (raybm.tune)
             metrics["placement_group"] = pg.id.hex()
@@ -305,11 +346,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"val_f1_macro {metrics['val_f1_macro']:.4f} ({metrics['samples_per_s']:.1f} samples/s)")
 
         # 4. Report with a checkpoint (written by rank 0 only).
+        full_weights, optim_state = _fsdp_full_state(wrapped, optimizer) if fsdp else (None, optimizer.state_dict())
         state = {"epoch": epoch, "step": step, "best": best, "bad_epochs": bad_epochs,
-                 "optimizer": optimizer.state_dict(), "history": history}
+                 "optimizer": optim_state, "history": history}
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                _save_checkpoint(tmp, model, tokenizer, cfg, labels, state, history[-1])
+                _save_checkpoint(tmp, model, tokenizer, cfg, labels, state, history[-1], weights=full_weights)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics, checkpoint=None)

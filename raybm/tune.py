@@ -73,6 +73,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
     """The job config of one trial: the base config with the trial's sampled values."""
     raw = merge_raw(base, nested(params))
     raw["tune"] = dict(raw["tune"], search_space={})
+    raw["pipeline"] = dict(raw.get("pipeline") or {}, stages=[])
     return build_config(raw)
 
 
@@ -159,7 +160,7 @@ def trial_resources(cfg: JobConfig, tokenizes: bool) -> dict[str, float]:
 
     t = cfg.train
     cpu = t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU + (TRIAL_TOKENIZER_CPU if tokenizes else 0)
-    return {"CPU": cpu, "GPU": float(t.num_workers) if _use_gpu(t.use_gpu) else 0.0}
+    return {"CPU": cpu, "GPU": t.num_workers * t.gpus_per_worker if _use_gpu(t.use_gpu) else 0.0}
 
 
 def concurrent_trials(cfg: JobConfig, tokenizes: bool) -> int:
@@ -169,7 +170,8 @@ def concurrent_trials(cfg: JobConfig, tokenizes: bool) -> int:
     need = trial_resources(cfg, tokenizes)
     have = ray.cluster_resources()
     if need["GPU"]:
-        fits = max(1, int(have.get("GPU", 0) // need["GPU"]))
+        gpus = cfg.tune.cluster_gpus or have.get("GPU", 0)
+        fits = max(1, int(gpus // need["GPU"]))
     else:
         fits = max(1, int(have.get("CPU", 1) // need["CPU"]))
     wanted = cfg.tune.max_concurrent_trials
@@ -177,7 +179,7 @@ def concurrent_trials(cfg: JobConfig, tokenizes: bool) -> int:
         return fits
     # A local Ray cannot grow: trials beyond what fits would only wait for workers. A
     # cluster may autoscale, so there the setting is taken as given.
-    if wanted > fits and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+    if wanted > fits and not cfg.tune.cluster_gpus and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         return fits
     return wanted
 
@@ -200,7 +202,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     name = sweep_name_for(cfg, prepared.name)
     sweep_dir = results.sweep_dir(name)
     tune_path = results.join(sweep_dir, TUNE_DIR)
-    can_restore = tune.Tuner.can_restore(results.uri(tune_path) if results.remote else tune_path,
+    can_restore = tune.Tuner.can_restore(tune_path,
                                          storage_filesystem=results.fs)
     if results.is_complete(sweep_dir):
         done = load_sweep(results, name)
@@ -234,7 +236,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     if can_restore:
         log(f"Resuming sweep {name!r}: finished trials are kept, unfinished ones continue from their "
             f"last checkpoint{'; failed trials are retried' if retry_errored else ''}")
-        tuner = tune.Tuner.restore(results.uri(tune_path) if results.remote else tune_path, trainable,
+        tuner = tune.Tuner.restore(tune_path, trainable,
                                    resume_unfinished=True, resume_errored=retry_errored,
                                    storage_filesystem=results.fs)
     else:
@@ -254,7 +256,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(
-                name=TUNE_DIR, storage_path=results.uri(sweep_dir) if results.remote else sweep_dir,
+                name=TUNE_DIR, storage_path=sweep_dir,  # stripped of s3://: the filesystem is given
                 storage_filesystem=results.fs,
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
                 callbacks=[_resource_releaser()],

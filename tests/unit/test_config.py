@@ -106,3 +106,25 @@ def test_config_round_trips_through_yaml(tmp_path):
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
     assert config_hash(again.data) == config_hash(cfg.data)
     assert config_hash(build_config(overrides=["data.seed=1"]).data) != config_hash(cfg.data)
+
+
+def test_yes_and_no_choices_survive_yaml_booleans(tmp_path):
+    assert build_config(overrides=["train.use_gpu=yes"]).train.use_gpu == "yes"
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  use_gpu: no\n")
+    assert load_config(path, []).train.use_gpu == "no"
+
+
+def test_pipeline_stages_are_checked():
+    from raybm.config import pipeline_stages
+
+    assert pipeline_stages(build_config({})) == ["data", "train", "export", "deploy"]
+    swept = build_config(overrides=["tune.search_space={train.lr: 'grid([1e-4, 3e-4])'}"])
+    assert pipeline_stages(swept) == ["data", "tune", "export", "deploy"]
+    explicit = build_config(overrides=["pipeline.stages=[data, tune]",
+                                       "tune.search_space={train.lr: 'grid([1e-4, 3e-4])'}"])
+    assert pipeline_stages(explicit) == ["data", "tune"]
+    for stages, message in (("[data, deploy, tune]", "in the order"), ("[data, train, tune]", "not both"),
+                            ("[data, tune]", "tune.search_space is empty"), ("[data, fit]", "unknown stage")):
+        with pytest.raises(ConfigError, match=message):
+            build_config(overrides=[f"pipeline.stages={stages}"])

@@ -39,11 +39,11 @@ def test_a_mean_pooled_model_exports_to_onnx_and_quantizes(tmp_path):
     assert q.shape == ref.shape and np.allclose(q.sum(1), 1, atol=1e-4)
 
 
-def test_unknown_variants_and_remote_roots_are_refused(tiny_model_dir, tmp_path):
+def test_unknown_variants_and_local_models_for_remote_roots_are_refused(tiny_model_dir, tmp_path):
     cfg = build_config(overrides=[f"storage.root={tmp_path}"])
     with pytest.raises(RaybmError, match="unknown variant"):
         run_export(cfg, tiny_model_dir, ["tflite"], log=lambda _: None)
-    with pytest.raises(RaybmError, match="local storage.root"):
+    with pytest.raises(RaybmError, match="with an S3 storage.root .* give an s3:// model folder"):
         run_export(build_config(overrides=["storage.root=s3://bucket/x"]), tiny_model_dir, ["onnx"])
     assert not (tmp_path / "exports").exists()
 

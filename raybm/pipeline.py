@@ -1,0 +1,309 @@
+"""The whole job in one command: data -> train or tune -> test -> export -> deploy.
+
+``raybm pipeline --config job.yaml`` (or ``python jobs/pipeline.py``, the entrypoint that
+``ray job submit`` runs) chains the stages of one config. Each stage first looks for its
+output: a prepared dataset, a finished run or sweep, a finished export, and skips the stage
+when it is there; an interrupted run or sweep resumes from its checkpoints. So rerunning the
+same command after a failure (or a lost driver) picks up where it stopped.
+
+Before deploying, the release gate compares the model's test macro-F1 and its median
+single-sentence latency with ``pipeline.min_test_f1`` and ``pipeline.max_latency_ms``. A
+model that misses either is not deployed: whatever is being served keeps serving, and the
+summary says why.
+
+Each pipeline writes ``<root>/pipelines/<name>/summary.json`` as it goes (stage, status,
+seconds, outputs, gate), and ``_SUCCESS`` when every stage finished. The dashboard lists it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from raybm.config import JobConfig, config_hash, pipeline_stages
+from raybm.errors import RaybmError
+from raybm.results import Results, is_s3
+
+PIPELINES_DIR = "pipelines"
+SUMMARY_FILE = "summary.json"
+
+
+def pipeline_name(cfg: JobConfig, dataset: str) -> str:
+    """The config's name, or one derived from what the pipeline produces (so rerunning some
+    of its stages, or changing the gate, reports into the same summary)."""
+    if cfg.name:
+        return cfg.name
+
+    @dataclasses.dataclass
+    class _Key:
+        model: Any
+        train: Any
+        tune: Any
+        export: Any
+
+    return f"{dataset}-{cfg.model.name.replace('/', '_')}-pipeline-" \
+           f"{config_hash(_Key(cfg.model, cfg.train, cfg.tune, cfg.export))}"
+
+
+def preflight(cfg: JobConfig):
+    """Checks that need no Ray and cost seconds: the storage is reachable (bucket,
+    credentials), the data source exists, an API key is set. Returns the resolved source."""
+    from raybm.data.sources import resolve_source
+    from raybm.serving import read_api_key
+
+    Results.from_config(cfg.storage).check_reachable()
+    source = resolve_source(cfg.data, cfg.storage)
+    if "deploy" in pipeline_stages(cfg):
+        read_api_key(cfg.serve)
+    return source
+
+
+class _Summary:
+    """summary.json, rewritten after every stage so a dashboard sees progress."""
+
+    def __init__(self, results: Results, name: str, cfg: JobConfig, stages: list[str]) -> None:
+        self.results, self.folder = results, results.path(PIPELINES_DIR, name)
+        self.data: dict[str, Any] = {
+            "name": name, "status": "running", "stages_planned": stages, "stages": {},
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "root": cfg.storage.root,
+            "ray": os.environ.get("RAY_ADDRESS") or cfg.ray.address or "local (embedded)",
+            "gate": {"min_test_f1": cfg.pipeline.min_test_f1, "max_latency_ms": cfg.pipeline.max_latency_ms},
+        }
+        if results.exists(results.join(self.folder, "_SUCCESS")):
+            results.fs.delete_file(results.join(self.folder, "_SUCCESS"))
+        self.results.write_text(results.join(self.folder, "config.yaml"), cfg.to_yaml())
+        self.write()
+
+    def write(self) -> None:
+        self.results.write_json(self.results.join(self.folder, SUMMARY_FILE), self.data)
+
+    def stage(self, stage: str, info: dict[str, Any]) -> None:
+        self.data["stages"][stage] = info
+        self.write()
+
+    def finish(self, status: str) -> None:
+        self.data.update(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.write()
+        if status == "succeeded":
+            self.results.mark_complete(self.folder)
+
+
+def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the configured stages; returns the summary (also written under pipelines/)."""
+    from raybm.data import run_data_stage
+
+    stages = pipeline_stages(cfg)
+    results = Results.from_config(cfg.storage)
+    started = time.time()
+    log(f"Pipeline: {' -> '.join(stages)}  (results: {cfg.storage.root})")
+
+    # The data stage always runs first when listed; without it the dataset must exist.
+    t0 = time.time()
+    prepared = run_data_stage(cfg, source=source, log=log)
+    name = pipeline_name(cfg, prepared.name)
+    summary = _Summary(results, name, cfg, stages)
+    state: dict[str, Any] = {"dataset": prepared.name}
+    if "data" in stages:
+        summary.stage("data", {"status": "skipped" if prepared.reused else "done",
+                               "seconds": round(time.time() - t0, 1), "dataset": prepared.name,
+                               "path": prepared.path, "rows": prepared.report.get("rows_kept")})
+
+    runners = {"train": _train, "tune": _tune, "export": _export, "deploy": _deploy}
+    for stage in stages[1:] if stages[0] == "data" else stages:
+        log(f"\n== pipeline stage: {stage}")
+        t0 = time.time()
+        try:
+            info = runners[stage](cfg, results, state, log)
+        except BaseException as e:
+            summary.stage(stage, {"status": "failed", "seconds": round(time.time() - t0, 1),
+                                  "error": f"{type(e).__name__}: {e}",
+                                  "traceback": traceback.format_exc(limit=6)[-4000:]})
+            summary.finish("failed")
+            raise
+        info.setdefault("status", "done")
+        info["seconds"] = round(time.time() - t0, 1)
+        summary.stage(stage, info)
+    summary.data["seconds"] = round(time.time() - started, 1)
+    summary.finish("succeeded")
+    log(f"\nPipeline {name!r} finished in {time.time() - started:.0f}s: "
+        f"{results.uri(results.join(summary.folder, SUMMARY_FILE))}")
+    return summary.data
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _model_stage_output(cfg: JobConfig, results: Results, state: dict[str, Any]) -> None:
+    """The model a later stage needs when this pipeline did not train it (already trained
+    by an earlier pipeline or command with the same config)."""
+    if "model" in state:
+        return
+    from raybm.serving import default_model_for
+
+    model = default_model_for(cfg)  # a clear error when nothing was trained yet
+    state["model"] = results.uri(model)
+    folder = posix_parent(model)
+    for pointer in ("metrics.json", "winner.json"):  # a run's metrics, a sweep's winner
+        if results.exists(results.join(folder, pointer)):
+            state["test"] = results.read_json(results.join(folder, pointer)).get("test")
+            break
+
+
+def posix_parent(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else path
+
+
+def _train(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
+    from raybm.train import METRICS_FILE, run_name_for, run_training
+
+    run_dir = results.run_dir(run_name_for(cfg, state["dataset"]))
+    if results.is_complete(run_dir):
+        metrics = results.read_json(results.join(run_dir, METRICS_FILE))
+        log(f"Run {metrics['run']!r} is already complete: {results.uri(run_dir)}")
+        state.update(model=results.uri(results.join(run_dir, "model")), test=metrics["test"])
+        return {"status": "skipped", "run": metrics["run"], "model": state["model"], "test": _short(metrics["test"])}
+    result = run_training(cfg, log=log)
+    state.update(model=result.model_dir, test=result.metrics["test"])
+    return {"run": result.run_name, "model": result.model_dir, "best_epoch": result.metrics["best_epoch"],
+            "test": _short(result.metrics["test"])}
+
+
+def _tune(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
+    from raybm.tune import format_leaderboard, run_sweep, sweep_name_for
+
+    was_done = results.is_complete(results.sweep_dir(sweep_name_for(cfg, state["dataset"])))
+    result = run_sweep(cfg, log=log)
+    if not was_done:
+        log(format_leaderboard(result.leaderboard, cfg.tune.metric))
+    w = result.winner
+    state.update(model=result.model_dir, test=w["test"])
+    return {"status": "skipped" if was_done else "done", "sweep": result.name, "model": result.model_dir,
+            "trials": len(result.leaderboard), "winner": w.get("values"), "validation": w.get("validation"),
+            "test": _short(w["test"])}
+
+
+def _short(test: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not test:
+        return None
+    return {k: test[k] for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "examples") if k in test}
+
+
+def _export(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
+    from raybm.export import run_export
+
+    _model_stage_output(cfg, results, state)
+    name = os.path.basename(posix_parent(state["model"]))
+    out = results.export_dir(name)
+    summary_path = results.join(out, SUMMARY_FILE)
+    if results.exists(summary_path):
+        done = results.read_json(summary_path)
+        if set(cfg.export.variants) <= set(done.get("variants", {})) and \
+                (not results.remote or results.is_complete(out)):
+            log(f"Exports of {name!r} are already there: {results.uri(out)}")
+            state["export"] = results.uri(out)
+            return {"status": "skipped", "folder": results.uri(out), "variants": _variants(done["variants"])}
+    result = run_export(cfg, state["model"], log=log)
+    state["export"] = result.folder
+    return {"folder": result.folder, "variants": _variants(result.manifests), "mobile": result.mobile}
+
+
+def _variants(manifests: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for v, m in manifests.items():
+        measured = m.get("measured") or {}
+        out[v] = {"model_bytes": m.get("model_bytes"), "accuracy": measured.get("accuracy"),
+                  "f1_macro": measured.get("f1_macro"), "latency_p50_ms": measured.get("latency_p50_ms")}
+    return out
+
+
+def serving_folder(cfg: JobConfig, state: dict[str, Any]) -> tuple[str, str]:
+    """(model folder URI, backend) that the deploy stage serves: the ONNX int8 export for
+    ``serve.backend=onnx`` (or ``auto`` when it exists), else the trained model."""
+    backend = cfg.serve.backend
+    export = state.get("export")
+    if backend in ("onnx", "auto") and export:
+        for v in ("onnx-int8", "onnx"):
+            if v in cfg.export.variants:
+                return f"{export.rstrip('/')}/{v}", "onnx"
+    if backend == "onnx":
+        raise RaybmError("serve.backend=onnx needs an ONNX export: add onnx-int8 or onnx to export.variants "
+                         "and the export stage to pipeline.stages")
+    return state["model"], "torch" if backend == "auto" else backend
+
+
+def _local_copy(results: Results, uri: str, tmp: str) -> str:
+    if not is_s3(uri):
+        return uri
+    from raybm.results import resolve_uri
+
+    _, path = resolve_uri(uri, results.storage)
+    return results.download_dir(path, os.path.join(tmp, os.path.basename(path.rstrip("/"))))
+
+
+def release_gate(cfg: JobConfig, test: dict[str, Any] | None, latency_ms: float | None) -> list[str]:
+    """Reasons not to deploy (empty: deploy)."""
+    p, reasons = cfg.pipeline, []
+    if p.min_test_f1 is not None:
+        if not test:
+            reasons.append("no test metrics for this model")
+        elif test["f1_macro"] < p.min_test_f1:
+            reasons.append(f"test macro-F1 {test['f1_macro']:.4f} < pipeline.min_test_f1 {p.min_test_f1}")
+    if p.max_latency_ms is not None and latency_ms is not None and latency_ms > p.max_latency_ms:
+        reasons.append(f"median latency {latency_ms:.1f} ms > pipeline.max_latency_ms {p.max_latency_ms}")
+    return reasons
+
+
+def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
+    from raybm.export import measure
+    from raybm.serving import deploy, post_texts, read_api_key
+
+    _model_stage_output(cfg, results, state)
+    folder, backend = serving_folder(cfg, state)
+    latency = None
+    if cfg.pipeline.max_latency_ms is not None:
+        with tempfile.TemporaryDirectory(prefix="raybm-gate-") as tmp:
+            timed = measure(_local_copy(results, folder, tmp), backend, None, None, cfg.pipeline.latency_samples)
+        latency = timed["latency_p50_ms"]
+        log(f"release gate: median single-sentence latency {latency:.1f} ms ({backend})")
+    test = state.get("test")
+    reasons = release_gate(cfg, test, latency)
+    info: dict[str, Any] = {"model": folder, "backend": backend, "latency_p50_ms": latency,
+                            "test_f1_macro": (test or {}).get("f1_macro")}
+    if reasons:
+        log("release gate: NOT deploying - " + "; ".join(reasons) +
+            ". Whatever is being served now keeps serving.")
+        return {**info, "status": "held", "reasons": reasons}
+    log(f"release gate: passed; deploying {folder} ({backend})")
+    served = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, backend=backend))
+    url = deploy(served, folder, storage=cfg.storage if is_s3(folder) else None)
+    key = os.environ.get(cfg.serve.api_key_env, "") if cfg.serve.api_key_env else ""
+    read_api_key(cfg.serve)
+    info["url"] = url
+    texts = cfg.pipeline.smoke_texts
+    if texts:
+        answer = post_texts(url, texts, api_key=key or None)
+        for text, p in zip(texts, answer["predictions"]):
+            log(f"  {p['label']:<10} {p['confidence']:.3f}  {text}")
+        info["smoke_test"] = [{"text": t, "label": p["label"], "confidence": p["confidence"]}
+                              for t, p in zip(texts, answer["predictions"])]
+    log(f"Serving at {url}/predict")
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        if cfg.pipeline.keep_serving:
+            log("Serving until Ctrl-C (pipeline.keep_serving).")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        from ray import serve
+
+        serve.shutdown()
+        log("Local Ray: the deployment ended with the pipeline (set pipeline.keep_serving=true to keep it, "
+            "or run the job on a cluster).")
+        info["note"] = "embedded Ray: served for the smoke test, then stopped"
+    return info

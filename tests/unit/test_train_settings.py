@@ -1,0 +1,62 @@
+"""Training settings decided on the driver: worker resources, the collective backend, and
+the guard against resuming a run with another recipe."""
+
+import pytest
+
+from raybm.config import build_config
+from raybm.errors import ConfigError, RaybmError
+from raybm.results import CONFIG_FILE, Results
+from raybm.train import check_same_recipe, recipe_differences, torch_backend, worker_resources
+
+
+def train_cfg(*overrides):
+    return build_config(overrides=list(overrides)).train
+
+
+def test_workers_reserve_their_share_of_a_gpu():
+    assert worker_resources(train_cfg("train.cpus_per_worker=2"), use_gpu=False) == {"CPU": 2.0}
+    assert worker_resources(train_cfg("train.gpus_per_worker=0.5"), use_gpu=True) == {"CPU": 1.0, "GPU": 0.5}
+
+
+def test_backend_is_nccl_on_gpus_and_gloo_when_workers_share_one():
+    assert torch_backend(train_cfg(), use_gpu=False) == "gloo"
+    assert torch_backend(train_cfg(), use_gpu=True) == "nccl"
+    assert torch_backend(train_cfg("train.num_workers=2", "train.gpus_per_worker=0.5"), use_gpu=True) == "gloo"
+    assert torch_backend(train_cfg("train.backend=nccl"), use_gpu=False) == "nccl"  # the user's word wins
+
+
+def test_fsdp_needs_gpus_and_nccl():
+    with pytest.raises(RaybmError, match="fsdp needs GPUs"):
+        torch_backend(train_cfg("train.parallelism=fsdp"), use_gpu=False)
+    with pytest.raises(RaybmError, match="one GPU per worker"):
+        torch_backend(train_cfg("train.parallelism=fsdp", "train.num_workers=2", "train.gpus_per_worker=0.5"),
+                      use_gpu=True)
+    with pytest.raises(ConfigError, match="needs NCCL"):
+        build_config(overrides=["train.parallelism=fsdp", "train.backend=gloo"])
+    with pytest.raises(ConfigError, match="whole number"):
+        build_config(overrides=["train.gpus_per_worker=1.5"])
+
+
+def test_recipe_differences_ignore_where_a_run_runs():
+    old = build_config(overrides=["train.lr=1e-4"]).to_dict()
+    same = build_config(overrides=["train.lr=1e-4", "train.num_workers=4", "train.use_gpu=no",
+                                   "train.max_failures=3", "data.max_rows=50"]).to_dict()
+    assert recipe_differences(old, same) == []
+    other = build_config(overrides=["train.lr=3e-4", "train.precision=fp32", "model.keep_layers=3"]).to_dict()
+    diff = recipe_differences(old, other)
+    assert "train.lr: 0.0001 -> 0.0003" in diff
+    assert any(d.startswith("train.precision") for d in diff)
+    assert any(d.startswith("model.keep_layers") for d in diff)
+
+
+def test_a_run_is_not_resumed_with_another_recipe(tmp_path):
+    results = Results.from_config(build_config(overrides=[f"storage.root={tmp_path}"]).storage)
+    run_dir = results.run_dir("r1")
+    cfg = build_config(overrides=[f"storage.root={tmp_path}", "name=r1"])
+    check_same_recipe(results, run_dir, "r1", cfg)  # a new run: nothing to compare
+    results.write_text(results.join(run_dir, CONFIG_FILE), cfg.to_yaml())
+    check_same_recipe(results, run_dir, "r1", build_config(overrides=[f"storage.root={tmp_path}", "name=r1",
+                                                                        "train.num_workers=2"]))
+    with pytest.raises(RaybmError, match=r"run 'r1' already exists .* another training recipe \(train\.lr"):
+        check_same_recipe(results, run_dir, "r1", build_config(overrides=[f"storage.root={tmp_path}", "name=r1",
+                                                                            "train.lr=1e-3"]))
