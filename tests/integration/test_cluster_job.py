@@ -37,17 +37,42 @@ def free_port() -> int:
 def head(tmp_path_factory):
     """`ray start --head` on loopback; yields (job API address, GCS address); `ray stop` after."""
     gcs, dash = free_port(), free_port()
+    # Its own temp dir (short: Ray's socket paths), so the teardown stops this head's
+    # processes only, not another Ray on the machine as `ray stop` would.
+    temp = f"/tmp/raybm-head-{os.getpid()}"
     # Ray 2.60 clusters require a token (`ray start` writes it to ~/.ray/auth_token); the job
     # client below sends it as a bearer header, as `ray job submit` does with RAY_AUTH_MODE=token.
     env = dict(os.environ, RAY_DEDUP_LOGS="1", RAY_AUTH_MODE="token")
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0",
-                    "--include-dashboard=true", "--disable-usage-stats"],
+                    "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}"],
                    check=True, env=env, capture_output=True, timeout=180)
     try:
         yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_processes_under(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_processes_under(temp: str) -> None:
+    """Stop the head's processes (those naming its temp dir) and all their descendants
+    (workers and agents, whose command lines do not name it)."""
+    found = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
+    pids, frontier = set(map(int, found)), list(map(int, found))
+    while frontier:
+        kids = subprocess.run(["pgrep", "-P", str(frontier.pop())], capture_output=True, text=True).stdout.split()
+        for kid in map(int, kids):
+            if kid not in pids:
+                pids.add(kid)
+                frontier.append(kid)
+    pids.discard(os.getpid())
+    for sig in (15, 9):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +163,10 @@ def test_pipeline_job_runs_every_stage_and_the_rerun_skips_them(head, tmp_path, 
     # On a cluster the deployment outlives the job that made it.
     answer = post(deploy["url"], ["a great product, works perfectly", "broken on arrival"])
     assert [p["label"] in ("neg", "pos") for p in answer["predictions"]] == [True, True]
+
+    # `serve shutdown` frees the replica's CPU on this 2-CPU head for the next job.
+    subprocess.run([str(Path(sys.executable).with_name("serve")), "shutdown", "-a", address, "-y"], check=True,
+                   env=dict(os.environ, RAY_AUTH_MODE="token"), capture_output=True, timeout=120)
 
     # The same job again: every stage finds its output and is skipped.
     status, logs = submit(address, config, "--stages", "data,tune,export")
