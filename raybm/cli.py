@@ -165,13 +165,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import time
 
     from raybm.inference import model_card, resolve_model
+    from raybm.results import Results
     from raybm.runtime import ensure_ray
     from raybm.serving import DEFAULT_LOADER, deploy, default_model_for, post_texts, read_api_key
 
     cfg = load_config(args.config, args.overrides)
     s = cfg.serve
-    model_dir = resolve_model(args.model, cfg.storage.root) if args.model else default_model_for(cfg)
-    card = model_card(model_dir)
+    results = Results.from_config(cfg.storage)
+    storage = None
+    if results.remote or (args.model or "").startswith("s3://"):
+        # Replicas fetch the model from S3 themselves (on whichever node they run).
+        from raybm.export import remote_model
+
+        results.check_reachable()
+        model_dir = remote_model(results, args.model) if args.model else results.uri(default_model_for(cfg))
+        card, storage = {"name": model_dir.rstrip("/").rsplit("/", 2)[-2]}, cfg.storage
+    else:
+        model_dir = resolve_model(args.model, cfg.storage.root) if args.model else default_model_for(cfg)
+        card = model_card(model_dir)
     read_api_key(s)  # a missing key fails before Ray starts
     on_cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if args.detach and not on_cluster:
@@ -179,7 +190,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          "RAY_ADDRESS) the server lives only as long as this command")
     print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
     print(f"Deploying {card['name']} ({model_dir}), backend {s.backend} ...", flush=True)
-    url = deploy(cfg, model_dir, args.loader or DEFAULT_LOADER)
+    url = deploy(cfg, model_dir, args.loader or DEFAULT_LOADER, storage=storage)
     test = card.get("test_metrics") or {}
     if test:
         print(f"  test accuracy {test['accuracy']:.4f}  macro-F1 {test['f1_macro']:.4f}  labels {card['labels']}")
