@@ -224,7 +224,13 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     # 2. The trainer: one worker per data-parallel replica.
     run_name = run_name_for(cfg, prepared.name)
     run_dir = results.run_dir(run_name)
-    trainer = build_trainer(cfg, labels=labels, report=prepared.report, datasets=tokenized_datasets(cfg, splits),
+    datasets = tokenized_datasets(cfg, splits)
+    if not cfg.data.augment.enabled:
+        # Tokenized once, into Ray's object store: every epoch then reads it as it is instead
+        # of starting tokenizer actors again for each pass (15-25 s a pass on a GPU machine,
+        # BENCHMARKS.md). Augmented text differs per epoch, so it stays a lazy pipeline.
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    trainer = build_trainer(cfg, labels=labels, report=prepared.report, datasets=datasets,
                             run_name=run_name, storage_path=results.path("runs"), storage_filesystem=results.fs)
     log(f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"
         f"{' on GPU' if _use_gpu(t.use_gpu) else ''}, {t.epochs} epoch(s) -> {results.uri(run_dir)}")

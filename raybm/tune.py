@@ -167,8 +167,13 @@ def concurrent_trials(cfg: JobConfig, tokenizes: bool) -> int:
     """Trials that fit the cluster at once (``tune.max_concurrent_trials`` wins if set)."""
     import ray
 
-    need = trial_resources(cfg, tokenizes)
-    have = ray.cluster_resources()
+    on_cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    return trials_that_fit(cfg, trial_resources(cfg, tokenizes), ray.cluster_resources(), on_cluster)
+
+
+def trials_that_fit(cfg: JobConfig, need: dict[str, float], have: dict[str, float], on_cluster: bool) -> int:
+    """GPU sweeps: the cluster's GPUs (``tune.cluster_gpus``, or those it has now) over a
+    trial's; CPU sweeps: CPUs over CPUs. At least 1."""
     if need["GPU"]:
         gpus = cfg.tune.cluster_gpus or have.get("GPU", 0)
         fits = max(1, int(gpus // need["GPU"]))
@@ -179,7 +184,7 @@ def concurrent_trials(cfg: JobConfig, tokenizes: bool) -> int:
         return fits
     # A local Ray cannot grow: trials beyond what fits would only wait for workers. A
     # cluster may autoscale, so there the setting is taken as given.
-    if wanted > fits and not cfg.tune.cluster_gpus and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+    if wanted > fits and not cfg.tune.cluster_gpus and not on_cluster:
         return fits
     return wanted
 

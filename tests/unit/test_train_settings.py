@@ -60,3 +60,24 @@ def test_a_run_is_not_resumed_with_another_recipe(tmp_path):
     with pytest.raises(RaybmError, match=r"run 'r1' already exists .* another training recipe \(train\.lr"):
         check_same_recipe(results, run_dir, "r1", build_config(overrides=[f"storage.root={tmp_path}", "name=r1",
                                                                             "train.lr=1e-3"]))
+
+
+def test_gpu_sweeps_run_as_many_trials_as_the_cluster_gpus_fit():
+    from raybm.tune import trials_that_fit
+
+    def fit(have, *overrides, on_cluster=True, gpu=True):
+        cfg = build_config(overrides=list(overrides))
+        t = cfg.train
+        need = {"CPU": t.num_workers * t.cpus_per_worker + 0.05,
+                "GPU": t.num_workers * t.gpus_per_worker if gpu else 0.0}
+        return trials_that_fit(cfg, need, have, on_cluster)
+
+    # 16 GPUs the autoscaler may start, none up yet: 2-GPU trials -> 8 at once.
+    assert fit({"CPU": 8}, "train.num_workers=2", "tune.cluster_gpus=16") == 8
+    assert fit({"CPU": 8}, "train.num_workers=1", "tune.cluster_gpus=16") == 16
+    assert fit({"CPU": 64, "GPU": 4}, "train.num_workers=2") == 2  # the GPUs up now
+    assert fit({"CPU": 64, "GPU": 4}, "train.num_workers=2", "train.gpus_per_worker=0.5") == 4
+    assert fit({"CPU": 8}, "train.num_workers=2", "tune.cluster_gpus=16", "tune.max_concurrent_trials=3") == 3
+    # CPU sweeps: CPUs over CPUs; a local Ray cannot grow past what it has.
+    assert fit({"CPU": 8}, "train.cpus_per_worker=2", gpu=False, on_cluster=False) == 3
+    assert fit({"CPU": 2}, "tune.max_concurrent_trials=4", gpu=False, on_cluster=False) == 1
