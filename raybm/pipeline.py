@@ -102,7 +102,8 @@ def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = pr
     started = time.time()
     log(f"Pipeline: {' -> '.join(stages)}  (results: {cfg.storage.root})")
 
-    # The data stage always runs first when listed; without it the dataset must exist.
+    # Every later stage needs the dataset (and its name names the pipeline): it is prepared,
+    # or found prepared, even when the data stage is not listed; then it is not reported.
     t0 = time.time()
     prepared = run_data_stage(cfg, source=source, log=log)
     name = pipeline_name(cfg, prepared.name)

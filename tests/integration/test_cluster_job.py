@@ -140,7 +140,7 @@ def only(folder: Path) -> Path:
     return children[0]
 
 
-def test_pipeline_job_runs_every_stage_and_the_rerun_skips_them(head, tmp_path, data_csv):
+def test_pipeline_job_runs_every_stage_then_skips_them_and_the_gate_keeps_the_deployment(head, tmp_path, data_csv):
     address, _ = head
     root = tmp_path / "results"
     config = job_config(tmp_path, data_csv, root)
@@ -164,15 +164,23 @@ def test_pipeline_job_runs_every_stage_and_the_rerun_skips_them(head, tmp_path, 
     answer = post(deploy["url"], ["a great product, works perfectly", "broken on arrival"])
     assert [p["label"] in ("neg", "pos") for p in answer["predictions"]] == [True, True]
 
-    # `serve shutdown` frees the replica's CPU on this 2-CPU head for the next job.
+    # The same job again, with a release gate this model cannot pass: every stage finds its
+    # output and is skipped, the gate holds the deploy, and the running deployment stays.
+    status, logs = submit(address, config, "pipeline.min_test_f1=0.999")
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "release gate: NOT deploying - test macro-F1" in logs
+    again = json.loads((only(root / "pipelines") / "summary.json").read_text())
+    assert [s["status"] for s in again["stages"].values()] == ["skipped", "skipped", "skipped", "held"], \
+        again["stages"]
+    assert "pipeline.min_test_f1 0.999" in again["stages"]["deploy"]["reasons"][0]
+    assert post(deploy["url"], ["still serving?"])["predictions"][0]["label"] in ("neg", "pos")
+    serve_shutdown(address)
+
+
+def serve_shutdown(address: str) -> None:
+    """`serve shutdown`: frees the replica's CPU on this 2-CPU head for the next job."""
     subprocess.run([str(Path(sys.executable).with_name("serve")), "shutdown", "-a", address, "-y"], check=True,
                    env=dict(os.environ, RAY_AUTH_MODE="token"), capture_output=True, timeout=120)
-
-    # The same job again: every stage finds its output and is skipped.
-    status, logs = submit(address, config, "--stages", "data,tune,export")
-    assert status == "SUCCEEDED", logs[-3000:]
-    again = json.loads((only(root / "pipelines") / "summary.json").read_text())
-    assert [s["status"] for s in again["stages"].values()] == ["skipped"] * 3, again["stages"]
 
 
 def test_pipeline_job_on_s3_keeps_everything_in_the_bucket(head, s3_server, tmp_path, data_csv):
@@ -181,13 +189,10 @@ def test_pipeline_job_on_s3_keeps_everything_in_the_bucket(head, s3_server, tmp_
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="raybm-cluster")
     address, _ = head
-    # The release gate holds this model back: nothing is deployed, and the summary says why.
-    config = job_config(tmp_path, data_csv, "s3://raybm-cluster/team", storage__s3_endpoint_url=s3_server,
-                        pipeline__min_test_f1=0.999)
+    config = job_config(tmp_path, data_csv, "s3://raybm-cluster/team", storage__s3_endpoint_url=s3_server)
     creds = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     status, logs = submit(address, config, env_vars=creds)
     assert status == "SUCCEEDED", logs[-3000:]
-    assert "release gate: NOT deploying" in logs
 
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="raybm-cluster")
             for o in page.get("Contents", [])]
@@ -200,9 +205,16 @@ def test_pipeline_job_on_s3_keeps_everything_in_the_bucket(head, s3_server, tmp_
     summary_key = next(k for k in keys if k.startswith("team/pipelines/") and k.endswith("/summary.json"))
     summary = json.loads(s3.get_object(Bucket="raybm-cluster", Key=summary_key)["Body"].read())
     assert summary["status"] == "succeeded"
-    assert summary["stages"]["deploy"]["status"] == "held"
-    assert "test macro-F1" in summary["stages"]["deploy"]["reasons"][0]
-    assert not os.path.exists("results")  # nothing written to a local folder by mistake
+    # Deployed from the bucket: the replica fetched the ONNX export itself.
+    deploy = summary["stages"]["deploy"]
+    assert deploy["status"] == "done" and deploy["model"].startswith("s3://raybm-cluster/team/exports/")
+    assert post(deploy["url"], ["broken on arrival"])["predictions"][0]["label"] in ("neg", "pos")
+    serve_shutdown(address)
+    # Every output the job reports is in the bucket, none in a local folder.
+    assert summary["root"] == "s3://raybm-cluster/team"
+    assert summary["stages"]["data"]["path"].startswith("s3://raybm-cluster/team/data/")
+    assert summary["stages"]["tune"]["model"].startswith("s3://raybm-cluster/team/sweeps/")
+    assert summary["stages"]["export"]["folder"].startswith("s3://raybm-cluster/team/exports/")
 
     # The dashboard reads the same URI.
     from raybm.config import StorageConfig
