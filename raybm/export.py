@@ -38,7 +38,7 @@ import numpy as np
 from raybm.config import JobConfig, build_config, merge_raw
 from raybm.errors import RaybmError
 from raybm.inference import ONNX_FILE, VARIANT_FILE, load_predictor, model_card, resolve_model
-from raybm.results import Results, is_s3, resolve_uri
+from raybm.results import Results, copy_to_local, is_s3, resolve_uri
 
 VARIANTS = ("hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled")
 BACKEND = {"hf": "torch", "onnx": "onnx", "int8": "int8", "onnx-int8": "onnx", "fp16": "torch",
@@ -200,17 +200,6 @@ def source_config(model_dir: str, cfg: JobConfig) -> dict[str, Any]:
     return raw
 
 
-def _copy_model(uri: str, dest: str, cfg: JobConfig) -> None:
-    """Copy a trained model folder (local, or s3:// on an S3 root) to the new folder ``dest``."""
-    if not is_s3(uri):
-        shutil.copytree(uri, dest)
-        return
-    from raybm.results import copy_tree_to_local
-
-    fs, path = resolve_uri(uri, cfg.storage)
-    copy_tree_to_local(fs, path, dest)
-
-
 def _train_variant(model_dir: str, cfg: JobConfig, run_name: str, overrides: dict[str, Any], log) -> str:
     """Train on Ray Train from the source config with ``overrides``; returns the model folder."""
     from raybm.train import run_training
@@ -360,8 +349,7 @@ def run_export(cfg: JobConfig, model_spec: str, variants: list[str] | None = Non
     with tempfile.TemporaryDirectory(prefix="raybm-export-") as tmp:
         source_uri = remote_model(results, model_spec)
         log(f"fetching {source_uri} ...")
-        _, source_path = resolve_uri(source_uri, cfg.storage)
-        model_dir = results.download_dir(source_path, os.path.join(tmp, "source"))
+        model_dir = copy_to_local(source_uri, cfg.storage, os.path.join(tmp, "source"))
         local = Results(os.path.join(tmp, "out"), cfg.storage)
         done = _export(cfg, model_dir, variants, local, log, source_uri=source_uri)
         final = results.export_dir(done.name)
@@ -485,7 +473,7 @@ def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name
             "model": {"name": base, "keep_layers": None, "head_init": "default", "pooling": "auto"},
             "train": {"strategy": "full", "epochs": e.prune_epochs, "lr": e.prune_lr, "keep_sparsity": True,
                       "early_stopping_patience": 0, "distill_from": None}}, log)
-        _copy_model(trained, staging, cfg)
+        copy_to_local(trained, cfg.storage, staging)
         from raybm.evaluate import load_model_folder
 
         after = sparsity(load_model_folder(staging)[0])
@@ -501,7 +489,7 @@ def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name
             "train": {"strategy": "full", "epochs": e.distill_epochs, "lr": e.distill_lr, "distill_from": model_dir,
                       "distill_alpha": e.distill_alpha, "distill_temperature": e.distill_temperature,
                       "keep_sparsity": False, "early_stopping_patience": 0}}, log)
-        _copy_model(trained, staging, cfg)
+        copy_to_local(trained, cfg.storage, staging)
         return {"method": "knowledge distillation into the teacher's lowest layers", "teacher": model_dir,
                 "student_layers": e.distill_layers, "epochs": e.distill_epochs, "lr": e.distill_lr,
                 "alpha": e.distill_alpha, "temperature": e.distill_temperature, "train_run": run}

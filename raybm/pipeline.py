@@ -27,7 +27,7 @@ from typing import Any
 
 from raybm.config import JobConfig, config_hash, pipeline_stages
 from raybm.errors import RaybmError
-from raybm.results import Results, is_s3
+from raybm.results import Results, copy_to_local, is_s3
 
 PIPELINES_DIR = "pipelines"
 SUMMARY_FILE = "summary.json"
@@ -237,15 +237,6 @@ def serving_folder(cfg: JobConfig, state: dict[str, Any]) -> tuple[str, str]:
     return state["model"], "torch" if backend == "auto" else backend
 
 
-def _local_copy(results: Results, uri: str, tmp: str) -> str:
-    if not is_s3(uri):
-        return uri
-    from raybm.results import resolve_uri
-
-    _, path = resolve_uri(uri, results.storage)
-    return results.download_dir(path, os.path.join(tmp, os.path.basename(path.rstrip("/"))))
-
-
 def release_gate(cfg: JobConfig, test: dict[str, Any] | None, latency_ms: float | None) -> list[str]:
     """Reasons not to deploy (empty: deploy)."""
     p, reasons = cfg.pipeline, []
@@ -268,7 +259,8 @@ def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dic
     latency = None
     if cfg.pipeline.max_latency_ms is not None:
         with tempfile.TemporaryDirectory(prefix="raybm-gate-") as tmp:
-            timed = measure(_local_copy(results, folder, tmp), backend, None, None, cfg.pipeline.latency_samples)
+            local = copy_to_local(folder, cfg.storage, os.path.join(tmp, "model")) if is_s3(folder) else folder
+            timed = measure(local, backend, None, None, cfg.pipeline.latency_samples)
         latency = timed["latency_p50_ms"]
         log(f"release gate: median single-sentence latency {latency:.1f} ms ({backend})")
     test = state.get("test")

@@ -110,6 +110,18 @@ def copy_tree_to_local(fs: pafs.FileSystem, path: str, local: str) -> str:
     return local
 
 
+def copy_to_local(uri: str, storage: StorageConfig, dest: str) -> str:
+    """Copy the folder at ``uri`` (a local path or ``s3://``) into the new local folder
+    ``dest``; returns ``dest``."""
+    fs, path = resolve_uri(uri, storage)
+    if isinstance(fs, pafs.LocalFileSystem):
+        import shutil
+
+        shutil.copytree(path, dest)
+        return dest
+    return copy_tree_to_local(fs, path, dest)
+
+
 def resolve_uri(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
     """Split a local path or ``s3://`` URI into (filesystem, path on that filesystem)."""
     if is_s3(uri):
@@ -227,15 +239,6 @@ class Results:
         os.replace(staging, final)
         if old:
             self.fs.delete_dir(old)
-
-    def download_dir(self, path: str, local: str) -> str:
-        """Copy the folder ``path`` (on self.fs) to the new local folder ``local``."""
-        if not self.remote:
-            import shutil
-
-            shutil.copytree(path, local)
-            return local
-        return copy_tree_to_local(self.fs, path, local)
 
     def upload_dir(self, local: str, path: str) -> None:
         """Replace the folder ``path`` (on self.fs) with a copy of the local folder ``local``,

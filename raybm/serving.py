@@ -265,10 +265,9 @@ def fetch_model(uri: str, storage: dict[str, Any]) -> str:
     """A local copy of the model folder at an s3:// URI (in a fresh temporary folder)."""
     import tempfile
 
-    from raybm.results import copy_tree_to_local, resolve_uri
+    from raybm.results import copy_to_local
 
-    fs, path = resolve_uri(uri, StorageConfig(**storage))
-    return copy_tree_to_local(fs, path, os.path.join(tempfile.mkdtemp(prefix="raybm-model-"), "model"))
+    return copy_to_local(uri, StorageConfig(**storage), os.path.join(tempfile.mkdtemp(prefix="raybm-model-"), "model"))
 
 
 def build_application(model_dir: str, s: ServeConfig, loader: str | Callable = DEFAULT_LOADER,
