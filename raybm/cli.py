@@ -68,8 +68,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     print(format_leaderboard(result.leaderboard, cfg.tune.metric))
     w = result.winner
     values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in w["values"].items())
-    print(f"\nWinner: trial {w['trial']} ({values}), validation {w['metric']} {w['validation']:.4f} "
-          f"at epoch {w['best_epoch']}. Test metrics:")
+    print(f"\nWinner: trial {w['trial']} ({values}), best epoch {w['best_epoch']}.")
+    soup = w.get("soup")
+    if soup and len(soup["ingredients"]) > 1 or (soup or {}).get("method") == "uniform":
+        print(f"Handed on: the {soup['method']} soup of {len(soup['ingredients'])} trial(s) "
+              f"({', '.join(soup['ingredients'])}), validation {soup['metric']} {soup['validation']:.4f}.")
+    print(f"Validation {w['metric']} of the handed-on model: {w['validation']:.4f}. Test metrics:")
     _print_test_metrics(w["test"])
     print(f"\nModel folder: {result.model_dir}\nSweep folder: {result.sweep_dir}")
     return 0
@@ -97,6 +101,30 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         if info.get("url"):
             extra = f"  {info['url']}/predict"
         print(f"  {stage:<8} {info['status']:<8} {info['seconds']:>7.1f}s{extra}")
+    return 0
+
+
+def _is_override(arg: str) -> bool:
+    key = arg.split("=", 1)[0]
+    return "=" in arg and "." in key and "/" not in key
+
+
+def _cmd_soup(args: argparse.Namespace) -> int:
+    from raybm.runtime import ensure_ray, quiet_ray_data
+    from raybm.soup import run_soup
+
+    # `--models a b key=value`: argparse hands the overrides to --models; take them back.
+    models = [m for m in args.models if not _is_override(m)]
+    cfg = load_config(args.config, [*args.overrides, *(m for m in args.models if _is_override(m))])
+    print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
+    quiet_ray_data()
+    out = run_soup(cfg, models, args.data, args.name, args.method)
+    soup = out["soup"]
+    print(f"\nSoup ({soup['method']}) of {len(soup['ingredients'])} model(s): {', '.join(soup['ingredients'])}")
+    print(f"  validation {soup['metric']} {soup['validation']:.4f} (best model alone {soup['best_single']:.4f})")
+    print("Test metrics:")
+    _print_test_metrics(out["test"])
+    print(f"\nModel folder: {out['model_dir']}\nRun folder:   {out['run_dir']}")
     return 0
 
 
@@ -331,6 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--stages", help="comma-separated stages to run (default: pipeline.stages)")
     p.set_defaults(func=_cmd_pipeline)
+    p = sub.add_parser("soup", help="average the weights of fine-tuned models of one base model into one "
+                       "model (a model soup), picked on validation, scored on test")
+    _add_config_args(p)
+    p.add_argument("--models", nargs="+", required=True, metavar="MODEL",
+                   help="run or sweep names under storage.root, model folders, or s3:// folders (2 or more)")
+    p.add_argument("--data", required=True, help="the prepared dataset they were trained on (a name under "
+                   "<storage.root>/data/): its validation split picks the soup, its test split scores it")
+    p.add_argument("--name", required=True, help="the new run's name: the soup is written to runs/<name>/")
+    p.add_argument("--method", default="greedy", choices=["greedy", "uniform"],
+                   help="greedy (default): add models best first, keep each only if validation "
+                        "tune.metric does not drop; uniform: average them all")
+    p.set_defaults(func=_cmd_soup)
     p = sub.add_parser("evaluate", help="score a model folder on a prepared dataset's split")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="a model folder (runs/<run>/model or a checkpoint)")

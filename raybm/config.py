@@ -301,6 +301,15 @@ class TuneConfig:
     ``grid([...])``; e.g. ``train.lr: loguniform(1e-5, 1e-3)``. Checked before any trial."""
     seed: Optional[int] = 0
     """Seed of the random search (empty: a different sample every sweep)."""
+    soup: Literal["none", "greedy", "uniform"] = "none"
+    """Hand on a model soup instead of the best trial alone: the best trials' weights averaged
+    into one model of the same size and speed (docs/tuning.md). ``greedy`` adds trials best
+    first and keeps each only if the validation metric does not drop, so it is never worse
+    than the best trial on validation; ``uniform`` averages them all; ``none``: the best trial.
+    Needs trials that share the architecture and pretrained start, and a classification
+    score as ``tune.metric``."""
+    soup_size: int = _opt(4, ge=2)
+    """Most trials a soup considers (the best ones by ``tune.metric``)."""
 
 
 @dataclass
@@ -494,6 +503,13 @@ def _check_job(cfg: JobConfig) -> None:
                           f"backend torch")
     if cfg.tune.search_space:
         _check_search_space(cfg)
+    if cfg.tune.soup != "none":
+        from raybm.soup import soup_metric
+
+        try:
+            soup_metric(cfg.tune.metric)
+        except ConfigError as e:
+            raise ConfigError(f"tune.soup={cfg.tune.soup}: {e}; set tune.metric to one, or tune.soup=none") from None
     stages = pipeline_stages(cfg)
     bad = [x for x in stages if x not in PIPELINE_STAGES]
     if bad:

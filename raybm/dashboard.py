@@ -128,6 +128,13 @@ def page_sweep(data) -> None:
     table = pd.DataFrame([{k: v for k, v in row.items() if k != "history"} for row in board])
     st.subheader("Leaderboard")
     st.dataframe(table, hide_index=True, width="stretch")
+    soup = winner.get("soup")
+    if soup and (len(soup["ingredients"]) > 1 or soup["method"] == "uniform"):
+        st.info(f"The sweep's model is a {soup['method']} soup: the mean of the weights of "
+                f"{len(soup['ingredients'])} trial(s) ({', '.join(soup['ingredients'])}), validation "
+                f"{soup['metric']} {soup['validation']:.4f} against {soup['best_single']:.4f} for the best trial alone.")
+    elif soup:
+        st.info("A greedy soup was tried; no other trial improved validation, so the best trial is the model.")
 
     st.subheader(f"Searched settings against {metric}")
     for key in searched:

@@ -11,8 +11,9 @@ Layout under ``sweeps/<sweep>/`` (docs/tuning.md)::
     tune/                 Tune's experiment state (what --resume restores)
     trials/<trial_id>/    each trial's Ray Train run: checkpoints
     leaderboard.csv/.json every trial: searched values, best metric, epochs, status, time
-    model/                the winner's best checkpoint (complete or absent)
-    winner.json           pointer to the winner: trial, values, checkpoint, test metrics
+    model/                the winner's best checkpoint, or the soup of the best trials
+                          (tune.soup; complete or absent)
+    winner.json           pointer to the winner: trial, values, checkpoint, soup, test metrics
     _SUCCESS
 """
 
@@ -286,8 +287,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     if failed:
         log(f"{len(failed)} trial(s) failed (first error: {failed[0]['error']}); the winner is the best of "
             f"the rest. --resume --retry-errored runs the failed ones again from their last checkpoint")
-    winner_row = ranked[0]
-    winner = _publish_winner(results, sweep_dir, cfg, prepared.name, winner_row, log)
+    winner = _publish_winner(results, sweep_dir, cfg, prepared.name, ranked, log)
     winner["sweep_seconds"] = round(time.time() - started, 1)
     results.write_json(results.join(sweep_dir, WINNER_FILE), winner)
     results.mark_complete(sweep_dir)
@@ -414,27 +414,62 @@ def format_leaderboard(board: list[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
-def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: str, row: dict[str, Any],
+def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: str, ranked: list[dict[str, Any]],
                     log: Callable[[str], None]) -> dict[str, Any]:
-    """Copy the winner's best checkpoint to <sweep>/model and score it on the test split."""
+    """Copy the winner's best checkpoint (or, with ``tune.soup``, the soup of the best trials)
+    to <sweep>/model and score it on the test split."""
+    import tempfile
+
     import ray.train
 
     from raybm.data import load_split
     from raybm.train import PREDICTIONS_FILE, publish_model, score_model_uri
 
-    path = row["best_checkpoint"]
-    if path.startswith("s3://"):
-        path = path[len("s3://"):]
-    checkpoint = ray.train.Checkpoint(path, filesystem=results.fs)
-    model_uri = publish_model(results, sweep_dir, checkpoint)
-    log(f"Winner: trial {row['trial']} ({cfg.tune.metric} {row[cfg.tune.metric]:.4f} at epoch "
-        f"{row['best_epoch']}); scoring its best checkpoint on the test split")
+    row = ranked[0]
+    metric = cfg.tune.metric
+    log(f"Winner: trial {row['trial']} ({metric} {row[metric]:.4f} at epoch {row['best_epoch']})")
+    soup = None
+    with tempfile.TemporaryDirectory(prefix="raybm-soup-") as tmp:
+        if cfg.tune.soup != "none" and len(ranked) > 1:
+            soup = _make_soup(results, cfg, dataset, ranked[:cfg.tune.soup_size], tmp, log)
+        if soup is not None and (len(soup.ingredients) > 1 or soup.method == "uniform"):
+            checkpoint = ray.train.Checkpoint.from_directory(soup.folder)
+            log(f"Handing on the {soup.method} soup of {len(soup.ingredients)} trial(s) "
+                f"({', '.join(soup.ingredients)}): validation {soup.validation:.4f} against "
+                f"{soup.best_single:.4f} for the best trial alone")
+        else:
+            if soup is not None:
+                log("No other trial improved the soup: handing on the best trial alone")
+            path = row["best_checkpoint"]
+            if path.startswith("s3://"):
+                path = path[len("s3://"):]
+            checkpoint = ray.train.Checkpoint(path, filesystem=results.fs)
+        model_uri = publish_model(results, sweep_dir, checkpoint)
+    log("Scoring the winning model on the test split")
     test = score_model_uri(results, model_uri, load_split(results, dataset, "test"), cfg.data.max_length,
                            predictions_to=results.join(sweep_dir, PREDICTIONS_FILE))
     searched = {k: v for k, v in row.items() if k in cfg.tune.search_space}
+    used = soup is not None and (len(soup.ingredients) > 1 or soup.method == "uniform")
     return {"trial": row["trial"], "values": searched, "dataset": dataset, "model": cfg.model.name,
-            "metric": cfg.tune.metric, "validation": row[cfg.tune.metric], "best_epoch": row["best_epoch"],
-            "checkpoint": row["best_checkpoint"], "model_dir": model_uri, "test": test}
+            "metric": metric, "validation": soup.validation if used else row[metric],
+            "best_epoch": row["best_epoch"], "checkpoint": row["best_checkpoint"], "model_dir": model_uri,
+            "soup": soup.to_dict() if soup is not None else None, "test": test}
+
+
+def _make_soup(results: Results, cfg: JobConfig, dataset: str, rows: list[dict[str, Any]], workdir: str,
+               log: Callable[[str], None]):
+    """The soup of ``rows``' best checkpoints (best first), scored on the validation split."""
+    from raybm.data import load_split
+    from raybm.evaluate import score_dataset
+    from raybm.results import copy_to_local
+    from raybm.soup import make_soup, soup_metric
+
+    candidates = [(r["trial"], copy_to_local(r["best_checkpoint"], cfg.storage, os.path.join(workdir, r["trial"])))
+                  for r in rows]
+    validation = load_split(results, dataset, "validation").materialize()
+    return make_soup(candidates, lambda folder: score_dataset(folder, validation, cfg.data.max_length),
+                     metric=soup_metric(cfg.tune.metric), mode=cfg.tune.mode, method=cfg.tune.soup,
+                     workdir=workdir, log=log)
 
 
 def load_sweep(results: Results, name: str) -> SweepResult:

@@ -6,9 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from raybm.config import build_config
 from raybm.errors import RaybmError
+from raybm.soup import run_soup
 from raybm.tune import format_leaderboard, run_sweep
 
 from .test_data_pipeline import make_frame
@@ -51,7 +53,7 @@ def quiet(_):
 def test_asha_sweep_stops_weak_trials_and_hands_on_a_tested_winner(ray_tune, tmp_path, data_csv):
     # One learning rate that learns, three that cannot (lr ~ 0): ASHA (rungs at epochs 1
     # and 2) must stop at least one of the three once the good trial has reported.
-    cfg = config(tmp_path, data_csv, "train.epochs=3", "tune.num_samples=1",
+    cfg = config(tmp_path, data_csv, "train.epochs=3", "tune.num_samples=1", "tune.soup=greedy", "tune.soup_size=2",
                  "tune.search_space={train.lr: 'grid([3e-3, 1e-11, 1e-12, 2e-12])'}")
     result = run_sweep(cfg, log=quiet)
     board = result.leaderboard
@@ -78,6 +80,16 @@ def test_asha_sweep_stops_weak_trials_and_hands_on_a_tested_winner(ray_tune, tmp
     assert {"model.safetensors", "config.json", "label_map.json", "_SUCCESS"} <= set(os.listdir(sweep / "model"))
     assert not (sweep / "model" / "train_state.pt").exists()
 
+    # The greedy soup starts from the winner, tries the runner-up, and hands on the mean of
+    # what it kept, which is never worse on validation than the winner alone.
+    soup = winner["soup"]
+    assert soup["method"] == "greedy" and soup["ingredients"][0] == board[0]["trial"]
+    assert [t["model"] for t in soup["tried"]] == [board[1]["trial"]]
+    assert soup["validation"] >= soup["best_single"] == pytest.approx(board[0]["val_f1_macro"])
+    assert winner["validation"] == (soup["validation"] if len(soup["ingredients"]) > 1 else board[0]["val_f1_macro"])
+    kept = [row for row in board if row["trial"] in soup["ingredients"]]
+    assert_weights_are_the_mean(sweep / "model", [row["best_checkpoint"] for row in kept])
+
     table = format_leaderboard(board, "val_f1_macro")
     assert "train.lr" in table.splitlines()[0] and len(table.splitlines()) == 6
 
@@ -85,6 +97,35 @@ def test_asha_sweep_stops_weak_trials_and_hands_on_a_tested_winner(ray_tune, tmp
     written = (sweep / "winner.json").stat().st_mtime_ns
     again = run_sweep(cfg, log=quiet)
     assert again.winner == result.winner and (sweep / "winner.json").stat().st_mtime_ns == written
+
+    # `raybm soup` over two trials' checkpoints: a new run, ranked and picked on validation,
+    # scored on test, in the layout of a training run.
+    pair = [board[1]["best_checkpoint"], board[0]["best_checkpoint"]]
+    out = run_soup(cfg, pair, winner["dataset"], "two-trials", "uniform", log=quiet)
+    run = tmp_path / "runs" / "two-trials"
+    assert out["run_dir"] == str(run) and (run / "_SUCCESS").exists()
+    assert {"model", "metrics.json", "config.yaml", "test_predictions.parquet"} <= set(os.listdir(run))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["examples"] == 12 and metrics["dataset"] == winner["dataset"]
+    assert metrics["soup"]["method"] == "uniform" and metrics["soup"]["ingredients"] == pair[::-1]  # best first
+    assert metrics["model"] == "tiny-bert" and (run / "model" / "soup.json").exists()
+    assert_weights_are_the_mean(run / "model", pair)
+    with pytest.raises(RaybmError, match="already exists"):
+        run_soup(cfg, pair, winner["dataset"], "two-trials", log=quiet)
+    with pytest.raises(RaybmError, match="at least two"):
+        run_soup(cfg, pair[:1], winner["dataset"], "one", log=quiet)
+    with pytest.raises(RaybmError, match="no prepared dataset"):
+        run_soup(cfg, pair, "no-such-data", "other", log=quiet)
+
+
+def assert_weights_are_the_mean(model_dir, checkpoints):
+    from safetensors.torch import load_file
+
+    got = load_file(str(Path(model_dir) / "model.safetensors"))
+    states = [load_file(str(Path(c) / "model.safetensors")) for c in checkpoints]
+    for key, value in got.items():
+        want = sum(s[key].float() for s in states) / len(states)
+        assert torch.allclose(value.float(), want, atol=1e-6), key
 
 
 def test_failed_trials_are_reported_then_retried_from_their_checkpoint(ray_tune, tmp_path, data_csv):

@@ -1,0 +1,256 @@
+"""Model soups: one model whose weights are the mean of several fine-tuned models' weights.
+
+Models fine-tuned from the same pretrained weights (a sweep's trials, runs with another
+seed, learning rate or number of epochs) can be averaged weight by weight into one model
+that costs no more to run than any of them and is often better than the best of them
+(Wortsman et al., 2022, "Model soups"). Two recipes:
+
+- ``greedy``: start from the best candidate by validation, add the others best first and
+  keep each only when the soup's validation score does not drop. Never worse than the best
+  candidate on validation; the test split is not looked at.
+- ``uniform``: the mean of every candidate.
+
+Weights are summed one model at a time (memory: about three models' weights), in float32,
+from safetensors files only. Models whose weight names or shapes differ (another
+architecture, a cropped encoder) are skipped with a message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from raybm.errors import ConfigError, RaybmError
+
+SOUP_FILE = "soup.json"
+WEIGHTS_FILE = "model.safetensors"
+# Metrics a soup can be scored by: the classification scores score_dataset returns.
+SCORABLE = ("accuracy", "f1_macro", "precision_macro", "recall_macro")
+# Files of a training checkpoint that do not describe the averaged model.
+_NOT_COPIED = ("train_state.pt", "epoch_metrics.json", "_SUCCESS")
+
+
+@dataclass
+class Soup:
+    folder: str  # local folder of the chosen model (a copy of the best candidate when nothing was added)
+    method: str
+    metric: str
+    ingredients: list[str]  # candidate names in the soup, best first
+    validation: float  # the soup's validation score
+    best_single: float  # the best candidate's validation score, scored the same way
+    tried: list[dict[str, Any]] = field(default_factory=list)  # greedy: every step, kept or not
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "metric": self.metric, "ingredients": self.ingredients,
+                "validation": self.validation, "best_single": self.best_single, "tried": self.tried}
+
+
+def soup_metric(metric: str) -> str:
+    """The score_dataset key for a validation metric name (``val_f1_macro`` -> ``f1_macro``)."""
+    key = metric[len("val_"):] if metric.startswith("val_") else metric
+    if key not in SCORABLE:
+        raise ConfigError(f"a model soup is picked by a classification score ({', '.join('val_' + k for k in SCORABLE)}); "
+                          f"{metric!r} is not one")
+    return key
+
+
+def _load(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, WEIGHTS_FILE)
+    if not os.path.isfile(path):
+        raise RaybmError(f"{folder}: no {WEIGHTS_FILE} (soups are made from safetensors weights only)")
+    return load_file(path)
+
+
+def _shapes(state: dict) -> dict[str, tuple]:
+    return {k: (tuple(v.shape), v.is_floating_point()) for k, v in state.items()}
+
+
+class _Sum:
+    """A running float32 sum of compatible state dicts."""
+
+    def __init__(self, first: dict) -> None:
+        self.template = first
+        self.shapes = _shapes(first)
+        self.total = {k: v.float().clone() if v.is_floating_point() else v for k, v in first.items()}
+        self.count = 1
+
+    def compatible(self, state: dict) -> bool:
+        return _shapes(state) == self.shapes
+
+    def add(self, state: dict) -> None:
+        for k, v in state.items():
+            if v.is_floating_point():
+                self.total[k] += v.float()
+        self.count += 1
+
+    def mean(self, extra: dict | None = None) -> dict:
+        """The mean of the sum, or of the sum plus ``extra`` (the sum itself is left as it is)."""
+        n = self.count + (extra is not None)
+        out = {}
+        for k, t in self.template.items():
+            if not t.is_floating_point():
+                out[k] = t
+            elif extra is None:
+                out[k] = (self.total[k] / n).to(t.dtype)
+            else:
+                out[k] = ((self.total[k] + extra[k].float()) / n).to(t.dtype)
+        return out
+
+
+def write_model(source: str, state: dict, out: str, info: dict[str, Any] | None = None) -> str:
+    """A model folder at ``out``: ``source``'s config, tokenizer and label map with ``state``
+    as its weights (and ``soup.json`` when ``info`` is given)."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns(*_NOT_COPIED, WEIGHTS_FILE))
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    if info is not None:
+        with open(os.path.join(out, SOUP_FILE), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+    return out
+
+
+def average_models(folders: list[str], out: str) -> str:
+    """The uniform mean of the models in ``folders`` as a model folder at ``out``."""
+    total = _Sum(_load(folders[0]))
+    for folder in folders[1:]:
+        state = _load(folder)
+        if not total.compatible(state):
+            raise RaybmError(f"{folder}: its weights do not match {folders[0]}'s (another architecture?)")
+        total.add(state)
+    return write_model(folders[0], total.mean(), out)
+
+
+def make_soup(candidates: list[tuple[str, str]], score: Callable[[str], dict[str, Any]], *, metric: str,
+              mode: str = "max", method: str = "greedy", workdir: str,
+              log: Callable[[str], None] = print) -> Soup:
+    """Make a soup of ``candidates`` ((name, local model folder), best first) in ``workdir``.
+
+    ``score(folder)`` returns a model folder's validation metrics (``score_dataset``);
+    ``metric`` is its key to compare (``soup_metric``)."""
+    if method not in ("greedy", "uniform"):
+        raise ConfigError(f"soup method {method!r}: use greedy or uniform")
+    if not candidates:
+        raise RaybmError("a soup needs at least one model")
+    better = (lambda a, b: a >= b) if mode == "max" else (lambda a, b: a <= b)
+    names = [n for n, _ in candidates]
+    first_name, first_folder = candidates[0]
+    total = _Sum(_load(first_folder))
+    best_single = float(score(first_folder)[metric])
+    log(f"Soup ({method}) by validation {metric}: {first_name} alone scores {best_single:.4f}")
+    current, ingredients, tried = best_single, [first_name], []
+    step = 0
+    for name, folder in candidates[1:]:
+        state = _load(folder)
+        if not total.compatible(state):
+            log(f"  {name}: skipped, its weights do not match {first_name}'s (another architecture)")
+            tried.append({"model": name, "kept": False, "reason": "weights do not match"})
+            continue
+        if method == "uniform":
+            total.add(state)
+            ingredients.append(name)
+            continue
+        step += 1
+        trial = write_model(first_folder, total.mean(state), os.path.join(workdir, f"greedy-{step}"))
+        value = float(score(trial)[metric])
+        kept = better(value, current)
+        tried.append({"model": name, metric: value, "kept": kept})
+        log(f"  + {name}: {value:.4f} -> {'kept' if kept else 'left out'}")
+        if kept:
+            total.add(state)
+            current = value
+            ingredients.append(name)
+        shutil.rmtree(trial, ignore_errors=True)
+    info = {"method": method, "metric": metric, "ingredients": ingredients}
+    out = write_model(first_folder, total.mean(), os.path.join(workdir, "soup"), info)
+    if method == "uniform":
+        current = float(score(out)[metric]) if len(ingredients) > 1 else best_single
+        log(f"  uniform mean of {len(ingredients)} model(s): {current:.4f}")
+    soup = Soup(out, method, metric, ingredients, current, best_single, tried)
+    with open(os.path.join(out, SOUP_FILE), "w", encoding="utf-8") as f:
+        json.dump(soup.to_dict(), f, indent=2)
+    return soup
+
+
+def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "greedy",
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``raybm soup``: the soup of finished models (run or sweep names, model folders, or
+    s3:// folders) as a new run ``runs/<name>/``: model/, metrics.json (the soup's test
+    metrics and its recipe), config.yaml, test predictions. Candidates are ranked by their
+    validation score on ``dataset`` first; the test split is scored once, at the end."""
+    import tempfile
+
+    import ray.train
+
+    from raybm.data import load_split
+    from raybm.evaluate import read_label_map, score_dataset
+    from raybm.results import CONFIG_FILE, Results, copy_to_local
+    from raybm.train import METRICS_FILE, PREDICTIONS_FILE, publish_model, score_model_uri
+
+    if len(models) < 2:
+        raise RaybmError("a soup needs at least two models (--models A B ...)")
+    if len(set(models)) != len(models):
+        raise RaybmError(f"--models lists a model twice: {models}")
+    results = Results.from_config(cfg.storage)
+    if dataset not in results.list_datasets():
+        raise RaybmError(f"--data {dataset!r}: no prepared dataset of that name under {results.root}/data "
+                         f"(the one the models were trained on; `raybm data` prepares it)")
+    run_dir = results.run_dir(name)
+    if results.exists(run_dir):
+        raise RaybmError(f"--name {name!r}: {results.uri(run_dir)} already exists; pick another name or delete it")
+    metric = soup_metric(cfg.tune.metric)
+    labels = results.dataset_label_map(dataset)["labels"]
+    with tempfile.TemporaryDirectory(prefix="raybm-soup-") as tmp:
+        local = []
+        for i, spec in enumerate(models):
+            if results.remote or spec.startswith("s3://"):
+                from raybm.export import remote_model
+
+                folder = copy_to_local(remote_model(results, spec), cfg.storage, os.path.join(tmp, f"in-{i}"))
+            else:
+                from raybm.inference import resolve_model
+
+                folder = resolve_model(spec, cfg.storage.root)
+            if read_label_map(folder) != labels:
+                raise RaybmError(f"{spec}: its labels {read_label_map(folder)} are not {dataset}'s {labels}")
+            local.append((spec, folder))
+        validation = load_split(results, dataset, "validation").materialize()
+        scores: dict[str, dict[str, Any]] = {}
+
+        def score(folder: str) -> dict[str, Any]:
+            if folder not in scores:
+                scores[folder] = score_dataset(folder, validation, cfg.data.max_length)
+            return scores[folder]
+
+        log(f"Scoring {len(local)} models on {dataset}'s validation split")
+        for spec, folder in local:
+            log(f"  {spec}: {metric} {score(folder)[metric]:.4f}")
+        sign = -1 if cfg.tune.mode == "max" else 1
+        local.sort(key=lambda sf: sign * score(sf[1])[metric])
+        soup = make_soup(local, score, metric=metric, mode=cfg.tune.mode, method=method,
+                         workdir=os.path.join(tmp, "work"), log=log)
+        with open(os.path.join(soup.folder, SOUP_FILE), "w", encoding="utf-8") as f:
+            json.dump({**soup.to_dict(), "dataset": dataset}, f, indent=2)
+        from raybm.inference import model_card
+
+        base_model = model_card(soup.folder)["base_model"]
+        model_uri = publish_model(results, run_dir, ray.train.Checkpoint.from_directory(soup.folder))
+        source_cfg = os.path.join(local[0][1], "raybm_config.yaml")
+        if os.path.isfile(source_cfg):
+            with open(source_cfg, encoding="utf-8") as f:
+                results.write_text(results.join(run_dir, CONFIG_FILE), f.read())
+    log("Scoring the soup on the test split")
+    test = score_model_uri(results, model_uri, load_split(results, dataset, "test"), cfg.data.max_length,
+                           predictions_to=results.join(run_dir, PREDICTIONS_FILE))
+    metrics = {"run": name, "dataset": dataset, "model": base_model, "soup": {**soup.to_dict(), "models": models},
+               "validation": {metric: soup.validation}, "test": test}
+    results.write_json(results.join(run_dir, METRICS_FILE), metrics)
+    results.mark_complete(run_dir)
+    return {"run_dir": results.uri(run_dir), "model_dir": model_uri, **metrics}
