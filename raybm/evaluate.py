@@ -1,7 +1,7 @@
 """Scoring a saved model folder on a dataset, on Ray Data.
 
-``Classify`` is a Ray Data callable class: each actor loads the model once and labels
-batches of text. ``score_split`` runs it over a prepared split and turns the predicted
+``Classify`` is a Ray Data callable class: each worker process loads the model once
+(``raybm.udf``) and labels batches of text. ``score_split`` runs it over a prepared split and turns the predicted
 and true ids (integers only reach the driver) into metrics.
 """
 
@@ -83,15 +83,16 @@ def score_dataset(model_dir: str, ds, max_length: int = 128, num_cpus: float = 1
     analysis reads it)."""
     import ray.data
 
+    from raybm.udf import map_batches_cached
+
     labels = read_label_map(model_dir)
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = predictions
     try:
-        scored = ds.map_batches(Classify, batch_format="pandas", batch_size=256, num_cpus=num_cpus,
-                                compute=ray.data.ActorPoolStrategy(size=1),
-                                fn_constructor_kwargs={"model_dir": model_dir, "max_length": max_length,
-                                                       "threads": max(1, int(num_cpus)), "keep_text": predictions})
+        scored = map_batches_cached(ds, Classify, {"model_dir": model_dir, "max_length": max_length,
+                                                   "threads": max(1, int(num_cpus)), "keep_text": predictions},
+                                    concurrency=1, batch_format="pandas", batch_size=256, num_cpus=num_cpus)
         frame = scored.to_pandas() if predictions else scored.select_columns(["label", "pred"]).to_pandas()
     finally:
         ctx.execution_options.preserve_order = saved

@@ -96,6 +96,8 @@ class _Summary:
 def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the configured stages; returns the summary (also written under pipelines/)."""
     from raybm.data import run_data_stage
+    from raybm.data.pipeline import dataset_name
+    from raybm.data.sources import resolve_source
 
     stages = pipeline_stages(cfg)
     results = Results.from_config(cfg.storage)
@@ -103,11 +105,18 @@ def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = pr
     log(f"Pipeline: {' -> '.join(stages)}  (results: {cfg.storage.root})")
 
     # Every later stage needs the dataset (and its name names the pipeline): it is prepared,
-    # or found prepared, even when the data stage is not listed; then it is not reported.
+    # or found prepared, even when the data stage is not listed; then it is not reported
+    # unless it fails.
     t0 = time.time()
-    prepared = run_data_stage(cfg, source=source, log=log)
-    name = pipeline_name(cfg, prepared.name)
+    if source is None:
+        source = resolve_source(cfg.data, cfg.storage)
+    name = pipeline_name(cfg, dataset_name(cfg, source))
     summary = _Summary(results, name, cfg, stages)
+    try:
+        prepared = run_data_stage(cfg, source=source, log=log)
+    except BaseException as e:
+        _failed(summary, "data", t0, e)
+        raise
     state: dict[str, Any] = {"dataset": prepared.name}
     if "data" in stages:
         summary.stage("data", {"status": "skipped" if prepared.reused else "done",
@@ -121,10 +130,7 @@ def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = pr
         try:
             info = runners[stage](cfg, results, state, log)
         except BaseException as e:
-            summary.stage(stage, {"status": "failed", "seconds": round(time.time() - t0, 1),
-                                  "error": f"{type(e).__name__}: {e}",
-                                  "traceback": traceback.format_exc(limit=6)[-4000:]})
-            summary.finish("failed")
+            _failed(summary, stage, t0, e)
             raise
         info.setdefault("status", "done")
         info["seconds"] = round(time.time() - t0, 1)
@@ -134,6 +140,12 @@ def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = pr
     log(f"\nPipeline {name!r} finished in {time.time() - started:.0f}s: "
         f"{results.uri(results.join(summary.folder, SUMMARY_FILE))}")
     return summary.data
+
+
+def _failed(summary: _Summary, stage: str, t0: float, e: BaseException) -> None:
+    summary.stage(stage, {"status": "failed", "seconds": round(time.time() - t0, 1),
+                          "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)[-4000:]})
+    summary.finish("failed")
 
 
 # ----------------------------------------------------------------------------- stages

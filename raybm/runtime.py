@@ -34,6 +34,15 @@ def quiet_ray_data() -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+_JOINED = False  # this process joined a running cluster (ray.address / RAY_ADDRESS)
+
+
+def joined_cluster() -> bool:
+    """Whether this process runs on a cluster it joined, rather than on a Ray it started
+    (whose resources are all there is: no autoscaler adds GPUs)."""
+    return _JOINED or bool(os.environ.get("RAY_ADDRESS"))
+
+
 def ensure_ray(cfg: RayConfig) -> str:
     """Initialize Ray once; returns a short description of where it runs."""
     import ray
@@ -54,6 +63,8 @@ def ensure_ray(cfg: RayConfig) -> str:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         except ConnectionError as e:
             raise RaybmError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+        global _JOINED
+        _JOINED = True
         return f"the Ray cluster at {address}"
     # The dashboard also serves the state API that Ray Train's run monitor polls.
     ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env)

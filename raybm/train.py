@@ -22,6 +22,7 @@ from typing import Any
 from raybm.config import JobConfig, config_hash
 from raybm.errors import RaybmError
 from raybm.results import CONFIG_FILE, Results
+from raybm.runtime import joined_cluster
 
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.json"
@@ -56,12 +57,13 @@ def _use_gpu(setting: str) -> bool:
     import ray
 
     has = ray.cluster_resources().get("GPU", 0) > 0
-    if setting == "yes" and not has and not os.environ.get("RAY_ADDRESS") and not _joined_cluster():
+    if setting == "yes" and not has and not joined_cluster() and not _joined_cluster():
         raise RaybmError("train.use_gpu=yes, but this local Ray has no GPUs; set train.use_gpu=auto or no")
     return has if setting == "auto" else setting == "yes"
 
 
 def _joined_cluster() -> bool:
+    """More than one node: a cluster, however this process reached it."""
     import ray
 
     try:

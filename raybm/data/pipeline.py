@@ -23,6 +23,7 @@ from raybm.data.sources import Source, find_undecodable, read_source, resolve_so
 from raybm.data.tokenizing import CountTokens
 from raybm.errors import DataError, RaybmError
 from raybm.results import CONFIG_FILE, LABEL_MAP_FILE, REPORT_FILE, SPLITS, Results
+from raybm.udf import map_batches_cached
 
 REPORT_VERSION = 1
 
@@ -203,20 +204,17 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
                         f"from data.labels or add data")
 
     # 4. Seeded, stratified split (optionally of a stratified sample), and token counts
-    #    with the model's tokenizer (one tokenizer per Ray Data actor).
+    #    with the model's tokenizer (loaded once per worker process).
     log(f"  3/4 splitting {d.split} (seed {d.seed}) and counting tokens")
     quotas = splitting.sample_quotas(class_counts, d.max_rows)
     if sum(quotas.values()) < n_unique:
         dropped[cleaning.SAMPLED_OUT] = n_unique - sum(quotas.values())
     splitting.check_split_sizes(quotas, d.split, mapper.labels)
     thresholds = splitting.split_thresholds(keys, quotas, list(d.split))
-    split_ds = (deduped.map_batches(splitting.apply_split, batch_format="pandas",
-                                    fn_kwargs={"thresholds": thresholds})
-                .map_batches(CountTokens, batch_format="pandas", batch_size=512,
-                             compute=ray.data.ActorPoolStrategy(size=1),
-                             fn_constructor_kwargs=dict(model=cfg.model.name,
-                                                        trust_remote_code=cfg.model.trust_remote_code))
-                .materialize())
+    split_ds = deduped.map_batches(splitting.apply_split, batch_format="pandas", fn_kwargs={"thresholds": thresholds})
+    split_ds = map_batches_cached(split_ds, CountTokens, dict(model=cfg.model.name,
+                                                              trust_remote_code=cfg.model.trust_remote_code),
+                                  concurrency=1, batch_format="pandas", batch_size=512).materialize()
     lengths = split_ds.select_columns(["split", "label", "n_tokens"]).to_pandas()  # no texts
 
     report = build_report(cfg, src, name, digest, mapper, rows_read, dropped, conflicts, lengths,

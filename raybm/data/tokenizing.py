@@ -1,8 +1,9 @@
 """Tokenization on Ray Data, and training-only text augmentation.
 
-``Tokenize`` and ``CountTokens`` are callable classes: Ray Data runs them in a pool of
-actors and builds each one once, so the tokenizer loads once per worker, not per batch.
-Batches stream through; nothing is collected on the driver.
+``Tokenize`` and ``CountTokens`` are callable classes that Ray Data runs as tasks through
+``raybm.udf.map_batches_cached``: the tokenizer loads once per worker process, not per
+batch, and no actor pool has to start. Batches stream through; nothing is collected on the
+driver.
 """
 
 from __future__ import annotations
@@ -99,13 +100,13 @@ def tokenize_dataset(ds, data: DataConfig, model: ModelConfig, *, training: bool
 
     import ray.data
 
+    from raybm.udf import map_batches_cached
+
     augment = dataclasses.asdict(data.augment) if training and data.augment.enabled else None
-    return ds.map_batches(
-        Tokenize, batch_format="pandas", batch_size=256, num_cpus=num_cpus,
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        fn_constructor_kwargs=dict(model=model.name, max_length=data.max_length, padding=data.padding,
-                                   trust_remote_code=model.trust_remote_code, augment=augment,
-                                   seed=data.seed, epoch=epoch))
+    return map_batches_cached(
+        ds, Tokenize, dict(model=model.name, max_length=data.max_length, padding=data.padding,
+                           trust_remote_code=model.trust_remote_code, augment=augment, seed=data.seed, epoch=epoch),
+        concurrency=concurrency, batch_format="pandas", batch_size=256, num_cpus=num_cpus)
 
 
 def _collate_base():

@@ -180,3 +180,26 @@ def test_tokenized_split_streams_into_torch_batches(ray_local, tmp_path):
     assert labels == {0, 1}
     with pytest.raises(DataError, match="not prepared"):
         load_split(results, "missing", "train")
+
+
+def test_a_pipeline_whose_data_stage_fails_records_it(ray_local, tmp_path):
+    # The pipeline's summary is named before the data is read, so a failing data stage is
+    # in it (status, error), for the dashboard and for whoever submitted the job.
+    import json
+
+    from raybm.pipeline import run_pipeline
+
+    src = tmp_path / "d.csv"
+    df = make_frame(10)
+    df.loc[[0, 3], "sentiment"] = "meh"
+    df.to_csv(src, index=False)
+    cfg = build_config(overrides=[f"storage.root={tmp_path / 'results'}", f"data.source={src}", "name=fails",
+                                  "data.text_column=body", "data.label_column=sentiment", "data.labels=[neg, pos]",
+                                  "pipeline.stages=[data, train]"])
+    with pytest.raises(DataError, match="unknown label value"):
+        run_pipeline(cfg, log=quiet)
+    summary = json.loads((tmp_path / "results" / "pipelines" / "fails" / "summary.json").read_text())
+    assert summary["status"] == "failed" and list(summary["stages"]) == ["data"]
+    assert summary["stages"]["data"]["status"] == "failed"
+    assert "unknown label value" in summary["stages"]["data"]["error"]
+    assert not (tmp_path / "results" / "pipelines" / "fails" / "_SUCCESS").exists()

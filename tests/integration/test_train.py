@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from raybm.config import build_config
+from raybm.errors import RaybmError
 from raybm.data import load_split
 from raybm.evaluate import score_dataset
 from raybm.results import Results
@@ -139,3 +140,16 @@ def test_two_ddp_workers_with_gradual_unfreezing(ray_local, tmp_path):
     assert report["splits"]["validation"]["rows"] == 15
     assert all(h["val_examples"] == 15 for h in result.history)
     assert result.metrics["test"]["examples"] == report["splits"]["test"]["rows"]
+
+
+def test_gpus_asked_of_a_local_ray_without_any_are_an_error_but_a_joined_cluster_may_add_them(ray_local, monkeypatch):
+    import raybm.runtime
+    from raybm.train import _use_gpu
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RaybmError, match="this local Ray has no GPUs"):
+        _use_gpu("yes")
+    assert _use_gpu("auto") is False and _use_gpu("no") is False
+    # Joined through ray.address (no RAY_ADDRESS): GPU workers may still be on their way.
+    monkeypatch.setattr(raybm.runtime, "_JOINED", True)
+    assert _use_gpu("yes") is True
