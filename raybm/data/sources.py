@@ -178,6 +178,13 @@ def resolve_source(cfg: DataConfig, storage: StorageConfig) -> Source:
                   language="zh" if cfg.language == "zh" else "en")
 
 
+def refuse_invalid_row(row) -> str:
+    """pyarrow's handler for a row with the wrong number of fields: stop with an error
+    (its default). Set explicitly: pyarrow's options, once pickled to a Ray worker, call
+    a missing handler and print a TypeError traceback before the real error."""
+    return "error"
+
+
 def read_source(src: Source):
     """A lazy Ray Dataset of the source with string columns ``text`` and ``label_raw``."""
     import ray.data
@@ -209,7 +216,7 @@ def read_source(src: Source):
             src.files, filesystem=src.fs,
             read_options=pacsv.ReadOptions(encoding=src.encoding),
             parse_options=pacsv.ParseOptions(delimiter="\t" if src.format == "tsv" else ",",
-                                             newlines_in_values=True),
+                                             newlines_in_values=True, invalid_row_handler=refuse_invalid_row),
             convert_options=pacsv.ConvertOptions(
                 include_columns=[text_col, label_col],
                 column_types={text_col: pa.string(), label_col: pa.string()},
