@@ -188,6 +188,11 @@ def page_model(data) -> None:
     if not test:
         st.warning("This job has no test metrics yet.")
         return
+    if info.get("soup"):
+        soup = info["soup"]
+        st.caption(f"A {soup['method']} model soup: the mean of the weights of {len(soup['ingredients'])} models "
+                   f"({', '.join(map(str, soup['ingredients']))}); validation {soup['metric']} "
+                   f"{soup['validation']:.4f}, the best of them alone {soup['best_single']:.4f}.")
     st.subheader(f"Test split ({test['examples']} examples)")
     cols = st.columns(4)
     for col, (label, key) in zip(cols, (("accuracy", "accuracy"), ("macro-F1", "f1_macro"),

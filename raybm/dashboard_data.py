@@ -92,6 +92,8 @@ class DashboardData:
             hist = self._read_json(j(folder, "history.json")) or []
             vals = [h[metric] for h in hist if metric in h]
             best = (max(vals) if (cfg.get("train") or {}).get("mode", "max") == "max" else min(vals)) if vals else None
+            if best is None:  # a soup of runs (raybm soup): no epochs, its validation score
+                best = (m.get("validation") or {}).get(metric)
             dataset = m.get("dataset")
         else:
             w = self._read_json(j(folder, "winner.json")) or {}
@@ -155,11 +157,13 @@ class DashboardData:
         j = self.results.join
         if kind == "runs":
             m = self._read_json(j(folder, "metrics.json")) or {}
-            test, dataset = m.get("test"), m.get("dataset")
+            test, dataset, soup = m.get("test"), m.get("dataset"), m.get("soup")
         else:
             w = self._read_json(j(folder, "winner.json")) or {}
-            test, dataset = w.get("test"), w.get("dataset")
-        return {"test": test, "dataset": dataset, "config": self._config(j(folder, "config.yaml")),
+            test, dataset, soup = w.get("test"), w.get("dataset"), w.get("soup")
+        if soup and len(soup.get("ingredients", [])) < 2 and soup.get("method") != "uniform":
+            soup = None  # tried, nothing added: the model is the best trial alone
+        return {"test": test, "dataset": dataset, "soup": soup, "config": self._config(j(folder, "config.yaml")),
                 "model_dir": j(folder, "model"), "history": self._read_json(j(folder, "history.json"))}
 
     def predictions(self, kind: str, name: str) -> pd.DataFrame | None:

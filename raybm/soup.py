@@ -250,7 +250,7 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
     test = score_model_uri(results, model_uri, load_split(results, dataset, "test"), cfg.data.max_length,
                            predictions_to=results.join(run_dir, PREDICTIONS_FILE))
     metrics = {"run": name, "dataset": dataset, "model": base_model, "soup": {**soup.to_dict(), "models": models},
-               "validation": {metric: soup.validation}, "test": test}
+               "validation": {cfg.tune.metric: soup.validation}, "test": test}
     results.write_json(results.join(run_dir, METRICS_FILE), metrics)
     results.mark_complete(run_dir)
     return {"run_dir": results.uri(run_dir), "model_dir": model_uri, **metrics}

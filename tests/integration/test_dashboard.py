@@ -30,7 +30,7 @@ def results(ray_local, tmp_path_factory):
         f"storage.root={root}", f"data.source={data}", "data.text_column=body", "data.label_column=sentiment",
         "data.max_length=16", "model.name=tiny-bert", "train.batch_size=16", "train.warmup_ratio=0",
         "train.log_every_steps=100", "train.cpus_per_worker=0.5", "train.epochs=2", "tune.max_concurrent_trials=1",
-        "tune.num_samples=1", "tune.grace_period=1", "name=dash-sweep",
+        "tune.num_samples=1", "tune.grace_period=1", "name=dash-sweep", "tune.soup=uniform",
         "tune.search_space={train.lr: 'grid([3e-3, 1e-12])'}"])
     sweep = run_sweep(cfg, log=lambda _: None)
     run_export(cfg, "dash-sweep", ["onnx-int8"], log=lambda _: None)
@@ -61,6 +61,7 @@ def test_jobs_sweep_and_model_pages_show_the_run(monkeypatch, results):
     assert at.sidebar.radio[0].value == "Sweep" and at.selectbox(key="sweep").value == ("sweeps", "dash-sweep")
     board = at.dataframe[0].value
     assert len(board) == 2 and set(board["train.lr"]) == {3e-3, 1e-12}
+    assert any("uniform soup" in i.value and "2 trial(s)" in i.value for i in at.info)  # what was handed on
     assert len(at.get("vega_lite_chart")) == 3  # lr vs metric, metric curves, loss curves
     statuses = dict(zip(board["train.lr"], board["status"]))
     assert statuses[3e-3] == "completed"
@@ -69,6 +70,7 @@ def test_jobs_sweep_and_model_pages_show_the_run(monkeypatch, results):
         assert list(stopped["epochs_run"]) == [1]
 
     at.sidebar.radio[0].set_value("Model").run()
+    assert any("uniform model soup" in c.value for c in at.caption)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["accuracy"] == f"{winner['test']['accuracy']:.4f}"
     assert metrics["macro-F1"] == f"{winner['test']['f1_macro']:.4f}"

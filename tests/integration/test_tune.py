@@ -109,6 +109,11 @@ def test_asha_sweep_stops_weak_trials_and_hands_on_a_tested_winner(ray_tune, tmp
     assert metrics["test"]["examples"] == 12 and metrics["dataset"] == winner["dataset"]
     assert metrics["soup"]["method"] == "uniform" and metrics["soup"]["ingredients"] == pair[::-1]  # best first
     assert metrics["model"] == "tiny-bert" and (run / "model" / "soup.json").exists()
+    assert metrics["validation"] == {"val_f1_macro": metrics["soup"]["validation"]}
+    from raybm.dashboard_data import DashboardData
+
+    listed = {job.name: job for job in DashboardData(str(tmp_path)).jobs()}
+    assert listed["two-trials"].best == metrics["soup"]["validation"] and listed["two-trials"].complete
     assert_weights_are_the_mean(run / "model", pair)
     with pytest.raises(RaybmError, match="already exists"):
         run_soup(cfg, pair, winner["dataset"], "two-trials", log=quiet)
