@@ -6,36 +6,19 @@
 The runs must share an architecture and a pretrained start (the same base model, different
 seeds, epochs or settings). Prints validation and test accuracy / macro-F1 of each run, of
 the mean of their predicted probabilities (an ensemble: N times the inference cost) and of
-the model whose weights are the mean of theirs (one model's cost). Nothing is written
-outside a temporary folder.
+the model whose weights are the mean of theirs (one model's cost; ``raybm.soup``). Nothing
+is written outside a temporary folder. ``raybm soup`` makes such a model as a run, picked
+on validation.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def average_weights(folders: list[str], out: str) -> None:
-    """A copy of the first folder whose safetensors weights are the mean of all folders'."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(folders[0], out)
-    states = [load_file(os.path.join(f, "model.safetensors")) for f in folders]
-    if any(set(s) != set(states[0]) for s in states):
-        raise SystemExit("the models do not share an architecture (different weight names)")
-    mean = {}
-    for key, first in states[0].items():
-        if first.is_floating_point():
-            mean[key] = (sum(s[key].float() for s in states) / len(states)).to(first.dtype)
-        else:
-            mean[key] = first
-    save_file(mean, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
 
 
 def main() -> int:
@@ -52,6 +35,7 @@ def main() -> int:
     from sklearn.metrics import accuracy_score, f1_score
 
     from raybm.inference import load_predictor
+    from raybm.soup import average_models
 
     splits = {s: pd.read_parquet(os.path.join(args.data, s)) for s in ("validation", "test")}
 
@@ -64,7 +48,7 @@ def main() -> int:
     ensemble = {s: np.mean([r[1][s] for r in rows], axis=0) for s in splits}
     with tempfile.TemporaryDirectory() as tmp:
         soup = os.path.join(tmp, "soup")
-        average_weights(args.models, soup)
+        average_models(args.models, soup)
         averaged = probs(soup)
     rows += [("mean of probabilities (ensemble)", ensemble), ("mean of weights (one model)", averaged)]
     print(f"\n{'model':<36}{'val acc':>9}{'val F1':>9}{'test acc':>10}{'test F1':>9}")
