@@ -73,3 +73,41 @@ def test_missing_buckets_fail_fast(s3_server, buckets, ray_local):
     cfg = s3_config(s3_server, "s3://raybm-data/csv/reviews.csv", "storage.root=s3://missing-results/x")
     with pytest.raises(RaybmError, match=r"S3 bucket 'missing-results' not found \(storage.root="):
         run_data_stage(cfg, log=lambda _: None)
+
+
+def test_a_soup_of_two_models_in_s3_is_written_to_s3(s3_server, buckets, ray_local, tmp_path):
+    # `raybm soup` on an S3 root: the models are fetched, averaged and scored here, and the
+    # new run (model, metrics, predictions) lands in the bucket, complete.
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from raybm.models import build_classifier, load_tokenizer
+    from raybm.soup import run_soup
+
+    cfg = s3_config(s3_server, "s3://raybm-data/csv/reviews.csv", "data.name=soup-data", "model.name=tiny-bert",
+                    "data.max_length=16")
+    run_data_stage(cfg, log=lambda _: None)
+    results = Results.from_config(cfg.storage)
+    labels = results.dataset_label_map("soup-data")["labels"]
+    states = []
+    for i, name in enumerate(("a", "b")):
+        folder = tmp_path / name
+        build_classifier(cfg.model, labels, seed=i).save_pretrained(folder, safe_serialization=True)
+        load_tokenizer("tiny-bert").save_pretrained(folder)
+        (folder / "label_map.json").write_text(json.dumps({"labels": labels}))
+        results.upload_dir(str(folder), results.path("runs", name, "model"))
+        states.append(load_file(str(folder / "model.safetensors")))
+
+    out = run_soup(cfg, ["a", "s3://raybm-results/experiments/runs/b"], "soup-data", "ab", "uniform", log=lambda _: None)
+    assert out["run_dir"] == "s3://raybm-results/experiments/runs/ab" and out["test"]["examples"] == 8
+    keys = {o["Key"] for o in buckets.list_objects_v2(Bucket="raybm-results", Prefix="experiments/runs/ab/")["Contents"]}
+    for name in ("_SUCCESS", "metrics.json", "test_predictions.parquet", "model/model.safetensors",
+                 "model/soup.json", "model/_SUCCESS"):
+        assert f"experiments/runs/ab/{name}" in keys, name
+    got = tmp_path / "got.safetensors"
+    buckets.download_file("raybm-results", "experiments/runs/ab/model/model.safetensors", str(got))
+    mean = load_file(str(got))
+    for key, value in mean.items():
+        assert torch.allclose(value.float(), (states[0][key].float() + states[1][key].float()) / 2, atol=1e-6), key
