@@ -111,11 +111,12 @@ def _is_override(arg: str) -> bool:
 
 def _cmd_soup(args: argparse.Namespace) -> int:
     from raybm.runtime import ensure_ray, quiet_ray_data
-    from raybm.soup import run_soup
+    from raybm.soup import check_soup_inputs, run_soup
 
     # `--models a b key=value`: argparse hands the overrides to --models; take them back.
     models = [m for m in args.models if not _is_override(m)]
     cfg = load_config(args.config, [*args.overrides, *(m for m in args.models if _is_override(m))])
+    check_soup_inputs(cfg, models, args.data, args.name)  # mistakes fail before Ray starts
     print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
     quiet_ray_data()
     out = run_soup(cfg, models, args.data, args.name, args.method)

@@ -179,6 +179,26 @@ def make_soup(candidates: list[tuple[str, str]], score: Callable[[str], dict[str
     return soup
 
 
+def check_soup_inputs(cfg, models: list[str], dataset: str, name: str):
+    """``raybm soup``'s arguments, checked without Ray: (results, the new run's folder)."""
+    from raybm.results import Results
+
+    if len(models) < 2:
+        raise RaybmError("a soup needs at least two models (--models A B ...)")
+    if len(set(models)) != len(models):
+        raise RaybmError(f"--models lists a model twice: {models}")
+    soup_metric(cfg.tune.metric)
+    results = Results.from_config(cfg.storage)
+    results.check_reachable()
+    if dataset not in results.list_datasets():
+        raise RaybmError(f"--data {dataset!r}: no prepared dataset of that name under {results.root}/data "
+                         f"(the one the models were trained on; `raybm data` prepares it)")
+    run_dir = results.run_dir(name)
+    if results.exists(run_dir):
+        raise RaybmError(f"--name {name!r}: {results.uri(run_dir)} already exists; pick another name or delete it")
+    return results, run_dir
+
+
 def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "greedy",
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """``raybm soup``: the soup of finished models (run or sweep names, model folders, or
@@ -191,20 +211,10 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
 
     from raybm.data import load_split
     from raybm.evaluate import read_label_map, score_dataset
-    from raybm.results import CONFIG_FILE, Results, copy_to_local
+    from raybm.results import CONFIG_FILE, copy_to_local
     from raybm.train import METRICS_FILE, PREDICTIONS_FILE, publish_model, score_model_uri
 
-    if len(models) < 2:
-        raise RaybmError("a soup needs at least two models (--models A B ...)")
-    if len(set(models)) != len(models):
-        raise RaybmError(f"--models lists a model twice: {models}")
-    results = Results.from_config(cfg.storage)
-    if dataset not in results.list_datasets():
-        raise RaybmError(f"--data {dataset!r}: no prepared dataset of that name under {results.root}/data "
-                         f"(the one the models were trained on; `raybm data` prepares it)")
-    run_dir = results.run_dir(name)
-    if results.exists(run_dir):
-        raise RaybmError(f"--name {name!r}: {results.uri(run_dir)} already exists; pick another name or delete it")
+    results, run_dir = check_soup_inputs(cfg, models, dataset, name)
     metric = soup_metric(cfg.tune.metric)
     labels = results.dataset_label_map(dataset)["labels"]
     with tempfile.TemporaryDirectory(prefix="raybm-soup-") as tmp:

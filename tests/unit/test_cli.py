@@ -37,6 +37,17 @@ def test_missing_source_fails_before_starting_ray(tmp_path):
     assert "running on" not in out.stdout  # Ray never started
 
 
+def test_soup_mistakes_fail_before_starting_ray(tmp_path):
+    # Overrides after --models are overrides, not models: storage.root reaches the config.
+    out = run("soup", "--data", "reviews", "--name", "s", "--models", "a", "b", f"storage.root={tmp_path}")
+    assert out.returncode == 2 and f"no prepared dataset of that name under {tmp_path}/data" in out.stderr
+    assert "running on" not in out.stdout and "Traceback" not in out.stderr
+    out = run("soup", "--data", "reviews", "--name", "s", "--models", "a", f"storage.root={tmp_path}")
+    assert out.returncode == 2 and "at least two models" in out.stderr
+    out = run("soup", "--data", "reviews", "--name", "s", "--models", "a", "b", "tune.metric=val_loss")
+    assert out.returncode == 2 and "classification score" in out.stderr
+
+
 def test_config_reference_doc_is_current():
     from pathlib import Path
 
