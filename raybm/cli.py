@@ -96,6 +96,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         extra = ""
         if info.get("test"):
             extra = f"  test accuracy {info['test']['accuracy']:.4f} macro-F1 {info['test']['f1_macro']:.4f}"
+            if len(info.get("soup") or []) > 1:
+                extra += f" (soup of {len(info['soup'])} trials)"
         if info.get("reasons"):
             extra = "  " + "; ".join(info["reasons"])
         if info.get("url"):
