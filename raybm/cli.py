@@ -59,6 +59,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from raybm.soup import is_used
     from raybm.tune import format_leaderboard, run_sweep
 
     cfg = load_config(args.config, args.overrides)
@@ -70,7 +71,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in w["values"].items())
     print(f"\nWinner: trial {w['trial']} ({values}), best epoch {w['best_epoch']}.")
     soup = w.get("soup")
-    if soup and len(soup["ingredients"]) > 1 or (soup or {}).get("method") == "uniform":
+    if is_used(soup):
         print(f"Handed on: the {soup['method']} soup of {len(soup['ingredients'])} trial(s) "
               f"({', '.join(soup['ingredients'])}), validation {soup['metric']} {soup['validation']:.4f}.")
     print(f"Validation {w['metric']} of the handed-on model: {w['validation']:.4f}. Test metrics:")

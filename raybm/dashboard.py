@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from raybm.errors import RaybmError
+from raybm.soup import is_used
 
 PAGES = ("Runs and sweeps", "Sweep", "Model", "Errors", "Try it")
 MAX_UPLOAD_ROWS = 5000
@@ -129,7 +130,7 @@ def page_sweep(data) -> None:
     st.subheader("Leaderboard")
     st.dataframe(table, hide_index=True, width="stretch")
     soup = winner.get("soup")
-    if soup and (len(soup["ingredients"]) > 1 or soup["method"] == "uniform"):
+    if is_used(soup):
         st.info(f"The sweep's model is a {soup['method']} soup: the mean of the weights of "
                 f"{len(soup['ingredients'])} trial(s) ({', '.join(soup['ingredients'])}), validation "
                 f"{soup['metric']} {soup['validation']:.4f} against {soup['best_single']:.4f} for the best trial alone.")

@@ -22,6 +22,7 @@ import yaml
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
 from raybm.results import SUCCESS_MARKER, Results, copy_tree_to_local
+from raybm.soup import is_used
 
 KINDS = ("runs", "sweeps")
 
@@ -161,8 +162,8 @@ class DashboardData:
         else:
             w = self._read_json(j(folder, "winner.json")) or {}
             test, dataset, soup = w.get("test"), w.get("dataset"), w.get("soup")
-        if soup and len(soup.get("ingredients", [])) < 2 and soup.get("method") != "uniform":
-            soup = None  # tried, nothing added: the model is the best trial alone
+        if not is_used(soup):
+            soup = None  # none, or tried with nothing added: the model is the best trial alone
         return {"test": test, "dataset": dataset, "soup": soup, "config": self._config(j(folder, "config.yaml")),
                 "model_dir": j(folder, "model"), "history": self._read_json(j(folder, "history.json"))}
 

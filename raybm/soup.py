@@ -44,9 +44,19 @@ class Soup:
     best_single: float  # the best candidate's validation score, scored the same way
     tried: list[dict[str, Any]] = field(default_factory=list)  # greedy: every step, kept or not
 
+    @property
+    def used(self) -> bool:
+        return is_used(self.to_dict())
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "metric": self.metric, "ingredients": self.ingredients,
                 "validation": self.validation, "best_single": self.best_single, "tried": self.tried}
+
+
+def is_used(soup: dict[str, Any] | None) -> bool:
+    """Whether a soup record (``Soup.to_dict()``, as in winner.json) describes the model that
+    was handed on: a uniform soup always, a greedy one when it kept more than one model."""
+    return bool(soup) and (len(soup.get("ingredients", [])) > 1 or soup.get("method") == "uniform")
 
 
 def soup_metric(metric: str) -> str:

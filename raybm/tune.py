@@ -432,7 +432,7 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
     with tempfile.TemporaryDirectory(prefix="raybm-soup-") as tmp:
         if cfg.tune.soup != "none" and len(ranked) > 1:
             soup = _make_soup(results, cfg, dataset, ranked[:cfg.tune.soup_size], tmp, log)
-        if soup is not None and (len(soup.ingredients) > 1 or soup.method == "uniform"):
+        if soup is not None and soup.used:
             checkpoint = ray.train.Checkpoint.from_directory(soup.folder)
             log(f"Handing on the {soup.method} soup of {len(soup.ingredients)} trial(s) "
                 f"({', '.join(soup.ingredients)}): validation {soup.validation:.4f} against "
@@ -449,7 +449,7 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
     test = score_model_uri(results, model_uri, load_split(results, dataset, "test"), cfg.data.max_length,
                            predictions_to=results.join(sweep_dir, PREDICTIONS_FILE))
     searched = {k: v for k, v in row.items() if k in cfg.tune.search_space}
-    used = soup is not None and (len(soup.ingredients) > 1 or soup.method == "uniform")
+    used = soup is not None and soup.used
     return {"trial": row["trial"], "values": searched, "dataset": dataset, "model": cfg.model.name,
             "metric": metric, "validation": soup.validation if used else row[metric],
             "best_epoch": row["best_epoch"], "checkpoint": row["best_checkpoint"], "model_dir": model_uri,

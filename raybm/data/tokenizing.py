@@ -98,8 +98,6 @@ def tokenize_dataset(ds, data: DataConfig, model: ModelConfig, *, training: bool
     """Lazily tokenize a Dataset with columns text and label (augmenting if training)."""
     import dataclasses
 
-    import ray.data
-
     from raybm.udf import map_batches_cached
 
     augment = dataclasses.asdict(data.augment) if training and data.augment.enabled else None

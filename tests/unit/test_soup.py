@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.evaluate import load_model_folder
-from raybm.soup import SOUP_FILE, average_models, make_soup, soup_metric
+from raybm.soup import SOUP_FILE, average_models, is_used, make_soup, soup_metric
 
 LABELS = ["negative", "positive"]
 
@@ -125,3 +125,10 @@ def test_soups_are_picked_by_a_classification_score():
     with pytest.raises(ConfigError, match="tune.soup=greedy"):
         build_config(overrides=["tune.soup=greedy", "tune.metric=val_loss", "tune.mode=min"])
     assert build_config(overrides=["tune.soup=uniform"]).tune.soup_size == 4
+
+
+def test_a_soup_record_says_whether_it_is_the_model_handed_on():
+    assert is_used({"method": "greedy", "ingredients": ["t1", "t2"]})
+    assert is_used({"method": "uniform", "ingredients": ["t1"]})
+    assert not is_used({"method": "greedy", "ingredients": ["t1"]})  # tried, nothing added
+    assert not is_used(None)
