@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: install demo test e2e lint clean
+.PHONY: install demo test e2e clean
 
 install: $(STAMP)
 
@@ -31,7 +31,7 @@ demo: install
 	@echo "See the results (leaderboard, curves, errors, try it):  $(VENV)/bin/raybm dashboard --root results"
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The real-browser check of the dashboard: headless Debian chromium driven by Playwright.
 # Not part of `make test` (CI has no browser); installs chromium with apt when missing (root).

@@ -750,6 +750,16 @@ def config_hash(section: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
+def derived_name(cfg: "JobConfig", dataset: str, sections: tuple[str, ...], kind: str = "") -> str:
+    """``cfg.name``, or a name made of the dataset, the model and a hash of the given config
+    sections (rerunning the same config reuses, and resumes, the same run)."""
+    if cfg.name:
+        return cfg.name
+    blob = json.dumps({s: dataclasses.asdict(getattr(cfg, s)) for s in sections}, sort_keys=True, ensure_ascii=True)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
+    return f"{dataset}-{cfg.model.name.replace('/', '_')}-{kind + '-' if kind else ''}{digest}"
+
+
 # ------------------------------------------------------------------------ describing
 
 

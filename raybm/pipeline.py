@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from raybm.config import JobConfig, config_hash, pipeline_stages
+from raybm.config import JobConfig, derived_name, pipeline_stages
 from raybm.errors import RaybmError
 from raybm.results import Results, copy_to_local, is_s3
 
@@ -36,18 +36,7 @@ SUMMARY_FILE = "summary.json"
 def pipeline_name(cfg: JobConfig, dataset: str) -> str:
     """The config's name, or one derived from what the pipeline produces (so rerunning some
     of its stages, or changing the gate, reports into the same summary)."""
-    if cfg.name:
-        return cfg.name
-
-    @dataclasses.dataclass
-    class _Key:
-        model: Any
-        train: Any
-        tune: Any
-        export: Any
-
-    return f"{dataset}-{cfg.model.name.replace('/', '_')}-pipeline-" \
-           f"{config_hash(_Key(cfg.model, cfg.train, cfg.tune, cfg.export))}"
+    return derived_name(cfg, dataset, ("model", "train", "tune", "export"), "pipeline")
 
 
 def preflight(cfg: JobConfig):

@@ -10,7 +10,6 @@ Re-running with the same run name resumes an interrupted run from its last check
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raybm.config import JobConfig, config_hash
+from raybm.config import JobConfig, derived_name
 from raybm.errors import RaybmError
 from raybm.results import CONFIG_FILE, Results
 from raybm.runtime import joined_cluster
@@ -40,15 +39,7 @@ class TrainResult:
 
 
 def run_name_for(cfg: JobConfig, dataset: str) -> str:
-    if cfg.name:
-        return cfg.name
-
-    @dataclasses.dataclass
-    class _Key:
-        model: Any
-        train: Any
-
-    return f"{dataset}-{cfg.model.name.replace('/', '_')}-{config_hash(_Key(cfg.model, cfg.train))}"
+    return derived_name(cfg, dataset, ("model", "train"))
 
 
 def _use_gpu(setting: str) -> bool:

@@ -20,7 +20,6 @@ Layout under ``sweeps/<sweep>/`` (docs/tuning.md)::
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -30,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raybm.config import JobConfig, build_config, config_hash, merge_raw
+from raybm.config import JobConfig, build_config, derived_name, merge_raw
 from raybm.errors import RaybmError
 from raybm.results import CONFIG_FILE, SUCCESS_MARKER, Results
 from raybm.search_space import Distribution, grid_size, nested, parse_space
@@ -58,16 +57,7 @@ class SweepResult:
 
 
 def sweep_name_for(cfg: JobConfig, dataset: str) -> str:
-    if cfg.name:
-        return cfg.name
-
-    @dataclasses.dataclass
-    class _Key:
-        model: Any
-        train: Any
-        tune: Any
-
-    return f"{dataset}-{cfg.model.name.replace('/', '_')}-sweep-{config_hash(_Key(cfg.model, cfg.train, cfg.tune))}"
+    return derived_name(cfg, dataset, ("model", "train", "tune"), "sweep")
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
