@@ -31,8 +31,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _start(cfg) -> None:
     from raybm.data.sources import resolve_source
     from raybm.runtime import ensure_ray, quiet_ray_data
+    from raybm.train import teacher_labels
 
     resolve_source(cfg.data, cfg.storage)  # bad paths and columns fail before Ray starts
+    teacher_labels(cfg.train.distill_from)
     where = ensure_ray(cfg.ray)
     quiet_ray_data()
     print(f"raybm: running on {where}", flush=True)

@@ -204,14 +204,31 @@ def failure_reason(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+def teacher_labels(folder: str | None) -> list[str] | None:
+    """The labels of the ``train.distill_from`` teacher; a clear error, before any data or
+    worker work, when the folder is not a raybm model folder."""
+    if not folder:
+        return None
+    from raybm.evaluate import read_label_map
+
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        raise RaybmError(f"train.distill_from={folder}: no model.safetensors there; the teacher must be a "
+                         f"raybm model folder on this machine (a run's model/ folder)")
+    return read_label_map(folder)
+
+
 def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> TrainResult:
     """Train ``cfg`` end to end and return where the model and its test metrics are."""
     from raybm.data import load_split
 
     started = time.time()
     t = cfg.train
+    teacher = teacher_labels(t.distill_from)
     # 1. Data: prepared once, then streamed and tokenized on Ray Data.
     prepared, labels, splits = load_text_splits(cfg, log=log)
+    if teacher is not None and teacher != labels:
+        raise RaybmError(f"train.distill_from={t.distill_from}: the teacher's labels {teacher} differ from this "
+                         f"dataset's {labels}; distil from a model trained on the same labels")
     results = Results.from_config(cfg.storage)
 
     # 2. The trainer: one worker per data-parallel replica.

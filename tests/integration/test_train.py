@@ -153,3 +153,15 @@ def test_gpus_asked_of_a_local_ray_without_any_are_an_error_but_a_joined_cluster
     # Joined through ray.address (no RAY_ADDRESS): GPU workers may still be on their way.
     monkeypatch.setattr(raybm.runtime, "_JOINED", True)
     assert _use_gpu("yes") is True
+
+
+def test_a_teacher_with_other_labels_is_refused_before_training(ray_local, tmp_path, data_csv, tiny_model_dir):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_model_dir, teacher)
+    (teacher / "label_map.json").write_text(json.dumps({"labels": ["bad", "good", "meh"]}))
+    cfg = config(tmp_path, data_csv, f"train.distill_from={teacher}")
+    with pytest.raises(RaybmError, match=r"teacher's labels \['bad', 'good', 'meh'\] differ"):
+        run_training(cfg, log=quiet)
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made

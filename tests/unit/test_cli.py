@@ -37,6 +37,14 @@ def test_missing_source_fails_before_starting_ray(tmp_path):
     assert "running on" not in out.stdout  # Ray never started
 
 
+def test_missing_distillation_teacher_fails_before_starting_ray(tmp_path):
+    for command in ("train", "pipeline"):
+        out = run(command, f"storage.root={tmp_path}", f"train.distill_from={tmp_path}/teacher")
+        assert out.returncode == 2 and f"train.distill_from={tmp_path}/teacher: no model.safetensors" in out.stderr
+        assert "running on" not in out.stdout and "Traceback" not in out.stderr
+        assert not (tmp_path / "data").exists()  # no data stage either
+
+
 def test_soup_mistakes_fail_before_starting_ray(tmp_path):
     # Overrides after --models are overrides, not models: storage.root reaches the config.
     out = run("soup", "--data", "reviews", "--name", "s", "--models", "a", "b", f"storage.root={tmp_path}")

@@ -6,7 +6,7 @@ import pytest
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.results import CONFIG_FILE, Results
-from raybm.train import check_same_recipe, recipe_differences, torch_backend, worker_resources
+from raybm.train import check_same_recipe, recipe_differences, teacher_labels, torch_backend, worker_resources
 
 
 def train_cfg(*overrides):
@@ -81,3 +81,14 @@ def test_gpu_sweeps_run_as_many_trials_as_the_cluster_gpus_fit():
     # CPU sweeps: CPUs over CPUs; a local Ray cannot grow past what it has.
     assert fit({"CPU": 8}, "train.cpus_per_worker=2", gpu=False, on_cluster=False) == 3
     assert fit({"CPU": 2}, "tune.max_concurrent_trials=4", gpu=False, on_cluster=False) == 1
+
+
+def test_a_distillation_teacher_is_checked_before_any_work(tmp_path):
+    assert teacher_labels(None) is None
+    with pytest.raises(RaybmError, match=r"train.distill_from=.*no model.safetensors"):
+        teacher_labels(str(tmp_path / "missing"))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(RaybmError, match="not a raybm model folder"):
+        teacher_labels(str(tmp_path))
+    (tmp_path / "label_map.json").write_text('{"labels": ["negative", "positive"]}')
+    assert teacher_labels(str(tmp_path)) == ["negative", "positive"]
