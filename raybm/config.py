@@ -486,8 +486,9 @@ def _check_job(cfg: JobConfig) -> None:
     if cfg.model.keep_layers is not None and t.freeze_layers > cfg.model.keep_layers:
         raise ConfigError(f"train.freeze_layers ({t.freeze_layers}) exceeds model.keep_layers "
                           f"({cfg.model.keep_layers})")
-    if t.parallelism == "fsdp" and t.backend == "gloo":
-        raise ConfigError("train.parallelism=fsdp needs NCCL (gloo has no reduce-scatter); set train.backend=auto")
+    if t.parallelism == "fsdp" and (t.l1 or t.keep_sparsity):
+        raise ConfigError(f"train.parallelism=fsdp does not support train.{'l1' if t.l1 else 'keep_sparsity'} "
+                          f"(it works on whole weight matrices, which FSDP shards); use parallelism ddp")
     if t.gpus_per_worker > 1 and t.gpus_per_worker != int(t.gpus_per_worker):
         raise ConfigError(f"train.gpus_per_worker: above 1 it must be a whole number, got {t.gpus_per_worker}")
     if d.clean.stop_words and d.language == "zh":

@@ -472,6 +472,7 @@ def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name
         trained = _train_variant(model_dir, cfg, run, {
             "model": {"name": base, "keep_layers": None, "head_init": "default", "pooling": "auto"},
             "train": {"strategy": "full", "epochs": e.prune_epochs, "lr": e.prune_lr, "keep_sparsity": True,
+                      "parallelism": "ddp",  # the zeros are kept on whole weight matrices
                       "early_stopping_patience": 0, "distill_from": None}}, log)
         copy_to_local(trained, cfg.storage, staging)
         from raybm.evaluate import load_model_folder

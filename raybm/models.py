@@ -240,8 +240,9 @@ def trainable_layers(strategy: str, num_layers: int, epoch: int, freeze_layers: 
     return stage > num_layers, min(num_layers, stage)
 
 
-def apply_strategy(model, train_cfg, epoch: int) -> int:
-    """Set ``requires_grad`` for ``epoch`` by the strategy; returns trainable parameter count."""
+def apply_strategy(model, train_cfg, epoch: int, sizes: dict[int, int] | None = None) -> int:
+    """Set ``requires_grad`` for ``epoch`` by the strategy; returns the trainable parameter
+    count (``sizes``: each parameter's size by id, taken before FSDP sharded it)."""
     layers = encoder_layers(model) if train_cfg.strategy in ("partial", "gradual") else []
     if train_cfg.strategy in ("partial", "gradual"):
         emb_on, top = trainable_layers(train_cfg.strategy, len(layers), epoch, train_cfg.freeze_layers,
@@ -259,7 +260,7 @@ def apply_strategy(model, train_cfg, epoch: int) -> int:
     else:
         for p in model.parameters():
             p.requires_grad = True
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum((sizes or {}).get(id(p), p.numel()) for p in model.parameters() if p.requires_grad)
 
 
 def param_groups(model, lr: float, weight_decay: float, layerwise_decay: float = 1.0) -> list[dict]:

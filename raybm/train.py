@@ -73,18 +73,18 @@ def worker_resources(t, use_gpu: bool) -> dict[str, float]:
 
 def torch_backend(t, use_gpu: bool) -> str:
     """The collective backend: NCCL on GPUs unless workers share one (NCCL refuses two ranks
-    on the same device), gloo on CPUs."""
+    on the same device), gloo on CPUs (FSDP too)."""
+    if t.parallelism == "fsdp" and use_gpu:
+        if t.backend == "gloo":
+            raise RaybmError("train.parallelism=fsdp on GPUs needs NCCL; set train.backend=auto")
+        if t.gpus_per_worker < 1 and t.num_workers > 1:
+            raise RaybmError("train.parallelism=fsdp needs one GPU per worker (NCCL); set "
+                             "train.gpus_per_worker=1 or use parallelism ddp")
     if t.backend != "auto":
         return t.backend
     if not use_gpu:
-        if t.parallelism == "fsdp":
-            raise RaybmError("train.parallelism=fsdp needs GPUs (Ray Train's FSDP runs on NCCL), and this "
-                             "run has none; use train.parallelism=ddp on CPUs")
         return "gloo"
     if t.gpus_per_worker < 1 and t.num_workers > 1:
-        if t.parallelism == "fsdp":
-            raise RaybmError("train.parallelism=fsdp needs one GPU per worker (NCCL); set "
-                             "train.gpus_per_worker=1 or use parallelism ddp")
         return "gloo"
     return "nccl"
 

@@ -38,13 +38,16 @@ def say(message: str) -> None:
 # ------------------------------------------------------------------ optimizer, schedule
 
 
-def build_optimizer(model, t):
-    """The configured optimizer over parameter groups (no decay on biases / norms)."""
+def build_optimizer(model, t, groups: list[dict] | None = None):
+    """The configured optimizer over parameter groups (no decay on biases / norms). Pass
+    ``groups`` made before FSDP wrapping: wrapping flattens the parameters it shards, so
+    their shapes no longer tell weights from biases."""
     import torch
 
     from raybm.models import param_groups
 
-    groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
+    if groups is None:
+        groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
     if t.optimizer in ("sgd", "momentum"):
         momentum = t.momentum if t.optimizer == "momentum" else 0.0
         return torch.optim.SGD(groups, lr=t.lr, momentum=momentum,
@@ -115,26 +118,51 @@ def _load_checkpoint(folder: str, model) -> dict:
     return torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=True)
 
 
-def _fsdp_full_state(wrapped, optimizer) -> tuple[dict, dict]:
+def _wrap_fsdp(model, device):
+    """Shard ``model`` over all workers with FSDP: one unit per encoder layer plus one for the
+    rest, so a forward pass holds one layer's full weights at a time. The original
+    parameters stay visible (names for freezing by strategy and for the optimizer's groups).
+
+    raybm wraps it itself rather than through Ray Train's ``prepare_model``, which needs
+    CUDA and leaves a single worker unwrapped: this runs on CPU workers (gloo) too, and one
+    worker runs the same code as many."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from raybm.errors import RaybmError
+    from raybm.models import encoder_layers
+
+    try:
+        policy = ModuleWrapPolicy({type(layer) for layer in encoder_layers(model)})
+    except RaybmError:  # no layer stack (the TextCNN baseline): one unit
+        policy = None
+    return FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=device)
+
+
+def _fsdp_configs(device, rank0_only: bool):
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig
+
+    offload = device.type != "cpu"  # gathered to host memory; on CPU it is there already
+    return (FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+            FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=False))
+
+
+def _fsdp_full_state(wrapped, optimizer, device) -> tuple[dict, dict]:
     """(model, optimizer) full state dicts of an FSDP model, gathered to rank 0 (a collective:
     every rank calls it)."""
-    from torch.distributed.fsdp import FullStateDictConfig, FullOptimStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import StateDictType
 
-    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
-                              FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=False)):
+    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, *_fsdp_configs(device, True)):
         return wrapped.state_dict(), FSDP.optim_state_dict(wrapped, optimizer)
 
 
-def _fsdp_optim_to_load(wrapped, optimizer, full: dict) -> dict:
+def _fsdp_optim_to_load(wrapped, optimizer, full: dict, device) -> dict:
     """This rank's optimizer state out of a full one (the state dict type must be set)."""
-    from torch.distributed.fsdp import FullStateDictConfig, FullOptimStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import StateDictType
 
-    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=True, rank0_only=False),
-                              FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=False)):
+    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, *_fsdp_configs(device, False)):
         return FSDP.optim_state_dict_to_load(wrapped, optimizer, full)
 
 
@@ -186,7 +214,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from raybm.data.tokenizing import PadCollate
-    from raybm.models import apply_strategy, build_classifier, load_tokenizer
+    from raybm.models import apply_strategy, build_classifier, load_tokenizer, param_groups
 
     cfg = build_config(config["job"])
     t = cfg.train
@@ -228,19 +256,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             say(f"resuming from the checkpoint of epoch {state['epoch'] + 1}")
 
     fsdp = t.parallelism == "fsdp"
-    parallel: dict[str, Any] = {"parallel_strategy": t.parallelism}
+    # Optimizer groups and parameter sizes from the unwrapped model: FSDP flattens what it shards.
+    groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
+    sizes = {id(p): p.numel() for p in model.parameters()}
     if fsdp:
-        # Original parameters stay visible (names for layer-wise LR and weight-decay groups,
-        # freezing by strategy); the optimizer is built over them after wrapping.
-        parallel["parallel_strategy_kwargs"] = {"use_orig_params": True}
-    elif t.strategy in ("partial", "gradual"):
-        parallel["parallel_strategy_kwargs"] = {"find_unused_parameters": True}
-    wrapped = ray.train.torch.prepare_model(model, move_to_device=False, **parallel)
-    optimizer = build_optimizer(model, t)
+        wrapped = _wrap_fsdp(model, device)
+    else:
+        kwargs = {"find_unused_parameters": True} if t.strategy in ("partial", "gradual") else {}
+        wrapped = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp",
+                                                parallel_strategy_kwargs=kwargs)
+    optimizer = build_optimizer(model, t, groups)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
     if state is not None:
-        optimizer.load_state_dict(_fsdp_optim_to_load(wrapped, optimizer, state["optimizer"])
+        optimizer.load_state_dict(_fsdp_optim_to_load(wrapped, optimizer, state["optimizer"], device)
                                   if fsdp else state["optimizer"])
     amp_dtype, use_scaler = _amp(device, t.precision)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -255,7 +284,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, t.epochs):
         if t.fail_at_epoch == epoch + 1 and not resumed and rank == 0:
             raise RuntimeError(f"injected failure at the start of epoch {epoch + 1} (train.fail_at_epoch)")
-        n_trainable = apply_strategy(model, t, epoch)
+        n_trainable = apply_strategy(model, t, epoch, sizes)
         wrapped.train()
         started, seen, micro = time.time(), 0, 0
         loss_acc = torch.zeros((), device=device)  # summed on the device: no host sync per step
@@ -346,7 +375,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"val_f1_macro {metrics['val_f1_macro']:.4f} ({metrics['samples_per_s']:.1f} samples/s)")
 
         # 4. Report with a checkpoint (written by rank 0 only).
-        full_weights, optim_state = _fsdp_full_state(wrapped, optimizer) if fsdp else (None, optimizer.state_dict())
+        full_weights, optim_state = _fsdp_full_state(wrapped, optimizer, device) if fsdp else (None, optimizer.state_dict())
         state = {"epoch": epoch, "step": step, "best": best, "bad_epochs": bad_epochs,
                  "optimizer": optim_state, "history": history}
         with tempfile.TemporaryDirectory() as tmp:

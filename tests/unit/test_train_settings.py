@@ -25,14 +25,16 @@ def test_backend_is_nccl_on_gpus_and_gloo_when_workers_share_one():
     assert torch_backend(train_cfg("train.backend=nccl"), use_gpu=False) == "nccl"  # the user's word wins
 
 
-def test_fsdp_needs_gpus_and_nccl():
-    with pytest.raises(RaybmError, match="fsdp needs GPUs"):
-        torch_backend(train_cfg("train.parallelism=fsdp"), use_gpu=False)
+def test_fsdp_runs_on_gloo_on_cpus_and_needs_nccl_and_whole_gpus_on_gpus():
+    assert torch_backend(train_cfg("train.parallelism=fsdp", "train.num_workers=2"), use_gpu=False) == "gloo"
+    assert torch_backend(train_cfg("train.parallelism=fsdp", "train.num_workers=2"), use_gpu=True) == "nccl"
     with pytest.raises(RaybmError, match="one GPU per worker"):
         torch_backend(train_cfg("train.parallelism=fsdp", "train.num_workers=2", "train.gpus_per_worker=0.5"),
                       use_gpu=True)
-    with pytest.raises(ConfigError, match="needs NCCL"):
-        build_config(overrides=["train.parallelism=fsdp", "train.backend=gloo"])
+    with pytest.raises(RaybmError, match="on GPUs needs NCCL"):
+        torch_backend(train_cfg("train.parallelism=fsdp", "train.backend=gloo"), use_gpu=True)
+    with pytest.raises(ConfigError, match="does not support train.l1"):
+        build_config(overrides=["train.parallelism=fsdp", "train.l1=1e-5"])
     with pytest.raises(ConfigError, match="whole number"):
         build_config(overrides=["train.gpus_per_worker=1.5"])
 
