@@ -76,6 +76,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if is_used(soup):
         print(f"Handed on: the {soup['method']} soup of {len(soup['ingredients'])} trial(s) "
               f"({', '.join(soup['ingredients'])}), validation {soup['metric']} {soup['validation']:.4f}.")
+    cost, budget = w.get("cost"), w.get("latency_budget")
+    if cost:
+        print(f"Serving cost: {cost['params']:,} parameters, {cost['size_mb']} MB, median single-sentence latency "
+              f"{cost['latency_p50_ms']} ms (PyTorch, 1 thread)"
+              + ("" if not budget else f"; within tune.max_latency_ms {budget['max_latency_ms']}" if budget["met"]
+                 else f"; NO trial met tune.max_latency_ms {budget['max_latency_ms']}") + ".")
     print(f"Validation {w['metric']} of the handed-on model: {w['validation']:.4f}. Test metrics:")
     _print_test_metrics(w["test"])
     print(f"\nModel folder: {result.model_dir}\nSweep folder: {result.sweep_dir}")

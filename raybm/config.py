@@ -310,6 +310,16 @@ class TuneConfig:
     score as ``tune.metric``."""
     soup_size: int = _opt(4, ge=2)
     """Most trials a soup considers (the best ones by ``tune.metric``)."""
+    measure_cost: bool = True
+    """After the sweep, measure each finished trial's serving cost on the driver, one
+    architecture at a time: parameters, weights size (MB) and median single-sentence latency
+    (PyTorch, 1 thread). Into the leaderboard and the dashboard."""
+    max_latency_ms: Optional[float] = _opt(None, gt=0)
+    """Latency budget: the winner (and a soup's ingredients) are the best trials whose median
+    latency is at most this; the others stay on the leaderboard, marked. When no trial meets
+    it, the best trial wins and ``winner.json`` says so. Needs ``tune.measure_cost``."""
+    latency_samples: int = _opt(30, ge=5)
+    """Single-sentence predictions timed per architecture (after 5 warm-up ones)."""
 
 
 @dataclass
@@ -486,6 +496,8 @@ def _check_job(cfg: JobConfig) -> None:
     if cfg.model.keep_layers is not None and t.freeze_layers > cfg.model.keep_layers:
         raise ConfigError(f"train.freeze_layers ({t.freeze_layers}) exceeds model.keep_layers "
                           f"({cfg.model.keep_layers})")
+    if cfg.tune.max_latency_ms is not None and not cfg.tune.measure_cost:
+        raise ConfigError("tune.max_latency_ms needs tune.measure_cost=true (latency is measured after the sweep)")
     if t.parallelism == "fsdp" and (t.l1 or t.keep_sparsity):
         raise ConfigError(f"train.parallelism=fsdp does not support train.{'l1' if t.l1 else 'keep_sparsity'} "
                           f"(it works on whole weight matrices, which FSDP shards); use parallelism ddp")

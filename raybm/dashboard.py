@@ -137,6 +137,27 @@ def page_sweep(data) -> None:
     elif soup:
         st.info("A greedy soup was tried; no other trial improved validation, so the best trial is the model.")
 
+    if "latency_p50_ms" in table and table["latency_p50_ms"].notna().any():
+        st.subheader(f"Serving cost against {metric}")
+        budget = winner.get("latency_budget")
+        costed = table[table["latency_p50_ms"].notna()]
+        chart = alt.Chart(costed).mark_circle(size=90).encode(
+            x=alt.X("latency_p50_ms", title="median single-sentence latency (ms, PyTorch, 1 thread)",
+                    scale=alt.Scale(zero=False)),
+            y=alt.Y(metric, scale=alt.Scale(zero=False)), color="status",
+            tooltip=["trial", metric, "latency_p50_ms", "size_mb", "params", *searched])
+        if budget:
+            rule = alt.Chart(pd.DataFrame({"budget": [budget["max_latency_ms"]]})).mark_rule(
+                color="red", strokeDash=[4, 4]).encode(x="budget:Q")
+            chart = chart + rule
+        st.altair_chart(chart, width="stretch")
+        if budget and budget["met"]:
+            st.caption(f"Latency budget {budget['max_latency_ms']} ms (tune.max_latency_ms, dashed line): the "
+                       f"winner is the best of the {budget['trials_within']} trial(s) within it.")
+        elif budget:
+            st.warning(f"No trial met the latency budget of {budget['max_latency_ms']} ms (the fastest: "
+                       f"{budget['fastest_ms']} ms); the best trial won regardless.")
+
     st.subheader(f"Searched settings against {metric}")
     for key in searched:
         values = table[key]

@@ -20,10 +20,12 @@ Layout under ``sweeps/<sweep>/`` (docs/tuning.md)::
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +45,8 @@ MODEL_DIR = "model"
 TRIAL_DRIVER_CPU = 0.05
 # Tokenizer actors of a trial that tokenizes its own data (two splits, 0.25 CPU each).
 TRIAL_TOKENIZER_CPU = 0.5
+# Serving-cost columns of the leaderboard (tune.measure_cost, tune.max_latency_ms).
+COST_COLUMNS = ("params", "size_mb", "latency_p50_ms", "within_budget")
 # Keys whose change needs the data tokenized again for each trial.
 _TOKENIZATION_KEYS = ("data.", "model.name", "model.trust_remote_code")
 
@@ -266,9 +270,12 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     if finished < len(grid) and not cfg.tune.time_budget_s:
         raise RaybmError(f"sweep {name!r} was interrupted with {len(grid) - finished} trial(s) unfinished; "
                          f"run the same command with --resume to finish it")
+    ranked = [row for row in board if row["best_checkpoint"] and row["status"] != "error"]
+    if cfg.tune.measure_cost and ranked:
+        measure_costs(cfg, ranked, log)
+    ranked, budget = within_budget(ranked, cfg.tune.max_latency_ms)
     _write_leaderboard(results, sweep_dir, board)
     log(format_leaderboard(board, cfg.tune.metric))
-    ranked = [row for row in board if row["best_checkpoint"] and row["status"] != "error"]
     failed = [row for row in board if row["status"] == "error"]
     if not ranked:
         raise RaybmError(f"sweep {name!r}: no trial finished"
@@ -277,7 +284,13 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     if failed:
         log(f"{len(failed)} trial(s) failed (first error: {failed[0]['error']}); the winner is the best of "
             f"the rest. --resume --retry-errored runs the failed ones again from their last checkpoint")
+    if budget and not budget["met"]:
+        log(f"No trial meets tune.max_latency_ms {budget['max_latency_ms']} (the fastest: "
+            f"{budget['fastest_ms']} ms): the winner is the best trial regardless; winner.json says so")
+    elif budget:
+        log(f"{len(ranked)} trial(s) within tune.max_latency_ms {budget['max_latency_ms']}: the winner is the best of them")
     winner = _publish_winner(results, sweep_dir, cfg, prepared.name, ranked, log)
+    winner["latency_budget"] = budget
     winner["sweep_seconds"] = round(time.time() - started, 1)
     results.write_json(results.join(sweep_dir, WINNER_FILE), winner)
     results.mark_complete(sweep_dir)
@@ -370,12 +383,65 @@ def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Result
     return rows
 
 
+def architecture(folder: str) -> tuple[str, int]:
+    """(fingerprint, parameter count) of a checkpoint's weights: the names and shapes of its
+    tensors, read from the safetensors header without loading them."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+        shapes = sorted((k, list(f.get_slice(k).get_shape())) for k in f.keys())
+    return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16], sum(math.prod(s) for _, s in shapes)
+
+
+def measure_costs(cfg: JobConfig, rows: list[dict[str, Any]], log: Callable[[str], None]) -> None:
+    """Add each row's serving cost: ``params``, ``size_mb`` (weights file) and
+    ``latency_p50_ms`` (median single-sentence latency, PyTorch at 1 thread). Latency depends
+    on the architecture only, so it is measured once per architecture, one after another on
+    the driver (trials that share an architecture share the number, free of the noise of
+    measuring them apart)."""
+    import tempfile
+
+    from raybm.export import measure
+    from raybm.results import copy_to_local, is_s3
+
+    latency: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="raybm-cost-") as tmp:
+        for row in rows:
+            uri = row["best_checkpoint"]
+            folder = copy_to_local(uri, cfg.storage, os.path.join(tmp, row["trial"])) if is_s3(uri) else uri
+            key, params = architecture(folder)
+            if key not in latency:
+                latency[key] = measure(folder, "torch", None, None, cfg.tune.latency_samples)["latency_p50_ms"]
+            row.update(params=params, size_mb=round(os.path.getsize(os.path.join(folder, "model.safetensors")) / 1e6, 2),
+                       latency_p50_ms=latency[key])
+            if folder != uri:
+                shutil.rmtree(folder, ignore_errors=True)
+    log(f"Serving cost measured for {len(rows)} trial(s), {len(latency)} architecture(s): median single-sentence "
+        f"latency {', '.join(f'{v:.1f}' for v in sorted(latency.values()))} ms (PyTorch, 1 thread)")
+
+
+def within_budget(ranked: list[dict[str, Any]], max_latency_ms: float | None
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The ranked trials the winner may come from under a latency budget, best first, and
+    what the budget did (None without one). Marks each row ``within_budget``. When no trial
+    meets the budget, all of them stay (the best wins) and ``met`` is False."""
+    if max_latency_ms is None or not ranked:
+        return ranked, None
+    for row in ranked:
+        row["within_budget"] = row["latency_p50_ms"] <= max_latency_ms
+    ok = [row for row in ranked if row["within_budget"]]
+    budget = {"max_latency_ms": max_latency_ms, "met": bool(ok), "trials_within": len(ok),
+              "fastest_ms": min(row["latency_p50_ms"] for row in ranked)}
+    return (ok or ranked), budget
+
+
 def _write_leaderboard(results: Results, sweep_dir: str, board: list[dict[str, Any]]) -> None:
     results.write_json(results.join(sweep_dir, f"{LEADERBOARD}.json"), board)
     flat = [{k: v for k, v in row.items() if k != "history"} for row in board]
     buf = io.StringIO()
     if flat:
-        writer = csv.DictWriter(buf, fieldnames=["rank"] + [k for k in flat[0] if k != "rank"])
+        fields = list(dict.fromkeys(k for row in flat for k in row if k != "rank"))  # cost: finished trials only
+        writer = csv.DictWriter(buf, fieldnames=["rank"] + fields)
         writer.writeheader()
         writer.writerows(flat)
     results.write_text(results.join(sweep_dir, f"{LEADERBOARD}.csv"), buf.getvalue())
@@ -386,9 +452,10 @@ def format_leaderboard(board: list[dict[str, Any]], metric: str) -> str:
     if not board:
         return "(no trials)"
     fixed = ("rank", "trial", metric, "best_epoch", "epochs_run", "status", "seconds")
-    searched = [k for k in board[0] if k not in fixed and k not in
+    cost = [k for k in COST_COLUMNS if any(k in row for row in board)]
+    searched = [k for k in board[0] if k not in fixed and k not in COST_COLUMNS and k not in
                 ("val_accuracy", "val_loss", "best_checkpoint", "error", "history")]
-    cols = ["rank", "trial", *searched, metric, "best_epoch", "epochs_run", "status", "seconds"]
+    cols = ["rank", "trial", *searched, metric, "best_epoch", "epochs_run", "status", *cost, "seconds"]
 
     def cell(v: Any) -> str:
         if v is None:
@@ -443,7 +510,8 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
     return {"trial": row["trial"], "values": searched, "dataset": dataset, "model": cfg.model.name,
             "metric": metric, "validation": soup.validation if used else row[metric],
             "best_epoch": row["best_epoch"], "checkpoint": row["best_checkpoint"], "model_dir": model_uri,
-            "soup": soup.to_dict() if soup is not None else None, "test": test}
+            "soup": soup.to_dict() if soup is not None else None, "test": test,
+            "cost": {k: row[k] for k in ("params", "size_mb", "latency_p50_ms") if k in row} or None}
 
 
 def _make_soup(results: Results, cfg: JobConfig, dataset: str, rows: list[dict[str, Any]], workdir: str,

@@ -30,7 +30,7 @@ def results(ray_local, tmp_path_factory):
         f"storage.root={root}", f"data.source={data}", "data.text_column=body", "data.label_column=sentiment",
         "data.max_length=16", "model.name=tiny-bert", "train.batch_size=16", "train.warmup_ratio=0",
         "train.log_every_steps=100", "train.cpus_per_worker=0.5", "train.epochs=2", "tune.max_concurrent_trials=1",
-        "tune.num_samples=1", "tune.grace_period=1", "name=dash-sweep", "tune.soup=uniform",
+        "tune.num_samples=1", "tune.grace_period=1", "name=dash-sweep", "tune.soup=uniform", "tune.max_latency_ms=1000",
         "tune.search_space={train.lr: 'grid([3e-3, 1e-12])'}"])
     sweep = run_sweep(cfg, log=lambda _: None)
     run_export(cfg, "dash-sweep", ["onnx-int8"], log=lambda _: None)
@@ -62,7 +62,10 @@ def test_jobs_sweep_and_model_pages_show_the_run(monkeypatch, results):
     board = at.dataframe[0].value
     assert len(board) == 2 and set(board["train.lr"]) == {3e-3, 1e-12}
     assert any("uniform soup" in i.value and "2 trial(s)" in i.value for i in at.info)  # what was handed on
-    assert len(at.get("vega_lite_chart")) == 3  # lr vs metric, metric curves, loss curves
+    assert len(at.get("vega_lite_chart")) == 4  # cost vs metric, lr vs metric, metric curves, loss curves
+    assert any(h.value.startswith("Serving cost against") for h in at.subheader)
+    assert results["sweep"].winner["latency_budget"]["met"]  # a tiny model is far within 1 s
+    assert any("Latency budget 1000.0 ms" in c.value and "best of the 2 trial(s)" in c.value for c in at.caption)
     statuses = dict(zip(board["train.lr"], board["status"]))
     assert statuses[3e-3] == "completed"
     stopped = at.dataframe[1].value if statuses[1e-12] == "stopped" else None

@@ -90,8 +90,16 @@ def test_asha_sweep_stops_weak_trials_and_hands_on_a_tested_winner(ray_tune, tmp
     kept = [row for row in board if row["trial"] in soup["ingredients"]]
     assert_weights_are_the_mean(sweep / "model", [row["best_checkpoint"] for row in kept])
 
+    # Serving cost, measured once for the one architecture all trials share.
+    assert len({(row["params"], row["latency_p50_ms"]) for row in board}) == 1
+    assert board[0]["params"] > 0 and board[0]["size_mb"] > 0 and board[0]["latency_p50_ms"] > 0
+    assert winner["cost"] == {k: board[0][k] for k in ("params", "size_mb", "latency_p50_ms")}
+    assert winner["latency_budget"] is None and "within_budget" not in board[0]
+    assert {"params", "size_mb", "latency_p50_ms"} <= set(rows[0])
+
     table = format_leaderboard(board, "val_f1_macro")
-    assert "train.lr" in table.splitlines()[0] and len(table.splitlines()) == 6
+    assert "train.lr" in table.splitlines()[0] and "latency_p50_ms" in table.splitlines()[0]
+    assert len(table.splitlines()) == 6
 
     # The same command again: the finished sweep is read back, nothing re-runs.
     written = (sweep / "winner.json").stat().st_mtime_ns
@@ -181,11 +189,17 @@ def test_concurrent_trials_follow_the_cluster(ray_tune, tmp_path, data_csv):
 
 def test_time_budget_ends_the_sweep_and_the_best_so_far_wins(ray_tune, tmp_path, data_csv):
     # (also the median-stopping scheduler's path: it may stop trials too, also "stopped")
+    # (and a latency budget no trial can meet: the best trial still wins, and says so)
     cfg = config(tmp_path, data_csv, "train.epochs=3", "train.lr=3e-3", "tune.scheduler=median",
                  "tune.max_concurrent_trials=1", "tune.num_samples=1", "tune.time_budget_s=30",
-                 "tune.search_space={train.seed: 'grid([0, 1, 2, 3, 4, 5])'}")
+                 "tune.max_latency_ms=0.0001", "tune.search_space={train.seed: 'grid([0, 1, 2, 3, 4, 5])'}")
     result = run_sweep(cfg, log=quiet)
     statuses = [row["status"] for row in result.leaderboard]
     assert "completed" in statuses and "stopped" in statuses  # the last ones cut off by the budget
     assert result.winner["trial"] == result.leaderboard[0]["trial"]
+    budget = result.winner["latency_budget"]
+    assert budget["met"] is False and budget["trials_within"] == 0 and budget["max_latency_ms"] == 0.0001
+    finished = [row for row in result.leaderboard if row["best_checkpoint"]]
+    assert budget["fastest_ms"] == min(row["latency_p50_ms"] for row in finished) > 0
+    assert all(row["within_budget"] is False for row in finished)
     assert sum(row["epochs_run"] for row in result.leaderboard) < 6 * 3
