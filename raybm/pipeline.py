@@ -190,8 +190,8 @@ def _tune(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[
     state.update(model=result.model_dir, test=w["test"])
     return {"status": "skipped" if was_done else "done", "sweep": result.name, "model": result.model_dir,
             "trials": len(result.leaderboard), "winner": w.get("values"), "validation": w.get("validation"),
-            "soup": (w.get("soup") or {}).get("ingredients"),
-            "test": _short(w["test"])}
+            "soup": (w.get("soup") or {}).get("ingredients"), "cost": w.get("cost"),
+            "latency_budget": w.get("latency_budget"), "test": _short(w["test"])}
 
 
 def _short(test: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -153,6 +153,7 @@ def test_pipeline_job_runs_every_stage_then_skips_them_and_the_gate_keeps_the_de
     assert list(stages) == ["data", "tune", "export", "deploy"]
     assert all(s["status"] == "done" for s in stages.values()), stages
     assert stages["tune"]["trials"] == 2 and stages["tune"]["test"]["examples"] > 0
+    assert stages["tune"]["cost"]["params"] > 0 and stages["tune"]["cost"]["latency_p50_ms"] > 0
     sweep = only(root / "sweeps")
     assert (sweep / "_SUCCESS").is_file() and (sweep / "model" / "model.safetensors").is_file()
     exported = only(root / "exports")
@@ -214,6 +215,7 @@ def test_pipeline_job_on_s3_keeps_everything_in_the_bucket(head, s3_server, tmp_
     assert summary["root"] == "s3://raybm-cluster/team"
     assert summary["stages"]["data"]["path"].startswith("s3://raybm-cluster/team/data/")
     assert summary["stages"]["tune"]["model"].startswith("s3://raybm-cluster/team/sweeps/")
+    assert summary["stages"]["tune"]["cost"]["size_mb"] > 0  # measured from checkpoints in the bucket
     assert summary["stages"]["export"]["folder"].startswith("s3://raybm-cluster/team/exports/")
 
     # The dashboard reads the same URI.
