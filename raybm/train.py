@@ -53,6 +53,26 @@ def _use_gpu(setting: str) -> bool:
     return has if setting == "auto" else setting == "yes"
 
 
+def unschedulable(need: dict[str, float], have: dict[str, float]) -> str | None:
+    """The first resource ``need`` asks more of than ``have`` holds in all, as a phrase."""
+    for res, amount in need.items():
+        if amount > have.get(res, 0.0) + 1e-9:
+            return f"{amount:g} {res} but this local Ray has {have.get(res, 0.0):g} in all"
+    return None
+
+
+def check_fits(need: dict[str, float], what: str, fix: str) -> None:
+    """Refuse, on a Ray this process started (it cannot grow), work that can never be
+    scheduled: Ray Train would wait for its workers forever, retrying every minute."""
+    import ray
+
+    if joined_cluster() or _joined_cluster():
+        return  # a cluster may autoscale
+    short = unschedulable({k: v for k, v in need.items() if v}, ray.cluster_resources())
+    if short:
+        raise RaybmError(f"{what} needs {short}; {fix}")
+
+
 def _joined_cluster() -> bool:
     """More than one node: a cluster, however this process reached it."""
     import ray
@@ -242,6 +262,9 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
     trainer = build_trainer(cfg, labels=labels, report=prepared.report, datasets=datasets,
                             run_name=run_name, storage_path=results.path("runs"), storage_filesystem=results.fs)
+    check_fits({k: v * t.num_workers for k, v in worker_resources(t, _use_gpu(t.use_gpu)).items()},
+               f"training ({t.num_workers} worker(s) x train.cpus_per_worker {t.cpus_per_worker:g})",
+               "lower train.cpus_per_worker or train.num_workers, or start Ray with more (ray.num_cpus)")
     log(f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"
         f"{' on GPU' if _use_gpu(t.use_gpu) else ''}, {t.epochs} epoch(s) -> {results.uri(run_dir)}")
     check_same_recipe(results, run_dir, run_name, cfg)

@@ -190,7 +190,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from raybm.train import load_text_splits
+    from raybm.train import check_fits, load_text_splits
 
     dists = parse_space(cfg.tune.search_space)
     if not dists:
@@ -229,6 +229,11 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
                                      text_splits=splits, tokenized=tokenized,
                                      trials_path=results.join(sweep_dir, TRIALS_DIR))
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
+    need = trial_resources(cfg, tokenizes)
+    check_fits(need, f"one trial ({cfg.train.num_workers} worker(s) x train.cpus_per_worker "
+                     f"{cfg.train.cpus_per_worker:g}, plus {TRIAL_DRIVER_CPU} CPU for the trial itself"
+                     f"{f' and {TRIAL_TOKENIZER_CPU} for tokenizing' if tokenizes else ''})",
+               "lower train.cpus_per_worker (or train.num_workers), or start Ray with more (ray.num_cpus)")
     concurrency = concurrent_trials(cfg, tokenizes)
     n_trials = cfg.tune.num_samples * grid_size(dists)
     results.write_text(results.join(sweep_dir, CONFIG_FILE), cfg.to_yaml())

@@ -159,6 +159,13 @@ def test_two_fsdp_workers_shard_train_resume_and_save_a_whole_model(ray_local, t
     assert again["confusion_matrix"] == result.metrics["test"]["confusion_matrix"]
 
 
+def test_workers_bigger_than_the_local_ray_are_refused_instead_of_waiting_forever(ray_local, tmp_path, data_csv):
+    cfg = config(tmp_path, data_csv, "train.num_workers=2", "train.cpus_per_worker=1.5")
+    with pytest.raises(RaybmError, match=r"training \(2 worker\(s\) x train.cpus_per_worker 1.5\) needs 3 CPU but "
+                                         r"this local Ray has 2 in all"):
+        run_training(cfg, log=quiet)
+
+
 def test_gpus_asked_of_a_local_ray_without_any_are_an_error_but_a_joined_cluster_may_add_them(ray_local, monkeypatch):
     import raybm.runtime
     from raybm.train import _use_gpu

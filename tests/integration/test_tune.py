@@ -176,6 +176,14 @@ def test_resume_without_an_interrupted_sweep_is_a_clear_error(ray_tune, tmp_path
         run_sweep(config(tmp_path, data_csv), log=quiet)
 
 
+def test_a_trial_bigger_than_the_local_ray_is_refused_instead_of_waiting_forever(ray_tune, tmp_path, data_csv):
+    cfg = config(tmp_path, data_csv, "train.cpus_per_worker=2", "tune.search_space={train.lr: 'grid([1e-3, 1e-4])'}")
+    with pytest.raises(RaybmError, match=r"one trial .* needs 2.05 CPU but this local Ray has 2 in all; lower "
+                                         r"train.cpus_per_worker"):
+        run_sweep(cfg, log=quiet)
+    assert not (tmp_path / "sweeps").exists() or not any((tmp_path / "sweeps").rglob("trials/*"))
+
+
 def test_concurrent_trials_follow_the_cluster(ray_tune, tmp_path, data_csv):
     from raybm.tune import concurrent_trials, trial_resources
 

@@ -6,7 +6,8 @@ import pytest
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.results import CONFIG_FILE, Results
-from raybm.train import check_same_recipe, recipe_differences, teacher_labels, torch_backend, worker_resources
+from raybm.train import (check_same_recipe, recipe_differences, teacher_labels, torch_backend, unschedulable,
+                         worker_resources)
 
 
 def train_cfg(*overrides):
@@ -94,3 +95,9 @@ def test_a_distillation_teacher_is_checked_before_any_work(tmp_path):
         teacher_labels(str(tmp_path))
     (tmp_path / "label_map.json").write_text('{"labels": ["negative", "positive"]}')
     assert teacher_labels(str(tmp_path)) == ["negative", "positive"]
+
+
+def test_work_that_can_never_be_scheduled_is_named():
+    assert unschedulable({"CPU": 2.0}, {"CPU": 2.0, "GPU": 1.0}) is None
+    assert unschedulable({"CPU": 2.05}, {"CPU": 2.0}) == "2.05 CPU but this local Ray has 2 in all"
+    assert unschedulable({"CPU": 1.0, "GPU": 0.5}, {"CPU": 4.0}) == "0.5 GPU but this local Ray has 0 in all"
