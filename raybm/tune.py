@@ -279,8 +279,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     if cfg.tune.measure_cost and ranked:
         measure_costs(cfg, ranked, log)
     ranked, budget = within_budget(ranked, cfg.tune.max_latency_ms)
-    _write_leaderboard(results, sweep_dir, board)
-    log(format_leaderboard(board, cfg.tune.metric))
+    _write_leaderboard(results, sweep_dir, board)  # the callers print it (cli, pipeline)
     failed = [row for row in board if row["status"] == "error"]
     if not ranked:
         raise RaybmError(f"sweep {name!r}: no trial finished"

@@ -81,3 +81,5 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         assert [h["epoch"] for h in board[t]["history"]][-1] == 3
     assert (sweep / "_SUCCESS").exists() and (sweep / "model" / "_SUCCESS").exists()
     assert "Winner: trial" in resumed.stdout
+    header = next(ln for ln in resumed.stdout.splitlines() if ln.startswith("rank") and "trial" in ln)
+    assert resumed.stdout.count(header) == 1, "the leaderboard is printed once"
