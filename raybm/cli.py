@@ -31,10 +31,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _start(cfg) -> None:
     from raybm.data.sources import resolve_source
+    from raybm.models import check_model
     from raybm.runtime import ensure_ray, quiet_ray_data
     from raybm.train import teacher_labels
 
     resolve_source(cfg.data, cfg.storage)  # bad paths and columns fail before Ray starts
+    check_model(cfg.model)
     teacher_labels(cfg.train.distill_from)
     where = ensure_ray(cfg.ray)
     quiet_ray_data()

@@ -67,9 +67,26 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     source = resolve_model_source(name)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise RaybmError(f"cannot load the tokenizer of model {name!r}: {str(e).splitlines()[0]}. Use a "
-                         f"local folder or a built-in model ({', '.join(BUILTIN_MODELS)}) when offline.") from None
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0].rstrip(". ")
+        hint = ("the folder needs the tokenizer's files (tokenizer.json, or vocab.txt and tokenizer_config.json)"
+                if os.path.isdir(source) else
+                f"use a local folder or a built-in model ({', '.join(BUILTIN_MODELS)}) when offline")
+        raise RaybmError(f"cannot load the tokenizer of model {name!r}: {first}; {hint}") from None
+
+
+def check_model(model_cfg) -> None:
+    """A model name that cannot be used fails here, on the driver, in about a second,
+    instead of inside the first Ray Data task that tokenizes."""
+    if model_cfg.name in TINY_MODELS or model_cfg.name in BASELINE_MODELS:
+        resolve_model_source(model_cfg.name)
+        return
+    source = resolve_model_source(model_cfg.name)
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        raise RaybmError(f"model.name={model_cfg.name!r}: no config.json in {source}; give a Hugging Face model "
+                         f"folder (config.json, weights, tokenizer), a hub name, or one of: "
+                         f"{', '.join(BUILTIN_MODELS)}")
+    load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
 
 
 # ------------------------------------------------------------------------- building

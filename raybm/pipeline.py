@@ -41,15 +41,18 @@ def pipeline_name(cfg: JobConfig, dataset: str) -> str:
 
 def preflight(cfg: JobConfig):
     """Checks that need no Ray and cost seconds: the storage is reachable (bucket,
-    credentials), the data source exists, a distillation teacher is a model folder, an API
-    key is set. Returns the resolved source."""
+    credentials), the data source exists, the model and its tokenizer load, a distillation
+    teacher is a model folder, an API key is set. Returns the resolved source."""
     from raybm.data.sources import resolve_source
     from raybm.serving import read_api_key
 
     from raybm.train import teacher_labels
 
+    from raybm.models import check_model
+
     Results.from_config(cfg.storage).check_reachable()
     source = resolve_source(cfg.data, cfg.storage)
+    check_model(cfg.model)
     teacher_labels(cfg.train.distill_from)
     if "deploy" in pipeline_stages(cfg):
         read_api_key(cfg.serve)

@@ -100,3 +100,21 @@ def test_evaluate_output_in_a_missing_folder_fails_before_starting_ray(tmp_path,
               "--output", f"{tmp_path}/no/metrics.json")
     assert out.returncode == 2 and f"the folder {tmp_path}/no does not exist" in out.stderr
     assert "Traceback" not in out.stderr and "Started a local Ray" not in out.stderr
+
+
+def test_a_model_that_cannot_load_fails_before_starting_ray(tmp_path):
+    import os
+
+    not_a_model = tmp_path / "notes"
+    not_a_model.mkdir()
+    (not_a_model / "readme.txt").write_text("not a model")
+    out = run("train", f"storage.root={tmp_path}", f"model.name={not_a_model}")
+    assert out.returncode == 2 and f"no config.json in {not_a_model}" in out.stderr
+    assert "running on" not in out.stdout and "Traceback" not in out.stderr
+    offline = subprocess.run([sys.executable, "-m", "raybm.cli", "pipeline", f"storage.root={tmp_path}",
+                              "model.name=no-such-org/no-such-model"], capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert offline.returncode == 2, offline.stderr[-2000:]
+    assert "cannot load the tokenizer of model 'no-such-org/no-such-model'" in offline.stderr
+    assert "built-in model (all-minilm-l6-v2)" in offline.stderr and "Traceback" not in offline.stderr
+    assert not (tmp_path / "data").exists()
