@@ -1,6 +1,7 @@
 """Hosting a model on Ray Serve behind an HTTP API.
 
     POST /predict   {"texts": ["...", ...]}  -> labels and per-class probabilities, in order
+                    {"text": "..."}          -> the same for one text, as "prediction"
     GET  /healthz   the replica is up and its model loaded
     GET  /metadata  model name, labels, source run or sweep, its test metrics, backend, limits
     GET  /docs      OpenAPI (FastAPI ingress)
@@ -42,10 +43,14 @@ DEFAULT_LOADER = "raybm.inference:load_predictor"
 HEALTH_PROBE = "raybm health check"
 
 PREDICT_REQUEST_SCHEMA = {
-    "type": "object",
-    "required": ["texts"],
-    "properties": {"texts": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1},
-                             "description": "texts to classify, answered in the same order"}},
+    "oneOf": [
+        {"type": "object", "required": ["texts"], "additionalProperties": False,
+         "properties": {"texts": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1},
+                                  "description": "texts to classify, answered as \"predictions\" in the same order"}}},
+        {"type": "object", "required": ["text"], "additionalProperties": False,
+         "properties": {"text": {"type": "string", "minLength": 1,
+                                 "description": "one text, answered as a single \"prediction\""}}},
+    ],
     "example": {"texts": ["what a great day", "this is the worst service ever"]},
 }
 
@@ -86,19 +91,43 @@ def _type_name(value: Any) -> str:
             float: "number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+def _check_text(t: Any, name: str, s: ServeConfig) -> str:
+    """"" for a good text, else what is wrong with it."""
+    if not isinstance(t, str):
+        return f"{name} must be a string, got {_type_name(t)}"
+    if not t.strip():
+        return f"{name} is empty"
+    if len(t) > s.max_text_chars:
+        return f"{name} is {len(t)} characters long, the limit is {s.max_text_chars}"
+    return ""
+
+
+_SEND = 'send {"text": "..."} or {"texts": ["...", ...]}'
+
+
 def check_texts(payload: Any, s: ServeConfig) -> tuple[list[str] | None, int, str]:
-    """(texts, 0, "") for a valid request body, else (None, status, message)."""
+    """(texts, 0, "") for a valid request body, else (None, status, message). A body is
+    ``{"texts": [...]}`` (one or many) or ``{"text": "..."}`` (one; answered with a single
+    ``prediction``)."""
     if not isinstance(payload, dict):
-        return None, 422, f'the body must be a JSON object like {{"texts": ["..."]}}, got {_type_name(payload)}'
-    unknown = sorted(set(payload) - {"texts"})
-    if "texts" not in payload:
+        return None, 422, f"the body must be a JSON object, got {_type_name(payload)}; {_SEND}"
+    fields = {"text", "texts"} & set(payload)
+    unknown = sorted(set(payload) - {"text", "texts"})
+    if not fields:
         hint = f" (unknown field(s): {', '.join(unknown)})" if unknown else ""
-        return None, 422, f'missing field "texts": send {{"texts": ["..."]}}{hint}'
+        return None, 422, f'missing field "texts" (or "text"): {_SEND}{hint}'
+    if len(fields) == 2:
+        return None, 422, 'send either "text" or "texts", not both'
     if unknown:
-        return None, 422, f"unknown field(s): {', '.join(unknown)}; only \"texts\" is accepted"
+        return None, 422, f"unknown field(s): {', '.join(unknown)}; {_SEND}"
+    if "text" in payload:
+        problem = _check_text(payload["text"], '"text"', s)
+        if isinstance(payload["text"], list):
+            problem += '; for several texts send {"texts": [...]}'
+        return (None, 422, problem) if problem else ([payload["text"]], 0, "")
     texts = payload["texts"]
     if isinstance(texts, str):
-        return None, 422, '"texts" must be a list of strings; wrap a single text: {"texts": ["..."]}'
+        return None, 422, '"texts" must be a list of strings; wrap a single text: {"texts": ["..."]}, or send {"text": "..."}'
     if not isinstance(texts, list):
         return None, 422, f'"texts" must be a list of strings, got {_type_name(texts)}'
     if not texts:
@@ -106,12 +135,9 @@ def check_texts(payload: Any, s: ServeConfig) -> tuple[list[str] | None, int, st
     if len(texts) > s.max_texts:
         return None, 413, f'too many texts: {len(texts)} in one request, the limit is {s.max_texts}; split the request'
     for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            return None, 422, f"texts[{i}] must be a string, got {_type_name(t)}"
-        if not t.strip():
-            return None, 422, f"texts[{i}] is empty"
-        if len(t) > s.max_text_chars:
-            return None, 422, f"texts[{i}] is {len(t)} characters long, the limit is {s.max_text_chars}"
+        problem = _check_text(t, f"texts[{i}]", s)
+        if problem:
+            return None, 422, problem
     return texts, 0, ""
 
 
@@ -210,6 +236,8 @@ def make_server_class():
                 best = int(p.argmax())
                 predictions.append({"label": self.labels[best], "confidence": float(p[best]),
                                     "probabilities": {lab: float(v) for lab, v in zip(self.labels, p)}})
+            if "text" in payload:
+                return {"prediction": predictions[0], "model": self.card["name"], "backend": self.backend}
             return {"predictions": predictions, "model": self.card["name"], "backend": self.backend}
 
         @app.get("/healthz", summary="Liveness: the replica is up and its model loaded")

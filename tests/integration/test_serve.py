@@ -81,6 +81,11 @@ def test_predictions_match_the_model_in_input_order(server):
         assert answer.status_code == 200
         probs = [[p["probabilities"]["negative"], p["probabilities"]["positive"]] for p in answer.json()["predictions"]]
         np.testing.assert_allclose(probs, want, atol=1e-5)
+    # one text, without a list: one prediction, the same as in a list
+    one = post(server["url"], {"text": TEXTS[1]})
+    assert one.status_code == 200, one.text
+    assert one.json()["prediction"]["probabilities"]["positive"] == pytest.approx(reference[1][1], abs=1e-5)
+    assert "predictions" not in one.json()
     assert requests.get(f"{server['url']}/healthz", timeout=10).json()["status"] == "ok"
     assert "/predict" in requests.get(f"{server['url']}/openapi.json", timeout=10).json()["paths"]
 
@@ -92,7 +97,10 @@ def test_every_client_mistake_gets_a_4xx_that_says_what_is_wrong(server):
         (b"", 400, "not valid JSON"),
         (b"[" * 3000, 400, "not valid JSON"),
         (["a", "b"], 422, "JSON object"),
-        ({"text": ["hi"]}, 422, 'missing field "texts"'),
+        ({"text": ["hi"]}, 422, '"text" must be a string, got array'),
+        ({"body": "hi"}, 422, 'missing field "texts" (or "text")'),
+        ({"text": "hi", "texts": ["hi"]}, 422, "not both"),
+        ({"text": " "}, 422, '"text" is empty'),
         ({"texts": ["hi"], "extra": 1}, 422, "unknown field"),
         ({"texts": "hello"}, 422, "wrap a single text"),
         ({"texts": []}, 422, '"texts" is empty'),

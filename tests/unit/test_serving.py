@@ -54,6 +54,12 @@ def test_request_checks_name_the_problem():
     assert check_texts({"texts": ["a", "b", "c"]}, s)[1] == 413
     assert check_texts({"texts": ["toolong"]}, s)[1:] == (422, "texts[0] is 7 characters long, the limit is 5")
     assert check_texts({"texts": [True]}, s)[2] == "texts[0] must be a string, got boolean"
+    # one text without a list
+    assert check_texts({"text": "fine"}, s) == (["fine"], 0, "")
+    assert check_texts({"text": "toolong"}, s)[1:] == (422, '"text" is 7 characters long, the limit is 5')
+    assert check_texts({"text": ["a"]}, s)[2] == '"text" must be a string, got array; for several texts send {"texts": [...]}'
+    assert "not both" in check_texts({"text": "a", "texts": ["b"]}, s)[2]
+    assert check_texts({"txt": "a"}, s)[2].startswith('missing field "texts" (or "text")')
 
 
 def test_models_resolve_from_folders_and_names(tmp_path, tiny_model_dir):
