@@ -145,14 +145,14 @@ def _cmd_soup(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from raybm.data import load_split
-    from raybm.evaluate import score_dataset
+    from raybm.evaluate import score_dataset, score_source
+    from raybm.inference import resolve_model
     from raybm.results import Results
     from raybm.runtime import ensure_ray, quiet_ray_data
 
-    from raybm.evaluate import read_label_map, score_source
-
     cfg = load_config(args.config, args.overrides)
-    read_label_map(args.checkpoint)  # a clear error for a folder that is not a model
+    args.checkpoint = resolve_model(args.checkpoint, None if "://" in cfg.storage.root else cfg.storage.root,
+                                    flag="--checkpoint")
     if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         raise RaybmError(f"--output {args.output!r}: the folder {os.path.dirname(os.path.abspath(args.output))} "
                          f"does not exist; create it first")
@@ -185,10 +185,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from raybm.evaluate import read_label_map
+    from raybm.inference import resolve_model
     from raybm.predict import format_prediction, predict_file, predict_texts
 
-    read_label_map(args.model)  # a clear error for a folder that is not a model
+    cfg = load_config(args.config, args.overrides)
+    args.model = resolve_model(args.model, None if "://" in cfg.storage.root else cfg.storage.root)
     if args.text is not None:
         if not args.text.strip():
             raise RaybmError("--text is empty")
@@ -201,7 +202,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if use_ray:
         from raybm.runtime import ensure_ray, quiet_ray_data
 
-        ensure_ray(load_config(None, []).ray)
+        ensure_ray(cfg.ray)
         quiet_ray_data()
     done = predict_file(args.model, args.input, args.output, args.text_column, args.max_length, use_ray=use_ray)
     print(f"labelled {done.rows - done.unlabelled} rows -> {args.output}"
@@ -395,14 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_soup)
     p = sub.add_parser("evaluate", help="score a model folder on a prepared dataset's split")
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True, help="a model folder (runs/<run>/model or a checkpoint)")
+    p.add_argument("--checkpoint", required=True, help="a model folder (runs/<run>/model or a checkpoint), a run "
+                   "or sweep folder, or a run/sweep name under storage.root")
     p.add_argument("--data", required=True, help="a prepared dataset name under <storage.root>/data/ (scores "
                    "its --split), or any source data.source accepts (scores every row)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--output", help="also write the metrics as JSON here")
     p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("predict", help="label a text or a whole file with a model folder, without a server")
-    p.add_argument("--model", required=True, help="a model folder (runs/<run>/model)")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="a model folder (runs/<run>/model), a run or sweep folder, or a "
+                   "run/sweep name under storage.root")
     p.add_argument("--text", help="one text to label")
     p.add_argument("--input", help="a CSV, TSV, JSONL or Parquet file to label")
     p.add_argument("--output", help="where to write the input rows plus predicted_label and confidence")

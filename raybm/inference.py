@@ -222,7 +222,7 @@ def model_card(model_dir: str) -> dict[str, Any]:
     return card
 
 
-def resolve_model(spec: str, results_root: str | None = None) -> str:
+def resolve_model(spec: str, results_root: str | None = None, flag: str = "--model") -> str:
     """A model folder from what a user passes: a model folder, a run or sweep folder (its
     ``model/``), or the name of a run or sweep under the results root."""
     candidates = [spec, os.path.join(spec, "model")]
@@ -232,5 +232,5 @@ def resolve_model(spec: str, results_root: str | None = None) -> str:
         if os.path.isfile(os.path.join(folder, "label_map.json")):
             return os.path.abspath(folder)
     where = f" or a run/sweep name under {results_root}" if results_root else ""
-    raise RaybmError(f"--model {spec!r}: not a model folder (one with label_map.json and model.safetensors), "
+    raise RaybmError(f"{flag} {spec!r}: not a model folder (one with label_map.json and model.safetensors), "
                      f"a run or sweep folder{where}")

@@ -79,7 +79,23 @@ def test_predict_needs_text_or_files(tiny_model_dir, tmp_path):
     out = run("predict", "--model", tiny_model_dir)
     assert out.returncode == 2 and "give --text" in out.stderr
     out = run("predict", "--model", str(tmp_path), "--text", "hi")
-    assert out.returncode == 2 and "not a raybm model folder" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "not a model folder" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_predict_takes_a_run_folder_or_a_run_name_like_serve(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "runs" / "r1" / "model")
+    by_folder = run("predict", "--model", str(tmp_path / "runs" / "r1"), "--text", "nice", "--max-length", "32")
+    by_name = run("predict", "--model", "r1", f"storage.root={tmp_path}", "--text", "nice", "--max-length", "32")
+    direct = run("predict", "--model", tiny_model_dir, "--text", "nice", "--max-length", "32")
+    assert by_folder.returncode == by_name.returncode == 0, by_folder.stderr + by_name.stderr
+    answers = [json.loads(o.stdout.strip().splitlines()[-1]) for o in (by_folder, by_name, direct)]
+    assert answers[0] == answers[1] == answers[2]
+    out = run("evaluate", "--checkpoint", "r2", "--data", "d", f"storage.root={tmp_path}")
+    assert out.returncode == 2 and f"--checkpoint 'r2': not a model folder" in out.stderr
+    assert f"run/sweep name under {tmp_path}" in out.stderr
 
 
 def test_serve_refuses_what_it_cannot_do_before_starting_ray(tmp_path, tiny_model_dir, monkeypatch):
