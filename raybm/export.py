@@ -445,7 +445,7 @@ def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name
         shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns(VARIANT_FILE, ONNX_FILE))
         return {"method": "copy of the trained model (safetensors)"}
     if v == "int8":
-        shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns(VARIANT_FILE, ONNX_FILE))
+        shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns(VARIANT_FILE, ONNX_FILE, "README.md"))
         return {"method": "torch.ao.quantization.quantize_dynamic on Linear layers, applied when loaded",
                 "note": "weights are stored in fp32; the model is int8 in memory"}
     if v == "onnx":

@@ -31,7 +31,7 @@ WEIGHTS_FILE = "model.safetensors"
 # Metrics a soup can be scored by: the classification scores score_dataset returns.
 SCORABLE = ("accuracy", "f1_macro", "precision_macro", "recall_macro")
 # Files of a training checkpoint that do not describe the averaged model.
-_NOT_COPIED = ("train_state.pt", "epoch_metrics.json", "_SUCCESS")
+_NOT_COPIED = ("train_state.pt", "epoch_metrics.json", "_SUCCESS", "README.md")
 
 
 @dataclass
@@ -272,5 +272,11 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
     metrics = {"run": name, "dataset": dataset, "model": base_model, "soup": {**soup.to_dict(), "models": models},
                "validation": {cfg.tune.metric: soup.validation}, "test": test}
     results.write_json(results.join(run_dir, METRICS_FILE), metrics)
+    from raybm.modelcard import write_model_card
+
+    write_model_card(results, results.join(run_dir, "model"), name=name, kind="soup", dataset=dataset, test=test,
+                     notes=[f"the {soup.method} soup of {', '.join(soup.ingredients)} (from {', '.join(models)}), "
+                            f"validation {cfg.tune.metric} {soup.validation:.4f} against {soup.best_single:.4f} "
+                            f"for the best of them alone"])
     results.mark_complete(run_dir)
     return {"run_dir": results.uri(run_dir), "model_dir": model_uri, **metrics}

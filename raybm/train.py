@@ -20,6 +20,7 @@ from typing import Any
 
 from raybm.config import JobConfig, derived_name
 from raybm.errors import RaybmError
+from raybm.modelcard import write_model_card
 from raybm.results import CONFIG_FILE, Results
 from raybm.runtime import joined_cluster
 
@@ -290,6 +291,11 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
                "train_seconds": round(time.time() - started, 1), "test": test}
     results.write_json(results.join(run_dir, HISTORY_FILE), history)
     results.write_json(results.join(run_dir, METRICS_FILE), metrics)
+    chosen = next((h for h in history if h.get("epoch") == metrics["best_epoch"]), {})
+    notes = [f"the checkpoint of epoch {metrics['best_epoch']} of {len(history)}, best by validation {t.metric} "
+             f"({chosen[t.metric]:.4f})"] if t.metric in chosen else []
+    write_model_card(results, results.join(run_dir, MODEL_DIR), name=run_name, kind="run", dataset=prepared.name,
+                     test=test, notes=notes)
     results.mark_complete(run_dir)
     return TrainResult(run_name, results.uri(run_dir), model_uri, metrics, history)
 

@@ -208,6 +208,21 @@ def _distill_loss(student_logits, teacher, batch, temperature: float):
                                       reduction="batchmean") * temperature ** 2
 
 
+def _quiet_ray_train_logs() -> None:
+    """Ray Train logs, at INFO in every worker, each report with its whole metrics dict (the
+    history included, so the line grows every epoch) and each checkpoint it saves. The
+    loop's own epoch line says what matters once; warnings and errors still show."""
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # it logs under its file name
+    except ImportError:  # another Ray layout: its lines stay
+        pass
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -216,6 +231,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raybm.data.tokenizing import PadCollate
     from raybm.models import apply_strategy, build_classifier, load_tokenizer, param_groups
 
+    _quiet_ray_train_logs()
     cfg = build_config(config["job"])
     t = cfg.train
     labels: list[str] = config["labels"]

@@ -511,6 +511,19 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
                            predictions_to=results.join(sweep_dir, PREDICTIONS_FILE))
     searched = {k: v for k, v in row.items() if k in cfg.tune.search_space}
     used = soup is not None and soup.used
+    values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in searched.items())
+    notes = [f"a sweep of {len(ranked)} finished trial(s) over {', '.join(cfg.tune.search_space)}; trial "
+             f"{row['trial']} ({values}) was best by validation {metric} ({row[metric]:.4f}, epoch {row['best_epoch']})"]
+    if used:
+        notes.append(f"handed on: the {soup.method} soup of trials {', '.join(soup.ingredients)} "
+                     f"(validation {metric} {soup.validation:.4f})")
+    if row.get("latency_p50_ms") is not None:
+        notes.append(f"serving cost: {row.get('params', 0):,} parameters, {row.get('size_mb')} MB, median "
+                     f"single-sentence latency {row['latency_p50_ms']} ms (PyTorch, 1 thread, measured on the driver)")
+    from raybm.modelcard import write_model_card
+
+    write_model_card(results, results.join(sweep_dir, MODEL_DIR), name=os.path.basename(sweep_dir.rstrip("/")),
+                     kind="sweep", dataset=dataset, test=test, notes=notes)
     return {"trial": row["trial"], "values": searched, "dataset": dataset, "model": cfg.model.name,
             "metric": metric, "validation": soup.validation if used else row[metric],
             "best_epoch": row["best_epoch"], "checkpoint": row["best_checkpoint"], "model_dir": model_uri,

@@ -104,7 +104,7 @@ def test_a_soup_of_two_models_in_s3_is_written_to_s3(s3_server, buckets, ray_loc
     assert out["run_dir"] == "s3://raybm-results/experiments/runs/ab" and out["test"]["examples"] == 8
     keys = {o["Key"] for o in buckets.list_objects_v2(Bucket="raybm-results", Prefix="experiments/runs/ab/")["Contents"]}
     for name in ("_SUCCESS", "metrics.json", "test_predictions.parquet", "model/model.safetensors",
-                 "model/soup.json", "model/_SUCCESS"):
+                 "model/soup.json", "model/_SUCCESS", "model/README.md"):
         assert f"experiments/runs/ab/{name}" in keys, name
     got = tmp_path / "got.safetensors"
     buckets.download_file("raybm-results", "experiments/runs/ab/model/model.safetensors", str(got))

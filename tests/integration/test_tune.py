@@ -77,7 +77,10 @@ def test_asha_sweep_stops_weak_trials_and_hands_on_a_tested_winner(ray_tune, tmp
     winner = json.loads((sweep / "winner.json").read_text())
     assert winner["trial"] == board[0]["trial"] and winner["values"] == {"train.lr": 3e-3}
     assert winner["test"]["examples"] == 12 and winner["test"]["accuracy"] >= 0.8
-    assert {"model.safetensors", "config.json", "label_map.json", "_SUCCESS"} <= set(os.listdir(sweep / "model"))
+    assert {"model.safetensors", "config.json", "label_map.json", "_SUCCESS", "README.md"} <= set(os.listdir(sweep / "model"))
+    card = (sweep / "model" / "README.md").read_text()
+    assert "winner of a raybm sweep" in card and f"trial {result.winner['trial']} (" in card
+    assert f"| {result.winner['test']['accuracy']:.4f} |" in card
     assert not (sweep / "model" / "train_state.pt").exists()
 
     # The greedy soup starts from the winner, tries the runner-up, and hands on the mean of

@@ -1,0 +1,51 @@
+"""The model card (README.md) written into every published model folder."""
+
+import yaml
+
+from raybm.modelcard import render
+
+TEST = {"accuracy": 0.9164, "f1_macro": 0.9004, "precision_macro": 0.905, "recall_macro": 0.896, "examples": 2225,
+        "per_class": {"negative": {"precision": 0.937, "recall": 0.943, "f1": 0.94, "support": 1553},
+                      "positive": {"precision": 0.867, "recall": 0.854, "f1": 0.861, "support": 672}}}
+CFG = {"model": {"name": "all-minilm-l6-v2", "pooling": "auto"},
+       "data": {"max_length": 64},
+       "train": {"strategy": "full", "epochs": 2, "optimizer": "adamw", "lr": 8e-5, "scheduler": "cosine",
+                 "batch_size": 32, "weight_decay": 0.01, "label_smoothing": 0.1, "layerwise_lr_decay": 0.9,
+                 "seed": 0, "l1": 0.0}}
+
+
+def front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_card_has_hub_metadata_scores_recipe_and_how_to_load():
+    text = render("q6", "run", CFG, ["negative", "positive"], "twitter-29b86ebe", TEST,
+                  notes=["the checkpoint of epoch 2 of 2"], model_type="raybm-pooled")
+    meta = front_matter(text)
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert meta["pipeline_tag"] == "text-classification" and "raybm" in meta["tags"]
+    assert "| 0.9164 | 0.9004 | 0.9050 | 0.8960 |" in text
+    assert "| positive | 0.867 | 0.854 | 0.861 | 672 |" in text
+    assert "(2225 examples)" in text and "`twitter-29b86ebe`" in text and "`negative`, `positive`" in text
+    assert "| learning rate | 8e-05 |" in text and "| layer-wise LR decay | 0.9 |" in text
+    assert "| seed | 0 |" in text and "l1" not in text and "auto" not in text  # unset settings are left out
+    assert "| classifier input | mean of the token vectors |" in text
+    assert "import raybm.models" in text  # raybm's own architecture needs registering
+    assert "- the checkpoint of epoch 2 of 2" in text
+
+
+def test_a_plain_transformers_model_loads_with_a_pipeline_and_local_bases_get_no_hub_link():
+    cfg = {**CFG, "model": {"name": "/data/models/my-bert"}}
+    text = render("r", "sweep", cfg, ["a", "b"], "d", TEST, model_type="bert")
+    assert "base_model" not in front_matter(text)
+    assert 'pipeline("text-classification"' in text and "import raybm.models" not in text
+    assert "winner of a raybm sweep" in text
+    hub = render("r", "soup", {**CFG, "model": {"name": "org/some-model"}}, ["a", "b"], "d", TEST)
+    assert front_matter(hub)["base_model"] == "org/some-model" and "model soup" in hub
+
+
+def test_a_folder_without_its_config_still_gets_scores_and_labels():
+    text = render("ab", "soup", {}, ["a", "b"], "d", TEST)
+    assert "fine-tuned from" not in text and "Training recipe" not in text
+    assert "| 0.9164 |" in text and "`a`, `b`" in text
