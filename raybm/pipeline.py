@@ -42,20 +42,22 @@ def pipeline_name(cfg: JobConfig, dataset: str) -> str:
 def preflight(cfg: JobConfig):
     """Checks that need no Ray and cost seconds: the storage is reachable (bucket,
     credentials), the data source exists, the model and its tokenizer load, a distillation
-    teacher is a model folder, an API key is set. Returns the resolved source."""
+    teacher is a model folder, an API key is set, export or deploy without a train or tune
+    stage have a model. Returns the resolved source."""
     from raybm.data.sources import resolve_source
-    from raybm.serving import read_api_key
-
-    from raybm.train import teacher_labels
-
     from raybm.models import check_model
+    from raybm.serving import read_api_key
+    from raybm.train import teacher_labels
 
     Results.from_config(cfg.storage).check_reachable()
     source = resolve_source(cfg.data, cfg.storage)
     check_model(cfg.model)
     teacher_labels(cfg.train.distill_from)
-    if "deploy" in pipeline_stages(cfg):
+    stages = pipeline_stages(cfg)
+    if "deploy" in stages:
         read_api_key(cfg.serve)
+    if not {"train", "tune"} & set(stages) and {"export", "deploy"} & set(stages):
+        trained_model(cfg)  # export or deploy alone need a model trained earlier
     return source
 
 
@@ -147,14 +149,24 @@ def _failed(summary: _Summary, stage: str, t0: float, e: BaseException) -> None:
 # ----------------------------------------------------------------------------- stages
 
 
+def trained_model(cfg: JobConfig) -> str:
+    """The model this config's train or tune stage made earlier; a clear error when none."""
+    from raybm.serving import default_model_for
+
+    try:
+        return default_model_for(cfg)
+    except RaybmError as e:  # nothing trained yet: say it in the pipeline's terms
+        stage = "tune" if cfg.tune.search_space else "train"
+        raise RaybmError(f"{str(e).split(';')[0]}; add the {stage} stage (--stages {stage},...) or run "
+                         f"`raybm {stage}` with this config first") from None
+
+
 def _model_stage_output(cfg: JobConfig, results: Results, state: dict[str, Any]) -> None:
     """The model a later stage needs when this pipeline did not train it (already trained
     by an earlier pipeline or command with the same config)."""
     if "model" in state:
         return
-    from raybm.serving import default_model_for
-
-    model = default_model_for(cfg)  # a clear error when nothing was trained yet
+    model = trained_model(cfg)
     state["model"] = results.uri(model)
     folder = posix_parent(model)
     for pointer in ("metrics.json", "winner.json"):  # a run's metrics, a sweep's winner

@@ -134,3 +134,10 @@ def test_a_model_that_cannot_load_fails_before_starting_ray(tmp_path):
     assert "cannot load the tokenizer of model 'no-such-org/no-such-model'" in offline.stderr
     assert "built-in model (all-minilm-l6-v2)" in offline.stderr and "Traceback" not in offline.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_deploy_alone_without_a_trained_model_fails_before_starting_ray(tmp_path):
+    out = run("pipeline", "--stages", "export,deploy", f"storage.root={tmp_path}", "data.source=twitter-sentiment")
+    assert out.returncode == 2 and "no finished model for this config" in out.stderr
+    assert "add the train stage (--stages train,...)" in out.stderr
+    assert "running on" not in out.stdout and "Traceback" not in out.stderr
