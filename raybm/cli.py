@@ -204,7 +204,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         ensure_ray(cfg.ray)
         quiet_ray_data()
-    done = predict_file(args.model, args.input, args.output, args.text_column, args.max_length, use_ray=use_ray)
+    done = predict_file(args.model, args.input, args.output, args.text_column, args.max_length, use_ray=use_ray,
+                        probabilities=args.probabilities)
     print(f"labelled {done.rows - done.unlabelled} rows -> {args.output}"
           + (f"; {done.unlabelled} row(s) with no text in {args.text_column!r} kept with an empty label"
              if done.unlabelled else ""))
@@ -413,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default="text", help="the input's text column (default: text)")
     p.add_argument("--max-length", type=int, default=128, help="longest token sequence (default: 128)")
     p.add_argument("--ray", action="store_true", help="stream through Ray Data (automatic for files over 20 MB)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="with --input: also a prob_<label> column for every class")
     p.set_defaults(func=_cmd_predict)
     p = sub.add_parser("export", help="export and compress a model (ONNX, int8, fp16, pruned, distilled)")
     _add_config_args(p)

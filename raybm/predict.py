@@ -49,19 +49,30 @@ class Labelled(NamedTuple):
     """Rows with no text (empty, blank or missing), written with an empty label."""
 
 
+def output_columns(labels: list[str], probabilities: bool) -> list[str]:
+    """The columns labelling adds: the label, its confidence, and with ``probabilities``
+    one ``prob_<label>`` column per class."""
+    return [PREDICTED_LABEL, CONFIDENCE, *([f"prob_{lab}" for lab in labels] if probabilities else [])]
+
+
 def label_frame(df: pd.DataFrame, text_column: str, predict: Callable[[list[str]], np.ndarray],
-                labels: list[str]) -> pd.DataFrame:
-    """``df`` with the predicted label and its confidence added; rows without text get
-    neither (None / NaN) instead of a guess."""
+                labels: list[str], probabilities: bool = False) -> pd.DataFrame:
+    """``df`` with the predicted label and its confidence added (and every class's
+    probability with ``probabilities``); rows without text get none of them (None / NaN)
+    instead of a guess."""
     texts = df[text_column]
     has_text = texts.notna().to_numpy() & (texts.astype(str).str.strip() != "").to_numpy()
     pred = np.full(len(df), None, dtype=object)
     conf = np.full(len(df), np.nan, dtype=np.float32)
+    probs = np.full((len(df), len(labels)), np.nan, dtype=np.float32)
     if has_text.any():
-        probs = predict(texts[has_text].astype(str).tolist())
-        pred[has_text] = [labels[i] for i in probs.argmax(-1)]
-        conf[has_text] = probs.max(-1)
-    return df.assign(**{PREDICTED_LABEL: pd.array(pred, dtype="string"), CONFIDENCE: conf})
+        got = predict(texts[has_text].astype(str).tolist())
+        probs[has_text], conf[has_text] = got, got.max(-1)
+        pred[has_text] = [labels[i] for i in got.argmax(-1)]
+    added = {PREDICTED_LABEL: pd.array(pred, dtype="string"), CONFIDENCE: conf}
+    if probabilities:
+        added.update({f"prob_{lab}": probs[:, i] for i, lab in enumerate(labels)})
+    return df.assign(**added)
 
 
 def _check_output(input_path: str, output_path: str) -> None:
@@ -129,8 +140,9 @@ class _Writer:
 
 
 def predict_file(model_dir: str, input_path: str, output_path: str, text_column: str = "text",
-                 max_length: int = 128, use_ray: bool | None = None) -> Labelled:
-    """Label every row of ``input_path`` into ``output_path``."""
+                 max_length: int = 128, use_ray: bool | None = None, probabilities: bool = False) -> Labelled:
+    """Label every row of ``input_path`` into ``output_path``; with ``probabilities`` also
+    write each class's probability."""
     from raybm.evaluate import Classify, read_label_map
 
     if not os.path.isfile(input_path):
@@ -143,17 +155,22 @@ def predict_file(model_dir: str, input_path: str, output_path: str, text_column:
         found = [] if first is None else list(first.columns)
         raise RaybmError(f"{input_path}: no text column {text_column!r}; columns found: {found}. "
                          f"Pass --text-column.")
+    clash = [c for c in output_columns(labels, probabilities) if c in first.columns]
+    if clash:
+        raise RaybmError(f"{input_path} already has the column(s) {clash} that labelling adds; rename or drop "
+                         f"them first, so no input column is overwritten")
     if use_ray is None:
         use_ray = os.path.getsize(input_path) > IN_PROCESS_MAX_BYTES
     writer = _Writer(output_path, out_fmt)
     unlabelled = 0
     try:
         if use_ray:
-            batches = _ray_batches(model_dir, input_path, in_fmt, text_column, max_length, labels)
+            batches = _ray_batches(model_dir, input_path, in_fmt, text_column, max_length, labels, probabilities)
         else:
             clf = Classify(model_dir, max_length=max_length, threads=max(1, os.cpu_count() or 1))
 
-            batches = (label_frame(df, text_column, clf.predict, labels) for df in _read_frames(input_path, in_fmt))
+            batches = (label_frame(df, text_column, clf.predict, labels, probabilities)
+                       for df in _read_frames(input_path, in_fmt))
         for df in batches:
             writer.write(df)
             unlabelled += int(df[PREDICTED_LABEL].isna().sum())
@@ -164,7 +181,7 @@ def predict_file(model_dir: str, input_path: str, output_path: str, text_column:
     return Labelled(writer.rows, unlabelled)
 
 
-def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels):
+def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels, probabilities=False):
     """Predictions streamed from Ray Data in input order, input columns kept."""
     import pyarrow.csv as pacsv
     import ray.data
@@ -183,7 +200,7 @@ def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels):
 
     class _Label(Classify):
         def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-            return label_frame(batch, text_column, self.predict, labels)
+            return label_frame(batch, text_column, self.predict, labels, probabilities)
 
     out = ds.map_batches(_Label, batch_format="pandas", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1),
                          fn_constructor_kwargs={"model_dir": model_dir, "max_length": max_length})

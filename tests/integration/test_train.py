@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -96,12 +97,14 @@ def test_predict_file_through_ray_data_keeps_order(ray_local, tmp_path, tiny_mod
     src = tmp_path / "in.jsonl"
     pd.DataFrame({"n": range(300), "text": texts}).to_json(src, orient="records", lines=True)
     via_ray, local = tmp_path / "ray.csv", tmp_path / "local.csv"
-    assert predict_file(tiny_model_dir, str(src), str(via_ray), max_length=32, use_ray=True) == (300, 2)
-    predict_file(tiny_model_dir, str(src), str(local), max_length=32, use_ray=False)
+    assert predict_file(tiny_model_dir, str(src), str(via_ray), max_length=32, use_ray=True,
+                        probabilities=True) == (300, 2)
+    predict_file(tiny_model_dir, str(src), str(local), max_length=32, use_ray=False, probabilities=True)
     a, b = pd.read_csv(via_ray), pd.read_csv(local)
     assert a["n"].tolist() == list(range(300))
     assert a[PREDICTED_LABEL].isna().tolist() == [i in (7, 150) for i in range(300)]
     assert a[PREDICTED_LABEL].fillna("").tolist() == b[PREDICTED_LABEL].fillna("").tolist()
+    np.testing.assert_allclose(a[["prob_negative", "prob_positive"]], b[["prob_negative", "prob_positive"]], atol=1e-5)
 
 
 def test_evaluate_any_file_with_the_model_label_map(ray_local, tmp_path, tiny_model_dir):

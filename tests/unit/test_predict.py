@@ -84,3 +84,22 @@ def test_output_folder_must_exist_and_differ_from_the_input(tiny_model_dir, tmp_
     with pytest.raises(RaybmError, match="is the input file"):
         predict_file(tiny_model_dir, str(src), str(src))
     assert os.listdir(tmp_path) == ["in.csv"] and pd.read_csv(src)["text"].tolist() == ["x"]
+
+
+def test_probabilities_add_a_column_per_class_and_input_columns_are_never_overwritten(tiny_model_dir, tmp_path):
+    src, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    pd.DataFrame({"review": TEXTS[:3] + [""]}).to_csv(src, index=False)
+    assert predict_file(tiny_model_dir, str(src), str(out), text_column="review", max_length=32,
+                        use_ray=False, probabilities=True) == (4, 1)
+    got = pd.read_csv(out)
+    assert list(got.columns) == ["review", PREDICTED_LABEL, CONFIDENCE, "prob_negative", "prob_positive"]
+    probs = Classify(tiny_model_dir, max_length=32).predict(TEXTS[:3])
+    assert got[["prob_negative", "prob_positive"]].to_numpy()[:3] == pytest.approx(probs, abs=1e-6)
+    assert got[CONFIDENCE][:3].tolist() == pytest.approx(probs.max(1).tolist(), abs=1e-6)
+    assert got.iloc[3][["prob_negative", "prob_positive", CONFIDENCE]].isna().all()
+
+    labelled = tmp_path / "labelled.csv"  # labelling a labelled file would overwrite its columns
+    got.to_csv(labelled, index=False)
+    with pytest.raises(RaybmError, match=r"already has the column\(s\) \['predicted_label', 'confidence'\]"):
+        predict_file(tiny_model_dir, str(labelled), str(tmp_path / "again.csv"), text_column="review")
+    assert not (tmp_path / "again.csv").exists()
