@@ -140,6 +140,8 @@ def load_onnx(model_dir: str, threads: int | None = None, max_length: int | None
         raise RaybmError("the onnx backend needs onnxruntime: pip install onnxruntime") from None
     from transformers import AutoTokenizer
 
+    import raybm.models  # noqa: F401  (registers raybm's config types: the tokenizer reads config.json)
+
     labels = read_label_map(model_dir)
     path = os.path.join(model_dir, ONNX_FILE)
     if not os.path.isfile(path):
