@@ -153,9 +153,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     args.checkpoint = resolve_model(args.checkpoint, None if "://" in cfg.storage.root else cfg.storage.root,
                                     flag="--checkpoint")
-    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise RaybmError(f"--output {args.output!r}: the folder {os.path.dirname(os.path.abspath(args.output))} "
-                         f"does not exist; create it first")
+    for flag, path in (("--output", args.output), ("--predictions", args.predictions)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise RaybmError(f"{flag} {path!r}: the folder {os.path.dirname(os.path.abspath(path))} "
+                             f"does not exist; create it first")
+    if args.predictions:
+        from raybm.predict import output_format
+
+        output_format(args.predictions, "--predictions")
     results = Results.from_config(cfg.storage)
     prepared = args.data in results.list_datasets()
     if not prepared:  # a file, folder, glob or built-in corpus, read with the data.* options
@@ -165,14 +170,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         resolve_source(cfg.data, cfg.storage)
     ensure_ray(cfg.ray)
     quiet_ray_data()
+    want = bool(args.predictions)
     if prepared:
-        metrics = score_dataset(args.checkpoint, load_split(results, args.data, args.split), cfg.data.max_length)
+        scored = score_dataset(args.checkpoint, load_split(results, args.data, args.split), cfg.data.max_length,
+                               predictions=want)
+        metrics = scored[0] if want else scored
         print(f"{args.checkpoint} on {args.data}/{args.split}:")
     else:
-        metrics = score_source(args.checkpoint, cfg)
+        scored = score_source(args.checkpoint, cfg, predictions=want)
+        metrics = scored[0] if want else scored
         dropped = ", ".join(f"{k} {v}" for k, v in metrics["dropped"].items()) or "none"
         print(f"{args.checkpoint} on {args.data} (every row; dropped: {dropped}):")
     _print_test_metrics(metrics)
+    if want:
+        from raybm.evaluate import named_predictions, read_label_map
+        from raybm.predict import write_frame
+
+        frame = named_predictions(scored[1], read_label_map(args.checkpoint))
+        write_frame(frame, args.predictions)
+        print(f"every example's prediction written to {args.predictions} ({int((~frame['correct']).sum())} wrong)")
     if args.output:
         import json
 
@@ -403,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "its --split), or any source data.source accepts (scores every row)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--output", help="also write the metrics as JSON here")
+    p.add_argument("--predictions", help="also write every example (text, label, predicted_label, correct, "
+                   "confidence, prob_<label>) to this .csv, .tsv, .jsonl or .parquet file")
     p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("predict", help="label a text or a whole file with a model folder, without a server")
     _add_config_args(p)

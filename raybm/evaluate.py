@@ -107,11 +107,12 @@ def _kept_rows(batch: pd.DataFrame) -> pd.DataFrame:
     return batch.loc[batch["drop_reason"] == "", ["text", "label"]]
 
 
-def score_source(model_dir: str, cfg) -> dict[str, Any]:
+def score_source(model_dir: str, cfg, predictions: bool = False) -> Any:
     """Metrics of a model on any data source (``cfg.data``: a file, folder, glob or built-in
     corpus), cleaned like the training data and labelled by the model's own label map.
     Rows whose label the model does not know are an error, unless ``data.exclude_labels``
-    drops them; dropped rows are counted in ``dropped``."""
+    drops them; dropped rows are counted in ``dropped``. With ``predictions`` returns
+    ``(metrics, frame)`` as ``score_dataset`` does."""
     from raybm.data import cleaning
     from raybm.data.pipeline import count_values
     from raybm.data.sources import read_source, resolve_source
@@ -133,6 +134,20 @@ def score_source(model_dir: str, cfg) -> dict[str, Any]:
         raise DataError(f"label value(s) {sorted(unknown)[:10]} are not classes of this model ({labels}); map "
                         f"them with data.label_values or drop them with data.exclude_labels")
     kept = marked.map_batches(_kept_rows, batch_format="pandas")
-    metrics = score_dataset(model_dir, kept, cfg.data.max_length)
+    scored = score_dataset(model_dir, kept, cfg.data.max_length, predictions=predictions)
+    metrics = scored[0] if predictions else scored
     metrics["dropped"] = dropped
-    return metrics
+    return scored
+
+
+def named_predictions(frame, labels: list[str]):
+    """``score_dataset``'s prediction frame for people: label names instead of ids, and
+    ``prob_<label>`` columns."""
+    out = frame[["text"]].copy()
+    out["label"] = [labels[i] for i in frame["label"]]
+    out["predicted_label"] = [labels[i] for i in frame["pred"]]
+    out["correct"] = frame["label"].to_numpy() == frame["pred"].to_numpy()
+    out["confidence"] = frame["confidence"].to_numpy()
+    for i, lab in enumerate(labels):
+        out[f"prob_{lab}"] = frame[f"prob_{i}"].to_numpy()
+    return out

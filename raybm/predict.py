@@ -26,6 +26,22 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".
 IN_PROCESS_MAX_BYTES = 20 << 20  # larger inputs go through Ray Data
 
 
+def output_format(path: str, role: str = "--output") -> str:
+    """The format a file name asks for; a clear error for one raybm cannot write."""
+    return _format(path, role)
+
+
+def write_frame(df: pd.DataFrame, path: str) -> None:
+    """Write a whole frame in the format its name asks for, through a temp file."""
+    writer = _Writer(path, _format(path, "--output"))
+    try:
+        writer.write(df)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def _format(path: str, role: str) -> str:
     fmt = FORMATS.get(os.path.splitext(path)[1].lower())
     if fmt is None:

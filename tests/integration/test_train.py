@@ -119,6 +119,22 @@ def test_evaluate_any_file_with_the_model_label_map(ray_local, tmp_path, tiny_mo
                                   "data.exclude_labels=[neutral]"])
     m = score_source(tiny_model_dir, cfg)
     assert m["examples"] == 3 and m["dropped"] == {"missing_text": 1, "excluded_label": 1}
+    # the CLI, with every example's prediction written for a look at the mistakes
+    from raybm.cli import main
+    from raybm.evaluate import Classify
+
+    out = tmp_path / "pred.jsonl"
+    assert main(["evaluate", "--checkpoint", tiny_model_dir, "--data", str(src), "data.text_column=review",
+                 "data.label_column=stars", "data.exclude_labels=[neutral]", "--predictions", str(out)]) == 0
+    got = pd.read_json(out, lines=True)
+    assert list(got.columns) == ["text", "label", "predicted_label", "correct", "confidence",
+                                 "prob_negative", "prob_positive"]
+    assert got["text"].tolist() == ["nice one", "awful", "great"] and got["label"].tolist() == [
+        "positive", "negative", "positive"]
+    probs = Classify(tiny_model_dir).predict(["nice one", "awful", "great"])
+    assert got["predicted_label"].tolist() == [["negative", "positive"][i] for i in probs.argmax(1)]
+    assert got["correct"].tolist() == (got["label"] == got["predicted_label"]).tolist()
+    assert (1 - got["correct"].mean()) * 3 == pytest.approx(3 - m["accuracy"] * 3)
     with pytest.raises(DataError, match=r"\['neutral'\] are not classes of this model"):
         score_source(tiny_model_dir, build_config(overrides=[f"data.source={src}", "data.text_column=review",
                                                              "data.label_column=stars"]))

@@ -119,6 +119,10 @@ def test_evaluate_output_in_a_missing_folder_fails_before_starting_ray(tmp_path,
               "--output", f"{tmp_path}/no/metrics.json")
     assert out.returncode == 2 and f"the folder {tmp_path}/no does not exist" in out.stderr
     assert "Traceback" not in out.stderr and "Started a local Ray" not in out.stderr
+    out = run("evaluate", "--checkpoint", tiny_model_dir, "--data", "twitter-sentiment", f"storage.root={tmp_path}",
+              "--predictions", f"{tmp_path}/p.xlsx")
+    assert out.returncode == 2 and "--predictions" in out.stderr and "use a .csv, .tsv, .jsonl or .parquet" in out.stderr
+    assert "Started a local Ray" not in out.stderr
 
 
 def test_a_model_that_cannot_load_fails_before_starting_ray(tmp_path):
