@@ -207,10 +207,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     args.model = resolve_model(args.model, None if "://" in cfg.storage.root else cfg.storage.root)
     if args.text is not None:
-        if not args.text.strip():
-            raise RaybmError("--text is empty")
-        (label, confidence), = predict_texts(args.model, [args.text], args.max_length)
-        print(format_prediction(args.text, label, confidence))
+        if args.input:
+            raise RaybmError("give --text or --input, not both")
+        empty = [i + 1 for i, t in enumerate(args.text) if not t.strip()]
+        if empty:
+            raise RaybmError(f"--text number {empty[0]} is empty")
+        for text, (label, confidence) in zip(args.text, predict_texts(args.model, args.text, args.max_length)):
+            print(format_prediction(text, label, confidence))
         return 0
     if not args.input or not args.output:
         raise RaybmError("give --text \"...\", or --input FILE --output FILE")
@@ -426,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--model", required=True, help="a model folder (runs/<run>/model), a run or sweep folder, or a "
                    "run/sweep name under storage.root")
-    p.add_argument("--text", help="one text to label")
+    p.add_argument("--text", action="append", help="a text to label (repeat for several; one JSON line each)")
     p.add_argument("--input", help="a CSV, TSV, JSONL or Parquet file to label")
     p.add_argument("--output", help="where to write the input rows plus predicted_label and confidence")
     p.add_argument("--text-column", default="text", help="the input's text column (default: text)")

@@ -66,13 +66,15 @@ def test_config_reference_doc_is_current():
         "regenerate: raybm config --describe --markdown > docs/config.md"
 
 
-def test_predict_one_text(tiny_model_dir):
+def test_predict_texts_one_json_line_each(tiny_model_dir):
     import json
 
-    out = run("predict", "--model", tiny_model_dir, "--text", "what a lovely day", "--max-length", "32")
+    out = run("predict", "--model", tiny_model_dir, "--text", "what a lovely day", "--text", "awful",
+              "--max-length", "32")
     assert out.returncode == 0, out.stderr
-    line = json.loads(out.stdout.strip().splitlines()[-1])
-    assert line["label"] in ("negative", "positive") and 0.5 <= line["confidence"] <= 1
+    lines = [json.loads(ln) for ln in out.stdout.strip().splitlines()[-2:]]
+    assert [ln["text"] for ln in lines] == ["what a lovely day", "awful"]
+    assert all(ln["label"] in ("negative", "positive") and 0.5 <= ln["confidence"] <= 1 for ln in lines)
 
 
 def test_predict_needs_text_or_files(tiny_model_dir, tmp_path):
