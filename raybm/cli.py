@@ -224,7 +224,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         ensure_ray(cfg.ray)
         quiet_ray_data()
     done = predict_file(args.model, args.input, args.output, args.text_column, args.max_length, use_ray=use_ray,
-                        probabilities=args.probabilities)
+                        probabilities=args.probabilities, log=lambda line: print(line, flush=True))
     print(f"labelled {done.rows - done.unlabelled} rows -> {args.output}"
           + (f"; {done.unlabelled} row(s) with no text in {args.text_column!r} kept with an empty label"
              if done.unlabelled else ""))

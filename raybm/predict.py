@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -24,6 +25,7 @@ PREDICTED_LABEL = "predicted_label"
 CONFIDENCE = "confidence"
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 IN_PROCESS_MAX_BYTES = 20 << 20  # larger inputs go through Ray Data
+PROGRESS_EVERY_S = 5.0
 
 
 def output_format(path: str, role: str = "--output") -> str:
@@ -156,9 +158,10 @@ class _Writer:
 
 
 def predict_file(model_dir: str, input_path: str, output_path: str, text_column: str = "text",
-                 max_length: int = 128, use_ray: bool | None = None, probabilities: bool = False) -> Labelled:
+                 max_length: int = 128, use_ray: bool | None = None, probabilities: bool = False,
+                 log: Callable[[str], None] | None = None) -> Labelled:
     """Label every row of ``input_path`` into ``output_path``; with ``probabilities`` also
-    write each class's probability."""
+    write each class's probability. ``log`` gets a progress line every few seconds."""
     from raybm.evaluate import Classify, read_label_map
 
     if not os.path.isfile(input_path):
@@ -186,10 +189,14 @@ def predict_file(model_dir: str, input_path: str, output_path: str, text_column:
             clf = Classify(model_dir, max_length=max_length, threads=max(1, os.cpu_count() or 1))
 
             batches = (label_frame(df, text_column, clf.predict, labels, probabilities)
-                       for df in _read_frames(input_path, in_fmt))
+                       for df in _read_frames(input_path, in_fmt, chunk_rows=2048))
+        started = last = time.monotonic()
         for df in batches:
             writer.write(df)
             unlabelled += int(df[PREDICTED_LABEL].isna().sum())
+            if log is not None and time.monotonic() - last >= PROGRESS_EVERY_S:
+                last = time.monotonic()
+                log(f"  {writer.rows:,} rows labelled ({writer.rows / (last - started):,.0f} rows/s)")
         writer.commit()
     except BaseException:
         writer.abort()

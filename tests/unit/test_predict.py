@@ -103,3 +103,16 @@ def test_probabilities_add_a_column_per_class_and_input_columns_are_never_overwr
     with pytest.raises(RaybmError, match=r"already has the column\(s\) \['predicted_label', 'confidence'\]"):
         predict_file(tiny_model_dir, str(labelled), str(tmp_path / "again.csv"), text_column="review")
     assert not (tmp_path / "again.csv").exists()
+
+
+def test_long_files_report_progress(tiny_model_dir, tmp_path, monkeypatch):
+    import raybm.predict as predict_mod
+
+    monkeypatch.setattr(predict_mod, "PROGRESS_EVERY_S", 0.0)
+    frames = predict_mod._read_frames
+    monkeypatch.setattr(predict_mod, "_read_frames", lambda path, fmt, chunk_rows=2: frames(path, fmt, chunk_rows=2))
+    src = tmp_path / "in.csv"
+    pd.DataFrame({"text": TEXTS}).to_csv(src, index=False)
+    lines = []
+    predict_file(tiny_model_dir, str(src), str(tmp_path / "out.csv"), max_length=32, use_ray=False, log=lines.append)
+    assert [ln.split(" rows labelled")[0].strip() for ln in lines] == ["2", "4", "5"]
