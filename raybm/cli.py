@@ -351,6 +351,38 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _cmd_list(args: argparse.Namespace) -> int:
+    """What a results folder holds, best test score first: the dashboard's Jobs page as text."""
+    import pandas as pd
+
+    from raybm.dashboard_data import DashboardData
+
+    cfg = load_config(args.config, args.overrides)
+    root = args.root or cfg.storage.root
+    data = DashboardData(root, cfg.storage)
+    data.results.check_reachable()
+    jobs = data.jobs_frame()
+    datasets = data.results.list_datasets()
+    exports = data.names("exports", complete_only=False)  # an export marks each variant, not itself
+    if jobs.empty and not datasets:
+        print(f"nothing under {root} yet: `raybm data`, `raybm train` or `raybm pipeline` write there")
+        return 0
+    print(f"{root}: {len(jobs)} run(s) and sweep(s), {len(datasets)} prepared dataset(s), {len(exports)} export(s)")
+    if not jobs.empty:
+        jobs = jobs.sort_values(["test macro-F1", "started"] if args.sort == "test" else ["started"],
+                                ascending=False, na_position="last")
+        jobs["started"] = [t.strftime("%Y-%m-%d %H:%M") if isinstance(t, pd.Timestamp) else "-" for t in jobs["started"]]
+        cols = ["kind", "name", "status", "started", "minutes", "base model", "dataset", "best validation",
+                "test accuracy", "test macro-F1"]
+        print()
+        jobs["minutes"] = [f"{m:.1f}" if pd.notna(m) else "-" for m in jobs["minutes"]]
+        print(jobs[cols].to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}"))
+    for title, names in (("datasets", datasets), ("exports", exports)):
+        if names:
+            print(f"\n{title}: {', '.join(names)}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.describe:
         print(describe_text(markdown=args.markdown), end="")
@@ -461,6 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8501)
     p.set_defaults(func=_cmd_dashboard)
+    p = sub.add_parser("list", help="list the runs, sweeps, datasets and exports in a results folder")
+    _add_config_args(p)
+    p.add_argument("--root", help="results folder or s3:// URI (default: storage.root)")
+    p.add_argument("--sort", choices=["test", "started"], default="test",
+                   help="best test macro-F1 first (default), or newest first")
+    p.set_defaults(func=_cmd_list)
     p = sub.add_parser("config", help="print the resolved config, or every key with --describe")
     _add_config_args(p)
     p.add_argument("--describe", action="store_true", help="list every config key, its default and meaning")

@@ -150,3 +150,31 @@ def test_deploy_alone_without_a_trained_model_fails_before_starting_ray(tmp_path
     assert out.returncode == 2 and "no finished model for this config" in out.stderr
     assert "add the train stage (--stages train,...)" in out.stderr
     assert "running on" not in out.stdout and "Traceback" not in out.stderr
+
+
+def test_list_shows_runs_and_sweeps_best_test_score_first(tmp_path):
+    import json
+
+    def job(kind, name, f1, done=True):
+        folder = tmp_path / kind / name
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "tiny-bert"}}))
+        test = {"accuracy": f1 + 0.01, "f1_macro": f1}
+        if kind == "runs":
+            (folder / "metrics.json").write_text(json.dumps({"dataset": "d1", "test": test}))
+        else:
+            (folder / "winner.json").write_text(json.dumps({"dataset": "d1", "test": test, "metric": "val_f1_macro",
+                                                            "validation": 0.5}))
+        if done:
+            (folder / "_SUCCESS").write_text("")
+
+    job("runs", "weak", 0.61)
+    job("sweeps", "best-sweep", 0.93)
+    job("runs", "half-done", 0.0, done=False)
+    (tmp_path / "runs" / "half-done" / "metrics.json").unlink()
+    out = run("list", "--root", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.split()[:1] in (["run"], ["sweep"])]
+    assert [r[1] for r in rows] == ["best-sweep", "weak", "half-done"]
+    assert rows[0][-2:] == ["0.9400", "0.9300"] and rows[2][2] == "incomplete"
+    assert run("list", "--root", str(tmp_path / "empty")).stdout.startswith("nothing under")
