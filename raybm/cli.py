@@ -412,8 +412,24 @@ def describe_text(markdown: bool = False) -> str:
     return "".join(out)
 
 
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from raybm import __version__
+
+    found = []
+    for dist in ("ray", "torch", "transformers", "onnxruntime", "streamlit"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            found.append(f"{dist} (not installed)")
+    return f"raybm {__version__} ({', '.join(found)}; Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raybm", description="Fine-tune pretrained transformers on Ray.")
+    parser.add_argument("--version", action="version", version=_versions(),
+                        help="raybm's version and those of the libraries it runs on (for bug reports)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("data", help="clean, de-duplicate, split and report a dataset")
     _add_config_args(p)

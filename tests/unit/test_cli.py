@@ -178,3 +178,13 @@ def test_list_shows_runs_and_sweeps_best_test_score_first(tmp_path):
     assert [r[1] for r in rows] == ["best-sweep", "weak", "half-done"]
     assert rows[0][-2:] == ["0.9400", "0.9300"] and rows[2][2] == "incomplete"
     assert run("list", "--root", str(tmp_path / "empty")).stdout.startswith("nothing under")
+
+
+def test_version_names_raybm_and_the_libraries_it_runs_on():
+    from importlib.metadata import version
+
+    import raybm
+
+    out = run("--version")
+    assert out.returncode == 0
+    assert out.stdout.startswith(f"raybm {raybm.__version__} (ray {version('ray')}, torch {version('torch')}")
