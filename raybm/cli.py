@@ -147,20 +147,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from raybm.data import load_split
     from raybm.evaluate import score_dataset, score_source
     from raybm.inference import resolve_model
+    from raybm.predict import check_output_folder, file_format
     from raybm.results import Results
     from raybm.runtime import ensure_ray, quiet_ray_data
 
     cfg = load_config(args.config, args.overrides)
-    args.checkpoint = resolve_model(args.checkpoint, None if "://" in cfg.storage.root else cfg.storage.root,
-                                    flag="--checkpoint")
+    args.checkpoint = resolve_model(args.checkpoint, cfg.storage.root, flag="--checkpoint")
     for flag, path in (("--output", args.output), ("--predictions", args.predictions)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise RaybmError(f"{flag} {path!r}: the folder {os.path.dirname(os.path.abspath(path))} "
-                             f"does not exist; create it first")
+        if path:  # checked now, not after the scoring
+            check_output_folder(path, flag)
     if args.predictions:
-        from raybm.predict import output_format
-
-        output_format(args.predictions, "--predictions")
+        file_format(args.predictions, "--predictions")
     results = Results.from_config(cfg.storage)
     prepared = args.data in results.list_datasets()
     if not prepared:  # a file, folder, glob or built-in corpus, read with the data.* options
@@ -174,19 +171,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if prepared:
         scored = score_dataset(args.checkpoint, load_split(results, args.data, args.split), cfg.data.max_length,
                                predictions=want)
-        metrics = scored[0] if want else scored
-        print(f"{args.checkpoint} on {args.data}/{args.split}:")
     else:
         scored = score_source(args.checkpoint, cfg, predictions=want)
-        metrics = scored[0] if want else scored
+    metrics, frame = scored if want else (scored, None)
+    if prepared:
+        print(f"{args.checkpoint} on {args.data}/{args.split}:")
+    else:
         dropped = ", ".join(f"{k} {v}" for k, v in metrics["dropped"].items()) or "none"
         print(f"{args.checkpoint} on {args.data} (every row; dropped: {dropped}):")
     _print_test_metrics(metrics)
-    if want:
+    if frame is not None:
         from raybm.evaluate import named_predictions, read_label_map
         from raybm.predict import write_frame
 
-        frame = named_predictions(scored[1], read_label_map(args.checkpoint))
+        frame = named_predictions(frame, read_label_map(args.checkpoint))
         write_frame(frame, args.predictions)
         print(f"every example's prediction written to {args.predictions} ({int((~frame['correct']).sum())} wrong)")
     if args.output:
@@ -205,7 +203,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from raybm.predict import format_prediction, predict_file, predict_texts
 
     cfg = load_config(args.config, args.overrides)
-    args.model = resolve_model(args.model, None if "://" in cfg.storage.root else cfg.storage.root)
+    args.model = resolve_model(args.model, cfg.storage.root)
     if args.text is not None:
         if args.input:
             raise RaybmError("give --text or --input, not both")

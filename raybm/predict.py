@@ -28,14 +28,9 @@ IN_PROCESS_MAX_BYTES = 20 << 20  # larger inputs go through Ray Data
 PROGRESS_EVERY_S = 5.0
 
 
-def output_format(path: str, role: str = "--output") -> str:
-    """The format a file name asks for; a clear error for one raybm cannot write."""
-    return _format(path, role)
-
-
 def write_frame(df: pd.DataFrame, path: str) -> None:
     """Write a whole frame in the format its name asks for, through a temp file."""
-    writer = _Writer(path, _format(path, "--output"))
+    writer = _Writer(path, file_format(path, "--output"))
     try:
         writer.write(df)
         writer.commit()
@@ -44,7 +39,8 @@ def write_frame(df: pd.DataFrame, path: str) -> None:
         raise
 
 
-def _format(path: str, role: str) -> str:
+def file_format(path: str, role: str) -> str:
+    """The format a file name asks for; a clear error naming ``role`` (the flag) otherwise."""
     fmt = FORMATS.get(os.path.splitext(path)[1].lower())
     if fmt is None:
         raise RaybmError(f"{role} {path!r}: use a .csv, .tsv, .jsonl or .parquet file")
@@ -93,10 +89,15 @@ def label_frame(df: pd.DataFrame, text_column: str, predict: Callable[[list[str]
     return df.assign(**added)
 
 
-def _check_output(input_path: str, output_path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(output_path))
+def check_output_folder(path: str, flag: str = "--output") -> None:
+    """A file is about to be written at ``path``: its folder must exist (checked before any work)."""
+    folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise RaybmError(f"--output {output_path!r}: the folder {folder} does not exist; create it first")
+        raise RaybmError(f"{flag} {path!r}: the folder {folder} does not exist; create it first")
+
+
+def _check_output(input_path: str, output_path: str) -> None:
+    check_output_folder(output_path)
     if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
         raise RaybmError(f"--output {output_path!r} is the input file; write the labelled rows to another file")
 
@@ -166,7 +167,7 @@ def predict_file(model_dir: str, input_path: str, output_path: str, text_column:
 
     if not os.path.isfile(input_path):
         raise RaybmError(f"--input {input_path!r}: no such file")
-    in_fmt, out_fmt = _format(input_path, "--input"), _format(output_path, "--output")
+    in_fmt, out_fmt = file_format(input_path, "--input"), file_format(output_path, "--output")
     _check_output(input_path, output_path)
     labels = read_label_map(model_dir)
     first = next(_read_frames(input_path, in_fmt, chunk_rows=5), None)
