@@ -65,7 +65,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from raybm.soup import is_used
-    from raybm.tune import format_leaderboard, run_sweep
+    from raybm.tune import format_leaderboard, format_values, run_sweep
 
     cfg = load_config(args.config, args.overrides)
     _start(cfg)
@@ -73,7 +73,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     print(f"\nLeaderboard ({cfg.tune.metric}, best first):")
     print(format_leaderboard(result.leaderboard, cfg.tune.metric))
     w = result.winner
-    values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in w["values"].items())
+    values = format_values(w["values"])
     print(f"\nWinner: trial {w['trial']} ({values}), best epoch {w['best_epoch']}.")
     soup = w.get("soup")
     if is_used(soup):

@@ -451,6 +451,11 @@ def _write_leaderboard(results: Results, sweep_dir: str, board: list[dict[str, A
     results.write_text(results.join(sweep_dir, f"{LEADERBOARD}.csv"), buf.getvalue())
 
 
+def format_values(values: dict[str, Any]) -> str:
+    """A trial's searched values on one line: ``train.lr=0.00013, train.seed=1``."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
 def format_leaderboard(board: list[dict[str, Any]], metric: str) -> str:
     """The leaderboard as a plain-text table."""
     if not board:
@@ -511,7 +516,7 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
                            predictions_to=results.join(sweep_dir, PREDICTIONS_FILE))
     searched = {k: v for k, v in row.items() if k in cfg.tune.search_space}
     used = soup is not None and soup.used
-    values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in searched.items())
+    values = format_values(searched)
     notes = [f"a sweep of {len(ranked)} finished trial(s) over {', '.join(cfg.tune.search_space)}; trial "
              f"{row['trial']} ({values}) was best by validation {metric} ({row[metric]:.4f}, epoch {row['best_epoch']})"]
     if used:
