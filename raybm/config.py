@@ -61,6 +61,10 @@ class RayConfig:
     set, otherwise the job starts a local Ray (the embedded default)."""
     num_cpus: Optional[int] = _opt(None, ge=1)
     """CPUs for a local Ray. Empty: all of this machine's."""
+    autoscaling: bool = False
+    """The cluster adds nodes on demand (an autoscaler, as with cluster.yaml): work that no
+    node can hold now is not refused up front; it waits up to ``train.placement_timeout_s``
+    for a node to join. Off: such work is refused before it starts, naming the setting."""
 
 
 @dataclass
@@ -247,6 +251,12 @@ class TrainConfig:
     gpus_per_worker: float = _opt(1.0, gt=0)
     """GPUs each worker reserves when training on GPU. Below 1, several workers share a GPU
     (small models; they then talk over gloo, since NCCL refuses two ranks on one GPU)."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker reserves besides CPUs and GPUs, e.g.
+    ``{accelerator_type:A10G: 0.001}`` to pin workers to a node type."""
+    placement_timeout_s: float = _opt(120.0, gt=0)
+    """How long a run (or trial) waits for its workers to be placed before it fails with an
+    error naming the resources it asked for (Ray Train itself would retry without end)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Collective backend between workers. ``auto``: NCCL on GPUs (gloo when workers share a
     GPU), gloo on CPUs."""

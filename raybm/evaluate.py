@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,17 @@ from raybm.errors import RaybmError
 from raybm.metrics import confusion_matrix, metrics_from_confusion
 
 
-def read_label_map(model_dir: str) -> list[str]:
+def read_label_map(model_dir: str, storage=None) -> list[str]:
+    """The labels of a model folder, local or (with ``storage``) ``s3://``."""
+    if model_dir.startswith("s3://"):
+        from raybm.results import resolve_uri
+
+        fs, path = resolve_uri(model_dir, storage)
+        try:
+            with fs.open_input_stream(f"{path}/label_map.json") as f:
+                return list(json.loads(f.read())["labels"])
+        except FileNotFoundError:
+            raise RaybmError(f"{model_dir}: not a raybm model folder (no label_map.json)") from None
     path = os.path.join(model_dir, "label_map.json")
     if not os.path.isfile(path):
         raise RaybmError(f"{model_dir}: not a raybm model folder (no label_map.json)")
@@ -50,9 +61,14 @@ class Classify:
     """Text -> predicted id, confidence and class probabilities (a Ray Data UDF)."""
 
     def __init__(self, model_dir: str, max_length: int = 128, threads: int = 1, batch_size: int = 64,
-                 keep_text: bool = False) -> None:
+                 keep_text: bool = False, storage: dict[str, Any] | None = None) -> None:
         from raybm.inference import load_predictor
 
+        if model_dir.startswith("s3://"):  # fetched here, on the node this task runs on
+            from raybm.config import StorageConfig
+            from raybm.results import fetch_model
+
+            model_dir = fetch_model(model_dir, StorageConfig(**(storage or {})))
         self.keep_text = keep_text
         self.predictor = load_predictor(model_dir, "torch", threads=threads, max_length=max_length,
                                         batch_size=batch_size)
@@ -75,8 +91,9 @@ class Classify:
 
 
 def score_dataset(model_dir: str, ds, max_length: int = 128, num_cpus: float = 1.0,
-                  predictions: bool = False) -> Any:
-    """Metrics of the model in ``model_dir`` on a Dataset with columns text and label.
+                  predictions: bool = False, storage=None) -> Any:
+    """Metrics of the model in ``model_dir`` (a local folder, or an ``s3://`` one reached with
+    the ``storage`` settings) on a Dataset with columns text and label.
 
     With ``predictions`` returns ``(metrics, frame)``: one row per example in input order
     with text, label, pred, confidence and ``prob_<i>`` per class (the dashboard's error
@@ -85,13 +102,14 @@ def score_dataset(model_dir: str, ds, max_length: int = 128, num_cpus: float = 1
 
     from raybm.udf import map_batches_cached
 
-    labels = read_label_map(model_dir)
+    labels = read_label_map(model_dir, storage)
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = predictions
     try:
         scored = map_batches_cached(ds, Classify, {"model_dir": model_dir, "max_length": max_length,
-                                                   "threads": max(1, int(num_cpus)), "keep_text": predictions},
+                                                   "threads": max(1, int(num_cpus)), "keep_text": predictions,
+                                                   "storage": asdict(storage) if storage else None},
                                     concurrency=1, batch_format="pandas", batch_size=256, num_cpus=num_cpus)
         frame = scored.to_pandas() if predictions else scored.select_columns(["label", "pred"]).to_pandas()
     finally:

@@ -158,8 +158,14 @@ def make_server_class():
             from raybm.inference import model_card
 
             if model_dir.startswith("s3://"):  # each replica fetches its own copy, on any node
-                model_dir = fetch_model(model_dir, storage or {})
+                from raybm.results import fetch_model
+
+                model_dir = fetch_model(model_dir, StorageConfig(**(storage or {})))
             self.settings = ServeConfig(**settings)
+            try:
+                self.replica = serve.get_replica_context().replica_id.unique_id
+            except Exception:  # noqa: BLE001 - built outside Serve (tests of the class)
+                self.replica = None
             s = self.settings
             device = "cuda" if s.gpus_per_replica > 0 else "cpu"
             started = time.time()
@@ -242,7 +248,8 @@ def make_server_class():
 
         @app.get("/healthz", summary="Liveness: the replica is up and its model loaded")
         async def healthz(self):
-            return {"status": "ok", "model": self.card["name"], "backend": self.backend}
+            # Which replica answered: a load balancer's or an operator's view of the pool.
+            return {"status": "ok", "model": self.card["name"], "backend": self.backend, "replica": self.replica}
 
         @app.get("/metadata", summary="The model being served and the server's limits")
         async def metadata(self, request: Request):
@@ -287,15 +294,6 @@ def read_api_key(s: ServeConfig) -> str | None:
         raise RaybmError(f"serve.api_key_env={s.api_key_env}: set the environment variable {s.api_key_env} to "
                          f"the API key, or unset serve.api_key_env to serve without one")
     return api_key_digest(key)
-
-
-def fetch_model(uri: str, storage: dict[str, Any]) -> str:
-    """A local copy of the model folder at an s3:// URI (in a fresh temporary folder)."""
-    import tempfile
-
-    from raybm.results import copy_to_local
-
-    return copy_to_local(uri, StorageConfig(**storage), os.path.join(tempfile.mkdtemp(prefix="raybm-model-"), "model"))
 
 
 def build_application(model_dir: str, s: ServeConfig, loader: str | Callable = DEFAULT_LOADER,

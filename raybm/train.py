@@ -21,7 +21,7 @@ from typing import Any
 from raybm.config import JobConfig, derived_name
 from raybm.errors import RaybmError
 from raybm.modelcard import write_model_card
-from raybm.results import CONFIG_FILE, Results
+from raybm.results import CONFIG_FILE, SUCCESS_MARKER, Results
 from raybm.runtime import joined_cluster
 
 METRICS_FILE = "metrics.json"
@@ -54,24 +54,25 @@ def _use_gpu(setting: str) -> bool:
     return has if setting == "auto" else setting == "yes"
 
 
-def unschedulable(need: dict[str, float], have: dict[str, float]) -> str | None:
-    """The first resource ``need`` asks more of than ``have`` holds in all, as a phrase."""
-    for res, amount in need.items():
-        if amount > have.get(res, 0.0) + 1e-9:
-            return f"{amount:g} {res} but this local Ray has {have.get(res, 0.0):g} in all"
-    return None
+def check_workers_fit(cfg: JobConfig, what: str, extra: list[dict[str, float]] | None = None) -> None:
+    """Refuse, before any work, a run or trial whose workers (plus ``extra`` bundles, e.g. a
+    trial's tokenizer actors) no node of the cluster can hold: Ray Train would wait for them
+    forever, retrying every minute. GPUs an autoscaler will add (``train.use_gpu=yes`` on a
+    cluster, ``tune.cluster_gpus``) and anything with ``ray.autoscaling`` are not held against it."""
+    from raybm.placement import alive_nodes, check_placeable
 
-
-def check_fits(need: dict[str, float], what: str, fix: str) -> None:
-    """Refuse, on a Ray this process started (it cannot grow), work that can never be
-    scheduled: Ray Train would wait for its workers forever, retrying every minute."""
-    import ray
-
-    if joined_cluster() or _joined_cluster():
-        return  # a cluster may autoscale
-    short = unschedulable({k: v for k, v in need.items() if v}, ray.cluster_resources())
-    if short:
-        raise RaybmError(f"{what} needs {short}; {fix}")
+    t = cfg.train
+    gpu = _use_gpu(t.use_gpu)
+    on_cluster = joined_cluster() or _joined_cluster()
+    may_appear: set[str] = set()
+    if on_cluster and cfg.ray.autoscaling:
+        may_appear.add("*")
+    if on_cluster and gpu and (t.use_gpu == "yes" or cfg.tune.cluster_gpus):
+        may_appear.add("GPU")
+    check_placeable([worker_resources(t, gpu)] * t.num_workers + list(extra or []), alive_nodes(), what,
+                    "Lower train.cpus_per_worker, train.gpus_per_worker or train.num_workers, drop "
+                    "train.worker_resources a node lacks, or add nodes (ray.num_cpus on a local Ray)",
+                    frozenset(may_appear))
 
 
 def _joined_cluster() -> bool:
@@ -85,11 +86,28 @@ def _joined_cluster() -> bool:
 
 
 def worker_resources(t, use_gpu: bool) -> dict[str, float]:
-    """Resources one training worker reserves."""
-    res = {"CPU": t.cpus_per_worker}
+    """Resources one training worker reserves (its bundle)."""
+    res = {"CPU": t.cpus_per_worker, **t.worker_resources}
     if use_gpu:
         res["GPU"] = t.gpus_per_worker
     return res
+
+
+PLACEMENT_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Ray Train's controller
+
+
+def not_placed(e: BaseException) -> bool:
+    """Whether a Ray Train failure is its worker group not being placed in time."""
+    return "worker group startup timed out" in str(e)
+
+
+def placement_failure(t, use_gpu: bool) -> str:
+    """The error of workers that were not placed within ``train.placement_timeout_s``."""
+    bundle = ", ".join(f"{v:g} {k}" for k, v in worker_resources(t, use_gpu).items())
+    return (f"{t.num_workers} worker(s) of {bundle} each could not be placed within train.placement_timeout_s="
+            f"{t.placement_timeout_s:g} s: the cluster has no room for them now (other jobs, or no node with "
+            f"all of that). Lower train.cpus_per_worker / train.gpus_per_worker / train.num_workers, free or add "
+            f"nodes, or raise train.placement_timeout_s")
 
 
 def torch_backend(t, use_gpu: bool) -> str:
@@ -152,6 +170,8 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
 
     t = cfg.train
     gpu = _use_gpu(t.use_gpu)
+    # Bounded: Ray Train retries a worker group it cannot place every minute, without end.
+    os.environ[PLACEMENT_TIMEOUT_ENV] = f"{t.placement_timeout_s:g}"
     loop_config = {
         "job": cfg.to_dict(),
         "labels": labels,
@@ -171,7 +191,7 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints,
                                                          checkpoint_score_attribute=t.metric,
                                                          checkpoint_score_order=t.mode),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures, controller_failure_limit=0),
             callbacks=callbacks or None,
         ),
         datasets=datasets,
@@ -187,7 +207,7 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
 # long (train on for more epochs), not what it trains.
 RESUMABLE_KEYS = {"num_workers", "cpus_per_worker", "torch_threads", "use_gpu", "gpus_per_worker", "backend",
                   "max_failures", "fail_at_epoch", "log_every_steps", "epochs", "early_stopping_patience",
-                  "keep_checkpoints"}
+                  "keep_checkpoints", "worker_resources", "placement_timeout_s"}
 
 
 def recipe_differences(old: dict, new: dict) -> list[str]:
@@ -245,6 +265,7 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     started = time.time()
     t = cfg.train
     teacher = teacher_labels(t.distill_from)
+    check_workers_fit(cfg, f"training ({t.num_workers} worker(s))")
     # 1. Data: prepared once, then streamed and tokenized on Ray Data.
     prepared, labels, splits = load_text_splits(cfg, log=log)
     if teacher is not None and teacher != labels:
@@ -263,9 +284,6 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
     trainer = build_trainer(cfg, labels=labels, report=prepared.report, datasets=datasets,
                             run_name=run_name, storage_path=results.path("runs"), storage_filesystem=results.fs)
-    check_fits({k: v * t.num_workers for k, v in worker_resources(t, _use_gpu(t.use_gpu)).items()},
-               f"training ({t.num_workers} worker(s) x train.cpus_per_worker {t.cpus_per_worker:g})",
-               "lower train.cpus_per_worker or train.num_workers, or start Ray with more (ray.num_cpus)")
     log(f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"
         f"{' on GPU' if _use_gpu(t.use_gpu) else ''}, {t.epochs} epoch(s) -> {results.uri(run_dir)}")
     check_same_recipe(results, run_dir, run_name, cfg)
@@ -273,6 +291,8 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception
+        if not_placed(e):
+            raise RaybmError(f"training run {run_name!r}: {placement_failure(t, _use_gpu(t.use_gpu))}") from None
         raise RaybmError(f"training run {run_name!r} failed: {failure_reason(e)}. Fix the cause and rerun the "
                          f"same command: it resumes from the last checkpoint.") from e
     best = result.get_best_checkpoint(metric=t.metric, mode=t.mode) or result.checkpoint
@@ -288,6 +308,7 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     metrics = {"run": run_name, "dataset": prepared.name, "model": cfg.model.name,
                "best_epoch": best_epoch(history, t.metric, t.mode), "epochs_run": len(history),
                "early_stopped": bool(history and history[-1].get("early_stopped")),
+               "worker_nodes": worker_nodes_of(history),
                "train_seconds": round(time.time() - started, 1), "test": test}
     results.write_json(results.join(run_dir, HISTORY_FILE), history)
     results.write_json(results.join(run_dir, METRICS_FILE), metrics)
@@ -309,6 +330,13 @@ def _history(result) -> list[dict[str, Any]]:
     return json.loads(metrics["history"]) if "history" in metrics else []
 
 
+def worker_nodes_of(history: list[dict[str, Any]]) -> list[str]:
+    """The Ray node id of each rank in the last epoch (rank 0 first); [] before any epoch."""
+    import json
+
+    return json.loads(history[-1]["worker_nodes"]) if history and history[-1].get("worker_nodes") else []
+
+
 def best_epoch(history: list[dict], metric: str, mode: str) -> int | None:
     scored = [h for h in history if metric in h]
     if not scored:
@@ -319,8 +347,6 @@ def best_epoch(history: list[dict], metric: str, mode: str) -> int | None:
 
 def publish_model(results: Results, run_dir: str, checkpoint) -> str:
     """Copy a checkpoint (minus optimizer state) to <run_dir>/model, atomically."""
-    import pyarrow.fs as pafs
-
     from raybm.train_loop import TRAIN_STATE_FILE
 
     final = results.join(run_dir, MODEL_DIR)
@@ -329,12 +355,10 @@ def publish_model(results: Results, run_dir: str, checkpoint) -> str:
         state = os.path.join(local, TRAIN_STATE_FILE)
         if os.path.exists(state):
             os.remove(state)
-        open(os.path.join(local, "_SUCCESS"), "w").close()
-        if results.remote:
-            results.delete_tree(final)
-            pafs.copy_files(local, final, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=results.fs)
+        if results.remote:  # _SUCCESS goes up last: a replica never loads half a model
+            results.upload_dir(local, final)
         else:
+            open(os.path.join(local, SUCCESS_MARKER), "w").close()
             staging = results.join(run_dir, f".staging-{MODEL_DIR}")
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(local, staging)
@@ -349,21 +373,13 @@ def score_model_uri(results: Results, model_uri: str, ds, max_length: int,
     there as Parquet (``PREDICTIONS_FILE``)."""
     from raybm.evaluate import score_dataset
 
-    def score(folder: str) -> dict[str, Any]:
-        if predictions_to is None:
-            return score_dataset(folder, ds, max_length)
-        metrics, frame = score_dataset(folder, ds, max_length, predictions=True)
-        write_parquet(results, predictions_to, frame)
-        return metrics
-
-    if not results.remote:
-        return score(model_uri)
-    import pyarrow.fs as pafs
-
-    with tempfile.TemporaryDirectory() as tmp:
-        pafs.copy_files(model_uri[len("s3://"):], tmp, source_filesystem=results.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
-        return score(tmp)
+    # An s3:// model is fetched by each scoring task on its own node (on a cluster the
+    # driver's disk is not theirs).
+    if predictions_to is None:
+        return score_dataset(model_uri, ds, max_length, storage=results.storage)
+    metrics, frame = score_dataset(model_uri, ds, max_length, predictions=True, storage=results.storage)
+    write_parquet(results, predictions_to, frame)
+    return metrics
 
 
 def write_parquet(results: Results, path: str, frame) -> None:

@@ -223,6 +223,23 @@ def _quiet_ray_train_logs() -> None:
         pass
 
 
+def worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank, rank 0 first (the run record says where each ran)."""
+    import ray
+    import torch.distributed as dist
+
+    import torch
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not dist.is_initialized():
+        return [node]
+    # A fixed-size byte tensor: no pickling through the collective.
+    mine = torch.tensor(list(bytes.fromhex(node)), dtype=torch.uint8)
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    return [bytes(t.tolist()).hex() for t in gathered]
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -281,6 +298,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         kwargs = {"find_unused_parameters": True} if t.strategy in ("partial", "gradual") else {}
         wrapped = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp",
                                                 parallel_strategy_kwargs=kwargs)
+    # Gathered after the first epoch's steps, not here: a collective before FSDP's first
+    # forward changed what the FSDP test run learned (seen on gloo; the cause is not known).
+    nodes: list[str] | None = None
     optimizer = build_optimizer(model, t, groups)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
@@ -303,6 +323,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         n_trainable = apply_strategy(model, t, epoch, sizes)
         wrapped.train()
         started, seen, micro = time.time(), 0, 0
+        epoch_started = started
         loss_acc = torch.zeros((), device=device)  # summed on the device: no host sync per step
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -358,6 +379,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if epoch_steps >= steps_per_epoch:
                 break
         loss_sum = float(loss_acc)  # waits for the device
+        nodes = nodes or worker_nodes(world)
         train_end = time.time()
         train_time = train_end - started
 
@@ -371,7 +393,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "train_seconds": train_time,
                    "trainable_params": n_trainable, "resumed_from_epoch": resumed_from,
                    "val_examples": val["examples"], **flat(val, "val_"),
-                   "val_per_class": json.dumps(val["per_class"]), "val_confusion_matrix": json.dumps(val["confusion_matrix"])}
+                   "val_per_class": json.dumps(val["per_class"]), "val_confusion_matrix": json.dumps(val["confusion_matrix"]),
+                   "started_at": epoch_started, "finished_at": time.time(), "worker_nodes": json.dumps(nodes)}
         if device.type == "cuda":
             metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         pg = ray.util.get_current_placement_group()

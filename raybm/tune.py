@@ -42,11 +42,15 @@ LEADERBOARD = "leaderboard"
 WINNER_FILE = "winner.json"
 MODEL_DIR = "model"
 # Each trial's function only waits on its TorchTrainer; the workers reserve the real CPUs.
-TRIAL_DRIVER_CPU = 0.05
+# It reserves memory, not a fraction of a CPU: fractions left on nodes add up to no node
+# with a whole CPU for a 1-CPU worker (seen on a cluster of 1-CPU nodes).
+TRIAL_DRIVER_MEMORY = 512 * 1024 * 1024
 # Tokenizer actors of a trial that tokenizes its own data (two splits, 0.25 CPU each).
-TRIAL_TOKENIZER_CPU = 0.5
+TRIAL_TOKENIZER_BUNDLES = [{"CPU": 0.25}, {"CPU": 0.25}]
 # Serving-cost columns of the leaderboard (tune.measure_cost, tune.max_latency_ms).
 COST_COLUMNS = ("params", "size_mb", "latency_p50_ms", "within_budget")
+# Where and when a trial ran (the leaderboard files carry them; the printed table does not).
+PLACEMENT_COLUMNS = ("worker_nodes", "started_at", "finished_at")
 # Keys whose change needs the data tokenized again for each trial.
 _TOKENIZATION_KEYS = ("data.", "model.name", "model.trust_remote_code")
 
@@ -149,31 +153,34 @@ def _scheduler(cfg: JobConfig):
     return FIFOScheduler()
 
 
-def trial_resources(cfg: JobConfig, tokenizes: bool) -> dict[str, float]:
-    """What one running trial holds: its workers, its driver, its tokenizer actors."""
-    from raybm.train import _use_gpu
+def trial_bundles(cfg: JobConfig, tokenizes: bool) -> list[dict[str, float]]:
+    """What one running trial holds, bundle by bundle: its workers, its tokenizer actors
+    (the trial's own function reserves memory only)."""
+    from raybm.train import _use_gpu, worker_resources
 
     t = cfg.train
-    cpu = t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU + (TRIAL_TOKENIZER_CPU if tokenizes else 0)
-    return {"CPU": cpu, "GPU": t.num_workers * t.gpus_per_worker if _use_gpu(t.use_gpu) else 0.0}
+    return [worker_resources(t, _use_gpu(t.use_gpu))] * t.num_workers + (TRIAL_TOKENIZER_BUNDLES if tokenizes else [])
 
 
 def concurrent_trials(cfg: JobConfig, tokenizes: bool) -> int:
     """Trials that fit the cluster at once (``tune.max_concurrent_trials`` wins if set)."""
-    import ray
+    from raybm.placement import alive_nodes
 
     on_cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    return trials_that_fit(cfg, trial_resources(cfg, tokenizes), ray.cluster_resources(), on_cluster)
+    return trials_that_fit(cfg, trial_bundles(cfg, tokenizes), alive_nodes(), on_cluster)
 
 
-def trials_that_fit(cfg: JobConfig, need: dict[str, float], have: dict[str, float], on_cluster: bool) -> int:
-    """GPU sweeps: the cluster's GPUs (``tune.cluster_gpus``, or those it has now) over a
-    trial's; CPU sweeps: CPUs over CPUs. At least 1."""
-    if need["GPU"]:
-        gpus = cfg.tune.cluster_gpus or have.get("GPU", 0)
-        fits = max(1, int(gpus // need["GPU"]))
+def trials_that_fit(cfg: JobConfig, bundles: list[dict[str, float]], nodes: list[dict[str, float]],
+                    on_cluster: bool) -> int:
+    """Trials whose bundles fit the nodes at once, node by node. GPU sweeps on an autoscaling
+    cluster: ``tune.cluster_gpus`` over a trial's GPUs. At least 1."""
+    from raybm.placement import copies_that_fit
+
+    gpus = sum(b.get("GPU", 0.0) for b in bundles)
+    if gpus and cfg.tune.cluster_gpus:
+        fits = max(1, int(cfg.tune.cluster_gpus // gpus))
     else:
-        fits = max(1, int(have.get("CPU", 1) // need["CPU"]))
+        fits = max(1, copies_that_fit(bundles, nodes))
     wanted = cfg.tune.max_concurrent_trials
     if not wanted:
         return fits
@@ -190,13 +197,19 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from raybm.train import check_fits, load_text_splits
+    from raybm.train import check_workers_fit, load_text_splits
 
     dists = parse_space(cfg.tune.search_space)
     if not dists:
         raise RaybmError("tune.search_space is empty: add the settings to search to the config, e.g. "
                          "tune.search_space: {train.lr: 'loguniform(1e-5, 1e-3)'} (docs/tuning.md)")
     started = time.time()
+    keys = [d.key for d in dists]
+    # Trials share the tokenized data unless the search changes how it is tokenized.
+    tokenizes = any(k.startswith(_TOKENIZATION_KEYS) for k in keys) or cfg.data.augment.enabled
+    check_workers_fit(cfg, f"one trial ({cfg.train.num_workers} worker(s)"
+                           f"{', plus 2 x 0.25 CPU of tokenizer actors' if tokenizes else ''})",
+                      TRIAL_TOKENIZER_BUNDLES if tokenizes else None)
     prepared, labels, splits = load_text_splits(cfg, log=log)
     results = Results.from_config(cfg.storage)
     name = sweep_name_for(cfg, prepared.name)
@@ -214,9 +227,6 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
         raise RaybmError(f"--resume: no interrupted sweep {name!r} under {results.uri(results.path('sweeps'))}; "
                          f"run without --resume to start it")
 
-    # Trials share the tokenized data unless the search changes how it is tokenized.
-    keys = [d.key for d in dists]
-    tokenizes = any(k.startswith(_TOKENIZATION_KEYS) for k in keys) or cfg.data.augment.enabled
     tokenized = None
     if not tokenizes:
         from raybm.train import tokenized_datasets
@@ -228,12 +238,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     trainable = tune.with_parameters(_trial, base=base, labels=labels, report=prepared.report,
                                      text_splits=splits, tokenized=tokenized,
                                      trials_path=results.join(sweep_dir, TRIALS_DIR))
-    trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
-    need = trial_resources(cfg, tokenizes)
-    check_fits(need, f"one trial ({cfg.train.num_workers} worker(s) x train.cpus_per_worker "
-                     f"{cfg.train.cpus_per_worker:g}, plus {TRIAL_DRIVER_CPU} CPU for the trial itself"
-                     f"{f' and {TRIAL_TOKENIZER_CPU} for tokenizing' if tokenizes else ''})",
-               "lower train.cpus_per_worker (or train.num_workers), or start Ray with more (ray.num_cpus)")
+    trainable = tune.with_resources(trainable, {"memory": TRIAL_DRIVER_MEMORY})
     concurrency = concurrent_trials(cfg, tokenizes)
     n_trials = cfg.tune.num_samples * grid_size(dists)
     results.write_text(results.join(sweep_dir, CONFIG_FILE), cfg.to_yaml())
@@ -353,7 +358,7 @@ def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> t
 def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Results,
                 trials_dir: str) -> list[dict[str, Any]]:
     """One row per trial, best first (trials without a metric last)."""
-    from raybm.train import failure_reason
+    from raybm.train import _use_gpu, failure_reason, not_placed, placement_failure, worker_nodes_of
 
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = []
@@ -362,7 +367,10 @@ def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Result
         last = res.metrics or {}
         trial_id = last.get("trial_id") or (res.path.rstrip("/").rsplit("/", 1)[-1] if res.path else "?")
         checkpoint, best = best_checkpoint(results, results.join(trials_dir, trial_id), metric, mode)
-        error = failure_reason(res.error) if res.error is not None else None
+        error = None
+        if res.error is not None:
+            error = placement_failure(cfg.train, _use_gpu(cfg.train.use_gpu)) if not_placed(res.error) \
+                else failure_reason(res.error)
         rows.append({
             "trial": trial_id,
             **{d.key: res.config.get(d.key) for d in dists},
@@ -374,6 +382,9 @@ def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Result
             "val_loss": None if best is None else best.get("val_loss"),
             "best_checkpoint": None if checkpoint is None else results.uri(checkpoint),
             "seconds": round(float(last.get("time_total_s", 0.0)), 1),  # wall time (of the last attempt)
+            "worker_nodes": worker_nodes_of(history),  # where the last epoch ran, rank 0 first
+            "started_at": history[0].get("started_at") if history else None,
+            "finished_at": history[-1].get("finished_at") if history else None,
             "error": error,
             "history": [{"epoch": int(h["epoch"]), metric: float(h[metric]),
                          "resumed_from_epoch": int(h.get("resumed_from_epoch", 0) or 0),
@@ -463,7 +474,7 @@ def format_leaderboard(board: list[dict[str, Any]], metric: str) -> str:
     fixed = ("rank", "trial", metric, "best_epoch", "epochs_run", "status", "seconds")
     cost = [k for k in COST_COLUMNS if any(k in row for row in board)]
     searched = [k for k in board[0] if k not in fixed and k not in COST_COLUMNS and k not in
-                ("val_accuracy", "val_loss", "best_checkpoint", "error", "history")]
+                ("val_accuracy", "val_loss", "best_checkpoint", "error", "history", *PLACEMENT_COLUMNS)]
     cols = ["rank", "trial", *searched, metric, "best_epoch", "epochs_run", "status", *cost, "seconds"]
 
     def cell(v: Any) -> str:

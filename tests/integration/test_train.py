@@ -185,9 +185,13 @@ def test_two_fsdp_workers_shard_train_resume_and_save_a_whole_model(ray_local, t
 
 def test_workers_bigger_than_the_local_ray_are_refused_instead_of_waiting_forever(ray_local, tmp_path, data_csv):
     cfg = config(tmp_path, data_csv, "train.num_workers=2", "train.cpus_per_worker=1.5")
-    with pytest.raises(RaybmError, match=r"training \(2 worker\(s\) x train.cpus_per_worker 1.5\) needs 3 CPU but "
-                                         r"this local Ray has 2 in all"):
+    with pytest.raises(RaybmError, match=r"training \(2 worker\(s\)\) needs 2 x \(1.5 CPU\) placed at once, more than "
+                                         r"the nodes hold \(1 node\(s\) with 2 CPU\)\. Lower train.cpus_per_worker"):
         run_training(cfg, log=quiet)
+    cfg = config(tmp_path, data_csv, "train.worker_resources={nobody_has: 1}")
+    with pytest.raises(RaybmError, match=r"needs 1 nobody_has per worker, but no node has any"):
+        run_training(cfg, log=quiet)
+    assert not (tmp_path / "runs").exists()  # refused before any work
 
 
 def test_gpus_asked_of_a_local_ray_without_any_are_an_error_but_a_joined_cluster_may_add_them(ray_local, monkeypatch):

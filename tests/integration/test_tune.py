@@ -180,22 +180,22 @@ def test_resume_without_an_interrupted_sweep_is_a_clear_error(ray_tune, tmp_path
 
 
 def test_a_trial_bigger_than_the_local_ray_is_refused_instead_of_waiting_forever(ray_tune, tmp_path, data_csv):
-    cfg = config(tmp_path, data_csv, "train.cpus_per_worker=2", "tune.search_space={train.lr: 'grid([1e-3, 1e-4])'}")
-    with pytest.raises(RaybmError, match=r"one trial .* needs 2.05 CPU but this local Ray has 2 in all; lower "
-                                         r"train.cpus_per_worker"):
+    cfg = config(tmp_path, data_csv, "train.cpus_per_worker=3", "tune.search_space={train.lr: 'grid([1e-3, 1e-4])'}")
+    with pytest.raises(RaybmError, match=r"one trial \(1 worker\(s\)\) needs 3 CPU per worker, but the largest node "
+                                         r"has 2 \(nodes: 1 node\(s\) with 2 CPU\)\. Lower train.cpus_per_worker"):
         run_sweep(cfg, log=quiet)
     assert not (tmp_path / "sweeps").exists() or not any((tmp_path / "sweeps").rglob("trials/*"))
 
 
 def test_concurrent_trials_follow_the_cluster(ray_tune, tmp_path, data_csv):
-    from raybm.tune import concurrent_trials, trial_resources
+    from raybm.tune import concurrent_trials, trial_bundles
 
     cfg = config(tmp_path, data_csv, "tune.max_concurrent_trials=null")  # 0.5 CPU workers, 2 CPUs
-    assert trial_resources(cfg, tokenizes=False) == {"CPU": 0.55, "GPU": 0.0}
-    assert concurrent_trials(cfg, tokenizes=False) == 3  # 2 // 0.55
-    assert concurrent_trials(cfg, tokenizes=True) == 1  # 2 // 1.05: tokenizer actors too
+    assert trial_bundles(cfg, tokenizes=False) == [{"CPU": 0.5}]  # the trial's own function: memory only
+    assert concurrent_trials(cfg, tokenizes=False) == 4
+    assert concurrent_trials(cfg, tokenizes=True) == 2  # tokenizer actors too
     wide = config(tmp_path, data_csv, "tune.max_concurrent_trials=10", "train.num_workers=2")
-    assert concurrent_trials(wide, tokenizes=False) == 1  # a local Ray cannot grow: clamped
+    assert concurrent_trials(wide, tokenizes=False) == 2  # a local Ray cannot grow: clamped
 
 
 def test_time_budget_ends_the_sweep_and_the_best_so_far_wins(ray_tune, tmp_path, data_csv):

@@ -6,7 +6,7 @@ import pytest
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.results import CONFIG_FILE, Results
-from raybm.train import (check_same_recipe, recipe_differences, teacher_labels, torch_backend, unschedulable,
+from raybm.train import (check_same_recipe, recipe_differences, teacher_labels, torch_backend,
                          worker_resources)
 
 
@@ -65,25 +65,26 @@ def test_a_run_is_not_resumed_with_another_recipe(tmp_path):
                                                                             "train.lr=1e-3"]))
 
 
-def test_gpu_sweeps_run_as_many_trials_as_the_cluster_gpus_fit():
+def test_sweeps_run_as_many_trials_as_fit_the_nodes_one_by_one():
     from raybm.tune import trials_that_fit
 
-    def fit(have, *overrides, on_cluster=True, gpu=True):
+    def fit(nodes, *overrides, on_cluster=True, gpu=True):
         cfg = build_config(overrides=list(overrides))
         t = cfg.train
-        need = {"CPU": t.num_workers * t.cpus_per_worker + 0.05,
-                "GPU": t.num_workers * t.gpus_per_worker if gpu else 0.0}
-        return trials_that_fit(cfg, need, have, on_cluster)
+        bundle = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if gpu else {})}
+        return trials_that_fit(cfg, [bundle] * t.num_workers, nodes, on_cluster)
 
     # 16 GPUs the autoscaler may start, none up yet: 2-GPU trials -> 8 at once.
-    assert fit({"CPU": 8}, "train.num_workers=2", "tune.cluster_gpus=16") == 8
-    assert fit({"CPU": 8}, "train.num_workers=1", "tune.cluster_gpus=16") == 16
-    assert fit({"CPU": 64, "GPU": 4}, "train.num_workers=2") == 2  # the GPUs up now
-    assert fit({"CPU": 64, "GPU": 4}, "train.num_workers=2", "train.gpus_per_worker=0.5") == 4
-    assert fit({"CPU": 8}, "train.num_workers=2", "tune.cluster_gpus=16", "tune.max_concurrent_trials=3") == 3
-    # CPU sweeps: CPUs over CPUs; a local Ray cannot grow past what it has.
-    assert fit({"CPU": 8}, "train.cpus_per_worker=2", gpu=False, on_cluster=False) == 3
-    assert fit({"CPU": 2}, "tune.max_concurrent_trials=4", gpu=False, on_cluster=False) == 1
+    assert fit([{"CPU": 8}], "train.num_workers=2", "tune.cluster_gpus=16") == 8
+    assert fit([{"CPU": 8}], "train.num_workers=1", "tune.cluster_gpus=16") == 16
+    assert fit([{"CPU": 64, "GPU": 4}], "train.num_workers=2") == 2  # the GPUs up now
+    assert fit([{"CPU": 64, "GPU": 4}], "train.num_workers=2", "train.gpus_per_worker=0.5") == 4
+    assert fit([{"CPU": 8}], "train.num_workers=2", "tune.cluster_gpus=16", "tune.max_concurrent_trials=3") == 3
+    # CPU sweeps, node by node: three 0.6-CPU trials fit 2 CPUs in all, but not two 1-CPU nodes.
+    assert fit([{"CPU": 8}], "train.cpus_per_worker=2", gpu=False, on_cluster=False) == 4
+    assert fit([{"CPU": 0}, {"CPU": 1}, {"CPU": 1}], "train.cpus_per_worker=0.6", gpu=False) == 2
+    assert fit([{"CPU": 0}, {"CPU": 1}, {"CPU": 1}], "train.cpus_per_worker=1", gpu=False) == 2
+    assert fit([{"CPU": 2}], "tune.max_concurrent_trials=4", gpu=False, on_cluster=False) == 2
 
 
 def test_a_distillation_teacher_is_checked_before_any_work(tmp_path):
@@ -97,7 +98,20 @@ def test_a_distillation_teacher_is_checked_before_any_work(tmp_path):
     assert teacher_labels(str(tmp_path)) == ["negative", "positive"]
 
 
-def test_work_that_can_never_be_scheduled_is_named():
-    assert unschedulable({"CPU": 2.0}, {"CPU": 2.0, "GPU": 1.0}) is None
-    assert unschedulable({"CPU": 2.05}, {"CPU": 2.0}) == "2.05 CPU but this local Ray has 2 in all"
-    assert unschedulable({"CPU": 1.0, "GPU": 0.5}, {"CPU": 4.0}) == "0.5 GPU but this local Ray has 0 in all"
+def test_work_that_no_node_can_hold_is_named():
+    from raybm.placement import check_placeable, copies_that_fit, unplaceable
+
+    nodes = [{"CPU": 0.0, "memory": 8e9}, {"CPU": 1.0, "memory": 8e9}, {"CPU": 1.0, "memory": 8e9}]
+    assert unplaceable({"CPU": 1.0}, nodes) is None
+    assert unplaceable({"CPU": 2.0}, nodes) == ("2 CPU per worker, but the largest node has 1 (nodes: 3 node(s) "
+                                                "with 0, 1, 1 CPU)")
+    assert unplaceable({"CPU": 1.0, "GPU": 1.0}, nodes).startswith("1 GPU per worker, but no node has any")
+    assert unplaceable({"CPU": 1.0, "GPU": 1.0}, nodes, frozenset({"GPU"})) is None  # an autoscaler adds them
+    assert unplaceable({"CPU": 1.0, "nobody_has": 1.0}, nodes).startswith("1 nobody_has per worker, but no node")
+    assert unplaceable({"CPU": 9.0}, nodes, frozenset({"*"})) is None
+    # Two workers of 1 CPU fit two 1-CPU nodes; three do not, though each alone would.
+    check_placeable([{"CPU": 1.0}] * 2, nodes, "training", "fix it")
+    with pytest.raises(RaybmError, match=r"training needs 3 x \(1 CPU\) placed at once, more than the nodes hold"):
+        check_placeable([{"CPU": 1.0}] * 3, nodes, "training", "fix it")
+    assert copies_that_fit([{"CPU": 0.5}, {"CPU": 0.5}], nodes) == 2
+    assert copies_that_fit([{"CPU": 0.75}], nodes) == 2

@@ -1,0 +1,127 @@
+"""raybm on a 3-node cluster whose nodes share no disk: the head (no CPUs for work) and two
+1-CPU worker nodes, each in its own mount namespace, with moto's S3 server as the only
+shared storage and token auth on. Every job goes in through Ray's job API, as
+`ray job submit` sends it. See tests/cluster/local_cluster.py and docs/cluster.md.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_data_pipeline import make_frame
+
+from .conftest import free_port, run_job, s3_keys, write_job
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def data_uri(bucket):
+    """The tiny labelled CSV, in the bucket (a local file would be on one node only)."""
+    s3, name = bucket
+    s3.put_object(Bucket=name, Key="input/reviews.csv", Body=make_frame(60).to_csv(index=False).encode())
+    return f"s3://{name}/input/reviews.csv"
+
+
+def base_config(s3_server, data_uri, root: str) -> dict:
+    return {
+        "storage": {"root": root, "s3_endpoint_url": s3_server},
+        "data": {"source": data_uri, "text_column": "body", "label_column": "sentiment", "max_length": 16},
+        "model": {"name": "tiny-bert"},
+        "train": {"epochs": 2, "batch_size": 16, "warmup_ratio": 0, "cpus_per_worker": 1, "log_every_steps": 100},
+    }
+
+
+def post(url: str, texts: list[str]) -> dict:
+    req = urllib.request.Request(f"{url}/predict", data=json.dumps({"texts": texts}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, bucket, s3_server, data_uri,
+                                                                      tmp_path):
+    s3, name = bucket
+    cfg = base_config(s3_server, data_uri, f"s3://{name}/team")
+    cfg.update({
+        "tune": {"num_samples": 1, "scheduler": "fifo", "search_space": {"train.lr": "grid([3e-3, 1e-6])"}},
+        "export": {"variants": ["onnx"], "latency_samples": 10},
+        "serve": {"port": free_port(), "backend": "auto", "num_replicas": 2, "cpus_per_replica": 0.25,
+                  "batch_wait_timeout_s": 0.0},
+        "pipeline": {"min_test_f1": 0.0, "max_latency_ms": 60000, "latency_samples": 5,
+                     "smoke_texts": ["a great product, works perfectly"]},
+    })
+    started = time.time()
+    status, logs = run_job(cluster, "pipeline", write_job(tmp_path, cfg))
+    assert status == "SUCCEEDED", logs[-4000:]
+    print(f"pipeline job: {time.time() - started:.0f} s")
+    keys = s3_keys(s3, name, "team/")
+    summary_key = next(k for k in keys if k.startswith("team/pipelines/") and k.endswith("/summary.json"))
+    summary = json.loads(s3.get_object(Bucket=name, Key=summary_key)["Body"].read())
+    assert summary["status"] == "succeeded", summary
+    stages = summary["stages"]
+    assert [s["status"] for s in stages.values()] == ["done"] * 4, stages
+    assert stages["tune"]["model"].startswith(f"s3://{name}/team/sweeps/")
+
+    # The two trials ran at once, one on each worker node.
+    board_key = next(k for k in keys if k.endswith("/leaderboard.json"))
+    board = json.loads(s3.get_object(Bucket=name, Key=board_key)["Body"].read())
+    assert len(board) == 2 and all(row["status"] == "completed" for row in board), board
+    workers = {n["node_id"] for n in cluster_nodes(cluster) if n["cpus"]}
+    (a,), (b,) = (row["worker_nodes"] for row in board)
+    assert {a, b} == workers, (a, b, workers)
+    first, second = sorted(board, key=lambda row: row["started_at"])
+    assert second["started_at"] < first["finished_at"], board  # overlapping in time
+    assert any("/trials/" in k and "/checkpoint_" in k for k in keys)
+
+    # Two replicas on two nodes, each with the model it fetched from the bucket; both answer.
+    deploy = stages["deploy"]
+    assert deploy["model"].startswith(f"s3://{name}/team/exports/") and deploy["backend"] == "onnx"
+    replicas = serve_replicas(cluster)
+    assert len(replicas) == 2 and len({r.node_id for r in replicas}) == 2, replicas
+    answered = {get_json(f"{deploy['url']}/healthz")["replica"] for _ in range(40)}
+    assert len(answered) == 2, answered
+    answer = post(deploy["url"], ["a great product, works perfectly", "broken on arrival"])
+    assert [p["label"] in ("neg", "pos") for p in answer["predictions"]] == [True, True]
+
+    # The results are readable from anywhere that reaches the bucket: `raybm list`, the dashboard.
+    listed = subprocess.run([str(Path(sys.executable).with_name("raybm")), "list", "--root", f"s3://{name}/team",
+                             f"storage.s3_endpoint_url={s3_server}"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and stages["tune"]["sweep"] in listed.stdout, listed.stdout + listed.stderr
+    from raybm.config import StorageConfig
+    from raybm.dashboard_data import DashboardData
+
+    board_view = DashboardData(f"s3://{name}/team", StorageConfig(root=f"s3://{name}/team", s3_endpoint_url=s3_server))
+    assert [p["status"] for p in board_view.pipelines()] == ["succeeded"]
+    serve_shutdown(cluster)
+
+
+def cluster_nodes(cluster) -> list[dict]:
+    """Alive nodes: id and CPUs."""
+    return [{"node_id": n.node_id, "cpus": n.resources_total.get("CPU", 0)} for n in cluster.alive_nodes()]
+
+
+def serve_replicas(cluster) -> list:
+    """The alive Serve replica actors of the raybm app (state API over HTTP)."""
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], limit=1000,
+                                   raise_on_missing_output=False)
+            if a.class_name.startswith("ServeReplica:raybm:")]
+
+
+def serve_shutdown(cluster) -> None:
+    """`serve shutdown`: frees the replicas' CPUs for the next test."""
+    subprocess.run([str(Path(sys.executable).with_name("serve")), "shutdown", "-a", cluster.address, "-y"],
+                   check=True, env=dict(os.environ, **cluster.client_env()), capture_output=True, timeout=120)
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
