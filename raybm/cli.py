@@ -32,13 +32,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _start(cfg) -> None:
     from raybm.data.sources import resolve_source
     from raybm.models import check_model
-    from raybm.runtime import ensure_ray, quiet_ray_data
+    from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
     from raybm.train import teacher_labels
 
     resolve_source(cfg.data, cfg.storage)  # bad paths and columns fail before Ray starts
     check_model(cfg.model)
     teacher_labels(cfg.train.distill_from)
     where = ensure_ray(cfg.ray)
+    check_shared_paths(cfg)
     quiet_ray_data()
     print(f"raybm: running on {where}", flush=True)
 
@@ -93,7 +94,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from raybm.pipeline import preflight, run_pipeline
-    from raybm.runtime import ensure_ray, quiet_ray_data
+    from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
 
     overrides = list(args.overrides)
     if args.stages:
@@ -101,6 +102,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     source = preflight(cfg)  # storage, data and key problems fail before Ray starts
     print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
+    check_shared_paths(cfg)
     quiet_ray_data()
     summary = run_pipeline(cfg, source=source)
     print("\nStages:")
@@ -234,7 +236,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from raybm.inference import model_card, resolve_model
     from raybm.results import Results
-    from raybm.runtime import ensure_ray
+    from raybm.runtime import check_shared_paths, ensure_ray
     from raybm.serving import DEFAULT_LOADER, deploy, default_model_for, post_texts, read_api_key
 
     cfg = load_config(args.config, args.overrides)
@@ -257,6 +259,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise RaybmError("--detach leaves the server running on a Ray cluster; without one (ray.address or "
                          "RAY_ADDRESS) the server lives only as long as this command")
     print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
+    check_shared_paths(cfg, {"--model": model_dir})
     print(f"Deploying {card['name']} ({model_dir}), backend {s.backend} ...", flush=True)
     url = deploy(cfg, model_dir, args.loader or DEFAULT_LOADER, storage=storage)
     test = card.get("test_metrics") or {}

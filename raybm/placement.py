@@ -76,6 +76,7 @@ def unplaceable(bundle: Bundle, nodes: list[Bundle], may_appear: frozenset[str] 
 
 def node_summary(nodes: list[Bundle]) -> str:
     """``3 nodes with 0, 1, 1 CPU`` (plus GPUs when any)."""
+    nodes = sorted(nodes, key=lambda n: (n.get("CPU", 0.0), n.get("GPU", 0.0)))
     cpus = ", ".join(f"{n.get('CPU', 0.0):g}" for n in nodes)
     text = f"{len(nodes)} node(s) with {cpus} CPU"
     if any(n.get("GPU") for n in nodes):

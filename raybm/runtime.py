@@ -8,15 +8,19 @@ from __future__ import annotations
 import os
 import socket
 
-from raybm.config import RayConfig
+from raybm.config import JobConfig, RayConfig
 from raybm.errors import RaybmError
 
-# Variables workers need that a local driver has but a cluster worker would not.
-_FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                  "AWS_ENDPOINT_URL", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
+# Settings (never secrets) workers need that a driver joining a cluster has but the
+# cluster's workers may not. Credentials are not among them: Ray keeps a runtime env in
+# its control store and shows it on its dashboard, so nodes use their own credential chain
+# (an instance profile on cloud nodes; a local Ray's workers inherit the driver's
+# environment anyway).
+_FORWARDED_ENV = ("AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
 
 
 def worker_env() -> dict[str, str]:
+    """The runtime env variables raybm hands workers when it joins or starts a Ray."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
     env.update({k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
     return env
@@ -86,3 +90,55 @@ def check_address(address: str, timeout: float = 5.0) -> None:
         raise RaybmError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}). Is the head node "
                          f"running (`ray status` on it), and are ray.address / RAY_ADDRESS right? Unset both to "
                          f"start a local Ray instead.") from None
+
+
+def node_count() -> int:
+    """Alive nodes of the Ray this process runs on."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def job_working_dir() -> str | None:
+    """The submitted job's working_dir as unpacked here (every node unpacks the same one), or
+    None outside a job that has one."""
+    import ray
+
+    try:
+        env = ray.get_runtime_context().runtime_env or {}
+    except Exception:  # noqa: BLE001
+        return None
+    return os.getcwd() if env.get("working_dir") else None
+
+
+def check_shared_paths(cfg: JobConfig, models: dict[str, str] | None = None) -> None:
+    """On a Ray of more than one node, refuse before any work the local paths the other
+    nodes cannot see: a local ``storage.root``, a local data file or model folder (outside
+    the submitted working_dir, which every node unpacks). ``models`` names more model
+    folders to check, ``{setting: path}``."""
+    nodes = node_count()
+    if nodes < 2:
+        return
+    if not cfg.storage.root.startswith("s3://"):
+        raise RaybmError(f"storage.root={cfg.storage.root!r} is a local folder, but this Ray cluster has {nodes} "
+                         f"nodes, which do not share it (each writes its own disk). Set storage.root=s3://<bucket>/"
+                         f"<prefix> so every node reads and writes the same results.")
+    workdir = job_working_dir()
+    local = {}
+    source = cfg.data.source
+    if "://" not in source and os.path.exists(os.path.expanduser(source)):
+        local["data.source"] = source
+    if os.path.isdir(os.path.expanduser(cfg.model.name)):
+        local["model.name"] = cfg.model.name
+    if cfg.train.distill_from:
+        local["train.distill_from"] = cfg.train.distill_from
+    local.update({k: v for k, v in (models or {}).items() if v and not v.startswith("s3://")})
+    for setting, path in local.items():
+        full = os.path.realpath(os.path.expanduser(path))
+        if workdir and (full + os.sep).startswith(os.path.realpath(workdir) + os.sep):
+            continue
+        raise RaybmError(f"{setting}={path!r} is on this node's disk only, but this Ray cluster has {nodes} nodes "
+                         f"and the work runs on the others. Put it on S3 (s3://...) or inside the job's "
+                         f"working_dir (`ray job submit --working-dir .`: every node gets a copy) and use a "
+                         f"path relative to it.")
+

@@ -3,6 +3,7 @@ worker nodes, each node with its own private disk) and moto's S3 server, shared 
 whole module; helpers to submit jobs to it as `ray job submit` does."""
 
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -73,7 +74,7 @@ def start_job(cluster: LocalCluster, entrypoint: str, config: Path, *overrides: 
               env_vars: dict | None = None) -> str:
     """Submit ``python jobs/<entrypoint>.py --config ...`` with this checkout as working_dir."""
     return client(cluster).submit_job(
-        entrypoint=f"{sys.executable} jobs/{entrypoint}.py --config {config} {' '.join(overrides)}",
+        entrypoint=shlex.join([sys.executable, f"jobs/{entrypoint}.py", "--config", str(config), *overrides]),
         runtime_env={"working_dir": str(ROOT),
                      "excludes": [".git", ".venv", "results", "e2e-artifacts", ".pytest_cache", ".whl", ".gpu",
                                   "demo-results"],

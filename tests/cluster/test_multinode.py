@@ -125,3 +125,68 @@ def serve_shutdown(cluster) -> None:
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=30) as r:
         return json.loads(r.read())
+
+
+def test_two_ddp_workers_train_on_two_nodes_and_everything_lands_in_the_bucket(cluster, bucket, s3_server,
+                                                                               data_uri, tmp_path):
+    s3, name = bucket
+    cfg = base_config(s3_server, data_uri, f"s3://{name}/ddp")
+    cfg["train"].update(num_workers=2, cpus_per_worker=1)
+    status, logs = run_job(cluster, "train", write_job(tmp_path, cfg))
+    assert status == "SUCCEEDED", logs[-4000:]
+    keys = s3_keys(s3, name, "ddp/runs/")
+    metrics = json.loads(s3.get_object(Bucket=name, Key=next(k for k in keys if k.endswith("/metrics.json")))["Body"]
+                         .read())
+    workers = {n["node_id"] for n in cluster_nodes(cluster) if n["cpus"]}
+    assert len(metrics["worker_nodes"]) == 2 and set(metrics["worker_nodes"]) == workers, metrics["worker_nodes"]
+    assert any("/checkpoint_" in k for k in keys)
+    assert any(k.endswith("/model/model.safetensors") for k in keys) and any(k.endswith("/model/_SUCCESS") for k in keys)
+    assert metrics["test"]["examples"] > 0
+
+
+def test_local_paths_the_other_nodes_cannot_see_are_refused_before_any_work(cluster, s3_server, data_uri, tmp_path):
+    local_data = tmp_path / "reviews.csv"
+    make_frame(20).to_csv(local_data, index=False)
+    cases = [
+        ({"storage": {"root": str(tmp_path / "results")}}, "storage.root="),
+        ({"data": {"source": str(local_data)}}, "data.source="),
+    ]
+    for change, setting in cases:
+        cfg = base_config(s3_server, data_uri, "s3://raybm-mn/refused")
+        for section, values in change.items():
+            cfg[section].update(values)
+        started = time.time()
+        status, logs = run_job(cluster, "train", write_job(tmp_path, cfg), timeout=120)
+        assert status == "FAILED", logs[-3000:]
+        assert f"raybm train: error: {setting}" in logs and "this Ray cluster has 3 nodes" in logs, logs[-3000:]
+        assert time.time() - started < 60
+    assert not (tmp_path / "results").exists()
+
+
+def test_workers_no_node_can_hold_fail_fast_naming_the_setting(cluster, s3_server, data_uri, tmp_path):
+    cfg = base_config(s3_server, data_uri, "s3://raybm-mn/unplaceable")
+    for overrides, expected in [
+        (["train.cpus_per_worker=2"], "needs 2 CPU per worker, but the largest node has 1 (nodes: 3 node(s) with 0, 1, 1 CPU)"),
+        (["train.worker_resources={nobody_has: 1}"], "needs 1 nobody_has per worker, but no node has any"),
+        (["train.num_workers=3"], "needs 3 x (1 CPU) placed at once, more than the nodes hold"),
+    ]:
+        started = time.time()
+        status, logs = run_job(cluster, "train", write_job(tmp_path, cfg), *overrides, timeout=120)
+        assert status == "FAILED" and expected in logs, logs[-3000:]
+        assert "Lower train.cpus_per_worker" in logs and time.time() - started < 60
+    # GPUs a cluster may add later (train.use_gpu=yes) are waited for, but only for
+    # train.placement_timeout_s: then one clear error instead of retrying forever.
+    started = time.time()
+    status, logs = run_job(cluster, "train", write_job(tmp_path, cfg), "train.use_gpu=yes",
+                           "train.placement_timeout_s=10", timeout=240)
+    assert status == "FAILED", logs[-3000:]
+    assert "could not be placed within train.placement_timeout_s=10 s" in logs, logs[-3000:]
+    assert time.time() - started < 120
+    assert not placement_groups(cluster, "CREATED")  # nothing left holding the cluster
+
+
+def placement_groups(cluster, state: str | None = None) -> list:
+    from ray.util.state import list_placement_groups
+
+    found = list_placement_groups(address=cluster.address, limit=1000, raise_on_missing_output=False)
+    return [pg for pg in found if state is None or pg.state == state]
