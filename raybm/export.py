@@ -38,7 +38,7 @@ import numpy as np
 from raybm.config import JobConfig, build_config, merge_raw
 from raybm.errors import RaybmError
 from raybm.inference import ONNX_FILE, VARIANT_FILE, load_predictor, model_card, resolve_model
-from raybm.results import Results, copy_to_local, is_s3, resolve_uri
+from raybm.results import Results, copy_to_local, fetch_model, is_s3, resolve_uri
 
 VARIANTS = ("hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled")
 BACKEND = {"hf": "torch", "onnx": "onnx", "int8": "int8", "onnx-int8": "onnx", "fp16": "torch",
@@ -349,7 +349,7 @@ def run_export(cfg: JobConfig, model_spec: str, variants: list[str] | None = Non
     with tempfile.TemporaryDirectory(prefix="raybm-export-") as tmp:
         source_uri = remote_model(results, model_spec)
         log(f"fetching {source_uri} ...")
-        model_dir = copy_to_local(source_uri, cfg.storage, os.path.join(tmp, "source"))
+        model_dir = fetch_model(source_uri, cfg.storage, os.path.join(tmp, "source"))
         local = Results(os.path.join(tmp, "out"), cfg.storage)
         done = _export(cfg, model_dir, variants, local, log, source_uri=source_uri)
         final = results.export_dir(done.name)

@@ -27,7 +27,7 @@ from typing import Any
 
 from raybm.config import JobConfig, derived_name, pipeline_stages
 from raybm.errors import RaybmError
-from raybm.results import Results, copy_to_local, is_s3
+from raybm.results import Results, fetch_model, is_s3
 
 PIPELINES_DIR = "pipelines"
 SUMMARY_FILE = "summary.json"
@@ -280,7 +280,7 @@ def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dic
     latency = None
     if cfg.pipeline.max_latency_ms is not None:
         with tempfile.TemporaryDirectory(prefix="raybm-gate-") as tmp:
-            local = copy_to_local(folder, cfg.storage, os.path.join(tmp, "model")) if is_s3(folder) else folder
+            local = fetch_model(folder, cfg.storage, os.path.join(tmp, "model")) if is_s3(folder) else folder
             timed = measure(local, backend, None, None, cfg.pipeline.latency_samples)
         latency = timed["latency_p50_ms"]
         log(f"release gate: median single-sentence latency {latency:.1f} ms ({backend})")

@@ -129,17 +129,17 @@ def is_published(fs: pafs.FileSystem, folder: str) -> bool:
                for f in (folder, posixpath.dirname(folder.rstrip("/"))))
 
 
-def fetch_model(uri: str, storage: StorageConfig) -> str:
-    """A local copy of the model folder at an ``s3://`` URI, in a fresh temporary folder (a
-    Serve replica or a scoring task fetches the model itself, on whatever node it runs).
-    Refuses a folder without ``_SUCCESS``: it is being written, or its writer died."""
+def fetch_model(uri: str, storage: StorageConfig, dest: str | None = None) -> str:
+    """A local copy of the model folder at an ``s3://`` URI, in ``dest`` or a fresh temporary
+    folder (a Serve replica or a scoring task fetches the model itself, on whatever node it
+    runs). Refuses a folder without ``_SUCCESS``: it is being written, or its writer died."""
     import tempfile
 
     fs, path = resolve_uri(uri, storage)
     if not is_published(fs, path):
         raise RaybmError(f"{uri}: no {SUCCESS_MARKER} in the model folder - it is incomplete (still being written, "
                          f"or its writer stopped). Wait for the job that writes it, or publish it again.")
-    return copy_to_local(uri, storage, os.path.join(tempfile.mkdtemp(prefix="raybm-model-"), "model"))
+    return copy_to_local(uri, storage, dest or os.path.join(tempfile.mkdtemp(prefix="raybm-model-"), "model"))
 
 
 def resolve_uri(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:

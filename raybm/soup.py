@@ -221,7 +221,7 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
 
     from raybm.data import load_split
     from raybm.evaluate import read_label_map, score_dataset
-    from raybm.results import CONFIG_FILE, copy_to_local
+    from raybm.results import CONFIG_FILE, fetch_model
     from raybm.train import METRICS_FILE, PREDICTIONS_FILE, publish_model, score_model_uri
 
     results, run_dir = check_soup_inputs(cfg, models, dataset, name)
@@ -233,7 +233,7 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
             if results.remote or spec.startswith("s3://"):
                 from raybm.export import remote_model
 
-                folder = copy_to_local(remote_model(results, spec), cfg.storage, os.path.join(tmp, f"in-{i}"))
+                folder = fetch_model(remote_model(results, spec), cfg.storage, os.path.join(tmp, f"in-{i}"))
             else:
                 from raybm.inference import resolve_model
 

@@ -190,3 +190,40 @@ def placement_groups(cluster, state: str | None = None) -> list:
 
     found = list_placement_groups(address=cluster.address, limit=1000, raise_on_missing_output=False)
     return [pg for pg in found if state is None or pg.state == state]
+
+
+def test_a_stopped_sweep_leaves_nothing_holding_the_cluster(cluster, bucket, s3_server, data_uri, tmp_path):
+    from tests.cluster.conftest import client, start_job
+
+    cfg = base_config(s3_server, data_uri, f"s3://{bucket[1]}/stopped")
+    cfg["train"].update(epochs=50, max_steps_per_epoch=50)
+    cfg["tune"] = {"num_samples": 1, "scheduler": "fifo", "search_space": {"train.lr": "grid([1e-3, 1e-4])"}}
+    job = start_job(cluster, "tune", write_job(tmp_path, cfg))
+    deadline = time.time() + 180
+    while time.time() < deadline and len(placement_groups(cluster, "CREATED")) < 2:
+        time.sleep(2)
+    assert len(placement_groups(cluster, "CREATED")) == 2, client(cluster).get_job_logs(job)[-3000:]
+    time.sleep(5)  # mid-trial
+    stopped_at = time.time()
+    client(cluster).stop_job(job)
+    while time.time() < stopped_at + 120 and (placement_groups(cluster, "CREATED") or busy_cpus(cluster)):
+        time.sleep(1)
+    print(f"freed {time.time() - stopped_at:.1f} s after the stop")
+    assert not placement_groups(cluster, "CREATED") and not busy_cpus(cluster), \
+        [(pg.placement_group_id, pg.state) for pg in placement_groups(cluster)]
+    # The next job gets the whole cluster: two workers of 1 CPU on the two 1-CPU nodes.
+    cfg = base_config(s3_server, data_uri, f"s3://{bucket[1]}/after-stop")
+    cfg["train"].update(num_workers=2, epochs=1)
+    status, logs = run_job(cluster, "train", write_job(tmp_path, cfg), timeout=300)
+    assert status == "SUCCEEDED", logs[-3000:]
+
+
+def busy_cpus(cluster) -> float:
+    """CPUs held cluster-wide, as `ray status` reports them ("used/total CPU")."""
+    out = subprocess.run([str(Path(sys.executable).with_name("ray")), "status", f"--address={cluster.gcs_address}"],
+                 capture_output=True, text=True, env=dict(os.environ, **cluster.client_env()), timeout=60).stdout
+    for line in out.splitlines():
+        line = line.strip()
+        if line.endswith(" CPU") and "/" in line:
+            return float(line.split()[0].split("/")[0])
+    raise AssertionError(f"no CPU line in `ray status`:\n{out}")

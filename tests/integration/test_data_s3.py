@@ -111,3 +111,27 @@ def test_a_soup_of_two_models_in_s3_is_written_to_s3(s3_server, buckets, ray_loc
     mean = load_file(str(got))
     for key, value in mean.items():
         assert torch.allclose(value.float(), (states[0][key].float() + states[1][key].float()) / 2, atol=1e-6), key
+
+
+def test_a_model_folder_without_success_is_refused_by_every_loader(s3_server, buckets, tiny_model_dir, tmp_path):
+    """Replicas, scoring tasks, export and the release gate fetch s3:// models through
+    ``fetch_model``: half-written folders (no _SUCCESS of their own or of their export) are
+    refused, complete ones load."""
+    from pathlib import Path
+
+    from raybm.config import StorageConfig
+    from raybm.results import fetch_model
+
+    storage = StorageConfig(root="s3://raybm-results/x", s3_endpoint_url=s3_server)
+    files = sorted(p for p in Path(tiny_model_dir).iterdir() if p.is_file())
+    for prefix in ("half/model", "exports/e1/onnx", "runs/r1/model"):
+        for f in files:
+            buckets.put_object(Bucket="raybm-results", Key=f"{prefix}/{f.name}", Body=f.read_bytes())
+    buckets.put_object(Bucket="raybm-results", Key="exports/e1/_SUCCESS", Body=b"")  # the export is complete
+    buckets.put_object(Bucket="raybm-results", Key="runs/r1/model/_SUCCESS", Body=b"")
+    with pytest.raises(RaybmError, match=r"s3://raybm-results/half/model: no _SUCCESS in the model folder - it is "
+                                         r"incomplete"):
+        fetch_model("s3://raybm-results/half/model", storage)
+    for uri in ("s3://raybm-results/exports/e1/onnx", "s3://raybm-results/runs/r1/model"):
+        local = fetch_model(uri, storage, str(tmp_path / uri.rsplit("/", 2)[-2]))
+        assert sorted(p.name for p in Path(local).iterdir() if p.name != "_SUCCESS") == [f.name for f in files]
