@@ -6,6 +6,7 @@ shared storage and token auth on. Every job goes in through Ray's job API, as
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 
 from tests.integration.test_data_pipeline import make_frame
 
-from .conftest import free_port, run_job, s3_keys, write_job
+from .conftest import ROOT, free_port, run_job, s3_keys, wait_job, write_job
 
 pytestmark = pytest.mark.integration
 
@@ -227,3 +228,30 @@ def busy_cpus(cluster) -> float:
         if line.endswith(" CPU") and "/" in line:
             return float(line.split()[0].split("/")[0])
     raise AssertionError(f"no CPU line in `ray status`:\n{out}")
+
+
+def test_a_driver_joining_the_cluster_puts_no_credentials_in_the_runtime_env(cluster, bucket, s3_server, data_uri,
+                                                                           tmp_path):
+    """A driver run by hand against the cluster (here: started on the head, as its own Ray
+    job, with keys in its shell) trains with the nodes' own credentials; Ray's job records,
+    which its dashboard shows, hold no key."""
+    from tests.cluster.conftest import client
+
+    cfg = base_config(s3_server, data_uri, f"s3://{bucket[1]}/own-driver")
+    cfg["train"].update(epochs=1)
+    config = write_job(tmp_path, cfg)
+    secret = "shell-secret-0d5e8a"
+    script = tmp_path / "driver.sh"  # the user's shell: keys exported, then raybm
+    script.write_text(f"unset RAY_JOB_CONFIG_JSON_ENV_VAR\nexport AWS_SECRET_ACCESS_KEY={secret} "
+                      f"AWS_ACCESS_KEY_ID=shell-key-id\n"
+                      f"exec {shlex.join([sys.executable, 'jobs/train.py', '--config', str(config)])}\n")
+    job = client(cluster).submit_job(entrypoint=f"sh {script}", runtime_env={
+        "working_dir": str(ROOT), "excludes": [".git", ".venv", "results", ".pytest_cache"]})
+    status, logs = wait_job(cluster, job, timeout=300)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "raybm: running on the Ray cluster at" in logs
+    jobs = client(cluster).list_jobs()
+    assert len(jobs) >= 2  # the submitted job and the driver it started
+    records = json.dumps([j.dict() if hasattr(j, "dict") else vars(j) for j in jobs], default=str)
+    assert "TOKENIZERS_PARALLELISM" in records  # the driver's runtime env is in the records...
+    assert secret not in records and "shell-key-id" not in records  # ...with no key in it
