@@ -55,3 +55,20 @@ def test_sixteen_gpu_sweep_config_fits_the_cluster(cluster):
     assert cfg.tune.cluster_gpus <= most
     assert cfg.tune.cluster_gpus // per_trial == 8  # 8 trials at once
     assert cfg.storage.root.startswith("s3://")
+
+
+def test_the_cluster_lets_no_one_in(cluster):
+    """Token auth on every node, the same token everywhere, the dashboard and job API on the
+    head's loopback, only SSH open to the world, S3 through the instance profile."""
+    starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+    for command in (c for c in starts if "ray start" in c):
+        assert "RAY_AUTH_MODE=token" in command, command
+    head = next(c for c in cluster["head_start_ray_commands"] if "ray start" in c)
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    assert cluster["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    rules = cluster["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"], r["IpProtocol"]) for r in rules] == [(22, 22, "tcp")]
+    text = (ROOT / "cluster.yaml").read_text(encoding="utf-8").lower()
+    assert "aws_secret_access_key" not in text and "aws_access_key_id" not in text  # no copied keys
+    assert "--dashboard-host=0.0.0.0" not in text
+
