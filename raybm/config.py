@@ -338,6 +338,9 @@ class ServeConfig:
     """Address the HTTP server binds (0.0.0.0 to listen beyond this machine: set an API key)."""
     port: int = _opt(8000, ge=1, le=65535)
     """HTTP port."""
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
+    """Where Serve's HTTP proxies run on a cluster: on every node (put a load balancer in
+    front), or on the head only (one address; a lost worker node costs no proxy)."""
     app_name: str = "raybm"
     """Serve application name (several models can be served side by side under different names)."""
     route_prefix: str = "/"

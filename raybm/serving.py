@@ -367,7 +367,8 @@ def deploy(cfg: JobConfig, model_dir: str, loader: str | Callable = DEFAULT_LOAD
     if not _serve_running():
         if not _port_free(s.host, s.port):
             raise RaybmError(f"port {s.port} on {s.host} is in use; pick another with serve.port=<port>")
-        serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
+        serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s},
+                    proxy_location=s.proxy_location)
     try:
         serve.run(app, name=s.app_name, route_prefix=s.route_prefix)
     except RuntimeError as e:

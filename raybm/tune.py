@@ -389,7 +389,9 @@ def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Result
             "history": [{"epoch": int(h["epoch"]), metric: float(h[metric]),
                          "resumed_from_epoch": int(h.get("resumed_from_epoch", 0) or 0),
                          "val_loss": float(h.get("val_loss", float("nan"))),
-                         "train_loss": float(h.get("train_loss", float("nan")))} for h in history],
+                         "train_loss": float(h.get("train_loss", float("nan"))),
+                         "worker_nodes": json.loads(h.get("worker_nodes") or "[]"),
+                         "started_at": h.get("started_at")} for h in history],
         })
     sign = -1 if mode == "max" else 1
     rows.sort(key=lambda r: (r[metric] is None, sign * (r[metric] or 0.0)))

@@ -39,10 +39,10 @@ def base_config(s3_server, data_uri, root: str) -> dict:
     }
 
 
-def post(url: str, texts: list[str]) -> dict:
+def post(url: str, texts: list[str], timeout: float = 30) -> dict:
     req = urllib.request.Request(f"{url}/predict", data=json.dumps({"texts": texts}).encode(),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
 
@@ -54,7 +54,7 @@ def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, 
         "tune": {"num_samples": 1, "scheduler": "fifo", "search_space": {"train.lr": "grid([3e-3, 1e-6])"}},
         "export": {"variants": ["onnx"], "latency_samples": 10},
         "serve": {"port": free_port(), "backend": "auto", "num_replicas": 2, "cpus_per_replica": 0.25,
-                  "batch_wait_timeout_s": 0.0},
+                  "batch_wait_timeout_s": 0.0, "proxy_location": "HeadOnly"},
         "pipeline": {"min_test_f1": 0.0, "max_latency_ms": 60000, "latency_samples": 5,
                      "smoke_texts": ["a great product, works perfectly"]},
     })
@@ -100,7 +100,63 @@ def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, 
 
     board_view = DashboardData(f"s3://{name}/team", StorageConfig(root=f"s3://{name}/team", s3_endpoint_url=s3_server))
     assert [p["status"] for p in board_view.pipelines()] == ["succeeded"]
+
+    # A worker node with a replica disappears while requests flow: the other replica keeps
+    # answering, and Serve starts a second replica again.
+    lost = next(w for w in cluster.workers if any(r.node_id == node_id_of(cluster, w) for r in replicas))
+    outcomes = RequestLoop(deploy["url"]).start()
+    time.sleep(3)
+    killed_at = time.time()
+    cluster.kill_worker(lost)
+    time.sleep(15)
+    window = outcomes.stop()
+    failed = [o for o in window if not o[1] and o[0] >= killed_at]
+    after = [o for o in window if o[0] >= killed_at + 10]
+    print(f"node lost under load: {len(window)} requests, {len(failed)} failed after the kill")
+    assert after and all(ok for _, ok in after), after  # the survivor answers everything
+    assert len(failed) <= 10, failed
+    deadline = time.time() + 90
+    while time.time() < deadline and len(serve_replicas(cluster)) < 2:
+        time.sleep(2)
+    print(f"second replica back {time.time() - killed_at:.1f} s after the node was lost")
+    assert len(serve_replicas(cluster)) == 2
+    cluster.add_worker(1, name=lost.name)  # the node comes back for the next tests
+    cluster.wait_for_nodes(3)
     serve_shutdown(cluster)
+
+
+def node_id_of(cluster, worker) -> str:
+    """The Ray node id of one of the fixture's worker nodes (by its custom resource)."""
+    return next(n.node_id for n in cluster.alive_nodes() if f"node:{worker.name}" in n.resources_total)
+
+
+class RequestLoop:
+    """POST /predict back to back in a thread; records (time, succeeded) per request."""
+
+    def __init__(self, url: str):
+        import threading
+
+        self.url, self.outcomes, self.done = url, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            at = time.time()
+            try:
+                ok = post(self.url, ["still there?"], timeout=10)["predictions"][0]["label"] in ("neg", "pos")
+            except Exception:  # noqa: BLE001 - any failure counts
+                ok = False
+                time.sleep(0.2)
+            self.outcomes.append((at, ok))
+
+    def start(self) -> "RequestLoop":
+        self.thread.start()
+        return self
+
+    def stop(self) -> list[tuple[float, bool]]:
+        self.done.set()
+        self.thread.join(30)
+        return self.outcomes
 
 
 def cluster_nodes(cluster) -> list[dict]:
@@ -193,40 +249,52 @@ def placement_groups(cluster, state: str | None = None) -> list:
     return [pg for pg in found if state is None or pg.state == state]
 
 
-def test_a_stopped_sweep_leaves_nothing_holding_the_cluster(cluster, bucket, s3_server, data_uri, tmp_path):
+def test_a_stopped_sweep_frees_the_cluster_and_the_same_job_resumes_it(cluster, bucket, s3_server, data_uri,
+                                                                         tmp_path):
     from tests.cluster.conftest import client, start_job
 
-    cfg = base_config(s3_server, data_uri, f"s3://{bucket[1]}/stopped")
-    cfg["train"].update(epochs=50, max_steps_per_epoch=50)
+    s3, name = bucket
+    cfg = base_config(s3_server, data_uri, f"s3://{name}/stopped")
+    cfg["train"].update(epochs=12, batch_size=4)
     cfg["tune"] = {"num_samples": 1, "scheduler": "fifo", "search_space": {"train.lr": "grid([1e-3, 1e-4])"}}
-    job = start_job(cluster, "tune", write_job(tmp_path, cfg))
+    cfg["pipeline"] = {"stages": ["data", "tune"]}
+    config = write_job(tmp_path, cfg)
+    job = start_job(cluster, "pipeline", config)
     deadline = time.time() + 180
-    while time.time() < deadline and len(placement_groups(cluster, "CREATED")) < 2:
-        time.sleep(2)
-    assert len(placement_groups(cluster, "CREATED")) == 2, client(cluster).get_job_logs(job)[-3000:]
-    time.sleep(5)  # mid-trial
+    while time.time() < deadline and len({k.split("/trials/")[1].split("/")[0] for k in s3_keys(s3, name, "stopped/")
+                                          if "/trials/" in k and "/checkpoint_" in k}) < 2:
+        time.sleep(1)
+    assert len(placement_groups(cluster, "CREATED")) >= 2, client(cluster).get_job_logs(job)[-3000:]  # trials and workers
     stopped_at = time.time()
-    client(cluster).stop_job(job)
+    client(cluster).stop_job(job)  # mid-trial: the driver is killed
     while time.time() < stopped_at + 120 and (placement_groups(cluster, "CREATED") or busy_cpus(cluster)):
         time.sleep(1)
-    print(f"freed {time.time() - stopped_at:.1f} s after the stop")
+    print(f"stopped sweep: every CPU free {time.time() - stopped_at:.1f} s after the stop")
     assert not placement_groups(cluster, "CREATED") and not busy_cpus(cluster), \
         [(pg.placement_group_id, pg.state) for pg in placement_groups(cluster)]
-    # The next job gets the whole cluster: two workers of 1 CPU on the two 1-CPU nodes.
-    cfg = base_config(s3_server, data_uri, f"s3://{bucket[1]}/after-stop")
-    cfg["train"].update(num_workers=2, epochs=1)
-    status, logs = run_job(cluster, "train", write_job(tmp_path, cfg), timeout=300)
+    # The same submit line again: the next job gets the whole cluster (both trials at once,
+    # one 1-CPU worker each) and the sweep resumes from its checkpoints on S3.
+    status, logs = run_job(cluster, "pipeline", config, timeout=400)
     assert status == "SUCCEEDED", logs[-3000:]
+    assert "Resuming sweep" in logs
+    board = json.loads(s3.get_object(Bucket=name, Key=next(k for k in s3_keys(s3, name, "stopped/sweeps/")
+                                                           if k.endswith("/leaderboard.json")))["Body"].read())
+    assert [row["status"] for row in board] == ["completed", "completed"]
+    for row in board:
+        assert [h["epoch"] for h in row["history"]] == list(range(1, 13))
+        assert row["history"][-1]["resumed_from_epoch"] >= 1, row["history"]  # from a checkpoint
 
 
 def busy_cpus(cluster) -> float:
     """CPUs held cluster-wide, as `ray status` reports them ("used/total CPU")."""
     out = subprocess.run([str(Path(sys.executable).with_name("ray")), "status", f"--address={cluster.gcs_address}"],
                  capture_output=True, text=True, env=dict(os.environ, **cluster.client_env()), timeout=60).stdout
+    import re
+
     for line in out.splitlines():
-        line = line.strip()
-        if line.endswith(" CPU") and "/" in line:
-            return float(line.split()[0].split("/")[0])
+        found = re.match(r"\s*([\d.]+)/([\d.]+) CPU\b", line)
+        if found:
+            return float(found.group(1))
     raise AssertionError(f"no CPU line in `ray status`:\n{out}")
 
 
@@ -255,3 +323,54 @@ def test_a_driver_joining_the_cluster_puts_no_credentials_in_the_runtime_env(clu
     records = json.dumps([j.dict() if hasattr(j, "dict") else vars(j) for j in jobs], default=str)
     assert "TOKENIZERS_PARALLELISM" in records  # the driver's runtime env is in the records...
     assert secret not in records and "shell-key-id" not in records  # ...with no key in it
+
+
+def test_a_lost_worker_node_costs_a_checkpoint_not_the_sweep(cluster, bucket, s3_server, data_uri, tmp_path):
+    from tests.cluster.conftest import start_job
+
+    s3, name = bucket
+    cfg = base_config(s3_server, data_uri, f"s3://{name}/node-loss")
+    cfg["train"].update(epochs=10, batch_size=4, max_failures=3)
+    cfg["tune"] = {"num_samples": 1, "scheduler": "fifo", "max_failures": 3,
+                   "search_space": {"train.lr": "grid([1e-3, 1e-4])"}}
+    job = start_job(cluster, "tune", write_job(tmp_path, cfg))
+    # Both trials running, each with a checkpoint on S3: then worker-b disappears.
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        trials = {k.split("/trials/")[1].split("/")[0] for k in s3_keys(s3, name, "node-loss/sweeps/")
+                  if "/trials/" in k and "/checkpoint_" in k}
+        if len(trials) == 2:
+            break
+        time.sleep(1)
+    assert len(trials) == 2, s3_keys(s3, name, "node-loss/")[:30]
+    lost = cluster.workers[-1]
+    lost_id = node_id_of(cluster, lost)
+    killed_at = time.time()
+    cluster.kill_worker(lost)
+    status, logs = wait_job(cluster, job, timeout=480)
+    cluster.add_worker(1, name=lost.name)
+    assert status == "SUCCEEDED", logs[-5000:]
+    board = json.loads(s3.get_object(Bucket=name, Key=next(k for k in s3_keys(s3, name, "node-loss/sweeps/")
+                                                           if k.endswith("/leaderboard.json")))["Body"].read())
+    assert len(board) == 2 and all(row["status"] == "completed" for row in board), board
+    # The trial that ran on the lost node resumed from its last checkpoint on the other
+    # node; the other trial never ran an epoch twice.
+    moved = next(row for row in board if lost_id in row["history"][0]["worker_nodes"])
+    assert lost_id not in moved["history"][-1]["worker_nodes"], "the node was lost after its trial had finished"
+    assert [h["epoch"] for h in moved["history"]] == list(range(1, 11)), moved["history"]
+    resumed = next(h for h in moved["history"] if lost_id not in h["worker_nodes"])
+    assert resumed["resumed_from_epoch"] >= 1, moved["history"]  # from a checkpoint, not from scratch
+    finished_epochs = resumed["resumed_from_epoch"]
+    print(f"trial {moved['trial']} resumed from epoch {finished_epochs} on the other node "
+          f"{resumed['started_at'] - killed_at:.0f} s after its node was lost (the other trial held that node "
+          f"until {other_finished(board, moved) - killed_at:.0f} s); sweep done {time.time() - killed_at:.0f} s after")
+    other = next(row for row in board if row is not moved)
+    assert not any(h["resumed_from_epoch"] for h in other["history"])
+    assert [h["epoch"] for h in other["history"]] == list(range(1, 11))
+    cluster.wait_for_nodes(3)
+
+
+def other_finished(board: list[dict], row: dict) -> float:
+    """When the trial other than ``row`` finished."""
+    return next(r for r in board if r is not row)["finished_at"]
+
