@@ -52,6 +52,9 @@ class StorageConfig:
     ``AWS_ENDPOINT_URL`` environment variable, else AWS itself."""
     s3_region: Optional[str] = None
     """S3 region. Empty: ``AWS_DEFAULT_REGION``, else us-east-1."""
+    lease_ttl_s: float = _opt(60.0, ge=5)
+    """A job writing a run, sweep, dataset or export holds its folder's ``_LEASE`` and renews
+    it every third of this; a lease not renewed for this long (its job died) is taken over."""
 
 
 @dataclass

@@ -37,6 +37,7 @@ import numpy as np
 
 from raybm.config import JobConfig, build_config, merge_raw
 from raybm.errors import RaybmError
+from raybm.lease import hold_lease
 from raybm.inference import ONNX_FILE, VARIANT_FILE, load_predictor, model_card, resolve_model
 from raybm.results import Results, copy_to_local, fetch_model, is_s3, resolve_uri
 
@@ -345,7 +346,10 @@ def run_export(cfg: JobConfig, model_spec: str, variants: list[str] | None = Non
         raise RaybmError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     results = Results.from_config(cfg.storage)
     if not results.remote:
-        return _export(cfg, resolve_model(model_spec, cfg.storage.root), variants, results, log)
+        model_dir = resolve_model(model_spec, cfg.storage.root)
+        name = model_card(model_dir)["name"]
+        with hold_lease(results, "exports", name, f"export {name!r}", log=log):  # one writer per export
+            return _export(cfg, model_dir, variants, results, log)
     with tempfile.TemporaryDirectory(prefix="raybm-export-") as tmp:
         source_uri = remote_model(results, model_spec)
         log(f"fetching {source_uri} ...")
@@ -354,7 +358,8 @@ def run_export(cfg: JobConfig, model_spec: str, variants: list[str] | None = Non
         done = _export(cfg, model_dir, variants, local, log, source_uri=source_uri)
         final = results.export_dir(done.name)
         log(f"uploading {done.name} to {results.uri(final)} ...")
-        results.upload_dir(done.folder, final)
+        with hold_lease(results, "exports", done.name, f"export {done.name!r}", log=log):
+            results.upload_dir(done.folder, final)
         return ExportResult(done.name, results.uri(final), done.manifests, done.reference,
                             results.uri(results.join(final, MOBILE)) if done.mobile else None)
 

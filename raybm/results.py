@@ -195,6 +195,11 @@ class Results:
     def export_dir(self, name: str, variant: str | None = None) -> str:
         return self.path("exports", name, variant) if variant else self.path("exports", name)
 
+    def lease_path(self, kind: str, name: str) -> str:
+        """The lease file of ``<kind>/<name>`` (raybm.lease): beside the artifacts, not in
+        the artifact's folder, which a rebuild may delete."""
+        return self.path(".leases", f"{kind}-{name}")
+
     def staging_dir(self, kind: str, name: str) -> str:
         """A fresh hidden sibling folder to build an artifact in before publishing it."""
         return self.path(kind, f".staging-{name}-{uuid.uuid4().hex[:8]}")

@@ -20,6 +20,7 @@ from typing import Any
 
 from raybm.config import JobConfig, derived_name
 from raybm.errors import RaybmError
+from raybm.lease import hold_lease
 from raybm.modelcard import write_model_card
 from raybm.results import CONFIG_FILE, SUCCESS_MARKER, Results
 from raybm.runtime import joined_cluster
@@ -286,39 +287,41 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
                             run_name=run_name, storage_path=results.path("runs"), storage_filesystem=results.fs)
     log(f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"
         f"{' on GPU' if _use_gpu(t.use_gpu) else ''}, {t.epochs} epoch(s) -> {results.uri(run_dir)}")
-    check_same_recipe(results, run_dir, run_name, cfg)
-    results.write_text(results.join(run_dir, CONFIG_FILE), cfg.to_yaml())
-    try:
-        result = trainer.fit()
-    except Exception as e:  # TrainingFailedError wraps the worker's exception
-        if not_placed(e):
-            raise RaybmError(f"training run {run_name!r}: {placement_failure(t, _use_gpu(t.use_gpu))}") from None
-        raise RaybmError(f"training run {run_name!r} failed: {failure_reason(e)}. Fix the cause and rerun the "
-                         f"same command: it resumes from the last checkpoint.") from e
-    best = result.get_best_checkpoint(metric=t.metric, mode=t.mode) or result.checkpoint
-    if best is None:
-        raise RaybmError(f"training run {run_name!r} produced no checkpoint")
-    history = _history(result)
+    # One writer per run: a second job with the same run name is refused while this one lives.
+    with hold_lease(results, "runs", run_name, f"training run {run_name!r}", log=log):
+        check_same_recipe(results, run_dir, run_name, cfg)
+        results.write_text(results.join(run_dir, CONFIG_FILE), cfg.to_yaml())
+        try:
+            result = trainer.fit()
+        except Exception as e:  # TrainingFailedError wraps the worker's exception
+            if not_placed(e):
+                raise RaybmError(f"training run {run_name!r}: {placement_failure(t, _use_gpu(t.use_gpu))}") from None
+            raise RaybmError(f"training run {run_name!r} failed: {failure_reason(e)}. Fix the cause and rerun the "
+                             f"same command: it resumes from the last checkpoint.") from e
+        best = result.get_best_checkpoint(metric=t.metric, mode=t.mode) or result.checkpoint
+        if best is None:
+            raise RaybmError(f"training run {run_name!r} produced no checkpoint")
+        history = _history(result)
 
-    # 3. Publish the best checkpoint as the run's model and score it on the test split.
-    model_uri = publish_model(results, run_dir, best)
-    log("Scoring the best checkpoint on the test split")
-    test = score_model_uri(results, model_uri, load_split(results, prepared.name, "test"), cfg.data.max_length,
-                           predictions_to=results.join(run_dir, PREDICTIONS_FILE))
-    metrics = {"run": run_name, "dataset": prepared.name, "model": cfg.model.name,
-               "best_epoch": best_epoch(history, t.metric, t.mode), "epochs_run": len(history),
-               "early_stopped": bool(history and history[-1].get("early_stopped")),
-               "worker_nodes": worker_nodes_of(history),
-               "train_seconds": round(time.time() - started, 1), "test": test}
-    results.write_json(results.join(run_dir, HISTORY_FILE), history)
-    results.write_json(results.join(run_dir, METRICS_FILE), metrics)
-    chosen = next((h for h in history if h.get("epoch") == metrics["best_epoch"]), {})
-    notes = [f"the checkpoint of epoch {metrics['best_epoch']} of {len(history)}, best by validation {t.metric} "
-             f"({chosen[t.metric]:.4f})"] if t.metric in chosen else []
-    write_model_card(results, results.join(run_dir, MODEL_DIR), name=run_name, kind="run", dataset=prepared.name,
-                     test=test, notes=notes)
-    results.mark_complete(run_dir)
-    return TrainResult(run_name, results.uri(run_dir), model_uri, metrics, history)
+        # 3. Publish the best checkpoint as the run's model and score it on the test split.
+        model_uri = publish_model(results, run_dir, best)
+        log("Scoring the best checkpoint on the test split")
+        test = score_model_uri(results, model_uri, load_split(results, prepared.name, "test"), cfg.data.max_length,
+                               predictions_to=results.join(run_dir, PREDICTIONS_FILE))
+        metrics = {"run": run_name, "dataset": prepared.name, "model": cfg.model.name,
+                   "best_epoch": best_epoch(history, t.metric, t.mode), "epochs_run": len(history),
+                   "early_stopped": bool(history and history[-1].get("early_stopped")),
+                   "worker_nodes": worker_nodes_of(history),
+                   "train_seconds": round(time.time() - started, 1), "test": test}
+        results.write_json(results.join(run_dir, HISTORY_FILE), history)
+        results.write_json(results.join(run_dir, METRICS_FILE), metrics)
+        chosen = next((h for h in history if h.get("epoch") == metrics["best_epoch"]), {})
+        notes = [f"the checkpoint of epoch {metrics['best_epoch']} of {len(history)}, best by validation {t.metric} "
+                 f"({chosen[t.metric]:.4f})"] if t.metric in chosen else []
+        write_model_card(results, results.join(run_dir, MODEL_DIR), name=run_name, kind="run", dataset=prepared.name,
+                         test=test, notes=notes)
+        results.mark_complete(run_dir)
+        return TrainResult(run_name, results.uri(run_dir), model_uri, metrics, history)
 
 
 def _history(result) -> list[dict[str, Any]]:

@@ -24,6 +24,9 @@ from raybm.metrics import confusion_matrix, flat, metrics_from_confusion
 TRAIN_STATE_FILE = "train_state.pt"
 # The epoch's validation metrics, inside each checkpoint (sweeps rank checkpoints by it).
 EPOCH_METRICS_FILE = "epoch_metrics.json"
+# What a usable checkpoint holds. A checkpoint folder whose upload a lost node or a stopped
+# job cut short has only some of its files (S3 writes each file whole, in any order).
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "label_map.json", "tokenizer_config.json", EPOCH_METRICS_FILE)
 
 
 def say(message: str) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 
 from raybm.config import JobConfig, build_config, derived_name, merge_raw
 from raybm.errors import RaybmError
+from raybm.lease import hold_lease
 from raybm.results import CONFIG_FILE, SUCCESS_MARKER, Results
 from raybm.search_space import Distribution, grid_size, nested, parse_space
 
@@ -217,93 +218,95 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     tune_path = results.join(sweep_dir, TUNE_DIR)
     can_restore = tune.Tuner.can_restore(tune_path,
                                          storage_filesystem=results.fs)
-    if results.is_complete(sweep_dir):
-        done = load_sweep(results, name)
-        if not (retry_errored and any(row["status"] == "error" for row in done.leaderboard)):
-            log(f"Sweep {name!r} is already complete: {results.uri(sweep_dir)}")
-            return done
-        results.fs.delete_file(results.join(sweep_dir, SUCCESS_MARKER))  # reopened to retry failed trials
-    if resume and not can_restore:
-        raise RaybmError(f"--resume: no interrupted sweep {name!r} under {results.uri(results.path('sweeps'))}; "
-                         f"run without --resume to start it")
+    # One writer per sweep: a second job with the same sweep name is refused while this one lives.
+    with hold_lease(results, "sweeps", name, f"sweep {name!r}", log=log):
+        if results.is_complete(sweep_dir):
+            done = load_sweep(results, name)
+            if not (retry_errored and any(row["status"] == "error" for row in done.leaderboard)):
+                log(f"Sweep {name!r} is already complete: {results.uri(sweep_dir)}")
+                return done
+            results.fs.delete_file(results.join(sweep_dir, SUCCESS_MARKER))  # reopened to retry failed trials
+        if resume and not can_restore:
+            raise RaybmError(f"--resume: no interrupted sweep {name!r} under {results.uri(results.path('sweeps'))}; "
+                             f"run without --resume to start it")
 
-    tokenized = None
-    if not tokenizes:
-        from raybm.train import tokenized_datasets
+        tokenized = None
+        if not tokenizes:
+            from raybm.train import tokenized_datasets
 
-        tokenized = {s: ds.materialize() for s, ds in tokenized_datasets(cfg, splits).items()}
-    base = cfg.to_dict()
-    # Each trial keeps (and reports) its best checkpoint by the sweep's metric.
-    base["train"].update(metric=cfg.tune.metric, mode=cfg.tune.mode)
-    trainable = tune.with_parameters(_trial, base=base, labels=labels, report=prepared.report,
-                                     text_splits=splits, tokenized=tokenized,
-                                     trials_path=results.join(sweep_dir, TRIALS_DIR))
-    trainable = tune.with_resources(trainable, {"memory": TRIAL_DRIVER_MEMORY})
-    concurrency = concurrent_trials(cfg, tokenizes)
-    n_trials = cfg.tune.num_samples * grid_size(dists)
-    results.write_text(results.join(sweep_dir, CONFIG_FILE), cfg.to_yaml())
+            tokenized = {s: ds.materialize() for s, ds in tokenized_datasets(cfg, splits).items()}
+        base = cfg.to_dict()
+        # Each trial keeps (and reports) its best checkpoint by the sweep's metric.
+        base["train"].update(metric=cfg.tune.metric, mode=cfg.tune.mode)
+        trainable = tune.with_parameters(_trial, base=base, labels=labels, report=prepared.report,
+                                         text_splits=splits, tokenized=tokenized,
+                                         trials_path=results.join(sweep_dir, TRIALS_DIR))
+        trainable = tune.with_resources(trainable, {"memory": TRIAL_DRIVER_MEMORY})
+        concurrency = concurrent_trials(cfg, tokenizes)
+        n_trials = cfg.tune.num_samples * grid_size(dists)
+        results.write_text(results.join(sweep_dir, CONFIG_FILE), cfg.to_yaml())
 
-    if can_restore:
-        log(f"Resuming sweep {name!r}: finished trials are kept, unfinished ones continue from their "
-            f"last checkpoint{'; failed trials are retried' if retry_errored else ''}")
-        tuner = tune.Tuner.restore(tune_path, trainable,
-                                   resume_unfinished=True, resume_errored=retry_errored,
-                                   storage_filesystem=results.fs)
-    else:
-        log(f"Sweep {name!r}: {n_trials} trial(s) of {cfg.train.epochs} epoch(s), {cfg.tune.scheduler} scheduler, "
-            f"up to {concurrency} at once, ranking by {cfg.tune.metric} ({cfg.tune.mode}) -> {results.uri(sweep_dir)}")
-        for d in dists:
-            log(f"  {d.key}: {d}")
-        tuner = tune.Tuner(
-            trainable,
-            param_space={d.key: d.to_tune() for d in dists},
-            tune_config=tune.TuneConfig(
-                metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg),
-                num_samples=cfg.tune.num_samples,  # concurrency: the search generator's max_concurrent
-                time_budget_s=cfg.tune.time_budget_s,
-                search_alg=BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=concurrency),
-                trial_name_creator=lambda trial: trial.trial_id,
-                trial_dirname_creator=lambda trial: trial.trial_id,
-            ),
-            run_config=tune.RunConfig(
-                name=TUNE_DIR, storage_path=sweep_dir,  # stripped of s3://: the filesystem is given
-                storage_filesystem=results.fs,
-                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-                callbacks=[_resource_releaser()],
-                verbose=1,
-            ),
-        )
-    grid = tuner.fit()
+        if can_restore:
+            log(f"Resuming sweep {name!r}: finished trials are kept, unfinished ones continue from their "
+                f"last checkpoint{'; failed trials are retried' if retry_errored else ''}")
+            tuner = tune.Tuner.restore(tune_path, trainable,
+                                       resume_unfinished=True, resume_errored=retry_errored,
+                                       storage_filesystem=results.fs)
+        else:
+            log(f"Sweep {name!r}: {n_trials} trial(s) of {cfg.train.epochs} epoch(s), {cfg.tune.scheduler} scheduler, "
+                f"up to {concurrency} at once, ranking by {cfg.tune.metric} ({cfg.tune.mode}) -> {results.uri(sweep_dir)}")
+            for d in dists:
+                log(f"  {d.key}: {d}")
+            tuner = tune.Tuner(
+                trainable,
+                param_space={d.key: d.to_tune() for d in dists},
+                tune_config=tune.TuneConfig(
+                    metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg),
+                    num_samples=cfg.tune.num_samples,  # concurrency: the search generator's max_concurrent
+                    time_budget_s=cfg.tune.time_budget_s,
+                    search_alg=BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=concurrency),
+                    trial_name_creator=lambda trial: trial.trial_id,
+                    trial_dirname_creator=lambda trial: trial.trial_id,
+                ),
+                run_config=tune.RunConfig(
+                    name=TUNE_DIR, storage_path=sweep_dir,  # stripped of s3://: the filesystem is given
+                    storage_filesystem=results.fs,
+                    failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                    callbacks=[_resource_releaser()],
+                    verbose=1,
+                ),
+            )
+        grid = tuner.fit()
 
-    board = leaderboard(grid, cfg, dists, results, results.join(sweep_dir, TRIALS_DIR))
-    finished = grid.num_terminated + grid.num_errors
-    if finished < len(grid) and not cfg.tune.time_budget_s:
-        raise RaybmError(f"sweep {name!r} was interrupted with {len(grid) - finished} trial(s) unfinished; "
-                         f"run the same command with --resume to finish it")
-    ranked = [row for row in board if row["best_checkpoint"] and row["status"] != "error"]
-    if cfg.tune.measure_cost and ranked:
-        measure_costs(cfg, ranked, log)
-    ranked, budget = within_budget(ranked, cfg.tune.max_latency_ms)
-    _write_leaderboard(results, sweep_dir, board)  # the callers print it (cli, pipeline)
-    failed = [row for row in board if row["status"] == "error"]
-    if not ranked:
-        raise RaybmError(f"sweep {name!r}: no trial finished"
-                         + (f"; {len(failed)} failed, the first with: {failed[0]['error']}" if failed else "")
-                         + ". Fix the cause and run the same command with --resume --retry-errored")
-    if failed:
-        log(f"{len(failed)} trial(s) failed (first error: {failed[0]['error']}); the winner is the best of "
-            f"the rest. --resume --retry-errored runs the failed ones again from their last checkpoint")
-    if budget and not budget["met"]:
-        log(f"No trial meets tune.max_latency_ms {budget['max_latency_ms']} (the fastest: "
-            f"{budget['fastest_ms']} ms): the winner is the best trial regardless; winner.json says so")
-    elif budget:
-        log(f"{len(ranked)} trial(s) within tune.max_latency_ms {budget['max_latency_ms']}: the winner is the best of them")
-    winner = _publish_winner(results, sweep_dir, cfg, prepared.name, ranked, log)
-    winner["latency_budget"] = budget
-    winner["sweep_seconds"] = round(time.time() - started, 1)
-    results.write_json(results.join(sweep_dir, WINNER_FILE), winner)
-    results.mark_complete(sweep_dir)
-    return SweepResult(name, results.uri(sweep_dir), winner["model_dir"], board, winner)
+        board = leaderboard(grid, cfg, dists, results, results.join(sweep_dir, TRIALS_DIR))
+        finished = grid.num_terminated + grid.num_errors
+        if finished < len(grid) and not cfg.tune.time_budget_s:
+            raise RaybmError(f"sweep {name!r} was interrupted with {len(grid) - finished} trial(s) unfinished; "
+                             f"run the same command with --resume to finish it")
+        ranked = [row for row in board if row["best_checkpoint"] and row["status"] != "error"]
+        if cfg.tune.measure_cost and ranked:
+            measure_costs(cfg, ranked, log)
+        ranked, budget = within_budget(ranked, cfg.tune.max_latency_ms)
+        _write_leaderboard(results, sweep_dir, board)  # the callers print it (cli, pipeline)
+        failed = [row for row in board if row["status"] == "error"]
+        if not ranked:
+            raise RaybmError(f"sweep {name!r}: no trial finished"
+                             + (f"; {len(failed)} failed, the first with: {failed[0]['error']}" if failed else "")
+                             + ". Fix the cause and run the same command with --resume --retry-errored")
+        if failed:
+            log(f"{len(failed)} trial(s) failed (first error: {failed[0]['error']}); the winner is the best of "
+                f"the rest. --resume --retry-errored runs the failed ones again from their last checkpoint")
+        if budget and not budget["met"]:
+            log(f"No trial meets tune.max_latency_ms {budget['max_latency_ms']} (the fastest: "
+                f"{budget['fastest_ms']} ms): the winner is the best trial regardless; winner.json says so")
+        elif budget:
+            log(f"{len(ranked)} trial(s) within tune.max_latency_ms {budget['max_latency_ms']}: the winner is the best of them")
+        winner = _publish_winner(results, sweep_dir, cfg, prepared.name, ranked, log)
+        winner["latency_budget"] = budget
+        winner["sweep_seconds"] = round(time.time() - started, 1)
+        results.write_json(results.join(sweep_dir, WINNER_FILE), winner)
+        results.mark_complete(sweep_dir)
+        return SweepResult(name, results.uri(sweep_dir), winner["model_dir"], board, winner)
 
 
 def _status(error: str | None, history: list[dict], epochs: int) -> str:
@@ -334,7 +337,7 @@ def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> t
     metrics each checkpoint carries: (path on results.fs, its metrics)."""
     import pyarrow.fs as pafs
 
-    from raybm.train_loop import EPOCH_METRICS_FILE
+    from raybm.train_loop import CHECKPOINT_FILES, EPOCH_METRICS_FILE
 
     if not results.exists(run_dir):
         return None, None
@@ -342,6 +345,9 @@ def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> t
     for info in results.fs.get_file_info(pafs.FileSelector(run_dir)):
         if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
+        files = results.fs.get_file_info([results.join(info.path, f) for f in CHECKPOINT_FILES])
+        if any(f.type == pafs.FileType.NotFound for f in files):
+            continue  # an upload cut short (a lost node, a stopped job)
         try:
             m = results.read_json(results.join(info.path, EPOCH_METRICS_FILE))
         except (OSError, FileNotFoundError, ValueError):

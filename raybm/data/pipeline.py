@@ -22,6 +22,7 @@ from raybm.data import cleaning, splitting
 from raybm.data.sources import Source, find_undecodable, read_source, resolve_source
 from raybm.data.tokenizing import CountTokens
 from raybm.errors import DataError, RaybmError
+from raybm.lease import hold_lease
 from raybm.results import CONFIG_FILE, LABEL_MAP_FILE, REPORT_FILE, SPLITS, Results
 from raybm.udf import map_batches_cached
 
@@ -222,21 +223,22 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
 
     # 5. Write everything into a staging folder, then publish it in one step.
     log("  4/4 writing")
-    build = results.build_dir("data", name)
-    try:
-        if results.remote and results.exists(build):
+    with hold_lease(results, "data", name, f"dataset {name!r}", log=log):  # one writer per dataset
+        build = results.build_dir("data", name)
+        try:
+            if results.remote and results.exists(build):
+                results.delete_tree(build)
+            for split in SPLITS:
+                part = split_ds.map_batches(_rows_of_split, batch_format="pandas", fn_kwargs={"split": split})
+                part.write_parquet(results.join(build, split), filesystem=results.fs)
+            results.write_json(results.join(build, LABEL_MAP_FILE), mapper.to_json())
+            results.write_text(results.join(build, CONFIG_FILE), cfg.to_yaml())
+            results.write_json(results.join(build, REPORT_FILE), report)
+            results.mark_complete(build)
+            results.publish(build, final)
+        except BaseException:
             results.delete_tree(build)
-        for split in SPLITS:
-            part = split_ds.map_batches(_rows_of_split, batch_format="pandas", fn_kwargs={"split": split})
-            part.write_parquet(results.join(build, split), filesystem=results.fs)
-        results.write_json(results.join(build, LABEL_MAP_FILE), mapper.to_json())
-        results.write_text(results.join(build, CONFIG_FILE), cfg.to_yaml())
-        results.write_json(results.join(build, REPORT_FILE), report)
-        results.mark_complete(build)
-        results.publish(build, final)
-    except BaseException:
-        results.delete_tree(build)
-        raise
+            raise
     return PreparedData(name, results.uri(final), report)
 
 

@@ -2,6 +2,7 @@
 on loopback, started by the fixture; no in-process mock)."""
 
 import io
+import time
 
 import boto3
 import pandas as pd
@@ -135,3 +136,39 @@ def test_a_model_folder_without_success_is_refused_by_every_loader(s3_server, bu
     for uri in ("s3://raybm-results/exports/e1/onnx", "s3://raybm-results/runs/r1/model"):
         local = fetch_model(uri, storage, str(tmp_path / uri.rsplit("/", 2)[-2]))
         assert sorted(p.name for p in Path(local).iterdir() if p.name != "_SUCCESS") == [f.name for f in files]
+
+
+def test_one_writer_per_artifact_on_s3_with_conditional_writes(s3_server, buckets):
+    """The lease on S3: created with If-None-Match, renewed and taken over with If-Match."""
+    import json
+    import subprocess
+    import sys
+
+    from raybm.config import StorageConfig
+    from raybm.lease import hold_lease
+
+    root = "s3://raybm-results/leases-test"
+    storage = StorageConfig(root=root, s3_endpoint_url=s3_server, lease_ttl_s=6)
+    results = Results(root, storage)
+    script = ("import sys, time\nfrom raybm.config import StorageConfig\nfrom raybm.lease import hold_lease\n"
+              "from raybm.results import Results\n"
+              f"s = StorageConfig(root={root!r}, s3_endpoint_url={s3_server!r}, lease_ttl_s=6)\n"
+              "with hold_lease(Results(s.root, s), 'exports', 'e1', \"export 'e1'\", log=lambda m: None):\n"
+              "    print('held', flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        time.sleep(4)  # past a renewal
+        with pytest.raises(RaybmError, match=rf"export 'e1' is being written by another job \(host .*, pid {proc.pid};"):
+            with hold_lease(results, "exports", "e1", "export 'e1'"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    said = []
+    with hold_lease(results, "exports", "e1", "export 'e1'", log=said.append):
+        body = buckets.get_object(Bucket="raybm-results", Key="leases-test/.leases/exports-e1")["Body"].read()
+        assert json.loads(body)["pid"] != proc.pid
+    assert "Took over the stale lease of export 'e1'" in said[0]
+    keys = buckets.list_objects_v2(Bucket="raybm-results", Prefix="leases-test/.leases/").get("Contents", [])
+    assert keys == []  # released

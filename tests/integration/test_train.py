@@ -194,6 +194,24 @@ def test_workers_bigger_than_the_local_ray_are_refused_instead_of_waiting_foreve
     assert not (tmp_path / "runs").exists()  # refused before any work
 
 
+def test_a_second_job_writing_the_same_run_is_refused_while_the_first_lives(ray_local, tmp_path, data_csv):
+    from tests.unit.test_lease import HOLDER
+
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.replace('"r1"', '"busy"'), str(tmp_path), "60"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RaybmError, match=r"training run 'busy' is being written by another job"):
+            run_training(config(tmp_path, data_csv, "name=busy"), log=quiet)
+        assert not (tmp_path / "runs" / "busy").exists()  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_gpus_asked_of_a_local_ray_without_any_are_an_error_but_a_joined_cluster_may_add_them(ray_local, monkeypatch):
     import raybm.runtime
     from raybm.train import _use_gpu
