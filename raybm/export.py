@@ -382,6 +382,13 @@ def remote_model(results: Results, spec: str) -> str:
                      f"run or sweep name under {results.root}")
 
 
+def uri_name(uri: str) -> str:
+    """The name of the run or sweep an ``s3://`` model folder belongs to (``.../<name>/model``),
+    else the folder's own name."""
+    parts = uri.rstrip("/").split("/")
+    return parts[-2] if parts[-1] == "model" and len(parts) > 3 else parts[-1]
+
+
 def _export(cfg: JobConfig, model_dir: str, variants: list[str], results: Results, log,
             source_uri: str | None = None) -> ExportResult:
     """Build the variants of the local ``model_dir`` under the local ``results`` root."""
@@ -390,7 +397,8 @@ def _export(cfg: JobConfig, model_dir: str, variants: list[str], results: Result
     if any(v in TRAINED for v in variants):
         source_config(model_dir, cfg)  # the training data must be known before anything runs
     card = model_card(model_dir)
-    name = card["name"]
+    # A model fetched from S3 sits in a temporary folder: its name comes from where it was.
+    name = uri_name(source_uri) if source_uri else card["name"]
     out = results.export_dir(name)
     os.makedirs(out, exist_ok=True)
 

@@ -136,12 +136,13 @@ def balanced_class_weights(report: dict, labels: list[str]) -> list[float]:
     return [total / (len(labels) * max(1, counts[lab])) for lab in labels]
 
 
-def load_text_splits(cfg: JobConfig, *, log: Callable[[str], None] = print):
-    """Prepare (or reuse) the data; return (prepared, labels, {split: materialized Dataset})
-    for the training and validation splits."""
+def load_text_splits(cfg: JobConfig, *, log: Callable[[str], None] = print, prepared=None):
+    """Prepare (or reuse) the data, unless ``prepared`` already is; return (prepared, labels,
+    {split: materialized Dataset}) for the training and validation splits."""
     from raybm.data import format_report, load_split, run_data_stage
 
-    prepared = run_data_stage(cfg, log=log)
+    if prepared is None:
+        prepared = run_data_stage(cfg, log=log)
     log(format_report(prepared.report))
     results = Results.from_config(cfg.storage)
     labels = results.dataset_label_map(prepared.name)["labels"]

@@ -198,6 +198,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
+    from raybm.data import run_data_stage
     from raybm.train import check_workers_fit, load_text_splits
 
     dists = parse_space(cfg.tune.search_space)
@@ -211,7 +212,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     check_workers_fit(cfg, f"one trial ({cfg.train.num_workers} worker(s)"
                            f"{', plus 2 x 0.25 CPU of tokenizer actors' if tokenizes else ''})",
                       TRIAL_TOKENIZER_BUNDLES if tokenizes else None)
-    prepared, labels, splits = load_text_splits(cfg, log=log)
+    prepared = run_data_stage(cfg, log=log)
     results = Results.from_config(cfg.storage)
     name = sweep_name_for(cfg, prepared.name)
     sweep_dir = results.sweep_dir(name)
@@ -229,6 +230,8 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
         if resume and not can_restore:
             raise RaybmError(f"--resume: no interrupted sweep {name!r} under {results.uri(results.path('sweeps'))}; "
                              f"run without --resume to start it")
+        # Read only now: a finished sweep needs no data (and reading asks Ray for CPUs).
+        prepared, labels, splits = load_text_splits(cfg, log=log, prepared=prepared)
 
         tokenized = None
         if not tokenizes:

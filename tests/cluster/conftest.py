@@ -25,20 +25,17 @@ def cluster(s3_server):
     """A head and two worker nodes; the nodes' AWS credentials come from their own
     environment (as from an instance profile), not from any job."""
     workdir = Path(f"/tmp/raybm-mn-{os.getpid()}")
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     c = LocalCluster(workdir, worker_cpus=(1, 1), env=NODE_CREDENTIALS)
-    try:
-        c.start()
-        c.use_as_client()
-        yield c
-    finally:
-        c.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(workdir, ignore_errors=True)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "token")  # this process's Ray clients; restored after the module
+        env.setenv("RAY_AUTH_TOKEN", c.token)
+        try:
+            c.start()
+            c.use_as_client()
+            yield c
+        finally:
+            c.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

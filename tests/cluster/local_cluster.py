@@ -93,6 +93,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _stop_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies (a killed
+    test run), so `ray start --block` stops its node instead of leaving it running."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @dataclass
 class Node:
     """One `ray start --block` process (the root of the node's process tree)."""
@@ -140,7 +149,8 @@ class LocalCluster:
         cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                f"{mounts} && exec {RAY} start --block --disable-usage-stats --node-ip-address=127.0.0.1 "
                f"--object-store-memory={OBJECT_STORE_BYTES} " + " ".join(args)]
-        process = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   preexec_fn=_stop_with_parent)
         return Node(name, process)
 
     def start(self, timeout: float = 120) -> "LocalCluster":

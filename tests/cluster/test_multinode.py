@@ -104,7 +104,7 @@ def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, 
 
     # The same job again with a release gate this model cannot pass: every stage finds its
     # output in the bucket and is skipped, the gate holds the deploy, the deployment stays.
-    status, logs = run_job(cluster, "pipeline", config, "pipeline.min_test_f1=0.999")
+    status, logs = run_job(cluster, "pipeline", config, "pipeline.min_test_f1=0.999", timeout=240)
     assert status == "SUCCEEDED", logs[-3000:]
     assert "release gate: NOT deploying - test macro-F1" in logs
     again = json.loads(s3.get_object(Bucket=name, Key=summary_key)["Body"].read())
