@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: install demo test e2e clean
+.PHONY: install demo test test-cluster-long e2e clean
 
 install: $(STAMP)
 
@@ -30,8 +30,16 @@ demo: install
 	@echo
 	@echo "See the results (leaderboard, curves, errors, try it):  $(VENV)/bin/raybm dashboard --root results"
 
+# The multi-node tests (tests/cluster: a 3-node Ray cluster, nodes in their own mount
+# namespaces; root) run in a pytest process of their own: their cluster's token auth
+# settings stay out of the local Ray the other tests start.
 test: install
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 tests --ignore=tests/cluster
+	$(PY) -m pytest -q --durations=10 tests/cluster -m "not cluster_long"
+
+# The multi-node tests that stop a job and kill a node mid-sweep (several minutes each).
+test-cluster-long: install
+	$(PY) -m pytest -q --durations=10 tests/cluster -m cluster_long
 
 # The real-browser check of the dashboard: headless Debian chromium driven by Playwright.
 # Not part of `make test` (CI has no browser); installs chromium with apt when missing (root).

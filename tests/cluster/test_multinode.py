@@ -241,6 +241,7 @@ def placement_groups(cluster, state: str | None = None) -> list:
     return [pg for pg in found if state is None or pg.state == state]
 
 
+@pytest.mark.cluster_long
 def test_a_stopped_sweep_frees_the_cluster_and_the_same_job_resumes_it(cluster, bucket, s3_server, data_uri,
                                                                          tmp_path):
     from tests.cluster.conftest import client, start_job
@@ -328,6 +329,7 @@ def test_a_joining_driver_trains_two_ddp_ranks_on_two_nodes_with_no_credentials_
     assert metrics["test"]["examples"] > 0
 
 
+@pytest.mark.cluster_long
 def test_a_lost_worker_node_costs_a_checkpoint_not_the_sweep(cluster, bucket, s3_server, data_uri, tmp_path):
     from tests.cluster.conftest import start_job
 
