@@ -46,7 +46,7 @@ def owner_record(ttl_s: float) -> dict[str, Any]:
 def owner_gone(record: dict[str, Any]) -> bool:
     """Whether the lease's owner is known to have ended: a process of this host that no
     longer runs, or a Ray job of the cluster this process is on that has ended."""
-    if record.get("host") == socket.gethostname() and record.get("pid") and not record.get("ray_gcs"):
+    if record.get("host") == socket.gethostname() and record.get("pid"):
         try:
             os.kill(int(record["pid"]), 0)
         except ProcessLookupError:
