@@ -227,20 +227,20 @@ def _quiet_ray_train_logs() -> None:
 
 
 def worker_nodes(world: int) -> list[str]:
-    """The Ray node id of every rank, rank 0 first (the run record says where each ran)."""
+    """The Ray node id of every rank's bundle, this rank's node first (the run record says
+    where the worker group ran). Read from the worker group's placement group: no collective
+    inside the training loop."""
     import ray
-    import torch.distributed as dist
-
-    import torch
 
     node = ray.get_runtime_context().get_node_id()
-    if world == 1 or not dist.is_initialized():
-        return [node]
-    # A fixed-size byte tensor: no pickling through the collective.
-    mine = torch.tensor(list(bytes.fromhex(node)), dtype=torch.uint8)
-    gathered = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine)
-    return [bytes(t.tolist()).hex() for t in gathered]
+    pg = ray.util.get_current_placement_group()
+    if world == 1 or pg is None:
+        return [node] * world
+    placed = ray.util.placement_group_table(pg).get("bundles_to_node_id") or {}
+    others = [placed[i] for i in sorted(placed)]
+    if node in others:
+        others.remove(node)
+    return [node, *others][:world]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -301,9 +301,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         kwargs = {"find_unused_parameters": True} if t.strategy in ("partial", "gradual") else {}
         wrapped = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp",
                                                 parallel_strategy_kwargs=kwargs)
-    # Gathered after the first epoch's steps, not here: a collective before FSDP's first
-    # forward changed what the FSDP test run learned (seen on gloo; the cause is not known).
-    nodes: list[str] | None = None
+    nodes = worker_nodes(world)
     optimizer = build_optimizer(model, t, groups)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
@@ -382,7 +380,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if epoch_steps >= steps_per_epoch:
                 break
         loss_sum = float(loss_acc)  # waits for the device
-        nodes = nodes or worker_nodes(world)
         train_end = time.time()
         train_time = train_end - started
 

@@ -364,6 +364,20 @@ def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> t
     return pick(found, key=lambda pm: pm[1][metric])
 
 
+def _trial_config(res) -> dict[str, Any]:
+    """A trial's searched values. A trial the time budget ended before its first report has
+    no metrics, so Tune's ``Result.config`` is None: they are read from its params.json."""
+    if res.config:
+        return res.config
+    if not res.path:
+        return {}
+    try:
+        with res.filesystem.open_input_stream(f"{res.path.rstrip('/')}/params.json") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return {}
+
+
 def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Results,
                 trials_dir: str) -> list[dict[str, Any]]:
     """One row per trial, best first (trials without a metric last)."""
@@ -374,6 +388,7 @@ def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Result
     for res in grid:
         history = _trial_history(res, metric)
         last = res.metrics or {}
+        config = _trial_config(res)
         trial_id = last.get("trial_id") or (res.path.rstrip("/").rsplit("/", 1)[-1] if res.path else "?")
         checkpoint, best = best_checkpoint(results, results.join(trials_dir, trial_id), metric, mode)
         error = None
@@ -382,7 +397,7 @@ def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Result
                 else failure_reason(res.error)
         rows.append({
             "trial": trial_id,
-            **{d.key: res.config.get(d.key) for d in dists},
+            **{d.key: config.get(d.key) for d in dists},
             metric: None if best is None else float(best[metric]),
             "best_epoch": None if best is None else int(best["epoch"]),
             "epochs_run": len(history),

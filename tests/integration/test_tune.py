@@ -52,8 +52,11 @@ def quiet(_):
 
 def test_asha_sweep_stops_weak_trials_and_hands_on_a_tested_winner(ray_tune, tmp_path, data_csv):
     # One learning rate that learns, three that cannot (lr ~ 0): ASHA (rungs at epochs 1
-    # and 2) must stop at least one of the three once the good trial has reported.
-    cfg = config(tmp_path, data_csv, "train.epochs=3", "tune.num_samples=1", "tune.soup=greedy", "tune.soup_size=2",
+    # and 2) must stop at least one of the three once the good trial has reported. Batches
+    # of 4 (24 steps an epoch): the good trial must already be ahead at a rung (with 6 steps
+    # an epoch it could still tie the others at epoch 2, and ASHA stops none of a tie).
+    cfg = config(tmp_path, data_csv, "train.epochs=3", "train.batch_size=4", "tune.num_samples=1",
+                 "tune.soup=greedy", "tune.soup_size=2",
                  "tune.search_space={train.lr: 'grid([3e-3, 1e-11, 1e-12, 2e-12])'}")
     result = run_sweep(cfg, log=quiet)
     board = result.leaderboard

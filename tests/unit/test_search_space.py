@@ -90,3 +90,32 @@ def test_leaderboard_table():
                                 "status", "seconds"]
     assert lines[2].split() == ["1", "a_00001", "0.0003", "0.9123", "3", "3", "completed", "120"]
     assert lines[3].split()[3] == "-" and "error" in lines[3]
+
+
+def test_a_trial_ended_before_its_first_report_still_has_a_row(tmp_path):
+    # The time budget can end a trial before it reports: Tune's Result then has no metrics
+    # and no config, and the leaderboard reads the searched values from params.json.
+    import json
+
+    from ray.air.result import Result
+
+    from raybm.results import Results
+    from raybm.tune import leaderboard
+
+    cfg = build_config({"storage": {"root": str(tmp_path)},
+                        "tune": {"search_space": {"train.lr": "grid([1e-3, 1e-4])"}}})
+    dists = parse_space(cfg.tune.search_space)
+    reported, silent, unknown = tmp_path / "t_00000", tmp_path / "t_00001", tmp_path / "t_00002"
+    for folder in (reported, silent, unknown):
+        folder.mkdir()
+    (silent / "params.json").write_text(json.dumps({"train.lr": 1e-4}))
+    grid = [Result(metrics={"trial_id": "t_00000", "config": {"train.lr": 1e-3}, "time_total_s": 4.0},
+                   checkpoint=None, error=None, path=str(reported)),
+            Result(metrics={}, checkpoint=None, error=None, path=str(silent)),
+            Result(metrics={}, checkpoint=None, error=None, path=str(unknown))]
+    board = leaderboard(grid, cfg, dists, Results.from_config(cfg.storage), str(tmp_path))
+    rows = {row["trial"]: row for row in board}
+    assert rows["t_00000"]["train.lr"] == 1e-3
+    assert rows["t_00001"]["train.lr"] == 1e-4 and rows["t_00001"]["status"] == "stopped"
+    assert rows["t_00001"]["epochs_run"] == 0 and rows["t_00001"]["best_checkpoint"] is None
+    assert rows["t_00002"]["train.lr"] is None
