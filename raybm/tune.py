@@ -415,7 +415,8 @@ def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Result
                          "val_loss": float(h.get("val_loss", float("nan"))),
                          "train_loss": float(h.get("train_loss", float("nan"))),
                          "worker_nodes": json.loads(h.get("worker_nodes") or "[]"),
-                         "started_at": h.get("started_at")} for h in history],
+                         "started_at": h.get("started_at"), "finished_at": h.get("finished_at")}
+                        for h in history],
         })
     sign = -1 if mode == "max" else 1
     rows.sort(key=lambda r: (r[metric] is None, sign * (r[metric] or 0.0)))

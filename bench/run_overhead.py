@@ -1,0 +1,249 @@
+"""The fixed toll of a raybm run and of a sweep trial, against a plain PyTorch loop, in one run.
+
+    .venv/bin/python bench/run_overhead.py [--model tiny-bert] [--what run,sweep] [--threads 2]
+
+A whole ``raybm train`` (Ray start, the prepared split read and tokenized, the Ray Train
+worker group, 2 epochs with validation, checkpoints, the published model scored on the
+test split) against a plain loop in this process doing the same work on the same prepared
+split (tokenize, 2 epochs with validation, score test). Same model, batch size, sequence
+length, optimizer and torch threads. Prints the ratio of whole-run wall times and where
+raybm's seconds outside training and validation go. ``--what sweep``: a 4-trial grid
+(learning rates, one trial at a time) against 4 plain runs sharing one tokenization.
+
+Targets (tiny-bert, full binary twitter corpus): outside training and validation at most
+15 s a run and 10 s a sweep trial; with all-minilm-l6-v2 a whole run at most 1.1x plain.
+The data stage (cleaning, splitting) runs once before any timing: both sides start from
+the prepared split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+LRS = (1e-3, 5e-4, 2e-4, 1e-4)
+
+
+class Clock:
+    """Timestamps of raybm's own progress lines (the breakdown's boundaries)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[float, str]] = []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append((time.time(), line))
+
+    def first(self, prefix: str) -> float | None:
+        return next((t for t, line in self.lines if line.startswith(prefix)), None)
+
+
+def plain_run(model_name: str, labels: list[str], data: dict, epochs: int, batch: int, lr: float) -> dict:
+    """Train ``epochs`` with validation after each, then score test; seconds per part."""
+    import numpy as np
+    import torch
+
+    from raybm.config import build_config
+    from raybm.evaluate import metrics_from_confusion
+    from raybm.models import build_classifier
+    from raybm.data.tokenizing import pad_collate
+
+    cfg = build_config(overrides=[f"model.name={model_name}", f"train.lr={lr}"])
+    torch.manual_seed(0)
+    model = build_classifier(cfg.model, labels)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def batches(split: str, size: int, shuffle: bool, seed: int = 0):
+        ids, mask, y = data[split]
+        order = np.random.default_rng(seed).permutation(len(y)) if shuffle else np.arange(len(y))
+        for lo in range(0, len(y), size):
+            pick = order[lo:lo + size]
+            yield pad_collate({"input_ids": [ids[i] for i in pick], "attention_mask": [mask[i] for i in pick],
+                               "labels": y[pick]})
+
+    def score(split: str) -> dict:
+        model.eval()
+        cm = np.zeros((len(labels), len(labels)), dtype=np.int64)
+        with torch.no_grad():
+            for b in batches(split, 256, False):
+                pred = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1)
+                np.add.at(cm, (b["labels"].numpy(), pred.numpy()), 1)
+        model.train()
+        return metrics_from_confusion(cm, labels)
+
+    seconds = {"train": 0.0, "validation": 0.0}
+    model.train()
+    for epoch in range(epochs):
+        t0 = time.time()
+        for b in batches("train", batch, True, seed=epoch):
+            loss = loss_fn(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t1 = time.time()
+        val = score("validation")
+        seconds["train"] += t1 - t0
+        seconds["validation"] += time.time() - t1
+    t0 = time.time()
+    test = score("test")
+    seconds["test"] = time.time() - t0
+    return {"seconds": seconds, "val_f1": val["f1_macro"], "test_f1": test["f1_macro"]}
+
+
+def tokenize_splits(model_name: str, frames: dict, max_length: int) -> dict:
+    """Every split tokenized in this process (the plain loop's data preparation)."""
+    import numpy as np
+
+    from raybm.models import load_tokenizer
+
+    tok = load_tokenizer(model_name)
+    out = {}
+    for split, frame in frames.items():
+        enc = tok(frame["text"].tolist(), truncation=True, max_length=max_length)
+        out[split] = (enc["input_ids"], enc["attention_mask"], np.asarray(frame["label"], dtype=np.int64))
+    return out
+
+
+def epoch_seconds(history: list[dict]) -> float:
+    """Training plus validation, epoch by epoch, as each epoch's record says."""
+    return sum(h["finished_at"] - h["started_at"] for h in history)
+
+
+def breakdown(started: float, ray_up: float, clock: Clock, history: list[dict], ended: float) -> list[tuple[str, float]]:
+    """Where a raybm run's wall time went, in order."""
+    fit = clock.first("Training run")
+    scoring = clock.first("Scoring")
+    first, last = history[0]["started_at"], history[-1]["finished_at"]
+    epochs = epoch_seconds(history)
+    return [("Ray start", ray_up - started),
+            ("read and tokenize the prepared splits", fit - ray_up),
+            ("start the worker group (until epoch 1 starts)", first - fit),
+            ("training and validation (the epochs themselves)", epochs),
+            ("between epochs (checkpoints, reports)", (last - first) - epochs),
+            ("end of training to test scoring (checkpoint, publish)", scoring - last),
+            ("score the test split, write results", ended - scoring)]
+
+
+def bench_run(args, base: list[str], frames: dict, labels: list[str]) -> None:
+    import ray
+
+    from raybm.config import build_config
+    from raybm.runtime import ensure_ray, quiet_ray_data
+    from raybm.train import run_training
+
+    cfg = build_config(overrides=[*base, f"train.lr={LRS[0]}", f"name=overhead-{int(time.time())}"])
+    started = time.time()
+    ensure_ray(cfg.ray)
+    quiet_ray_data()
+    ray_up = time.time()
+    clock = Clock()
+    result = run_training(cfg, log=clock)
+    ended = time.time()
+    ray.shutdown()
+    raybm_wall = ended - started
+    parts = breakdown(started, ray_up, clock, result.history, ended)
+
+    t0 = time.time()
+    data = tokenize_splits(args.model, frames, args.max_length)
+    tokenize_s = time.time() - t0
+    plain = plain_run(args.model, labels, data, args.epochs, args.batch, LRS[0])
+    plain_wall = tokenize_s + sum(plain["seconds"].values())
+
+    outside = raybm_wall - epoch_seconds(result.history)
+    print(f"\nA whole run: {args.model}, {args.epochs} epochs, batch {args.batch}, length {args.max_length}, "
+          f"{args.threads} torch threads, {len(frames['train']):,} training rows")
+    print(f"{'path':<58}{'seconds':>9}")
+    for what, s in parts:
+        print(f"  raybm: {what:<50}{s:>9.1f}")
+    print(f"{'raybm train, whole run':<58}{raybm_wall:>9.1f}")
+    print(f"  plain: {'tokenize in process':<50}{tokenize_s:>9.1f}")
+    for what, s in plain["seconds"].items():
+        print(f"  plain: {what:<50}{s:>9.1f}")
+    print(f"{'plain loop, whole run':<58}{plain_wall:>9.1f}")
+    print(f"ratio raybm / plain: {raybm_wall / plain_wall:.2f}")
+    print(f"raybm outside training and validation: {outside:.1f} s (target <= 15 s with tiny-bert); "
+          f"plain: {plain_wall - plain['seconds']['train'] - plain['seconds']['validation']:.1f} s")
+    print(f"test macro-F1: raybm {result.metrics['test']['f1_macro']:.4f}, plain {plain['test_f1']:.4f}")
+
+
+def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
+    import ray
+
+    from raybm.config import build_config
+    from raybm.runtime import ensure_ray, quiet_ray_data
+    from raybm.tune import run_sweep
+
+    grid = ", ".join(f"{lr:g}" for lr in LRS)
+    cfg = build_config(overrides=[*base, f"name=overhead-sweep-{int(time.time())}", "tune.max_concurrent_trials=1",
+                                  "tune.soup=none", "tune.scheduler=fifo",
+                                  f"tune.search_space={{train.lr: 'grid([{grid}])'}}"])
+    started = time.time()
+    ensure_ray(cfg.ray)
+    quiet_ray_data()
+    result = run_sweep(cfg, log=lambda _: None)
+    ended = time.time()
+    ray.shutdown()
+    raybm_wall = ended - started
+    computed = sum(epoch_seconds(row["history"]) for row in result.leaderboard)
+
+    t0 = time.time()
+    data = tokenize_splits(args.model, frames, args.max_length)
+    plain_wall = time.time() - t0
+    for lr in LRS:
+        plain = plain_run(args.model, labels, data, args.epochs, args.batch, lr)
+        plain_wall += sum(plain["seconds"].values())
+    n = len(LRS)
+    print(f"\nA sweep of {n} trials, one at a time ({args.model}, {args.epochs} epochs each), against {n} plain runs")
+    print(f"{'raybm sweep (winner scored on test)':<58}{raybm_wall:>9.1f}")
+    print(f"{'  of which the trials epochs themselves':<58}{computed:>9.1f}")
+    print(f"{'plain: tokenize once, 4 runs, each scored on test':<58}{plain_wall:>9.1f}")
+    print(f"ratio raybm / plain: {raybm_wall / plain_wall:.2f}")
+    print(f"raybm outside training and validation: {(raybm_wall - computed) / n:.1f} s a trial (target <= 10 s)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-bert")
+    parser.add_argument("--what", default="run,sweep", help="run, sweep or both (comma-separated)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--max-rows", type=int, default=0, help="0: the whole corpus")
+    parser.add_argument("--root", default="/tmp/raybm-bench-overhead")
+    args = parser.parse_args()
+
+    import pandas as pd
+
+    from raybm.config import build_config
+    from raybm.data import run_data_stage
+    from raybm.results import Results
+    from raybm.runtime import ensure_ray
+
+    base = [f"storage.root={args.root}", "data.source=twitter-sentiment", "data.labels=[negative, positive]",
+            f"data.max_length={args.max_length}", f"model.name={args.model}", f"train.epochs={args.epochs}",
+            f"train.batch_size={args.batch}", f"train.torch_threads={args.threads}", "train.warmup_ratio=0",
+            "train.log_every_steps=100000", "train.keep_checkpoints=1", "tune.measure_cost=false",
+            *([f"data.max_rows={args.max_rows}"] if args.max_rows else [])]
+    cfg = build_config(overrides=base)
+    ray_ctx = ensure_ray(cfg.ray)  # the data stage, once, outside every timing
+    prepared = run_data_stage(cfg, log=lambda _: None)
+    import ray
+
+    ray.shutdown()
+    del ray_ctx
+    results = Results.from_config(cfg.storage)
+    frames = {s: pd.read_parquet(results.dataset_split_dir(prepared.name, s)) for s in ("train", "validation", "test")}
+    labels = results.dataset_label_map(prepared.name)["labels"]
+    for what in args.what.split(","):
+        {"run": bench_run, "sweep": bench_sweep}[what.strip()](args, base, frames, labels)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
