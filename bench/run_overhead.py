@@ -62,8 +62,7 @@ def plain_run(model_name: str, labels: list[str], data: dict, epochs: int, batch
         order = np.random.default_rng(seed).permutation(len(y)) if shuffle else np.arange(len(y))
         for lo in range(0, len(y), size):
             pick = order[lo:lo + size]
-            yield pad_collate({"input_ids": [ids[i] for i in pick], "attention_mask": [mask[i] for i in pick],
-                               "labels": y[pick]})
+            yield pad_collate({"input_ids": ids[pick], "attention_mask": mask[pick], "labels": y[pick]})
 
     def score(split: str) -> dict:
         model.eval()
@@ -105,7 +104,12 @@ def tokenize_splits(model_name: str, frames: dict, max_length: int) -> dict:
     out = {}
     for split, frame in frames.items():
         enc = tok(frame["text"].tolist(), truncation=True, max_length=max_length)
-        out[split] = (enc["input_ids"], enc["attention_mask"], np.asarray(frame["label"], dtype=np.int64))
+        ragged = []
+        for key in ("input_ids", "attention_mask"):  # one array per row, as Ray Data hands them to pad_collate
+            col = np.empty(len(enc[key]), dtype=object)
+            col[:] = [np.asarray(r, dtype=np.int64) for r in enc[key]]
+            ragged.append(col)
+        out[split] = (*ragged, np.asarray(frame["label"], dtype=np.int64))
     return out
 
 

@@ -150,7 +150,6 @@ def make_soup(candidates: list[tuple[str, str]], score: Callable[[str], dict[str
     if not candidates:
         raise RaybmError("a soup needs at least one model")
     better = (lambda a, b: a >= b) if mode == "max" else (lambda a, b: a <= b)
-    names = [n for n, _ in candidates]
     first_name, first_folder = candidates[0]
     total = _Sum(_load(first_folder))
     best_single = float(score(first_folder)[metric])

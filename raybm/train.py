@@ -136,22 +136,54 @@ def balanced_class_weights(report: dict, labels: list[str]) -> list[float]:
     return [total / (len(labels) * max(1, counts[lab])) for lab in labels]
 
 
-def load_text_splits(cfg: JobConfig, *, log: Callable[[str], None] = print, prepared=None):
-    """Prepare (or reuse) the data, unless ``prepared`` already is; return (prepared, labels,
-    {split: materialized Dataset}) for the training and validation splits."""
-    from raybm.data import format_report, load_split, run_data_stage
+def load_prepared(cfg: JobConfig, *, log: Callable[[str], None] = print, prepared=None):
+    """Prepare (or reuse) the data, unless ``prepared`` already is; log its report and
+    return (prepared, labels)."""
+    from raybm.data import format_report, run_data_stage
 
     if prepared is None:
         prepared = run_data_stage(cfg, log=log)
     log(format_report(prepared.report))
+    labels = Results.from_config(cfg.storage).dataset_label_map(prepared.name)["labels"]
+    return prepared, labels
+
+
+def load_text_splits(cfg: JobConfig, prepared) -> dict:
+    """The training and validation splits' text and labels, in Ray's object store."""
+    from raybm.data import load_split
+
     results = Results.from_config(cfg.storage)
-    labels = results.dataset_label_map(prepared.name)["labels"]
-    # The prepared text is read into Ray's object store up front: in Ray 2.60 a Parquet
-    # read starts with a file-listing task that asks for a whole CPU, which the training
-    # workers may hold (a deadlock on small machines). Tokenization still streams into the
-    # workers, in tokenizer actors that take a fraction of a CPU.
-    splits = {s: load_split(results, prepared.name, s).materialize() for s in ("train", "validation")}
-    return prepared, labels, splits
+    return {s: load_split(results, prepared.name, s).materialize() for s in ("train", "validation")}
+
+
+def stored_ids_fit(cfg: JobConfig, report: dict) -> bool:
+    """Whether the token ids stored with the prepared splits are what ``cfg`` trains on
+    (same tokenizer and max_length; datasets prepared before ids were stored have none)."""
+    tokens = report.get("tokens") or {}
+    return bool(tokens.get("ids_stored")) and tokens.get("model") == cfg.model.name \
+        and tokens.get("max_length") == cfg.data.max_length
+
+
+def training_datasets(cfg: JobConfig, prepared) -> dict:
+    """The training and validation datasets the workers read, as token ids and labels.
+
+    The ids the data stage stored are read as they are: no tokenizing. Otherwise both
+    splits are tokenized once into Ray's object store, so no epoch tokenizes again.
+    Augmented training text differs per epoch, so it stays a lazy pipeline."""
+    from raybm.data import load_split, tokenize_dataset
+
+    results = Results.from_config(cfg.storage)
+    if stored_ids_fit(cfg, prepared.report):
+        out = {s: load_split(results, prepared.name, s, columns=("input_ids", "label")).materialize()
+               for s in ("train", "validation")}
+        if cfg.data.augment.enabled:
+            out["train"] = tokenize_dataset(load_split(results, prepared.name, "train"), cfg.data, cfg.model,
+                                            training=True)
+        return out
+    datasets = tokenized_datasets(cfg, load_text_splits(cfg, prepared))
+    if cfg.data.augment.enabled:
+        return datasets
+    return {name: ds.materialize() for name, ds in datasets.items()}
 
 
 def tokenized_datasets(cfg: JobConfig, splits: dict) -> dict:
@@ -268,8 +300,8 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     t = cfg.train
     teacher = teacher_labels(t.distill_from)
     check_workers_fit(cfg, f"training ({t.num_workers} worker(s))")
-    # 1. Data: prepared once, then streamed and tokenized on Ray Data.
-    prepared, labels, splits = load_text_splits(cfg, log=log)
+    # 1. Data: prepared (and tokenized) once per dataset, then read by the workers.
+    prepared, labels = load_prepared(cfg, log=log)
     if teacher is not None and teacher != labels:
         raise RaybmError(f"train.distill_from={t.distill_from}: the teacher's labels {teacher} differ from this "
                          f"dataset's {labels}; distil from a model trained on the same labels")
@@ -278,12 +310,7 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     # 2. The trainer: one worker per data-parallel replica.
     run_name = run_name_for(cfg, prepared.name)
     run_dir = results.run_dir(run_name)
-    datasets = tokenized_datasets(cfg, splits)
-    if not cfg.data.augment.enabled:
-        # Tokenized once, into Ray's object store: every epoch then reads it as it is instead
-        # of starting tokenizer actors again for each pass (15-25 s a pass on a GPU machine,
-        # BENCHMARKS.md). Augmented text differs per epoch, so it stays a lazy pipeline.
-        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    datasets = training_datasets(cfg, prepared)
     trainer = build_trainer(cfg, labels=labels, report=prepared.report, datasets=datasets,
                             run_name=run_name, storage_path=results.path("runs"), storage_filesystem=results.fs)
     log(f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"

@@ -169,18 +169,16 @@ def _fsdp_optim_to_load(wrapped, optimizer, full: dict, device) -> dict:
         return FSDP.optim_state_dict_to_load(wrapped, optimizer, full)
 
 
-def _validate(model, data, device, batch_size: int, num_classes: int, labels: list[str], loss_fn):
+def _validate(model, data, device, batch_size: int, num_classes: int, labels: list[str], loss_fn, collate):
     """Metrics on the whole validation split (every worker reads all of it and gets the
     same numbers, so they agree on early stopping without a collective)."""
     import torch
-
-    from raybm.data.tokenizing import PadCollate
 
     model.eval()
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum = 0.0
     with torch.no_grad():
-        for batch in data.iter_torch_batches(batch_size=batch_size, collate_fn=PadCollate()):
+        for batch in data.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             loss_sum += float(loss_fn(logits, batch["labels"]).item()) * len(batch["labels"])
@@ -310,6 +308,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                   if fsdp else state["optimizer"])
     amp_dtype, use_scaler = _amp(device, t.precision)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    # Rows come tokenized (stored by the data stage, or by Tokenize): padded here, per batch.
+    collate = PadCollate(width=cfg.data.max_length if cfg.data.padding == "max_length" else None)
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("validation")  # not sharded: the whole split
     trainable_params = [p for p in model.parameters()]
@@ -332,7 +332,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         warm_steps = min(3, steps_per_epoch // 4)  # steady-state rate: after these steps
         warm_time, warm_seen = started, 0
         optimizer.zero_grad(set_to_none=True)
-        for batch in train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=PadCollate()):
+        for batch in train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate):
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -386,7 +386,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # 3. Validate on the whole validation split.
         # DDP: the unwrapped module (a forward through DDP outside training would expect a
         # backward). FSDP: the wrapped one, which gathers the sharded weights.
-        val = _validate(wrapped if fsdp else model, val_data, device, t.eval_batch_size, len(labels), labels, eval_loss_fn)
+        val = _validate(wrapped if fsdp else model, val_data, device, t.eval_batch_size, len(labels), labels, eval_loss_fn,
+                        collate)
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen),
                    "lr": optimizer.param_groups[-1]["lr"], "samples_per_s": seen * world / max(1e-9, train_time),
                    "steady_samples_per_s": (seen - warm_seen) * world / max(1e-9, train_end - warm_time),

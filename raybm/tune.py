@@ -199,7 +199,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     from ray.tune.search import BasicVariantGenerator
 
     from raybm.data import run_data_stage
-    from raybm.train import check_workers_fit, load_text_splits
+    from raybm.train import check_workers_fit, load_prepared, load_text_splits, training_datasets
 
     dists = parse_space(cfg.tune.search_space)
     if not dists:
@@ -231,13 +231,10 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
             raise RaybmError(f"--resume: no interrupted sweep {name!r} under {results.uri(results.path('sweeps'))}; "
                              f"run without --resume to start it")
         # Read only now: a finished sweep needs no data (and reading asks Ray for CPUs).
-        prepared, labels, splits = load_text_splits(cfg, log=log, prepared=prepared)
-
-        tokenized = None
-        if not tokenizes:
-            from raybm.train import tokenized_datasets
-
-            tokenized = {s: ds.materialize() for s, ds in tokenized_datasets(cfg, splits).items()}
+        prepared, labels = load_prepared(cfg, log=log, prepared=prepared)
+        # Trials share one tokenized copy, unless the search changes how text is tokenized.
+        splits = load_text_splits(cfg, prepared) if tokenizes else None
+        tokenized = None if tokenizes else training_datasets(cfg, prepared)
         base = cfg.to_dict()
         # Each trial keeps (and reports) its best checkpoint by the sweep's metric.
         base["train"].update(metric=cfg.tune.metric, mode=cfg.tune.mode)

@@ -134,7 +134,6 @@ def run_data_stage(cfg: JobConfig, *, force: bool = False, source: Source | None
 
 
 def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[str], None]) -> PreparedData:
-    import ray.data
 
     started = time.time()
     d = cfg.data
@@ -213,7 +212,7 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
     splitting.check_split_sizes(quotas, d.split, mapper.labels)
     thresholds = splitting.split_thresholds(keys, quotas, list(d.split))
     split_ds = deduped.map_batches(splitting.apply_split, batch_format="pandas", fn_kwargs={"thresholds": thresholds})
-    split_ds = map_batches_cached(split_ds, CountTokens, dict(model=cfg.model.name,
+    split_ds = map_batches_cached(split_ds, CountTokens, dict(model=cfg.model.name, max_length=d.max_length,
                                                               trust_remote_code=cfg.model.trust_remote_code),
                                   concurrency=1, batch_format="pandas", batch_size=512).materialize()
     lengths = split_ds.select_columns(["split", "label", "n_tokens"]).to_pandas()  # no texts
@@ -229,7 +228,7 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
             if results.remote and results.exists(build):
                 results.delete_tree(build)
             for split in SPLITS:
-                part = split_ds.map_batches(_rows_of_split, batch_format="pandas", fn_kwargs={"split": split})
+                part = split_ds.map_batches(_rows_of_split, batch_format="pyarrow", fn_kwargs={"split": split})
                 part.write_parquet(results.join(build, split), filesystem=results.fs)
             results.write_json(results.join(build, LABEL_MAP_FILE), mapper.to_json())
             results.write_text(results.join(build, CONFIG_FILE), cfg.to_yaml())
@@ -248,7 +247,9 @@ def _partitions(n: int) -> int:
 
 
 def _rows_of_split(batch, split: str):
-    return batch.loc[batch["split"] == split, ["text", "label"]]
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.equal(batch["split"], split)).select(list(SPLIT_COLUMNS))
 
 
 def _value_counts(batch, column: str, where: tuple[str, Any] | None):
@@ -316,6 +317,7 @@ def build_report(cfg: JobConfig, src: Source, name: str, digest: str, mapper: cl
             "max": int(n_tokens.max()),
             "truncated_rows": truncated,
             "truncated_share": round(truncated / max(1, rows_kept), 4),
+            "ids_stored": True,  # each split's input_ids column (SPLIT_COLUMNS)
         },
     }
 
@@ -345,17 +347,36 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load_split(results: Results, name: str, split: str, num_cpus: float = 0.25):
-    """A prepared split as a lazy Ray Dataset (columns text, label).
+# The columns of a prepared split: the cleaned text, the label's index, and the text's
+# token ids as training reads them (CountTokens).
+SPLIT_COLUMNS = ("text", "label", "input_ids")
 
-    Read tasks ask for a fraction of a CPU: during training the workers hold most CPUs,
-    and Ray Data must still be able to schedule its reads on what is left.
+# A split up to this size is read by the driver and handed to Ray whole: a Ray Data read
+# of a small split costs seconds of task start-up (its file listing also waits for a whole
+# free CPU); a larger one is read by Ray Data tasks, spread over the cluster.
+DRIVER_READ_MAX_BYTES = 256 * 2**20
+
+
+def load_split(results: Results, name: str, split: str, num_cpus: float = 0.25,
+               columns: tuple[str, ...] = ("text", "label")):
+    """A prepared split as a Ray Dataset with ``columns`` (text and label by default).
+
+    Up to ``DRIVER_READ_MAX_BYTES`` on disk the driver reads it and puts it in Ray's object
+    store; larger splits are read by Ray Data tasks, which ask for a fraction of a CPU
+    (during training the workers hold most CPUs, and the reads must still be scheduled).
     """
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
     import ray.data
 
     folder = results.dataset_dir(name)
     if not results.is_complete(folder):
         raise DataError(f"dataset {name!r} is not prepared in {results.root} (no {results.uri(folder)}/_SUCCESS); "
                         f"run raybm data first")
-    return ray.data.read_parquet(results.dataset_split_dir(name, split), filesystem=results.fs,
-                                 num_cpus=num_cpus)
+    path = results.dataset_split_dir(name, split)
+    files = [f for f in results.fs.get_file_info(pafs.FileSelector(path, recursive=True))
+             if f.type == pafs.FileType.File and f.path.endswith(".parquet")]
+    if sum(f.size or 0 for f in files) <= DRIVER_READ_MAX_BYTES:
+        table = pq.ParquetDataset(sorted(f.path for f in files), filesystem=results.fs).read(columns=list(columns))
+        return ray.data.from_arrow(table)
+    return ray.data.read_parquet(path, filesystem=results.fs, columns=list(columns), num_cpus=num_cpus)

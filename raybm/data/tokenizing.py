@@ -84,13 +84,24 @@ class Tokenize(_WithTokenizer):
 
 
 class CountTokens(_WithTokenizer):
-    """Adds ``n_tokens``, the untruncated token count of each text (for the data report)."""
+    """Adds ``n_tokens``, the untruncated token count of each text (for the data report),
+    and ``input_ids``, the text tokenized as training reads it (truncated at
+    ``max_length``, not padded; ``list<int32>``): stored with the prepared splits, so that
+    no training run or sweep trial of this dataset tokenizes again."""
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        enc = self.tokenizer(batch["text"].astype(str).tolist(), truncation=False, padding=False)
-        out = batch.copy()
-        out["n_tokens"] = np.array([len(r) for r in enc["input_ids"]], dtype=np.int64)
-        return out
+    def __init__(self, model: str, max_length: int, trust_remote_code: bool = False) -> None:
+        super().__init__(model, trust_remote_code)
+        self.max_length = max_length
+
+    def __call__(self, batch: pd.DataFrame):
+        import pyarrow as pa
+
+        texts = batch["text"].astype(str).tolist()
+        counted = self.tokenizer(texts, truncation=False, padding=False)["input_ids"]
+        kept = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)["input_ids"]
+        table = pa.Table.from_pandas(batch, preserve_index=False)
+        table = table.append_column("n_tokens", pa.array([len(r) for r in counted], type=pa.int64()))
+        return table.append_column("input_ids", pa.array(kept, type=pa.list_(pa.int32())))
 
 
 def tokenize_dataset(ds, data: DataConfig, model: ModelConfig, *, training: bool = False,
@@ -116,30 +127,42 @@ def _collate_base():
 
 
 class PadCollate(_collate_base()):
-    """``iter_torch_batches(collate_fn=PadCollate())``: pads each batch to its longest row."""
+    """``iter_torch_batches(collate_fn=PadCollate())``: pads each batch to its longest row
+    (to ``width`` when given: ``data.padding=max_length``)."""
 
-    def __init__(self, pad_id: int = 0) -> None:
+    def __init__(self, pad_id: int = 0, width: int | None = None) -> None:
         self.pad_id = pad_id
+        self.width = width
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return pad_collate(batch, self.pad_id)
+        return pad_collate(batch, self.pad_id, self.width)
 
 
-def pad_collate(batch: dict[str, np.ndarray], pad_id: int = 0) -> dict[str, Any]:
-    """Pad a batch of variable-length rows to its longest row; returns torch tensors."""
+def pad_collate(batch: dict[str, np.ndarray], pad_id: int = 0, width: int | None = None) -> dict[str, Any]:
+    """Pad a batch of variable-length rows to its longest row (or to ``width``); returns
+    torch tensors ``input_ids``, ``attention_mask`` and ``labels``. Rows without an
+    ``attention_mask`` (token ids stored by the data stage) attend to every token they
+    have; the labels column may be ``labels`` or the prepared splits' ``label``."""
     import torch
 
     out: dict[str, Any] = {}
     ids = batch["input_ids"]
-    if ids.dtype != object and ids.ndim == 2:  # already fixed width
-        out = {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}
-        return out
-    width = max(len(r) for r in ids)
-    for key, fill in (("input_ids", pad_id), ("attention_mask", 0)):
-        arr = np.full((len(ids), width), fill, dtype=np.int64)
-        for i, r in enumerate(batch[key]):
+    labels = batch["labels"] if "labels" in batch else batch.get("label")
+    if ids.dtype != object and ids.ndim == 2 and (width is None or ids.shape[1] == width):  # already fixed width
+        out["input_ids"] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        mask = batch.get("attention_mask")
+        out["attention_mask"] = torch.ones_like(out["input_ids"]) if mask is None else \
+            torch.from_numpy(np.asarray(mask, dtype=np.int64))
+    else:
+        rows = list(ids)
+        masks = batch.get("attention_mask")
+        size = width or max(len(r) for r in rows)
+        arr = np.full((len(rows), size), pad_id, dtype=np.int64)
+        att = np.zeros((len(rows), size), dtype=np.int64)
+        for i, r in enumerate(rows):
             arr[i, :len(r)] = r
-        out[key] = torch.from_numpy(arr)
-    if "labels" in batch:
-        out["labels"] = torch.from_numpy(np.array(batch["labels"], dtype=np.int64))
+            att[i, :len(r)] = 1 if masks is None else masks[i]
+        out["input_ids"], out["attention_mask"] = torch.from_numpy(arr), torch.from_numpy(att)
+    if labels is not None:
+        out["labels"] = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     return out

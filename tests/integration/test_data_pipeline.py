@@ -63,7 +63,7 @@ def test_user_csv_end_to_end(ray_local, tmp_path):
     resolved = load_config(folder / "config.yaml")
     assert resolved.data.label_values == cfg.data.label_values
     train = pd.read_parquet(folder / "train")
-    assert list(train.columns) == ["text", "label"] and set(train["label"]) == {0, 1}
+    assert list(train.columns) == ["text", "label", "input_ids"] and set(train["label"]) == {0, 1}
     all_text = set(split_of(results, prepared.name))
     assert "Excellent quality highly recommended" in all_text  # HTML tags cleaned
     assert not any("http" in t or "@" in t for t in all_text)  # URLs and mentions cleaned
@@ -180,6 +180,35 @@ def test_tokenized_split_streams_into_torch_batches(ray_local, tmp_path):
     assert labels == {0, 1}
     with pytest.raises(DataError, match="not prepared"):
         load_split(results, "missing", "train")
+
+
+def test_training_reads_the_ids_the_data_stage_stored_and_tokenizes_when_they_do_not_fit(ray_local, tmp_path):
+    from raybm.train import stored_ids_fit, training_datasets
+
+    make_frame().to_csv(tmp_path / "d.csv", index=False)
+    cfg, prepared = prepare(tmp_path, tmp_path / "d.csv", "data.max_length=12")
+    assert stored_ids_fit(cfg, prepared.report)
+    results = Results.from_config(cfg.storage)
+    assert set(load_split(results, prepared.name, "validation", columns=("text", "label", "input_ids"))
+               .columns()) == {"text", "label", "input_ids"}
+
+    def rows(datasets):  # (ids, label) of every validation row, padded per batch
+        out = []
+        for batch in datasets["validation"].iter_torch_batches(batch_size=8, collate_fn=PadCollate()):
+            for ids, mask, label in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+                out.append((tuple(ids[mask.bool()].tolist()), int(label)))
+        return sorted(out)
+
+    stored = training_datasets(cfg, prepared)
+    assert "input_ids" in stored["train"].columns() and "attention_mask" not in stored["train"].columns()
+    tokenized = {"validation": tokenize_dataset(load_split(results, prepared.name, "validation"), cfg.data, cfg.model)}
+    assert rows(stored) == rows(tokenized)
+    # Another max_length than the data stage's: tokenized again, at the new length.
+    shorter = build_config(overrides=[*[f"{k}={v}" for k, v in (("storage.root", tmp_path / "results"),
+                                                               ("data.source", tmp_path / "d.csv"))],
+                                     "data.text_column=body", "data.label_column=sentiment", "data.max_length=8"])
+    assert not stored_ids_fit(shorter, prepared.report)
+    assert max(len(ids) for ids, _ in rows(training_datasets(shorter, prepared))) == 8
 
 
 def test_a_pipeline_whose_data_stage_fails_records_it(ray_local, tmp_path):

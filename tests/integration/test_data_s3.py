@@ -5,7 +5,6 @@ import io
 import time
 
 import boto3
-import pandas as pd
 import pytest
 
 from raybm.config import build_config

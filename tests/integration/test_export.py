@@ -2,7 +2,6 @@
 
 import json
 import os
-import runpy
 import shutil
 import sys
 

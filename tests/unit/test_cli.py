@@ -99,7 +99,7 @@ def test_predict_takes_a_run_folder_or_a_run_name_like_serve(tiny_model_dir, tmp
     answer = json.loads(by_name.stdout.strip().splitlines()[-1])
     assert answer["label"] == label and answer["confidence"] == round(confidence, 4)
     out = run("evaluate", "--checkpoint", "r2", "--data", "d", f"storage.root={tmp_path}")
-    assert out.returncode == 2 and f"--checkpoint 'r2': not a model folder" in out.stderr
+    assert out.returncode == 2 and "--checkpoint 'r2': not a model folder" in out.stderr
     assert f"run/sweep name under {tmp_path}" in out.stderr
 
 

@@ -28,9 +28,28 @@ def test_tokenize_max_length_gives_fixed_width():
     assert "labels" not in out
 
 
-def test_count_tokens_is_untruncated():
-    out = CountTokens(MODEL)(pd.DataFrame({"text": TEXTS, "split": ["train", "test"], "label": [0, 1]}))
-    assert out["n_tokens"].tolist()[1] > 8
+def test_count_tokens_is_untruncated_and_stores_the_ids_training_reads():
+    out = CountTokens(MODEL, max_length=8)(pd.DataFrame({"text": TEXTS, "split": ["train", "test"],
+                                                          "label": [0, 1]}))
+    assert out.column("n_tokens").to_pylist()[1] > 8
+    assert str(out.schema.field("input_ids").type) == "list<item: int32>"
+    stored = out.column("input_ids").to_pylist()
+    tokenized = Tokenize(MODEL, max_length=8, padding="longest")(pd.DataFrame({"text": TEXTS}))["input_ids"]
+    assert stored == [r.tolist() for r in tokenized]  # what Tokenize would hand the workers
+    assert out.column("text").to_pylist() == TEXTS and out.column("label").to_pylist() == [0, 1]
+
+
+def test_collate_of_stored_ids_attends_to_every_token_and_pads_to_a_fixed_width():
+    ids = np.empty(2, dtype=object)
+    ids[:] = [np.array([101, 7, 102], dtype=np.int32), np.array([101, 102], dtype=np.int32)]
+    batch = pad_collate({"input_ids": ids, "label": np.array([1, 0])})
+    assert batch["input_ids"].tolist() == [[101, 7, 102], [101, 102, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [1, 0]
+    fixed = pad_collate({"input_ids": ids, "label": np.array([1, 0])}, width=5)
+    assert tuple(fixed["input_ids"].shape) == (2, 5) and fixed["attention_mask"].sum().item() == 5
+    same = np.array([[101, 7, 102], [101, 8, 102]])  # rows of one length arrive as one 2-D array
+    assert pad_collate({"input_ids": same, "label": np.array([0, 1])})["attention_mask"].tolist() == [[1] * 3] * 2
 
 
 def test_augmentation_is_seeded_and_changes_text():
