@@ -183,7 +183,7 @@ def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
     from raybm.tune import run_sweep
 
     grid = ", ".join(f"{lr:g}" for lr in LRS)
-    cfg = build_config(overrides=[*base, f"name=overhead-sweep-{int(time.time())}", "tune.max_concurrent_trials=1",
+    cfg = build_config(overrides=[*base, f"name=overhead-sweep-{int(time.time())}", "tune.max_concurrent_trials=1", "tune.num_samples=1",
                                   "tune.soup=none", "tune.scheduler=fifo",
                                   f"tune.search_space={{train.lr: 'grid([{grid}])'}}"])
     started = time.time()
