@@ -398,7 +398,7 @@ def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Result
             metric: None if best is None else float(best[metric]),
             "best_epoch": None if best is None else int(best["epoch"]),
             "epochs_run": len(history),
-            "status": _status(error, history, cfg.train.epochs),
+            "status": _status(error, history, int(config.get("train.epochs") or cfg.train.epochs)),
             "val_accuracy": None if best is None else best.get("val_accuracy"),
             "val_loss": None if best is None else best.get("val_loss"),
             "best_checkpoint": None if checkpoint is None else results.uri(checkpoint),
