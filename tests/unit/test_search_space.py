@@ -119,3 +119,22 @@ def test_a_trial_ended_before_its_first_report_still_has_a_row(tmp_path):
     assert rows["t_00001"]["train.lr"] == 1e-4 and rows["t_00001"]["status"] == "stopped"
     assert rows["t_00001"]["epochs_run"] == 0 and rows["t_00001"]["best_checkpoint"] is None
     assert rows["t_00002"]["train.lr"] is None
+
+
+def test_a_trial_that_ran_its_own_searched_epochs_is_completed(tmp_path):
+    # train.epochs in the search space: a 2-epoch trial that ran both is "completed", not
+    # "stopped" against the base config's 3; a 4-epoch trial cut after 2 is "stopped".
+    import json
+
+    from ray.air.result import Result
+
+    from raybm.results import Results
+    from raybm.tune import leaderboard
+
+    cfg = build_config({"storage": {"root": str(tmp_path)}, "train": {"epochs": 3},
+                        "tune": {"search_space": {"train.epochs": "grid([2, 4])"}}})
+    two = json.dumps([{"epoch": 1, "val_f1_macro": 0.5}, {"epoch": 2, "val_f1_macro": 0.6}])
+    grid = [Result(metrics={"trial_id": f"t_0000{i}", "config": {"train.epochs": epochs}, "history": two},
+                   checkpoint=None, error=None, path=str(tmp_path / f"t_0000{i}")) for i, epochs in enumerate((2, 4))]
+    board = leaderboard(grid, cfg, parse_space(cfg.tune.search_space), Results.from_config(cfg.storage), str(tmp_path))
+    assert {row["train.epochs"]: row["status"] for row in board} == {2: "completed", 4: "stopped"}
