@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 PROBES = ["I really liked item number 101, great stuff", "Item 102 was a disappointment, avoid",
           "I really liked item number 7, great", "Item 55 was a disappointment", "liked it, great stuff",
           "a disappointment, avoid", "I really liked item 3", "Item 9 was a disappointment, avoid it"]
+PROBE_LABELS = [1, 0, 1, 0, 1, 0, 1, 0]
 
 
 def quiet(_):
@@ -33,9 +34,11 @@ def trained(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("export-results")
     data = root / "reviews.csv"
     make_frame(60).to_csv(data, index=False)
+    # Batches of 4 (24 steps an epoch): with 16 (6 steps an epoch) the reference once learned
+    # too little to be sure of the probes, and the approximate variants then disagreed with it.
     cfg = build_config(overrides=[
         f"storage.root={root}", f"data.source={data}", "data.text_column=body", "data.label_column=sentiment",
-        "data.max_length=16", "model.name=tiny-bert", "train.batch_size=16", "train.lr=0.003", "train.epochs=3",
+        "data.max_length=16", "model.name=tiny-bert", "train.batch_size=4", "train.lr=0.003", "train.epochs=3",
         "train.warmup_ratio=0", "train.log_every_steps=100", "name=tiny"])
     result = run_training(cfg, log=quiet)
     return cfg, result
@@ -49,6 +52,8 @@ def test_every_variant_loads_and_predicts_like_the_reference(trained):
     out = run_export(cfg, "tiny", ["hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled"], log=quiet)
     reference = load_predictor(result.model_dir).predict(PROBES)
     ref_labels = reference.argmax(1)
+    # The reference learned the probes (label 1 is "pos"): agreement with it then means something.
+    assert ref_labels.tolist() == PROBE_LABELS, reference
     folder = out.folder
     assert sorted(os.listdir(folder)) == sorted(["hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled",
                                                  "mobile", "summary.json"])
