@@ -234,6 +234,20 @@ class Results:
     def write_json(self, path: str, obj: Any) -> None:
         self.write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
+    def write_parquet(self, path: str, frame) -> None:
+        """A whole Parquet file from a pandas frame, atomically as ``write_text``."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        self.fs.create_dir(posixpath.dirname(path) if self.remote else os.path.dirname(path), recursive=True)
+        if self.remote:
+            pq.write_table(table, path, filesystem=self.fs)
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+
     def read_text(self, path: str) -> str:
         with self.fs.open_input_stream(path) as f:
             return f.read().decode("utf-8")

@@ -95,6 +95,13 @@ def worker_resources(t, use_gpu: bool) -> dict[str, float]:
 
 
 PLACEMENT_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Ray Train's controller
+# How often Ray Train's controller polls its workers. Each state change of a run (workers
+# started, training finished) waits for a poll: at Ray's 2 s, a run's start and end cost
+# about 3 s more on a 2-core machine (bench/run_overhead.py). A poll is one small RPC per
+# worker; a missed one is tolerated (a worker counts as hung only after 10 minutes).
+# Ray propagates this variable from the driver to its controller; a value set by the user wins.
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+POLL_INTERVAL_S = "0.5"
 
 
 def not_placed(e: BaseException) -> bool:
@@ -195,8 +202,11 @@ def tokenized_datasets(cfg: JobConfig, splits: dict) -> dict:
 
 
 def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: dict, run_name: str,
-                  storage_path: str, storage_filesystem, callbacks: list | None = None):
-    """The TorchTrainer of one training run (a plain run or one sweep trial)."""
+                  storage_path: str, storage_filesystem, callbacks: list | None = None,
+                  predictions_to: str | None = None):
+    """The TorchTrainer of one training run (a plain run or one sweep trial). With
+    ``predictions_to`` (and a ``test`` dataset) rank 0 scores the best epoch on the test
+    split and writes every prediction there."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -206,11 +216,13 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
     gpu = _use_gpu(t.use_gpu)
     # Bounded: Ray Train retries a worker group it cannot place every minute, without end.
     os.environ[PLACEMENT_TIMEOUT_ENV] = f"{t.placement_timeout_s:g}"
+    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     loop_config = {
         "job": cfg.to_dict(),
         "labels": labels,
         "n_train": report["splits"]["train"]["rows"],
         "class_weights": balanced_class_weights(report, labels) if t.class_weights == "balanced" else None,
+        "predictions_to": predictions_to,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -311,8 +323,13 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     run_name = run_name_for(cfg, prepared.name)
     run_dir = results.run_dir(run_name)
     datasets = training_datasets(cfg, prepared)
+    test_split = worker_test_split(cfg, prepared)
+    predictions_to = results.join(run_dir, PREDICTIONS_FILE)
+    if test_split is not None:
+        datasets["test"] = test_split
     trainer = build_trainer(cfg, labels=labels, report=prepared.report, datasets=datasets,
-                            run_name=run_name, storage_path=results.path("runs"), storage_filesystem=results.fs)
+                            run_name=run_name, storage_path=results.path("runs"), storage_filesystem=results.fs,
+                            predictions_to=predictions_to if test_split is not None else None)
     log(f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"
         f"{' on GPU' if _use_gpu(t.use_gpu) else ''}, {t.epochs} epoch(s) -> {results.uri(run_dir)}")
     # One writer per run: a second job with the same run name is refused while this one lives.
@@ -326,16 +343,24 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
                 raise RaybmError(f"training run {run_name!r}: {placement_failure(t, _use_gpu(t.use_gpu))}") from None
             raise RaybmError(f"training run {run_name!r} failed: {failure_reason(e)}. Fix the cause and rerun the "
                              f"same command: it resumes from the last checkpoint.") from e
-        best = result.get_best_checkpoint(metric=t.metric, mode=t.mode) or result.checkpoint
+        history = _history(result)
+        # The epoch the workers scored on the test split, and its checkpoint (see scored_checkpoint).
+        best, test = scored_checkpoint(result)
+        if best is None:
+            best = result.get_best_checkpoint(metric=t.metric, mode=t.mode) or result.checkpoint
         if best is None:
             raise RaybmError(f"training run {run_name!r} produced no checkpoint")
-        history = _history(result)
 
-        # 3. Publish the best checkpoint as the run's model and score it on the test split.
+        # 3. Publish the best checkpoint as the run's model; score it on the test split
+        # unless the workers already did.
         model_uri = publish_model(results, run_dir, best)
-        log("Scoring the best checkpoint on the test split")
-        test = score_model_uri(results, model_uri, load_split(results, prepared.name, "test"), cfg.data.max_length,
-                               predictions_to=results.join(run_dir, PREDICTIONS_FILE))
+        if test is None:
+            log("Scoring the best checkpoint on the test split")
+            test = score_model_uri(results, model_uri, load_split(results, prepared.name, "test"), cfg.data.max_length,
+                                   predictions_to=predictions_to)
+        else:
+            log(f"Scored the best checkpoint on the test split in the training worker: "
+                f"accuracy {test['accuracy']:.4f}, macro-F1 {test['f1_macro']:.4f}")
         metrics = {"run": run_name, "dataset": prepared.name, "model": cfg.model.name,
                    "best_epoch": best_epoch(history, t.metric, t.mode), "epochs_run": len(history),
                    "early_stopped": bool(history and history[-1].get("early_stopped")),
@@ -350,6 +375,33 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
                          test=test, notes=notes)
         results.mark_complete(run_dir)
         return TrainResult(run_name, results.uri(run_dir), model_uri, metrics, history)
+
+
+def worker_test_split(cfg: JobConfig, prepared):
+    """The test split for rank 0 to score once training ends (text, labels and the stored
+    token ids), or None where the driver scores the published model instead: ids stored
+    for another tokenizer or length, or FSDP (rank 0 alone cannot run a sharded model, and
+    a whole copy next to its shard may not fit)."""
+    from raybm.data import load_split
+
+    if not stored_ids_fit(cfg, prepared.report) or cfg.train.parallelism == "fsdp":
+        return None
+    return load_split(Results.from_config(cfg.storage), prepared.name, "test",
+                      columns=("text", "label", "input_ids")).materialize()
+
+
+def scored_checkpoint(result) -> tuple[Any, dict | None]:
+    """The checkpoint whose weights rank 0 scored on the test split, with the test metrics;
+    ``(None, None)`` when it scored none or that checkpoint is not among those kept (Ray's
+    best by the metric can differ from the loop's on a tie: both keep the first, but a
+    checkpoint Ray deleted cannot be published)."""
+    scored = (result.return_value or {}).get("test") if isinstance(result.return_value, dict) else None
+    if not scored:
+        return None, None
+    for checkpoint, metrics in result.best_checkpoints or []:
+        if (metrics or {}).get("epoch") == scored["epoch"]:
+            return checkpoint, scored["metrics"]
+    return None, None
 
 
 def _history(result) -> list[dict[str, Any]]:
@@ -369,11 +421,12 @@ def worker_nodes_of(history: list[dict[str, Any]]) -> list[str]:
 
 
 def best_epoch(history: list[dict], metric: str, mode: str) -> int | None:
+    """The epoch whose checkpoint Ray Train ranks best by ``metric``: on a tie, the later one."""
     scored = [h for h in history if metric in h]
     if not scored:
         return None
     pick = max if mode == "max" else min
-    return int(pick(scored, key=lambda h: h[metric])["epoch"])
+    return int(pick(reversed(scored), key=lambda h: h[metric])["epoch"])
 
 
 def publish_model(results: Results, run_dir: str, checkpoint) -> str:
@@ -409,19 +462,5 @@ def score_model_uri(results: Results, model_uri: str, ds, max_length: int,
     if predictions_to is None:
         return score_dataset(model_uri, ds, max_length, storage=results.storage)
     metrics, frame = score_dataset(model_uri, ds, max_length, predictions=True, storage=results.storage)
-    write_parquet(results, predictions_to, frame)
+    results.write_parquet(predictions_to, frame)
     return metrics
-
-
-def write_parquet(results: Results, path: str, frame) -> None:
-    """A whole Parquet file in the results store (temp file + rename locally)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    if results.remote:
-        pq.write_table(table, path, filesystem=results.fs)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -112,12 +113,18 @@ def _save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list
         json.dump(metrics, f, indent=2)
 
 
-def _load_checkpoint(folder: str, model) -> dict:
-    """Load the weights into ``model``; return the training state (optimizer, epoch ...)."""
-    import torch
+def _load_weights(folder: str, model) -> None:
+    """Load a checkpoint's weights into ``model`` (unwrapped)."""
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=False)
+
+
+def _load_checkpoint(folder: str, model) -> dict:
+    """Load the weights into ``model``; return the training state (optimizer, epoch ...)."""
+    import torch
+
+    _load_weights(folder, model)
     return torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=True)
 
 
@@ -186,6 +193,50 @@ def _validate(model, data, device, batch_size: int, num_classes: int, labels: li
     return metrics_from_confusion(cm, labels, loss=loss_sum / max(1, int(cm.sum())))
 
 
+def score_test_split(model, data, device, batch_size: int, labels: list[str], collate) -> tuple[dict, Any]:
+    """Metrics and every example's prediction on the test split (rows with text, label and
+    token ids): the same numbers and columns as ``raybm.evaluate.score_dataset`` gives for
+    the published model, without a Ray Data job of its own."""
+    import pandas as pd
+    import torch
+
+    model.eval()
+    frames = []
+    with torch.no_grad():
+        for batch in data.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            tensors = collate(batch)
+            logits = model(input_ids=tensors["input_ids"].to(device),
+                           attention_mask=tensors["attention_mask"].to(device)).logits.float()
+            probs = torch.softmax(logits, dim=-1).cpu().numpy()
+            frames.append(pd.DataFrame({"text": batch["text"].astype(str), "label": batch["label"].astype(np.int64),
+                                        "pred": probs.argmax(-1).astype(np.int64), "confidence": probs.max(-1),
+                                        **{f"prob_{i}": probs[:, i] for i in range(probs.shape[1])}}))
+    columns = ["text", "label", "pred", "confidence", *[f"prob_{i}" for i in range(len(labels))]]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    cm = confusion_matrix(frame["label"].to_numpy(), frame["pred"].to_numpy(), len(labels))
+    return metrics_from_confusion(cm, labels), frame[columns]
+
+
+def _score_best_checkpoint(config: dict, cfg: JobConfig, model, device, labels: list[str], collate,
+                           kept: str | None, kept_epoch: int | None, last_epoch: int | None) -> dict | None:
+    """Rank 0, once training ends: the best epoch's weights scored on the test split, the
+    predictions written where the driver said (``predictions_to``). None when the best
+    checkpoint is not at hand here (it was written before a restart): the driver then
+    scores the published model."""
+    import ray.train
+
+    from raybm.results import Results
+
+    if kept_epoch is None:
+        return None
+    if kept_epoch != last_epoch:  # the live weights are a later, worse epoch's
+        _load_weights(kept, model)
+    metrics, frame = score_test_split(model, ray.train.get_dataset_shard("test"), device, cfg.train.eval_batch_size,
+                                      labels, collate)
+    Results.from_config(cfg.storage).write_parquet(config["predictions_to"], frame)
+    return {"epoch": kept_epoch, "metrics": metrics}
+
+
 def _load_teacher(folder: str, device):
     """The distillation teacher, frozen, in eval mode."""
     from raybm.evaluate import load_model_folder
@@ -241,7 +292,12 @@ def worker_nodes(world: int) -> list[str]:
     return [node, *others][:world]
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
+    """One Ray Train worker's whole job: build the model, resume, train, validate, report
+    and checkpoint every epoch; in a plain run, rank 0 then scores the best epoch on the
+    test split and returns ``{"test": {"epoch": n, "metrics": {...}}}`` (``"test": None``
+    when it could not)."""
+    loop_started = time.time()  # with loop_ready below: the worker's own set-up time, in every epoch record
     import ray.train
     import ray.train.torch
     import torch
@@ -317,6 +373,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     masks = [(m.weight, m.weight.ne(0)) for m in model.modules()
              if isinstance(m, torch.nn.Linear)] if t.keep_sparsity else []
     teacher = _load_teacher(t.distill_from, device) if t.distill_from else None
+    # A plain run scores its best epoch on the test split here, once training ends (rank 0):
+    # no Ray Data job and no second model load in the driver.
+    score_test = bool(config.get("predictions_to")) and rank == 0
+    kept, kept_epoch, last_epoch = None, None, None  # rank 0's local copy of the best checkpoint
+    loop_ready = time.time()
 
     for epoch in range(start_epoch, t.epochs):
         if t.fail_at_epoch == epoch + 1 and not resumed and rank == 0:
@@ -395,7 +456,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "trainable_params": n_trainable, "resumed_from_epoch": resumed_from,
                    "val_examples": val["examples"], **flat(val, "val_"),
                    "val_per_class": json.dumps(val["per_class"]), "val_confusion_matrix": json.dumps(val["confusion_matrix"]),
-                   "started_at": epoch_started, "finished_at": time.time(), "worker_nodes": json.dumps(nodes)}
+                   "started_at": epoch_started, "finished_at": time.time(), "worker_nodes": json.dumps(nodes),
+                   "loop_started_at": loop_started, "loop_ready_at": loop_ready}
         if device.type == "cuda":
             metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         pg = ray.util.get_current_placement_group()
@@ -418,14 +480,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         full_weights, optim_state = _fsdp_full_state(wrapped, optimizer, device) if fsdp else (None, optimizer.state_dict())
         state = {"epoch": epoch, "step": step, "best": best, "bad_epochs": bad_epochs,
                  "optimizer": optim_state, "history": history}
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                _save_checkpoint(tmp, model, tokenizer, cfg, labels, state, history[-1], weights=full_weights)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if rank == 0:
+            tmp = tempfile.mkdtemp(prefix="raybm-checkpoint-")
+            _save_checkpoint(tmp, model, tokenizer, cfg, labels, state, history[-1], weights=full_weights)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             delete_local_checkpoint_after_upload=False)
+            # The best epoch so far stays on local disk for the test split. On a tie the later
+            # epoch, as Ray Train ranks checkpoints (and keeps them under train.keep_checkpoints).
+            if score_test and value == best:
+                if kept:
+                    shutil.rmtree(kept, ignore_errors=True)
+                kept, kept_epoch = tmp, epoch + 1
             else:
-                ray.train.report(metrics, checkpoint=None)
+                shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        last_epoch = epoch + 1
         resumed = False
         if stop:
             if rank == 0:
                 say(f"early stopping: no improvement of {t.metric} for {bad_epochs} epochs")
             break
+
+    if score_test:  # rank 0's return value reaches the driver (Result.return_value)
+        try:
+            return {"test": _score_best_checkpoint(config, cfg, model, device, labels, collate, kept, kept_epoch,
+                                                   last_epoch)}
+        finally:
+            if kept:
+                shutil.rmtree(kept, ignore_errors=True)
+    return None

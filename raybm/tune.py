@@ -356,7 +356,7 @@ def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> t
             found.append((info.path, m))
     if not found:
         return None, None
-    found.sort(key=lambda pm: pm[1].get("epoch", 0))
+    found.sort(key=lambda pm: pm[1].get("epoch", 0), reverse=True)  # a tie goes to the later epoch, as in Ray Train
     pick = max if mode == "max" else min
     return pick(found, key=lambda pm: pm[1][metric])
 

@@ -42,7 +42,9 @@ def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, d
     # Batches of 8: 12 steps an epoch (with 16, the loss fell 0.698 -> 0.591 in one run, short
     # of the check below).
     cfg = config(tmp_path, data_csv, "train.epochs=4", "train.keep_checkpoints=2", "train.batch_size=8")
-    result = run_training(cfg, log=quiet)
+    said = []
+    result = run_training(cfg, log=said.append)
+    assert any("on the test split in the training worker" in line for line in said), said  # no Ray Data job
     losses = [h["train_loss"] for h in result.history]
     assert len(losses) == 4 and losses[-1] < losses[0] * 0.8
     assert result.history[-1]["val_accuracy"] >= 0.8
@@ -81,6 +83,28 @@ def test_early_stopping(ray_local, tmp_path, data_csv):
                  "train.metric=val_loss", "train.mode=min")
     result = run_training(cfg, log=quiet)
     assert len(result.history) == 3 and result.metrics["early_stopped"]
+
+
+def test_the_worker_scores_the_best_epoch_on_test_not_the_last(ray_local, tmp_path, data_csv):
+    # "Best" by the highest validation loss: epoch 1 of a model that learns (batches of 4, 24
+    # steps an epoch), so the worker must load epoch 1's weights back before scoring test.
+    cfg = config(tmp_path, data_csv, "train.epochs=2", "train.batch_size=4", "train.metric=val_loss",
+                 "train.mode=max", "name=worst-first")
+    said = []
+    result = run_training(cfg, log=said.append)
+    assert any("in the training worker" in line for line in said), said
+    losses = [h["val_loss"] for h in result.history]
+    assert result.metrics["best_epoch"] == losses.index(max(losses)) + 1
+    test = result.metrics["test"]
+    preds = pd.read_parquet(Path(result.run_dir) / "test_predictions.parquet")
+    # The published model (the best epoch's checkpoint) gives the same probabilities.
+    from raybm.inference import load_predictor
+
+    probs = load_predictor(result.model_dir, "torch", max_length=16).predict(preds["text"].tolist())
+    np.testing.assert_allclose(preds[["prob_0", "prob_1"]].to_numpy(), probs, atol=1e-4)
+    assert test["confusion_matrix"] == score_dataset(
+        result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics["dataset"], "test"),
+        16)["confusion_matrix"]
 
 
 def test_rerun_with_the_same_name_resumes(ray_local, tmp_path, data_csv):

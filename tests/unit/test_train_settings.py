@@ -6,7 +6,7 @@ import pytest
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.results import CONFIG_FILE, Results
-from raybm.train import (check_same_recipe, recipe_differences, teacher_labels, torch_backend,
+from raybm.train import (best_epoch, check_same_recipe, recipe_differences, teacher_labels, torch_backend,
                          worker_resources)
 
 
@@ -115,3 +115,14 @@ def test_work_that_no_node_can_hold_is_named():
         check_placeable([{"CPU": 1.0}] * 3, nodes, "training", "fix it")
     assert copies_that_fit([{"CPU": 0.5}, {"CPU": 0.5}], nodes) == 2
     assert copies_that_fit([{"CPU": 0.75}], nodes) == 2
+
+
+def test_the_best_epoch_of_a_tie_is_the_later_one_as_ray_train_ranks_checkpoints():
+    # Ray Train keeps the later of tied checkpoints; the published model and the epoch
+    # named in metrics.json and the model card must be the same one.
+    history = [{"epoch": 1, "val_f1_macro": 0.5, "val_loss": 0.4}, {"epoch": 2, "val_f1_macro": 1.0, "val_loss": 0.2},
+               {"epoch": 3, "val_f1_macro": 1.0, "val_loss": 0.2}, {"epoch": 4, "val_f1_macro": 0.9, "val_loss": 0.3}]
+    assert best_epoch(history, "val_f1_macro", "max") == 3
+    assert best_epoch(history, "val_loss", "min") == 3
+    assert best_epoch(history, "val_loss", "max") == 1
+    assert best_epoch([], "val_loss", "min") is None
