@@ -25,6 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from raybm.train import POLL_INTERVAL_ENV, POLL_INTERVAL_S  # noqa: E402
+
 LRS = (1e-3, 5e-4, 2e-4, 1e-4)
 
 
@@ -149,6 +151,7 @@ def empty_fit_seconds() -> float:
     def loop(_config):
         ray.train.report({"done": 1})
 
+    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)  # as raybm's runs poll
     started = time.time()
     TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1),
                  run_config=ray.train.RunConfig(name=f"empty-{int(started)}", storage_path="/tmp/raybm-bench-empty")).fit()
@@ -199,6 +202,33 @@ def bench_run(args, base: list[str], frames: dict, labels: list[str]) -> None:
     print(f"test macro-F1: raybm {result.metrics['test']['f1_macro']:.4f}, plain {plain['test_f1']:.4f}")
 
 
+def empty_sweep_seconds(n: int) -> float:
+    """Ray Tune and Train's own floor here: ``n`` trials one at a time, each a function
+    trainable fitting a TorchTrainer (1 worker) whose loop only reports, as raybm's trials do."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    def loop(_config):
+        ray.train.report({"score": 1.0})
+
+    def trial(_params):
+        os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)  # as raybm's trials poll
+        TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                     run_config=ray.train.RunConfig(name=f"empty-{tune.get_context().get_trial_id()}",
+                                                    storage_path="/tmp/raybm-bench-empty",
+                                                    callbacks=[TuneReportCallback()])).fit()
+
+    started = time.time()
+    tune.Tuner(tune.with_resources(trial, {"memory": 512 * 1024 * 1024}),
+               param_space={"x": tune.grid_search(list(range(n)))},
+               tune_config=tune.TuneConfig(max_concurrent_trials=1),
+               run_config=tune.RunConfig(name=f"empty-sweep-{int(started)}", storage_path="/tmp/raybm-bench-empty",
+                                         verbose=0)).fit()
+    return time.time() - started
+
+
 def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
     import ray
 
@@ -215,6 +245,7 @@ def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
     quiet_ray_data()
     result = run_sweep(cfg, log=lambda _: None)
     ended = time.time()
+    floor = empty_sweep_seconds(len(LRS))
     ray.shutdown()
     raybm_wall = ended - started
     computed = sum(epoch_seconds(row["history"]) for row in result.leaderboard)
@@ -232,6 +263,8 @@ def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
     print(f"{'plain: tokenize once, 4 runs, each scored on test':<58}{plain_wall:>9.1f}")
     print(f"ratio raybm / plain: {raybm_wall / plain_wall:.2f}")
     print(f"raybm outside training and validation: {(raybm_wall - computed) / n:.1f} s a trial (target <= 10 s)")
+    print(f"Ray Tune and Train's floor here: an empty sweep of {n} trials (each an empty TorchTrainer.fit) took "
+          f"{floor:.1f} s, {floor / n:.1f} s a trial")
 
 
 def main() -> int:

@@ -149,10 +149,10 @@ def pad_collate(batch: dict[str, np.ndarray], pad_id: int = 0, width: int | None
     ids = batch["input_ids"]
     labels = batch["labels"] if "labels" in batch else batch.get("label")
     if ids.dtype != object and ids.ndim == 2 and (width is None or ids.shape[1] == width):  # already fixed width
-        out["input_ids"] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        out["input_ids"] = torch.from_numpy(np.array(ids, dtype=np.int64))  # a copy: Ray's arrays are read-only
         mask = batch.get("attention_mask")
         out["attention_mask"] = torch.ones_like(out["input_ids"]) if mask is None else \
-            torch.from_numpy(np.asarray(mask, dtype=np.int64))
+            torch.from_numpy(np.array(mask, dtype=np.int64))
     else:
         rows = list(ids)
         masks = batch.get("attention_mask")
@@ -164,5 +164,5 @@ def pad_collate(batch: dict[str, np.ndarray], pad_id: int = 0, width: int | None
             att[i, :len(r)] = 1 if masks is None else masks[i]
         out["input_ids"], out["attention_mask"] = torch.from_numpy(arr), torch.from_numpy(att)
     if labels is not None:
-        out["labels"] = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        out["labels"] = torch.from_numpy(np.array(labels, dtype=np.int64))
     return out

@@ -72,3 +72,19 @@ def test_tokenize_augments_only_when_asked_and_per_epoch():
     e0_again = Tokenize(MODEL, 64, "longest", augment=aug, seed=0, epoch=0)(batch)["input_ids"][0].tolist()
     e1 = Tokenize(MODEL, 64, "longest", augment=aug, seed=0, epoch=1)(batch)["input_ids"][0].tolist()
     assert e0 == e0_again and e0 != plain and e1 != e0
+
+
+def test_collate_of_read_only_arrays_copies_without_a_warning():
+    # Ray Data hands the loop read-only arrays; torch warns (once per worker) on a tensor
+    # that shares memory with one.
+    import warnings
+
+    labels = np.arange(4)
+    ids = np.ones((4, 8), dtype=np.int64)
+    for a in (labels, ids):
+        a.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = pad_collate({"input_ids": ids, "label": labels})
+    out["labels"][0] = 7  # writable, and not the caller's array
+    assert labels[0] == 0 and out["input_ids"].shape == (4, 8)
