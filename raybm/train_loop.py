@@ -376,7 +376,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     # A plain run scores its best epoch on the test split here, once training ends (rank 0):
     # no Ray Data job and no second model load in the driver.
     score_test = bool(config.get("predictions_to")) and rank == 0
-    kept, kept_epoch, last_epoch = None, None, None  # rank 0's local copy of the best checkpoint
+    kept, kept_epoch = None, None  # rank 0's local copy of the best checkpoint
+    last_epoch = None  # the last epoch this attempt ran (None: it ran none)
     loop_ready = time.time()
 
     for epoch in range(start_epoch, t.epochs):
@@ -502,6 +503,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
                 say(f"early stopping: no improvement of {t.metric} for {bad_epochs} epochs")
             break
 
+    if last_epoch is None and history:
+        # Restarted after its last epoch (a sweep killed between a trial's last checkpoint
+        # and Tune's record of it): report where the run ended, or Tune would list the
+        # trial with no epochs.
+        ray.train.report({**history[-1], "history": json.dumps(history)}, checkpoint=None)
     if score_test:  # rank 0's return value reaches the driver (Result.return_value)
         try:
             return {"test": _score_best_checkpoint(config, cfg, model, device, labels, collate, kept, kept_epoch,
