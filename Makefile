@@ -31,13 +31,15 @@ demo: install
 	@echo "See the results (leaderboard, curves, errors, try it):  $(VENV)/bin/raybm dashboard --root results"
 
 # The multi-node tests (tests/cluster: a 3-node Ray cluster, nodes in their own mount
-# namespaces; root) run in a pytest process of their own: their cluster's token auth
-# settings stay out of the local Ray the other tests start.
+# namespaces; root) run in pytest processes of their own: their cluster's token auth
+# settings stay out of the local Ray the other tests start. The ones that stop a job and
+# kill a node mid-sweep (cluster_long) get a fresh cluster of their own.
 test: install
 	$(PY) -m pytest -q --durations=15 tests --ignore=tests/cluster
 	$(PY) -m pytest -q --durations=10 tests/cluster -m "not cluster_long"
+	$(PY) -m pytest -q --durations=10 tests/cluster -m cluster_long
 
-# The multi-node tests that stop a job and kill a node mid-sweep (several minutes each).
+# Only the multi-node tests that stop a job and kill a node mid-sweep (several minutes each).
 test-cluster-long: install
 	$(PY) -m pytest -q --durations=10 tests/cluster -m cluster_long
 
