@@ -18,10 +18,11 @@ from .test_data_pipeline import make_frame
 
 pytestmark = pytest.mark.integration
 
-# Like the training rows (make_frame), so the reference is confident about each.
-PROBES = ["I really liked item number 101, great stuff", "Item 102 was a disappointment, avoid",
-          "I really liked item number 7, great", "Item 55 was a disappointment", "liked it, great stuff",
-          "a disappointment, avoid", "I really liked item 3", "Item 9 was a disappointment, avoid it"]
+# In the training rows' own two templates (make_frame), with item numbers the training never saw:
+# the tiny reference learns those templates, not English, so a probe worded otherwise ("avoid it"
+# at the end) was once labelled at random, and CI failed on the reference, not on an export.
+PROBES = [text for i in range(101, 105) for text in (f"I really liked item number {i}, great stuff",
+                                                     f"Item {i} was a disappointment, avoid")]
 PROBE_LABELS = [1, 0, 1, 0, 1, 0, 1, 0]
 
 
