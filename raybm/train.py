@@ -171,6 +171,27 @@ def stored_ids_fit(cfg: JobConfig, report: dict) -> bool:
         and tokens.get("max_length") == cfg.data.max_length
 
 
+def reads_whole_splits(cfg: JobConfig, report: dict) -> bool:
+    """Whether the workers read the splits whole from the results folder
+    (``raybm.data.whole``) rather than through Ray Data: see ``train.data_feed``."""
+    from raybm.data.whole import WHOLE_SPLIT_MAX_BYTES, whole_split_bytes
+
+    feed = cfg.train.data_feed
+    if feed == "ray_data" or cfg.data.augment.enabled:
+        return False
+    if not stored_ids_fit(cfg, report):
+        if feed == "whole":
+            tokens = report.get("tokens") or {}
+            stored = (f"for {tokens.get('model')} at max_length {tokens.get('max_length')}"
+                      if tokens.get("ids_stored") else "none")
+            raise RaybmError(f"train.data_feed=whole needs the token ids stored with the prepared dataset for "
+                             f"{cfg.model.name} at max_length {cfg.data.max_length} (stored: {stored}); prepare "
+                             f"the data with this model (raybm data, same config) or set train.data_feed=auto")
+        return False
+    return feed == "whole" or \
+        whole_split_bytes(report["splits"]["train"]["rows"], cfg.data.max_length) <= WHOLE_SPLIT_MAX_BYTES
+
+
 def training_datasets(cfg: JobConfig, prepared) -> dict:
     """The training and validation datasets the workers read, as token ids and labels.
 
@@ -203,10 +224,12 @@ def tokenized_datasets(cfg: JobConfig, splits: dict) -> dict:
 
 def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: dict, run_name: str,
                   storage_path: str, storage_filesystem, callbacks: list | None = None,
-                  predictions_to: str | None = None):
+                  predictions_to: str | None = None, whole_splits: str | None = None):
     """The TorchTrainer of one training run (a plain run or one sweep trial). With
-    ``predictions_to`` (and a ``test`` dataset) rank 0 scores the best epoch on the test
-    split and writes every prediction there."""
+    ``predictions_to`` (and a ``test`` dataset, or ``whole_splits``) rank 0 scores the best
+    epoch on the test split and writes every prediction there. With ``whole_splits`` (a
+    prepared dataset's name) the workers read that dataset's splits whole and ``datasets``
+    is empty."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -223,6 +246,7 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
         "n_train": report["splits"]["train"]["rows"],
         "class_weights": balanced_class_weights(report, labels) if t.class_weights == "balanced" else None,
         "predictions_to": predictions_to,
+        "whole_splits": whole_splits,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -253,7 +277,7 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
 # long (train on for more epochs), not what it trains.
 RESUMABLE_KEYS = {"num_workers", "cpus_per_worker", "torch_threads", "use_gpu", "gpus_per_worker", "backend",
                   "max_failures", "fail_at_epoch", "log_every_steps", "epochs", "early_stopping_patience",
-                  "keep_checkpoints", "worker_resources", "placement_timeout_s"}
+                  "keep_checkpoints", "worker_resources", "placement_timeout_s", "data_feed"}
 
 
 def recipe_differences(old: dict, new: dict) -> list[str]:
@@ -322,16 +346,19 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     # 2. The trainer: one worker per data-parallel replica.
     run_name = run_name_for(cfg, prepared.name)
     run_dir = results.run_dir(run_name)
-    datasets = training_datasets(cfg, prepared)
-    test_split = worker_test_split(cfg, prepared)
+    whole = reads_whole_splits(cfg, prepared.report)
+    datasets = {} if whole else training_datasets(cfg, prepared)
+    scores_test = worker_scores_test(cfg, prepared.report)
     predictions_to = results.join(run_dir, PREDICTIONS_FILE)
-    if test_split is not None:
-        datasets["test"] = test_split
+    if scores_test and not whole:
+        datasets["test"] = load_split(results, prepared.name, "test", columns=("text", "label", "input_ids")).materialize()
     trainer = build_trainer(cfg, labels=labels, report=prepared.report, datasets=datasets,
                             run_name=run_name, storage_path=results.path("runs"), storage_filesystem=results.fs,
-                            predictions_to=predictions_to if test_split is not None else None)
+                            predictions_to=predictions_to if scores_test else None,
+                            whole_splits=prepared.name if whole else None)
     log(f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"
-        f"{' on GPU' if _use_gpu(t.use_gpu) else ''}, {t.epochs} epoch(s) -> {results.uri(run_dir)}")
+        f"{' on GPU' if _use_gpu(t.use_gpu) else ''}, {t.epochs} epoch(s), "
+        f"{'splits read whole by each worker' if whole else 'splits streamed by Ray Data'} -> {results.uri(run_dir)}")
     # One writer per run: a second job with the same run name is refused while this one lives.
     with hold_lease(results, "runs", run_name, f"training run {run_name!r}", log=log):
         check_same_recipe(results, run_dir, run_name, cfg)
@@ -377,17 +404,12 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
         return TrainResult(run_name, results.uri(run_dir), model_uri, metrics, history)
 
 
-def worker_test_split(cfg: JobConfig, prepared):
-    """The test split for rank 0 to score once training ends (text, labels and the stored
-    token ids), or None where the driver scores the published model instead: ids stored
+def worker_scores_test(cfg: JobConfig, report: dict) -> bool:
+    """Whether rank 0 scores the best epoch on the test split once training ends (from the
+    stored token ids); if not, the driver scores the published model instead: ids stored
     for another tokenizer or length, or FSDP (rank 0 alone cannot run a sharded model, and
     a whole copy next to its shard may not fit)."""
-    from raybm.data import load_split
-
-    if not stored_ids_fit(cfg, prepared.report) or cfg.train.parallelism == "fsdp":
-        return None
-    return load_split(Results.from_config(cfg.storage), prepared.name, "test",
-                      columns=("text", "label", "input_ids")).materialize()
+    return stored_ids_fit(cfg, report) and cfg.train.parallelism != "fsdp"
 
 
 def scored_checkpoint(result) -> tuple[Any, dict | None]:

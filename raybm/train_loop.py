@@ -231,10 +231,24 @@ def _score_best_checkpoint(config: dict, cfg: JobConfig, model, device, labels: 
         return None
     if kept_epoch != last_epoch:  # the live weights are a later, worse epoch's
         _load_weights(kept, model)
-    metrics, frame = score_test_split(model, ray.train.get_dataset_shard("test"), device, cfg.train.eval_batch_size,
-                                      labels, collate)
+    if config.get("whole_splits"):
+        test_data = _whole_split(config, cfg, "test", texts=True)
+    else:
+        test_data = ray.train.get_dataset_shard("test")
+    metrics, frame = score_test_split(model, test_data, device, cfg.train.eval_batch_size, labels, collate)
     Results.from_config(cfg.storage).write_parquet(config["predictions_to"], frame)
     return {"epoch": kept_epoch, "metrics": metrics}
+
+
+def _whole_split(config: dict, cfg: JobConfig, split: str, *, texts: bool = False, **shard):
+    """A split of the dataset the driver named (``whole_splits``), read whole here from the
+    results folder (``raybm.data.whole``); ``shard``: rank, world, seed and shuffle."""
+    from raybm.data.whole import WholeSplit, read_whole_split
+    from raybm.results import Results
+
+    width = cfg.data.max_length
+    arrays = read_whole_split(Results.from_config(cfg.storage), config["whole_splits"], split, width, texts=texts)
+    return WholeSplit(arrays, width=width if cfg.data.padding == "max_length" else None, **shard)
 
 
 def _load_teacher(folder: str, device):
@@ -366,8 +380,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     # Rows come tokenized (stored by the data stage, or by Tokenize): padded here, per batch.
     collate = PadCollate(width=cfg.data.max_length if cfg.data.padding == "max_length" else None)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("validation")  # not sharded: the whole split
+    if config.get("whole_splits"):  # read here, whole: no Ray Data in the loop
+        train_shard = _whole_split(config, cfg, "train", rank=rank, world=world, seed=t.seed, shuffle=True)
+        val_data = _whole_split(config, cfg, "validation")
+    else:
+        train_shard = ray.train.get_dataset_shard("train")
+        val_data = ray.train.get_dataset_shard("validation")  # not sharded: the whole split
     trainable_params = [p for p in model.parameters()]
     # Fine-tuning a pruned model: the zeros of Linear weights stay zero.
     masks = [(m.weight, m.weight.ne(0)) for m in model.modules()
@@ -394,6 +412,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
         warm_steps = min(3, steps_per_epoch // 4)  # steady-state rate: after these steps
         warm_time, warm_seen = started, 0
         optimizer.zero_grad(set_to_none=True)
+        if hasattr(train_shard, "set_epoch"):  # a whole split: this epoch's shuffled shard
+            train_shard.set_epoch(epoch)
         for batch in train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate):
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

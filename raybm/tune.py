@@ -81,22 +81,27 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
 
 
 def _trial(params: dict[str, Any], *, base: dict[str, Any], labels: list[str], report: dict[str, Any],
-           text_splits: dict, tokenized: dict | None, trials_path: str) -> None:
-    """One Tune trial: a full Ray Train run of the trial's config."""
+           dataset: str, text_splits: dict, tokenized: dict | None, trials_path: str) -> None:
+    """One Tune trial: a full Ray Train run of the trial's config; its workers read the
+    prepared dataset ``dataset`` whole where they can (``train.data_feed``)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raybm.train import build_trainer, tokenized_datasets
+    from raybm.train import build_trainer, reads_whole_splits, tokenized_datasets
 
     cfg = trial_config(base, params)
     results = Results.from_config(cfg.storage)
     # The trial id is stable across a resumed sweep, so the Train run of the same name
     # picks up its own last checkpoint.
     run_name = ray.tune.get_context().get_trial_id()
-    datasets = tokenized if tokenized is not None else tokenized_datasets(cfg, text_splits)
+    whole = reads_whole_splits(cfg, report)
+    if whole:
+        datasets = {}
+    else:
+        datasets = tokenized if tokenized is not None else tokenized_datasets(cfg, text_splits)
     trainer = build_trainer(cfg, labels=labels, report=report, datasets=datasets, run_name=run_name,
                             storage_path=trials_path, storage_filesystem=results.fs,
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[TuneReportCallback()], whole_splits=dataset if whole else None)
     trainer.fit()
 
 
@@ -199,7 +204,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     from ray.tune.search import BasicVariantGenerator
 
     from raybm.data import run_data_stage
-    from raybm.train import check_workers_fit, load_prepared, load_text_splits, training_datasets
+    from raybm.train import check_workers_fit, load_prepared, load_text_splits, reads_whole_splits, training_datasets
 
     dists = parse_space(cfg.tune.search_space)
     if not dists:
@@ -234,12 +239,13 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
         prepared, labels = load_prepared(cfg, log=log, prepared=prepared)
         # Trials share one tokenized copy, unless the search changes how text is tokenized.
         splits = load_text_splits(cfg, prepared) if tokenizes else None
-        tokenized = None if tokenizes else training_datasets(cfg, prepared)
+        # Or none at all, where each trial's workers read the splits whole.
+        tokenized = None if tokenizes or reads_whole_splits(cfg, prepared.report) else training_datasets(cfg, prepared)
         base = cfg.to_dict()
         # Each trial keeps (and reports) its best checkpoint by the sweep's metric.
         base["train"].update(metric=cfg.tune.metric, mode=cfg.tune.mode)
         trainable = tune.with_parameters(_trial, base=base, labels=labels, report=prepared.report,
-                                         text_splits=splits, tokenized=tokenized,
+                                         dataset=prepared.name, text_splits=splits, tokenized=tokenized,
                                          trials_path=results.join(sweep_dir, TRIALS_DIR))
         trainable = tune.with_resources(trainable, {"memory": TRIAL_DRIVER_MEMORY})
         concurrency = concurrent_trials(cfg, tokenizes)

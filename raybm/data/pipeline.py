@@ -357,6 +357,28 @@ SPLIT_COLUMNS = ("text", "label", "input_ids")
 DRIVER_READ_MAX_BYTES = 256 * 2**20
 
 
+def split_files(results: Results, name: str, split: str) -> list:
+    """The Parquet files of a prepared split (pyarrow ``FileInfo``s, sorted by path);
+    refuses a dataset that is not completely prepared."""
+    import pyarrow.fs as pafs
+
+    folder = results.dataset_dir(name)
+    if not results.is_complete(folder):
+        raise DataError(f"dataset {name!r} is not prepared in {results.root} (no {results.uri(folder)}/_SUCCESS); "
+                        f"run raybm data first")
+    path = results.dataset_split_dir(name, split)
+    return sorted((f for f in results.fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                   if f.type == pafs.FileType.File and f.path.endswith(".parquet")), key=lambda f: f.path)
+
+
+def read_split_table(results: Results, name: str, split: str, columns: tuple[str, ...], files=None):
+    """A prepared split's ``columns`` read whole in this process, as an Arrow table."""
+    import pyarrow.parquet as pq
+
+    files = split_files(results, name, split) if files is None else files
+    return pq.ParquetDataset([f.path for f in files], filesystem=results.fs).read(columns=list(columns))
+
+
 def load_split(results: Results, name: str, split: str, num_cpus: float = 0.25,
                columns: tuple[str, ...] = ("text", "label")):
     """A prepared split as a Ray Dataset with ``columns`` (text and label by default).
@@ -365,18 +387,10 @@ def load_split(results: Results, name: str, split: str, num_cpus: float = 0.25,
     store; larger splits are read by Ray Data tasks, which ask for a fraction of a CPU
     (during training the workers hold most CPUs, and the reads must still be scheduled).
     """
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
     import ray.data
 
-    folder = results.dataset_dir(name)
-    if not results.is_complete(folder):
-        raise DataError(f"dataset {name!r} is not prepared in {results.root} (no {results.uri(folder)}/_SUCCESS); "
-                        f"run raybm data first")
-    path = results.dataset_split_dir(name, split)
-    files = [f for f in results.fs.get_file_info(pafs.FileSelector(path, recursive=True))
-             if f.type == pafs.FileType.File and f.path.endswith(".parquet")]
+    files = split_files(results, name, split)
     if sum(f.size or 0 for f in files) <= DRIVER_READ_MAX_BYTES:
-        table = pq.ParquetDataset(sorted(f.path for f in files), filesystem=results.fs).read(columns=list(columns))
-        return ray.data.from_arrow(table)
-    return ray.data.read_parquet(path, filesystem=results.fs, columns=list(columns), num_cpus=num_cpus)
+        return ray.data.from_arrow(read_split_table(results, name, split, columns, files))
+    return ray.data.read_parquet(results.dataset_split_dir(name, split), filesystem=results.fs, columns=list(columns),
+                                 num_cpus=num_cpus)

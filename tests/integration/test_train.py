@@ -45,6 +45,7 @@ def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, d
     said = []
     result = run_training(cfg, log=said.append)
     assert any("on the test split in the training worker" in line for line in said), said  # no Ray Data job
+    assert any("splits read whole by each worker" in line for line in said), said  # nor in the loop
     losses = [h["train_loss"] for h in result.history]
     assert len(losses) == 4 and losses[-1] < losses[0] * 0.8
     assert result.history[-1]["val_accuracy"] >= 0.8
@@ -108,9 +109,17 @@ def test_the_worker_scores_the_best_epoch_on_test_not_the_last(ray_local, tmp_pa
 
 
 def test_rerun_with_the_same_name_resumes(ray_local, tmp_path, data_csv):
-    first = run_training(config(tmp_path, data_csv, "name=resume-me", "train.epochs=2"), log=quiet)
+    # Through Ray Data this time (the other runs here read the splits whole), and the rerun
+    # switches to whole splits: how the workers read is not part of the recipe.
+    said = []
+    # Batches of 4 (24 steps an epoch): enough to learn in 2 epochs.
+    first = run_training(config(tmp_path, data_csv, "name=resume-me", "train.epochs=2", "train.batch_size=4",
+                                "train.data_feed=ray_data"), log=said.append)
+    assert any("splits streamed by Ray Data" in line for line in said), said
     assert [h["resumed_from_epoch"] for h in first.history] == [0, 0]
-    second = run_training(config(tmp_path, data_csv, "name=resume-me", "train.epochs=3"), log=quiet)
+    assert first.history[-1]["val_accuracy"] >= 0.8 and first.metrics["test"]["examples"] == 12
+    second = run_training(config(tmp_path, data_csv, "name=resume-me", "train.epochs=3", "train.batch_size=4"),
+                          log=quiet)
     assert [h["epoch"] for h in second.history] == [1, 2, 3]
     assert second.history[-1]["resumed_from_epoch"] == 2  # only epoch 3 ran again
 

@@ -6,8 +6,8 @@ import pytest
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.results import CONFIG_FILE, Results
-from raybm.train import (best_epoch, check_same_recipe, recipe_differences, teacher_labels, torch_backend,
-                         worker_resources)
+from raybm.train import (best_epoch, check_same_recipe, reads_whole_splits, recipe_differences, teacher_labels,
+                         torch_backend, worker_resources)
 
 
 def train_cfg(*overrides):
@@ -126,3 +126,24 @@ def test_the_best_epoch_of_a_tie_is_the_later_one_as_ray_train_ranks_checkpoints
     assert best_epoch(history, "val_loss", "min") == 3
     assert best_epoch(history, "val_loss", "max") == 1
     assert best_epoch([], "val_loss", "min") is None
+
+
+def test_workers_read_splits_whole_where_the_stored_ids_fit_and_the_split_is_small():
+    def report(rows=1000, model="tiny-bert", max_length=16, stored=True):
+        return {"splits": {"train": {"rows": rows}},
+                "tokens": {"ids_stored": stored, "model": model, "max_length": max_length}}
+
+    def cfg(*overrides):
+        return build_config(overrides=["model.name=tiny-bert", "data.max_length=16", *overrides])
+
+    assert reads_whole_splits(cfg(), report())
+    assert not reads_whole_splits(cfg("train.data_feed=ray_data"), report())
+    assert not reads_whole_splits(cfg("data.augment.enabled=true"), report())  # tokenized anew every epoch
+    assert not reads_whole_splits(cfg(), report(max_length=32))  # ids for another length: Ray Data tokenizes
+    assert not reads_whole_splits(cfg(), report(rows=10**7))  # 640 MB of ids per worker: streamed
+    assert reads_whole_splits(cfg("train.data_feed=whole"), report(rows=10**7))  # the user's word wins
+    with pytest.raises(RaybmError, match="data_feed=whole needs the token ids .* tiny-bert at max_length 16 "
+                                         r"\(stored: for other at max_length 16\)"):
+        reads_whole_splits(cfg("train.data_feed=whole"), report(model="other"))
+    with pytest.raises(ConfigError, match="data_feed=whole does not work with data.augment"):
+        cfg("train.data_feed=whole", "data.augment.enabled=true")
