@@ -251,6 +251,30 @@ def _whole_split(config: dict, cfg: JobConfig, split: str, *, texts: bool = Fals
     return WholeSplit(arrays, width=width if cfg.data.padding == "max_length" else None, **shard)
 
 
+def checkpoint_scratch(root: str | None = None) -> str:
+    """This worker's own folder for local checkpoint copies (under ``root``, by default the
+    node's temp folder). Folders of workers that died on this node (killed, so no clean-up
+    of their own ran) are removed first."""
+    root = root or os.path.join(tempfile.gettempdir(), "raybm-checkpoints")
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):
+        if name.isdigit() and int(name) != os.getpid() and not _process_alive(int(name)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    mine = os.path.join(root, str(os.getpid()))
+    os.makedirs(mine, exist_ok=True)
+    return mine
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def _load_teacher(folder: str, device):
     """The distillation teacher, frozen, in eval mode."""
     from raybm.evaluate import load_model_folder
@@ -395,6 +419,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     # no Ray Data job and no second model load in the driver.
     score_test = bool(config.get("predictions_to")) and rank == 0
     kept, kept_epoch = None, None  # rank 0's local copy of the best checkpoint
+    scratch = checkpoint_scratch() if rank == 0 else None  # where rank 0 writes checkpoints first
     last_epoch = None  # the last epoch this attempt ran (None: it ran none)
     loop_ready = time.time()
 
@@ -502,7 +527,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
         state = {"epoch": epoch, "step": step, "best": best, "bad_epochs": bad_epochs,
                  "optimizer": optim_state, "history": history}
         if rank == 0:
-            tmp = tempfile.mkdtemp(prefix="raybm-checkpoint-")
+            tmp = tempfile.mkdtemp(prefix="epoch-", dir=scratch)
             _save_checkpoint(tmp, model, tokenizer, cfg, labels, state, history[-1], weights=full_weights)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              delete_local_checkpoint_after_upload=False)
@@ -528,11 +553,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
         # and Tune's record of it): report where the run ended, or Tune would list the
         # trial with no epochs.
         ray.train.report({**history[-1], "history": json.dumps(history)}, checkpoint=None)
-    if score_test:  # rank 0's return value reaches the driver (Result.return_value)
-        try:
+    try:
+        if score_test:  # rank 0's return value reaches the driver (Result.return_value)
             return {"test": _score_best_checkpoint(config, cfg, model, device, labels, collate, kept, kept_epoch,
                                                    last_epoch)}
-        finally:
-            if kept:
-                shutil.rmtree(kept, ignore_errors=True)
-    return None
+        return None
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -1,6 +1,8 @@
 """Training settings decided on the driver: worker resources, the collective backend, and
 the guard against resuming a run with another recipe."""
 
+import os
+
 import pytest
 
 from raybm.config import build_config
@@ -147,3 +149,22 @@ def test_workers_read_splits_whole_where_the_stored_ids_fit_and_the_split_is_sma
         reads_whole_splits(cfg("train.data_feed=whole"), report(model="other"))
     with pytest.raises(ConfigError, match="data_feed=whole does not work with data.augment"):
         cfg("train.data_feed=whole", "data.augment.enabled=true")
+
+
+def test_checkpoint_copies_of_workers_that_died_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from raybm.train_loop import checkpoint_scratch
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for pid in (dead.pid, alive.pid):
+            (tmp_path / str(pid) / "epoch-1").mkdir(parents=True)
+        mine = checkpoint_scratch(str(tmp_path))
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([str(alive.pid), os.path.basename(mine)])
+        assert (tmp_path / str(alive.pid) / "epoch-1").is_dir()
+    finally:
+        alive.kill()
