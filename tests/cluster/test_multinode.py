@@ -254,8 +254,8 @@ def test_a_stopped_sweep_frees_the_cluster_and_the_same_job_resumes_it(cluster, 
     config = write_job(tmp_path, cfg)
     job = start_job(cluster, "pipeline", config)
     deadline = time.time() + 180
-    while time.time() < deadline and len({k.split("/trials/")[1].split("/")[0] for k in s3_keys(s3, name, "stopped/")
-                                          if "/trials/" in k and "/checkpoint_" in k}) < 2:
+    # Each trial's second checkpoint folder on S3: the first one is complete and on Tune's record.
+    while time.time() < deadline and len(trials_with_checkpoints(s3_keys(s3, name, "stopped/"), at_least=2)) < 2:
         time.sleep(1)
     assert len(placement_groups(cluster, "CREATED")) >= 2, client(cluster).get_job_logs(job)[-3000:]  # trials and workers
     stopped_at = time.time()
@@ -339,11 +339,14 @@ def test_a_lost_worker_node_costs_a_checkpoint_not_the_sweep(cluster, bucket, s3
     cfg["tune"] = {"num_samples": 1, "scheduler": "fifo", "max_failures": 3,
                    "search_space": {"train.lr": "grid([1e-3, 1e-4])"}}
     job = start_job(cluster, "tune", write_job(tmp_path, cfg))
-    # Both trials running, each with a checkpoint on S3: then worker-b disappears.
+    # Both trials running, each with a checkpoint that Tune has on record: then worker-b
+    # disappears. A checkpoint folder is on S3 from its first uploaded file on, before the
+    # epoch is reported, so the wait is for each trial's second checkpoint: its first one is
+    # then complete and reported (a node killed while the first one was uploading restarts
+    # that trial from scratch, and it never read as having run on the lost node).
     deadline = time.time() + 240
     while time.time() < deadline:
-        trials = {k.split("/trials/")[1].split("/")[0] for k in s3_keys(s3, name, "node-loss/sweeps/")
-                  if "/trials/" in k and "/checkpoint_" in k}
+        trials = trials_with_checkpoints(s3_keys(s3, name, "node-loss/sweeps/"), at_least=2)
         if len(trials) == 2:
             break
         time.sleep(1)
@@ -360,7 +363,9 @@ def test_a_lost_worker_node_costs_a_checkpoint_not_the_sweep(cluster, bucket, s3
     assert len(board) == 2 and all(row["status"] == "completed" for row in board), board
     # The trial that ran on the lost node resumed from its last checkpoint on the other
     # node; the other trial never ran an epoch twice.
-    moved = next(row for row in board if lost_id in row["history"][0]["worker_nodes"])
+    moved = [row for row in board if lost_id in row["history"][0]["worker_nodes"]]
+    assert len(moved) == 1, (lost_id, board)  # one trial a node: each node has one CPU
+    moved = moved[0]
     assert lost_id not in moved["history"][-1]["worker_nodes"], "the node was lost after its trial had finished"
     assert [h["epoch"] for h in moved["history"]] == list(range(1, 9)), moved["history"]
     resumed = next(h for h in moved["history"] if lost_id not in h["worker_nodes"])
@@ -373,6 +378,16 @@ def test_a_lost_worker_node_costs_a_checkpoint_not_the_sweep(cluster, bucket, s3
     assert not any(h["resumed_from_epoch"] for h in other["history"])
     assert [h["epoch"] for h in other["history"]] == list(range(1, 9))
     cluster.wait_for_nodes(3)
+
+
+def trials_with_checkpoints(keys: list[str], at_least: int) -> set[str]:
+    """The sweep trials with ``at_least`` checkpoint folders among the bucket ``keys``."""
+    folders: dict[str, set[str]] = {}
+    for k in keys:
+        if "/trials/" in k and "/checkpoint_" in k:
+            trial, rest = k.split("/trials/")[1].split("/", 1)
+            folders.setdefault(trial, set()).add(("/" + rest).split("/checkpoint_")[1].split("/")[0])
+    return {trial for trial, found in folders.items() if len(found) >= at_least}
 
 
 def other_finished(board: list[dict], row: dict) -> float:
