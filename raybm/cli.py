@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -331,6 +332,7 @@ def format_exports(reference: dict | None, manifests: dict) -> str:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from raybm.dashboard import STREAMLIT_SETTINGS
     from raybm.results import Results
 
     cfg = load_config(args.config, args.overrides)
@@ -340,9 +342,9 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     env = dict(os.environ, RAYBM_RESULTS=root)
     if args.serve_url:
         env["RAYBM_SERVE_URL"] = args.serve_url
+    flags = [x for key, value in STREAMLIT_SETTINGS.items() for x in (f"--{key}", json.dumps(value).strip('"'))]
     cmd = [sys.executable, "-m", "streamlit", "run", script, "--server.address", args.host,
-           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-           "--server.maxUploadSize", "5", "--client.toolbarMode", "minimal", "--", "--root", root]
+           "--server.port", str(args.port), *flags, "--", "--root", root]
     print(f"raybm dashboard on http://{args.host}:{args.port} over {root} (Ctrl-C stops it)", flush=True)
     if "://" not in root and not os.path.isdir(root):
         print(f"raybm dashboard: {os.path.abspath(root)} does not exist yet; its pages fill in as jobs write "

@@ -17,6 +17,8 @@ import difflib
 import hashlib
 import inspect
 import json
+import math
+import re
 import textwrap
 import types
 import typing
@@ -346,7 +348,8 @@ class TuneConfig:
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"
-    """Address the HTTP server binds (0.0.0.0 to listen beyond this machine: set an API key)."""
+    """Address the HTTP server binds. Another address than loopback (0.0.0.0 listens beyond
+    this machine) needs an API key (api_key_env), or allow_without_key."""
     port: int = _opt(8000, ge=1, le=65535)
     """HTTP port."""
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
@@ -395,7 +398,10 @@ class ServeConfig:
     """How long a health check may take before the replica counts as failed."""
     api_key_env: Optional[str] = None
     """Environment variable holding an API key that /predict and /metadata require (header
-    X-API-Key or Authorization: Bearer). Empty: no key."""
+    X-API-Key or Authorization: Bearer; at least 16 characters). Empty: no key."""
+    allow_without_key: bool = False
+    """Serve on a host other than loopback without an API key: anyone who reaches the port
+    can use the model. Only behind your own gateway that checks callers."""
 
 
 @dataclass
@@ -497,7 +503,42 @@ def pipeline_stages(cfg: "JobConfig") -> list[str]:
 
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a bind address reaches only this machine."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
+def check_name(name: str, what: str) -> str:
+    """``name`` if it is safe as one folder name under the results root (letters, digits,
+    ``.``, ``_`` and ``-``, not starting with ``.``, at most 200 characters), else a
+    ConfigError naming ``what`` (the key or flag it came from)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"{what}={name!r}: a name may hold only letters, digits, '.', '_' and '-', may not "
+                          f"start with '.', and has at most 200 characters (it names a folder in the results)")
+    return name
+
+
+def safe_name(text: str) -> str:
+    """A name derived from free text (a file or model name) made safe for ``check_name``:
+    every other character becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".")[:200] or "_"
+
+
 def _check_job(cfg: JobConfig) -> None:
+    if cfg.name is not None:
+        check_name(cfg.name, "name")
+    if cfg.data.name is not None:
+        check_name(cfg.data.name, "data.name")
     d = cfg.data
     if len(d.split) != 3:
         raise ConfigError(f"data.split: give three shares (train, validation, test), got {d.split}")
@@ -536,6 +577,10 @@ def _check_job(cfg: JobConfig) -> None:
     s = cfg.serve
     if s.max_replicas is not None and s.min_replicas > s.max_replicas:
         raise ConfigError(f"serve.min_replicas ({s.min_replicas}) exceeds serve.max_replicas ({s.max_replicas})")
+    if not is_loopback(s.host) and not s.api_key_env and not s.allow_without_key:
+        raise ConfigError(f"serve.host={s.host} listens beyond this machine without an API key: set "
+                          f"serve.api_key_env to a variable holding one (or serve.allow_without_key=true "
+                          f"behind a gateway that checks callers)")
     if not s.route_prefix.startswith("/"):
         raise ConfigError(f"serve.route_prefix: must start with '/', got {s.route_prefix!r}")
     if s.backend in ("int8", "onnx") and s.gpus_per_replica:
@@ -625,6 +670,14 @@ def _type_name(tp: Any) -> str:
         tp, getattr(tp, "__name__", str(tp)))
 
 
+def _yaml_value(text: str, key: str) -> Any:
+    """A string value read as YAML (a list or mapping given as text)."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as e:
+        raise ConfigError(f"{key}: {text!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against type ``tp``, converting strings from CLI overrides."""
     origin = typing.get_origin(tp)
@@ -651,7 +704,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is list:
         if isinstance(value, str):
-            parsed = yaml.safe_load(value)
+            parsed = _yaml_value(value, key)
             value = parsed if isinstance(parsed, list) else [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -659,7 +712,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, key)
         if value is None:
             return {}
         if not isinstance(value, dict):
@@ -683,6 +736,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and isinstance(value, float)):
             raise ConfigError(f"{key}: expected {what}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return tp(value)
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
@@ -737,7 +792,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r}: the key is empty or malformed")
         try:
             value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # ValueError: an integer of more than 4,300 digits
             value = text
         node = nested
         parts = key.split(".")
@@ -777,7 +832,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(p)!r} not found; shipped configs are in jobs/configs/")
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of more than 4,300 digits
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: a config file must be a mapping of sections, got {type(raw).__name__}")
@@ -797,7 +854,7 @@ def derived_name(cfg: "JobConfig", dataset: str, sections: tuple[str, ...], kind
         return cfg.name
     blob = json.dumps({s: dataclasses.asdict(getattr(cfg, s)) for s in sections}, sort_keys=True, ensure_ascii=True)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
-    return f"{dataset}-{cfg.model.name.replace('/', '_')}-{kind + '-' if kind else ''}{digest}"
+    return safe_name(f"{dataset}-{cfg.model.name.replace('/', '_')}-{kind + '-' if kind else ''}{digest}")
 
 
 # ------------------------------------------------------------------------ describing

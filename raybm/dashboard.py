@@ -23,7 +23,14 @@ from raybm.soup import is_used
 
 PAGES = ("Runs and sweeps", "Sweep", "Model", "Errors", "Try it")
 MAX_UPLOAD_ROWS = 5000
+MAX_UPLOAD_MB = 5
 MAX_TEXT_CHARS = 2000
+# Streamlit's settings for this app: `raybm dashboard` passes them as flags, and the
+# shipped .streamlit/config.toml holds the same for `streamlit run dashboards/app.py`
+# (a test keeps the two equal).
+STREAMLIT_SETTINGS = {"server.maxUploadSize": MAX_UPLOAD_MB, "server.headless": True,
+                      "client.showErrorDetails": "none", "client.toolbarMode": "minimal",
+                      "browser.gatherUsageStats": False}
 
 
 def settings(argv: list[str] | None = None) -> argparse.Namespace:
@@ -360,7 +367,7 @@ def page_try(data, serve_url: str | None) -> None:
     upload = st.file_uploader("File", type=["csv", "tsv", "jsonl", "txt"], key="try_file")
     if upload is not None:
         try:
-            frame = read_upload(upload.name, upload.getvalue(), MAX_UPLOAD_ROWS)
+            frame = read_upload(upload.name, upload.getvalue(), MAX_UPLOAD_ROWS, MAX_UPLOAD_MB * 1024 * 1024)
         except RaybmError as e:
             st.error(str(e))
             return
@@ -372,6 +379,11 @@ def page_try(data, serve_url: str | None) -> None:
             empty = [i + 2 for i, t in enumerate(texts) if not t.strip()]
             if empty:
                 st.error(f"Column {column!r} is empty on line(s) {empty[:10]} of the file; fill or remove them.")
+                return
+            long = [i + 2 for i, t in enumerate(texts) if len(t) > MAX_TEXT_CHARS]
+            if long:
+                st.error(f"Column {column!r} has texts over {MAX_TEXT_CHARS} characters on line(s) {long[:10]}; "
+                         f"shorten them, or label the file with `raybm predict --input`.")
                 return
             out = _show(predict, texts, st, alt)
             if out is not None:
@@ -410,6 +422,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = settings(argv)
     st.set_page_config(page_title="raybm", layout="wide")
+    st.set_option("client.showErrorDetails", "none")  # however it was started: no traceback in the browser
     try:
         data = _data(args.root)
     except RaybmError as e:
@@ -430,3 +443,8 @@ def main(argv: list[str] | None = None) -> None:
             page_try(data, args.serve_url)
     except RaybmError as e:
         st.error(str(e))
+    except Exception as e:  # noqa: BLE001 - a viewer sees one line; the server's log has the traceback
+        import logging
+
+        logging.getLogger("raybm.dashboard").exception("the %s page failed", page)
+        st.error(f"This page could not be shown ({type(e).__name__}). The dashboard's console log has the details.")

@@ -9,9 +9,7 @@ YAML and Parquet are read; nothing is unpickled.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +19,7 @@ import yaml
 
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
-from raybm.results import SUCCESS_MARKER, Results, copy_tree_to_local
+from raybm.results import SUCCESS_MARKER, Results, fetch_model
 from raybm.soup import is_used
 
 KINDS = ("runs", "sweeps")
@@ -201,27 +199,29 @@ class DashboardData:
         return out
 
     def local_model(self, path: str) -> str:
-        """A local folder for a model in the store (downloaded once from S3)."""
+        """A local folder for a model in the store: on S3, this user's private cached copy,
+        fetched again when the model there changes."""
         if not self.results.remote:
             return path
-        local = os.path.join(tempfile.gettempdir(), "raybm-dashboard-models", path.replace("/", "_"))
-        if not os.path.isdir(local):
-            tmp = f"{local}.tmp-{os.getpid()}"
-            copy_tree_to_local(self.results.fs, path, tmp)
-            os.replace(tmp, local)
-        return local
+        return fetch_model(self.results.uri(path), self.results.storage)
 
 
-def read_upload(name: str, content: bytes, max_rows: int) -> pd.DataFrame:
-    """A user's CSV / TSV / JSONL upload as strings; clear errors, no silent truncation."""
+def read_upload(name: str, content: bytes, max_rows: int, max_bytes: int) -> pd.DataFrame:
+    """A user's CSV / TSV / JSONL upload as strings; clear errors, no silent truncation. The
+    size is checked before parsing, and parsing stops one row past ``max_rows``."""
     import io
 
+    too_many = (f"the limit here is {max_rows} rows and {max_bytes / 2**20:g} MB. Split the file, or label it "
+                f"with `raybm predict --input {name} --output labelled.csv`")
+    if len(content) > max_bytes:
+        raise RaybmError(f"{name} is {len(content) / 2**20:.1f} MB; {too_many}")
     ext = posixpath.splitext(name.lower())[1]
     try:
         if ext in (".csv", ".tsv", ".txt"):
-            df = pd.read_csv(io.BytesIO(content), sep="\t" if ext == ".tsv" else ",", dtype=str, keep_default_na=False)
+            df = pd.read_csv(io.BytesIO(content), sep="\t" if ext == ".tsv" else ",", dtype=str, keep_default_na=False,
+                             nrows=max_rows + 1)
         elif ext in (".jsonl", ".json"):
-            df = pd.read_json(io.BytesIO(content), lines=True, dtype=False)
+            df = pd.read_json(io.BytesIO(content), lines=True, dtype=False, nrows=max_rows + 1)
         else:
             raise RaybmError(f"{name}: upload a .csv, .tsv or .jsonl file")
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
@@ -229,8 +229,7 @@ def read_upload(name: str, content: bytes, max_rows: int) -> pd.DataFrame:
     if df.empty:
         raise RaybmError(f"{name} has no rows")
     if len(df) > max_rows:
-        raise RaybmError(f"{name} has {len(df)} rows; the limit here is {max_rows}. Split the file, or label it "
-                         f"with `raybm predict --input {name} --output labelled.csv`")
+        raise RaybmError(f"{name} has more than {max_rows} rows; {too_many}")
     return df
 
 

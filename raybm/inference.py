@@ -196,15 +196,18 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
-def model_card(model_dir: str) -> dict[str, Any]:
-    """What a model folder is: name, base model, labels, source run or sweep, test metrics."""
+def model_card(model_dir: str, source: str | None = None, storage: Any = None) -> dict[str, Any]:
+    """What a model folder is: name, base model, labels, the run or sweep it came from and
+    its test metrics. ``source``: where the folder was fetched from (an ``s3://`` URI), when
+    ``model_dir`` is a local copy; the run's or sweep's records are read there. Locations
+    are given relative to the results root (``runs/<run>/model``), never as local paths."""
     import yaml
 
     from raybm.evaluate import read_label_map
+    from raybm.results import resolve_uri
 
-    model_dir = os.path.abspath(model_dir)
     labels = read_label_map(model_dir)
-    card: dict[str, Any] = {"model_dir": model_dir, "labels": labels, "base_model": None, "dataset": None,
+    card: dict[str, Any] = {"labels": labels, "base_model": None, "dataset": None,
                             "source": None, "source_kind": None, "test_metrics": None}
     cfg_path = os.path.join(model_dir, "raybm_config.yaml")
     if os.path.isfile(cfg_path):
@@ -212,16 +215,39 @@ def model_card(model_dir: str) -> dict[str, Any]:
             raw = yaml.safe_load(f) or {}
         card["base_model"] = (raw.get("model") or {}).get("name")
         card["dataset"] = (raw.get("data") or {}).get("source")
-    parent = os.path.dirname(model_dir)
-    if os.path.isfile(os.path.join(parent, "winner.json")):  # sweeps/<sweep>/model
-        winner = _read_json(os.path.join(parent, "winner.json"))
-        card.update(source=parent, source_kind="sweep", test_metrics=winner.get("test"),
-                    winner={k: winner.get(k) for k in ("trial", "values", "metric", "validation", "best_epoch")})
-    elif os.path.isfile(os.path.join(parent, "metrics.json")):  # runs/<run>/model
-        metrics = _read_json(os.path.join(parent, "metrics.json"))
-        card.update(source=parent, source_kind="run", test_metrics=metrics.get("test"))
-    card["name"] = os.path.basename(card["source"]) if card["source"] else os.path.basename(model_dir)
+    if source and source.startswith("s3://"):
+        from raybm.config import StorageConfig
+
+        fs, path = resolve_uri(source, storage or StorageConfig())
+    else:
+        fs, path = None, os.path.abspath(source or model_dir)
+    parts = path.rstrip("/").split("/")
+    parent = "/".join(parts[:-1])
+    for file, kind, key in (("winner.json", "sweep", "sweeps"), ("metrics.json", "run", "runs")):
+        record = _read_record(fs, f"{parent}/{file}")
+        if record is not None:  # <root>/sweeps/<sweep>/model or <root>/runs/<run>/model
+            card.update(source=f"{key}/{parts[-2]}", source_kind=kind, test_metrics=record.get("test"))
+            if kind == "sweep":
+                card["winner"] = {k: record.get(k) for k in ("trial", "values", "metric", "validation", "best_epoch")}
+            break
+    if card["source"]:
+        card["name"], card["model"] = parts[-2], f"{card['source']}/{parts[-1]}"
+    elif len(parts) >= 3 and parts[-3] == "exports":  # <root>/exports/<export>/<variant>
+        card["name"], card["model"] = parts[-1], "/".join(parts[-3:])
+    else:
+        card["name"] = card["model"] = parts[-1]
     return card
+
+
+def _read_record(fs, path: str) -> dict[str, Any] | None:
+    """A run's or sweep's JSON record on ``fs`` (None: a local path), or None if absent."""
+    if fs is None:
+        return _read_json(path) if os.path.isfile(path) else None
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
 
 
 def resolve_model(spec: str, results_root: str | None = None, flag: str = "--model") -> str:

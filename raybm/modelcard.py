@@ -107,5 +107,9 @@ def write_model_card(results: Results, model_dir: str, *, name: str, kind: str, 
     cfg = (yaml.safe_load(results.read_text(cfg_file)) or {}) if results.exists(cfg_file) else {}
     labels = results.read_json(results.join(model_dir, "label_map.json"))["labels"]
     model_type = results.read_json(results.join(model_dir, "config.json")).get("model_type")
+    published = results.is_complete(model_dir)
+    results.unmark_complete(model_dir)  # _SUCCESS stays the last file written
     results.write_text(results.join(model_dir, README),
                        render(name, kind, cfg, labels, dataset, test, notes, model_type))
+    if published:
+        results.mark_complete(model_dir)

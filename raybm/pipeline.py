@@ -29,7 +29,6 @@ from raybm.config import JobConfig, derived_name, pipeline_stages
 from raybm.errors import RaybmError
 from raybm.results import Results, fetch_model, is_s3
 
-PIPELINES_DIR = "pipelines"
 SUMMARY_FILE = "summary.json"
 
 
@@ -65,15 +64,14 @@ class _Summary:
     """summary.json, rewritten after every stage so a dashboard sees progress."""
 
     def __init__(self, results: Results, name: str, cfg: JobConfig, stages: list[str]) -> None:
-        self.results, self.folder = results, results.path(PIPELINES_DIR, name)
+        self.results, self.folder = results, results.pipeline_dir(name)
         self.data: dict[str, Any] = {
             "name": name, "status": "running", "stages_planned": stages, "stages": {},
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "root": cfg.storage.root,
             "ray": os.environ.get("RAY_ADDRESS") or cfg.ray.address or "local (embedded)",
             "gate": {"min_test_f1": cfg.pipeline.min_test_f1, "max_latency_ms": cfg.pipeline.max_latency_ms},
         }
-        if results.exists(results.join(self.folder, "_SUCCESS")):
-            results.fs.delete_file(results.join(self.folder, "_SUCCESS"))
+        results.unmark_complete(self.folder)
         self.results.write_text(results.join(self.folder, "config.yaml"), cfg.to_yaml())
         self.write()
 

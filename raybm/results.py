@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from raybm.config import StorageConfig
+from raybm.config import StorageConfig, check_name
 from raybm.errors import RaybmError
 
 SPLITS = ("train", "validation", "test")
@@ -129,17 +129,57 @@ def is_published(fs: pafs.FileSystem, folder: str) -> bool:
                for f in (folder, posixpath.dirname(folder.rstrip("/"))))
 
 
+MODEL_CACHE_ENV = "RAYBM_MODEL_CACHE"
+
+
+def model_cache_dir() -> str:
+    """This user's private folder of models fetched from S3 (mode 0700):
+    ``$RAYBM_MODEL_CACHE``, else ``~/.cache/raybm/models``."""
+    root = os.environ.get(MODEL_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "raybm", "models")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    if os.stat(root).st_uid == os.getuid():
+        os.chmod(root, 0o700)
+    return root
+
+
 def fetch_model(uri: str, storage: StorageConfig, dest: str | None = None) -> str:
-    """A local copy of the model folder at an ``s3://`` URI, in ``dest`` or a fresh temporary
-    folder (a Serve replica or a scoring task fetches the model itself, on whatever node it
-    runs). Refuses a folder without ``_SUCCESS``: it is being written, or its writer died."""
+    """A local copy of the model folder at an ``s3://`` URI: in ``dest``, or in the model
+    cache, where every process on a node (Serve replicas, the dashboard, scoring tasks)
+    shares one copy per URI and version (the folder's file names, sizes and times): a
+    restart or a new replica reuses it, a republished model is fetched anew and the older
+    copy removed. Refuses a folder without ``_SUCCESS``: it is being written, or its
+    writer died."""
+    import hashlib
+    import shutil
     import tempfile
 
     fs, path = resolve_uri(uri, storage)
     if not is_published(fs, path):
         raise RaybmError(f"{uri}: no {SUCCESS_MARKER} in the model folder - it is incomplete (still being written, "
                          f"or its writer stopped). Wait for the job that writes it, or publish it again.")
-    return copy_to_local(uri, storage, dest or os.path.join(tempfile.mkdtemp(prefix="raybm-model-"), "model"))
+    if dest is not None:
+        return copy_to_local(uri, storage, dest)
+    files = sorted((i.path, i.size, i.mtime_ns) for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                   if i.type == pafs.FileType.File)
+    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    version = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+    root = model_cache_dir()
+    final = os.path.join(root, f"{key}-{version}")
+    if not os.path.isfile(os.path.join(final, ".complete")):
+        tmp = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
+        try:
+            copy_tree_to_local(fs, path, tmp)
+            open(os.path.join(tmp, ".complete"), "w").close()
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isfile(os.path.join(final, ".complete")):
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process on the node finished first
+    for old in os.listdir(root):  # older versions of the same model
+        if old.startswith(f"{key}-") and old != os.path.basename(final):
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
 
 
 def resolve_uri(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
@@ -176,6 +216,7 @@ class Results:
         return f"s3://{path}" if self.remote else path
 
     def dataset_dir(self, name: str) -> str:
+        check_name(name, "dataset name")
         return self.path("data", name)
 
     def dataset_split_dir(self, name: str, split: str) -> str:
@@ -187,17 +228,25 @@ class Results:
         return self.path("data", name, filename)
 
     def run_dir(self, name: str) -> str:
+        check_name(name, "run name")
         return self.path("runs", name)
 
     def sweep_dir(self, name: str) -> str:
+        check_name(name, "sweep name")
         return self.path("sweeps", name)
 
+    def pipeline_dir(self, name: str) -> str:
+        check_name(name, "pipeline name")
+        return self.path("pipelines", name)
+
     def export_dir(self, name: str, variant: str | None = None) -> str:
+        check_name(name, "export name")
         return self.path("exports", name, variant) if variant else self.path("exports", name)
 
     def lease_path(self, kind: str, name: str) -> str:
         """The lease file of ``<kind>/<name>`` (raybm.lease): beside the artifacts, not in
         the artifact's folder, which a rebuild may delete."""
+        check_name(name, f"{kind} name")
         return self.path(".leases", f"{kind}-{name}")
 
     def staging_dir(self, kind: str, name: str) -> str:
@@ -256,7 +305,14 @@ class Results:
         return json.loads(self.read_text(path))
 
     def mark_complete(self, folder: str) -> None:
+        """Write ``_SUCCESS`` into ``folder``: last, once everything else in it is written."""
         self.write_text(self.join(folder, SUCCESS_MARKER), "")
+
+    def unmark_complete(self, folder: str) -> None:
+        """Remove ``folder``'s ``_SUCCESS``: first, before anything in it is rewritten."""
+        marker = self.join(folder, SUCCESS_MARKER)
+        if self.exists(marker):
+            self.fs.delete_file(marker)
 
     def delete_tree(self, folder: str) -> None:
         if self.exists(folder):
@@ -282,6 +338,7 @@ class Results:
     def upload_dir(self, local: str, path: str) -> None:
         """Replace the folder ``path`` (on self.fs) with a copy of the local folder ``local``,
         marked complete only once every file is there."""
+        self.unmark_complete(path)  # before any file goes: a half-deleted folder never reads as complete
         if self.exists(path):
             self.fs.delete_dir(path)
         pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)

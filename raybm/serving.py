@@ -29,29 +29,57 @@ import hmac
 import importlib
 import json
 import os
+import re
+import secrets
 import socket
+import sys
 import time
 from dataclasses import asdict
 from typing import Any, Callable
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 
-from raybm.config import JobConfig, ServeConfig, StorageConfig
+from raybm.config import JobConfig, ServeConfig, StorageConfig, is_loopback
 from raybm.errors import RaybmError
 
 DEFAULT_LOADER = "raybm.inference:load_predictor"
 HEALTH_PROBE = "raybm health check"
 
-PREDICT_REQUEST_SCHEMA = {
-    "oneOf": [
-        {"type": "object", "required": ["texts"], "additionalProperties": False,
-         "properties": {"texts": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1},
-                                  "description": "texts to classify, answered as \"predictions\" in the same order"}}},
-        {"type": "object", "required": ["text"], "additionalProperties": False,
-         "properties": {"text": {"type": "string", "minLength": 1,
-                                 "description": "one text, answered as a single \"prediction\""}}},
-    ],
-    "example": {"texts": ["what a great day", "this is the worst service ever"]},
+# A character that is not white space, the same in Python and in a JSON schema (ECMA-262)
+# pattern: every character either language counts as space is listed, so the server's
+# check and the documented schema agree on which texts are empty.
+NOT_SPACE = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+_HAS_TEXT = re.compile(NOT_SPACE)
+
+
+def predict_request_schema(s: ServeConfig) -> dict[str, Any]:
+    """The JSON schema of a /predict body under the limits ``s``, as the server checks it
+    (OpenAPI documents it, and generated clients test against it)."""
+    text = {"type": "string", "minLength": 1, "maxLength": s.max_text_chars, "pattern": NOT_SPACE,
+            "description": f"a text with at least one non-space character, at most {s.max_text_chars} characters "
+                           f"of valid Unicode"}
+    return {
+        "oneOf": [
+            {"type": "object", "required": ["texts"], "additionalProperties": False,
+             "properties": {"texts": {"type": "array", "minItems": 1, "maxItems": s.max_texts, "items": text,
+                                      "description": "texts to classify, answered as \"predictions\" in the "
+                                                     "same order"}}},
+            {"type": "object", "required": ["text"], "additionalProperties": False,
+             "properties": {"text": {**text, "description": "one text, answered as a single \"prediction\""}}},
+        ],
+        "example": {"texts": ["what a great day", "this is the worst service ever"]},
+    }
+
+
+_PREDICTION_SCHEMA = {
+    "type": "object", "required": ["label", "confidence", "probabilities"],
+    "properties": {"label": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                   "probabilities": {"type": "object", "additionalProperties": {"type": "number"}}},
+}
+PREDICT_RESPONSE_SCHEMA = {
+    "type": "object", "required": ["model", "backend"],
+    "properties": {"predictions": {"type": "array", "items": _PREDICTION_SCHEMA}, "prediction": _PREDICTION_SCHEMA,
+                   "model": {"type": "string"}, "backend": {"type": "string"}},
 }
 
 
@@ -68,8 +96,13 @@ def import_object(spec: str | Callable) -> Callable:
         raise RaybmError(f"model loader {spec!r}: {e}") from None
 
 
-def api_key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+MIN_API_KEY_CHARS = 16
+
+
+def api_key_digest(key: str, salt: str) -> str:
+    """The HMAC-SHA-256 of an API key under a random ``salt`` (hex): what replicas compare,
+    so the key itself never leaves the process that read it."""
+    return hmac.new(bytes.fromhex(salt), key.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
 
 def replica_threads(s: ServeConfig) -> int:
@@ -86,6 +119,79 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None):
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+_ERROR_CONTENT = {"application/json": {"schema": ERROR_SCHEMA}}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing or wrong API key (when the server has one)", "content": _ERROR_CONTENT},
+    500: {"description": "the model failed; the body never holds a traceback or a path", "content": _ERROR_CONTENT},
+}
+PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "one prediction per text, in order (\"prediction\" for a single \"text\")",
+          "content": {"application/json": {"schema": PREDICT_RESPONSE_SCHEMA}}},
+    **ERROR_RESPONSES,
+    400: {"description": "the body is not valid JSON", "content": _ERROR_CONTENT},
+    413: {"description": "too many texts, or a body over the size limit", "content": _ERROR_CONTENT},
+    415: {"description": "the body is not sent as application/json", "content": _ERROR_CONTENT},
+    422: {"description": "valid JSON that is not a request: wrong fields or types, empty, over-long or "
+                         "invalid Unicode texts", "content": _ERROR_CONTENT},
+    503: {"description": "overloaded: more requests waiting than the server queues; retry later",
+          "content": {"text/plain": {"schema": {"type": "string"}}}},
+}
+
+
+def add_error_handlers(app) -> None:
+    """Every error the framework raises (an unknown route, a wrong method, an exception in a
+    handler) answers in the documented ``{"error": "..."}`` form, without a traceback or a path."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    async def http_error(request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    async def validation_error(request, exc: RequestValidationError):
+        return _error(422, "the request does not match the API; see /docs")
+
+    async def server_error(request, exc: Exception):
+        return _error(500, "internal error in the model server; the replica's log has the details")
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, server_error)
+
+
+def is_json_content_type(value: str | None) -> bool:
+    """Whether a Content-Type header says JSON (``application/json``, any parameters)."""
+    return (value or "").split(";", 1)[0].strip().lower() == "application/json"
+
+
+def predict_each(predict: Callable[[list[str]], Any], texts: list[str]) -> list[Any]:
+    """``predict(texts)`` as a list, one row per text. When the batch fails, each text is
+    tried alone, so one bad text fails only its own request: a text that still fails gets
+    its exception in its place."""
+    import logging
+
+    try:
+        return list(predict(texts))
+    except Exception as e:  # noqa: BLE001 - isolated per text below
+        logging.getLogger("ray.serve").exception("the model failed on a batch of %d text(s)", len(texts))
+        if len(texts) == 1:
+            return [e]
+    out: list[Any] = []
+    for t in texts:
+        try:
+            out.extend(predict([t]))
+        except Exception as e:  # noqa: BLE001 - reported to that text's request only
+            out.append(e)
+    return out
+
+
+def prediction(labels: list[str], probs: Any) -> dict[str, Any]:
+    """One text's answer: the top label, its probability and every class's."""
+    best = int(probs.argmax())
+    return {"label": labels[best], "confidence": float(probs[best]),
+            "probabilities": {lab: float(v) for lab, v in zip(labels, probs)}}
+
+
 def _type_name(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
             float: "number", type(None): "null"}.get(type(value), type(value).__name__)
@@ -95,7 +201,12 @@ def _check_text(t: Any, name: str, s: ServeConfig) -> str:
     """"" for a good text, else what is wrong with it."""
     if not isinstance(t, str):
         return f"{name} must be a string, got {_type_name(t)}"
-    if not t.strip():
+    try:
+        t.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, sent as a JSON escape such as "\ud800"
+        return (f"{name} is not valid Unicode: it holds a lone surrogate (\\u{ord(t[e.start]):04x}) at "
+                f"character {e.start}; send UTF-8 text")
+    if not _HAS_TEXT.search(t):
         return f"{name} is empty"
     if len(t) > s.max_text_chars:
         return f"{name} is {len(t)} characters long, the limit is {s.max_text_chars}"
@@ -149,18 +260,21 @@ def make_server_class():
 
     app = FastAPI(title="raybm model server", version="1",
                   description="Text classification with a model fine-tuned by raybm.")
+    add_error_handlers(app)
 
     @serve.deployment(name="ModelServer")
     @serve.ingress(app)
     class ModelServer:
         def __init__(self, model_dir: str, settings: dict[str, Any], loader: str | Callable = DEFAULT_LOADER,
-                     api_key_sha256: str | None = None, storage: dict[str, Any] | None = None) -> None:
+                     api_key: dict[str, str] | None = None, storage: dict[str, Any] | None = None) -> None:
             from raybm.inference import model_card
 
-            if model_dir.startswith("s3://"):  # each replica fetches its own copy, on any node
+            source = model_dir
+            storage_cfg = StorageConfig(**(storage or {}))
+            if model_dir.startswith("s3://"):  # each replica on a node shares one cached copy, by version
                 from raybm.results import fetch_model
 
-                model_dir = fetch_model(model_dir, StorageConfig(**(storage or {})))
+                model_dir = fetch_model(model_dir, storage_cfg)
             self.settings = ServeConfig(**settings)
             try:
                 self.replica = serve.get_replica_context().replica_id.unique_id
@@ -172,11 +286,14 @@ def make_server_class():
             self.predictor = import_object(loader)(model_dir, backend=s.backend, threads=replica_threads(s),
                                                    device=device)
             self.labels = list(self.predictor.labels)
-            self.card = model_card(model_dir)
+            self.card = model_card(model_dir, source=source, storage=storage_cfg)
             self.backend = getattr(self.predictor, "backend", s.backend)
             self.card.update(backend=self.backend, device=device, torch_threads=replica_threads(s),
                              load_seconds=round(time.time() - started, 2))
-            self.api_key_sha256 = api_key_sha256
+            self.api_key = api_key
+            # The documented request body carries this server's own limits.
+            app.openapi()["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"] = \
+                predict_request_schema(s)
             self._batched.set_max_batch_size(s.max_batch_size)
             self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
 
@@ -184,8 +301,7 @@ def make_server_class():
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
         async def _batched(self, texts: list[str]) -> list[Any]:
             # In a thread, so the replica keeps reading and checking requests meanwhile.
-            probs = await asyncio.to_thread(self.predictor.predict, texts)
-            return list(probs)
+            return await asyncio.to_thread(predict_each, self.predictor.predict, texts)
 
         async def check_health(self) -> None:
             probs = await asyncio.to_thread(self.predictor.predict, [HEALTH_PROBE])
@@ -194,13 +310,13 @@ def make_server_class():
 
         # -- HTTP --------------------------------------------------------------------
         def _unauthorized(self, request: Request):
-            if not self.api_key_sha256:
+            if not self.api_key:
                 return None
             given = request.headers.get("x-api-key")
             auth = request.headers.get("authorization", "")
             if given is None and auth.lower().startswith("bearer "):
                 given = auth[7:].strip()
-            if given and hmac.compare_digest(api_key_digest(given), self.api_key_sha256):
+            if given and hmac.compare_digest(api_key_digest(given, self.api_key["salt"]), self.api_key["hmac"]):
                 return None
             return _error(401, "missing or wrong API key: send it in the X-API-Key header "
                                "(or Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"})
@@ -217,13 +333,16 @@ def make_server_class():
                     raise _TooLarge
             return bytes(body)
 
-        @app.post("/predict", summary="Classify texts",
+        @app.post("/predict", summary="Classify texts", responses=PREDICT_RESPONSES,
                   openapi_extra={"requestBody": {"required": True, "content": {
-                      "application/json": {"schema": PREDICT_REQUEST_SCHEMA}}}})
+                      "application/json": {"schema": predict_request_schema(ServeConfig())}}}})
         async def predict(self, request: Request):
             denied = self._unauthorized(request)
             if denied is not None:
                 return denied
+            if not is_json_content_type(request.headers.get("content-type")):
+                return _error(415, f"send the body as JSON with the header Content-Type: application/json "
+                                   f"(got {request.headers.get('content-type') or 'none'})")
             try:
                 body = await self._read_body(request)
             except _TooLarge:
@@ -231,17 +350,18 @@ def make_server_class():
                                    f"shorter texts per request")
             try:
                 payload = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-                return _error(400, f'the body is not valid JSON ({e}); send {{"texts": ["..."]}}')
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, an int over 4,300 digits
+                return _error(400, f'the body is not valid JSON ({str(e)[:200]}); send {{"texts": ["..."]}}')
             texts, status, message = check_texts(payload, self.settings)
             if texts is None:
                 return _error(status, message)
             probs = await asyncio.gather(*(self._batched(t) for t in texts))
-            predictions = []
-            for p in probs:
-                best = int(p.argmax())
-                predictions.append({"label": self.labels[best], "confidence": float(p[best]),
-                                    "probabilities": {lab: float(v) for lab, v in zip(self.labels, p)}})
+            failed = [i for i, p in enumerate(probs) if isinstance(p, Exception)]
+            if failed:
+                return _error(500, f"the model failed on {len(failed)} of {len(texts)} text(s) (first: "
+                                   f"{type(probs[failed[0]]).__name__}); other requests are not affected. "
+                                   f"The replica's log has the details")
+            predictions = [prediction(self.labels, p) for p in probs]
             if "text" in payload:
                 return {"prediction": predictions[0], "model": self.card["name"], "backend": self.backend}
             return {"predictions": predictions, "model": self.card["name"], "backend": self.backend}
@@ -251,7 +371,7 @@ def make_server_class():
             # Which replica answered: a load balancer's or an operator's view of the pool.
             return {"status": "ok", "model": self.card["name"], "backend": self.backend, "replica": self.replica}
 
-        @app.get("/metadata", summary="The model being served and the server's limits")
+        @app.get("/metadata", summary="The model being served and the server's limits", responses=ERROR_RESPONSES)
         async def metadata(self, request: Request):
             denied = self._unauthorized(request)
             if denied is not None:
@@ -285,15 +405,20 @@ def deployment_options(s: ServeConfig) -> dict[str, Any]:
     return opts
 
 
-def read_api_key(s: ServeConfig) -> str | None:
-    """The API key's SHA-256 (never the key itself leaves this process), or None."""
+def read_api_key(s: ServeConfig) -> dict[str, str] | None:
+    """``{"salt", "hmac"}``: the API key's HMAC under a fresh random salt (the key itself never
+    leaves this process), or None when the server has no key."""
     if not s.api_key_env:
         return None
     key = os.environ.get(s.api_key_env, "").strip()
     if not key:
         raise RaybmError(f"serve.api_key_env={s.api_key_env}: set the environment variable {s.api_key_env} to "
                          f"the API key, or unset serve.api_key_env to serve without one")
-    return api_key_digest(key)
+    if len(key) < MIN_API_KEY_CHARS:
+        raise RaybmError(f"the API key in {s.api_key_env} has {len(key)} characters; use at least "
+                         f"{MIN_API_KEY_CHARS} (for example: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    salt = secrets.token_hex(16)
+    return {"salt": salt, "hmac": api_key_digest(key, salt)}
 
 
 def build_application(model_dir: str, s: ServeConfig, loader: str | Callable = DEFAULT_LOADER,
@@ -364,6 +489,9 @@ def deploy(cfg: JobConfig, model_dir: str, loader: str | Callable = DEFAULT_LOAD
 
     s = cfg.serve
     app = build_application(model_dir, s, loader, storage)
+    if not is_loopback(s.host) and not s.api_key_env:  # allowed only by serve.allow_without_key
+        print(f"raybm: WARNING: serving on {s.host}:{s.port} without an API key (serve.allow_without_key=true): "
+              f"anyone who reaches the port can use the model", file=sys.stderr, flush=True)
     if not _serve_running():
         if not _port_free(s.host, s.port):
             raise RaybmError(f"port {s.port} on {s.host} is in use; pick another with serve.port=<port>")

@@ -362,6 +362,7 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     # One writer per run: a second job with the same run name is refused while this one lives.
     with hold_lease(results, "runs", run_name, f"training run {run_name!r}", log=log):
         check_same_recipe(results, run_dir, run_name, cfg)
+        results.unmark_complete(run_dir)  # a rerun: the old run no longer reads as complete while this one writes
         results.write_text(results.join(run_dir, CONFIG_FILE), cfg.to_yaml())
         try:
             result = trainer.fit()

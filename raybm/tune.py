@@ -34,7 +34,7 @@ from typing import Any
 from raybm.config import JobConfig, build_config, derived_name, merge_raw
 from raybm.errors import RaybmError
 from raybm.lease import hold_lease
-from raybm.results import CONFIG_FILE, SUCCESS_MARKER, Results
+from raybm.results import CONFIG_FILE, Results
 from raybm.search_space import Distribution, grid_size, nested, parse_space
 
 TUNE_DIR = "tune"
@@ -231,7 +231,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
             if not (retry_errored and any(row["status"] == "error" for row in done.leaderboard)):
                 log(f"Sweep {name!r} is already complete: {results.uri(sweep_dir)}")
                 return done
-            results.fs.delete_file(results.join(sweep_dir, SUCCESS_MARKER))  # reopened to retry failed trials
+            results.unmark_complete(sweep_dir)  # reopened to retry failed trials
         if resume and not can_restore:
             raise RaybmError(f"--resume: no interrupted sweep {name!r} under {results.uri(results.path('sweeps'))}; "
                              f"run without --resume to start it")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from raybm.config import JobConfig, config_hash
+from raybm.config import JobConfig, config_hash, safe_name
 from raybm.data import cleaning, splitting
 from raybm.data.sources import Source, find_undecodable, read_source, resolve_source
 from raybm.data.tokenizing import CountTokens
@@ -42,7 +42,7 @@ class PreparedData:
 def dataset_name(cfg: JobConfig, src: Source) -> str:
     if cfg.data.name:
         return cfg.data.name
-    return f"{src.name}-{data_config_hash(cfg)}"
+    return safe_name(f"{src.name}-{data_config_hash(cfg)}")
 
 
 def data_config_hash(cfg: JobConfig) -> str:

@@ -53,3 +53,16 @@ def sickly_loader(model_dir, **kwargs):
     with open(os.path.join(parent, "pids"), "a") as f:
         f.write(f"{os.getpid()}\n")
     return _Sickly(load_predictor(model_dir, **kwargs), os.path.join(parent, "sick"))
+
+
+class _Picky(_Wrapped):
+    """Fails any model call whose texts include "poison": a text the model cannot handle."""
+
+    def predict(self, texts):
+        if any("poison" in t for t in texts):
+            raise ValueError(f"cannot handle {os.path.abspath(__file__)}")  # a path that must not reach a client
+        return self.inner.predict(texts)
+
+
+def picky_loader(model_dir, **kwargs):
+    return _Picky(load_predictor(model_dir, **kwargs))

@@ -139,7 +139,28 @@ def test_try_it_predicts_typed_and_uploaded_text_and_explains_bad_input(monkeypa
     assert "could not be read as JSONL" in at.error[-1].value
     big = "text\n" + "\n".join(f"line {i}" for i in range(5001))
     at.file_uploader(key="try_file").set_value(("big.csv", big.encode(), "text/csv")).run()
-    assert "5001 rows; the limit here is 5000" in at.error[-1].value
+    assert "more than 5000 rows; the limit here is 5000 rows" in at.error[-1].value
+    huge = b"text\n" + b"x" * (5 * 1024 * 1024)  # over the size cap, whatever Streamlit's own setting
+    at.file_uploader(key="try_file").set_value(("huge.csv", huge, "text/csv")).run()
+    assert "huge.csv is 5.0 MB; the limit here is 5000 rows and 5 MB" in at.error[-1].value
+    long = "text\nshort and fine\n" + "y" * 2001 + "\n"
+    at.file_uploader(key="try_file").set_value(("long.csv", long.encode(), "text/csv")).run()
+    at.button(key="try_file_go").click().run()
+    assert "texts over 2000 characters on line(s) [3]" in at.error[-1].value
+    assert not at.exception
+
+
+def test_a_page_that_fails_shows_one_line_and_no_traceback(monkeypatch, results):
+    from raybm import dashboard_data
+
+    def broken(self):
+        raise KeyError("/secret/path/in/the/message")
+
+    monkeypatch.setattr(dashboard_data.DashboardData, "models", broken)
+    at = app(monkeypatch, results["root"], "Try it")
+    assert not at.exception  # nothing reaches Streamlit's own error display
+    assert at.error[-1].value.startswith("This page could not be shown (KeyError)")
+    assert "/secret/path" not in at.error[-1].value
 
 
 def test_only_listed_names_are_read(results):

@@ -118,10 +118,17 @@ def test_rerun_with_the_same_name_resumes(ray_local, tmp_path, data_csv):
     assert any("splits streamed by Ray Data" in line for line in said), said
     assert [h["resumed_from_epoch"] for h in first.history] == [0, 0]
     assert first.history[-1]["val_accuracy"] >= 0.8 and first.metrics["test"]["examples"] == 12
+    marker = os.path.join(first.run_dir, "_SUCCESS")
+    assert os.path.exists(marker)
+    # While the rerun writes, the old run's _SUCCESS is gone: the folder never reads as complete.
+    seen = []
     second = run_training(config(tmp_path, data_csv, "name=resume-me", "train.epochs=3", "train.batch_size=4"),
-                          log=quiet)
+                          log=lambda line: seen.append((line, os.path.exists(marker))))
     assert [h["epoch"] for h in second.history] == [1, 2, 3]
     assert second.history[-1]["resumed_from_epoch"] == 2  # only epoch 3 ran again
+    after_training = [done for line, done in seen if line.startswith(("Scored", "Scoring"))]
+    assert after_training == [False], seen
+    assert os.path.exists(marker)
 
 
 def test_predict_file_through_ray_data_keeps_order(ray_local, tmp_path, tiny_model_dir):

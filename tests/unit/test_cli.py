@@ -188,3 +188,15 @@ def test_version_names_raybm_and_the_libraries_it_runs_on():
     out = run("--version")
     assert out.returncode == 0
     assert out.stdout.startswith(f"raybm {raybm.__version__} (ray {version('ray')}, torch {version('torch')}")
+
+
+def test_the_shipped_streamlit_settings_match_what_raybm_dashboard_passes():
+    import tomllib
+    from pathlib import Path
+
+    from raybm.dashboard import STREAMLIT_SETTINGS
+
+    shipped = tomllib.loads((Path(__file__).resolve().parents[2] / ".streamlit" / "config.toml").read_text())
+    flat = {f"{section}.{key}": value for section, keys in shipped.items() for key, value in keys.items()}
+    assert flat == STREAMLIT_SETTINGS
+    assert STREAMLIT_SETTINGS["client.showErrorDetails"] == "none" and STREAMLIT_SETTINGS["server.maxUploadSize"] <= 5

@@ -17,7 +17,14 @@ def cluster():
 def test_cluster_yaml_passes_rays_validation(cluster):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    validate_config(prepare_config(yaml.safe_load(yaml.safe_dump(cluster))))  # what `ray up` runs before launching anything
+    # What `ray up` runs before launching anything: it fills Ray's defaults in, then raises
+    # jsonschema.ValidationError for a config Ray would refuse (the next test shows it can).
+    prepared = prepare_config(yaml.safe_load(yaml.safe_dump(cluster)))
+    assert validate_config(prepared) is None
+    assert prepared["provider"]["type"] == "aws" and prepared["head_node_type"] == "head"
+    assert set(prepared["available_node_types"]) == set(cluster["available_node_types"])
+    assert prepared["available_node_types"]["head"]["max_workers"] == 0  # Ray's default for the head type
+    assert prepared["max_workers"] == cluster["max_workers"]
 
 
 def test_rays_validation_catches_a_bad_key(cluster):

@@ -128,3 +128,30 @@ def test_pipeline_stages_are_checked():
                             ("[data, tune]", "tune.search_space is empty"), ("[data, fit]", "unknown stage")):
         with pytest.raises(ConfigError, match=message):
             build_config(overrides=[f"pipeline.stages={stages}"])
+
+
+@pytest.mark.parametrize("override", ["name=../x", "data.name=../x", "name=a/b", "name=.hidden", "name=a:b", "name=a b",
+                                      "data.name=/abs", "name=" + "x" * 201, "name=..", "name=a\\b"])
+def test_names_that_would_leave_or_hide_in_the_results_folder_are_refused(override):
+    with pytest.raises(ConfigError, match="a name may hold only letters"):
+        build_config(overrides=[override])
+
+
+def test_safe_names_load_and_derived_names_are_always_safe(tmp_path):
+    from raybm.config import check_name, derived_name
+
+    cfg = build_config(overrides=["name=run_1.v2-final", "data.name=tweets-2026"])
+    assert cfg.name == "run_1.v2-final" and cfg.data.name == "tweets-2026"
+    odd = build_config(overrides=["model.name=/models/my model (v2)"])
+    assert check_name(derived_name(odd, "my data", ("train",), "sweep"), "derived")
+
+
+def test_the_results_folder_refuses_unsafe_names_whoever_asks(tmp_path):
+    from raybm.config import StorageConfig
+    from raybm.results import Results
+
+    results = Results(str(tmp_path), StorageConfig(root=str(tmp_path)))
+    for build in (results.run_dir, results.sweep_dir, results.dataset_dir, results.export_dir, results.pipeline_dir):
+        with pytest.raises(ConfigError):
+            build("../outside")
+    assert results.run_dir("fine").startswith(str(tmp_path))

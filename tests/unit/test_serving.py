@@ -45,7 +45,47 @@ def test_api_key_comes_from_the_named_variable_and_only_its_digest_travels(monke
     with pytest.raises(RaybmError, match="set the environment variable RAYBM_UNIT_KEY"):
         read_api_key(s)
     monkeypatch.setenv("RAYBM_UNIT_KEY", "abc")
-    assert read_api_key(s) == api_key_digest("abc") != "abc"
+    with pytest.raises(RaybmError, match="has 3 characters; use at least 16"):
+        read_api_key(s)
+    key = "a-long-enough-key-0123"
+    monkeypatch.setenv("RAYBM_UNIT_KEY", key)
+    first, second = read_api_key(s), read_api_key(s)
+    assert first["salt"] != second["salt"] and first["hmac"] != second["hmac"]  # a fresh salt every start
+    assert first["hmac"] == api_key_digest(key, first["salt"])
+    assert key not in json.dumps(first) and api_key_digest("wrong-key-but-long-enough", first["salt"]) != first["hmac"]
+    import hashlib
+
+    assert hashlib.sha256(key.encode()).hexdigest() not in json.dumps(first)  # not the plain, unsalted digest
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "::", "example.com"])
+def test_a_host_beyond_loopback_needs_a_key_or_an_explicit_opt_in(host):
+    with pytest.raises(ConfigError, match="without an API key"):
+        serve_cfg(f"serve.host='{host}'")
+    assert serve_cfg(f"serve.host='{host}'", "serve.api_key_env=SOME_KEY").host == host
+    assert serve_cfg(f"serve.host='{host}'", "serve.allow_without_key=true").allow_without_key
+    for loopback in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert serve_cfg(f"serve.host='{loopback}'").host == loopback
+
+
+def test_text_that_is_not_valid_unicode_is_refused():
+    s = serve_cfg()
+    texts, status, message = check_texts({"texts": ["fine", "bad \ud800 text"]}, s)
+    assert texts is None and status == 422
+    assert message == "texts[1] is not valid Unicode: it holds a lone surrogate (\\ud800) at character 4; send UTF-8 text"
+
+
+def test_one_failing_text_fails_only_itself():
+    from raybm.serving import predict_each
+
+    def predict(texts):
+        if any("boom" in t for t in texts):
+            raise ValueError("tokenizer failed")
+        return [[0.5, 0.5] for _ in texts]
+
+    out = predict_each(predict, ["a", "boom", "c"])
+    assert out[0] == [0.5, 0.5] and out[2] == [0.5, 0.5] and isinstance(out[1], ValueError)
+    assert predict_each(predict, ["a", "b"]) == [[0.5, 0.5], [0.5, 0.5]]
 
 
 def test_request_checks_name_the_problem():
@@ -75,6 +115,8 @@ def test_models_resolve_from_folders_and_names(tmp_path, tiny_model_dir):
         resolve_model("nope", str(tmp_path))
     card = model_card(want)
     assert card["name"] == "s1" and card["source_kind"] == "sweep" and card["test_metrics"] == {"accuracy": 0.9}
+    assert card["model"] == "sweeps/s1/model" and card["source"] == "sweeps/s1"
+    assert str(tmp_path) not in json.dumps(card)  # no local path
     assert card["winner"]["values"] == {"train.lr": 0.001}
 
 

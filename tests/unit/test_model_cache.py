@@ -1,0 +1,102 @@
+"""Models fetched from S3 (a real S3 API: moto's server on loopback): one private cached
+copy per model URI and version, refreshed when the model is republished; ``_SUCCESS``
+removed first and written last whenever a folder is rewritten."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+
+import pyarrow.fs as pafs
+import pytest
+
+from raybm.config import StorageConfig
+from raybm.errors import RaybmError
+from raybm.inference import model_card
+from raybm.results import MODEL_CACHE_ENV, SUCCESS_MARKER, Results, fetch_model, s3_filesystem
+
+
+@pytest.fixture
+def store(s3_server, tmp_path, monkeypatch):
+    import boto3
+
+    bucket = f"cache-{time.time_ns()}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    storage = StorageConfig(root=f"s3://{bucket}/results", s3_endpoint_url=s3_server)
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "cache"))
+    return Results(storage.root, storage)
+
+
+def publish(results: Results, local: str, name: str) -> str:
+    folder = results.join(results.run_dir(name), "model")
+    results.upload_dir(local, folder)
+    results.write_json(results.join(results.run_dir(name), "metrics.json"), {"test": {"accuracy": 0.5}})
+    return results.uri(folder)
+
+
+def test_one_private_copy_per_version_refreshed_when_the_model_changes(store, tiny_model_dir, tmp_path):
+    uri = publish(store, tiny_model_dir, "cached")
+    first = fetch_model(uri, store.storage)
+    assert first.startswith(str(tmp_path / "cache"))
+    assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700  # private to this user
+    assert os.path.isfile(os.path.join(first, "model.safetensors"))
+    assert fetch_model(uri, store.storage) == first  # a restart or a second replica: the same copy
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(first)]  # nothing left behind
+
+    changed = tmp_path / "changed"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, changed)
+    (changed / "label_map.json").write_text(json.dumps({"labels": ["neg", "pos"], "label_to_id": {"neg": 0, "pos": 1}}))
+    publish(store, str(changed), "cached")  # republished under the same name
+    second = fetch_model(uri, store.storage)
+    assert second != first and not os.path.exists(first)  # the old version is gone
+    assert json.loads(open(os.path.join(second, "label_map.json")).read())["labels"] == ["neg", "pos"]
+
+    card = model_card(second, source=uri, storage=store.storage)  # what a replica reports
+    assert card["name"] == "cached" and card["model"] == "runs/cached/model" and card["source_kind"] == "run"
+    assert card["test_metrics"] == {"accuracy": 0.5}
+    assert str(tmp_path) not in json.dumps(card)
+
+
+def test_an_unpublished_folder_is_refused_and_a_rewrite_unmarks_it_first(store, tiny_model_dir):
+    uri = publish(store, tiny_model_dir, "rewritten")
+    folder = uri[len("s3://"):]
+    fs = s3_filesystem(store.storage)
+    seen = []
+    real_delete = fs.delete_dir
+
+    class Watching:  # records whether _SUCCESS still existed when the old files were deleted
+        def __getattr__(self, name):
+            return getattr(fs, name)
+
+        def delete_dir(self, path):
+            seen.append(fs.get_file_info(f"{path}/{SUCCESS_MARKER}").type)
+            real_delete(path)
+            store.fs = fs  # the copy that follows needs the real filesystem
+
+    store.fs = Watching()
+    store.upload_dir(tiny_model_dir, folder)
+    assert seen == [pafs.FileType.NotFound]  # unmarked before any file was deleted
+    assert store.is_complete(folder)
+    store.unmark_complete(folder)
+    with pytest.raises(RaybmError, match="no _SUCCESS in the model folder"):
+        fetch_model(uri, store.storage)
+
+
+def test_a_model_card_keeps_success_last(tmp_path, tiny_model_dir):
+    import shutil
+
+    from raybm.modelcard import README, write_model_card
+
+    results = Results(str(tmp_path), StorageConfig(root=str(tmp_path)))
+    model = results.join(results.run_dir("carded"), "model")
+    shutil.copytree(tiny_model_dir, model)
+    results.mark_complete(model)
+    before = os.stat(os.path.join(model, SUCCESS_MARKER)).st_mtime_ns
+    time.sleep(0.01)
+    write_model_card(results, model, name="carded", kind="run", dataset="d", test={"accuracy": 1.0, "f1_macro": 1.0, "precision_macro": 1.0, "recall_macro": 1.0})
+    assert os.stat(os.path.join(model, SUCCESS_MARKER)).st_mtime_ns >= os.stat(os.path.join(model, README)).st_mtime_ns
+    assert os.stat(os.path.join(model, SUCCESS_MARKER)).st_mtime_ns > before
