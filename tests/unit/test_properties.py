@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -20,7 +21,9 @@ from raybm.errors import ConfigError
 
 ANY_CHAR = st.characters(exclude_categories=())  # lone surrogates too: JSON escapes can carry them
 KEYS = [key for key, _, _ in describe()]
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# RAYBM_HYPOTHESIS_EXAMPLES=5000 for a longer search than the suite's.
+SETTINGS = settings(max_examples=int(os.environ.get("RAYBM_HYPOTHESIS_EXAMPLES", "300")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 # Values as a user types them on a command line: YAML scalars, lists and mappings, numbers
 # at the edges, and arbitrary text.
