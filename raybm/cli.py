@@ -127,7 +127,7 @@ def _is_override(arg: str) -> bool:
 
 
 def _cmd_soup(args: argparse.Namespace) -> int:
-    from raybm.runtime import ensure_ray, quiet_ray_data
+    from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
     from raybm.soup import check_soup_inputs, run_soup
 
     # `--models a b key=value`: argparse hands the overrides to --models; take them back.
@@ -135,6 +135,7 @@ def _cmd_soup(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [*args.overrides, *(m for m in args.models if _is_override(m))])
     check_soup_inputs(cfg, models, args.data, args.name)  # mistakes fail before Ray starts
     print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
+    check_shared_paths(cfg, {f"--models {m}": m for m in models if os.path.isdir(os.path.expanduser(m))})
     quiet_ray_data()
     out = run_soup(cfg, models, args.data, args.name, args.method)
     soup = out["soup"]
@@ -152,7 +153,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from raybm.inference import resolve_model
     from raybm.predict import check_output_folder, file_format
     from raybm.results import Results
-    from raybm.runtime import ensure_ray, quiet_ray_data
+    from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
 
     cfg = load_config(args.config, args.overrides)
     args.checkpoint = resolve_model(args.checkpoint, cfg.storage.root, flag="--checkpoint")
@@ -169,6 +170,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         resolve_source(cfg.data, cfg.storage)
     ensure_ray(cfg.ray)
+    # Scored by Ray Data on any node: the model (and a data file) must be where all see them.
+    check_shared_paths(cfg, {"--checkpoint": args.checkpoint}, root=prepared)
     quiet_ray_data()
     want = bool(args.predictions)
     if prepared:
@@ -219,10 +222,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not args.input or not args.output:
         raise RaybmError("give --text \"...\", or --input FILE --output FILE")
     use_ray = True if args.ray else None
+    if use_ray is None and os.path.isfile(args.input):
+        from raybm.predict import IN_PROCESS_MAX_BYTES
+
+        use_ray = os.path.getsize(args.input) > IN_PROCESS_MAX_BYTES or None
     if use_ray:
-        from raybm.runtime import ensure_ray, quiet_ray_data
+        from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
 
         ensure_ray(cfg.ray)
+        # Labelled by Ray Data on any node: the model and the input must be where all see them.
+        check_shared_paths(cfg, {"--model": args.model, "--input": args.input}, root=False)
         quiet_ray_data()
     done = predict_file(args.model, args.input, args.output, args.text_column, args.max_length, use_ray=use_ray,
                         probabilities=args.probabilities, log=lambda line: print(line, flush=True))

@@ -111,15 +111,16 @@ def job_working_dir() -> str | None:
     return os.getcwd() if env.get("working_dir") else None
 
 
-def check_shared_paths(cfg: JobConfig, models: dict[str, str] | None = None) -> None:
+def check_shared_paths(cfg: JobConfig, models: dict[str, str] | None = None, *, root: bool = True) -> None:
     """On a Ray of more than one node, refuse before any work the local paths the other
-    nodes cannot see: a local ``storage.root``, a local data file or model folder (outside
-    the submitted working_dir, which every node unpacks). ``models`` names more model
-    folders to check, ``{setting: path}``."""
+    nodes cannot see: a local ``storage.root`` (unless ``root`` is false: the command
+    reads and writes nothing there), a local data file or model folder (outside the
+    submitted working_dir, which every node unpacks). ``models`` names more paths to
+    check, ``{setting or flag: path}``."""
     nodes = node_count()
     if nodes < 2:
         return
-    if not cfg.storage.root.startswith("s3://"):
+    if root and not cfg.storage.root.startswith("s3://"):
         raise RaybmError(f"storage.root={cfg.storage.root!r} is a local folder, but this Ray cluster has {nodes} "
                          f"nodes, which do not share it (each writes its own disk). Set storage.root=s3://<bucket>/"
                          f"<prefix> so every node reads and writes the same results.")

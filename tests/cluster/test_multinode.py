@@ -213,6 +213,32 @@ def test_local_paths_the_other_nodes_cannot_see_are_refused_before_any_work(clus
     assert not (tmp_path / "results").exists()
 
 
+def test_predict_and_evaluate_refuse_a_model_only_the_driver_can_see(cluster, s3_server, data_uri, tmp_path,
+                                                                    tiny_model_dir):
+    """Ray Data labels and scores on any node: a model folder (or an input file) on the
+    driver's disk alone is refused before any work, naming the flag."""
+    from tests.cluster.conftest import client
+
+    config = write_job(tmp_path, base_config(s3_server, data_uri, "s3://raybm-mn/refused"))
+    local_input = tmp_path / "to-label.csv"
+    make_frame(10).to_csv(local_input, index=False)
+    cli = [sys.executable, "-m", "raybm.cli"]
+    cases = [
+        ([*cli, "evaluate", "--checkpoint", tiny_model_dir, "--data", data_uri, "--config", str(config)],
+         "raybm evaluate: error: --checkpoint="),
+        ([*cli, "predict", "--model", tiny_model_dir, "--input", str(local_input), "--output", str(tmp_path / "out.csv"),
+          "--text-column", "body", "--ray", "--config", str(config)], "raybm predict: error: --model="),
+    ]
+    for entrypoint, said in cases:
+        job = client(cluster).submit_job(entrypoint=shlex.join(entrypoint), runtime_env={
+            "working_dir": str(ROOT), "excludes": [".git", ".venv", "results", ".pytest_cache"],
+            "env_vars": {"HF_HUB_OFFLINE": "1"}})
+        status, logs = wait_job(cluster, job, timeout=120)
+        assert status == "FAILED", logs[-3000:]
+        assert said in logs and "this Ray cluster has 3 nodes" in logs, logs[-3000:]
+    assert not (tmp_path / "out.csv").exists()
+
+
 def test_workers_no_node_can_hold_fail_fast_naming_the_setting(cluster, s3_server, data_uri, tmp_path):
     cfg = base_config(s3_server, data_uri, "s3://raybm-mn/unplaceable")
     for overrides, expected in [
