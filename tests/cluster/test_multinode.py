@@ -388,7 +388,9 @@ def test_a_lost_worker_node_costs_a_checkpoint_not_the_sweep(cluster, bucket, s3
                                                            if k.endswith("/leaderboard.json")))["Body"].read())
     assert len(board) == 2 and all(row["status"] == "completed" for row in board), board
     # The trial that ran on the lost node resumed from its last checkpoint on the other
-    # node; the other trial never ran an epoch twice.
+    # node. The other trial's workers ran on the node that stayed, but its own actor (and
+    # Ray Train's controller, which Ray places beside it) may have been on the lost one:
+    # then it restarted too, from its last checkpoint, never from scratch.
     moved = [row for row in board if lost_id in row["history"][0]["worker_nodes"]]
     assert len(moved) == 1, (lost_id, board)  # one trial a node: each node has one CPU
     moved = moved[0]
@@ -401,8 +403,12 @@ def test_a_lost_worker_node_costs_a_checkpoint_not_the_sweep(cluster, bucket, s3
           f"{resumed['started_at'] - killed_at:.0f} s after its node was lost (the other trial held that node "
           f"until {other_finished(board, moved) - killed_at:.0f} s); sweep done {time.time() - killed_at:.0f} s after")
     other = next(row for row in board if row is not moved)
-    assert not any(h["resumed_from_epoch"] for h in other["history"])
-    assert [h["epoch"] for h in other["history"]] == list(range(1, 9))
+    assert all(lost_id not in h["worker_nodes"] for h in other["history"]), other["history"]
+    assert [h["epoch"] for h in other["history"]] == list(range(1, 9)), other["history"]
+    restarts = [h["resumed_from_epoch"] for h in other["history"] if h["resumed_from_epoch"]]
+    assert len(set(restarts)) <= 1, other["history"]  # one restart at most, from a checkpoint
+    assert other["history"][0]["started_at"] < killed_at, other["history"]  # not from scratch
+    print(f"the other trial {'restarted from epoch ' + str(restarts[0]) if restarts else 'ran on undisturbed'}")
     cluster.wait_for_nodes(3)
 
 
