@@ -6,7 +6,7 @@
 The runs must share an architecture and a pretrained start (the same base model, different
 seeds, epochs or settings). Prints validation and test accuracy / macro-F1 of each run, of
 the mean of their predicted probabilities (an ensemble: N times the inference cost) and of
-the model whose weights are the mean of theirs (one model's cost; ``raybm.soup``). Nothing
+the model whose weights are the mean of theirs (one model's cost; ``raybm.tune.soup``). Nothing
 is written outside a temporary folder. ``raybm soup`` makes such a model as a run, picked
 on validation.
 
@@ -39,8 +39,8 @@ def main() -> int:
     import pandas as pd
     from sklearn.metrics import accuracy_score, f1_score
 
-    from raybm.inference import load_predictor
-    from raybm.soup import average_models
+    from raybm.inference.loading import load_predictor
+    from raybm.tune.soup import average_models
 
     splits = {s: pd.read_parquet(os.path.join(args.data, s)) for s in ("validation", "test")}
 

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def throughput(folder: str, backend: str, texts: list[str], threads: int = 2, batch: int = 32) -> float:
-    from raybm.inference import load_predictor
+    from raybm.inference.loading import load_predictor
 
     p = load_predictor(folder, backend, threads=threads, batch_size=batch)
     p.predict(texts[:batch])
@@ -45,8 +45,8 @@ def main() -> int:
 
     from raybm.cli import format_exports
     from raybm.config import load_config
-    from raybm.export import BACKEND, TRAINED, eval_split, run_export
-    from raybm.inference import resolve_model
+    from raybm.export.variants import BACKEND, TRAINED, eval_split, run_export
+    from raybm.inference.loading import resolve_model
 
     cfg = load_config(args.config, args.overrides)
     variants = args.variants.split(",")

@@ -44,8 +44,8 @@ def plain_loop(cfg, texts: list[str], labels_ids: list[int], labels: list[str], 
     """Samples/s of a hand-written bf16 loop over pre-tokenized, device-resident batches."""
     import torch
 
-    from raybm.models import build_classifier, load_tokenizer
-    from raybm.train_loop import build_optimizer
+    from raybm.models.build import build_classifier, load_tokenizer
+    from raybm.train.loop import build_optimizer
 
     torch.manual_seed(0)
     model = build_classifier(cfg.model, labels, pretrained=not scratch).to(device)
@@ -100,7 +100,7 @@ def main() -> int:
     from raybm.config import build_config
     from raybm.results import Results
     from raybm.runtime import quiet_ray_data, worker_env
-    from raybm.train import run_training
+    from raybm.train.driver import run_training
 
     base = [f"storage.root={args.root}", "data.source=twitter-sentiment", "data.labels=[negative,positive]",
             "data.max_length=64", f"train.epochs={args.epochs}", f"train.batch_size={args.batch}",

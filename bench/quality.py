@@ -69,7 +69,7 @@ def paired(y: np.ndarray, ours: np.ndarray, base: np.ndarray, resamples: int = 2
 def run_predictions(results, run: str):
     import pandas as pd
 
-    from raybm.train import PREDICTIONS_FILE
+    from raybm.train.driver import PREDICTIONS_FILE
 
     path = results.join(results.run_dir(run), PREDICTIONS_FILE)
     if not results.exists(path):
@@ -135,7 +135,7 @@ def main() -> int:
         return 0
 
     from raybm.runtime import ensure_ray, quiet_ray_data
-    from raybm.train import run_training
+    from raybm.train.driver import run_training
 
     ensure_ray(cfg.ray)
     quiet_ray_data()

@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from raybm.train import POLL_INTERVAL_ENV, POLL_INTERVAL_S  # noqa: E402
+from raybm.train.driver import POLL_INTERVAL_ENV, POLL_INTERVAL_S  # noqa: E402
 
 LRS = (1e-3, 5e-4, 2e-4, 1e-4)
 
@@ -49,8 +49,8 @@ def plain_run(model_name: str, labels: list[str], data: dict, epochs: int, batch
     import torch
 
     from raybm.config import build_config
-    from raybm.evaluate import metrics_from_confusion
-    from raybm.models import build_classifier
+    from raybm.inference.evaluate import metrics_from_confusion
+    from raybm.models.build import build_classifier
     from raybm.data.tokenizing import pad_collate
 
     cfg = build_config(overrides=[f"model.name={model_name}", f"train.lr={lr}"])
@@ -100,7 +100,7 @@ def tokenize_splits(model_name: str, frames: dict, max_length: int) -> dict:
     """Every split tokenized in this process (the plain loop's data preparation)."""
     import numpy as np
 
-    from raybm.models import load_tokenizer
+    from raybm.models.build import load_tokenizer
 
     tok = load_tokenizer(model_name)
     out = {}
@@ -163,7 +163,7 @@ def bench_run(args, base: list[str], frames: dict, labels: list[str]) -> None:
 
     from raybm.config import build_config
     from raybm.runtime import ensure_ray, quiet_ray_data
-    from raybm.train import run_training
+    from raybm.train.driver import run_training
 
     cfg = build_config(overrides=[*base, f"train.lr={LRS[0]}", f"name=overhead-{int(time.time())}"])
     started = time.time()
@@ -234,7 +234,7 @@ def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
 
     from raybm.config import build_config
     from raybm.runtime import ensure_ray, quiet_ray_data
-    from raybm.tune import run_sweep
+    from raybm.tune.sweep import run_sweep
 
     grid = ", ".join(f"{lr:g}" for lr in LRS)
     cfg = build_config(overrides=[*base, f"name=overhead-sweep-{int(time.time())}", "tune.max_concurrent_trials=1", "tune.num_samples=1",

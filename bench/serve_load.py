@@ -107,7 +107,7 @@ def default_model(folder: str) -> str:
     import yaml
 
     from raybm.config import build_config
-    from raybm.models import build_classifier, load_tokenizer
+    from raybm.models.build import build_classifier, load_tokenizer
 
     cfg = build_config(overrides=["model.name=all-minilm-l6-v2", "data.max_length=64"])
     labels = ["negative", "positive"]
@@ -121,7 +121,7 @@ def default_model(folder: str) -> str:
 
 
 def bare_model(model_dir: str, backend: str, threads: int, device: str, texts: list[str], batch: int) -> dict:
-    from raybm.inference import load_predictor
+    from raybm.inference.loading import load_predictor
 
     p = load_predictor(model_dir, backend, threads=threads, device=device)
     p.predict(texts[:batch])  # warm-up
@@ -142,7 +142,7 @@ def serve_phase(cfg_overrides: list[str], model_dir: str, texts_file: str, level
     from ray import serve
 
     from raybm.config import build_config
-    from raybm.serving import deploy
+    from raybm.serve.app import deploy
 
     cfg = build_config(overrides=cfg_overrides)
     url = deploy(cfg, model_dir)

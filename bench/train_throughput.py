@@ -24,8 +24,8 @@ def plain_loop(cfg, texts: list[str], labels_ids: list[int], labels: list[str], 
     """Samples/s of a hand-written loop after WARM steps."""
     import torch
 
-    from raybm.models import build_classifier, load_tokenizer
-    from raybm.train_loop import build_optimizer
+    from raybm.models.build import build_classifier, load_tokenizer
+    from raybm.train.loop import build_optimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def main() -> int:
     from raybm.config import build_config
     from raybm.results import Results
     from raybm.runtime import ensure_ray, quiet_ray_data
-    from raybm.train import run_training
+    from raybm.train.driver import run_training
 
     rows = int(args.steps * BATCH / 0.8) + 64  # a train split of about `steps` batches
     cfg = build_config(overrides=[

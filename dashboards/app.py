@@ -1,5 +1,5 @@
 """The raybm dashboard: streamlit run dashboards/app.py -- --root results [--serve-url URL]"""
 
-from raybm.dashboard import main
+from raybm.dashboard.pages import main
 
 main()

@@ -32,9 +32,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _start(cfg) -> None:
     from raybm.data.sources import resolve_source
-    from raybm.models import check_model
+    from raybm.models.build import check_model
     from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
-    from raybm.train import teacher_labels
+    from raybm.train.driver import teacher_labels
 
     resolve_source(cfg.data, cfg.storage)  # bad paths and columns fail before Ray starts
     check_model(cfg.model)
@@ -54,7 +54,7 @@ def _print_test_metrics(test: dict) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from raybm.train import run_training
+    from raybm.train.driver import run_training
 
     cfg = load_config(args.config, args.overrides)
     _start(cfg)
@@ -66,8 +66,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from raybm.soup import is_used
-    from raybm.tune import format_leaderboard, format_values, run_sweep
+    from raybm.tune.soup import is_used
+    from raybm.tune.sweep import format_leaderboard, format_values, run_sweep
 
     cfg = load_config(args.config, args.overrides)
     _start(cfg)
@@ -128,7 +128,7 @@ def _is_override(arg: str) -> bool:
 
 def _cmd_soup(args: argparse.Namespace) -> int:
     from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
-    from raybm.soup import check_soup_inputs, run_soup
+    from raybm.tune.soup import check_soup_inputs, run_soup
 
     # `--models a b key=value`: argparse hands the overrides to --models; take them back.
     models = [m for m in args.models if not _is_override(m)]
@@ -149,9 +149,9 @@ def _cmd_soup(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from raybm.data import load_split
-    from raybm.evaluate import score_dataset, score_source
-    from raybm.inference import resolve_model
-    from raybm.predict import check_output_folder, file_format
+    from raybm.inference.evaluate import score_dataset, score_source
+    from raybm.inference.loading import resolve_model
+    from raybm.inference.predict import check_output_folder, file_format
     from raybm.results import Results
     from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
 
@@ -187,8 +187,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{args.checkpoint} on {args.data} (every row; dropped: {dropped}):")
     _print_test_metrics(metrics)
     if frame is not None:
-        from raybm.evaluate import named_predictions, read_label_map
-        from raybm.predict import write_frame
+        from raybm.inference.evaluate import named_predictions, read_label_map
+        from raybm.inference.predict import write_frame
 
         frame = named_predictions(frame, read_label_map(args.checkpoint))
         write_frame(frame, args.predictions)
@@ -205,8 +205,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from raybm.inference import resolve_model
-    from raybm.predict import format_prediction, predict_file, predict_texts
+    from raybm.inference.loading import resolve_model
+    from raybm.inference.predict import format_prediction, predict_file, predict_texts
 
     cfg = load_config(args.config, args.overrides)
     args.model = resolve_model(args.model, cfg.storage.root)
@@ -223,7 +223,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise RaybmError("give --text \"...\", or --input FILE --output FILE")
     use_ray = True if args.ray else None
     if use_ray is None and os.path.isfile(args.input):
-        from raybm.predict import IN_PROCESS_MAX_BYTES
+        from raybm.inference.predict import IN_PROCESS_MAX_BYTES
 
         use_ray = os.path.getsize(args.input) > IN_PROCESS_MAX_BYTES or None
     if use_ray:
@@ -244,10 +244,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import time
 
-    from raybm.inference import model_card, resolve_model
+    from raybm.inference.loading import model_card, resolve_model
     from raybm.results import Results
     from raybm.runtime import check_shared_paths, ensure_ray
-    from raybm.serving import DEFAULT_LOADER, deploy, default_model_for, post_texts, read_api_key
+    from raybm.serve.app import DEFAULT_LOADER, deploy, default_model_for, post_texts, read_api_key
 
     cfg = load_config(args.config, args.overrides)
     s = cfg.serve
@@ -255,7 +255,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     storage = None
     if results.remote or (args.model or "").startswith("s3://"):
         # Replicas fetch the model from S3 themselves (on whichever node they run).
-        from raybm.export import remote_model
+        from raybm.export.variants import remote_model
 
         results.check_reachable()
         model_dir = remote_model(results, args.model) if args.model else results.uri(default_model_for(cfg))
@@ -304,7 +304,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from raybm.export import TRAINED, run_export
+    from raybm.export.variants import TRAINED, run_export
 
     cfg = load_config(args.config, args.overrides)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
@@ -341,17 +341,17 @@ def format_exports(reference: dict | None, manifests: dict) -> str:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from raybm.dashboard import STREAMLIT_SETTINGS
+    import raybm.dashboard.pages as pages
     from raybm.results import Results
 
     cfg = load_config(args.config, args.overrides)
     root = args.root or cfg.storage.root
     Results(root, cfg.storage).check_reachable()
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard_app.py")
+    script = pages.__file__  # also a Streamlit script (dashboards/app.py shows the same page)
     env = dict(os.environ, RAYBM_RESULTS=root)
     if args.serve_url:
         env["RAYBM_SERVE_URL"] = args.serve_url
-    flags = [x for key, value in STREAMLIT_SETTINGS.items() for x in (f"--{key}", json.dumps(value).strip('"'))]
+    flags = [x for key, value in pages.STREAMLIT_SETTINGS.items() for x in (f"--{key}", json.dumps(value).strip('"'))]
     cmd = [sys.executable, "-m", "streamlit", "run", script, "--server.address", args.host,
            "--server.port", str(args.port), *flags, "--", "--root", root]
     print(f"raybm dashboard on http://{args.host}:{args.port} over {root} (Ctrl-C stops it)", flush=True)
@@ -367,7 +367,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     """What a results folder holds, best test score first: the dashboard's Jobs page as text."""
     import pandas as pd
 
-    from raybm.dashboard_data import DashboardData
+    from raybm.dashboard.data import DashboardData
 
     cfg = load_config(args.config, args.overrides)
     root = args.root or cfg.storage.root
@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="once serving, send this text over HTTP and print the answer (repeatable)")
     p.add_argument("--exit", action="store_true", help="stop after deploying (and --send) instead of serving on")
     p.add_argument("--detach", action="store_true", help="on a Ray cluster: leave the server running and return")
-    p.add_argument("--loader", help="model loader as module:function (default: raybm.inference:load_predictor)")
+    p.add_argument("--loader", help="model loader as module:function (default: raybm.inference.loading:load_predictor)")
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("dashboard", help="open the Streamlit dashboard over a results folder")
     _add_config_args(p)

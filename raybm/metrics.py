@@ -11,8 +11,21 @@ from typing import Any
 
 import numpy as np
 
+from raybm.errors import ConfigError
+
 # Names reported every epoch (prefixed with "val_") and in metrics.json (test).
 SUMMARY_METRICS = ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro")
+# Metrics a model soup can be scored by: the classification scores of a scored split.
+SCORABLE = ("accuracy", "f1_macro", "precision_macro", "recall_macro")
+
+
+def soup_metric(metric: str) -> str:
+    """The scored-split key for a validation metric name (``val_f1_macro`` -> ``f1_macro``)."""
+    key = metric[len("val_"):] if metric.startswith("val_") else metric
+    if key not in SCORABLE:
+        raise ConfigError(f"a model soup is picked by a classification score ({', '.join('val_' + k for k in SCORABLE)}); "
+                          f"{metric!r} is not one")
+    return key
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:

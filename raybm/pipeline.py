@@ -44,9 +44,9 @@ def preflight(cfg: JobConfig):
     teacher is a model folder, an API key is set, export or deploy without a train or tune
     stage have a model. Returns the resolved source."""
     from raybm.data.sources import resolve_source
-    from raybm.models import check_model
-    from raybm.serving import read_api_key
-    from raybm.train import teacher_labels
+    from raybm.models.build import check_model
+    from raybm.serve.app import read_api_key
+    from raybm.train.driver import teacher_labels
 
     Results.from_config(cfg.storage).check_reachable()
     source = resolve_source(cfg.data, cfg.storage)
@@ -149,7 +149,7 @@ def _failed(summary: _Summary, stage: str, t0: float, e: BaseException) -> None:
 
 def trained_model(cfg: JobConfig) -> str:
     """The model this config's train or tune stage made earlier; a clear error when none."""
-    from raybm.serving import default_model_for
+    from raybm.serve.app import default_model_for
 
     try:
         return default_model_for(cfg)
@@ -178,7 +178,8 @@ def posix_parent(path: str) -> str:
 
 
 def _train(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
-    from raybm.train import METRICS_FILE, run_name_for, run_training
+    from raybm.config import run_name_for
+    from raybm.train.driver import METRICS_FILE, run_training
 
     run_dir = results.run_dir(run_name_for(cfg, state["dataset"]))
     if results.is_complete(run_dir):
@@ -193,7 +194,8 @@ def _train(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict
 
 
 def _tune(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
-    from raybm.tune import format_leaderboard, run_sweep, sweep_name_for
+    from raybm.config import sweep_name_for
+    from raybm.tune.sweep import format_leaderboard, run_sweep
 
     was_done = results.is_complete(results.sweep_dir(sweep_name_for(cfg, state["dataset"])))
     result = run_sweep(cfg, log=log)
@@ -214,7 +216,7 @@ def _short(test: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _export(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
-    from raybm.export import run_export
+    from raybm.export.variants import run_export
 
     _model_stage_output(cfg, results, state)
     name = os.path.basename(posix_parent(state["model"]))
@@ -270,8 +272,8 @@ def release_gate(cfg: JobConfig, test: dict[str, Any] | None, latency_ms: float 
 
 
 def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
-    from raybm.export import measure
-    from raybm.serving import deploy, post_texts, read_api_key
+    from raybm.export.variants import measure
+    from raybm.serve.app import deploy, post_texts, read_api_key
 
     _model_stage_output(cfg, results, state)
     folder, backend = serving_folder(cfg, state)

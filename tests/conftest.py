@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 def tiny_model_dir(tmp_path_factory):
     """A raybm model folder holding a tiny random BERT (2 classes), as training writes it."""
     from raybm.config import build_config
-    from raybm.models import build_classifier, load_tokenizer
+    from raybm.models.build import build_classifier, load_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-model")
     cfg = build_config(overrides=["model.name=tiny-bert"])

@@ -24,7 +24,7 @@ from raybm.data.tokenizing import CountTokens
 from raybm.errors import DataError, RaybmError
 from raybm.lease import hold_lease
 from raybm.results import CONFIG_FILE, LABEL_MAP_FILE, REPORT_FILE, SPLITS, Results
-from raybm.udf import map_batches_cached
+from raybm.data.udf import map_batches_cached
 
 REPORT_VERSION = 1
 

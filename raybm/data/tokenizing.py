@@ -1,7 +1,7 @@
 """Tokenization on Ray Data, and training-only text augmentation.
 
 ``Tokenize`` and ``CountTokens`` are callable classes that Ray Data runs as tasks through
-``raybm.udf.map_batches_cached``: the tokenizer loads once per worker process, not per
+``raybm.data.udf.map_batches_cached``: the tokenizer loads once per worker process, not per
 batch, and no actor pool has to start. Batches stream through; nothing is collected on the
 driver.
 """
@@ -40,7 +40,7 @@ def augment_text(text: str, cfg: AugmentConfig, rng: np.random.Generator,
 class _WithTokenizer:
     def __init__(self, model: str, trust_remote_code: bool = False) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from raybm.models import load_tokenizer
+        from raybm.models.build import load_tokenizer
 
         self.tokenizer = load_tokenizer(model, trust_remote_code)
 
@@ -109,7 +109,7 @@ def tokenize_dataset(ds, data: DataConfig, model: ModelConfig, *, training: bool
     """Lazily tokenize a Dataset with columns text and label (augmenting if training)."""
     import dataclasses
 
-    from raybm.udf import map_batches_cached
+    from raybm.data.udf import map_batches_cached
 
     augment = dataclasses.asdict(data.augment) if training and data.augment.enabled else None
     return map_batches_cached(

@@ -97,7 +97,7 @@ def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, 
                              f"storage.s3_endpoint_url={s3_server}"], capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and stages["tune"]["sweep"] in listed.stdout, listed.stdout + listed.stderr
     from raybm.config import StorageConfig
-    from raybm.dashboard_data import DashboardData
+    from raybm.dashboard.data import DashboardData
 
     board_view = DashboardData(f"s3://{name}/team", StorageConfig(root=f"s3://{name}/team", s3_endpoint_url=s3_server))
     assert [p["status"] for p in board_view.pipelines()] == ["succeeded"]

@@ -57,7 +57,7 @@ def dashboard(tmp_path, tiny_model_dir):
 
 
 def test_try_it_in_a_real_browser(dashboard):
-    from raybm.inference import load_predictor
+    from raybm.inference.loading import load_predictor
 
     url, model_dir = dashboard
     sentence = "what a wonderful, kind and helpful crew"

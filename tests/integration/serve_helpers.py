@@ -8,7 +8,7 @@ the model is changed, to drive the server into overload and into a failing healt
 import os
 import time
 
-from raybm.inference import load_predictor
+from raybm.inference.loading import load_predictor
 
 
 class _Wrapped:

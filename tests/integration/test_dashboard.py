@@ -9,9 +9,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from raybm.config import build_config
-from raybm.export import run_export
-from raybm.inference import load_predictor
-from raybm.tune import run_sweep
+from raybm.export.variants import run_export
+from raybm.inference.loading import load_predictor
+from raybm.tune.sweep import run_sweep
 
 from .test_data_pipeline import make_frame
 
@@ -164,7 +164,7 @@ def test_a_page_that_fails_shows_one_line_and_no_traceback(monkeypatch, results)
 
 
 def test_only_listed_names_are_read(results):
-    from raybm.dashboard_data import DashboardData
+    from raybm.dashboard.data import DashboardData
     from raybm.errors import RaybmError
 
     data = DashboardData(results["root"])
@@ -180,7 +180,7 @@ def test_the_dashboard_reads_a_results_root_on_s3(monkeypatch, results, s3_serve
     import pyarrow.fs as pafs
 
     from raybm.config import StorageConfig
-    from raybm.dashboard_data import DashboardData
+    from raybm.dashboard.data import DashboardData
     from raybm.results import s3_filesystem
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="dash-bucket")

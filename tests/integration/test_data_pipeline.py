@@ -183,7 +183,7 @@ def test_tokenized_split_streams_into_torch_batches(ray_local, tmp_path):
 
 
 def test_training_reads_the_ids_the_data_stage_stored_and_tokenizes_when_they_do_not_fit(ray_local, tmp_path):
-    from raybm.train import stored_ids_fit, training_datasets
+    from raybm.train.driver import stored_ids_fit, training_datasets
 
     make_frame().to_csv(tmp_path / "d.csv", index=False)
     cfg, prepared = prepare(tmp_path, tmp_path / "d.csv", "data.max_length=12")

@@ -83,8 +83,8 @@ def test_a_soup_of_two_models_in_s3_is_written_to_s3(s3_server, buckets, ray_loc
     import torch
     from safetensors.torch import load_file
 
-    from raybm.models import build_classifier, load_tokenizer
-    from raybm.soup import run_soup
+    from raybm.models.build import build_classifier, load_tokenizer
+    from raybm.tune.soup import run_soup
 
     cfg = s3_config(s3_server, "s3://raybm-data/csv/reviews.csv", "data.name=soup-data", "model.name=tiny-bert",
                     "data.max_length=16")

@@ -15,8 +15,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from raybm.config import build_config
-from raybm.inference import load_predictor
-from raybm.serving import build_app, deploy
+from raybm.inference.loading import load_predictor
+from raybm.serve.app import build_app, deploy
 
 pytestmark = pytest.mark.integration
 
@@ -139,7 +139,7 @@ def test_api_key_int8_backend_metadata_and_the_app_builder(server, monkeypatch):
     from ray import serve
 
     monkeypatch.setenv(KEY_ENV, "s3cret-key-of-16-chars")
-    # build_app is what `serve run raybm.serving:build_app model=...` calls.
+    # build_app is what `serve run raybm.serve.app:build_app model=...` calls.
     app = build_app({"model": str(server["run"]), "backend": "int8", "api_key_env": KEY_ENV,
                      "cpus_per_replica": "0.25"})
     serve.run(app, name="keyed", route_prefix="/keyed")
@@ -237,7 +237,7 @@ def test_a_killed_or_failing_replica_is_replaced(server):
 
 
 def test_export_variants_are_served_with_their_own_backend(server, tmp_path):
-    from raybm.export import run_export
+    from raybm.export.variants import run_export
 
     cfg = build_config(overrides=[f"storage.root={tmp_path}", "export.measure=false"])
     out = run_export(cfg, server["model_dir"], ["onnx-int8", "int8"], log=lambda _: None)

@@ -11,9 +11,9 @@ import pytest
 from raybm.config import build_config
 from raybm.errors import RaybmError
 from raybm.data import load_split
-from raybm.evaluate import score_dataset
+from raybm.inference.evaluate import score_dataset
 from raybm.results import Results
-from raybm.train import run_training
+from raybm.train.driver import run_training
 
 from .test_data_pipeline import make_frame
 
@@ -99,7 +99,7 @@ def test_the_worker_scores_the_best_epoch_on_test_not_the_last(ray_local, tmp_pa
     test = result.metrics["test"]
     preds = pd.read_parquet(Path(result.run_dir) / "test_predictions.parquet")
     # The published model (the best epoch's checkpoint) gives the same probabilities.
-    from raybm.inference import load_predictor
+    from raybm.inference.loading import load_predictor
 
     probs = load_predictor(result.model_dir, "torch", max_length=16).predict(preds["text"].tolist())
     np.testing.assert_allclose(preds[["prob_0", "prob_1"]].to_numpy(), probs, atol=1e-4)
@@ -132,7 +132,7 @@ def test_rerun_with_the_same_name_resumes(ray_local, tmp_path, data_csv):
 
 
 def test_predict_file_through_ray_data_keeps_order(ray_local, tmp_path, tiny_model_dir):
-    from raybm.predict import PREDICTED_LABEL, predict_file
+    from raybm.inference.predict import PREDICTED_LABEL, predict_file
 
     texts = [f"review number {i} {'great' if i % 3 else 'awful'}" for i in range(300)]
     texts[7], texts[150] = None, " "  # kept, unlabelled
@@ -151,7 +151,7 @@ def test_predict_file_through_ray_data_keeps_order(ray_local, tmp_path, tiny_mod
 
 def test_evaluate_any_file_with_the_model_label_map(ray_local, tmp_path, tiny_model_dir):
     from raybm.errors import DataError
-    from raybm.evaluate import score_source
+    from raybm.inference.evaluate import score_source
 
     df = pd.DataFrame({"review": ["nice one", "awful", "<b>great</b>", "", "meh"],
                        "stars": ["positive", "negative", "positive", "negative", "neutral"]})
@@ -163,7 +163,7 @@ def test_evaluate_any_file_with_the_model_label_map(ray_local, tmp_path, tiny_mo
     assert m["examples"] == 3 and m["dropped"] == {"missing_text": 1, "excluded_label": 1}
     # the CLI, with every example's prediction written for a look at the mistakes
     from raybm.cli import main
-    from raybm.evaluate import Classify
+    from raybm.inference.evaluate import Classify
 
     out = tmp_path / "pred.jsonl"
     assert main(["evaluate", "--checkpoint", tiny_model_dir, "--data", str(src), "data.text_column=review",
@@ -205,8 +205,8 @@ def test_two_fsdp_workers_shard_train_resume_and_save_a_whole_model(ray_local, t
     # FSDP on CPU workers (gloo): each worker holds half of every layer, the checkpoint
     # gathers a whole model, and a failed worker (injected at the start of epoch 2) resumes
     # from the last checkpoint, sharded optimizer state included, and runs every epoch.
-    from raybm.evaluate import load_model_folder
-    from raybm.models import build_classifier
+    from raybm.inference.evaluate import load_model_folder
+    from raybm.models.build import build_classifier
 
     # Batches of 4: 12 steps an epoch per worker (with 16, 3 steps an epoch learned too little
     # to pass the accuracy check every time).
@@ -258,7 +258,7 @@ def test_a_second_job_writing_the_same_run_is_refused_while_the_first_lives(ray_
 
 def test_gpus_asked_of_a_local_ray_without_any_are_an_error_but_a_joined_cluster_may_add_them(ray_local, monkeypatch):
     import raybm.runtime
-    from raybm.train import _use_gpu
+    from raybm.train.driver import _use_gpu
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(RaybmError, match="this local Ray has no GPUs"):

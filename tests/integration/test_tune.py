@@ -10,8 +10,8 @@ import torch
 
 from raybm.config import build_config
 from raybm.errors import RaybmError
-from raybm.soup import run_soup
-from raybm.tune import format_leaderboard, run_sweep
+from raybm.tune.soup import run_soup
+from raybm.tune.sweep import format_leaderboard, run_sweep
 
 from .test_data_pipeline import make_frame
 
@@ -124,7 +124,7 @@ def test_asha_sweep_stops_weak_trials_and_hands_on_a_tested_winner(ray_tune, tmp
     assert metrics["soup"]["method"] == "uniform" and metrics["soup"]["ingredients"] == pair[::-1]  # best first
     assert metrics["model"] == "tiny-bert" and (run / "model" / "soup.json").exists()
     assert metrics["validation"] == {"val_f1_macro": metrics["soup"]["validation"]}
-    from raybm.dashboard_data import DashboardData
+    from raybm.dashboard.data import DashboardData
 
     listed = {job.name: job for job in DashboardData(str(tmp_path)).jobs()}
     assert listed["two-trials"].best == metrics["soup"]["validation"] and listed["two-trials"].complete
@@ -191,7 +191,7 @@ def test_a_trial_bigger_than_the_local_ray_is_refused_instead_of_waiting_forever
 
 
 def test_concurrent_trials_follow_the_cluster(ray_tune, tmp_path, data_csv):
-    from raybm.tune import concurrent_trials, trial_bundles
+    from raybm.tune.sweep import concurrent_trials, trial_bundles
 
     cfg = config(tmp_path, data_csv, "tune.max_concurrent_trials=null")  # 0.5 CPU workers, 2 CPUs
     assert trial_bundles(cfg, tokenizes=False) == [{"CPU": 0.5}]  # the trial's own function: memory only

@@ -88,8 +88,8 @@ def test_predict_takes_a_run_folder_or_a_run_name_like_serve(tiny_model_dir, tmp
     import json
     import shutil
 
-    from raybm.inference import resolve_model
-    from raybm.predict import predict_texts
+    from raybm.inference.loading import resolve_model
+    from raybm.inference.predict import predict_texts
 
     shutil.copytree(tiny_model_dir, tmp_path / "runs" / "r1" / "model")
     assert resolve_model(str(tmp_path / "runs" / "r1")) == str(tmp_path / "runs" / "r1" / "model")
@@ -194,7 +194,7 @@ def test_the_shipped_streamlit_settings_match_what_raybm_dashboard_passes():
     import tomllib
     from pathlib import Path
 
-    from raybm.dashboard import STREAMLIT_SETTINGS
+    from raybm.dashboard.pages import STREAMLIT_SETTINGS
 
     shipped = tomllib.loads((Path(__file__).resolve().parents[2] / ".streamlit" / "config.toml").read_text())
     flat = {f"{section}.{key}": value for section, keys in shipped.items() for key, value in keys.items()}

@@ -6,9 +6,9 @@ import pytest
 from raybm.cli import format_exports
 from raybm.config import build_config
 from raybm.errors import RaybmError
-from raybm.evaluate import load_model_folder
-from raybm.export import export_onnx, prune_model, pruning_targets, quantize_onnx, run_export, sparsity
-from raybm.inference import load_predictor
+from raybm.inference.evaluate import load_model_folder
+from raybm.export.variants import export_onnx, prune_model, pruning_targets, quantize_onnx, run_export, sparsity
+from raybm.inference.loading import load_predictor
 
 TEXTS = ["one", "two words", "a somewhat longer text with more tokens in it", "ok then"]
 
@@ -23,7 +23,7 @@ def test_pruning_reaches_the_target_on_the_encoder_and_spares_the_head(tiny_mode
 
 
 def test_a_mean_pooled_model_exports_to_onnx_and_quantizes(tmp_path):
-    from raybm.models import build_classifier, load_tokenizer
+    from raybm.models.build import build_classifier, load_tokenizer
 
     folder = tmp_path / "pooled"
     cfg = build_config(overrides=["model.name=tiny-bert", "model.pooling=mean"])

@@ -14,7 +14,7 @@ import pytest
 
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
-from raybm.inference import model_card
+from raybm.inference.loading import model_card
 from raybm.results import MODEL_CACHE_ENV, SUCCESS_MARKER, Results, fetch_model, s3_filesystem
 
 
@@ -89,7 +89,7 @@ def test_an_unpublished_folder_is_refused_and_a_rewrite_unmarks_it_first(store, 
 def test_a_model_card_keeps_success_last(tmp_path, tiny_model_dir):
     import shutil
 
-    from raybm.modelcard import README, write_model_card
+    from raybm.models.card import README, write_model_card
 
     results = Results(str(tmp_path), StorageConfig(root=str(tmp_path)))
     model = results.join(results.run_dir("carded"), "model")

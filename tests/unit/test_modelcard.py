@@ -2,7 +2,7 @@
 
 import yaml
 
-from raybm.modelcard import render
+from raybm.models.card import render
 
 TEST = {"accuracy": 0.9164, "f1_macro": 0.9004, "precision_macro": 0.905, "recall_macro": 0.896, "examples": 2225,
         "per_class": {"negative": {"precision": 0.937, "recall": 0.943, "f1": 0.94, "support": 1553},
@@ -31,7 +31,7 @@ def test_card_has_hub_metadata_scores_recipe_and_how_to_load():
     assert "| learning rate | 8e-05 |" in text and "| layer-wise LR decay | 0.9 |" in text
     assert "| seed | 0 |" in text and "l1" not in text and "auto" not in text  # unset settings are left out
     assert "| classifier input | mean of the token vectors |" in text
-    assert "import raybm.models" in text  # raybm's own architecture needs registering
+    assert "import raybm.models.build" in text  # raybm's own architecture needs registering
     assert "- the checkpoint of epoch 2 of 2" in text
 
 
@@ -39,7 +39,7 @@ def test_a_plain_transformers_model_loads_with_a_pipeline_and_local_bases_get_no
     cfg = {**CFG, "model": {"name": "/data/models/my-bert"}}
     text = render("r", "sweep", cfg, ["a", "b"], "d", TEST, model_type="bert")
     assert "base_model" not in front_matter(text)
-    assert 'pipeline("text-classification"' in text and "import raybm.models" not in text
+    assert 'pipeline("text-classification"' in text and "import raybm.models.build" not in text
     assert "winner of a raybm sweep" in text
     hub = render("r", "soup", {**CFG, "model": {"name": "org/some-model"}}, ["a", "b"], "d", TEST)
     assert front_matter(hub)["base_model"] == "org/some-model" and "model soup" in hub

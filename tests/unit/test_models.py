@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from raybm.config import build_config
-from raybm.models import apply_strategy, build_classifier, encoder_layers, param_groups
-from raybm.train_loop import build_optimizer, lr_factor
+from raybm.models.build import apply_strategy, build_classifier, encoder_layers, param_groups
+from raybm.train.loop import build_optimizer, lr_factor
 
 LABELS = ["neg", "pos"]
 
@@ -114,7 +114,7 @@ def test_schedules():
 def test_textcnn_baseline_trains_saves_and_loads(tmp_path):
     import json
 
-    from raybm.evaluate import Classify
+    from raybm.inference.evaluate import Classify
 
     cfg = build_config(overrides=["model.name=textcnn", "train.strategy=scratch", "train.lr=0.01",
                                   "model.classifier_dropout=0.1"])
@@ -132,7 +132,7 @@ def test_textcnn_baseline_trains_saves_and_loads(tmp_path):
         losses.append(out.loss.item())
     assert losses[-1] < losses[0]
     model.save_pretrained(tmp_path, safe_serialization=True)
-    from raybm.models import load_tokenizer
+    from raybm.models.build import load_tokenizer
 
     load_tokenizer("textcnn").save_pretrained(tmp_path)
     (tmp_path / "label_map.json").write_text(json.dumps({"labels": LABELS}))
@@ -145,7 +145,7 @@ def test_textcnn_baseline_trains_saves_and_loads(tmp_path):
 def test_mean_pooling_classifier_strategies_and_round_trip(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from raybm.pooled import PooledClassifier
+    from raybm.models.pooled import PooledClassifier
 
     cfg, model = tiny("model.pooling=mean", "train.strategy=gradual", "model.classifier_dropout=0.2")
     assert isinstance(model, PooledClassifier) and model.encoder.pooler is None
@@ -168,7 +168,7 @@ def test_mean_pooling_classifier_strategies_and_round_trip(tmp_path):
 
 def test_pooling_auto_is_mean_for_sentence_transformers_folders():
     from raybm.errors import RaybmError
-    from raybm.models import resolve_pooling
+    from raybm.models.build import resolve_pooling
 
     assert resolve_pooling(build_config().model) == "mean"  # the built-in all-MiniLM-L6-v2
     assert resolve_pooling(build_config(overrides=["model.pooling=cls"]).model) == "cls"

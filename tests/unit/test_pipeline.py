@@ -32,7 +32,7 @@ def test_served_folder_follows_the_backend_and_the_exports():
 
 
 def test_summary_is_written_per_stage_and_read_by_the_dashboard(tmp_path):
-    from raybm.dashboard_data import DashboardData
+    from raybm.dashboard.data import DashboardData
 
     cfg = build_config(overrides=[f"storage.root={tmp_path}", "pipeline.min_test_f1=0.9"])
     results = Results.from_config(cfg.storage)

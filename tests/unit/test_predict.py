@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from raybm.errors import RaybmError
-from raybm.evaluate import Classify
-from raybm.predict import CONFIDENCE, PREDICTED_LABEL, predict_file, predict_texts
+from raybm.inference.evaluate import Classify
+from raybm.inference.predict import CONFIDENCE, PREDICTED_LABEL, predict_file, predict_texts
 
 TEXTS = ["I love it", "terrible, broke in a day", "fine I guess", "best thing ever", "never again"]
 
@@ -61,7 +61,7 @@ def test_rows_without_text_are_kept_unlabelled_and_counted(tiny_model_dir, tmp_p
     {"csv": lambda: df.to_csv(src, index=False), "jsonl": lambda: df.to_json(src, orient="records", lines=True),
      "parquet": lambda: df.to_parquet(src)}[ext]()
     # chunks of 2 rows: a chunk with no text at all comes after one with labels
-    import raybm.predict as predict_mod
+    import raybm.inference.predict as predict_mod
 
     frames = predict_mod._read_frames
     monkeypatch.setattr(predict_mod, "_read_frames", lambda path, fmt, chunk_rows=2: frames(path, fmt, chunk_rows=2))
@@ -106,7 +106,7 @@ def test_probabilities_add_a_column_per_class_and_input_columns_are_never_overwr
 
 
 def test_long_files_report_progress(tiny_model_dir, tmp_path, monkeypatch):
-    import raybm.predict as predict_mod
+    import raybm.inference.predict as predict_mod
 
     monkeypatch.setattr(predict_mod, "PROGRESS_EVERY_S", 0.0)
     frames = predict_mod._read_frames

@@ -5,8 +5,8 @@ import pytest
 
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
-from raybm.inference import model_card, resolve_model
-from raybm.serving import api_key_digest, check_texts, default_model_for, deployment_options, read_api_key
+from raybm.inference.loading import model_card, resolve_model
+from raybm.serve.app import api_key_digest, check_texts, default_model_for, deployment_options, read_api_key
 
 
 def serve_cfg(*overrides):
@@ -76,7 +76,7 @@ def test_text_that_is_not_valid_unicode_is_refused():
 
 
 def test_one_failing_text_fails_only_itself():
-    from raybm.serving import predict_each
+    from raybm.serve.app import predict_each
 
     def predict(texts):
         if any("boom" in t for t in texts):

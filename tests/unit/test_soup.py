@@ -8,14 +8,15 @@ from safetensors.torch import load_file
 
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
-from raybm.evaluate import load_model_folder
-from raybm.soup import SOUP_FILE, average_models, is_used, make_soup, soup_metric
+from raybm.inference.evaluate import load_model_folder
+from raybm.metrics import soup_metric
+from raybm.tune.soup import SOUP_FILE, average_models, is_used, make_soup
 
 LABELS = ["negative", "positive"]
 
 
 def model_folder(path, seed, **model_overrides):
-    from raybm.models import build_classifier, load_tokenizer
+    from raybm.models.build import build_classifier, load_tokenizer
 
     cfg = build_config(overrides=["model.name=tiny-bert", *[f"model.{k}={v}" for k, v in model_overrides.items()]])
     build_classifier(cfg.model, LABELS, seed=seed).save_pretrained(path, safe_serialization=True)

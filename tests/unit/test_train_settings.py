@@ -8,7 +8,7 @@ import pytest
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.results import CONFIG_FILE, Results
-from raybm.train import (best_epoch, check_same_recipe, reads_whole_splits, recipe_differences, teacher_labels,
+from raybm.train.driver import (best_epoch, check_same_recipe, reads_whole_splits, recipe_differences, teacher_labels,
                          torch_backend, worker_resources)
 
 
@@ -68,7 +68,7 @@ def test_a_run_is_not_resumed_with_another_recipe(tmp_path):
 
 
 def test_sweeps_run_as_many_trials_as_fit_the_nodes_one_by_one():
-    from raybm.tune import trials_that_fit
+    from raybm.tune.sweep import trials_that_fit
 
     def fit(nodes, *overrides, on_cluster=True, gpu=True):
         cfg = build_config(overrides=list(overrides))
@@ -155,7 +155,7 @@ def test_checkpoint_copies_of_workers_that_died_are_removed_and_live_ones_kept(t
     import subprocess
     import sys
 
-    from raybm.train_loop import checkpoint_scratch
+    from raybm.train.loop import checkpoint_scratch
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

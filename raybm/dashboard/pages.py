@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from raybm.errors import RaybmError
-from raybm.soup import is_used
+from raybm.tune.soup import is_used
 
 PAGES = ("Runs and sweeps", "Sweep", "Model", "Errors", "Try it")
 MAX_UPLOAD_ROWS = 5000
@@ -44,7 +44,7 @@ def settings(argv: list[str] | None = None) -> argparse.Namespace:
 def _data(root: str):
     import streamlit as st
 
-    from raybm.dashboard_data import DashboardData
+    from raybm.dashboard.data import DashboardData
 
     @st.cache_resource(show_spinner=False)
     def load(r: str) -> DashboardData:
@@ -56,7 +56,7 @@ def _data(root: str):
 def _predictor(path: str):
     import streamlit as st
 
-    from raybm.inference import load_predictor
+    from raybm.inference.loading import load_predictor
 
     @st.cache_resource(show_spinner="Loading the model ...", max_entries=2)
     def load(p: str):
@@ -322,7 +322,7 @@ def page_try(data, serve_url: str | None) -> None:
     import altair as alt
     import streamlit as st
 
-    from raybm.dashboard_data import endpoint_ok, post_predict, read_upload
+    from raybm.dashboard.data import endpoint_ok, post_predict, read_upload
 
     st.title("Try it")
     api_key = os.environ.get("RAYBM_API_KEY") or None
@@ -446,5 +446,5 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001 - a viewer sees one line; the server's log has the traceback
         import logging
 
-        logging.getLogger("raybm.dashboard").exception("the %s page failed", page)
+        logging.getLogger("raybm.dashboard.pages").exception("the %s page failed", page)
         st.error(f"This page could not be shown ({type(e).__name__}). The dashboard's console log has the details.")

@@ -38,7 +38,7 @@ import numpy as np
 from raybm.config import JobConfig, build_config, merge_raw
 from raybm.errors import RaybmError
 from raybm.lease import hold_lease
-from raybm.inference import ONNX_FILE, VARIANT_FILE, load_predictor, model_card, resolve_model
+from raybm.inference.loading import ONNX_FILE, VARIANT_FILE, load_predictor, model_card, resolve_model
 from raybm.results import Results, copy_to_local, fetch_model, is_s3, resolve_uri
 
 VARIANTS = ("hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled")
@@ -78,7 +78,7 @@ def _model_bytes(folder: str) -> int:
 def check_source(model_dir: str) -> None:
     """Load the source once, so a corrupt or incomplete folder fails before anything is
     written."""
-    from raybm.evaluate import load_model_folder
+    from raybm.inference.evaluate import load_model_folder
 
     load_model_folder(model_dir)
 
@@ -107,7 +107,7 @@ def export_onnx(model_dir: str, out_dir: str, opset: int = 17) -> dict[str, Any]
     import onnxruntime as ort
     import torch
 
-    from raybm.evaluate import load_model_folder
+    from raybm.inference.evaluate import load_model_folder
 
     model, tokenizer, _ = load_model_folder(model_dir)
     module = _logits_module(model)
@@ -148,7 +148,7 @@ def pruning_targets(model) -> list:
     """The Linear layers of the encoder (not the classification head)."""
     import torch
 
-    from raybm.models import head_modules
+    from raybm.models.build import head_modules
 
     head = {id(m) for hm in head_modules(model) for m in hm.modules()}
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in head]
@@ -165,7 +165,7 @@ def prune_model(model_dir: str, out_dir: str, amount: float) -> float:
     """Global unstructured L1 pruning of the encoder's Linear weights; saves a model folder."""
     import torch.nn.utils.prune as prune
 
-    from raybm.evaluate import load_model_folder
+    from raybm.inference.evaluate import load_model_folder
 
     model, tokenizer, _ = load_model_folder(model_dir)
     targets = pruning_targets(model)
@@ -203,7 +203,7 @@ def source_config(model_dir: str, cfg: JobConfig) -> dict[str, Any]:
 
 def _train_variant(model_dir: str, cfg: JobConfig, run_name: str, overrides: dict[str, Any], log) -> str:
     """Train on Ray Train from the source config with ``overrides``; returns the model folder."""
-    from raybm.train import run_training
+    from raybm.train.driver import run_training
 
     raw = merge_raw(source_config(model_dir, cfg), {"name": run_name, **overrides})
     job = build_config(raw)
@@ -219,7 +219,7 @@ def eval_split(model_dir: str, cfg: JobConfig) -> tuple[list[str], np.ndarray] |
 
     from raybm.data.pipeline import dataset_name
     from raybm.data.sources import resolve_source
-    from raybm.evaluate import read_label_map
+    from raybm.inference.evaluate import read_label_map
 
     try:
         job = build_config(source_config(model_dir, cfg))
@@ -313,7 +313,7 @@ if __name__ == "__main__":
 def build_mobile(variant_dir: str, out_dir: str, manifest: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
-    from raybm.inference import model_max_length
+    from raybm.inference.loading import model_max_length
 
     tok = AutoTokenizer.from_pretrained(variant_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -470,7 +470,7 @@ def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name
             export_onnx(model_dir, fp32, e.opset)
         return quantize_onnx(fp32, staging)
     if v == "fp16":
-        from raybm.evaluate import load_model_folder
+        from raybm.inference.evaluate import load_model_folder
 
         model, tokenizer, _ = load_model_folder(model_dir)
         model.half().save_pretrained(staging, safe_serialization=True)
@@ -488,7 +488,7 @@ def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name
                       "parallelism": "ddp",  # the zeros are kept on whole weight matrices
                       "early_stopping_patience": 0, "distill_from": None}}, log)
         copy_to_local(trained, cfg.storage, staging)
-        from raybm.evaluate import load_model_folder
+        from raybm.inference.evaluate import load_model_folder
 
         after = sparsity(load_model_folder(staging)[0])
         return {"method": "global L1 unstructured pruning of encoder Linear weights, then fine-tuning with the "

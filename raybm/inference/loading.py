@@ -117,7 +117,7 @@ def auto_backend(model_dir: str) -> str:
 def check_model_files(model_dir: str, backend: str = "auto") -> str:
     """Raise a clear error unless ``model_dir`` holds what ``backend`` loads; returns the
     resolved backend."""
-    from raybm.evaluate import read_label_map
+    from raybm.inference.evaluate import read_label_map
 
     read_label_map(model_dir)
     if backend == "auto":
@@ -132,7 +132,7 @@ def check_model_files(model_dir: str, backend: str = "auto") -> str:
 
 def load_onnx(model_dir: str, threads: int | None = None, max_length: int | None = None,
               batch_size: int = 64) -> OnnxPredictor:
-    from raybm.evaluate import read_label_map
+    from raybm.inference.evaluate import read_label_map
 
     try:
         import onnxruntime as ort
@@ -140,7 +140,7 @@ def load_onnx(model_dir: str, threads: int | None = None, max_length: int | None
         raise RaybmError("the onnx backend needs onnxruntime: pip install onnxruntime") from None
     from transformers import AutoTokenizer
 
-    import raybm.models  # noqa: F401  (registers raybm's config types: the tokenizer reads config.json)
+    import raybm.models.build  # noqa: F401  (registers raybm's config types: the tokenizer reads config.json)
 
     labels = read_label_map(model_dir)
     path = os.path.join(model_dir, ONNX_FILE)
@@ -164,7 +164,7 @@ def load_predictor(model_dir: str, backend: str = "torch", threads: int | None =
     """Load a raybm model folder for prediction with the given backend."""
     import torch
 
-    from raybm.evaluate import load_model_folder
+    from raybm.inference.evaluate import load_model_folder
 
     if backend not in BACKENDS:
         raise RaybmError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -203,7 +203,7 @@ def model_card(model_dir: str, source: str | None = None, storage: Any = None) -
     are given relative to the results root (``runs/<run>/model``), never as local paths."""
     import yaml
 
-    from raybm.evaluate import read_label_map
+    from raybm.inference.evaluate import read_label_map
     from raybm.results import resolve_uri
 
     labels = read_label_map(model_dir)

@@ -1,7 +1,7 @@
 """Scoring a saved model folder on a dataset, on Ray Data.
 
 ``Classify`` is a Ray Data callable class: each worker process loads the model once
-(``raybm.udf``) and labels batches of text. ``score_split`` runs it over a prepared split and turns the predicted
+(``raybm.data.udf``) and labels batches of text. ``score_split`` runs it over a prepared split and turns the predicted
 and true ids (integers only reach the driver) into metrics.
 """
 
@@ -41,7 +41,7 @@ def load_model_folder(model_dir: str):
     """(model in eval mode, tokenizer, labels) from a raybm model folder. Safetensors only."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    import raybm.models  # noqa: F401  (registers the baseline architecture)
+    import raybm.models.build  # noqa: F401  (registers the baseline architecture)
 
     labels = read_label_map(model_dir)
     if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
@@ -62,7 +62,7 @@ class Classify:
 
     def __init__(self, model_dir: str, max_length: int = 128, threads: int = 1, batch_size: int = 64,
                  keep_text: bool = False, storage: dict[str, Any] | None = None) -> None:
-        from raybm.inference import load_predictor
+        from raybm.inference.loading import load_predictor
 
         if model_dir.startswith("s3://"):  # fetched here, on the node this task runs on
             from raybm.config import StorageConfig
@@ -100,7 +100,7 @@ def score_dataset(model_dir: str, ds, max_length: int = 128, num_cpus: float = 1
     analysis reads it)."""
     import ray.data
 
-    from raybm.udf import map_batches_cached
+    from raybm.data.udf import map_batches_cached
 
     labels = read_label_map(model_dir, storage)
     ctx = ray.data.DataContext.get_current()

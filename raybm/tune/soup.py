@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raybm.errors import ConfigError, RaybmError
+from raybm.metrics import soup_metric
 
 SOUP_FILE = "soup.json"
 WEIGHTS_FILE = "model.safetensors"
-# Metrics a soup can be scored by: the classification scores score_dataset returns.
-SCORABLE = ("accuracy", "f1_macro", "precision_macro", "recall_macro")
 # Files of a training checkpoint that do not describe the averaged model.
 _NOT_COPIED = ("train_state.pt", "epoch_metrics.json", "_SUCCESS", "README.md")
 
@@ -57,15 +56,6 @@ def is_used(soup: dict[str, Any] | None) -> bool:
     """Whether a soup record (``Soup.to_dict()``, as in winner.json) describes the model that
     was handed on: a uniform soup always, a greedy one when it kept more than one model."""
     return bool(soup) and (len(soup.get("ingredients", [])) > 1 or soup.get("method") == "uniform")
-
-
-def soup_metric(metric: str) -> str:
-    """The score_dataset key for a validation metric name (``val_f1_macro`` -> ``f1_macro``)."""
-    key = metric[len("val_"):] if metric.startswith("val_") else metric
-    if key not in SCORABLE:
-        raise ConfigError(f"a model soup is picked by a classification score ({', '.join('val_' + k for k in SCORABLE)}); "
-                          f"{metric!r} is not one")
-    return key
 
 
 def _load(folder: str) -> dict:
@@ -219,9 +209,9 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
     import ray.train
 
     from raybm.data import load_split
-    from raybm.evaluate import read_label_map, score_dataset
+    from raybm.inference.evaluate import read_label_map, score_dataset
     from raybm.results import CONFIG_FILE, fetch_model
-    from raybm.train import METRICS_FILE, PREDICTIONS_FILE, publish_model, score_model_uri
+    from raybm.train.driver import METRICS_FILE, PREDICTIONS_FILE, publish_model, score_model_uri
 
     results, run_dir = check_soup_inputs(cfg, models, dataset, name)
     metric = soup_metric(cfg.tune.metric)
@@ -230,11 +220,11 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
         local = []
         for i, spec in enumerate(models):
             if results.remote or spec.startswith("s3://"):
-                from raybm.export import remote_model
+                from raybm.export.variants import remote_model
 
                 folder = fetch_model(remote_model(results, spec), cfg.storage, os.path.join(tmp, f"in-{i}"))
             else:
-                from raybm.inference import resolve_model
+                from raybm.inference.loading import resolve_model
 
                 folder = resolve_model(spec, cfg.storage.root)
             if read_label_map(folder) != labels:
@@ -257,7 +247,7 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
                          workdir=os.path.join(tmp, "work"), log=log)
         with open(os.path.join(soup.folder, SOUP_FILE), "w", encoding="utf-8") as f:
             json.dump({**soup.to_dict(), "dataset": dataset}, f, indent=2)
-        from raybm.inference import model_card
+        from raybm.inference.loading import model_card
 
         base_model = model_card(soup.folder)["base_model"]
         model_uri = publish_model(results, run_dir, ray.train.Checkpoint.from_directory(soup.folder))
@@ -271,7 +261,7 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
     metrics = {"run": name, "dataset": dataset, "model": base_model, "soup": {**soup.to_dict(), "models": models},
                "validation": {cfg.tune.metric: soup.validation}, "test": test}
     results.write_json(results.join(run_dir, METRICS_FILE), metrics)
-    from raybm.modelcard import write_model_card
+    from raybm.models.card import write_model_card
 
     write_model_card(results, results.join(run_dir, "model"), name=name, kind="soup", dataset=dataset, test=test,
                      notes=[f"the {soup.method} soup of {', '.join(soup.ingredients)} (from {', '.join(models)}), "

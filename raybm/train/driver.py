@@ -1,7 +1,7 @@
 """Driver side of training: ``run_training`` builds and fits a ``TorchTrainer``.
 
 1. prepare (or reuse) the data and tokenize it lazily on Ray Data,
-2. fit a TorchTrainer whose workers run ``raybm.train_loop.train_loop_per_worker``,
+2. fit a TorchTrainer whose workers run ``raybm.train.loop.train_loop_per_worker``,
 3. copy the best checkpoint to ``runs/<run>/model`` and score it on the test split.
 
 Re-running with the same run name resumes an interrupted run from its last checkpoint
@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raybm.config import JobConfig, derived_name
+from raybm.config import JobConfig, run_name_for
 from raybm.errors import RaybmError
 from raybm.lease import hold_lease
-from raybm.modelcard import write_model_card
+from raybm.models.card import write_model_card
 from raybm.results import CONFIG_FILE, SUCCESS_MARKER, Results
 from raybm.runtime import joined_cluster
 
@@ -38,10 +38,6 @@ class TrainResult:
     model_dir: str  # URI of the best model folder
     metrics: dict[str, Any]  # test metrics
     history: list[dict[str, Any]]
-
-
-def run_name_for(cfg: JobConfig, dataset: str) -> str:
-    return derived_name(cfg, dataset, ("model", "train"))
 
 
 def _use_gpu(setting: str) -> bool:
@@ -233,7 +229,7 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raybm.train_loop import train_loop_per_worker
+    from raybm.train.loop import train_loop_per_worker
 
     t = cfg.train
     gpu = _use_gpu(t.use_gpu)
@@ -320,7 +316,7 @@ def teacher_labels(folder: str | None) -> list[str] | None:
     worker work, when the folder is not a raybm model folder."""
     if not folder:
         return None
-    from raybm.evaluate import read_label_map
+    from raybm.inference.evaluate import read_label_map
 
     if not os.path.isfile(os.path.join(folder, "model.safetensors")):
         raise RaybmError(f"train.distill_from={folder}: no model.safetensors there; the teacher must be a "
@@ -454,7 +450,7 @@ def best_epoch(history: list[dict], metric: str, mode: str) -> int | None:
 
 def publish_model(results: Results, run_dir: str, checkpoint) -> str:
     """Copy a checkpoint (minus optimizer state) to <run_dir>/model, atomically."""
-    from raybm.train_loop import TRAIN_STATE_FILE
+    from raybm.train.loop import TRAIN_STATE_FILE
 
     final = results.join(run_dir, MODEL_DIR)
     with tempfile.TemporaryDirectory() as tmp:
@@ -478,7 +474,7 @@ def score_model_uri(results: Results, model_uri: str, ds, max_length: int,
     """Score a model folder (local or in the results store) on a Dataset; with
     ``predictions_to`` (a path in the results store) also write every example's prediction
     there as Parquet (``PREDICTIONS_FILE``)."""
-    from raybm.evaluate import score_dataset
+    from raybm.inference.evaluate import score_dataset
 
     # An s3:// model is fetched by each scoring task on its own node (on a cluster the
     # driver's disk is not theirs).

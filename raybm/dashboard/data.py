@@ -20,7 +20,7 @@ import yaml
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
 from raybm.results import SUCCESS_MARKER, Results, fetch_model
-from raybm.soup import is_used
+from raybm.tune.soup import is_used
 
 KINDS = ("runs", "sweeps")
 

@@ -1,7 +1,7 @@
 """A small from-scratch baseline: TextCNN over the same tokenizer's ids.
 
 It is a regular Hugging Face model (config + safetensors), registered with the Auto
-classes when raybm.models is imported, so training, checkpoints, evaluation and
+classes when raybm.models.build is imported, so training, checkpoints, evaluation and
 prediction treat it like any transformer: ``model.name=textcnn``.
 """
 

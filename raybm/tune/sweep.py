@@ -31,11 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raybm.config import JobConfig, build_config, derived_name, merge_raw
+from raybm.config import JobConfig, build_config, merge_raw, sweep_name_for
 from raybm.errors import RaybmError
 from raybm.lease import hold_lease
 from raybm.results import CONFIG_FILE, Results
-from raybm.search_space import Distribution, grid_size, nested, parse_space
+from raybm.config.search_space import Distribution, grid_size, nested, parse_space
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
@@ -65,10 +65,6 @@ class SweepResult:
     winner: dict[str, Any]
 
 
-def sweep_name_for(cfg: JobConfig, dataset: str) -> str:
-    return derived_name(cfg, dataset, ("model", "train", "tune"), "sweep")
-
-
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
     """The job config of one trial: the base config with the trial's sampled values."""
     raw = merge_raw(base, nested(params))
@@ -87,7 +83,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], labels: list[str], r
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raybm.train import build_trainer, reads_whole_splits, tokenized_datasets
+    from raybm.train.driver import build_trainer, reads_whole_splits, tokenized_datasets
 
     cfg = trial_config(base, params)
     results = Results.from_config(cfg.storage)
@@ -162,7 +158,7 @@ def _scheduler(cfg: JobConfig):
 def trial_bundles(cfg: JobConfig, tokenizes: bool) -> list[dict[str, float]]:
     """What one running trial holds, bundle by bundle: its workers, its tokenizer actors
     (the trial's own function reserves memory only)."""
-    from raybm.train import _use_gpu, worker_resources
+    from raybm.train.driver import _use_gpu, worker_resources
 
     t = cfg.train
     return [worker_resources(t, _use_gpu(t.use_gpu))] * t.num_workers + (TRIAL_TOKENIZER_BUNDLES if tokenizes else [])
@@ -204,7 +200,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     from ray.tune.search import BasicVariantGenerator
 
     from raybm.data import run_data_stage
-    from raybm.train import check_workers_fit, load_prepared, load_text_splits, reads_whole_splits, training_datasets
+    from raybm.train.driver import check_workers_fit, load_prepared, load_text_splits, reads_whole_splits, training_datasets
 
     dists = parse_space(cfg.tune.search_space)
     if not dists:
@@ -343,7 +339,7 @@ def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> t
     metrics each checkpoint carries: (path on results.fs, its metrics)."""
     import pyarrow.fs as pafs
 
-    from raybm.train_loop import CHECKPOINT_FILES, EPOCH_METRICS_FILE
+    from raybm.train.loop import CHECKPOINT_FILES, EPOCH_METRICS_FILE
 
     if not results.exists(run_dir):
         return None, None
@@ -384,7 +380,7 @@ def _trial_config(res) -> dict[str, Any]:
 def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Results,
                 trials_dir: str) -> list[dict[str, Any]]:
     """One row per trial, best first (trials without a metric last)."""
-    from raybm.train import _use_gpu, failure_reason, not_placed, placement_failure, worker_nodes_of
+    from raybm.train.driver import _use_gpu, failure_reason, not_placed, placement_failure, worker_nodes_of
 
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = []
@@ -446,7 +442,7 @@ def measure_costs(cfg: JobConfig, rows: list[dict[str, Any]], log: Callable[[str
     measuring them apart)."""
     import tempfile
 
-    from raybm.export import measure
+    from raybm.export.variants import measure
     from raybm.results import copy_to_local, is_s3
 
     latency: dict[str, float] = {}
@@ -530,7 +526,7 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
     import ray.train
 
     from raybm.data import load_split
-    from raybm.train import PREDICTIONS_FILE, publish_model, score_model_uri
+    from raybm.train.driver import PREDICTIONS_FILE, publish_model, score_model_uri
 
     row = ranked[0]
     metric = cfg.tune.metric
@@ -566,7 +562,7 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
     if row.get("latency_p50_ms") is not None:
         notes.append(f"serving cost: {row.get('params', 0):,} parameters, {row.get('size_mb')} MB, median "
                      f"single-sentence latency {row['latency_p50_ms']} ms (PyTorch, 1 thread, measured on the driver)")
-    from raybm.modelcard import write_model_card
+    from raybm.models.card import write_model_card
 
     write_model_card(results, results.join(sweep_dir, MODEL_DIR), name=os.path.basename(sweep_dir.rstrip("/")),
                      kind="sweep", dataset=dataset, test=test, notes=notes)
@@ -581,9 +577,10 @@ def _make_soup(results: Results, cfg: JobConfig, dataset: str, rows: list[dict[s
                log: Callable[[str], None]):
     """The soup of ``rows``' best checkpoints (best first), scored on the validation split."""
     from raybm.data import load_split
-    from raybm.evaluate import score_dataset
+    from raybm.inference.evaluate import score_dataset
     from raybm.results import copy_to_local
-    from raybm.soup import make_soup, soup_metric
+    from raybm.metrics import soup_metric
+    from raybm.tune.soup import make_soup
 
     candidates = [(r["trial"], copy_to_local(r["best_checkpoint"], cfg.storage, os.path.join(workdir, r["trial"])))
                   for r in rows]

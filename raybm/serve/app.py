@@ -17,7 +17,7 @@ fails is replaced.
 
 The deployment takes its model loader as an import path (``module:function``), so tests
 and benchmarks can put a tiny or deliberately slow model behind the same server.
-``build_app`` is the Serve application builder: ``serve run raybm.serving:build_app
+``build_app`` is the Serve application builder: ``serve run raybm.serve.app:build_app
 model=PATH [config=FILE] [key=value ...]`` (keys are ``serve.*`` settings).
 """
 
@@ -39,10 +39,10 @@ from typing import Any, Callable
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 
-from raybm.config import JobConfig, ServeConfig, StorageConfig, is_loopback
+from raybm.config import JobConfig, ServeConfig, StorageConfig, is_loopback, run_name_for, sweep_name_for
 from raybm.errors import RaybmError
 
-DEFAULT_LOADER = "raybm.inference:load_predictor"
+DEFAULT_LOADER = "raybm.inference.loading:load_predictor"
 HEALTH_PROBE = "raybm health check"
 
 # A character that is not white space, the same in Python and in a JSON schema (ECMA-262)
@@ -267,7 +267,7 @@ def make_server_class():
     class ModelServer:
         def __init__(self, model_dir: str, settings: dict[str, Any], loader: str | Callable = DEFAULT_LOADER,
                      api_key: dict[str, str] | None = None, storage: dict[str, Any] | None = None) -> None:
-            from raybm.inference import model_card
+            from raybm.inference.loading import model_card
 
             source = model_dir
             storage_cfg = StorageConfig(**(storage or {}))
@@ -425,7 +425,7 @@ def build_application(model_dir: str, s: ServeConfig, loader: str | Callable = D
                       storage: StorageConfig | None = None):
     """A Serve application for ``model_dir`` (a local folder, or an s3:// one with the
     ``storage`` settings to reach it) with the settings ``s``."""
-    from raybm.inference import check_model_files
+    from raybm.inference.loading import check_model_files
 
     if model_dir.startswith("s3://"):
         from raybm.results import resolve_uri
@@ -442,10 +442,10 @@ def build_application(model_dir: str, s: ServeConfig, loader: str | Callable = D
 
 
 def build_app(args: dict[str, str]):
-    """Serve application builder: ``serve run raybm.serving:build_app model=PATH
+    """Serve application builder: ``serve run raybm.serve.app:build_app model=PATH
     [config=FILE] [loader=module:function] [key=value ...]`` (keys are serve.* settings)."""
     from raybm.config import load_config
-    from raybm.inference import resolve_model
+    from raybm.inference.loading import resolve_model
 
     args = dict(args)
     if "model" not in args:
@@ -514,12 +514,10 @@ def default_model_for(cfg: JobConfig) -> str:
     results = Results.from_config(cfg.storage)
     dataset = dataset_name(cfg, resolve_source(cfg.data, cfg.storage))
     if cfg.tune.search_space:
-        from raybm.tune import sweep_name_for
 
         folder = results.sweep_dir(sweep_name_for(cfg, dataset))
         what = "raybm tune"
     else:
-        from raybm.train import run_name_for
 
         folder = results.run_dir(run_name_for(cfg, dataset))
         what = "raybm train"

@@ -49,7 +49,7 @@ def file_format(path: str, role: str) -> str:
 
 def predict_texts(model_dir: str, texts: list[str], max_length: int = 128) -> list[tuple[str, float]]:
     """(label, confidence) for each text, in order."""
-    from raybm.evaluate import Classify
+    from raybm.inference.evaluate import Classify
 
     clf = Classify(model_dir, max_length=max_length, threads=max(1, os.cpu_count() or 1))
     probs = clf.predict(texts)
@@ -163,7 +163,7 @@ def predict_file(model_dir: str, input_path: str, output_path: str, text_column:
                  log: Callable[[str], None] | None = None) -> Labelled:
     """Label every row of ``input_path`` into ``output_path``; with ``probabilities`` also
     write each class's probability. ``log`` gets a progress line every few seconds."""
-    from raybm.evaluate import Classify, read_label_map
+    from raybm.inference.evaluate import Classify, read_label_map
 
     if not os.path.isfile(input_path):
         raise RaybmError(f"--input {input_path!r}: no such file")
@@ -210,7 +210,7 @@ def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels, pr
     import pyarrow.csv as pacsv
     import ray.data
 
-    from raybm.evaluate import Classify
+    from raybm.inference.evaluate import Classify
 
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order

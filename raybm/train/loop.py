@@ -48,7 +48,7 @@ def build_optimizer(model, t, groups: list[dict] | None = None):
     their shapes no longer tell weights from biases."""
     import torch
 
-    from raybm.models import param_groups
+    from raybm.models.build import param_groups
 
     if groups is None:
         groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
@@ -140,7 +140,7 @@ def _wrap_fsdp(model, device):
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     from raybm.errors import RaybmError
-    from raybm.models import encoder_layers
+    from raybm.models.build import encoder_layers
 
     try:
         policy = ModuleWrapPolicy({type(layer) for layer in encoder_layers(model)})
@@ -195,7 +195,7 @@ def _validate(model, data, device, batch_size: int, num_classes: int, labels: li
 
 def score_test_split(model, data, device, batch_size: int, labels: list[str], collate) -> tuple[dict, Any]:
     """Metrics and every example's prediction on the test split (rows with text, label and
-    token ids): the same numbers and columns as ``raybm.evaluate.score_dataset`` gives for
+    token ids): the same numbers and columns as ``raybm.inference.evaluate.score_dataset`` gives for
     the published model, without a Ray Data job of its own."""
     import pandas as pd
     import torch
@@ -277,7 +277,7 @@ def _process_alive(pid: int) -> bool:
 
 def _load_teacher(folder: str, device):
     """The distillation teacher, frozen, in eval mode."""
-    from raybm.evaluate import load_model_folder
+    from raybm.inference.evaluate import load_model_folder
 
     teacher, _, _ = load_model_folder(folder)
     teacher.to(device)
@@ -341,7 +341,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     import torch
 
     from raybm.data.tokenizing import PadCollate
-    from raybm.models import apply_strategy, build_classifier, load_tokenizer, param_groups
+    from raybm.models.build import apply_strategy, build_classifier, load_tokenizer, param_groups
 
     _quiet_ray_train_logs()
     cfg = build_config(config["job"])
@@ -507,7 +507,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
         if device.type == "cuda":
             metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         pg = ray.util.get_current_placement_group()
-        if pg is not None:  # lets a sweep free a stopped trial's workers (raybm.tune)
+        if pg is not None:  # lets a sweep free a stopped trial's workers (raybm.tune.sweep)
             metrics["placement_group"] = pg.id.hex()
         value = metrics[t.metric] if t.metric in metrics else metrics.get(f"val_{t.metric}")
         improved = best is None or (value > best if t.mode == "max" else value < best)

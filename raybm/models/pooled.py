@@ -8,7 +8,7 @@ one epoch on 6,000 tweets where BERT's pooler head scored 0.842).
 
 Any Hugging Face encoder works inside. Like the TextCNN baseline it is a regular Hugging
 Face model (config.json + safetensors), registered with the Auto classes when
-``raybm.models`` is imported, so checkpoints, evaluation, prediction, serving and export
+``raybm.models.build`` is imported, so checkpoints, evaluation, prediction, serving and export
 load it with ``AutoModelForSequenceClassification``.
 """
 

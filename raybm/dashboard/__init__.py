@@ -1,0 +1,1 @@
+"""The Streamlit dashboard: its pages and the results they read."""

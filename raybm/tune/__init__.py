@@ -1,0 +1,1 @@
+"""Sweeps: Ray Tune over the job's search space, the leaderboard, model soups."""
