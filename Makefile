@@ -33,8 +33,10 @@ demo: install
 # The multi-node tests (tests/cluster: a 3-node Ray cluster, nodes in their own mount
 # namespaces; root) run in pytest processes of their own: their cluster's token auth
 # settings stay out of the local Ray the other tests start. The ones that stop a job and
-# kill a node mid-sweep (cluster_long) get a fresh cluster of their own.
+# kill a node mid-sweep (cluster_long) get a fresh cluster of their own. First the import
+# contracts: a module that imports a layer above its own fails the suite in seconds.
 test: install
+	$(VENV)/bin/lint-imports --no-cache  # the layers of raybm/ (pyproject.toml, [tool.importlinter])
 	$(PY) -m pytest -q --durations=15 tests --ignore=tests/cluster
 	$(PY) -m pytest -q --durations=10 tests/cluster -m "not cluster_long"
 	$(PY) -m pytest -q --durations=10 tests/cluster -m cluster_long

@@ -187,7 +187,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{args.checkpoint} on {args.data} (every row; dropped: {dropped}):")
     _print_test_metrics(metrics)
     if frame is not None:
-        from raybm.inference.evaluate import named_predictions, read_label_map
+        from raybm.inference.loading import read_label_map
+        from raybm.inference.evaluate import named_predictions
         from raybm.inference.predict import write_frame
 
         frame = named_predictions(frame, read_label_map(args.checkpoint))

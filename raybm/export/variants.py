@@ -78,7 +78,7 @@ def _model_bytes(folder: str) -> int:
 def check_source(model_dir: str) -> None:
     """Load the source once, so a corrupt or incomplete folder fails before anything is
     written."""
-    from raybm.inference.evaluate import load_model_folder
+    from raybm.inference.loading import load_model_folder
 
     load_model_folder(model_dir)
 
@@ -107,7 +107,7 @@ def export_onnx(model_dir: str, out_dir: str, opset: int = 17) -> dict[str, Any]
     import onnxruntime as ort
     import torch
 
-    from raybm.inference.evaluate import load_model_folder
+    from raybm.inference.loading import load_model_folder
 
     model, tokenizer, _ = load_model_folder(model_dir)
     module = _logits_module(model)
@@ -165,7 +165,7 @@ def prune_model(model_dir: str, out_dir: str, amount: float) -> float:
     """Global unstructured L1 pruning of the encoder's Linear weights; saves a model folder."""
     import torch.nn.utils.prune as prune
 
-    from raybm.inference.evaluate import load_model_folder
+    from raybm.inference.loading import load_model_folder
 
     model, tokenizer, _ = load_model_folder(model_dir)
     targets = pruning_targets(model)
@@ -219,7 +219,7 @@ def eval_split(model_dir: str, cfg: JobConfig) -> tuple[list[str], np.ndarray] |
 
     from raybm.data.pipeline import dataset_name
     from raybm.data.sources import resolve_source
-    from raybm.inference.evaluate import read_label_map
+    from raybm.inference.loading import read_label_map
 
     try:
         job = build_config(source_config(model_dir, cfg))
@@ -470,7 +470,7 @@ def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name
             export_onnx(model_dir, fp32, e.opset)
         return quantize_onnx(fp32, staging)
     if v == "fp16":
-        from raybm.inference.evaluate import load_model_folder
+        from raybm.inference.loading import load_model_folder
 
         model, tokenizer, _ = load_model_folder(model_dir)
         model.half().save_pretrained(staging, safe_serialization=True)
@@ -488,7 +488,7 @@ def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name
                       "parallelism": "ddp",  # the zeros are kept on whole weight matrices
                       "early_stopping_patience": 0, "distill_from": None}}, log)
         copy_to_local(trained, cfg.storage, staging)
-        from raybm.inference.evaluate import load_model_folder
+        from raybm.inference.loading import load_model_folder
 
         after = sparsity(load_model_folder(staging)[0])
         return {"method": "global L1 unstructured pruning of encoder Linear weights, then fine-tuning with the "

@@ -7,54 +7,14 @@ and true ids (integers only reach the driver) into metrics.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from raybm.errors import RaybmError
+from raybm.inference.loading import read_label_map
 from raybm.metrics import confusion_matrix, metrics_from_confusion
-
-
-def read_label_map(model_dir: str, storage=None) -> list[str]:
-    """The labels of a model folder, local or (with ``storage``) ``s3://``."""
-    if model_dir.startswith("s3://"):
-        from raybm.results import resolve_uri
-
-        fs, path = resolve_uri(model_dir, storage)
-        try:
-            with fs.open_input_stream(f"{path}/label_map.json") as f:
-                return list(json.loads(f.read())["labels"])
-        except FileNotFoundError:
-            raise RaybmError(f"{model_dir}: not a raybm model folder (no label_map.json)") from None
-    path = os.path.join(model_dir, "label_map.json")
-    if not os.path.isfile(path):
-        raise RaybmError(f"{model_dir}: not a raybm model folder (no label_map.json)")
-    with open(path, encoding="utf-8") as f:
-        return list(json.load(f)["labels"])
-
-
-def load_model_folder(model_dir: str):
-    """(model in eval mode, tokenizer, labels) from a raybm model folder. Safetensors only."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    import raybm.models.build  # noqa: F401  (registers the baseline architecture)
-
-    labels = read_label_map(model_dir)
-    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        raise RaybmError(f"{model_dir}: no model.safetensors (raybm loads safetensors weights only)")
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:  # noqa: BLE001 - safetensors and transformers raise many kinds on a bad folder
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise RaybmError(f"{model_dir}: cannot load the model ({type(e).__name__}: {first}); the folder is "
-                         f"incomplete or corrupt, retrain or copy it again") from None
-    model.eval()
-    return model, tokenizer, labels
 
 
 class Classify:

@@ -32,6 +32,44 @@ ONNX_FILE = "model.onnx"
 VARIANT_FILE = "manifest.json"  # written by raybm export into each variant folder
 
 
+def read_label_map(model_dir: str, storage=None) -> list[str]:
+    """The labels of a model folder, local or (with ``storage``) ``s3://``."""
+    if model_dir.startswith("s3://"):
+        from raybm.results import resolve_uri
+
+        fs, path = resolve_uri(model_dir, storage)
+        try:
+            with fs.open_input_stream(f"{path}/label_map.json") as f:
+                return list(json.loads(f.read())["labels"])
+        except FileNotFoundError:
+            raise RaybmError(f"{model_dir}: not a raybm model folder (no label_map.json)") from None
+    path = os.path.join(model_dir, "label_map.json")
+    if not os.path.isfile(path):
+        raise RaybmError(f"{model_dir}: not a raybm model folder (no label_map.json)")
+    with open(path, encoding="utf-8") as f:
+        return list(json.load(f)["labels"])
+
+
+def load_model_folder(model_dir: str):
+    """(model in eval mode, tokenizer, labels) from a raybm model folder. Safetensors only."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import raybm.models.build  # noqa: F401  (registers the baseline architecture)
+
+    labels = read_label_map(model_dir)
+    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        raise RaybmError(f"{model_dir}: no model.safetensors (raybm loads safetensors weights only)")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # noqa: BLE001 - safetensors and transformers raise many kinds on a bad folder
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise RaybmError(f"{model_dir}: cannot load the model ({type(e).__name__}: {first}); the folder is "
+                         f"incomplete or corrupt, retrain or copy it again") from None
+    model.eval()
+    return model, tokenizer, labels
+
+
 @dataclass
 class Predictor:
     """A loaded model: ``predict(texts)`` gives one row of class probabilities per text."""
@@ -117,8 +155,6 @@ def auto_backend(model_dir: str) -> str:
 def check_model_files(model_dir: str, backend: str = "auto") -> str:
     """Raise a clear error unless ``model_dir`` holds what ``backend`` loads; returns the
     resolved backend."""
-    from raybm.inference.evaluate import read_label_map
-
     read_label_map(model_dir)
     if backend == "auto":
         backend = auto_backend(model_dir)
@@ -132,8 +168,6 @@ def check_model_files(model_dir: str, backend: str = "auto") -> str:
 
 def load_onnx(model_dir: str, threads: int | None = None, max_length: int | None = None,
               batch_size: int = 64) -> OnnxPredictor:
-    from raybm.inference.evaluate import read_label_map
-
     try:
         import onnxruntime as ort
     except ImportError:
@@ -163,8 +197,6 @@ def load_predictor(model_dir: str, backend: str = "torch", threads: int | None =
                    max_length: int | None = None, device: str = "cpu", batch_size: int = 64):
     """Load a raybm model folder for prediction with the given backend."""
     import torch
-
-    from raybm.inference.evaluate import load_model_folder
 
     if backend not in BACKENDS:
         raise RaybmError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -203,7 +235,6 @@ def model_card(model_dir: str, source: str | None = None, storage: Any = None) -
     are given relative to the results root (``runs/<run>/model``), never as local paths."""
     import yaml
 
-    from raybm.inference.evaluate import read_label_map
     from raybm.results import resolve_uri
 
     labels = read_label_map(model_dir)

@@ -163,7 +163,8 @@ def predict_file(model_dir: str, input_path: str, output_path: str, text_column:
                  log: Callable[[str], None] | None = None) -> Labelled:
     """Label every row of ``input_path`` into ``output_path``; with ``probabilities`` also
     write each class's probability. ``log`` gets a progress line every few seconds."""
-    from raybm.inference.evaluate import Classify, read_label_map
+    from raybm.inference.loading import read_label_map
+    from raybm.inference.evaluate import Classify
 
     if not os.path.isfile(input_path):
         raise RaybmError(f"--input {input_path!r}: no such file")

@@ -316,7 +316,7 @@ def teacher_labels(folder: str | None) -> list[str] | None:
     worker work, when the folder is not a raybm model folder."""
     if not folder:
         return None
-    from raybm.inference.evaluate import read_label_map
+    from raybm.inference.loading import read_label_map
 
     if not os.path.isfile(os.path.join(folder, "model.safetensors")):
         raise RaybmError(f"train.distill_from={folder}: no model.safetensors there; the teacher must be a "

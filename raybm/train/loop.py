@@ -277,7 +277,7 @@ def _process_alive(pid: int) -> bool:
 
 def _load_teacher(folder: str, device):
     """The distillation teacher, frozen, in eval mode."""
-    from raybm.inference.evaluate import load_model_folder
+    from raybm.inference.loading import load_model_folder
 
     teacher, _, _ = load_model_folder(folder)
     teacher.to(device)

@@ -209,7 +209,8 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
     import ray.train
 
     from raybm.data import load_split
-    from raybm.inference.evaluate import read_label_map, score_dataset
+    from raybm.inference.loading import read_label_map
+    from raybm.inference.evaluate import score_dataset
     from raybm.results import CONFIG_FILE, fetch_model
     from raybm.train.driver import METRICS_FILE, PREDICTIONS_FILE, publish_model, score_model_uri
 

@@ -78,7 +78,7 @@ def test_every_variant_loads_and_predicts_like_the_reference(trained):
     m = out.manifests
     assert m["onnx-int8"]["model_bytes"] < 0.5 * m["onnx"]["model_bytes"]
     assert m["fp16"]["model_bytes"] < 0.6 * m["hf"]["model_bytes"]
-    from raybm.inference.evaluate import load_model_folder
+    from raybm.inference.loading import load_model_folder
 
     assert sparsity(load_model_folder(os.path.join(folder, "pruned"))[0]) >= 0.49
     assert m["pruned"]["settings"]["sparsity_reached"] >= 0.49

@@ -205,7 +205,7 @@ def test_two_fsdp_workers_shard_train_resume_and_save_a_whole_model(ray_local, t
     # FSDP on CPU workers (gloo): each worker holds half of every layer, the checkpoint
     # gathers a whole model, and a failed worker (injected at the start of epoch 2) resumes
     # from the last checkpoint, sharded optimizer state included, and runs every epoch.
-    from raybm.inference.evaluate import load_model_folder
+    from raybm.inference.loading import load_model_folder
     from raybm.models.build import build_classifier
 
     # Batches of 4: 12 steps an epoch per worker (with 16, 3 steps an epoch learned too little

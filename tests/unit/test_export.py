@@ -6,7 +6,7 @@ import pytest
 from raybm.cli import format_exports
 from raybm.config import build_config
 from raybm.errors import RaybmError
-from raybm.inference.evaluate import load_model_folder
+from raybm.inference.loading import load_model_folder
 from raybm.export.variants import export_onnx, prune_model, pruning_targets, quantize_onnx, run_export, sparsity
 from raybm.inference.loading import load_predictor
 

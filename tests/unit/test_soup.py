@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
-from raybm.inference.evaluate import load_model_folder
+from raybm.inference.loading import load_model_folder
 from raybm.metrics import soup_metric
 from raybm.tune.soup import SOUP_FILE, average_models, is_used, make_soup
 
