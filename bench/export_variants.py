@@ -45,7 +45,8 @@ def main() -> int:
 
     from raybm.cli import format_exports
     from raybm.config import load_config
-    from raybm.export.variants import BACKEND, TRAINED, eval_split, run_export
+    from raybm.export.measure import eval_split
+    from raybm.export.variants import BACKEND, TRAINED, run_export
     from raybm.inference.loading import resolve_model
 
     cfg = load_config(args.config, args.overrides)

@@ -69,7 +69,7 @@ def paired(y: np.ndarray, ours: np.ndarray, base: np.ndarray, resamples: int = 2
 def run_predictions(results, run: str):
     import pandas as pd
 
-    from raybm.train.driver import PREDICTIONS_FILE
+    from raybm.results import PREDICTIONS_FILE
 
     path = results.join(results.run_dir(run), PREDICTIONS_FILE)
     if not results.exists(path):

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from raybm.config import JobConfig, build_config, describe, load_config
 from raybm.errors import RaybmError
+from raybm.results import EXPORTS
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -376,7 +377,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     data.results.check_reachable()
     jobs = data.jobs_frame()
     datasets = data.results.list_datasets()
-    exports = data.names("exports", complete_only=False)  # an export marks each variant, not itself
+    exports = data.names(EXPORTS, complete_only=False)  # an export marks each variant, not itself
     if jobs.empty and not datasets:
         print(f"nothing under {root} yet: `raybm data`, `raybm train` or `raybm pipeline` write there")
         return 0

@@ -27,9 +27,8 @@ from typing import Any
 
 from raybm.config import JobConfig, derived_name, pipeline_stages
 from raybm.errors import RaybmError
-from raybm.results import Results, fetch_model, is_s3
+from raybm.results import CONFIG_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE, WINNER_FILE, Results, fetch_model, is_s3
 
-SUMMARY_FILE = "summary.json"
 
 
 def pipeline_name(cfg: JobConfig, dataset: str) -> str:
@@ -72,7 +71,7 @@ class _Summary:
             "gate": {"min_test_f1": cfg.pipeline.min_test_f1, "max_latency_ms": cfg.pipeline.max_latency_ms},
         }
         results.unmark_complete(self.folder)
-        self.results.write_text(results.join(self.folder, "config.yaml"), cfg.to_yaml())
+        self.results.write_text(results.join(self.folder, CONFIG_FILE), cfg.to_yaml())
         self.write()
 
     def write(self) -> None:
@@ -167,7 +166,7 @@ def _model_stage_output(cfg: JobConfig, results: Results, state: dict[str, Any])
     model = trained_model(cfg)
     state["model"] = results.uri(model)
     folder = posix_parent(model)
-    for pointer in ("metrics.json", "winner.json"):  # a run's metrics, a sweep's winner
+    for pointer in (METRICS_FILE, WINNER_FILE):  # a run's metrics, a sweep's winner
         if results.exists(results.join(folder, pointer)):
             state["test"] = results.read_json(results.join(folder, pointer)).get("test")
             break
@@ -179,13 +178,14 @@ def posix_parent(path: str) -> str:
 
 def _train(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
     from raybm.config import run_name_for
-    from raybm.train.driver import METRICS_FILE, run_training
+    from raybm.train.driver import run_training
+    from raybm.results import METRICS_FILE
 
     run_dir = results.run_dir(run_name_for(cfg, state["dataset"]))
     if results.is_complete(run_dir):
         metrics = results.read_json(results.join(run_dir, METRICS_FILE))
         log(f"Run {metrics['run']!r} is already complete: {results.uri(run_dir)}")
-        state.update(model=results.uri(results.join(run_dir, "model")), test=metrics["test"])
+        state.update(model=results.uri(results.join(run_dir, MODEL_DIR)), test=metrics["test"])
         return {"status": "skipped", "run": metrics["run"], "model": state["model"], "test": _short(metrics["test"])}
     result = run_training(cfg, log=log)
     state.update(model=result.model_dir, test=result.metrics["test"])
@@ -272,7 +272,7 @@ def release_gate(cfg: JobConfig, test: dict[str, Any] | None, latency_ms: float 
 
 
 def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
-    from raybm.export.variants import measure
+    from raybm.export.measure import measure
     from raybm.serve.app import deploy, post_texts, read_api_key
 
     _model_stage_output(cfg, results, state)
@@ -280,7 +280,7 @@ def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dic
     latency = None
     if cfg.pipeline.max_latency_ms is not None:
         with tempfile.TemporaryDirectory(prefix="raybm-gate-") as tmp:
-            local = fetch_model(folder, cfg.storage, os.path.join(tmp, "model")) if is_s3(folder) else folder
+            local = fetch_model(folder, cfg.storage, os.path.join(tmp, MODEL_DIR)) if is_s3(folder) else folder
             timed = measure(local, backend, None, None, cfg.pipeline.latency_samples)
         latency = timed["latency_p50_ms"]
         log(f"release gate: median single-sentence latency {latency:.1f} ms ({backend})")

@@ -35,11 +35,45 @@ import pyarrow.fs as pafs
 from raybm.config import StorageConfig, check_name
 from raybm.errors import RaybmError
 
+# ---------------------------------------------------------------------------- the layout
+# Every folder and file name raybm writes under the results root, and nowhere else
+# (tests/unit/test_results.py greps the package for these literals).
+# The folders under the root, one per kind of artifact (also the kinds of leases and staging).
+DATASETS = "data"
+RUNS = "runs"
+SWEEPS = "sweeps"
+EXPORTS = "exports"
+PIPELINES = "pipelines"
 SPLITS = ("train", "validation", "test")
-SUCCESS_MARKER = "_SUCCESS"
-LABEL_MAP_FILE = "label_map.json"
+# In every artifact folder.
+SUCCESS_MARKER = "_SUCCESS"  # written last: the folder is complete
+CONFIG_FILE = "config.yaml"  # the resolved job config that produced it
+# A prepared dataset.
+LABEL_MAP_FILE = "label_map.json"  # also in every model folder
 REPORT_FILE = "report.json"
-CONFIG_FILE = "config.yaml"
+# A training run or a sweep.
+MODEL_DIR = "model"  # the published model
+METRICS_FILE = "metrics.json"  # a run's test metrics
+HISTORY_FILE = "history.json"  # a run's epochs
+PREDICTIONS_FILE = "test_predictions.parquet"  # every test example: text, label, pred, confidence, prob_<i>
+TUNE_DIR = "tune"  # a sweep's Ray Tune experiment
+TRIALS_DIR = "trials"  # a sweep's trial runs
+LEADERBOARD = "leaderboard"  # a sweep's leaderboard: .json and .csv
+WINNER_FILE = "winner.json"
+SOUP_FILE = "soup.json"
+# A model folder (besides the tokenizer's and transformers' own files).
+WEIGHTS_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "raybm_config.yaml"  # the job config the model was trained with
+MODEL_CARD_FILE = "README.md"
+# A training checkpoint (a model folder plus these).
+TRAIN_STATE_FILE = "train_state.pt"  # optimizer, scheduler, RNG: what resuming needs
+EPOCH_METRICS_FILE = "epoch_metrics.json"
+# An export: one folder per variant, and a mobile bundle.
+ONNX_FILE = "model.onnx"
+VARIANT_FILE = "manifest.json"  # in each variant folder
+MOBILE_DIR = "mobile"
+# A pipeline.
+SUMMARY_FILE = "summary.json"
 
 
 def is_s3(uri: str) -> bool:
@@ -217,31 +251,31 @@ class Results:
 
     def dataset_dir(self, name: str) -> str:
         check_name(name, "dataset name")
-        return self.path("data", name)
+        return self.path(DATASETS, name)
 
     def dataset_split_dir(self, name: str, split: str) -> str:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}")
-        return self.path("data", name, split)
+        return self.path(DATASETS, name, split)
 
     def dataset_file(self, name: str, filename: str) -> str:
-        return self.path("data", name, filename)
+        return self.path(DATASETS, name, filename)
 
     def run_dir(self, name: str) -> str:
         check_name(name, "run name")
-        return self.path("runs", name)
+        return self.path(RUNS, name)
 
     def sweep_dir(self, name: str) -> str:
         check_name(name, "sweep name")
-        return self.path("sweeps", name)
+        return self.path(SWEEPS, name)
 
     def pipeline_dir(self, name: str) -> str:
         check_name(name, "pipeline name")
-        return self.path("pipelines", name)
+        return self.path(PIPELINES, name)
 
     def export_dir(self, name: str, variant: str | None = None) -> str:
         check_name(name, "export name")
-        return self.path("exports", name, variant) if variant else self.path("exports", name)
+        return self.path(EXPORTS, name, variant) if variant else self.path(EXPORTS, name)
 
     def lease_path(self, kind: str, name: str) -> str:
         """The lease file of ``<kind>/<name>`` (raybm.lease): beside the artifacts, not in

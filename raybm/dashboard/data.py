@@ -19,10 +19,12 @@ import yaml
 
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
-from raybm.results import SUCCESS_MARKER, Results, fetch_model
+from raybm.results import (CONFIG_FILE, EXPORTS, HISTORY_FILE, LEADERBOARD, METRICS_FILE, MOBILE_DIR, MODEL_DIR,
+                           PIPELINES, PREDICTIONS_FILE, RUNS, SUCCESS_MARKER, SUMMARY_FILE, SWEEPS, VARIANT_FILE,
+                           WINNER_FILE, Results, fetch_model)
 from raybm.tune.soup import is_used
 
-KINDS = ("runs", "sweeps")
+KINDS = (RUNS, SWEEPS)
 
 
 @dataclass
@@ -83,21 +85,21 @@ class DashboardData:
 
     def _job(self, kind: str, folder: str, name: str) -> Job:
         j = self.results.join
-        cfg = self._config(j(folder, "config.yaml")) or {}
+        cfg = self._config(j(folder, CONFIG_FILE)) or {}
         done = self.results.exists(j(folder, SUCCESS_MARKER))
-        if kind == "runs":
-            m = self._read_json(j(folder, "metrics.json")) or {}
+        if kind == RUNS:
+            m = self._read_json(j(folder, METRICS_FILE)) or {}
             test, metric = m.get("test") or {}, (cfg.get("train") or {}).get("metric", "val_f1_macro")
-            hist = self._read_json(j(folder, "history.json")) or []
+            hist = self._read_json(j(folder, HISTORY_FILE)) or []
             vals = [h[metric] for h in hist if metric in h]
             best = (max(vals) if (cfg.get("train") or {}).get("mode", "max") == "max" else min(vals)) if vals else None
             if best is None:  # a soup of runs (raybm soup): no epochs, its validation score
                 best = (m.get("validation") or {}).get(metric)
             dataset = m.get("dataset")
         else:
-            w = self._read_json(j(folder, "winner.json")) or {}
+            w = self._read_json(j(folder, WINNER_FILE)) or {}
             test, metric, best, dataset = w.get("test") or {}, w.get("metric"), w.get("validation"), w.get("dataset")
-        return Job(kind=kind[:-1], name=name, complete=done, started=self._mtime(j(folder, "config.yaml")),
+        return Job(kind=kind[:-1], name=name, complete=done, started=self._mtime(j(folder, CONFIG_FILE)),
                    finished=self._mtime(j(folder, SUCCESS_MARKER)) if done else None,
                    base_model=(cfg.get("model") or {}).get("name"), dataset=dataset, metric=metric, best=best,
                    test_accuracy=test.get("accuracy"), test_f1=test.get("f1_macro"))
@@ -116,8 +118,8 @@ class DashboardData:
     def pipelines(self) -> list[dict[str, Any]]:
         """Every pipeline's summary (``raybm pipeline`` / ``jobs/pipeline.py``), newest first."""
         out = []
-        for info in self._folders("pipelines"):
-            summary = self._read_json(self.results.join(info.path, "summary.json"))
+        for info in self._folders(PIPELINES):
+            summary = self._read_json(self.results.join(info.path, SUMMARY_FILE))
             if summary:
                 out.append(summary)
         return sorted(out, key=lambda p: p.get("started_at", ""), reverse=True)
@@ -145,30 +147,30 @@ class DashboardData:
 
     # -- one job -----------------------------------------------------------------------
     def sweep(self, name: str) -> dict[str, Any]:
-        folder = self._named("sweeps", name)
+        folder = self._named(SWEEPS, name)
         j = self.results.join
-        return {"leaderboard": self._read_json(j(folder, "leaderboard.json")) or [],
-                "winner": self._read_json(j(folder, "winner.json")), "config": self._config(j(folder, "config.yaml"))}
+        return {"leaderboard": self._read_json(j(folder, LEADERBOARD + ".json")) or [],
+                "winner": self._read_json(j(folder, WINNER_FILE)), "config": self._config(j(folder, CONFIG_FILE))}
 
     def model_info(self, kind: str, name: str) -> dict[str, Any]:
         """Test metrics, dataset and config of a run's model or a sweep's winner."""
         folder = self._named(kind, name)
         j = self.results.join
-        if kind == "runs":
-            m = self._read_json(j(folder, "metrics.json")) or {}
+        if kind == RUNS:
+            m = self._read_json(j(folder, METRICS_FILE)) or {}
             test, dataset, soup = m.get("test"), m.get("dataset"), m.get("soup")
         else:
-            w = self._read_json(j(folder, "winner.json")) or {}
+            w = self._read_json(j(folder, WINNER_FILE)) or {}
             test, dataset, soup = w.get("test"), w.get("dataset"), w.get("soup")
         if not is_used(soup):
             soup = None  # none, or tried with nothing added: the model is the best trial alone
-        return {"test": test, "dataset": dataset, "soup": soup, "config": self._config(j(folder, "config.yaml")),
-                "model_dir": j(folder, "model"), "history": self._read_json(j(folder, "history.json"))}
+        return {"test": test, "dataset": dataset, "soup": soup, "config": self._config(j(folder, CONFIG_FILE)),
+                "model_dir": j(folder, MODEL_DIR), "history": self._read_json(j(folder, HISTORY_FILE))}
 
     def predictions(self, kind: str, name: str) -> pd.DataFrame | None:
         import pyarrow.parquet as pq
 
-        path = self.results.join(self._named(kind, name), "test_predictions.parquet")
+        path = self.results.join(self._named(kind, name), PREDICTIONS_FILE)
         if not self.results.exists(path):
             return None
         return pq.read_table(path, filesystem=self.results.fs).to_pandas()
@@ -180,9 +182,9 @@ class DashboardData:
 
     def exports(self, name: str) -> dict | None:
         """``exports/<name>/summary.json`` for a run or sweep name, if it was exported."""
-        for info in self._folders("exports"):
+        for info in self._folders(EXPORTS):
             if info.base_name == name:
-                return self._read_json(self.results.join(info.path, "summary.json"))
+                return self._read_json(self.results.join(info.path, SUMMARY_FILE))
         return None
 
     def models(self) -> dict[str, str]:
@@ -190,11 +192,11 @@ class DashboardData:
         out = {}
         for kind in KINDS:
             for name in self.names(kind):
-                out[f"{name} ({kind[:-1]})"] = self.results.join(self._named(kind, name), "model")
-        for info in self._folders("exports"):
+                out[f"{name} ({kind[:-1]})"] = self.results.join(self._named(kind, name), MODEL_DIR)
+        for info in self._folders(EXPORTS):
             for v in self.results.fs.get_file_info(pafs.FileSelector(info.path)):
-                if v.type == pafs.FileType.Directory and not v.base_name.startswith(".") and v.base_name != "mobile" \
-                        and self.results.exists(self.results.join(v.path, "manifest.json")):
+                if v.type == pafs.FileType.Directory and not v.base_name.startswith(".") and v.base_name != MOBILE_DIR \
+                        and self.results.exists(self.results.join(v.path, VARIANT_FILE)):
                     out[f"{info.base_name} / {v.base_name} (export)"] = v.path
         return out
 

@@ -20,6 +20,7 @@ import pandas as pd
 
 from raybm.errors import RaybmError
 from raybm.tune.soup import is_used
+from raybm.results import RUNS, SWEEPS
 
 PAGES = ("Runs and sweeps", "Sweep", "Model", "Errors", "Try it")
 MAX_UPLOAD_ROWS = 5000
@@ -121,7 +122,7 @@ def page_sweep(data) -> None:
     import streamlit as st
 
     st.title("Sweep")
-    picked = _pick(data, ("sweeps",), "sweep")
+    picked = _pick(data, (SWEEPS,), "sweep")
     if not picked:
         return
     sweep = data.sweep(picked[1])
@@ -209,7 +210,7 @@ def page_model(data) -> None:
     import streamlit as st
 
     st.title("Model")
-    picked = _pick(data, ("runs", "sweeps"), "model")
+    picked = _pick(data, (RUNS, SWEEPS), "model")
     if not picked:
         return
     info = data.model_info(*picked)
@@ -269,7 +270,7 @@ def page_errors(data) -> None:
     import streamlit as st
 
     st.title("Errors")
-    picked = _pick(data, ("runs", "sweeps"), "errors")
+    picked = _pick(data, (RUNS, SWEEPS), "errors")
     if not picked:
         return
     preds = data.predictions(*picked)

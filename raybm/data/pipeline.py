@@ -23,7 +23,7 @@ from raybm.data.sources import Source, find_undecodable, read_source, resolve_so
 from raybm.data.tokenizing import CountTokens
 from raybm.errors import DataError, RaybmError
 from raybm.lease import hold_lease
-from raybm.results import CONFIG_FILE, LABEL_MAP_FILE, REPORT_FILE, SPLITS, Results
+from raybm.results import CONFIG_FILE, DATASETS, LABEL_MAP_FILE, REPORT_FILE, SPLITS, Results
 from raybm.data.udf import map_batches_cached
 
 REPORT_VERSION = 1
@@ -222,8 +222,8 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
 
     # 5. Write everything into a staging folder, then publish it in one step.
     log("  4/4 writing")
-    with hold_lease(results, "data", name, f"dataset {name!r}", log=log):  # one writer per dataset
-        build = results.build_dir("data", name)
+    with hold_lease(results, DATASETS, name, f"dataset {name!r}", log=log):  # one writer per dataset
+        build = results.build_dir(DATASETS, name)
         try:
             if results.remote and results.exists(build):
                 results.delete_tree(build)

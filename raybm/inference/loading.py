@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from raybm.errors import RaybmError
+from raybm.results import (EXPORTS, LABEL_MAP_FILE, METRICS_FILE, MODEL_CONFIG_FILE, MODEL_DIR, ONNX_FILE, RUNS,
+                           SWEEPS, VARIANT_FILE, WEIGHTS_FILE, WINNER_FILE)
 
 BACKENDS = ("auto", "torch", "int8", "onnx")
-ONNX_FILE = "model.onnx"
-VARIANT_FILE = "manifest.json"  # written by raybm export into each variant folder
 
 
 def read_label_map(model_dir: str, storage=None) -> list[str]:
@@ -43,7 +43,7 @@ def read_label_map(model_dir: str, storage=None) -> list[str]:
                 return list(json.loads(f.read())["labels"])
         except FileNotFoundError:
             raise RaybmError(f"{model_dir}: not a raybm model folder (no label_map.json)") from None
-    path = os.path.join(model_dir, "label_map.json")
+    path = os.path.join(model_dir, LABEL_MAP_FILE)
     if not os.path.isfile(path):
         raise RaybmError(f"{model_dir}: not a raybm model folder (no label_map.json)")
     with open(path, encoding="utf-8") as f:
@@ -57,7 +57,7 @@ def load_model_folder(model_dir: str):
     import raybm.models.build  # noqa: F401  (registers the baseline architecture)
 
     labels = read_label_map(model_dir)
-    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+    if not os.path.isfile(os.path.join(model_dir, WEIGHTS_FILE)):
         raise RaybmError(f"{model_dir}: no model.safetensors (raybm loads safetensors weights only)")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
@@ -101,7 +101,7 @@ def model_max_length(model_dir: str, default: int = 128) -> int:
     """The ``data.max_length`` the model was trained with (from its raybm_config.yaml)."""
     import yaml
 
-    path = os.path.join(model_dir, "raybm_config.yaml")
+    path = os.path.join(model_dir, MODEL_CONFIG_FILE)
     if not os.path.isfile(path):
         return default
     with open(path, encoding="utf-8") as f:
@@ -147,7 +147,7 @@ def auto_backend(model_dir: str) -> str:
     if manifest.get("backend") in BACKENDS[1:]:
         return manifest["backend"]
     if os.path.isfile(os.path.join(model_dir, ONNX_FILE)) \
-            and not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+            and not os.path.isfile(os.path.join(model_dir, WEIGHTS_FILE)):
         return "onnx"
     return "torch"
 
@@ -158,7 +158,7 @@ def check_model_files(model_dir: str, backend: str = "auto") -> str:
     read_label_map(model_dir)
     if backend == "auto":
         backend = auto_backend(model_dir)
-    needed = ONNX_FILE if backend == "onnx" else "model.safetensors"
+    needed = ONNX_FILE if backend == "onnx" else WEIGHTS_FILE
     if not os.path.isfile(os.path.join(model_dir, needed)):
         hint = "make one with raybm export --variants onnx" if backend == "onnx" else \
             "raybm loads safetensors weights only"
@@ -240,7 +240,7 @@ def model_card(model_dir: str, source: str | None = None, storage: Any = None) -
     labels = read_label_map(model_dir)
     card: dict[str, Any] = {"labels": labels, "base_model": None, "dataset": None,
                             "source": None, "source_kind": None, "test_metrics": None}
-    cfg_path = os.path.join(model_dir, "raybm_config.yaml")
+    cfg_path = os.path.join(model_dir, MODEL_CONFIG_FILE)
     if os.path.isfile(cfg_path):
         with open(cfg_path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
@@ -254,7 +254,7 @@ def model_card(model_dir: str, source: str | None = None, storage: Any = None) -
         fs, path = None, os.path.abspath(source or model_dir)
     parts = path.rstrip("/").split("/")
     parent = "/".join(parts[:-1])
-    for file, kind, key in (("winner.json", "sweep", "sweeps"), ("metrics.json", "run", "runs")):
+    for file, kind, key in ((WINNER_FILE, "sweep", SWEEPS), (METRICS_FILE, "run", RUNS)):
         record = _read_record(fs, f"{parent}/{file}")
         if record is not None:  # <root>/sweeps/<sweep>/model or <root>/runs/<run>/model
             card.update(source=f"{key}/{parts[-2]}", source_kind=kind, test_metrics=record.get("test"))
@@ -263,7 +263,7 @@ def model_card(model_dir: str, source: str | None = None, storage: Any = None) -
             break
     if card["source"]:
         card["name"], card["model"] = parts[-2], f"{card['source']}/{parts[-1]}"
-    elif len(parts) >= 3 and parts[-3] == "exports":  # <root>/exports/<export>/<variant>
+    elif len(parts) >= 3 and parts[-3] == EXPORTS:  # <root>/exports/<export>/<variant>
         card["name"], card["model"] = parts[-1], "/".join(parts[-3:])
     else:
         card["name"] = card["model"] = parts[-1]
@@ -284,11 +284,11 @@ def _read_record(fs, path: str) -> dict[str, Any] | None:
 def resolve_model(spec: str, results_root: str | None = None, flag: str = "--model") -> str:
     """A model folder from what a user passes: a model folder, a run or sweep folder (its
     ``model/``), or the name of a run or sweep under the results root."""
-    candidates = [spec, os.path.join(spec, "model")]
+    candidates = [spec, os.path.join(spec, MODEL_DIR)]
     if results_root and not os.path.isabs(spec):
-        candidates += [os.path.join(results_root, kind, spec, "model") for kind in ("sweeps", "runs")]
+        candidates += [os.path.join(results_root, kind, spec, MODEL_DIR) for kind in (SWEEPS, RUNS)]
     for folder in candidates:
-        if os.path.isfile(os.path.join(folder, "label_map.json")):
+        if os.path.isfile(os.path.join(folder, LABEL_MAP_FILE)):
             return os.path.abspath(folder)
     where = f" or a run/sweep name under {results_root}" if results_root else ""
     raise RaybmError(f"{flag} {spec!r}: not a model folder (one with label_map.json and model.safetensors), "

@@ -13,9 +13,8 @@ from typing import Any
 
 import yaml
 
-from raybm.results import Results
+from raybm.results import LABEL_MAP_FILE, MODEL_CARD_FILE, MODEL_CONFIG_FILE, Results
 
-README = "README.md"
 
 # Built-in short names and where their weights come from on the hub.
 _HUB_IDS = {"all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -103,13 +102,13 @@ def write_model_card(results: Results, model_dir: str, *, name: str, kind: str, 
                      test: dict[str, Any], notes: list[str] | None = None) -> None:
     """Write README.md into a published model folder (``model_dir``: a path in the results
     store, local or S3)."""
-    cfg_file = results.join(model_dir, "raybm_config.yaml")
+    cfg_file = results.join(model_dir, MODEL_CONFIG_FILE)
     cfg = (yaml.safe_load(results.read_text(cfg_file)) or {}) if results.exists(cfg_file) else {}
-    labels = results.read_json(results.join(model_dir, "label_map.json"))["labels"]
+    labels = results.read_json(results.join(model_dir, LABEL_MAP_FILE))["labels"]
     model_type = results.read_json(results.join(model_dir, "config.json")).get("model_type")
     published = results.is_complete(model_dir)
     results.unmark_complete(model_dir)  # _SUCCESS stays the last file written
-    results.write_text(results.join(model_dir, README),
+    results.write_text(results.join(model_dir, MODEL_CARD_FILE),
                        render(name, kind, cfg, labels, dataset, test, notes, model_type))
     if published:
         results.mark_complete(model_dir)

@@ -41,6 +41,7 @@ from fastapi import Request  # module level: FastAPI resolves the handlers' anno
 
 from raybm.config import JobConfig, ServeConfig, StorageConfig, is_loopback, run_name_for, sweep_name_for
 from raybm.errors import RaybmError
+from raybm.results import MODEL_DIR
 
 DEFAULT_LOADER = "raybm.inference.loading:load_predictor"
 HEALTH_PROBE = "raybm health check"
@@ -524,7 +525,7 @@ def default_model_for(cfg: JobConfig) -> str:
     if not results.is_complete(folder):
         raise RaybmError(f"no finished model for this config at {folder}; run `{what} --config ...` first, "
                          f"or pass --model <folder>")
-    return results.join(folder, "model")
+    return results.join(folder, MODEL_DIR)
 
 
 def post_texts(url: str, texts: list[str], api_key: str | None = None, timeout: float = 60.0) -> dict[str, Any]:

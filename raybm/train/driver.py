@@ -22,13 +22,10 @@ from raybm.config import JobConfig, run_name_for
 from raybm.errors import RaybmError
 from raybm.lease import hold_lease
 from raybm.models.card import write_model_card
-from raybm.results import CONFIG_FILE, SUCCESS_MARKER, Results
+from raybm.results import (CONFIG_FILE, HISTORY_FILE, METRICS_FILE, MODEL_DIR, PREDICTIONS_FILE, RUNS, SUCCESS_MARKER,
+                           WEIGHTS_FILE, Results)
 from raybm.runtime import joined_cluster
 
-METRICS_FILE = "metrics.json"
-HISTORY_FILE = "history.json"
-PREDICTIONS_FILE = "test_predictions.parquet"  # every test example: text, label, pred, confidence, prob_<i>
-MODEL_DIR = "model"
 
 
 @dataclass
@@ -318,7 +315,7 @@ def teacher_labels(folder: str | None) -> list[str] | None:
         return None
     from raybm.inference.loading import read_label_map
 
-    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+    if not os.path.isfile(os.path.join(folder, WEIGHTS_FILE)):
         raise RaybmError(f"train.distill_from={folder}: no model.safetensors there; the teacher must be a "
                          f"raybm model folder on this machine (a run's model/ folder)")
     return read_label_map(folder)
@@ -349,14 +346,14 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     if scores_test and not whole:
         datasets["test"] = load_split(results, prepared.name, "test", columns=("text", "label", "input_ids")).materialize()
     trainer = build_trainer(cfg, labels=labels, report=prepared.report, datasets=datasets,
-                            run_name=run_name, storage_path=results.path("runs"), storage_filesystem=results.fs,
+                            run_name=run_name, storage_path=results.path(RUNS), storage_filesystem=results.fs,
                             predictions_to=predictions_to if scores_test else None,
                             whole_splits=prepared.name if whole else None)
     log(f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"
         f"{' on GPU' if _use_gpu(t.use_gpu) else ''}, {t.epochs} epoch(s), "
         f"{'splits read whole by each worker' if whole else 'splits streamed by Ray Data'} -> {results.uri(run_dir)}")
     # One writer per run: a second job with the same run name is refused while this one lives.
-    with hold_lease(results, "runs", run_name, f"training run {run_name!r}", log=log):
+    with hold_lease(results, RUNS, run_name, f"training run {run_name!r}", log=log):
         check_same_recipe(results, run_dir, run_name, cfg)
         results.unmark_complete(run_dir)  # a rerun: the old run no longer reads as complete while this one writes
         results.write_text(results.join(run_dir, CONFIG_FILE), cfg.to_yaml())
@@ -450,7 +447,7 @@ def best_epoch(history: list[dict], metric: str, mode: str) -> int | None:
 
 def publish_model(results: Results, run_dir: str, checkpoint) -> str:
     """Copy a checkpoint (minus optimizer state) to <run_dir>/model, atomically."""
-    from raybm.train.loop import TRAIN_STATE_FILE
+    from raybm.results import TRAIN_STATE_FILE
 
     final = results.join(run_dir, MODEL_DIR)
     with tempfile.TemporaryDirectory() as tmp:

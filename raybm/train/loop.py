@@ -21,13 +21,12 @@ import numpy as np
 
 from raybm.config import JobConfig, build_config
 from raybm.metrics import confusion_matrix, flat, metrics_from_confusion
+from raybm.results import EPOCH_METRICS_FILE, LABEL_MAP_FILE, MODEL_CONFIG_FILE, TRAIN_STATE_FILE, WEIGHTS_FILE
 
-TRAIN_STATE_FILE = "train_state.pt"
 # The epoch's validation metrics, inside each checkpoint (sweeps rank checkpoints by it).
-EPOCH_METRICS_FILE = "epoch_metrics.json"
 # What a usable checkpoint holds. A checkpoint folder whose upload a lost node or a stopped
 # job cut short has only some of its files (S3 writes each file whole, in any order).
-CHECKPOINT_FILES = ("model.safetensors", "config.json", "label_map.json", "tokenizer_config.json", EPOCH_METRICS_FILE)
+CHECKPOINT_FILES = (WEIGHTS_FILE, "config.json", LABEL_MAP_FILE, "tokenizer_config.json", EPOCH_METRICS_FILE)
 
 
 def say(message: str) -> None:
@@ -104,9 +103,9 @@ def _save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list
 
     model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(folder)
-    with open(os.path.join(folder, "label_map.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(folder, LABEL_MAP_FILE), "w", encoding="utf-8") as f:
         json.dump({"labels": labels, "label_to_id": {lab: i for i, lab in enumerate(labels)}}, f, indent=2)
-    with open(os.path.join(folder, "raybm_config.yaml"), "w", encoding="utf-8") as f:
+    with open(os.path.join(folder, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(cfg.to_yaml())
     torch.save(state, os.path.join(folder, TRAIN_STATE_FILE))
     with open(os.path.join(folder, EPOCH_METRICS_FILE), "w", encoding="utf-8") as f:
@@ -117,7 +116,7 @@ def _load_weights(folder: str, model) -> None:
     """Load a checkpoint's weights into ``model`` (unwrapped)."""
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=False)
+    model.load_state_dict(load_file(os.path.join(folder, WEIGHTS_FILE)), strict=False)
 
 
 def _load_checkpoint(folder: str, model) -> dict:

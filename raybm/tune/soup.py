@@ -26,11 +26,11 @@ from typing import Any
 
 from raybm.errors import ConfigError, RaybmError
 from raybm.metrics import soup_metric
+from raybm.results import (EPOCH_METRICS_FILE, MODEL_CARD_FILE, MODEL_CONFIG_FILE, MODEL_DIR, SOUP_FILE,
+                           SUCCESS_MARKER, TRAIN_STATE_FILE, WEIGHTS_FILE)
 
-SOUP_FILE = "soup.json"
-WEIGHTS_FILE = "model.safetensors"
 # Files of a training checkpoint that do not describe the averaged model.
-_NOT_COPIED = ("train_state.pt", "epoch_metrics.json", "_SUCCESS", "README.md")
+_NOT_COPIED = (TRAIN_STATE_FILE, EPOCH_METRICS_FILE, SUCCESS_MARKER, MODEL_CARD_FILE)
 
 
 @dataclass
@@ -212,7 +212,8 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
     from raybm.inference.loading import read_label_map
     from raybm.inference.evaluate import score_dataset
     from raybm.results import CONFIG_FILE, fetch_model
-    from raybm.train.driver import METRICS_FILE, PREDICTIONS_FILE, publish_model, score_model_uri
+    from raybm.train.driver import publish_model, score_model_uri
+    from raybm.results import METRICS_FILE, PREDICTIONS_FILE
 
     results, run_dir = check_soup_inputs(cfg, models, dataset, name)
     metric = soup_metric(cfg.tune.metric)
@@ -252,7 +253,7 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
 
         base_model = model_card(soup.folder)["base_model"]
         model_uri = publish_model(results, run_dir, ray.train.Checkpoint.from_directory(soup.folder))
-        source_cfg = os.path.join(local[0][1], "raybm_config.yaml")
+        source_cfg = os.path.join(local[0][1], MODEL_CONFIG_FILE)
         if os.path.isfile(source_cfg):
             with open(source_cfg, encoding="utf-8") as f:
                 results.write_text(results.join(run_dir, CONFIG_FILE), f.read())
@@ -264,7 +265,7 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
     results.write_json(results.join(run_dir, METRICS_FILE), metrics)
     from raybm.models.card import write_model_card
 
-    write_model_card(results, results.join(run_dir, "model"), name=name, kind="soup", dataset=dataset, test=test,
+    write_model_card(results, results.join(run_dir, MODEL_DIR), name=name, kind="soup", dataset=dataset, test=test,
                      notes=[f"the {soup.method} soup of {', '.join(soup.ingredients)} (from {', '.join(models)}), "
                             f"validation {cfg.tune.metric} {soup.validation:.4f} against {soup.best_single:.4f} "
                             f"for the best of them alone"])

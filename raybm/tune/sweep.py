@@ -34,14 +34,10 @@ from typing import Any
 from raybm.config import JobConfig, build_config, merge_raw, sweep_name_for
 from raybm.errors import RaybmError
 from raybm.lease import hold_lease
-from raybm.results import CONFIG_FILE, Results
+from raybm.results import (CONFIG_FILE, LEADERBOARD, MODEL_DIR, SWEEPS, TRIALS_DIR, TUNE_DIR, WEIGHTS_FILE,
+                           WINNER_FILE, Results)
 from raybm.config.search_space import Distribution, grid_size, nested, parse_space
 
-TUNE_DIR = "tune"
-TRIALS_DIR = "trials"
-LEADERBOARD = "leaderboard"
-WINNER_FILE = "winner.json"
-MODEL_DIR = "model"
 # Each trial's function only waits on its TorchTrainer; the workers reserve the real CPUs.
 # It reserves memory, not a fraction of a CPU: fractions left on nodes add up to no node
 # with a whole CPU for a 1-CPU worker (seen on a cluster of 1-CPU nodes).
@@ -221,7 +217,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     can_restore = tune.Tuner.can_restore(tune_path,
                                          storage_filesystem=results.fs)
     # One writer per sweep: a second job with the same sweep name is refused while this one lives.
-    with hold_lease(results, "sweeps", name, f"sweep {name!r}", log=log):
+    with hold_lease(results, SWEEPS, name, f"sweep {name!r}", log=log):
         if results.is_complete(sweep_dir):
             done = load_sweep(results, name)
             if not (retry_errored and any(row["status"] == "error" for row in done.leaderboard)):
@@ -339,7 +335,8 @@ def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> t
     metrics each checkpoint carries: (path on results.fs, its metrics)."""
     import pyarrow.fs as pafs
 
-    from raybm.train.loop import CHECKPOINT_FILES, EPOCH_METRICS_FILE
+    from raybm.train.loop import CHECKPOINT_FILES
+    from raybm.results import EPOCH_METRICS_FILE
 
     if not results.exists(run_dir):
         return None, None
@@ -429,7 +426,7 @@ def architecture(folder: str) -> tuple[str, int]:
     tensors, read from the safetensors header without loading them."""
     from safetensors import safe_open
 
-    with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+    with safe_open(os.path.join(folder, WEIGHTS_FILE), framework="pt") as f:
         shapes = sorted((k, list(f.get_slice(k).get_shape())) for k in f.keys())
     return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16], sum(math.prod(s) for _, s in shapes)
 
@@ -442,7 +439,7 @@ def measure_costs(cfg: JobConfig, rows: list[dict[str, Any]], log: Callable[[str
     measuring them apart)."""
     import tempfile
 
-    from raybm.export.variants import measure
+    from raybm.export.measure import measure
     from raybm.results import copy_to_local, is_s3
 
     latency: dict[str, float] = {}
@@ -453,7 +450,7 @@ def measure_costs(cfg: JobConfig, rows: list[dict[str, Any]], log: Callable[[str
             key, params = architecture(folder)
             if key not in latency:
                 latency[key] = measure(folder, "torch", None, None, cfg.tune.latency_samples)["latency_p50_ms"]
-            row.update(params=params, size_mb=round(os.path.getsize(os.path.join(folder, "model.safetensors")) / 1e6, 2),
+            row.update(params=params, size_mb=round(os.path.getsize(os.path.join(folder, WEIGHTS_FILE)) / 1e6, 2),
                        latency_p50_ms=latency[key])
             if folder != uri:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -526,7 +523,8 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
     import ray.train
 
     from raybm.data import load_split
-    from raybm.train.driver import PREDICTIONS_FILE, publish_model, score_model_uri
+    from raybm.train.driver import publish_model, score_model_uri
+    from raybm.results import PREDICTIONS_FILE
 
     row = ranked[0]
     metric = cfg.tune.metric

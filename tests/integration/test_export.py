@@ -10,7 +10,8 @@ import pytest
 
 from raybm.config import build_config
 from raybm.errors import RaybmError
-from raybm.export.variants import run_export, sparsity
+from raybm.export.trained import sparsity
+from raybm.export.variants import run_export
 from raybm.inference.loading import load_predictor
 from raybm.train.driver import run_training
 

@@ -7,7 +7,9 @@ from raybm.cli import format_exports
 from raybm.config import build_config
 from raybm.errors import RaybmError
 from raybm.inference.loading import load_model_folder
-from raybm.export.variants import export_onnx, prune_model, pruning_targets, quantize_onnx, run_export, sparsity
+from raybm.export.onnx import export_onnx, quantize_onnx
+from raybm.export.trained import prune_model, pruning_targets, sparsity
+from raybm.export.variants import run_export
 from raybm.inference.loading import load_predictor
 
 TEXTS = ["one", "two words", "a somewhat longer text with more tokens in it", "ok then"]

@@ -89,7 +89,8 @@ def test_an_unpublished_folder_is_refused_and_a_rewrite_unmarks_it_first(store, 
 def test_a_model_card_keeps_success_last(tmp_path, tiny_model_dir):
     import shutil
 
-    from raybm.models.card import README, write_model_card
+    from raybm.models.card import write_model_card
+    from raybm.results import MODEL_CARD_FILE
 
     results = Results(str(tmp_path), StorageConfig(root=str(tmp_path)))
     model = results.join(results.run_dir("carded"), "model")
@@ -98,5 +99,5 @@ def test_a_model_card_keeps_success_last(tmp_path, tiny_model_dir):
     before = os.stat(os.path.join(model, SUCCESS_MARKER)).st_mtime_ns
     time.sleep(0.01)
     write_model_card(results, model, name="carded", kind="run", dataset="d", test={"accuracy": 1.0, "f1_macro": 1.0, "precision_macro": 1.0, "recall_macro": 1.0})
-    assert os.stat(os.path.join(model, SUCCESS_MARKER)).st_mtime_ns >= os.stat(os.path.join(model, README)).st_mtime_ns
+    assert os.stat(os.path.join(model, SUCCESS_MARKER)).st_mtime_ns >= os.stat(os.path.join(model, MODEL_CARD_FILE)).st_mtime_ns
     assert os.stat(os.path.join(model, SUCCESS_MARKER)).st_mtime_ns > before

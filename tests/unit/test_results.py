@@ -1,4 +1,6 @@
+import inspect
 import os
+import re
 
 import pytest
 
@@ -55,3 +57,41 @@ def test_uri_kinds():
     assert path == "bucket/pre/fix" and type(fs).__name__ == "S3FileSystem"
     with pytest.raises(RaybmError, match="only local paths and s3://"):
         resolve_uri("gs://bucket/x", StorageConfig())
+
+
+def layout_names() -> dict[str, str]:
+    """Every name of the results layout that results.py owns, by constant."""
+    import raybm.results as results
+
+    start = inspect.getsource(results).index("# ---------------------------------------------------------------------------- the layout")
+    block = inspect.getsource(results)[start:].split("\n\n\n")[0]
+    names = {m.group(1): getattr(results, m.group(1)) for m in re.finditer(r"^([A-Z_]+) = ", block, flags=re.M)}
+    return {k: v for k, v in names.items() if isinstance(v, str)}
+
+
+def test_no_module_but_results_spells_a_results_file_or_folder_name():
+    import raybm
+
+    names = layout_names()
+    assert {"METRICS_FILE", "WINNER_FILE", "MODEL_DIR", "RUNS", "SUCCESS_MARKER", "SUMMARY_FILE"} <= set(names)
+    files = {v for v in names.values() if "." in v or v.startswith("_")}
+    folders = {v for v in names.values() if v not in files}
+    # A file name is a file name wherever it appears; a folder name only where a path is
+    # built (its words are also config sections and dict keys).
+    file_literal = re.compile(r'(?<![\w{])"(' + "|".join(re.escape(f) for f in files) + r')"')
+    folder_in_path = re.compile(r'\b(join|path|build_dir|staging_dir|hold_lease|_folders|_named|names)\([^()\n]*"('
+                                + "|".join(folders) + r')"|"(' + "|".join(folders) + r')/')
+    package = os.path.dirname(raybm.__file__)
+    found = []
+    for folder, _, filenames in os.walk(package):
+        for filename in filenames:
+            path = os.path.join(folder, filename)
+            rel = os.path.relpath(path, package)
+            # results.py owns the names; the mobile bundle's predict.py runs without raybm.
+            if not filename.endswith(".py") or rel in ("results.py", os.path.join("export", "mobile_predict.py")):
+                continue
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if file_literal.search(line) or folder_in_path.search(line):
+                        found.append(f"raybm/{rel}:{n}: {line.strip()}")
+    assert not found, "use the raybm.results constants:\n" + "\n".join(found)

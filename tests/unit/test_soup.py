@@ -10,7 +10,8 @@ from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.inference.loading import load_model_folder
 from raybm.metrics import soup_metric
-from raybm.tune.soup import SOUP_FILE, average_models, is_used, make_soup
+from raybm.tune.soup import average_models, is_used, make_soup
+from raybm.results import SOUP_FILE
 
 LABELS = ["negative", "positive"]
 

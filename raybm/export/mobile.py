@@ -1,0 +1,56 @@
+"""The mobile bundle: the smallest ONNX variant within the allowed accuracy drop, with its
+tokenizer, label map and ``predict.py`` (``mobile_predict.py`` here), which needs only
+onnxruntime, tokenizers and numpy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from raybm.results import EXPORTS, LABEL_MAP_FILE, MOBILE_DIR, ONNX_FILE, VARIANT_FILE
+
+PREDICT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mobile_predict.py")
+
+
+def build_mobile(variant_dir: str, out_dir: str, manifest: dict[str, Any]) -> None:
+    """The mobile bundle of the ONNX variant in ``variant_dir``, written to ``out_dir``."""
+    from transformers import AutoTokenizer
+
+    from raybm.inference.loading import model_max_length
+
+    tok = AutoTokenizer.from_pretrained(variant_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copy2(os.path.join(variant_dir, ONNX_FILE), os.path.join(out_dir, ONNX_FILE))
+    shutil.copy2(os.path.join(variant_dir, LABEL_MAP_FILE), os.path.join(out_dir, LABEL_MAP_FILE))
+    tok.backend_tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    shutil.copy2(PREDICT_SCRIPT, os.path.join(out_dir, "predict.py"))
+    manifest = {**manifest, "tokenizer": {"max_length": model_max_length(variant_dir),
+                                          "pad_id": tok.pad_token_id or 0, "pad_token": tok.pad_token or "[PAD]"}}
+    with open(os.path.join(out_dir, VARIANT_FILE), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+
+
+def publish_mobile(manifests, reference, out, e, results, log) -> str | None:
+    """Copy the smallest ONNX variant within the allowed accuracy drop into mobile/."""
+    candidates = [m for v, m in manifests.items() if m["backend"] == "onnx"]
+    if not candidates:
+        return None
+    ref_acc = (reference or {}).get("accuracy")
+    if ref_acc is not None:
+        candidates = [m for m in candidates if m.get("measured", {}).get("accuracy", -1) >= ref_acc - e.mobile_max_drop]
+    if not candidates:
+        log(f"no ONNX variant is within {e.mobile_max_drop:.0%} accuracy of the reference; no mobile artifact")
+        return None
+    best = min(candidates, key=lambda m: m["model_bytes"])
+    staging = results.staging_dir(EXPORTS, f"{os.path.basename(out)}-{MOBILE_DIR}")
+    try:
+        build_mobile(os.path.join(out, best["variant"]), staging,
+                     {**best, "variant": MOBILE_DIR, "from_variant": best["variant"]})
+        results.publish(staging, os.path.join(out, MOBILE_DIR))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"mobile artifact: {best['variant']} ({best['model_bytes'] / 1e6:.1f} MB) -> {os.path.join(out, MOBILE_DIR)}")
+    return os.path.join(out, MOBILE_DIR)
