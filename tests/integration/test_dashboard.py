@@ -151,7 +151,7 @@ def test_try_it_predicts_typed_and_uploaded_text_and_explains_bad_input(monkeypa
 
 
 def test_a_page_that_fails_shows_one_line_and_no_traceback(monkeypatch, results):
-    from raybm import dashboard_data
+    from raybm.dashboard import data as dashboard_data
 
     def broken(self):
         raise KeyError("/secret/path/in/the/message")
