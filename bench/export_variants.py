@@ -47,7 +47,7 @@ def main() -> int:
     from raybm.config import load_config
     from raybm.export.measure import eval_split
     from raybm.export.variants import BACKEND, TRAINED, run_export
-    from raybm.inference.loading import resolve_model
+    from raybm.inference.locate import local_model, locate_model
 
     cfg = load_config(args.config, args.overrides)
     variants = args.variants.split(",")
@@ -59,7 +59,7 @@ def main() -> int:
     started = time.time()
     result = run_export(cfg, args.model, variants)
     print(f"export took {time.time() - started:.0f} s")
-    model_dir = resolve_model(args.model, cfg.storage.root)
+    model_dir = local_model(locate_model(args.model, cfg), cfg)
     split = eval_split(model_dir, cfg)
     texts = split[0][: args.throughput_texts] if split else None
     if texts is None:

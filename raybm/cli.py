@@ -151,13 +151,13 @@ def _cmd_soup(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from raybm.data import load_split
     from raybm.inference.evaluate import score_dataset, score_source
-    from raybm.inference.loading import resolve_model
+    from raybm.inference.locate import local_model, locate_model
     from raybm.inference.predict import check_output_folder, file_format
     from raybm.results import Results
     from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
 
     cfg = load_config(args.config, args.overrides)
-    args.checkpoint = resolve_model(args.checkpoint, cfg.storage.root, flag="--checkpoint")
+    args.checkpoint = local_model(locate_model(args.checkpoint, cfg, flag="--checkpoint"), cfg)
     for flag, path in (("--output", args.output), ("--predictions", args.predictions)):
         if path:  # checked now, not after the scoring
             check_output_folder(path, flag)
@@ -207,11 +207,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from raybm.inference.loading import resolve_model
+    from raybm.inference.locate import local_model, locate_model
     from raybm.inference.predict import format_prediction, predict_file, predict_texts
 
     cfg = load_config(args.config, args.overrides)
-    args.model = resolve_model(args.model, cfg.storage.root)
+    args.model = local_model(locate_model(args.model, cfg), cfg)
     if args.text is not None:
         if args.input:
             raise RaybmError("give --text or --input, not both")
@@ -246,24 +246,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import time
 
-    from raybm.inference.loading import model_card, resolve_model
-    from raybm.results import Results
+    from raybm.inference.loading import model_card
+    from raybm.inference.locate import locate_model, model_name
+    from raybm.results import Results, is_s3
     from raybm.runtime import check_shared_paths, ensure_ray
-    from raybm.serve.app import DEFAULT_LOADER, deploy, default_model_for, post_texts, read_api_key
+    from raybm.serve.app import DEFAULT_LOADER, deploy, post_texts, read_api_key
 
     cfg = load_config(args.config, args.overrides)
     s = cfg.serve
-    results = Results.from_config(cfg.storage)
+    Results.from_config(cfg.storage).check_reachable()
+    model_dir = locate_model(args.model, cfg, shared=True)
     storage = None
-    if results.remote or (args.model or "").startswith("s3://"):
-        # Replicas fetch the model from S3 themselves (on whichever node they run).
-        from raybm.export.variants import remote_model
-
-        results.check_reachable()
-        model_dir = remote_model(results, args.model) if args.model else results.uri(default_model_for(cfg))
-        card, storage = {"name": model_dir.rstrip("/").rsplit("/", 2)[-2]}, cfg.storage
+    if is_s3(model_dir):  # replicas fetch the model from S3 themselves (on whichever node they run)
+        card, storage = {"name": model_name(model_dir)}, cfg.storage
     else:
-        model_dir = resolve_model(args.model, cfg.storage.root) if args.model else default_model_for(cfg)
         card = model_card(model_dir)
     read_api_key(s)  # a missing key fails before Ray starts
     on_cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))

@@ -27,7 +27,7 @@ from typing import Any
 
 from raybm.config import JobConfig, derived_name, pipeline_stages
 from raybm.errors import RaybmError
-from raybm.results import CONFIG_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE, WINNER_FILE, Results, fetch_model, is_s3
+from raybm.results import CONFIG_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE, WINNER_FILE, Results, fetch_model, is_s3, resolve_uri
 
 
 
@@ -147,11 +147,12 @@ def _failed(summary: _Summary, stage: str, t0: float, e: BaseException) -> None:
 
 
 def trained_model(cfg: JobConfig) -> str:
-    """The model this config's train or tune stage made earlier; a clear error when none."""
-    from raybm.serve.app import default_model_for
+    """The model this config's train or tune stage made earlier (a path or URI); a clear
+    error when none."""
+    from raybm.inference.locate import config_model
 
     try:
-        return default_model_for(cfg)
+        return config_model(cfg)
     except RaybmError as e:  # nothing trained yet: say it in the pipeline's terms
         stage = "tune" if cfg.tune.search_space else "train"
         raise RaybmError(f"{str(e).split(';')[0]}; add the {stage} stage (--stages {stage},...) or run "
@@ -163,9 +164,8 @@ def _model_stage_output(cfg: JobConfig, results: Results, state: dict[str, Any])
     by an earlier pipeline or command with the same config)."""
     if "model" in state:
         return
-    model = trained_model(cfg)
-    state["model"] = results.uri(model)
-    folder = posix_parent(model)
+    state["model"] = trained_model(cfg)
+    folder = posix_parent(resolve_uri(state["model"], cfg.storage)[1])
     for pointer in (METRICS_FILE, WINNER_FILE):  # a run's metrics, a sweep's winner
         if results.exists(results.join(folder, pointer)):
             state["test"] = results.read_json(results.join(folder, pointer)).get("test")
@@ -173,6 +173,7 @@ def _model_stage_output(cfg: JobConfig, results: Results, state: dict[str, Any])
 
 
 def posix_parent(path: str) -> str:
+    """The folder above ``path`` (a path or URI with ``/`` separators)."""
     return path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else path
 
 

@@ -40,11 +40,10 @@ from raybm.export.measure import eval_split, measure
 from raybm.export.mobile import publish_mobile
 from raybm.export.onnx import export_onnx, quantize_onnx
 from raybm.export.trained import prune_model, source_config, sparsity, train_variant
-from raybm.inference.loading import model_card, resolve_model
+from raybm.inference.loading import model_card
+from raybm.inference.locate import local_model, locate_model, model_name
 from raybm.lease import hold_lease
-from raybm.results import (EXPORTS, LABEL_MAP_FILE, MOBILE_DIR, MODEL_CARD_FILE, MODEL_DIR, ONNX_FILE, RUNS,
-                           SUMMARY_FILE, SWEEPS, VARIANT_FILE, Results, copy_to_local, fetch_model, is_s3,
-                           resolve_uri)
+from raybm.results import (EXPORTS, MOBILE_DIR, MODEL_CARD_FILE, ONNX_FILE, SUMMARY_FILE, VARIANT_FILE, Results, copy_to_local, fetch_model, is_s3)
 
 VARIANTS = ("hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled")
 BACKEND = {"hf": "torch", "onnx": "onnx", "int8": "int8", "onnx-int8": "onnx", "fp16": "torch",
@@ -84,48 +83,26 @@ def run_export(cfg: JobConfig, model_spec: str, variants: list[str] | None = Non
     if unknown:
         raise RaybmError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     results = Results.from_config(cfg.storage)
+    located = locate_model(model_spec, cfg, shared=True)
+    source_uri = located if is_s3(located) else None
     if not results.remote:
-        model_dir = resolve_model(model_spec, cfg.storage.root)
-        name = model_card(model_dir)["name"]
+        model_dir = local_model(located, cfg)
+        name = model_name(located) if source_uri else model_card(model_dir)["name"]
         with hold_lease(results, EXPORTS, name, f"export {name!r}", log=log):  # one writer per export
-            return _export(cfg, model_dir, variants, results, log)
+            return _export(cfg, model_dir, variants, results, log, source_uri=source_uri)
     with tempfile.TemporaryDirectory(prefix="raybm-export-") as tmp:
-        source_uri = remote_model(results, model_spec)
-        log(f"fetching {source_uri} ...")
-        model_dir = fetch_model(source_uri, cfg.storage, os.path.join(tmp, "source"))
+        model_dir = located
+        if source_uri:
+            log(f"fetching {source_uri} ...")
+            model_dir = fetch_model(source_uri, cfg.storage, os.path.join(tmp, "source"))
         local = Results(os.path.join(tmp, "out"), cfg.storage)
-        done = _export(cfg, model_dir, variants, local, log, source_uri=source_uri)
+        done = _export(cfg, model_dir, variants, local, log, source_uri=located)
         final = results.export_dir(done.name)
         log(f"uploading {done.name} to {results.uri(final)} ...")
         with hold_lease(results, EXPORTS, done.name, f"export {done.name!r}", log=log):
             results.upload_dir(done.folder, final)
         return ExportResult(done.name, results.uri(final), done.manifests, done.reference,
                             results.uri(results.join(final, MOBILE_DIR)) if done.mobile else None)
-
-
-def remote_model(results: Results, spec: str) -> str:
-    """The URI of a model folder in an S3 results root: an s3:// model, run or sweep folder,
-    or the name of a run or sweep."""
-    if is_s3(spec):
-        _, base = resolve_uri(spec, results.storage)
-        candidates = [base, results.join(base, MODEL_DIR)]
-    elif "/" in spec or os.sep in spec:
-        raise RaybmError(f"--model {spec!r}: with an S3 storage.root ({results.root}), give an s3:// model "
-                         f"folder or the name of a run or sweep under it")
-    else:
-        candidates = [results.path(kind, spec, MODEL_DIR) for kind in (SWEEPS, RUNS)]
-    for folder in candidates:
-        if results.exists(results.join(folder, LABEL_MAP_FILE)):
-            return f"s3://{folder}"
-    raise RaybmError(f"--model {spec!r}: no model folder (with label_map.json) found as an s3:// folder or as a "
-                     f"run or sweep name under {results.root}")
-
-
-def uri_name(uri: str) -> str:
-    """The name of the run or sweep an ``s3://`` model folder belongs to (``.../<name>/model``),
-    else the folder's own name."""
-    parts = uri.rstrip("/").split("/")
-    return parts[-2] if parts[-1] == MODEL_DIR and len(parts) > 3 else parts[-1]
 
 
 def _export(cfg: JobConfig, model_dir: str, variants: list[str], results: Results, log,
@@ -137,7 +114,7 @@ def _export(cfg: JobConfig, model_dir: str, variants: list[str], results: Result
         source_config(model_dir, cfg)  # the training data must be known before anything runs
     card = model_card(model_dir)
     # A model fetched from S3 sits in a temporary folder: its name comes from where it was.
-    name = uri_name(source_uri) if source_uri else card["name"]
+    name = model_name(source_uri) if source_uri else card["name"]
     out = results.export_dir(name)
     os.makedirs(out, exist_ok=True)
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from raybm.errors import RaybmError
-from raybm.results import (EXPORTS, LABEL_MAP_FILE, METRICS_FILE, MODEL_CONFIG_FILE, MODEL_DIR, ONNX_FILE, RUNS,
+from raybm.results import (EXPORTS, LABEL_MAP_FILE, METRICS_FILE, MODEL_CONFIG_FILE, ONNX_FILE, RUNS,
                            SWEEPS, VARIANT_FILE, WEIGHTS_FILE, WINNER_FILE)
 
 BACKENDS = ("auto", "torch", "int8", "onnx")
@@ -279,17 +279,3 @@ def _read_record(fs, path: str) -> dict[str, Any] | None:
             return json.loads(f.read())
     except (FileNotFoundError, OSError, ValueError):
         return None
-
-
-def resolve_model(spec: str, results_root: str | None = None, flag: str = "--model") -> str:
-    """A model folder from what a user passes: a model folder, a run or sweep folder (its
-    ``model/``), or the name of a run or sweep under the results root."""
-    candidates = [spec, os.path.join(spec, MODEL_DIR)]
-    if results_root and not os.path.isabs(spec):
-        candidates += [os.path.join(results_root, kind, spec, MODEL_DIR) for kind in (SWEEPS, RUNS)]
-    for folder in candidates:
-        if os.path.isfile(os.path.join(folder, LABEL_MAP_FILE)):
-            return os.path.abspath(folder)
-    where = f" or a run/sweep name under {results_root}" if results_root else ""
-    raise RaybmError(f"{flag} {spec!r}: not a model folder (one with label_map.json and model.safetensors), "
-                     f"a run or sweep folder{where}")

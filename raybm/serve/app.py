@@ -39,9 +39,8 @@ from typing import Any, Callable
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 
-from raybm.config import JobConfig, ServeConfig, StorageConfig, is_loopback, run_name_for, sweep_name_for
+from raybm.config import JobConfig, ServeConfig, StorageConfig, is_loopback
 from raybm.errors import RaybmError
-from raybm.results import MODEL_DIR
 
 DEFAULT_LOADER = "raybm.inference.loading:load_predictor"
 HEALTH_PROBE = "raybm health check"
@@ -446,14 +445,15 @@ def build_app(args: dict[str, str]):
     """Serve application builder: ``serve run raybm.serve.app:build_app model=PATH
     [config=FILE] [loader=module:function] [key=value ...]`` (keys are serve.* settings)."""
     from raybm.config import load_config
-    from raybm.inference.loading import resolve_model
+    from raybm.inference.locate import locate_model
 
     args = dict(args)
     if "model" not in args:
         raise RaybmError("build_app: pass model=<model folder>")
     model, config, loader = args.pop("model"), args.pop("config", None), args.pop("loader", DEFAULT_LOADER)
     cfg = load_config(config, [f"serve.{k}={v}" for k, v in args.items()])
-    return build_application(resolve_model(model, cfg.storage.root), cfg.serve, loader)
+    located = locate_model(model, cfg, flag="model=")
+    return build_application(located, cfg.serve, loader, storage=cfg.storage if located.startswith("s3://") else None)
 
 
 def url_of(s: ServeConfig) -> str:
@@ -503,29 +503,6 @@ def deploy(cfg: JobConfig, model_dir: str, loader: str | Callable = DEFAULT_LOAD
     except RuntimeError as e:
         raise RaybmError(f"the model server did not start: {str(e).strip().splitlines()[-1]}") from None
     return url_of(s)
-
-
-def default_model_for(cfg: JobConfig) -> str:
-    """The model the config's job produced: its sweep's winner when the config has a
-    search space, else its training run's best model."""
-    from raybm.data.pipeline import dataset_name
-    from raybm.data.sources import resolve_source
-    from raybm.results import Results
-
-    results = Results.from_config(cfg.storage)
-    dataset = dataset_name(cfg, resolve_source(cfg.data, cfg.storage))
-    if cfg.tune.search_space:
-
-        folder = results.sweep_dir(sweep_name_for(cfg, dataset))
-        what = "raybm tune"
-    else:
-
-        folder = results.run_dir(run_name_for(cfg, dataset))
-        what = "raybm train"
-    if not results.is_complete(folder):
-        raise RaybmError(f"no finished model for this config at {folder}; run `{what} --config ...` first, "
-                         f"or pass --model <folder>")
-    return results.join(folder, MODEL_DIR)
 
 
 def post_texts(url: str, texts: list[str], api_key: str | None = None, timeout: float = 60.0) -> dict[str, Any]:

@@ -211,9 +211,9 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
     from raybm.data import load_split
     from raybm.inference.loading import read_label_map
     from raybm.inference.evaluate import score_dataset
-    from raybm.results import CONFIG_FILE, fetch_model
+    from raybm.inference.locate import locate_model
+    from raybm.results import CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, fetch_model, is_s3
     from raybm.train.driver import publish_model, score_model_uri
-    from raybm.results import METRICS_FILE, PREDICTIONS_FILE
 
     results, run_dir = check_soup_inputs(cfg, models, dataset, name)
     metric = soup_metric(cfg.tune.metric)
@@ -221,14 +221,8 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
     with tempfile.TemporaryDirectory(prefix="raybm-soup-") as tmp:
         local = []
         for i, spec in enumerate(models):
-            if results.remote or spec.startswith("s3://"):
-                from raybm.export.variants import remote_model
-
-                folder = fetch_model(remote_model(results, spec), cfg.storage, os.path.join(tmp, f"in-{i}"))
-            else:
-                from raybm.inference.loading import resolve_model
-
-                folder = resolve_model(spec, cfg.storage.root)
+            located = locate_model(spec, cfg, flag="--models", shared=True)
+            folder = fetch_model(located, cfg.storage, os.path.join(tmp, f"in-{i}")) if is_s3(located) else located
             if read_label_map(folder) != labels:
                 raise RaybmError(f"{spec}: its labels {read_label_map(folder)} are not {dataset}'s {labels}")
             local.append((spec, folder))

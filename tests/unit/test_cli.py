@@ -88,11 +88,13 @@ def test_predict_takes_a_run_folder_or_a_run_name_like_serve(tiny_model_dir, tmp
     import json
     import shutil
 
-    from raybm.inference.loading import resolve_model
+    from raybm.config import build_config
+    from raybm.inference.locate import locate_model
     from raybm.inference.predict import predict_texts
 
     shutil.copytree(tiny_model_dir, tmp_path / "runs" / "r1" / "model")
-    assert resolve_model(str(tmp_path / "runs" / "r1")) == str(tmp_path / "runs" / "r1" / "model")
+    cfg = build_config(overrides=[f"storage.root={tmp_path}"])
+    assert locate_model(str(tmp_path / "runs" / "r1"), cfg) == str(tmp_path / "runs" / "r1" / "model")
     by_name = run("predict", "--model", "r1", f"storage.root={tmp_path}", "--text", "nice", "--max-length", "32")
     assert by_name.returncode == 0, by_name.stderr
     (label, confidence), = predict_texts(tiny_model_dir, ["nice"], max_length=32)

@@ -5,8 +5,9 @@ import pytest
 
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
-from raybm.inference.loading import model_card, resolve_model
-from raybm.serve.app import api_key_digest, check_texts, default_model_for, deployment_options, read_api_key
+from raybm.inference.loading import model_card
+from raybm.inference.locate import config_model, locate_model, model_name
+from raybm.serve.app import api_key_digest, check_texts, deployment_options, read_api_key
 
 
 def serve_cfg(*overrides):
@@ -108,11 +109,15 @@ def test_models_resolve_from_folders_and_names(tmp_path, tiny_model_dir):
     (sweep / "winner.json").write_text(json.dumps({"trial": "t1", "values": {"train.lr": 0.001}, "metric": "val_f1_macro",
                                                    "validation": 0.8, "best_epoch": 2, "test": {"accuracy": 0.9}}))
     want = str(sweep / "model")
-    assert resolve_model(str(sweep / "model")) == want
-    assert resolve_model(str(sweep)) == want
-    assert resolve_model("s1", str(tmp_path)) == want
-    with pytest.raises(RaybmError, match="not a model folder"):
-        resolve_model("nope", str(tmp_path))
+    cfg = build_config(overrides=[f"storage.root={tmp_path}"])
+    assert locate_model(str(sweep / "model"), cfg) == want
+    assert locate_model(str(sweep), cfg) == want
+    assert locate_model("s1", cfg) == want
+    assert model_name(want) == "s1" and model_name("s3://b/p/runs/r1/model") == "r1" and model_name("s3://b/m") == "m"
+    with pytest.raises(RaybmError, match="not a model folder.*or a run/sweep name under"):
+        locate_model("nope", cfg)
+    with pytest.raises(RaybmError, match="--checkpoint 'no/such/folder': not a model folder"):
+        locate_model("no/such/folder", cfg, flag="--checkpoint")
     card = model_card(want)
     assert card["name"] == "s1" and card["source_kind"] == "sweep" and card["test_metrics"] == {"accuracy": 0.9}
     assert card["model"] == "sweeps/s1/model" and card["source"] == "sweeps/s1"
@@ -123,7 +128,7 @@ def test_models_resolve_from_folders_and_names(tmp_path, tiny_model_dir):
 def test_default_model_is_the_configs_own_job_result(tmp_path):
     cfg = build_config(overrides=[f"storage.root={tmp_path}"])
     with pytest.raises(RaybmError, match="run `raybm train --config ...` first"):
-        default_model_for(cfg)
+        locate_model(None, cfg)
     cfg = build_config({"storage": {"root": str(tmp_path)}, "tune": {"search_space": {"train.lr": "loguniform(1e-5, 1e-3)"}}})
     with pytest.raises(RaybmError, match="run `raybm tune --config ...` first"):
-        default_model_for(cfg)
+        config_model(cfg)
