@@ -142,7 +142,7 @@ def serve_phase(cfg_overrides: list[str], model_dir: str, texts_file: str, level
     from ray import serve
 
     from raybm.config import build_config
-    from raybm.serve.app import deploy
+    from raybm.serve.deploy import deploy
 
     cfg = build_config(overrides=cfg_overrides)
     url = deploy(cfg, model_dir)

@@ -23,27 +23,24 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from raybm.data import format_report, run_data_stage
 
     cfg = load_config(args.config, args.overrides)
-    _start(cfg)
-    prepared = run_data_stage(cfg, force=args.force)
+    prepared = run_data_stage(cfg, source=_start(cfg, ["data"]), force=args.force)
     print()
     print(format_report(prepared.report))
     print(f"\nPrepared dataset: {prepared.path}")
     return 0
 
 
-def _start(cfg) -> None:
-    from raybm.data.sources import resolve_source
-    from raybm.models.build import check_model
+def _start(cfg, stages: list[str]):
+    """Check what needs no Ray (``raybm.pipeline.preflight``), then join or start Ray and
+    check that every node sees the job's paths. Returns the resolved data source."""
+    from raybm.pipeline import preflight
     from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
-    from raybm.train.driver import teacher_labels
 
-    resolve_source(cfg.data, cfg.storage)  # bad paths and columns fail before Ray starts
-    check_model(cfg.model)
-    teacher_labels(cfg.train.distill_from)
-    where = ensure_ray(cfg.ray)
+    source = preflight(cfg, stages)  # storage, data, model and key problems fail before Ray starts
+    print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
     check_shared_paths(cfg)
     quiet_ray_data()
-    print(f"raybm: running on {where}", flush=True)
+    return source
 
 
 def _print_test_metrics(test: dict) -> None:
@@ -58,7 +55,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from raybm.train.driver import run_training
 
     cfg = load_config(args.config, args.overrides)
-    _start(cfg)
+    _start(cfg, ["data", "train"])
     result = run_training(cfg)
     print(f"\nTest metrics of the best checkpoint (epoch {result.metrics['best_epoch']}):")
     _print_test_metrics(result.metrics["test"])
@@ -71,7 +68,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from raybm.tune.sweep import format_leaderboard, format_values, run_sweep
 
     cfg = load_config(args.config, args.overrides)
-    _start(cfg)
+    _start(cfg, ["data", "tune"])
     result = run_sweep(cfg, resume=args.resume, retry_errored=args.retry_errored)
     print(f"\nLeaderboard ({cfg.tune.metric}, best first):")
     print(format_leaderboard(result.leaderboard, cfg.tune.metric))
@@ -95,18 +92,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from raybm.pipeline import preflight, run_pipeline
-    from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
+    from raybm.config import pipeline_stages
+    from raybm.pipeline import run_pipeline
 
     overrides = list(args.overrides)
     if args.stages:
         overrides.append(f"pipeline.stages=[{args.stages}]")
     cfg = load_config(args.config, overrides)
-    source = preflight(cfg)  # storage, data and key problems fail before Ray starts
-    print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
-    check_shared_paths(cfg)
-    quiet_ray_data()
-    summary = run_pipeline(cfg, source=source)
+    summary = run_pipeline(cfg, source=_start(cfg, pipeline_stages(cfg)))
     print("\nStages:")
     for stage, info in summary["stages"].items():
         extra = ""
@@ -244,13 +237,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import time
-
     from raybm.inference.loading import model_card
     from raybm.inference.locate import locate_model, model_name
     from raybm.results import Results, is_s3
-    from raybm.runtime import check_shared_paths, ensure_ray
-    from raybm.serve.app import DEFAULT_LOADER, deploy, post_texts, read_api_key
+    from raybm.runtime import check_shared_paths, cluster_address, ensure_ray
+    from raybm.serve.app import DEFAULT_LOADER, read_api_key
+    from raybm.serve.deploy import deploy, wait_until_interrupted
+    from raybm.serve.client import post_texts
 
     cfg = load_config(args.config, args.overrides)
     s = cfg.serve
@@ -262,8 +255,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     else:
         card = model_card(model_dir)
     read_api_key(s)  # a missing key fails before Ray starts
-    on_cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    if args.detach and not on_cluster:
+    if args.detach and not cluster_address(cfg.ray):
         raise RaybmError("--detach leaves the server running on a Ray cluster; without one (ray.address or "
                          "RAY_ADDRESS) the server lives only as long as this command")
     print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
@@ -279,8 +271,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"  curl -s {url}/predict -H 'Content-Type: application/json'{key_header} "
           f"-d '{{\"texts\": [\"what a great day\"]}}'", flush=True)
     if args.send:
-        answer = post_texts(url, args.send, api_key=key or None)
-        for text, p in zip(args.send, answer["predictions"]):
+        for text, p in zip(args.send, post_texts(url, args.send, api_key=key or None)):
             print(f"  {p['label']:<10} {p['confidence']:.3f}  {text}")
     if args.detach:
         print(f"Left running on the cluster; stop it with `serve delete {s.app_name}`.")
@@ -292,12 +283,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"Stopped (--exit). To keep a server up: raybm serve --model {model_dir}")
         return 0
     print("Serving until Ctrl-C.", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
-        print("Stopped.")
+    wait_until_interrupted()
+    serve.shutdown()
+    print("Stopped.")
     return 0
 
 

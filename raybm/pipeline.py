@@ -28,6 +28,7 @@ from typing import Any
 from raybm.config import JobConfig, derived_name, pipeline_stages
 from raybm.errors import RaybmError
 from raybm.results import CONFIG_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE, WINNER_FILE, Results, fetch_model, is_s3, resolve_uri
+from raybm.runtime import cluster_address
 
 
 
@@ -37,11 +38,12 @@ def pipeline_name(cfg: JobConfig, dataset: str) -> str:
     return derived_name(cfg, dataset, ("model", "train", "tune", "export"), "pipeline")
 
 
-def preflight(cfg: JobConfig):
-    """Checks that need no Ray and cost seconds: the storage is reachable (bucket,
+def preflight(cfg: JobConfig, stages: list[str] | None = None):
+    """The checks before Ray starts, for every command that runs ``stages`` (default: the
+    pipeline's): they need no Ray and cost seconds. The storage is reachable (bucket,
     credentials), the data source exists, the model and its tokenizer load, a distillation
-    teacher is a model folder, an API key is set, export or deploy without a train or tune
-    stage have a model. Returns the resolved source."""
+    teacher is a model folder, an API key is set for deploy, export or deploy without a
+    train or tune stage have a model. Returns the resolved source."""
     from raybm.data.sources import resolve_source
     from raybm.models.build import check_model
     from raybm.serve.app import read_api_key
@@ -51,7 +53,7 @@ def preflight(cfg: JobConfig):
     source = resolve_source(cfg.data, cfg.storage)
     check_model(cfg.model)
     teacher_labels(cfg.train.distill_from)
-    stages = pipeline_stages(cfg)
+    stages = pipeline_stages(cfg) if stages is None else stages
     if "deploy" in stages:
         read_api_key(cfg.serve)
     if not {"train", "tune"} & set(stages) and {"export", "deploy"} & set(stages):
@@ -67,7 +69,7 @@ class _Summary:
         self.data: dict[str, Any] = {
             "name": name, "status": "running", "stages_planned": stages, "stages": {},
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "root": cfg.storage.root,
-            "ray": os.environ.get("RAY_ADDRESS") or cfg.ray.address or "local (embedded)",
+            "ray": cluster_address(cfg.ray) or "local (embedded)",
             "gate": {"min_test_f1": cfg.pipeline.min_test_f1, "max_latency_ms": cfg.pipeline.max_latency_ms},
         }
         results.unmark_complete(self.folder)
@@ -274,7 +276,9 @@ def release_gate(cfg: JobConfig, test: dict[str, Any] | None, latency_ms: float 
 
 def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
     from raybm.export.measure import measure
-    from raybm.serve.app import deploy, post_texts, read_api_key
+    from raybm.serve.app import read_api_key
+    from raybm.serve.deploy import deploy, wait_until_interrupted
+    from raybm.serve.client import post_texts
 
     _model_stage_output(cfg, results, state)
     folder, backend = serving_folder(cfg, state)
@@ -301,20 +305,16 @@ def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dic
     info["url"] = url
     texts = cfg.pipeline.smoke_texts
     if texts:
-        answer = post_texts(url, texts, api_key=key or None)
-        for text, p in zip(texts, answer["predictions"]):
+        answers = post_texts(url, texts, api_key=key or None)
+        for text, p in zip(texts, answers):
             log(f"  {p['label']:<10} {p['confidence']:.3f}  {text}")
         info["smoke_test"] = [{"text": t, "label": p["label"], "confidence": p["confidence"]}
-                              for t, p in zip(texts, answer["predictions"])]
+                              for t, p in zip(texts, answers)]
     log(f"Serving at {url}/predict")
-    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+    if not cluster_address(cfg.ray):
         if cfg.pipeline.keep_serving:
             log("Serving until Ctrl-C (pipeline.keep_serving).")
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
+            wait_until_interrupted()
         from ray import serve
 
         serve.shutdown()

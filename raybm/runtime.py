@@ -41,10 +41,24 @@ def quiet_ray_data() -> None:
 _JOINED = False  # this process joined a running cluster (ray.address / RAY_ADDRESS)
 
 
-def joined_cluster() -> bool:
-    """Whether this process runs on a cluster it joined, rather than on a Ray it started
-    (whose resources are all there is: no autoscaler adds GPUs)."""
-    return _JOINED or bool(os.environ.get("RAY_ADDRESS"))
+def cluster_address(cfg: RayConfig) -> str | None:
+    """The Ray cluster a job joins (``ray.address``, else ``RAY_ADDRESS``), or None when it
+    starts a local Ray of its own. The one answer before Ray starts."""
+    return cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def on_cluster() -> bool:
+    """Whether this process runs on a cluster (one it joined, or any Ray of more than one
+    node) rather than on a Ray it started, whose resources are all there is: no autoscaler
+    adds GPUs or nodes. The one answer once Ray runs."""
+    import ray
+
+    if _JOINED or os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        return ray.get_runtime_context().gcs_address is not None and len(ray.nodes()) > 1
+    except Exception:  # noqa: BLE001 - no Ray here: not on a cluster
+        return False
 
 
 def ensure_ray(cfg: RayConfig) -> str:
@@ -54,7 +68,7 @@ def ensure_ray(cfg: RayConfig) -> str:
     if ray.is_initialized():
         return "an already running Ray"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg)
     runtime_env = {"env_vars": worker_env()}
     if address:
         check_address(address)

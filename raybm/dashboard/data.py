@@ -8,7 +8,6 @@ YAML and Parquet are read; nothing is unpickled.
 
 from __future__ import annotations
 
-import json
 import posixpath
 from dataclasses import dataclass
 from typing import Any
@@ -233,33 +232,3 @@ def read_upload(name: str, content: bytes, max_rows: int, max_bytes: int) -> pd.
     if len(df) > max_rows:
         raise RaybmError(f"{name} has more than {max_rows} rows; {too_many}")
     return df
-
-
-def post_predict(url: str, texts: list[str], api_key: str | None, timeout: float = 30.0) -> list[dict]:
-    """Predictions from a raybm Serve endpoint, 64 texts per request."""
-    import requests
-
-    out: list[dict] = []
-    headers = {"X-API-Key": api_key} if api_key else {}
-    for i in range(0, len(texts), 64):
-        r = requests.post(f"{url.rstrip('/')}/predict", json={"texts": texts[i:i + 64]}, headers=headers,
-                          timeout=timeout)
-        if r.status_code != 200:
-            try:
-                detail = r.json().get("error", r.text)
-            except json.JSONDecodeError:
-                detail = r.text
-            raise RaybmError(f"the model server answered {r.status_code}: {detail[:200]}")
-        out += r.json()["predictions"]
-    return out
-
-
-def endpoint_ok(url: str | None, timeout: float = 2.0) -> bool:
-    import requests
-
-    if not url:
-        return False
-    try:
-        return requests.get(f"{url.rstrip('/')}/healthz", timeout=timeout).status_code == 200
-    except requests.RequestException:
-        return False

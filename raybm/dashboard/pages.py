@@ -323,7 +323,8 @@ def page_try(data, serve_url: str | None) -> None:
     import altair as alt
     import streamlit as st
 
-    from raybm.dashboard.data import endpoint_ok, post_predict, read_upload
+    from raybm.dashboard.data import read_upload
+    from raybm.serve.client import endpoint_ok, post_texts
 
     st.title("Try it")
     api_key = os.environ.get("RAYBM_API_KEY") or None
@@ -331,7 +332,7 @@ def page_try(data, serve_url: str | None) -> None:
         st.success(f"Answers come from the model server at {serve_url}.")
 
         def predict(texts: list[str]) -> pd.DataFrame:
-            answers = post_predict(serve_url, texts, api_key)
+            answers = post_texts(serve_url, texts, api_key)
             return pd.DataFrame([{"text": t, "label": a["label"], "confidence": a["confidence"],
                                   **{f"p({k})": v for k, v in a["probabilities"].items()}}
                                  for t, a in zip(texts, answers)])

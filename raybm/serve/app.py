@@ -29,58 +29,21 @@ import hmac
 import importlib
 import json
 import os
-import re
 import secrets
-import socket
-import sys
 import time
 from dataclasses import asdict
 from typing import Any, Callable
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 
-from raybm.config import JobConfig, ServeConfig, StorageConfig, is_loopback
+from raybm.config import ServeConfig, StorageConfig
 from raybm.errors import RaybmError
+from raybm.serve.contract import (ERROR_RESPONSES, PREDICT_RESPONSES, BodyTooLarge, add_error_handlers, check_texts,
+                                  error_response, is_json_content_type, predict_each, predict_request_schema,
+                                  prediction)
 
 DEFAULT_LOADER = "raybm.inference.loading:load_predictor"
 HEALTH_PROBE = "raybm health check"
-
-# A character that is not white space, the same in Python and in a JSON schema (ECMA-262)
-# pattern: every character either language counts as space is listed, so the server's
-# check and the documented schema agree on which texts are empty.
-NOT_SPACE = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
-_HAS_TEXT = re.compile(NOT_SPACE)
-
-
-def predict_request_schema(s: ServeConfig) -> dict[str, Any]:
-    """The JSON schema of a /predict body under the limits ``s``, as the server checks it
-    (OpenAPI documents it, and generated clients test against it)."""
-    text = {"type": "string", "minLength": 1, "maxLength": s.max_text_chars, "pattern": NOT_SPACE,
-            "description": f"a text with at least one non-space character, at most {s.max_text_chars} characters "
-                           f"of valid Unicode"}
-    return {
-        "oneOf": [
-            {"type": "object", "required": ["texts"], "additionalProperties": False,
-             "properties": {"texts": {"type": "array", "minItems": 1, "maxItems": s.max_texts, "items": text,
-                                      "description": "texts to classify, answered as \"predictions\" in the "
-                                                     "same order"}}},
-            {"type": "object", "required": ["text"], "additionalProperties": False,
-             "properties": {"text": {**text, "description": "one text, answered as a single \"prediction\""}}},
-        ],
-        "example": {"texts": ["what a great day", "this is the worst service ever"]},
-    }
-
-
-_PREDICTION_SCHEMA = {
-    "type": "object", "required": ["label", "confidence", "probabilities"],
-    "properties": {"label": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-                   "probabilities": {"type": "object", "additionalProperties": {"type": "number"}}},
-}
-PREDICT_RESPONSE_SCHEMA = {
-    "type": "object", "required": ["model", "backend"],
-    "properties": {"predictions": {"type": "array", "items": _PREDICTION_SCHEMA}, "prediction": _PREDICTION_SCHEMA,
-                   "model": {"type": "string"}, "backend": {"type": "string"}},
-}
 
 
 def import_object(spec: str | Callable) -> Callable:
@@ -107,149 +70,6 @@ def api_key_digest(key: str, salt: str) -> str:
 
 def replica_threads(s: ServeConfig) -> int:
     return s.torch_threads or max(1, int(s.cpus_per_replica))
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
-_ERROR_CONTENT = {"application/json": {"schema": ERROR_SCHEMA}}
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "missing or wrong API key (when the server has one)", "content": _ERROR_CONTENT},
-    500: {"description": "the model failed; the body never holds a traceback or a path", "content": _ERROR_CONTENT},
-}
-PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "one prediction per text, in order (\"prediction\" for a single \"text\")",
-          "content": {"application/json": {"schema": PREDICT_RESPONSE_SCHEMA}}},
-    **ERROR_RESPONSES,
-    400: {"description": "the body is not valid JSON", "content": _ERROR_CONTENT},
-    413: {"description": "too many texts, or a body over the size limit", "content": _ERROR_CONTENT},
-    415: {"description": "the body is not sent as application/json", "content": _ERROR_CONTENT},
-    422: {"description": "valid JSON that is not a request: wrong fields or types, empty, over-long or "
-                         "invalid Unicode texts", "content": _ERROR_CONTENT},
-    503: {"description": "overloaded: more requests waiting than the server queues; retry later",
-          "content": {"text/plain": {"schema": {"type": "string"}}}},
-}
-
-
-def add_error_handlers(app) -> None:
-    """Every error the framework raises (an unknown route, a wrong method, an exception in a
-    handler) answers in the documented ``{"error": "..."}`` form, without a traceback or a path."""
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException
-
-    async def http_error(request, exc: HTTPException):
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-    async def validation_error(request, exc: RequestValidationError):
-        return _error(422, "the request does not match the API; see /docs")
-
-    async def server_error(request, exc: Exception):
-        return _error(500, "internal error in the model server; the replica's log has the details")
-
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, server_error)
-
-
-def is_json_content_type(value: str | None) -> bool:
-    """Whether a Content-Type header says JSON (``application/json``, any parameters)."""
-    return (value or "").split(";", 1)[0].strip().lower() == "application/json"
-
-
-def predict_each(predict: Callable[[list[str]], Any], texts: list[str]) -> list[Any]:
-    """``predict(texts)`` as a list, one row per text. When the batch fails, each text is
-    tried alone, so one bad text fails only its own request: a text that still fails gets
-    its exception in its place."""
-    import logging
-
-    try:
-        return list(predict(texts))
-    except Exception as e:  # noqa: BLE001 - isolated per text below
-        logging.getLogger("ray.serve").exception("the model failed on a batch of %d text(s)", len(texts))
-        if len(texts) == 1:
-            return [e]
-    out: list[Any] = []
-    for t in texts:
-        try:
-            out.extend(predict([t]))
-        except Exception as e:  # noqa: BLE001 - reported to that text's request only
-            out.append(e)
-    return out
-
-
-def prediction(labels: list[str], probs: Any) -> dict[str, Any]:
-    """One text's answer: the top label, its probability and every class's."""
-    best = int(probs.argmax())
-    return {"label": labels[best], "confidence": float(probs[best]),
-            "probabilities": {lab: float(v) for lab, v in zip(labels, probs)}}
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
-            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _check_text(t: Any, name: str, s: ServeConfig) -> str:
-    """"" for a good text, else what is wrong with it."""
-    if not isinstance(t, str):
-        return f"{name} must be a string, got {_type_name(t)}"
-    try:
-        t.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate, sent as a JSON escape such as "\ud800"
-        return (f"{name} is not valid Unicode: it holds a lone surrogate (\\u{ord(t[e.start]):04x}) at "
-                f"character {e.start}; send UTF-8 text")
-    if not _HAS_TEXT.search(t):
-        return f"{name} is empty"
-    if len(t) > s.max_text_chars:
-        return f"{name} is {len(t)} characters long, the limit is {s.max_text_chars}"
-    return ""
-
-
-_SEND = 'send {"text": "..."} or {"texts": ["...", ...]}'
-
-
-def check_texts(payload: Any, s: ServeConfig) -> tuple[list[str] | None, int, str]:
-    """(texts, 0, "") for a valid request body, else (None, status, message). A body is
-    ``{"texts": [...]}`` (one or many) or ``{"text": "..."}`` (one; answered with a single
-    ``prediction``)."""
-    if not isinstance(payload, dict):
-        return None, 422, f"the body must be a JSON object, got {_type_name(payload)}; {_SEND}"
-    fields = {"text", "texts"} & set(payload)
-    unknown = sorted(set(payload) - {"text", "texts"})
-    if not fields:
-        hint = f" (unknown field(s): {', '.join(unknown)})" if unknown else ""
-        return None, 422, f'missing field "texts" (or "text"): {_SEND}{hint}'
-    if len(fields) == 2:
-        return None, 422, 'send either "text" or "texts", not both'
-    if unknown:
-        return None, 422, f"unknown field(s): {', '.join(unknown)}; {_SEND}"
-    if "text" in payload:
-        problem = _check_text(payload["text"], '"text"', s)
-        if isinstance(payload["text"], list):
-            problem += '; for several texts send {"texts": [...]}'
-        return (None, 422, problem) if problem else ([payload["text"]], 0, "")
-    texts = payload["texts"]
-    if isinstance(texts, str):
-        return None, 422, '"texts" must be a list of strings; wrap a single text: {"texts": ["..."]}, or send {"text": "..."}'
-    if not isinstance(texts, list):
-        return None, 422, f'"texts" must be a list of strings, got {_type_name(texts)}'
-    if not texts:
-        return None, 422, '"texts" is empty: send at least one text'
-    if len(texts) > s.max_texts:
-        return None, 413, f'too many texts: {len(texts)} in one request, the limit is {s.max_texts}; split the request'
-    for i, t in enumerate(texts):
-        problem = _check_text(t, f"texts[{i}]", s)
-        if problem:
-            return None, 422, problem
-    return texts, 0, ""
 
 
 def make_server_class():
@@ -318,19 +138,19 @@ def make_server_class():
                 given = auth[7:].strip()
             if given and hmac.compare_digest(api_key_digest(given, self.api_key["salt"]), self.api_key["hmac"]):
                 return None
-            return _error(401, "missing or wrong API key: send it in the X-API-Key header "
+            return error_response(401, "missing or wrong API key: send it in the X-API-Key header "
                                "(or Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"})
 
         async def _read_body(self, request: Request) -> bytes:
             limit = self.settings.max_body_bytes
             declared = request.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > limit:
-                raise _TooLarge
+                raise BodyTooLarge
             body = bytearray()
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > limit:
-                    raise _TooLarge
+                    raise BodyTooLarge
             return bytes(body)
 
         @app.post("/predict", summary="Classify texts", responses=PREDICT_RESPONSES,
@@ -341,24 +161,24 @@ def make_server_class():
             if denied is not None:
                 return denied
             if not is_json_content_type(request.headers.get("content-type")):
-                return _error(415, f"send the body as JSON with the header Content-Type: application/json "
+                return error_response(415, f"send the body as JSON with the header Content-Type: application/json "
                                    f"(got {request.headers.get('content-type') or 'none'})")
             try:
                 body = await self._read_body(request)
-            except _TooLarge:
-                return _error(413, f"request body over {self.settings.max_body_bytes} bytes; send fewer or "
+            except BodyTooLarge:
+                return error_response(413, f"request body over {self.settings.max_body_bytes} bytes; send fewer or "
                                    f"shorter texts per request")
             try:
                 payload = json.loads(body)
             except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, an int over 4,300 digits
-                return _error(400, f'the body is not valid JSON ({str(e)[:200]}); send {{"texts": ["..."]}}')
+                return error_response(400, f'the body is not valid JSON ({str(e)[:200]}); send {{"texts": ["..."]}}')
             texts, status, message = check_texts(payload, self.settings)
             if texts is None:
-                return _error(status, message)
+                return error_response(status, message)
             probs = await asyncio.gather(*(self._batched(t) for t in texts))
             failed = [i for i, p in enumerate(probs) if isinstance(p, Exception)]
             if failed:
-                return _error(500, f"the model failed on {len(failed)} of {len(texts)} text(s) (first: "
+                return error_response(500, f"the model failed on {len(failed)} of {len(texts)} text(s) (first: "
                                    f"{type(probs[failed[0]]).__name__}); other requests are not affected. "
                                    f"The replica's log has the details")
             predictions = [prediction(self.labels, p) for p in probs]
@@ -454,72 +274,3 @@ def build_app(args: dict[str, str]):
     cfg = load_config(config, [f"serve.{k}={v}" for k, v in args.items()])
     located = locate_model(model, cfg, flag="model=")
     return build_application(located, cfg.serve, loader, storage=cfg.storage if located.startswith("s3://") else None)
-
-
-def url_of(s: ServeConfig) -> str:
-    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
-    return f"http://{host}:{s.port}{s.route_prefix.rstrip('/')}"
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _serve_running() -> bool:
-    """Whether Serve already runs on this Ray (without starting it, as serve.status would)."""
-    import ray
-
-    try:
-        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
-    except ValueError:
-        return False
-    return True
-
-
-def deploy(cfg: JobConfig, model_dir: str, loader: str | Callable = DEFAULT_LOADER,
-           storage: StorageConfig | None = None) -> str:
-    """Start Serve (if needed) on the configured host and port and deploy ``model_dir``;
-    returns the API's URL once a replica answers. Ray must already be initialized."""
-    from ray import serve
-
-    s = cfg.serve
-    app = build_application(model_dir, s, loader, storage)
-    if not is_loopback(s.host) and not s.api_key_env:  # allowed only by serve.allow_without_key
-        print(f"raybm: WARNING: serving on {s.host}:{s.port} without an API key (serve.allow_without_key=true): "
-              f"anyone who reaches the port can use the model", file=sys.stderr, flush=True)
-    if not _serve_running():
-        if not _port_free(s.host, s.port):
-            raise RaybmError(f"port {s.port} on {s.host} is in use; pick another with serve.port=<port>")
-        serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s},
-                    proxy_location=s.proxy_location)
-    try:
-        serve.run(app, name=s.app_name, route_prefix=s.route_prefix)
-    except RuntimeError as e:
-        raise RaybmError(f"the model server did not start: {str(e).strip().splitlines()[-1]}") from None
-    return url_of(s)
-
-
-def post_texts(url: str, texts: list[str], api_key: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
-    """POST texts to a running server's /predict (standard library only)."""
-    import urllib.error
-    import urllib.request
-
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["X-API-Key"] = api_key
-    req = urllib.request.Request(f"{url}/predict", data=json.dumps({"texts": texts}).encode("utf-8"),
-                                 headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode("utf-8", "replace")[:300]
-        raise RaybmError(f"POST {url}/predict answered {e.code}: {detail}") from None
-    except urllib.error.URLError as e:
-        raise RaybmError(f"cannot reach {url}/predict: {e.reason}") from None

@@ -24,7 +24,7 @@ from raybm.lease import hold_lease
 from raybm.models.card import write_model_card
 from raybm.results import (CONFIG_FILE, HISTORY_FILE, METRICS_FILE, MODEL_DIR, PREDICTIONS_FILE, RUNS, SUCCESS_MARKER,
                            WEIGHTS_FILE, Results)
-from raybm.runtime import joined_cluster
+from raybm.runtime import on_cluster
 
 
 
@@ -43,7 +43,7 @@ def _use_gpu(setting: str) -> bool:
     import ray
 
     has = ray.cluster_resources().get("GPU", 0) > 0
-    if setting == "yes" and not has and not joined_cluster() and not _joined_cluster():
+    if setting == "yes" and not has and not on_cluster():
         raise RaybmError("train.use_gpu=yes, but this local Ray has no GPUs; set train.use_gpu=auto or no")
     return has if setting == "auto" else setting == "yes"
 
@@ -57,26 +57,16 @@ def check_workers_fit(cfg: JobConfig, what: str, extra: list[dict[str, float]] |
 
     t = cfg.train
     gpu = _use_gpu(t.use_gpu)
-    on_cluster = joined_cluster() or _joined_cluster()
+    cluster = on_cluster()
     may_appear: set[str] = set()
-    if on_cluster and cfg.ray.autoscaling:
+    if cluster and cfg.ray.autoscaling:
         may_appear.add("*")
-    if on_cluster and gpu and (t.use_gpu == "yes" or cfg.tune.cluster_gpus):
+    if cluster and gpu and (t.use_gpu == "yes" or cfg.tune.cluster_gpus):
         may_appear.add("GPU")
     check_placeable([worker_resources(t, gpu)] * t.num_workers + list(extra or []), alive_nodes(), what,
                     "Lower train.cpus_per_worker, train.gpus_per_worker or train.num_workers, drop "
                     "train.worker_resources a node lacks, or add nodes (ray.num_cpus on a local Ray)",
                     frozenset(may_appear))
-
-
-def _joined_cluster() -> bool:
-    """More than one node: a cluster, however this process reached it."""
-    import ray
-
-    try:
-        return ray.get_runtime_context().gcs_address is not None and len(ray.nodes()) > 1
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def worker_resources(t, use_gpu: bool) -> dict[str, float]:

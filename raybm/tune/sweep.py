@@ -163,9 +163,9 @@ def trial_bundles(cfg: JobConfig, tokenizes: bool) -> list[dict[str, float]]:
 def concurrent_trials(cfg: JobConfig, tokenizes: bool) -> int:
     """Trials that fit the cluster at once (``tune.max_concurrent_trials`` wins if set)."""
     from raybm.placement import alive_nodes
+    from raybm.runtime import cluster_address
 
-    on_cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    return trials_that_fit(cfg, trial_bundles(cfg, tokenizes), alive_nodes(), on_cluster)
+    return trials_that_fit(cfg, trial_bundles(cfg, tokenizes), alive_nodes(), bool(cluster_address(cfg.ray)))
 
 
 def trials_that_fit(cfg: JobConfig, bundles: list[dict[str, float]], nodes: list[dict[str, float]],

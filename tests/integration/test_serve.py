@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 
 from raybm.config import build_config
 from raybm.inference.loading import load_predictor
-from raybm.serve.app import build_app, deploy
+from raybm.serve.app import build_app
+from raybm.serve.deploy import deploy
 
 pytestmark = pytest.mark.integration
 

@@ -112,7 +112,7 @@ SMALL_LIMITS = ServeConfig(max_texts=4, max_text_chars=20)
 @example(payload={"texts": ["fine", "\udfff"]})
 @example(payload={"texts": [1e308, None]})
 def test_request_checks_never_raise_on_any_json_value(payload):
-    from raybm.serve.app import check_texts
+    from raybm.serve.contract import check_texts
 
     texts, status, message = check_texts(payload, SMALL_LIMITS)
     if texts is None:

@@ -7,7 +7,8 @@ from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.inference.loading import model_card
 from raybm.inference.locate import config_model, locate_model, model_name
-from raybm.serve.app import api_key_digest, check_texts, deployment_options, read_api_key
+from raybm.serve.app import api_key_digest, deployment_options, read_api_key
+from raybm.serve.contract import check_texts
 
 
 def serve_cfg(*overrides):
@@ -77,7 +78,7 @@ def test_text_that_is_not_valid_unicode_is_refused():
 
 
 def test_one_failing_text_fails_only_itself():
-    from raybm.serve.app import predict_each
+    from raybm.serve.contract import predict_each
 
     def predict(texts):
         if any("boom" in t for t in texts):
