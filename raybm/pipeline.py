@@ -27,7 +27,8 @@ from typing import Any
 
 from raybm.config import JobConfig, derived_name, pipeline_stages
 from raybm.errors import RaybmError
-from raybm.results import CONFIG_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE, WINNER_FILE, Results, fetch_model, is_s3, resolve_uri
+from raybm.results import (CONFIG_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE, WINNER_FILE, Results, fetch_model, is_s3,
+                           resolve_uri)
 from raybm.runtime import cluster_address
 
 

@@ -43,7 +43,8 @@ from raybm.export.trained import prune_model, source_config, sparsity, train_var
 from raybm.inference.loading import model_card
 from raybm.inference.locate import local_model, locate_model, model_name
 from raybm.lease import hold_lease
-from raybm.results import (EXPORTS, MOBILE_DIR, MODEL_CARD_FILE, ONNX_FILE, SUMMARY_FILE, VARIANT_FILE, Results, copy_to_local, fetch_model, is_s3)
+from raybm.results import (EXPORTS, MOBILE_DIR, MODEL_CARD_FILE, ONNX_FILE, SUMMARY_FILE, VARIANT_FILE, Results,
+                           copy_to_local, fetch_model, is_s3)
 
 VARIANTS = ("hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled")
 BACKEND = {"hf": "torch", "onnx": "onnx", "int8": "int8", "onnx-int8": "onnx", "fp16": "torch",

@@ -11,8 +11,6 @@ Re-running with the same run name resumes an interrupted run from its last check
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +20,11 @@ from raybm.config import JobConfig, run_name_for
 from raybm.errors import RaybmError
 from raybm.lease import hold_lease
 from raybm.models.card import write_model_card
-from raybm.results import (CONFIG_FILE, HISTORY_FILE, METRICS_FILE, MODEL_DIR, PREDICTIONS_FILE, RUNS, SUCCESS_MARKER,
-                           WEIGHTS_FILE, Results)
-from raybm.runtime import on_cluster
-
+from raybm.results import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, MODEL_DIR, PREDICTIONS_FILE, RUNS, WEIGHTS_FILE, Results
+from raybm.train.publish import best_epoch, publish_model, run_history, score_model_uri, scored_checkpoint, worker_nodes_of
+from raybm.train.resources import (PLACEMENT_TIMEOUT_ENV, POLL_INTERVAL_ENV, POLL_INTERVAL_S, asks_for_gpus,
+                                   check_workers_fit, not_placed, placement_failure, torch_backend,
+                                   worker_resources)
 
 
 @dataclass
@@ -35,88 +34,6 @@ class TrainResult:
     model_dir: str  # URI of the best model folder
     metrics: dict[str, Any]  # test metrics
     history: list[dict[str, Any]]
-
-
-def _use_gpu(setting: str) -> bool:
-    """Whether training asks for GPUs. ``yes`` on a cluster is taken as given even with no
-    GPU node up yet: the autoscaler starts GPU workers when trials ask for them."""
-    import ray
-
-    has = ray.cluster_resources().get("GPU", 0) > 0
-    if setting == "yes" and not has and not on_cluster():
-        raise RaybmError("train.use_gpu=yes, but this local Ray has no GPUs; set train.use_gpu=auto or no")
-    return has if setting == "auto" else setting == "yes"
-
-
-def check_workers_fit(cfg: JobConfig, what: str, extra: list[dict[str, float]] | None = None) -> None:
-    """Refuse, before any work, a run or trial whose workers (plus ``extra`` bundles, e.g. a
-    trial's tokenizer actors) no node of the cluster can hold: Ray Train would wait for them
-    forever, retrying every minute. GPUs an autoscaler will add (``train.use_gpu=yes`` on a
-    cluster, ``tune.cluster_gpus``) and anything with ``ray.autoscaling`` are not held against it."""
-    from raybm.placement import alive_nodes, check_placeable
-
-    t = cfg.train
-    gpu = _use_gpu(t.use_gpu)
-    cluster = on_cluster()
-    may_appear: set[str] = set()
-    if cluster and cfg.ray.autoscaling:
-        may_appear.add("*")
-    if cluster and gpu and (t.use_gpu == "yes" or cfg.tune.cluster_gpus):
-        may_appear.add("GPU")
-    check_placeable([worker_resources(t, gpu)] * t.num_workers + list(extra or []), alive_nodes(), what,
-                    "Lower train.cpus_per_worker, train.gpus_per_worker or train.num_workers, drop "
-                    "train.worker_resources a node lacks, or add nodes (ray.num_cpus on a local Ray)",
-                    frozenset(may_appear))
-
-
-def worker_resources(t, use_gpu: bool) -> dict[str, float]:
-    """Resources one training worker reserves (its bundle)."""
-    res = {"CPU": t.cpus_per_worker, **t.worker_resources}
-    if use_gpu:
-        res["GPU"] = t.gpus_per_worker
-    return res
-
-
-PLACEMENT_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Ray Train's controller
-# How often Ray Train's controller polls its workers. Each state change of a run (workers
-# started, training finished) waits for a poll: at Ray's 2 s, a run's start and end cost
-# about 3 s more on a 2-core machine (bench/run_overhead.py). A poll is one small RPC per
-# worker; a missed one is tolerated (a worker counts as hung only after 10 minutes).
-# Ray propagates this variable from the driver to its controller; a value set by the user wins.
-POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-POLL_INTERVAL_S = "0.5"
-
-
-def not_placed(e: BaseException) -> bool:
-    """Whether a Ray Train failure is its worker group not being placed in time."""
-    return "worker group startup timed out" in str(e)
-
-
-def placement_failure(t, use_gpu: bool) -> str:
-    """The error of workers that were not placed within ``train.placement_timeout_s``."""
-    bundle = ", ".join(f"{v:g} {k}" for k, v in worker_resources(t, use_gpu).items())
-    return (f"{t.num_workers} worker(s) of {bundle} each could not be placed within train.placement_timeout_s="
-            f"{t.placement_timeout_s:g} s: the cluster has no room for them now (other jobs, or no node with "
-            f"all of that). Lower train.cpus_per_worker / train.gpus_per_worker / train.num_workers, free or add "
-            f"nodes, or raise train.placement_timeout_s")
-
-
-def torch_backend(t, use_gpu: bool) -> str:
-    """The collective backend: NCCL on GPUs unless workers share one (NCCL refuses two ranks
-    on the same device), gloo on CPUs (FSDP too)."""
-    if t.parallelism == "fsdp" and use_gpu:
-        if t.backend == "gloo":
-            raise RaybmError("train.parallelism=fsdp on GPUs needs NCCL; set train.backend=auto")
-        if t.gpus_per_worker < 1 and t.num_workers > 1:
-            raise RaybmError("train.parallelism=fsdp needs one GPU per worker (NCCL); set "
-                             "train.gpus_per_worker=1 or use parallelism ddp")
-    if t.backend != "auto":
-        return t.backend
-    if not use_gpu:
-        return "gloo"
-    if t.gpus_per_worker < 1 and t.num_workers > 1:
-        return "gloo"
-    return "nccl"
 
 
 def balanced_class_weights(report: dict, labels: list[str]) -> list[float]:
@@ -219,7 +136,7 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
     from raybm.train.loop import train_loop_per_worker
 
     t = cfg.train
-    gpu = _use_gpu(t.use_gpu)
+    gpu = asks_for_gpus(t.use_gpu)
     # Bounded: Ray Train retries a worker group it cannot place every minute, without end.
     os.environ[PLACEMENT_TIMEOUT_ENV] = f"{t.placement_timeout_s:g}"
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
@@ -340,7 +257,7 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
                             predictions_to=predictions_to if scores_test else None,
                             whole_splits=prepared.name if whole else None)
     log(f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"
-        f"{' on GPU' if _use_gpu(t.use_gpu) else ''}, {t.epochs} epoch(s), "
+        f"{' on GPU' if asks_for_gpus(t.use_gpu) else ''}, {t.epochs} epoch(s), "
         f"{'splits read whole by each worker' if whole else 'splits streamed by Ray Data'} -> {results.uri(run_dir)}")
     # One writer per run: a second job with the same run name is refused while this one lives.
     with hold_lease(results, RUNS, run_name, f"training run {run_name!r}", log=log):
@@ -351,10 +268,10 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
             result = trainer.fit()
         except Exception as e:  # TrainingFailedError wraps the worker's exception
             if not_placed(e):
-                raise RaybmError(f"training run {run_name!r}: {placement_failure(t, _use_gpu(t.use_gpu))}") from None
+                raise RaybmError(f"training run {run_name!r}: {placement_failure(t, asks_for_gpus(t.use_gpu))}") from None
             raise RaybmError(f"training run {run_name!r} failed: {failure_reason(e)}. Fix the cause and rerun the "
                              f"same command: it resumes from the last checkpoint.") from e
-        history = _history(result)
+        history = run_history(result)
         # The epoch the workers scored on the test split, and its checkpoint (see scored_checkpoint).
         best, test = scored_checkpoint(result)
         if best is None:
@@ -396,77 +313,3 @@ def worker_scores_test(cfg: JobConfig, report: dict) -> bool:
     return stored_ids_fit(cfg, report) and cfg.train.parallelism != "fsdp"
 
 
-def scored_checkpoint(result) -> tuple[Any, dict | None]:
-    """The checkpoint whose weights rank 0 scored on the test split, with the test metrics;
-    ``(None, None)`` when it scored none or that checkpoint is not among those kept (Ray's
-    best by the metric can differ from the loop's on a tie: both keep the first, but a
-    checkpoint Ray deleted cannot be published)."""
-    scored = (result.return_value or {}).get("test") if isinstance(result.return_value, dict) else None
-    if not scored:
-        return None, None
-    for checkpoint, metrics in result.best_checkpoints or []:
-        if (metrics or {}).get("epoch") == scored["epoch"]:
-            return checkpoint, scored["metrics"]
-    return None, None
-
-
-def _history(result) -> list[dict[str, Any]]:
-    """Every epoch's metrics: the loop carries the full history in each report (Ray keeps
-    only the metrics of the checkpoints it retains)."""
-    import json
-
-    metrics = result.metrics or {}
-    return json.loads(metrics["history"]) if "history" in metrics else []
-
-
-def worker_nodes_of(history: list[dict[str, Any]]) -> list[str]:
-    """The Ray node id of each rank in the last epoch (rank 0 first); [] before any epoch."""
-    import json
-
-    return json.loads(history[-1]["worker_nodes"]) if history and history[-1].get("worker_nodes") else []
-
-
-def best_epoch(history: list[dict], metric: str, mode: str) -> int | None:
-    """The epoch whose checkpoint Ray Train ranks best by ``metric``: on a tie, the later one."""
-    scored = [h for h in history if metric in h]
-    if not scored:
-        return None
-    pick = max if mode == "max" else min
-    return int(pick(reversed(scored), key=lambda h: h[metric])["epoch"])
-
-
-def publish_model(results: Results, run_dir: str, checkpoint) -> str:
-    """Copy a checkpoint (minus optimizer state) to <run_dir>/model, atomically."""
-    from raybm.results import TRAIN_STATE_FILE
-
-    final = results.join(run_dir, MODEL_DIR)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = checkpoint.to_directory(os.path.join(tmp, "ckpt"))
-        state = os.path.join(local, TRAIN_STATE_FILE)
-        if os.path.exists(state):
-            os.remove(state)
-        if results.remote:  # _SUCCESS goes up last: a replica never loads half a model
-            results.upload_dir(local, final)
-        else:
-            open(os.path.join(local, SUCCESS_MARKER), "w").close()
-            staging = results.join(run_dir, f".staging-{MODEL_DIR}")
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(local, staging)
-            results.publish(staging, final)
-    return results.uri(final)
-
-
-def score_model_uri(results: Results, model_uri: str, ds, max_length: int,
-                    predictions_to: str | None = None) -> dict[str, Any]:
-    """Score a model folder (local or in the results store) on a Dataset; with
-    ``predictions_to`` (a path in the results store) also write every example's prediction
-    there as Parquet (``PREDICTIONS_FILE``)."""
-    from raybm.inference.evaluate import score_dataset
-
-    # An s3:// model is fetched by each scoring task on its own node (on a cluster the
-    # driver's disk is not theirs).
-    if predictions_to is None:
-        return score_dataset(model_uri, ds, max_length, storage=results.storage)
-    metrics, frame = score_dataset(model_uri, ds, max_length, predictions=True, storage=results.storage)
-    results.write_parquet(predictions_to, frame)
-    return metrics

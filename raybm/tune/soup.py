@@ -213,7 +213,7 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
     from raybm.inference.evaluate import score_dataset
     from raybm.inference.locate import locate_model
     from raybm.results import CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, fetch_model, is_s3
-    from raybm.train.driver import publish_model, score_model_uri
+    from raybm.train.publish import publish_model, score_model_uri
 
     results, run_dir = check_soup_inputs(cfg, models, dataset, name)
     metric = soup_metric(cfg.tune.metric)

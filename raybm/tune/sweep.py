@@ -154,10 +154,10 @@ def _scheduler(cfg: JobConfig):
 def trial_bundles(cfg: JobConfig, tokenizes: bool) -> list[dict[str, float]]:
     """What one running trial holds, bundle by bundle: its workers, its tokenizer actors
     (the trial's own function reserves memory only)."""
-    from raybm.train.driver import _use_gpu, worker_resources
+    from raybm.train.resources import asks_for_gpus, worker_resources
 
     t = cfg.train
-    return [worker_resources(t, _use_gpu(t.use_gpu))] * t.num_workers + (TRIAL_TOKENIZER_BUNDLES if tokenizes else [])
+    return [worker_resources(t, asks_for_gpus(t.use_gpu))] * t.num_workers + (TRIAL_TOKENIZER_BUNDLES if tokenizes else [])
 
 
 def concurrent_trials(cfg: JobConfig, tokenizes: bool) -> int:
@@ -196,7 +196,8 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     from ray.tune.search import BasicVariantGenerator
 
     from raybm.data import run_data_stage
-    from raybm.train.driver import check_workers_fit, load_prepared, load_text_splits, reads_whole_splits, training_datasets
+    from raybm.train.driver import load_prepared, load_text_splits, reads_whole_splits, training_datasets
+    from raybm.train.resources import check_workers_fit
 
     dists = parse_space(cfg.tune.search_space)
     if not dists:
@@ -377,7 +378,9 @@ def _trial_config(res) -> dict[str, Any]:
 def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Results,
                 trials_dir: str) -> list[dict[str, Any]]:
     """One row per trial, best first (trials without a metric last)."""
-    from raybm.train.driver import _use_gpu, failure_reason, not_placed, placement_failure, worker_nodes_of
+    from raybm.train.driver import failure_reason
+    from raybm.train.publish import worker_nodes_of
+    from raybm.train.resources import asks_for_gpus, not_placed, placement_failure
 
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = []
@@ -389,7 +392,7 @@ def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Result
         checkpoint, best = best_checkpoint(results, results.join(trials_dir, trial_id), metric, mode)
         error = None
         if res.error is not None:
-            error = placement_failure(cfg.train, _use_gpu(cfg.train.use_gpu)) if not_placed(res.error) \
+            error = placement_failure(cfg.train, asks_for_gpus(cfg.train.use_gpu)) if not_placed(res.error) \
                 else failure_reason(res.error)
         rows.append({
             "trial": trial_id,
@@ -523,7 +526,7 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
     import ray.train
 
     from raybm.data import load_split
-    from raybm.train.driver import publish_model, score_model_uri
+    from raybm.train.publish import publish_model, score_model_uri
     from raybm.results import PREDICTIONS_FILE
 
     row = ranked[0]

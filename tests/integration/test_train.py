@@ -258,15 +258,15 @@ def test_a_second_job_writing_the_same_run_is_refused_while_the_first_lives(ray_
 
 def test_gpus_asked_of_a_local_ray_without_any_are_an_error_but_a_joined_cluster_may_add_them(ray_local, monkeypatch):
     import raybm.runtime
-    from raybm.train.driver import _use_gpu
+    from raybm.train.resources import asks_for_gpus
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(RaybmError, match="this local Ray has no GPUs"):
-        _use_gpu("yes")
-    assert _use_gpu("auto") is False and _use_gpu("no") is False
+        asks_for_gpus("yes")
+    assert asks_for_gpus("auto") is False and asks_for_gpus("no") is False
     # Joined through ray.address (no RAY_ADDRESS): GPU workers may still be on their way.
     monkeypatch.setattr(raybm.runtime, "_JOINED", True)
-    assert _use_gpu("yes") is True
+    assert asks_for_gpus("yes") is True
 
 
 def test_a_teacher_with_other_labels_is_refused_before_training(ray_local, tmp_path, data_csv, tiny_model_dir):

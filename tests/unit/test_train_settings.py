@@ -8,8 +8,9 @@ import pytest
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.results import CONFIG_FILE, Results
-from raybm.train.driver import (best_epoch, check_same_recipe, reads_whole_splits, recipe_differences, teacher_labels,
-                         torch_backend, worker_resources)
+from raybm.train.driver import check_same_recipe, reads_whole_splits, recipe_differences, teacher_labels
+from raybm.train.publish import best_epoch
+from raybm.train.resources import torch_backend, worker_resources
 
 
 def train_cfg(*overrides):

@@ -1,0 +1,86 @@
+"""A finished run's results: the epoch Ray Train ranks best, the model published from its
+checkpoint into the results folder, and that model scored on the test split. Training
+runs, sweeps and soups publish the same way."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from raybm.results import MODEL_DIR, SUCCESS_MARKER, TRAIN_STATE_FILE, Results
+
+
+def scored_checkpoint(result) -> tuple[Any, dict | None]:
+    """The checkpoint whose weights rank 0 scored on the test split, with the test metrics;
+    ``(None, None)`` when it scored none or that checkpoint is not among those kept (Ray's
+    best by the metric can differ from the loop's on a tie: both keep the first, but a
+    checkpoint Ray deleted cannot be published)."""
+    scored = (result.return_value or {}).get("test") if isinstance(result.return_value, dict) else None
+    if not scored:
+        return None, None
+    for checkpoint, metrics in result.best_checkpoints or []:
+        if (metrics or {}).get("epoch") == scored["epoch"]:
+            return checkpoint, scored["metrics"]
+    return None, None
+
+
+def run_history(result) -> list[dict[str, Any]]:
+    """Every epoch's metrics: the loop carries the full history in each report (Ray keeps
+    only the metrics of the checkpoints it retains)."""
+    import json
+
+    metrics = result.metrics or {}
+    return json.loads(metrics["history"]) if "history" in metrics else []
+
+
+def worker_nodes_of(history: list[dict[str, Any]]) -> list[str]:
+    """The Ray node id of each rank in the last epoch (rank 0 first); [] before any epoch."""
+    import json
+
+    return json.loads(history[-1]["worker_nodes"]) if history and history[-1].get("worker_nodes") else []
+
+
+def best_epoch(history: list[dict], metric: str, mode: str) -> int | None:
+    """The epoch whose checkpoint Ray Train ranks best by ``metric``: on a tie, the later one."""
+    scored = [h for h in history if metric in h]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return int(pick(reversed(scored), key=lambda h: h[metric])["epoch"])
+
+
+def publish_model(results: Results, run_dir: str, checkpoint) -> str:
+    """Copy a checkpoint (minus optimizer state) to <run_dir>/model, atomically."""
+    final = results.join(run_dir, MODEL_DIR)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = checkpoint.to_directory(os.path.join(tmp, "ckpt"))
+        state = os.path.join(local, TRAIN_STATE_FILE)
+        if os.path.exists(state):
+            os.remove(state)
+        if results.remote:  # _SUCCESS goes up last: a replica never loads half a model
+            results.upload_dir(local, final)
+        else:
+            open(os.path.join(local, SUCCESS_MARKER), "w").close()
+            staging = results.join(run_dir, f".staging-{MODEL_DIR}")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(local, staging)
+            results.publish(staging, final)
+    return results.uri(final)
+
+
+def score_model_uri(results: Results, model_uri: str, ds, max_length: int,
+                    predictions_to: str | None = None) -> dict[str, Any]:
+    """Score a model folder (local or in the results store) on a Dataset; with
+    ``predictions_to`` (a path in the results store) also write every example's prediction
+    there as Parquet (``PREDICTIONS_FILE``)."""
+    from raybm.inference.evaluate import score_dataset
+
+    # An s3:// model is fetched by each scoring task on its own node (on a cluster the
+    # driver's disk is not theirs).
+    if predictions_to is None:
+        return score_dataset(model_uri, ds, max_length, storage=results.storage)
+    metrics, frame = score_dataset(model_uri, ds, max_length, predictions=True, storage=results.storage)
+    results.write_parquet(predictions_to, frame)
+    return metrics

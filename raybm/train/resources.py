@@ -1,0 +1,90 @@
+"""What a run's Ray Train workers reserve, and whether the cluster can hold them: refused
+before any work when no node can, bounded in time when the cluster is busy."""
+
+from __future__ import annotations
+
+from raybm.config import JobConfig
+from raybm.errors import RaybmError
+from raybm.runtime import on_cluster
+
+
+def asks_for_gpus(setting: str) -> bool:
+    """Whether training asks for GPUs. ``yes`` on a cluster is taken as given even with no
+    GPU node up yet: the autoscaler starts GPU workers when trials ask for them."""
+    import ray
+
+    has = ray.cluster_resources().get("GPU", 0) > 0
+    if setting == "yes" and not has and not on_cluster():
+        raise RaybmError("train.use_gpu=yes, but this local Ray has no GPUs; set train.use_gpu=auto or no")
+    return has if setting == "auto" else setting == "yes"
+
+
+def check_workers_fit(cfg: JobConfig, what: str, extra: list[dict[str, float]] | None = None) -> None:
+    """Refuse, before any work, a run or trial whose workers (plus ``extra`` bundles, e.g. a
+    trial's tokenizer actors) no node of the cluster can hold: Ray Train would wait for them
+    forever, retrying every minute. GPUs an autoscaler will add (``train.use_gpu=yes`` on a
+    cluster, ``tune.cluster_gpus``) and anything with ``ray.autoscaling`` are not held against it."""
+    from raybm.placement import alive_nodes, check_placeable
+
+    t = cfg.train
+    gpu = asks_for_gpus(t.use_gpu)
+    cluster = on_cluster()
+    may_appear: set[str] = set()
+    if cluster and cfg.ray.autoscaling:
+        may_appear.add("*")
+    if cluster and gpu and (t.use_gpu == "yes" or cfg.tune.cluster_gpus):
+        may_appear.add("GPU")
+    check_placeable([worker_resources(t, gpu)] * t.num_workers + list(extra or []), alive_nodes(), what,
+                    "Lower train.cpus_per_worker, train.gpus_per_worker or train.num_workers, drop "
+                    "train.worker_resources a node lacks, or add nodes (ray.num_cpus on a local Ray)",
+                    frozenset(may_appear))
+
+
+def worker_resources(t, use_gpu: bool) -> dict[str, float]:
+    """Resources one training worker reserves (its bundle)."""
+    res = {"CPU": t.cpus_per_worker, **t.worker_resources}
+    if use_gpu:
+        res["GPU"] = t.gpus_per_worker
+    return res
+
+
+PLACEMENT_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Ray Train's controller
+# How often Ray Train's controller polls its workers. Each state change of a run (workers
+# started, training finished) waits for a poll: at Ray's 2 s, a run's start and end cost
+# about 3 s more on a 2-core machine (bench/run_overhead.py). A poll is one small RPC per
+# worker; a missed one is tolerated (a worker counts as hung only after 10 minutes).
+# Ray propagates this variable from the driver to its controller; a value set by the user wins.
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+POLL_INTERVAL_S = "0.5"
+
+
+def not_placed(e: BaseException) -> bool:
+    """Whether a Ray Train failure is its worker group not being placed in time."""
+    return "worker group startup timed out" in str(e)
+
+
+def placement_failure(t, use_gpu: bool) -> str:
+    """The error of workers that were not placed within ``train.placement_timeout_s``."""
+    bundle = ", ".join(f"{v:g} {k}" for k, v in worker_resources(t, use_gpu).items())
+    return (f"{t.num_workers} worker(s) of {bundle} each could not be placed within train.placement_timeout_s="
+            f"{t.placement_timeout_s:g} s: the cluster has no room for them now (other jobs, or no node with "
+            f"all of that). Lower train.cpus_per_worker / train.gpus_per_worker / train.num_workers, free or add "
+            f"nodes, or raise train.placement_timeout_s")
+
+
+def torch_backend(t, use_gpu: bool) -> str:
+    """The collective backend: NCCL on GPUs unless workers share one (NCCL refuses two ranks
+    on the same device), gloo on CPUs (FSDP too)."""
+    if t.parallelism == "fsdp" and use_gpu:
+        if t.backend == "gloo":
+            raise RaybmError("train.parallelism=fsdp on GPUs needs NCCL; set train.backend=auto")
+        if t.gpus_per_worker < 1 and t.num_workers > 1:
+            raise RaybmError("train.parallelism=fsdp needs one GPU per worker (NCCL); set "
+                             "train.gpus_per_worker=1 or use parallelism ddp")
+    if t.backend != "auto":
+        return t.backend
+    if not use_gpu:
+        return "gloo"
+    if t.gpus_per_worker < 1 and t.num_workers > 1:
+        return "gloo"
+    return "nccl"
