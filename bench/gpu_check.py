@@ -45,7 +45,7 @@ def plain_loop(cfg, texts: list[str], labels_ids: list[int], labels: list[str], 
     import torch
 
     from raybm.models.build import build_classifier, load_tokenizer
-    from raybm.train.loop import build_optimizer
+    from raybm.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = build_classifier(cfg.model, labels, pretrained=not scratch).to(device)

@@ -25,7 +25,7 @@ def plain_loop(cfg, texts: list[str], labels_ids: list[int], labels: list[str], 
     import torch
 
     from raybm.models.build import build_classifier, load_tokenizer
-    from raybm.train.loop import build_optimizer
+    from raybm.train.optim import build_optimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

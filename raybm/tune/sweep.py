@@ -336,7 +336,7 @@ def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> t
     metrics each checkpoint carries: (path on results.fs, its metrics)."""
     import pyarrow.fs as pafs
 
-    from raybm.train.loop import CHECKPOINT_FILES
+    from raybm.train.checkpoints import CHECKPOINT_FILES
     from raybm.results import EPOCH_METRICS_FILE
 
     if not results.exists(run_dir):

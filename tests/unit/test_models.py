@@ -5,7 +5,7 @@ import torch
 
 from raybm.config import build_config
 from raybm.models.build import apply_strategy, build_classifier, encoder_layers, param_groups
-from raybm.train.loop import build_optimizer, lr_factor
+from raybm.train.optim import build_optimizer, lr_factor
 
 LABELS = ["neg", "pos"]
 

@@ -156,7 +156,7 @@ def test_checkpoint_copies_of_workers_that_died_are_removed_and_live_ones_kept(t
     import subprocess
     import sys
 
-    from raybm.train.loop import checkpoint_scratch
+    from raybm.train.checkpoints import checkpoint_scratch
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -1,0 +1,58 @@
+"""The optimizer, the learning-rate schedule and mixed precision of a training run."""
+
+from __future__ import annotations
+
+import math
+
+
+def build_optimizer(model, t, groups: list[dict] | None = None):
+    """The configured optimizer over parameter groups (no decay on biases / norms). Pass
+    ``groups`` made before FSDP wrapping: wrapping flattens the parameters it shards, so
+    their shapes no longer tell weights from biases."""
+    import torch
+
+    from raybm.models.build import param_groups
+
+    if groups is None:
+        groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
+    if t.optimizer in ("sgd", "momentum"):
+        momentum = t.momentum if t.optimizer == "momentum" else 0.0
+        return torch.optim.SGD(groups, lr=t.lr, momentum=momentum,
+                               nesterov=t.nesterov and t.optimizer == "momentum")
+    if t.optimizer == "adagrad":
+        return torch.optim.Adagrad(groups, lr=t.lr)
+    if t.optimizer == "adadelta":
+        return torch.optim.Adadelta(groups, lr=t.lr)
+    if t.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=t.lr, momentum=t.momentum)
+    if t.optimizer == "adam":
+        # Adam's weight decay is the classic L2 term added to the gradient.
+        return torch.optim.Adam(groups, lr=t.lr)
+    return torch.optim.AdamW(groups, lr=t.lr)
+
+
+def lr_factor(step: int, t, steps_per_epoch: int, total_steps: int) -> float:
+    """Multiplier of each group's base learning rate after ``step`` optimizer steps."""
+    warmup = int(round(t.warmup_ratio * total_steps))
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if t.scheduler == "constant":
+        return 1.0
+    if t.scheduler == "step":
+        return t.step_gamma ** (step // max(1, steps_per_epoch * t.step_epochs))
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    progress = min(1.0, max(0.0, progress))
+    if t.scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def amp_settings(device, precision: str):
+    """(autocast dtype or None, use a grad scaler) for this device and setting."""
+    import torch
+
+    if device.type != "cuda" or precision == "fp32":
+        return None, False
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, False
+    return torch.float16, True

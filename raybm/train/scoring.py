@@ -1,0 +1,87 @@
+"""Scoring inside the training workers: the validation split every epoch, and the best
+epoch on the test split once training ends (no Ray Data job and no second model load)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raybm.config import JobConfig
+from raybm.metrics import confusion_matrix, metrics_from_confusion
+from raybm.train.checkpoints import load_weights
+
+
+def validate(model, data, device, batch_size: int, num_classes: int, labels: list[str], loss_fn, collate):
+    """Metrics on the whole validation split (every worker reads all of it and gets the
+    same numbers, so they agree on early stopping without a collective)."""
+    import torch
+
+    model.eval()
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    loss_sum = 0.0
+    with torch.no_grad():
+        for batch in data.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            loss_sum += float(loss_fn(logits, batch["labels"]).item()) * len(batch["labels"])
+            cm += confusion_matrix(batch["labels"].cpu().numpy(), logits.argmax(-1).cpu().numpy(), num_classes)
+    return metrics_from_confusion(cm, labels, loss=loss_sum / max(1, int(cm.sum())))
+
+
+def score_test_split(model, data, device, batch_size: int, labels: list[str], collate) -> tuple[dict, Any]:
+    """Metrics and every example's prediction on the test split (rows with text, label and
+    token ids): the same numbers and columns as ``raybm.inference.evaluate.score_dataset`` gives for
+    the published model, without a Ray Data job of its own."""
+    import pandas as pd
+    import torch
+
+    model.eval()
+    frames = []
+    with torch.no_grad():
+        for batch in data.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            tensors = collate(batch)
+            logits = model(input_ids=tensors["input_ids"].to(device),
+                           attention_mask=tensors["attention_mask"].to(device)).logits.float()
+            probs = torch.softmax(logits, dim=-1).cpu().numpy()
+            frames.append(pd.DataFrame({"text": batch["text"].astype(str), "label": batch["label"].astype(np.int64),
+                                        "pred": probs.argmax(-1).astype(np.int64), "confidence": probs.max(-1),
+                                        **{f"prob_{i}": probs[:, i] for i in range(probs.shape[1])}}))
+    columns = ["text", "label", "pred", "confidence", *[f"prob_{i}" for i in range(len(labels))]]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    cm = confusion_matrix(frame["label"].to_numpy(), frame["pred"].to_numpy(), len(labels))
+    return metrics_from_confusion(cm, labels), frame[columns]
+
+
+def score_best_checkpoint(config: dict, cfg: JobConfig, model, device, labels: list[str], collate,
+                           kept: str | None, kept_epoch: int | None, last_epoch: int | None) -> dict | None:
+    """Rank 0, once training ends: the best epoch's weights scored on the test split, the
+    predictions written where the driver said (``predictions_to``). None when the best
+    checkpoint is not at hand here (it was written before a restart): the driver then
+    scores the published model."""
+    import ray.train
+
+    from raybm.results import Results
+
+    if kept_epoch is None:
+        return None
+    if kept_epoch != last_epoch:  # the live weights are a later, worse epoch's
+        load_weights(kept, model)
+    if config.get("whole_splits"):
+        test_data = whole_split(config, cfg, "test", texts=True)
+    else:
+        test_data = ray.train.get_dataset_shard("test")
+    metrics, frame = score_test_split(model, test_data, device, cfg.train.eval_batch_size, labels, collate)
+    Results.from_config(cfg.storage).write_parquet(config["predictions_to"], frame)
+    return {"epoch": kept_epoch, "metrics": metrics}
+
+
+def whole_split(config: dict, cfg: JobConfig, split: str, *, texts: bool = False, **shard):
+    """A split of the dataset the driver named (``whole_splits``), read whole here from the
+    results folder (``raybm.data.whole``); ``shard``: rank, world, seed and shuffle."""
+    from raybm.data.whole import WholeSplit, read_whole_split
+    from raybm.results import Results
+
+    width = cfg.data.max_length
+    arrays = read_whole_split(Results.from_config(cfg.storage), config["whole_splits"], split, width, texts=texts)
+    return WholeSplit(arrays, width=width if cfg.data.padding == "max_length" else None, **shard)

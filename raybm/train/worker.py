@@ -1,0 +1,209 @@
+"""A training worker's set-up: the model, its data, loss and optimizer, and the run's
+progress restored from the last checkpoint when the worker group restarts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from raybm.config import JobConfig, build_config
+from raybm.train.checkpoints import load_checkpoint
+from raybm.train.fsdp import fsdp_optim_to_load, wrap_fsdp
+from raybm.train.losses import load_teacher
+from raybm.train.optim import amp_settings, build_optimizer
+from raybm.train.scoring import whole_split
+
+
+def say(message: str) -> None:
+    """Progress from worker 0. Not print(): Ray Train patches print into its logger, which
+    also echoes to the console, so each line would show twice."""
+    import sys
+
+    sys.stdout.write(f"[raybm] {message}\n")
+    sys.stdout.flush()
+
+
+def quiet_ray_train_logs() -> None:
+    """Ray Train logs, at INFO in every worker, each report with its whole metrics dict (the
+    history included, so the line grows every epoch) and each checkpoint it saves. The
+    loop's own epoch line says what matters once; warnings and errors still show."""
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # it logs under its file name
+    except ImportError:  # another Ray layout: its lines stay
+        pass
+
+
+def worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank's bundle, this rank's node first (the run record says
+    where the worker group ran). Read from the worker group's placement group: no collective
+    inside the training loop."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    pg = ray.util.get_current_placement_group()
+    if world == 1 or pg is None:
+        return [node] * world
+    placed = ray.util.placement_group_table(pg).get("bundles_to_node_id") or {}
+    others = [placed[i] for i in sorted(placed)]
+    if node in others:
+        others.remove(node)
+    return [node, *others][:world]
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint restores and every epoch moves on."""
+
+    start_epoch: int = 0  # the first epoch this attempt runs (0-based)
+    step: int = 0  # optimizer steps so far (the schedule's position)
+    best: float | None = None  # the best value of train.metric so far
+    bad_epochs: int = 0  # epochs since it last improved (early stopping)
+    resumed: bool = False  # this attempt started from a checkpoint (until its first epoch ends)
+    resumed_from: int = 0  # epochs already done when this attempt started (0: a fresh run)
+    history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's metrics, kept in the checkpoints
+
+    def state(self, epoch: int, optimizer_state: dict) -> dict[str, Any]:
+        """The training state a checkpoint of ``epoch`` holds."""
+        return {"epoch": epoch, "step": self.step, "best": self.best, "bad_epochs": self.bad_epochs,
+                "optimizer": optimizer_state, "history": self.history}
+
+    @classmethod
+    def resumed_at(cls, state: dict[str, Any]) -> "Progress":
+        """Progress restored from a checkpoint's training state."""
+        return cls(start_epoch=state["epoch"] + 1, step=state["step"], best=state.get("best"),
+                   bad_epochs=state.get("bad_epochs", 0), resumed=True, resumed_from=state["epoch"] + 1,
+                   history=list(state.get("history", [])))
+
+
+@dataclass
+class Worker:
+    """One Ray Train worker's set-up for the whole run (``set_up`` builds it)."""
+
+    config: dict[str, Any]  # what the driver passed (raybm.train.driver.build_trainer)
+    cfg: JobConfig
+    labels: list[str]
+    rank: int
+    world: int
+    device: Any
+    model: Any  # the unwrapped model: checkpoints, strategies, validation under DDP
+    wrapped: Any  # the model DDP or FSDP trains
+    tokenizer: Any
+    optimizer: Any
+    scaler: Any  # a grad scaler for fp16, else None
+    amp_dtype: Any  # autocast dtype, or None
+    loss_fn: Any
+    eval_loss_fn: Any
+    collate: Any
+    train_shard: Any
+    val_data: Any
+    masks: list  # (weight, mask) pairs that keep a pruned model's zeros
+    teacher: Any  # the distillation teacher, or None
+    sizes: dict[int, int]  # parameter sizes by id, from before wrapping
+    steps_per_epoch: int
+    total_steps: int
+    nodes: list[str]  # the Ray node of each rank, this rank's first
+
+    @property
+    def fsdp(self) -> bool:
+        """Whether the model is sharded with FSDP (else replicated with DDP)."""
+        return self.cfg.train.parallelism == "fsdp"
+
+
+def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
+    """The worker's model, data, loss and optimizer; resumed from the run's last checkpoint
+    when this is a restart (a worker failure or a rerun). All parameters are trainable when
+    wrapped (DDP tracks them all); the strategy freezes some per epoch."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from raybm.data.tokenizing import PadCollate
+    from raybm.models.build import build_classifier, load_tokenizer, param_groups
+
+    cfg = build_config(config["job"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(t.torch_threads or max(1, int(t.cpus_per_worker)))  # Ray's OMP setting is not enough
+    torch.manual_seed(t.seed + rank)
+    device = ray.train.torch.get_device()
+    model = build_classifier(cfg.model, config["labels"], pretrained=t.strategy != "scratch", seed=t.seed)
+    model.to(device)
+    progress, state = _resume(model, rank)  # the weights go in before wrapping, the optimizer state after
+    # Optimizer groups and parameter sizes from the unwrapped model: FSDP flattens what it shards.
+    groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
+    sizes = {id(p): p.numel() for p in model.parameters()}
+    wrapped = _wrap(model, t, device)
+    optimizer = build_optimizer(model, t, groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    if state is not None:
+        optimizer.load_state_dict(fsdp_optim_to_load(wrapped, optimizer, state["optimizer"], device)
+                                  if t.parallelism == "fsdp" else state["optimizer"])
+    amp_dtype, use_scaler = amp_settings(device, t.precision)
+    weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) \
+        if config.get("class_weights") else None
+    train_shard, val_data = _training_data(config, cfg, rank, world)
+    steps_per_epoch = max(1, math.ceil(math.ceil(config["n_train"] / world) / t.batch_size / t.grad_accum))
+    if t.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
+    worker = Worker(
+        config=config, cfg=cfg, labels=config["labels"], rank=rank, world=world, device=device, model=model,
+        wrapped=wrapped, tokenizer=load_tokenizer(cfg.model.name, cfg.model.trust_remote_code), optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda") if use_scaler else None, amp_dtype=amp_dtype,
+        loss_fn=torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=t.label_smoothing),
+        eval_loss_fn=torch.nn.CrossEntropyLoss(),
+        # Rows come tokenized (stored by the data stage, or by Tokenize): padded here, per batch.
+        collate=PadCollate(width=cfg.data.max_length if cfg.data.padding == "max_length" else None),
+        train_shard=train_shard, val_data=val_data,
+        # Fine-tuning a pruned model: the zeros of Linear weights stay zero.
+        masks=[(m.weight, m.weight.ne(0)) for m in model.modules()
+               if isinstance(m, torch.nn.Linear)] if t.keep_sparsity else [],
+        teacher=load_teacher(t.distill_from, device) if t.distill_from else None,
+        sizes=sizes, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * t.epochs,
+        nodes=worker_nodes(world))
+    return worker, progress
+
+
+def _resume(model, rank: int) -> tuple[Progress, dict | None]:
+    """The run's progress and training state from Ray Train's latest checkpoint, its weights
+    loaded into ``model``; a fresh start when there is none."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Progress(), None
+    with checkpoint.as_directory() as folder:
+        state = load_checkpoint(folder, model)
+    if rank == 0:
+        say(f"resuming from the checkpoint of epoch {state['epoch'] + 1}")
+    return Progress.resumed_at(state), state
+
+
+def _wrap(model, t, device):
+    """``model`` wrapped for data-parallel training: FSDP shards, DDP replicates."""
+    import ray.train.torch
+
+    if t.parallelism == "fsdp":
+        return wrap_fsdp(model, device)
+    kwargs = {"find_unused_parameters": True} if t.strategy in ("partial", "gradual") else {}
+    return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp",
+                                         parallel_strategy_kwargs=kwargs)
+
+
+def _training_data(config: dict[str, Any], cfg: JobConfig, rank: int, world: int):
+    """(this worker's training shard, the whole validation split): read whole from the
+    results folder when the driver says so (no Ray Data in the loop), else Ray Data shards."""
+    import ray.train
+
+    if config.get("whole_splits"):
+        t = cfg.train
+        return (whole_split(config, cfg, "train", rank=rank, world=world, seed=t.seed, shuffle=True),
+                whole_split(config, cfg, "validation"))
+    return ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation")  # validation: not sharded
