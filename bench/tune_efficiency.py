@@ -36,7 +36,8 @@ def main() -> int:
 
     from raybm.config import build_config
     from raybm.runtime import ensure_ray, quiet_ray_data
-    from raybm.tune.sweep import format_leaderboard, run_sweep
+    from raybm.tune.leaderboard import format_leaderboard
+    from raybm.tune.sweep import run_sweep
 
     space = "{" + ", ".join(f"{k}: '{v}'" for k, v in SPACE.items()) + "}"
     rows = []

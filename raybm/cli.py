@@ -65,7 +65,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from raybm.tune.soup import is_used
-    from raybm.tune.sweep import format_leaderboard, format_values, run_sweep
+    from raybm.tune.leaderboard import format_leaderboard, format_values
+    from raybm.tune.sweep import run_sweep
 
     cfg = load_config(args.config, args.overrides)
     _start(cfg, ["data", "tune"])

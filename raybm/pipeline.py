@@ -199,7 +199,8 @@ def _train(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict
 
 def _tune(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
     from raybm.config import sweep_name_for
-    from raybm.tune.sweep import format_leaderboard, run_sweep
+    from raybm.tune.leaderboard import format_leaderboard
+    from raybm.tune.sweep import run_sweep
 
     was_done = results.is_complete(results.sweep_dir(sweep_name_for(cfg, state["dataset"])))
     result = run_sweep(cfg, log=log)

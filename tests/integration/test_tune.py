@@ -11,7 +11,8 @@ import torch
 from raybm.config import build_config
 from raybm.errors import RaybmError
 from raybm.tune.soup import run_soup
-from raybm.tune.sweep import format_leaderboard, run_sweep
+from raybm.tune.leaderboard import format_leaderboard
+from raybm.tune.sweep import run_sweep
 
 from .test_data_pipeline import make_frame
 
@@ -191,7 +192,7 @@ def test_a_trial_bigger_than_the_local_ray_is_refused_instead_of_waiting_forever
 
 
 def test_concurrent_trials_follow_the_cluster(ray_tune, tmp_path, data_csv):
-    from raybm.tune.sweep import concurrent_trials, trial_bundles
+    from raybm.tune.trial import concurrent_trials, trial_bundles
 
     cfg = config(tmp_path, data_csv, "tune.max_concurrent_trials=null")  # 0.5 CPU workers, 2 CPUs
     assert trial_bundles(cfg, tokenizes=False) == [{"CPU": 0.5}]  # the trial's own function: memory only

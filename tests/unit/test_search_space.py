@@ -5,7 +5,8 @@ import pytest
 from raybm.config import build_config
 from raybm.errors import ConfigError
 from raybm.config.search_space import grid_size, nested, parse_distribution, parse_space
-from raybm.tune.sweep import _status, format_leaderboard, trial_config
+from raybm.tune.leaderboard import _status, format_leaderboard
+from raybm.tune.trial import trial_config
 
 
 def space(**entries):
@@ -100,7 +101,7 @@ def test_a_trial_ended_before_its_first_report_still_has_a_row(tmp_path):
     from ray.air.result import Result
 
     from raybm.results import Results
-    from raybm.tune.sweep import leaderboard
+    from raybm.tune.leaderboard import leaderboard
 
     cfg = build_config({"storage": {"root": str(tmp_path)},
                         "tune": {"search_space": {"train.lr": "grid([1e-3, 1e-4])"}}})
@@ -129,7 +130,7 @@ def test_a_trial_that_ran_its_own_searched_epochs_is_completed(tmp_path):
     from ray.air.result import Result
 
     from raybm.results import Results
-    from raybm.tune.sweep import leaderboard
+    from raybm.tune.leaderboard import leaderboard
 
     cfg = build_config({"storage": {"root": str(tmp_path)}, "train": {"epochs": 3},
                         "tune": {"search_space": {"train.epochs": "grid([2, 4])"}}})

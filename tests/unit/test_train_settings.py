@@ -69,7 +69,7 @@ def test_a_run_is_not_resumed_with_another_recipe(tmp_path):
 
 
 def test_sweeps_run_as_many_trials_as_fit_the_nodes_one_by_one():
-    from raybm.tune.sweep import trials_that_fit
+    from raybm.tune.trial import trials_that_fit
 
     def fit(nodes, *overrides, on_cluster=True, gpu=True):
         cfg = build_config(overrides=list(overrides))

@@ -5,7 +5,7 @@ import pytest
 from raybm.config import build_config
 from raybm.errors import ConfigError
 from raybm.models.build import build_classifier, load_tokenizer
-from raybm.tune.sweep import architecture, within_budget
+from raybm.tune.cost import architecture, within_budget
 
 
 def test_architecture_tells_cropped_models_apart_and_counts_parameters(tmp_path, tiny_model_dir):

@@ -1,0 +1,67 @@
+"""The serving cost of a sweep's trials: parameters, size and single-sentence latency of
+each trial's best checkpoint, and which trials meet the latency budget."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+from raybm.config import JobConfig
+from raybm.results import WEIGHTS_FILE
+
+
+def architecture(folder: str) -> tuple[str, int]:
+    """(fingerprint, parameter count) of a checkpoint's weights: the names and shapes of its
+    tensors, read from the safetensors header without loading them."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, WEIGHTS_FILE), framework="pt") as f:
+        shapes = sorted((k, list(f.get_slice(k).get_shape())) for k in f.keys())
+    return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16], sum(math.prod(s) for _, s in shapes)
+
+
+def measure_costs(cfg: JobConfig, rows: list[dict[str, Any]], log: Callable[[str], None]) -> None:
+    """Add each row's serving cost: ``params``, ``size_mb`` (weights file) and
+    ``latency_p50_ms`` (median single-sentence latency, PyTorch at 1 thread). Latency depends
+    on the architecture only, so it is measured once per architecture, one after another on
+    the driver (trials that share an architecture share the number, free of the noise of
+    measuring them apart)."""
+    import tempfile
+
+    from raybm.export.measure import measure
+    from raybm.results import copy_to_local, is_s3
+
+    latency: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="raybm-cost-") as tmp:
+        for row in rows:
+            uri = row["best_checkpoint"]
+            folder = copy_to_local(uri, cfg.storage, os.path.join(tmp, row["trial"])) if is_s3(uri) else uri
+            key, params = architecture(folder)
+            if key not in latency:
+                latency[key] = measure(folder, "torch", None, None, cfg.tune.latency_samples)["latency_p50_ms"]
+            row.update(params=params, size_mb=round(os.path.getsize(os.path.join(folder, WEIGHTS_FILE)) / 1e6, 2),
+                       latency_p50_ms=latency[key])
+            if folder != uri:
+                shutil.rmtree(folder, ignore_errors=True)
+    log(f"Serving cost measured for {len(rows)} trial(s), {len(latency)} architecture(s): median single-sentence "
+        f"latency {', '.join(f'{v:.1f}' for v in sorted(latency.values()))} ms (PyTorch, 1 thread)")
+
+
+def within_budget(ranked: list[dict[str, Any]], max_latency_ms: float | None
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The ranked trials the winner may come from under a latency budget, best first, and
+    what the budget did (None without one). Marks each row ``within_budget``. When no trial
+    meets the budget, all of them stay (the best wins) and ``met`` is False."""
+    if max_latency_ms is None or not ranked:
+        return ranked, None
+    for row in ranked:
+        row["within_budget"] = row["latency_p50_ms"] <= max_latency_ms
+    ok = [row for row in ranked if row["within_budget"]]
+    budget = {"max_latency_ms": max_latency_ms, "met": bool(ok), "trials_within": len(ok),
+              "fastest_ms": min(row["latency_p50_ms"] for row in ranked)}
+    return (ok or ranked), budget

@@ -1,0 +1,125 @@
+"""One sweep trial: a Tune function trainable that fits one ``TorchTrainer``, how many trials
+fit the cluster at once, and freeing a stopped trial's workers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raybm.config import JobConfig, build_config, merge_raw
+from raybm.config.search_space import nested
+from raybm.results import Results
+
+# Each trial's function only waits on its TorchTrainer; the workers reserve the real CPUs.
+# It reserves memory, not a fraction of a CPU: fractions left on nodes add up to no node
+# with a whole CPU for a 1-CPU worker (seen on a cluster of 1-CPU nodes).
+TRIAL_DRIVER_MEMORY = 512 * 1024 * 1024
+# Tokenizer actors of a trial that tokenizes its own data (two splits, 0.25 CPU each).
+TRIAL_TOKENIZER_BUNDLES = [{"CPU": 0.25}, {"CPU": 0.25}]
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
+    """The job config of one trial: the base config with the trial's sampled values."""
+    raw = merge_raw(base, nested(params))
+    raw["tune"] = dict(raw["tune"], search_space={})
+    raw["pipeline"] = dict(raw.get("pipeline") or {}, stages=[])
+    return build_config(raw)
+
+
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], labels: list[str], report: dict[str, Any],
+           dataset: str, text_splits: dict, tokenized: dict | None, trials_path: str) -> None:
+    """One Tune trial: a full Ray Train run of the trial's config; its workers read the
+    prepared dataset ``dataset`` whole where they can (``train.data_feed``)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raybm.train.driver import build_trainer, reads_whole_splits, tokenized_datasets
+
+    cfg = trial_config(base, params)
+    results = Results.from_config(cfg.storage)
+    # The trial id is stable across a resumed sweep, so the Train run of the same name
+    # picks up its own last checkpoint.
+    run_name = ray.tune.get_context().get_trial_id()
+    whole = reads_whole_splits(cfg, report)
+    if whole:
+        datasets = {}
+    else:
+        datasets = tokenized if tokenized is not None else tokenized_datasets(cfg, text_splits)
+    trainer = build_trainer(cfg, labels=labels, report=report, datasets=datasets, run_name=run_name,
+                            storage_path=trials_path, storage_filesystem=results.fs,
+                            callbacks=[TuneReportCallback()], whole_splits=dataset if whole else None)
+    trainer.fit()
+
+
+def _release_placement_group(pg_hex: str | None) -> None:
+    """Remove a trial's Ray Train placement group if it is still there."""
+    if not pg_hex:
+        return
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        pg_id = ray.PlacementGroupID(bytes.fromhex(pg_hex))
+        if ray.util.placement_group_table(PlacementGroup(pg_id)).get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            remove_placement_group(PlacementGroup(pg_id))
+    except Exception:  # already gone
+        pass
+
+
+def resource_releaser():
+    """A Tune callback that frees a stopped trial's training workers.
+
+    When the scheduler stops a trial, Tune ends the trial's actor at once, and the Ray
+    Train run inside it never shuts its worker group down. Ray Train leaves the cleanup to
+    a detached actor that polls the state API, which fails when the machine runs more than
+    one Ray (and is slow under load); until then the stopped trial's CPUs or GPUs stay
+    reserved and the next trials wait. Each training worker reports its placement group,
+    so the driver removes it as soon as the trial ends.
+    """
+    from ray import tune
+
+    class ReleaseTrialResources(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            _release_placement_group((trial.last_result or {}).get("placement_group"))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            _release_placement_group((trial.last_result or {}).get("placement_group"))
+
+    return ReleaseTrialResources()
+
+
+def trial_bundles(cfg: JobConfig, tokenizes: bool) -> list[dict[str, float]]:
+    """What one running trial holds, bundle by bundle: its workers, its tokenizer actors
+    (the trial's own function reserves memory only)."""
+    from raybm.train.resources import asks_for_gpus, worker_resources
+
+    t = cfg.train
+    return [worker_resources(t, asks_for_gpus(t.use_gpu))] * t.num_workers + (TRIAL_TOKENIZER_BUNDLES if tokenizes else [])
+
+
+def concurrent_trials(cfg: JobConfig, tokenizes: bool) -> int:
+    """Trials that fit the cluster at once (``tune.max_concurrent_trials`` wins if set)."""
+    from raybm.placement import alive_nodes
+    from raybm.runtime import cluster_address
+
+    return trials_that_fit(cfg, trial_bundles(cfg, tokenizes), alive_nodes(), bool(cluster_address(cfg.ray)))
+
+
+def trials_that_fit(cfg: JobConfig, bundles: list[dict[str, float]], nodes: list[dict[str, float]],
+                    on_cluster: bool) -> int:
+    """Trials whose bundles fit the nodes at once, node by node. GPU sweeps on an autoscaling
+    cluster: ``tune.cluster_gpus`` over a trial's GPUs. At least 1."""
+    from raybm.placement import copies_that_fit
+
+    gpus = sum(b.get("GPU", 0.0) for b in bundles)
+    if gpus and cfg.tune.cluster_gpus:
+        fits = max(1, int(cfg.tune.cluster_gpus // gpus))
+    else:
+        fits = max(1, copies_that_fit(bundles, nodes))
+    wanted = cfg.tune.max_concurrent_trials
+    if not wanted:
+        return fits
+    # A local Ray cannot grow: trials beyond what fits would only wait for workers. A
+    # cluster may autoscale, so there the setting is taken as given.
+    if wanted > fits and not cfg.tune.cluster_gpus and not on_cluster:
+        return fits
+    return wanted
