@@ -43,7 +43,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from raybm.cli import format_exports
+    from raybm.commands.models import format_exports
     from raybm.config import load_config
     from raybm.export.measure import eval_split
     from raybm.export.variants import BACKEND, TRAINED, run_export

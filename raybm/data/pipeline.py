@@ -134,7 +134,7 @@ def run_data_stage(cfg: JobConfig, *, force: bool = False, source: Source | None
 
 
 def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[str], None]) -> PreparedData:
-
+    """The data stage's steps: resolve, read and clean, de-duplicate, split, write."""
     started = time.time()
     d = cfg.data
     # 1. Resolve the source and the destination (no Ray work yet).
@@ -154,13 +154,28 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
                             f"config; rerun with --force to rebuild it, or set another data.name")
         log(f"Dataset {name!r} is already prepared at {results.uri(final)} (use --force to rebuild).")
         return PreparedData(name, results.uri(final), report, reused=True)
-
     log(f"Preparing {d.source} -> {results.uri(final)}")
     log("  1/4 reading and cleaning")
+    marked, mapper, rows_read, dropped = _read_and_clean(cfg, src)
+    n_clean = rows_read - sum(dropped.values())
+    log(f"  2/4 removing duplicates among {n_clean} cleaned rows")
+    deduped, keys, conflicts = _deduplicate(cfg, marked, mapper, rows_read, n_clean, dropped)
+    log(f"  3/4 splitting {d.split} (seed {d.seed}) and counting tokens")
+    split_ds, lengths = _split_and_count(cfg, deduped, keys, mapper, dropped)
+    report = build_report(cfg, src, name, digest, mapper, rows_read, dropped, conflicts, lengths, started)
+    log("  4/4 writing")
+    _write_dataset(cfg, results, name, split_ds, mapper, report, log)
+    return PreparedData(name, results.uri(final), report)
+
+
+def _read_and_clean(cfg: JobConfig, src: Source):
+    """(every row read, cleaned, with its label mapped and a drop reason where it is dropped
+    (marked, never silently dropped); the label mapper; rows read; dropped rows by reason).
+    Unknown label values are an error naming them."""
+    d = cfg.data
     raw = read_source(src)
     try:
         mapper = _resolve_labels(cfg, src, raw)
-        # 2. Clean and map labels (streamed), marking - never silently dropping - rows.
         marked = raw.map_batches(
             cleaning.clean_batch, batch_format="pandas",
             fn_kwargs=dict(cfg=d.clean, mapper=mapper, twitter_repair=src.kind == "twitter-sentiment"),
@@ -180,49 +195,55 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
         raise DataError(f"unknown label value(s) in {d.label_column!r}: {shown}. Known classes: "
                         f"{mapper.labels}. Add them to data.labels, map them with data.label_values, "
                         f"or drop them with data.exclude_labels.")
+    return marked, mapper, rows_read, dropped
 
-    # 3. Exact-duplicate removal across the whole dataset, before the split.
-    log(f"  2/4 removing duplicates among {rows_read - sum(dropped.values())} cleaned rows")
+
+def _deduplicate(cfg: JobConfig, marked, mapper, rows_read: int, n_clean: int, dropped: dict[str, int]):
+    """(the rows without exact duplicates across the whole dataset, before the split; their
+    integer keys, which alone come to the driver and decide sample and split; how many texts
+    had conflicting labels). ``dropped`` gains the duplicates."""
     deduped = (marked.map_batches(splitting.keep_and_bucket, batch_format="pandas")
                .groupby("bucket", num_partitions=_partitions(splitting.DEDUP_BUCKETS))
-               .map_groups(splitting.deduplicate, batch_format="pandas", fn_kwargs={"seed": d.seed})
+               .map_groups(splitting.deduplicate, batch_format="pandas", fn_kwargs={"seed": cfg.data.seed})
                .materialize())
-    # Integer keys only (no text) come to the driver: they decide sample and split.
     keys = deduped.select_columns(["label", "conflict", "sample_key", "split_key"]).to_pandas()
     n_unique = len(keys)
-    n_clean = rows_read - sum(dropped.values())
     if n_unique == 0:
         raise DataError(f"no rows left after cleaning {rows_read} rows (dropped: {dropped}). Check the "
                         f"text column and the cleaning options under data.clean.")
     if n_clean - n_unique:
         dropped[cleaning.DUPLICATE] = n_clean - n_unique
-    conflicts = int(keys["conflict"].sum())
     class_counts = {int(k): int(v) for k, v in keys["label"].value_counts().items()}
     empty = [lab for i, lab in enumerate(mapper.labels) if class_counts.get(i, 0) == 0]
     if empty:
         raise DataError(f"class(es) {empty} have no rows after cleaning and de-duplication; remove them "
                         f"from data.labels or add data")
+    return deduped, keys, int(keys["conflict"].sum())
 
-    # 4. Seeded, stratified split (optionally of a stratified sample), and token counts
-    #    with the model's tokenizer (loaded once per worker process).
-    log(f"  3/4 splitting {d.split} (seed {d.seed}) and counting tokens")
+
+def _split_and_count(cfg: JobConfig, deduped, keys, mapper, dropped: dict[str, int]):
+    """(the rows with their split, seeded and stratified (of a stratified sample under
+    ``data.max_rows``) and their token counts with the model's tokenizer, loaded once per
+    worker process; the lengths by split and label, no texts). ``dropped`` gains the rows
+    sampled out."""
+    d = cfg.data
+    class_counts = {int(k): int(v) for k, v in keys["label"].value_counts().items()}
     quotas = splitting.sample_quotas(class_counts, d.max_rows)
-    if sum(quotas.values()) < n_unique:
-        dropped[cleaning.SAMPLED_OUT] = n_unique - sum(quotas.values())
+    if sum(quotas.values()) < len(keys):
+        dropped[cleaning.SAMPLED_OUT] = len(keys) - sum(quotas.values())
     splitting.check_split_sizes(quotas, d.split, mapper.labels)
     thresholds = splitting.split_thresholds(keys, quotas, list(d.split))
     split_ds = deduped.map_batches(splitting.apply_split, batch_format="pandas", fn_kwargs={"thresholds": thresholds})
     split_ds = map_batches_cached(split_ds, CountTokens, dict(model=cfg.model.name, max_length=d.max_length,
                                                               trust_remote_code=cfg.model.trust_remote_code),
                                   concurrency=1, batch_format="pandas", batch_size=512).materialize()
-    lengths = split_ds.select_columns(["split", "label", "n_tokens"]).to_pandas()  # no texts
+    return split_ds, split_ds.select_columns(["split", "label", "n_tokens"]).to_pandas()
 
-    report = build_report(cfg, src, name, digest, mapper, rows_read, dropped, conflicts, lengths,
-                          started)
 
-    # 5. Write everything into a staging folder, then publish it in one step.
-    log("  4/4 writing")
-    with hold_lease(results, DATASETS, name, f"dataset {name!r}", log=log):  # one writer per dataset
+def _write_dataset(cfg: JobConfig, results: Results, name: str, split_ds, mapper, report: dict, log) -> None:
+    """Write the splits, label map, config and report into a staging folder, then publish it
+    in one step (one writer per dataset: a lease)."""
+    with hold_lease(results, DATASETS, name, f"dataset {name!r}", log=log):
         build = results.build_dir(DATASETS, name)
         try:
             if results.remote and results.exists(build):
@@ -234,11 +255,10 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
             results.write_text(results.join(build, CONFIG_FILE), cfg.to_yaml())
             results.write_json(results.join(build, REPORT_FILE), report)
             results.mark_complete(build)
-            results.publish(build, final)
+            results.publish(build, results.dataset_dir(name))
         except BaseException:
             results.delete_tree(build)
             raise
-    return PreparedData(name, results.uri(final), report)
 
 
 def _partitions(n: int) -> int:

@@ -72,6 +72,78 @@ def replica_threads(s: ServeConfig) -> int:
     return s.torch_threads or max(1, int(s.cpus_per_replica))
 
 
+def load_replica(model_dir: str, s: ServeConfig, loader: str | Callable, storage: dict[str, Any] | None):
+    """(predictor, model card) of one replica: an ``s3://`` model is fetched into the node's
+    model cache first (one copy per node and model version)."""
+    from raybm.inference.loading import model_card
+
+    source = model_dir
+    storage_cfg = StorageConfig(**(storage or {}))
+    if model_dir.startswith("s3://"):
+        from raybm.results import fetch_model
+
+        model_dir = fetch_model(model_dir, storage_cfg)
+    device = "cuda" if s.gpus_per_replica > 0 else "cpu"
+    started = time.time()
+    predictor = import_object(loader)(model_dir, backend=s.backend, threads=replica_threads(s), device=device)
+    card = model_card(model_dir, source=source, storage=storage_cfg)
+    card.update(backend=getattr(predictor, "backend", s.backend), device=device, torch_threads=replica_threads(s),
+                load_seconds=round(time.time() - started, 2))
+    return predictor, card
+
+
+def unauthorized(request: Request, api_key: dict[str, str] | None):
+    """None when the request may pass (no key is set, or it sends the right one), else the
+    401 answer. The key comes in ``X-API-Key`` or as ``Authorization: Bearer <key>``."""
+    if not api_key:
+        return None
+    given = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if given is None and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if given and hmac.compare_digest(api_key_digest(given, api_key["salt"]), api_key["hmac"]):
+        return None
+    return error_response(401, "missing or wrong API key: send it in the X-API-Key header "
+                               "(or Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, never read past ``limit`` bytes (BodyTooLarge beyond)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge
+    return bytes(body)
+
+
+async def read_predict_request(request: Request, s: ServeConfig, api_key: dict[str, str] | None):
+    """(payload, texts) of a /predict request that passes every check, else (the 4xx
+    answer, None): the key, the content type, the size, JSON, the texts themselves."""
+    denied = unauthorized(request, api_key)
+    if denied is not None:
+        return denied, None
+    if not is_json_content_type(request.headers.get("content-type")):
+        return error_response(415, f"send the body as JSON with the header Content-Type: application/json "
+                                   f"(got {request.headers.get('content-type') or 'none'})"), None
+    try:
+        body = await read_body(request, s.max_body_bytes)
+    except BodyTooLarge:
+        return error_response(413, f"request body over {s.max_body_bytes} bytes; send fewer or "
+                                   f"shorter texts per request"), None
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, an int over 4,300 digits
+        return error_response(400, f'the body is not valid JSON ({str(e)[:200]}); send {{"texts": ["..."]}}'), None
+    texts, status, message = check_texts(payload, s)
+    if texts is None:
+        return error_response(status, message), None
+    return payload, texts
+
+
 def make_server_class():
     """The FastAPI app and the Serve deployment class (built on first use, so importing
     this module does not import Ray Serve)."""
@@ -87,29 +159,13 @@ def make_server_class():
     class ModelServer:
         def __init__(self, model_dir: str, settings: dict[str, Any], loader: str | Callable = DEFAULT_LOADER,
                      api_key: dict[str, str] | None = None, storage: dict[str, Any] | None = None) -> None:
-            from raybm.inference.loading import model_card
-
-            source = model_dir
-            storage_cfg = StorageConfig(**(storage or {}))
-            if model_dir.startswith("s3://"):  # each replica on a node shares one cached copy, by version
-                from raybm.results import fetch_model
-
-                model_dir = fetch_model(model_dir, storage_cfg)
-            self.settings = ServeConfig(**settings)
+            self.settings = s = ServeConfig(**settings)
             try:
                 self.replica = serve.get_replica_context().replica_id.unique_id
             except Exception:  # noqa: BLE001 - built outside Serve (tests of the class)
                 self.replica = None
-            s = self.settings
-            device = "cuda" if s.gpus_per_replica > 0 else "cpu"
-            started = time.time()
-            self.predictor = import_object(loader)(model_dir, backend=s.backend, threads=replica_threads(s),
-                                                   device=device)
-            self.labels = list(self.predictor.labels)
-            self.card = model_card(model_dir, source=source, storage=storage_cfg)
-            self.backend = getattr(self.predictor, "backend", s.backend)
-            self.card.update(backend=self.backend, device=device, torch_threads=replica_threads(s),
-                             load_seconds=round(time.time() - started, 2))
+            self.predictor, self.card = load_replica(model_dir, s, loader, storage)
+            self.labels, self.backend = list(self.predictor.labels), self.card["backend"]
             self.api_key = api_key
             # The documented request body carries this server's own limits.
             app.openapi()["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"] = \
@@ -117,7 +173,6 @@ def make_server_class():
             self._batched.set_max_batch_size(s.max_batch_size)
             self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
 
-        # -- model -------------------------------------------------------------------
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
         async def _batched(self, texts: list[str]) -> list[Any]:
             # In a thread, so the replica keeps reading and checking requests meanwhile.
@@ -128,59 +183,19 @@ def make_server_class():
             if len(probs) != 1 or abs(float(sum(probs[0])) - 1.0) > 1e-3:
                 raise RuntimeError(f"model health check returned {probs!r}")
 
-        # -- HTTP --------------------------------------------------------------------
-        def _unauthorized(self, request: Request):
-            if not self.api_key:
-                return None
-            given = request.headers.get("x-api-key")
-            auth = request.headers.get("authorization", "")
-            if given is None and auth.lower().startswith("bearer "):
-                given = auth[7:].strip()
-            if given and hmac.compare_digest(api_key_digest(given, self.api_key["salt"]), self.api_key["hmac"]):
-                return None
-            return error_response(401, "missing or wrong API key: send it in the X-API-Key header "
-                               "(or Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"})
-
-        async def _read_body(self, request: Request) -> bytes:
-            limit = self.settings.max_body_bytes
-            declared = request.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > limit:
-                raise BodyTooLarge
-            body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    raise BodyTooLarge
-            return bytes(body)
-
         @app.post("/predict", summary="Classify texts", responses=PREDICT_RESPONSES,
                   openapi_extra={"requestBody": {"required": True, "content": {
                       "application/json": {"schema": predict_request_schema(ServeConfig())}}}})
         async def predict(self, request: Request):
-            denied = self._unauthorized(request)
-            if denied is not None:
-                return denied
-            if not is_json_content_type(request.headers.get("content-type")):
-                return error_response(415, f"send the body as JSON with the header Content-Type: application/json "
-                                   f"(got {request.headers.get('content-type') or 'none'})")
-            try:
-                body = await self._read_body(request)
-            except BodyTooLarge:
-                return error_response(413, f"request body over {self.settings.max_body_bytes} bytes; send fewer or "
-                                   f"shorter texts per request")
-            try:
-                payload = json.loads(body)
-            except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, an int over 4,300 digits
-                return error_response(400, f'the body is not valid JSON ({str(e)[:200]}); send {{"texts": ["..."]}}')
-            texts, status, message = check_texts(payload, self.settings)
+            payload, texts = await read_predict_request(request, self.settings, self.api_key)
             if texts is None:
-                return error_response(status, message)
+                return payload  # the error answer
             probs = await asyncio.gather(*(self._batched(t) for t in texts))
             failed = [i for i, p in enumerate(probs) if isinstance(p, Exception)]
             if failed:
                 return error_response(500, f"the model failed on {len(failed)} of {len(texts)} text(s) (first: "
-                                   f"{type(probs[failed[0]]).__name__}); other requests are not affected. "
-                                   f"The replica's log has the details")
+                                           f"{type(probs[failed[0]]).__name__}); other requests are not affected. "
+                                           f"The replica's log has the details")
             predictions = [prediction(self.labels, p) for p in probs]
             if "text" in payload:
                 return {"prediction": predictions[0], "model": self.card["name"], "backend": self.backend}
@@ -193,7 +208,7 @@ def make_server_class():
 
         @app.get("/metadata", summary="The model being served and the server's limits", responses=ERROR_RESPONSES)
         async def metadata(self, request: Request):
-            denied = self._unauthorized(request)
+            denied = unauthorized(request, self.api_key)
             if denied is not None:
                 return denied
             s = self.settings

@@ -59,7 +59,7 @@ def test_soup_mistakes_fail_before_starting_ray(tmp_path):
 def test_config_reference_doc_is_current():
     from pathlib import Path
 
-    from raybm.cli import describe_text
+    from raybm.commands.browse import describe_text
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "config.md"
     assert doc.read_text(encoding="utf-8") == describe_text(markdown=True), \

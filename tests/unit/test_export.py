@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from raybm.cli import format_exports
+from raybm.commands.models import format_exports
 from raybm.config import build_config
 from raybm.errors import RaybmError
 from raybm.inference.loading import load_model_folder

@@ -1,0 +1,1 @@
+"""The ``raybm`` commands, by what they do: run stages, use a model, read results."""

@@ -1,0 +1,244 @@
+"""The commands that use a trained model: ``evaluate``, ``predict``, ``export``, ``serve``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from raybm.commands.common import add_config_args, print_test_metrics
+from raybm.config import build_config, load_config
+from raybm.errors import RaybmError
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`raybm evaluate`."""
+    from raybm.data import load_split
+    from raybm.inference.evaluate import score_dataset, score_source
+    from raybm.inference.locate import local_model, locate_model
+    from raybm.inference.predict import check_output_folder, file_format
+    from raybm.results import Results
+    from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
+
+    cfg = load_config(args.config, args.overrides)
+    args.checkpoint = local_model(locate_model(args.checkpoint, cfg, flag="--checkpoint"), cfg)
+    for flag, path in (("--output", args.output), ("--predictions", args.predictions)):
+        if path:  # checked now, not after the scoring
+            check_output_folder(path, flag)
+    if args.predictions:
+        file_format(args.predictions, "--predictions")
+    results = Results.from_config(cfg.storage)
+    prepared = args.data in results.list_datasets()
+    if not prepared:  # a file, folder, glob or built-in corpus, read with the data.* options
+        cfg = build_config({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "source": args.data}})
+        from raybm.data.sources import resolve_source
+
+        resolve_source(cfg.data, cfg.storage)
+    ensure_ray(cfg.ray)
+    # Scored by Ray Data on any node: the model (and a data file) must be where all see them.
+    check_shared_paths(cfg, {"--checkpoint": args.checkpoint}, root=prepared)
+    quiet_ray_data()
+    want = bool(args.predictions)
+    if prepared:
+        scored = score_dataset(args.checkpoint, load_split(results, args.data, args.split), cfg.data.max_length,
+                               predictions=want)
+    else:
+        scored = score_source(args.checkpoint, cfg, predictions=want)
+    metrics, frame = scored if want else (scored, None)
+    if prepared:
+        print(f"{args.checkpoint} on {args.data}/{args.split}:")
+    else:
+        dropped = ", ".join(f"{k} {v}" for k, v in metrics["dropped"].items()) or "none"
+        print(f"{args.checkpoint} on {args.data} (every row; dropped: {dropped}):")
+    print_test_metrics(metrics)
+    if frame is not None:
+        from raybm.inference.loading import read_label_map
+        from raybm.inference.evaluate import named_predictions
+        from raybm.inference.predict import write_frame
+
+        frame = named_predictions(frame, read_label_map(args.checkpoint))
+        write_frame(frame, args.predictions)
+        print(f"every example's prediction written to {args.predictions} ({int((~frame['correct']).sum())} wrong)")
+    if args.output:
+        import json
+
+        tmp = f"{args.output}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+        os.replace(tmp, args.output)  # never a half-written file under the name asked for
+        print(f"metrics written to {args.output}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """`raybm predict`."""
+    from raybm.inference.locate import local_model, locate_model
+    from raybm.inference.predict import format_prediction, predict_file, predict_texts
+
+    cfg = load_config(args.config, args.overrides)
+    args.model = local_model(locate_model(args.model, cfg), cfg)
+    if args.text is not None:
+        if args.input:
+            raise RaybmError("give --text or --input, not both")
+        empty = [i + 1 for i, t in enumerate(args.text) if not t.strip()]
+        if empty:
+            raise RaybmError(f"--text number {empty[0]} is empty")
+        for text, (label, confidence) in zip(args.text, predict_texts(args.model, args.text, args.max_length)):
+            print(format_prediction(text, label, confidence))
+        return 0
+    if not args.input or not args.output:
+        raise RaybmError("give --text \"...\", or --input FILE --output FILE")
+    use_ray = True if args.ray else None
+    if use_ray is None and os.path.isfile(args.input):
+        from raybm.inference.predict import IN_PROCESS_MAX_BYTES
+
+        use_ray = os.path.getsize(args.input) > IN_PROCESS_MAX_BYTES or None
+    if use_ray:
+        from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
+
+        ensure_ray(cfg.ray)
+        # Labelled by Ray Data on any node: the model and the input must be where all see them.
+        check_shared_paths(cfg, {"--model": args.model, "--input": args.input}, root=False)
+        quiet_ray_data()
+    done = predict_file(args.model, args.input, args.output, args.text_column, args.max_length, use_ray=use_ray,
+                        probabilities=args.probabilities, log=lambda line: print(line, flush=True))
+    print(f"labelled {done.rows - done.unlabelled} rows -> {args.output}"
+          + (f"; {done.unlabelled} row(s) with no text in {args.text_column!r} kept with an empty label"
+             if done.unlabelled else ""))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`raybm export`."""
+    from raybm.export.variants import TRAINED, run_export
+
+    cfg = load_config(args.config, args.overrides)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    if any(v in TRAINED for v in (variants or cfg.export.variants)):
+        from raybm.runtime import ensure_ray, quiet_ray_data
+
+        print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
+        quiet_ray_data()
+    result = run_export(cfg, args.model, variants)
+    print(f"\nExports of {result.name} in {result.folder}:")
+    print(format_exports(result.reference, result.manifests))
+    if result.mobile:
+        print(f"\nMobile artifact: {result.mobile} (run it without raybm: python {result.mobile}/predict.py \"text\")")
+    return 0
+
+
+def format_exports(reference: dict | None, manifests: dict) -> str:
+    """The exports as a table: size, accuracy, agreement with the reference, latency."""
+    rows = [("variant", "MB", "accuracy", "macro-F1", "agree", "p50 ms (1 thread)")]
+
+    def fmt(v, spec):
+        return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+    if reference:
+        rows.append(("source (reference)", fmt(reference.get("model_bytes", 0) / 1e6, ".1f"),
+                     fmt(reference.get("accuracy"), ".4f"), fmt(reference.get("f1_macro"), ".4f"), "1.000",
+                     fmt(reference.get("latency_p50_ms"), ".2f")))
+    for v, m in manifests.items():
+        mm = m.get("measured", {})
+        rows.append((v, fmt(m["model_bytes"] / 1e6, ".1f"), fmt(mm.get("accuracy"), ".4f"),
+                     fmt(mm.get("f1_macro"), ".4f"), fmt(mm.get("agreement_with_reference"), ".3f"),
+                     fmt(mm.get("latency_p50_ms"), ".2f")))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`raybm serve`."""
+    from raybm.inference.loading import model_card
+    from raybm.inference.locate import locate_model, model_name
+    from raybm.results import Results, is_s3
+    from raybm.runtime import check_shared_paths, cluster_address, ensure_ray
+    from raybm.serve.app import DEFAULT_LOADER, read_api_key
+    from raybm.serve.deploy import deploy, wait_until_interrupted
+    from raybm.serve.client import post_texts
+
+    cfg = load_config(args.config, args.overrides)
+    s = cfg.serve
+    Results.from_config(cfg.storage).check_reachable()
+    model_dir = locate_model(args.model, cfg, shared=True)
+    storage = None
+    if is_s3(model_dir):  # replicas fetch the model from S3 themselves (on whichever node they run)
+        card, storage = {"name": model_name(model_dir)}, cfg.storage
+    else:
+        card = model_card(model_dir)
+    read_api_key(s)  # a missing key fails before Ray starts
+    if args.detach and not cluster_address(cfg.ray):
+        raise RaybmError("--detach leaves the server running on a Ray cluster; without one (ray.address or "
+                         "RAY_ADDRESS) the server lives only as long as this command")
+    print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
+    check_shared_paths(cfg, {"--model": model_dir})
+    print(f"Deploying {card['name']} ({model_dir}), backend {s.backend} ...", flush=True)
+    url = deploy(cfg, model_dir, args.loader or DEFAULT_LOADER, storage=storage)
+    test = card.get("test_metrics") or {}
+    if test:
+        print(f"  test accuracy {test['accuracy']:.4f}  macro-F1 {test['f1_macro']:.4f}  labels {card['labels']}")
+    print(f"Serving at {url}/predict  (API docs: {url}/docs, metadata: {url}/metadata)")
+    key = os.environ.get(s.api_key_env, "") if s.api_key_env else ""
+    key_header = f" -H 'X-API-Key: ${s.api_key_env}'" if key else ""
+    print(f"  curl -s {url}/predict -H 'Content-Type: application/json'{key_header} "
+          f"-d '{{\"texts\": [\"what a great day\"]}}'", flush=True)
+    if args.send:
+        for text, p in zip(args.send, post_texts(url, args.send, api_key=key or None)):
+            print(f"  {p['label']:<10} {p['confidence']:.3f}  {text}")
+    if args.detach:
+        print(f"Left running on the cluster; stop it with `serve delete {s.app_name}`.")
+        return 0
+    from ray import serve
+
+    if args.exit:
+        serve.shutdown()
+        print(f"Stopped (--exit). To keep a server up: raybm serve --model {model_dir}")
+        return 0
+    print("Serving until Ctrl-C.", flush=True)
+    wait_until_interrupted()
+    serve.shutdown()
+    print("Stopped.")
+    return 0
+
+
+def register(sub) -> None:
+    """Add the model commands to the ``raybm`` parser."""
+    p = sub.add_parser("evaluate", help="score a model folder on a prepared dataset's split")
+    add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="a model folder (runs/<run>/model or a checkpoint), a run "
+                   "or sweep folder, or a run/sweep name under storage.root")
+    p.add_argument("--data", required=True, help="a prepared dataset name under <storage.root>/data/ (scores "
+                   "its --split), or any source data.source accepts (scores every row)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--output", help="also write the metrics as JSON here")
+    p.add_argument("--predictions", help="also write every example (text, label, predicted_label, correct, "
+                   "confidence, prob_<label>) to this .csv, .tsv, .jsonl or .parquet file")
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("predict", help="label a text or a whole file with a model folder, without a server")
+    add_config_args(p)
+    p.add_argument("--model", required=True, help="a model folder (runs/<run>/model), a run or sweep folder, or a "
+                   "run/sweep name under storage.root")
+    p.add_argument("--text", action="append", help="a text to label (repeat for several; one JSON line each)")
+    p.add_argument("--input", help="a CSV, TSV, JSONL or Parquet file to label")
+    p.add_argument("--output", help="where to write the input rows plus predicted_label and confidence")
+    p.add_argument("--text-column", default="text", help="the input's text column (default: text)")
+    p.add_argument("--max-length", type=int, default=128, help="longest token sequence (default: 128)")
+    p.add_argument("--ray", action="store_true", help="stream through Ray Data (automatic for files over 20 MB)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="with --input: also a prob_<label> column for every class")
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("export", help="export and compress a model (ONNX, int8, fp16, pruned, distilled)")
+    add_config_args(p)
+    p.add_argument("--model", required=True, help="a model folder, a run or sweep folder, or a run/sweep name")
+    p.add_argument("--variants", help="comma-separated: hf,onnx,int8,onnx-int8,fp16,pruned,distilled "
+                   "(default: export.variants)")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("serve", help="host a model on Ray Serve behind an HTTP API")
+    add_config_args(p)
+    p.add_argument("--model", help="a model folder, a run or sweep folder, or a run/sweep name under "
+                   "storage.root (default: the model this config's train or tune job produced)")
+    p.add_argument("--send", action="append", metavar="TEXT",
+                   help="once serving, send this text over HTTP and print the answer (repeatable)")
+    p.add_argument("--exit", action="store_true", help="stop after deploying (and --send) instead of serving on")
+    p.add_argument("--detach", action="store_true", help="on a Ray cluster: leave the server running and return")
+    p.add_argument("--loader", help="model loader as module:function (default: raybm.inference.loading:load_predictor)")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,146 @@
+"""The commands that run stages: ``data``, ``train``, ``tune``, ``pipeline``, ``soup``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from raybm.commands.common import add_config_args, is_override, print_test_metrics, start
+from raybm.config import load_config
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """`raybm data`."""
+    from raybm.data import format_report, run_data_stage
+
+    cfg = load_config(args.config, args.overrides)
+    prepared = run_data_stage(cfg, source=start(cfg, ["data"]), force=args.force)
+    print()
+    print(format_report(prepared.report))
+    print(f"\nPrepared dataset: {prepared.path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`raybm train`."""
+    from raybm.train.driver import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    start(cfg, ["data", "train"])
+    result = run_training(cfg)
+    print(f"\nTest metrics of the best checkpoint (epoch {result.metrics['best_epoch']}):")
+    print_test_metrics(result.metrics["test"])
+    print(f"\nModel folder: {result.model_dir}\nRun folder:   {result.run_dir}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """`raybm tune`."""
+    from raybm.tune.soup import is_used
+    from raybm.tune.leaderboard import format_leaderboard, format_values
+    from raybm.tune.sweep import run_sweep
+
+    cfg = load_config(args.config, args.overrides)
+    start(cfg, ["data", "tune"])
+    result = run_sweep(cfg, resume=args.resume, retry_errored=args.retry_errored)
+    print(f"\nLeaderboard ({cfg.tune.metric}, best first):")
+    print(format_leaderboard(result.leaderboard, cfg.tune.metric))
+    w = result.winner
+    values = format_values(w["values"])
+    print(f"\nWinner: trial {w['trial']} ({values}), best epoch {w['best_epoch']}.")
+    soup = w.get("soup")
+    if is_used(soup):
+        print(f"Handed on: the {soup['method']} soup of {len(soup['ingredients'])} trial(s) "
+              f"({', '.join(soup['ingredients'])}), validation {soup['metric']} {soup['validation']:.4f}.")
+    cost, budget = w.get("cost"), w.get("latency_budget")
+    if cost:
+        print(f"Serving cost: {cost['params']:,} parameters, {cost['size_mb']} MB, median single-sentence latency "
+              f"{cost['latency_p50_ms']} ms (PyTorch, 1 thread)"
+              + ("" if not budget else f"; within tune.max_latency_ms {budget['max_latency_ms']}" if budget["met"]
+                 else f"; NO trial met tune.max_latency_ms {budget['max_latency_ms']}") + ".")
+    print(f"Validation {w['metric']} of the handed-on model: {w['validation']:.4f}. Test metrics:")
+    print_test_metrics(w["test"])
+    print(f"\nModel folder: {result.model_dir}\nSweep folder: {result.sweep_dir}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """`raybm pipeline`."""
+    from raybm.config import pipeline_stages
+    from raybm.pipeline import run_pipeline
+
+    overrides = list(args.overrides)
+    if args.stages:
+        overrides.append(f"pipeline.stages=[{args.stages}]")
+    cfg = load_config(args.config, overrides)
+    summary = run_pipeline(cfg, source=start(cfg, pipeline_stages(cfg)))
+    print("\nStages:")
+    for stage, info in summary["stages"].items():
+        extra = ""
+        if info.get("test"):
+            extra = f"  test accuracy {info['test']['accuracy']:.4f} macro-F1 {info['test']['f1_macro']:.4f}"
+            if len(info.get("soup") or []) > 1:
+                extra += f" (soup of {len(info['soup'])} trials)"
+        if info.get("reasons"):
+            extra = "  " + "; ".join(info["reasons"])
+        if info.get("url"):
+            extra = f"  {info['url']}/predict"
+        print(f"  {stage:<8} {info['status']:<8} {info['seconds']:>7.1f}s{extra}")
+    return 0
+
+
+def cmd_soup(args: argparse.Namespace) -> int:
+    """`raybm soup`."""
+    from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
+    from raybm.tune.soup import check_soup_inputs, run_soup
+
+    # `--models a b key=value`: argparse hands the overrides to --models; take them back.
+    models = [m for m in args.models if not is_override(m)]
+    cfg = load_config(args.config, [*args.overrides, *(m for m in args.models if is_override(m))])
+    check_soup_inputs(cfg, models, args.data, args.name)  # mistakes fail before Ray starts
+    print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
+    check_shared_paths(cfg, {f"--models {m}": m for m in models if os.path.isdir(os.path.expanduser(m))})
+    quiet_ray_data()
+    out = run_soup(cfg, models, args.data, args.name, args.method)
+    soup = out["soup"]
+    print(f"\nSoup ({soup['method']}) of {len(soup['ingredients'])} model(s): {', '.join(soup['ingredients'])}")
+    print(f"  validation {soup['metric']} {soup['validation']:.4f} (best model alone {soup['best_single']:.4f})")
+    print("Test metrics:")
+    print_test_metrics(out["test"])
+    print(f"\nModel folder: {out['model_dir']}\nRun folder:   {out['run_dir']}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add the stage commands to the ``raybm`` parser."""
+    p = sub.add_parser("data", help="clean, de-duplicate, split and report a dataset")
+    add_config_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild even if the dataset is already prepared")
+    p.set_defaults(func=cmd_data)
+    p = sub.add_parser("train", help="fine-tune a model on Ray Train and score it on the test split")
+    add_config_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("tune", help="search config values with Ray Tune; the winner is scored on the test split")
+    add_config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted sweep (finished trials are kept); an interrupted sweep "
+                        "is also resumed without it")
+    p.add_argument("--retry-errored", action="store_true", help="when resuming, run failed trials again")
+    p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("pipeline", help="the whole job: data, train or tune, test, export, deploy (skips what "
+                       "is done, resumes what was interrupted)")
+    add_config_args(p)
+    p.add_argument("--stages", help="comma-separated stages to run (default: pipeline.stages)")
+    p.set_defaults(func=cmd_pipeline)
+    p = sub.add_parser("soup", help="average the weights of fine-tuned models of one base model into one "
+                       "model (a model soup), picked on validation, scored on test")
+    add_config_args(p)
+    p.add_argument("--models", nargs="+", required=True, metavar="MODEL",
+                   help="run or sweep names under storage.root, model folders, or s3:// folders (2 or more)")
+    p.add_argument("--data", required=True, help="the prepared dataset they were trained on (a name under "
+                   "<storage.root>/data/): its validation split picks the soup, its test split scores it")
+    p.add_argument("--name", required=True, help="the new run's name: the soup is written to runs/<name>/")
+    p.add_argument("--method", default="greedy", choices=["greedy", "uniform"],
+                   help="greedy (default): add models best first, keep each only if validation "
+                        "tune.metric does not drop; uniform: average them all")
+    p.set_defaults(func=cmd_soup)
