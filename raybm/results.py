@@ -76,7 +76,15 @@ MOBILE_DIR = "mobile"
 SUMMARY_FILE = "summary.json"
 
 
+def soup_used(soup: dict[str, Any] | None) -> bool:
+    """Whether a soup record (``soup`` of ``winner.json`` and ``metrics.json``) describes the
+    model that was handed on: a uniform soup always, a greedy one when it kept more than
+    one model."""
+    return bool(soup) and (len(soup.get("ingredients", [])) > 1 or soup.get("method") == "uniform")
+
+
 def is_s3(uri: str) -> bool:
+    """Whether ``uri`` is an ``s3://`` URI."""
     return uri.startswith("s3://")
 
 
@@ -239,10 +247,12 @@ class Results:
 
     @classmethod
     def from_config(cls, storage: StorageConfig) -> "Results":
+        """The results root of a job's storage settings."""
         return cls(storage.root, storage)
 
     # -- paths (on self.fs) ------------------------------------------------------------
     def path(self, *parts: str) -> str:
+        """A path under the root, on ``self.fs``."""
         return posixpath.join(self.base, *parts) if self.remote else os.path.join(self.base, *parts)
 
     def uri(self, path: str) -> str:
@@ -250,30 +260,37 @@ class Results:
         return f"s3://{path}" if self.remote else path
 
     def dataset_dir(self, name: str) -> str:
+        """The folder of a prepared dataset."""
         check_name(name, "dataset name")
         return self.path(DATASETS, name)
 
     def dataset_split_dir(self, name: str, split: str) -> str:
+        """The Parquet folder of one split of a prepared dataset."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}")
         return self.path(DATASETS, name, split)
 
     def dataset_file(self, name: str, filename: str) -> str:
+        """A file of a prepared dataset."""
         return self.path(DATASETS, name, filename)
 
     def run_dir(self, name: str) -> str:
+        """The folder of a training run."""
         check_name(name, "run name")
         return self.path(RUNS, name)
 
     def sweep_dir(self, name: str) -> str:
+        """The folder of a sweep."""
         check_name(name, "sweep name")
         return self.path(SWEEPS, name)
 
     def pipeline_dir(self, name: str) -> str:
+        """The folder of a pipeline's summary."""
         check_name(name, "pipeline name")
         return self.path(PIPELINES, name)
 
     def export_dir(self, name: str, variant: str | None = None) -> str:
+        """The folder of an export, or of one of its variants."""
         check_name(name, "export name")
         return self.path(EXPORTS, name, variant) if variant else self.path(EXPORTS, name)
 
@@ -294,13 +311,16 @@ class Results:
 
     # -- file operations ---------------------------------------------------------------
     def exists(self, path: str) -> bool:
+        """Whether a path exists."""
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
     def is_complete(self, folder: str) -> bool:
+        """Whether a folder is marked complete (``_SUCCESS``)."""
         return self.exists(posixpath.join(folder, SUCCESS_MARKER) if self.remote
                            else os.path.join(folder, SUCCESS_MARKER))
 
     def join(self, folder: str, *parts: str) -> str:
+        """A path inside ``folder``."""
         return posixpath.join(folder, *parts) if self.remote else os.path.join(folder, *parts)
 
     def write_text(self, path: str, text: str) -> None:
@@ -315,6 +335,7 @@ class Results:
             os.replace(tmp, path)
 
     def write_json(self, path: str, obj: Any) -> None:
+        """Write ``obj`` as indented JSON."""
         self.write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
     def write_parquet(self, path: str, frame) -> None:
@@ -332,10 +353,12 @@ class Results:
         os.replace(tmp, path)
 
     def read_text(self, path: str) -> str:
+        """A file's text."""
         with self.fs.open_input_stream(path) as f:
             return f.read().decode("utf-8")
 
     def read_json(self, path: str) -> Any:
+        """A JSON file's content."""
         return json.loads(self.read_text(path))
 
     def mark_complete(self, folder: str) -> None:
@@ -349,6 +372,7 @@ class Results:
             self.fs.delete_file(marker)
 
     def delete_tree(self, folder: str) -> None:
+        """Delete a folder and everything in it (nothing when it is absent)."""
         if self.exists(folder):
             self.fs.delete_dir(folder)
 
@@ -397,7 +421,9 @@ class Results:
         return sorted(names)
 
     def dataset_report(self, name: str) -> dict[str, Any]:
+        """The data report of a prepared dataset."""
         return self.read_json(self.dataset_file(name, REPORT_FILE))
 
     def dataset_label_map(self, name: str) -> dict[str, Any]:
+        """The label map of a prepared dataset."""
         return self.read_json(self.dataset_file(name, LABEL_MAP_FILE))

@@ -36,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """`raybm tune`."""
-    from raybm.tune.soup import is_used
+    from raybm.results import soup_used
     from raybm.tune.leaderboard import format_leaderboard, format_values
     from raybm.tune.sweep import run_sweep
 
@@ -49,7 +49,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     values = format_values(w["values"])
     print(f"\nWinner: trial {w['trial']} ({values}), best epoch {w['best_epoch']}.")
     soup = w.get("soup")
-    if is_used(soup):
+    if soup_used(soup):
         print(f"Handed on: the {soup['method']} soup of {len(soup['ingredients'])} trial(s) "
               f"({', '.join(soup['ingredients'])}), validation {soup['metric']} {soup['validation']:.4f}.")
     cost, budget = w.get("cost"), w.get("latency_budget")

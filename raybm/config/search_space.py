@@ -38,6 +38,7 @@ _CALL = re.compile(r"^\s*([a-z_]+)\s*\((.*)\)\s*$", re.S)
 
 @dataclass(frozen=True)
 class Distribution:
+    """One searched key: its kind (``loguniform``, ``choice`` ...) and arguments, as written in the YAML."""
     key: str  # dotted config key
     kind: str
     args: tuple

@@ -25,6 +25,7 @@ def _opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSI
 
 @dataclass
 class StorageConfig:
+    """Where results live: a local folder or ``s3://``, and how to reach S3."""
     root: str = "results"
     """Results folder shared by every stage and the dashboard: a local path or
     ``s3://bucket/prefix``. Layout: docs/results.md."""
@@ -40,6 +41,7 @@ class StorageConfig:
 
 @dataclass
 class RayConfig:
+    """Which Ray a job runs on: a cluster to join, or a local Ray and its size."""
     address: Optional[str] = None
     """Ray cluster to join (``auto``, ``ray://host:10001`` ...). Empty: ``RAY_ADDRESS`` if
     set, otherwise the job starts a local Ray (the embedded default)."""
@@ -53,6 +55,7 @@ class RayConfig:
 
 @dataclass
 class CleanConfig:
+    """Text cleaning of the data stage."""
     html: bool = True
     """Remove HTML tags and unescape entities (``&amp;`` -> ``&``)."""
     urls: bool = True
@@ -76,6 +79,7 @@ class CleanConfig:
 
 @dataclass
 class AugmentConfig:
+    """Training-time text augmentation."""
     enabled: bool = False
     """Augment training texts (never validation or test). Seeded by ``data.seed``."""
     crop_prob: float = _opt(0.1, ge=0, le=1)
@@ -94,6 +98,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
+    """The data stage: the source, its columns and labels, the split, tokenization."""
     source: str = "twitter-sentiment"
     """Built-in corpus (``twitter-sentiment``, ``chinese-reviews``) or user files: a
     file, a folder or a glob, local or ``s3://``, in CSV, TSV, JSONL or Parquet."""
@@ -138,6 +143,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The base model and how its classifier is built."""
     name: str = "all-minilm-l6-v2"
     """Base model: ``all-minilm-l6-v2`` (shipped offline), ``tiny-bert`` (a 2-layer random
     BERT for tests and smoke runs), a local Hugging Face folder, or a hub name (only where

@@ -14,6 +14,7 @@ from raybm.config.sections import (AugmentConfig, CleanConfig, DataConfig, Model
 
 @dataclass
 class TrainConfig:
+    """The training stage: workers, optimizer, schedule, strategy, regularization, checkpoints."""
     epochs: int = _opt(3, ge=1)
     """Passes over the training split."""
     batch_size: int = _opt(32, ge=1)
@@ -123,6 +124,7 @@ class TrainConfig:
 
 @dataclass
 class TuneConfig:
+    """The hyperparameter sweep: search space, scheduler, trials, the winner's pick."""
     num_samples: int = _opt(4, ge=1)
     """Trials to sample (a search space with ``grid`` entries runs the grid this many times)."""
     metric: str = "val_f1_macro"
@@ -176,6 +178,7 @@ class TuneConfig:
 
 @dataclass
 class ServeConfig:
+    """The model server: address, key, replicas, batching and request limits."""
     host: str = "127.0.0.1"
     """Address the HTTP server binds. Another address than loopback (0.0.0.0 listens beyond
     this machine) needs an API key (api_key_env), or allow_without_key."""
@@ -235,6 +238,7 @@ class ServeConfig:
 
 @dataclass
 class ExportConfig:
+    """Export and compression: variants, their settings, measuring them."""
     variants: list[Literal["hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled"]] = field(
         default_factory=lambda: ["hf", "onnx", "int8", "onnx-int8"])
     """Variants to produce (pruned and distilled train on Ray Train; the others take seconds)."""
@@ -269,6 +273,7 @@ PIPELINE_STAGES = ("data", "train", "tune", "export", "deploy")
 
 @dataclass
 class PipelineConfig:
+    """The whole job in one command: its stages and the release gate."""
     stages: list[str] = field(default_factory=list)
     """Stages of ``raybm pipeline``, run in this order: ``data``, then ``train`` (one run) or
     ``tune`` (a sweep; its winner is scored on test), ``export``, ``deploy``. A stage whose
@@ -293,6 +298,7 @@ class PipelineConfig:
 
 @dataclass
 class JobConfig:
+    """A whole job config: one section per stage."""
     name: Optional[str] = None
     """Job name, used for run folders. Empty: derived from the config."""
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -315,7 +321,9 @@ class JobConfig:
     """The whole job in one command: stages and the release gate."""
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as plain nested dicts."""
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
+        """The config as YAML, loadable by ``load_config``."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)

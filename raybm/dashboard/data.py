@@ -20,14 +20,14 @@ from raybm.config import StorageConfig
 from raybm.errors import RaybmError
 from raybm.results import (CONFIG_FILE, EXPORTS, HISTORY_FILE, LEADERBOARD, METRICS_FILE, MOBILE_DIR, MODEL_DIR,
                            PIPELINES, PREDICTIONS_FILE, RUNS, SUCCESS_MARKER, SUMMARY_FILE, SWEEPS, VARIANT_FILE,
-                           WINNER_FILE, Results, fetch_model)
-from raybm.tune.soup import is_used
+                           WINNER_FILE, Results, fetch_model, soup_used)
 
 KINDS = (RUNS, SWEEPS)
 
 
 @dataclass
 class Job:
+    """One run or sweep as the dashboard lists it."""
     kind: str  # run | sweep
     name: str
     complete: bool
@@ -42,10 +42,13 @@ class Job:
 
     @property
     def seconds(self) -> float | None:
+        """How long the job ran, when its start and end are known."""
         return self.finished - self.started if self.started and self.finished else None
 
 
 class DashboardData:
+    """What the dashboard reads from a results root (local or S3): jobs, sweeps, runs, exports."""
+
     def __init__(self, root: str, storage: StorageConfig | None = None) -> None:
         storage = storage or StorageConfig(root=root)
         self.results = Results(root, storage)
@@ -76,6 +79,7 @@ class DashboardData:
 
     # -- listings ----------------------------------------------------------------------
     def jobs(self) -> list[Job]:
+        """Every complete run and sweep, with its scores."""
         out = []
         for kind in KINDS:
             for info in self._folders(kind):
@@ -104,6 +108,7 @@ class DashboardData:
                    test_accuracy=test.get("accuracy"), test_f1=test.get("f1_macro"))
 
     def jobs_frame(self) -> pd.DataFrame:
+        """The jobs as a table, one row each (the Jobs page and ``raybm list``)."""
         rows = []
         for job in self.jobs():
             rows.append({"kind": job.kind, "name": job.name, "status": "complete" if job.complete else "incomplete",
@@ -124,6 +129,7 @@ class DashboardData:
         return sorted(out, key=lambda p: p.get("started_at", ""), reverse=True)
 
     def pipelines_frame(self) -> pd.DataFrame:
+        """Every pipeline with its stages' status, as a table."""
         rows = []
         for p in self.pipelines():
             stages = p.get("stages", {})
@@ -141,11 +147,13 @@ class DashboardData:
         return yaml.safe_load(self.results.read_text(path)) if self.results.exists(path) else None
 
     def names(self, kind: str, complete_only: bool = True) -> list[str]:
+        """The names of one kind of artifact (``runs``, ``sweeps`` ...), complete ones only unless told."""
         return [i.base_name for i in self._folders(kind)
                 if not complete_only or self.results.is_complete(i.path)]
 
     # -- one job -----------------------------------------------------------------------
     def sweep(self, name: str) -> dict[str, Any]:
+        """A sweep's leaderboard, winner record and config."""
         folder = self._named(SWEEPS, name)
         j = self.results.join
         return {"leaderboard": self._read_json(j(folder, LEADERBOARD + ".json")) or [],
@@ -161,12 +169,13 @@ class DashboardData:
         else:
             w = self._read_json(j(folder, WINNER_FILE)) or {}
             test, dataset, soup = w.get("test"), w.get("dataset"), w.get("soup")
-        if not is_used(soup):
+        if not soup_used(soup):
             soup = None  # none, or tried with nothing added: the model is the best trial alone
         return {"test": test, "dataset": dataset, "soup": soup, "config": self._config(j(folder, CONFIG_FILE)),
                 "model_dir": j(folder, MODEL_DIR), "history": self._read_json(j(folder, HISTORY_FILE))}
 
     def predictions(self, kind: str, name: str) -> pd.DataFrame | None:
+        """Every test example's prediction of a run or sweep (the Errors page), or None."""
         import pyarrow.parquet as pq
 
         path = self.results.join(self._named(kind, name), PREDICTIONS_FILE)
@@ -175,6 +184,7 @@ class DashboardData:
         return pq.read_table(path, filesystem=self.results.fs).to_pandas()
 
     def dataset_report(self, name: str | None) -> dict | None:
+        """The data report of a prepared dataset."""
         if not name or name not in self.results.list_datasets():
             return None
         return self.results.dataset_report(name)

@@ -19,13 +19,10 @@ import numpy as np
 import pandas as pd
 
 from raybm.errors import RaybmError
-from raybm.tune.soup import is_used
-from raybm.results import RUNS, SWEEPS
+from raybm.dashboard.try_it import MAX_UPLOAD_MB, page_try
+from raybm.results import RUNS, SWEEPS, soup_used
 
 PAGES = ("Runs and sweeps", "Sweep", "Model", "Errors", "Try it")
-MAX_UPLOAD_ROWS = 5000
-MAX_UPLOAD_MB = 5
-MAX_TEXT_CHARS = 2000
 # Streamlit's settings for this app: `raybm dashboard` passes them as flags, and the
 # shipped .streamlit/config.toml holds the same for `streamlit run dashboards/app.py`
 # (a test keeps the two equal).
@@ -35,6 +32,7 @@ STREAMLIT_SETTINGS = {"server.maxUploadSize": MAX_UPLOAD_MB, "server.headless": 
 
 
 def settings(argv: list[str] | None = None) -> argparse.Namespace:
+    """The results root and model server the dashboard was started with."""
     p = argparse.ArgumentParser(prog="raybm dashboard")
     p.add_argument("--root", default=os.environ.get("RAYBM_RESULTS", "results"))
     p.add_argument("--serve-url", default=os.environ.get("RAYBM_SERVE_URL"))
@@ -54,22 +52,11 @@ def _data(root: str):
     return load(root)
 
 
-def _predictor(path: str):
-    import streamlit as st
-
-    from raybm.inference.loading import load_predictor
-
-    @st.cache_resource(show_spinner="Loading the model ...", max_entries=2)
-    def load(p: str):
-        return load_predictor(p, "auto", threads=max(1, min(4, os.cpu_count() or 1)))
-
-    return load(path)
-
-
 # ------------------------------------------------------------------------------ pages
 
 
 def page_jobs(data) -> None:
+    """The Jobs page: every run and sweep, best first, and the pipelines."""
     import streamlit as st
 
     st.title("Runs and sweeps")
@@ -118,6 +105,7 @@ def _pick(data, kinds: tuple[str, ...], key: str) -> tuple[str, str] | None:
 
 
 def page_sweep(data) -> None:
+    """The Sweep page: leaderboard, learning curves and the winner."""
     import altair as alt
     import streamlit as st
 
@@ -138,7 +126,7 @@ def page_sweep(data) -> None:
     st.subheader("Leaderboard")
     st.dataframe(table, hide_index=True, width="stretch")
     soup = winner.get("soup")
-    if is_used(soup):
+    if soup_used(soup):
         st.info(f"The sweep's model is a {soup['method']} soup: the mean of the weights of "
                 f"{len(soup['ingredients'])} trial(s) ({', '.join(soup['ingredients'])}), validation "
                 f"{soup['metric']} {soup['validation']:.4f} against {soup['best_single']:.4f} for the best trial alone.")
@@ -206,6 +194,7 @@ def _confusion_chart(cm: list[list[int]], labels: list[str]):
 
 
 def page_model(data) -> None:
+    """The Model page: a model's test metrics, confusion matrix and training history."""
     import altair as alt
     import streamlit as st
 
@@ -266,6 +255,7 @@ def page_model(data) -> None:
 
 
 def page_errors(data) -> None:
+    """The Errors page: the test examples a model got wrong, most confident first."""
     import altair as alt
     import streamlit as st
 
@@ -319,107 +309,8 @@ def _pr(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1, "accuracy": float((pred == (y == 1)).mean())}
 
 
-def page_try(data, serve_url: str | None) -> None:
-    import altair as alt
-    import streamlit as st
-
-    from raybm.dashboard.data import read_upload
-    from raybm.serve.client import endpoint_ok, post_texts
-
-    st.title("Try it")
-    api_key = os.environ.get("RAYBM_API_KEY") or None
-    if endpoint_ok(serve_url):
-        st.success(f"Answers come from the model server at {serve_url}.")
-
-        def predict(texts: list[str]) -> pd.DataFrame:
-            answers = post_texts(serve_url, texts, api_key)
-            return pd.DataFrame([{"text": t, "label": a["label"], "confidence": a["confidence"],
-                                  **{f"p({k})": v for k, v in a["probabilities"].items()}}
-                                 for t, a in zip(texts, answers)])
-    else:
-        if serve_url:
-            st.warning(f"The model server at {serve_url} does not answer; using a model loaded here instead. "
-                       f"Start it with `raybm serve` or check the address.")
-        models = data.models()
-        if not models:
-            st.info(f"No trained model under {data.root} yet. Run `make demo` first.")
-            return
-        choice = st.selectbox("Model", list(models), key="try_model")
-
-        def predict(texts: list[str]) -> pd.DataFrame:
-            p = _predictor(data.local_model(models[choice]))
-            probs = p.predict(texts)
-            return pd.DataFrame([{"text": t, "label": p.labels[int(r.argmax())], "confidence": float(r.max()),
-                                  **{f"p({lab})": float(v) for lab, v in zip(p.labels, r)}}
-                                 for t, r in zip(texts, probs)])
-
-    st.subheader("Type or paste text")
-    text = st.text_area("One text per line", key="try_text", height=120)
-    if st.button("Predict", key="try_go"):
-        texts = [t.strip() for t in text.splitlines() if t.strip()]
-        if not texts:
-            st.warning("Type at least one line of text first.")
-        elif any(len(t) > MAX_TEXT_CHARS for t in texts):
-            st.warning(f"Each line can be at most {MAX_TEXT_CHARS} characters.")
-        else:
-            _show(predict, texts, st, alt)
-
-    st.subheader("Or upload a file")
-    st.caption(f"CSV, TSV or JSONL, up to {MAX_UPLOAD_ROWS} rows; one column holds the text.")
-    upload = st.file_uploader("File", type=["csv", "tsv", "jsonl", "txt"], key="try_file")
-    if upload is not None:
-        try:
-            frame = read_upload(upload.name, upload.getvalue(), MAX_UPLOAD_ROWS, MAX_UPLOAD_MB * 1024 * 1024)
-        except RaybmError as e:
-            st.error(str(e))
-            return
-        columns = list(frame.columns)
-        default = columns.index("text") if "text" in columns else 0
-        column = st.selectbox("Text column", columns, index=default, key="try_column")
-        if st.button("Label the file", key="try_file_go"):
-            texts = frame[column].astype(str).tolist()
-            empty = [i + 2 for i, t in enumerate(texts) if not t.strip()]
-            if empty:
-                st.error(f"Column {column!r} is empty on line(s) {empty[:10]} of the file; fill or remove them.")
-                return
-            long = [i + 2 for i, t in enumerate(texts) if len(t) > MAX_TEXT_CHARS]
-            if long:
-                st.error(f"Column {column!r} has texts over {MAX_TEXT_CHARS} characters on line(s) {long[:10]}; "
-                         f"shorten them, or label the file with `raybm predict --input`.")
-                return
-            out = _show(predict, texts, st, alt)
-            if out is not None:
-                labelled = frame.assign(predicted_label=out["label"].to_numpy(), confidence=out["confidence"].to_numpy())
-                st.download_button("Download the labelled file (CSV)", labelled.to_csv(index=False).encode("utf-8"),
-                                   file_name="labelled.csv", mime="text/csv", key="try_download")
-
-
-def _show(predict, texts, st, alt) -> pd.DataFrame | None:
-    try:
-        out = predict(texts)
-    except RaybmError as e:
-        st.error(str(e))
-        return None
-    except Exception as e:  # noqa: BLE001 - a viewer sees a sentence, not a stack trace
-        st.error(f"The prediction failed ({type(e).__name__}). Check that the model folder is complete.")
-        return None
-    if len(out) == 1:
-        st.success(f"Prediction: {out.iloc[0]['label']} ({out.iloc[0]['confidence']:.0%} confident)")
-    else:
-        counts = out["label"].value_counts()
-        st.success(f"{len(out)} texts: " + ", ".join(f"{n} {lab}" for lab, n in counts.items()))
-    st.dataframe(out, hide_index=True, width="stretch")
-    if len(out) == 1:
-        probs = pd.DataFrame([{"label": c[2:-1], "probability": out.iloc[0][c]} for c in out.columns
-                              if c.startswith("p(")])
-        st.altair_chart(alt.Chart(probs).mark_bar().encode(x="probability:Q", y="label:N"), width="stretch")
-    else:
-        counts = out["label"].value_counts().rename_axis("label").reset_index(name="texts")
-        st.altair_chart(alt.Chart(counts).mark_bar().encode(x="texts:Q", y="label:N"), width="stretch")
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
+    """The dashboard: the page picked in the sidebar, any failure shown as one line."""
     import streamlit as st
 
     args = settings(argv)

@@ -50,6 +50,7 @@ _MOJIBAKE_RUN = re.compile(r"_?[\x80-\xff][_\x80-\xff]*[\x80-\xff]_?|[\x80-\x9f]
 
 
 def repair_twitter_mojibake(text: str) -> str:
+    """A tweet of the twitter corpus with its double-encoded UTF-8 repaired."""
     text = _TWITTER_MOJIBAKE_RE.sub(lambda m: _TWITTER_MOJIBAKE[m.group(0)], text)
     return _MOJIBAKE_RUN.sub(" ", text)
 
@@ -109,6 +110,7 @@ class LabelMapper:
         return -1, UNKNOWN_LABEL
 
     def to_json(self) -> dict:
+        """The label map as written to ``label_map.json``."""
         return {"labels": self.labels, "label_to_id": self.label_to_id,
                 "id_to_label": {str(i): n for n, i in self.label_to_id.items()},
                 "label_values": self.label_values, "excluded": sorted(self._exclude)}

@@ -40,12 +40,14 @@ class PreparedData:
 
 
 def dataset_name(cfg: JobConfig, src: Source) -> str:
+    """The prepared dataset's name: ``data.name``, else the source's name and a hash of the data config."""
     if cfg.data.name:
         return cfg.data.name
     return safe_name(f"{src.name}-{data_config_hash(cfg)}")
 
 
 def data_config_hash(cfg: JobConfig) -> str:
+    """A hash of everything that changes the prepared data or its report."""
     @dataclasses.dataclass
     class _Key:  # everything that changes the prepared data or its report
         data: Any
@@ -299,6 +301,7 @@ def count_values(ds, column: str, where: tuple[str, Any] | None = None) -> dict[
 
 def build_report(cfg: JobConfig, src: Source, name: str, digest: str, mapper: cleaning.LabelMapper,
                  rows_read: int, dropped: dict[str, int], conflicts: int, lengths, started: float) -> dict:
+    """The data report: rows read, dropped by reason, duplicates, split sizes, class balance, token lengths."""
     labels = mapper.labels
     splits: dict[str, Any] = {}
     for split in SPLITS:

@@ -47,6 +47,7 @@ class Source:
 
     @property
     def display_files(self) -> list[str]:
+        """The source's files as a short text for messages."""
         return [f"s3://{f}" if isinstance(self.fs, pafs.S3FileSystem) else f for f in self.files]
 
 

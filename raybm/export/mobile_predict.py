@@ -17,6 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load():
+    """The labels, tokenizer and ONNX Runtime session of the model beside this file."""
     with open(os.path.join(HERE, "label_map.json"), encoding="utf-8") as f:
         labels = json.load(f)["labels"]
     with open(os.path.join(HERE, "manifest.json"), encoding="utf-8") as f:
@@ -29,6 +30,7 @@ def load():
 
 
 def predict(texts, labels, tokenizer, session):
+    """(label, confidence) for each text."""
     encodings = tokenizer.encode_batch(texts)
     ids = np.array([e.ids for e in encodings], dtype=np.int64)
     mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)

@@ -54,6 +54,7 @@ TRAINED = ("pruned", "distilled")  # variants that run Ray Train
 
 @dataclass
 class ExportResult:
+    """What an export made: its name and folder, each variant's manifest, the reference, the mobile bundle."""
     name: str
     folder: str
     manifests: dict[str, dict[str, Any]]

@@ -84,6 +84,7 @@ class Predictor:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def predict(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities, one row per text."""
         import torch
 
         out = []
@@ -122,6 +123,7 @@ class OnnxPredictor:
     device: str = "cpu"
 
     def predict(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities, one row per text."""
         out = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[i:i + self.batch_size], truncation=True, max_length=self.max_length,
@@ -135,6 +137,7 @@ class OnnxPredictor:
 
 
 def variant_manifest(model_dir: str) -> dict[str, Any] | None:
+    """The ``manifest.json`` of an export variant folder, or None for a trained model folder."""
     path = os.path.join(model_dir, VARIANT_FILE)
     if not os.path.isfile(path):
         return None
@@ -143,6 +146,7 @@ def variant_manifest(model_dir: str) -> dict[str, Any] | None:
 
 
 def auto_backend(model_dir: str) -> str:
+    """The backend a model folder is for: ``onnx``, ``int8`` or ``torch``."""
     manifest = variant_manifest(model_dir) or {}
     if manifest.get("backend") in BACKENDS[1:]:
         return manifest["backend"]
@@ -168,6 +172,7 @@ def check_model_files(model_dir: str, backend: str = "auto") -> str:
 
 def load_onnx(model_dir: str, threads: int | None = None, max_length: int | None = None,
               batch_size: int = 64) -> OnnxPredictor:
+    """An ONNX Runtime predictor over the folder's ``model.onnx``."""
     try:
         import onnxruntime as ort
     except ImportError:

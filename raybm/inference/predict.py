@@ -57,6 +57,7 @@ def predict_texts(model_dir: str, texts: list[str], max_length: int = 128) -> li
 
 
 class Labelled(NamedTuple):
+    """How many rows a file had, how many were labelled, and where the output went."""
     rows: int
     """Rows written (every input row)."""
     unlabelled: int
@@ -236,4 +237,5 @@ def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels, pr
 
 
 def format_prediction(text: str, label: str, confidence: float) -> str:
+    """One prediction as a JSON line."""
     return json.dumps({"text": text, "label": label, "confidence": round(confidence, 4)}, ensure_ascii=False)

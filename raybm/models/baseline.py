@@ -15,6 +15,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 
 class TextCNNConfig(PretrainedConfig):
+    """The TextCNN baseline's config: vocabulary, embedding and filter sizes."""
     model_type = "raybm-textcnn"
 
     def __init__(self, vocab_size: int = 30522, embed_dim: int = 128, num_filters: int = 100,
@@ -38,6 +39,7 @@ class TextCNNEncoder(nn.Module):
         self.min_length = max(config.kernel_sizes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Max-pooled convolution features of each sequence."""
         x = self.embeddings(input_ids)
         if attention_mask is not None:
             x = x * attention_mask.unsqueeze(-1).to(x.dtype)
@@ -48,6 +50,7 @@ class TextCNNEncoder(nn.Module):
 
 
 class TextCNNForSequenceClassification(PreTrainedModel):
+    """The TextCNN baseline as a Hugging Face sequence classifier."""
     config_class = TextCNNConfig
     base_model_prefix = "textcnn"
 
@@ -70,6 +73,7 @@ class TextCNNForSequenceClassification(PreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **_: object) -> SequenceClassifierOutput:
+        """Logits (and the loss, given labels), as a Hugging Face classifier returns them."""
         logits = self.classifier(self.dropout(self.textcnn(input_ids, attention_mask)))
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)

@@ -23,6 +23,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 
 class PooledClassifierConfig(PretrainedConfig):
+    """The mean-pooling classifier's config: the encoder's config inside, plus the labels."""
     model_type = "raybm-pooled"
 
     def __init__(self, encoder: dict[str, Any] | None = None, pooling: str = "mean",
@@ -33,11 +34,13 @@ class PooledClassifierConfig(PretrainedConfig):
         self.classifier_dropout = classifier_dropout
 
     def encoder_config(self) -> PretrainedConfig:
+        """The encoder's own config."""
         settings = dict(self.encoder)
         return AutoConfig.for_model(settings.pop("model_type"), **settings)
 
 
 class PooledClassifier(PreTrainedModel):
+    """A transformer encoder, the mean of its token vectors, and a linear head."""
     config_class = PooledClassifierConfig
     base_model_prefix = "encoder"
 
@@ -58,6 +61,7 @@ class PooledClassifier(PreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **_: object) -> SequenceClassifierOutput:
+        """Logits (and the loss, given labels), as a Hugging Face classifier returns them."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -69,6 +69,7 @@ def api_key_digest(key: str, salt: str) -> str:
 
 
 def replica_threads(s: ServeConfig) -> int:
+    """Torch threads of one replica: its CPUs, at least one."""
     return s.torch_threads or max(1, int(s.cpus_per_replica))
 
 
@@ -220,6 +221,7 @@ def make_server_class():
 
 
 def deployment_options(s: ServeConfig) -> dict[str, Any]:
+    """The Serve deployment options for the settings ``s``: replicas or autoscaling, resources, queue limits."""
     opts: dict[str, Any] = {
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,

@@ -49,10 +49,12 @@ PREDICT_RESPONSE_SCHEMA = {
 
 
 class BodyTooLarge(Exception):
+    """A request body over ``serve.max_body_bytes``."""
     pass
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None):
+    """A ``{"error": message}`` JSON answer with this status."""
     from fastapi.responses import JSONResponse
 
     return JSONResponse({"error": message}, status_code=status, headers=headers)

@@ -29,6 +29,7 @@ from raybm.train.resources import (PLACEMENT_TIMEOUT_ENV, POLL_INTERVAL_ENV, POL
 
 @dataclass
 class TrainResult:
+    """What a training run made: its name and folder, the published model, its metrics."""
     run_name: str
     run_dir: str  # URI
     model_dir: str  # URI of the best model folder

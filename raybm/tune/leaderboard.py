@@ -136,6 +136,7 @@ def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Result
 
 
 def write_leaderboard(results: Results, sweep_dir: str, board: list[dict[str, Any]]) -> None:
+    """Write the leaderboard as JSON (with each trial's history) and CSV."""
     results.write_json(results.join(sweep_dir, f"{LEADERBOARD}.json"), board)
     flat = [{k: v for k, v in row.items() if k != "history"} for row in board]
     buf = io.StringIO()

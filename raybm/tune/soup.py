@@ -27,7 +27,7 @@ from typing import Any
 from raybm.errors import ConfigError, RaybmError
 from raybm.metrics import soup_metric
 from raybm.results import (EPOCH_METRICS_FILE, MODEL_CARD_FILE, MODEL_CONFIG_FILE, MODEL_DIR, SOUP_FILE,
-                           SUCCESS_MARKER, TRAIN_STATE_FILE, WEIGHTS_FILE)
+                           SUCCESS_MARKER, TRAIN_STATE_FILE, WEIGHTS_FILE, soup_used)
 
 # Files of a training checkpoint that do not describe the averaged model.
 _NOT_COPIED = (TRAIN_STATE_FILE, EPOCH_METRICS_FILE, SUCCESS_MARKER, MODEL_CARD_FILE)
@@ -35,6 +35,7 @@ _NOT_COPIED = (TRAIN_STATE_FILE, EPOCH_METRICS_FILE, SUCCESS_MARKER, MODEL_CARD_
 
 @dataclass
 class Soup:
+    """A model soup: the chosen model's folder, how it was made, and its validation score."""
     folder: str  # local folder of the chosen model (a copy of the best candidate when nothing was added)
     method: str
     metric: str
@@ -45,17 +46,13 @@ class Soup:
 
     @property
     def used(self) -> bool:
-        return is_used(self.to_dict())
+        """Whether the soup is the model handed on (``raybm.results.soup_used``)."""
+        return soup_used(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
+        """The soup's record, as written into ``winner.json`` and ``soup.json``."""
         return {"method": self.method, "metric": self.metric, "ingredients": self.ingredients,
                 "validation": self.validation, "best_single": self.best_single, "tried": self.tried}
-
-
-def is_used(soup: dict[str, Any] | None) -> bool:
-    """Whether a soup record (``Soup.to_dict()``, as in winner.json) describes the model that
-    was handed on: a uniform soup always, a greedy one when it kept more than one model."""
-    return bool(soup) and (len(soup.get("ingredients", [])) > 1 or soup.get("method") == "uniform")
 
 
 def _load(folder: str) -> dict:

@@ -41,6 +41,7 @@ _TOKENIZATION_KEYS = ("data.", "model.name", "model.trust_remote_code")
 
 @dataclass
 class SweepResult:
+    """What a sweep made: its name and folder, the winner's model, the leaderboard, the winner record."""
     name: str
     sweep_dir: str  # URI
     model_dir: str  # URI of the winner's model folder

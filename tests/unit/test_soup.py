@@ -10,8 +10,8 @@ from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.inference.loading import load_model_folder
 from raybm.metrics import soup_metric
-from raybm.tune.soup import average_models, is_used, make_soup
-from raybm.results import SOUP_FILE
+from raybm.tune.soup import average_models, make_soup
+from raybm.results import SOUP_FILE, soup_used
 
 LABELS = ["negative", "positive"]
 
@@ -130,7 +130,7 @@ def test_soups_are_picked_by_a_classification_score():
 
 
 def test_a_soup_record_says_whether_it_is_the_model_handed_on():
-    assert is_used({"method": "greedy", "ingredients": ["t1", "t2"]})
-    assert is_used({"method": "uniform", "ingredients": ["t1"]})
-    assert not is_used({"method": "greedy", "ingredients": ["t1"]})  # tried, nothing added
-    assert not is_used(None)
+    assert soup_used({"method": "greedy", "ingredients": ["t1", "t2"]})
+    assert soup_used({"method": "uniform", "ingredients": ["t1"]})
+    assert not soup_used({"method": "greedy", "ingredients": ["t1"]})  # tried, nothing added
+    assert not soup_used(None)

@@ -1,0 +1,129 @@
+"""The dashboard's Try it page: label typed or uploaded texts with a model from the
+results, or with a running model server; uploads are checked for size and rows while
+they are read, and every text for length."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+from raybm.errors import RaybmError
+
+MAX_UPLOAD_ROWS = 5000
+MAX_UPLOAD_MB = 5
+MAX_TEXT_CHARS = 2000
+
+
+def _predictor(path: str):
+    """The model's predictor, loaded once per session and model (Streamlit's cache)."""
+    import streamlit as st
+
+    from raybm.inference.loading import load_predictor
+
+    @st.cache_resource(show_spinner="Loading the model ...", max_entries=2)
+    def load(p: str):
+        return load_predictor(p, "auto", threads=max(1, min(4, os.cpu_count() or 1)))
+
+    return load(path)
+
+
+def page_try(data, serve_url: str | None) -> None:
+    """The Try it page: label typed or uploaded texts with a model or a model server."""
+    import altair as alt
+    import streamlit as st
+
+    from raybm.dashboard.data import read_upload
+    from raybm.serve.client import endpoint_ok, post_texts
+
+    st.title("Try it")
+    api_key = os.environ.get("RAYBM_API_KEY") or None
+    if endpoint_ok(serve_url):
+        st.success(f"Answers come from the model server at {serve_url}.")
+
+        def predict(texts: list[str]) -> pd.DataFrame:
+            answers = post_texts(serve_url, texts, api_key)
+            return pd.DataFrame([{"text": t, "label": a["label"], "confidence": a["confidence"],
+                                  **{f"p({k})": v for k, v in a["probabilities"].items()}}
+                                 for t, a in zip(texts, answers)])
+    else:
+        if serve_url:
+            st.warning(f"The model server at {serve_url} does not answer; using a model loaded here instead. "
+                       f"Start it with `raybm serve` or check the address.")
+        models = data.models()
+        if not models:
+            st.info(f"No trained model under {data.root} yet. Run `make demo` first.")
+            return
+        choice = st.selectbox("Model", list(models), key="try_model")
+
+        def predict(texts: list[str]) -> pd.DataFrame:
+            p = _predictor(data.local_model(models[choice]))
+            probs = p.predict(texts)
+            return pd.DataFrame([{"text": t, "label": p.labels[int(r.argmax())], "confidence": float(r.max()),
+                                  **{f"p({lab})": float(v) for lab, v in zip(p.labels, r)}}
+                                 for t, r in zip(texts, probs)])
+
+    st.subheader("Type or paste text")
+    text = st.text_area("One text per line", key="try_text", height=120)
+    if st.button("Predict", key="try_go"):
+        texts = [t.strip() for t in text.splitlines() if t.strip()]
+        if not texts:
+            st.warning("Type at least one line of text first.")
+        elif any(len(t) > MAX_TEXT_CHARS for t in texts):
+            st.warning(f"Each line can be at most {MAX_TEXT_CHARS} characters.")
+        else:
+            _show(predict, texts, st, alt)
+
+    st.subheader("Or upload a file")
+    st.caption(f"CSV, TSV or JSONL, up to {MAX_UPLOAD_ROWS} rows; one column holds the text.")
+    upload = st.file_uploader("File", type=["csv", "tsv", "jsonl", "txt"], key="try_file")
+    if upload is not None:
+        try:
+            frame = read_upload(upload.name, upload.getvalue(), MAX_UPLOAD_ROWS, MAX_UPLOAD_MB * 1024 * 1024)
+        except RaybmError as e:
+            st.error(str(e))
+            return
+        columns = list(frame.columns)
+        default = columns.index("text") if "text" in columns else 0
+        column = st.selectbox("Text column", columns, index=default, key="try_column")
+        if st.button("Label the file", key="try_file_go"):
+            texts = frame[column].astype(str).tolist()
+            empty = [i + 2 for i, t in enumerate(texts) if not t.strip()]
+            if empty:
+                st.error(f"Column {column!r} is empty on line(s) {empty[:10]} of the file; fill or remove them.")
+                return
+            long = [i + 2 for i, t in enumerate(texts) if len(t) > MAX_TEXT_CHARS]
+            if long:
+                st.error(f"Column {column!r} has texts over {MAX_TEXT_CHARS} characters on line(s) {long[:10]}; "
+                         f"shorten them, or label the file with `raybm predict --input`.")
+                return
+            out = _show(predict, texts, st, alt)
+            if out is not None:
+                labelled = frame.assign(predicted_label=out["label"].to_numpy(), confidence=out["confidence"].to_numpy())
+                st.download_button("Download the labelled file (CSV)", labelled.to_csv(index=False).encode("utf-8"),
+                                   file_name="labelled.csv", mime="text/csv", key="try_download")
+
+
+def _show(predict, texts, st, alt) -> pd.DataFrame | None:
+    try:
+        out = predict(texts)
+    except RaybmError as e:
+        st.error(str(e))
+        return None
+    except Exception as e:  # noqa: BLE001 - a viewer sees a sentence, not a stack trace
+        st.error(f"The prediction failed ({type(e).__name__}). Check that the model folder is complete.")
+        return None
+    if len(out) == 1:
+        st.success(f"Prediction: {out.iloc[0]['label']} ({out.iloc[0]['confidence']:.0%} confident)")
+    else:
+        counts = out["label"].value_counts()
+        st.success(f"{len(out)} texts: " + ", ".join(f"{n} {lab}" for lab, n in counts.items()))
+    st.dataframe(out, hide_index=True, width="stretch")
+    if len(out) == 1:
+        probs = pd.DataFrame([{"label": c[2:-1], "probability": out.iloc[0][c]} for c in out.columns
+                              if c.startswith("p(")])
+        st.altair_chart(alt.Chart(probs).mark_bar().encode(x="probability:Q", y="label:N"), width="stretch")
+    else:
+        counts = out["label"].value_counts().rename_axis("label").reset_index(name="texts")
+        st.altair_chart(alt.Chart(counts).mark_bar().encode(x="texts:Q", y="label:N"), width="stretch")
+    return out
