@@ -6,17 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 
+from raybm import __version__
 from raybm.commands import browse, models, stages
 from raybm.errors import RaybmError
 
 
 def _versions() -> str:
     """raybm's version and those of the libraries it runs on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from raybm import __version__
-
     found = []
     for dist in ("ray", "torch", "transformers", "onnxruntime", "streamlit"):
         try:

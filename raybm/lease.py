@@ -28,6 +28,7 @@ from typing import Any
 from raybm.errors import RaybmError
 from raybm.results import Results
 
+
 def owner_record(ttl_s: float) -> dict[str, Any]:
     """Who holds a lease: a fresh token, this host and process, the Ray job (if any)."""
     record: dict[str, Any] = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),

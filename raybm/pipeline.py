@@ -25,12 +25,27 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from raybm.config import JobConfig, derived_name, pipeline_stages
+from raybm.config import JobConfig, derived_name, pipeline_stages, run_name_for, sweep_name_for
 from raybm.errors import RaybmError
-from raybm.results import (CONFIG_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE, WINNER_FILE, Results, fetch_model, is_s3,
-                           resolve_uri)
+from raybm.export.measure import measure
+from raybm.export.variants import run_export
+from raybm.inference.locate import config_model
+from raybm.results import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_DIR,
+    SUMMARY_FILE,
+    WINNER_FILE,
+    Results,
+    fetch_model,
+    is_s3,
+    resolve_uri,
+)
 from raybm.runtime import cluster_address
-
+from raybm.serve.client import post_texts
+from raybm.train.driver import run_training, teacher_labels
+from raybm.tune.leaderboard import format_leaderboard
+from raybm.tune.sweep import run_sweep
 
 
 def pipeline_name(cfg: JobConfig, dataset: str) -> str:
@@ -48,7 +63,6 @@ def preflight(cfg: JobConfig, stages: list[str] | None = None):
     from raybm.data.sources import resolve_source
     from raybm.models.build import check_model
     from raybm.serve.app import read_api_key
-    from raybm.train.driver import teacher_labels
 
     Results.from_config(cfg.storage).check_reachable()
     source = resolve_source(cfg.data, cfg.storage)
@@ -152,8 +166,6 @@ def _failed(summary: _Summary, stage: str, t0: float, e: BaseException) -> None:
 def trained_model(cfg: JobConfig) -> str:
     """The model this config's train or tune stage made earlier (a path or URI); a clear
     error when none."""
-    from raybm.inference.locate import config_model
-
     try:
         return config_model(cfg)
     except RaybmError as e:  # nothing trained yet: say it in the pipeline's terms
@@ -181,10 +193,6 @@ def posix_parent(path: str) -> str:
 
 
 def _train(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
-    from raybm.config import run_name_for
-    from raybm.train.driver import run_training
-    from raybm.results import METRICS_FILE
-
     run_dir = results.run_dir(run_name_for(cfg, state["dataset"]))
     if results.is_complete(run_dir):
         metrics = results.read_json(results.join(run_dir, METRICS_FILE))
@@ -198,10 +206,6 @@ def _train(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict
 
 
 def _tune(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
-    from raybm.config import sweep_name_for
-    from raybm.tune.leaderboard import format_leaderboard
-    from raybm.tune.sweep import run_sweep
-
     was_done = results.is_complete(results.sweep_dir(sweep_name_for(cfg, state["dataset"])))
     result = run_sweep(cfg, log=log)
     if not was_done:
@@ -221,8 +225,6 @@ def _short(test: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _export(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
-    from raybm.export.variants import run_export
-
     _model_stage_output(cfg, results, state)
     name = os.path.basename(posix_parent(state["model"]))
     out = results.export_dir(name)
@@ -277,10 +279,8 @@ def release_gate(cfg: JobConfig, test: dict[str, Any] | None, latency_ms: float 
 
 
 def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
-    from raybm.export.measure import measure
     from raybm.serve.app import read_api_key
     from raybm.serve.deploy import deploy, wait_until_interrupted
-    from raybm.serve.client import post_texts
 
     _model_stage_output(cfg, results, state)
     folder, backend = serving_folder(cfg, state)

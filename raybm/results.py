@@ -4,7 +4,6 @@ Every stage and the dashboard read and write through ``Results``; no other modul
 a results path by hand. The root is a local path or ``s3://bucket/prefix``; both go
 through a pyarrow filesystem, so the same code serves a laptop and a cluster.
 The layout is documented in docs/results.md:
-
     <root>/
       data/<dataset>/                 one prepared dataset (data stage)
         train/ validation/ test/      Parquet parts: text (string), label (int64)
@@ -22,15 +21,20 @@ A folder without ``_SUCCESS`` is incomplete and is never read as data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from raybm.config import StorageConfig, check_name
 from raybm.errors import RaybmError
@@ -157,8 +161,6 @@ def copy_to_local(uri: str, storage: StorageConfig, dest: str) -> str:
     ``dest``; returns ``dest``."""
     fs, path = resolve_uri(uri, storage)
     if isinstance(fs, pafs.LocalFileSystem):
-        import shutil
-
         shutil.copytree(path, dest)
         return dest
     return copy_tree_to_local(fs, path, dest)
@@ -191,10 +193,6 @@ def fetch_model(uri: str, storage: StorageConfig, dest: str | None = None) -> st
     restart or a new replica reuses it, a republished model is fetched anew and the older
     copy removed. Refuses a folder without ``_SUCCESS``: it is being written, or its
     writer died."""
-    import hashlib
-    import shutil
-    import tempfile
-
     fs, path = resolve_uri(uri, storage)
     if not is_published(fs, path):
         raise RaybmError(f"{uri}: no {SUCCESS_MARKER} in the model folder - it is incomplete (still being written, "
@@ -340,9 +338,6 @@ class Results:
 
     def write_parquet(self, path: str, frame) -> None:
         """A whole Parquet file from a pandas frame, atomically as ``write_text``."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         table = pa.Table.from_pandas(frame, preserve_index=False)
         self.fs.create_dir(posixpath.dirname(path) if self.remote else os.path.dirname(path), recursive=True)
         if self.remote:

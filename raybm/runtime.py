@@ -5,8 +5,10 @@ Never called at import time: each driver entrypoint calls ``ensure_ray`` once.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 
 from raybm.config import JobConfig, RayConfig
 from raybm.errors import RaybmError
@@ -28,9 +30,6 @@ def worker_env() -> dict[str, str]:
 
 def quiet_ray_data() -> None:
     """Ray Data's own progress lines drown our step messages when output is not a terminal."""
-    import logging
-    import sys
-
     import ray.data
 
     if not sys.stdout.isatty():

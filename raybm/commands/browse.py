@@ -9,13 +9,12 @@ import sys
 
 from raybm.commands.common import add_config_args
 from raybm.config import JobConfig, describe, load_config
-from raybm.results import EXPORTS
+from raybm.results import EXPORTS, Results
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """`raybm dashboard`."""
     import raybm.dashboard.pages as pages
-    from raybm.results import Results
 
     cfg = load_config(args.config, args.overrides)
     root = args.root or cfg.storage.root

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from raybm.pipeline import preflight
+from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
+
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """``--config FILE`` and dotted ``key=value`` overrides."""
@@ -16,9 +19,6 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def start(cfg, stages: list[str]):
     """Check what needs no Ray (``raybm.pipeline.preflight``), then join or start Ray and
     check that every node sees the job's paths. Returns the resolved data source."""
-    from raybm.pipeline import preflight
-    from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
-
     source = preflight(cfg, stages)  # storage, data, model and key problems fail before Ray starts
     print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
     check_shared_paths(cfg)

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from raybm.commands.common import add_config_args, print_test_metrics
 from raybm.config import build_config, load_config
 from raybm.errors import RaybmError
+from raybm.export.variants import TRAINED, run_export
+from raybm.inference.loading import model_card, read_label_map
+from raybm.inference.locate import local_model, locate_model, model_name
+from raybm.results import Results, is_s3
+from raybm.runtime import check_shared_paths, cluster_address, ensure_ray, quiet_ray_data
+from raybm.serve.client import post_texts
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """`raybm evaluate`."""
     from raybm.data import load_split
     from raybm.inference.evaluate import score_dataset, score_source
-    from raybm.inference.locate import local_model, locate_model
     from raybm.inference.predict import check_output_folder, file_format
-    from raybm.results import Results
-    from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
 
     cfg = load_config(args.config, args.overrides)
     args.checkpoint = local_model(locate_model(args.checkpoint, cfg, flag="--checkpoint"), cfg)
@@ -51,7 +55,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{args.checkpoint} on {args.data} (every row; dropped: {dropped}):")
     print_test_metrics(metrics)
     if frame is not None:
-        from raybm.inference.loading import read_label_map
         from raybm.inference.evaluate import named_predictions
         from raybm.inference.predict import write_frame
 
@@ -59,8 +62,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_frame(frame, args.predictions)
         print(f"every example's prediction written to {args.predictions} ({int((~frame['correct']).sum())} wrong)")
     if args.output:
-        import json
-
         tmp = f"{args.output}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
@@ -71,7 +72,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """`raybm predict`."""
-    from raybm.inference.locate import local_model, locate_model
     from raybm.inference.predict import format_prediction, predict_file, predict_texts
 
     cfg = load_config(args.config, args.overrides)
@@ -93,8 +93,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         use_ray = os.path.getsize(args.input) > IN_PROCESS_MAX_BYTES or None
     if use_ray:
-        from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
-
         ensure_ray(cfg.ray)
         # Labelled by Ray Data on any node: the model and the input must be where all see them.
         check_shared_paths(cfg, {"--model": args.model, "--input": args.input}, root=False)
@@ -109,13 +107,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`raybm export`."""
-    from raybm.export.variants import TRAINED, run_export
-
     cfg = load_config(args.config, args.overrides)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     if any(v in TRAINED for v in (variants or cfg.export.variants)):
-        from raybm.runtime import ensure_ray, quiet_ray_data
-
         print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
         quiet_ray_data()
     result = run_export(cfg, args.model, variants)
@@ -148,13 +142,8 @@ def format_exports(reference: dict | None, manifests: dict) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`raybm serve`."""
-    from raybm.inference.loading import model_card
-    from raybm.inference.locate import locate_model, model_name
-    from raybm.results import Results, is_s3
-    from raybm.runtime import check_shared_paths, cluster_address, ensure_ray
     from raybm.serve.app import DEFAULT_LOADER, read_api_key
     from raybm.serve.deploy import deploy, wait_until_interrupted
-    from raybm.serve.client import post_texts
 
     cfg = load_config(args.config, args.overrides)
     s = cfg.serve

@@ -6,7 +6,14 @@ import argparse
 import os
 
 from raybm.commands.common import add_config_args, is_override, print_test_metrics, start
-from raybm.config import load_config
+from raybm.config import load_config, pipeline_stages
+from raybm.pipeline import run_pipeline
+from raybm.results import soup_used
+from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
+from raybm.train.driver import run_training
+from raybm.tune.leaderboard import format_leaderboard, format_values
+from raybm.tune.soup import check_soup_inputs, run_soup
+from raybm.tune.sweep import run_sweep
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -23,8 +30,6 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`raybm train`."""
-    from raybm.train.driver import run_training
-
     cfg = load_config(args.config, args.overrides)
     start(cfg, ["data", "train"])
     result = run_training(cfg)
@@ -36,10 +41,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """`raybm tune`."""
-    from raybm.results import soup_used
-    from raybm.tune.leaderboard import format_leaderboard, format_values
-    from raybm.tune.sweep import run_sweep
-
     cfg = load_config(args.config, args.overrides)
     start(cfg, ["data", "tune"])
     result = run_sweep(cfg, resume=args.resume, retry_errored=args.retry_errored)
@@ -66,9 +67,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """`raybm pipeline`."""
-    from raybm.config import pipeline_stages
-    from raybm.pipeline import run_pipeline
-
     overrides = list(args.overrides)
     if args.stages:
         overrides.append(f"pipeline.stages=[{args.stages}]")
@@ -91,9 +89,6 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 def cmd_soup(args: argparse.Namespace) -> int:
     """`raybm soup`."""
-    from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
-    from raybm.tune.soup import check_soup_inputs, run_soup
-
     # `--models a b key=value`: argparse hands the overrides to --models; take them back.
     models = [m for m in args.models if not is_override(m)]
     cfg = load_config(args.config, [*args.overrides, *(m for m in args.models if is_override(m))])

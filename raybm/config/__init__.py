@@ -18,8 +18,15 @@ from raybm.config.describe import describe
 from raybm.config.loading import build_config, load_config, parse_overrides
 from raybm.config.naming import check_name, config_hash, derived_name, run_name_for, safe_name, sweep_name_for
 from raybm.config.sections import AugmentConfig, CleanConfig, DataConfig, ModelConfig, RayConfig, StorageConfig
-from raybm.config.stages import (PIPELINE_STAGES, ExportConfig, JobConfig, PipelineConfig, ServeConfig, TrainConfig,
-                                 TuneConfig)
+from raybm.config.stages import (
+                                 PIPELINE_STAGES,
+                                 ExportConfig,
+                                 JobConfig,
+                                 PipelineConfig,
+                                 ServeConfig,
+                                 TrainConfig,
+                                 TuneConfig,
+)
 
 __all__ = ["AugmentConfig", "CleanConfig", "DataConfig", "ExportConfig", "JobConfig", "ModelConfig", "PIPELINE_STAGES",
            "PipelineConfig", "RayConfig", "ServeConfig", "StorageConfig", "TrainConfig", "TuneConfig", "build_config",

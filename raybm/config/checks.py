@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import typing
 from typing import Any
 
@@ -24,8 +25,6 @@ def pipeline_stages(cfg: "JobConfig") -> list[str]:
 
 def is_loopback(host: str) -> bool:
     """Whether a bind address reaches only this machine."""
-    import ipaddress
-
     if host.strip().lower() == "localhost":
         return True
     try:

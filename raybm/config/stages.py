@@ -8,8 +8,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from raybm.config.sections import (AugmentConfig, CleanConfig, DataConfig, ModelConfig, RayConfig,  # noqa: F401
-                                   StorageConfig, _opt)
+from raybm.config.sections import AugmentConfig, CleanConfig, DataConfig, ModelConfig, RayConfig, StorageConfig, _opt  # noqa: F401
 
 
 @dataclass

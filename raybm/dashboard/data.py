@@ -8,19 +8,38 @@ YAML and Parquet are read; nothing is unpickled.
 
 from __future__ import annotations
 
+import io
 import posixpath
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import yaml
 
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
-from raybm.results import (CONFIG_FILE, EXPORTS, HISTORY_FILE, LEADERBOARD, METRICS_FILE, MOBILE_DIR, MODEL_DIR,
-                           PIPELINES, PREDICTIONS_FILE, RUNS, SUCCESS_MARKER, SUMMARY_FILE, SWEEPS, VARIANT_FILE,
-                           WINNER_FILE, Results, fetch_model, soup_used)
+from raybm.results import (
+    CONFIG_FILE,
+    EXPORTS,
+    HISTORY_FILE,
+    LEADERBOARD,
+    METRICS_FILE,
+    MOBILE_DIR,
+    MODEL_DIR,
+    PIPELINES,
+    PREDICTIONS_FILE,
+    RUNS,
+    SUCCESS_MARKER,
+    SUMMARY_FILE,
+    SWEEPS,
+    VARIANT_FILE,
+    WINNER_FILE,
+    Results,
+    fetch_model,
+    soup_used,
+)
 
 KINDS = (RUNS, SWEEPS)
 
@@ -176,8 +195,6 @@ class DashboardData:
 
     def predictions(self, kind: str, name: str) -> pd.DataFrame | None:
         """Every test example's prediction of a run or sweep (the Errors page), or None."""
-        import pyarrow.parquet as pq
-
         path = self.results.join(self._named(kind, name), PREDICTIONS_FILE)
         if not self.results.exists(path):
             return None
@@ -220,8 +237,6 @@ class DashboardData:
 def read_upload(name: str, content: bytes, max_rows: int, max_bytes: int) -> pd.DataFrame:
     """A user's CSV / TSV / JSONL upload as strings; clear errors, no silent truncation. The
     size is checked before parsing, and parsing stops one row past ``max_rows``."""
-    import io
-
     too_many = (f"the limit here is {max_rows} rows and {max_bytes / 2**20:g} MB. Split the file, or label it "
                 f"with `raybm predict --input {name} --output labelled.csv`")
     if len(content) > max_bytes:

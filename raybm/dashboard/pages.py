@@ -12,14 +12,15 @@ and models from lists of what exists under the results root and cannot type a pa
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
 import numpy as np
 import pandas as pd
 
-from raybm.errors import RaybmError
 from raybm.dashboard.try_it import MAX_UPLOAD_MB, page_try
+from raybm.errors import RaybmError
 from raybm.results import RUNS, SWEEPS, soup_used
 
 PAGES = ("Runs and sweeps", "Sweep", "Model", "Errors", "Try it")
@@ -337,7 +338,5 @@ def main(argv: list[str] | None = None) -> None:
     except RaybmError as e:
         st.error(str(e))
     except Exception as e:  # noqa: BLE001 - a viewer sees one line; the server's log has the traceback
-        import logging
-
         logging.getLogger("raybm.dashboard.pages").exception("the %s page failed", page)
         st.error(f"This page could not be shown ({type(e).__name__}). The dashboard's console log has the details.")

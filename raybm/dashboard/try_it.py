@@ -9,6 +9,8 @@ import os
 import pandas as pd
 
 from raybm.errors import RaybmError
+from raybm.inference.loading import load_predictor
+from raybm.serve.client import endpoint_ok, post_texts
 
 MAX_UPLOAD_ROWS = 5000
 MAX_UPLOAD_MB = 5
@@ -18,8 +20,6 @@ MAX_TEXT_CHARS = 2000
 def _predictor(path: str):
     """The model's predictor, loaded once per session and model (Streamlit's cache)."""
     import streamlit as st
-
-    from raybm.inference.loading import load_predictor
 
     @st.cache_resource(show_spinner="Loading the model ...", max_entries=2)
     def load(p: str):
@@ -34,7 +34,6 @@ def page_try(data, serve_url: str | None) -> None:
     import streamlit as st
 
     from raybm.dashboard.data import read_upload
-    from raybm.serve.client import endpoint_ok, post_texts
 
     st.title("Try it")
     api_key = os.environ.get("RAYBM_API_KEY") or None

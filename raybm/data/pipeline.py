@@ -16,15 +16,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from raybm.config import JobConfig, config_hash, safe_name
 from raybm.data import cleaning, splitting
 from raybm.data.sources import Source, find_undecodable, read_source, resolve_source
 from raybm.data.tokenizing import CountTokens
+from raybm.data.udf import map_batches_cached
 from raybm.errors import DataError, RaybmError
 from raybm.lease import hold_lease
 from raybm.results import CONFIG_FILE, DATASETS, LABEL_MAP_FILE, REPORT_FILE, SPLITS, Results
-from raybm.data.udf import map_batches_cached
 
 REPORT_VERSION = 1
 
@@ -269,8 +272,6 @@ def _partitions(n: int) -> int:
 
 
 def _rows_of_split(batch, split: str):
-    import pyarrow.compute as pc
-
     return batch.filter(pc.equal(batch["split"], split)).select(list(SPLIT_COLUMNS))
 
 
@@ -383,8 +384,6 @@ DRIVER_READ_MAX_BYTES = 256 * 2**20
 def split_files(results: Results, name: str, split: str) -> list:
     """The Parquet files of a prepared split (pyarrow ``FileInfo``s, sorted by path);
     refuses a dataset that is not completely prepared."""
-    import pyarrow.fs as pafs
-
     folder = results.dataset_dir(name)
     if not results.is_complete(folder):
         raise DataError(f"dataset {name!r} is not prepared in {results.root} (no {results.uri(folder)}/_SUCCESS); "
@@ -396,8 +395,6 @@ def split_files(results: Results, name: str, split: str) -> list:
 
 def read_split_table(results: Results, name: str, split: str, columns: tuple[str, ...], files=None):
     """A prepared split's ``columns`` read whole in this process, as an Arrow table."""
-    import pyarrow.parquet as pq
-
     files = split_files(results, name, split) if files is None else files
     return pq.ParquetDataset([f.path for f in files], filesystem=results.fs).read(columns=list(columns))
 

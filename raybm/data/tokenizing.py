@@ -8,11 +8,13 @@ driver.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from raybm.config import AugmentConfig, DataConfig, ModelConfig
 from raybm.data.splitting import text_key
@@ -94,8 +96,6 @@ class CountTokens(_WithTokenizer):
         self.max_length = max_length
 
     def __call__(self, batch: pd.DataFrame):
-        import pyarrow as pa
-
         texts = batch["text"].astype(str).tolist()
         counted = self.tokenizer(texts, truncation=False, padding=False)["input_ids"]
         kept = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)["input_ids"]
@@ -107,8 +107,6 @@ class CountTokens(_WithTokenizer):
 def tokenize_dataset(ds, data: DataConfig, model: ModelConfig, *, training: bool = False,
                      epoch: int = 0, concurrency: int = 1, num_cpus: float = 0.25):
     """Lazily tokenize a Dataset with columns text and label (augmenting if training)."""
-    import dataclasses
-
     from raybm.data.udf import map_batches_cached
 
     augment = dataclasses.asdict(data.augment) if training and data.augment.enabled else None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from raybm.errors import DataError
 
@@ -45,8 +46,6 @@ class TokenArrays:
     def from_table(cls, table, width: int) -> TokenArrays:
         """From a prepared split's Arrow table (``input_ids`` a list column, ``label``, and
         ``text`` if present); ``width`` is the longest a row may be (``data.max_length``)."""
-        import pyarrow.compute as pc
-
         col = table.column("input_ids").combine_chunks()
         lengths = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         if len(lengths) and int(lengths.max()) > width:

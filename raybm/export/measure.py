@@ -7,22 +7,21 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from raybm.config import JobConfig, build_config
 from raybm.errors import RaybmError
 from raybm.export.folders import PROBE_TEXTS
 from raybm.export.trained import source_config
-from raybm.inference.loading import load_predictor
+from raybm.inference.loading import load_predictor, read_label_map
+from raybm.metrics import confusion_matrix, metrics_from_confusion
 from raybm.results import Results
 
 
 def eval_split(model_dir: str, cfg: JobConfig) -> tuple[list[str], np.ndarray] | None:
     """The test split of the dataset the model was trained on, when it is prepared here."""
-    import pyarrow.parquet as pq
-
     from raybm.data.pipeline import dataset_name
     from raybm.data.sources import resolve_source
-    from raybm.inference.loading import read_label_map
 
     try:
         job = build_config(source_config(model_dir, cfg))
@@ -40,8 +39,6 @@ def measure(folder: str, backend: str, texts: list[str] | None, labels: np.ndarr
             latency_samples: int, threads: int = 2) -> dict[str, Any]:
     """Accuracy / macro-F1 on ``texts`` and single-sentence latency at 1 thread."""
     import torch
-
-    from raybm.metrics import confusion_matrix, metrics_from_confusion
 
     out: dict[str, Any] = {}
     saved = torch.get_num_threads()

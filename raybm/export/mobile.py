@@ -9,6 +9,7 @@ import os
 import shutil
 from typing import Any
 
+from raybm.inference.loading import model_max_length
 from raybm.results import EXPORTS, LABEL_MAP_FILE, MOBILE_DIR, ONNX_FILE, VARIANT_FILE
 
 PREDICT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mobile_predict.py")
@@ -17,8 +18,6 @@ PREDICT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mobil
 def build_mobile(variant_dir: str, out_dir: str, manifest: dict[str, Any]) -> None:
     """The mobile bundle of the ONNX variant in ``variant_dir``, written to ``out_dir``."""
     from transformers import AutoTokenizer
-
-    from raybm.inference.loading import model_max_length
 
     tok = AutoTokenizer.from_pretrained(variant_dir)
     os.makedirs(out_dir, exist_ok=True)

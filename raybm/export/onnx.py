@@ -10,6 +10,7 @@ import numpy as np
 
 from raybm.errors import RaybmError
 from raybm.export.folders import PROBE_TEXTS, copy_side_files
+from raybm.inference.loading import load_model_folder
 from raybm.results import ONNX_FILE
 
 ONNX_TOLERANCE = 1e-4  # fp32 ONNX logits must match PyTorch's to this relative error
@@ -34,8 +35,6 @@ def export_onnx(model_dir: str, out_dir: str, opset: int = 17) -> dict[str, Any]
     returns the largest relative error of its logits against PyTorch on probe texts."""
     import onnxruntime as ort
     import torch
-
-    from raybm.inference.loading import load_model_folder
 
     model, tokenizer, _ = load_model_folder(model_dir)
     module = _logits_module(model)

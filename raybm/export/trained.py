@@ -7,10 +7,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import yaml
+
 from raybm.config import JobConfig, build_config, merge_raw
 from raybm.errors import RaybmError
 from raybm.export.folders import copy_side_files
+from raybm.inference.loading import load_model_folder
 from raybm.results import MODEL_CONFIG_FILE
+from raybm.train.driver import run_training
 
 
 def pruning_targets(model) -> list:
@@ -35,8 +39,6 @@ def prune_model(model_dir: str, out_dir: str, amount: float) -> float:
     """Global unstructured L1 pruning of the encoder's Linear weights; saves a model folder."""
     import torch.nn.utils.prune as prune
 
-    from raybm.inference.loading import load_model_folder
-
     model, tokenizer, _ = load_model_folder(model_dir)
     targets = pruning_targets(model)
     prune.global_unstructured([(m, "weight") for m in targets], pruning_method=prune.L1Unstructured, amount=amount)
@@ -56,8 +58,6 @@ RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "torch_threads", "use_gpu", "
 def source_config(model_dir: str, cfg: JobConfig) -> dict[str, Any]:
     """The config the source model was trained with, on this job's storage, Ray and
     training resources."""
-    import yaml
-
     path = os.path.join(model_dir, MODEL_CONFIG_FILE)
     if not os.path.isfile(path):
         raise RaybmError(f"{model_dir}: no raybm_config.yaml, so its training data is unknown; the pruned and "
@@ -73,8 +73,6 @@ def source_config(model_dir: str, cfg: JobConfig) -> dict[str, Any]:
 
 def train_variant(model_dir: str, cfg: JobConfig, run_name: str, overrides: dict[str, Any], log) -> str:
     """Train on Ray Train from the source config with ``overrides``; returns the model folder."""
-    from raybm.train.driver import run_training
-
     raw = merge_raw(source_config(model_dir, cfg), {"name": run_name, **overrides})
     job = build_config(raw)
     return run_training(job, log=log).model_dir

@@ -40,11 +40,21 @@ from raybm.export.measure import eval_split, measure
 from raybm.export.mobile import publish_mobile
 from raybm.export.onnx import export_onnx, quantize_onnx
 from raybm.export.trained import prune_model, source_config, sparsity, train_variant
-from raybm.inference.loading import model_card
+from raybm.inference.loading import load_model_folder, model_card
 from raybm.inference.locate import local_model, locate_model, model_name
 from raybm.lease import hold_lease
-from raybm.results import (EXPORTS, MOBILE_DIR, MODEL_CARD_FILE, ONNX_FILE, SUMMARY_FILE, VARIANT_FILE, Results,
-                           copy_to_local, fetch_model, is_s3)
+from raybm.results import (
+    EXPORTS,
+    MOBILE_DIR,
+    MODEL_CARD_FILE,
+    ONNX_FILE,
+    SUMMARY_FILE,
+    VARIANT_FILE,
+    Results,
+    copy_to_local,
+    fetch_model,
+    is_s3,
+)
 
 VARIANTS = ("hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled")
 BACKEND = {"hf": "torch", "onnx": "onnx", "int8": "int8", "onnx-int8": "onnx", "fp16": "torch",
@@ -66,8 +76,6 @@ class ExportResult:
 def check_source(model_dir: str) -> None:
     """Load the source once, so a corrupt or incomplete folder fails before anything is
     written."""
-    from raybm.inference.loading import load_model_folder
-
     load_model_folder(model_dir)
 
 
@@ -188,8 +196,6 @@ def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name
             export_onnx(model_dir, fp32, e.opset)
         return quantize_onnx(fp32, staging)
     if v == "fp16":
-        from raybm.inference.loading import load_model_folder
-
         model, tokenizer, _ = load_model_folder(model_dir)
         model.half().save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
@@ -206,7 +212,6 @@ def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name
                       "parallelism": "ddp",  # the zeros are kept on whole weight matrices
                       "early_stopping_patience": 0, "distill_from": None}}, log)
         copy_to_local(trained, cfg.storage, staging)
-        from raybm.inference.loading import load_model_folder
 
         after = sparsity(load_model_folder(staging)[0])
         return {"method": "global L1 unstructured pruning of encoder Linear weights, then fine-tuning with the "

@@ -13,8 +13,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raybm.inference.loading import read_label_map
+from raybm.config import StorageConfig
+from raybm.errors import DataError
+from raybm.inference.loading import load_predictor, read_label_map
 from raybm.metrics import confusion_matrix, metrics_from_confusion
+from raybm.results import fetch_model
 
 
 class Classify:
@@ -22,12 +25,7 @@ class Classify:
 
     def __init__(self, model_dir: str, max_length: int = 128, threads: int = 1, batch_size: int = 64,
                  keep_text: bool = False, storage: dict[str, Any] | None = None) -> None:
-        from raybm.inference.loading import load_predictor
-
         if model_dir.startswith("s3://"):  # fetched here, on the node this task runs on
-            from raybm.config import StorageConfig
-            from raybm.results import fetch_model
-
             model_dir = fetch_model(model_dir, StorageConfig(**(storage or {})))
         self.keep_text = keep_text
         self.predictor = load_predictor(model_dir, "torch", threads=threads, max_length=max_length,
@@ -94,7 +92,6 @@ def score_source(model_dir: str, cfg, predictions: bool = False) -> Any:
     from raybm.data import cleaning
     from raybm.data.pipeline import count_values
     from raybm.data.sources import read_source, resolve_source
-    from raybm.errors import DataError
 
     labels = read_label_map(model_dir)
     src = resolve_source(cfg.data, cfg.storage)

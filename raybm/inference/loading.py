@@ -24,10 +24,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import yaml
 
+from raybm.config import StorageConfig
 from raybm.errors import RaybmError
-from raybm.results import (EXPORTS, LABEL_MAP_FILE, METRICS_FILE, MODEL_CONFIG_FILE, ONNX_FILE, RUNS,
-                           SWEEPS, VARIANT_FILE, WEIGHTS_FILE, WINNER_FILE)
+from raybm.results import (
+    EXPORTS,
+    LABEL_MAP_FILE,
+    METRICS_FILE,
+    MODEL_CONFIG_FILE,
+    ONNX_FILE,
+    RUNS,
+    SWEEPS,
+    VARIANT_FILE,
+    WEIGHTS_FILE,
+    WINNER_FILE,
+    resolve_uri,
+)
 
 BACKENDS = ("auto", "torch", "int8", "onnx")
 
@@ -35,8 +48,6 @@ BACKENDS = ("auto", "torch", "int8", "onnx")
 def read_label_map(model_dir: str, storage=None) -> list[str]:
     """The labels of a model folder, local or (with ``storage``) ``s3://``."""
     if model_dir.startswith("s3://"):
-        from raybm.results import resolve_uri
-
         fs, path = resolve_uri(model_dir, storage)
         try:
             with fs.open_input_stream(f"{path}/label_map.json") as f:
@@ -100,8 +111,6 @@ class Predictor:
 
 def model_max_length(model_dir: str, default: int = 128) -> int:
     """The ``data.max_length`` the model was trained with (from its raybm_config.yaml)."""
-    import yaml
-
     path = os.path.join(model_dir, MODEL_CONFIG_FILE)
     if not os.path.isfile(path):
         return default
@@ -238,10 +247,6 @@ def model_card(model_dir: str, source: str | None = None, storage: Any = None) -
     its test metrics. ``source``: where the folder was fetched from (an ``s3://`` URI), when
     ``model_dir`` is a local copy; the run's or sweep's records are read there. Locations
     are given relative to the results root (``runs/<run>/model``), never as local paths."""
-    import yaml
-
-    from raybm.results import resolve_uri
-
     labels = read_label_map(model_dir)
     card: dict[str, Any] = {"labels": labels, "base_model": None, "dataset": None,
                             "source": None, "source_kind": None, "test_metrics": None}
@@ -252,8 +257,6 @@ def model_card(model_dir: str, source: str | None = None, storage: Any = None) -
         card["base_model"] = (raw.get("model") or {}).get("name")
         card["dataset"] = (raw.get("data") or {}).get("source")
     if source and source.startswith("s3://"):
-        from raybm.config import StorageConfig
-
         fs, path = resolve_uri(source, storage or StorageConfig())
     else:
         fs, path = None, os.path.abspath(source or model_dir)

@@ -18,8 +18,12 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from raybm.errors import RaybmError
+from raybm.inference.loading import read_label_map
 
 PREDICTED_LABEL = "predicted_label"
 CONFIDENCE = "confidence"
@@ -106,8 +110,6 @@ def _check_output(input_path: str, output_path: str) -> None:
 def _read_frames(path: str, fmt: str, chunk_rows: int = 10_000) -> Iterator[pd.DataFrame]:
     try:
         if fmt == "parquet":
-            import pyarrow.parquet as pq
-
             for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
                 yield batch.to_pandas()
         elif fmt == "jsonl":
@@ -130,9 +132,6 @@ class _Writer:
 
     def write(self, df: pd.DataFrame) -> None:
         if self.fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
             if self._parquet is None:
                 table = pa.Table.from_pandas(df, preserve_index=False)
                 self._parquet = pq.ParquetWriter(self.tmp, table.schema)
@@ -164,7 +163,6 @@ def predict_file(model_dir: str, input_path: str, output_path: str, text_column:
                  log: Callable[[str], None] | None = None) -> Labelled:
     """Label every row of ``input_path`` into ``output_path``; with ``probabilities`` also
     write each class's probability. ``log`` gets a progress line every few seconds."""
-    from raybm.inference.loading import read_label_map
     from raybm.inference.evaluate import Classify
 
     if not os.path.isfile(input_path):
@@ -209,7 +207,6 @@ def predict_file(model_dir: str, input_path: str, output_path: str, text_column:
 
 def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels, probabilities=False):
     """Predictions streamed from Ray Data in input order, input columns kept."""
-    import pyarrow.csv as pacsv
     import ray.data
 
     from raybm.inference.evaluate import Classify

@@ -11,8 +11,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from raybm.models.baseline import register as _register_baseline
 from raybm.errors import RaybmError
+from raybm.models.baseline import register as _register_baseline
 from raybm.models.pooled import register as _register_pooled
 
 _register_baseline()

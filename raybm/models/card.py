@@ -15,7 +15,6 @@ import yaml
 
 from raybm.results import LABEL_MAP_FILE, MODEL_CARD_FILE, MODEL_CONFIG_FILE, Results
 
-
 # Built-in short names and where their weights come from on the hub.
 _HUB_IDS = {"all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
 

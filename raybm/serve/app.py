@@ -36,11 +36,23 @@ from typing import Any, Callable
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 
-from raybm.config import ServeConfig, StorageConfig
+from raybm.config import ServeConfig, StorageConfig, load_config
 from raybm.errors import RaybmError
-from raybm.serve.contract import (ERROR_RESPONSES, PREDICT_RESPONSES, BodyTooLarge, add_error_handlers, check_texts,
-                                  error_response, is_json_content_type, predict_each, predict_request_schema,
-                                  prediction)
+from raybm.inference.loading import check_model_files, model_card
+from raybm.inference.locate import locate_model
+from raybm.results import fetch_model, resolve_uri
+from raybm.serve.contract import (
+    ERROR_RESPONSES,
+    PREDICT_RESPONSES,
+    BodyTooLarge,
+    add_error_handlers,
+    check_texts,
+    error_response,
+    is_json_content_type,
+    predict_each,
+    predict_request_schema,
+    prediction,
+)
 
 DEFAULT_LOADER = "raybm.inference.loading:load_predictor"
 HEALTH_PROBE = "raybm health check"
@@ -76,13 +88,9 @@ def replica_threads(s: ServeConfig) -> int:
 def load_replica(model_dir: str, s: ServeConfig, loader: str | Callable, storage: dict[str, Any] | None):
     """(predictor, model card) of one replica: an ``s3://`` model is fetched into the node's
     model cache first (one copy per node and model version)."""
-    from raybm.inference.loading import model_card
-
     source = model_dir
     storage_cfg = StorageConfig(**(storage or {}))
     if model_dir.startswith("s3://"):
-        from raybm.results import fetch_model
-
         model_dir = fetch_model(model_dir, storage_cfg)
     device = "cuda" if s.gpus_per_replica > 0 else "cpu"
     started = time.time()
@@ -262,11 +270,7 @@ def build_application(model_dir: str, s: ServeConfig, loader: str | Callable = D
                       storage: StorageConfig | None = None):
     """A Serve application for ``model_dir`` (a local folder, or an s3:// one with the
     ``storage`` settings to reach it) with the settings ``s``."""
-    from raybm.inference.loading import check_model_files
-
     if model_dir.startswith("s3://"):
-        from raybm.results import resolve_uri
-
         fs, path = resolve_uri(model_dir, storage or StorageConfig())
         if fs.get_file_info(f"{path}/label_map.json").type == 0:  # pyarrow FileType.NotFound
             raise RaybmError(f"{model_dir}: not a model folder (no label_map.json)")
@@ -281,9 +285,6 @@ def build_application(model_dir: str, s: ServeConfig, loader: str | Callable = D
 def build_app(args: dict[str, str]):
     """Serve application builder: ``serve run raybm.serve.app:build_app model=PATH
     [config=FILE] [loader=module:function] [key=value ...]`` (keys are serve.* settings)."""
-    from raybm.config import load_config
-    from raybm.inference.locate import locate_model
-
     args = dict(args)
     if "model" not in args:
         raise RaybmError("build_app: pass model=<model folder>")

@@ -5,6 +5,7 @@ checked contract are one."""
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' real annotations.
 
+import logging
 import re
 from typing import Any, Callable
 
@@ -109,8 +110,6 @@ def predict_each(predict: Callable[[list[str]], Any], texts: list[str]) -> list[
     """``predict(texts)`` as a list, one row per text. When the batch fails, each text is
     tried alone, so one bad text fails only its own request: a text that still fails gets
     its exception in its place."""
-    import logging
-
     try:
         return list(predict(texts))
     except Exception as e:  # noqa: BLE001 - isolated per text below

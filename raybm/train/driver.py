@@ -16,15 +16,43 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from raybm.config import JobConfig, run_name_for
 from raybm.errors import RaybmError
+from raybm.inference.loading import read_label_map
 from raybm.lease import hold_lease
 from raybm.models.card import write_model_card
-from raybm.results import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, MODEL_DIR, PREDICTIONS_FILE, RUNS, WEIGHTS_FILE, Results
-from raybm.train.publish import best_epoch, publish_model, run_history, score_model_uri, scored_checkpoint, worker_nodes_of
-from raybm.train.resources import (PLACEMENT_TIMEOUT_ENV, POLL_INTERVAL_ENV, POLL_INTERVAL_S, asks_for_gpus,
-                                   check_workers_fit, not_placed, placement_failure, torch_backend,
-                                   worker_resources)
+from raybm.results import (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    METRICS_FILE,
+    MODEL_DIR,
+    PREDICTIONS_FILE,
+    RUNS,
+    WEIGHTS_FILE,
+    Results,
+)
+from raybm.train.loop import train_loop_per_worker
+from raybm.train.publish import (
+    best_epoch,
+    publish_model,
+    run_history,
+    score_model_uri,
+    scored_checkpoint,
+    worker_nodes_of,
+)
+from raybm.train.resources import (
+    PLACEMENT_TIMEOUT_ENV,
+    POLL_INTERVAL_ENV,
+    POLL_INTERVAL_S,
+    asks_for_gpus,
+    check_workers_fit,
+    not_placed,
+    placement_failure,
+    torch_backend,
+    worker_resources,
+)
 
 
 @dataclass
@@ -134,8 +162,6 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raybm.train.loop import train_loop_per_worker
-
     t = cfg.train
     gpu = asks_for_gpus(t.use_gpu)
     # Bounded: Ray Train retries a worker group it cannot place every minute, without end.
@@ -197,8 +223,6 @@ def recipe_differences(old: dict, new: dict) -> list[str]:
 def check_same_recipe(results: Results, run_dir: str, run_name: str, cfg: JobConfig) -> None:
     """Refuse to resume a run that was started with another model or training recipe
     (Ray Train would resume it from its checkpoints without looking)."""
-    import yaml
-
     path = results.join(run_dir, CONFIG_FILE)
     if not results.exists(path):
         return
@@ -221,7 +245,6 @@ def teacher_labels(folder: str | None) -> list[str] | None:
     worker work, when the folder is not a raybm model folder."""
     if not folder:
         return None
-    from raybm.inference.loading import read_label_map
 
     if not os.path.isfile(os.path.join(folder, WEIGHTS_FILE)):
         raise RaybmError(f"train.distill_from={folder}: no model.safetensors there; the teacher must be a "

@@ -3,6 +3,9 @@ checkpoints and resuming."""
 
 from __future__ import annotations
 
+from raybm.errors import RaybmError
+
+
 def wrap_fsdp(model, device):
     """Shard ``model`` over all workers with FSDP: one unit per encoder layer plus one for the
     rest, so a forward pass holds one layer's full weights at a time. The original
@@ -14,7 +17,6 @@ def wrap_fsdp(model, device):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from raybm.errors import RaybmError
     from raybm.models.build import encoder_layers
 
     try:

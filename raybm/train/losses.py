@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from raybm.inference.loading import load_model_folder
+
+
 def load_teacher(folder: str, device):
     """The distillation teacher, frozen, in eval mode."""
-    from raybm.inference.loading import load_model_folder
-
     teacher, _, _ = load_model_folder(folder)
     teacher.to(device)
     for p in teacher.parameters():

@@ -4,6 +4,7 @@ runs, sweeps and soups publish the same way."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -29,16 +30,12 @@ def scored_checkpoint(result) -> tuple[Any, dict | None]:
 def run_history(result) -> list[dict[str, Any]]:
     """Every epoch's metrics: the loop carries the full history in each report (Ray keeps
     only the metrics of the checkpoints it retains)."""
-    import json
-
     metrics = result.metrics or {}
     return json.loads(metrics["history"]) if "history" in metrics else []
 
 
 def worker_nodes_of(history: list[dict[str, Any]]) -> list[str]:
     """The Ray node id of each rank in the last epoch (rank 0 first); [] before any epoch."""
-    import json
-
     return json.loads(history[-1]["worker_nodes"]) if history and history[-1].get("worker_nodes") else []
 
 

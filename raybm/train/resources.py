@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from raybm.config import JobConfig
 from raybm.errors import RaybmError
+from raybm.placement import alive_nodes, check_placeable
 from raybm.runtime import on_cluster
 
 
@@ -24,8 +25,6 @@ def check_workers_fit(cfg: JobConfig, what: str, extra: list[dict[str, float]] |
     trial's tokenizer actors) no node of the cluster can hold: Ray Train would wait for them
     forever, retrying every minute. GPUs an autoscaler will add (``train.use_gpu=yes`` on a
     cluster, ``tune.cluster_gpus``) and anything with ``ray.autoscaling`` are not held against it."""
-    from raybm.placement import alive_nodes, check_placeable
-
     t = cfg.train
     gpu = asks_for_gpus(t.use_gpu)
     cluster = on_cluster()

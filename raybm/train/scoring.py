@@ -9,6 +9,7 @@ import numpy as np
 
 from raybm.config import JobConfig
 from raybm.metrics import confusion_matrix, metrics_from_confusion
+from raybm.results import Results
 from raybm.train.checkpoints import load_weights
 
 
@@ -61,8 +62,6 @@ def score_best_checkpoint(config: dict, cfg: JobConfig, model, device, labels: l
     scores the published model."""
     import ray.train
 
-    from raybm.results import Results
-
     if kept_epoch is None:
         return None
     if kept_epoch != last_epoch:  # the live weights are a later, worse epoch's
@@ -80,7 +79,6 @@ def whole_split(config: dict, cfg: JobConfig, split: str, *, texts: bool = False
     """A split of the dataset the driver named (``whole_splits``), read whole here from the
     results folder (``raybm.data.whole``); ``shard``: rank, world, seed and shuffle."""
     from raybm.data.whole import WholeSplit, read_whole_split
-    from raybm.results import Results
 
     width = cfg.data.max_length
     arrays = read_whole_split(Results.from_config(cfg.storage), config["whole_splits"], split, width, texts=texts)

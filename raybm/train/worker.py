@@ -3,7 +3,9 @@ progress restored from the last checkpoint when the worker group restarts."""
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +20,6 @@ from raybm.train.scoring import whole_split
 def say(message: str) -> None:
     """Progress from worker 0. Not print(): Ray Train patches print into its logger, which
     also echoes to the console, so each line would show twice."""
-    import sys
-
     sys.stdout.write(f"[raybm] {message}\n")
     sys.stdout.flush()
 
@@ -28,8 +28,6 @@ def quiet_ray_train_logs() -> None:
     """Ray Train logs, at INFO in every worker, each report with its whole metrics dict (the
     history included, so the line grows every epoch) and each checkpoint it saves. The
     loop's own epoch line says what matters once; warnings and errors still show."""
-    import logging
-
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     try:
         from ray.train.v2._internal.execution import context as train_context

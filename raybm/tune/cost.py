@@ -8,11 +8,13 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 from raybm.config import JobConfig
-from raybm.results import WEIGHTS_FILE
+from raybm.export.measure import measure
+from raybm.results import WEIGHTS_FILE, copy_to_local, is_s3
 
 
 def architecture(folder: str) -> tuple[str, int]:
@@ -31,11 +33,6 @@ def measure_costs(cfg: JobConfig, rows: list[dict[str, Any]], log: Callable[[str
     on the architecture only, so it is measured once per architecture, one after another on
     the driver (trials that share an architecture share the number, free of the noise of
     measuring them apart)."""
-    import tempfile
-
-    from raybm.export.measure import measure
-    from raybm.results import copy_to_local, is_s3
-
     latency: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="raybm-cost-") as tmp:
         for row in rows:

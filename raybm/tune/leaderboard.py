@@ -9,9 +9,15 @@ import json
 import math
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from raybm.config import JobConfig
 from raybm.config.search_space import Distribution
-from raybm.results import LEADERBOARD, Results
+from raybm.results import EPOCH_METRICS_FILE, LEADERBOARD, Results
+from raybm.train.checkpoints import CHECKPOINT_FILES
+from raybm.train.driver import failure_reason
+from raybm.train.publish import worker_nodes_of
+from raybm.train.resources import asks_for_gpus, not_placed, placement_failure
 
 # Serving-cost columns of the leaderboard (tune.measure_cost, tune.max_latency_ms).
 COST_COLUMNS = ("params", "size_mb", "latency_p50_ms", "within_budget")
@@ -45,11 +51,6 @@ def _trial_history(res, metric: str) -> list[dict[str, Any]]:
 def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> tuple[str | None, dict | None]:
     """The best complete checkpoint of a Train run by ``metric``, read from the epoch
     metrics each checkpoint carries: (path on results.fs, its metrics)."""
-    import pyarrow.fs as pafs
-
-    from raybm.train.checkpoints import CHECKPOINT_FILES
-    from raybm.results import EPOCH_METRICS_FILE
-
     if not results.exists(run_dir):
         return None, None
     found = []
@@ -89,10 +90,6 @@ def _trial_config(res) -> dict[str, Any]:
 def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Results,
                 trials_dir: str) -> list[dict[str, Any]]:
     """One row per trial, best first (trials without a metric last)."""
-    from raybm.train.driver import failure_reason
-    from raybm.train.publish import worker_nodes_of
-    from raybm.train.resources import asks_for_gpus, not_placed, placement_failure
-
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = []
     for res in grid:

@@ -20,14 +20,34 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from raybm.errors import ConfigError, RaybmError
+from raybm.inference.loading import model_card, read_label_map
+from raybm.inference.locate import locate_model
 from raybm.metrics import soup_metric
-from raybm.results import (EPOCH_METRICS_FILE, MODEL_CARD_FILE, MODEL_CONFIG_FILE, MODEL_DIR, SOUP_FILE,
-                           SUCCESS_MARKER, TRAIN_STATE_FILE, WEIGHTS_FILE, soup_used)
+from raybm.models.card import write_model_card
+from raybm.results import (
+    CONFIG_FILE,
+    EPOCH_METRICS_FILE,
+    METRICS_FILE,
+    MODEL_CARD_FILE,
+    MODEL_CONFIG_FILE,
+    MODEL_DIR,
+    PREDICTIONS_FILE,
+    SOUP_FILE,
+    SUCCESS_MARKER,
+    TRAIN_STATE_FILE,
+    WEIGHTS_FILE,
+    Results,
+    fetch_model,
+    is_s3,
+    soup_used,
+)
+from raybm.train.publish import publish_model, score_model_uri
 
 # Files of a training checkpoint that do not describe the averaged model.
 _NOT_COPIED = (TRAIN_STATE_FILE, EPOCH_METRICS_FILE, SUCCESS_MARKER, MODEL_CARD_FILE)
@@ -177,8 +197,6 @@ def make_soup(candidates: list[tuple[str, str]], score: Callable[[str], dict[str
 
 def check_soup_inputs(cfg, models: list[str], dataset: str, name: str):
     """``raybm soup``'s arguments, checked without Ray: (results, the new run's folder)."""
-    from raybm.results import Results
-
     if len(models) < 2:
         raise RaybmError("a soup needs at least two models (--models A B ...)")
     if len(set(models)) != len(models):
@@ -201,16 +219,10 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
     s3:// folders) as a new run ``runs/<name>/``: model/, metrics.json (the soup's test
     metrics and its recipe), config.yaml, test predictions. Candidates are ranked by their
     validation score on ``dataset`` first; the test split is scored once, at the end."""
-    import tempfile
-
     import ray.train
 
     from raybm.data import load_split
-    from raybm.inference.loading import read_label_map
     from raybm.inference.evaluate import score_dataset
-    from raybm.inference.locate import locate_model
-    from raybm.results import CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, fetch_model, is_s3
-    from raybm.train.publish import publish_model, score_model_uri
 
     results, run_dir = check_soup_inputs(cfg, models, dataset, name)
     metric = soup_metric(cfg.tune.metric)
@@ -240,7 +252,6 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
                          workdir=os.path.join(tmp, "work"), log=log)
         with open(os.path.join(soup.folder, SOUP_FILE), "w", encoding="utf-8") as f:
             json.dump({**soup.to_dict(), "dataset": dataset}, f, indent=2)
-        from raybm.inference.loading import model_card
 
         base_model = model_card(soup.folder)["base_model"]
         model_uri = publish_model(results, run_dir, ray.train.Checkpoint.from_directory(soup.folder))
@@ -254,7 +265,6 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
     metrics = {"run": name, "dataset": dataset, "model": base_model, "soup": {**soup.to_dict(), "models": models},
                "validation": {cfg.tune.metric: soup.validation}, "test": test}
     results.write_json(results.join(run_dir, METRICS_FILE), metrics)
-    from raybm.models.card import write_model_card
 
     write_model_card(results, results.join(run_dir, MODEL_DIR), name=name, kind="soup", dataset=dataset, test=test,
                      notes=[f"the {soup.method} soup of {', '.join(soup.ingredients)} (from {', '.join(models)}), "

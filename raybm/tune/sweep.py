@@ -6,7 +6,6 @@ training stage, with ``TuneReportCallback`` forwarding every epoch's validation 
 This is Ray 2.60's supported pattern; a Trainer handed to a Tuner is not.
 
 Layout under ``sweeps/<sweep>/`` (docs/tuning.md)::
-
     config.yaml           the resolved job config, search space included
     tune/                 Tune's experiment state (what --resume restores)
     trials/<trial_id>/    each trial's Ray Train run: checkpoints
@@ -20,20 +19,43 @@ Layout under ``sweeps/<sweep>/`` (docs/tuning.md)::
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from raybm.config import JobConfig, sweep_name_for
+from raybm.config.search_space import Distribution, grid_size, parse_space
 from raybm.errors import RaybmError
 from raybm.lease import hold_lease
-from raybm.results import (CONFIG_FILE, LEADERBOARD, MODEL_DIR, SWEEPS, TRIALS_DIR, TUNE_DIR, WINNER_FILE, Results)
-from raybm.config.search_space import Distribution, grid_size, parse_space
+from raybm.metrics import soup_metric
+from raybm.models.card import write_model_card
+from raybm.results import (
+    CONFIG_FILE,
+    LEADERBOARD,
+    MODEL_DIR,
+    PREDICTIONS_FILE,
+    SWEEPS,
+    TRIALS_DIR,
+    TUNE_DIR,
+    WINNER_FILE,
+    Results,
+    copy_to_local,
+)
+from raybm.train.driver import load_prepared, load_text_splits, reads_whole_splits, training_datasets
+from raybm.train.publish import publish_model, score_model_uri
+from raybm.train.resources import check_workers_fit
 from raybm.tune.cost import measure_costs, within_budget
 from raybm.tune.leaderboard import format_values, leaderboard, write_leaderboard
-from raybm.tune.trial import (TRIAL_DRIVER_MEMORY, TRIAL_TOKENIZER_BUNDLES, concurrent_trials, resource_releaser,
-                              run_trial)
+from raybm.tune.soup import make_soup
+from raybm.tune.trial import (
+    TRIAL_DRIVER_MEMORY,
+    TRIAL_TOKENIZER_BUNDLES,
+    concurrent_trials,
+    resource_releaser,
+    run_trial,
+)
 
 # Keys whose change needs the data tokenized again for each trial.
 _TOKENIZATION_KEYS = ("data.", "model.name", "model.trust_remote_code")
@@ -69,7 +91,6 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     from ray import tune
 
     from raybm.data import run_data_stage
-    from raybm.train.resources import check_workers_fit
 
     dists = parse_space(cfg.tune.search_space)
     if not dists:
@@ -132,8 +153,6 @@ def _trainable(cfg: JobConfig, prepared, results: Results, sweep_dir: str, token
     with its labels read). Read only now: a finished sweep needs no data (and reading asks
     Ray for CPUs)."""
     from ray import tune
-
-    from raybm.train.driver import load_prepared, load_text_splits, reads_whole_splits, training_datasets
 
     prepared, labels = load_prepared(cfg, log=log, prepared=prepared)
     # Trials share one tokenized copy, unless the search changes how text is tokenized.
@@ -216,13 +235,9 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
                     log: Callable[[str], None]) -> dict[str, Any]:
     """Copy the winner's best checkpoint (or, with ``tune.soup``, the soup of the best trials)
     to <sweep>/model and score it on the test split."""
-    import tempfile
-
     import ray.train
 
     from raybm.data import load_split
-    from raybm.train.publish import publish_model, score_model_uri
-    from raybm.results import PREDICTIONS_FILE
 
     row = ranked[0]
     metric = cfg.tune.metric
@@ -258,7 +273,6 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
     if row.get("latency_p50_ms") is not None:
         notes.append(f"serving cost: {row.get('params', 0):,} parameters, {row.get('size_mb')} MB, median "
                      f"single-sentence latency {row['latency_p50_ms']} ms (PyTorch, 1 thread, measured on the driver)")
-    from raybm.models.card import write_model_card
 
     write_model_card(results, results.join(sweep_dir, MODEL_DIR), name=os.path.basename(sweep_dir.rstrip("/")),
                      kind="sweep", dataset=dataset, test=test, notes=notes)
@@ -274,9 +288,6 @@ def _make_soup(results: Results, cfg: JobConfig, dataset: str, rows: list[dict[s
     """The soup of ``rows``' best checkpoints (best first), scored on the validation split."""
     from raybm.data import load_split
     from raybm.inference.evaluate import score_dataset
-    from raybm.results import copy_to_local
-    from raybm.metrics import soup_metric
-    from raybm.tune.soup import make_soup
 
     candidates = [(r["trial"], copy_to_local(r["best_checkpoint"], cfg.storage, os.path.join(workdir, r["trial"])))
                   for r in rows]

@@ -7,7 +7,11 @@ from typing import Any
 
 from raybm.config import JobConfig, build_config, merge_raw
 from raybm.config.search_space import nested
+from raybm.placement import alive_nodes, copies_that_fit
 from raybm.results import Results
+from raybm.runtime import cluster_address
+from raybm.train.driver import build_trainer, reads_whole_splits, tokenized_datasets
+from raybm.train.resources import asks_for_gpus, worker_resources
 
 # Each trial's function only waits on its TorchTrainer; the workers reserve the real CPUs.
 # It reserves memory, not a fraction of a CPU: fractions left on nodes add up to no node
@@ -31,8 +35,6 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], labels: list[str]
     prepared dataset ``dataset`` whole where they can (``train.data_feed``)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from raybm.train.driver import build_trainer, reads_whole_splits, tokenized_datasets
 
     cfg = trial_config(base, params)
     results = Results.from_config(cfg.storage)
@@ -90,17 +92,12 @@ def resource_releaser():
 def trial_bundles(cfg: JobConfig, tokenizes: bool) -> list[dict[str, float]]:
     """What one running trial holds, bundle by bundle: its workers, its tokenizer actors
     (the trial's own function reserves memory only)."""
-    from raybm.train.resources import asks_for_gpus, worker_resources
-
     t = cfg.train
     return [worker_resources(t, asks_for_gpus(t.use_gpu))] * t.num_workers + (TRIAL_TOKENIZER_BUNDLES if tokenizes else [])
 
 
 def concurrent_trials(cfg: JobConfig, tokenizes: bool) -> int:
     """Trials that fit the cluster at once (``tune.max_concurrent_trials`` wins if set)."""
-    from raybm.placement import alive_nodes
-    from raybm.runtime import cluster_address
-
     return trials_that_fit(cfg, trial_bundles(cfg, tokenizes), alive_nodes(), bool(cluster_address(cfg.ray)))
 
 
@@ -108,8 +105,6 @@ def trials_that_fit(cfg: JobConfig, bundles: list[dict[str, float]], nodes: list
                     on_cluster: bool) -> int:
     """Trials whose bundles fit the nodes at once, node by node. GPU sweeps on an autoscaling
     cluster: ``tune.cluster_gpus`` over a trial's GPUs. At least 1."""
-    from raybm.placement import copies_that_fit
-
     gpus = sum(b.get("GPU", 0.0) for b in bundles)
     if gpus and cfg.tune.cluster_gpus:
         fits = max(1, int(cfg.tune.cluster_gpus // gpus))

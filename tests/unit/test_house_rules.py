@@ -59,3 +59,57 @@ def test_no_function_is_longer_than_a_screen():
 def test_no_module_is_longer_than_a_few_hundred_lines():
     big = [f"raybm/{rel} ({lines} lines)" for rel, _, lines in modules() if lines > MAX_MODULE_LINES]
     assert not big, f"split by concern (at most {MAX_MODULE_LINES} lines):\n" + "\n".join(big)
+
+
+# The only imports a function may make itself (not the module): libraries whose import
+# costs seconds or which only some commands need, and raybm modules that import them.
+# Everything else is imported at the top of the module.
+LAZY_IMPORTS = {
+    "ray": "Ray's client, Data, Train, Tune and Serve: 0.7 s or more, and not needed by a command that fails its checks",
+    "torch": "3 s with transformers; not needed to read results, list them or check a config",
+    "transformers": "3 s with torch",
+    "safetensors": "only where weights are read or written",
+    "onnxruntime": "only ONNX variants",
+    "fastapi": "only the model server",
+    "starlette": "only the model server",
+    "streamlit": "only the dashboard",
+    "altair": "only the dashboard's charts",
+    "pandas": "0.2 s; only tables and files of predictions",
+    "sklearn": "only its English stop-word list (data.clean.stop_words)",
+    "boto3": "only S3",
+    "botocore": "only S3",
+    "ftfy": "only the twitter corpus's repair",
+    "raybm.data": "imports Ray Data",
+    "raybm.models": "imports torch and transformers",
+    "raybm.inference.evaluate": "imports pandas and Ray Data",
+    "raybm.inference.predict": "imports pandas",
+    "raybm.dashboard": "imports pandas and Streamlit",
+    "raybm.serve.app": "imports FastAPI",
+    "raybm.serve.deploy": "imports FastAPI",
+}
+
+
+def lazy_reason(module: str) -> str | None:
+    """The reason a function may import ``module`` itself, or None."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in LAZY_IMPORTS:
+            return LAZY_IMPORTS[".".join(parts[:n])]
+    return None
+
+
+def test_functions_import_only_heavy_libraries_themselves():
+    found = []
+    for rel, tree, _ in modules():
+        for name, node in definitions(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for stmt in ast.walk(node):
+                if isinstance(stmt, ast.Import):
+                    names = [a.name for a in stmt.names]
+                elif isinstance(stmt, ast.ImportFrom) and not stmt.level:
+                    names = [stmt.module]
+                else:
+                    continue
+                found += [f"raybm/{rel}:{stmt.lineno} {name}: {m}" for m in names if lazy_reason(m) is None]
+    assert not found, "import these at the top of the module:\n" + "\n".join(sorted(set(found)))
