@@ -10,7 +10,7 @@ from raybm.commands.common import add_config_args, print_test_metrics
 from raybm.config import build_config, load_config
 from raybm.errors import RaybmError
 from raybm.export.variants import TRAINED, run_export
-from raybm.inference.loading import model_card, read_label_map
+from raybm.inference.loading import model_info, read_label_map
 from raybm.inference.locate import local_model, locate_model, model_name
 from raybm.results import Results, is_s3
 from raybm.runtime import check_shared_paths, cluster_address, ensure_ray, quiet_ray_data
@@ -153,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if is_s3(model_dir):  # replicas fetch the model from S3 themselves (on whichever node they run)
         card, storage = {"name": model_name(model_dir)}, cfg.storage
     else:
-        card = model_card(model_dir)
+        card = model_info(model_dir)
     read_api_key(s)  # a missing key fails before Ray starts
     if args.detach and not cluster_address(cfg.ray):
         raise RaybmError("--detach leaves the server running on a Ray cluster; without one (ray.address or "

@@ -40,7 +40,7 @@ from raybm.export.measure import eval_split, measure
 from raybm.export.mobile import publish_mobile
 from raybm.export.onnx import export_onnx, quantize_onnx
 from raybm.export.trained import prune_model, source_config, sparsity, train_variant
-from raybm.inference.loading import load_model_folder, model_card
+from raybm.inference.loading import load_model_folder, model_info
 from raybm.inference.locate import local_model, locate_model, model_name
 from raybm.lease import hold_lease
 from raybm.results import (
@@ -97,7 +97,7 @@ def run_export(cfg: JobConfig, model_spec: str, variants: list[str] | None = Non
     source_uri = located if is_s3(located) else None
     if not results.remote:
         model_dir = local_model(located, cfg)
-        name = model_name(located) if source_uri else model_card(model_dir)["name"]
+        name = model_name(located) if source_uri else model_info(model_dir)["name"]
         with hold_lease(results, EXPORTS, name, f"export {name!r}", log=log):  # one writer per export
             return _export(cfg, model_dir, variants, results, log, source_uri=source_uri)
     with tempfile.TemporaryDirectory(prefix="raybm-export-") as tmp:
@@ -122,7 +122,7 @@ def _export(cfg: JobConfig, model_dir: str, variants: list[str], results: Result
     check_source(model_dir)
     if any(v in TRAINED for v in variants):
         source_config(model_dir, cfg)  # the training data must be known before anything runs
-    card = model_card(model_dir)
+    card = model_info(model_dir)
     # A model fetched from S3 sits in a temporary folder: its name comes from where it was.
     name = model_name(source_uri) if source_uri else card["name"]
     out = results.export_dir(name)

@@ -12,7 +12,7 @@ so they all see the same numbers. Backends:
 - ``auto``: what the folder is: ``onnx`` for an ONNX variant, ``int8`` for the int8
   variant, else ``torch``.
 
-``model_card(model_dir)`` says what a model folder holds: base model, labels, the run or
+``model_info(model_dir)`` says what a model folder holds: base model, labels, the run or
 sweep it came from and that run's test metrics, for ``GET /metadata`` and the dashboard.
 """
 
@@ -242,7 +242,7 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
-def model_card(model_dir: str, source: str | None = None, storage: Any = None) -> dict[str, Any]:
+def model_info(model_dir: str, source: str | None = None, storage: Any = None) -> dict[str, Any]:
     """What a model folder is: name, base model, labels, the run or sweep it came from and
     its test metrics. ``source``: where the folder was fetched from (an ``s3://`` URI), when
     ``model_dir`` is a local copy; the run's or sweep's records are read there. Locations

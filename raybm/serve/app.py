@@ -38,7 +38,7 @@ from fastapi import Request  # module level: FastAPI resolves the handlers' anno
 
 from raybm.config import ServeConfig, StorageConfig, load_config
 from raybm.errors import RaybmError
-from raybm.inference.loading import check_model_files, model_card
+from raybm.inference.loading import check_model_files, model_info
 from raybm.inference.locate import locate_model
 from raybm.results import fetch_model, resolve_uri
 from raybm.serve.contract import (
@@ -95,7 +95,7 @@ def load_replica(model_dir: str, s: ServeConfig, loader: str | Callable, storage
     device = "cuda" if s.gpus_per_replica > 0 else "cpu"
     started = time.time()
     predictor = import_object(loader)(model_dir, backend=s.backend, threads=replica_threads(s), device=device)
-    card = model_card(model_dir, source=source, storage=storage_cfg)
+    card = model_info(model_dir, source=source, storage=storage_cfg)
     card.update(backend=getattr(predictor, "backend", s.backend), device=device, torch_threads=replica_threads(s),
                 load_seconds=round(time.time() - started, 2))
     return predictor, card

@@ -17,7 +17,7 @@ def wrap_fsdp(model, device):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from raybm.models.build import encoder_layers
+    from raybm.models.strategies import encoder_layers
 
     try:
         policy = ModuleWrapPolicy({type(layer) for layer in encoder_layers(model)})

@@ -48,7 +48,7 @@ def train_epoch(w: Worker, p: Progress, epoch: int) -> EpochStats:
     optimizer steps), with progress lines from rank 0."""
     import torch
 
-    from raybm.models.build import apply_strategy
+    from raybm.models.strategies import apply_strategy
 
     t = w.cfg.train
     stats = EpochStats(trainable=apply_strategy(w.model, t, epoch, w.sizes))

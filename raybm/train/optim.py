@@ -11,7 +11,7 @@ def build_optimizer(model, t, groups: list[dict] | None = None):
     their shapes no longer tell weights from biases."""
     import torch
 
-    from raybm.models.build import param_groups
+    from raybm.models.strategies import param_groups
 
     if groups is None:
         groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)

@@ -122,7 +122,8 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
     import torch
 
     from raybm.data.tokenizing import PadCollate
-    from raybm.models.build import build_classifier, load_tokenizer, param_groups
+    from raybm.models.build import build_classifier, load_tokenizer
+    from raybm.models.strategies import param_groups
 
     cfg = build_config(config["job"])
     t = cfg.train

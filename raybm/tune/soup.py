@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raybm.errors import ConfigError, RaybmError
-from raybm.inference.loading import model_card, read_label_map
+from raybm.inference.loading import model_info, read_label_map
 from raybm.inference.locate import locate_model
 from raybm.metrics import soup_metric
 from raybm.models.card import write_model_card
@@ -253,7 +253,7 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
         with open(os.path.join(soup.folder, SOUP_FILE), "w", encoding="utf-8") as f:
             json.dump({**soup.to_dict(), "dataset": dataset}, f, indent=2)
 
-        base_model = model_card(soup.folder)["base_model"]
+        base_model = model_info(soup.folder)["base_model"]
         model_uri = publish_model(results, run_dir, ray.train.Checkpoint.from_directory(soup.folder))
         source_cfg = os.path.join(local[0][1], MODEL_CONFIG_FILE)
         if os.path.isfile(source_cfg):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .test_data_pipeline import make_frame
+from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
 

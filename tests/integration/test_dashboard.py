@@ -13,7 +13,7 @@ from raybm.export.variants import run_export
 from raybm.inference.loading import load_predictor
 from raybm.tune.sweep import run_sweep
 
-from .test_data_pipeline import make_frame
+from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
 

@@ -11,6 +11,7 @@ from raybm.data import load_split, run_data_stage, tokenize_dataset
 from raybm.data.tokenizing import PadCollate
 from raybm.errors import DataError
 from raybm.results import Results
+from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -19,14 +20,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def quiet(_msg):
     pass
-
-
-def make_frame(n_per_class=40):
-    rows = []
-    for i in range(n_per_class):
-        rows.append({"body": f"I really liked item number {i}, great stuff", "sentiment": "pos"})
-        rows.append({"body": f"Item {i} was a disappointment, <i>avoid</i>", "sentiment": "neg"})
-    return pd.DataFrame(rows)
 
 
 def prepare(tmp_path, source, *overrides):

@@ -12,7 +12,7 @@ from raybm.data import load_split, run_data_stage
 from raybm.errors import RaybmError
 from raybm.results import Results
 
-from .test_data_pipeline import make_frame
+from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
 

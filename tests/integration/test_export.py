@@ -15,7 +15,7 @@ from raybm.export.variants import run_export
 from raybm.inference.loading import load_predictor
 from raybm.train.driver import run_training
 
-from .test_data_pipeline import make_frame
+from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
 
@@ -46,14 +46,21 @@ def trained(ray_local, tmp_path_factory):
     return cfg, result
 
 
-def test_every_variant_loads_and_predicts_like_the_reference(trained):
+@pytest.fixture(scope="module")
+def exported(trained):
+    """Every variant of the trained model, exported once for the tests below: (export
+    result, the reference's probabilities on the probes, its labels)."""
     cfg, result = trained
     cfg = build_config({**cfg.to_dict(), "export": {"prune_sparsity": 0.5, "distill_layers": 1,
                                                      "distill_epochs": 2, "distill_lr": 0.003, "prune_lr": 0.003,
                                                      "latency_samples": 10}})
     out = run_export(cfg, "tiny", ["hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled"], log=quiet)
     reference = load_predictor(result.model_dir).predict(PROBES)
-    ref_labels = reference.argmax(1)
+    return out, reference, reference.argmax(1)
+
+
+def test_every_variant_loads_and_predicts_like_the_reference(exported):
+    out, reference, ref_labels = exported
     # The reference learned the probes (label 1 is "pos"): agreement with it then means something.
     assert ref_labels.tolist() == PROBE_LABELS, reference
     folder = out.folder
@@ -75,12 +82,15 @@ def test_every_variant_loads_and_predicts_like_the_reference(trained):
         assert out.manifests[variant]["measured"]["agreement_with_reference"] >= 10 / 12, variant
     assert load_predictor(os.path.join(folder, "int8"), "auto").backend == "int8"
 
-    # Sizes and methods are real: int8 ONNX is smaller, fp16 is half, pruning reached its target.
-    m = out.manifests
-    assert m["onnx-int8"]["model_bytes"] < 0.5 * m["onnx"]["model_bytes"]
-    assert m["fp16"]["model_bytes"] < 0.6 * m["hf"]["model_bytes"]
+
+def test_sizes_and_methods_are_real_and_every_variant_is_measured(exported):
+    # int8 ONNX is smaller, fp16 is half, pruning reached its target, the student is shallower.
     from raybm.inference.loading import load_model_folder
 
+    out, _, _ = exported
+    folder, m = out.folder, out.manifests
+    assert m["onnx-int8"]["model_bytes"] < 0.5 * m["onnx"]["model_bytes"]
+    assert m["fp16"]["model_bytes"] < 0.6 * m["hf"]["model_bytes"]
     assert sparsity(load_model_folder(os.path.join(folder, "pruned"))[0]) >= 0.49
     assert m["pruned"]["settings"]["sparsity_reached"] >= 0.49
     student = load_model_folder(os.path.join(folder, "distilled"))[0]
@@ -91,20 +101,22 @@ def test_every_variant_loads_and_predicts_like_the_reference(trained):
     with open(os.path.join(folder, "summary.json")) as f:
         assert json.load(f)["reference"]["examples"] == 12
 
-    # The mobile artifact runs with neither raybm nor transformers nor torch importable.
-    mobile = os.path.join(folder, "mobile")
+
+def test_the_mobile_bundle_runs_without_raybm_transformers_or_torch(exported):
+    import subprocess
+
+    out, _, _ = exported
+    mobile = os.path.join(out.folder, "mobile")
     with open(os.path.join(mobile, "manifest.json")) as f:
         source_variant = json.load(f)["from_variant"]
     assert source_variant in ("onnx", "onnx-int8")
     code = ("import runpy, sys; [sys.modules.__setitem__(m, None) for m in ('raybm', 'transformers', 'torch')]; "
             f"sys.argv = ['predict.py', *{PROBES!r}]; runpy.run_path({os.path.join(mobile, 'predict.py')!r}, "
             "run_name='__main__')")
-    import subprocess
-
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     labels = [json.loads(line)["label"] for line in run.stdout.splitlines()]
-    p = load_predictor(os.path.join(folder, source_variant), "auto")
+    p = load_predictor(os.path.join(out.folder, source_variant), "auto")
     assert labels == [p.labels[i] for i in p.predict(PROBES).argmax(1)]
 
 

@@ -15,7 +15,7 @@ from raybm.inference.evaluate import score_dataset
 from raybm.results import Results
 from raybm.train.driver import run_training
 
-from .test_data_pipeline import make_frame
+from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
 

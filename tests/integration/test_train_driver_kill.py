@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from .test_data_pipeline import make_frame
+from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
 

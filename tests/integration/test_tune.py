@@ -14,7 +14,7 @@ from raybm.tune.soup import run_soup
 from raybm.tune.leaderboard import format_leaderboard
 from raybm.tune.sweep import run_sweep
 
-from .test_data_pipeline import make_frame
+from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
 
@@ -51,15 +51,22 @@ def quiet(_):
     pass
 
 
-def test_asha_sweep_stops_weak_trials_and_hands_on_a_tested_winner(ray_tune, tmp_path, data_csv):
-    # One learning rate that learns, three that cannot (lr ~ 0): ASHA (rungs at epochs 1
-    # and 2) must stop at least one of the three once the good trial has reported. Batches
-    # of 4 (24 steps an epoch): the good trial must already be ahead at a rung (with 6 steps
-    # an epoch it could still tie the others at epoch 2, and ASHA stops none of a tie).
-    cfg = config(tmp_path, data_csv, "train.epochs=3", "train.batch_size=4", "tune.num_samples=1",
+@pytest.fixture(scope="module")
+def asha_sweep(ray_tune, tmp_path_factory, data_csv):
+    """One ASHA sweep with a greedy soup, shared by the tests below: (config, result, root).
+    One learning rate that learns, three that cannot (lr ~ 0): ASHA (rungs at epochs 1
+    and 2) must stop at least one of the three once the good trial has reported. Batches
+    of 4 (24 steps an epoch): the good trial must already be ahead at a rung (with 6 steps
+    an epoch it could still tie the others at epoch 2, and ASHA stops none of a tie)."""
+    root = tmp_path_factory.mktemp("asha")
+    cfg = config(root, data_csv, "train.epochs=3", "train.batch_size=4", "tune.num_samples=1",
                  "tune.soup=greedy", "tune.soup_size=2",
                  "tune.search_space={train.lr: 'grid([3e-3, 1e-11, 1e-12, 2e-12])'}")
-    result = run_sweep(cfg, log=quiet)
+    return cfg, run_sweep(cfg, log=quiet), root
+
+
+def test_asha_stops_weak_trials_and_ranks_every_trial(asha_sweep):
+    _, result, _ = asha_sweep
     board = result.leaderboard
     assert len(board) == 4
     assert [row["rank"] for row in board] == [1, 2, 3, 4]
@@ -68,16 +75,21 @@ def test_asha_sweep_stops_weak_trials_and_hands_on_a_tested_winner(ray_tune, tmp
     assert all(row["best_checkpoint"] and row["seconds"] > 0 for row in board)
     for row in board:  # per-epoch curves for the dashboard
         assert [h["epoch"] for h in row["history"]] == list(range(1, row["epochs_run"] + 1))
+    table = format_leaderboard(board, "val_f1_macro")
+    assert "train.lr" in table.splitlines()[0] and "latency_p50_ms" in table.splitlines()[0]
+    assert len(table.splitlines()) == 6
 
-    sweep = Path(result.sweep_dir)
+
+def test_the_sweep_folder_holds_the_leaderboard_and_a_tested_winner_with_its_card(asha_sweep):
+    _, result, _ = asha_sweep
+    board, sweep = result.leaderboard, Path(result.sweep_dir)
     assert {"config.yaml", "leaderboard.csv", "leaderboard.json", "winner.json", "model", "_SUCCESS"} \
         <= set(os.listdir(sweep))
     with open(sweep / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["trial"] for r in rows] == [row["trial"] for row in board]
-    assert {"rank", "trial", "train.lr", "val_f1_macro", "epochs_run", "status", "best_checkpoint", "seconds"} \
-        <= set(rows[0])
-
+    assert {"rank", "trial", "train.lr", "val_f1_macro", "epochs_run", "status", "best_checkpoint", "seconds",
+            "params", "size_mb", "latency_p50_ms"} <= set(rows[0])
     winner = json.loads((sweep / "winner.json").read_text())
     assert winner["trial"] == board[0]["trial"] and winner["values"] == {"train.lr": 3e-3}
     assert winner["test"]["examples"] == 12 and winner["test"]["accuracy"] >= 0.8
@@ -87,37 +99,48 @@ def test_asha_sweep_stops_weak_trials_and_hands_on_a_tested_winner(ray_tune, tmp
     assert f"| {result.winner['test']['accuracy']:.4f} |" in card
     assert not (sweep / "model" / "train_state.pt").exists()
 
+
+def test_the_greedy_soup_hands_on_the_mean_of_what_it_kept(asha_sweep):
     # The greedy soup starts from the winner, tries the runner-up, and hands on the mean of
     # what it kept, which is never worse on validation than the winner alone.
+    _, result, _ = asha_sweep
+    board, winner = result.leaderboard, result.winner
     soup = winner["soup"]
     assert soup["method"] == "greedy" and soup["ingredients"][0] == board[0]["trial"]
     assert [t["model"] for t in soup["tried"]] == [board[1]["trial"]]
     assert soup["validation"] >= soup["best_single"] == pytest.approx(board[0]["val_f1_macro"])
     assert winner["validation"] == (soup["validation"] if len(soup["ingredients"]) > 1 else board[0]["val_f1_macro"])
     kept = [row for row in board if row["trial"] in soup["ingredients"]]
-    assert_weights_are_the_mean(sweep / "model", [row["best_checkpoint"] for row in kept])
+    assert_weights_are_the_mean(Path(result.sweep_dir) / "model", [row["best_checkpoint"] for row in kept])
 
-    # Serving cost, measured once for the one architecture all trials share.
+
+def test_serving_cost_is_measured_once_for_the_architecture_all_trials_share(asha_sweep):
+    _, result, _ = asha_sweep
+    board, winner = result.leaderboard, result.winner
     assert len({(row["params"], row["latency_p50_ms"]) for row in board}) == 1
     assert board[0]["params"] > 0 and board[0]["size_mb"] > 0 and board[0]["latency_p50_ms"] > 0
     assert winner["cost"] == {k: board[0][k] for k in ("params", "size_mb", "latency_p50_ms")}
     assert winner["latency_budget"] is None and "within_budget" not in board[0]
-    assert {"params", "size_mb", "latency_p50_ms"} <= set(rows[0])
 
-    table = format_leaderboard(board, "val_f1_macro")
-    assert "train.lr" in table.splitlines()[0] and "latency_p50_ms" in table.splitlines()[0]
-    assert len(table.splitlines()) == 6
 
-    # The same command again: the finished sweep is read back, nothing re-runs.
-    written = (sweep / "winner.json").stat().st_mtime_ns
+def test_the_same_sweep_again_is_read_back_and_nothing_reruns(asha_sweep):
+    cfg, result, _ = asha_sweep
+    winner_file = Path(result.sweep_dir) / "winner.json"
+    written = winner_file.stat().st_mtime_ns
     again = run_sweep(cfg, log=quiet)
-    assert again.winner == result.winner and (sweep / "winner.json").stat().st_mtime_ns == written
+    assert again.winner == result.winner and winner_file.stat().st_mtime_ns == written
 
+
+def test_raybm_soup_over_two_trials_makes_a_run_picked_on_validation_and_scored_on_test(asha_sweep):
     # `raybm soup` over two trials' checkpoints: a new run, ranked and picked on validation,
     # scored on test, in the layout of a training run.
+    from raybm.dashboard.data import DashboardData
+
+    cfg, result, root = asha_sweep
+    board, winner = result.leaderboard, result.winner
     pair = [board[1]["best_checkpoint"], board[0]["best_checkpoint"]]
     out = run_soup(cfg, pair, winner["dataset"], "two-trials", "uniform", log=quiet)
-    run = tmp_path / "runs" / "two-trials"
+    run = root / "runs" / "two-trials"
     assert out["run_dir"] == str(run) and (run / "_SUCCESS").exists()
     assert {"model", "metrics.json", "config.yaml", "test_predictions.parquet"} <= set(os.listdir(run))
     metrics = json.loads((run / "metrics.json").read_text())
@@ -125,9 +148,7 @@ def test_asha_sweep_stops_weak_trials_and_hands_on_a_tested_winner(ray_tune, tmp
     assert metrics["soup"]["method"] == "uniform" and metrics["soup"]["ingredients"] == pair[::-1]  # best first
     assert metrics["model"] == "tiny-bert" and (run / "model" / "soup.json").exists()
     assert metrics["validation"] == {"val_f1_macro": metrics["soup"]["validation"]}
-    from raybm.dashboard.data import DashboardData
-
-    listed = {job.name: job for job in DashboardData(str(tmp_path)).jobs()}
+    listed = {job.name: job for job in DashboardData(str(root)).jobs()}
     assert listed["two-trials"].best == metrics["soup"]["validation"] and listed["two-trials"].complete
     assert_weights_are_the_mean(run / "model", pair)
     with pytest.raises(RaybmError, match="already exists"):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_data_pipeline import make_frame
+from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import pytest
 
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
-from raybm.inference.loading import model_card
+from raybm.inference.loading import model_info
 from raybm.results import MODEL_CACHE_ENV, SUCCESS_MARKER, Results, fetch_model, s3_filesystem
 
 
@@ -55,7 +55,7 @@ def test_one_private_copy_per_version_refreshed_when_the_model_changes(store, ti
     assert second != first and not os.path.exists(first)  # the old version is gone
     assert json.loads(open(os.path.join(second, "label_map.json")).read())["labels"] == ["neg", "pos"]
 
-    card = model_card(second, source=uri, storage=store.storage)  # what a replica reports
+    card = model_info(second, source=uri, storage=store.storage)  # what a replica reports
     assert card["name"] == "cached" and card["model"] == "runs/cached/model" and card["source_kind"] == "run"
     assert card["test_metrics"] == {"accuracy": 0.5}
     assert str(tmp_path) not in json.dumps(card)

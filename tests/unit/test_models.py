@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from raybm.config import build_config
-from raybm.models.build import apply_strategy, build_classifier, encoder_layers, param_groups
+from raybm.models.build import build_classifier
+from raybm.models.strategies import apply_strategy, encoder_layers, param_groups
 from raybm.train.optim import build_optimizer, lr_factor
 
 LABELS = ["neg", "pos"]

@@ -5,7 +5,7 @@ import pytest
 
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
-from raybm.inference.loading import model_card
+from raybm.inference.loading import model_info
 from raybm.inference.locate import config_model, locate_model, model_name
 from raybm.serve.app import api_key_digest, deployment_options, read_api_key
 from raybm.serve.contract import check_texts
@@ -119,7 +119,7 @@ def test_models_resolve_from_folders_and_names(tmp_path, tiny_model_dir):
         locate_model("nope", cfg)
     with pytest.raises(RaybmError, match="--checkpoint 'no/such/folder': not a model folder"):
         locate_model("no/such/folder", cfg, flag="--checkpoint")
-    card = model_card(want)
+    card = model_info(want)
     assert card["name"] == "s1" and card["source_kind"] == "sweep" and card["test_metrics"] == {"accuracy": 0.9}
     assert card["model"] == "sweeps/s1/model" and card["source"] == "sweeps/s1"
     assert str(tmp_path) not in json.dumps(card)  # no local path
