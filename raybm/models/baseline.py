@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 
@@ -77,12 +77,3 @@ class TextCNNForSequenceClassification(PreTrainedModel):
         logits = self.classifier(self.dropout(self.textcnn(input_ids, attention_mask)))
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-def register() -> None:
-    """Make the Auto classes (and so saved model folders) know the baseline."""
-    try:
-        AutoConfig.register(TextCNNConfig.model_type, TextCNNConfig)
-        AutoModelForSequenceClassification.register(TextCNNConfig, TextCNNForSequenceClassification)
-    except ValueError:  # already registered
-        pass

@@ -12,12 +12,24 @@ import os
 from pathlib import Path
 
 from raybm.errors import RaybmError
-from raybm.models.baseline import register as _register_baseline
-from raybm.models.pooled import register as _register_pooled
+from raybm.models.baseline import TextCNNConfig, TextCNNForSequenceClassification
+from raybm.models.pooled import PooledClassifier, PooledClassifierConfig
 from raybm.models.strategies import head_modules
 
-_register_baseline()
-_register_pooled()
+
+def _register(config_cls, model_cls) -> None:
+    """Make the Auto classes (and so saved model folders) know one of raybm's architectures."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        AutoConfig.register(config_cls.model_type, config_cls)
+        AutoModelForSequenceClassification.register(config_cls, model_cls)
+    except ValueError:  # already registered
+        pass
+
+
+_register(TextCNNConfig, TextCNNForSequenceClassification)
+_register(PooledClassifierConfig, PooledClassifier)
 
 
 def _quiet_weight_loading() -> None:

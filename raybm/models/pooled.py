@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 
@@ -73,12 +73,3 @@ class PooledClassifier(PreTrainedModel):
         logits = self.classifier(self.dropout(pooled))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-def register() -> None:
-    """Make the Auto classes (and so saved model folders) know this architecture."""
-    try:
-        AutoConfig.register(PooledClassifierConfig.model_type, PooledClassifierConfig)
-        AutoModelForSequenceClassification.register(PooledClassifierConfig, PooledClassifier)
-    except ValueError:  # already registered
-        pass
