@@ -80,6 +80,16 @@ MOBILE_DIR = "mobile"
 SUMMARY_FILE = "summary.json"
 
 
+def job_for_workers(cfg) -> dict[str, Any]:
+    """The job config as a dict for processes that run elsewhere (Ray Train workers, Tune
+    trials): a local results root made absolute, since those processes start in folders of
+    their own (a Tune trial runs in its trial folder), where a relative root means nothing."""
+    job = cfg.to_dict()
+    if not is_s3(job["storage"]["root"]):
+        job["storage"]["root"] = os.path.abspath(os.path.expanduser(job["storage"]["root"]))
+    return job
+
+
 def soup_used(soup: dict[str, Any] | None) -> bool:
     """Whether a soup record (``soup`` of ``winner.json`` and ``metrics.json``) describes the
     model that was handed on: a uniform soup always, a greedy one when it kept more than

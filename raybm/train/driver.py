@@ -32,6 +32,7 @@ from raybm.results import (
     RUNS,
     WEIGHTS_FILE,
     Results,
+    job_for_workers,
 )
 from raybm.train.loop import train_loop_per_worker
 from raybm.train.publish import (
@@ -168,7 +169,7 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
     os.environ[PLACEMENT_TIMEOUT_ENV] = f"{t.placement_timeout_s:g}"
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     loop_config = {
-        "job": cfg.to_dict(),
+        "job": job_for_workers(cfg),
         "labels": labels,
         "n_train": report["splits"]["train"]["rows"],
         "class_weights": balanced_class_weights(report, labels) if t.class_weights == "balanced" else None,

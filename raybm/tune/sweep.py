@@ -42,6 +42,7 @@ from raybm.results import (
     WINNER_FILE,
     Results,
     copy_to_local,
+    job_for_workers,
 )
 from raybm.train.driver import load_prepared, load_text_splits, reads_whole_splits, training_datasets
 from raybm.train.publish import publish_model, score_model_uri
@@ -159,7 +160,7 @@ def _trainable(cfg: JobConfig, prepared, results: Results, sweep_dir: str, token
     splits = load_text_splits(cfg, prepared) if tokenizes else None
     # Or none at all, where each trial's workers read the splits whole.
     tokenized = None if tokenizes or reads_whole_splits(cfg, prepared.report) else training_datasets(cfg, prepared)
-    base = cfg.to_dict()
+    base = job_for_workers(cfg)
     # Each trial keeps (and reports) its best checkpoint by the sweep's metric.
     base["train"].update(metric=cfg.tune.metric, mode=cfg.tune.mode)
     trainable = tune.with_parameters(run_trial, base=base, labels=labels, report=prepared.report,

@@ -241,3 +241,14 @@ def test_time_budget_ends_the_sweep_and_the_best_so_far_wins(ray_tune, tmp_path,
     assert budget["fastest_ms"] == min(row["latency_p50_ms"] for row in finished) > 0
     assert all(row["within_budget"] is False for row in finished)
     assert sum(row["epochs_run"] for row in result.leaderboard) < 1 + 200
+
+
+def test_a_relative_results_root_means_the_same_folder_inside_the_trials(ray_tune, tmp_path, data_csv, monkeypatch):
+    # A Tune trial runs in its own trial folder: its workers must still read the dataset
+    # and write under the results root the user meant (make demo's `storage.root: results`).
+    monkeypatch.chdir(tmp_path)
+    cfg = config("results", data_csv, "train.epochs=1", "train.lr=3e-3", "train.data_feed=whole",
+                 "tune.search_space={train.seed: 'grid([1])'}")
+    result = run_sweep(cfg, log=quiet)
+    assert result.leaderboard[0]["status"] == "completed", result.leaderboard
+    assert (tmp_path / "results" / "sweeps" / result.name / "_SUCCESS").exists()
