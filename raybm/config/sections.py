@@ -81,7 +81,8 @@ class CleanConfig:
 class AugmentConfig:
     """Training-time text augmentation."""
     enabled: bool = False
-    """Augment training texts (never validation or test). Seeded by ``data.seed``."""
+    """Augment training texts (never validation or test). Seeded by ``data.seed``. A "word"
+    below is a word in text written with spaces, a character in Chinese, Japanese or Korean."""
     crop_prob: float = _opt(0.1, ge=0, le=1)
     """Chance to keep only a random contiguous window of a text's words."""
     crop_min_ratio: float = _opt(0.7, gt=0, le=1)

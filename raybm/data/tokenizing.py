@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -20,10 +21,24 @@ from raybm.config import AugmentConfig, DataConfig, ModelConfig
 from raybm.data.splitting import text_key
 
 
+# Characters of scripts written without spaces between words (CJK ideographs, kana, hangul).
+_UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+
+
+def augment_units(text: str) -> tuple[list[str], str]:
+    """(the units augmentation works on, what joins them again): words for text written with
+    spaces, characters for Chinese, Japanese or Korean, where one "word" split by spaces
+    can be the whole text."""
+    if _UNSPACED.search(text):
+        return [c for c in text if not c.isspace()], ""
+    return text.split(), " "
+
+
 def augment_text(text: str, cfg: AugmentConfig, rng: np.random.Generator,
                  mask_token: str, pad_token: str) -> str:
-    """Random crop, padding, word replacement and deletion, each by its probability."""
-    words = text.split()
+    """Random crop, padding, replacement and deletion of words (of characters in Chinese,
+    Japanese or Korean text), each by its probability."""
+    words, joiner = augment_units(text)
     if len(words) > 1 and rng.random() < cfg.crop_prob:
         keep = max(1, int(np.ceil(len(words) * rng.uniform(cfg.crop_min_ratio, 1.0))))
         start = int(rng.integers(0, len(words) - keep + 1))
@@ -36,7 +51,7 @@ def augment_text(text: str, cfg: AugmentConfig, rng: np.random.Generator,
     if rng.random() < cfg.pad_prob:
         for _ in range(int(rng.integers(1, cfg.pad_max_tokens + 1))):
             words.insert(int(rng.integers(0, len(words) + 1)), pad_token)
-    return " ".join(words)
+    return joiner.join(words)
 
 
 class _WithTokenizer:

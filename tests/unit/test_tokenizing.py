@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from raybm.config import AugmentConfig
-from raybm.data.tokenizing import CountTokens, Tokenize, augment_text, pad_collate
+from raybm.data.tokenizing import CountTokens, Tokenize, augment_text, augment_units, pad_collate
 
 MODEL = "all-minilm-l6-v2"  # shipped in an installed package: no download
 TEXTS = ["a short one", "this text is quite a bit longer than the first one, with more words"]
@@ -62,6 +62,19 @@ def test_augmentation_is_seeded_and_changes_text():
     assert "[PAD]" in a
     off = AugmentConfig(enabled=True, crop_prob=0, pad_prob=0, replace_prob=0, delete_prob=0)
     assert augment_text(text, off, np.random.default_rng(0), "[MASK]", "[PAD]") == text
+
+
+def test_chinese_text_is_augmented_by_characters_not_as_one_word():
+    cfg = AugmentConfig(enabled=True, crop_prob=0, pad_prob=0, replace_prob=0.2, delete_prob=0)
+    text = "这部电影的结局非常感人我很喜欢"
+    words, joiner = augment_units(text)
+    assert words == list(text) and joiner == ""
+    masked = [augment_text(text, cfg, np.random.default_rng(seed), "[MASK]", "[PAD]") for seed in range(20)]
+    # Some characters masked, never the whole text as one unit, the others kept in place.
+    assert all(m != "[MASK]" for m in masked) and any("[MASK]" in m for m in masked)
+    for m in masked:
+        assert len(m.replace("[MASK]", "?")) == len(text)
+    assert augment_units("the film was long") == (["the", "film", "was", "long"], " ")
 
 
 def test_tokenize_augments_only_when_asked_and_per_epoch():
