@@ -1,4 +1,4 @@
-"""Tokenization on Ray Data, and training-only text augmentation.
+"""Tokenization on Ray Data, and training-only text augmentation in the workers.
 
 ``Tokenize`` and ``CountTokens`` are callable classes that Ray Data runs as tasks through
 ``raybm.data.udf.map_batches_cached``: the tokenizer loads once per worker process, not per
@@ -8,7 +8,6 @@ driver.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from typing import Any
@@ -62,6 +61,39 @@ class _WithTokenizer:
         self.tokenizer = load_tokenizer(model, trust_remote_code)
 
 
+class AugmentCollate:
+    """``iter_torch_batches(collate_fn=...)`` of a training split of texts: each text
+    augmented for the epoch (``for_epoch``), then tokenized and padded. The change to a text
+    is seeded by the text, ``data.seed`` and the epoch: the same in every run and on every
+    worker, different from one epoch to the next."""
+
+    def __init__(self, tokenizer, augment: AugmentConfig, max_length: int, padding: str, seed: int = 0) -> None:
+        self.tokenizer, self.augment = tokenizer, augment
+        self.max_length, self.padding, self.seed = max_length, padding, seed
+        self.epoch = 0
+
+    def for_epoch(self, epoch: int) -> "AugmentCollate":
+        """This collate, augmenting as in ``epoch`` (0-based)."""
+        self.epoch = epoch
+        return self
+
+    def texts(self, texts: list[str]) -> list[str]:
+        """The texts as this epoch augments them."""
+        tok, salt = self.tokenizer, f"augment:{self.seed}:{self.epoch}"
+        return [augment_text(t, self.augment, np.random.default_rng(text_key(t, salt)),
+                             tok.mask_token or tok.unk_token, tok.pad_token or tok.unk_token) for t in texts]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        enc = self.tokenizer(self.texts([str(t) for t in batch["text"]]), truncation=True,
+                             max_length=self.max_length, return_tensors="pt",
+                             padding="max_length" if self.padding == "max_length" else "longest")
+        labels = batch["labels"] if "labels" in batch else batch["label"]
+        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long(),
+                "labels": torch.from_numpy(np.array(labels, dtype=np.int64))}
+
+
 class Tokenize(_WithTokenizer):
     """Text -> ``input_ids``, ``attention_mask`` (and ``labels``) for a batch.
 
@@ -69,21 +101,13 @@ class Tokenize(_WithTokenizer):
     variable-length array per row, padded per training batch by ``pad_collate``.
     """
 
-    def __init__(self, model: str, max_length: int, padding: str, trust_remote_code: bool = False,
-                 augment: dict[str, Any] | None = None, seed: int = 0, epoch: int = 0) -> None:
+    def __init__(self, model: str, max_length: int, padding: str, trust_remote_code: bool = False) -> None:
         super().__init__(model, trust_remote_code)
         self.max_length = max_length
         self.padding = padding
-        self.augment = AugmentConfig(**augment) if augment and augment.get("enabled") else None
-        self.salt = f"augment:{seed}:{epoch}"
 
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
         texts = batch["text"].astype(str).tolist()
-        if self.augment is not None:
-            tok = self.tokenizer
-            texts = [augment_text(t, self.augment, np.random.default_rng(text_key(t, self.salt)),
-                                  tok.mask_token or tok.unk_token, tok.pad_token or tok.unk_token)
-                     for t in texts]
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length,
                              padding="max_length" if self.padding == "max_length" else False)
         out: dict[str, np.ndarray] = {}
@@ -119,15 +143,14 @@ class CountTokens(_WithTokenizer):
         return table.append_column("input_ids", pa.array(kept, type=pa.list_(pa.int32())))
 
 
-def tokenize_dataset(ds, data: DataConfig, model: ModelConfig, *, training: bool = False,
-                     epoch: int = 0, concurrency: int = 1, num_cpus: float = 0.25):
-    """Lazily tokenize a Dataset with columns text and label (augmenting if training)."""
+def tokenize_dataset(ds, data: DataConfig, model: ModelConfig, *, concurrency: int = 1, num_cpus: float = 0.25):
+    """Lazily tokenize a Dataset with columns text and label (never augmented: training
+    workers augment texts themselves, per epoch, with ``AugmentCollate``)."""
     from raybm.data.udf import map_batches_cached
 
-    augment = dataclasses.asdict(data.augment) if training and data.augment.enabled else None
     return map_batches_cached(
         ds, Tokenize, dict(model=model.name, max_length=data.max_length, padding=data.padding,
-                           trust_remote_code=model.trust_remote_code, augment=augment, seed=data.seed, epoch=epoch),
+                           trust_remote_code=model.trust_remote_code),
         concurrency=concurrency, batch_format="pandas", batch_size=256, num_cpus=num_cpus)
 
 

@@ -126,30 +126,28 @@ def training_datasets(cfg: JobConfig, prepared) -> dict:
     """The training and validation datasets the workers read, as token ids and labels.
 
     The ids the data stage stored are read as they are: no tokenizing. Otherwise both
-    splits are tokenized once into Ray's object store, so no epoch tokenizes again.
-    Augmented training text differs per epoch, so it stays a lazy pipeline."""
-    from raybm.data import load_split, tokenize_dataset
+    splits are tokenized once into Ray's object store, so no epoch tokenizes again. With
+    augmentation the training split stays text: the workers augment it anew every epoch
+    and tokenize it themselves (``raybm.data.tokenizing.AugmentCollate``)."""
+    from raybm.data import load_split
 
     results = Results.from_config(cfg.storage)
     if stored_ids_fit(cfg, prepared.report):
         out = {s: load_split(results, prepared.name, s, columns=("input_ids", "label")).materialize()
                for s in ("train", "validation")}
         if cfg.data.augment.enabled:
-            out["train"] = tokenize_dataset(load_split(results, prepared.name, "train"), cfg.data, cfg.model,
-                                            training=True)
+            out["train"] = load_split(results, prepared.name, "train", columns=("text", "label")).materialize()
         return out
-    datasets = tokenized_datasets(cfg, load_text_splits(cfg, prepared))
-    if cfg.data.augment.enabled:
-        return datasets
-    return {name: ds.materialize() for name, ds in datasets.items()}
+    return {name: ds.materialize() for name, ds in tokenized_datasets(cfg, load_text_splits(cfg, prepared)).items()}
 
 
 def tokenized_datasets(cfg: JobConfig, splits: dict) -> dict:
-    """Lazily tokenized training (augmented if configured) and validation datasets."""
+    """Lazily tokenized training and validation datasets; with augmentation the training
+    split stays text, which the workers augment per epoch and tokenize."""
     from raybm.data import tokenize_dataset
 
-    return {"train": tokenize_dataset(splits["train"], cfg.data, cfg.model, training=True),
-            "validation": tokenize_dataset(splits["validation"], cfg.data, cfg.model)}
+    train = splits["train"] if cfg.data.augment.enabled else tokenize_dataset(splits["train"], cfg.data, cfg.model)
+    return {"train": train, "validation": tokenize_dataset(splits["validation"], cfg.data, cfg.model)}
 
 
 def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: dict, run_name: str,

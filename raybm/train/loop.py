@@ -62,7 +62,8 @@ def train_epoch(w: Worker, p: Progress, epoch: int) -> EpochStats:
     w.optimizer.zero_grad(set_to_none=True)
     if hasattr(w.train_shard, "set_epoch"):  # a whole split: this epoch's shuffled shard
         w.train_shard.set_epoch(epoch)
-    for batch in w.train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=w.collate):
+    collate = w.augment.for_epoch(epoch) if w.augment else w.collate  # augmented anew every epoch
+    for batch in w.train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate):
         batch = {k: v.to(w.device) for k, v in batch.items()}
         loss = _batch_loss(w, batch)
         (w.scaler.scale(loss / t.grad_accum) if w.scaler else loss / t.grad_accum).backward()

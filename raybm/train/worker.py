@@ -98,6 +98,7 @@ class Worker:
     loss_fn: Any
     eval_loss_fn: Any
     collate: Any
+    augment: Any  # AugmentCollate of the training texts when data.augment is on, else None
     train_shard: Any
     val_data: Any
     masks: list  # (weight, mask) pairs that keep a pruned model's zeros
@@ -121,7 +122,7 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
     import ray.train.torch
     import torch
 
-    from raybm.data.tokenizing import PadCollate
+    from raybm.data.tokenizing import AugmentCollate, PadCollate
     from raybm.models.build import build_classifier, load_tokenizer
     from raybm.models.strategies import param_groups
 
@@ -152,14 +153,17 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
     steps_per_epoch = max(1, math.ceil(math.ceil(config["n_train"] / world) / t.batch_size / t.grad_accum))
     if t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     worker = Worker(
         config=config, cfg=cfg, labels=config["labels"], rank=rank, world=world, device=device, model=model,
-        wrapped=wrapped, tokenizer=load_tokenizer(cfg.model.name, cfg.model.trust_remote_code), optimizer=optimizer,
+        wrapped=wrapped, tokenizer=tokenizer, optimizer=optimizer,
         scaler=torch.amp.GradScaler("cuda") if use_scaler else None, amp_dtype=amp_dtype,
         loss_fn=torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=t.label_smoothing),
         eval_loss_fn=torch.nn.CrossEntropyLoss(),
         # Rows come tokenized (stored by the data stage, or by Tokenize): padded here, per batch.
         collate=PadCollate(width=cfg.data.max_length if cfg.data.padding == "max_length" else None),
+        augment=AugmentCollate(tokenizer, cfg.data.augment, cfg.data.max_length, cfg.data.padding, cfg.data.seed)
+        if cfg.data.augment.enabled else None,
         train_shard=train_shard, val_data=val_data,
         # Fine-tuning a pruned model: the zeros of Linear weights stay zero.
         masks=[(m.weight, m.weight.ne(0)) for m in model.modules()

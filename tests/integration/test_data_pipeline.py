@@ -162,7 +162,7 @@ def test_tokenized_split_streams_into_torch_batches(ray_local, tmp_path):
     cfg, prepared = prepare(tmp_path, tmp_path / "d.csv", "data.max_length=12")
     results = Results.from_config(cfg.storage)
     train = load_split(results, prepared.name, "train")
-    tokens = tokenize_dataset(train, cfg.data, cfg.model, training=True)
+    tokens = tokenize_dataset(train, cfg.data, cfg.model)
     seen, labels = 0, set()
     for batch in tokens.iter_torch_batches(batch_size=16, collate_fn=PadCollate()):
         assert batch["input_ids"].shape == batch["attention_mask"].shape

@@ -279,3 +279,15 @@ def test_a_teacher_with_other_labels_is_refused_before_training(ray_local, tmp_p
     with pytest.raises(RaybmError, match=r"teacher's labels \['bad', 'good', 'meh'\] differ"):
         run_training(cfg, log=quiet)
     assert not (tmp_path / "runs").exists()  # refused before a run folder was made
+
+
+def test_augmented_training_reads_texts_and_learns(ray_local, tmp_path, data_csv):
+    # With data.augment on, the workers get the training split as text and augment it anew
+    # every epoch (AugmentCollate; its per-epoch change is a unit test): the run trains,
+    # learns and scores on test like any other.
+    cfg = config(tmp_path, data_csv, "train.epochs=4", "train.batch_size=8", "data.augment.enabled=true",
+                 "data.augment.replace_prob=0.1")
+    result = run_training(cfg, log=quiet)
+    losses = [h["train_loss"] for h in result.history]
+    assert len(losses) == 4 and losses[-1] < losses[0] * 0.8, losses
+    assert result.metrics["test"]["accuracy"] >= 0.75, result.metrics["test"]

@@ -1,10 +1,9 @@
-import dataclasses
 
 import numpy as np
 import pandas as pd
 
 from raybm.config import AugmentConfig
-from raybm.data.tokenizing import CountTokens, Tokenize, augment_text, augment_units, pad_collate
+from raybm.data.tokenizing import AugmentCollate, CountTokens, Tokenize, augment_text, augment_units, pad_collate
 
 MODEL = "all-minilm-l6-v2"  # shipped in an installed package: no download
 TEXTS = ["a short one", "this text is quite a bit longer than the first one, with more words"]
@@ -77,14 +76,22 @@ def test_chinese_text_is_augmented_by_characters_not_as_one_word():
     assert augment_units("the film was long") == (["the", "film", "was", "long"], " ")
 
 
-def test_tokenize_augments_only_when_asked_and_per_epoch():
-    batch = pd.DataFrame({"text": ["the film was long but the ending was wonderful and moving"] * 1, "label": [1]})
-    aug = dataclasses.asdict(AugmentConfig(enabled=True, crop_prob=1.0, replace_prob=0.5))
-    plain = Tokenize(MODEL, 64, "longest")(batch)["input_ids"][0].tolist()
-    e0 = Tokenize(MODEL, 64, "longest", augment=aug, seed=0, epoch=0)(batch)["input_ids"][0].tolist()
-    e0_again = Tokenize(MODEL, 64, "longest", augment=aug, seed=0, epoch=0)(batch)["input_ids"][0].tolist()
-    e1 = Tokenize(MODEL, 64, "longest", augment=aug, seed=0, epoch=1)(batch)["input_ids"][0].tolist()
-    assert e0 == e0_again and e0 != plain and e1 != e0
+def test_training_texts_are_augmented_anew_every_epoch_and_the_same_in_every_run():
+    from raybm.models.build import load_tokenizer
+
+    batch = {"text": np.array(["the film was long but the ending was wonderful and moving"], dtype=object),
+             "label": np.array([1])}
+    aug = AugmentConfig(enabled=True, crop_prob=1.0, replace_prob=0.5)
+    tokenizer = load_tokenizer(MODEL)
+    plain = Tokenize(MODEL, 64, "longest")(pd.DataFrame(batch))["input_ids"][0].tolist()
+    collate = AugmentCollate(tokenizer, aug, 64, "longest", seed=0)
+    e0 = collate.for_epoch(0)(batch)["input_ids"][0].tolist()
+    e1 = collate.for_epoch(1)(batch)["input_ids"][0].tolist()
+    e0_again = AugmentCollate(tokenizer, aug, 64, "longest", seed=0).for_epoch(0)(batch)
+    assert e0 == e0_again["input_ids"][0].tolist() and e0 != plain and e1 != e0
+    assert e0_again["labels"].tolist() == [1] and e0_again["attention_mask"].shape == e0_again["input_ids"].shape
+    fixed = AugmentCollate(tokenizer, aug, 16, "max_length", seed=0).for_epoch(2)(batch)
+    assert tuple(fixed["input_ids"].shape) == (1, 16)
 
 
 def test_collate_of_read_only_arrays_copies_without_a_warning():
