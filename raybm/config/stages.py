@@ -30,14 +30,21 @@ class TrainConfig:
     """Momentum of ``momentum`` and ``rmsprop``."""
     nesterov: bool = False
     """Nesterov momentum for ``momentum``."""
-    scheduler: Literal["constant", "step", "linear", "cosine"] = "linear"
-    """Learning-rate schedule after warmup: constant, step decay, linear decay, cosine."""
+    scheduler: Literal["constant", "step", "linear", "cosine", "plateau"] = "linear"
+    """Learning-rate schedule after warmup: constant, step decay, linear decay, cosine, or
+    ``plateau``: constant until validation stops improving (``plateau_patience``,
+    ``plateau_factor``)."""
     warmup_ratio: float = _opt(0.06, ge=0, lt=1)
     """Share of all steps spent warming the learning rate up linearly from 0."""
     step_epochs: int = _opt(1, ge=1)
     """``step`` schedule: multiply the learning rate by ``step_gamma`` every this many epochs."""
     step_gamma: float = _opt(0.5, gt=0, le=1)
     """``step`` schedule: the factor."""
+    plateau_patience: int = _opt(1, ge=1)
+    """``plateau`` schedule: lower the learning rate after this many epochs in a row without
+    an improvement of ``train.metric`` on validation."""
+    plateau_factor: float = _opt(0.5, gt=0, lt=1)
+    """``plateau`` schedule: the factor the learning rate is multiplied by each time."""
     layerwise_lr_decay: float = _opt(1.0, gt=0, le=1)
     """Each layer below the top gets this factor times the learning rate of the one above
     (the head and top layer get ``lr``). 1 turns it off."""

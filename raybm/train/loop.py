@@ -25,7 +25,7 @@ from raybm.metrics import flat
 from raybm.train.checkpoints import checkpoint_scratch, save_checkpoint
 from raybm.train.fsdp import fsdp_full_state
 from raybm.train.losses import distill_loss, l1_penalty
-from raybm.train.optim import lr_factor
+from raybm.train.optim import lr_factor, plateau_scale
 from raybm.train.scoring import score_best_checkpoint, validate
 from raybm.train.worker import Progress, Worker, quiet_ray_train_logs, say, set_up
 
@@ -114,7 +114,7 @@ def optimizer_step(w: Worker, p: Progress) -> None:
             w.wrapped.clip_grad_norm_(t.grad_clip)
         else:
             torch.nn.utils.clip_grad_norm_([q for q in w.model.parameters() if q.requires_grad], t.grad_clip)
-    factor = lr_factor(p.step, t, w.steps_per_epoch, w.total_steps)
+    factor = lr_factor(p.step, t, w.steps_per_epoch, w.total_steps) * p.lr_scale
     for group in w.optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
     if w.scaler:
@@ -164,6 +164,7 @@ def epoch_record(w: Worker, p: Progress, epoch: int, stats: EpochStats, val: dic
     value = metrics[t.metric] if t.metric in metrics else metrics.get(f"val_{t.metric}")
     improved = p.best is None or (value > p.best if t.mode == "max" else value < p.best)
     p.best, p.bad_epochs = (value, 0) if improved else (p.best, p.bad_epochs + 1)
+    p.lr_scale, p.plateau_epochs = plateau_scale(p.lr_scale, 0 if improved else p.plateau_epochs + 1, t)
     stop = bool(t.early_stopping_patience and p.bad_epochs >= t.early_stopping_patience)
     metrics["early_stopped"] = stop
     p.history.append({k: v for k, v in metrics.items() if not k.startswith("val_per_class")

@@ -36,7 +36,7 @@ def lr_factor(step: int, t, steps_per_epoch: int, total_steps: int) -> float:
     warmup = int(round(t.warmup_ratio * total_steps))
     if warmup and step < warmup:
         return (step + 1) / warmup
-    if t.scheduler == "constant":
+    if t.scheduler in ("constant", "plateau"):  # plateau: lowered by plateau_scale, epoch by epoch
         return 1.0
     if t.scheduler == "step":
         return t.step_gamma ** (step // max(1, steps_per_epoch * t.step_epochs))
@@ -45,6 +45,15 @@ def lr_factor(step: int, t, steps_per_epoch: int, total_steps: int) -> float:
     if t.scheduler == "linear":
         return max(0.0, 1.0 - progress)
     return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def plateau_scale(scale: float, bad_epochs: int, t) -> tuple[float, int]:
+    """The ``plateau`` schedule after an epoch: (learning-rate scale, epochs without
+    improvement since it last changed). ``bad_epochs`` counts this epoch; after
+    ``plateau_patience`` of them the scale is multiplied by ``plateau_factor``."""
+    if t.scheduler != "plateau" or bad_epochs < t.plateau_patience:
+        return scale, bad_epochs
+    return scale * t.plateau_factor, 0
 
 
 def amp_settings(device, precision: str):

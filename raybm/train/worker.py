@@ -65,18 +65,22 @@ class Progress:
     resumed: bool = False  # this attempt started from a checkpoint (until its first epoch ends)
     resumed_from: int = 0  # epochs already done when this attempt started (0: a fresh run)
     history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's metrics, kept in the checkpoints
+    lr_scale: float = 1.0  # the plateau schedule's factor on every learning rate so far
+    plateau_epochs: int = 0  # epochs without improvement since the plateau schedule last lowered it
 
     def state(self, epoch: int, optimizer_state: dict) -> dict[str, Any]:
         """The training state a checkpoint of ``epoch`` holds."""
         return {"epoch": epoch, "step": self.step, "best": self.best, "bad_epochs": self.bad_epochs,
-                "optimizer": optimizer_state, "history": self.history}
+                "optimizer": optimizer_state, "history": self.history, "lr_scale": self.lr_scale,
+                "plateau_epochs": self.plateau_epochs}
 
     @classmethod
     def resumed_at(cls, state: dict[str, Any]) -> "Progress":
         """Progress restored from a checkpoint's training state."""
         return cls(start_epoch=state["epoch"] + 1, step=state["step"], best=state.get("best"),
                    bad_epochs=state.get("bad_epochs", 0), resumed=True, resumed_from=state["epoch"] + 1,
-                   history=list(state.get("history", [])))
+                   history=list(state.get("history", [])), lr_scale=state.get("lr_scale", 1.0),
+                   plateau_epochs=state.get("plateau_epochs", 0))
 
 
 @dataclass

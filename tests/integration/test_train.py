@@ -291,3 +291,12 @@ def test_augmented_training_reads_texts_and_learns(ray_local, tmp_path, data_csv
     losses = [h["train_loss"] for h in result.history]
     assert len(losses) == 4 and losses[-1] < losses[0] * 0.8, losses
     assert result.metrics["test"]["accuracy"] >= 0.75, result.metrics["test"]
+
+
+def test_the_plateau_schedule_halves_the_rate_when_validation_stops_improving(ray_local, tmp_path, data_csv):
+    # lr ~ 0: validation never changes, so never improves after the first epoch; with
+    # patience 1 the rate is halved after epoch 2, and epoch 3 trains at half of it.
+    cfg = config(tmp_path, data_csv, "train.epochs=3", "train.lr=1e-12", "train.scheduler=plateau",
+                 "train.plateau_patience=1", "train.plateau_factor=0.5")
+    lrs = [h["lr"] for h in run_training(cfg, log=quiet).history]
+    assert lrs == pytest.approx([1e-12, 1e-12, 5e-13]), lrs

@@ -176,3 +176,15 @@ def test_pooling_auto_is_mean_for_sentence_transformers_folders():
     assert resolve_pooling(build_config(overrides=["model.name=tiny-bert"]).model) == "cls"
     with pytest.raises(RaybmError, match="textcnn"):
         resolve_pooling(build_config(overrides=["model.name=textcnn", "model.pooling=mean"]).model)
+
+
+def test_the_plateau_schedule_lowers_the_rate_after_patience_epochs_without_improvement():
+    from raybm.train.optim import plateau_scale
+
+    t = build_config(overrides=["train.scheduler=plateau", "train.plateau_patience=2", "train.plateau_factor=0.5"]).train
+    assert lr_factor(10_000, t, 10, 20_000) == 1.0  # between epochs it is constant (after warmup)
+    assert plateau_scale(1.0, 1, t) == (1.0, 1)
+    assert plateau_scale(1.0, 2, t) == (0.5, 0)
+    assert plateau_scale(0.5, 2, t) == (0.25, 0)
+    other = build_config(overrides=["train.scheduler=linear"]).train
+    assert plateau_scale(1.0, 5, other) == (1.0, 5)
