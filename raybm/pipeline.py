@@ -57,16 +57,19 @@ def pipeline_name(cfg: JobConfig, dataset: str) -> str:
 def preflight(cfg: JobConfig, stages: list[str] | None = None):
     """The checks before Ray starts, for every command that runs ``stages`` (default: the
     pipeline's): they need no Ray and cost seconds. The storage is reachable (bucket,
-    credentials), the data source exists, the model and its tokenizer load, a distillation
+    credentials), the data source exists, the model and its tokenizer load, the training
+    settings (and those a sweep can sample) fit the model's architecture, a distillation
     teacher is a model folder, an API key is set for deploy, export or deploy without a
     train or tune stage have a model. Returns the resolved source."""
     from raybm.data.sources import resolve_source
     from raybm.models.build import check_model
+    from raybm.models.strategies import check_fits_architecture
     from raybm.serve.app import read_api_key
 
     Results.from_config(cfg.storage).check_reachable()
     source = resolve_source(cfg.data, cfg.storage)
     check_model(cfg.model)
+    check_fits_architecture(cfg)
     teacher_labels(cfg.train.distill_from)
     stages = pipeline_stages(cfg) if stages is None else stages
     if "deploy" in stages:

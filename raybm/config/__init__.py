@@ -12,7 +12,7 @@ names), ``checks`` (checks across keys), ``loading`` (files and overrides), ``de
 (``raybm config --describe``). What other modules use is re-exported here.
 """
 
-from raybm.config.checks import is_loopback, pipeline_stages
+from raybm.config.checks import extreme_trials, is_loopback, pipeline_stages
 from raybm.config.coerce import merge_raw
 from raybm.config.describe import describe
 from raybm.config.loading import build_config, load_config, parse_overrides
@@ -30,5 +30,5 @@ from raybm.config.stages import (
 
 __all__ = ["AugmentConfig", "CleanConfig", "DataConfig", "ExportConfig", "JobConfig", "ModelConfig", "PIPELINE_STAGES",
            "PipelineConfig", "RayConfig", "ServeConfig", "StorageConfig", "TrainConfig", "TuneConfig", "build_config",
-           "check_name", "config_hash", "derived_name", "describe", "is_loopback", "load_config", "merge_raw",
+           "check_name", "config_hash", "derived_name", "describe", "extreme_trials", "is_loopback", "load_config", "merge_raw",
            "parse_overrides", "pipeline_stages", "run_name_for", "safe_name", "sweep_name_for"]

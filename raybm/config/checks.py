@@ -56,8 +56,14 @@ def check_job(cfg: JobConfig) -> None:
         raise ConfigError(f"data.label_values: maps to {unknown_targets}, which are not in "
                           f"data.labels {d.labels}")
     t = cfg.train
-    if t.strategy == "scratch" and t.freeze_layers:
+    if t.strategy in ("scratch", "lora") and t.freeze_layers:
         raise ConfigError("train.freeze_layers: only used with train.strategy=partial")
+    if t.strategy == "lora" and t.layerwise_lr_decay < 1:
+        raise ConfigError("train.layerwise_lr_decay does not apply to train.strategy=lora (the base model is "
+                          "frozen; only the adapters and the head train); set it to 1")
+    if t.strategy == "lora" and t.keep_sparsity:
+        raise ConfigError("train.keep_sparsity does not work with train.strategy=lora (the merged adapters "
+                          "fill a pruned model's zeros); use strategy full")
     if cfg.model.keep_layers is not None and t.freeze_layers > cfg.model.keep_layers:
         raise ConfigError(f"train.freeze_layers ({t.freeze_layers}) exceeds model.keep_layers "
                           f"({cfg.model.keep_layers})")
@@ -117,6 +123,19 @@ def _key_type(key: str) -> Any:
         if tp is None:
             return None
     return tp
+
+
+def extreme_trials(cfg: JobConfig) -> list[JobConfig]:
+    """``cfg`` itself, then one trial config per extreme value of each searched key (the
+    checks that need more than the config, such as what the model's architecture allows,
+    run on each)."""
+    base = cfg.to_dict()
+    base["tune"]["search_space"] = {}
+    base["pipeline"]["stages"] = []
+    trials = [cfg]
+    parse_space(cfg.tune.search_space, lambda key, value, dist: trials.append(
+        build_section(JobConfig, merge_raw(base, nested({key: value})), "")))
+    return trials
 
 
 def _check_search_space(cfg: JobConfig) -> None:

@@ -146,8 +146,10 @@ class DataConfig:
 class ModelConfig:
     """The base model and how its classifier is built."""
     name: str = "all-minilm-l6-v2"
-    """Base model: ``all-minilm-l6-v2`` (shipped offline), ``tiny-bert`` (a 2-layer random
-    BERT for tests and smoke runs), a local Hugging Face folder, or a hub name (only where
+    """Base model: ``all-minilm-l6-v2`` (shipped offline), a tiny random model for tests and
+    smoke runs (``tiny-bert``, ``tiny-roberta``, ``tiny-distilbert``, ``tiny-deberta-v2``,
+    ``tiny-electra``, ``tiny-modernbert``, ``tiny-gpt2``, ``tiny-qwen2``, ``tiny-llama``,
+    ``tiny-mistral``: 2 layers each), a local Hugging Face folder, or a hub name (only where
     the network allows)."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub model. Off: only built-in architectures load."""

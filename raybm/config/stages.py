@@ -68,11 +68,24 @@ class TrainConfig:
     """Clip the gradient norm to this; 0 turns clipping off."""
     grad_accum: int = _opt(1, ge=1)
     """Accumulate gradients over this many batches per optimizer step."""
-    strategy: Literal["full", "partial", "gradual", "scratch"] = "full"
+    strategy: Literal["full", "partial", "gradual", "lora", "scratch"] = "full"
     """``full`` fine-tunes everything; ``partial`` freezes the embeddings and the lowest
     ``freeze_layers`` layers; ``gradual`` trains the head first and unfreezes one more layer
-    from the top every ``unfreeze_every`` epochs; ``scratch`` trains the same architecture
-    from random weights."""
+    from the top every ``unfreeze_every`` epochs; ``lora`` freezes the base model and trains
+    low-rank adapters (PEFT's LoRA) beside ``lora_targets`` plus the head, merged into the
+    published model; ``scratch`` trains the same architecture from random weights."""
+    lora_rank: int = _opt(8, ge=1)
+    """``lora``: the rank r of each adapter (its trainable size grows with it)."""
+    lora_alpha: float = _opt(16.0, gt=0)
+    """``lora``: the adapters' scale is alpha / r."""
+    lora_dropout: float = _opt(0.05, ge=0, lt=1)
+    """``lora``: dropout on each adapter's input."""
+    lora_targets: list[str] = field(default_factory=list)
+    """``lora``: names of the Linear modules to adapt (e.g. ``[query, value]``). Empty: the
+    architecture's attention query and value projections (docs/training.md lists them)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them:
+    less memory for long texts and large models, about a third more compute."""
     freeze_layers: int = _opt(0, ge=-1)
     """``partial``: encoder layers to freeze from the bottom; -1 freezes all but the head."""
     unfreeze_every: int = _opt(1, ge=1)

@@ -175,7 +175,8 @@ class PadCollate(_collate_base()):
 
 
 def pad_collate(batch: dict[str, np.ndarray], pad_id: int = 0, width: int | None = None) -> dict[str, Any]:
-    """Pad a batch of variable-length rows to its longest row (or to ``width``); returns
+    """Pad a batch of variable-length rows to its longest row (or to ``width``) with
+    ``pad_id`` (the tokenizer's: a decoder finds each text's last token by it); returns
     torch tensors ``input_ids``, ``attention_mask`` and ``labels``. Rows without an
     ``attention_mask`` (token ids stored by the data stage) attend to every token they
     have; the labels column may be ``labels`` or the prepared splits' ``label``."""
@@ -189,6 +190,8 @@ def pad_collate(batch: dict[str, np.ndarray], pad_id: int = 0, width: int | None
         mask = batch.get("attention_mask")
         out["attention_mask"] = torch.ones_like(out["input_ids"]) if mask is None else \
             torch.from_numpy(np.array(mask, dtype=np.int64))
+        if mask is not None and pad_id:  # rows padded with 0 upstream (whole splits): the model's pad id
+            out["input_ids"][out["attention_mask"] == 0] = pad_id
     else:
         rows = list(ids)
         masks = batch.get("attention_mask")

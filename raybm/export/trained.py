@@ -21,7 +21,7 @@ def pruning_targets(model) -> list:
     """The Linear layers of the encoder (not the classification head)."""
     import torch
 
-    from raybm.models.strategies import head_modules
+    from raybm.models.architectures import head_modules
 
     head = {id(m) for hm in head_modules(model) for m in hm.modules()}
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in head]

@@ -65,14 +65,14 @@ def load_model_folder(model_dir: str):
     """(model in eval mode, tokenizer, labels) from a raybm model folder. Safetensors only."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    import raybm.models.build  # noqa: F401  (registers the baseline architecture)
+    from raybm.models.build import with_pad_token  # (importing it registers the baseline architecture)
 
     labels = read_label_map(model_dir)
     if not os.path.isfile(os.path.join(model_dir, WEIGHTS_FILE)):
         raise RaybmError(f"{model_dir}: no model.safetensors (raybm loads safetensors weights only)")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_dir), model_dir)
     except Exception as e:  # noqa: BLE001 - safetensors and transformers raise many kinds on a bad folder
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise RaybmError(f"{model_dir}: cannot load the model ({type(e).__name__}: {first}); the folder is "
@@ -188,7 +188,7 @@ def load_onnx(model_dir: str, threads: int | None = None, max_length: int | None
         raise RaybmError("the onnx backend needs onnxruntime: pip install onnxruntime") from None
     from transformers import AutoTokenizer
 
-    import raybm.models.build  # noqa: F401  (registers raybm's config types: the tokenizer reads config.json)
+    from raybm.models.build import with_pad_token  # (also registers raybm's config types)
 
     labels = read_label_map(model_dir)
     path = os.path.join(model_dir, ONNX_FILE)
@@ -200,7 +200,7 @@ def load_onnx(model_dir: str, threads: int | None = None, max_length: int | None
         options.inter_op_num_threads = 1
     try:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_dir), model_dir)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise RaybmError(f"{model_dir}: cannot load {ONNX_FILE}: {str(e).splitlines()[0]}") from None
     return OnnxPredictor(session=session, tokenizer=tokenizer, labels=labels,

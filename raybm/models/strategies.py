@@ -1,40 +1,16 @@
-"""The parts of a classifier (encoder layers, embeddings, head) and the fine-tuning
-strategies that act on them: which layers train each epoch, and layer-wise learning rates."""
+"""The fine-tuning strategies: which parts of a classifier train each epoch, and
+layer-wise learning rates (the parts of each architecture: ``raybm.models.architectures``)."""
 
 from __future__ import annotations
 
+from raybm.config import extreme_trials
 from raybm.errors import RaybmError
+from raybm.models.architectures import model_parts
 
 
 def encoder_layers(model):
-    """The stack of encoder layers, bottom first."""
-    import torch
-
-    base = model.base_model
-    for owner in (getattr(base, "encoder", None), getattr(base, "transformer", None), base):
-        if owner is None:
-            continue
-        for attr in ("layer", "layers"):
-            layers = getattr(owner, attr, None)
-            if isinstance(layers, torch.nn.ModuleList):
-                return list(layers)
-    raise RaybmError(f"cannot find the encoder layers of {type(model).__name__}; use strategy=full")
-
-
-def head_modules(model) -> list:
-    """Modules outside the base model (classifier, pre-classifier) plus BERT's pooler."""
-    base = model.base_model
-    mods = [m for name, m in model.named_children() if m is not base]
-    pooler = getattr(base, "pooler", None)
-    return mods + ([pooler] if pooler is not None else [])
-
-
-def _embeddings(model):
-    base = model.base_model
-    emb = getattr(base, "embeddings", None)
-    if emb is None:
-        raise RaybmError(f"cannot find the embeddings of {type(model).__name__}; use strategy=full")
-    return emb
+    """The stack of transformer layers, bottom first."""
+    return model_parts(model).layers
 
 
 def trainable_layers(strategy: str, num_layers: int, epoch: int, freeze_layers: int = 0,
@@ -53,22 +29,23 @@ def trainable_layers(strategy: str, num_layers: int, epoch: int, freeze_layers: 
 
 def apply_strategy(model, train_cfg, epoch: int, sizes: dict[int, int] | None = None) -> int:
     """Set ``requires_grad`` for ``epoch`` by the strategy; returns the trainable parameter
-    count (``sizes``: each parameter's size by id, taken before FSDP sharded it)."""
-    layers = encoder_layers(model) if train_cfg.strategy in ("partial", "gradual") else []
+    count (``sizes``: each parameter's size by id, taken before FSDP sharded it). LoRA's
+    trainable parameters are set once, by PEFT, and left as they are."""
     if train_cfg.strategy in ("partial", "gradual"):
+        parts = model_parts(model)
+        layers = parts.layers
         emb_on, top = trainable_layers(train_cfg.strategy, len(layers), epoch, train_cfg.freeze_layers,
                                        train_cfg.unfreeze_every)
         for p in model.parameters():
             p.requires_grad = False
-        for module in head_modules(model):
+        trained = parts.head + (layers[len(layers) - top:] if top else []) + (parts.after if top else [])
+        for module in trained:
             for p in module.parameters():
                 p.requires_grad = True
-        for layer in layers[len(layers) - top:] if top else []:
-            for p in layer.parameters():
-                p.requires_grad = True
-        for p in _embeddings(model).parameters():
-            p.requires_grad = emb_on
-    else:
+        for module in parts.embeddings:
+            for p in module.parameters():
+                p.requires_grad = emb_on
+    elif train_cfg.strategy != "lora":
         for p in model.parameters():
             p.requires_grad = True
     return sum((sizes or {}).get(id(p), p.numel()) for p in model.parameters() if p.requires_grad)
@@ -77,20 +54,75 @@ def apply_strategy(model, train_cfg, epoch: int, sizes: dict[int, int] | None = 
 def param_groups(model, lr: float, weight_decay: float, layerwise_decay: float = 1.0) -> list[dict]:
     """Optimizer parameter groups: no weight decay on biases and norms; with layer-wise
     decay, layer i of n (0 = bottom) gets lr * decay^(n - i) and the embeddings
-    lr * decay^(n + 1); the head gets lr."""
+    lr * decay^(n + 1); the head gets lr. Under LoRA only the adapters and the head."""
     scale: dict[int, float] = {}
     if layerwise_decay < 1.0:
-        layers = encoder_layers(model)
-        n = len(layers)
-        for p in _embeddings(model).parameters():
-            scale[id(p)] = layerwise_decay ** (n + 1)
-        for i, layer in enumerate(layers):
+        parts = model_parts(model)
+        n = len(parts.layers)
+        for module in parts.embeddings:
+            for p in module.parameters():
+                scale[id(p)] = layerwise_decay ** (n + 1)
+        for i, layer in enumerate(parts.layers):
             for p in layer.parameters():
                 scale[id(p)] = layerwise_decay ** (n - i)
+        for module in parts.after:  # a final norm: with the top layer
+            for p in module.parameters():
+                scale[id(p)] = layerwise_decay
     groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad and getattr(model, "peft_config", None):  # LoRA: the frozen base stays out
+            continue
         no_decay = p.dim() < 2 or "norm" in name.lower()
         key = (scale.get(id(p), 1.0), no_decay)
         groups.setdefault(key, []).append(p)
     return [{"params": ps, "lr": lr * s, "weight_decay": 0.0 if nd else weight_decay, "lr_scale": s}
             for (s, nd), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+
+
+def needs_of(train_cfg) -> list[str]:
+    """What of the architecture these training settings need: ``layers`` (a strategy that
+    freezes or decays by layer), ``lora`` (its target modules), ``checkpointing``."""
+    needs = []
+    if train_cfg.strategy in ("partial", "gradual") or train_cfg.layerwise_lr_decay < 1:
+        needs.append("layers")
+    if train_cfg.strategy == "lora":
+        needs.append("lora")
+    if train_cfg.gradient_checkpointing:
+        needs.append("checkpointing")
+    return needs
+
+
+def check_fits_architecture(cfg) -> None:
+    """Refuse, before Ray starts, training settings the model's architecture cannot take,
+    naming both: the job's own and those of every trial its sweep can sample. The model is
+    built on the meta device (no weights, no memory) only when a setting needs it."""
+    from raybm.models.architectures import model_type
+    from raybm.models.build import classifier_skeleton, supports_checkpointing
+    from raybm.models.lora import target_names
+
+    skeletons: dict = {}
+    for trial in extreme_trials(cfg):
+        needs, t = needs_of(trial.train), trial.train
+        if not needs:
+            continue
+        key = repr(trial.model)
+        if key not in skeletons:
+            skeletons[key] = classifier_skeleton(trial.model, ["a", "b"])
+        model = skeletons[key]
+        where = f"model.name={trial.model.name} ({model_type(model)})"
+        if "layers" in needs:
+            try:
+                model_parts(model)
+            except RaybmError as e:
+                what = f"train.strategy={t.strategy}" if t.strategy in ("partial", "gradual") \
+                    else f"train.layerwise_lr_decay={t.layerwise_lr_decay:g}"
+                raise RaybmError(f"{where}: {what} works layer by layer, but {e}; use train.strategy=full "
+                                 f"and layerwise_lr_decay=1") from None
+        if "lora" in needs:
+            try:
+                target_names(model, t.lora_targets)
+            except RaybmError as e:
+                raise RaybmError(f"{where}: train.strategy=lora: {e}") from None
+        if "checkpointing" in needs and not supports_checkpointing(model):
+            raise RaybmError(f"{where}: train.gradient_checkpointing is not supported by this architecture; "
+                             f"set it to false")

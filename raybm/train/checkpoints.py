@@ -8,22 +8,38 @@ import os
 import shutil
 import tempfile
 
-from raybm.config import JobConfig
-from raybm.results import EPOCH_METRICS_FILE, LABEL_MAP_FILE, MODEL_CONFIG_FILE, TRAIN_STATE_FILE, WEIGHTS_FILE
+from raybm.config import JobConfig, load_config
+from raybm.models.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from raybm.results import (
+    EPOCH_METRICS_FILE,
+    LABEL_MAP_FILE,
+    MODEL_CARD_FILE,
+    MODEL_CONFIG_FILE,
+    TRAIN_STATE_FILE,
+    WEIGHTS_FILE,
+)
 
 # What a usable checkpoint holds. A checkpoint folder whose upload a lost node or a stopped
 # job cut short has only some of its files (S3 writes each file whole, in any order); the
-# epoch's validation metrics inside it are what sweeps rank checkpoints by.
-CHECKPOINT_FILES = (WEIGHTS_FILE, "config.json", LABEL_MAP_FILE, "tokenizer_config.json", EPOCH_METRICS_FILE)
+# epoch's validation metrics inside it are what sweeps rank checkpoints by. Its weights are
+# one of CHECKPOINT_WEIGHTS: the whole model's, or a LoRA run's adapters and head.
+CHECKPOINT_FILES = ("config.json", LABEL_MAP_FILE, "tokenizer_config.json", EPOCH_METRICS_FILE)
+CHECKPOINT_WEIGHTS = (WEIGHTS_FILE, ADAPTER_WEIGHTS_FILE)
 
 
 def save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list[str], state: dict,
                      metrics: dict, weights: dict | None = None) -> None:
     """Write a checkpoint into ``folder``: a loadable model folder (weights, tokenizer, label
-    map, the job config) plus the training state and the epoch's metrics."""
+    map, the job config) plus the training state and the epoch's metrics. Under LoRA the
+    weights are the adapters' and the head's only (``as_model_folder`` merges them)."""
     import torch
 
+    from raybm.models.lora import is_lora
+
     model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
+    if is_lora(model):
+        model.get_base_model().config.save_pretrained(folder)
+        _remove(folder, MODEL_CARD_FILE)  # PEFT's card of the adapters: a published model gets raybm's
     tokenizer.save_pretrained(folder)
     with open(os.path.join(folder, LABEL_MAP_FILE), "w", encoding="utf-8") as f:
         json.dump({"labels": labels, "label_to_id": {lab: i for i, lab in enumerate(labels)}}, f, indent=2)
@@ -35,10 +51,41 @@ def save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list[
 
 
 def load_weights(folder: str, model) -> None:
-    """Load a checkpoint's weights into ``model`` (unwrapped)."""
+    """Load a checkpoint's weights into ``model`` (unwrapped; a PEFT model for a LoRA checkpoint)."""
     from safetensors.torch import load_file
 
+    from raybm.models.lora import load_adapter
+
+    if os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_FILE)):
+        load_adapter(folder, model)
+        return
     model.load_state_dict(load_file(os.path.join(folder, WEIGHTS_FILE)), strict=False)
+
+
+def as_model_folder(folder: str) -> str:
+    """Make a checkpoint folder on local disk a plain model folder, in place: a LoRA
+    checkpoint gets the base model with its adapters merged (the adapter files go); any
+    other is one already. Returns ``folder``."""
+    from raybm.models.build import build_classifier
+    from raybm.models.lora import add_lora, load_adapter, merged
+
+    if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_FILE)):
+        return folder
+    cfg = load_config(os.path.join(folder, MODEL_CONFIG_FILE))
+    with open(os.path.join(folder, LABEL_MAP_FILE), encoding="utf-8") as f:
+        labels = json.load(f)["labels"]
+    model = add_lora(build_classifier(cfg.model, labels, seed=cfg.train.seed), cfg.train)
+    load_adapter(folder, model)
+    merged(model).save_pretrained(folder, safe_serialization=True)
+    for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, MODEL_CARD_FILE):
+        _remove(folder, name)
+    return folder
+
+
+def _remove(folder: str, name: str) -> None:
+    path = os.path.join(folder, name)
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def load_checkpoint(folder: str, model) -> dict:

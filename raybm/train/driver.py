@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
 import yaml
 
 from raybm.config import JobConfig, run_name_for
@@ -251,6 +252,12 @@ def teacher_labels(folder: str | None) -> list[str] | None:
     return read_label_map(folder)
 
 
+def resume_hint(results: Results, run_dir: str) -> str:
+    """What a rerun of a failed run does: resume, when the run wrote a checkpoint."""
+    found = results.fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    return ": it resumes from the last checkpoint" if any(f.base_name.startswith("checkpoint_") for f in found) else ""
+
+
 def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> TrainResult:
     """Train ``cfg`` end to end and return where the model and its test metrics are."""
     from raybm.data import load_split
@@ -293,7 +300,7 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
             if not_placed(e):
                 raise RaybmError(f"training run {run_name!r}: {placement_failure(t, asks_for_gpus(t.use_gpu))}") from None
             raise RaybmError(f"training run {run_name!r} failed: {failure_reason(e)}. Fix the cause and rerun the "
-                             f"same command: it resumes from the last checkpoint.") from e
+                             f"same command{resume_hint(results, run_dir)}.") from e
         history = run_history(result)
         # The epoch the workers scored on the test split, and its checkpoint (see scored_checkpoint).
         best, test = scored_checkpoint(result)

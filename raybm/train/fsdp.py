@@ -17,10 +17,10 @@ def wrap_fsdp(model, device):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from raybm.models.strategies import encoder_layers
+    from raybm.models.architectures import model_parts
 
     try:
-        policy = ModuleWrapPolicy({type(layer) for layer in encoder_layers(model)})
+        policy = ModuleWrapPolicy({type(layer) for layer in model_parts(model).layers})
     except RaybmError:  # no layer stack (the TextCNN baseline): one unit
         policy = None
     return FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=device)

@@ -11,6 +11,7 @@ import tempfile
 from typing import Any
 
 from raybm.results import MODEL_DIR, SUCCESS_MARKER, TRAIN_STATE_FILE, Results
+from raybm.train.checkpoints import as_model_folder
 
 
 def scored_checkpoint(result) -> tuple[Any, dict | None]:
@@ -49,10 +50,11 @@ def best_epoch(history: list[dict], metric: str, mode: str) -> int | None:
 
 
 def publish_model(results: Results, run_dir: str, checkpoint) -> str:
-    """Copy a checkpoint (minus optimizer state) to <run_dir>/model, atomically."""
+    """Copy a checkpoint (minus optimizer state; a LoRA run's adapters merged into the base
+    model) to <run_dir>/model, atomically."""
     final = results.join(run_dir, MODEL_DIR)
     with tempfile.TemporaryDirectory() as tmp:
-        local = checkpoint.to_directory(os.path.join(tmp, "ckpt"))
+        local = as_model_folder(checkpoint.to_directory(os.path.join(tmp, "ckpt")))  # LoRA: merged
         state = os.path.join(local, TRAIN_STATE_FILE)
         if os.path.exists(state):
             os.remove(state)

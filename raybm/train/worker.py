@@ -121,13 +121,15 @@ class Worker:
 def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
     """The worker's model, data, loss and optimizer; resumed from the run's last checkpoint
     when this is a restart (a worker failure or a rerun). All parameters are trainable when
-    wrapped (DDP tracks them all); the strategy freezes some per epoch."""
+    wrapped (DDP tracks them all); the strategy freezes some per epoch. Under LoRA only the
+    adapters and the head ever train."""
     import ray.train
     import ray.train.torch
     import torch
 
     from raybm.data.tokenizing import AugmentCollate, PadCollate
-    from raybm.models.build import build_classifier, load_tokenizer
+    from raybm.models.build import build_classifier, enable_checkpointing, load_tokenizer
+    from raybm.models.lora import add_lora
     from raybm.models.strategies import param_groups
 
     cfg = build_config(config["job"])
@@ -138,6 +140,10 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
     torch.manual_seed(t.seed + rank)
     device = ray.train.torch.get_device()
     model = build_classifier(cfg.model, config["labels"], pretrained=t.strategy != "scratch", seed=t.seed)
+    if t.gradient_checkpointing:
+        enable_checkpointing(model)
+    if t.strategy == "lora":
+        model = add_lora(model, t)  # the base frozen from here on: only the adapters and the head train
     model.to(device)
     progress, state = _resume(model, rank)  # the weights go in before wrapping, the optimizer state after
     # Optimizer groups and parameter sizes from the unwrapped model: FSDP flattens what it shards.
@@ -154,10 +160,10 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) \
         if config.get("class_weights") else None
     train_shard, val_data = _training_data(config, cfg, rank, world)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     steps_per_epoch = max(1, math.ceil(math.ceil(config["n_train"] / world) / t.batch_size / t.grad_accum))
     if t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
-    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     worker = Worker(
         config=config, cfg=cfg, labels=config["labels"], rank=rank, world=world, device=device, model=model,
         wrapped=wrapped, tokenizer=tokenizer, optimizer=optimizer,
@@ -165,7 +171,7 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
         loss_fn=torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=t.label_smoothing),
         eval_loss_fn=torch.nn.CrossEntropyLoss(),
         # Rows come tokenized (stored by the data stage, or by Tokenize): padded here, per batch.
-        collate=PadCollate(width=cfg.data.max_length if cfg.data.padding == "max_length" else None),
+        collate=PadCollate(tokenizer.pad_token_id, cfg.data.max_length if cfg.data.padding == "max_length" else None),
         augment=AugmentCollate(tokenizer, cfg.data.augment, cfg.data.max_length, cfg.data.padding, cfg.data.seed)
         if cfg.data.augment.enabled else None,
         train_shard=train_shard, val_data=val_data,

@@ -15,6 +15,12 @@ from typing import Any
 from raybm.config import JobConfig
 from raybm.export.measure import measure
 from raybm.results import WEIGHTS_FILE, copy_to_local, is_s3
+from raybm.train.checkpoints import as_model_folder
+
+
+def is_model_folder(uri: str) -> bool:
+    """Whether a checkpoint is a model folder on this machine already (not on S3, not LoRA adapters)."""
+    return not is_s3(uri) and os.path.isfile(os.path.join(uri, WEIGHTS_FILE))
 
 
 def architecture(folder: str) -> tuple[str, int]:
@@ -37,7 +43,8 @@ def measure_costs(cfg: JobConfig, rows: list[dict[str, Any]], log: Callable[[str
     with tempfile.TemporaryDirectory(prefix="raybm-cost-") as tmp:
         for row in rows:
             uri = row["best_checkpoint"]
-            folder = copy_to_local(uri, cfg.storage, os.path.join(tmp, row["trial"])) if is_s3(uri) else uri
+            folder = uri if is_model_folder(uri) else \
+                as_model_folder(copy_to_local(uri, cfg.storage, os.path.join(tmp, row["trial"])))
             key, params = architecture(folder)
             if key not in latency:
                 latency[key] = measure(folder, "torch", None, None, cfg.tune.latency_samples)["latency_p50_ms"]

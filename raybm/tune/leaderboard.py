@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 from raybm.config import JobConfig
 from raybm.config.search_space import Distribution
 from raybm.results import EPOCH_METRICS_FILE, LEADERBOARD, Results
-from raybm.train.checkpoints import CHECKPOINT_FILES
+from raybm.train.checkpoints import CHECKPOINT_FILES, CHECKPOINT_WEIGHTS
 from raybm.train.driver import failure_reason
 from raybm.train.publish import worker_nodes_of
 from raybm.train.resources import asks_for_gpus, not_placed, placement_failure
@@ -58,7 +58,9 @@ def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> t
         if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
         files = results.fs.get_file_info([results.join(info.path, f) for f in CHECKPOINT_FILES])
-        if any(f.type == pafs.FileType.NotFound for f in files):
+        weights = results.fs.get_file_info([results.join(info.path, f) for f in CHECKPOINT_WEIGHTS])
+        if any(f.type == pafs.FileType.NotFound for f in files) or \
+                all(f.type == pafs.FileType.NotFound for f in weights):
             continue  # an upload cut short (a lost node, a stopped job)
         try:
             m = results.read_json(results.join(info.path, EPOCH_METRICS_FILE))

@@ -44,6 +44,7 @@ from raybm.results import (
     copy_to_local,
     job_for_workers,
 )
+from raybm.train.checkpoints import as_model_folder
 from raybm.train.driver import load_prepared, load_text_splits, reads_whole_splits, training_datasets
 from raybm.train.publish import publish_model, score_model_uri
 from raybm.train.resources import check_workers_fit
@@ -290,7 +291,8 @@ def _make_soup(results: Results, cfg: JobConfig, dataset: str, rows: list[dict[s
     from raybm.data import load_split
     from raybm.inference.evaluate import score_dataset
 
-    candidates = [(r["trial"], copy_to_local(r["best_checkpoint"], cfg.storage, os.path.join(workdir, r["trial"])))
+    candidates = [(r["trial"], as_model_folder(copy_to_local(r["best_checkpoint"], cfg.storage,
+                                                             os.path.join(workdir, r["trial"]))))
                   for r in rows]
     validation = load_split(results, dataset, "validation").materialize()
     return make_soup(candidates, lambda folder: score_dataset(folder, validation, cfg.data.max_length),

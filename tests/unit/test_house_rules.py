@@ -76,6 +76,7 @@ LAZY_IMPORTS = {
     "altair": "only the dashboard's charts",
     "pandas": "0.2 s; only tables and files of predictions",
     "sklearn": "only its English stop-word list (data.clean.stop_words)",
+    "peft": "only LoRA (train.strategy=lora)",
     "boto3": "only S3",
     "botocore": "only S3",
     "ftfy": "only the twitter corpus's repair",

@@ -139,7 +139,7 @@ def test_textcnn_baseline_trains_saves_and_loads(tmp_path):
     (tmp_path / "label_map.json").write_text(json.dumps({"labels": LABELS}))
     clf = Classify(str(tmp_path), max_length=16)
     assert clf.predict(["good", "bad"]).shape == (2, 2)
-    with pytest.raises(Exception, match="use strategy=full"):
+    with pytest.raises(Exception, match="raybm-textcnn has no stack of transformer layers"):
         apply_strategy(model, build_config(overrides=["train.strategy=partial"]).train, 0)
 
 
