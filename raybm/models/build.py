@@ -225,7 +225,7 @@ def enable_checkpointing(model) -> None:
     part = checkpointed_part(model)
     if part is None:
         raise RaybmError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
-    part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, seed: int = 0):

@@ -108,3 +108,12 @@ def test_collate_of_read_only_arrays_copies_without_a_warning():
         out = pad_collate({"input_ids": ids, "label": labels})
     out["labels"][0] = 7  # writable, and not the caller's array
     assert labels[0] == 0 and out["input_ids"].shape == (4, 8)
+
+
+def test_batches_pad_with_the_models_pad_id_whether_ragged_or_zero_padded_upstream():
+    ragged = {"input_ids": np.array([np.array([7, 8, 9]), np.array([7])], dtype=object), "label": np.array([0, 1])}
+    assert pad_collate(ragged, pad_id=5)["input_ids"].tolist() == [[7, 8, 9], [7, 5, 5]]
+    whole = {"input_ids": np.array([[7, 8, 9], [7, 0, 0]]), "attention_mask": np.array([[1, 1, 1], [1, 0, 0]]),
+             "label": np.array([0, 1])}  # a whole split's rows come 0-padded
+    out = pad_collate(whole, pad_id=5)
+    assert out["input_ids"].tolist() == [[7, 8, 9], [7, 5, 5]] and out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
