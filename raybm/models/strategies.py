@@ -94,35 +94,40 @@ def needs_of(train_cfg) -> list[str]:
 
 def check_fits_architecture(cfg) -> None:
     """Refuse, before Ray starts, training settings the model's architecture cannot take,
-    naming both: the job's own and those of every trial its sweep can sample. The model is
-    built on the meta device (no weights, no memory) only when a setting needs it."""
+    naming both: the job's own and those of every trial its sweep can sample (searched keys
+    combine, so what any trial needs is checked against every model and LoRA target list a
+    trial can have). The model is built on the meta device (no weights, no memory) only when
+    a setting needs it."""
     from raybm.models.architectures import model_type
     from raybm.models.build import classifier_skeleton, supports_checkpointing
     from raybm.models.lora import target_names
 
+    trials = extreme_trials(cfg)
+    needing = {need: next(t.train for t in trials if need in needs_of(t.train))
+               for need in ("layers", "lora", "checkpointing") if any(need in needs_of(t.train) for t in trials)}
+    if not needing:
+        return
     skeletons: dict = {}
-    for trial in extreme_trials(cfg):
-        needs, t = needs_of(trial.train), trial.train
-        if not needs:
-            continue
+    for trial in trials:
         key = repr(trial.model)
         if key not in skeletons:
             skeletons[key] = classifier_skeleton(trial.model, ["a", "b"])
         model = skeletons[key]
         where = f"model.name={trial.model.name} ({model_type(model)})"
-        if "layers" in needs:
+        if "layers" in needing:
             try:
                 model_parts(model)
             except RaybmError as e:
+                t = needing["layers"]
                 what = f"train.strategy={t.strategy}" if t.strategy in ("partial", "gradual") \
                     else f"train.layerwise_lr_decay={t.layerwise_lr_decay:g}"
                 raise RaybmError(f"{where}: {what} works layer by layer, but {e}; use train.strategy=full "
                                  f"and layerwise_lr_decay=1") from None
-        if "lora" in needs:
+        if "lora" in needing:
             try:
-                target_names(model, t.lora_targets)
+                target_names(model, trial.train.lora_targets)
             except RaybmError as e:
                 raise RaybmError(f"{where}: train.strategy=lora: {e}") from None
-        if "checkpointing" in needs and not supports_checkpointing(model):
+        if "checkpointing" in needing and not supports_checkpointing(model):
             raise RaybmError(f"{where}: train.gradient_checkpointing is not supported by this architecture; "
                              f"set it to false")

@@ -108,6 +108,7 @@ class Worker:
     masks: list  # (weight, mask) pairs that keep a pruned model's zeros
     teacher: Any  # the distillation teacher, or None
     sizes: dict[int, int]  # parameter sizes by id, from before wrapping
+    checkpoint_mb: float  # the weights each checkpoint holds (LoRA: the adapters and the head only)
     steps_per_epoch: int
     total_steps: int
     nodes: list[str]  # the Ray node of each rank, this rank's first
@@ -129,7 +130,7 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
 
     from raybm.data.tokenizing import AugmentCollate, PadCollate
     from raybm.models.build import build_classifier, enable_checkpointing, load_tokenizer
-    from raybm.models.lora import add_lora
+    from raybm.models.lora import add_lora, adapter_state, is_lora
     from raybm.models.strategies import param_groups
 
     cfg = build_config(config["job"])
@@ -149,6 +150,12 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
     # Optimizer groups and parameter sizes from the unwrapped model: FSDP flattens what it shards.
     groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
     sizes = {id(p): p.numel() for p in model.parameters()}
+    saved = adapter_state(model) if is_lora(model) else model.state_dict()  # what each checkpoint holds
+    checkpoint_mb = sum(v.numel() * v.element_size() for v in saved.values()) / 1e6
+    if rank == 0 and is_lora(model):
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        say(f"LoRA: {trainable:,} of {sum(sizes.values()):,} parameters train "
+            f"({100 * trainable / max(1, sum(sizes.values())):.2f}%); each checkpoint holds {checkpoint_mb:.2f} MB")
     wrapped = _wrap(model, t, device)
     optimizer = build_optimizer(model, t, groups)
     for group in optimizer.param_groups:
@@ -179,7 +186,7 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
         masks=[(m.weight, m.weight.ne(0)) for m in model.modules()
                if isinstance(m, torch.nn.Linear)] if t.keep_sparsity else [],
         teacher=load_teacher(t.distill_from, device) if t.distill_from else None,
-        sizes=sizes, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * t.epochs,
+        sizes=sizes, checkpoint_mb=checkpoint_mb, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * t.epochs,
         nodes=worker_nodes(world))
     return worker, progress
 

@@ -300,3 +300,45 @@ def test_the_plateau_schedule_halves_the_rate_when_validation_stops_improving(ra
                  "train.plateau_patience=1", "train.plateau_factor=0.5")
     lrs = [h["lr"] for h in run_training(cfg, log=quiet).history]
     assert lrs == pytest.approx([1e-12, 1e-12, 5e-13]), lrs
+
+
+def test_lora_on_a_decoder_two_ddp_workers_checkpointing_resume_and_a_merged_model(ray_local, tmp_path, data_csv):
+    # A decoder whose config has no pad token, LoRA (PEFT) with gradient checkpointing on two
+    # DDP workers, a worker failure at epoch 2 resumed from an adapter-only checkpoint; the
+    # published model is a plain merged model folder that predict, export and serve load.
+    from raybm.inference.loading import load_model_folder, load_predictor
+
+    cfg = config(tmp_path, data_csv, "model.name=tiny-qwen2", "train.strategy=lora", "train.lora_rank=4",
+                 "train.lr=0.01", "train.gradient_checkpointing=true", "train.epochs=3", "train.num_workers=2",
+                 "train.cpus_per_worker=0.5", "train.batch_size=4", "train.max_failures=1", "train.fail_at_epoch=2")
+    result = run_training(cfg, log=quiet)
+    assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 1]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    full = load_model_folder(result.model_dir)[0]
+    total = sum(p.numel() for p in full.parameters())
+    assert all(h["trainable_params"] < total / 10 for h in result.history)
+    checkpoints = sorted(c for c in Path(result.run_dir).glob("checkpoint_*") if c.is_dir())
+    assert checkpoints and all((c / "adapter_model.safetensors").exists() and not (c / "model.safetensors").exists()
+                               for c in checkpoints)
+    adapter_mb = (checkpoints[-1] / "adapter_model.safetensors").stat().st_size / 1e6
+    model_mb = (Path(result.model_dir) / "model.safetensors").stat().st_size / 1e6
+    assert adapter_mb < model_mb / 10 and result.history[-1]["checkpoint_weights_mb"] < model_mb / 10
+    published = set(os.listdir(result.model_dir))
+    assert "model.safetensors" in published and not {"adapter_model.safetensors", "adapter_config.json"} & published
+    assert full.config.pad_token_id is not None  # kept in the saved model: batches of any size work
+    assert "LoRA (PEFT), merged into the weights: rank 4" in (Path(result.model_dir) / "README.md").read_text()
+    probs = load_predictor(result.model_dir).predict(["great", "awful, would not buy again", "fine"])
+    assert probs.shape == (3, 2)
+    again = score_dataset(result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics["dataset"],
+                                                       "test"), 16)
+    assert again["confusion_matrix"] == result.metrics["test"]["confusion_matrix"]
+
+
+def test_lora_with_two_fsdp_workers(ray_local, tmp_path, data_csv):
+    cfg = config(tmp_path, data_csv, "train.strategy=lora", "train.lr=0.01", "train.epochs=2", "train.num_workers=2",
+                 "train.cpus_per_worker=0.5", "train.parallelism=fsdp", "train.batch_size=4")
+    result = run_training(cfg, log=quiet)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert all((c / "adapter_model.safetensors").exists() for c in Path(result.run_dir).glob("checkpoint_*")
+               if c.is_dir())
+    assert "model.safetensors" in os.listdir(result.model_dir)

@@ -219,3 +219,12 @@ def test_lora_settings_that_conflict_are_refused_when_the_config_loads(overrides
 
     with pytest.raises(ConfigError, match=message):
         build_config(overrides=overrides)
+
+
+def test_lora_settings_are_searchable_and_each_sampled_trial_is_checked():
+    space = ("tune.search_space={train.strategy: 'grid([full, lora])', train.lora_rank: 'choice([4, 16])', "
+             "train.lora_alpha: 'uniform(8, 32)', train.lora_dropout: 'uniform(0, 0.2)'}")
+    check_fits_architecture(build_config(overrides=["model.name=tiny-gpt2", space]))
+    bad = space.replace("}", ", train.lora_targets: 'choice([[c_attn], [q_proj]])'}")
+    with pytest.raises(RaybmError, match="gpt2 has no Linear module named q_proj"):
+        check_fits_architecture(build_config(overrides=["model.name=tiny-gpt2", bad]))
