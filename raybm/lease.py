@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from raybm.errors import RaybmError
-from raybm.results import Results
+from raybm.results import Results, s3_client
 
 
 def owner_record(ttl_s: float) -> dict[str, Any]:
@@ -78,12 +78,7 @@ class _Store:
     def __init__(self, results: Results, path: str):
         self.results, self.path = results, path
         if results.remote:
-            import boto3
-
-            s = results.storage
-            endpoint = s.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-            self.s3 = boto3.client("s3", endpoint_url=endpoint,
-                                   region_name=s.s3_region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+            self.s3 = s3_client(results.storage)
             self.bucket, self.key = path.split("/", 1)
 
     def create(self, body: bytes) -> str | None:

@@ -68,7 +68,7 @@ def preflight(cfg: JobConfig, stages: list[str] | None = None):
 
     Results.from_config(cfg.storage).check_reachable()
     source = resolve_source(cfg.data, cfg.storage)
-    check_model(cfg.model)
+    check_model(cfg.model, cfg.storage)
     check_fits_architecture(cfg)
     teacher_labels(cfg.train.distill_from)
     stages = pipeline_stages(cfg) if stages is None else stages

@@ -240,7 +240,8 @@ def _split_and_count(cfg: JobConfig, deduped, keys, mapper, dropped: dict[str, i
     thresholds = splitting.split_thresholds(keys, quotas, list(d.split))
     split_ds = deduped.map_batches(splitting.apply_split, batch_format="pandas", fn_kwargs={"thresholds": thresholds})
     split_ds = map_batches_cached(split_ds, CountTokens, dict(model=cfg.model.name, max_length=d.max_length,
-                                                              trust_remote_code=cfg.model.trust_remote_code),
+                                                              trust_remote_code=cfg.model.trust_remote_code,
+                                                              storage=dataclasses.asdict(cfg.storage)),
                                   concurrency=1, batch_format="pandas", batch_size=512).materialize()
     return split_ds, split_ds.select_columns(["split", "label", "n_tokens"]).to_pandas()
 

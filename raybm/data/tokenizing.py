@@ -8,6 +8,7 @@ driver.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from raybm.config import AugmentConfig, DataConfig, ModelConfig
+from raybm.config import AugmentConfig, DataConfig, ModelConfig, StorageConfig
 from raybm.data.splitting import text_key
 
 
@@ -54,11 +55,13 @@ def augment_text(text: str, cfg: AugmentConfig, rng: np.random.Generator,
 
 
 class _WithTokenizer:
-    def __init__(self, model: str, trust_remote_code: bool = False) -> None:
+    def __init__(self, model: str, trust_remote_code: bool = False, storage: dict | None = None) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from raybm.models.build import load_tokenizer
+        from raybm.models.build import load_tokenizer, resolve_model_source
 
-        self.tokenizer = load_tokenizer(model, trust_remote_code)
+        # An s3:// base model: fetched to this task's node (the driver's copy is on its own disk).
+        source = resolve_model_source(model, StorageConfig(**(storage or {}))) if model.startswith("s3://") else model
+        self.tokenizer = load_tokenizer(source, trust_remote_code)
 
 
 class AugmentCollate:
@@ -101,8 +104,9 @@ class Tokenize(_WithTokenizer):
     variable-length array per row, padded per training batch by ``pad_collate``.
     """
 
-    def __init__(self, model: str, max_length: int, padding: str, trust_remote_code: bool = False) -> None:
-        super().__init__(model, trust_remote_code)
+    def __init__(self, model: str, max_length: int, padding: str, trust_remote_code: bool = False,
+                 storage: dict | None = None) -> None:
+        super().__init__(model, trust_remote_code, storage)
         self.max_length = max_length
         self.padding = padding
 
@@ -130,8 +134,9 @@ class CountTokens(_WithTokenizer):
     ``max_length``, not padded; ``list<int32>``): stored with the prepared splits, so that
     no training run or sweep trial of this dataset tokenizes again."""
 
-    def __init__(self, model: str, max_length: int, trust_remote_code: bool = False) -> None:
-        super().__init__(model, trust_remote_code)
+    def __init__(self, model: str, max_length: int, trust_remote_code: bool = False,
+                 storage: dict | None = None) -> None:
+        super().__init__(model, trust_remote_code, storage)
         self.max_length = max_length
 
     def __call__(self, batch: pd.DataFrame):
@@ -143,14 +148,17 @@ class CountTokens(_WithTokenizer):
         return table.append_column("input_ids", pa.array(kept, type=pa.list_(pa.int32())))
 
 
-def tokenize_dataset(ds, data: DataConfig, model: ModelConfig, *, concurrency: int = 1, num_cpus: float = 0.25):
+def tokenize_dataset(ds, data: DataConfig, model: ModelConfig, storage: StorageConfig | None = None, *,
+                     concurrency: int = 1, num_cpus: float = 0.25):
     """Lazily tokenize a Dataset with columns text and label (never augmented: training
-    workers augment texts themselves, per epoch, with ``AugmentCollate``)."""
+    workers augment texts themselves, per epoch, with ``AugmentCollate``); ``storage``
+    reaches an ``s3://`` base model."""
     from raybm.data.udf import map_batches_cached
 
     return map_batches_cached(
         ds, Tokenize, dict(model=model.name, max_length=data.max_length, padding=data.padding,
-                           trust_remote_code=model.trust_remote_code),
+                           trust_remote_code=model.trust_remote_code,
+                           storage=dataclasses.asdict(storage or StorageConfig())),
         concurrency=concurrency, batch_format="pandas", batch_size=256, num_cpus=num_cpus)
 
 

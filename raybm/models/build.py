@@ -7,14 +7,17 @@ name is a hub name and the network allows it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from pathlib import Path
 
+from raybm.config import ModelConfig, StorageConfig
 from raybm.errors import RaybmError
+from raybm.models.architectures import ARCHITECTURES, head_modules
 from raybm.models.baseline import TextCNNConfig, TextCNNForSequenceClassification
 from raybm.models.pooled import PooledClassifier, PooledClassifierConfig
-from raybm.models.architectures import ARCHITECTURES, head_modules
+from raybm.results import fetch_base_model, is_s3
 
 
 def _register(config_cls, model_cls) -> None:
@@ -67,11 +70,15 @@ TINY_MODELS = {
 BASELINE_MODELS = {"textcnn": {}}
 
 
-def resolve_model_source(name: str) -> str:
-    """A built-in model's folder, a local folder as given, or a hub name unchanged.
+def resolve_model_source(name: str, storage: StorageConfig | None = None) -> str:
+    """A built-in model's folder, a local folder as given, an ``s3://`` folder fetched into
+    this node's model cache (with ``storage``'s endpoint; the environment's without), or a
+    hub name unchanged.
 
     For a tiny model this is the folder of the tokenizer it borrows.
     """
+    if is_s3(name):
+        return fetch_base_model(name, storage or StorageConfig())
     if name in TINY_MODELS or name in BASELINE_MODELS:
         name = "all-minilm-l6-v2"
     if name in BUILTIN_MODELS:
@@ -87,6 +94,15 @@ def resolve_model_source(name: str) -> str:
         raise RaybmError(f"model folder {name!r} not found; give a Hugging Face model folder, "
                          f"a hub name, or one of: {', '.join(BUILTIN_MODELS)}")
     return name
+
+
+def local_model(model_cfg: ModelConfig, storage: StorageConfig) -> ModelConfig:
+    """``model_cfg`` with an ``s3://`` base model replaced by its copy on this node (fetched
+    once per node and version); any other unchanged. Each process that builds the model
+    calls it on its own node."""
+    if not is_s3(model_cfg.name):
+        return model_cfg
+    return dataclasses.replace(model_cfg, name=fetch_base_model(model_cfg.name, storage))
 
 
 def with_pad_token(tokenizer, name: str = "the model"):
@@ -120,9 +136,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         raise RaybmError(f"cannot load the tokenizer of model {name!r}: {first}; {hint}") from None
 
 
-def check_model(model_cfg) -> None:
+def check_model(model_cfg, storage: StorageConfig | None = None) -> None:
     """A model name that cannot be used fails here, on the driver, in about a second,
-    instead of inside the first Ray Data task that tokenizes."""
+    instead of inside the first Ray Data task that tokenizes (an ``s3://`` model is checked
+    complete and fetched to this node here)."""
+    model_cfg = local_model(model_cfg, storage or StorageConfig())
     if model_cfg.name in TINY_MODELS or model_cfg.name in BASELINE_MODELS:
         resolve_model_source(model_cfg.name)
         return
@@ -264,9 +282,7 @@ def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, s
 def tiny_config(name: str, common: dict):
     """The config of a tiny random model (``TINY_MODELS``) over MiniLM's tokenizer: its special
     token ids, and no pad token for a decoder."""
-    from transformers import AutoConfig
-
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     tokenizer = load_tokenizer(name)
     kind, settings = TINY_MODELS[name]

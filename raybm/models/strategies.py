@@ -99,7 +99,7 @@ def check_fits_architecture(cfg) -> None:
     trial can have). The model is built on the meta device (no weights, no memory) only when
     a setting needs it."""
     from raybm.models.architectures import model_type
-    from raybm.models.build import classifier_skeleton, supports_checkpointing
+    from raybm.models.build import classifier_skeleton, local_model, supports_checkpointing
     from raybm.models.lora import target_names
 
     trials = extreme_trials(cfg)
@@ -111,7 +111,7 @@ def check_fits_architecture(cfg) -> None:
     for trial in trials:
         key = repr(trial.model)
         if key not in skeletons:
-            skeletons[key] = classifier_skeleton(trial.model, ["a", "b"])
+            skeletons[key] = classifier_skeleton(local_model(trial.model, cfg.storage), ["a", "b"])
         model = skeletons[key]
         where = f"model.name={trial.model.name} ({model_type(model)})"
         if "layers" in needing:

@@ -66,7 +66,7 @@ def as_model_folder(folder: str) -> str:
     """Make a checkpoint folder on local disk a plain model folder, in place: a LoRA
     checkpoint gets the base model with its adapters merged (the adapter files go); any
     other is one already. Returns ``folder``."""
-    from raybm.models.build import build_classifier
+    from raybm.models.build import build_classifier, local_model
     from raybm.models.lora import add_lora, load_adapter, merged
 
     if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_FILE)):
@@ -74,7 +74,7 @@ def as_model_folder(folder: str) -> str:
     cfg = load_config(os.path.join(folder, MODEL_CONFIG_FILE))
     with open(os.path.join(folder, LABEL_MAP_FILE), encoding="utf-8") as f:
         labels = json.load(f)["labels"]
-    model = add_lora(build_classifier(cfg.model, labels, seed=cfg.train.seed), cfg.train)
+    model = add_lora(build_classifier(local_model(cfg.model, cfg.storage), labels, seed=cfg.train.seed), cfg.train)
     load_adapter(folder, model)
     merged(model).save_pretrained(folder, safe_serialization=True)
     for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, MODEL_CARD_FILE):

@@ -147,8 +147,9 @@ def tokenized_datasets(cfg: JobConfig, splits: dict) -> dict:
     split stays text, which the workers augment per epoch and tokenize."""
     from raybm.data import tokenize_dataset
 
-    train = splits["train"] if cfg.data.augment.enabled else tokenize_dataset(splits["train"], cfg.data, cfg.model)
-    return {"train": train, "validation": tokenize_dataset(splits["validation"], cfg.data, cfg.model)}
+    train = splits["train"] if cfg.data.augment.enabled else \
+        tokenize_dataset(splits["train"], cfg.data, cfg.model, cfg.storage)
+    return {"train": train, "validation": tokenize_dataset(splits["validation"], cfg.data, cfg.model, cfg.storage)}
 
 
 def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: dict, run_name: str,

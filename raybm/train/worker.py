@@ -129,7 +129,7 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
     import torch
 
     from raybm.data.tokenizing import AugmentCollate, PadCollate
-    from raybm.models.build import build_classifier, enable_checkpointing, load_tokenizer
+    from raybm.models.build import build_classifier, enable_checkpointing, load_tokenizer, local_model
     from raybm.models.lora import add_lora, adapter_state, is_lora
     from raybm.models.strategies import param_groups
 
@@ -140,7 +140,8 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
     torch.set_num_threads(t.torch_threads or max(1, int(t.cpus_per_worker)))  # Ray's OMP setting is not enough
     torch.manual_seed(t.seed + rank)
     device = ray.train.torch.get_device()
-    model = build_classifier(cfg.model, config["labels"], pretrained=t.strategy != "scratch", seed=t.seed)
+    model_cfg = local_model(cfg.model, cfg.storage)  # an s3:// base model: this node's copy
+    model = build_classifier(model_cfg, config["labels"], pretrained=t.strategy != "scratch", seed=t.seed)
     if t.gradient_checkpointing:
         enable_checkpointing(model)
     if t.strategy == "lora":
@@ -167,7 +168,7 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) \
         if config.get("class_weights") else None
     train_shard, val_data = _training_data(config, cfg, rank, world)
-    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
     steps_per_epoch = max(1, math.ceil(math.ceil(config["n_train"] / world) / t.batch_size / t.grad_accum))
     if t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)

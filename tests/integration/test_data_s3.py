@@ -171,3 +171,26 @@ def test_one_writer_per_artifact_on_s3_with_conditional_writes(s3_server, bucket
     assert "Took over the stale lease of export 'e1'" in said[0]
     keys = buckets.list_objects_v2(Bucket="raybm-results", Prefix="leases-test/.leases/").get("Contents", [])
     assert keys == []  # released
+
+
+def test_training_from_a_base_model_on_s3(s3_server, buckets, ray_local, tmp_path):
+    # model.name=s3://...: the driver checks the folder and fetches it; the data stage's tasks
+    # and the training worker fetch it on their own node, with the job's endpoint (set in the
+    # config only, not in the environment).
+    from raybm.models.build import build_classifier, load_tokenizer
+    from raybm.pipeline import preflight
+    from raybm.train.driver import run_training
+
+    base = tmp_path / "base"
+    build_classifier(build_config(overrides=["model.name=tiny-distilbert"]).model, ["a", "b"]).save_pretrained(base)
+    load_tokenizer("tiny-distilbert").save_pretrained(base)
+    for f in base.iterdir():
+        buckets.upload_file(str(f), "raybm-data", f"base-models/distilbert/{f.name}")
+    cfg = s3_config(s3_server, "s3://raybm-data/csv/reviews.csv", "data.name=from-s3-base",
+                    "model.name=s3://raybm-data/base-models/distilbert", "data.max_length=16", "train.epochs=1",
+                    "train.batch_size=16", "train.warmup_ratio=0", "train.strategy=partial", "train.freeze_layers=1")
+    preflight(cfg, ["data", "train"])
+    result = run_training(cfg, log=lambda _: None)
+    assert result.history and result.model_dir.startswith("s3://raybm-results/experiments/runs/")
+    card = buckets.get_object(Bucket="raybm-results", Key=result.model_dir[len("s3://raybm-results/"):] + "/README.md")
+    assert "s3://raybm-data/base-models/distilbert" in card["Body"].read().decode()

@@ -101,3 +101,51 @@ def test_a_model_card_keeps_success_last(tmp_path, tiny_model_dir):
     write_model_card(results, model, name="carded", kind="run", dataset="d", test={"accuracy": 1.0, "f1_macro": 1.0, "precision_macro": 1.0, "recall_macro": 1.0})
     assert os.stat(os.path.join(model, SUCCESS_MARKER)).st_mtime_ns >= os.stat(os.path.join(model, MODEL_CARD_FILE)).st_mtime_ns
     assert os.stat(os.path.join(model, SUCCESS_MARKER)).st_mtime_ns > before
+
+
+def upload_folder(s3, bucket: str, prefix: str, local: str, skip: tuple[str, ...] = ()) -> str:
+    for name in sorted(os.listdir(local)):
+        if name not in skip:
+            s3.upload_file(os.path.join(local, name), bucket, f"{prefix}/{name}")
+    return f"s3://{bucket}/{prefix}"
+
+
+def test_a_base_model_on_s3_is_fetched_once_per_node_and_content_and_checked_complete(store, tmp_path, monkeypatch):
+    import boto3
+
+    from raybm.config import build_config
+    from raybm.models.build import build_classifier, load_tokenizer, local_model
+    from raybm.results import fetch_base_model
+
+    base = tmp_path / "base"  # a Hugging Face folder as a user uploads it: no _SUCCESS
+    build_classifier(build_config(overrides=["model.name=tiny-gpt2"]).model, ["a", "b"]).save_pretrained(base)
+    load_tokenizer("tiny-gpt2").save_pretrained(base)
+    s3 = boto3.client("s3", endpoint_url=store.storage.s3_endpoint_url)
+    bucket = store.root[len("s3://"):].split("/")[0]
+    uri = upload_folder(s3, bucket, "base-models/gpt2", str(base))
+    storage = store.storage
+
+    first = fetch_base_model(uri, storage)
+    assert sorted(os.listdir(first)) == sorted([*os.listdir(base), ".complete"])
+    assert os.stat(os.path.dirname(first)).st_mode & 0o777 == 0o700
+    stamp = os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns
+    again = fetch_base_model(uri, storage)  # the same content: the same copy, not fetched again
+    assert again == first and os.stat(os.path.join(again, "model.safetensors")).st_mtime_ns == stamp
+    cfg = build_config(overrides=[f"model.name={uri}", f"storage.root={store.root}",
+                                  f"storage.s3_endpoint_url={storage.s3_endpoint_url}"])
+    assert local_model(cfg.model, cfg.storage).name == first
+    assert type(build_classifier(local_model(cfg.model, cfg.storage), ["a", "b"])).__name__ == "GPT2ForSequenceClassification"
+
+    s3.put_object(Bucket=bucket, Key="base-models/gpt2/config.json",  # new content, same size: a new version
+                  Body=(base / "config.json").read_bytes().replace(b'"a"', b'"x"'))
+    changed = fetch_base_model(uri, storage)
+    assert changed != first and not os.path.exists(first)  # the older copy goes
+
+    for skip, lacks in ((("model.safetensors",), "model.safetensors (raybm loads safetensors weights only"),
+                        (("config.json",), "config.json"),
+                        (("tokenizer.json", "tokenizer_config.json"), "the tokenizer")):
+        partial = upload_folder(s3, bucket, f"partial-{skip[0]}", str(base), skip=skip)
+        with pytest.raises(RaybmError, match="the folder is incomplete, it lacks " + lacks.replace("(", r"\(")):
+            fetch_base_model(partial, storage)
+    with pytest.raises(RaybmError, match="no files there"):
+        fetch_base_model(f"s3://{bucket}/nothing-here", storage)
