@@ -30,6 +30,7 @@ from raybm.errors import RaybmError
 from raybm.export.measure import measure
 from raybm.export.variants import run_export
 from raybm.inference.locate import config_model
+from raybm.model_cache import fetch_model
 from raybm.results import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -37,7 +38,6 @@ from raybm.results import (
     SUMMARY_FILE,
     WINNER_FILE,
     Results,
-    fetch_model,
     is_s3,
     resolve_uri,
 )

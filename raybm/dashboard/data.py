@@ -20,6 +20,7 @@ import yaml
 
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
+from raybm.model_cache import fetch_model
 from raybm.results import (
     CONFIG_FILE,
     EXPORTS,
@@ -37,7 +38,6 @@ from raybm.results import (
     VARIANT_FILE,
     WINNER_FILE,
     Results,
-    fetch_model,
     soup_used,
 )
 

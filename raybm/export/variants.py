@@ -43,6 +43,7 @@ from raybm.export.trained import prune_model, source_config, sparsity, train_var
 from raybm.inference.loading import load_model_folder, model_info
 from raybm.inference.locate import local_model, locate_model, model_name
 from raybm.lease import hold_lease
+from raybm.model_cache import fetch_model
 from raybm.results import (
     EXPORTS,
     MOBILE_DIR,
@@ -52,7 +53,6 @@ from raybm.results import (
     VARIANT_FILE,
     Results,
     copy_to_local,
-    fetch_model,
     is_s3,
 )
 

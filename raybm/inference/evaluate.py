@@ -17,7 +17,7 @@ from raybm.config import StorageConfig
 from raybm.errors import DataError
 from raybm.inference.loading import load_predictor, read_label_map
 from raybm.metrics import confusion_matrix, metrics_from_confusion
-from raybm.results import fetch_model
+from raybm.model_cache import fetch_model
 
 
 class Classify:

@@ -21,7 +21,8 @@ import pyarrow.fs as pafs
 
 from raybm.config import JobConfig, run_name_for, sweep_name_for
 from raybm.errors import RaybmError
-from raybm.results import LABEL_MAP_FILE, MODEL_DIR, RUNS, SWEEPS, Results, fetch_model, is_s3, resolve_uri
+from raybm.model_cache import fetch_model
+from raybm.results import LABEL_MAP_FILE, MODEL_DIR, RUNS, SWEEPS, Results, is_s3, resolve_uri
 
 
 def locate_model(spec: str | None, cfg: JobConfig, flag: str = "--model", shared: bool = False) -> str:

@@ -17,7 +17,8 @@ from raybm.errors import RaybmError
 from raybm.models.architectures import ARCHITECTURES, head_modules
 from raybm.models.baseline import TextCNNConfig, TextCNNForSequenceClassification
 from raybm.models.pooled import PooledClassifier, PooledClassifierConfig
-from raybm.results import fetch_base_model, is_s3
+from raybm.model_cache import fetch_base_model
+from raybm.results import is_s3
 
 
 def _register(config_cls, model_cls) -> None:

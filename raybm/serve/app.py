@@ -40,7 +40,8 @@ from raybm.config import ServeConfig, StorageConfig, load_config
 from raybm.errors import RaybmError
 from raybm.inference.loading import check_model_files, model_info
 from raybm.inference.locate import locate_model
-from raybm.results import fetch_model, resolve_uri
+from raybm.model_cache import fetch_model
+from raybm.results import resolve_uri
 from raybm.serve.contract import (
     ERROR_RESPONSES,
     PREDICT_RESPONSES,

@@ -30,6 +30,7 @@ from raybm.inference.loading import model_info, read_label_map
 from raybm.inference.locate import locate_model
 from raybm.metrics import soup_metric
 from raybm.models.card import write_model_card
+from raybm.model_cache import fetch_model
 from raybm.results import (
     CONFIG_FILE,
     EPOCH_METRICS_FILE,
@@ -43,7 +44,6 @@ from raybm.results import (
     TRAIN_STATE_FILE,
     WEIGHTS_FILE,
     Results,
-    fetch_model,
     is_s3,
     soup_used,
 )

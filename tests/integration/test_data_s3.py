@@ -120,7 +120,7 @@ def test_a_model_folder_without_success_is_refused_by_every_loader(s3_server, bu
     from pathlib import Path
 
     from raybm.config import StorageConfig
-    from raybm.results import fetch_model
+    from raybm.model_cache import fetch_model
 
     storage = StorageConfig(root="s3://raybm-results/x", s3_endpoint_url=s3_server)
     files = sorted(p for p in Path(tiny_model_dir).iterdir() if p.is_file())

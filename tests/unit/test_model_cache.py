@@ -15,7 +15,8 @@ import pytest
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
 from raybm.inference.loading import model_info
-from raybm.results import MODEL_CACHE_ENV, SUCCESS_MARKER, Results, fetch_model, s3_filesystem
+from raybm.results import SUCCESS_MARKER, Results, s3_filesystem
+from raybm.model_cache import MODEL_CACHE_ENV, fetch_model
 
 
 @pytest.fixture
@@ -115,7 +116,7 @@ def test_a_base_model_on_s3_is_fetched_once_per_node_and_content_and_checked_com
 
     from raybm.config import build_config
     from raybm.models.build import build_classifier, load_tokenizer, local_model
-    from raybm.results import fetch_base_model
+    from raybm.model_cache import fetch_base_model
 
     base = tmp_path / "base"  # a Hugging Face folder as a user uploads it: no _SUCCESS
     build_classifier(build_config(overrides=["model.name=tiny-gpt2"]).model, ["a", "b"]).save_pretrained(base)
