@@ -18,13 +18,11 @@ from raybm.train.driver import run_training
 
 
 def pruning_targets(model) -> list:
-    """The Linear layers of the encoder (not the classification head)."""
-    import torch
-
-    from raybm.models.architectures import head_modules
+    """The weight matrices of the encoder (Linear layers, GPT-2's Conv1D), not the head's."""
+    from raybm.models.architectures import head_modules, weight_layers
 
     head = {id(m) for hm in head_modules(model) for m in hm.modules()}
-    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in head]
+    return [m for m in weight_layers(model) if id(m) not in head]
 
 
 def sparsity(model) -> float:

@@ -147,6 +147,15 @@ def walk_parts(model) -> Parts:
     return Parts(kind, list(layers), embeddings, after, head, decoder)
 
 
+def weight_layers(module) -> list:
+    """Every layer with a weight matrix under ``module``: ``nn.Linear``, and transformers'
+    ``Conv1D`` (GPT-2's, a Linear with its weight transposed)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return [m for m in module.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+
+
 def lora_targets(model) -> list[str]:
     """The module names LoRA adapts by default for this model's architecture."""
     kind = model_type(model)

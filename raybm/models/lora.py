@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from raybm.errors import RaybmError
-from raybm.models.architectures import head_modules, lora_targets, model_parts
+from raybm.models.architectures import head_modules, lora_targets, model_parts, weight_layers
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's names for what save_pretrained writes
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -16,14 +16,10 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 def adaptable_names(model) -> list[str]:
     """The short names of the Linear (and GPT-2 Conv1D) modules inside the layer stack."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
     names = set()
     for layer in model_parts(model).layers:
-        for name, module in layer.named_modules():
-            if name and isinstance(module, (torch.nn.Linear, Conv1D)):
-                names.add(name.rsplit(".", 1)[-1])
+        kept = {id(m) for m in weight_layers(layer)}
+        names |= {name.rsplit(".", 1)[-1] for name, module in layer.named_modules() if id(module) in kept}
     return sorted(names)
 
 

@@ -15,6 +15,7 @@ rank 0 scores the best epoch on the test split.
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import tempfile
 import time
@@ -157,6 +158,7 @@ def epoch_record(w: Worker, p: Progress, epoch: int, stats: EpochStats, val: dic
                "val_per_class": json.dumps(val["per_class"]), "val_confusion_matrix": json.dumps(val["confusion_matrix"]),
                "started_at": stats.started, "finished_at": time.time(), "worker_nodes": json.dumps(w.nodes),
                "loop_started_at": times["loop_started"], "loop_ready_at": times["loop_ready"]}
+    metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's process (Linux: KiB)
     if w.device.type == "cuda":
         metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(w.device) / 1e9
     pg = ray.util.get_current_placement_group()

@@ -130,6 +130,7 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
 
     from raybm.data.tokenizing import AugmentCollate, PadCollate
     from raybm.models.build import build_classifier, enable_checkpointing, load_tokenizer, local_model
+    from raybm.models.architectures import weight_layers
     from raybm.models.lora import add_lora, adapter_state, is_lora
     from raybm.models.strategies import param_groups
 
@@ -184,8 +185,7 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
         if cfg.data.augment.enabled else None,
         train_shard=train_shard, val_data=val_data,
         # Fine-tuning a pruned model: the zeros of Linear weights stay zero.
-        masks=[(m.weight, m.weight.ne(0)) for m in model.modules()
-               if isinstance(m, torch.nn.Linear)] if t.keep_sparsity else [],
+        masks=[(m.weight, m.weight.ne(0)) for m in weight_layers(model)] if t.keep_sparsity else [],
         teacher=load_teacher(t.distill_from, device) if t.distill_from else None,
         sizes=sizes, checkpoint_mb=checkpoint_mb, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * t.epochs,
         nodes=worker_nodes(world))

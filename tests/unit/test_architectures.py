@@ -190,6 +190,21 @@ def test_onnx_int8_and_predict_for_every_architecture(name, tmp_path):
     assert np.abs(load_onnx(str(tmp_path / "int8")).predict(TEXTS) - want).max() < 0.1
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_pruning_reaches_every_architectures_weight_matrices(name, tmp_path):
+    from raybm.export.trained import prune_model, pruning_targets
+    from raybm.inference.loading import load_predictor
+
+    _, model = build(name)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder, safe_serialization=True)
+    load_tokenizer(name).save_pretrained(folder)
+    (folder / "label_map.json").write_text(json.dumps({"labels": LABELS}))
+    assert len(pruning_targets(model)) >= 8  # attention and feed-forward matrices of both layers (GPT-2's are Conv1D)
+    assert prune_model(str(folder), str(tmp_path / "pruned"), 0.5) == pytest.approx(0.5, abs=0.01)
+    assert load_predictor(str(tmp_path / "pruned")).predict(TEXTS).shape == (3, 2)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.name=textcnn", "train.strategy=partial"],
      "model.name=textcnn (raybm-textcnn): train.strategy=partial works layer by layer, but raybm-textcnn has no "
