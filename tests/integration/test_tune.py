@@ -252,3 +252,22 @@ def test_a_relative_results_root_means_the_same_folder_inside_the_trials(ray_tun
     result = run_sweep(cfg, log=quiet)
     assert result.leaderboard[0]["status"] == "completed", result.leaderboard
     assert (tmp_path / "results" / "sweeps" / result.name / "_SUCCESS").exists()
+
+
+def test_a_lora_sweep_searches_the_rank_measures_merged_models_and_soups_them(ray_tune, tmp_path, data_csv):
+    # Trials keep adapter-only checkpoints; the serving cost, the soup and the winner's
+    # published model are of the adapters merged into the base (a plain model folder).
+    cfg = config(tmp_path, data_csv, "train.epochs=2", "train.lr=3e-3", "train.batch_size=4",
+                 "train.strategy=lora", "tune.scheduler=fifo", "tune.num_samples=1", "tune.soup=uniform",
+                 "tune.soup_size=2", "tune.search_space={train.lora_rank: 'grid([2, 4])'}")
+    result = run_sweep(cfg, log=quiet)
+    board = result.leaderboard
+    assert sorted(row["train.lora_rank"] for row in board) == [2, 4] and all(r["status"] == "completed" for r in board)
+    for row in board:
+        assert (Path(row["best_checkpoint"]) / "adapter_model.safetensors").exists()
+        assert not (Path(row["best_checkpoint"]) / "model.safetensors").exists()
+    assert board[0]["params"] == board[1]["params"] > 1_000_000  # the merged model's, not the adapters'
+    model_dir = Path(result.winner["model_dir"])
+    assert (model_dir / "model.safetensors").exists() and not (model_dir / "adapter_model.safetensors").exists()
+    assert sorted(result.winner["soup"]["ingredients"]) == sorted(row["trial"] for row in board)
+    assert "LoRA (PEFT)" in (model_dir / "README.md").read_text()
