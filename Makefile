@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 # local Ray started by the job): data, a sweep, the winner on test, an ONNX int8 export,
 # the release gate, and a deployment on Ray Serve asked about three sentences over HTTP.
 demo: install
-	$(PY) jobs/pipeline.py --config jobs/configs/demo.yaml
+	$(PY) jobs/pipeline.py --config jobs/configs/demo.yaml --quiet
 	@echo
 	@echo "See the results (leaderboard, curves, errors, try it):  $(VENV)/bin/raybm dashboard --root results"
 

@@ -23,6 +23,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from raybm.config import JobConfig, derived_name, pipeline_stages, run_name_for, sweep_name_for
@@ -30,6 +31,7 @@ from raybm.errors import RaybmError
 from raybm.export.measure import measure
 from raybm.export.variants import run_export
 from raybm.inference.locate import config_model
+from raybm.inference.predict import in_words
 from raybm.model_cache import fetch_model
 from raybm.results import (
     CONFIG_FILE,
@@ -108,16 +110,28 @@ class _Summary:
             self.results.mark_complete(self.folder)
 
 
-def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the configured stages; returns the summary (also written under pipelines/)."""
+@dataclass
+class Output:
+    """Where the pipeline writes: ``log`` every detail, ``say`` the headlines (one line a
+    stage, the leaderboard, the smoke test's answers), which a quiet terminal still shows."""
+
+    log: Callable[[str], None]
+    say: Callable[[str], None]
+
+
+def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = print,
+                 say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the configured stages; returns the summary (also written under pipelines/).
+    ``log`` gets every line, ``say`` (default: ``log``) the headlines."""
     from raybm.data import run_data_stage
     from raybm.data.pipeline import dataset_name
     from raybm.data.sources import resolve_source
 
+    out = Output(log, say or log)
     stages = pipeline_stages(cfg)
     results = Results.from_config(cfg.storage)
     started = time.time()
-    log(f"Pipeline: {' -> '.join(stages)}  (results: {cfg.storage.root})")
+    out.say(f"Pipeline: {' -> '.join(stages)}  (results: {cfg.storage.root})")
 
     # Every later stage needs the dataset (and its name names the pipeline): it is prepared,
     # or found prepared, even when the data stage is not listed; then it is not reported
@@ -137,24 +151,43 @@ def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = pr
         summary.stage("data", {"status": "skipped" if prepared.reused else "done",
                                "seconds": round(time.time() - t0, 1), "dataset": prepared.name,
                                "path": prepared.path, "rows": prepared.report.get("rows_kept")})
+        out.say(stage_line("data", summary.data["stages"]["data"]))
 
     runners = {"train": _train, "tune": _tune, "export": _export, "deploy": _deploy}
     for stage in stages[1:] if stages[0] == "data" else stages:
-        log(f"\n== pipeline stage: {stage}")
+        out.log(f"\n== pipeline stage: {stage}")
+        out.say(f"  {stage:<7} ...")
         t0 = time.time()
         try:
-            info = runners[stage](cfg, results, state, log)
+            info = runners[stage](cfg, results, state, out)
         except BaseException as e:
             _failed(summary, stage, t0, e)
             raise
         info.setdefault("status", "done")
         info["seconds"] = round(time.time() - t0, 1)
         summary.stage(stage, info)
+        out.say(stage_line(stage, info))
     summary.data["seconds"] = round(time.time() - started, 1)
     summary.finish("succeeded")
-    log(f"\nPipeline {name!r} finished in {time.time() - started:.0f}s: "
-        f"{results.uri(results.join(summary.folder, SUMMARY_FILE))}")
+    out.say(f"Pipeline {name!r} finished in {time.time() - started:.0f}s: "
+            f"{results.uri(results.join(summary.folder, SUMMARY_FILE))}")
     return summary.data
+
+
+def stage_line(stage: str, info: dict[str, Any]) -> str:
+    """One stage in one line: its status, time and what it gave."""
+    extra = ""
+    if info.get("rows"):
+        extra = f"  {info['rows']} rows ({info.get('dataset')})"
+    if info.get("test"):
+        extra = f"  test accuracy {info['test']['accuracy']:.4f}, macro-F1 {info['test']['f1_macro']:.4f}"
+        if len(info.get("soup") or []) > 1:
+            extra += f" (soup of {len(info['soup'])} trials)"
+    if info.get("reasons"):
+        extra = "  " + "; ".join(info["reasons"])
+    if info.get("url"):
+        extra = f"  {info['url']}/predict"
+    return f"  {stage:<7} {info['status']:<8} {info['seconds']:>6.1f}s{extra}"
 
 
 def _failed(summary: _Summary, stage: str, t0: float, e: BaseException) -> None:
@@ -195,24 +228,24 @@ def posix_parent(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else path
 
 
-def _train(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
+def _train(cfg: JobConfig, results: Results, state: dict[str, Any], out: Output) -> dict[str, Any]:
     run_dir = results.run_dir(run_name_for(cfg, state["dataset"]))
     if results.is_complete(run_dir):
         metrics = results.read_json(results.join(run_dir, METRICS_FILE))
-        log(f"Run {metrics['run']!r} is already complete: {results.uri(run_dir)}")
+        out.log(f"Run {metrics['run']!r} is already complete: {results.uri(run_dir)}")
         state.update(model=results.uri(results.join(run_dir, MODEL_DIR)), test=metrics["test"])
         return {"status": "skipped", "run": metrics["run"], "model": state["model"], "test": _short(metrics["test"])}
-    result = run_training(cfg, log=log)
+    result = run_training(cfg, log=out.log)
     state.update(model=result.model_dir, test=result.metrics["test"])
     return {"run": result.run_name, "model": result.model_dir, "best_epoch": result.metrics["best_epoch"],
             "test": _short(result.metrics["test"])}
 
 
-def _tune(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
+def _tune(cfg: JobConfig, results: Results, state: dict[str, Any], out: Output) -> dict[str, Any]:
     was_done = results.is_complete(results.sweep_dir(sweep_name_for(cfg, state["dataset"])))
-    result = run_sweep(cfg, log=log)
+    result = run_sweep(cfg, log=out.log)
     if not was_done:
-        log(format_leaderboard(result.leaderboard, cfg.tune.metric))
+        out.say(format_leaderboard(result.leaderboard, cfg.tune.metric))
     w = result.winner
     state.update(model=result.model_dir, test=w["test"])
     return {"status": "skipped" if was_done else "done", "sweep": result.name, "model": result.model_dir,
@@ -227,7 +260,7 @@ def _short(test: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: test[k] for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "examples") if k in test}
 
 
-def _export(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
+def _export(cfg: JobConfig, results: Results, state: dict[str, Any], out: Output) -> dict[str, Any]:
     _model_stage_output(cfg, results, state)
     name = os.path.basename(posix_parent(state["model"]))
     out = results.export_dir(name)
@@ -236,10 +269,10 @@ def _export(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dic
         done = results.read_json(summary_path)
         if set(cfg.export.variants) <= set(done.get("variants", {})) and \
                 (not results.remote or results.is_complete(out)):
-            log(f"Exports of {name!r} are already there: {results.uri(out)}")
+            out.log(f"Exports of {name!r} are already there: {results.uri(out)}")
             state["export"] = results.uri(out)
             return {"status": "skipped", "folder": results.uri(out), "variants": _variants(done["variants"])}
-    result = run_export(cfg, state["model"], log=log)
+    result = run_export(cfg, state["model"], log=out.log)
     state["export"] = result.folder
     return {"folder": result.folder, "variants": _variants(result.manifests), "mobile": result.mobile}
 
@@ -281,7 +314,7 @@ def release_gate(cfg: JobConfig, test: dict[str, Any] | None, latency_ms: float 
     return reasons
 
 
-def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dict[str, Any]:
+def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], out: Output) -> dict[str, Any]:
     from raybm.serve.app import read_api_key
     from raybm.serve.deploy import deploy, wait_until_interrupted
 
@@ -293,16 +326,16 @@ def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dic
             local = fetch_model(folder, cfg.storage, os.path.join(tmp, MODEL_DIR)) if is_s3(folder) else folder
             timed = measure(local, backend, None, None, cfg.pipeline.latency_samples)
         latency = timed["latency_p50_ms"]
-        log(f"release gate: median single-sentence latency {latency:.1f} ms ({backend})")
+        out.log(f"release gate: median single-sentence latency {latency:.1f} ms ({backend})")
     test = state.get("test")
     reasons = release_gate(cfg, test, latency)
     info: dict[str, Any] = {"model": folder, "backend": backend, "latency_p50_ms": latency,
                             "test_f1_macro": (test or {}).get("f1_macro")}
     if reasons:
-        log("release gate: NOT deploying - " + "; ".join(reasons) +
+        out.log("release gate: NOT deploying - " + "; ".join(reasons) +
             ". Whatever is being served now keeps serving.")
         return {**info, "status": "held", "reasons": reasons}
-    log(f"release gate: passed; deploying {folder} ({backend})")
+    out.log(f"release gate: passed; deploying {folder} ({backend})")
     served = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, backend=backend))
     url = deploy(served, folder, storage=cfg.storage if is_s3(folder) else None)
     key = os.environ.get(cfg.serve.api_key_env, "") if cfg.serve.api_key_env else ""
@@ -312,18 +345,18 @@ def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], log) -> dic
     if texts:
         answers = post_texts(url, texts, api_key=key or None)
         for text, p in zip(texts, answers):
-            log(f"  {p['label']:<10} {p['confidence']:.3f}  {text}")
+            out.say(f"  {in_words(p['label'], p['confidence'], 1.0 if p.get('uncertain') else 0.0):<34} {text}")
         info["smoke_test"] = [{"text": t, "label": p["label"], "confidence": p["confidence"]}
                               for t, p in zip(texts, answers)]
-    log(f"Serving at {url}/predict")
+    out.say(f"  served at {url}/predict")
     if not cluster_address(cfg.ray):
         if cfg.pipeline.keep_serving:
-            log("Serving until Ctrl-C (pipeline.keep_serving).")
+            out.log("Serving until Ctrl-C (pipeline.keep_serving).")
             wait_until_interrupted()
         from ray import serve
 
         serve.shutdown()
-        log("Local Ray: the deployment ended with the pipeline (set pipeline.keep_serving=true to keep it, "
+        out.log("Local Ray: the deployment ended with the pipeline (set pipeline.keep_serving=true to keep it, "
             "or run the job on a cluster).")
         info["note"] = "embedded Ray: served for the smoke test, then stopped"
     return info

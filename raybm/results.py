@@ -52,6 +52,8 @@ SUCCESS_MARKER = "_SUCCESS"  # written last: the folder is complete
 CONFIG_FILE = "config.yaml"  # the resolved job config that produced it
 # A prepared dataset.
 LABEL_MAP_FILE = "label_map.json"  # also in every model folder
+CALIBRATION_FILE = "calibration.json"  # a model folder's temperature, fitted on validation
+DRIFT_REFERENCE_FILE = "drift_reference.json"  # a model folder's training label mix and token-length bins
 REPORT_FILE = "report.json"
 # A training run or a sweep.
 MODEL_DIR = "model"  # the published model
@@ -75,6 +77,7 @@ ONNX_FILE = "model.onnx"
 VARIANT_FILE = "manifest.json"  # in each variant folder
 MOBILE_DIR = "mobile"
 # A pipeline.
+CONSOLE_LOG_FILE = "console.log"  # a quiet pipeline's whole output (raybm pipeline --quiet)
 SUMMARY_FILE = "summary.json"
 
 

@@ -16,10 +16,12 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, e.g. train.lr=3e-5 data.max_length=64")
 
 
-def start(cfg, stages: list[str]):
-    """Check what needs no Ray (``raybm.pipeline.preflight``), then join or start Ray and
-    check that every node sees the job's paths. Returns the resolved data source."""
-    source = preflight(cfg, stages)  # storage, data, model and key problems fail before Ray starts
+def start(cfg, stages: list[str], source=None):
+    """Check what needs no Ray (``raybm.pipeline.preflight``; done already when ``source``
+    is given), then join or start Ray and check that every node sees the job's paths.
+    Returns the resolved data source."""
+    if source is None:
+        source = preflight(cfg, stages)  # storage, data, model and key problems fail before Ray starts
     print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
     check_shared_paths(cfg)
     quiet_ray_data()

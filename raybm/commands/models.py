@@ -72,7 +72,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """`raybm predict`."""
-    from raybm.inference.predict import format_prediction, predict_file, predict_texts
+    from raybm.inference.predict import explain_texts, format_prediction, predict_file, predict_texts
 
     cfg = load_config(args.config, args.overrides)
     args.model = local_model(locate_model(args.model, cfg), cfg)
@@ -82,9 +82,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         empty = [i + 1 for i, t in enumerate(args.text) if not t.strip()]
         if empty:
             raise RaybmError(f"--text number {empty[0]} is empty")
+        if args.explain:
+            for line in explain_texts(args.model, args.text, args.max_length):
+                print(line)
+            return 0
         for text, (label, confidence) in zip(args.text, predict_texts(args.model, args.text, args.max_length)):
             print(format_prediction(text, label, confidence))
         return 0
+    if args.explain:
+        raise RaybmError("--explain works with --text (one JSON line per text, with its words' weights)")
     if not args.input or not args.output:
         raise RaybmError("give --text \"...\", or --input FILE --output FILE")
     use_ray = True if args.ray else None
@@ -214,6 +220,8 @@ def register(sub) -> None:
     p.add_argument("--ray", action="store_true", help="stream through Ray Data (automatic for files over 20 MB)")
     p.add_argument("--probabilities", action="store_true",
                    help="with --input: also a prob_<label> column for every class")
+    p.add_argument("--explain", action="store_true",
+                   help="with --text: also each word's weight toward the answer (occlusion, docs/serving.md)")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("export", help="export and compress a model (ONNX, int8, fp16, pruned, distilled)")
     add_config_args(p)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 
 from raybm.commands.common import add_config_args, is_override, print_test_metrics, start
+from raybm.commands.console import QuietConsole
 from raybm.config import load_config, pipeline_stages
-from raybm.pipeline import run_pipeline
-from raybm.results import soup_used
+from raybm.pipeline import pipeline_name, preflight, run_pipeline
+from raybm.results import CONSOLE_LOG_FILE, Results, soup_used
 from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
 from raybm.train.driver import run_training
 from raybm.tune.leaderboard import format_leaderboard, format_values
@@ -66,25 +68,46 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    """`raybm pipeline`."""
+    """`raybm pipeline`; with --quiet, only the headlines on the terminal (the rest in a log)."""
     overrides = list(args.overrides)
     if args.stages:
         overrides.append(f"pipeline.stages=[{args.stages}]")
     cfg = load_config(args.config, overrides)
-    summary = run_pipeline(cfg, source=start(cfg, pipeline_stages(cfg)))
-    print("\nStages:")
-    for stage, info in summary["stages"].items():
-        extra = ""
-        if info.get("test"):
-            extra = f"  test accuracy {info['test']['accuracy']:.4f} macro-F1 {info['test']['f1_macro']:.4f}"
-            if len(info.get("soup") or []) > 1:
-                extra += f" (soup of {len(info['soup'])} trials)"
-        if info.get("reasons"):
-            extra = "  " + "; ".join(info["reasons"])
-        if info.get("url"):
-            extra = f"  {info['url']}/predict"
-        print(f"  {stage:<8} {info['status']:<8} {info['seconds']:>7.1f}s{extra}")
+    stages = pipeline_stages(cfg)
+    if not args.quiet:
+        summary = run_pipeline(cfg, source=start(cfg, stages))
+        _next_steps(cfg, summary, print)
+        return 0
+    source = preflight(cfg, stages)  # its errors show as always, before anything is redirected
+    log_path = console_log_path(cfg, source)
+    with QuietConsole(log_path) as console:
+        console.say(f"raybm pipeline: Ray's, Tune's and ONNX's output goes to {log_path}")
+        summary = run_pipeline(cfg, source=start(cfg, stages, source), log=console.log, say=console.say)
+        _next_steps(cfg, summary, console.say)
     return 0
+
+
+def console_log_path(cfg, source) -> str:
+    """Where a quiet pipeline writes everything: ``console.log`` in its folder under a local
+    results root, else in the system's temp folder."""
+    from raybm.data.pipeline import dataset_name
+
+    results = Results.from_config(cfg.storage)
+    name = pipeline_name(cfg, dataset_name(cfg, source))
+    if results.remote:
+        return os.path.join(tempfile.gettempdir(), "raybm-logs", f"{name}.log")
+    return os.path.join(results.pipeline_dir(name), CONSOLE_LOG_FILE)
+
+
+def _next_steps(cfg, summary: dict, say) -> None:
+    """What to look at next: the dashboard, predictions, a server."""
+    model = next((summary["stages"][k].get("model") for k in ("tune", "train") if k in summary["stages"]), None)
+    root = cfg.storage.root
+    say("\nNext:")
+    say(f"  raybm dashboard --root {root}          # the runs, the model, its errors; try it")
+    if model:
+        say(f"  raybm predict --model {model} --text \"...\" --explain")
+        say(f"  raybm serve --model {model}")
 
 
 def cmd_soup(args: argparse.Namespace) -> int:
@@ -126,6 +149,8 @@ def register(sub) -> None:
                        "is done, resumes what was interrupted)")
     add_config_args(p)
     p.add_argument("--stages", help="comma-separated stages to run (default: pipeline.stages)")
+    p.add_argument("--quiet", action="store_true", help="only a line a stage, the leaderboard and the smoke "
+                   "test's answers on the terminal; everything else (Ray, Tune, ONNX) in console.log")
     p.set_defaults(func=cmd_pipeline)
     p = sub.add_parser("soup", help="average the weights of fine-tuned models of one base model into one "
                        "model (a model soup), picked on validation, scored on test")

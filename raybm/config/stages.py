@@ -239,6 +239,10 @@ class ServeConfig:
     """A request not answered in this time gets an error instead of waiting on."""
     max_texts: int = _opt(64, ge=1)
     """Most texts in one request (more: 413)."""
+    min_confidence: float = _opt(0.0, ge=0, lt=1)
+    """The abstain band: an answer whose (calibrated) confidence is below this says
+    ``"uncertain": true`` (its label stays the most likely one); the dashboard shows it as
+    uncertain. 0 turns it off."""
     max_text_chars: int = _opt(2000, ge=1)
     """Longest text in characters (longer: 422)."""
     max_body_bytes: int = _opt(1 << 20, ge=1024)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,15 +128,15 @@ class DashboardData:
                    test_accuracy=test.get("accuracy"), test_f1=test.get("f1_macro"))
 
     def jobs_frame(self) -> pd.DataFrame:
-        """The jobs as a table, one row each (the Jobs page and ``raybm list``)."""
+        """The jobs as a table, one row each, the scores first (the Jobs page and ``raybm list``)."""
         rows = []
         for job in self.jobs():
-            rows.append({"kind": job.kind, "name": job.name, "status": "complete" if job.complete else "incomplete",
-                         "started": pd.Timestamp(job.started, unit="s", tz="UTC") if job.started else None,
+            rows.append({"name": job.name, "test accuracy": job.test_accuracy, "test macro-F1": job.test_f1,
+                         "best validation": job.best, "metric": job.metric, "kind": job.kind,
+                         "status": "complete" if job.complete else "incomplete",
                          "minutes": round(job.seconds / 60, 1) if job.seconds else None,
-                         "base model": job.base_model, "dataset": job.dataset,
-                         "best validation": job.best, "metric": job.metric,
-                         "test accuracy": job.test_accuracy, "test macro-F1": job.test_f1})
+                         "started": pd.Timestamp(job.started, unit="s", tz="UTC") if job.started else None,
+                         "base model": job.base_model, "dataset": job.dataset})
         return pd.DataFrame(rows)
 
     def pipelines(self) -> list[dict[str, Any]]:
@@ -225,6 +226,32 @@ class DashboardData:
                         and self.results.exists(self.results.join(v.path, VARIANT_FILE)):
                     out[f"{info.base_name} / {v.base_name} (export)"] = v.path
         return out
+
+    def model_title(self, choice: str) -> str:
+        """A model of ``models()`` as a reader names it: what it does, on what data, how often
+        it was right on held-out examples, and when it was made; e.g. "Twitter sentiment, 2
+        classes, 89.5% right on held-out test texts (2 Dec 2026)"."""
+        name, _, kind = choice.rpartition(" (")
+        kind = kind.rstrip(")")
+        if kind == "export":  # "<run or sweep> / <variant>"
+            source, _, variant = name.partition(" / ")
+            for k in KINDS:
+                if source in self.names(k):
+                    return f"{self.model_title(f'{source} ({k[:-1]})')}, as {variant}"
+            return choice
+        folder = f"{kind}s"
+        info = self.model_info(folder, name)
+        test = info["test"] or {}
+        source = ((info["config"] or {}).get("data") or {}).get("source") or info["dataset"] or name
+        # "twitter-sentiment" -> "Twitter sentiment"; a file or folder by its name
+        task = posixpath.splitext(posixpath.basename(str(source).rstrip("/")))[0].replace("-", " ").replace("_", " ")
+        task = task[:1].upper() + task[1:]
+        classes = len(test.get("per_class") or {}) or None
+        made = self._mtime(self.results.join(self._named(folder, name), METRICS_FILE if folder == RUNS else WINNER_FILE))
+        parts = [task, f"{classes} classes" if classes else None,
+                 f"{test['accuracy']:.1%} right on held-out test texts" if "accuracy" in test else "not tested yet"]
+        when = f" ({time.strftime('%-d %b %Y', time.localtime(made))})" if made else ""
+        return ", ".join(p for p in parts if p) + when
 
     def local_model(self, path: str) -> str:
         """A local folder for a model in the store: on S3, this user's private cached copy,

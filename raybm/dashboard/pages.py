@@ -19,11 +19,30 @@ import sys
 import numpy as np
 import pandas as pd
 
+from raybm.dashboard.live import page_live
 from raybm.dashboard.try_it import MAX_UPLOAD_MB, page_try
 from raybm.errors import RaybmError
 from raybm.results import RUNS, SWEEPS, soup_used
 
-PAGES = ("Runs and sweeps", "Sweep", "Model", "Errors", "Try it")
+PAGES = ("Runs and sweeps", "Sweep", "Model", "Errors", "Try it", "Live")
+
+
+def _job_columns() -> dict:
+    """The runs table's columns: scores first and narrow, so the table fits a 1,400-pixel window."""
+    import streamlit as st
+
+    score = {"format": "%.4f", "width": "small"}
+    return {"name": st.column_config.TextColumn("name", width="medium", help="the run or sweep (its folder)"),
+            "test accuracy": st.column_config.NumberColumn("test accuracy", **score),
+            "test macro-F1": st.column_config.NumberColumn("test macro-F1", **score),
+            "best validation": st.column_config.NumberColumn("best validation", **score),
+            "metric": st.column_config.TextColumn("metric", width="small"),
+            "kind": st.column_config.TextColumn("kind", width="small"),
+            "status": st.column_config.TextColumn("status", width="small"),
+            "minutes": st.column_config.NumberColumn("minutes", format="%.1f", width="small"),
+            "started": st.column_config.DatetimeColumn("started", format="D MMM YYYY, HH:mm", width="small"),
+            "base model": st.column_config.TextColumn("base model", width="small"),
+            "dataset": st.column_config.TextColumn("dataset", width="small")}
 # Streamlit's settings for this app: `raybm dashboard` passes them as flags, and the
 # shipped .streamlit/config.toml holds the same for `streamlit run dashboards/app.py`
 # (a test keeps the two equal).
@@ -72,7 +91,7 @@ def page_jobs(data) -> None:
                 f"`raybm train --config ...` and reload.")
         return
     st.caption(f"Results root: {data.root}. Click a column to sort.")
-    st.dataframe(frame, hide_index=True, width="stretch")
+    st.dataframe(frame, hide_index=True, width="stretch", column_config=_job_columns())
     done = frame[frame["status"] == "complete"]
     if done.empty:
         return
@@ -142,7 +161,8 @@ def page_sweep(data) -> None:
             x=alt.X("latency_p50_ms", title="median single-sentence latency (ms, PyTorch, 1 thread)",
                     scale=alt.Scale(zero=False)),
             y=alt.Y(metric, scale=alt.Scale(zero=False)), color="status",
-            tooltip=["trial", metric, "latency_p50_ms", "size_mb", "params", *searched])
+            tooltip=["trial", metric, "latency_p50_ms", "size_mb", "params", *searched]).properties(
+                title=f"{metric} against serving latency, one point per trial")
         if budget:
             rule = alt.Chart(pd.DataFrame({"budget": [budget["max_latency_ms"]]})).mark_rule(
                 color="red", strokeDash=[4, 4]).encode(x="budget:Q")
@@ -163,7 +183,7 @@ def page_sweep(data) -> None:
         x = alt.X(key, type="quantitative" if numeric else "nominal", scale=alt.Scale(type="log") if log else alt.Undefined)
         chart = alt.Chart(table).mark_circle(size=90).encode(x=x, y=alt.Y(metric, scale=alt.Scale(zero=False)),
                                                              color="status", tooltip=["trial", key, metric, "status"])
-        st.altair_chart(chart, width="stretch")
+        st.altair_chart(chart.properties(title=f"{metric} by {key}, one point per trial"), width="stretch")
 
     st.subheader("Learning curves")
     curves = pd.DataFrame([{"trial": row["trial"], **h} for row in board for h in row.get("history") or []])
@@ -171,8 +191,11 @@ def page_sweep(data) -> None:
         for y in (metric, "val_loss"):
             if y in curves:
                 st.altair_chart(alt.Chart(curves).mark_line(point=True).encode(
-                    x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1)), y=alt.Y(y, scale=alt.Scale(zero=False)),
-                    color="trial:N", tooltip=["trial", "epoch", y]), width="stretch")
+                    x=alt.X("epoch:Q", title="epoch", axis=alt.Axis(tickMinStep=1)),
+                    y=alt.Y(y, scale=alt.Scale(zero=False), title=y.replace("val_", "validation ")),
+                    color="trial:N", tooltip=["trial", "epoch", y]).properties(
+                        title=f"Learning curves: {y.replace('val_', 'validation ')} per epoch, one line per trial"),
+                    width="stretch")
     stopped = table[table["status"].isin(["stopped", "early-stopped", "error"])]
     st.subheader("Stopped trials")
     if stopped.empty:
@@ -189,9 +212,12 @@ def _confusion_chart(cm: list[list[int]], labels: list[str]):
     rows = [{"true": labels[i], "predicted": labels[j], "count": int(cm[i][j])}
             for i in range(len(labels)) for j in range(len(labels))]
     df = pd.DataFrame(rows)
-    base = alt.Chart(df).encode(x=alt.X("predicted:N", sort=labels), y=alt.Y("true:N", sort=labels))
-    return base.mark_rect().encode(color=alt.Color("count:Q", scale=alt.Scale(scheme="blues"))) + \
+    side = max(280, 90 * len(labels))  # readable: at least 90 px a class
+    base = alt.Chart(df).encode(x=alt.X("predicted:N", sort=labels, title="predicted label"),
+                                y=alt.Y("true:N", sort=labels, title="true label"))
+    chart = base.mark_rect().encode(color=alt.Color("count:Q", scale=alt.Scale(scheme="blues"), title="texts")) + \
         base.mark_text(fontSize=14).encode(text="count:Q")
+    return chart.properties(width=side, height=side)
 
 
 def page_model(data) -> None:
@@ -333,8 +359,10 @@ def main(argv: list[str] | None = None) -> None:
             page_model(data)
         elif page == PAGES[3]:
             page_errors(data)
-        else:
+        elif page == PAGES[4]:
             page_try(data, args.serve_url)
+        else:
+            page_live(args.serve_url)
     except RaybmError as e:
         st.error(str(e))
     except Exception as e:  # noqa: BLE001 - a viewer sees one line; the server's log has the traceback

@@ -4,13 +4,16 @@ they are read, and every text for length."""
 
 from __future__ import annotations
 
+import html
 import os
 
 import pandas as pd
 
 from raybm.errors import RaybmError
 from raybm.inference.loading import load_predictor
-from raybm.serve.client import endpoint_ok, post_texts
+from raybm.inference.explain import explain, strongest
+from raybm.inference.predict import in_words
+from raybm.serve.client import endpoint_ok, explain_text, post_texts
 
 MAX_UPLOAD_ROWS = 5000
 MAX_UPLOAD_MB = 5
@@ -36,32 +39,10 @@ def page_try(data, serve_url: str | None) -> None:
     from raybm.dashboard.data import read_upload
 
     st.title("Try it")
-    api_key = os.environ.get("RAYBM_API_KEY") or None
-    if endpoint_ok(serve_url):
-        st.success(f"Answers come from the model server at {serve_url}.")
-
-        def predict(texts: list[str]) -> pd.DataFrame:
-            answers = post_texts(serve_url, texts, api_key)
-            return pd.DataFrame([{"text": t, "label": a["label"], "confidence": a["confidence"],
-                                  **{f"p({k})": v for k, v in a["probabilities"].items()}}
-                                 for t, a in zip(texts, answers)])
-    else:
-        if serve_url:
-            st.warning(f"The model server at {serve_url} does not answer; using a model loaded here instead. "
-                       f"Start it with `raybm serve` or check the address.")
-        models = data.models()
-        if not models:
-            st.info(f"No trained model under {data.root} yet. Run `make demo` first.")
-            return
-        choice = st.selectbox("Model", list(models), key="try_model")
-
-        def predict(texts: list[str]) -> pd.DataFrame:
-            p = _predictor(data.local_model(models[choice]))
-            probs = p.predict(texts)
-            return pd.DataFrame([{"text": t, "label": p.labels[int(r.argmax())], "confidence": float(r.max()),
-                                  **{f"p({lab})": float(v) for lab, v in zip(p.labels, r)}}
-                                 for t, r in zip(texts, probs)])
-
+    found = _answerers(data, serve_url, st)
+    if found is None:
+        return
+    predict, why = found
     st.subheader("Type or paste text")
     text = st.text_area("One text per line", key="try_text", height=120)
     if st.button("Predict", key="try_go"):
@@ -71,7 +52,7 @@ def page_try(data, serve_url: str | None) -> None:
         elif any(len(t) > MAX_TEXT_CHARS for t in texts):
             st.warning(f"Each line can be at most {MAX_TEXT_CHARS} characters.")
         else:
-            _show(predict, texts, st, alt)
+            _show(predict, texts, st, alt, why)
 
     st.subheader("Or upload a file")
     st.caption(f"CSV, TSV or JSONL, up to {MAX_UPLOAD_ROWS} rows; one column holds the text.")
@@ -103,7 +84,89 @@ def page_try(data, serve_url: str | None) -> None:
                                    file_name="labelled.csv", mime="text/csv", key="try_download")
 
 
-def _show(predict, texts, st, alt) -> pd.DataFrame | None:
+def _answerers(data, serve_url: str | None, st):
+    """(predict texts -> frame, explain one text) from the model server when it answers,
+    else from a model the viewer picks; None when there is no model yet."""
+    api_key = os.environ.get("RAYBM_API_KEY") or None
+    if endpoint_ok(serve_url):
+        st.success(f"Answers come from the model server at {serve_url}.")
+
+        def predict(texts: list[str]) -> pd.DataFrame:
+            answers = post_texts(serve_url, texts, api_key)
+            return pd.DataFrame([{"text": t, "answer": _words(a["label"], a["confidence"], a.get("uncertain")),
+                                  "label": a["label"], "confidence": a["confidence"],
+                                  **{f"p({k})": v for k, v in a["probabilities"].items()}}
+                                 for t, a in zip(texts, answers)])
+
+        return predict, lambda text: explain_text(serve_url, text, api_key)
+    if serve_url:
+        st.warning(f"The model server at {serve_url} does not answer; using a model loaded here instead. "
+                   f"Start it with `raybm serve` or check the address.")
+    models = data.models()
+    if not models:
+        st.info(f"No trained model under {data.root} yet. Run `make demo` first.")
+        return None
+    titles = {choice: _title(data, choice) for choice in models}
+    choice = st.selectbox("Model", list(models), key="try_model", format_func=titles.get,
+                          help="Technical names: " + "; ".join(f"{titles[c]} = {c}" for c in models))
+    st.caption(f"Technical name: {choice}")
+
+    def predict(texts: list[str]) -> pd.DataFrame:
+        p = _predictor(data.local_model(models[choice]))
+        probs = p.predict(texts)
+        return pd.DataFrame([{"text": t, "answer": _words(p.labels[int(r.argmax())], float(r.max())),
+                              "label": p.labels[int(r.argmax())], "confidence": float(r.max()),
+                              **{f"p({lab})": float(v) for lab, v in zip(p.labels, r)}}
+                             for t, r in zip(texts, probs)])
+
+    return predict, lambda text: explain(_predictor(data.local_model(models[choice])), text)
+
+
+def _title(data, choice: str) -> str:
+    """A model's readable name; its technical one when its records cannot be read."""
+    try:
+        return data.model_title(choice)
+    except Exception:  # noqa: BLE001 - a picker entry never fails the page
+        return choice
+
+
+def _words(label: str, confidence: float, uncertain: bool | None = None) -> str:
+    """The answer in words; a model server's abstain band decides ``uncertain``."""
+    return in_words(label, confidence, 1.0 if uncertain else 0.0)
+
+
+def highlighted(text: str, words: list[dict]) -> str:
+    """``text`` as HTML (escaped) with each word's background by its weight: green where it
+    pushed the answer, red where it pulled the other way, stronger the more it did."""
+    top = max((abs(w["weight"]) for w in words), default=0.0) or 1.0
+    out, at = [], 0
+    for w in sorted(words, key=lambda w: w["start"]):
+        out.append(html.escape(text[at:w["start"]]))
+        share = min(1.0, abs(w["weight"]) / top)
+        color = "0, 160, 60" if w["weight"] > 0 else "220, 40, 40"
+        out.append(f'<span style="background: rgba({color}, {0.6 * share:.2f}); border-radius: 3px" '
+                   f'title="{w["weight"]:+.3f}">{html.escape(text[w["start"]:w["end"]])}</span>')
+        at = w["end"]
+    out.append(html.escape(text[at:]))
+    return "".join(out)
+
+
+def _why(why, text: str, st) -> None:
+    """The explanation of one answer: the text with its words highlighted."""
+    try:
+        found = why(text)
+    except RaybmError as e:
+        st.caption(f"No explanation: {e}")
+        return
+    pushed = strongest(found)
+    st.markdown("**Why:** " + (f"the words that pushed the answer most: {', '.join(pushed)}" if pushed
+                               else "no single word moves this answer"))
+    st.markdown(highlighted(text, found["words"]), unsafe_allow_html=True)  # every piece of the text is escaped
+    st.caption("Each word was hidden in turn and the text scored again: green words raised the answer's "
+               "probability, red ones lowered it (occlusion).")
+
+
+def _show(predict, texts, st, alt, why=None) -> pd.DataFrame | None:
     try:
         out = predict(texts)
     except RaybmError as e:
@@ -113,7 +176,10 @@ def _show(predict, texts, st, alt) -> pd.DataFrame | None:
         st.error(f"The prediction failed ({type(e).__name__}). Check that the model folder is complete.")
         return None
     if len(out) == 1:
-        st.success(f"Prediction: {out.iloc[0]['label']} ({out.iloc[0]['confidence']:.0%} confident)")
+        answer = out.iloc[0]["answer"]
+        (st.warning if answer.startswith("uncertain") else st.success)(f"Answer: {answer}")
+        if why is not None:
+            _why(why, texts[0], st)
     else:
         counts = out["label"].value_counts()
         st.success(f"{len(out)} texts: " + ", ".join(f"{n} {lab}" for lab, n in counts.items()))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 
-from raybm.results import LABEL_MAP_FILE, MODEL_CONFIG_FILE
+from raybm.results import CALIBRATION_FILE, DRIFT_REFERENCE_FILE, LABEL_MAP_FILE, MODEL_CONFIG_FILE
 
 # The files besides the weights that make a folder loadable (label map, raybm's config,
 # transformers' config and the tokenizer's files).
-SIDE_FILES = (LABEL_MAP_FILE, MODEL_CONFIG_FILE, "config.json", "tokenizer.json", "tokenizer_config.json",
+SIDE_FILES = (LABEL_MAP_FILE, MODEL_CONFIG_FILE, CALIBRATION_FILE, DRIFT_REFERENCE_FILE, "config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.txt")
 
 PROBE_TEXTS = ["a short one", "a somewhat longer sentence to check the dynamic sequence axis works fine",

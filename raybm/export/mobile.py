@@ -9,7 +9,7 @@ import os
 import shutil
 from typing import Any
 
-from raybm.inference.loading import model_max_length
+from raybm.inference.loading import model_max_length, read_calibration
 from raybm.results import EXPORTS, LABEL_MAP_FILE, MOBILE_DIR, ONNX_FILE, VARIANT_FILE
 
 PREDICT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mobile_predict.py")
@@ -26,7 +26,8 @@ def build_mobile(variant_dir: str, out_dir: str, manifest: dict[str, Any]) -> No
     tok.backend_tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
     shutil.copy2(PREDICT_SCRIPT, os.path.join(out_dir, "predict.py"))
     manifest = {**manifest, "tokenizer": {"max_length": model_max_length(variant_dir),
-                                          "pad_id": tok.pad_token_id or 0, "pad_token": tok.pad_token or "[PAD]"}}
+                                          "pad_id": tok.pad_token_id or 0, "pad_token": tok.pad_token or "[PAD]"},
+                "temperature": read_calibration(variant_dir)["temperature"]}
     with open(os.path.join(out_dir, VARIANT_FILE), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
 

@@ -17,24 +17,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load():
-    """The labels, tokenizer and ONNX Runtime session of the model beside this file."""
+    """The labels, tokenizer, ONNX Runtime session and calibration temperature of the model
+    beside this file."""
     with open(os.path.join(HERE, "label_map.json"), encoding="utf-8") as f:
         labels = json.load(f)["labels"]
     with open(os.path.join(HERE, "manifest.json"), encoding="utf-8") as f:
-        tok_settings = json.load(f)["tokenizer"]
+        manifest = json.load(f)
+    tok_settings = manifest["tokenizer"]
     tokenizer = Tokenizer.from_file(os.path.join(HERE, "tokenizer.json"))
     tokenizer.enable_truncation(max_length=tok_settings["max_length"])
     tokenizer.enable_padding(pad_id=tok_settings["pad_id"], pad_token=tok_settings["pad_token"])
     session = ort.InferenceSession(os.path.join(HERE, "model.onnx"), providers=["CPUExecutionProvider"])
-    return labels, tokenizer, session
+    return labels, tokenizer, session, float(manifest.get("temperature", 1.0))
 
 
-def predict(texts, labels, tokenizer, session):
-    """(label, confidence) for each text."""
+def predict(texts, labels, tokenizer, session, temperature=1.0):
+    """(label, calibrated confidence) for each text."""
     encodings = tokenizer.encode_batch(texts)
     ids = np.array([e.ids for e in encodings], dtype=np.int64)
     mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-    logits = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    logits = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0] / temperature
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     return [(labels[int(p.argmax())], float(p.max())) for p in probs]

@@ -7,6 +7,8 @@ and true ids (integers only reach the driver) into metrics.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict
 from typing import Any
 
@@ -15,8 +17,9 @@ import pandas as pd
 
 from raybm.config import StorageConfig
 from raybm.errors import DataError
-from raybm.inference.loading import load_predictor, read_label_map
-from raybm.metrics import confusion_matrix, metrics_from_confusion
+from raybm.inference.loading import load_predictor, read_calibration, read_label_map
+from raybm.metrics import calibration, confusion_matrix, metrics_from_confusion, rescaled, served_calibration
+from raybm.results import CALIBRATION_FILE
 from raybm.model_cache import fetch_model
 
 
@@ -43,8 +46,8 @@ class Classify:
             out["label"] = batch["label"].to_numpy(dtype=np.int64)
         if self.keep_text:
             out["text"] = batch["text"].astype(str).to_numpy()
-            for i in range(probs.shape[1]):
-                out[f"prob_{i}"] = probs[:, i]
+        for i in range(probs.shape[1]):
+            out[f"prob_{i}"] = probs[:, i]
         return out
 
 
@@ -69,14 +72,33 @@ def score_dataset(model_dir: str, ds, max_length: int = 128, num_cpus: float = 1
                                                    "threads": max(1, int(num_cpus)), "keep_text": predictions,
                                                    "storage": asdict(storage) if storage else None},
                                     concurrency=1, batch_format="pandas", batch_size=256, num_cpus=num_cpus)
-        frame = scored.to_pandas() if predictions else scored.select_columns(["label", "pred"]).to_pandas()
+        probs = [f"prob_{i}" for i in range(len(labels))]
+        frame = scored.to_pandas() if predictions else scored.select_columns(["label", "pred", *probs]).to_pandas()
     finally:
         ctx.execution_options.preserve_order = saved
     cm = confusion_matrix(frame["label"].to_numpy(), frame["pred"].to_numpy(), len(labels))
     metrics = metrics_from_confusion(cm, labels)
+    if len(frame):  # the probabilities came through the model's temperature
+        metrics.update(served_calibration(frame[probs].to_numpy(), frame["label"].to_numpy(),
+                                          read_calibration(model_dir, storage)["temperature"]))
     if predictions:
         return metrics, frame[["text", "label", "pred", "confidence", *[f"prob_{i}" for i in range(len(labels))]]]
     return metrics
+
+
+def calibrate_folder(model_dir: str, ds, max_length: int = 128) -> dict[str, Any]:
+    """Fit the temperature of the local model folder ``model_dir`` on ``ds`` (its
+    validation split) and write it there (``calibration.json``): for a model whose weights
+    no training epoch validated, such as a soup. Returns what it wrote."""
+    _, frame = score_dataset(model_dir, ds, max_length, predictions=True)
+    probs = frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+    # Back to the model's own probabilities (the folder may carry another model's temperature).
+    own = rescaled(probs, 1.0 / read_calibration(model_dir)["temperature"])
+    found = {**calibration(np.log(np.clip(own, 1e-12, 1.0)), frame["label"].to_numpy()),
+             "fitted_on": "validation", "examples": int(len(frame))}
+    with open(os.path.join(model_dir, CALIBRATION_FILE), "w", encoding="utf-8") as f:
+        json.dump(found, f, indent=2)
+    return found
 
 
 def _kept_rows(batch: pd.DataFrame) -> pd.DataFrame:

@@ -28,7 +28,10 @@ import yaml
 
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
+from raybm.metrics import softmax
 from raybm.results import (
+    CALIBRATION_FILE,
+    DRIFT_REFERENCE_FILE,
     EXPORTS,
     LABEL_MAP_FILE,
     METRICS_FILE,
@@ -61,6 +64,26 @@ def read_label_map(model_dir: str, storage=None) -> list[str]:
         return list(json.load(f)["labels"])
 
 
+def read_calibration(model_dir: str, storage=None) -> dict[str, Any]:
+    """A model folder's calibration (local or, with ``storage``, ``s3://``): the temperature
+    its logits are divided by before the softmax, and what it was fitted on; a temperature of
+    1 (the model's own confidences) for a folder without one."""
+    try:
+        if model_dir.startswith("s3://"):
+            fs, path = resolve_uri(model_dir, storage)
+            with fs.open_input_stream(f"{path}/{CALIBRATION_FILE}") as f:
+                found = json.loads(f.read())
+        else:
+            with open(os.path.join(model_dir, CALIBRATION_FILE), encoding="utf-8") as f:
+                found = json.load(f)
+    except FileNotFoundError:
+        return {"temperature": 1.0}
+    temperature = found.get("temperature")
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < 1e3:
+        raise RaybmError(f"{model_dir}: {CALIBRATION_FILE} holds no usable temperature ({temperature!r})")
+    return found
+
+
 def load_model_folder(model_dir: str):
     """(model in eval mode, tokenizer, labels) from a raybm model folder. Safetensors only."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -81,8 +104,31 @@ def load_model_folder(model_dir: str):
     return model, tokenizer, labels
 
 
+class TextClassifier:
+    """What every loaded model does: ``predict(texts)`` through its ``probabilities`` of
+    tokenized rows (``Predictor`` on PyTorch, ``OnnxPredictor`` on ONNX Runtime)."""
+
+    tokenizer: Any
+    labels: list[str]
+    max_length: int
+    batch_size: int
+
+    def predict(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities (calibrated: the logits over the model's temperature), one row per text."""
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i:i + self.batch_size], truncation=True, max_length=self.max_length,
+                                 padding=True, return_tensors="np")
+            out.append(self.probabilities(enc["input_ids"], enc["attention_mask"]))
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def probabilities(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities of tokenized rows."""
+        raise NotImplementedError
+
+
 @dataclass
-class Predictor:
+class Predictor(TextClassifier):
     """A loaded model: ``predict(texts)`` gives one row of class probabilities per text."""
 
     model: Any
@@ -93,20 +139,16 @@ class Predictor:
     batch_size: int = 64
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0  # the model's calibration (read_calibration)
 
-    def predict(self, texts: list[str]) -> np.ndarray:
-        """Class probabilities, one row per text."""
+    def probabilities(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities of tokenized rows (the explainer perturbs these)."""
         import torch
 
-        out = []
         with torch.inference_mode():
-            for i in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[i:i + self.batch_size], truncation=True, max_length=self.max_length,
-                                     padding=True, return_tensors="pt")
-                logits = self.model(input_ids=enc["input_ids"].to(self.device),
-                                    attention_mask=enc["attention_mask"].to(self.device)).logits
-                out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+            logits = self.model(input_ids=torch.as_tensor(input_ids, dtype=torch.long).to(self.device),
+                                attention_mask=torch.as_tensor(attention_mask, dtype=torch.long).to(self.device)).logits
+            return torch.softmax(logits.float() / self.temperature, dim=-1).cpu().numpy()
 
 
 def model_max_length(model_dir: str, default: int = 128) -> int:
@@ -120,7 +162,7 @@ def model_max_length(model_dir: str, default: int = 128) -> int:
 
 
 @dataclass
-class OnnxPredictor:
+class OnnxPredictor(TextClassifier):
     """ONNX Runtime over a variant folder's model.onnx; same interface as ``Predictor``."""
 
     session: Any
@@ -130,19 +172,13 @@ class OnnxPredictor:
     max_length: int = 128
     batch_size: int = 64
     device: str = "cpu"
+    temperature: float = 1.0  # the model's calibration (read_calibration)
 
-    def predict(self, texts: list[str]) -> np.ndarray:
-        """Class probabilities, one row per text."""
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i:i + self.batch_size], truncation=True, max_length=self.max_length,
-                                 padding=True, return_tensors="np")
-            logits = self.session.run(["logits"], {"input_ids": enc["input_ids"].astype(np.int64),
-                                                   "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
-            logits = logits.astype(np.float64)
-            e = np.exp(logits - logits.max(-1, keepdims=True))
-            out.append((e / e.sum(-1, keepdims=True)).astype(np.float32))
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+    def probabilities(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities of tokenized rows (the explainer perturbs these)."""
+        logits = self.session.run(["logits"], {"input_ids": np.asarray(input_ids, dtype=np.int64),
+                                               "attention_mask": np.asarray(attention_mask, dtype=np.int64)})[0]
+        return softmax(logits, self.temperature).astype(np.float32)
 
 
 def variant_manifest(model_dir: str) -> dict[str, Any] | None:
@@ -204,7 +240,8 @@ def load_onnx(model_dir: str, threads: int | None = None, max_length: int | None
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise RaybmError(f"{model_dir}: cannot load {ONNX_FILE}: {str(e).splitlines()[0]}") from None
     return OnnxPredictor(session=session, tokenizer=tokenizer, labels=labels,
-                         max_length=max_length or model_max_length(model_dir), batch_size=batch_size)
+                         max_length=max_length or model_max_length(model_dir), batch_size=batch_size,
+                         temperature=read_calibration(model_dir)["temperature"])
 
 
 def load_predictor(model_dir: str, backend: str = "torch", threads: int | None = None,
@@ -234,7 +271,8 @@ def load_predictor(model_dir: str, backend: str = "torch", threads: int | None =
             model = model.half()
     model.eval()
     return Predictor(model=model, tokenizer=tokenizer, labels=labels, backend=backend,
-                     max_length=max_length or model_max_length(model_dir), batch_size=batch_size, device=device)
+                     max_length=max_length or model_max_length(model_dir), batch_size=batch_size, device=device,
+                     temperature=read_calibration(model_dir)["temperature"])
 
 
 def _read_json(path: str) -> Any:
@@ -249,7 +287,10 @@ def model_info(model_dir: str, source: str | None = None, storage: Any = None) -
     are given relative to the results root (``runs/<run>/model``), never as local paths."""
     labels = read_label_map(model_dir)
     card: dict[str, Any] = {"labels": labels, "base_model": None, "dataset": None,
-                            "source": None, "source_kind": None, "test_metrics": None}
+                            "source": None, "source_kind": None, "test_metrics": None,
+                            "calibration": read_calibration(model_dir),
+                            "drift_reference": _read_json(os.path.join(model_dir, DRIFT_REFERENCE_FILE))
+                            if os.path.isfile(os.path.join(model_dir, DRIFT_REFERENCE_FILE)) else None}
     cfg_path = os.path.join(model_dir, MODEL_CONFIG_FILE)
     if os.path.isfile(cfg_path):
         with open(cfg_path, encoding="utf-8") as f:

@@ -23,7 +23,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from raybm.errors import RaybmError
-from raybm.inference.loading import read_label_map
+from raybm.inference.explain import explain
+from raybm.inference.loading import load_predictor, read_label_map
 
 PREDICTED_LABEL = "predicted_label"
 CONFIDENCE = "confidence"
@@ -58,6 +59,20 @@ def predict_texts(model_dir: str, texts: list[str], max_length: int = 128) -> li
     clf = Classify(model_dir, max_length=max_length, threads=max(1, os.cpu_count() or 1))
     probs = clf.predict(texts)
     return [(clf.labels[int(p.argmax())], float(p.max())) for p in probs]
+
+
+def explain_texts(model_dir: str, texts: list[str], max_length: int = 128) -> list[str]:
+    """One JSON line per text: its answer (as ``format_prediction``) with each word's weight
+    toward it (``raybm.inference.explain``)."""
+    predictor = load_predictor(model_dir, "auto", threads=max(1, os.cpu_count() or 1), max_length=max_length)
+    lines = []
+    for text in texts:
+        found = explain(predictor, text)
+        answer = json.loads(format_prediction(text, found["label"], found["confidence"]))
+        lines.append(json.dumps({**answer, "words": [{"word": w["word"], "weight": round(w["weight"], 4)}
+                                                      for w in found["words"]], "method": found["method"]},
+                                ensure_ascii=False))
+    return lines
 
 
 class Labelled(NamedTuple):
@@ -233,6 +248,20 @@ def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels, pr
         ctx.execution_options.preserve_order = saved
 
 
+# How sure an answer is, in words, by its calibrated confidence (the first band it reaches).
+CONFIDENCE_WORDS = ((0.95, "very likely"), (0.8, "likely"), (0.6, "probably"), (0.0, "unsure, leaning"))
+
+
+def in_words(label: str, confidence: float, min_confidence: float = 0.0) -> str:
+    """An answer for people: ``very likely negative (99.6%)``; ``uncertain (leaning
+    negative, 54.1%)`` below the abstain band ``min_confidence``."""
+    if confidence < min_confidence:
+        return f"uncertain (leaning {label}, {confidence:.1%})"
+    words = next(w for floor, w in CONFIDENCE_WORDS if confidence >= floor)
+    return f"{words} {label} ({confidence:.1%})"
+
+
 def format_prediction(text: str, label: str, confidence: float) -> str:
-    """One prediction as a JSON line."""
-    return json.dumps({"text": text, "label": label, "confidence": round(confidence, 4)}, ensure_ascii=False)
+    """One prediction as a JSON line, with the answer in words."""
+    return json.dumps({"text": text, "label": label, "confidence": round(confidence, 4),
+                       "answer": in_words(label, confidence)}, ensure_ascii=False)

@@ -80,6 +80,13 @@ def render(name: str, kind: str, cfg: dict[str, Any], labels: list[str], dataset
         out += [f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
                 for lab, m in per_class.items()]
         out.append("")
+    if "temperature" in test:
+        out += ["## Confidence", "",
+                f"Confidences are calibrated by temperature scaling: the logits are divided by "
+                f"T = {test['temperature']:.3f}, fitted on the validation split (`calibration.json`; "
+                f"raybm's predict, serve and dashboard apply it). Expected calibration error on the test split: "
+                f"{test['ece']:.3f} before, {test['ece_calibrated']:.3f} after (0 is perfect: a stated 90% is "
+                f"right 90% of the time); transformers' own pipeline shows the uncalibrated ones.", ""]
     if notes:
         out += ["## How it was chosen", "", *[f"- {n}" for n in notes], ""]
     if cfg:

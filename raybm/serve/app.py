@@ -24,6 +24,7 @@ model=PATH [config=FILE] [key=value ...]`` (keys are ``serve.*`` settings).
 # No `from __future__ import annotations`: Serve's ingress reads the handlers' real annotations.
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import importlib
@@ -38,12 +39,15 @@ from fastapi import Request  # module level: FastAPI resolves the handlers' anno
 
 from raybm.config import ServeConfig, StorageConfig, load_config
 from raybm.errors import RaybmError
+from raybm.inference.explain import METHOD, explain
 from raybm.inference.loading import check_model_files, model_info
 from raybm.inference.locate import locate_model
 from raybm.model_cache import fetch_model
 from raybm.results import resolve_uri
 from raybm.serve.contract import (
     ERROR_RESPONSES,
+    EXPLAIN_MAX_TEXTS,
+    EXPLAIN_RESPONSES,
     PREDICT_RESPONSES,
     BodyTooLarge,
     add_error_handlers,
@@ -54,6 +58,7 @@ from raybm.serve.contract import (
     predict_request_schema,
     prediction,
 )
+from raybm.serve.watch import LOW_CONFIDENCE, Watch, make_stats_class, summarize
 
 DEFAULT_LOADER = "raybm.inference.loading:load_predictor"
 HEALTH_PROBE = "raybm health check"
@@ -154,6 +159,65 @@ async def read_predict_request(request: Request, s: ServeConfig, api_key: dict[s
     return payload, texts
 
 
+async def watched(server, route: str, answer, request: Request):
+    """``answer(server, request)`` -> (response, texts, answers), counted by the replica's
+    watch (the stats deployment and Ray's metrics)."""
+    started = time.perf_counter()
+    response, texts, answers = await answer(server, request)
+    status = getattr(response, "status_code", 200)
+    server.watch.observe(route, status, started, answers, texts)
+    return response
+
+
+async def predict_answers(server, request: Request):
+    """A /predict request: (the answer, its texts, (label, confidence) per answered text)."""
+    payload, texts = await read_predict_request(request, server.settings, server.api_key)
+    if texts is None:
+        return payload, [], []  # the error answer
+    probs = await asyncio.gather(*(server._batched(t) for t in texts))
+    failed = [i for i, p in enumerate(probs) if isinstance(p, Exception)]
+    if failed:
+        return error_response(500, f"the model failed on {len(failed)} of {len(texts)} text(s) (first: "
+                                   f"{type(probs[failed[0]]).__name__}); other requests are not affected. "
+                                   f"The replica's log has the details"), texts, []
+    predictions = [prediction(server.labels, p, server.settings.min_confidence) for p in probs]
+    body = {"prediction": predictions[0]} if "text" in payload else {"predictions": predictions}
+    return ({**body, "model": server.card["name"], "backend": server.backend}, texts,
+            [(p["label"], p["confidence"]) for p in predictions])
+
+
+async def stats_answer(server, request: Request):
+    """A /stats request: the app's counts summed up (``raybm.serve.watch.summarize``)."""
+    denied = unauthorized(request, server.api_key)
+    if denied is not None:
+        return denied
+    minutes = await server.watch.stats.export.remote() if server.watch.stats is not None else []
+    return {"model": server.card["name"], **summarize(minutes, server.card.get("drift_reference"))}
+
+
+async def explain_answers(server, request: Request):
+    """A /explain request answered by ``server`` (a replica): its texts checked as for
+    /predict, at most EXPLAIN_MAX_TEXTS of them, each explained in a thread; as
+    ``predict_answers``, (the answer, its texts, the answers' labels and confidences)."""
+    payload, texts = await read_predict_request(request, server.settings, server.api_key)
+    if texts is None:
+        return payload, [], []  # the error answer
+    if len(texts) > EXPLAIN_MAX_TEXTS:
+        return error_response(413, f"{len(texts)} texts: /explain takes at most {EXPLAIN_MAX_TEXTS} per request"), [], []
+    try:
+        found = await asyncio.to_thread(lambda: [explain(server.predictor, t) for t in texts])
+    except RaybmError as e:
+        return error_response(422, str(e)), texts, []
+    except Exception as e:  # noqa: BLE001 - the model failed: the documented 500, no traceback
+        return error_response(500, f"the model failed to explain ({type(e).__name__}); the replica's log has "
+                                   f"the details"), texts, []
+    answers = [{"label": f["label"], "confidence": f["confidence"], "words": f["words"],
+                "uncertain": f["confidence"] < server.settings.min_confidence} for f in found]
+    body = {"explanation": answers[0]} if "text" in payload else {"explanations": answers}
+    return ({**body, "method": METHOD, "model": server.card["name"], "backend": server.backend}, texts,
+            [(a["label"], a["confidence"]) for a in answers])
+
+
 def make_server_class():
     """The FastAPI app and the Serve deployment class (built on first use, so importing
     this module does not import Ray Serve)."""
@@ -168,7 +232,8 @@ def make_server_class():
     @serve.ingress(app)
     class ModelServer:
         def __init__(self, model_dir: str, settings: dict[str, Any], loader: str | Callable = DEFAULT_LOADER,
-                     api_key: dict[str, str] | None = None, storage: dict[str, Any] | None = None) -> None:
+                     api_key: dict[str, str] | None = None, storage: dict[str, Any] | None = None,
+                     stats=None) -> None:
             self.settings = s = ServeConfig(**settings)
             try:
                 self.replica = serve.get_replica_context().replica_id.unique_id
@@ -177,9 +242,13 @@ def make_server_class():
             self.predictor, self.card = load_replica(model_dir, s, loader, storage)
             self.labels, self.backend = list(self.predictor.labels), self.card["backend"]
             self.api_key = api_key
+            self.watch = Watch(stats, self.card.get("drift_reference"), getattr(self.predictor, "tokenizer", None),
+                               s.app_name)
             # The documented request body carries this server's own limits.
-            app.openapi()["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"] = \
-                predict_request_schema(s)
+            paths = app.openapi()["paths"]
+            paths["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"] = predict_request_schema(s)
+            paths["/explain"]["post"]["requestBody"]["content"]["application/json"]["schema"] = \
+                predict_request_schema(dataclasses.replace(s, max_texts=min(s.max_texts, EXPLAIN_MAX_TEXTS)))
             self._batched.set_max_batch_size(s.max_batch_size)
             self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
 
@@ -197,19 +266,13 @@ def make_server_class():
                   openapi_extra={"requestBody": {"required": True, "content": {
                       "application/json": {"schema": predict_request_schema(ServeConfig())}}}})
         async def predict(self, request: Request):
-            payload, texts = await read_predict_request(request, self.settings, self.api_key)
-            if texts is None:
-                return payload  # the error answer
-            probs = await asyncio.gather(*(self._batched(t) for t in texts))
-            failed = [i for i, p in enumerate(probs) if isinstance(p, Exception)]
-            if failed:
-                return error_response(500, f"the model failed on {len(failed)} of {len(texts)} text(s) (first: "
-                                           f"{type(probs[failed[0]]).__name__}); other requests are not affected. "
-                                           f"The replica's log has the details")
-            predictions = [prediction(self.labels, p) for p in probs]
-            if "text" in payload:
-                return {"prediction": predictions[0], "model": self.card["name"], "backend": self.backend}
-            return {"predictions": predictions, "model": self.card["name"], "backend": self.backend}
+            return await watched(self, "predict", predict_answers, request)
+
+        @app.post("/explain", summary="Classify texts and weigh each word's part in the answer",
+                  responses=EXPLAIN_RESPONSES, openapi_extra={"requestBody": {"required": True, "content": {
+                      "application/json": {"schema": predict_request_schema(ServeConfig())}}}})
+        async def explain(self, request: Request):
+            return await watched(self, "explain", explain_answers, request)
 
         @app.get("/healthz", summary="Liveness: the replica is up and its model loaded")
         async def healthz(self):
@@ -224,7 +287,12 @@ def make_server_class():
             s = self.settings
             limits = {"max_texts": s.max_texts, "max_text_chars": s.max_text_chars,
                       "max_body_bytes": s.max_body_bytes, "max_batch_size": s.max_batch_size}
-            return {**self.card, "limits": limits}
+            return {**self.card, "limits": limits, "min_confidence": s.min_confidence}
+
+        @app.get("/stats", summary="How the served model is doing: traffic, latency, errors, answers, drift",
+                 responses=ERROR_RESPONSES)
+        async def stats(self, request: Request):
+            return await stats_answer(self, request)
 
     return ModelServer
 
@@ -280,7 +348,8 @@ def build_application(model_dir: str, s: ServeConfig, loader: str | Callable = D
         check_model_files(model_dir, s.backend)  # a clear error now, not a replica failing to start
         target = os.path.abspath(model_dir)
     server = make_server_class().options(**deployment_options(s))
-    return server.bind(target, asdict(s), loader, read_api_key(s), asdict(storage) if storage else None)
+    stats = make_stats_class().bind(max(LOW_CONFIDENCE, s.min_confidence))  # the app's per-minute counts
+    return server.bind(target, asdict(s), loader, read_api_key(s), asdict(storage) if storage else None, stats)
 
 
 def build_app(args: dict[str, str]):

@@ -38,15 +38,36 @@ def predict_request_schema(s: ServeConfig) -> dict[str, Any]:
 
 
 _PREDICTION_SCHEMA = {
-    "type": "object", "required": ["label", "confidence", "probabilities"],
+    "type": "object", "required": ["label", "confidence", "probabilities", "uncertain"],
     "properties": {"label": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-                   "probabilities": {"type": "object", "additionalProperties": {"type": "number"}}},
+                   "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
+                   "uncertain": {"type": "boolean",
+                                 "description": "the confidence is below serve.min_confidence (the abstain band)"}},
 }
 PREDICT_RESPONSE_SCHEMA = {
     "type": "object", "required": ["model", "backend"],
     "properties": {"predictions": {"type": "array", "items": _PREDICTION_SCHEMA}, "prediction": _PREDICTION_SCHEMA,
                    "model": {"type": "string"}, "backend": {"type": "string"}},
 }
+_EXPLANATION_SCHEMA = {
+    "type": "object", "required": ["label", "confidence", "uncertain", "words"],
+    "properties": {"label": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                   "uncertain": {"type": "boolean"},
+                   "words": {"type": "array", "items": {
+                       "type": "object", "required": ["word", "start", "end", "weight"],
+                       "properties": {"word": {"type": "string"}, "start": {"type": "integer"},
+                                      "end": {"type": "integer"},
+                                      "weight": {"type": "number", "description": "how much the answer's "
+                                                 "probability drops without this word (negative: it pulled "
+                                                 "the other way)"}}}}},
+}
+EXPLAIN_RESPONSE_SCHEMA = {
+    "type": "object", "required": ["method", "model", "backend"],
+    "properties": {"explanations": {"type": "array", "items": _EXPLANATION_SCHEMA},
+                   "explanation": _EXPLANATION_SCHEMA, "method": {"type": "string"},
+                   "model": {"type": "string"}, "backend": {"type": "string"}},
+}
+EXPLAIN_MAX_TEXTS = 8  # each text costs a model call of (its words + 2) rows
 
 
 class BodyTooLarge(Exception):
@@ -78,6 +99,13 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
                          "invalid Unicode texts", "content": _ERROR_CONTENT},
     503: {"description": "overloaded: more requests waiting than the server queues; retry later",
           "content": {"text/plain": {"schema": {"type": "string"}}}},
+}
+EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **PREDICT_RESPONSES,
+    200: {"description": "each text's answer and every word's weight toward it, in order (\"explanation\" for a "
+                         "single \"text\")", "content": {"application/json": {"schema": EXPLAIN_RESPONSE_SCHEMA}}},
+    413: {"description": f"more than {EXPLAIN_MAX_TEXTS} texts (or serve.max_texts), or a body over the size limit",
+          "content": _ERROR_CONTENT},
 }
 
 
@@ -125,11 +153,13 @@ def predict_each(predict: Callable[[list[str]], Any], texts: list[str]) -> list[
     return out
 
 
-def prediction(labels: list[str], probs: Any) -> dict[str, Any]:
-    """One text's answer: the top label, its probability and every class's."""
+def prediction(labels: list[str], probs: Any, min_confidence: float = 0.0) -> dict[str, Any]:
+    """One text's answer: the top label, its probability, every class's, and whether it
+    falls in the abstain band (below ``min_confidence``)."""
     best = int(probs.argmax())
     return {"label": labels[best], "confidence": float(probs[best]),
-            "probabilities": {lab: float(v) for lab, v in zip(labels, probs)}}
+            "probabilities": {lab: float(v) for lab, v in zip(labels, probs)},
+            "uncertain": bool(probs[best] < min_confidence)}
 
 
 def _type_name(value: Any) -> str:

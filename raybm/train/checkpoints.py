@@ -11,6 +11,8 @@ import tempfile
 from raybm.config import JobConfig, load_config
 from raybm.models.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from raybm.results import (
+    CALIBRATION_FILE,
+    DRIFT_REFERENCE_FILE,
     EPOCH_METRICS_FILE,
     LABEL_MAP_FILE,
     MODEL_CARD_FILE,
@@ -28,7 +30,7 @@ CHECKPOINT_WEIGHTS = (WEIGHTS_FILE, ADAPTER_WEIGHTS_FILE)
 
 
 def save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list[str], state: dict,
-                     metrics: dict, weights: dict | None = None) -> None:
+                     metrics: dict, weights: dict | None = None, drift_reference: dict | None = None) -> None:
     """Write a checkpoint into ``folder``: a loadable model folder (weights, tokenizer, label
     map, the job config) plus the training state and the epoch's metrics. Under LoRA the
     weights are the adapters' and the head's only (``as_model_folder`` merges them)."""
@@ -45,6 +47,14 @@ def save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list[
         json.dump({"labels": labels, "label_to_id": {lab: i for i, lab in enumerate(labels)}}, f, indent=2)
     with open(os.path.join(folder, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(cfg.to_yaml())
+    if "val_temperature" in metrics:  # fitted on this epoch's validation logits (train.scoring.validate)
+        with open(os.path.join(folder, CALIBRATION_FILE), "w", encoding="utf-8") as f:
+            json.dump({"temperature": metrics["val_temperature"], "ece": metrics["val_ece"],
+                       "ece_calibrated": metrics["val_ece_calibrated"], "fitted_on": "validation",
+                       "examples": metrics["val_examples"], "epoch": metrics["epoch"]}, f, indent=2)
+    if drift_reference is not None:  # what a served model's traffic is compared with (raybm.serve.watch)
+        with open(os.path.join(folder, DRIFT_REFERENCE_FILE), "w", encoding="utf-8") as f:
+            json.dump(drift_reference, f, indent=2)
     torch.save(state, os.path.join(folder, TRAIN_STATE_FILE))
     with open(os.path.join(folder, EPOCH_METRICS_FILE), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)

@@ -23,6 +23,7 @@ from raybm.config import JobConfig, run_name_for
 from raybm.errors import RaybmError
 from raybm.inference.loading import read_label_map
 from raybm.lease import hold_lease
+from raybm.metrics import drift_reference
 from raybm.models.card import write_model_card
 from raybm.results import (
     CONFIG_FILE,
@@ -172,6 +173,7 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
         "job": job_for_workers(cfg),
         "labels": labels,
         "n_train": report["splits"]["train"]["rows"],
+        "drift_reference": drift_reference(report),
         "class_weights": balanced_class_weights(report, labels) if t.class_weights == "balanced" else None,
         "predictions_to": predictions_to,
         "whole_splits": whole_splits,

@@ -198,7 +198,7 @@ def report(w: Worker, p: Progress, epoch: int, metrics: dict, value: float, scra
         return
     tmp = tempfile.mkdtemp(prefix="epoch-", dir=scratch)
     save_checkpoint(tmp, w.model, w.tokenizer, w.cfg, w.labels, p.state(epoch, optim_state), p.history[-1],
-                    weights=full_weights)
+                    weights=full_weights, drift_reference=w.config.get("drift_reference"))
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                      delete_local_checkpoint_after_upload=False)
     if kept is not None and value == p.best:

@@ -8,32 +8,42 @@ from typing import Any
 import numpy as np
 
 from raybm.config import JobConfig
-from raybm.metrics import confusion_matrix, metrics_from_confusion
+from raybm.inference.loading import read_calibration
+from raybm.metrics import calibration, confusion_matrix, metrics_from_confusion, served_calibration
 from raybm.results import Results
 from raybm.train.checkpoints import load_weights
 
 
 def validate(model, data, device, batch_size: int, num_classes: int, labels: list[str], loss_fn, collate):
     """Metrics on the whole validation split (every worker reads all of it and gets the
-    same numbers, so they agree on early stopping without a collective)."""
+    same numbers, so they agree on early stopping without a collective), with the
+    temperature that calibrates this epoch's confidences on it (``raybm.metrics.calibration``)."""
     import torch
 
     model.eval()
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum = 0.0
+    seen_logits, seen_labels = [], []
     with torch.no_grad():
         for batch in data.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             loss_sum += float(loss_fn(logits, batch["labels"]).item()) * len(batch["labels"])
             cm += confusion_matrix(batch["labels"].cpu().numpy(), logits.argmax(-1).cpu().numpy(), num_classes)
-    return metrics_from_confusion(cm, labels, loss=loss_sum / max(1, int(cm.sum())))
+            seen_logits.append(logits.cpu().numpy())
+            seen_labels.append(batch["labels"].cpu().numpy())
+    out = metrics_from_confusion(cm, labels, loss=loss_sum / max(1, int(cm.sum())))
+    if seen_labels:
+        out.update(calibration(np.concatenate(seen_logits), np.concatenate(seen_labels)))
+    return out
 
 
-def score_test_split(model, data, device, batch_size: int, labels: list[str], collate) -> tuple[dict, Any]:
+def score_test_split(model, data, device, batch_size: int, labels: list[str], collate,
+                     temperature: float = 1.0) -> tuple[dict, Any]:
     """Metrics and every example's prediction on the test split (rows with text, label and
-    token ids): the same numbers and columns as ``raybm.inference.evaluate.score_dataset`` gives for
-    the published model, without a Ray Data job of its own."""
+    token ids), the probabilities through the model's ``temperature``: the same numbers and
+    columns as ``raybm.inference.evaluate.score_dataset`` gives for the published model,
+    without a Ray Data job of its own."""
     import pandas as pd
     import torch
 
@@ -44,14 +54,17 @@ def score_test_split(model, data, device, batch_size: int, labels: list[str], co
             tensors = collate(batch)
             logits = model(input_ids=tensors["input_ids"].to(device),
                            attention_mask=tensors["attention_mask"].to(device)).logits.float()
-            probs = torch.softmax(logits, dim=-1).cpu().numpy()
+            probs = torch.softmax(logits / temperature, dim=-1).cpu().numpy()
             frames.append(pd.DataFrame({"text": batch["text"].astype(str), "label": batch["label"].astype(np.int64),
                                         "pred": probs.argmax(-1).astype(np.int64), "confidence": probs.max(-1),
                                         **{f"prob_{i}": probs[:, i] for i in range(probs.shape[1])}}))
     columns = ["text", "label", "pred", "confidence", *[f"prob_{i}" for i in range(len(labels))]]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     cm = confusion_matrix(frame["label"].to_numpy(), frame["pred"].to_numpy(), len(labels))
-    return metrics_from_confusion(cm, labels), frame[columns]
+    metrics = metrics_from_confusion(cm, labels)
+    if len(frame):
+        metrics.update(served_calibration(frame[columns[4:]].to_numpy(), frame["label"].to_numpy(), temperature))
+    return metrics, frame[columns]
 
 
 def score_best_checkpoint(config: dict, cfg: JobConfig, model, device, labels: list[str], collate,
@@ -70,7 +83,8 @@ def score_best_checkpoint(config: dict, cfg: JobConfig, model, device, labels: l
         test_data = whole_split(config, cfg, "test", texts=True)
     else:
         test_data = ray.train.get_dataset_shard("test")
-    metrics, frame = score_test_split(model, test_data, device, cfg.train.eval_batch_size, labels, collate)
+    metrics, frame = score_test_split(model, test_data, device, cfg.train.eval_batch_size, labels, collate,
+                                      read_calibration(kept)["temperature"])
     Results.from_config(cfg.storage).write_parquet(config["predictions_to"], frame)
     return {"epoch": kept_epoch, "metrics": metrics}
 

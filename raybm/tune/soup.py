@@ -222,7 +222,7 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
     import ray.train
 
     from raybm.data import load_split
-    from raybm.inference.evaluate import score_dataset
+    from raybm.inference.evaluate import calibrate_folder, score_dataset
 
     results, run_dir = check_soup_inputs(cfg, models, dataset, name)
     metric = soup_metric(cfg.tune.metric)
@@ -252,6 +252,7 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
                          workdir=os.path.join(tmp, "work"), log=log)
         with open(os.path.join(soup.folder, SOUP_FILE), "w", encoding="utf-8") as f:
             json.dump({**soup.to_dict(), "dataset": dataset}, f, indent=2)
+        calibrate_folder(soup.folder, validation, cfg.data.max_length)  # new weights: their own temperature
 
         base_model = model_info(soup.folder)["base_model"]
         model_uri = publish_model(results, run_dir, ray.train.Checkpoint.from_directory(soup.folder))

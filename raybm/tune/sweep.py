@@ -289,15 +289,17 @@ def _make_soup(results: Results, cfg: JobConfig, dataset: str, rows: list[dict[s
                log: Callable[[str], None]):
     """The soup of ``rows``' best checkpoints (best first), scored on the validation split."""
     from raybm.data import load_split
-    from raybm.inference.evaluate import score_dataset
+    from raybm.inference.evaluate import calibrate_folder, score_dataset
 
     candidates = [(r["trial"], as_model_folder(copy_to_local(r["best_checkpoint"], cfg.storage,
                                                              os.path.join(workdir, r["trial"]))))
                   for r in rows]
     validation = load_split(results, dataset, "validation").materialize()
-    return make_soup(candidates, lambda folder: score_dataset(folder, validation, cfg.data.max_length),
+    soup = make_soup(candidates, lambda folder: score_dataset(folder, validation, cfg.data.max_length),
                      metric=soup_metric(cfg.tune.metric), mode=cfg.tune.mode, method=cfg.tune.soup,
                      workdir=workdir, log=log)
+    calibrate_folder(soup.folder, validation, cfg.data.max_length)  # new weights: their own temperature
+    return soup
 
 
 def load_sweep(results: Results, name: str) -> SweepResult:

@@ -175,12 +175,12 @@ def cluster_nodes(cluster) -> list[dict]:
 
 
 def serve_replicas(cluster) -> list:
-    """The alive Serve replica actors of the raybm app (state API over HTTP)."""
+    """The alive model replicas of the raybm app (state API over HTTP; its Stats replica aside)."""
     from ray.util.state import list_actors
 
     return [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], limit=1000,
                                    raise_on_missing_output=False)
-            if a.class_name.startswith("ServeReplica:raybm:")]
+            if a.class_name.startswith("ServeReplica:raybm:ModelServer")]
 
 
 def serve_shutdown(cluster) -> None:

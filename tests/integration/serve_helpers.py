@@ -16,6 +16,9 @@ class _Wrapped:
         self.inner = inner
         self.labels = inner.labels
 
+    def __getattr__(self, name):  # the tokenizer, probabilities ... (explanations): the real model's
+        return getattr(self.inner, name)
+
     def predict(self, texts):
         return self.inner.predict(texts)
 

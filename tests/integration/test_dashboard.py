@@ -11,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 from raybm.config import build_config
 from raybm.export.variants import run_export
 from raybm.inference.loading import load_predictor
+from raybm.inference.predict import in_words
 from raybm.tune.sweep import run_sweep
 
 from tests.helpers import make_frame
@@ -54,6 +55,7 @@ def test_jobs_sweep_and_model_pages_show_the_run(monkeypatch, results):
     at = app(monkeypatch, results["root"], "Runs and sweeps")
     jobs = at.dataframe[0].value
     assert list(jobs["name"]) == ["dash-sweep"] and jobs["status"][0] == "complete"
+    assert list(jobs.columns[:4]) == ["name", "test accuracy", "test macro-F1", "best validation"]  # scores first
     winner = results["sweep"].winner
     assert jobs["test accuracy"][0] == pytest.approx(winner["test"]["accuracy"])
 
@@ -104,7 +106,11 @@ def test_try_it_predicts_typed_and_uploaded_text_and_explains_bad_input(monkeypa
     # A configured server that does not answer: the page says so and uses the model itself.
     at = app(monkeypatch, results["root"], "Try it", serve_url="http://127.0.0.1:9")
     assert "does not answer" in at.warning[0].value
-    at.selectbox(key="try_model").set_value("dash-sweep (sweep)")
+    # Models by what they do and how good they are; the technical name beside.
+    titles = at.selectbox(key="try_model").options
+    assert all("2 classes, " in t and "% right on held-out test texts (" in t for t in titles), titles
+    at.selectbox(key="try_model").set_value("dash-sweep (sweep)").run()
+    assert "Technical name: dash-sweep (sweep)" in [c.value for c in at.caption]
     typed = ["I really liked item number 3, great stuff", "Item 4 was a disappointment, avoid"]
     at.text_area(key="try_text").set_value("\n".join(typed))
     at.button(key="try_go").click().run()
@@ -113,6 +119,14 @@ def test_try_it_predicts_typed_and_uploaded_text_and_explains_bad_input(monkeypa
     probs = model.predict(typed)
     assert list(out["label"]) == [model.labels[i] for i in probs.argmax(1)]
     assert list(out["confidence"]) == pytest.approx(probs.max(1).tolist(), abs=1e-5)
+    assert list(out["answer"]) == [in_words(model.labels[i], float(p.max())) for i, p in zip(probs.argmax(1), probs)]
+
+    # One text: the answer in words, and why (its words highlighted by their weight).
+    at.text_area(key="try_text").set_value(typed[0])
+    at.button(key="try_go").click().run()
+    assert at.success[-1].value == f"Answer: {list(out['answer'])[0]}"
+    assert any(m.value.startswith("**Why:**") for m in at.markdown)
+    assert any('<span style="background: rgba(' in m.value and ">liked</span>" in m.value for m in at.markdown)
 
     at.button(key="try_go").run()  # nothing typed is a hint, not an error
     at.text_area(key="try_text").set_value("   ").run()
@@ -197,3 +211,51 @@ def test_the_dashboard_reads_a_results_root_on_s3(monkeypatch, results, s3_serve
     assert list(at.dataframe[0].value["name"]) == ["dash-sweep"]
     at.sidebar.radio[0].set_value("Model").run()
     assert {m.label for m in at.metric} >= {"accuracy", "macro-F1"}
+
+
+@pytest.fixture
+def stats_server():
+    """A real HTTP server on loopback answering GET /stats as a model server does, from
+    recorded traffic: half the texts 'positive' against a training split of 90% 'negative'."""
+    import http.server
+    import threading
+    import time
+
+    from raybm.metrics import drift_reference
+    from raybm.serve.watch import Minutes, summarize
+
+    minutes = Minutes()
+    now = time.time()
+    for i in range(40):
+        minutes.record(500 if i == 0 else 200, 5.0 + i % 10, [("positive" if i % 2 else "negative", 0.55 + i / 100)],
+                       [i % 5], now=now - 120 + i)
+    reference = drift_reference({"dataset": "reviews-1", "splits": {"train": {"labels": {"negative": 90, "positive": 10}}},
+                                 "tokens": {"p50": 10, "p90": 20, "p95": 25, "p99": 40}})
+    body = json.dumps({"model": "dash-sweep", **summarize(minutes.export(), reference)}).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the standard library's name
+            self.send_response(200 if self.path == "/stats" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_the_live_page_shows_traffic_latency_errors_and_drift(monkeypatch, results, stats_server):
+    at = app(monkeypatch, results["root"], "Live", serve_url=stats_server)
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Error rate"] == "2.5%" and shown["Latency p50"].endswith(" ms")
+    assert float(shown["Requests per second"]) == pytest.approx(40 / 300, abs=0.01)
+    assert "Drift: today's texts do not look like the training data (reviews-1)" in at.error[0].value
+    assert len(at.get("vega_lite_chart")) == 4  # traffic, latency, label mix, low confidence
+
+    quiet = app(monkeypatch, results["root"], "Live")
+    assert "--serve-url" in quiet.info[0].value

@@ -65,6 +65,48 @@ def post(url, body, headers=None, timeout=60):
                          timeout=timeout)
 
 
+def test_explanations_are_the_models_own_and_refuse_what_predict_refuses(server):
+    from raybm.inference.explain import explain
+
+    text = "what a lovely, kind crew"
+    want = explain(load_predictor(server["model_dir"]), text)
+    r = requests.post(f"{server['url']}/explain", json={"text": text}, timeout=60)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["method"] == want["method"] and got["explanation"]["label"] == want["label"]
+    assert [(w["word"], w["start"], w["end"]) for w in got["explanation"]["words"]] == \
+        [(w["word"], w["start"], w["end"]) for w in want["words"]]
+    assert [w["weight"] for w in got["explanation"]["words"]] == pytest.approx([w["weight"] for w in want["words"]],
+                                                                               abs=1e-5)
+    many = requests.post(f"{server['url']}/explain", json={"texts": [text, "awful"]}, timeout=60).json()
+    assert [e["label"] for e in many["explanations"]][0] == want["label"] and len(many["explanations"]) == 2
+    assert requests.post(f"{server['url']}/explain", json={"texts": ["a"] * 9}, timeout=60).status_code == 413
+    assert requests.post(f"{server['url']}/explain", json={"text": " "}, timeout=60).status_code == 422
+    assert requests.post(f"{server['url']}/explain", data="text=hi", timeout=60).status_code == 415
+
+
+def test_stats_count_the_traffic_answers_and_refusals(server):
+    def stats():
+        r = requests.get(f"{server['url']}/stats", timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    before = stats()
+    assert post(server["url"], {"texts": TEXTS}).status_code == 200
+    assert post(server["url"], {"texts": []}).status_code == 422
+    deadline = time.time() + 20  # the counts reach the app's stats deployment a moment later
+    after = stats()
+    while after["total"]["requests"] < before["total"]["requests"] + 2 and time.time() < deadline:
+        time.sleep(0.2)
+        after = stats()
+    assert after["total"]["requests"] - before["total"]["requests"] == 2
+    assert after["total"]["refused"] - before["total"]["refused"] == 1 and after["total"]["errors"] == 0
+    assert after["total"]["answers"] - before["total"]["answers"] == len(TEXTS)
+    assert set(after["total"]["labels"]) <= {"negative", "positive"}
+    assert after["recent"]["latency_p95_ms"] >= after["recent"]["latency_p50_ms"] > 0
+    assert after["series"] and after["model"] and after["drift"] is None  # this model has no drift reference
+
+
 def test_predictions_match_the_model_in_input_order(server):
     reference = load_predictor(server["model_dir"]).predict(TEXTS)
     r = post(server["url"], {"texts": TEXTS})
@@ -219,7 +261,7 @@ def test_a_killed_or_failing_replica_is_replaced(server):
     try:
         _wait_for(lambda: len(codes) >= 3, what="traffic")
         name, = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith("SERVE_REPLICA::sick#")]
+                 if a["name"].startswith("SERVE_REPLICA::sick#ModelServer#")]
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         _wait_for(lambda: len(_pids(run)) == 2, what="a new replica")
         seen = len(codes)
@@ -262,7 +304,7 @@ def test_export_variants_are_served_with_their_own_backend(server, tmp_path):
 def edge(server):
     """A deployment whose model fails on texts holding "poison", with small limits."""
     url = deploy_more(server, "edge", "serve.max_texts=4", "serve.max_text_chars=40", "serve.max_batch_size=8",
-                      "serve.batch_wait_timeout_s=0.2", loader="serve_helpers:picky_loader")
+                      "serve.batch_wait_timeout_s=0.2", "serve.min_confidence=0.95", loader="serve_helpers:picky_loader")
     return url
 
 
@@ -276,7 +318,12 @@ def test_a_text_the_model_fails_on_fails_only_its_own_request_in_the_error_form(
     error = answers[-1].json()
     assert set(error) == {"error"} and "the model failed on 1 of 2 text(s)" in error["error"]
     assert "/" not in error["error"].split("(first:")[1] and "Traceback" not in answers[-1].text
-    assert post(edge, {"text": "good again"}).status_code == 200
+    again = post(edge, {"text": "good again"})
+    assert again.status_code == 200
+    # The abstain band (serve.min_confidence=0.95): a tiny random model is never that sure.
+    answer = again.json()["prediction"]
+    assert answer["confidence"] < 0.95 and answer["uncertain"] is True
+    assert requests.get(f"{edge}/metadata", timeout=10).json()["min_confidence"] == 0.95
 
 
 def test_a_number_too_long_for_python_is_a_400_not_a_500(edge):

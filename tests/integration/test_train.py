@@ -57,6 +57,13 @@ def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, d
     model = run / "model"
     assert {"model.safetensors", "config.json", "label_map.json", "raybm_config.yaml", "tokenizer.json"} <= set(os.listdir(model))
     assert not (model / "train_state.pt").exists()  # optimizer state stays in the checkpoints
+    # Calibration: each epoch fits a temperature on validation; the published model keeps the
+    # best epoch's, and the test metrics say how calibrated its confidences are.
+    assert all(h["val_temperature"] > 0 and 0 <= h["val_ece_calibrated"] <= 1 for h in result.history)
+    calibration = json.loads((model / "calibration.json").read_text())
+    test = result.metrics["test"]
+    assert calibration["fitted_on"] == "validation" and calibration["temperature"] == test["temperature"]
+    assert 0 <= test["ece"] <= 1 and 0 <= test["ece_calibrated"] <= 1
 
     metrics = json.loads((run / "metrics.json").read_text())
     test = metrics["test"]
@@ -225,6 +232,9 @@ def test_two_fsdp_workers_shard_train_resume_and_save_a_whole_model(ray_local, t
     again = score_dataset(result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics["dataset"],
                                                        "test"), 16)
     assert again["confusion_matrix"] == result.metrics["test"]["confusion_matrix"]
+    # The driver's scoring of the published model applies its temperature as the worker did.
+    assert again["temperature"] == result.metrics["test"]["temperature"]
+    assert again["ece_calibrated"] == pytest.approx(result.metrics["test"]["ece_calibrated"], abs=1e-4)
 
 
 def test_workers_bigger_than_the_local_ray_are_refused_instead_of_waiting_forever(ray_local, tmp_path, data_csv):

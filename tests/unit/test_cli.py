@@ -75,6 +75,14 @@ def test_predict_texts_one_json_line_each(tiny_model_dir):
     lines = [json.loads(ln) for ln in out.stdout.strip().splitlines()[-2:]]
     assert [ln["text"] for ln in lines] == ["what a lovely day", "awful"]
     assert all(ln["label"] in ("negative", "positive") and 0.5 <= ln["confidence"] <= 1 for ln in lines)
+    assert all(ln["answer"].endswith(f"{ln['label']} ({ln['confidence']:.1%})") for ln in lines)
+    # --explain: each word's weight toward the answer, and how it was measured
+    out = run("predict", "--model", tiny_model_dir, "--text", "what a lovely day", "--explain")
+    assert out.returncode == 0, out.stderr
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [w["word"] for w in line["words"]] == ["what", "a", "lovely", "day"] and "occlusion" in line["method"]
+    out = run("predict", "--model", tiny_model_dir, "--input", "x.csv", "--output", "y.csv", "--explain")
+    assert out.returncode == 2 and "--explain works with --text" in out.stderr
 
 
 def test_predict_needs_text_or_files(tiny_model_dir, tmp_path):

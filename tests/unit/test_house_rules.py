@@ -77,6 +77,7 @@ LAZY_IMPORTS = {
     "pandas": "0.2 s; only tables and files of predictions",
     "sklearn": "only its English stop-word list (data.clean.stop_words)",
     "peft": "only LoRA (train.strategy=lora)",
+    "captum": "1.8 s with matplotlib; only explanations of answers",
     "boto3": "only S3",
     "botocore": "only S3",
     "ftfy": "only the twitter corpus's repair",

@@ -49,3 +49,14 @@ def test_a_folder_without_its_config_still_gets_scores_and_labels():
     text = render("ab", "soup", {}, ["a", "b"], "d", TEST)
     assert "fine-tuned from" not in text and "Training recipe" not in text
     assert "| 0.9164 |" in text and "`a`, `b`" in text
+
+
+def test_the_card_says_how_confidences_are_calibrated_and_how_a_lora_model_was_trained():
+    calibrated = {**TEST, "temperature": 1.83, "ece": 0.0841, "ece_calibrated": 0.0213}
+    lora = {**CFG, "train": {**CFG["train"], "strategy": "lora", "lora_rank": 8, "lora_alpha": 16.0,
+                             "lora_dropout": 0.05, "lora_targets": []}}
+    text = render("q7", "run", lora, ["negative", "positive"], "twitter-29b86ebe", calibrated)
+    assert "T = 1.830" in text and "0.084 before, 0.021 after" in text
+    assert ("| strategy | LoRA (PEFT), merged into the weights: rank 8, alpha 16, dropout 0.05, adapting the "
+            "attention query and value projections |") in text
+    assert "## Confidence" not in render("q6", "run", CFG, ["negative", "positive"], "d", TEST)

@@ -116,3 +116,13 @@ def test_long_files_report_progress(tiny_model_dir, tmp_path, monkeypatch):
     lines = []
     predict_file(tiny_model_dir, str(src), str(tmp_path / "out.csv"), max_length=32, use_ray=False, log=lines.append)
     assert [ln.split(" rows labelled")[0].strip() for ln in lines] == ["2", "4", "5"]
+
+
+def test_answers_in_words_follow_the_confidence_and_the_abstain_band():
+    from raybm.inference.predict import in_words
+
+    assert in_words("negative", 0.9964) == "very likely negative (99.6%)"
+    assert in_words("positive", 0.85) == "likely positive (85.0%)"
+    assert in_words("positive", 0.62) == "probably positive (62.0%)"
+    assert in_words("neutral", 0.41) == "unsure, leaning neutral (41.0%)"
+    assert in_words("negative", 0.967, min_confidence=0.98) == "uncertain (leaning negative, 96.7%)"

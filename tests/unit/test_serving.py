@@ -133,3 +133,15 @@ def test_default_model_is_the_configs_own_job_result(tmp_path):
     cfg = build_config({"storage": {"root": str(tmp_path)}, "tune": {"search_space": {"train.lr": "loguniform(1e-5, 1e-3)"}}})
     with pytest.raises(RaybmError, match="run `raybm tune --config ...` first"):
         config_model(cfg)
+
+
+def test_an_answer_below_the_abstain_band_says_it_is_uncertain():
+    import numpy as np
+
+    from raybm.serve.contract import prediction
+
+    sure, unsure = np.array([0.03, 0.97]), np.array([0.45, 0.55])
+    assert prediction(["neg", "pos"], sure, 0.8) == {"label": "pos", "confidence": 0.97,
+                                                     "probabilities": {"neg": 0.03, "pos": 0.97}, "uncertain": False}
+    assert prediction(["neg", "pos"], unsure, 0.8)["uncertain"] is True
+    assert prediction(["neg", "pos"], unsure)["uncertain"] is False  # no band by default

@@ -1,0 +1,66 @@
+"""Why a text got its label: the words that pushed the answer, by occlusion.
+
+Each word of the text (all its tokens together) is replaced by the tokenizer's mask token
+(its unknown or pad token when it has none) and the text scored again; a word's weight is
+how much the probability of the answered label drops without it (negative: the word pulled
+the other way). This is Captum's ``FeatureAblation`` with one feature per word. It is
+faithful by construction (it measures the model's own answer with and without each word)
+and costs one batched forward pass of (words + 2) rows, a few milliseconds on CPU for a
+tweet; it needs only the model's probabilities, so it works the same on the PyTorch, int8
+and ONNX backends. Integrated gradients would need gradients (PyTorch only) and 20 to 50
+passes per text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raybm.errors import RaybmError
+
+METHOD = "occlusion: each word masked in turn (Captum FeatureAblation), weight = drop in the answer's probability"
+
+
+def explain(predictor, text: str) -> dict[str, Any]:
+    """The answer for ``text`` and each word's weight toward it: ``label``, ``confidence``,
+    ``words`` (``word``, ``start``, ``end``: its place in the text, ``weight``), ``method``."""
+    import torch
+    from captum.attr import FeatureAblation
+
+    tok = predictor.tokenizer
+    if not getattr(tok, "is_fast", False):
+        raise RaybmError("explanations need a fast tokenizer (one with a tokenizer.json)")
+    enc = tok(text, truncation=True, max_length=predictor.max_length, return_offsets_mapping=True)
+    ids = np.asarray([enc["input_ids"]], dtype=np.int64)
+    mask = np.asarray([enc["attention_mask"]], dtype=np.int64)
+    word_of = enc.word_ids()
+    words = sorted({w for w in word_of if w is not None})
+    probs = predictor.probabilities(ids, mask)[0]
+    best = int(probs.argmax())
+    answer = {"label": predictor.labels[best], "confidence": float(probs[best]), "words": [], "method": METHOD}
+    if not words:  # only characters the tokenizer drops (zero-width spaces ...): an answer, no words
+        return answer
+    # One feature per word; special tokens ([CLS], [SEP], ...) share one more, left out below.
+    groups = torch.tensor([[words.index(w) if w is not None else len(words) for w in word_of]])
+    baseline = next(t for t in (tok.mask_token_id, tok.unk_token_id, tok.pad_token_id) if t is not None)
+
+    def forward(input_ids: torch.Tensor) -> torch.Tensor:
+        rows = input_ids.shape[0]
+        return torch.from_numpy(np.asarray(predictor.probabilities(input_ids.numpy(), np.repeat(mask, rows, 0))))
+
+    weights = FeatureAblation(forward).attribute(torch.from_numpy(ids), baselines=baseline, target=best,
+                                                 feature_mask=groups, perturbations_per_eval=len(words) + 1)[0]
+    out = []
+    for i, w in enumerate(words):
+        spans = [enc["offset_mapping"][k] for k, wid in enumerate(word_of) if wid == w]
+        start, end = spans[0][0], spans[-1][1]
+        first = word_of.index(w)
+        out.append({"word": text[start:end], "start": int(start), "end": int(end), "weight": float(weights[first])})
+    return {**answer, "words": out}
+
+
+def strongest(explained: dict[str, Any], n: int = 3) -> list[str]:
+    """The ``n`` words that pushed the answer most (positive weight), strongest first."""
+    pushed = sorted((w for w in explained["words"] if w["weight"] > 0), key=lambda w: -w["weight"])
+    return [w["word"] for w in pushed[:n]]
