@@ -112,8 +112,9 @@ class _Summary:
 
 @dataclass
 class Output:
-    """Where the pipeline writes: ``log`` every detail, ``say`` the headlines (one line a
-    stage, the leaderboard, the smoke test's answers), which a quiet terminal still shows."""
+    """Where the pipeline writes (each stage gets it as ``shown``): ``log`` every detail,
+    ``say`` the headlines (one line a stage, the leaderboard, the smoke test's answers),
+    which a quiet terminal still shows."""
 
     log: Callable[[str], None]
     say: Callable[[str], None]
@@ -228,24 +229,24 @@ def posix_parent(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else path
 
 
-def _train(cfg: JobConfig, results: Results, state: dict[str, Any], out: Output) -> dict[str, Any]:
+def _train(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Output) -> dict[str, Any]:
     run_dir = results.run_dir(run_name_for(cfg, state["dataset"]))
     if results.is_complete(run_dir):
         metrics = results.read_json(results.join(run_dir, METRICS_FILE))
-        out.log(f"Run {metrics['run']!r} is already complete: {results.uri(run_dir)}")
+        shown.log(f"Run {metrics['run']!r} is already complete: {results.uri(run_dir)}")
         state.update(model=results.uri(results.join(run_dir, MODEL_DIR)), test=metrics["test"])
         return {"status": "skipped", "run": metrics["run"], "model": state["model"], "test": _short(metrics["test"])}
-    result = run_training(cfg, log=out.log)
+    result = run_training(cfg, log=shown.log)
     state.update(model=result.model_dir, test=result.metrics["test"])
     return {"run": result.run_name, "model": result.model_dir, "best_epoch": result.metrics["best_epoch"],
             "test": _short(result.metrics["test"])}
 
 
-def _tune(cfg: JobConfig, results: Results, state: dict[str, Any], out: Output) -> dict[str, Any]:
+def _tune(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Output) -> dict[str, Any]:
     was_done = results.is_complete(results.sweep_dir(sweep_name_for(cfg, state["dataset"])))
-    result = run_sweep(cfg, log=out.log)
+    result = run_sweep(cfg, log=shown.log)
     if not was_done:
-        out.say(format_leaderboard(result.leaderboard, cfg.tune.metric))
+        shown.say(format_leaderboard(result.leaderboard, cfg.tune.metric))
     w = result.winner
     state.update(model=result.model_dir, test=w["test"])
     return {"status": "skipped" if was_done else "done", "sweep": result.name, "model": result.model_dir,
@@ -260,7 +261,7 @@ def _short(test: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: test[k] for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "examples") if k in test}
 
 
-def _export(cfg: JobConfig, results: Results, state: dict[str, Any], out: Output) -> dict[str, Any]:
+def _export(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Output) -> dict[str, Any]:
     _model_stage_output(cfg, results, state)
     name = os.path.basename(posix_parent(state["model"]))
     out = results.export_dir(name)
@@ -269,10 +270,10 @@ def _export(cfg: JobConfig, results: Results, state: dict[str, Any], out: Output
         done = results.read_json(summary_path)
         if set(cfg.export.variants) <= set(done.get("variants", {})) and \
                 (not results.remote or results.is_complete(out)):
-            out.log(f"Exports of {name!r} are already there: {results.uri(out)}")
+            shown.log(f"Exports of {name!r} are already there: {results.uri(out)}")
             state["export"] = results.uri(out)
             return {"status": "skipped", "folder": results.uri(out), "variants": _variants(done["variants"])}
-    result = run_export(cfg, state["model"], log=out.log)
+    result = run_export(cfg, state["model"], log=shown.log)
     state["export"] = result.folder
     return {"folder": result.folder, "variants": _variants(result.manifests), "mobile": result.mobile}
 
@@ -314,7 +315,7 @@ def release_gate(cfg: JobConfig, test: dict[str, Any] | None, latency_ms: float 
     return reasons
 
 
-def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], out: Output) -> dict[str, Any]:
+def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Output) -> dict[str, Any]:
     from raybm.serve.app import read_api_key
     from raybm.serve.deploy import deploy, wait_until_interrupted
 
@@ -326,16 +327,16 @@ def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], out: Output
             local = fetch_model(folder, cfg.storage, os.path.join(tmp, MODEL_DIR)) if is_s3(folder) else folder
             timed = measure(local, backend, None, None, cfg.pipeline.latency_samples)
         latency = timed["latency_p50_ms"]
-        out.log(f"release gate: median single-sentence latency {latency:.1f} ms ({backend})")
+        shown.log(f"release gate: median single-sentence latency {latency:.1f} ms ({backend})")
     test = state.get("test")
     reasons = release_gate(cfg, test, latency)
     info: dict[str, Any] = {"model": folder, "backend": backend, "latency_p50_ms": latency,
                             "test_f1_macro": (test or {}).get("f1_macro")}
     if reasons:
-        out.log("release gate: NOT deploying - " + "; ".join(reasons) +
+        shown.log("release gate: NOT deploying - " + "; ".join(reasons) +
             ". Whatever is being served now keeps serving.")
         return {**info, "status": "held", "reasons": reasons}
-    out.log(f"release gate: passed; deploying {folder} ({backend})")
+    shown.log(f"release gate: passed; deploying {folder} ({backend})")
     served = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, backend=backend))
     url = deploy(served, folder, storage=cfg.storage if is_s3(folder) else None)
     key = os.environ.get(cfg.serve.api_key_env, "") if cfg.serve.api_key_env else ""
@@ -345,18 +346,18 @@ def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], out: Output
     if texts:
         answers = post_texts(url, texts, api_key=key or None)
         for text, p in zip(texts, answers):
-            out.say(f"  {in_words(p['label'], p['confidence'], 1.0 if p.get('uncertain') else 0.0):<34} {text}")
+            shown.say(f"  {in_words(p['label'], p['confidence'], 1.0 if p.get('uncertain') else 0.0):<34} {text}")
         info["smoke_test"] = [{"text": t, "label": p["label"], "confidence": p["confidence"]}
                               for t, p in zip(texts, answers)]
-    out.say(f"  served at {url}/predict")
+    shown.say(f"  served at {url}/predict")
     if not cluster_address(cfg.ray):
         if cfg.pipeline.keep_serving:
-            out.log("Serving until Ctrl-C (pipeline.keep_serving).")
+            shown.log("Serving until Ctrl-C (pipeline.keep_serving).")
             wait_until_interrupted()
         from ray import serve
 
         serve.shutdown()
-        out.log("Local Ray: the deployment ended with the pipeline (set pipeline.keep_serving=true to keep it, "
+        shown.log("Local Ray: the deployment ended with the pipeline (set pipeline.keep_serving=true to keep it, "
             "or run the job on a cluster).")
         info["note"] = "embedded Ray: served for the smoke test, then stopped"
     return info

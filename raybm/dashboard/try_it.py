@@ -162,8 +162,8 @@ def _why(why, text: str, st) -> None:
     st.markdown("**Why:** " + (f"the words that pushed the answer most: {', '.join(pushed)}" if pushed
                                else "no single word moves this answer"))
     st.markdown(highlighted(text, found["words"]), unsafe_allow_html=True)  # every piece of the text is escaped
-    st.caption("Each word was hidden in turn and the text scored again: green words raised the answer's "
-               "probability, red ones lowered it (occlusion).")
+    st.caption("Each word was hidden in turn and the text scored again: green words made the model surer of its "
+               "answer, red ones less sure (occlusion).")
 
 
 def _show(predict, texts, st, alt, why=None) -> pd.DataFrame | None:

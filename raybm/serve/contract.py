@@ -58,7 +58,7 @@ _EXPLANATION_SCHEMA = {
                        "properties": {"word": {"type": "string"}, "start": {"type": "integer"},
                                       "end": {"type": "integer"},
                                       "weight": {"type": "number", "description": "how much the answer's "
-                                                 "probability drops without this word (negative: it pulled "
+                                                 "log-odds drop without this word (negative: it pulled "
                                                  "the other way)"}}}}},
 }
 EXPLAIN_RESPONSE_SCHEMA = {

@@ -15,7 +15,7 @@ def predictor(tiny_model_dir):
     return load_predictor(tiny_model_dir)
 
 
-def test_each_weight_is_the_drop_in_the_answers_probability_without_that_word(predictor):
+def test_each_weight_is_the_drop_in_the_answers_log_odds_without_that_word(predictor):
     found = explain(predictor, TEXT)
     probs = predictor.predict([TEXT])[0]
     best = int(probs.argmax())
@@ -30,7 +30,8 @@ def test_each_weight_is_the_drop_in_the_answers_probability_without_that_word(pr
             if s >= w["start"] and e <= w["end"] and e > s:
                 ids[0, k] = tok.mask_token_id
         without = predictor.probabilities(ids, np.array([enc["attention_mask"]]))[0][best]
-        assert w["weight"] == pytest.approx(probs[best] - without, abs=1e-5)
+        odds = lambda p: np.log(p / (1 - p))  # noqa: E731
+        assert w["weight"] == pytest.approx(odds(probs[best]) - odds(without), abs=1e-4)
     assert [w["word"] for w in found["words"]] == ["An", "unbelievably", "rude", "crew", ",", "never", "again", "!"]
 
 
