@@ -1,6 +1,7 @@
 """A real browser against the real dashboard: `raybm dashboard` on a free loopback port,
 headless Chromium (driven by Playwright) opens the Try it page, submits a sentence, reads
-the prediction and saves a screenshot.
+the answer and saves a screenshot; opens the Live page of a real `raybm serve` after
+traffic; and checks that the runs table fits a 1,400-pixel window.
 
 Runs from `make e2e` (it needs Debian's chromium and the playwright package); `make test`
 skips it when either is missing.
@@ -9,10 +10,12 @@ skips it when either is missing.
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -77,3 +80,91 @@ def test_try_it_in_a_real_browser(dashboard):
         page.screenshot(path=os.path.join(SHOTS, "try-it.png"), full_page=True)
         browser.close()
     assert text.startswith("Answer: ") and f" {want} (" in text and text.endswith("%)")
+
+
+@pytest.fixture
+def served(tiny_model_dir, tmp_path):
+    """`raybm serve` of the tiny model on a free loopback port (its own local Ray), with
+    traffic sent to it: 20 requests of 3 texts and one a client gets wrong."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "raybm.cli", "serve", "--model", tiny_model_dir,
+                             f"serve.port={port}", "serve.cpus_per_replica=0.25"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/healthz", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail(f"the model server did not start: {proc.stdout.read().decode()[-2000:]}")
+
+    def post(body: bytes) -> None:
+        req = urllib.request.Request(f"{url}/predict", data=body, headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=30).read()
+        except urllib.error.HTTPError:
+            pass
+
+    for i in range(20):
+        post(json.dumps({"texts": [f"a fine day {i}", "the worst service", "ok"]}).encode())
+    post(b'{"texts": []}')
+    time.sleep(2)  # the counts reach the app's stats deployment
+    yield url
+    proc.send_signal(signal.SIGINT)  # as Ctrl-C: the server shuts Serve and its Ray down
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_the_live_page_shows_the_traffic_a_real_server_got(tmp_path, served):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "raybm.cli", "dashboard", "--root", str(tmp_path),
+                             "--port", str(port), "--serve-url", served],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        os.makedirs(SHOTS, exist_ok=True)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.get_by_text("Live", exact=True).click()
+            page.get_by_text("Requests per second").wait_for(timeout=60_000)
+            page.get_by_text("Traffic (requests per second)").wait_for(timeout=60_000)
+            shown = page.locator('[data-testid="stMetricValue"]').all_inner_texts()
+            page.screenshot(path=os.path.join(SHOTS, "live.png"), full_page=True)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert len(shown) == 5 and float(shown[0]) > 0, shown  # requests per second
+    assert shown[1].endswith(" ms") and shown[3] == "0.0%", shown  # p50 latency; no server errors
+
+
+def test_the_runs_table_fits_a_1400_pixel_window(dashboard):
+    url, _ = dashboard
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(url)
+        table = page.locator('[data-testid="stDataFrame"]').first
+        table.wait_for(timeout=60_000)
+        box = table.bounding_box()
+        overflow = page.evaluate("""() => [...document.querySelectorAll('[data-testid="stDataFrame"] .dvn-scroller')]
+                                    .map(e => e.scrollWidth - e.clientWidth)""")
+        page.screenshot(path=os.path.join(SHOTS, "runs.png"), full_page=True)
+        browser.close()
+    assert box["x"] + box["width"] <= 1400
+    assert overflow and max(overflow) <= 0, overflow  # no column pushed out of sight
