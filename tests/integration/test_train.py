@@ -313,14 +313,15 @@ def test_the_plateau_schedule_halves_the_rate_when_validation_stops_improving(ra
 
 
 def test_lora_on_a_decoder_two_ddp_workers_checkpointing_resume_and_a_merged_model(ray_local, tmp_path, data_csv):
-    # A decoder whose config has no pad token, LoRA (PEFT) with gradient checkpointing on two
-    # DDP workers, a worker failure at epoch 2 resumed from an adapter-only checkpoint; the
+    # A decoder whose config has no pad token, LoRA (PEFT) with gradient checkpointing and
+    # gradient accumulation on two DDP workers, a worker failure at epoch 2 resumed from an adapter-only checkpoint; the
     # published model is a plain merged model folder that predict, export and serve load.
     from raybm.inference.loading import load_model_folder, load_predictor
 
     cfg = config(tmp_path, data_csv, "model.name=tiny-qwen2", "train.strategy=lora", "train.lora_rank=4",
                  "train.lr=0.01", "train.gradient_checkpointing=true", "train.epochs=3", "train.num_workers=2",
-                 "train.cpus_per_worker=0.5", "train.batch_size=4", "train.max_failures=1", "train.fail_at_epoch=2")
+                 "train.cpus_per_worker=0.5", "train.batch_size=4", "train.grad_accum=2", "train.max_failures=1",
+                 "train.fail_at_epoch=2")
     result = run_training(cfg, log=quiet)
     assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 1]
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]

@@ -243,3 +243,25 @@ def test_lora_settings_are_searchable_and_each_sampled_trial_is_checked():
     bad = space.replace("}", ", train.lora_targets: 'choice([[c_attn], [q_proj]])'}")
     with pytest.raises(RaybmError, match="gpt2 has no Linear module named q_proj"):
         check_fits_architecture(build_config(overrides=["model.name=tiny-gpt2", bad]))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_every_architecture_learns_from_a_distillation_teacher(name, tiny_model_dir):
+    from raybm.train.losses import distill_loss, load_teacher
+
+    cfg, student = build(name, "train.lr=0.01")
+    teacher = load_teacher(tiny_model_dir, torch.device("cpu"))  # a BERT teaching any architecture (one tokenizer)
+    with torch.no_grad():  # a random teacher is unsure of everything: make it sure, so there is something to learn
+        teacher.classifier.weight.mul_(300)
+    enc = batch(name=name)
+    optimizer = build_optimizer(student, cfg.train)
+    student.train()
+    losses = []
+    for _ in range(6):
+        logits = student(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        loss = distill_loss(logits, teacher, enc, temperature=2.0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
