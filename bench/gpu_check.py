@@ -7,7 +7,8 @@ Each case is a real ``raybm`` training run on Ray Train (the full binary twitter
 
     fp32, bf16 and fp16 (grad scaler) on one worker holding the GPU;
     bf16 with two workers sharing the GPU (0.5 GPU each; they talk over gloo);
-    bf16 with FSDP on one worker (checkpoints gathered to a full state dict).
+    bf16 with FSDP on one worker (checkpoints gathered to a full state dict);
+    bf16 LoRA alone, with gradient checkpointing, and with FSDP (cases 6-8).
 
 For each it prints the steady-state samples/s of the last epoch, the peak GPU memory, the
 validation macro-F1 and the test macro-F1 of the saved model (read back from the
@@ -36,6 +37,12 @@ CASES = [
     ("fp16 + grad scaler, 1 worker", ["train.precision=fp16"]),
     ("bf16, 2 workers sharing the GPU", ["train.precision=bf16", "train.num_workers=2", "train.gpus_per_worker=0.5"]),
     ("bf16, FSDP, 1 worker", ["train.precision=bf16", "train.parallelism=fsdp"]),
+    # LoRA (issue 20): its composition with bf16, gradient checkpointing and FSDP on a GPU.
+    ("bf16, LoRA r8, 1 worker", ["train.precision=bf16", "train.strategy=lora", "train.lr=3e-3"]),
+    ("bf16, LoRA r8 + gradient checkpointing", ["train.precision=bf16", "train.strategy=lora", "train.lr=3e-3",
+                                                "train.gradient_checkpointing=true"]),
+    ("bf16, LoRA r8, FSDP, 1 worker", ["train.precision=bf16", "train.strategy=lora", "train.lr=3e-3",
+                                        "train.parallelism=fsdp"]),
 ]
 
 
