@@ -107,6 +107,25 @@ def test_stats_count_the_traffic_answers_and_refusals(server):
     assert after["series"] and after["model"] and after["drift"] is None  # this model has no drift reference
 
 
+def test_the_counts_reach_rays_metrics_that_prometheus_scrapes(server):
+    # Ray's metrics agent serves every node's metrics in Prometheus's text format; the
+    # replicas' raybm_* counters show there (exported every few seconds).
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    endpoint = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    assert post(server["url"], {"texts": TEXTS}).status_code == 200
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        text = requests.get(endpoint, timeout=10).text
+        if "raybm_answers" in text and "raybm_request_latency_ms" in text:
+            break
+        time.sleep(2)
+    assert 'raybm_requests_total{' in text or "raybm_requests{" in text, text[-2000:]
+    assert "raybm_answers" in text and "raybm_request_latency_ms_bucket" in text and "raybm_answer_confidence" in text
+    assert 'app="raybm"' in text and 'route="predict"' in text
+
+
 def test_predictions_match_the_model_in_input_order(server):
     reference = load_predictor(server["model_dir"]).predict(TEXTS)
     r = post(server["url"], {"texts": TEXTS})
