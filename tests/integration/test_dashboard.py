@@ -259,3 +259,15 @@ def test_the_live_page_shows_traffic_latency_errors_and_drift(monkeypatch, resul
 
     quiet = app(monkeypatch, results["root"], "Live")
     assert "--serve-url" in quiet.info[0].value
+
+
+def test_raybm_dashboards_own_script_shows_the_pages(monkeypatch, results):
+    # `raybm dashboard` runs raybm/dashboard/pages.py itself (not dashboards/app.py): it must
+    # draw the pages too, not just define them.
+    import raybm.dashboard.pages as pages
+
+    monkeypatch.setenv("RAYBM_RESULTS", results["root"])
+    monkeypatch.delenv("RAYBM_SERVE_URL", raising=False)
+    at = AppTest.from_file(pages.__file__, default_timeout=60)
+    at.run()
+    assert not at.exception and at.title[0].value == "Runs and sweeps"
