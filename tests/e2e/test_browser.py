@@ -7,6 +7,7 @@ Runs from `make e2e` (it needs Debian's chromium and the playwright package); `m
 skips it when either is missing.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -33,6 +34,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_dashboard(root, *flags: str):
+    """`raybm dashboard` over ``root`` on a free loopback port, once it answers: (process, URL)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "raybm.cli", "dashboard", "--root", str(root),
+                             "--port", str(port), *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    answers(proc, f"{url}/_stcore/health", "the dashboard", 60)
+    return proc, url
+
+
+def answers(proc, url: str, what: str, timeout: float) -> None:
+    """Wait until ``url`` answers 200; fail with ``proc``'s output when it does not in time."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"{what} did not start: {proc.stdout.read().decode()[-2000:]}")
+
+
+@contextlib.contextmanager
+def browser_page(url: str, width: int = 1400, height: int = 900):
+    """A headless Chromium page open at ``url``."""
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.goto(url)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
 @pytest.fixture
 def dashboard(tmp_path, tiny_model_dir):
     run = tmp_path / "runs" / "browser-run"
@@ -40,20 +77,7 @@ def dashboard(tmp_path, tiny_model_dir):
     (run / "config.yaml").write_text("model:\n  name: tiny-bert\n")
     (run / "metrics.json").write_text(json.dumps({"dataset": None, "test": None}))
     (run / "_SUCCESS").write_text("")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "raybm.cli", "dashboard", "--root", str(tmp_path),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"the dashboard did not start: {proc.stdout.read().decode()[-2000:]}")
+    proc, url = start_dashboard(tmp_path)
     yield url, run / "model"
     proc.terminate()
     proc.wait(timeout=30)
@@ -67,10 +91,7 @@ def test_try_it_in_a_real_browser(dashboard):
     model = load_predictor(str(model_dir))
     want = model.labels[int(model.predict([sentence])[0].argmax())]
     os.makedirs(SHOTS, exist_ok=True)
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(url)
+    with browser_page(url, 1280) as page:
         page.get_by_text("Try it", exact=True).click()
         page.get_by_label("One text per line").fill(sentence)
         page.get_by_role("button", name="Predict").click()
@@ -78,7 +99,6 @@ def test_try_it_in_a_real_browser(dashboard):
         answer.wait_for(timeout=60_000)
         text = answer.inner_text()
         page.screenshot(path=os.path.join(SHOTS, "try-it.png"), full_page=True)
-        browser.close()
     assert text.startswith("Answer: ") and f" {want} (" in text and text.endswith("%)")
 
 
@@ -91,16 +111,7 @@ def served(tiny_model_dir, tmp_path):
                              f"serve.port={port}", "serve.cpus_per_replica=0.25"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/healthz", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"the model server did not start: {proc.stdout.read().decode()[-2000:]}")
+    answers(proc, f"{url}/healthz", "the model server", 180)
 
     def post(body: bytes) -> None:
         req = urllib.request.Request(f"{url}/predict", data=body, headers={"Content-Type": "application/json"})
@@ -122,30 +133,15 @@ def served(tiny_model_dir, tmp_path):
 
 
 def test_the_live_page_shows_the_traffic_a_real_server_got(tmp_path, served):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "raybm.cli", "dashboard", "--root", str(tmp_path),
-                             "--port", str(port), "--serve-url", served],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_dashboard(tmp_path, "--serve-url", served)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
         os.makedirs(SHOTS, exist_ok=True)
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
+        with browser_page(url, 1400, 1000) as page:
             page.get_by_text("Live", exact=True).click()
             page.get_by_text("Requests per second", exact=True).wait_for(timeout=60_000)
             page.get_by_text("Traffic (requests per second)").wait_for(timeout=60_000)
             shown = page.locator('[data-testid="stMetricValue"]').all_inner_texts()
             page.screenshot(path=os.path.join(SHOTS, "live.png"), full_page=True)
-            browser.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -155,16 +151,12 @@ def test_the_live_page_shows_the_traffic_a_real_server_got(tmp_path, served):
 
 def test_the_runs_table_fits_a_1400_pixel_window(dashboard):
     url, _ = dashboard
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(url)
+    with browser_page(url) as page:
         table = page.locator('[data-testid="stDataFrame"]').first
         table.wait_for(timeout=60_000)
         box = table.bounding_box()
         overflow = page.evaluate("""() => [...document.querySelectorAll('[data-testid="stDataFrame"] .dvn-scroller')]
                                     .map(e => e.scrollWidth - e.clientWidth)""")
         page.screenshot(path=os.path.join(SHOTS, "runs.png"), full_page=True)
-        browser.close()
     assert box["x"] + box["width"] <= 1400
     assert overflow and max(overflow) <= 16, overflow  # no column out of sight (a scrollbar's width of slack)
