@@ -35,7 +35,7 @@ def run(name: str, overrides: list[str], common: list[str]) -> dict:
     from raybm.config import build_config
     from raybm.train.driver import run_training
 
-    cfg = build_config(overrides=[*common, *overrides, f"name=bench-lora-{name.split()[0]}-{int(time.time())}"])
+    cfg = build_config(overrides=[*common, *overrides, f"name=bench-{name.split()[0]}-{int(time.time())}"])
     started = time.time()
     result = run_training(cfg, log=lambda _: None)
     last = result.history[-1]
@@ -44,6 +44,28 @@ def run(name: str, overrides: list[str], common: list[str]) -> dict:
             "peak_mb": last.get("gpu_peak_memory_gb", 0) * 1e3 or last["peak_rss_mb"],
             "samples_s": last["steady_samples_per_s"], "accuracy": test["accuracy"], "f1": test["f1_macro"],
             "wall_s": time.time() - started}
+
+
+def show(r: dict) -> None:
+    """One compared run's line."""
+    print(f"{r['variant']:<32} trainable {r['trainable']:>11,}  checkpoint {r['checkpoint_mb']:7.2f} MB  "
+          f"peak {r['peak_mb']:7.0f} MB  {r['samples_s']:6.1f} samples/s  test acc {r['accuracy']:.4f}  "
+          f"macro-F1 {r['f1']:.4f}  ({r['wall_s']:.0f} s)", flush=True)
+
+
+def start(root: str, rows: int, epochs: int, threads: int) -> list[str]:
+    """The settings every compared run shares (MiniLM, the twitter corpus, batch 32, length
+    64, warm-up 10%), after starting the local Ray they all run on."""
+    from raybm.config import build_config
+    from raybm.runtime import ensure_ray, quiet_ray_data
+
+    common = [f"storage.root={root}", "data.source=twitter-sentiment", *([f"data.max_rows={rows}"] if rows else []),
+              "data.max_length=64", "model.name=all-minilm-l6-v2", f"train.epochs={epochs}",
+              "train.batch_size=32", f"train.torch_threads={threads}", "train.log_every_steps=1000",
+              "train.keep_checkpoints=1", "train.warmup_ratio=0.1"]
+    ensure_ray(build_config(overrides=common).ray)
+    quiet_ray_data()
+    return common
 
 
 def main() -> int:
@@ -58,15 +80,7 @@ def main() -> int:
     parser.add_argument("--skip-checkpointing", action="store_true", help="only full and LoRA")
     args = parser.parse_args()
 
-    from raybm.config import build_config
-    from raybm.runtime import ensure_ray, quiet_ray_data
-
-    common = [f"storage.root={args.root}", "data.source=twitter-sentiment", *([f"data.max_rows={args.rows}"] if args.rows else []),
-              "data.max_length=64", "model.name=all-minilm-l6-v2", f"train.epochs={args.epochs}",
-              "train.batch_size=32", f"train.torch_threads={args.threads}", "train.log_every_steps=1000",
-              "train.keep_checkpoints=1", "train.warmup_ratio=0.1"]
-    ensure_ray(build_config(overrides=common).ray)
-    quiet_ray_data()
+    common = start(args.root, args.rows, args.epochs, args.threads)
     rows = []
     for name, overrides in VARIANTS.items():
         if args.skip_checkpointing and "checkpointing" in name:
@@ -74,10 +88,7 @@ def main() -> int:
         lora = [f"train.lr={args.lora_lr}", f"train.lora_rank={args.lora_rank}",
                 f"train.lora_targets=[{args.lora_targets}]"] if name == "lora" else []
         rows.append(run(name, overrides + lora, common))
-        r = rows[-1]
-        print(f"{r['variant']:<32} trainable {r['trainable']:>11,}  checkpoint {r['checkpoint_mb']:7.2f} MB  "
-              f"peak {r['peak_mb']:7.0f} MB  {r['samples_s']:6.1f} samples/s  test acc {r['accuracy']:.4f}  "
-              f"macro-F1 {r['f1']:.4f}  ({r['wall_s']:.0f} s)", flush=True)
+        show(rows[-1])
     full, lora = rows[0], rows[1]
     size_ratio = lora["checkpoint_mb"] / full["checkpoint_mb"]
     trainable_ratio = lora["trainable"] / full["trainable"]

@@ -91,7 +91,9 @@ class TrainConfig:
     unfreeze_every: int = _opt(1, ge=1)
     """``gradual``: epochs between unfreezing one more layer."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Mixed precision on GPU (``auto``: bf16 where supported, else fp16). CPU runs fp32."""
+    """Mixed precision. On GPU ``auto`` is bf16 where supported, else fp16 (with a grad
+    scaler). On CPU ``auto`` and ``fp16`` run fp32, and ``bf16`` runs the steps in bf16
+    autocast: about 1.6x faster on CPUs with AMX or AVX512-BF16, slower on others."""
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     """Data-parallel (DDP) or sharded (FSDP, for models that do not fit one device)."""
     num_workers: int = _opt(1, ge=1)

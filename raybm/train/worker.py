@@ -13,7 +13,7 @@ from raybm.config import JobConfig, build_config
 from raybm.train.checkpoints import load_checkpoint
 from raybm.train.fsdp import fsdp_optim_to_load, wrap_fsdp
 from raybm.train.losses import load_teacher
-from raybm.train.optim import amp_settings, build_optimizer
+from raybm.train.optim import amp_settings, build_optimizer, cpu_has_native_bf16
 from raybm.train.scoring import whole_split
 
 
@@ -166,6 +166,9 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
         optimizer.load_state_dict(fsdp_optim_to_load(wrapped, optimizer, state["optimizer"], device)
                                   if t.parallelism == "fsdp" else state["optimizer"])
     amp_dtype, use_scaler = amp_settings(device, t.precision)
+    if rank == 0 and amp_dtype is not None and device.type == "cpu":
+        say("mixed precision: bf16 on the CPU" + ("" if cpu_has_native_bf16() else
+            " (this CPU has no native bf16: slower than fp32 here; train.precision=fp32 is faster)"))
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) \
         if config.get("class_weights") else None
     train_shard, val_data = _training_data(config, cfg, rank, world)

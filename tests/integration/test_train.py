@@ -313,17 +313,19 @@ def test_the_plateau_schedule_halves_the_rate_when_validation_stops_improving(ra
 
 
 def test_lora_on_a_decoder_two_ddp_workers_checkpointing_resume_and_a_merged_model(ray_local, tmp_path, data_csv):
-    # A decoder whose config has no pad token, LoRA (PEFT) with gradient checkpointing and
-    # gradient accumulation on two DDP workers, a worker failure at epoch 2 resumed from an adapter-only checkpoint; the
-    # published model is a plain merged model folder that predict, export and serve load.
+    # A decoder whose config has no pad token, LoRA (PEFT) with gradient checkpointing,
+    # gradient accumulation and bf16 autocast on two DDP workers, a worker failure at epoch 2
+    # resumed from an adapter-only checkpoint; the published model is a plain merged model
+    # folder that predict, export and serve load.
     from raybm.inference.loading import load_model_folder, load_predictor
 
     cfg = config(tmp_path, data_csv, "model.name=tiny-qwen2", "train.strategy=lora", "train.lora_rank=4",
                  "train.lr=0.01", "train.gradient_checkpointing=true", "train.epochs=3", "train.num_workers=2",
                  "train.cpus_per_worker=0.5", "train.batch_size=4", "train.grad_accum=2", "train.max_failures=1",
-                 "train.fail_at_epoch=2")
+                 "train.fail_at_epoch=2", "train.precision=bf16")
     result = run_training(cfg, log=quiet)
     assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 1]
+    assert [h["precision"] for h in result.history] == ["bf16"] * 3
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     full = load_model_folder(result.model_dir)[0]
     total = sum(p.numel() for p in full.parameters())
@@ -345,10 +347,14 @@ def test_lora_on_a_decoder_two_ddp_workers_checkpointing_resume_and_a_merged_mod
     assert again["confusion_matrix"] == result.metrics["test"]["confusion_matrix"]
 
 
-def test_lora_with_two_fsdp_workers(ray_local, tmp_path, data_csv):
+def test_lora_with_two_fsdp_workers_gradient_checkpointing_and_bf16(ray_local, tmp_path, data_csv):
+    # Everything large models combine: adapters, sharded workers, recomputed activations and
+    # bf16 autocast (on the CPU here; the same autocast region runs on a GPU).
     cfg = config(tmp_path, data_csv, "train.strategy=lora", "train.lr=0.01", "train.epochs=2", "train.num_workers=2",
-                 "train.cpus_per_worker=0.5", "train.parallelism=fsdp", "train.batch_size=4")
+                 "train.cpus_per_worker=0.5", "train.parallelism=fsdp", "train.batch_size=4",
+                 "train.gradient_checkpointing=true", "train.precision=bf16")
     result = run_training(cfg, log=quiet)
+    assert [h["precision"] for h in result.history] == ["bf16", "bf16"]
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert all((c / "adapter_model.safetensors").exists() for c in Path(result.run_dir).glob("checkpoint_*")
                if c.is_dir())

@@ -9,6 +9,7 @@ from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.results import CONFIG_FILE, Results
 from raybm.train.driver import check_same_recipe, reads_whole_splits, recipe_differences, teacher_labels
+from raybm.train.optim import amp_settings, precision_name
 from raybm.train.publish import best_epoch
 from raybm.train.resources import torch_backend, worker_resources
 
@@ -169,3 +170,13 @@ def test_checkpoint_copies_of_workers_that_died_are_removed_and_live_ones_kept(t
         assert (tmp_path / str(alive.pid) / "epoch-1").is_dir()
     finally:
         alive.kill()
+
+
+def test_a_cpu_runs_bf16_autocast_only_when_asked_and_never_fp16():
+    import torch
+
+    cpu = torch.device("cpu")
+    assert amp_settings(cpu, "bf16") == (torch.bfloat16, False)
+    for other in ("auto", "fp32", "fp16"):
+        assert amp_settings(cpu, other) == (None, False), other
+    assert [precision_name(d) for d in (torch.bfloat16, torch.float16, None)] == ["bf16", "fp16", "fp32"]
