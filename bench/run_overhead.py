@@ -161,14 +161,13 @@ def empty_fit_seconds() -> float:
 def bench_run(args, base: list[str], frames: dict, labels: list[str]) -> None:
     import ray
 
+    from raybm.commands.common import start
     from raybm.config import build_config
-    from raybm.runtime import ensure_ray, quiet_ray_data
     from raybm.train.driver import run_training
 
     cfg = build_config(overrides=[*base, f"train.lr={LRS[0]}", f"name=overhead-{int(time.time())}"])
     started = time.time()
-    ensure_ray(cfg.ray)
-    quiet_ray_data()
+    start(cfg, ["train"])  # as `raybm train` starts: checks, Ray, imports warmed meanwhile
     ray_up = time.time()
     clock = Clock()
     result = run_training(cfg, log=clock)
@@ -233,7 +232,7 @@ def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
     import ray
 
     from raybm.config import build_config
-    from raybm.runtime import ensure_ray, quiet_ray_data
+    from raybm.commands.common import start
     from raybm.tune.sweep import run_sweep
 
     grid = ", ".join(f"{lr:g}" for lr in LRS)
@@ -241,8 +240,7 @@ def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
                                   "tune.soup=none", "tune.scheduler=fifo",
                                   f"tune.search_space={{train.lr: 'grid([{grid}])'}}"])
     started = time.time()
-    ensure_ray(cfg.ray)
-    quiet_ray_data()
+    start(cfg, ["tune"])  # as `raybm tune` starts
     result = run_sweep(cfg, log=lambda _: None)
     ended = time.time()
     floor = empty_sweep_seconds(len(LRS))

@@ -64,7 +64,7 @@ def preflight(cfg: JobConfig, stages: list[str] | None = None):
     teacher is a model folder, an API key is set for deploy, export or deploy without a
     train or tune stage have a model. Returns the resolved source."""
     from raybm.data.sources import resolve_source
-    from raybm.models.build import check_model
+    from raybm.models.catalog import check_model
     from raybm.models.strategies import check_fits_architecture
     from raybm.serve.app import read_api_key
 

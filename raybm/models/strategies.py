@@ -98,15 +98,15 @@ def check_fits_architecture(cfg) -> None:
     combine, so what any trial needs is checked against every model and LoRA target list a
     trial can have). The model is built on the meta device (no weights, no memory) only when
     a setting needs it."""
-    from raybm.models.architectures import model_type
-    from raybm.models.build import classifier_skeleton, local_model, supports_checkpointing
-    from raybm.models.lora import target_names
-
     trials = extreme_trials(cfg)
     needing = {need: next(t.train for t in trials if need in needs_of(t.train))
                for need in ("layers", "lora", "checkpointing") if any(need in needs_of(t.train) for t in trials)}
     if not needing:
         return
+    # Only now: building a skeleton imports torch and transformers' modelling code.
+    from raybm.models.architectures import model_type
+    from raybm.models.build import classifier_skeleton, local_model, supports_checkpointing
+    from raybm.models.lora import target_names
     skeletons: dict = {}
     for trial in trials:
         key = repr(trial.model)

@@ -76,11 +76,12 @@ def as_model_folder(folder: str) -> str:
     """Make a checkpoint folder on local disk a plain model folder, in place: a LoRA
     checkpoint gets the base model with its adapters merged (the adapter files go); any
     other is one already. Returns ``folder``."""
+    if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_FILE)):
+        return folder
+    # Only now: these import torch and transformers, seconds a driver otherwise never spends.
     from raybm.models.build import build_classifier, local_model
     from raybm.models.lora import add_lora, load_adapter, merged
 
-    if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_FILE)):
-        return folder
     cfg = load_config(os.path.join(folder, MODEL_CONFIG_FILE))
     with open(os.path.join(folder, LABEL_MAP_FILE), encoding="utf-8") as f:
         labels = json.load(f)["labels"]

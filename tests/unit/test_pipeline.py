@@ -53,3 +53,27 @@ def test_summary_is_written_per_stage_and_read_by_the_dashboard(tmp_path):
     assert row["stages"] == "data: skipped, train: done, deploy: held"
     assert row["test macro-F1"] == 0.85 and row["deploy"] == "held"
     assert row["gate"] == "test macro-F1 0.8500 < 0.9" and row["minutes"] == 1.5
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "all-minilm-l6-v2", "textcnn"])
+def test_the_checks_before_ray_starts_never_import_transformers_modelling_code(tmp_path, model):
+    # The checks every command runs first (a job that fails them should fail fast) load the
+    # model's tokenizer at most: not transformers' modelling code and raybm's architectures
+    # (2-3 s with torch). Tiny and baseline models need not even torch here. A setting that
+    # needs the model's layers (here none) is the exception: it builds a skeleton.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from raybm.config import build_config\n"
+        "from raybm.pipeline import preflight\n"
+        f"cfg = build_config(overrides=['storage.root={tmp_path}', 'data.source=twitter-sentiment', "
+        f"'model.name={model}'])\n"
+        "preflight(cfg, ['data', 'train'])\n"
+        "heavy = [m for m in ('transformers.modeling_utils', 'raybm.models.build') if m in sys.modules]\n"
+        f"heavy += ['torch'] * ('torch' in sys.modules and {model!r} != 'all-minilm-l6-v2')\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

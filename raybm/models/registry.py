@@ -1,0 +1,22 @@
+"""raybm's own architectures (the TextCNN baseline, the mean-pooled classifier) made known
+to transformers' Auto classes, so that their saved model folders load like any other.
+Imports torch and transformers: import it where models are built or loaded."""
+
+from __future__ import annotations
+
+from raybm.models.baseline import TextCNNConfig, TextCNNForSequenceClassification
+from raybm.models.pooled import PooledClassifier, PooledClassifierConfig
+
+
+def register_architectures() -> None:
+    """Register each of raybm's architectures with AutoConfig and
+    AutoModelForSequenceClassification (once; again is a no-op)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    for config_cls, model_cls in ((TextCNNConfig, TextCNNForSequenceClassification),
+                                  (PooledClassifierConfig, PooledClassifier)):
+        try:
+            AutoConfig.register(config_cls.model_type, config_cls)
+            AutoModelForSequenceClassification.register(config_cls, model_cls)
+        except ValueError:  # already registered
+            pass
