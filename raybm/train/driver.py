@@ -153,6 +153,20 @@ def tokenized_datasets(cfg: JobConfig, splits: dict) -> dict:
     return {"train": train, "validation": tokenize_dataset(splits["validation"], cfg.data, cfg.model, cfg.storage)}
 
 
+def worker_config(cfg: JobConfig, labels: list[str], report: dict, predictions_to: str | None,
+                  whole_splits: str | None) -> dict[str, Any]:
+    """What every training worker is handed (``raybm.train.loop.run_worker``)."""
+    return {
+        "job": job_for_workers(cfg),
+        "labels": labels,
+        "n_train": report["splits"]["train"]["rows"],
+        "drift_reference": drift_reference(report),
+        "class_weights": balanced_class_weights(report, labels) if cfg.train.class_weights == "balanced" else None,
+        "predictions_to": predictions_to,
+        "whole_splits": whole_splits,
+    }
+
+
 def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: dict, run_name: str,
                   storage_path: str, storage_filesystem, callbacks: list | None = None,
                   predictions_to: str | None = None, whole_splits: str | None = None):
@@ -169,18 +183,9 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
     # Bounded: Ray Train retries a worker group it cannot place every minute, without end.
     os.environ[PLACEMENT_TIMEOUT_ENV] = f"{t.placement_timeout_s:g}"
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
-    loop_config = {
-        "job": job_for_workers(cfg),
-        "labels": labels,
-        "n_train": report["splits"]["train"]["rows"],
-        "drift_reference": drift_reference(report),
-        "class_weights": balanced_class_weights(report, labels) if t.class_weights == "balanced" else None,
-        "predictions_to": predictions_to,
-        "whole_splits": whole_splits,
-    }
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=worker_config(cfg, labels, report, predictions_to, whole_splits),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=gpu,
                                                resources_per_worker=worker_resources(t, gpu)),
         torch_config=TorchConfig(backend=torch_backend(t, gpu)),

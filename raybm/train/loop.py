@@ -1,4 +1,6 @@
-"""Worker side of training: ``train_loop_per_worker`` runs inside each Ray Train worker.
+"""Worker side of training: ``run_worker`` runs in each Ray Train worker
+(``train_loop_per_worker``) or, for a sweep trial of one worker, in the trial's own process
+(``raybm.train.session``).
 
 It reads only its shard of the training split, trains with the configured optimizer,
 schedule, regularization and strategy, validates every epoch on the whole validation
@@ -28,6 +30,7 @@ from raybm.train.fsdp import fsdp_full_state
 from raybm.train.losses import distill_loss, l1_penalty
 from raybm.train.optim import lr_factor, plateau_scale, precision_name
 from raybm.train.scoring import score_best_checkpoint, validate
+from raybm.train.session import RayTrainSession
 from raybm.train.worker import Progress, Worker, quiet_ray_train_logs, say, set_up
 
 
@@ -141,9 +144,8 @@ def _say_step(w: Worker, epoch: int, epoch_steps: int, stats: EpochStats, loss_s
 
 
 def epoch_record(w: Worker, p: Progress, epoch: int, stats: EpochStats, val: dict, times: dict[str, float]):
-    """The epoch's metrics as reported to Ray Train, and whether early stopping ends the run
-    now; ``p`` moves on (best value, epochs without improvement, history)."""
-    import ray
+    """The epoch's metrics as reported, and whether early stopping ends the run now; ``p``
+    moves on (best value, epochs without improvement, history)."""
     import torch
 
     t = w.cfg.train
@@ -162,9 +164,9 @@ def epoch_record(w: Worker, p: Progress, epoch: int, stats: EpochStats, val: dic
     metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's process (Linux: KiB)
     if w.device.type == "cuda":
         metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(w.device) / 1e9
-    pg = ray.util.get_current_placement_group()
-    if pg is not None:  # lets a sweep free a stopped trial's workers (raybm.tune.sweep)
-        metrics["placement_group"] = pg.id.hex()
+    pg = w.session.placement_group()
+    if pg is not None:  # lets a sweep free a stopped trial's workers (raybm.tune.trial)
+        metrics["placement_group"] = pg
     value = metrics[t.metric] if t.metric in metrics else metrics.get(f"val_{t.metric}")
     improved = p.best is None or (value > p.best if t.mode == "max" else value < p.best)
     p.best, p.bad_epochs = (value, 0) if improved else (p.best, p.bad_epochs + 1)
@@ -187,21 +189,18 @@ class BestKept:
 
 def report(w: Worker, p: Progress, epoch: int, metrics: dict, value: float, scratch: str | None,
            kept: BestKept | None) -> None:
-    """Report the epoch to Ray Train with a checkpoint written by rank 0 (every rank takes
-    part in gathering FSDP's full state). With ``kept``, rank 0 keeps the best epoch's
-    checkpoint on local disk; on a tie the later epoch, as Ray Train ranks checkpoints."""
-    import ray.train
-
+    """Report the epoch with a checkpoint written by rank 0 (every rank takes part in
+    gathering FSDP's full state). With ``kept``, rank 0 keeps the best epoch's checkpoint on
+    local disk; on a tie the later epoch, as Ray Train and Tune rank checkpoints."""
     full_weights, optim_state = fsdp_full_state(w.wrapped, w.optimizer, w.device) if w.fsdp \
         else (None, w.optimizer.state_dict())
     if w.rank != 0:
-        ray.train.report(metrics, checkpoint=None)
+        w.session.report(metrics)
         return
     tmp = tempfile.mkdtemp(prefix="epoch-", dir=scratch)
     save_checkpoint(tmp, w.model, w.tokenizer, w.cfg, w.labels, p.state(epoch, optim_state), p.history[-1],
                     weights=full_weights, drift_reference=w.config.get("drift_reference"))
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                     delete_local_checkpoint_after_upload=False)
+    w.session.report(metrics, tmp)
     if kept is not None and value == p.best:
         if kept.folder:
             shutil.rmtree(kept.folder, ignore_errors=True)
@@ -211,15 +210,18 @@ def report(w: Worker, p: Progress, epoch: int, metrics: dict, value: float, scra
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
-    """One Ray Train worker's whole job: build the model, resume, train, validate, report
-    and checkpoint every epoch; in a plain run, rank 0 then scores the best epoch on the
-    test split and returns ``{"test": {"epoch": n, "metrics": {...}}}`` (``"test": None``
-    when it could not)."""
-    times = {"loop_started": time.time()}  # with loop_ready: the worker's own set-up time, in every epoch record
-    import ray.train
+    """One Ray Train worker's whole job (``run_worker`` as a rank of the worker group)."""
+    return run_worker(config, RayTrainSession())
 
+
+def run_worker(config: dict[str, Any], session) -> dict | None:
+    """One worker's whole job: build the model, resume, train, validate, report and
+    checkpoint every epoch; in a plain run, rank 0 then scores the best epoch on the test
+    split and returns ``{"test": {"epoch": n, "metrics": {...}}}`` (``"test": None`` when it
+    could not). ``session``: where it runs (raybm.train.session)."""
+    times = {"loop_started": time.time()}  # with loop_ready: the worker's own set-up time, in every epoch record
     quiet_ray_train_logs()
-    w, p = set_up(config)
+    w, p = set_up(config, session)
     t = w.cfg.train
     # A plain run scores its best epoch on the test split here, once training ends (rank 0):
     # no Ray Data job and no second model load in the driver.
@@ -251,11 +253,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
         # Restarted after its last epoch (a sweep killed between a trial's last checkpoint
         # and Tune's record of it): report where the run ended, or Tune would list the
         # trial with no epochs.
-        ray.train.report({**p.history[-1], "history": json.dumps(p.history)}, checkpoint=None)
+        w.session.report({**p.history[-1], "history": json.dumps(p.history)})
     try:
         if kept is not None:  # rank 0's return value reaches the driver (Result.return_value)
             return {"test": score_best_checkpoint(config, w.cfg, w.model, w.device, w.labels, w.collate, kept.folder,
-                                                  kept.epoch, last_epoch)}
+                                                  kept.epoch, last_epoch, w.session)}
         return None
     finally:
         if scratch:

@@ -26,17 +26,25 @@ def check_workers_fit(cfg: JobConfig, what: str, extra: list[dict[str, float]] |
     forever, retrying every minute. GPUs an autoscaler will add (``train.use_gpu=yes`` on a
     cluster, ``tune.cluster_gpus``) and anything with ``ray.autoscaling`` are not held against it."""
     t = cfg.train
-    gpu = asks_for_gpus(t.use_gpu)
-    cluster = on_cluster()
-    may_appear: set[str] = set()
-    if cluster and cfg.ray.autoscaling:
-        may_appear.add("*")
-    if cluster and gpu and (t.use_gpu == "yes" or cfg.tune.cluster_gpus):
-        may_appear.add("GPU")
-    check_placeable([worker_resources(t, gpu)] * t.num_workers + list(extra or []), alive_nodes(), what,
+    check_placeable([worker_resources(t, asks_for_gpus(t.use_gpu))] * t.num_workers + list(extra or []),
+                    alive_nodes(), what,
                     "Lower train.cpus_per_worker, train.gpus_per_worker or train.num_workers, drop "
                     "train.worker_resources a node lacks, or add nodes (ray.num_cpus on a local Ray)",
-                    frozenset(may_appear))
+                    resources_that_may_appear(cfg))
+
+
+def resources_that_may_appear(cfg: JobConfig) -> frozenset[str]:
+    """Resources the cluster may add while the job waits, not held against its work: all of
+    them (``"*"``) on an autoscaling cluster; GPUs for ``train.use_gpu=yes`` or
+    ``tune.cluster_gpus`` on a cluster."""
+    if not on_cluster():
+        return frozenset()
+    may_appear: set[str] = set()
+    if cfg.ray.autoscaling:
+        may_appear.add("*")
+    if asks_for_gpus(cfg.train.use_gpu) and (cfg.train.use_gpu == "yes" or cfg.tune.cluster_gpus):
+        may_appear.add("GPU")
+    return frozenset(may_appear)
 
 
 def worker_resources(t, use_gpu: bool) -> dict[str, float]:

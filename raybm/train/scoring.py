@@ -68,13 +68,11 @@ def score_test_split(model, data, device, batch_size: int, labels: list[str], co
 
 
 def score_best_checkpoint(config: dict, cfg: JobConfig, model, device, labels: list[str], collate,
-                           kept: str | None, kept_epoch: int | None, last_epoch: int | None) -> dict | None:
+                          kept: str | None, kept_epoch: int | None, last_epoch: int | None, session) -> dict | None:
     """Rank 0, once training ends: the best epoch's weights scored on the test split, the
     predictions written where the driver said (``predictions_to``). None when the best
     checkpoint is not at hand here (it was written before a restart): the driver then
     scores the published model."""
-    import ray.train
-
     if kept_epoch is None:
         return None
     if kept_epoch != last_epoch:  # the live weights are a later, worse epoch's
@@ -82,7 +80,7 @@ def score_best_checkpoint(config: dict, cfg: JobConfig, model, device, labels: l
     if config.get("whole_splits"):
         test_data = whole_split(config, cfg, "test", texts=True)
     else:
-        test_data = ray.train.get_dataset_shard("test")
+        test_data = session.dataset("test")
     metrics, frame = score_test_split(model, test_data, device, cfg.train.eval_batch_size, labels, collate,
                                       read_calibration(kept)["temperature"])
     Results.from_config(cfg.storage).write_parquet(config["predictions_to"], frame)

@@ -112,6 +112,7 @@ class Worker:
     steps_per_epoch: int
     total_steps: int
     nodes: list[str]  # the Ray node of each rank, this rank's first
+    session: Any  # where it runs (raybm.train.session): rank, device, checkpoints, reports, data
 
     @property
     def fsdp(self) -> bool:
@@ -119,13 +120,11 @@ class Worker:
         return self.cfg.train.parallelism == "fsdp"
 
 
-def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
+def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     """The worker's model, data, loss and optimizer; resumed from the run's last checkpoint
     when this is a restart (a worker failure or a rerun). All parameters are trainable when
     wrapped (DDP tracks them all); the strategy freezes some per epoch. Under LoRA only the
-    adapters and the head ever train."""
-    import ray.train
-    import ray.train.torch
+    adapters and the head ever train. ``session``: where it runs (raybm.train.session)."""
     import torch
 
     from raybm.data.tokenizing import AugmentCollate, PadCollate
@@ -136,11 +135,10 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
 
     cfg = build_config(config["job"])
     t = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     torch.set_num_threads(t.torch_threads or max(1, int(t.cpus_per_worker)))  # Ray's OMP setting is not enough
     torch.manual_seed(t.seed + rank)
-    device = ray.train.torch.get_device()
+    device = session.device()
     model_cfg = local_model(cfg.model, cfg.storage)  # an s3:// base model: this node's copy
     model = build_classifier(model_cfg, config["labels"], pretrained=t.strategy != "scratch", seed=t.seed)
     if t.gradient_checkpointing:
@@ -148,7 +146,7 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
     if t.strategy == "lora":
         model = add_lora(model, t)  # the base frozen from here on: only the adapters and the head train
     model.to(device)
-    progress, state = _resume(model, rank)  # the weights go in before wrapping, the optimizer state after
+    progress, state = _resume(model, rank, session)  # the weights go in before wrapping, the optimizer state after
     # Optimizer groups and parameter sizes from the unwrapped model: FSDP flattens what it shards.
     groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
     sizes = {id(p): p.numel() for p in model.parameters()}
@@ -158,7 +156,7 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         say(f"LoRA: {trainable:,} of {sum(sizes.values()):,} parameters train "
             f"({100 * trainable / max(1, sum(sizes.values())):.2f}%); each checkpoint holds {checkpoint_mb:.2f} MB")
-    wrapped = _wrap(model, t, device)
+    wrapped = _wrap(model, t, device, session)
     optimizer = build_optimizer(model, t, groups)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
@@ -171,7 +169,7 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
             " (this CPU has no native bf16: slower than fp32 here; train.precision=fp32 is faster)"))
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) \
         if config.get("class_weights") else None
-    train_shard, val_data = _training_data(config, cfg, rank, world)
+    train_shard, val_data = _training_data(config, cfg, rank, world, session)
     tokenizer = load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
     steps_per_epoch = max(1, math.ceil(math.ceil(config["n_train"] / world) / t.batch_size / t.grad_accum))
     if t.max_steps_per_epoch:
@@ -191,16 +189,14 @@ def set_up(config: dict[str, Any]) -> tuple[Worker, Progress]:
         masks=[(m.weight, m.weight.ne(0)) for m in weight_layers(model)] if t.keep_sparsity else [],
         teacher=load_teacher(t.distill_from, device) if t.distill_from else None,
         sizes=sizes, checkpoint_mb=checkpoint_mb, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * t.epochs,
-        nodes=worker_nodes(world))
+        nodes=worker_nodes(world), session=session)
     return worker, progress
 
 
-def _resume(model, rank: int) -> tuple[Progress, dict | None]:
-    """The run's progress and training state from Ray Train's latest checkpoint, its weights
+def _resume(model, rank: int, session) -> tuple[Progress, dict | None]:
+    """The run's progress and training state from its latest checkpoint, its weights
     loaded into ``model``; a fresh start when there is none."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     if checkpoint is None:
         return Progress(), None
     with checkpoint.as_directory() as folder:
@@ -210,24 +206,19 @@ def _resume(model, rank: int) -> tuple[Progress, dict | None]:
     return Progress.resumed_at(state), state
 
 
-def _wrap(model, t, device):
+def _wrap(model, t, device, session):
     """``model`` wrapped for data-parallel training: FSDP shards, DDP replicates."""
-    import ray.train.torch
-
     if t.parallelism == "fsdp":
         return wrap_fsdp(model, device)
     kwargs = {"find_unused_parameters": True} if t.strategy in ("partial", "gradual") else {}
-    return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp",
-                                         parallel_strategy_kwargs=kwargs)
+    return session.wrap_ddp(model, kwargs)
 
 
-def _training_data(config: dict[str, Any], cfg: JobConfig, rank: int, world: int):
+def _training_data(config: dict[str, Any], cfg: JobConfig, rank: int, world: int, session):
     """(this worker's training shard, the whole validation split): read whole from the
     results folder when the driver says so (no Ray Data in the loop), else Ray Data shards."""
-    import ray.train
-
     if config.get("whole_splits"):
         t = cfg.train
         return (whole_split(config, cfg, "train", rank=rank, world=world, seed=t.seed, shuffle=True),
                 whole_split(config, cfg, "validation"))
-    return ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation")  # validation: not sharded
+    return session.dataset("train"), session.dataset("validation")  # validation: not sharded

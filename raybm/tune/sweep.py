@@ -1,14 +1,17 @@
 """Driver side of sweeps: ``run_sweep`` searches config values with Ray Tune.
 
-Each trial is a Tune function trainable that builds and fits one ``TorchTrainer`` from the
-training stage, with ``TuneReportCallback`` forwarding every epoch's validation metrics
-(and the checkpoint path) to Tune, so ASHA or the median rule can stop weak trials early.
-This is Ray 2.60's supported pattern; a Trainer handed to a Tuner is not.
+Each trial is a Tune function trainable reporting every epoch's validation metrics (and
+checkpoint) to Tune, so ASHA or the median rule can stop weak trials early. A trial of one
+worker that reads the splits whole trains in the trial's own process; otherwise the trial
+builds and fits one ``TorchTrainer`` from the training stage, with ``TuneReportCallback``
+forwarding its reports (Ray 2.60's supported pattern; a Trainer handed to a Tuner is not).
+``tune.trial_runner`` chooses (raybm.tune.trial).
 
 Layout under ``sweeps/<sweep>/`` (docs/tuning.md)::
     config.yaml           the resolved job config, search space included
-    tune/                 Tune's experiment state (what --resume restores)
-    trials/<trial_id>/    each trial's Ray Train run: checkpoints
+    tune/                 Tune's experiment state (what --resume restores); a trial that
+                          trains in its own process keeps its checkpoints in tune/<trial_id>/
+    trials/<trial_id>/    a trial's Ray Train run (tune.trial_runner=ray_train): checkpoints
     leaderboard.csv/.json every trial: searched values, best metric, epochs, status, time
     model/                the winner's best checkpoint, or the soup of the best trials
                           (tune.soup; complete or absent)
@@ -52,11 +55,15 @@ from raybm.tune.cost import measure_costs, within_budget
 from raybm.tune.leaderboard import format_values, leaderboard, write_leaderboard
 from raybm.tune.soup import make_soup
 from raybm.tune.trial import (
+    IN_TRIAL,
     TRIAL_DRIVER_MEMORY,
     TRIAL_TOKENIZER_BUNDLES,
     concurrent_trials,
+    in_trial_resources,
     resource_releaser,
     run_trial,
+    run_trial_in_process,
+    trial_runner,
 )
 
 # Keys whose change needs the data tokenized again for each trial.
@@ -104,6 +111,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     check_workers_fit(cfg, f"one trial ({cfg.train.num_workers} worker(s)"
                            f"{', plus 2 x 0.25 CPU of tokenizer actors' if tokenizes else ''})",
                       TRIAL_TOKENIZER_BUNDLES if tokenizes else None)
+    trial_runner(cfg, dists, tokenizes, whole=True)  # a tune.trial_runner the settings rule out: before any work
     prepared = run_data_stage(cfg, log=log)
     results = Results.from_config(cfg.storage)
     name = sweep_name_for(cfg, prepared.name)
@@ -118,12 +126,13 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
         if resume and not can_restore:
             raise RaybmError(f"--resume: no interrupted sweep {name!r} under {results.uri(results.path(SWEEPS))}; "
                              f"run without --resume to start it")
-        trainable, prepared = _trainable(cfg, prepared, results, sweep_dir, tokenizes, log)
+        trainable, prepared, runner = _trainable(cfg, prepared, results, sweep_dir, dists, tokenizes, log)
         results.write_text(results.join(sweep_dir, CONFIG_FILE), cfg.to_yaml())
         tuner = _tuner(cfg, trainable, dists, results, name, can_restore, concurrent_trials(cfg, tokenizes),
-                       retry_errored, log)
+                       retry_errored, runner, log)
         grid = tuner.fit()
-        board = leaderboard(grid, cfg, dists, results, results.join(sweep_dir, TRIALS_DIR))
+        # A trial's checkpoints: in its Ray Train run, or in Tune's trial folder (in_trial).
+        board = leaderboard(grid, cfg, dists, results, results.join(sweep_dir, TRIALS_DIR if runner != IN_TRIAL else TUNE_DIR))
         finished = grid.num_terminated + grid.num_errors
         if finished < len(grid) and not cfg.tune.time_budget_s:
             raise RaybmError(f"sweep {name!r} was interrupted with {len(grid) - finished} trial(s) unfinished; "
@@ -150,32 +159,54 @@ def _finished_sweep(results: Results, name: str, retry_errored: bool) -> SweepRe
     return None
 
 
-def _trainable(cfg: JobConfig, prepared, results: Results, sweep_dir: str, tokenizes: bool, log):
+def _trainable(cfg: JobConfig, prepared, results: Results, sweep_dir: str, dists: list[Distribution],
+               tokenizes: bool, log):
     """(the trial function with the data it shares and its resources, the prepared dataset
-    with its labels read). Read only now: a finished sweep needs no data (and reading asks
-    Ray for CPUs)."""
+    with its labels read, where the trials train: raybm.tune.trial.trial_runner). Read only
+    now: a finished sweep needs no data (and reading asks Ray for CPUs)."""
     from ray import tune
 
     prepared, labels = load_prepared(cfg, log=log, prepared=prepared)
-    # Trials share one tokenized copy, unless the search changes how text is tokenized.
-    splits = load_text_splits(cfg, prepared) if tokenizes else None
-    # Or none at all, where each trial's workers read the splits whole.
-    tokenized = None if tokenizes or reads_whole_splits(cfg, prepared.report) else training_datasets(cfg, prepared)
+    whole = reads_whole_splits(cfg, prepared.report)
+    runner = trial_runner(cfg, dists, tokenizes, whole)
     base = job_for_workers(cfg)
     # Each trial keeps (and reports) its best checkpoint by the sweep's metric.
     base["train"].update(metric=cfg.tune.metric, mode=cfg.tune.mode)
+    if runner == IN_TRIAL:  # the trial's own process is its one worker, reading the splits whole
+        log("Each trial trains in its own process (one worker, splits read whole: tune.trial_runner)")
+        trainable = tune.with_parameters(run_trial_in_process, base=base, labels=labels, report=prepared.report,
+                                         dataset=prepared.name)
+        return tune.with_resources(trainable, in_trial_resources(cfg)), prepared, runner
+    # Trials share one tokenized copy, unless the search changes how text is tokenized.
+    splits = load_text_splits(cfg, prepared) if tokenizes else None
+    # Or none at all, where each trial's workers read the splits whole.
+    tokenized = None if tokenizes or whole else training_datasets(cfg, prepared)
     trainable = tune.with_parameters(run_trial, base=base, labels=labels, report=prepared.report,
                                      dataset=prepared.name, text_splits=splits, tokenized=tokenized,
                                      trials_path=results.join(sweep_dir, TRIALS_DIR))
-    return tune.with_resources(trainable, {"memory": TRIAL_DRIVER_MEMORY}), prepared
+    return tune.with_resources(trainable, {"memory": TRIAL_DRIVER_MEMORY}), prepared, runner
 
 
 def _tuner(cfg: JobConfig, trainable, dists: list[Distribution], results: Results, name: str,
-           can_restore: bool, concurrency: int, retry_errored: bool, log):
+           can_restore: bool, concurrency: int, retry_errored: bool, runner: str, log):
     """The Ray Tune Tuner of the sweep: restored from its experiment state (finished trials
     kept, unfinished ones continued from their last checkpoint), or a new one."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
+
+    t = cfg.train
+    failures = cfg.tune.max_failures
+    checkpoints = None
+    if runner == IN_TRIAL:
+        # The trial is its worker: a worker failure is the trial's, retried by Tune from its
+        # last checkpoint (as Ray Train would restart its worker group), and Tune keeps the
+        # checkpoints by the sweep's metric.
+        failures = -1 if -1 in (failures, t.max_failures) else failures + t.max_failures
+        checkpoints = tune.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=cfg.tune.metric,
+                                            checkpoint_score_order=cfg.tune.mode)
+        # Tune then saves its experiment state at each checkpoint (so the ones it drops stay
+        # dropped), and warns each time when epochs are short: that is the intended cost.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
     sweep_dir = results.sweep_dir(name)
     if can_restore:
@@ -202,7 +233,8 @@ def _tuner(cfg: JobConfig, trainable, dists: list[Distribution], results: Result
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=sweep_dir,  # stripped of s3://: the filesystem is given
             storage_filesystem=results.fs,
-            failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+            failure_config=tune.FailureConfig(max_failures=failures),
+            checkpoint_config=checkpoints,
             callbacks=[resource_releaser()],
             verbose=1,
         ),

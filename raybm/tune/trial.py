@@ -1,17 +1,21 @@
-"""One sweep trial: a Tune function trainable that fits one ``TorchTrainer``, how many trials
-fit the cluster at once, and freeing a stopped trial's workers."""
+"""One sweep trial: a Tune function trainable that trains in its own process (one worker)
+or fits one ``TorchTrainer`` (``tune.trial_runner``), how many trials fit the cluster at
+once, and freeing a stopped trial's workers."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from raybm.config import JobConfig, build_config, merge_raw
-from raybm.config.search_space import nested
+from raybm.config.search_space import Distribution, nested
+from raybm.errors import RaybmError
 from raybm.placement import alive_nodes, copies_that_fit
 from raybm.results import Results
 from raybm.runtime import cluster_address
-from raybm.train.driver import build_trainer, reads_whole_splits, tokenized_datasets
-from raybm.train.resources import asks_for_gpus, worker_resources
+from raybm.train.driver import build_trainer, reads_whole_splits, tokenized_datasets, worker_config
+from raybm.train.loop import run_worker
+from raybm.train.resources import asks_for_gpus, resources_that_may_appear, worker_resources
+from raybm.train.session import TrialSession
 
 # Each trial's function only waits on its TorchTrainer; the workers reserve the real CPUs.
 # It reserves memory, not a fraction of a CPU: fractions left on nodes add up to no node
@@ -29,8 +33,55 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
     return build_config(raw)
 
 
+IN_TRIAL, RAY_TRAIN = "in_trial", "ray_train"
+# Searched settings that change a trial's resources or worker group: Tune reserves one
+# trial's resources for every trial, so such sweeps fit a TorchTrainer per trial.
+_WORKER_KEYS = ("train.num_workers", "train.parallelism", "train.data_feed", "train.cpus_per_worker",
+                "train.gpus_per_worker", "train.worker_resources", "train.use_gpu")
+
+
+def trial_runner(cfg: JobConfig, dists: list[Distribution], tokenizes: bool, whole: bool) -> str:
+    """Where the sweep's trials train (``tune.trial_runner``): ``in_trial`` (the trial's own
+    process is the one worker) or ``ray_train`` (a TorchTrainer per trial). ``whole``: the
+    trials' workers read the prepared splits whole."""
+    t = cfg.train
+    why_not = [reason for reason, applies in [
+        (f"train.num_workers={t.num_workers} (one worker only)", t.num_workers != 1),
+        ("train.parallelism=fsdp", t.parallelism == "fsdp"),
+        ("each trial tokenizes its data (the search changes data.* or model.name, or data.augment is on)", tokenizes),
+        ("the splits stream through Ray Data (train.data_feed)", not tokenizes and not whole),
+        (f"the search changes {', '.join(d.key for d in dists if d.key.startswith(_WORKER_KEYS))}",
+         any(d.key.startswith(_WORKER_KEYS) for d in dists)),
+        ("the workers wait for resources the cluster may add (autoscaling, train.use_gpu=yes)",
+         bool(resources_that_may_appear(cfg))),
+    ] if applies]
+    wanted = cfg.tune.trial_runner
+    if wanted == IN_TRIAL and why_not:
+        raise RaybmError(f"tune.trial_runner=in_trial cannot run these trials in their own process: "
+                         f"{'; '.join(why_not)}. Set tune.trial_runner=auto (or ray_train)")
+    if wanted == "auto":
+        return RAY_TRAIN if why_not else IN_TRIAL
+    return wanted
+
+
+def in_trial_resources(cfg: JobConfig):
+    """What a trial that trains in its own process reserves: its one worker's bundle."""
+    from ray import tune
+
+    return tune.PlacementGroupFactory([worker_resources(cfg.train, asks_for_gpus(cfg.train.use_gpu))])
+
+
+def run_trial_in_process(params: dict[str, Any], *, base: dict[str, Any], labels: list[str],
+                         report: dict[str, Any], dataset: str) -> None:
+    """One Tune trial trained here, in the trial's own process (``tune.trial_runner``): its
+    one worker reads the prepared dataset ``dataset`` whole and reports each epoch, with
+    its checkpoint, to Tune."""
+    cfg = trial_config(base, params)
+    run_worker(worker_config(cfg, labels, report, predictions_to=None, whole_splits=dataset), TrialSession())
+
+
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], labels: list[str], report: dict[str, Any],
-           dataset: str, text_splits: dict, tokenized: dict | None, trials_path: str) -> None:
+              dataset: str, text_splits: dict, tokenized: dict | None, trials_path: str) -> None:
     """One Tune trial: a full Ray Train run of the trial's config; its workers read the
     prepared dataset ``dataset`` whole where they can (``train.data_feed``)."""
     import ray.tune

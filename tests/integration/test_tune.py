@@ -186,14 +186,27 @@ def test_failed_trials_are_reported_then_retried_from_their_checkpoint(ray_tune,
     assert result.winner["test"]["examples"] == 12
 
 
-def test_a_trial_whose_worker_dies_resumes_inside_the_sweep(ray_tune, tmp_path, data_csv):
+@pytest.mark.parametrize("runner, holder", [("in_trial", "tune"), ("ray_train", "trials")])
+def test_a_trial_whose_worker_dies_resumes_inside_the_sweep(ray_tune, tmp_path, data_csv, runner, holder):
+    # Both places a trial trains: in its own process (Tune restarts the trial) and in a Ray
+    # Train worker group (Ray Train restarts the group); the checkpoints are where each keeps them.
     cfg = config(tmp_path, data_csv, "train.epochs=2", "train.lr=3e-3", "train.fail_at_epoch=2",
                  "train.max_failures=1", "tune.scheduler=fifo", "tune.num_samples=1",
-                 "tune.search_space={train.seed: 'grid([0])'}")
-    result = run_sweep(cfg, log=quiet)
+                 f"tune.trial_runner={runner}", "tune.search_space={train.seed: 'grid([0])'}")
+    lines = []
+    result = run_sweep(cfg, log=lines.append)
     (row,) = result.leaderboard
     assert row["status"] == "completed"
     assert [h["resumed_from_epoch"] for h in row["history"]] == [0, 1]
+    assert f"/{holder}/{row['trial']}/checkpoint_" in row["best_checkpoint"]
+    assert any("trains in its own process" in line for line in lines) == (runner == "in_trial")
+
+
+def test_trials_of_several_workers_cannot_run_in_their_own_process(ray_tune, tmp_path, data_csv):
+    cfg = config(tmp_path, data_csv, "train.num_workers=2", "tune.trial_runner=in_trial",
+                 "tune.search_space={train.seed: 'grid([0])'}")
+    with pytest.raises(RaybmError, match=r"tune.trial_runner=in_trial cannot .*train.num_workers=2 .*Set tune.trial_runner=auto"):
+        run_sweep(cfg, log=quiet)
 
 
 def test_resume_without_an_interrupted_sweep_is_a_clear_error(ray_tune, tmp_path, data_csv):
@@ -226,21 +239,21 @@ def test_concurrent_trials_follow_the_cluster(ray_tune, tmp_path, data_csv):
 def test_time_budget_ends_the_sweep_and_the_best_so_far_wins(ray_tune, tmp_path, data_csv):
     # (also the median-stopping scheduler's path: it may stop trials too, also "stopped")
     # (and a latency budget no trial can meet: the best trial still wins, and says so)
-    # A 1-epoch trial that ends well inside the budget, then a 200-epoch one that the budget
-    # cuts off, however fast the machine (a trial's own train.epochs decides "completed").
+    # A 1-epoch trial that ends well inside the budget, then a 100,000-epoch one that the
+    # budget cuts off, however fast the machine (a trial's own train.epochs decides "completed").
     cfg = config(tmp_path, data_csv, "train.epochs=3", "train.lr=3e-3", "tune.scheduler=median",
-                 "tune.max_concurrent_trials=1", "tune.num_samples=1", "tune.time_budget_s=60",
-                 "tune.max_latency_ms=0.0001", "tune.search_space={train.epochs: 'grid([1, 200])'}")
+                 "tune.max_concurrent_trials=1", "tune.num_samples=1", "tune.time_budget_s=40",
+                 "tune.max_latency_ms=0.0001", "tune.search_space={train.epochs: 'grid([1, 100000])'}")
     result = run_sweep(cfg, log=quiet)
     statuses = {row["train.epochs"]: row["status"] for row in result.leaderboard}
-    assert statuses == {1: "completed", 200: "stopped"}, result.leaderboard
+    assert statuses == {1: "completed", 100000: "stopped"}, result.leaderboard
     assert result.winner["trial"] == result.leaderboard[0]["trial"]
     budget = result.winner["latency_budget"]
     assert budget["met"] is False and budget["trials_within"] == 0 and budget["max_latency_ms"] == 0.0001
     finished = [row for row in result.leaderboard if row["best_checkpoint"]]
     assert budget["fastest_ms"] == min(row["latency_p50_ms"] for row in finished) > 0
     assert all(row["within_budget"] is False for row in finished)
-    assert sum(row["epochs_run"] for row in result.leaderboard) < 1 + 200
+    assert sum(row["epochs_run"] for row in result.leaderboard) < 1 + 100000
 
 
 def test_a_relative_results_root_means_the_same_folder_inside_the_trials(ray_tune, tmp_path, data_csv, monkeypatch):
