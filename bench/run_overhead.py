@@ -8,7 +8,8 @@ test split) against a plain loop in this process doing the same work on the same
 split (tokenize, 2 epochs with validation, score test). Same model, batch size, sequence
 length, optimizer and torch threads. Prints the ratio of whole-run wall times and where
 raybm's seconds outside training and validation go. ``--what sweep``: a 4-trial grid
-(learning rates, one trial at a time) against 4 plain runs sharing one tokenization.
+(learning rates, one trial at a time) against 4 plain runs sharing one tokenization, once
+per ``--trial-runners`` (trials in their own process, and in a Ray Train worker group).
 
 Targets (tiny-bert, full binary twitter corpus): outside training and validation at most
 15 s a run and 10 s a sweep trial; with all-minilm-l6-v2 a whole run at most 1.1x plain.
@@ -228,6 +229,24 @@ def empty_sweep_seconds(n: int) -> float:
     return time.time() - started
 
 
+def empty_tune_seconds(n: int) -> float:
+    """Ray Tune's own floor here: ``n`` trials one at a time, each a function trainable
+    holding one CPU that imports torch and reports once, as raybm's in-process trials do."""
+    from ray import tune
+
+    def trial(_params):
+        import torch  # noqa: F401
+
+        tune.report({"score": 1.0})
+
+    started = time.time()
+    tune.Tuner(tune.with_resources(trial, {"CPU": 1}), param_space={"x": tune.grid_search(list(range(n)))},
+               tune_config=tune.TuneConfig(max_concurrent_trials=1),
+               run_config=tune.RunConfig(name=f"empty-tune-{int(started)}", storage_path="/tmp/raybm-bench-empty",
+                                         verbose=0)).fit()
+    return time.time() - started
+
+
 def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
     import ray
 
@@ -236,17 +255,25 @@ def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
     from raybm.tune.sweep import run_sweep
 
     grid = ", ".join(f"{lr:g}" for lr in LRS)
-    cfg = build_config(overrides=[*base, f"name=overhead-sweep-{int(time.time())}", "tune.max_concurrent_trials=1", "tune.num_samples=1",
-                                  "tune.soup=none", "tune.scheduler=fifo",
-                                  f"tune.search_space={{train.lr: 'grid([{grid}])'}}"])
-    started = time.time()
-    start(cfg, ["tune"])  # as `raybm tune` starts
-    result = run_sweep(cfg, log=lambda _: None)
-    ended = time.time()
-    floor = empty_sweep_seconds(len(LRS))
-    ray.shutdown()
-    raybm_wall = ended - started
-    computed = sum(epoch_seconds(row["history"]) for row in result.leaderboard)
+    n = len(LRS)
+    walls = {}
+    for runner in args.trial_runners.split(","):
+        cfg = build_config(overrides=[*base, f"name=overhead-sweep-{runner}-{int(time.time())}",
+                                      "tune.max_concurrent_trials=1", "tune.num_samples=1", "tune.soup=none",
+                                      "tune.scheduler=fifo", f"tune.trial_runner={runner}",
+                                      f"tune.search_space={{train.lr: 'grid([{grid}])'}}"])
+        started = time.time()
+        start(cfg, ["tune"])  # as `raybm tune` starts
+        result = run_sweep(cfg, log=lambda _: None)
+        ended = time.time()
+        floors = {"in_trial": ("Ray Tune's", "a function trainable that imports torch and reports",
+                               empty_tune_seconds),
+                  "ray_train": ("Ray Tune and Train's", "an empty TorchTrainer.fit", empty_sweep_seconds)}
+        what, each, measure = floors[runner]
+        floor = measure(n)
+        ray.shutdown()
+        computed = sum(epoch_seconds(row["history"]) for row in result.leaderboard)
+        walls[runner] = (ended - started, computed, floor, what, each)
 
     t0 = time.time()
     data = tokenize_splits(args.model, frames, args.max_length)
@@ -254,15 +281,16 @@ def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
     for lr in LRS:
         plain = plain_run(args.model, labels, data, args.epochs, args.batch, lr)
         plain_wall += sum(plain["seconds"].values())
-    n = len(LRS)
     print(f"\nA sweep of {n} trials, one at a time ({args.model}, {args.epochs} epochs each), against {n} plain runs")
-    print(f"{'raybm sweep (winner scored on test)':<58}{raybm_wall:>9.1f}")
-    print(f"{'  of which the trials epochs themselves':<58}{computed:>9.1f}")
     print(f"{'plain: tokenize once, 4 runs, each scored on test':<58}{plain_wall:>9.1f}")
-    print(f"ratio raybm / plain: {raybm_wall / plain_wall:.2f}")
-    print(f"raybm outside training and validation: {(raybm_wall - computed) / n:.1f} s a trial (target <= 10 s)")
-    print(f"Ray Tune and Train's floor here: an empty sweep of {n} trials (each an empty TorchTrainer.fit) took "
-          f"{floor:.1f} s, {floor / n:.1f} s a trial")
+    for runner, (wall, computed, floor, what, each) in walls.items():
+        print(f"tune.trial_runner={runner}:")
+        print(f"  {'raybm sweep (winner scored on test)':<56}{wall:>9.1f}")
+        print(f"  {'  of which the trials epochs themselves':<56}{computed:>9.1f}")
+        print(f"  ratio raybm / plain: {wall / plain_wall:.2f}")
+        print(f"  raybm outside training and validation: {(wall - computed) / n:.1f} s a trial (target <= 10 s)")
+        print(f"  {what} floor here: an empty sweep of {n} trials (each {each}) took {floor:.1f} s, "
+              f"{floor / n:.1f} s a trial")
 
 
 def main() -> int:
@@ -275,6 +303,8 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--max-rows", type=int, default=0, help="0: the whole corpus")
     parser.add_argument("--root", default="/tmp/raybm-bench-overhead")
+    parser.add_argument("--trial-runners", default="in_trial,ray_train",
+                        help="the sweep's tune.trial_runner values to measure, one sweep each")
     args = parser.parse_args()
 
     import pandas as pd

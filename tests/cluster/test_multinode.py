@@ -80,7 +80,9 @@ def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, 
     assert {a, b} == workers, (a, b, workers)
     first, second = sorted(board, key=lambda row: row["started_at"])
     assert second["started_at"] < first["finished_at"], board  # overlapping in time
-    assert any("/trials/" in k and "/checkpoint_" in k for k in keys)
+    # Each trial trained in its own process (one worker: tune.trial_runner=auto), so Tune
+    # kept its checkpoints, on S3, in its trial folder.
+    assert any("/tune/" in k and "/checkpoint_" in k for k in keys)
 
     # Two replicas on two nodes, each with the model it fetched from the bucket; both answer.
     deploy = stages["deploy"]
@@ -413,11 +415,14 @@ def test_a_lost_worker_node_costs_a_checkpoint_not_the_sweep(cluster, bucket, s3
 
 
 def trials_with_checkpoints(keys: list[str], at_least: int) -> set[str]:
-    """The sweep trials with ``at_least`` checkpoint folders among the bucket ``keys``."""
+    """The sweep trials with ``at_least`` checkpoint folders among the bucket ``keys``: in
+    Tune's trial folders (a trial that trains in its own process) or in a trial's Ray Train
+    run (``trials/``)."""
     folders: dict[str, set[str]] = {}
     for k in keys:
-        if "/trials/" in k and "/checkpoint_" in k:
-            trial, rest = k.split("/trials/")[1].split("/", 1)
+        holder = next((h for h in ("/tune/", "/trials/") if h in k), None)
+        if holder and "/checkpoint_" in k:
+            trial, rest = k.split(holder)[1].split("/", 1)
             folders.setdefault(trial, set()).add(("/" + rest).split("/checkpoint_")[1].split("/")[0])
     return {trial for trial, found in folders.items() if len(found) >= at_least}
 
