@@ -229,6 +229,10 @@ def _tuner(cfg: JobConfig, trainable, dists: list[Distribution], results: Result
             search_alg=BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=concurrency),
             trial_name_creator=lambda trial: trial.trial_id,
             trial_dirname_creator=lambda trial: trial.trial_id,
+            # A trial that trains in its own process hands that process, its imports done
+            # (torch, transformers: seconds), to the next trial. A trial the scheduler stops
+            # ends at its next report, so nothing of it lingers there.
+            reuse_actors=runner == IN_TRIAL,
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=sweep_dir,  # stripped of s3://: the filesystem is given
