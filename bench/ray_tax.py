@@ -6,7 +6,8 @@
 A fixed torch workload (a MiniLM-sized feed-forward block, forward and backward, on
 ``--threads`` threads) runs for ``--seconds`` in a plain process and then in the one worker
 of a ``TorchTrainer`` on a fresh local Ray started as raybm starts one, once per setting
-(environment variables the Ray side starts with). Printed for each: steps/s, the ratio to
+(environment variables the Ray side starts with), then in a Tune trial's process holding
+one CPU (where a sweep trial of one worker trains: ``--where``). Printed for each: steps/s, the ratio to
 the plain process, and the CPU seconds every other process on the machine used in the same
 window (read from /proc), grouped by what it is: that is the tax Ray's resident processes
 (controller, actors, raylet, GCS, dashboard) take from the worker's cores. Without a
@@ -117,11 +118,11 @@ def workload(seconds: float, threads: int) -> dict:
             "own_threads_cpu_s": {k: v for k, v in sorted(own.items(), key=lambda kv: -kv[1]) if v >= 0.05}}
 
 
-def ray_side(seconds: float, threads: int, out: str) -> None:
-    """The workload in the one worker of a TorchTrainer on a fresh local Ray, as raybm runs one."""
+def ray_side(seconds: float, threads: int, out: str, where: str) -> None:
+    """The workload on a fresh local Ray started as raybm starts one: in the one worker of a
+    TorchTrainer (``where="train"``, as a raybm run trains), or in the process of a Tune
+    trial holding one CPU (``"tune"``, as a sweep trial of one worker trains)."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from raybm.config import build_config
     from raybm.runtime import ensure_ray
@@ -132,10 +133,18 @@ def ray_side(seconds: float, threads: int, out: str) -> None:
         with open(config["out"], "w") as f:
             json.dump(workload(config["seconds"], config["threads"]), f)
 
-    trainer = TorchTrainer(loop, train_loop_config={"seconds": seconds, "threads": threads, "out": out},
-                           scaling_config=ray.train.ScalingConfig(num_workers=1),
-                           run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(prefix="ray-tax-")))
-    trainer.fit()
+    config = {"seconds": seconds, "threads": threads, "out": out}
+    if where == "tune":
+        from ray import tune
+
+        tune.Tuner(tune.with_resources(lambda _params: loop(config), {"CPU": 1}),
+                   run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(prefix="ray-tax-"), verbose=0)).fit()
+    else:
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        TorchTrainer(loop, train_loop_config=config, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                     run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(prefix="ray-tax-"))).fit()
     ray.shutdown()
 
 
@@ -144,23 +153,28 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--setting", action="append", help="'name:VAR=VALUE,VAR=VALUE' (repeatable)")
+    parser.add_argument("--where", default="train,tune",
+                        help="train: a TorchTrainer worker, once per setting; tune: a Tune trial's process, once")
     parser.add_argument("--ray-side", help=argparse.SUPPRESS)  # internal: the child run, writing to this file
     args = parser.parse_args()
     if args.ray_side:
-        ray_side(args.seconds, args.threads, args.ray_side)
+        ray_side(args.seconds, args.threads, args.ray_side, args.where)
         return 0
 
     plain = workload(args.seconds, args.threads)
     print(f"{'plain process':<28} {plain['steps_per_s']:7.2f} steps/s           others: {plain['others_cpu_s']}; "
           f"own threads: {plain['own_threads_cpu_s']}", flush=True)
-    for setting in args.setting or DEFAULT_SETTINGS:
+    wheres = args.where.split(",")
+    runs = [("train", setting) for setting in (args.setting or DEFAULT_SETTINGS) if "train" in wheres]
+    runs += [("tune", "a Tune trial's process:")] if "tune" in wheres else []
+    for where, setting in runs:
         name, _, assignments = setting.partition(":")
         env = dict(os.environ, PYTHONPATH=ROOT)
         env.update(a.split("=", 1) for a in assignments.split(",") if a)
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             subprocess.run([sys.executable, __file__, "--seconds", str(args.seconds), "--threads", str(args.threads),
-                            "--ray-side", out.name], env=env, check=True, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+                            "--where", where, "--ray-side", out.name], env=env, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             got = json.load(open(out.name))
         others = got["others_cpu_s"]
         print(f"{name:<28} {got['steps_per_s']:7.2f} steps/s  x{got['steps_per_s'] / plain['steps_per_s']:.3f}  "

@@ -24,6 +24,7 @@ from raybm.errors import RaybmError
 from raybm.inference.loading import read_label_map
 from raybm.lease import hold_lease
 from raybm.metrics import drift_reference
+from raybm.runtime import on_cluster
 from raybm.models.card import write_model_card
 from raybm.results import (
     CONFIG_FILE,
@@ -49,6 +50,7 @@ from raybm.train.resources import (
     PLACEMENT_TIMEOUT_ENV,
     POLL_INTERVAL_ENV,
     POLL_INTERVAL_S,
+    PREEMPTION_WATCHER_ENV,
     asks_for_gpus,
     check_workers_fit,
     not_placed,
@@ -176,14 +178,16 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
     prepared dataset's name) the workers read that dataset's splits whole and ``datasets``
     is empty."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     t = cfg.train
     gpu = asks_for_gpus(t.use_gpu)
     # Bounded: Ray Train retries a worker group it cannot place every minute, without end.
     os.environ[PLACEMENT_TIMEOUT_ENV] = f"{t.placement_timeout_s:g}"
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
-    return TorchTrainer(
+    if not on_cluster():
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+    return _trainer_class()(
         train_loop_per_worker,
         train_loop_config=worker_config(cfg, labels, report, predictions_to, whole_splits),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=gpu,
@@ -206,6 +210,22 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
         # numbers anyway to agree on early stopping.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+def _trainer_class():
+    """Ray Train's ``TorchTrainer``, less the Ray Data dataset manager when the workers read
+    no Ray Dataset (the splits read whole): Ray 2.60 starts that actor for every run, a
+    process that only costs CPU."""
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if type(c).__name__ != "DatasetsCallback"]
+
+    return Trainer
 
 
 # Settings a rerun may change and still resume the same run: where and how it runs, how

@@ -43,9 +43,15 @@ def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, d
     # of the check below).
     cfg = config(tmp_path, data_csv, "train.epochs=4", "train.keep_checkpoints=2", "train.batch_size=8")
     said = []
+    before = set(ray_local._private.state.actors())
     result = run_training(cfg, log=said.append)
     assert any("on the test split in the training worker" in line for line in said), said  # no Ray Data job
     assert any("splits read whole by each worker" in line for line in said), said  # nor in the loop
+    # Ray Train's process chain, less what this run does not need on a local Ray: no Ray Data
+    # dataset manager (the workers read no Ray Dataset), no preemption watcher.
+    started = {a["ActorClassName"] for k, a in ray_local._private.state.actors().items() if k not in before}
+    assert {"TrainController", "RayTrainWorker"} <= started, started
+    assert not started & {"DatasetManager", "PreemptionWatcher"}, started
     losses = [h["train_loss"] for h in result.history]
     assert len(losses) == 4 and losses[-1] < losses[0] * 0.8
     assert result.history[-1]["val_accuracy"] >= 0.8
