@@ -56,6 +56,7 @@ from raybm.tune.leaderboard import format_values, leaderboard, write_leaderboard
 from raybm.tune.soup import make_soup
 from raybm.tune.trial import (
     IN_TRIAL,
+    RAY_TRAIN,
     TRIAL_DRIVER_MEMORY,
     TRIAL_TOKENIZER_BUNDLES,
     concurrent_trials,
@@ -169,6 +170,10 @@ def _trainable(cfg: JobConfig, prepared, results: Results, sweep_dir: str, dists
     prepared, labels = load_prepared(cfg, log=log, prepared=prepared)
     whole = reads_whole_splits(cfg, prepared.report)
     runner = trial_runner(cfg, dists, tokenizes, whole)
+    if runner == IN_TRIAL and cfg.tune.trial_runner == "auto" and results.exists(results.join(sweep_dir, TRIALS_DIR)):
+        # A sweep begun with a worker group per trial (before raybm ran trials in their own
+        # process) resumes as it began: its trials' checkpoints are in their Train runs.
+        runner = RAY_TRAIN
     base = job_for_workers(cfg)
     # Each trial keeps (and reports) its best checkpoint by the sweep's metric.
     base["train"].update(metric=cfg.tune.metric, mode=cfg.tune.mode)

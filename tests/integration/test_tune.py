@@ -169,20 +169,24 @@ def assert_weights_are_the_mean(model_dir, checkpoints):
         assert torch.allclose(value.float(), want, atol=1e-6), key
 
 
-def test_failed_trials_are_reported_then_retried_from_their_checkpoint(ray_tune, tmp_path, data_csv):
+@pytest.mark.parametrize("first, holder", [("auto", "tune"), ("ray_train", "trials")])
+def test_failed_trials_are_reported_then_retried_from_their_checkpoint(ray_tune, tmp_path, data_csv, first, holder):
     # Each trial's worker raises at the start of epoch 2 and may not restart: both fail.
-    cfg = config(tmp_path, data_csv, "train.epochs=2", "train.lr=3e-3", "train.fail_at_epoch=2",
-                 "tune.scheduler=fifo", "tune.num_samples=1",
-                 "tune.search_space={train.weight_decay: 'grid([0.0, 0.01])'}")
+    # Begun with a worker group per trial (as sweeps did before trials ran in their own
+    # process), the sweep resumed with the default runner goes on as it began.
+    overrides = ["train.epochs=2", "train.lr=3e-3", "train.fail_at_epoch=2", "tune.scheduler=fifo",
+                 "tune.num_samples=1", "name=retried", "tune.search_space={train.weight_decay: 'grid([0.0, 0.01])'}"]
     with pytest.raises(RaybmError, match="--retry-errored"):
-        run_sweep(cfg, log=quiet)
+        run_sweep(config(tmp_path, data_csv, *overrides, f"tune.trial_runner={first}"), log=quiet)
     # Retrying resumes each trial's Train run from its epoch-1 checkpoint (the failure
     # hook fires only in a fresh attempt), so both finish.
+    cfg = config(tmp_path, data_csv, *overrides)
     result = run_sweep(cfg, resume=True, retry_errored=True, log=quiet)
     assert [row["status"] for row in result.leaderboard] == ["completed", "completed"]
     for row in result.leaderboard:
         assert [h["epoch"] for h in row["history"]][-1] == 2
         assert row["history"][-1]["resumed_from_epoch"] == 1
+        assert f"/{holder}/{row['trial']}/checkpoint_" in row["best_checkpoint"]
     assert result.winner["test"]["examples"] == 12
 
 
