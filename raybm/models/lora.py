@@ -64,11 +64,34 @@ def is_lora(model) -> bool:
     return getattr(model, "peft_config", None) is not None
 
 
-def adapter_state(model, full_state: dict | None = None) -> dict:
-    """The adapters' and the head's weights (from ``full_state``, a gathered FSDP state dict, when given)."""
+def adapter_state(model) -> dict:
+    """The adapters' and the head's weights, keyed as a LoRA checkpoint holds them."""
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model, state_dict=full_state)
+    return get_peft_model_state_dict(model)
+
+
+def adapter_keys(model) -> dict[str, str]:
+    """Each key of ``model``'s LoRA checkpoint -> the key of the same tensor in the model's
+    full state dict. Taken before FSDP wraps the model: PEFT 0.21.2 finds the adapters by
+    module name, and FSDP's units (one per layer) put ``_fsdp_wrapped_module`` inside those
+    names, so from a gathered full state dict PEFT keeps the head and loses every adapter."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    names = list(model.state_dict())
+    markers = {name: torch.tensor([i]) for i, name in enumerate(names)}
+    return {saved: names[int(marker[0])]
+            for saved, marker in get_peft_model_state_dict(model, state_dict=markers).items()}
+
+
+def save_adapter_weights(folder: str, full_state: dict, keys: dict[str, str]) -> None:
+    """Write a LoRA checkpoint's weights out of a gathered full state dict (``keys``: from
+    ``adapter_keys``)."""
+    from safetensors.torch import save_file
+
+    save_file({saved: full_state[name].contiguous() for saved, name in keys.items()},
+              os.path.join(folder, ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def load_adapter(folder: str, model) -> None:

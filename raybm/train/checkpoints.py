@@ -30,15 +30,20 @@ CHECKPOINT_WEIGHTS = (WEIGHTS_FILE, ADAPTER_WEIGHTS_FILE)
 
 
 def save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list[str], state: dict,
-                     metrics: dict, weights: dict | None = None, drift_reference: dict | None = None) -> None:
+                     metrics: dict, weights: dict | None = None, drift_reference: dict | None = None,
+                     adapter_keys: dict | None = None) -> None:
     """Write a checkpoint into ``folder``: a loadable model folder (weights, tokenizer, label
     map, the job config) plus the training state and the epoch's metrics. Under LoRA the
-    weights are the adapters' and the head's only (``as_model_folder`` merges them)."""
+    weights are the adapters' and the head's only (``as_model_folder`` merges them).
+    ``weights``: a gathered FSDP state dict, with ``adapter_keys`` under LoRA
+    (``raybm.models.lora.adapter_keys``)."""
     import torch
 
-    from raybm.models.lora import is_lora
+    from raybm.models.lora import is_lora, save_adapter_weights
 
     model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
+    if is_lora(model) and weights is not None:
+        save_adapter_weights(folder, weights, adapter_keys)  # PEFT's own filter loses the adapters here
     if is_lora(model):
         model.get_base_model().config.save_pretrained(folder)
         _remove(folder, MODEL_CARD_FILE)  # PEFT's card of the adapters: a published model gets raybm's

@@ -199,7 +199,7 @@ def report(w: Worker, p: Progress, epoch: int, metrics: dict, value: float, scra
         return
     tmp = tempfile.mkdtemp(prefix="epoch-", dir=scratch)
     save_checkpoint(tmp, w.model, w.tokenizer, w.cfg, w.labels, p.state(epoch, optim_state), p.history[-1],
-                    weights=full_weights, drift_reference=w.config.get("drift_reference"))
+                    weights=full_weights, drift_reference=w.config.get("drift_reference"), adapter_keys=w.adapter_keys)
     w.session.report(metrics, tmp)
     if kept is not None and value == p.best:
         if kept.folder:

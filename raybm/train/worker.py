@@ -109,6 +109,7 @@ class Worker:
     teacher: Any  # the distillation teacher, or None
     sizes: dict[int, int]  # parameter sizes by id, from before wrapping
     checkpoint_mb: float  # the weights each checkpoint holds (LoRA: the adapters and the head only)
+    adapter_keys: dict | None  # LoRA under FSDP: checkpoint key -> full state key (raybm.models.lora.adapter_keys)
     steps_per_epoch: int
     total_steps: int
     nodes: list[str]  # the Ray node of each rank, this rank's first
@@ -130,7 +131,7 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     from raybm.data.tokenizing import AugmentCollate, PadCollate
     from raybm.models.build import build_classifier, enable_checkpointing, load_tokenizer, local_model
     from raybm.models.architectures import weight_layers
-    from raybm.models.lora import add_lora, adapter_state, is_lora
+    from raybm.models.lora import add_lora, adapter_keys, adapter_state, is_lora
     from raybm.models.strategies import param_groups
 
     cfg = build_config(config["job"])
@@ -151,6 +152,7 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
     sizes = {id(p): p.numel() for p in model.parameters()}
     saved = adapter_state(model) if is_lora(model) else model.state_dict()  # what each checkpoint holds
+    keys = adapter_keys(model) if is_lora(model) and t.parallelism == "fsdp" else None
     checkpoint_mb = sum(v.numel() * v.element_size() for v in saved.values()) / 1e6
     if rank == 0 and is_lora(model):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -188,7 +190,7 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
         # Fine-tuning a pruned model: the zeros of Linear weights stay zero.
         masks=[(m.weight, m.weight.ne(0)) for m in weight_layers(model)] if t.keep_sparsity else [],
         teacher=load_teacher(t.distill_from, device) if t.distill_from else None,
-        sizes=sizes, checkpoint_mb=checkpoint_mb, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * t.epochs,
+        sizes=sizes, checkpoint_mb=checkpoint_mb, adapter_keys=keys, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * t.epochs,
         nodes=worker_nodes(world), session=session)
     return worker, progress
 
