@@ -83,8 +83,10 @@ def ensure_ray(cfg: RayConfig) -> str:
         global _JOINED
         _JOINED = True
         return f"the Ray cluster at {address}"
-    # The dashboard also serves the state API that Ray Train's run monitor polls.
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env)
+    # No dashboard unless asked: nothing raybm runs on a Ray of its own reads the state API
+    # it serves (Ray Train's placement-group cleaner, which polls it, runs on clusters only).
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
+             runtime_env=runtime_env)
     return "a local Ray (embedded)"
 
 

@@ -51,6 +51,11 @@ class RayConfig:
     """The cluster adds nodes on demand (an autoscaler, as with cluster.yaml): work that no
     node can hold now is not refused up front; it waits up to ``train.placement_timeout_s``
     for a node to join. Off: such work is refused before it starts, naming the setting."""
+    dashboard: bool = False
+    """Start the Ray dashboard with a local Ray (http://127.0.0.1:8265, loopback only), to
+    watch its tasks, actors and logs while a job runs. Off by default: it adds about 2 s
+    to every start and takes a share of a core while the job runs. A cluster's head
+    decides for itself (cluster.yaml starts it)."""
 
 
 @dataclass

@@ -185,9 +185,12 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
     # Bounded: Ray Train retries a worker group it cannot place every minute, without end.
     os.environ[PLACEMENT_TIMEOUT_ENV] = f"{t.placement_timeout_s:g}"
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
-    if not on_cluster():
+    cluster = on_cluster()
+    if not cluster:
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
-    return _trainer_class()(
+    trainer_class = _trainer_class(ray_data=bool(datasets), autoscaling=cluster or bool(datasets),
+                                   placement_group_cleaner=cluster)
+    return trainer_class(
         train_loop_per_worker,
         train_loop_config=worker_config(cfg, labels, report, predictions_to, whole_splits),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=gpu,
@@ -212,20 +215,59 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
     )
 
 
-def _trainer_class():
-    """Ray Train's ``TorchTrainer``, less the Ray Data dataset manager when the workers read
-    no Ray Dataset (the splits read whole): Ray 2.60 starts that actor for every run, a
-    process that only costs CPU."""
+def _trainer_class(*, ray_data: bool, autoscaling: bool, placement_group_cleaner: bool):
+    """Ray Train's ``TorchTrainer``, less the helper processes a run does not need. Ray 2.60
+    starts each of them, a new Python process, for every run; on 2 cores each costs about a
+    second of CPU before the first step and a share of every step after (bench/run_overhead.py):
+
+    - without ``ray_data`` (the workers read their splits whole), no Ray Data dataset manager;
+    - without ``autoscaling``, no autoscaling coordinator: it forwards the worker group's
+      resource requests to an autoscaler, and a Ray raybm started on this machine has none
+      (kept while Ray Data runs, whose budget reads it);
+    - without ``placement_group_cleaner``, no detached actor polling the state API (the
+      dashboard's) every second to remove the run's placement group should its controller
+      die ungracefully: on a Ray raybm started, a run ends with the driver that started it,
+      and the sweep's driver removes a stopped trial's group itself
+      (``raybm.tune.trial.resource_releaser``). Kept on a cluster."""
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    dropped = set()
+    if not ray_data:
+        dropped.add("DatasetsCallback")
+    if not placement_group_cleaner:
+        dropped.add("PlacementGroupCleanerCallback")
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if type(c).__name__ != "DatasetsCallback"]
+            return [c for c in super()._create_default_callbacks() if type(c).__name__ not in dropped]
+
+        def _initialize_and_run_controller(self, **kwargs):
+            if not autoscaling and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = _policy_without_autoscaler(FixedScalingPolicy)(self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
 
     return Trainer
+
+
+def _policy_without_autoscaler(fixed_policy: type) -> type:
+    """Ray Train's fixed-size scaling policy, minus its requests to the autoscaling
+    coordinator (and so minus that actor)."""
+
+    class FixedWithoutAutoscaler(fixed_policy):
+        def after_controller_start(self, train_run_context):
+            pass
+
+        def _maybe_send_resource_request(self):
+            pass
+
+        def _send_resource_request(self):
+            pass
+
+        def _cancel_resource_request(self):
+            pass
+
+    return FixedWithoutAutoscaler
 
 
 # Settings a rerun may change and still resume the same run: where and how it runs, how

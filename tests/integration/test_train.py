@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from safetensors.torch import load_file
 
 from raybm.config import build_config
 from raybm.errors import RaybmError
-from raybm.data import load_split
+from raybm.data import load_split, run_data_stage
 from raybm.inference.evaluate import score_dataset
 from raybm.results import Results
 from raybm.train.driver import run_training
@@ -43,15 +44,18 @@ def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, d
     # of the check below).
     cfg = config(tmp_path, data_csv, "train.epochs=4", "train.keep_checkpoints=2", "train.batch_size=8")
     said = []
+    run_data_stage(cfg, log=quiet)  # Ray Data's own actors start here, not with the run
     before = set(ray_local._private.state.actors())
     result = run_training(cfg, log=said.append)
     assert any("on the test split in the training worker" in line for line in said), said  # no Ray Data job
     assert any("splits read whole by each worker" in line for line in said), said  # nor in the loop
     # Ray Train's process chain, less what this run does not need on a local Ray: no Ray Data
-    # dataset manager (the workers read no Ray Dataset), no preemption watcher.
+    # dataset manager (the workers read no Ray Dataset), no preemption watcher, no autoscaling
+    # coordinator, no placement-group cleaner (the driver's Ray ends with it).
     started = {a["ActorClassName"] for k, a in ray_local._private.state.actors().items() if k not in before}
     assert {"TrainController", "RayTrainWorker"} <= started, started
-    assert not started & {"DatasetManager", "PreemptionWatcher"}, started
+    assert not started & {"DatasetManager", "PreemptionWatcher", "_AutoscalingCoordinatorActor",
+                          "PlacementGroupCleaner"}, started
     losses = [h["train_loss"] for h in result.history]
     assert len(losses) == 4 and losses[-1] < losses[0] * 0.8
     assert result.history[-1]["val_accuracy"] >= 0.8
@@ -362,7 +366,11 @@ def test_lora_with_two_fsdp_workers_gradient_checkpointing_and_bf16(ray_local, t
                  "train.gradient_checkpointing=true", "train.precision=bf16")
     result = run_training(cfg, log=quiet)
     assert [h["precision"] for h in result.history] == ["bf16", "bf16"]
-    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
-    assert all((c / "adapter_model.safetensors").exists() for c in Path(result.run_dir).glob("checkpoint_*")
-               if c.is_dir())
+    checkpoints = sorted(c for c in Path(result.run_dir).glob("checkpoint_*") if c.is_dir())
+    assert checkpoints and all((c / "adapter_model.safetensors").exists() for c in checkpoints)
+    # The sharded optimizer stepped the adapters: PEFT starts every LoRA B matrix at zero.
+    # (Not the loss: on 60 random rows with a random model it moves by noise, up or down.)
+    adapters = load_file(checkpoints[-1] / "adapter_model.safetensors")
+    lora_b = [t for k, t in adapters.items() if "lora_B" in k]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)
     assert "model.safetensors" in os.listdir(result.model_dir)

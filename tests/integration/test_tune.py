@@ -21,12 +21,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def ray_tune():
-    """A local Ray with its dashboard: Ray Train's placement-group cleanup (which a
-    stopped trial relies on) polls the state API the dashboard serves."""
+    """A local Ray as raybm starts one: no dashboard, so no state API, and so no help from
+    Ray Train's placement-group cleaner for a stopped trial (the sweep frees it itself)."""
     import ray
     import ray.data
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
