@@ -178,7 +178,8 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
     prepared dataset's name) the workers read that dataset's splits whole and ``datasets``
     is empty."""
     import ray.train
-    from ray.train.torch import TorchConfig
+
+    from raybm.train.backend import TorchProcessGroupConfig
 
     t = cfg.train
     gpu = asks_for_gpus(t.use_gpu)
@@ -195,7 +196,8 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
         train_loop_config=worker_config(cfg, labels, report, predictions_to, whole_splits),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=gpu,
                                                resources_per_worker=worker_resources(t, gpu)),
-        torch_config=TorchConfig(backend=torch_backend(t, gpu)),
+        # Ray's TorchConfig would have the Train controller import torch (about 2 s here).
+        torch_config=TorchProcessGroupConfig(backend=torch_backend(t, gpu)),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,

@@ -88,6 +88,7 @@ LAZY_IMPORTS = {
     "raybm.dashboard": "imports pandas and Streamlit",
     "raybm.serve.app": "imports FastAPI",
     "raybm.serve.deploy": "imports FastAPI",
+    "raybm.train.backend": "imports Ray Train (for the Train controller, which never imports torch)",
 }
 
 
