@@ -1,6 +1,7 @@
 """The fixed toll of a raybm run and of a sweep trial, against a plain PyTorch loop, in one run.
 
     .venv/bin/python bench/run_overhead.py [--model tiny-bert] [--what run,sweep] [--threads 2]
+    python bench/run_overhead.py --gpu [--precision bf16]      # on a GPU machine: both sides on the GPU
 
 A whole ``raybm train`` (Ray start, the prepared split read and tokenized, the Ray Train
 worker group, 2 epochs with validation, checkpoints, the published model scored on the
@@ -14,7 +15,9 @@ per ``--trial-runners`` (trials in their own process, and in a Ray Train worker 
 Targets (tiny-bert, full binary twitter corpus): outside training and validation at most
 15 s a run and 10 s a sweep trial; with all-minilm-l6-v2 a whole run at most 1.1x plain.
 The data stage (cleaning, splitting) runs once before any timing: both sides start from
-the prepared split.
+the prepared split. ``--gpu``: raybm's worker (``train.use_gpu=yes``) and the plain loop
+train on the GPU, in ``--precision`` (fp32, or bf16 autocast on both sides); on a GPU a
+step's compute is small, so the fixed toll weighs most there.
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ class Clock:
         return next((t for t, line in self.lines if line.startswith(prefix)), None)
 
 
-def plain_run(model_name: str, labels: list[str], data: dict, epochs: int, batch: int, lr: float) -> dict:
-    """Train ``epochs`` with validation after each, then score test; seconds per part."""
+def plain_run(model_name: str, labels: list[str], data: dict, epochs: int, batch: int, lr: float,
+              device: str = "cpu", precision: str = "fp32") -> dict:
+    """Train ``epochs`` with validation after each, then score test, on ``device`` (bf16:
+    autocast, as raybm's loop does); seconds per part."""
     import numpy as np
     import torch
 
@@ -56,7 +61,9 @@ def plain_run(model_name: str, labels: list[str], data: dict, epochs: int, batch
 
     cfg = build_config(overrides=[f"model.name={model_name}", f"train.lr={lr}"])
     torch.manual_seed(0)
-    model = build_classifier(cfg.model, labels)
+    model = build_classifier(cfg.model, labels).to(device)
+    dev = torch.device(device)
+    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -65,15 +72,16 @@ def plain_run(model_name: str, labels: list[str], data: dict, epochs: int, batch
         order = np.random.default_rng(seed).permutation(len(y)) if shuffle else np.arange(len(y))
         for lo in range(0, len(y), size):
             pick = order[lo:lo + size]
-            yield pad_collate({"input_ids": ids[pick], "attention_mask": mask[pick], "labels": y[pick]})
+            yield {k: v.to(dev) for k, v in
+                   pad_collate({"input_ids": ids[pick], "attention_mask": mask[pick], "labels": y[pick]}).items()}
 
     def score(split: str) -> dict:
         model.eval()
         cm = np.zeros((len(labels), len(labels)), dtype=np.int64)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(**amp):
             for b in batches(split, 256, False):
                 pred = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1)
-                np.add.at(cm, (b["labels"].numpy(), pred.numpy()), 1)
+                np.add.at(cm, (b["labels"].cpu().numpy(), pred.cpu().numpy()), 1)
         model.train()
         return metrics_from_confusion(cm, labels)
 
@@ -82,11 +90,15 @@ def plain_run(model_name: str, labels: list[str], data: dict, epochs: int, batch
     for epoch in range(epochs):
         t0 = time.time()
         for b in batches("train", batch, True, seed=epoch):
-            loss = loss_fn(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+            with torch.autocast(**amp):
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss = loss_fn(logits.float(), b["labels"])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         t1 = time.time()
         val = score("validation")
         seconds["train"] += t1 - t0
@@ -95,6 +107,11 @@ def plain_run(model_name: str, labels: list[str], data: dict, epochs: int, batch
     test = score("test")
     seconds["test"] = time.time() - t0
     return {"seconds": seconds, "val_f1": val["f1_macro"], "test_f1": test["f1_macro"]}
+
+
+def plain_device(args) -> tuple[str, str]:
+    """The plain loop's device and precision: raybm's, as ``--gpu`` and ``--precision`` set them."""
+    return ("cuda" if args.gpu else "cpu"), args.precision
 
 
 def tokenize_splits(model_name: str, frames: dict, max_length: int) -> dict:
@@ -181,12 +198,13 @@ def bench_run(args, base: list[str], frames: dict, labels: list[str]) -> None:
     t0 = time.time()
     data = tokenize_splits(args.model, frames, args.max_length)
     tokenize_s = time.time() - t0
-    plain = plain_run(args.model, labels, data, args.epochs, args.batch, LRS[0])
+    plain = plain_run(args.model, labels, data, args.epochs, args.batch, LRS[0], *plain_device(args))
     plain_wall = tokenize_s + sum(plain["seconds"].values())
 
     outside = raybm_wall - epoch_seconds(result.history)
     print(f"\nA whole run: {args.model}, {args.epochs} epochs, batch {args.batch}, length {args.max_length}, "
-          f"{args.threads} torch threads, {len(frames['train']):,} training rows")
+          f"{args.threads} torch threads, {len(frames['train']):,} training rows, "
+          f"{'GPU' if args.gpu else 'CPU'}, {args.precision}")
     print(f"{'path':<58}{'seconds':>9}")
     for what, s in parts:
         print(f"  raybm: {what:<50}{s:>9.1f}")
@@ -279,7 +297,7 @@ def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
     data = tokenize_splits(args.model, frames, args.max_length)
     plain_wall = time.time() - t0
     for lr in LRS:
-        plain = plain_run(args.model, labels, data, args.epochs, args.batch, lr)
+        plain = plain_run(args.model, labels, data, args.epochs, args.batch, lr, *plain_device(args))
         plain_wall += sum(plain["seconds"].values())
     print(f"\nA sweep of {n} trials, one at a time ({args.model}, {args.epochs} epochs each), against {n} plain runs")
     print(f"{'plain: tokenize once, 4 runs, each scored on test':<58}{plain_wall:>9.1f}")
@@ -303,6 +321,8 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--max-rows", type=int, default=0, help="0: the whole corpus")
     parser.add_argument("--root", default="/tmp/raybm-bench-overhead")
+    parser.add_argument("--gpu", action="store_true", help="both sides train on the GPU (train.use_gpu=yes)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--trial-runners", default="in_trial,ray_train",
                         help="the sweep's tune.trial_runner values to measure, one sweep each")
     args = parser.parse_args()
@@ -318,6 +338,7 @@ def main() -> int:
             f"data.max_length={args.max_length}", f"model.name={args.model}", f"train.epochs={args.epochs}",
             f"train.batch_size={args.batch}", f"train.torch_threads={args.threads}", "train.warmup_ratio=0",
             "train.log_every_steps=100000", "train.keep_checkpoints=1", "tune.measure_cost=false",
+            f"train.use_gpu={'yes' if args.gpu else 'no'}", f"train.precision={args.precision}",
             *([f"data.max_rows={args.max_rows}"] if args.max_rows else [])]
     cfg = build_config(overrides=base)
     ray_ctx = ensure_ray(cfg.ray)  # the data stage, once, outside every timing
