@@ -31,7 +31,15 @@ def _hub_id(name: str | None) -> str | None:
     return name if looks_like_hub else None
 
 
-def _recipe(cfg: dict[str, Any]) -> list[tuple[str, Any]]:
+def _precision(asked: str | None, trained: str | None) -> str | None:
+    """The precision the weights were trained in; the setting as well where the device
+    did not honour it (``fp16`` on a CPU trains in fp32)."""
+    if trained is None or asked in (None, "auto", trained):
+        return trained or asked
+    return f"{trained} (train.precision={asked} does not apply on the device it trained on)"
+
+
+def _recipe(cfg: dict[str, Any], trained_precision: str | None = None) -> list[tuple[str, Any]]:
     t, m, d = cfg.get("train") or {}, cfg.get("model") or {}, cfg.get("data") or {}
     strategy = t.get("strategy")
     if strategy == "lora":  # the published weights have the adapters merged in
@@ -44,7 +52,7 @@ def _recipe(cfg: dict[str, Any]) -> list[tuple[str, Any]]:
             ("label smoothing", t.get("label_smoothing")), ("layer-wise LR decay", t.get("layerwise_lr_decay")),
             ("pooling", m.get("pooling")), ("encoder layers kept", m.get("keep_layers")),
             ("gradient checkpointing", t.get("gradient_checkpointing") or None),
-            ("precision", t.get("precision")), ("seed", t.get("seed"))]
+            ("precision", _precision(t.get("precision"), trained_precision)), ("seed", t.get("seed"))]
     off = {"layer-wise LR decay": 1.0}
     return [(k, v) for k, v in rows
             if (v not in (None, "", 0.0, "auto") and off.get(k) != v) or k == "seed"]
@@ -55,8 +63,9 @@ def _fmt(v: Any) -> str:
 
 
 def render(name: str, kind: str, cfg: dict[str, Any], labels: list[str], dataset: str, test: dict[str, Any],
-           notes: list[str] | None = None, model_type: str | None = None) -> str:
-    """The README.md text. ``kind``: run, sweep or soup; ``notes``: lines on how it was chosen."""
+           notes: list[str] | None = None, model_type: str | None = None, trained_precision: str | None = None) -> str:
+    """The README.md text. ``kind``: run, sweep or soup; ``notes``: lines on how it was chosen;
+    ``trained_precision``: what the training loop ran in (an epoch record's ``precision``)."""
     base = (cfg.get("model") or {}).get("name")
     hub = _hub_id(base)
     meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-classification",
@@ -90,7 +99,7 @@ def render(name: str, kind: str, cfg: dict[str, Any], labels: list[str], dataset
     if notes:
         out += ["## How it was chosen", "", *[f"- {n}" for n in notes], ""]
     if cfg:
-        recipe = _recipe(cfg)
+        recipe = _recipe(cfg, trained_precision)
         if model_type == "raybm-pooled":
             recipe = [(k, v) for k, v in recipe if k != "pooling"] + [("classifier input", "mean of the token vectors")]
         out += ["## Training recipe", "", "| setting | value |", "|---|---|"]
@@ -111,9 +120,10 @@ def render(name: str, kind: str, cfg: dict[str, Any], labels: list[str], dataset
 
 
 def write_model_card(results: Results, model_dir: str, *, name: str, kind: str, dataset: str,
-                     test: dict[str, Any], notes: list[str] | None = None) -> None:
+                     test: dict[str, Any], notes: list[str] | None = None,
+                     trained_precision: str | None = None) -> None:
     """Write README.md into a published model folder (``model_dir``: a path in the results
-    store, local or S3)."""
+    store, local or S3); ``trained_precision`` as ``render`` takes it."""
     cfg_file = results.join(model_dir, MODEL_CONFIG_FILE)
     cfg = (yaml.safe_load(results.read_text(cfg_file)) or {}) if results.exists(cfg_file) else {}
     labels = results.read_json(results.join(model_dir, LABEL_MAP_FILE))["labels"]
@@ -121,6 +131,6 @@ def write_model_card(results: Results, model_dir: str, *, name: str, kind: str, 
     published = results.is_complete(model_dir)
     results.unmark_complete(model_dir)  # _SUCCESS stays the last file written
     results.write_text(results.join(model_dir, MODEL_CARD_FILE),
-                       render(name, kind, cfg, labels, dataset, test, notes, model_type))
+                       render(name, kind, cfg, labels, dataset, test, notes, model_type, trained_precision))
     if published:
         results.mark_complete(model_dir)

@@ -402,7 +402,7 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
         notes = [f"the checkpoint of epoch {metrics['best_epoch']} of {len(history)}, best by validation {t.metric} "
                  f"({chosen[t.metric]:.4f})"] if t.metric in chosen else []
         write_model_card(results, results.join(run_dir, MODEL_DIR), name=run_name, kind="run", dataset=prepared.name,
-                         test=test, notes=notes)
+                         test=test, notes=notes, trained_precision=chosen.get("precision"))
         results.mark_complete(run_dir)
         return TrainResult(run_name, results.uri(run_dir), model_uri, metrics, history)
 

@@ -116,6 +116,7 @@ def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Result
             "best_checkpoint": None if checkpoint is None else results.uri(checkpoint),
             "seconds": round(float(last.get("time_total_s", 0.0)), 1),  # wall time (of the last attempt)
             "worker_nodes": worker_nodes_of(history),  # where the last epoch ran, rank 0 first
+            "precision": history[-1].get("precision") if history else None,  # what the loop ran in
             "started_at": history[0].get("started_at") if history else None,
             "finished_at": history[-1].get("finished_at") if history else None,
             "error": error,
@@ -159,7 +160,7 @@ def format_leaderboard(board: list[dict[str, Any]], metric: str) -> str:
     fixed = ("rank", "trial", metric, "best_epoch", "epochs_run", "status", "seconds")
     cost = [k for k in COST_COLUMNS if any(k in row for row in board)]
     searched = [k for k in board[0] if k not in fixed and k not in COST_COLUMNS and k not in
-                ("val_accuracy", "val_loss", "best_checkpoint", "error", "history", *PLACEMENT_COLUMNS)]
+                ("val_accuracy", "val_loss", "best_checkpoint", "error", "history", "precision", *PLACEMENT_COLUMNS)]
     cols = ["rank", "trial", *searched, metric, "best_epoch", "epochs_run", "status", *cost, "seconds"]
 
     def cell(v: Any) -> str:

@@ -318,12 +318,20 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
                      f"single-sentence latency {row['latency_p50_ms']} ms (PyTorch, 1 thread, measured on the driver)")
 
     write_model_card(results, results.join(sweep_dir, MODEL_DIR), name=os.path.basename(sweep_dir.rstrip("/")),
-                     kind="sweep", dataset=dataset, test=test, notes=notes)
+                     kind="sweep", dataset=dataset, test=test, notes=notes,
+                     trained_precision=_trained_precision([r for r in ranked if r["trial"] in soup.ingredients]
+                                                          if used else [row]))
     return {"trial": row["trial"], "values": searched, "dataset": dataset, "model": cfg.model.name,
             "metric": metric, "validation": soup.validation if used else row[metric],
             "best_epoch": row["best_epoch"], "checkpoint": row["best_checkpoint"], "model_dir": model_uri,
             "soup": soup.to_dict() if soup is not None else None, "test": test,
             "cost": {k: row[k] for k in ("params", "size_mb", "latency_p50_ms") if k in row} or None}
+
+
+def _trained_precision(rows: list[dict[str, Any]]) -> str | None:
+    """The precision the published weights trained in: their trials', when they agree."""
+    found = {r.get("precision") for r in rows}
+    return found.pop() if len(found) == 1 else None
 
 
 def _make_soup(results: Results, cfg: JobConfig, dataset: str, rows: list[dict[str, Any]], workdir: str,

@@ -80,6 +80,7 @@ def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, d
     card = (model / "README.md").read_text()  # the model card, with the measured test scores
     assert f"| {test['accuracy']:.4f} | {test['f1_macro']:.4f} |" in card
     assert f"the checkpoint of epoch {metrics['best_epoch']} of 4" in card
+    assert "| precision | fp32 |" in card  # train.precision=auto on a CPU: what the loop ran in
     assert set(test) >= {"accuracy", "precision_macro", "recall_macro", "f1_macro", "per_class", "confusion_matrix"}
     assert test["examples"] == 12 and test["accuracy"] >= 0.8
     assert metrics["best_epoch"] in range(1, 5)

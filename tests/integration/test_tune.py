@@ -97,6 +97,7 @@ def test_the_sweep_folder_holds_the_leaderboard_and_a_tested_winner_with_its_car
     card = (sweep / "model" / "README.md").read_text()
     assert "winner of a raybm sweep" in card and f"trial {result.winner['trial']} (" in card
     assert f"| {result.winner['test']['accuracy']:.4f} |" in card
+    assert "| precision | fp32 |" in card and all(row["precision"] == "fp32" for row in result.leaderboard)
     assert not (sweep / "model" / "train_state.pt").exists()
 
 

@@ -60,3 +60,16 @@ def test_the_card_says_how_confidences_are_calibrated_and_how_a_lora_model_was_t
     assert ("| strategy | LoRA (PEFT), merged into the weights: rank 8, alpha 16, dropout 0.05, adapting the "
             "attention query and value projections |") in text
     assert "## Confidence" not in render("q6", "run", CFG, ["negative", "positive"], "d", TEST)
+
+
+def test_the_card_says_the_precision_the_weights_trained_in():
+    asked_fp16 = {**CFG, "train": {**CFG["train"], "precision": "fp16"}}
+    on_cpu = render("r", "run", asked_fp16, ["a", "b"], "d", TEST, trained_precision="fp32")
+    assert "| precision | fp32 (train.precision=fp16 does not apply on the device it trained on) |" in on_cpu
+    on_gpu = render("r", "run", asked_fp16, ["a", "b"], "d", TEST, trained_precision="fp16")
+    assert "| precision | fp16 |" in on_gpu
+    auto = render("r", "run", {**CFG, "train": {**CFG["train"], "precision": "auto"}}, ["a", "b"], "d", TEST,
+                  trained_precision="bf16")
+    assert "| precision | bf16 |" in auto
+    plain = render("r", "run", CFG, ["a", "b"], "d", TEST).splitlines()
+    assert not any(line.startswith("| precision |") for line in plain)  # unknown and unset: left out
