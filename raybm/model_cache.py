@@ -20,6 +20,7 @@ from raybm.errors import RaybmError
 from raybm.results import (
     SUCCESS_MARKER,
     WEIGHTS_FILE,
+    confined_path,
     copy_to_local,
     copy_tree_to_local,
     is_published,
@@ -107,11 +108,13 @@ def fetch_base_model(uri: str, storage: StorageConfig) -> str:
     except (BotoCoreError, ClientError) as e:
         raise RaybmError(f"model.name={uri}: cannot list the folder ({e}); check the bucket, "
                          f"storage.s3_endpoint_url and the AWS_* credentials") from None
+    for name, _, _ in listing:  # every key confined to the folder before anything is fetched
+        confined_path(model_cache_dir(), name, f"model.name={uri}")
     _check_base_model(uri, {name: size for name, size, _ in listing}, client, bucket, prefix)
 
     def fill(tmp: str) -> None:
         for name, size, _ in listing:
-            target = os.path.join(tmp, *name.split("/"))
+            target = confined_path(tmp, name, f"model.name={uri}")
             os.makedirs(os.path.dirname(target), exist_ok=True)
             client.download_file(bucket, f"{prefix}/{name}", target)
             if os.path.getsize(target) != size:

@@ -151,14 +151,34 @@ def check_bucket(fs: pafs.FileSystem, path: str, uri: str, role: str) -> None:
                          f"(storage.s3_endpoint_url) and your credentials, or create the bucket.")
 
 
+def confined_path(local: str, rel: str, source: str) -> str:
+    """The local path of the store's entry ``rel`` (a ``/``-separated name relative to a
+    folder, e.g. an S3 key below a prefix) inside the local folder ``local``. A name that
+    would leave the folder (``..`` or ``.`` segments, an absolute name, backslashes, empty
+    segments, NUL) is refused with a RaybmError naming it and ``source``: whoever can write
+    to the store must not be able to write files anywhere else on a node."""
+    parts = rel.split("/")
+    if (not rel or rel.startswith("/") or "\\" in rel or "\0" in rel
+            or any(p in ("", ".", "..") for p in parts)):
+        raise RaybmError(f"{source}: refused the entry {rel!r}: its name would leave the folder it is copied "
+                         f"into (only plain names separated by '/' are allowed). Remove it from the store; "
+                         f"nothing was written for it.")
+    return os.path.join(local, *parts)
+
+
 def copy_tree_to_local(fs: pafs.FileSystem, path: str, local: str) -> str:
     """Copy the folder ``path`` on ``fs`` (S3) into the local folder ``local``, subfolders
-    included (pyarrow creates the files, not their folders)."""
+    included (pyarrow creates the files, not their folders). Every name is checked before
+    anything is written (``confined_path``)."""
     selector = pafs.FileSelector(path, recursive=True)
-    os.makedirs(local, exist_ok=True)
+    prefix = path.rstrip("/") + "/"
+    entries = []
     for info in fs.get_file_info(selector):
-        rel = info.path[len(path.rstrip("/")) + 1:]
-        target = os.path.join(local, *rel.split("/"))
+        if not info.path.startswith(prefix):
+            raise RaybmError(f"s3://{path}: refused the entry {info.path!r}, which is not inside the folder")
+        entries.append((info, confined_path(local, info.path[len(prefix):], f"s3://{path}")))
+    os.makedirs(local, exist_ok=True)
+    for info, target in entries:
         if info.type == pafs.FileType.Directory:
             os.makedirs(target, exist_ok=True)
         elif info.type == pafs.FileType.File:
@@ -172,9 +192,24 @@ def copy_to_local(uri: str, storage: StorageConfig, dest: str) -> str:
     ``dest``; returns ``dest``."""
     fs, path = resolve_uri(uri, storage)
     if isinstance(fs, pafs.LocalFileSystem):
+        check_no_links_out(path, uri)
         shutil.copytree(path, dest)
         return dest
     return copy_tree_to_local(fs, path, dest)
+
+
+def check_no_links_out(folder: str, source: str) -> None:
+    """Refuse a local folder holding a symbolic link that leads outside it: copying the
+    folder would copy whatever the link points at (another user's files, a key)."""
+    real = os.path.realpath(folder)
+    for here, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            entry = os.path.join(here, name)
+            if os.path.islink(entry):
+                target = os.path.realpath(entry)
+                if os.path.commonpath([real, target]) != real:
+                    raise RaybmError(f"{source}: refused {os.path.relpath(entry, folder)!r}, a link that leads "
+                                     f"outside the folder (to {target}); replace it with the file itself")
 
 
 def is_published(fs: pafs.FileSystem, folder: str) -> bool:

@@ -53,6 +53,7 @@ from raybm.train.publish import publish_model, score_model_uri
 from raybm.train.resources import check_workers_fit
 from raybm.tune.cost import measure_costs, within_budget
 from raybm.tune.leaderboard import format_values, leaderboard, write_leaderboard
+from raybm.tune.sealed_state import check_sealed, sealed_filesystem
 from raybm.tune.soup import make_soup
 from raybm.tune.trial import (
     IN_TRIAL,
@@ -118,6 +119,8 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     name = sweep_name_for(cfg, prepared.name)
     sweep_dir = results.sweep_dir(name)
     can_restore = tune.Tuner.can_restore(results.join(sweep_dir, TUNE_DIR), storage_filesystem=results.fs)
+    if can_restore:  # before Ray reads any of it: Tune's state holds pickles (raybm.tune.sealed_state)
+        check_sealed(results.fs, results.join(sweep_dir, TUNE_DIR), f"sweep {name!r}")
     # One writer per sweep: a second job with the same sweep name is refused while this one lives.
     with hold_lease(results, SWEEPS, name, f"sweep {name!r}", log=log):
         done = _finished_sweep(results, name, retry_errored)
@@ -214,11 +217,13 @@ def _tuner(cfg: JobConfig, trainable, dists: list[Distribution], results: Result
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
     sweep_dir = results.sweep_dir(name)
+    # Tune's own state is sealed as it is written and checked as it is read back.
+    state_fs = sealed_filesystem(results.fs, results.join(sweep_dir, TUNE_DIR))
     if can_restore:
         log(f"Resuming sweep {name!r}: finished trials are kept, unfinished ones continue from their "
             f"last checkpoint{'; failed trials are retried' if retry_errored else ''}")
         return tune.Tuner.restore(results.join(sweep_dir, TUNE_DIR), trainable, resume_unfinished=True,
-                                  resume_errored=retry_errored, storage_filesystem=results.fs)
+                                  resume_errored=retry_errored, storage_filesystem=state_fs)
     n_trials = cfg.tune.num_samples * grid_size(dists)
     log(f"Sweep {name!r}: {n_trials} trial(s) of {cfg.train.epochs} epoch(s), {cfg.tune.scheduler} scheduler, "
         f"up to {concurrency} at once, ranking by {cfg.tune.metric} ({cfg.tune.mode}) -> {results.uri(sweep_dir)}")
@@ -241,7 +246,7 @@ def _tuner(cfg: JobConfig, trainable, dists: list[Distribution], results: Result
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=sweep_dir,  # stripped of s3://: the filesystem is given
-            storage_filesystem=results.fs,
+            storage_filesystem=state_fs,
             failure_config=tune.FailureConfig(max_failures=failures),
             checkpoint_config=checkpoints,
             callbacks=[resource_releaser()],

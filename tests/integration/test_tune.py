@@ -289,3 +289,34 @@ def test_a_lora_sweep_searches_the_rank_measures_merged_models_and_soups_them(ra
     assert (model_dir / "model.safetensors").exists() and not (model_dir / "adapter_model.safetensors").exists()
     assert sorted(result.winner["soup"]["ingredients"]) == sorted(row["trial"] for row in board)
     assert "LoRA (PEFT)" in (model_dir / "README.md").read_text()
+
+
+class _Planted:
+    """What a bucket writer would plant: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resuming_a_sweep_with_planted_tune_state_runs_none_of_it(ray_tune, tmp_path, data_csv, capsys):
+    import pickle
+
+    from raybm.cli import main
+
+    overrides = [f"storage.root={tmp_path}", f"data.source={data_csv}", "data.text_column=body",
+                 "data.label_column=sentiment", "data.max_length=16", "model.name=tiny-bert", "train.batch_size=16",
+                 "train.epochs=2", "train.fail_at_epoch=2", "train.cpus_per_worker=0.5", "tune.scheduler=fifo",
+                 "tune.num_samples=1", "name=planted", "tune.search_space={train.seed: 'grid([0])'}"]
+    assert main(["tune", *overrides]) == 2  # its one trial fails: an interrupted sweep to resume
+    tune_dir = tmp_path / "sweeps" / "planted" / "tune"
+    assert (tune_dir / "tuner.pkl").exists() and (tune_dir / ".raybm-seal-tuner.pkl").exists()
+    marker = tmp_path / "EXECUTED"
+    (tune_dir / "tuner.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    capsys.readouterr()
+    assert main(["tune", *overrides, "--resume", "--retry-errored"]) == 2
+    err = capsys.readouterr().err
+    assert "sweep 'planted': refused to resume: tuner.pkl in its Ray Tune state does not carry a valid raybm seal" in err
+    assert not marker.exists()

@@ -150,3 +150,49 @@ def test_a_base_model_on_s3_is_fetched_once_per_node_and_content_and_checked_com
             fetch_base_model(partial, storage)
     with pytest.raises(RaybmError, match="no files there"):
         fetch_base_model(f"s3://{bucket}/nothing-here", storage)
+
+
+@pytest.mark.parametrize("bad", ["../../../../ESCAPED.txt", "sub/../../ESCAPED.txt", "/abs/ESCAPED.txt",
+                                 "sub//ESCAPED.txt", "sub\\..\\ESCAPED.txt", "./ESCAPED.txt"])
+def test_a_store_entry_whose_name_leaves_its_folder_is_refused_and_nothing_is_written(store, tiny_model_dir,
+                                                                                       tmp_path, bad):
+    """A bucket writer must not be able to write files anywhere on a node that fetches a
+    model: every key is checked before anything is fetched."""
+    import boto3
+
+    from raybm.model_cache import fetch_base_model
+    from raybm.results import copy_tree_to_local
+
+    s3 = boto3.client("s3", endpoint_url=store.storage.s3_endpoint_url)
+    bucket = store.root[len("s3://"):].split("/")[0]
+    uri = upload_folder(s3, bucket, "base", tiny_model_dir)
+    s3.put_object(Bucket=bucket, Key=f"base/{bad}", Body=b"planted")
+    with pytest.raises(RaybmError, match=r"model.name=s3://.*/base: refused the entry .*ESCAPED.txt.* nothing was "
+                                         r"written for it"):
+        fetch_base_model(uri, store.storage)
+    published = publish(store, tiny_model_dir, "escaping")
+    s3.put_object(Bucket=bucket, Key=f"results/runs/escaping/model/{bad}", Body=b"planted")
+    with pytest.raises(RaybmError, match=r"refused the entry"):
+        fetch_model(published, store.storage)
+    with pytest.raises(RaybmError, match=r"refused the entry"):
+        copy_tree_to_local(store.fs, published[len("s3://"):], str(tmp_path / "copy" / "model"))
+    assert not list(tmp_path.rglob("ESCAPED.txt")) and not (tmp_path / "copy").exists()
+    assert not os.path.exists("/abs/ESCAPED.txt")
+
+
+def test_a_local_model_folder_with_a_link_out_is_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    from raybm.results import copy_to_local
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not to be copied")
+    (folder / "notes.txt").symlink_to(secret)
+    with pytest.raises(RaybmError, match=r"refused 'notes.txt', a link that leads outside the folder"):
+        copy_to_local(str(folder), StorageConfig(), str(tmp_path / "copy"))
+    assert not (tmp_path / "copy").exists()
+    (folder / "notes.txt").unlink()
+    (folder / "notes.txt").symlink_to(folder / "config.json")  # a link inside the folder is fine
+    assert os.path.isfile(os.path.join(copy_to_local(str(folder), StorageConfig(), str(tmp_path / "copy")), "notes.txt"))
