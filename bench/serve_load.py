@@ -142,13 +142,14 @@ def serve_phase(cfg_overrides: list[str], model_dir: str, texts_file: str, level
     from ray import serve
 
     from raybm.config import build_config
+    from raybm.serve.app import for_model
     from raybm.serve.deploy import deploy
 
     cfg = build_config(overrides=cfg_overrides)
     url = deploy(cfg, model_dir)
     run_client(url, texts_file, 4, 40)  # warm-up
     rows = [run_client(url, texts_file, c, requests) for c in levels]
-    serve.delete(cfg.serve.app_name)
+    serve.delete(for_model(cfg.serve, model_dir).app_name)
     return rows
 
 

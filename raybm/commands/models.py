@@ -148,13 +148,15 @@ def format_exports(reference: dict | None, manifests: dict) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`raybm serve`."""
-    from raybm.serve.app import DEFAULT_LOADER, read_api_key
-    from raybm.serve.deploy import deploy, wait_until_interrupted
+    from raybm.serve.app import DEFAULT_LOADER, for_model, read_api_key
+    from raybm.serve.deploy import deploy, stop_app, wait_until_interrupted
 
     cfg = load_config(args.config, args.overrides)
-    s = cfg.serve
+    if args.list or args.stop:
+        return _manage_apps(cfg, args)
     Results.from_config(cfg.storage).check_reachable()
     model_dir = locate_model(args.model, cfg, shared=True)
+    s = for_model(cfg.serve, model_dir)
     storage = None
     if is_s3(model_dir):  # replicas fetch the model from S3 themselves (on whichever node they run)
         card, storage = {"name": model_name(model_dir)}, cfg.storage
@@ -180,18 +182,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for text, p in zip(args.send, post_texts(url, args.send, api_key=key or None)):
             print(f"  {p['label']:<10} {p['confidence']:.3f}  {text}")
     if args.detach:
-        print(f"Left running on the cluster; stop it with `serve delete {s.app_name}`.")
+        print(f"Left running on the cluster as the application {s.app_name!r}; stop it with "
+              f"`raybm serve --stop {s.app_name}`.")
         return 0
     from ray import serve
 
     if args.exit:
-        serve.shutdown()
+        stop_app(s.app_name)  # this model only: others on the same Serve keep serving
+        if not cluster_address(cfg.ray):
+            serve.shutdown()
         print(f"Stopped (--exit). To keep a server up: raybm serve --model {model_dir}")
         return 0
     print("Serving until Ctrl-C.", flush=True)
     wait_until_interrupted()
-    serve.shutdown()
+    stop_app(s.app_name)
+    if not cluster_address(cfg.ray):
+        serve.shutdown()
     print("Stopped.")
+    return 0
+
+
+def _manage_apps(cfg, args: argparse.Namespace) -> int:
+    """`raybm serve --list` / `--stop NAME`: the models the running Serve hosts."""
+    from raybm.serve.deploy import list_apps, stop_app
+
+    if not cluster_address(cfg.ray):
+        raise RaybmError("--list and --stop manage the models on a Ray cluster (ray.address or RAY_ADDRESS); a "
+                         "local Ray's Serve lives only as long as the command that started it")
+    print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
+    if args.stop:
+        stop_app(args.stop)
+        print(f"Stopped {args.stop!r}; the other applications keep serving.")
+        return 0
+    apps = list_apps()
+    if not apps:
+        print("No model is being served on this Ray.")
+    for app in apps:
+        print(f"  {app['name']:<24} {app['status']:<10} {app['url'] or app['route_prefix'] or '-'}")
     return 0
 
 
@@ -238,4 +265,6 @@ def register(sub) -> None:
     p.add_argument("--exit", action="store_true", help="stop after deploying (and --send) instead of serving on")
     p.add_argument("--detach", action="store_true", help="on a Ray cluster: leave the server running and return")
     p.add_argument("--loader", help="model loader as module:function (default: raybm.inference.loading:load_predictor)")
+    p.add_argument("--list", action="store_true", help="on a Ray cluster: list the models being served, with their URLs")
+    p.add_argument("--stop", metavar="NAME", help="on a Ray cluster: stop the model served as NAME (see --list)")
     p.set_defaults(func=cmd_serve)

@@ -87,7 +87,7 @@ def check_job(cfg: JobConfig) -> None:
         raise ConfigError(f"serve.host={s.host} listens beyond this machine without an API key: set "
                           f"serve.api_key_env to a variable holding one (or serve.allow_without_key=true "
                           f"behind a gateway that checks callers)")
-    if not s.route_prefix.startswith("/"):
+    if s.route_prefix and not s.route_prefix.startswith("/"):
         raise ConfigError(f"serve.route_prefix: must start with '/', got {s.route_prefix!r}")
     if s.backend in ("int8", "onnx") and s.gpus_per_replica:
         raise ConfigError(f"serve.backend={s.backend} runs on CPU only; set serve.gpus_per_replica=0 or use "

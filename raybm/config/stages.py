@@ -216,10 +216,12 @@ class ServeConfig:
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     """Where Serve's HTTP proxies run on a cluster: on every node (put a load balancer in
     front), or on the head only (one address; a lost worker node costs no proxy)."""
-    app_name: str = "raybm"
-    """Serve application name (several models can be served side by side under different names)."""
-    route_prefix: str = "/"
-    """URL prefix of the API (e.g. /sentiment)."""
+    app_name: str = ""
+    """Serve application name. Empty: the model's name (its run or sweep; an export's name
+    and variant), so each model is an application of its own and a second model never
+    replaces the first; deploying the same name again updates it."""
+    route_prefix: str = ""
+    """URL prefix of the API (e.g. /sentiment). Empty: ``/<app_name>``."""
     backend: Literal["auto", "torch", "int8", "onnx"] = "auto"
     """Model backend: torch (fp32 weights; fp16 on GPU), int8 (PyTorch dynamic quantization, CPU),
     onnx (ONNX Runtime over an export variant's model.onnx, CPU); auto: what the folder is."""

@@ -30,6 +30,7 @@ import hmac
 import importlib
 import json
 import os
+import re
 import secrets
 import time
 from dataclasses import asdict
@@ -41,9 +42,9 @@ from raybm.config import ServeConfig, StorageConfig, load_config
 from raybm.errors import RaybmError
 from raybm.inference.explain import METHOD, explain
 from raybm.inference.loading import check_model_files, model_info
-from raybm.inference.locate import locate_model
+from raybm.inference.locate import locate_model, model_name
 from raybm.model_cache import fetch_model
-from raybm.results import resolve_uri
+from raybm.results import EXPORTS, resolve_uri
 from raybm.serve.contract import (
     ERROR_RESPONSES,
     EXPLAIN_MAX_TEXTS,
@@ -335,6 +336,21 @@ def read_api_key(s: ServeConfig) -> dict[str, str] | None:
     return {"salt": salt, "hmac": api_key_digest(key, salt)}
 
 
+def app_name_for(model_dir: str) -> str:
+    """The Serve application name of a model folder: its run or sweep name, or an export's
+    name and variant (``exports/<name>/<variant>``), as a URL path segment."""
+    parts = model_dir.rstrip("/").replace(os.sep, "/").split("/")
+    name = f"{parts[-2]}-{parts[-1]}" if len(parts) > 2 and parts[-3] == EXPORTS else model_name(model_dir)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+
+
+def for_model(s: ServeConfig, model_dir: str) -> ServeConfig:
+    """``s`` with its application name and route prefix filled in: by default the model's
+    own name, and ``/<name>``."""
+    name = s.app_name or app_name_for(model_dir)
+    return dataclasses.replace(s, app_name=name, route_prefix=s.route_prefix or f"/{name}")
+
+
 def build_application(model_dir: str, s: ServeConfig, loader: str | Callable = DEFAULT_LOADER,
                       storage: StorageConfig | None = None):
     """A Serve application for ``model_dir`` (a local folder, or an s3:// one with the
@@ -361,4 +377,5 @@ def build_app(args: dict[str, str]):
     model, config, loader = args.pop("model"), args.pop("config", None), args.pop("loader", DEFAULT_LOADER)
     cfg = load_config(config, [f"serve.{k}={v}" for k, v in args.items()])
     located = locate_model(model, cfg, flag="model=")
-    return build_application(located, cfg.serve, loader, storage=cfg.storage if located.startswith("s3://") else None)
+    return build_application(located, for_model(cfg.serve, located), loader,
+                             storage=cfg.storage if located.startswith("s3://") else None)

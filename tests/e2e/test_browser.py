@@ -108,9 +108,9 @@ def served(tiny_model_dir, tmp_path):
     traffic sent to it: 20 requests of 3 texts and one a client gets wrong."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "raybm.cli", "serve", "--model", tiny_model_dir,
-                             f"serve.port={port}", "serve.cpus_per_replica=0.25"],
+                             f"serve.port={port}", "serve.cpus_per_replica=0.25", "serve.app_name=tiny"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}/tiny"
     answers(proc, f"{url}/healthz", "the model server", 180)
 
     def post(body: bytes) -> None:

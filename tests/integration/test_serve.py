@@ -123,7 +123,7 @@ def test_the_counts_reach_rays_metrics_that_prometheus_scrapes(server):
         time.sleep(2)
     assert 'raybm_requests_total{' in text or "raybm_requests{" in text, text[-2000:]
     assert "raybm_answers" in text and "raybm_request_latency_ms_bucket" in text and "raybm_answer_confidence" in text
-    assert 'app="raybm"' in text and 'route="predict"' in text
+    assert 'app="tiny-run"' in text and 'route="predict"' in text  # the model's own application
 
 
 def test_predictions_match_the_model_in_input_order(server):
@@ -230,6 +230,31 @@ def test_api_key_int8_backend_metadata_and_the_app_builder(server, monkeypatch):
     assert meta["test_metrics"] == {"accuracy": 0.75, "f1_macro": 0.7}
     assert meta["limits"]["max_texts"] == 64  # build_app read no config: defaults
     serve.delete("keyed")
+
+
+def test_a_second_model_is_an_application_of_its_own_and_a_serve_it_cannot_use_is_refused(server, tmp_path):
+    from raybm.serve.deploy import list_apps
+
+    assert server["url"].endswith(f":{server['port']}/tiny-run")  # the model's own name and route
+    other = tmp_path / "runs" / "other-run" / "model"
+    shutil.copytree(server["model_dir"], other)
+    cfg = build_config(overrides=[f"serve.port={server['port']}", "serve.cpus_per_replica=0.25"])
+    url = deploy(cfg, str(other))
+    assert url == f"http://127.0.0.1:{server['port']}/other-run"
+    for u in (server["url"], url):  # both answer: the second did not replace the first
+        assert post(u, {"texts": TEXTS[:2]}).status_code == 200, u
+    apps = {a["name"]: a for a in list_apps()}
+    assert apps["tiny-run"]["url"] == server["url"] and apps["other-run"]["route_prefix"] == "/other-run"
+    for overrides, message in (([f"serve.port={free_port()}"], f"already listens on 127.0.0.1:{server['port']}"),
+                               ([f"serve.port={server['port']}", "serve.app_name=third",
+                                 "serve.route_prefix=/tiny-run"], "route /tiny-run is served by the application")):
+        with pytest.raises(Exception, match=message):
+            deploy(build_config(overrides=overrides + ["serve.cpus_per_replica=0.25"]), str(other))
+    assert "third" not in {a["name"] for a in list_apps()}
+    assert post(server["url"], {"texts": TEXTS[:2]}).status_code == 200
+    from ray import serve
+
+    serve.delete("other-run")
 
 
 def test_overload_is_shed_with_503_and_nothing_else(server):

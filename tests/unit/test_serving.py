@@ -145,3 +145,37 @@ def test_an_answer_below_the_abstain_band_says_it_is_uncertain():
                                                      "probabilities": {"neg": 0.03, "pos": 0.97}, "uncertain": False}
     assert prediction(["neg", "pos"], unsure, 0.8)["uncertain"] is True
     assert prediction(["neg", "pos"], unsure)["uncertain"] is False  # no band by default
+
+
+def test_each_model_is_its_own_application_under_its_own_route():
+    from raybm.serve.app import app_name_for, for_model
+
+    s = for_model(serve_cfg(), "/r/runs/my-run/model")
+    assert (s.app_name, s.route_prefix) == ("my-run", "/my-run")
+    assert app_name_for("s3://b/r/exports/best/onnx-int8") == "best-onnx-int8"
+    assert app_name_for("/r/sweeps/a b?c/model") == "a-b-c"
+    s = for_model(serve_cfg("serve.app_name=sentiment", "serve.route_prefix=/api"), "/r/runs/x/model")
+    assert (s.app_name, s.route_prefix) == ("sentiment", "/api")
+
+
+@pytest.mark.parametrize("running, overrides, message", [
+    # Serve already open beyond this machine: a keyless model would be open to anyone.
+    (("0.0.0.0", 8000, {}), ["serve.host=0.0.0.0", "serve.allow_without_key=true"], None),
+    (("0.0.0.0", 8000, {}), [], r"listens on 0.0.0.0:8000, beyond this machine: 'x' without an API key"),
+    # Serve keeps the address it started with: another port would not be applied.
+    (("127.0.0.1", 8000, {}), ["serve.port=8001"], r"already listens on 127.0.0.1:8000 .*serve.port=8000"),
+    (("127.0.0.1", 8000, {"other": "/x"}), [], r"route /x is served by the application 'other'"),
+    (("127.0.0.1", 8000, {"x": "/x"}), [], None),  # the same name again: an update
+    ((None, None, {"other": None}), [], None),  # a Ray that no longer tells: Serve's own checks decide
+])
+def test_a_running_serve_is_checked_before_anything_is_replaced(running, overrides, message, monkeypatch):
+    from raybm.serve.app import for_model
+    from raybm.serve.deploy import check_running_serve
+    from raybm.serve.running import RunningServe
+
+    s = for_model(serve_cfg(*overrides), "/r/runs/x/model")
+    if message is None:
+        check_running_serve(s, RunningServe(*running))
+    else:
+        with pytest.raises(RaybmError, match=message):
+            check_running_serve(s, RunningServe(*running))
