@@ -11,10 +11,19 @@ job died), or its owner is known to be gone (a process of this host that no long
 a Ray job of this cluster that has ended). A stale lease is taken over atomically (a
 rename locally; on S3 a PUT with ``If-Match`` on the stale lease's ETag), so of two jobs
 taking over at once only one wins.
+
+A lease's age is read on the store's own clock (the file's modification time against the
+local clock of the folder's machine; on S3 the object's ``Last-Modified`` against the
+server's ``Date``), never on the writer's: a job whose clock runs ahead cannot find a live
+lease stale. An empty or unreadable lease file (its writer died between creating and
+writing it) is stale once that age passes the time-to-live. Each takeover raises the
+lease's generation; a holder checks its token and generation before it publishes
+(``Lease.check``, fencing) and stops with an error when another job took the lease.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -23,6 +32,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from raybm.errors import RaybmError
@@ -73,7 +83,8 @@ def owner_gone(record: dict[str, Any]) -> bool:
 
 
 class _Store:
-    """Create / replace / delete one small file with compare-and-swap semantics."""
+    """Create / replace / delete one small file with compare-and-swap semantics. A version
+    tag is the S3 ETag, or locally a digest of the file's bytes."""
 
     def __init__(self, results: Results, path: str):
         self.results, self.path = results, path
@@ -99,10 +110,11 @@ class _Store:
             return None
         with os.fdopen(fd, "wb") as f:
             f.write(body)
-        return json.loads(body)["token"]
+        return _tag(body)
 
-    def read(self) -> tuple[dict[str, Any], str] | None:
-        """(record, version tag), or None when there is no file."""
+    def read(self) -> tuple[dict[str, Any], str, float] | None:
+        """(record, version tag, age in seconds on the store's clock), or None when there is
+        no file. An empty or unreadable file reads as the record ``{}``."""
         if self.results.remote:
             from botocore.exceptions import ClientError
 
@@ -112,16 +124,16 @@ class _Store:
                 if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
                     return None
                 raise
-            return json.loads(got["Body"].read()), got["ETag"]
+            body = got["Body"].read()
+            now = _server_time(got) or time.time()
+            return _parse(body), got["ETag"], max(0.0, now - got["LastModified"].timestamp())
         try:
-            with open(self.path, encoding="utf-8") as f:
-                record = json.load(f)
+            with open(self.path, "rb") as f:
+                body = f.read()
+                age = time.time() - os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             return None
-        except ValueError:  # being written this instant
-            time.sleep(0.1)
-            return self.read()
-        return record, record.get("token", "")
+        return _parse(body), _tag(body), max(0.0, age)
 
     def replace(self, body: bytes, tag: str, *, take_over: bool = False) -> str | None:
         """Overwrite the file only if it is still at version ``tag``; the new tag, or None.
@@ -144,14 +156,14 @@ class _Store:
             with open(tmp, "wb") as f:
                 f.write(body)
             os.replace(tmp, self.path)
-            return json.loads(body)["token"]
+            return _tag(body)
         aside = f"{self.path}.old-{uuid.uuid4().hex[:8]}"
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return None
-        with open(aside, encoding="utf-8") as f:
-            seen = json.load(f).get("token")
+        with open(aside, "rb") as f:
+            seen = _tag(f.read())
         if seen != tag:
             os.rename(aside, self.path)  # renewed meanwhile: not ours to take
             return None
@@ -177,14 +189,61 @@ class _Store:
             pass
 
 
+def _tag(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:32]
+
+
+def _parse(body: bytes) -> dict[str, Any]:
+    """A lease record; ``{}`` for an empty or damaged file (a writer that died mid-write)."""
+    try:
+        record = json.loads(body)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _server_time(response: dict[str, Any]) -> float | None:
+    """The S3 server's clock from a response's ``Date`` header."""
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if not date:
+        return None
+    try:
+        return parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+class Lease:
+    """A held lease: ``check()`` before publishing (fencing)."""
+
+    def __init__(self, store: _Store, record: dict[str, Any], what: str):
+        self.store, self.record, self.what = store, record, what
+        self.lost = threading.Event()
+
+    def check(self) -> None:
+        """Raise a RaybmError when another job holds the lease now (it found this job's
+        lease stale and took it over): this job must not publish over that job's work."""
+        current = self.store.read()
+        held = current[0] if current else {}
+        if self.lost.is_set() or held.get("token") != self.record["token"] \
+                or held.get("generation") != self.record["generation"]:
+            self.lost.set()
+            who = f"host {held.get('host')}, pid {held.get('pid')}" if held else "nobody now"
+            raise RaybmError(f"{self.what}: this job lost its lease (held by {who}) while it worked, so it publishes "
+                             f"nothing: the other job's writes win. Its lease was not renewed within "
+                             f"storage.lease_ttl_s (a stalled process or a slow store?); raise it and run again.")
+
+
 @contextmanager
-def hold_lease(results: Results, kind: str, name: str, what: str, log=print) -> Iterator[None]:
+def hold_lease(results: Results, kind: str, name: str, what: str, log=print) -> Iterator[Lease]:
     """Hold the lease of ``<root>/<kind>/<name>`` while the block runs: a second writer of
     the same artifact is refused with an error naming the holder; a stale lease is taken
-    over. ``what`` names the artifact in messages."""
+    over. ``what`` names the artifact in messages. Yields the ``Lease``, whose ``check()``
+    the block calls before it publishes."""
     ttl_s = results.storage.lease_ttl_s
     store = _Store(results, results.lease_path(kind, name))
     record = owner_record(ttl_s)
+    record["generation"] = 1
     tag = None
     for _ in range(5):
         record["renewed_at"] = time.time()
@@ -194,15 +253,16 @@ def hold_lease(results: Results, kind: str, name: str, what: str, log=print) -> 
         current = store.read()
         if current is None:
             continue  # released meanwhile: try again
-        held, held_tag = current
-        age = time.time() - float(held.get("renewed_at", 0))
-        if age <= float(held.get("ttl_s", ttl_s)) and not owner_gone(held):
-            who = f"host {held.get('host')}, pid {held.get('pid')}" + \
-                  (f", Ray job {held['ray_job']}" if held.get("ray_job") else "")
+        held, held_tag, age = current
+        held_ttl = _ttl_of(held, ttl_s)
+        if age <= held_ttl and not (held and owner_gone(held)):
+            who = (f"host {held.get('host')}, pid {held.get('pid')}" + (f", Ray job {held['ray_job']}"
+                   if held.get("ray_job") else "")) if held else "a job whose lease file is still being written"
             raise RaybmError(f"{what} is being written by another job ({who}; lease renewed {age:.0f} s ago): "
                              f"{results.uri(store.path)}. Wait for that job to finish or stop it, or use another "
-                             f"name. A lease its job stops renewing expires after {held.get('ttl_s', ttl_s):g} s "
+                             f"name. A lease its job stops renewing expires after {held_ttl:g} s "
                              f"(storage.lease_ttl_s).")
+        record["generation"] = int(held.get("generation") or 0) + 1 if isinstance(held.get("generation"), int) else 2
         tag = store.replace(json.dumps(record).encode(), held_tag, take_over=True)
         if tag is not None:
             log(f"Took over the stale lease of {what} (its job ended, or stopped renewing {age:.0f} s ago)")
@@ -210,6 +270,7 @@ def hold_lease(results: Results, kind: str, name: str, what: str, log=print) -> 
     if tag is None:
         raise RaybmError(f"{what}: could not take the lease {results.uri(store.path)}; another job keeps taking it. "
                          f"Run one job per name.")
+    lease = Lease(store, record, what)
     stop = threading.Event()
     state = {"tag": tag}
 
@@ -218,15 +279,23 @@ def hold_lease(results: Results, kind: str, name: str, what: str, log=print) -> 
             record["renewed_at"] = time.time()
             new = store.replace(json.dumps(record).encode(), state["tag"])
             if new is None:
-                log(f"WARNING: the lease of {what} was taken by another job; this job's writes may mix with its")
+                lease.lost.set()
+                log(f"WARNING: the lease of {what} was taken by another job; this job will publish nothing")
                 return
             state["tag"] = new
 
     thread = threading.Thread(target=renew, name="raybm-lease", daemon=True)
     thread.start()
     try:
-        yield
+        yield lease
     finally:
         stop.set()
         thread.join(timeout=10)
         store.delete(state["tag"])
+
+
+def _ttl_of(held: dict[str, Any], default: float) -> float:
+    try:
+        return float(held.get("ttl_s", default))
+    except (TypeError, ValueError):
+        return default

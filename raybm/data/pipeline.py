@@ -249,7 +249,7 @@ def _split_and_count(cfg: JobConfig, deduped, keys, mapper, dropped: dict[str, i
 def _write_dataset(cfg: JobConfig, results: Results, name: str, split_ds, mapper, report: dict, log) -> None:
     """Write the splits, label map, config and report into a staging folder, then publish it
     in one step (one writer per dataset: a lease)."""
-    with hold_lease(results, DATASETS, name, f"dataset {name!r}", log=log):
+    with hold_lease(results, DATASETS, name, f"dataset {name!r}", log=log) as lease:
         build = results.build_dir(DATASETS, name)
         try:
             if results.remote and results.exists(build):
@@ -260,6 +260,7 @@ def _write_dataset(cfg: JobConfig, results: Results, name: str, split_ds, mapper
             results.write_json(results.join(build, LABEL_MAP_FILE), mapper.to_json())
             results.write_text(results.join(build, CONFIG_FILE), cfg.to_yaml())
             results.write_json(results.join(build, REPORT_FILE), report)
+            lease.check()  # fencing: nothing is published by a job that lost its lease
             results.mark_complete(build)
             results.publish(build, results.dataset_dir(name))
         except BaseException:

@@ -98,8 +98,8 @@ def run_export(cfg: JobConfig, model_spec: str, variants: list[str] | None = Non
     if not results.remote:
         model_dir = local_model(located, cfg)
         name = model_name(located) if source_uri else model_info(model_dir)["name"]
-        with hold_lease(results, EXPORTS, name, f"export {name!r}", log=log):  # one writer per export
-            return _export(cfg, model_dir, variants, results, log, source_uri=source_uri)
+        with hold_lease(results, EXPORTS, name, f"export {name!r}", log=log) as lease:  # one writer per export
+            return _export(cfg, model_dir, variants, results, log, source_uri=source_uri, check_lease=lease.check)
     with tempfile.TemporaryDirectory(prefix="raybm-export-") as tmp:
         model_dir = located
         if source_uri:
@@ -109,14 +109,15 @@ def run_export(cfg: JobConfig, model_spec: str, variants: list[str] | None = Non
         done = _export(cfg, model_dir, variants, local, log, source_uri=located)
         final = results.export_dir(done.name)
         log(f"uploading {done.name} to {results.uri(final)} ...")
-        with hold_lease(results, EXPORTS, done.name, f"export {done.name!r}", log=log):
+        with hold_lease(results, EXPORTS, done.name, f"export {done.name!r}", log=log) as lease:
+            lease.check()
             results.upload_dir(done.folder, final)
         return ExportResult(done.name, results.uri(final), done.manifests, done.reference,
                             results.uri(results.join(final, MOBILE_DIR)) if done.mobile else None)
 
 
 def _export(cfg: JobConfig, model_dir: str, variants: list[str], results: Results, log,
-            source_uri: str | None = None) -> ExportResult:
+            source_uri: str | None = None, check_lease: Callable[[], None] = lambda: None) -> ExportResult:
     """Build the variants of the local ``model_dir`` under the local ``results`` root."""
     e = cfg.export
     check_source(model_dir)
@@ -159,6 +160,7 @@ def _export(cfg: JobConfig, model_dir: str, variants: list[str], results: Result
                     manifest["measured"] = m
                 with open(os.path.join(staging, VARIANT_FILE), "w", encoding="utf-8") as f:
                     json.dump(manifest, f, indent=2)
+                check_lease()  # fencing: nothing is published by a job that lost its lease
                 results.publish(staging, os.path.join(out, v))
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)

@@ -362,7 +362,7 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
         f"{' on GPU' if asks_for_gpus(t.use_gpu) else ''}, {t.epochs} epoch(s), "
         f"{'splits read whole by each worker' if whole else 'splits streamed by Ray Data'} -> {results.uri(run_dir)}")
     # One writer per run: a second job with the same run name is refused while this one lives.
-    with hold_lease(results, RUNS, run_name, f"training run {run_name!r}", log=log):
+    with hold_lease(results, RUNS, run_name, f"training run {run_name!r}", log=log) as lease:
         check_same_recipe(results, run_dir, run_name, cfg)
         results.unmark_complete(run_dir)  # a rerun: the old run no longer reads as complete while this one writes
         results.write_text(results.join(run_dir, CONFIG_FILE), cfg.to_yaml())
@@ -383,6 +383,7 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
 
         # 3. Publish the best checkpoint as the run's model; score it on the test split
         # unless the workers already did.
+        lease.check()  # fencing: nothing is published by a job that lost its lease
         model_uri = publish_model(results, run_dir, best)
         if test is None:
             log("Scoring the best checkpoint on the test split")
@@ -403,6 +404,7 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
                  f"({chosen[t.metric]:.4f})"] if t.metric in chosen else []
         write_model_card(results, results.join(run_dir, MODEL_DIR), name=run_name, kind="run", dataset=prepared.name,
                          test=test, notes=notes, trained_precision=chosen.get("precision"))
+        lease.check()
         results.mark_complete(run_dir)
         return TrainResult(run_name, results.uri(run_dir), model_uri, metrics, history)
 

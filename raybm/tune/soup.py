@@ -28,6 +28,7 @@ from typing import Any
 from raybm.errors import ConfigError, RaybmError
 from raybm.inference.loading import model_info, read_label_map
 from raybm.inference.locate import locate_model
+from raybm.lease import hold_lease
 from raybm.metrics import soup_metric
 from raybm.models.card import write_model_card
 from raybm.model_cache import fetch_model
@@ -39,6 +40,7 @@ from raybm.results import (
     MODEL_CONFIG_FILE,
     MODEL_DIR,
     PREDICTIONS_FILE,
+    RUNS,
     SOUP_FILE,
     SUCCESS_MARKER,
     TRAIN_STATE_FILE,
@@ -218,13 +220,23 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
     """``raybm soup``: the soup of finished models (run or sweep names, model folders, or
     s3:// folders) as a new run ``runs/<name>/``: model/, metrics.json (the soup's test
     metrics and its recipe), config.yaml, test predictions. Candidates are ranked by their
-    validation score on ``dataset`` first; the test split is scored once, at the end."""
+    validation score on ``dataset`` first; the test split is scored once, at the end. The
+    run is written under its lease (raybm.lease), as every run is."""
+    results, run_dir = check_soup_inputs(cfg, models, dataset, name)
+    with hold_lease(results, RUNS, name, f"soup {name!r}", log=log) as lease:  # one writer per run name
+        if results.exists(run_dir):  # written by another job since the check above
+            raise RaybmError(f"--name {name!r}: {results.uri(run_dir)} already exists; pick another name or delete it")
+        return _run_soup(cfg, results, run_dir, models, dataset, name, method, lease, log)
+
+
+def _run_soup(cfg, results, run_dir: str, models: list[str], dataset: str, name: str, method: str, lease,
+              log: Callable[[str], None]) -> dict[str, Any]:
+    """``run_soup`` under the run's lease."""
     import ray.train
 
     from raybm.data import load_split
     from raybm.inference.evaluate import calibrate_folder, score_dataset
 
-    results, run_dir = check_soup_inputs(cfg, models, dataset, name)
     metric = soup_metric(cfg.tune.metric)
     labels = results.dataset_label_map(dataset)["labels"]
     with tempfile.TemporaryDirectory(prefix="raybm-soup-") as tmp:
@@ -255,6 +267,7 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
         calibrate_folder(soup.folder, validation, cfg.data.max_length)  # new weights: their own temperature
 
         base_model = model_info(soup.folder)["base_model"]
+        lease.check()  # fencing: nothing is published by a job that lost its lease
         model_uri = publish_model(results, run_dir, ray.train.Checkpoint.from_directory(soup.folder))
         source_cfg = os.path.join(local[0][1], MODEL_CONFIG_FILE)
         if os.path.isfile(source_cfg):
@@ -271,5 +284,6 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
                      notes=[f"the {soup.method} soup of {', '.join(soup.ingredients)} (from {', '.join(models)}), "
                             f"validation {cfg.tune.metric} {soup.validation:.4f} against {soup.best_single:.4f} "
                             f"for the best of them alone"])
+    lease.check()
     results.mark_complete(run_dir)
     return {"run_dir": results.uri(run_dir), "model_dir": model_uri, **metrics}

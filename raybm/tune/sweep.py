@@ -122,7 +122,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
     if can_restore:  # before Ray reads any of it: Tune's state holds pickles (raybm.tune.sealed_state)
         check_sealed(results.fs, results.join(sweep_dir, TUNE_DIR), f"sweep {name!r}")
     # One writer per sweep: a second job with the same sweep name is refused while this one lives.
-    with hold_lease(results, SWEEPS, name, f"sweep {name!r}", log=log):
+    with hold_lease(results, SWEEPS, name, f"sweep {name!r}", log=log) as lease:
         done = _finished_sweep(results, name, retry_errored)
         if done is not None:
             log(f"Sweep {name!r} is already complete: {results.uri(sweep_dir)}")
@@ -142,10 +142,12 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
             raise RaybmError(f"sweep {name!r} was interrupted with {len(grid) - finished} trial(s) unfinished; "
                              f"run the same command with --resume to finish it")
         ranked, budget = _rank(cfg, name, board, log)
+        lease.check()  # fencing: nothing is published by a job that lost its lease
         write_leaderboard(results, sweep_dir, board)  # the callers print it (cli, pipeline)
         winner = _publish_winner(results, sweep_dir, cfg, prepared.name, ranked, log)
         winner["latency_budget"] = budget
         winner["sweep_seconds"] = round(time.time() - started, 1)
+        lease.check()
         results.write_json(results.join(sweep_dir, WINNER_FILE), winner)
         results.mark_complete(sweep_dir)
         return SweepResult(name, results.uri(sweep_dir), winner["model_dir"], board, winner)
