@@ -17,6 +17,10 @@ from raybm.runtime import check_shared_paths, cluster_address, ensure_ray, quiet
 from raybm.serve.client import post_texts
 
 
+MAX_LENGTH_HELP = ("longest token sequence (default: the length the model was trained with, as the model server "
+                   "uses, so both give the same answer)")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """`raybm evaluate`."""
     from raybm.data import load_split
@@ -43,10 +47,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     quiet_ray_data()
     want = bool(args.predictions)
     if prepared:
-        scored = score_dataset(args.checkpoint, load_split(results, args.data, args.split), cfg.data.max_length,
+        scored = score_dataset(args.checkpoint, load_split(results, args.data, args.split), args.max_length,
                                predictions=want)
     else:
-        scored = score_source(args.checkpoint, cfg, predictions=want)
+        scored = score_source(args.checkpoint, cfg, predictions=want, max_length=args.max_length)
     metrics, frame = scored if want else (scored, None)
     if prepared:
         print(f"{args.checkpoint} on {args.data}/{args.split}:")
@@ -231,6 +235,7 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="a prepared dataset name under <storage.root>/data/ (scores "
                    "its --split), or any source data.source accepts (scores every row)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--max-length", type=int, help=MAX_LENGTH_HELP)
     p.add_argument("--output", help="also write the metrics as JSON here")
     p.add_argument("--predictions", help="also write every example (text, label, predicted_label, correct, "
                    "confidence, prob_<label>) to this .csv, .tsv, .jsonl or .parquet file")
@@ -243,7 +248,7 @@ def register(sub) -> None:
     p.add_argument("--input", help="a CSV, TSV, JSONL or Parquet file to label")
     p.add_argument("--output", help="where to write the input rows plus predicted_label and confidence")
     p.add_argument("--text-column", default="text", help="the input's text column (default: text)")
-    p.add_argument("--max-length", type=int, default=128, help="longest token sequence (default: 128)")
+    p.add_argument("--max-length", type=int, help=MAX_LENGTH_HELP)
     p.add_argument("--ray", action="store_true", help="stream through Ray Data (automatic for files over 20 MB)")
     p.add_argument("--probabilities", action="store_true",
                    help="with --input: also a prob_<label> column for every class")

@@ -26,7 +26,7 @@ from raybm.model_cache import fetch_model
 class Classify:
     """Text -> predicted id, confidence and class probabilities (a Ray Data UDF)."""
 
-    def __init__(self, model_dir: str, max_length: int = 128, threads: int = 1, batch_size: int = 64,
+    def __init__(self, model_dir: str, max_length: int | None = None, threads: int = 1, batch_size: int = 64,
                  keep_text: bool = False, storage: dict[str, Any] | None = None) -> None:
         if model_dir.startswith("s3://"):  # fetched here, on the node this task runs on
             model_dir = fetch_model(model_dir, StorageConfig(**(storage or {})))
@@ -51,7 +51,7 @@ class Classify:
         return out
 
 
-def score_dataset(model_dir: str, ds, max_length: int = 128, num_cpus: float = 1.0,
+def score_dataset(model_dir: str, ds, max_length: int | None = None, num_cpus: float = 1.0,
                   predictions: bool = False, storage=None) -> Any:
     """Metrics of the model in ``model_dir`` (a local folder, or an ``s3://`` one reached with
     the ``storage`` settings) on a Dataset with columns text and label.
@@ -105,9 +105,10 @@ def _kept_rows(batch: pd.DataFrame) -> pd.DataFrame:
     return batch.loc[batch["drop_reason"] == "", ["text", "label"]]
 
 
-def score_source(model_dir: str, cfg, predictions: bool = False) -> Any:
+def score_source(model_dir: str, cfg, predictions: bool = False, max_length: int | None = None) -> Any:
     """Metrics of a model on any data source (``cfg.data``: a file, folder, glob or built-in
-    corpus), cleaned like the training data and labelled by the model's own label map.
+    corpus), cleaned like the training data and labelled by the model's own label map, at
+    ``max_length`` tokens (None: the length the model was trained with).
     Rows whose label the model does not know are an error, unless ``data.exclude_labels``
     drops them; dropped rows are counted in ``dropped``. With ``predictions`` returns
     ``(metrics, frame)`` as ``score_dataset`` does."""
@@ -131,7 +132,7 @@ def score_source(model_dir: str, cfg, predictions: bool = False) -> Any:
         raise DataError(f"label value(s) {sorted(unknown)[:10]} are not classes of this model ({labels}); map "
                         f"them with data.label_values or drop them with data.exclude_labels")
     kept = marked.map_batches(_kept_rows, batch_format="pandas")
-    scored = score_dataset(model_dir, kept, cfg.data.max_length, predictions=predictions)
+    scored = score_dataset(model_dir, kept, max_length, predictions=predictions)
     metrics = scored[0] if predictions else scored
     metrics["dropped"] = dropped
     return scored

@@ -52,7 +52,7 @@ def file_format(path: str, role: str) -> str:
     return fmt
 
 
-def predict_texts(model_dir: str, texts: list[str], max_length: int = 128) -> list[tuple[str, float]]:
+def predict_texts(model_dir: str, texts: list[str], max_length: int | None = None) -> list[tuple[str, float]]:
     """(label, confidence) for each text, in order."""
     from raybm.inference.evaluate import Classify
 
@@ -61,7 +61,7 @@ def predict_texts(model_dir: str, texts: list[str], max_length: int = 128) -> li
     return [(clf.labels[int(p.argmax())], float(p.max())) for p in probs]
 
 
-def explain_texts(model_dir: str, texts: list[str], max_length: int = 128) -> list[str]:
+def explain_texts(model_dir: str, texts: list[str], max_length: int | None = None) -> list[str]:
     """One JSON line per text: its answer (as ``format_prediction``) with each word's weight
     toward it (``raybm.inference.explain``)."""
     predictor = load_predictor(model_dir, "auto", threads=max(1, os.cpu_count() or 1), max_length=max_length)
@@ -174,7 +174,7 @@ class _Writer:
 
 
 def predict_file(model_dir: str, input_path: str, output_path: str, text_column: str = "text",
-                 max_length: int = 128, use_ray: bool | None = None, probabilities: bool = False,
+                 max_length: int | None = None, use_ray: bool | None = None, probabilities: bool = False,
                  log: Callable[[str], None] | None = None) -> Labelled:
     """Label every row of ``input_path`` into ``output_path``; with ``probabilities`` also
     write each class's probability. ``log`` gets a progress line every few seconds."""

@@ -126,3 +126,27 @@ def test_answers_in_words_follow_the_confidence_and_the_abstain_band():
     assert in_words("positive", 0.62) == "probably positive (62.0%)"
     assert in_words("neutral", 0.41) == "unsure, leaning neutral (41.0%)"
     assert in_words("negative", 0.967, min_confidence=0.98) == "uncertain (leaning negative, 96.7%)"
+
+
+def test_cli_and_server_use_the_length_the_model_was_trained_with(tiny_model_dir, tmp_path):
+    """`raybm predict` and `raybm evaluate` truncate as the model server does: at the model's
+    own data.max_length (its raybm_config.yaml), unless --max-length says otherwise."""
+    import shutil
+
+    from raybm.cli import build_parser
+    from raybm.inference.loading import load_predictor
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "raybm_config.yaml").write_text("data:\n  max_length: 6\n")
+    text = "the first words say one thing " + "but then it goes on and on about something else entirely " * 6
+    served = load_predictor(str(folder)).predict([text])[0]  # what a replica answers (no length given)
+    full = load_predictor(str(folder), max_length=128).predict([text])[0]
+    assert abs(served[1] - full[1]) > 1e-6  # truncation matters for this text
+    for command in (["predict", "--model", "m", "--text", "t"], ["evaluate", "--checkpoint", "m", "--data", "d"]):
+        assert build_parser().parse_args(command).max_length is None  # the commands' default: the model's own
+    (_, confidence), = predict_texts(str(folder), [text])
+    assert confidence == pytest.approx(float(max(served)), abs=1e-7)
+    assert Classify(str(folder)).predict([text])[0] == pytest.approx(served, abs=1e-7)
+    (_, confidence), = predict_texts(str(folder), [text], max_length=128)
+    assert confidence == pytest.approx(float(max(full)), abs=1e-7)
