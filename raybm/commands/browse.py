@@ -16,6 +16,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     """`raybm dashboard`."""
     import raybm.dashboard.pages as pages
 
+    from raybm.dashboard.login import check_dashboard_host
+
+    check_dashboard_host(args.host)
     cfg = load_config(args.config, args.overrides)
     root = args.root or cfg.storage.root
     Results(root, cfg.storage).check_reachable()
@@ -23,9 +26,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     env = dict(os.environ, RAYBM_RESULTS=root)
     if args.serve_url:
         env["RAYBM_SERVE_URL"] = args.serve_url
-    flags = [x for key, value in pages.STREAMLIT_SETTINGS.items() for x in (f"--{key}", json.dumps(value).strip('"'))]
-    cmd = [sys.executable, "-m", "streamlit", "run", script, "--server.address", args.host,
-           "--server.port", str(args.port), *flags, "--", "--root", root]
+    given = {**pages.STREAMLIT_SETTINGS, "server.address": args.host}
+    flags = [x for key, value in given.items() for x in (f"--{key}", json.dumps(value).strip('"'))]
+    cmd = [sys.executable, "-m", "streamlit", "run", script, "--server.port", str(args.port), *flags,
+           "--", "--root", root]
     print(f"raybm dashboard on http://{args.host}:{args.port} over {root} (Ctrl-C stops it)", flush=True)
     if "://" not in root and not os.path.isdir(root):
         print(f"raybm dashboard: {os.path.abspath(root)} does not exist yet; its pages fill in as jobs write "
@@ -102,8 +106,9 @@ def register(sub) -> None:
     p = sub.add_parser("dashboard", help="open the Streamlit dashboard over a results folder")
     add_config_args(p)
     p.add_argument("--root", help="results folder or s3:// URI (default: storage.root)")
-    p.add_argument("--serve-url", help="a raybm model server for the Try it page (e.g. http://127.0.0.1:8000)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--serve-url", help="a raybm model server for the Try it page (e.g. http://127.0.0.1:8000/<model>)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "
+                   "needs RAYBM_DASHBOARD_PASSWORD, which every visitor then signs in with)")
     p.add_argument("--port", type=int, default=8501)
     p.set_defaults(func=cmd_dashboard)
     p = sub.add_parser("list", help="list the runs, sweeps, datasets and exports in a results folder")

@@ -7,6 +7,11 @@ everyone else.
 Settings come from the command line or the environment (``RAYBM_RESULTS``,
 ``RAYBM_SERVE_URL``, ``RAYBM_API_KEY``), never from the page: a viewer picks runs, sweeps
 and models from lists of what exists under the results root and cannot type a path.
+
+The dashboard binds 127.0.0.1 unless told otherwise. With ``RAYBM_DASHBOARD_PASSWORD`` set
+every visitor signs in first (``raybm.dashboard.login``), and on any other address it must
+be set: no page is drawn, and so no request carries the model server's key, for a visitor
+who has not signed in.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from raybm.dashboard.live import page_live
+from raybm.dashboard.login import signed_in
 from raybm.dashboard.try_it import MAX_UPLOAD_MB, page_try
 from raybm.errors import RaybmError
 from raybm.results import RUNS, SWEEPS, soup_used
@@ -49,7 +55,7 @@ def _job_columns() -> dict:
 # Streamlit's settings for this app: `raybm dashboard` passes them as flags, and the
 # shipped .streamlit/config.toml holds the same for `streamlit run dashboards/app.py`
 # (a test keeps the two equal).
-STREAMLIT_SETTINGS = {"server.maxUploadSize": MAX_UPLOAD_MB, "server.headless": True,
+STREAMLIT_SETTINGS = {"server.address": "127.0.0.1", "server.maxUploadSize": MAX_UPLOAD_MB, "server.headless": True,
                       "client.showErrorDetails": "none", "client.toolbarMode": "minimal",
                       "browser.gatherUsageStats": False}
 
@@ -346,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     args = settings(argv)
     st.set_page_config(page_title="raybm", layout="wide")
     st.set_option("client.showErrorDetails", "none")  # however it was started: no traceback in the browser
+    if not signed_in():
+        return
     try:
         data = _data(args.root)
     except RaybmError as e:
