@@ -250,7 +250,7 @@ class ServeConfig:
     request_timeout_s: float = _opt(30.0, gt=0)
     """A request not answered in this time gets an error instead of waiting on."""
     max_texts: int = _opt(64, ge=1)
-    """Most texts in one request (more: 413)."""
+    """Most texts in one request (more: 422)."""
     min_confidence: float = _opt(0.0, ge=0, lt=1)
     """The abstain band: an answer whose (calibrated) confidence is below this says
     ``"uncertain": true`` (its label stays the most likely one); the dashboard shows it as
@@ -263,6 +263,12 @@ class ServeConfig:
     """How often Serve checks each replica's model (a failing replica is replaced)."""
     health_check_timeout_s: float = _opt(30.0, gt=0)
     """How long a health check may take before the replica counts as failed."""
+    explain_max_cost: int = _opt(20000, ge=100)
+    """Most work one /explain request may ask for, in token positions scored: the sum over
+    its texts of (words + 1) x tokens (a tweet at max length 64 costs about 1,500). Dearer
+    requests get 422; explanations run one at a time per replica, apart from /predict."""
+    explain_max_queued: int = _opt(16, ge=0)
+    """/explain requests a replica keeps waiting for its explanation thread; more get 503."""
     api_key_env: Optional[str] = None
     """Environment variable holding an API key that /predict and /metadata require (header
     X-API-Key or Authorization: Bearer; at least 16 characters). Empty: no key."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,19 @@ def load_model_folder(model_dir: str):
     return model, tokenizer, labels
 
 
+def tokenize(tokenizer, texts, **kwargs):
+    """``tokenizer(texts, **kwargs)`` under the tokenizer's own lock. A fast tokenizer keeps
+    its truncation and padding settings in its Rust backend and each call resets them, so
+    two threads calling one tokenizer with different settings (a replica's batches, its
+    explanations, its watcher) corrupt each other's answers; one call at a time does not
+    (a process holds one model's tokenizer, and a call takes well under a model call)."""
+    with _TOKENIZE_LOCK:
+        return tokenizer(texts, **kwargs)
+
+
+_TOKENIZE_LOCK = threading.Lock()
+
+
 class TextClassifier:
     """What every loaded model does: ``predict(texts)`` through its ``probabilities`` of
     tokenized rows (``Predictor`` on PyTorch, ``OnnxPredictor`` on ONNX Runtime)."""
@@ -117,8 +131,8 @@ class TextClassifier:
         """Class probabilities (calibrated: the logits over the model's temperature), one row per text."""
         out = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i:i + self.batch_size], truncation=True, max_length=self.max_length,
-                                 padding=True, return_tensors="np")
+            enc = tokenize(self.tokenizer, texts[i:i + self.batch_size], truncation=True,
+                           max_length=self.max_length, padding=True, return_tensors="np")
             out.append(self.probabilities(enc["input_ids"], enc["attention_mask"]))
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 

@@ -29,18 +29,20 @@ import hashlib
 import hmac
 import importlib
 import json
+import logging
 import os
 import re
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, Callable
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 
-from raybm.config import ServeConfig, StorageConfig, load_config
+from raybm.config import ServeConfig, StorageConfig, is_loopback, load_config
 from raybm.errors import RaybmError
-from raybm.inference.explain import METHOD, explain
+from raybm.inference.explain import METHOD, ExplainTimeout, explain_within
 from raybm.inference.loading import check_model_files, model_info
 from raybm.inference.locate import locate_model, model_name
 from raybm.model_cache import fetch_model
@@ -62,6 +64,8 @@ from raybm.serve.contract import (
 from raybm.serve.watch import LOW_CONFIDENCE, Watch, make_stats_class, summarize
 
 DEFAULT_LOADER = "raybm.inference.loading:load_predictor"
+TIMED_OUT = 408  # what Serve answers a request cancelled at serve.request_timeout_s
+logger = logging.getLogger("ray.serve")  # a replica's log
 HEALTH_PROBE = "raybm health check"
 
 
@@ -108,10 +112,26 @@ def load_replica(model_dir: str, s: ServeConfig, loader: str | Callable, storage
     return predictor, card
 
 
-def unauthorized(request: Request, api_key: dict[str, str] | None):
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def foreign_host(request: Request) -> bool:
+    """Whether a request to a keyless loopback server names another host than this machine
+    in its Host header: a web page that rebinds its own name to 127.0.0.1 (DNS rebinding)
+    could otherwise use the server from the visitor's browser."""
+    host = (request.headers.get("host") or "").strip().lower()
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") and host.count(":") == 1 else host
+    name = host[:host.index("]") + 1] if host.startswith("[") and "]" in host else name
+    return name not in LOOPBACK_NAMES
+
+
+def unauthorized(request: Request, api_key: dict[str, str] | None, s: ServeConfig):
     """None when the request may pass (no key is set, or it sends the right one), else the
-    401 answer. The key comes in ``X-API-Key`` or as ``Authorization: Bearer <key>``."""
+    401 answer. The key comes in ``X-API-Key`` or as ``Authorization: Bearer <key>``.
+    Without a key, a loopback server's request must name this machine as its Host (403)."""
     if not api_key:
+        if is_loopback(s.host) and foreign_host(request):
+            return error_response(403, "this server answers requests to 127.0.0.1 or localhost only (Host header)")
         return None
     given = request.headers.get("x-api-key")
     auth = request.headers.get("authorization", "")
@@ -139,7 +159,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def read_predict_request(request: Request, s: ServeConfig, api_key: dict[str, str] | None):
     """(payload, texts) of a /predict request that passes every check, else (the 4xx
     answer, None): the key, the content type, the size, JSON, the texts themselves."""
-    denied = unauthorized(request, api_key)
+    denied = unauthorized(request, api_key, s)
     if denied is not None:
         return denied, None
     if not is_json_content_type(request.headers.get("content-type")):
@@ -151,7 +171,7 @@ async def read_predict_request(request: Request, s: ServeConfig, api_key: dict[s
         return error_response(413, f"request body over {s.max_body_bytes} bytes; send fewer or "
                                    f"shorter texts per request"), None
     try:
-        payload = json.loads(body)
+        payload = json.loads(body.decode("utf-8"))  # UTF-8 only (json.loads of bytes would take UTF-16 and 32)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, an int over 4,300 digits
         return error_response(400, f'the body is not valid JSON ({str(e)[:200]}); send {{"texts": ["..."]}}'), None
     texts, status, message = check_texts(payload, s)
@@ -164,7 +184,11 @@ async def watched(server, route: str, answer, request: Request):
     """``answer(server, request)`` -> (response, texts, answers), counted by the replica's
     watch (the stats deployment and Ray's metrics)."""
     started = time.perf_counter()
-    response, texts, answers = await answer(server, request)
+    try:
+        response, texts, answers = await answer(server, request)
+    except asyncio.CancelledError:  # Serve's request timeout (the client got 408) or the client left
+        server.watch.observe(route, TIMED_OUT, started, [], [])
+        raise
     status = getattr(response, "status_code", 200)
     server.watch.observe(route, status, started, answers, texts)
     return response
@@ -189,7 +213,7 @@ async def predict_answers(server, request: Request):
 
 async def stats_answer(server, request: Request):
     """A /stats request: the app's counts summed up (``raybm.serve.watch.summarize``)."""
-    denied = unauthorized(request, server.api_key)
+    denied = unauthorized(request, server.api_key, server.settings)
     if denied is not None:
         return denied
     minutes = await server.watch.stats.export.remote() if server.watch.stats is not None else []
@@ -204,14 +228,28 @@ async def explain_answers(server, request: Request):
     if texts is None:
         return payload, [], []  # the error answer
     if len(texts) > EXPLAIN_MAX_TEXTS:
-        return error_response(413, f"{len(texts)} texts: /explain takes at most {EXPLAIN_MAX_TEXTS} per request"), [], []
+        return error_response(422, f"{len(texts)} texts: /explain takes at most {EXPLAIN_MAX_TEXTS} per request"), [], []
+    s = server.settings
+    if server.explain_waiting > s.explain_max_queued:
+        return error_response(503, "too many explanations waiting on this replica; retry later",
+                              {"Retry-After": "1"}), texts, []
+    deadline = time.monotonic() + s.request_timeout_s  # the thread stops by itself once the request has timed out
+    server.explain_waiting += 1
     try:
-        found = await asyncio.to_thread(lambda: [explain(server.predictor, t) for t in texts])
+        async with server.explain_slot:  # one explanation at a time, in a thread apart from /predict and health
+            found = await asyncio.get_running_loop().run_in_executor(
+                server.explain_pool, explain_within, server.predictor, texts, s.explain_max_cost, deadline)
     except RaybmError as e:
         return error_response(422, str(e)), texts, []
+    except ExplainTimeout:
+        return error_response(503, f"the explanation took longer than serve.request_timeout_s "
+                                   f"({s.request_timeout_s:g} s); send shorter or fewer texts"), texts, []
     except Exception as e:  # noqa: BLE001 - the model failed: the documented 500, no traceback
+        logger.exception("/explain failed")
         return error_response(500, f"the model failed to explain ({type(e).__name__}); the replica's log has "
                                    f"the details"), texts, []
+    finally:
+        server.explain_waiting -= 1
     answers = [{"label": f["label"], "confidence": f["confidence"], "words": f["words"],
                 "uncertain": f["confidence"] < server.settings.min_confidence} for f in found]
     body = {"explanation": answers[0]} if "text" in payload else {"explanations": answers}
@@ -243,6 +281,10 @@ def make_server_class():
             self.predictor, self.card = load_replica(model_dir, s, loader, storage)
             self.labels, self.backend = list(self.predictor.labels), self.card["backend"]
             self.api_key = api_key
+            # Explanations: one at a time, in a thread of their own (not the pool /predict's
+            # batches and Serve's health checks use), at most explain_max_queued waiting.
+            self.explain_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raybm-explain")
+            self.explain_slot, self.explain_waiting = asyncio.Lock(), 0
             self.watch = Watch(stats, self.card.get("drift_reference"), getattr(self.predictor, "tokenizer", None),
                                s.app_name)
             # The documented request body carries this server's own limits.
@@ -282,7 +324,7 @@ def make_server_class():
 
         @app.get("/metadata", summary="The model being served and the server's limits", responses=ERROR_RESPONSES)
         async def metadata(self, request: Request):
-            denied = unauthorized(request, self.api_key)
+            denied = unauthorized(request, self.api_key, self.settings)
             if denied is not None:
                 return denied
             s = self.settings

@@ -9,6 +9,8 @@ import logging
 import re
 from typing import Any, Callable
 
+import numpy as np
+
 from raybm.config import ServeConfig
 
 # A character that is not white space, the same in Python and in a JSON schema (ECMA-262)
@@ -86,6 +88,8 @@ ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error":
 _ERROR_CONTENT = {"application/json": {"schema": ERROR_SCHEMA}}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or wrong API key (when the server has one)", "content": _ERROR_CONTENT},
+    403: {"description": "a server without a key answers requests whose Host is this machine only",
+          "content": _ERROR_CONTENT},
     500: {"description": "the model failed; the body never holds a traceback or a path", "content": _ERROR_CONTENT},
 }
 PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -93,10 +97,10 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
           "content": {"application/json": {"schema": PREDICT_RESPONSE_SCHEMA}}},
     **ERROR_RESPONSES,
     400: {"description": "the body is not valid JSON", "content": _ERROR_CONTENT},
-    413: {"description": "too many texts, or a body over the size limit", "content": _ERROR_CONTENT},
+    413: {"description": "a body over the size limit", "content": _ERROR_CONTENT},
     415: {"description": "the body is not sent as application/json", "content": _ERROR_CONTENT},
-    422: {"description": "valid JSON that is not a request: wrong fields or types, empty, over-long or "
-                         "invalid Unicode texts", "content": _ERROR_CONTENT},
+    422: {"description": "valid JSON that is not a request: wrong fields or types, too many texts, empty, "
+                         "over-long or invalid Unicode texts", "content": _ERROR_CONTENT},
     503: {"description": "overloaded: more requests waiting than the server queues; retry later",
           "content": {"text/plain": {"schema": {"type": "string"}}}},
 }
@@ -104,7 +108,8 @@ EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     **PREDICT_RESPONSES,
     200: {"description": "each text's answer and every word's weight toward it, in order (\"explanation\" for a "
                          "single \"text\")", "content": {"application/json": {"schema": EXPLAIN_RESPONSE_SCHEMA}}},
-    413: {"description": f"more than {EXPLAIN_MAX_TEXTS} texts (or serve.max_texts), or a body over the size limit",
+    422: {"description": f"as for /predict; also more than {EXPLAIN_MAX_TEXTS} texts (or serve.max_texts), or "
+                         f"texts whose explanation would cost more than serve.explain_max_cost",
           "content": _ERROR_CONTENT},
 }
 
@@ -137,9 +142,10 @@ def is_json_content_type(value: str | None) -> bool:
 def predict_each(predict: Callable[[list[str]], Any], texts: list[str]) -> list[Any]:
     """``predict(texts)`` as a list, one row per text. When the batch fails, each text is
     tried alone, so one bad text fails only its own request: a text that still fails gets
-    its exception in its place."""
+    its exception in its place, and so does a row that is not probabilities (NaN or
+    infinity: fp16 overflow), which JSON could not carry."""
     try:
-        return list(predict(texts))
+        return _finite(predict(texts))
     except Exception as e:  # noqa: BLE001 - isolated per text below
         logging.getLogger("ray.serve").exception("the model failed on a batch of %d text(s)", len(texts))
         if len(texts) == 1:
@@ -147,10 +153,22 @@ def predict_each(predict: Callable[[list[str]], Any], texts: list[str]) -> list[
     out: list[Any] = []
     for t in texts:
         try:
-            out.extend(predict([t]))
+            out.extend(_finite(predict([t])))
         except Exception as e:  # noqa: BLE001 - reported to that text's request only
             out.append(e)
     return out
+
+
+def _finite(rows) -> list[Any]:
+    return [row if np.isfinite(np.asarray(row, dtype=np.float64)).all() else NonFiniteAnswer() for row in rows]
+
+
+class NonFiniteAnswer(ValueError):
+    """The model answered NaN or infinite probabilities for a text."""
+
+    def __init__(self) -> None:
+        super().__init__("the model gave NaN or infinite probabilities (overflow in its precision?)")
+        logging.getLogger("ray.serve").error("the model gave NaN or infinite probabilities for a text")
 
 
 def prediction(labels: list[str], probs: Any, min_confidence: float = 0.0) -> dict[str, Any]:
@@ -214,7 +232,7 @@ def check_texts(payload: Any, s: ServeConfig) -> tuple[list[str] | None, int, st
     if not texts:
         return None, 422, '"texts" is empty: send at least one text'
     if len(texts) > s.max_texts:
-        return None, 413, f'too many texts: {len(texts)} in one request, the limit is {s.max_texts}; split the request'
+        return None, 422, f'too many texts: {len(texts)} in one request, the limit is {s.max_texts}; split the request'
     for i, t in enumerate(texts):
         problem = _check_text(t, f"texts[{i}]", s)
         if problem:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from raybm.inference.loading import tokenize
 from raybm.metrics import LENGTH_SHARES, PSI_ALERT, length_bin, population_stability_index
 
 WINDOW_MINUTES = 60  # minutes of history kept
@@ -47,8 +48,8 @@ class Minutes:
         """One request: its status, latency, (label, confidence) answers and texts' length bins."""
         m = self._now(time.time() if now is None else now)
         m["requests"] += 1
-        m["errors"] += status >= 500  # the server's failures
-        m["refused"] += 400 <= status < 500  # clients' mistakes (and 503: see errors)
+        m["errors"] += status >= 500 or status == 408  # the server's failures, timeouts included
+        m["refused"] += 400 <= status < 500 and status != 408  # clients' mistakes
         self.seen += 1
         if len(m["latencies_ms"]) < LATENCY_SAMPLES:
             m["latencies_ms"].append(latency_ms)
@@ -118,7 +119,7 @@ def length_bins(tokenizer, texts: list[str], reference: dict[str, Any] | None) -
     """Each text's token-length bin against the reference's edges ([] without them)."""
     if not reference or not reference.get("length_edges") or tokenizer is None:
         return []
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+    lengths = [len(ids) for ids in tokenize(tokenizer, texts, truncation=False)["input_ids"]]
     return [length_bin(n, reference["length_edges"]) for n in lengths]
 
 

@@ -64,3 +64,41 @@ def test_the_highlighted_text_escapes_whatever_the_text_holds():
     out = highlighted(text, words)
     assert "<script>" not in out and "&lt;script&gt;alert(1)&lt;/script&gt;" in out and " &amp; " in out
     assert "rgba(0, 160, 60, 0.60)" in out and "rgba(220, 40, 40, 0.30)" in out
+
+
+def test_predict_explain_and_the_watcher_share_one_tokenizer_safely(tiny_model_dir):
+    """A replica's batch thread (truncation and padding), its explanation threads and its
+    watcher (no truncation) call one fast tokenizer at once; each call resets the
+    tokenizer's settings, so every call goes one at a time (raybm.inference.loading.tokenize)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raybm.inference.explain import explain
+    from raybm.inference.loading import load_predictor
+    from raybm.serve.watch import length_bins
+
+    predictor = load_predictor(tiny_model_dir, max_length=8)
+    texts = ["short one", "a much longer text that goes well past eight tokens of the tiny model, and on",
+             "mid length text here", "x"]
+    reference = {"length_edges": [2, 4, 8, 16], "labels": {"a": 1}}
+    want_probs = predictor.predict(texts)
+    want_words = [w["word"] for w in explain(predictor, texts[1])["words"]]
+    want_bins = length_bins(predictor.tokenizer, texts, reference)
+
+    def job(i: int):
+        kind = i % 3
+        if kind == 0:
+            return np.allclose(predictor.predict(texts), want_probs, atol=1e-5)
+        if kind == 1:
+            return [w["word"] for w in explain(predictor, texts[1])["words"]] == want_words
+        return length_bins(predictor.tokenizer, texts, reference) == want_bins
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        outcomes = list(pool.map(lambda i: _safely(job, i), range(300)))
+    assert outcomes.count(True) == 300, [o for o in outcomes if o is not True][:3]
+
+
+def _safely(job, i):
+    try:
+        return job(i)
+    except Exception as e:  # noqa: BLE001 - reported by the assertion
+        return f"{type(e).__name__}: {e}"

@@ -93,7 +93,7 @@ def test_one_failing_text_fails_only_itself():
 def test_request_checks_name_the_problem():
     s = serve_cfg("serve.max_texts=2", "serve.max_text_chars=5")
     assert check_texts({"texts": ["a", "bb"]}, s) == (["a", "bb"], 0, "")
-    assert check_texts({"texts": ["a", "b", "c"]}, s)[1] == 413
+    assert check_texts({"texts": ["a", "b", "c"]}, s)[1] == 422
     assert check_texts({"texts": ["toolong"]}, s)[1:] == (422, "texts[0] is 7 characters long, the limit is 5")
     assert check_texts({"texts": [True]}, s)[2] == "texts[0] must be a string, got boolean"
     # one text without a list
@@ -179,3 +179,15 @@ def test_a_running_serve_is_checked_before_anything_is_replaced(running, overrid
     else:
         with pytest.raises(RaybmError, match=message):
             check_running_serve(s, RunningServe(*running))
+
+
+def test_a_nan_answer_fails_its_own_text_in_the_documented_form():
+    import numpy as np
+
+    from raybm.serve.contract import NonFiniteAnswer, predict_each
+
+    def predict(texts):
+        return np.array([[np.nan, np.nan] if t == "overflows" else [0.25, 0.75] for t in texts])
+
+    got = predict_each(predict, ["fine", "overflows", "fine too"])
+    assert isinstance(got[1], NonFiniteAnswer) and list(got[0]) == [0.25, 0.75] and list(got[2]) == [0.25, 0.75]
