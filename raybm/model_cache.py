@@ -33,11 +33,15 @@ MODEL_CACHE_ENV = "RAYBM_MODEL_CACHE"
 
 def model_cache_dir() -> str:
     """This user's private folder of models fetched from S3 (mode 0700):
-    ``$RAYBM_MODEL_CACHE``, else ``~/.cache/raybm/models``."""
+    ``$RAYBM_MODEL_CACHE``, else ``~/.cache/raybm/models``. A folder another user owns is
+    refused: whoever owns it could swap the models every process here loads."""
     root = os.environ.get(MODEL_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "raybm", "models")
     os.makedirs(root, mode=0o700, exist_ok=True)
-    if os.stat(root).st_uid == os.getuid():
-        os.chmod(root, 0o700)
+    owner = os.stat(root).st_uid
+    if owner != os.getuid():
+        raise RaybmError(f"the model cache {root} belongs to another user (uid {owner}), who could replace the "
+                         f"models loaded from it; point {MODEL_CACHE_ENV} at a folder of your own")
+    os.chmod(root, 0o700)
     return root
 
 
@@ -54,9 +58,11 @@ def fetch_model(uri: str, storage: StorageConfig, dest: str | None = None) -> st
                          f"or its writer stopped). Wait for the job that writes it, or publish it again.")
     if dest is not None:
         return copy_to_local(uri, storage, dest)
-    files = sorted((i.path, i.size, i.mtime_ns) for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                   if i.type == pafs.FileType.File)
-    return _cached_copy(uri, files, lambda tmp: copy_tree_to_local(fs, path, tmp))
+    listing = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
+    files = sorted((i.path, i.size, i.mtime_ns) for i in listing)
+    # The files of this one listing are the version and what is copied: a republish between
+    # two listings cannot mix versions in one copy.
+    return _cached_copy(uri, files, lambda tmp: copy_tree_to_local(fs, path, tmp, listing))
 
 
 def _cached_copy(uri: str, version_of: Any, fill: Callable[[str], Any]) -> str:

@@ -22,6 +22,7 @@ A folder without ``_SUCCESS`` is incomplete and is never read as data.
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 import shutil
@@ -79,6 +80,19 @@ MOBILE_DIR = "mobile"
 # A pipeline.
 CONSOLE_LOG_FILE = "console.log"  # a quiet pipeline's whole output (raybm pipeline --quiet)
 SUMMARY_FILE = "summary.json"
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "shape", None) == ():  # a numpy scalar
+        return finite_json(obj.item())
+    return obj
 
 
 def job_for_workers(cfg) -> dict[str, Any]:
@@ -166,14 +180,15 @@ def confined_path(local: str, rel: str, source: str) -> str:
     return os.path.join(local, *parts)
 
 
-def copy_tree_to_local(fs: pafs.FileSystem, path: str, local: str) -> str:
+def copy_tree_to_local(fs: pafs.FileSystem, path: str, local: str,
+                       listing: list[pafs.FileInfo] | None = None) -> str:
     """Copy the folder ``path`` on ``fs`` (S3) into the local folder ``local``, subfolders
-    included (pyarrow creates the files, not their folders). Every name is checked before
-    anything is written (``confined_path``)."""
-    selector = pafs.FileSelector(path, recursive=True)
+    included (pyarrow creates the files, not their folders): the entries of ``listing`` when
+    given (one listing decides both what a copy is and what it holds), else of a fresh one.
+    Every name is checked before anything is written (``confined_path``)."""
     prefix = path.rstrip("/") + "/"
     entries = []
-    for info in fs.get_file_info(selector):
+    for info in listing if listing is not None else fs.get_file_info(pafs.FileSelector(path, recursive=True)):
         if not info.path.startswith(prefix):
             raise RaybmError(f"s3://{path}: refused the entry {info.path!r}, which is not inside the folder")
         entries.append((info, confined_path(local, info.path[len(prefix):], f"s3://{path}")))
@@ -196,6 +211,24 @@ def copy_to_local(uri: str, storage: StorageConfig, dest: str) -> str:
         shutil.copytree(path, dest)
         return dest
     return copy_tree_to_local(fs, path, dest)
+
+
+def private_temp_dir(kind: str) -> str:
+    """``<temp>/raybm-<uid>/<kind>``: this user's own folder under the node's temp folder
+    (mode 0700), never a shared predictable one another user could create first and fill. A
+    folder of that name another user owns is refused."""
+    import tempfile
+
+    base = os.path.join(tempfile.gettempdir(), f"raybm-{os.getuid()}")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    info = os.lstat(base)
+    if info.st_uid != os.getuid() or os.path.islink(base):
+        raise RaybmError(f"{base} belongs to another user (or is a link): remove it, or set TMPDIR to a folder of "
+                         f"your own")
+    os.chmod(base, 0o700)
+    folder = os.path.join(base, kind)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    return folder
 
 
 def check_no_links_out(folder: str, source: str) -> None:
@@ -338,8 +371,9 @@ class Results:
             os.replace(tmp, path)
 
     def write_json(self, path: str, obj: Any) -> None:
-        """Write ``obj`` as indented JSON."""
-        self.write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        """Write ``obj`` as indented, standard JSON: a NaN or infinite number (a loss that
+        diverged, a metric never measured) is written as null, which every reader takes."""
+        self.write_text(path, json.dumps(finite_json(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
     def write_parquet(self, path: str, frame) -> None:
         """A whole Parquet file from a pandas frame, atomically as ``write_text``."""

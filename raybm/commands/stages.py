@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 from raybm.commands.common import add_config_args, is_override, print_test_metrics, start
 from raybm.commands.console import QuietConsole
 from raybm.config import load_config, pipeline_stages
 from raybm.pipeline import pipeline_name, preflight, run_pipeline
-from raybm.results import CONSOLE_LOG_FILE, Results, soup_used
+from raybm.results import CONSOLE_LOG_FILE, Results, private_temp_dir, soup_used
 from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
 from raybm.train.driver import run_training
 from raybm.tune.leaderboard import format_leaderboard, format_values
@@ -95,7 +94,7 @@ def console_log_path(cfg, source) -> str:
     results = Results.from_config(cfg.storage)
     name = pipeline_name(cfg, dataset_name(cfg, source))
     if results.remote:
-        return os.path.join(tempfile.gettempdir(), "raybm-logs", f"{name}.log")
+        return os.path.join(private_temp_dir("logs"), f"{name}.log")
     return os.path.join(results.pipeline_dir(name), CONSOLE_LOG_FILE)
 
 

@@ -148,7 +148,7 @@ def _export(cfg: JobConfig, model_dir: str, variants: list[str], results: Result
             staging = results.staging_dir(EXPORTS, f"{name}-{v}")
             try:
                 settings = _build(v, model_dir, staging, work, cfg, name, out, log)
-                manifest = {"variant": v, "backend": BACKEND[v], "source": source_uri or model_dir, "source_name": name,
+                manifest = {"variant": v, "backend": BACKEND[v], "source": source_uri or card["model"], "source_name": name,
                             "base_model": card.get("base_model"), "settings": settings,
                             "model_bytes": model_bytes(staging), "build_seconds": round(time.time() - started, 1),
                             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -174,7 +174,7 @@ def _export(cfg: JobConfig, model_dir: str, variants: list[str], results: Result
             log(f"  {v}: {size:.1f} MB{extra} -> {os.path.join(out, v)}")
 
     mobile = publish_mobile(manifests, reference, out, e, results, log)
-    summary = {"name": name, "source": source_uri or model_dir, "reference": reference,
+    summary = {"name": name, "source": source_uri or card["model"], "reference": reference,
                "variants": manifests, "mobile": mobile}
     results.write_json(os.path.join(out, SUMMARY_FILE), summary)
     return ExportResult(name, out, manifests, reference, mobile)

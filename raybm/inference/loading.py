@@ -310,7 +310,7 @@ def model_info(model_dir: str, source: str | None = None, storage: Any = None) -
         with open(cfg_path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
         card["base_model"] = (raw.get("model") or {}).get("name")
-        card["dataset"] = (raw.get("data") or {}).get("source")
+        card["dataset"] = shown_source((raw.get("data") or {}).get("source"))
     if source and source.startswith("s3://"):
         fs, path = resolve_uri(source, storage or StorageConfig())
     else:
@@ -331,6 +331,21 @@ def model_info(model_dir: str, source: str | None = None, storage: Any = None) -
     else:
         card["name"] = card["model"] = parts[-1]
     return card
+
+
+def shown_source(source: Any) -> str | None:
+    """A ``data.source`` as a model's card shows it to anyone who asks (``/metadata``): a
+    built-in corpus by name, an ``s3://`` URI without any user part, a local file by its
+    name only (the machine's folders are nobody's business)."""
+    if not source:
+        return None
+    source = str(source)
+    if "://" in source:
+        scheme, _, rest = source.partition("://")
+        location = rest.split("/", 1)
+        host = location[0].rsplit("@", 1)[-1]
+        return f"{scheme}://{host}" + (f"/{location[1]}" if len(location) > 1 else "")
+    return os.path.basename(source.rstrip("/").rstrip(os.sep)) or source
 
 
 def _read_record(fs, path: str) -> dict[str, Any] | None:

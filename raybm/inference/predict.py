@@ -200,7 +200,8 @@ def predict_file(model_dir: str, input_path: str, output_path: str, text_column:
     unlabelled = 0
     try:
         if use_ray:
-            batches = _ray_batches(model_dir, input_path, in_fmt, text_column, max_length, labels, probabilities)
+            batches = _ray_batches(model_dir, input_path, in_fmt, text_column, max_length, labels, probabilities,
+                                   columns=list(first.columns))
         else:
             clf = Classify(model_dir, max_length=max_length, threads=max(1, os.cpu_count() or 1))
 
@@ -220,8 +221,11 @@ def predict_file(model_dir: str, input_path: str, output_path: str, text_column:
     return Labelled(writer.rows, unlabelled)
 
 
-def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels, probabilities=False):
-    """Predictions streamed from Ray Data in input order, input columns kept."""
+def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels, probabilities=False,
+                 columns: list[str] | None = None):
+    """Predictions streamed from Ray Data in input order, input columns kept. A CSV's
+    ``columns`` are read as text, as the in-process path reads them (no type guessing: an
+    id ``007`` stays ``007``)."""
     import ray.data
 
     from raybm.inference.evaluate import Classify
@@ -234,7 +238,9 @@ def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels, pr
     elif fmt == "jsonl":
         ds = ray.data.read_json(input_path)
     else:
-        ds = ray.data.read_csv(input_path, parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","))
+        as_text = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns or []}, strings_can_be_null=False)
+        ds = ray.data.read_csv(input_path, parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
+                               convert_options=as_text)
 
     class _Label(Classify):
         def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 from raybm.config import JobConfig, load_config
 from raybm.models.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
@@ -19,6 +18,7 @@ from raybm.results import (
     MODEL_CONFIG_FILE,
     TRAIN_STATE_FILE,
     WEIGHTS_FILE,
+    private_temp_dir,
 )
 
 # What a usable checkpoint holds. A checkpoint folder whose upload a lost node or a stopped
@@ -116,7 +116,7 @@ def checkpoint_scratch(root: str | None = None) -> str:
     """This worker's own folder for local checkpoint copies (under ``root``, by default the
     node's temp folder). Folders of workers that died on this node (killed, so no clean-up
     of their own ran) are removed first."""
-    root = root or os.path.join(tempfile.gettempdir(), "raybm-checkpoints")
+    root = root or private_temp_dir("checkpoints")
     os.makedirs(root, exist_ok=True)
     for name in os.listdir(root):
         if name.isdigit() and int(name) != os.getpid() and not _process_alive(int(name)):

@@ -108,7 +108,9 @@ def test_the_mobile_bundle_runs_without_raybm_transformers_or_torch(exported):
     out, _, _ = exported
     mobile = os.path.join(out.folder, "mobile")
     with open(os.path.join(mobile, "manifest.json")) as f:
-        source_variant = json.load(f)["from_variant"]
+        manifest = json.load(f)
+    source_variant = manifest["from_variant"]
+    assert not os.path.isabs(manifest["source"]) and manifest["source"].endswith("/model")  # no local path
     assert source_variant in ("onnx", "onnx-int8")
     code = ("import runpy, sys; [sys.modules.__setitem__(m, None) for m in ('raybm', 'transformers', 'torch')]; "
             f"sys.argv = ['predict.py', *{PROBES!r}]; runpy.run_path({os.path.join(mobile, 'predict.py')!r}, "

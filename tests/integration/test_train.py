@@ -375,3 +375,19 @@ def test_lora_with_two_fsdp_workers_gradient_checkpointing_and_bf16(ray_local, t
     lora_b = [t for k, t in adapters.items() if "lora_B" in k]
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)
     assert "model.safetensors" in os.listdir(result.model_dir)
+
+
+def test_a_csv_labelled_through_ray_data_keeps_its_columns_as_written(ray_local, tmp_path, tiny_model_dir):
+    """Through Ray Data (files over 20 MB) as in process: an id 007 stays 007, not 7."""
+    from raybm.inference.predict import predict_file
+
+    src = tmp_path / "in.csv"
+    src.write_text("id,text,score\n007,great stuff,1.50\n010,awful,\n")
+    outs = {}
+    for use_ray in (True, False):
+        out = tmp_path / f"out-{use_ray}.parquet"
+        predict_file(tiny_model_dir, str(src), str(out), max_length=32, use_ray=use_ray)
+        outs[use_ray] = pd.read_parquet(out)
+    assert outs[True]["id"].tolist() == ["007", "010"] and outs[True]["score"].tolist() == ["1.50", ""]
+    for column in ("id", "text", "score"):
+        assert outs[True][column].tolist() == outs[False][column].tolist(), column

@@ -196,3 +196,18 @@ def test_a_local_model_folder_with_a_link_out_is_refused(tmp_path, tiny_model_di
     (folder / "notes.txt").unlink()
     (folder / "notes.txt").symlink_to(folder / "config.json")  # a link inside the folder is fine
     assert os.path.isfile(os.path.join(copy_to_local(str(folder), StorageConfig(), str(tmp_path / "copy")), "notes.txt"))
+
+
+def test_a_model_cache_another_user_owns_is_refused(tmp_path, monkeypatch):
+    from raybm.model_cache import model_cache_dir
+
+    if os.getuid() != 0:
+        pytest.skip("making a folder another user owns needs root")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 4242, 4242)  # the tests run as root; another user's folder
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(theirs))
+    with pytest.raises(RaybmError, match=r"belongs to another user \(uid 4242\).*RAYBM_MODEL_CACHE"):
+        model_cache_dir()
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "mine"))
+    assert model_cache_dir() == str(tmp_path / "mine")

@@ -95,3 +95,42 @@ def test_no_module_but_results_spells_a_results_file_or_folder_name():
                     if file_literal.search(line) or folder_in_path.search(line):
                         found.append(f"raybm/{rel}:{n}: {line.strip()}")
     assert not found, "use the raybm.results constants:\n" + "\n".join(found)
+
+
+def test_scratch_folders_are_this_users_own(tmp_path, monkeypatch):
+    import os
+    import stat
+    import tempfile
+
+    from raybm.errors import RaybmError
+    from raybm.results import private_temp_dir
+    from raybm.train.checkpoints import checkpoint_scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mine = checkpoint_scratch()
+    assert mine.startswith(str(tmp_path / f"raybm-{os.getuid()}" / "checkpoints"))
+    assert stat.S_IMODE(os.stat(tmp_path / f"raybm-{os.getuid()}").st_mode) == 0o700
+    if os.getuid() == 0:  # a folder another user made first under the shared name is refused
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "other"))
+        (tmp_path / "other" / "raybm-0").mkdir(parents=True)
+        os.chown(tmp_path / "other" / "raybm-0", 4242, 4242)
+        import pytest
+
+        with pytest.raises(RaybmError, match="belongs to another user"):
+            private_temp_dir("logs")
+
+
+def test_json_records_are_standard_json(tmp_path):
+    import json
+
+    import numpy as np
+
+    from raybm.config import StorageConfig
+    from raybm.results import Results
+
+    results = Results(str(tmp_path), StorageConfig(root=str(tmp_path)))
+    results.write_json(str(tmp_path / "leaderboard.json"),
+                       [{"val_loss": float("nan"), "x": [float("inf"), 1.5], "n": np.float32(0.5), "k": np.int64(3)}])
+    text = (tmp_path / "leaderboard.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == [{"val_loss": None, "x": [None, 1.5], "n": 0.5, "k": 3}]

@@ -191,3 +191,13 @@ def test_a_nan_answer_fails_its_own_text_in_the_documented_form():
 
     got = predict_each(predict, ["fine", "overflows", "fine too"])
     assert isinstance(got[1], NonFiniteAnswer) and list(got[0]) == [0.25, 0.75] and list(got[2]) == [0.25, 0.75]
+
+
+def test_a_model_card_shows_its_data_source_without_local_paths_or_credentials():
+    from raybm.inference.loading import shown_source
+
+    assert shown_source("/home/someone/private/reviews.csv") == "reviews.csv"
+    assert shown_source("twitter-sentiment") == "twitter-sentiment"
+    assert shown_source("s3://bucket/data/reviews/") == "s3://bucket/data/reviews/"
+    assert shown_source("https://user:secret@example.com/x.csv") == "https://example.com/x.csv"
+    assert shown_source(None) is None
