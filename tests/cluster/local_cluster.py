@@ -9,6 +9,10 @@ node writes is not visible on another, as on separate machines:
 - the head: a private tmpfs over ``/tmp/ray`` only (its Ray session), so the job driver,
   which runs on the head, still reads the config files a test writes under ``/tmp``.
 
+What every node must run from (the checkout and its virtual environment) stays visible
+under a private folder: a checkout under ``/tmp`` is bound back into the node's own
+``/tmp`` after the tmpfs covers it, so the cluster works from a clone anywhere.
+
 The only storage every node shares is moto's S3 server on loopback. Every node starts with
 ``RAY_AUTH_MODE=token`` and the token in ``~/.ray/auth_token``; the nodes get AWS
 credentials from their own environment (as a cloud node gets them from its instance
@@ -32,11 +36,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
+# What the nodes run from: the checkout (raybm, its tests, .venv) and the Python prefix.
+KEPT = sorted({str(Path(__file__).resolve().parents[2]), os.path.realpath(sys.prefix)})
 # Node-local object stores stay small: three nodes share the machine's /dev/shm.
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
 
@@ -129,6 +136,8 @@ class LocalCluster:
                         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                         **(env or {}))
         self.env.pop("RAY_ADDRESS", None)
+        # A mount point outside every private folder, for a node's view of what it keeps.
+        self.holding = tempfile.mkdtemp(prefix="raybm-node-keep-", dir="/var/tmp")
         self.head: Node | None = None
         self.workers: list[Node] = []
 
@@ -145,13 +154,27 @@ class LocalCluster:
     # -- starting ------------------------------------------------------------------------
     def _start(self, name: str, private: list[str], args: list[str]) -> Node:
         log = open(self.workdir / f"{name}.log", "wb")
-        mounts = " && ".join(f"mkdir -p {d} && mount -t tmpfs -o size=2g tmpfs {d}" for d in private)
+        mounts = " && ".join(self._private_mounts(d) for d in private)
         cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                f"{mounts} && exec {RAY} start --block --disable-usage-stats --node-ip-address=127.0.0.1 "
                f"--object-store-memory={OBJECT_STORE_BYTES} " + " ".join(args)]
         process = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    preexec_fn=_stop_with_parent)
         return Node(name, process)
+
+    def _private_mounts(self, folder: str) -> str:
+        """Shell commands that put a private tmpfs over ``folder`` in a node's mount
+        namespace, keeping what the node runs from (under ``folder``) visible: the original
+        folder is bound to a holding point first, then each kept path bound back."""
+        kept = [p for p in KEPT if p == folder or p.startswith(folder.rstrip("/") + "/")]
+        steps = [f"mkdir -p {folder}"]
+        if kept:
+            steps.append(f"mount --bind {folder} {self.holding}")
+        steps.append(f"mount -t tmpfs -o size=2g tmpfs {folder}")
+        for path in kept:
+            rel = os.path.relpath(path, folder)
+            steps.append(f"mkdir -p {path} && mount --bind {self.holding}/{rel} {path}")
+        return " && ".join(steps)
 
     def start(self, timeout: float = 120) -> "LocalCluster":
         """Start the head and every worker node; return when all are alive."""
@@ -243,6 +266,10 @@ class LocalCluster:
         if self.head is not None:
             kill_tree(self.head.pid)
             self.head = None
+        try:
+            os.rmdir(self.holding)  # an empty mount point on this machine's disk
+        except OSError:
+            pass
 
     def __enter__(self) -> "LocalCluster":
         return self.start()
