@@ -45,6 +45,11 @@ def page_live(serve_url: str | None) -> None:
     cols[3].metric("Error rate", _pct(recent["error_rate"]), help="answers 5xx; refused client requests (4xx) "
                    f"are counted apart: {recent['refused']}")
     cols[4].metric("Low-confidence answers", _pct(recent["low_confidence_share"]))
+    proxies = stats.get("serve")
+    if proxies:
+        st.caption(f"Since Serve started, its proxies counted {proxies['requests']:,} requests: "
+                   f"{proxies['shed']:,} shed as overload (503) and {proxies['timed_out']:,} timed out (408) "
+                   f"before a replica answered.")
     _drift(stats.get("drift"), st)
     series = pd.DataFrame(stats["series"])
     if series.empty:

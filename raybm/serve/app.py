@@ -61,7 +61,7 @@ from raybm.serve.contract import (
     predict_request_schema,
     prediction,
 )
-from raybm.serve.watch import LOW_CONFIDENCE, Watch, make_stats_class, summarize
+from raybm.serve.watch import LOW_CONFIDENCE, Watch, make_stats_class, serve_counts, summarize
 
 DEFAULT_LOADER = "raybm.inference.loading:load_predictor"
 TIMED_OUT = 408  # what Serve answers a request cancelled at serve.request_timeout_s
@@ -217,7 +217,13 @@ async def stats_answer(server, request: Request):
     if denied is not None:
         return denied
     minutes = await server.watch.stats.export.remote() if server.watch.stats is not None else []
-    return {"model": server.card["name"], **summarize(minutes, server.card.get("drift_reference"))}
+    try:  # every request, those Serve answered itself (503, 408) included: its proxies' own counts
+        proxies = await asyncio.to_thread(serve_counts, server.settings.app_name)
+    except Exception:  # noqa: BLE001 - the replica's own figures still answer
+        logger.exception("could not read Serve's request counts")
+        proxies = None
+    return {"model": server.card["name"], **summarize(minutes, server.card.get("drift_reference")),
+            "serve": proxies}
 
 
 async def explain_answers(server, request: Request):

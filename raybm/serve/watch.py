@@ -160,6 +160,49 @@ class Watch:
             self.stats.record.remote(status, latency_ms, answers, bins)
 
 
+SERVE_REQUESTS_METRIC = "ray_serve_num_http_requests"  # Serve's proxies count every request, by status
+
+
+def serve_counts(app: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
+    """What Serve's own HTTP proxies counted for the application ``app`` since they started,
+    summed over every node's metrics agent: every request by status, those Serve answered
+    itself included (503 when shedding load, 408 at its request timeout), which never reach
+    a replica. Ray exports the counts every few seconds, so they trail a moment behind. None
+    when no node's metrics could be read."""
+    import urllib.request
+
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    by_status: dict[str, int] = {}
+    by_method: dict[str, dict[str, int]] = {}
+    read = False
+    for node in ray.nodes():
+        if not node.get("Alive") or not node.get("MetricsExportPort"):
+            continue
+        try:
+            url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            with urllib.request.urlopen(url, timeout=timeout_s) as r:
+                text = r.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        read = True
+        for family in text_string_to_metric_families(text):
+            if family.name != SERVE_REQUESTS_METRIC:
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("application") == app:
+                    code, method = sample.labels.get("status_code", "?"), sample.labels.get("method", "?")
+                    by_status[code] = by_status.get(code, 0) + int(sample.value)
+                    counts = by_method.setdefault(method, {})
+                    counts[code] = counts.get(code, 0) + int(sample.value)
+    if not read:
+        return None
+    return {"requests": sum(by_status.values()), "by_status": dict(sorted(by_status.items())),
+            "by_method": {m: dict(sorted(c.items())) for m, c in sorted(by_method.items())},
+            "shed": by_status.get("503", 0), "timed_out": by_status.get("408", 0)}
+
+
 def make_stats_class():
     """The Serve deployment that keeps an app's per-minute counts (one replica, no CPU of its
     own; built on first use so that importing this module does not import Ray Serve)."""

@@ -320,6 +320,16 @@ def test_overload_is_shed_with_503_and_nothing_else(server):
     assert set(codes) <= {200, 503}, codes
     assert codes.count(200) >= 2 and codes.count(503) >= 1, codes
     assert post(url, {"texts": ["after the burst"]}).status_code == 200
+    # /stats counts every request, the 503s Serve answered without the replica included,
+    # as the client counted them (Ray exports the proxies' counts every few seconds).
+    deadline, seen = time.time() + 60, None
+    while time.time() < deadline:
+        seen = requests.get(f"{url}/stats", timeout=30).json()["serve"]
+        if seen and sum(seen["by_method"].get("POST", {}).values()) >= len(codes) + 1:
+            break
+        time.sleep(2)
+    assert seen["by_method"]["POST"] == {"200": codes.count(200) + 1, "503": codes.count(503)}, (seen, codes)
+    assert seen["shed"] == codes.count(503)
 
 
 def _pids(run) -> list[str]:
