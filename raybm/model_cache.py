@@ -17,10 +17,10 @@ import pyarrow.fs as pafs
 
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
+from raybm.local_paths import confined_path
 from raybm.results import (
     SUCCESS_MARKER,
     WEIGHTS_FILE,
-    confined_path,
     copy_to_local,
     copy_tree_to_local,
     is_published,

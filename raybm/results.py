@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from raybm.config import StorageConfig, check_name
 from raybm.errors import RaybmError
+from raybm.local_paths import check_no_links_out, confined_path
 
 # ---------------------------------------------------------------------------- the layout
 # Every folder and file name raybm writes under the results root, and nowhere else
@@ -165,21 +166,6 @@ def check_bucket(fs: pafs.FileSystem, path: str, uri: str, role: str) -> None:
                          f"(storage.s3_endpoint_url) and your credentials, or create the bucket.")
 
 
-def confined_path(local: str, rel: str, source: str) -> str:
-    """The local path of the store's entry ``rel`` (a ``/``-separated name relative to a
-    folder, e.g. an S3 key below a prefix) inside the local folder ``local``. A name that
-    would leave the folder (``..`` or ``.`` segments, an absolute name, backslashes, empty
-    segments, NUL) is refused with a RaybmError naming it and ``source``: whoever can write
-    to the store must not be able to write files anywhere else on a node."""
-    parts = rel.split("/")
-    if (not rel or rel.startswith("/") or "\\" in rel or "\0" in rel
-            or any(p in ("", ".", "..") for p in parts)):
-        raise RaybmError(f"{source}: refused the entry {rel!r}: its name would leave the folder it is copied "
-                         f"into (only plain names separated by '/' are allowed). Remove it from the store; "
-                         f"nothing was written for it.")
-    return os.path.join(local, *parts)
-
-
 def copy_tree_to_local(fs: pafs.FileSystem, path: str, local: str,
                        listing: list[pafs.FileInfo] | None = None) -> str:
     """Copy the folder ``path`` on ``fs`` (S3) into the local folder ``local``, subfolders
@@ -211,38 +197,6 @@ def copy_to_local(uri: str, storage: StorageConfig, dest: str) -> str:
         shutil.copytree(path, dest)
         return dest
     return copy_tree_to_local(fs, path, dest)
-
-
-def private_temp_dir(kind: str) -> str:
-    """``<temp>/raybm-<uid>/<kind>``: this user's own folder under the node's temp folder
-    (mode 0700), never a shared predictable one another user could create first and fill. A
-    folder of that name another user owns is refused."""
-    import tempfile
-
-    base = os.path.join(tempfile.gettempdir(), f"raybm-{os.getuid()}")
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    info = os.lstat(base)
-    if info.st_uid != os.getuid() or os.path.islink(base):
-        raise RaybmError(f"{base} belongs to another user (or is a link): remove it, or set TMPDIR to a folder of "
-                         f"your own")
-    os.chmod(base, 0o700)
-    folder = os.path.join(base, kind)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    return folder
-
-
-def check_no_links_out(folder: str, source: str) -> None:
-    """Refuse a local folder holding a symbolic link that leads outside it: copying the
-    folder would copy whatever the link points at (another user's files, a key)."""
-    real = os.path.realpath(folder)
-    for here, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            entry = os.path.join(here, name)
-            if os.path.islink(entry):
-                target = os.path.realpath(entry)
-                if os.path.commonpath([real, target]) != real:
-                    raise RaybmError(f"{source}: refused {os.path.relpath(entry, folder)!r}, a link that leads "
-                                     f"outside the folder (to {target}); replace it with the file itself")
 
 
 def is_published(fs: pafs.FileSystem, folder: str) -> bool:

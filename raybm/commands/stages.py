@@ -9,7 +9,8 @@ from raybm.commands.common import add_config_args, is_override, print_test_metri
 from raybm.commands.console import QuietConsole
 from raybm.config import load_config, pipeline_stages
 from raybm.pipeline import pipeline_name, preflight, run_pipeline
-from raybm.results import CONSOLE_LOG_FILE, Results, private_temp_dir, soup_used
+from raybm.local_paths import private_temp_dir
+from raybm.results import CONSOLE_LOG_FILE, Results, soup_used
 from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
 from raybm.train.driver import run_training
 from raybm.tune.leaderboard import format_leaderboard, format_values

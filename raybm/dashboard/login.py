@@ -9,6 +9,8 @@ import hmac
 import ipaddress
 import os
 
+from raybm.errors import RaybmError
+
 PASSWORD_ENV = "RAYBM_DASHBOARD_PASSWORD"
 MIN_PASSWORD_CHARS = 12
 
@@ -25,8 +27,6 @@ def is_loopback_address(host: str) -> bool:
 
 def check_dashboard_host(host: str) -> None:
     """Refuse to start a dashboard beyond loopback without a usable password (RaybmError)."""
-    from raybm.errors import RaybmError
-
     if is_loopback_address(host):
         return
     password = os.environ.get(PASSWORD_ENV, "")

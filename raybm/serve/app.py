@@ -287,8 +287,7 @@ def make_server_class():
             self.predictor, self.card = load_replica(model_dir, s, loader, storage)
             self.labels, self.backend = list(self.predictor.labels), self.card["backend"]
             self.api_key = api_key
-            # Explanations: one at a time, in a thread of their own (not the pool /predict's
-            # batches and Serve's health checks use), at most explain_max_queued waiting.
+            # Explanations one at a time, in a thread apart from /predict's and health checks'.
             self.explain_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raybm-explain")
             self.explain_slot, self.explain_waiting = asyncio.Lock(), 0
             self.watch = Watch(stats, self.card.get("drift_reference"), getattr(self.predictor, "tokenizer", None),

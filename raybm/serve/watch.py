@@ -8,10 +8,12 @@ population stability index of the label mix and of the input lengths)."""
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections import deque
 from typing import Any
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from raybm.inference.loading import tokenize
 from raybm.metrics import LENGTH_SHARES, PSI_ALERT, length_bin, population_stability_index
@@ -169,10 +171,7 @@ def serve_counts(app: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
     itself included (503 when shedding load, 408 at its request timeout), which never reach
     a replica. Ray exports the counts every few seconds, so they trail a moment behind. None
     when no node's metrics could be read."""
-    import urllib.request
-
     import ray
-    from prometheus_client.parser import text_string_to_metric_families
 
     by_status: dict[str, int] = {}
     by_method: dict[str, dict[str, int]] = {}

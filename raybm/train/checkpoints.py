@@ -8,6 +8,7 @@ import os
 import shutil
 
 from raybm.config import JobConfig, load_config
+from raybm.local_paths import private_temp_dir
 from raybm.models.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from raybm.results import (
     CALIBRATION_FILE,
@@ -18,7 +19,6 @@ from raybm.results import (
     MODEL_CONFIG_FILE,
     TRAIN_STATE_FILE,
     WEIGHTS_FILE,
-    private_temp_dir,
 )
 
 # What a usable checkpoint holds. A checkpoint folder whose upload a lost node or a stopped

@@ -153,33 +153,43 @@ class SealedStateHandler(pafs.FileSystemHandler):
         return not self.__eq__(other)
 
     def get_type_name(self) -> str:
+        """The filesystem type name pyarrow shows."""
         return f"raybm-sealed+{self.fs.type_name}"
 
     def normalize_path(self, path):
+        """Passed through."""
         return self.fs.normalize_path(path)
 
     def get_file_info(self, paths):
+        """Passed through."""
         return self.fs.get_file_info(paths)
 
     def get_file_info_selector(self, selector):
+        """Passed through."""
         return self.fs.get_file_info(selector)
 
     def create_dir(self, path, recursive):
+        """Passed through."""
         self.fs.create_dir(path, recursive=recursive)
 
     def delete_dir(self, path):
+        """Passed through."""
         self.fs.delete_dir(path)
 
     def delete_dir_contents(self, path, missing_dir_ok=False):
+        """Passed through."""
         self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
 
     def delete_root_dir_contents(self):
+        """Passed through."""
         self.fs.delete_dir_contents("/", accept_root_dir=True)
 
     def delete_file(self, path):
+        """Passed through."""
         self.fs.delete_file(path)
 
     def move(self, src, dest):
+        """A guarded file moves with its seal checked and a new one written."""
         if self.key is not None and (is_guarded(self.root, src) or is_guarded(self.root, dest)):
             data = self._checked(src)
             self._write(dest, data, None)
@@ -188,6 +198,7 @@ class SealedStateHandler(pafs.FileSystemHandler):
         self.fs.move(src, dest)
 
     def copy_file(self, src, dest):
+        """A guarded copy is checked and sealed anew."""
         if self.key is not None and is_guarded(self.root, dest):
             self._write(dest, self._checked(src), None)
             return
@@ -210,21 +221,25 @@ class SealedStateHandler(pafs.FileSystemHandler):
         stream.close()
 
     def open_input_stream(self, path):
+        """A guarded file is read whole and handed on only when its seal verifies."""
         if self._guarded(path):
             return pa.BufferReader(self._checked(path))
         return self.fs.open_input_stream(path)
 
     def open_input_file(self, path):
+        """A guarded file is read whole and handed on only when its seal verifies."""
         if self._guarded(path):
             return pa.BufferReader(self._checked(path))
         return self.fs.open_input_file(path)
 
     def open_output_stream(self, path, metadata):
+        """A guarded file is buffered and sealed as it is closed."""
         if self._guarded(path):
             return pa.PythonFile(_SealingStream(self, path, metadata), mode="w")
         return self.fs.open_output_stream(path, metadata=metadata)
 
     def open_append_stream(self, path, metadata):
+        """Appending to a guarded file is refused (its seal covers whole files)."""
         if self._guarded(path):
             raise OSError(f"raybm: appending to {path} is not supported (its seal covers whole files)")
         return self.fs.open_append_stream(path, metadata=metadata)

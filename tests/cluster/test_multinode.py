@@ -46,8 +46,15 @@ def post(url: str, texts: list[str], timeout: float = 30) -> dict:
         return json.loads(r.read())
 
 
+@pytest.fixture
+def serve_freed(cluster):
+    """Serve shut down after the test, passed or not: its replicas' CPUs go back for the next."""
+    yield
+    serve_shutdown(cluster)
+
+
 def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, bucket, s3_server, data_uri,
-                                                                      tmp_path):
+                                                                      tmp_path, serve_freed):
     s3, name = bucket
     cfg = base_config(s3_server, data_uri, f"s3://{name}/team")
     cfg.update({
@@ -113,6 +120,28 @@ def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, 
     assert [s["status"] for s in again["stages"].values()] == ["skipped", "skipped", "skipped", "held"], again
     assert "pipeline.min_test_f1 0.999" in again["stages"]["deploy"]["reasons"][0]
 
+    # A second job serves a model beside the first (its own application and route) instead
+    # of replacing it; one that asks Serve for another port is refused before anything is.
+    status, logs = run_job(cluster, "pipeline", config, "serve.app_name=second-job", "serve.num_replicas=1",
+                           timeout=300)
+    assert status == "SUCCEEDED", logs[-3000:]
+    second_url = deploy["url"].rsplit("/", 1)[0] + "/second-job"
+    assert f"served at {second_url}/predict" in logs, logs[-3000:]
+    for url in (deploy["url"], second_url):
+        assert [p["label"] in ("neg", "pos") for p in post(url, ["fine"])["predictions"]] == [True], url
+    status, logs = run_job(cluster, "pipeline", config, f"serve.port={free_port()}", "serve.app_name=third-job",
+                           timeout=300)
+    assert status == "FAILED" and f"already listens on 127.0.0.1:{cfg['serve']['port']}" in logs, logs[-3000:]
+    assert len(serve_replicas(cluster, "second-job")) == 1 and not serve_replicas(cluster, "third-job")
+    status, logs = run_job(cluster, "serve", config, "--list", timeout=120)
+    assert status == "SUCCEEDED" and f"{second_url}" in logs and deploy["url"] in logs, logs[-2000:]
+    status, logs = run_job(cluster, "serve", config, "--stop", "second-job", timeout=120)
+    assert status == "SUCCEEDED" and "Stopped 'second-job'" in logs, logs[-2000:]
+    deadline = time.time() + 60
+    while time.time() < deadline and serve_replicas(cluster, "second-job"):
+        time.sleep(1)
+    assert not serve_replicas(cluster, "second-job") and len(serve_replicas(cluster)) == 2
+
     # A worker node with a replica disappears while requests flow: the other replica keeps
     # answering, and Serve starts a second replica again.
     lost = next(w for w in cluster.workers if any(r.node_id == node_id_of(cluster, w) for r in replicas))
@@ -134,7 +163,6 @@ def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, 
     assert len(serve_replicas(cluster)) == 2
     cluster.add_worker(1, name=lost.name)  # the node comes back for the next tests
     cluster.wait_for_nodes(3)
-    serve_shutdown(cluster)
 
 
 def node_id_of(cluster, worker) -> str:
@@ -176,13 +204,15 @@ def cluster_nodes(cluster) -> list[dict]:
     return [{"node_id": n.node_id, "cpus": n.resources_total.get("CPU", 0)} for n in cluster.alive_nodes()]
 
 
-def serve_replicas(cluster) -> list:
-    """The alive model replicas of the raybm app (state API over HTTP; its Stats replica aside)."""
+def serve_replicas(cluster, app: str | None = None) -> list:
+    """The alive model replicas of every raybm application, or of ``app`` (state API over
+    HTTP; the Stats replicas aside). Serve names them ServeReplica:<app>:ModelServer."""
     from ray.util.state import list_actors
 
     return [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], limit=1000,
                                    raise_on_missing_output=False)
-            if a.class_name.startswith("ServeReplica:raybm:ModelServer")]
+            if a.class_name.startswith("ServeReplica:") and a.class_name.endswith(":ModelServer")
+            and (app is None or a.class_name == f"ServeReplica:{app}:ModelServer")]
 
 
 def serve_shutdown(cluster) -> None:

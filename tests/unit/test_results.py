@@ -103,7 +103,7 @@ def test_scratch_folders_are_this_users_own(tmp_path, monkeypatch):
     import tempfile
 
     from raybm.errors import RaybmError
-    from raybm.results import private_temp_dir
+    from raybm.local_paths import private_temp_dir
     from raybm.train.checkpoints import checkpoint_scratch
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
