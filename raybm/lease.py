@@ -130,10 +130,26 @@ class _Store:
         try:
             with open(self.path, "rb") as f:
                 body = f.read()
-                age = time.time() - os.fstat(f.fileno()).st_mtime
+                written = os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             return None
-        return _parse(body), _tag(body), max(0.0, age)
+        return _parse(body), _tag(body), max(0.0, self._folder_now() - written)
+
+    def _folder_now(self) -> float:
+        """The time on the clock that stamps the lease folder's files (a shared folder's
+        server, not this machine): the modification time of a file written just now."""
+        probe = f"{self.path}.clock-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(probe, "wb"):
+                pass
+            return os.stat(probe).st_mtime
+        except OSError:
+            return time.time()
+        finally:
+            try:
+                os.remove(probe)
+            except OSError:
+                pass
 
     def replace(self, body: bytes, tag: str, *, take_over: bool = False) -> str | None:
         """Overwrite the file only if it is still at version ``tag``; the new tag, or None.

@@ -146,3 +146,33 @@ def test_a_writer_that_lost_its_lease_publishes_nothing(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+SKEWED = """
+import sys, time
+real = time.time
+time.time = lambda: real() + 30  # this job's clock runs 30 s ahead of the store's
+from raybm.config import StorageConfig
+from raybm.errors import RaybmError
+from raybm.lease import hold_lease
+from raybm.results import Results
+results = Results(sys.argv[1], StorageConfig(root=sys.argv[1], lease_ttl_s=5))
+try:
+    with hold_lease(results, "runs", "r1", "training run 'r1'", log=print):
+        print("took it")
+except RaybmError as e:
+    print("refused:", e)
+"""
+
+
+def test_a_job_whose_clock_runs_ahead_cannot_take_a_live_lease(tmp_path):
+    """Ages are read on the store's clock: a second job on a machine whose clock runs 30 s
+    ahead (over a TTL of 5 s) still finds the holder's lease live."""
+    first = holder(str(tmp_path), ttl=5)
+    try:
+        time.sleep(2)
+        got = subprocess.run([sys.executable, "-c", SKEWED, str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert got.stdout.startswith("refused: training run 'r1' is being written by another job"), got
+    finally:
+        first.kill()
+        first.wait()
