@@ -45,20 +45,28 @@ def state_key() -> bytes:
     if given:
         return given.encode()
     folder = os.path.join(os.path.expanduser("~"), ".config", "raybm")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
     path = os.path.join(folder, "state.key")
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except FileExistsError:
+        if not os.path.exists(path):  # made whole, then linked into place: no reader sees half a key
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_hex(32).encode())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another driver made it first: theirs is the key
+            finally:
+                os.remove(tmp)
         with open(path, "rb") as f:
             key = f.read()
-        if len(key) < 16:
-            raise RaybmError(f"{path}: the key that seals sweep state is damaged (under 16 bytes); remove the "
-                             f"file (sweeps sealed with it can then not be resumed) or set {STATE_KEY_ENV}") from None
-        return key
-    key = secrets.token_hex(32).encode()
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
+    except OSError as e:
+        raise RaybmError(f"cannot keep the key that seals sweep state in {path} ({e.strerror}); set {STATE_KEY_ENV} "
+                         f"to a secret of your own instead") from None
+    if len(key) < 16:
+        raise RaybmError(f"{path}: the key that seals sweep state is damaged (under 16 bytes); remove the file "
+                         f"(sweeps sealed with it can then not be resumed) or set {STATE_KEY_ENV}")
     return key
 
 
