@@ -73,9 +73,9 @@ def adapter_state(model) -> dict:
 
 def adapter_keys(model) -> dict[str, str]:
     """Each key of ``model``'s LoRA checkpoint -> the key of the same tensor in the model's
-    full state dict. Taken before FSDP wraps the model: PEFT 0.21.2 finds the adapters by
-    module name, and FSDP's units (one per layer) put ``_fsdp_wrapped_module`` inside those
-    names, so from a gathered full state dict PEFT keeps the head and loses every adapter."""
+    full state dict (the checkpoint's keys drop the adapter's name). Taken before FSDP shards
+    the model, so that the adapters are written out of a gathered full state dict by these
+    names rather than by PEFT's own filter, which looks at the (sharded) modules."""
     import torch
     from peft import get_peft_model_state_dict
 

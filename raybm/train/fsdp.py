@@ -1,54 +1,55 @@
-"""Fully sharded data parallel training: wrapping the model, and its full state dicts for
-checkpoints and resuming."""
+"""Fully sharded data parallel training with torch's FSDP2 (``fully_shard``): sharding the
+model, and its full state dicts for checkpoints and resuming (``torch.distributed.checkpoint``'s
+state-dict API)."""
 
 from __future__ import annotations
 
 from raybm.errors import RaybmError
 
 
-def wrap_fsdp(model, device):
-    """Shard ``model`` over all workers with FSDP: one unit per encoder layer plus one for the
-    rest, so a forward pass holds one layer's full weights at a time. The original
-    parameters stay visible (names for freezing by strategy and for the optimizer's groups).
+def wrap_fsdp(model, device, amp_dtype=None):
+    """Shard ``model`` over all workers with FSDP2, in place: one unit per encoder layer
+    (the architecture table's layer stack) plus the root for the rest, so a forward pass
+    holds one layer's full weights at a time and each worker keeps 1/N of every parameter,
+    gradient and optimizer moment. Parameter names stay those of the plain model (no wrapper
+    modules): optimizer groups, freezing by strategy and checkpoint keys all use them. On a
+    GPU with bf16 the gathered weights and the compute are bf16 and gradients reduce in fp32
+    (``MixedPrecisionPolicy``). Returns ``model``.
 
-    raybm wraps it itself rather than through Ray Train's ``prepare_model``, which needs
+    raybm shards it itself rather than through Ray Train's ``prepare_model``, which needs
     CUDA and leaves a single worker unwrapped: this runs on CPU workers (gloo) too, and one
     worker runs the same code as many."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from raybm.models.architectures import model_parts
 
+    kwargs = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
+    if device.type == "cuda" and amp_dtype == torch.bfloat16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     try:
-        policy = ModuleWrapPolicy({type(layer) for layer in model_parts(model).layers})
+        layers = list(model_parts(model).layers)
     except RaybmError:  # no layer stack (the TextCNN baseline): one unit
-        policy = None
-    return FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=device)
+        layers = []
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
 
 
-def _fsdp_configs(device, rank0_only: bool):
-    """FSDP's full state dict settings: gathered to host memory on GPUs."""
-    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig
+def fsdp_full_state(model, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) full state dicts of a sharded model, gathered into rank 0's host
+    memory (empty on the other ranks): a collective, every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    offload = device.type != "cpu"  # gathered to host memory; on CPU it is there already
-    return (FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
-            FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=False))
-
-
-def fsdp_full_state(wrapped, optimizer, device) -> tuple[dict, dict]:
-    """(model, optimizer) full state dicts of an FSDP model, gathered to rank 0 (a collective:
-    every rank calls it)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import StateDictType
-
-    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, *_fsdp_configs(device, True)):
-        return wrapped.state_dict(), FSDP.optim_state_dict(wrapped, optimizer)
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def fsdp_optim_to_load(wrapped, optimizer, full: dict, device) -> dict:
-    """This rank's optimizer state out of a full one (the state dict type must be set)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import StateDictType
+def fsdp_load_optimizer(model, optimizer, full: dict) -> None:
+    """Load a full optimizer state (as ``fsdp_full_state`` gathered it) into this rank's
+    shards of ``optimizer``: a collective, every rank calls it with the same state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, *_fsdp_configs(device, False)):
-        return FSDP.optim_state_dict_to_load(wrapped, optimizer, full)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=full, options=StateDictOptions(full_state_dict=True))

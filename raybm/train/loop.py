@@ -113,11 +113,8 @@ def optimizer_step(w: Worker, p: Progress) -> None:
     t = w.cfg.train
     if w.scaler:
         w.scaler.unscale_(w.optimizer)
-    if t.grad_clip:
-        if w.fsdp:  # the norm over every rank's shard
-            w.wrapped.clip_grad_norm_(t.grad_clip)
-        else:
-            torch.nn.utils.clip_grad_norm_([q for q in w.model.parameters() if q.requires_grad], t.grad_clip)
+    if t.grad_clip:  # under FSDP the gradients are sharded tensors: the norm is over every rank's shard
+        torch.nn.utils.clip_grad_norm_([q for q in w.model.parameters() if q.requires_grad], t.grad_clip)
     factor = lr_factor(p.step, t, w.steps_per_epoch, w.total_steps) * p.lr_scale
     for group in w.optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
@@ -192,7 +189,7 @@ def report(w: Worker, p: Progress, epoch: int, metrics: dict, value: float, scra
     """Report the epoch with a checkpoint written by rank 0 (every rank takes part in
     gathering FSDP's full state). With ``kept``, rank 0 keeps the best epoch's checkpoint on
     local disk; on a tie the later epoch, as Ray Train and Tune rank checkpoints."""
-    full_weights, optim_state = fsdp_full_state(w.wrapped, w.optimizer, w.device) if w.fsdp \
+    full_weights, optim_state = fsdp_full_state(w.model, w.optimizer) if w.fsdp \
         else (None, w.optimizer.state_dict())
     if w.rank != 0:
         w.session.report(metrics)

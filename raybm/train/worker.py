@@ -11,7 +11,7 @@ from typing import Any
 
 from raybm.config import JobConfig, build_config
 from raybm.train.checkpoints import load_checkpoint
-from raybm.train.fsdp import fsdp_optim_to_load, wrap_fsdp
+from raybm.train.fsdp import fsdp_load_optimizer, wrap_fsdp
 from raybm.train.losses import load_teacher
 from raybm.train.optim import amp_settings, build_optimizer, cpu_has_native_bf16
 from raybm.train.scoring import whole_split
@@ -148,24 +148,26 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
         model = add_lora(model, t)  # the base frozen from here on: only the adapters and the head train
     model.to(device)
     progress, state = _resume(model, rank, session)  # the weights go in before wrapping, the optimizer state after
-    # Optimizer groups and parameter sizes from the unwrapped model: FSDP flattens what it shards.
-    groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
-    sizes = {id(p): p.numel() for p in model.parameters()}
     saved = adapter_state(model) if is_lora(model) else model.state_dict()  # what each checkpoint holds
     keys = adapter_keys(model) if is_lora(model) and t.parallelism == "fsdp" else None
     checkpoint_mb = sum(v.numel() * v.element_size() for v in saved.values()) / 1e6
+    amp_dtype, use_scaler = amp_settings(device, t.precision)
+    wrapped = _wrap(model, t, device, session, amp_dtype)
+    # Optimizer groups and parameter sizes once wrapped: FSDP2 replaces every parameter by
+    # its sharded one (same name, whole shape), which is what the optimizer must step.
+    groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
+    sizes = {id(p): p.numel() for p in model.parameters()}
     if rank == 0 and is_lora(model):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         say(f"LoRA: {trainable:,} of {sum(sizes.values()):,} parameters train "
             f"({100 * trainable / max(1, sum(sizes.values())):.2f}%); each checkpoint holds {checkpoint_mb:.2f} MB")
-    wrapped = _wrap(model, t, device, session)
     optimizer = build_optimizer(model, t, groups)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
-    if state is not None:
-        optimizer.load_state_dict(fsdp_optim_to_load(wrapped, optimizer, state["optimizer"], device)
-                                  if t.parallelism == "fsdp" else state["optimizer"])
-    amp_dtype, use_scaler = amp_settings(device, t.precision)
+    if state is not None and t.parallelism == "fsdp":
+        fsdp_load_optimizer(model, optimizer, state["optimizer"])
+    elif state is not None:
+        optimizer.load_state_dict(state["optimizer"])
     if rank == 0 and amp_dtype is not None and device.type == "cpu":
         say("mixed precision: bf16 on the CPU" + ("" if cpu_has_native_bf16() else
             " (this CPU has no native bf16: slower than fp32 here; train.precision=fp32 is faster)"))
@@ -208,10 +210,10 @@ def _resume(model, rank: int, session) -> tuple[Progress, dict | None]:
     return Progress.resumed_at(state), state
 
 
-def _wrap(model, t, device, session):
-    """``model`` wrapped for data-parallel training: FSDP shards, DDP replicates."""
+def _wrap(model, t, device, session, amp_dtype):
+    """``model`` wrapped for data-parallel training: FSDP shards it in place, DDP replicates."""
     if t.parallelism == "fsdp":
-        return wrap_fsdp(model, device)
+        return wrap_fsdp(model, device, amp_dtype)
     kwargs = {"find_unused_parameters": True} if t.strategy in ("partial", "gradual") else {}
     return session.wrap_ddp(model, kwargs)
 
