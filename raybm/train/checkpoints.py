@@ -105,10 +105,12 @@ def _remove(folder: str, name: str) -> None:
 
 
 def load_checkpoint(folder: str, model) -> dict:
-    """Load the weights into ``model``; return the training state (optimizer, epoch ...)."""
+    """Load the weights into ``model`` (None: only the training state is wanted); return the
+    training state (optimizer, epoch ...)."""
     import torch
 
-    load_weights(folder, model)
+    if model is not None:
+        load_weights(folder, model)
     return torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=True)
 
 

@@ -16,11 +16,17 @@ def wrap_fsdp(model, device, amp_dtype=None):
     GPU with bf16 the gathered weights and the compute are bf16 and gradients reduce in fp32
     (``MixedPrecisionPolicy``). Returns ``model``.
 
+    Rank 0 comes with the weights in host memory; every other rank with the model built on
+    the meta device (shapes, no memory). Once sharded, rank 0 broadcasts the weights one
+    tensor at a time and each rank keeps its own shards (``broadcast_from_rank0``), then the
+    buffers: no rank but 0 ever holds a full copy, and rank 0 holds one only until then.
+
     raybm shards it itself rather than through Ray Train's ``prepare_model``, which needs
     CUDA and leaves a single worker unwrapped: this runs on CPU workers (gloo) too, and one
     worker runs the same code as many."""
     import torch
     import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -33,9 +39,17 @@ def wrap_fsdp(model, device, amp_dtype=None):
         layers = list(model_parts(model).layers)
     except RaybmError:  # no layer stack (the TextCNN baseline): one unit
         layers = []
+    rank0 = dist.get_rank() == 0
+    full = model.state_dict() if rank0 else {}  # references: no copy
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    if not rank0:
+        model.to_empty(device=device)  # this rank's shards, filled from rank 0 below
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    for _, buffer in model.named_buffers():  # not sharded; some (rotary frequencies) are in no state dict
+        dist.broadcast(buffer, src=0)
     return model
 
 

@@ -4,6 +4,7 @@ progress restored from the last checkpoint when the worker group restarts."""
 from __future__ import annotations
 
 import logging
+import contextlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -129,9 +130,9 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     import torch
 
     from raybm.data.tokenizing import AugmentCollate, PadCollate
-    from raybm.models.build import build_classifier, enable_checkpointing, load_tokenizer, local_model
+    from raybm.models.build import load_tokenizer, local_model
     from raybm.models.architectures import weight_layers
-    from raybm.models.lora import add_lora, adapter_keys, adapter_state, is_lora
+    from raybm.models.lora import adapter_keys, adapter_state, is_lora
     from raybm.models.strategies import param_groups
 
     cfg = build_config(config["job"])
@@ -141,13 +142,14 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     torch.manual_seed(t.seed + rank)
     device = session.device()
     model_cfg = local_model(cfg.model, cfg.storage)  # an s3:// base model: this node's copy
-    model = build_classifier(model_cfg, config["labels"], pretrained=t.strategy != "scratch", seed=t.seed)
-    if t.gradient_checkpointing:
-        enable_checkpointing(model)
-    if t.strategy == "lora":
-        model = add_lora(model, t)  # the base frozen from here on: only the adapters and the head train
-    model.to(device)
-    progress, state = _resume(model, rank, session)  # the weights go in before wrapping, the optimizer state after
+    # FSDP: only rank 0 builds the model with its weights (in host memory); the others build
+    # it on the meta device, and sharding hands each rank its own part (raybm.train.fsdp).
+    on_meta = t.parallelism == "fsdp" and rank != 0
+    model = _build_model(t, model_cfg, config["labels"], on_meta)
+    if t.parallelism != "fsdp":
+        model.to(device)
+    # The weights go in before wrapping (rank 0's, under FSDP), the optimizer state after.
+    progress, state = _resume(None if on_meta else model, rank, session)
     saved = adapter_state(model) if is_lora(model) else model.state_dict()  # what each checkpoint holds
     keys = adapter_keys(model) if is_lora(model) and t.parallelism == "fsdp" else None
     checkpoint_mb = sum(v.numel() * v.element_size() for v in saved.values()) / 1e6
@@ -197,9 +199,27 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     return worker, progress
 
 
+def _build_model(t, model_cfg, labels: list[str], on_meta: bool):
+    """The classifier to train: pretrained weights (unless ``train.strategy=scratch``),
+    gradient checkpointing and LoRA adapters as set. ``on_meta``: its shapes only, on the
+    meta device (an FSDP rank other than 0: its weights come from rank 0 when sharded)."""
+    import torch
+
+    from raybm.models.build import build_classifier, enable_checkpointing
+    from raybm.models.lora import add_lora
+
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        model = build_classifier(model_cfg, labels, pretrained=t.strategy != "scratch" and not on_meta, seed=t.seed)
+        if t.gradient_checkpointing:
+            enable_checkpointing(model)
+        if t.strategy == "lora":
+            model = add_lora(model, t)  # the base frozen from here on: only the adapters and the head train
+    return model
+
+
 def _resume(model, rank: int, session) -> tuple[Progress, dict | None]:
     """The run's progress and training state from its latest checkpoint, its weights
-    loaded into ``model``; a fresh start when there is none."""
+    loaded into ``model`` (None: the state only); a fresh start when there is none."""
     checkpoint = session.checkpoint()
     if checkpoint is None:
         return Progress(), None
