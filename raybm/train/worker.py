@@ -3,8 +3,8 @@ progress restored from the last checkpoint when the worker group restarts."""
 
 from __future__ import annotations
 
-import logging
 import contextlib
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
