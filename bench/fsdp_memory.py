@@ -76,6 +76,7 @@ def run(parallelism: str, model: str, data: str, root: str, workers: int) -> dic
     sampler.join()
     return {"parallelism": parallelism, "ok": out.returncode == 0, "seconds": round(time.time() - started, 1),
             "peak_worker_gb": round(max(peaks.values(), default=0) / 1e9, 2),
+            "peaks_gb": sorted((round(v / 1e9, 2) for v in peaks.values()), reverse=True),
             "workers_seen": len(peaks), "error": None if out.returncode == 0 else out.stderr[-1500:]}
 
 
@@ -103,7 +104,8 @@ def main() -> int:
     ddp, fsdp = rows
     if ddp["ok"] and fsdp["ok"]:
         print(f"\n{n / 1e6:.0f}M parameters, {args.workers} workers: peak worker RSS DDP {ddp['peak_worker_gb']} GB, "
-              f"FSDP {fsdp['peak_worker_gb']} GB: {fsdp['peak_worker_gb'] / ddp['peak_worker_gb']:.2f}x; "
+              f"FSDP {fsdp['peak_worker_gb']} GB: {fsdp['peak_worker_gb'] / ddp['peak_worker_gb']:.2f}x (every "
+              f"worker's peak: DDP {ddp['peaks_gb']}, FSDP {fsdp['peaks_gb']}); "
               f"fp32 AdamW state {16 * n / 1e9:.1f} GB in all, {16 * n / 1e9 / args.workers:.1f} GB a worker sharded")
     return 0 if all(r["ok"] for r in rows) else 1
 
