@@ -74,6 +74,8 @@ MODEL_CARD_FILE = "README.md"
 # A training checkpoint (a model folder plus these).
 TRAIN_STATE_FILE = "train_state.pt"  # optimizer, scheduler, RNG: what resuming needs
 EPOCH_METRICS_FILE = "epoch_metrics.json"
+SHARDS_DIR = "shards"  # an FSDP checkpoint's model and optimizer state: one safetensors file per rank
+SHARDS_INDEX_FILE = "shards.json"  # how many ranks wrote SHARDS_DIR, and whether it holds the model
 # An export: one folder per variant, and a mobile bundle.
 ONNX_FILE = "model.onnx"
 VARIANT_FILE = "manifest.json"  # in each variant folder

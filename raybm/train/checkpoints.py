@@ -17,31 +17,38 @@ from raybm.results import (
     LABEL_MAP_FILE,
     MODEL_CARD_FILE,
     MODEL_CONFIG_FILE,
+    SHARDS_INDEX_FILE,
     TRAIN_STATE_FILE,
     WEIGHTS_FILE,
 )
+from raybm.train.sharded import drop_shards, is_sharded, publish_sharded
 
 # What a usable checkpoint holds. A checkpoint folder whose upload a lost node or a stopped
 # job cut short has only some of its files (S3 writes each file whole, in any order); the
 # epoch's validation metrics inside it are what sweeps rank checkpoints by. Its weights are
-# one of CHECKPOINT_WEIGHTS: the whole model's, or a LoRA run's adapters and head.
+# one of CHECKPOINT_WEIGHTS: the whole model's, a LoRA run's adapters and head, or an FSDP
+# run's shards (their index says how many files; raybm.train.sharded.check_shards).
 CHECKPOINT_FILES = ("config.json", LABEL_MAP_FILE, "tokenizer_config.json", EPOCH_METRICS_FILE)
-CHECKPOINT_WEIGHTS = (WEIGHTS_FILE, ADAPTER_WEIGHTS_FILE)
+CHECKPOINT_WEIGHTS = (WEIGHTS_FILE, ADAPTER_WEIGHTS_FILE, SHARDS_INDEX_FILE)
 
 
 def save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list[str], state: dict,
                      metrics: dict, weights: dict | None = None, drift_reference: dict | None = None,
-                     adapter_keys: dict | None = None) -> None:
+                     adapter_keys: dict | None = None, sharded: bool = False) -> None:
     """Write a checkpoint into ``folder``: a loadable model folder (weights, tokenizer, label
     map, the job config) plus the training state and the epoch's metrics. Under LoRA the
     weights are the adapters' and the head's only (``as_model_folder`` merges them).
-    ``weights``: a gathered FSDP state dict, with ``adapter_keys`` under LoRA
-    (``raybm.models.lora.adapter_keys``)."""
+    ``weights``: a LoRA FSDP run's adapters gathered whole, with ``adapter_keys``
+    (``raybm.models.lora.adapter_keys``). ``sharded``: the weights are the ranks' shards,
+    already written (``raybm.train.sharded``); only the model's config goes here."""
     import torch
 
     from raybm.models.lora import is_lora, save_adapter_weights
 
-    model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
+    if sharded:
+        model.config.save_pretrained(folder)
+    else:
+        model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
     if is_lora(model) and weights is not None:
         save_adapter_weights(folder, weights, adapter_keys)  # PEFT's own filter loses the adapters here
     if is_lora(model):
@@ -66,7 +73,9 @@ def save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list[
 
 
 def load_weights(folder: str, model) -> None:
-    """Load a checkpoint's weights into ``model`` (unwrapped; a PEFT model for a LoRA checkpoint)."""
+    """Load a checkpoint's weights into ``model`` (unwrapped; a PEFT model for a LoRA
+    checkpoint). A sharded checkpoint's go into the sharded model instead
+    (``raybm.train.sharded.load_sharded``): nothing here."""
     from safetensors.torch import load_file
 
     from raybm.models.lora import load_adapter
@@ -74,13 +83,21 @@ def load_weights(folder: str, model) -> None:
     if os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_FILE)):
         load_adapter(folder, model)
         return
+    if is_sharded(folder):
+        return
     model.load_state_dict(load_file(os.path.join(folder, WEIGHTS_FILE)), strict=False)
 
 
 def as_model_folder(folder: str) -> str:
     """Make a checkpoint folder on local disk a plain model folder, in place: a LoRA
-    checkpoint gets the base model with its adapters merged (the adapter files go); any
-    other is one already. Returns ``folder``."""
+    checkpoint gets the base model with its adapters merged (the adapter files go), an FSDP
+    checkpoint its weights out of the shards (the shards go); any other is one already.
+    Returns ``folder``."""
+    if is_sharded(folder) and not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_FILE)):
+        publish_sharded(folder)
+        return folder
+    if is_sharded(folder):  # LoRA under FSDP: the shards are the optimizer's only
+        drop_shards(folder)
     if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_FILE)):
         return folder
     # Only now: these import torch and transformers, seconds a driver otherwise never spends.

@@ -1,6 +1,6 @@
 """Fully sharded data parallel training with torch's FSDP2 (``fully_shard``): sharding the
-model, and its full state dicts for checkpoints and resuming (``torch.distributed.checkpoint``'s
-state-dict API)."""
+model, and gathering the few full tensors a LoRA checkpoint keeps (the sharded checkpoints
+themselves: ``raybm.train.sharded``)."""
 
 from __future__ import annotations
 
@@ -53,17 +53,19 @@ def wrap_fsdp(model, device, amp_dtype=None):
     return model
 
 
-def fsdp_full_state(model, optimizer) -> tuple[dict, dict]:
-    """(model, optimizer) full state dicts of a sharded model, gathered into rank 0's host
-    memory (empty on the other ranks): a collective, every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+def gather_full(model, names) -> dict:
+    """The full tensors of a sharded model's state entries ``names`` (a LoRA run's adapters
+    and head), in rank 0's host memory (empty on the other ranks): a collective, every rank
+    calls it with the same names. Only these are gathered, never the frozen base model."""
+    import torch.distributed as dist
 
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rank0 = dist.get_rank() == 0
+    state = model.state_dict()  # this rank's shards, no communication
+    out = {}
+    for name in names:
+        value = state[name]
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        if rank0:
+            out[name] = full.detach().cpu()
+    return out
 
-
-def fsdp_load_optimizer(model, optimizer, full: dict) -> None:
-    """Load a full optimizer state (as ``fsdp_full_state`` gathered it) into this rank's
-    shards of ``optimizer``: a collective, every rank calls it with the same state."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=full, options=StateDictOptions(full_state_dict=True))

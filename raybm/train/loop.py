@@ -26,11 +26,12 @@ from typing import Any
 
 from raybm.metrics import flat
 from raybm.train.checkpoints import checkpoint_scratch, save_checkpoint
-from raybm.train.fsdp import fsdp_full_state
+from raybm.train.fsdp import gather_full
 from raybm.train.losses import distill_loss, l1_penalty
 from raybm.train.optim import lr_factor, plateau_scale, precision_name
 from raybm.train.scoring import score_best_checkpoint, validate
 from raybm.train.session import RayTrainSession
+from raybm.train.sharded import save_sharded, write_shards_index
 from raybm.train.worker import Progress, Worker, quiet_ray_train_logs, say, set_up
 
 
@@ -186,17 +187,19 @@ class BestKept:
 
 def report(w: Worker, p: Progress, epoch: int, metrics: dict, value: float, scratch: str | None,
            kept: BestKept | None) -> None:
-    """Report the epoch with a checkpoint written by rank 0 (every rank takes part in
-    gathering FSDP's full state). With ``kept``, rank 0 keeps the best epoch's checkpoint on
-    local disk; on a tie the later epoch, as Ray Train and Tune rank checkpoints."""
-    full_weights, optim_state = fsdp_full_state(w.model, w.optimizer) if w.fsdp \
-        else (None, w.optimizer.state_dict())
+    """Report the epoch with its checkpoint: written by rank 0, or under FSDP by every rank
+    (its shards; Ray merges the ranks' folders into one checkpoint). With ``kept``, rank 0
+    keeps the best epoch's checkpoint on local disk; on a tie the later epoch, as Ray Train
+    and Tune rank checkpoints."""
+    if w.fsdp:
+        _report_sharded(w, p, epoch, metrics, scratch)
+        return
     if w.rank != 0:
         w.session.report(metrics)
         return
     tmp = tempfile.mkdtemp(prefix="epoch-", dir=scratch)
-    save_checkpoint(tmp, w.model, w.tokenizer, w.cfg, w.labels, p.state(epoch, optim_state), p.history[-1],
-                    weights=full_weights, drift_reference=w.config.get("drift_reference"), adapter_keys=w.adapter_keys)
+    save_checkpoint(tmp, w.model, w.tokenizer, w.cfg, w.labels, p.state(epoch, w.optimizer.state_dict()),
+                    p.history[-1], drift_reference=w.config.get("drift_reference"))
     w.session.report(metrics, tmp)
     if kept is not None and value == p.best:
         if kept.folder:
@@ -204,6 +207,24 @@ def report(w: Worker, p: Progress, epoch: int, metrics: dict, value: float, scra
         kept.folder, kept.epoch = tmp, epoch + 1
     else:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _report_sharded(w: Worker, p: Progress, epoch: int, metrics: dict, scratch: str | None) -> None:
+    """An FSDP epoch's checkpoint: each rank writes its shards of the model and the optimizer
+    (``raybm.train.sharded``); rank 0 adds the rest of the model folder and the training
+    state. A LoRA run's adapters and head are gathered whole instead (they are small), the
+    frozen base never."""
+    tmp = tempfile.mkdtemp(prefix="epoch-", dir=scratch)
+    lora = w.adapter_keys is not None
+    optimizer = save_sharded(tmp, w.model, w.optimizer, with_model=not lora)
+    adapters = gather_full(w.model, sorted(set(w.adapter_keys.values()))) if lora else None
+    if w.rank == 0:
+        write_shards_index(tmp, w.world, with_model=not lora)
+        save_checkpoint(tmp, w.model, w.tokenizer, w.cfg, w.labels, p.state(epoch, optimizer), p.history[-1],
+                        weights=adapters, sharded=not lora, drift_reference=w.config.get("drift_reference"),
+                        adapter_keys=w.adapter_keys)
+    w.session.report(metrics, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
@@ -223,7 +244,8 @@ def run_worker(config: dict[str, Any], session) -> dict | None:
     # A plain run scores its best epoch on the test split here, once training ends (rank 0):
     # no Ray Data job and no second model load in the driver.
     kept = BestKept() if config.get("predictions_to") and w.rank == 0 else None
-    scratch = checkpoint_scratch() if w.rank == 0 else None  # where rank 0 writes checkpoints first
+    # Where this rank writes its checkpoints first (rank 0; under FSDP every rank: its shards).
+    scratch = checkpoint_scratch() if w.rank == 0 or w.fsdp else None
     last_epoch = None  # the last epoch this attempt ran (None: it ran none)
     times["loop_ready"] = time.time()
     for epoch in range(p.start_epoch, t.epochs):

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raybm.config import JobConfig, build_config
+from raybm.errors import RaybmError
 from raybm.train.checkpoints import load_checkpoint
-from raybm.train.fsdp import fsdp_load_optimizer, wrap_fsdp
+from raybm.train.fsdp import wrap_fsdp
 from raybm.train.losses import load_teacher
+from raybm.train.sharded import is_sharded, load_sharded
 from raybm.train.optim import amp_settings, build_optimizer, cpu_has_native_bf16
 from raybm.train.scoring import whole_split
 
@@ -148,28 +150,23 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     model = _build_model(t, model_cfg, config["labels"], on_meta)
     if t.parallelism != "fsdp":
         model.to(device)
-    # The weights go in before wrapping (rank 0's, under FSDP), the optimizer state after.
-    progress, state = _resume(None if on_meta else model, rank, session)
-    saved = adapter_state(model) if is_lora(model) else model.state_dict()  # what each checkpoint holds
-    keys = adapter_keys(model) if is_lora(model) and t.parallelism == "fsdp" else None
-    checkpoint_mb = sum(v.numel() * v.element_size() for v in saved.values()) / 1e6
-    amp_dtype, use_scaler = amp_settings(device, t.precision)
-    wrapped = _wrap(model, t, device, session, amp_dtype)
-    # Optimizer groups and parameter sizes once wrapped: FSDP2 replaces every parameter by
-    # its sharded one (same name, whole shape), which is what the optimizer must step.
-    groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
-    sizes = {id(p): p.numel() for p in model.parameters()}
+    with _checkpoint_folder(session) as folder:
+        # The weights go in before wrapping (rank 0's, under FSDP), the optimizer state after.
+        progress, state = _resume(folder, None if on_meta else model, rank)
+        saved = adapter_state(model) if is_lora(model) else model.state_dict()  # what each checkpoint holds
+        keys = adapter_keys(model) if is_lora(model) and t.parallelism == "fsdp" else None
+        checkpoint_mb = sum(v.numel() * v.element_size() for v in saved.values()) / 1e6
+        amp_dtype, use_scaler = amp_settings(device, t.precision)
+        wrapped = _wrap(model, t, device, session, amp_dtype)
+        # Optimizer groups and parameter sizes once wrapped: FSDP2 replaces every parameter by
+        # its sharded one (same name, whole shape), which is what the optimizer must step.
+        groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
+        sizes = {id(p): p.numel() for p in model.parameters()}
+        optimizer = _optimizer(model, t, groups, state, folder)
     if rank == 0 and is_lora(model):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         say(f"LoRA: {trainable:,} of {sum(sizes.values()):,} parameters train "
             f"({100 * trainable / max(1, sum(sizes.values())):.2f}%); each checkpoint holds {checkpoint_mb:.2f} MB")
-    optimizer = build_optimizer(model, t, groups)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]
-    if state is not None and t.parallelism == "fsdp":
-        fsdp_load_optimizer(model, optimizer, state["optimizer"])
-    elif state is not None:
-        optimizer.load_state_dict(state["optimizer"])
     if rank == 0 and amp_dtype is not None and device.type == "cpu":
         say("mixed precision: bf16 on the CPU" + ("" if cpu_has_native_bf16() else
             " (this CPU has no native bf16: slower than fp32 here; train.precision=fp32 is faster)"))
@@ -217,17 +214,48 @@ def _build_model(t, model_cfg, labels: list[str], on_meta: bool):
     return model
 
 
-def _resume(model, rank: int, session) -> tuple[Progress, dict | None]:
-    """The run's progress and training state from its latest checkpoint, its weights
-    loaded into ``model`` (None: the state only); a fresh start when there is none."""
+@contextlib.contextmanager
+def _checkpoint_folder(session):
+    """The checkpoint to resume from as a local folder while set-up reads it (a remote one is
+    fetched for the while), or None for a fresh start."""
     checkpoint = session.checkpoint()
     if checkpoint is None:
-        return Progress(), None
+        yield None
+        return
     with checkpoint.as_directory() as folder:
-        state = load_checkpoint(folder, model)
+        yield folder
+
+
+def _resume(folder: str | None, model, rank: int) -> tuple[Progress, dict | None]:
+    """The run's progress and training state from its latest checkpoint (``folder``), its
+    weights loaded into ``model`` (None: the state only; a sharded checkpoint's weights go in
+    once the model is sharded, ``_optimizer``); a fresh start when there is none."""
+    if folder is None:
+        return Progress(), None
+    state = load_checkpoint(folder, model)
     if rank == 0:
         say(f"resuming from the checkpoint of epoch {state['epoch'] + 1}")
     return Progress.resumed_at(state), state
+
+
+def _optimizer(model, t, groups: list[dict], state: dict | None, folder: str | None):
+    """The configured optimizer over ``groups``; resuming, its state out of the checkpoint
+    (under FSDP, with the model's weights, out of the ranks' shards onto this rank's)."""
+    from raybm.models.lora import is_lora
+
+    optimizer = build_optimizer(model, t, groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    if state is None:
+        return optimizer
+    if t.parallelism == "fsdp" and not is_sharded(folder):
+        raise RaybmError(f"{folder}: an FSDP checkpoint without shards (written by an older raybm) cannot be "
+                         f"resumed; start the run under another name")
+    if t.parallelism == "fsdp":
+        load_sharded(folder, model, optimizer, state["optimizer"], with_model=not is_lora(model))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    return optimizer
 
 
 def _wrap(model, t, device, session, amp_dtype):

@@ -13,10 +13,11 @@ import pyarrow.fs as pafs
 
 from raybm.config import JobConfig
 from raybm.config.search_space import Distribution
-from raybm.results import EPOCH_METRICS_FILE, LEADERBOARD, Results
+from raybm.results import EPOCH_METRICS_FILE, LEADERBOARD, SHARDS_DIR, SHARDS_INDEX_FILE, Results
 from raybm.train.checkpoints import CHECKPOINT_FILES, CHECKPOINT_WEIGHTS
 from raybm.train.driver import failure_reason
 from raybm.train.publish import worker_nodes_of
+from raybm.train.sharded import shards_complete
 from raybm.train.resources import asks_for_gpus, not_placed, placement_failure
 
 # Serving-cost columns of the leaderboard (tune.measure_cost, tune.max_latency_ms).
@@ -60,7 +61,7 @@ def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> t
         files = results.fs.get_file_info([results.join(info.path, f) for f in CHECKPOINT_FILES])
         weights = results.fs.get_file_info([results.join(info.path, f) for f in CHECKPOINT_WEIGHTS])
         if any(f.type == pafs.FileType.NotFound for f in files) or \
-                all(f.type == pafs.FileType.NotFound for f in weights):
+                all(f.type == pafs.FileType.NotFound for f in weights) or not _shards_complete(results, info.path):
             continue  # an upload cut short (a lost node, a stopped job)
         try:
             m = results.read_json(results.join(info.path, EPOCH_METRICS_FILE))
@@ -73,6 +74,19 @@ def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> t
     found.sort(key=lambda pm: pm[1].get("epoch", 0), reverse=True)  # a tie goes to the later epoch, as in Ray Train
     pick = max if mode == "max" else min
     return pick(found, key=lambda pm: pm[1][metric])
+
+
+def _shards_complete(results: Results, checkpoint: str) -> bool:
+    """Whether every rank's shard file of a sharded checkpoint is there (True for others)."""
+    index = results.join(checkpoint, SHARDS_INDEX_FILE)
+    if not results.exists(index):
+        return True
+    try:
+        ranks = results.read_json(index)
+    except (OSError, ValueError):
+        return False
+    found = results.fs.get_file_info(pafs.FileSelector(results.join(checkpoint, SHARDS_DIR), allow_not_found=True))
+    return shards_complete(ranks, [f.base_name for f in found])
 
 
 def _trial_config(res) -> dict[str, Any]:

@@ -219,27 +219,40 @@ def test_two_ddp_workers_with_gradual_unfreezing(ray_local, tmp_path):
     assert result.metrics["test"]["examples"] == report["splits"]["test"]["rows"]
 
 
-def test_two_fsdp_workers_shard_train_resume_and_save_a_whole_model(ray_local, tmp_path, data_csv):
-    # FSDP on CPU workers (gloo): each worker holds half of every layer, the checkpoint
-    # gathers a whole model, and a failed worker (injected at the start of epoch 2) resumes
-    # from the last checkpoint, sharded optimizer state included, and runs every epoch.
+def test_two_fsdp_workers_shard_train_resume_on_three_and_save_a_whole_model(ray_local, tmp_path, data_csv):
+    # FSDP on CPU workers (gloo): each worker holds half of every layer and writes its own
+    # shards into each checkpoint (no full copy anywhere); a failed worker (injected at the
+    # start of epoch 2) resumes from the shards, optimizer state included; a rerun with 3
+    # workers and one more epoch resumes from the 2 ranks' shards (DCP reshards); the
+    # published model is a whole one, made from the shards.
     from raybm.inference.loading import load_model_folder
     from raybm.models.build import build_classifier
 
     # Batches of 4: 12 steps an epoch per worker (with 16, 3 steps an epoch learned too little
     # to pass the accuracy check every time).
     # 4 epochs: with 3, one full-suite run ended at validation accuracy 0.5 (loss 0.75 -> 0.69).
-    cfg = config(tmp_path, data_csv, "train.epochs=4", "train.num_workers=2", "train.cpus_per_worker=0.5",
-                 "train.parallelism=fsdp", "train.layerwise_lr_decay=0.8", "train.max_failures=1",
-                 "train.fail_at_epoch=2", "train.batch_size=4")
+    settings = ("train.cpus_per_worker=0.5", "train.parallelism=fsdp", "train.layerwise_lr_decay=0.8",
+                "train.max_failures=1", "train.batch_size=4", "train.keep_checkpoints=5", "name=fsdp-reshard")
+    cfg = config(tmp_path, data_csv, *settings, "train.epochs=3", "train.num_workers=2", "train.fail_at_epoch=2")
+    first = run_training(cfg, log=quiet)
+    assert [h["resumed_from_epoch"] for h in first.history] == [0, 1, 1]
+    checkpoints = sorted(c for c in Path(first.run_dir).glob("checkpoint_*") if c.is_dir())
+    assert len(checkpoints) == 3
+    for c in checkpoints:  # the ranks' shards, merged by Ray; no whole copy of the weights
+        assert len(list((c / "shards").glob("*.safetensors"))) == 2 and not (c / "model.safetensors").exists()
+        assert json.loads((c / "shards.json").read_text())["ranks"] == 2
+    cfg = config(tmp_path, data_csv, *settings, "train.epochs=4", "train.num_workers=3")
     result = run_training(cfg, log=quiet)
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
-    assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 1, 1]
+    assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 1, 3]
+    newest = max(c for c in Path(result.run_dir).glob("checkpoint_*") if c.is_dir())  # names sort by time
+    assert len(list((newest / "shards").glob("*.safetensors"))) == 3
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert max(h["val_accuracy"] for h in result.history) >= 0.8  # the best epoch is the one published
     model, _, labels = load_model_folder(result.model_dir)
     fresh = build_classifier(cfg.model, labels)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in fresh.state_dict().items()}
+    assert not any(n.startswith(("shards", "train_state")) for n in os.listdir(result.model_dir))
     assert result.history[0]["trainable_params"] == sum(p.numel() for p in fresh.parameters())  # not one shard's
     again = score_dataset(result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics["dataset"],
                                                        "test"), 16)
@@ -364,11 +377,20 @@ def test_lora_with_two_fsdp_workers_gradient_checkpointing_and_bf16(ray_local, t
     # bf16 autocast (on the CPU here; the same autocast region runs on a GPU).
     cfg = config(tmp_path, data_csv, "train.strategy=lora", "train.lr=0.01", "train.epochs=2", "train.num_workers=2",
                  "train.cpus_per_worker=0.5", "train.parallelism=fsdp", "train.batch_size=4",
-                 "train.gradient_checkpointing=true", "train.precision=bf16")
+                 "train.gradient_checkpointing=true", "train.precision=bf16", "train.max_failures=1",
+                 "train.fail_at_epoch=2")
     result = run_training(cfg, log=quiet)
     assert [h["precision"] for h in result.history] == ["bf16", "bf16"]
+    assert [h["resumed_from_epoch"] for h in result.history] == [0, 1]  # adapters whole, optimizer from shards
     checkpoints = sorted(c for c in Path(result.run_dir).glob("checkpoint_*") if c.is_dir())
     assert checkpoints and all((c / "adapter_model.safetensors").exists() for c in checkpoints)
+    # Adapter-only weights; the optimizer's state in the ranks' shards, never the frozen base.
+    for c in checkpoints:
+        assert json.loads((c / "shards.json").read_text()) | {"format": None} == {"ranks": 2, "model": False, "format": None}
+        assert not (c / "model.safetensors").exists()
+        shard_keys = {k for f in (c / "shards").glob("*.safetensors") for k in load_file(f)}
+        assert any("lora_" in k for k in shard_keys)
+        assert all(k.startswith("optim.") and ("lora_" in k or "modules_to_save" in k) for k in shard_keys)
     # The sharded optimizer stepped the adapters: PEFT starts every LoRA B matrix at zero.
     # (Not the loss: on 60 random rows with a random model it moves by noise, up or down.)
     adapters = load_file(checkpoints[-1] / "adapter_model.safetensors")

@@ -1,0 +1,200 @@
+"""Sharded checkpoints of an FSDP run, with ``torch.distributed.checkpoint`` (DCP).
+
+Every rank writes its own shards of the model and of the optimizer's tensors into its part of
+the Ray Train checkpoint (``SHARDS_DIR``, one safetensors file per rank: DCP's Hugging Face
+layout, so nothing in it is unpickled when read back); Ray merges the ranks' folders into one
+checkpoint. Resuming reads the shards back onto any number of workers (DCP reshards), and
+publishing turns them into one ``model.safetensors`` a few tensors at a time: no rank, and not
+the driver, ever holds the whole model state at once.
+
+The optimizer's tensors (moments, step counts) are in the shards; the rest of its state (the
+parameter groups' settings, any non-tensor entry) is small and goes in the training state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import warnings
+
+from raybm.errors import RaybmError
+from raybm.results import SHARDS_DIR, SHARDS_INDEX_FILE, WEIGHTS_FILE
+
+MODEL_KEY, OPTIMIZER_KEY = "model", "optim"  # the two parts of the sharded state (key prefixes in the files)
+PUBLISH_BATCH_BYTES = 512 * 2**20  # full tensors read at once while publishing (a larger tensor: alone)
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def save_sharded(folder: str, model, optimizer, with_model: bool) -> dict:
+    """Write this rank's shards into ``folder/SHARDS_DIR``: the optimizer's tensors, and the
+    model's unless ``with_model`` is False (a LoRA run keeps its adapters whole instead). A
+    collective: every rank calls it. Returns what the training state keeps of the optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():  # a forward without backward (validation) leaves the root's weights gathered
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    optim = get_optimizer_state_dict(model, optimizer)
+    tensors, rest = _split(optim["state"])
+    state = {OPTIMIZER_KEY: tensors}
+    if with_model:
+        state[MODEL_KEY] = get_model_state_dict(model)
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(os.path.join(folder, SHARDS_DIR), save_distributed=True))
+    return {"param_groups": optim["param_groups"], "state": rest,
+            "tensors": sorted([name, key] for name, entry in tensors.items() for key in entry)}
+
+
+def write_shards_index(folder: str, ranks: int, with_model: bool) -> None:
+    """Rank 0: say how many ranks wrote the shards (a checkpoint missing one is incomplete)."""
+    with open(os.path.join(folder, SHARDS_INDEX_FILE), "w", encoding="utf-8") as f:
+        json.dump({"ranks": ranks, "model": with_model, "format": "torch.distributed.checkpoint/safetensors"}, f)
+
+
+def load_sharded(folder: str, model, optimizer, saved: dict, with_model: bool) -> None:
+    """Load a sharded checkpoint's state into this rank's shards of ``model`` (when
+    ``with_model``) and ``optimizer``; ``saved``: what ``save_sharded`` returned. Any number
+    of ranks: DCP reads each rank's part out of whichever files hold it. A collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    check_shards(folder)
+    optim = get_optimizer_state_dict(model, optimizer)  # state made for every parameter: the shapes to read into
+    wanted: dict[str, dict] = {}
+    for name, key in saved["tensors"]:
+        if name not in optim["state"] or key not in optim["state"][name]:
+            raise RaybmError(f"{folder}: the checkpoint's optimizer state has {name}.{key}, which this model's "
+                             f"optimizer has not; resume with the recipe that wrote it")
+        wanted.setdefault(name, {})[key] = optim["state"][name][key]
+    state = {OPTIMIZER_KEY: wanted}
+    if with_model:
+        state[MODEL_KEY] = get_model_state_dict(model)
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(os.path.join(folder, SHARDS_DIR)))
+    if with_model:
+        set_model_state_dict(model, state[MODEL_KEY])
+    restored = {name: dict(entry) for name, entry in state[OPTIMIZER_KEY].items()}
+    for name, entry in saved["state"].items():
+        restored.setdefault(name, {}).update(entry)
+    set_optimizer_state_dict(model, optimizer, {"state": restored, "param_groups": saved["param_groups"]})
+
+
+def _split(state: dict) -> tuple[dict, dict]:
+    """An optimizer state (parameter name -> entries) as (its tensors, everything else)."""
+    import torch
+
+    tensors: dict[str, dict] = {}
+    rest: dict[str, dict] = {}
+    for name, entry in state.items():
+        for key, value in entry.items():
+            (tensors if isinstance(value, torch.Tensor) else rest).setdefault(name, {})[key] = value
+    return tensors, rest
+
+
+def is_sharded(folder: str) -> bool:
+    """Whether a checkpoint folder holds its weights as an FSDP run's shards."""
+    return os.path.isfile(os.path.join(folder, SHARDS_INDEX_FILE))
+
+
+def check_shards(folder: str) -> dict:
+    """A sharded checkpoint's index, once every rank's file is there; else a clear error."""
+    with open(os.path.join(folder, SHARDS_INDEX_FILE), encoding="utf-8") as f:
+        index = json.load(f)
+    shards = os.path.join(folder, SHARDS_DIR)
+    found = os.listdir(shards) if os.path.isdir(shards) else []
+    if not shards_complete(index, found):
+        raise RaybmError(f"{folder}: an incomplete checkpoint (shard files {sorted(found)} in {SHARDS_DIR}/ for "
+                         f"{index.get('ranks')} ranks); its upload was cut short. Delete it to resume from the one before")
+    return index
+
+
+def shards_complete(index: dict, names: list[str]) -> bool:
+    """Whether ``names`` (the files in a checkpoint's ``SHARDS_DIR``) are every rank's shard
+    file by the checkpoint's ``index``."""
+    return isinstance(index.get("ranks"), int) and sum(n.endswith(".safetensors") for n in names) == index["ranks"]
+
+
+def publish_sharded(folder: str, batch_bytes: int = PUBLISH_BATCH_BYTES) -> None:
+    """Turn a sharded checkpoint folder into a plain model folder, in place: the model's full
+    tensors, read out of the shards a batch of at most ``batch_bytes`` at a time, streamed into
+    one ``model.safetensors``; the shards and their index go. Needs no process group."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    if not check_shards(folder)["model"]:
+        raise RaybmError(f"{folder}: its shards hold no model weights (a LoRA checkpoint keeps its adapters whole)")
+    shards = os.path.join(folder, SHARDS_DIR)
+    meta = HuggingFaceStorageReader(shards).read_metadata().state_dict_metadata
+    prefix = f"{MODEL_KEY}."
+    tensors = {key[len(prefix):]: (tuple(m.size), m.properties.dtype) for key, m in sorted(meta.items())
+               if key.startswith(prefix)}
+    partial = os.path.join(folder, f".{WEIGHTS_FILE}.partial")
+    with open(partial, "wb") as out:
+        _write_header(out, tensors)
+        for batch in _batches(tensors, batch_bytes):
+            state = {f"{prefix}{name}": torch.empty(tensors[name][0], dtype=tensors[name][1]) for name in batch}
+            with warnings.catch_warnings():  # that it reads in this one process: as meant
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, storage_reader=HuggingFaceStorageReader(shards), no_dist=True)
+            for name in batch:
+                out.write(state[f"{prefix}{name}"].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            del state
+    os.replace(partial, os.path.join(folder, WEIGHTS_FILE))
+    drop_shards(folder)
+
+
+def drop_shards(folder: str) -> None:
+    """Remove a checkpoint folder's shards and their index (a published model has neither)."""
+    shutil.rmtree(os.path.join(folder, SHARDS_DIR), ignore_errors=True)
+    index = os.path.join(folder, SHARDS_INDEX_FILE)
+    if os.path.exists(index):
+        os.remove(index)
+
+
+def _nbytes(shape: tuple, dtype) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count * dtype.itemsize
+
+
+def _batches(tensors: dict, batch_bytes: int) -> list[list[str]]:
+    """The tensors' names in file order, in runs of at most ``batch_bytes`` (one tensor if larger)."""
+    out: list[list[str]] = [[]]
+    size = 0
+    for name, (shape, dtype) in tensors.items():
+        n = _nbytes(shape, dtype)
+        if out[-1] and size + n > batch_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(name)
+        size += n
+    return [b for b in out if b]
+
+
+def _write_header(out, tensors: dict) -> None:
+    """The safetensors header (every tensor's dtype, shape and byte range, in this order)."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (shape, dtype) in tensors.items():
+        kind = _SAFETENSORS_DTYPES.get(str(dtype).removeprefix("torch."))
+        if kind is None:
+            raise RaybmError(f"{name}: tensors of {dtype} cannot be published as safetensors")
+        end = offset + _nbytes(shape, dtype)
+        header[name] = {"dtype": kind, "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    out.write(struct.pack("<Q", len(raw)))
+    out.write(raw)
