@@ -217,9 +217,10 @@ def _report_sharded(w: Worker, p: Progress, epoch: int, metrics: dict, scratch: 
     tmp = tempfile.mkdtemp(prefix="epoch-", dir=scratch)
     lora = w.adapter_keys is not None
     optimizer = save_sharded(tmp, w.model, w.optimizer, with_model=not lora)
+    files = optimizer.pop("files")
     adapters = gather_full(w.model, sorted(set(w.adapter_keys.values()))) if lora else None
     if w.rank == 0:
-        write_shards_index(tmp, w.world, with_model=not lora)
+        write_shards_index(tmp, files, with_model=not lora)
         save_checkpoint(tmp, w.model, w.tokenizer, w.cfg, w.labels, p.state(epoch, optimizer), p.history[-1],
                         weights=adapters, sharded=not lora, drift_reference=w.config.get("drift_reference"),
                         adapter_keys=w.adapter_keys)

@@ -23,17 +23,19 @@ from raybm.errors import RaybmError
 from raybm.results import SHARDS_DIR, SHARDS_INDEX_FILE, WEIGHTS_FILE
 
 MODEL_KEY, OPTIMIZER_KEY = "model", "optim"  # the two parts of the sharded state (key prefixes in the files)
+SHARD_FILE_BYTES = 2**30  # the state in each run of shard files (a rank's file: its share of that)
 PUBLISH_BATCH_BYTES = 512 * 2**20  # full tensors read at once while publishing (a larger tensor: alone)
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
                        "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
-def save_sharded(folder: str, model, optimizer, with_model: bool) -> dict:
+def save_sharded(folder: str, model, optimizer, with_model: bool, file_bytes: int = SHARD_FILE_BYTES) -> dict:
     """Write this rank's shards into ``folder/SHARDS_DIR``: the optimizer's tensors, and the
     model's unless ``with_model`` is False (a LoRA run keeps its adapters whole instead). A
-    collective: every rank calls it. Returns what the training state keeps of the optimizer."""
+    collective: every rank calls it. Each rank's part is split into files of about
+    ``file_bytes / ranks`` (DCP builds each file in memory before writing it). Returns what
+    the training state keeps of the optimizer, and (``"files"``) every rank's file names."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     from torch.distributed.fsdp import FSDPModule
 
@@ -45,15 +47,52 @@ def save_sharded(folder: str, model, optimizer, with_model: bool) -> dict:
     state = {OPTIMIZER_KEY: tensors}
     if with_model:
         state[MODEL_KEY] = get_model_state_dict(model)
-    dcp.save(state, storage_writer=HuggingFaceStorageWriter(os.path.join(folder, SHARDS_DIR), save_distributed=True))
+    writer = _listing_writer()(os.path.join(folder, SHARDS_DIR), save_distributed=True,
+                               fqn_to_index_mapping=_file_of_each_tensor(state, file_bytes))
+    dcp.save(state, storage_writer=writer)
     return {"param_groups": optim["param_groups"], "state": rest,
-            "tensors": sorted([name, key] for name, entry in tensors.items() for key in entry)}
+            "tensors": sorted([name, key] for name, entry in tensors.items() for key in entry), "files": writer.files}
 
 
-def write_shards_index(folder: str, ranks: int, with_model: bool) -> None:
-    """Rank 0: say how many ranks wrote the shards (a checkpoint missing one is incomplete)."""
+def _listing_writer():
+    """DCP's Hugging Face writer that also notes, on the coordinating rank (0), the name of
+    every file each rank wrote (``files``; empty on the other ranks)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    class ListingWriter(HuggingFaceStorageWriter):
+        files: list[str] = []
+
+        def finish(self, metadata, results):
+            """Note every rank's files, then finish as DCP does."""
+            self.files = sorted({os.path.basename(str(r.storage_data.relative_path)) for rs in results for r in rs})
+            return super().finish(metadata, results)
+
+    return ListingWriter
+
+
+def _file_of_each_tensor(state: dict, file_bytes: int) -> dict[str, int]:
+    """Each tensor's key as DCP flattens it -> the number of the file it goes in (from 1):
+    runs of about ``file_bytes`` of whole tensors, the same on every rank."""
+    sizes: dict[str, int] = {}
+    for name, value in state.get(MODEL_KEY, {}).items():
+        sizes[f"{MODEL_KEY}.{name}"] = value.numel() * value.element_size()
+    for name, entry in state[OPTIMIZER_KEY].items():
+        for key, value in entry.items():
+            sizes[f"{OPTIMIZER_KEY}.{name}.{key}"] = value.numel() * value.element_size()
+    out, index, total = {}, 1, 0
+    for key in sorted(sizes):
+        if total and total + sizes[key] > file_bytes:
+            index, total = index + 1, 0
+        out[key] = index
+        total += sizes[key]
+    return out
+
+
+def write_shards_index(folder: str, files: list[str], with_model: bool) -> None:
+    """Rank 0: list every rank's shard files (``save_sharded``'s ``"files"``), so that a
+    checkpoint missing one reads as incomplete."""
     with open(os.path.join(folder, SHARDS_INDEX_FILE), "w", encoding="utf-8") as f:
-        json.dump({"ranks": ranks, "model": with_model, "format": "torch.distributed.checkpoint/safetensors"}, f)
+        json.dump({"files": files, "model": with_model, "format": "torch.distributed.checkpoint/safetensors"}, f)
 
 
 def load_sharded(folder: str, model, optimizer, saved: dict, with_model: bool) -> None:
@@ -113,15 +152,17 @@ def check_shards(folder: str) -> dict:
     shards = os.path.join(folder, SHARDS_DIR)
     found = os.listdir(shards) if os.path.isdir(shards) else []
     if not shards_complete(index, found):
-        raise RaybmError(f"{folder}: an incomplete checkpoint (shard files {sorted(found)} in {SHARDS_DIR}/ for "
-                         f"{index.get('ranks')} ranks); its upload was cut short. Delete it to resume from the one before")
+        missing = sorted(set(index.get("files") or []) - set(found))
+        raise RaybmError(f"{folder}: an incomplete checkpoint ({len(missing)} shard file(s) missing from {SHARDS_DIR}/: "
+                         f"{', '.join(missing[:3])}); its upload was cut short. Delete it to resume from the one before")
     return index
 
 
 def shards_complete(index: dict, names: list[str]) -> bool:
-    """Whether ``names`` (the files in a checkpoint's ``SHARDS_DIR``) are every rank's shard
-    file by the checkpoint's ``index``."""
-    return isinstance(index.get("ranks"), int) and sum(n.endswith(".safetensors") for n in names) == index["ranks"]
+    """Whether ``names`` (the files in a checkpoint's ``SHARDS_DIR``) hold every shard file
+    its ``index`` lists."""
+    files = index.get("files")
+    return isinstance(files, list) and bool(files) and set(files) <= set(names)
 
 
 def publish_sharded(folder: str, batch_bytes: int = PUBLISH_BATCH_BYTES) -> None:

@@ -82,11 +82,11 @@ def _shards_complete(results: Results, checkpoint: str) -> bool:
     if not results.exists(index):
         return True
     try:
-        ranks = results.read_json(index)
+        listed = results.read_json(index)
     except (OSError, ValueError):
         return False
     found = results.fs.get_file_info(pafs.FileSelector(results.join(checkpoint, SHARDS_DIR), allow_not_found=True))
-    return shards_complete(ranks, [f.base_name for f in found])
+    return shards_complete(listed, [f.base_name for f in found])
 
 
 def _trial_config(res) -> dict[str, Any]:

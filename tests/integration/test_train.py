@@ -239,14 +239,16 @@ def test_two_fsdp_workers_shard_train_resume_on_three_and_save_a_whole_model(ray
     checkpoints = sorted(c for c in Path(first.run_dir).glob("checkpoint_*") if c.is_dir())
     assert len(checkpoints) == 3
     for c in checkpoints:  # the ranks' shards, merged by Ray; no whole copy of the weights
-        assert len(list((c / "shards").glob("*.safetensors"))) == 2 and not (c / "model.safetensors").exists()
-        assert json.loads((c / "shards.json").read_text())["ranks"] == 2
+        files = sorted(f.name for f in (c / "shards").glob("*.safetensors"))
+        assert json.loads((c / "shards.json").read_text())["files"] == files and not (c / "model.safetensors").exists()
+        assert {f.split("-model-")[0] for f in files} == {"shard-00001", "shard-00002"}
     cfg = config(tmp_path, data_csv, *settings, "train.epochs=4", "train.num_workers=3")
     result = run_training(cfg, log=quiet)
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
     assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 1, 3]
     newest = max(c for c in Path(result.run_dir).glob("checkpoint_*") if c.is_dir())  # names sort by time
-    assert len(list((newest / "shards").glob("*.safetensors"))) == 3
+    assert {f.name.split("-model-")[0] for f in (newest / "shards").glob("*.safetensors")} == \
+        {"shard-00001", "shard-00002", "shard-00003"}
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert max(h["val_accuracy"] for h in result.history) >= 0.8  # the best epoch is the one published
     model, _, labels = load_model_folder(result.model_dir)
@@ -386,7 +388,7 @@ def test_lora_with_two_fsdp_workers_gradient_checkpointing_and_bf16(ray_local, t
     assert checkpoints and all((c / "adapter_model.safetensors").exists() for c in checkpoints)
     # Adapter-only weights; the optimizer's state in the ranks' shards, never the frozen base.
     for c in checkpoints:
-        assert json.loads((c / "shards.json").read_text()) | {"format": None} == {"ranks": 2, "model": False, "format": None}
+        assert json.loads((c / "shards.json").read_text())["model"] is False
         assert not (c / "model.safetensors").exists()
         shard_keys = {k for f in (c / "shards").glob("*.safetensors") for k in load_file(f)}
         assert any("lora_" in k for k in shard_keys)

@@ -56,10 +56,10 @@ def _rank(rank: int, world: int, port: int, mode: str, folder: str) -> None:
                 model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
                 optimizer.step()
                 optimizer.zero_grad()
-            saved = save_sharded(folder, model, optimizer, with_model=True)
+            saved = save_sharded(folder, model, optimizer, with_model=True, file_bytes=256 * 1024)
             full = _full_state(model, optimizer)
             if rank == 0:
-                write_shards_index(folder, world, with_model=True)
+                write_shards_index(folder, saved.pop("files"), with_model=True)
                 torch.save({"saved": saved, "full": full}, os.path.join(folder, "reference.pt"))
         else:
             reference = torch.load(os.path.join(folder, "reference.pt"), weights_only=True)
@@ -88,11 +88,19 @@ def sharded_checkpoint(tmp_path_factory):
     return folder
 
 
-def test_two_ranks_write_one_shard_file_each_and_no_pickle(sharded_checkpoint):
+def test_each_rank_writes_its_files_in_bounded_runs_all_listed_and_none_pickled(sharded_checkpoint):
+    from safetensors import safe_open
+
     files = sorted(os.listdir(os.path.join(sharded_checkpoint, SHARDS_DIR)))
-    assert len(files) == 2 and all(f.endswith(".safetensors") for f in files)
     index = json.load(open(os.path.join(sharded_checkpoint, SHARDS_INDEX_FILE)))
-    assert index["ranks"] == 2 and index["model"] is True
+    assert index["model"] is True and index["files"] == files
+    assert all(f.endswith(".safetensors") for f in files)  # read back by safetensors, never unpickled
+    by_rank = {f.split("-model-")[0] for f in files}
+    assert by_rank == {"shard-00001", "shard-00002"} and len(files) > 4  # runs of 256 KiB: several files a rank
+    for f in files:  # each file about 256 KiB / 2 ranks, or one tensor's shard when that is larger
+        with safe_open(os.path.join(sharded_checkpoint, SHARDS_DIR, f), "pt") as st:
+            sizes = [st.get_slice(k).get_shape() for k in st.keys()]
+        assert len(sizes) == 1 or os.path.getsize(os.path.join(sharded_checkpoint, SHARDS_DIR, f)) < 200 * 1024
 
 
 def test_three_ranks_resume_what_two_wrote(sharded_checkpoint, tmp_path):
@@ -139,7 +147,8 @@ def test_a_checkpoint_missing_a_ranks_shard_is_refused_by_name(sharded_checkpoin
     shutil.copytree(sharded_checkpoint, folder)
     shards = os.path.join(folder, SHARDS_DIR)
     os.remove(os.path.join(shards, sorted(os.listdir(shards))[-1]))
-    with pytest.raises(RaybmError, match=r"incomplete checkpoint .* for 2 ranks.*upload was cut short"):
+    with pytest.raises(RaybmError, match=r"incomplete checkpoint \(1 shard file\(s\) missing from shards/: shard-.*"
+                                         r"upload was cut short"):
         check_shards(folder)
     with pytest.raises(RaybmError, match="incomplete checkpoint"):
         publish_sharded(folder)
@@ -159,7 +168,8 @@ def test_a_sweep_never_ranks_a_sharded_checkpoint_missing_a_ranks_file(tmp_path)
         for f in CHECKPOINT_FILES:
             (folder / f).write_text("{}")
         (folder / EPOCH_METRICS_FILE).write_text(json.dumps({"epoch": 1, "val_accuracy": accuracy}))
-        (folder / SHARDS_INDEX_FILE).write_text(json.dumps({"ranks": 2, "model": True}))
+        (folder / SHARDS_INDEX_FILE).write_text(json.dumps({"files": ["shard-0.safetensors", "shard-1.safetensors"],
+                                                            "model": True}))
         for i in range(shard_files):
             (folder / SHARDS_DIR / f"shard-{i}.safetensors").write_bytes(b"x")
     results = Results.from_config(build_config(overrides=[f"storage.root={tmp_path}"]).storage)
