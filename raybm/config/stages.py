@@ -86,6 +86,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them:
     less memory for long texts and large models, about a third more compute."""
+    check_memory: bool = True
+    """Before any work, estimate each worker's memory from the architecture and refuse a run
+    that cannot fit the nodes, naming settings that would (docs/training.md). ``false``:
+    print the estimate and run anyway."""
     freeze_layers: int = _opt(0, ge=-1)
     """``partial``: encoder layers to freeze from the bottom; -1 freezes all but the head."""
     unfreeze_every: int = _opt(1, ge=1)

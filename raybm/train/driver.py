@@ -38,6 +38,7 @@ from raybm.results import (
     job_for_workers,
 )
 from raybm.train.loop import train_loop_per_worker
+from raybm.train.memory import check_memory_fits
 from raybm.train.publish import (
     best_epoch,
     publish_model,
@@ -338,6 +339,7 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     t = cfg.train
     teacher = teacher_labels(t.distill_from)
     check_workers_fit(cfg, f"training ({t.num_workers} worker(s))")
+    check_memory_fits(cfg, asks_for_gpus(t.use_gpu), log)
     # 1. Data: prepared (and tokenized) once per dataset, then read by the workers.
     prepared, labels = load_prepared(cfg, log=log)
     if teacher is not None and teacher != labels:

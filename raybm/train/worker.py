@@ -147,7 +147,7 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     # FSDP: only rank 0 builds the model with its weights (in host memory); the others build
     # it on the meta device, and sharding hands each rank its own part (raybm.train.fsdp).
     on_meta = t.parallelism == "fsdp" and rank != 0
-    model = _build_model(t, model_cfg, config["labels"], on_meta)
+    model = build_training_model(t, model_cfg, config["labels"], on_meta)
     if t.parallelism != "fsdp":
         model.to(device)
     with _checkpoint_folder(session) as folder:
@@ -196,7 +196,7 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     return worker, progress
 
 
-def _build_model(t, model_cfg, labels: list[str], on_meta: bool):
+def build_training_model(t, model_cfg, labels: list[str], on_meta: bool):
     """The classifier to train: pretrained weights (unless ``train.strategy=scratch``),
     gradient checkpointing and LoRA adapters as set. ``on_meta``: its shapes only, on the
     meta device (an FSDP rank other than 0: its weights come from rank 0 when sharded)."""

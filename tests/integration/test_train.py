@@ -415,3 +415,23 @@ def test_a_csv_labelled_through_ray_data_keeps_its_columns_as_written(ray_local,
     assert outs[True]["id"].tolist() == ["007", "010"] and outs[True]["score"].tolist() == ["1.50", ""]
     for column in ("id", "text", "score"):
         assert outs[True][column].tolist() == outs[False][column].tolist(), column
+
+
+def test_a_run_that_cannot_fit_the_nodes_memory_is_refused_with_settings_that_would(ray_local, tmp_path, data_csv):
+    # A 1.2B-parameter Llama-style model (config only: sizing reads no weights) trained in
+    # full with DDP needs ~20 GB a worker: refused before any data work, naming LoRA.
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "llama-1b"
+    LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                num_attention_heads=16, num_key_value_heads=4, pad_token_id=0).save_pretrained(folder)
+    cfg = config(tmp_path, data_csv, f"model.name={folder}", "train.cpus_per_worker=1")
+    with pytest.raises(RaybmError, match=r"training 1,\d{3}M parameters on 1 worker\(s\) \(ddp\) needs about \d+\.\d GB "
+                                         r"per worker .* more than the nodes hold .*Settings that fit: .*"
+                                         r"train.strategy=lora.*train.check_memory=false runs it anyway"):
+        run_training(cfg, log=quiet)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+    lines = []
+    small = config(tmp_path, data_csv, "train.epochs=1", "train.max_steps_per_epoch=1", "name=sized")
+    run_training(small, log=lines.append)
+    assert any(line.startswith("Memory estimate: 1M parameters") for line in lines)

@@ -25,11 +25,11 @@ def _sharded_model(rank: int):
     """tiny-bert sharded over the process group the way training does it (rank 0's weights)."""
     from raybm.config import build_config
     from raybm.train.fsdp import wrap_fsdp
-    from raybm.train.worker import _build_model
+    from raybm.train.worker import build_training_model
 
     cfg = build_config(overrides=["model.name=tiny-bert", "train.parallelism=fsdp"])
     torch.manual_seed(0)
-    model = _build_model(cfg.train, cfg.model, LABELS, on_meta=rank != 0)
+    model = build_training_model(cfg.train, cfg.model, LABELS, on_meta=rank != 0)
     return wrap_fsdp(model, torch.device("cpu"))
 
 
