@@ -72,6 +72,7 @@ def check_job(cfg: JobConfig) -> None:
     if t.parallelism == "fsdp" and (t.l1 or t.keep_sparsity):
         raise ConfigError(f"train.parallelism=fsdp does not support train.{'l1' if t.l1 else 'keep_sparsity'} "
                           f"(it works on whole weight matrices, which FSDP shards); use parallelism ddp")
+    _check_memory_settings(t)
     if t.data_feed == "whole" and d.augment.enabled:
         raise ConfigError("train.data_feed=whole does not work with data.augment (augmented text is tokenized "
                           "anew every epoch); use data_feed auto or ray_data")
@@ -111,6 +112,24 @@ def check_job(cfg: JobConfig) -> None:
     if "tune" in stages and not cfg.tune.search_space:
         raise ConfigError("pipeline.stages has tune, but tune.search_space is empty: add the settings to "
                           "search, or use the train stage")
+
+
+def _check_memory_settings(t) -> None:
+    """Offload and 4-bit base weights: what they combine with."""
+    if t.cpu_offload and t.parallelism != "fsdp":
+        raise ConfigError("train.cpu_offload offloads FSDP's shards; set train.parallelism=fsdp (on GPU workers)")
+    if t.cpu_offload and t.use_gpu == "no":
+        raise ConfigError("train.cpu_offload moves GPU workers' state to host memory; with train.use_gpu=no it "
+                          "is all in host memory already: drop train.cpu_offload")
+    if t.quantize_base != "none" and t.strategy != "lora":
+        raise ConfigError(f"train.quantize_base={t.quantize_base} quantizes the frozen base of a LoRA run; set "
+                          f"train.strategy=lora (a fully trained model cannot train 4-bit weights)")
+    if t.quantize_base != "none" and t.parallelism == "fsdp":
+        raise ConfigError("train.quantize_base does not combine with train.parallelism=fsdp (4-bit weights are not "
+                          "sharded); use parallelism ddp: each GPU holds the whole 4-bit base")
+    if t.quantize_base != "none" and t.use_gpu == "no":
+        raise ConfigError("train.quantize_base needs GPU workers (bitsandbytes' 4-bit kernels are CUDA's); "
+                          "set train.use_gpu=auto or yes")
 
 
 def _key_type(key: str) -> Any:

@@ -100,6 +100,14 @@ class TrainConfig:
     autocast: about 1.6x faster on CPUs with AMX or AVX512-BF16, slower on others."""
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     """Data-parallel (DDP) or sharded (FSDP, for models that do not fit one device)."""
+    cpu_offload: bool = False
+    """FSDP on GPUs: keep the sharded parameters, gradients and optimizer state in host
+    memory between uses (FSDP2's ``CPUOffloadPolicy``; the optimizer steps on the CPU):
+    models bigger than the GPUs' memory, slower steps."""
+    quantize_base: Literal["none", "nf4"] = "none"
+    """LoRA on GPUs: hold the frozen base model's weights in 4 bits (``nf4``, QLoRA, with
+    bitsandbytes: ``pip install 'raybm[qlora]'``); the adapters and the head train in full
+    precision, and the published model merges them into the base in full precision."""
     num_workers: int = _opt(1, ge=1)
     """Ray Train workers (data-parallel)."""
     data_feed: Literal["auto", "whole", "ray_data"] = "auto"

@@ -153,17 +153,25 @@ def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, s
             resolve_model_source(model_cfg.name), config=config, trust_remote_code=model_cfg.trust_remote_code)
     else:
         model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
-    if model_cfg.head_init != "default":
-        for module in head_modules(model):
-            for p_name, p in module.named_parameters(recurse=False):
-                if p.dim() > 1:
-                    if model_cfg.head_init == "xavier":
-                        torch.nn.init.xavier_uniform_(p)
-                    else:
-                        torch.nn.init.normal_(p, std=0.02)
-                else:
-                    torch.nn.init.zeros_(p)
+    init_head(model, model_cfg)
     return model
+
+
+def init_head(model, model_cfg) -> None:
+    """Re-initialize the classification head as ``model.head_init`` says (``default``: as built)."""
+    import torch
+
+    if model_cfg.head_init == "default":
+        return
+    for module in head_modules(model):
+        for p in module.parameters(recurse=False):
+            if p.dim() > 1:
+                if model_cfg.head_init == "xavier":
+                    torch.nn.init.xavier_uniform_(p)
+                else:
+                    torch.nn.init.normal_(p, std=0.02)
+            else:
+                torch.nn.init.zeros_(p)
 
 
 def tiny_config(name: str, common: dict):

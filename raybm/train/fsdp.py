@@ -4,10 +4,12 @@ themselves: ``raybm.train.sharded``)."""
 
 from __future__ import annotations
 
+import ctypes
+
 from raybm.errors import RaybmError
 
 
-def wrap_fsdp(model, device, amp_dtype=None):
+def wrap_fsdp(model, device, amp_dtype=None, offload: bool = False):
     """Shard ``model`` over all workers with FSDP2, in place: one unit per encoder layer
     (the architecture table's layer stack) plus the root for the rest, so a forward pass
     holds one layer's full weights at a time and each worker keeps 1/N of every parameter,
@@ -21,6 +23,10 @@ def wrap_fsdp(model, device, amp_dtype=None):
     tensor at a time and each rank keeps its own shards (``broadcast_from_rank0``), then the
     buffers: no rank but 0 ever holds a full copy, and rank 0 holds one only until then.
 
+    ``offload`` (GPU workers): the shards, their gradients and the optimizer state stay in
+    host memory and each layer's weights go to the GPU only to be gathered and used
+    (``CPUOffloadPolicy``); the optimizer then steps on the CPU.
+
     raybm shards it itself rather than through Ray Train's ``prepare_model``, which needs
     CUDA and leaves a single worker unwrapped: this runs on CPU workers (gloo) too, and one
     worker runs the same code as many."""
@@ -28,13 +34,15 @@ def wrap_fsdp(model, device, amp_dtype=None):
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     from raybm.models.architectures import model_parts
 
     kwargs = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
     if device.type == "cuda" and amp_dtype == torch.bfloat16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     try:
         layers = list(model_parts(model).layers)
     except RaybmError:  # no layer stack (the TextCNN baseline): one unit
@@ -44,13 +52,29 @@ def wrap_fsdp(model, device, amp_dtype=None):
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
-    if not rank0:
-        model.to_empty(device=device)  # this rank's shards, filled from rank 0 below
+    if not rank0:  # this rank's shards, filled from rank 0 below (in host memory when offloaded)
+        model.to_empty(device="cpu" if offload else device)
+    if offload:  # the buffers (rotary frequencies ...) are used on the GPU, never offloaded
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
     for _, buffer in model.named_buffers():  # not sharded; some (rotary frequencies) are in no state dict
         dist.broadcast(buffer, src=0)
+    if rank0:
+        release_freed_memory()
     return model
+
+
+def release_freed_memory() -> None:
+    """Hand the memory freed so far back to the system (glibc keeps freed heap memory for
+    reuse: rank 0's whole copy of the model, freed once sharded, would stay in its resident
+    memory for the whole run). Nothing elsewhere than glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def gather_full(model, names) -> dict:

@@ -262,7 +262,10 @@ def run_worker(config: dict[str, Any], session) -> dict | None:
             say(f"epoch {epoch + 1} done: train_loss {metrics['train_loss']:.4f} "
                 f"val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.4f} "
                 f"val_f1_macro {metrics['val_f1_macro']:.4f} ({metrics['samples_per_s']:.1f} samples/s)")
+        saving = time.time()
         report(w, p, epoch, metrics, value, scratch, kept)
+        if w.rank == 0:
+            say(f"checkpoint of epoch {epoch + 1} written and stored in {time.time() - saving:.1f} s")
         last_epoch = epoch + 1
         p.resumed = False
         if stop:

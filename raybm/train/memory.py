@@ -14,7 +14,9 @@ The parts, per worker (fp32 master weights; mixed precision changes compute, not
 * activations: kept for the backward pass (only each layer's input with gradient
   checkpointing);
 * the process itself (torch, transformers, the Ray worker);
-* on rank 0 while it loads (FSDP): the whole model once more, the file and its tensors.
+* on rank 0: part of the weights again while a checkpoint is written (DDP), or one shard
+  file (FSDP);
+  under FSDP, before training, the whole model and its file while it loads and shards it.
 
 Checked against measured peaks by ``bench/memory_scaling.py`` (BENCHMARKS.md).
 """
@@ -28,6 +30,7 @@ from raybm.errors import RaybmError
 from raybm.placement import alive_nodes, place
 from raybm.results import is_s3
 from raybm.runtime import on_cluster
+from raybm.train.sharded import SHARD_FILE_BYTES
 from raybm.train.worker import build_training_model
 
 GB = 1e9
@@ -56,7 +59,9 @@ class MemoryEstimate:
     arch: Architecture
     where: str  # "host" or "GPU": where the training state lives
     parts: dict[str, float] = field(default_factory=dict)
-    rank0_loading: float = 0.0  # rank 0's extra while it loads the model (FSDP) or writes a checkpoint
+    rank0_checkpoint: float = 0.0  # rank 0's extra while it writes a checkpoint
+    rank0_loading: float = 0.0  # rank 0's peak while it loads the whole model to shard it (FSDP)
+    offloaded: float = 0.0  # host memory per worker holding the GPU workers' offloaded state (train.cpu_offload)
 
     @property
     def per_worker(self) -> float:
@@ -65,15 +70,16 @@ class MemoryEstimate:
 
     @property
     def rank0(self) -> float:
-        """Bytes rank 0 peaks at."""
-        return self.per_worker + self.rank0_loading
+        """Bytes rank 0 peaks at: training and writing a checkpoint, or loading, whichever is more."""
+        return max(self.per_worker + self.rank0_checkpoint, self.rank0_loading)
 
     def describe(self) -> str:
         """One line: the total per worker and its parts."""
         parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in self.parts.items() if v >= 0.005 * GB)
+        offloaded = f"; {self.offloaded / GB:.1f} GB offloaded to host memory" if self.offloaded else ""
         return (f"{self.arch.params / 1e6:,.0f}M parameters ({self.arch.trainable / 1e6:,.1f}M trained): about "
                 f"{self.per_worker / GB:.1f} GB of {self.where} memory per worker ({parts}); rank 0 "
-                f"{self.rank0 / GB:.1f} GB")
+                f"{self.rank0 / GB:.1f} GB{offloaded}")
 
 
 def architecture(cfg: JobConfig, labels: list[str]) -> Architecture:
@@ -102,7 +108,9 @@ def estimate(cfg: JobConfig, arch: Architecture, use_gpu: bool) -> MemoryEstimat
     shards = t.num_workers if fsdp else 1
     half = t.precision in ("bf16", "fp16") or (t.precision == "auto" and use_gpu)
     trained = arch.trainable
-    parts = {"weights": 4 * arch.params / shards, "gradients": 4 * trained / shards,
+    # NF4 (QLoRA): half a byte a frozen weight, plus a scale per block of 64 (double-quantized).
+    weight_bytes = 0.53 * (arch.params - trained) + 4 * trained if t.quantize_base == "nf4" else 4 * arch.params
+    parts = {"weights": weight_bytes / shards, "gradients": 4 * trained / shards,
              "optimizer": OPTIMIZER_BYTES.get(t.optimizer, 8) * trained / shards}
     if t.optimizer in ("momentum", "rmsprop") and t.momentum:
         parts["optimizer"] += 4 * trained / shards if t.optimizer == "rmsprop" else 0
@@ -116,9 +124,16 @@ def estimate(cfg: JobConfig, arch: Architecture, use_gpu: bool) -> MemoryEstimat
     parts["activations"] = (tokens * arch.hidden * act * arch.layers + per_layer) if t.gradient_checkpointing \
         else per_layer * arch.layers
     parts["process"] = 0.6 * GB if use_gpu else PROCESS_BYTES
-    # Rank 0 builds the whole model and reads its file (FSDP); DDP's rank 0 serializes it at each checkpoint.
-    rank0 = 8 * arch.params if fsdp and t.num_workers > 1 else 4 * arch.params
-    return MemoryEstimate(arch, "GPU" if use_gpu else "host", parts, rank0)
+    offloaded = 0.0
+    if use_gpu and t.cpu_offload:  # the sharded state waits in host memory; the GPU holds what is in use
+        offloaded = sum(parts.pop(k) for k in ("weights", "gradients", "optimizer"))
+    # DDP's rank 0 holds about half the weights again while writing a checkpoint (measured); an FSDP rank builds one
+    # shard file at a time. Under FSDP rank 0 first builds the whole model and reads its file
+    # (freed once sharded, before any optimizer state exists).
+    saved = arch.trainable if t.strategy == "lora" else arch.params  # a LoRA checkpoint: the adapters and head
+    at_checkpoint = 2 * saved if not fsdp else min(SHARD_FILE_BYTES / shards, 12 * saved / shards)
+    loading = PROCESS_BYTES + 6 * arch.params if fsdp and t.num_workers > 1 else 0.0
+    return MemoryEstimate(arch, "GPU" if use_gpu else "host", parts, at_checkpoint, loading, offloaded)
 
 
 def check_memory_fits(cfg: JobConfig, use_gpu: bool, log) -> MemoryEstimate | None:

@@ -3,6 +3,8 @@ before any work when no node can, bounded in time when the cluster is busy."""
 
 from __future__ import annotations
 
+import importlib.util
+
 from raybm.config import JobConfig
 from raybm.errors import RaybmError
 from raybm.placement import alive_nodes, check_placeable
@@ -26,11 +28,26 @@ def check_workers_fit(cfg: JobConfig, what: str, extra: list[dict[str, float]] |
     forever, retrying every minute. GPUs an autoscaler will add (``train.use_gpu=yes`` on a
     cluster, ``tune.cluster_gpus``) and anything with ``ray.autoscaling`` are not held against it."""
     t = cfg.train
+    check_gpu_settings(cfg, asks_for_gpus(t.use_gpu))
     check_placeable([worker_resources(t, asks_for_gpus(t.use_gpu))] * t.num_workers + list(extra or []),
                     alive_nodes(), what,
                     "Lower train.cpus_per_worker, train.gpus_per_worker or train.num_workers, drop "
                     "train.worker_resources a node lacks, or add nodes (ray.num_cpus on a local Ray)",
                     resources_that_may_appear(cfg))
+
+
+def check_gpu_settings(cfg: JobConfig, use_gpu: bool) -> None:
+    """Refuse, before any work, settings that only GPU workers can run when the run gets none
+    (``train.cpu_offload``, ``train.quantize_base``), and 4-bit weights without bitsandbytes."""
+    t = cfg.train
+    if not use_gpu and t.cpu_offload:
+        raise RaybmError("train.cpu_offload needs GPU workers (it moves their state to host memory), and this "
+                         "cluster has no GPUs: drop train.cpu_offload (CPU workers keep everything in host memory)")
+    if not use_gpu and t.quantize_base != "none":
+        raise RaybmError(f"train.quantize_base={t.quantize_base} needs GPU workers (bitsandbytes' 4-bit kernels), "
+                         f"and this cluster has no GPUs: set train.quantize_base=none (LoRA on the full-precision base)")
+    if t.quantize_base != "none" and not on_cluster() and importlib.util.find_spec("bitsandbytes") is None:
+        raise RaybmError("train.quantize_base needs bitsandbytes: pip install 'raybm[qlora]'")
 
 
 def resources_that_may_appear(cfg: JobConfig) -> frozenset[str]:

@@ -147,8 +147,8 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     # FSDP: only rank 0 builds the model with its weights (in host memory); the others build
     # it on the meta device, and sharding hands each rank its own part (raybm.train.fsdp).
     on_meta = t.parallelism == "fsdp" and rank != 0
-    model = build_training_model(t, model_cfg, config["labels"], on_meta)
-    if t.parallelism != "fsdp":
+    model = build_training_model(t, model_cfg, config["labels"], on_meta, device)
+    if t.parallelism != "fsdp" and t.quantize_base == "none":  # a 4-bit base is loaded onto its device
         model.to(device)
     with _checkpoint_folder(session) as folder:
         # The weights go in before wrapping (rank 0's, under FSDP), the optimizer state after.
@@ -196,15 +196,20 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     return worker, progress
 
 
-def build_training_model(t, model_cfg, labels: list[str], on_meta: bool):
+def build_training_model(t, model_cfg, labels: list[str], on_meta: bool, device=None):
     """The classifier to train: pretrained weights (unless ``train.strategy=scratch``),
     gradient checkpointing and LoRA adapters as set. ``on_meta``: its shapes only, on the
-    meta device (an FSDP rank other than 0: its weights come from rank 0 when sharded)."""
+    meta device (an FSDP rank other than 0: its weights come from rank 0 when sharded).
+    With ``train.quantize_base`` the base is loaded in 4 bits straight onto ``device``."""
     import torch
 
     from raybm.models.build import build_classifier, enable_checkpointing
     from raybm.models.lora import add_lora
 
+    if t.quantize_base != "none" and not on_meta:
+        from raybm.models.quantized import quantized_classifier  # bitsandbytes: only a QLoRA run needs it
+
+        return add_lora(quantized_classifier(model_cfg, labels, device, t.seed, t.gradient_checkpointing), t)
     with torch.device("meta") if on_meta else contextlib.nullcontext():
         model = build_classifier(model_cfg, labels, pretrained=t.strategy != "scratch" and not on_meta, seed=t.seed)
         if t.gradient_checkpointing:
@@ -261,7 +266,7 @@ def _optimizer(model, t, groups: list[dict], state: dict | None, folder: str | N
 def _wrap(model, t, device, session, amp_dtype):
     """``model`` wrapped for data-parallel training: FSDP shards it in place, DDP replicates."""
     if t.parallelism == "fsdp":
-        return wrap_fsdp(model, device, amp_dtype)
+        return wrap_fsdp(model, device, amp_dtype, offload=t.cpu_offload)
     kwargs = {"find_unused_parameters": True} if t.strategy in ("partial", "gradual") else {}
     return session.wrap_ddp(model, kwargs)
 

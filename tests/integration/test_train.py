@@ -376,8 +376,16 @@ def test_lora_on_a_decoder_two_ddp_workers_checkpointing_resume_and_a_merged_mod
 
 def test_lora_with_two_fsdp_workers_gradient_checkpointing_and_bf16(ray_local, tmp_path, data_csv):
     # Everything large models combine: adapters, sharded workers, recomputed activations and
-    # bf16 autocast (on the CPU here; the same autocast region runs on a GPU).
-    cfg = config(tmp_path, data_csv, "train.strategy=lora", "train.lr=0.01", "train.epochs=2", "train.num_workers=2",
+    # bf16 autocast (on the CPU here; the same autocast region runs on a GPU), from a base
+    # model whose weights come in several safetensors files (as large models' do).
+    from raybm.models.build import build_classifier, load_tokenizer
+
+    base = tmp_path / "multi-file-base"
+    build_classifier(build_config(overrides=["model.name=tiny-bert"]).model, ["negative", "positive"],
+                     seed=3).save_pretrained(base, max_shard_size="300KB")
+    load_tokenizer("tiny-bert").save_pretrained(base)
+    assert len(list(base.glob("model-*.safetensors"))) > 1 and (base / "model.safetensors.index.json").exists()
+    cfg = config(tmp_path, data_csv, f"model.name={base}", "train.strategy=lora", "train.lr=0.01", "train.epochs=2", "train.num_workers=2",
                  "train.cpus_per_worker=0.5", "train.parallelism=fsdp", "train.batch_size=4",
                  "train.gradient_checkpointing=true", "train.precision=bf16", "train.max_failures=1",
                  "train.fail_at_epoch=2")
@@ -418,15 +426,15 @@ def test_a_csv_labelled_through_ray_data_keeps_its_columns_as_written(ray_local,
 
 
 def test_a_run_that_cannot_fit_the_nodes_memory_is_refused_with_settings_that_would(ray_local, tmp_path, data_csv):
-    # A 1.2B-parameter Llama-style model (config only: sizing reads no weights) trained in
-    # full with DDP needs ~20 GB a worker: refused before any data work, naming LoRA.
+    # A 2B-parameter Llama-style model (config only: sizing reads no weights) trained in
+    # full with DDP needs ~33 GB a worker: refused before any data work, naming LoRA.
     from transformers import LlamaConfig
 
-    folder = tmp_path / "llama-1b"
-    LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                num_attention_heads=16, num_key_value_heads=4, pad_token_id=0).save_pretrained(folder)
+    folder = tmp_path / "llama-2b"
+    LlamaConfig(vocab_size=32000, hidden_size=2560, intermediate_size=6912, num_hidden_layers=24,
+                num_attention_heads=20, num_key_value_heads=4, pad_token_id=0).save_pretrained(folder)
     cfg = config(tmp_path, data_csv, f"model.name={folder}", "train.cpus_per_worker=1")
-    with pytest.raises(RaybmError, match=r"training 1,\d{3}M parameters on 1 worker\(s\) \(ddp\) needs about \d+\.\d GB "
+    with pytest.raises(RaybmError, match=r"training [12],\d{3}M parameters on 1 worker\(s\) \(ddp\) needs about \d+\.\d GB "
                                          r"per worker .* more than the nodes hold .*Settings that fit: .*"
                                          r"train.strategy=lora.*train.check_memory=false runs it anyway"):
         run_training(cfg, log=quiet)
@@ -435,3 +443,13 @@ def test_a_run_that_cannot_fit_the_nodes_memory_is_refused_with_settings_that_wo
     small = config(tmp_path, data_csv, "train.epochs=1", "train.max_steps_per_epoch=1", "name=sized")
     run_training(small, log=lines.append)
     assert any(line.startswith("Memory estimate: 1M parameters") for line in lines)
+
+
+def test_gpu_only_memory_settings_are_refused_on_cpu_workers_before_any_work(ray_local, tmp_path, data_csv):
+    for overrides, message in (
+            (["train.parallelism=fsdp", "train.cpu_offload=true"], r"train.cpu_offload needs GPU workers .* has no GPUs"),
+            (["train.strategy=lora", "train.quantize_base=nf4"], r"train.quantize_base=nf4 needs GPU workers .*"
+                                                                  r"set train.quantize_base=none")):
+        with pytest.raises(RaybmError, match=message):
+            run_training(config(tmp_path, data_csv, *overrides), log=quiet)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()

@@ -73,8 +73,24 @@ def test_workers_fit_a_node_only_while_their_sum_does(llama_1b):
     one = cfg_for(llama_1b, "train.strategy=lora")
     lora = estimate(one, architecture(one, ["a", "b"]), False)
     assert fits(one, lora, [NODE_24GB])
-    ddp = cfg_for(llama_1b)
-    assert not fits(ddp, estimate(ddp, arch, False), [NODE_24GB])  # ~19 GB of state + the process: over 0.9 x 24
+    alone = cfg_for(llama_1b, "train.cpus_per_worker=2")
+    assert fits(alone, estimate(alone, arch, False), [NODE_24GB])  # ~17 GB of state + the process + its checkpoint
+    ddp = cfg_for(llama_1b, "train.num_workers=2", "train.cpus_per_worker=1")
+    assert not fits(ddp, estimate(ddp, arch, False), [NODE_24GB])  # two such replicas: over 0.9 x 24
     spread = cfg_for(llama_1b, "train.parallelism=fsdp", "train.num_workers=2", "train.cpus_per_worker=1")
     assert fits(spread, estimate(spread, arch, False), [NODE_24GB, NODE_24GB])  # one worker a node
     assert GB == 1e9 and json.dumps(estimate(ddp, arch, False).parts)  # plain numbers, printable
+
+
+def test_offload_moves_the_state_to_host_memory_and_nf4_shrinks_the_frozen_base(llama_1b):
+    arch = architecture(cfg_for(llama_1b), ["a", "b"])
+    fsdp = cfg_for(llama_1b, "train.parallelism=fsdp", "train.num_workers=2")
+    offload = cfg_for(llama_1b, "train.parallelism=fsdp", "train.num_workers=2", "train.cpu_offload=true")
+    on_gpu, offloaded = estimate(fsdp, arch, use_gpu=True), estimate(offload, arch, use_gpu=True)
+    assert offloaded.offloaded == pytest.approx(8 * arch.params) and "weights" not in offloaded.parts
+    assert offloaded.per_worker < on_gpu.per_worker / 3 and "offloaded to host memory" in offloaded.describe()
+    lora = cfg_for(llama_1b, "train.strategy=lora")
+    qlora = cfg_for(llama_1b, "train.strategy=lora", "train.quantize_base=nf4")
+    lora_arch = architecture(lora, ["a", "b"])
+    full, nf4 = estimate(lora, lora_arch, True).parts["weights"], estimate(qlora, lora_arch, True).parts["weights"]
+    assert 0.12 < nf4 / full < 0.15  # about half a byte a frozen weight instead of 4

@@ -180,3 +180,15 @@ def test_a_cpu_runs_bf16_autocast_only_when_asked_and_never_fp16():
     for other in ("auto", "fp32", "fp16"):
         assert amp_settings(cpu, other) == (None, False), other
     assert [precision_name(d) for d in (torch.bfloat16, torch.float16, None)] == ["bf16", "fp16", "fp32"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.cpu_offload=true"], r"train.cpu_offload offloads FSDP's shards; set train.parallelism=fsdp"),
+    (["train.cpu_offload=true", "train.parallelism=fsdp", "train.use_gpu=no"], r"drop train.cpu_offload"),
+    (["train.quantize_base=nf4"], r"quantizes the frozen base of a LoRA run; set train.strategy=lora"),
+    (["train.quantize_base=nf4", "train.strategy=lora", "train.parallelism=fsdp"], r"use parallelism ddp"),
+    (["train.quantize_base=nf4", "train.strategy=lora", "train.use_gpu=no"], r"needs GPU workers"),
+])
+def test_offload_and_4bit_settings_that_cannot_work_are_refused_by_the_config(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides=overrides)
