@@ -7,9 +7,11 @@ from __future__ import annotations
 import ctypes
 
 from raybm.errors import RaybmError
+from raybm.train.fsdp_loading import StreamPlan, init_missing, stream_weights
 
 
-def wrap_fsdp(model, device, amp_dtype=None, offload: bool = False):
+def wrap_fsdp(model, device, amp_dtype=None, offload: bool = False, stream: StreamPlan | None = None,
+              extra: dict | None = None, seed: int = 0):
     """Shard ``model`` over all workers with FSDP2, in place: one unit per encoder layer
     (the architecture table's layer stack) plus the root for the rest, so a forward pass
     holds one layer's full weights at a time and each worker keeps 1/N of every parameter,
@@ -26,6 +28,11 @@ def wrap_fsdp(model, device, amp_dtype=None, offload: bool = False):
     ``offload`` (GPU workers): the shards, their gradients and the optimizer state stay in
     host memory and each layer's weights go to the GPU only to be gathered and used
     (``CPUOffloadPolicy``); the optimizer then steps on the CPU.
+
+    ``stream``: every rank, rank 0 too, comes with the model's skeleton, and rank 0 streams
+    the weights from the files a batch at a time instead (``raybm.train.fsdp_loading``; the
+    parameters no file holds initialised with ``seed``; ``extra``: rank 0's LoRA adapters to
+    resume from): no rank ever holds a whole copy.
 
     raybm shards it itself rather than through Ray Train's ``prepare_model``, which needs
     CUDA and leaves a single worker unwrapped: this runs on CPU workers (gloo) too, and one
@@ -48,16 +55,22 @@ def wrap_fsdp(model, device, amp_dtype=None, offload: bool = False):
     except RaybmError:  # no layer stack (the TextCNN baseline): one unit
         layers = []
     rank0 = dist.get_rank() == 0
-    full = model.state_dict() if rank0 else {}  # references: no copy
+    if stream is not None:  # every rank holds a skeleton: real buffers, parameters on meta
+        initial = init_missing(model, stream.missing, seed) if rank0 else {}
+        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    full = model.state_dict() if rank0 and stream is None else {}  # references: no copy
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
-    if not rank0:  # this rank's shards, filled from rank 0 below (in host memory when offloaded)
+    if not rank0 or stream is not None:  # this rank's shards, filled from rank 0 below (in host memory when offloaded)
         model.to_empty(device="cpu" if offload else device)
+    if stream is not None:
+        _put_buffers(model, buffers, device)
+        stream_weights(model, stream, initial, dtypes, extra)
+        return model
     if offload:  # the buffers (rotary frequencies ...) are used on the GPU, never offloaded
-        for module in model.modules():
-            for name, buffer in module.named_buffers(recurse=False):
-                module._buffers[name] = buffer.to(device)
+        _put_buffers(model, dict(model.named_buffers()), device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
     for _, buffer in model.named_buffers():  # not sharded; some (rotary frequencies) are in no state dict
@@ -65,6 +78,13 @@ def wrap_fsdp(model, device, amp_dtype=None, offload: bool = False):
     if rank0:
         release_freed_memory()
     return model
+
+
+def _put_buffers(model, buffers: dict, device) -> None:
+    """Set each of ``model``'s buffers (by name) to the given value, on ``device``."""
+    for name, value in buffers.items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = value.to(device)
 
 
 def release_freed_memory() -> None:

@@ -15,8 +15,8 @@ The parts, per worker (fp32 master weights; mixed precision changes compute, not
   checkpointing);
 * the process itself (torch, transformers, the Ray worker);
 * on rank 0: part of the weights again while a checkpoint is written (DDP), or one shard
-  file (FSDP);
-  under FSDP, before training, the whole model and its file while it loads and shards it.
+  file (FSDP); under FSDP, before training, a batch of streamed tensors, or (where the
+  weights cannot be streamed from the files) the whole model and its file.
 
 Checked against measured peaks by ``bench/memory_scaling.py`` (BENCHMARKS.md).
 """
@@ -30,6 +30,7 @@ from raybm.errors import RaybmError
 from raybm.placement import alive_nodes, place
 from raybm.results import is_s3
 from raybm.runtime import on_cluster
+from raybm.train.fsdp_loading import STREAM_BATCH_BYTES, stream_plan, weight_files
 from raybm.train.sharded import SHARD_FILE_BYTES
 from raybm.train.worker import build_training_model
 
@@ -50,6 +51,7 @@ class Architecture:
     heads: int
     largest_layer: int  # parameters of the largest layer
     root: int  # parameters outside the layer stack (embeddings, head)
+    streamed: bool = False  # FSDP loads its weights streamed from the files (raybm.train.fsdp_loading)
 
 
 @dataclass
@@ -86,6 +88,7 @@ def architecture(cfg: JobConfig, labels: list[str]) -> Architecture:
     """The sizes of the model ``cfg`` trains (a local or catalog model), built on the meta
     device: no weights read."""
     from raybm.models.architectures import model_parts
+    from raybm.models.build import resolve_model_source, resolve_pooling
 
     model = build_training_model(cfg.train, cfg.model, labels, on_meta=True)
     params = sum(p.numel() for p in model.parameters())
@@ -98,7 +101,13 @@ def architecture(cfg: JobConfig, labels: list[str]) -> Architecture:
     config = getattr(model, "config", None)
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0) or getattr(config, "dim", 0) or 256)
     heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_heads", 0) or 1)
-    return Architecture(params, trainable, hidden, max(1, len(layers)), heads, max(sizes), params - sum(sizes))
+    streamed = False
+    if cfg.train.parallelism == "fsdp" and cfg.train.strategy != "scratch" and cfg.model.head_init == "default" \
+            and resolve_pooling(cfg.model) != "mean":
+        files = weight_files(resolve_model_source(cfg.model.name))
+        streamed = bool(files) and stream_plan(model, files) is not None
+    return Architecture(params, trainable, hidden, max(1, len(layers)), heads, max(sizes), params - sum(sizes),
+                        streamed)
 
 
 def estimate(cfg: JobConfig, arch: Architecture, use_gpu: bool) -> MemoryEstimate:
@@ -132,7 +141,10 @@ def estimate(cfg: JobConfig, arch: Architecture, use_gpu: bool) -> MemoryEstimat
     # (freed once sharded, before any optimizer state exists).
     saved = arch.trainable if t.strategy == "lora" else arch.params  # a LoRA checkpoint: the adapters and head
     at_checkpoint = 2 * saved if not fsdp else min(SHARD_FILE_BYTES / shards, 12 * saved / shards)
-    loading = PROCESS_BYTES + 6 * arch.params if fsdp and t.num_workers > 1 else 0.0
+    if fsdp and arch.streamed:  # rank 0 holds a batch of tensors at a time
+        loading = PROCESS_BYTES + 2 * STREAM_BATCH_BYTES
+    else:
+        loading = PROCESS_BYTES + 6 * arch.params if fsdp and t.num_workers > 1 else 0.0
     return MemoryEstimate(arch, "GPU" if use_gpu else "host", parts, at_checkpoint, loading, offloaded)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from raybm.config import JobConfig, build_config
 from raybm.errors import RaybmError
 from raybm.train.checkpoints import load_checkpoint
 from raybm.train.fsdp import wrap_fsdp
+from raybm.train.fsdp_loading import StreamPlan, stream_plan, weight_files
 from raybm.train.losses import load_teacher
 from raybm.train.sharded import is_sharded, load_sharded
 from raybm.train.optim import amp_settings, build_optimizer, cpu_has_native_bf16
@@ -144,20 +146,18 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     torch.manual_seed(t.seed + rank)
     device = session.device()
     model_cfg = local_model(cfg.model, cfg.storage)  # an s3:// base model: this node's copy
-    # FSDP: only rank 0 builds the model with its weights (in host memory); the others build
-    # it on the meta device, and sharding hands each rank its own part (raybm.train.fsdp).
-    on_meta = t.parallelism == "fsdp" and rank != 0
-    model = build_training_model(t, model_cfg, config["labels"], on_meta, device)
+    model, stream, on_meta = _model_to_shard(t, model_cfg, config["labels"], rank, device)
     if t.parallelism != "fsdp" and t.quantize_base == "none":  # a 4-bit base is loaded onto its device
         model.to(device)
     with _checkpoint_folder(session) as folder:
         # The weights go in before wrapping (rank 0's, under FSDP), the optimizer state after.
         progress, state = _resume(folder, None if on_meta else model, rank)
+        stream, extra = _resumed_stream(stream, folder if state is not None else None, model, rank)
         saved = adapter_state(model) if is_lora(model) else model.state_dict()  # what each checkpoint holds
         keys = adapter_keys(model) if is_lora(model) and t.parallelism == "fsdp" else None
         checkpoint_mb = sum(v.numel() * v.element_size() for v in saved.values()) / 1e6
         amp_dtype, use_scaler = amp_settings(device, t.precision)
-        wrapped = _wrap(model, t, device, session, amp_dtype)
+        wrapped = _wrap(model, t, device, session, amp_dtype, stream, extra)
         # Optimizer groups and parameter sizes once wrapped: FSDP2 replaces every parameter by
         # its sharded one (same name, whole shape), which is what the optimizer must step.
         groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
@@ -196,11 +196,52 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     return worker, progress
 
 
-def build_training_model(t, model_cfg, labels: list[str], on_meta: bool, device=None):
+def _model_to_shard(t, model_cfg, labels: list[str], rank: int, device):
+    """(the model as this rank builds it, the plan to stream its weights or None, whether
+    its parameters are on the meta device). DDP: the whole model on every rank. FSDP: a
+    skeleton on every rank, rank 0 too, whose weights rank 0 streams from the model's
+    safetensors files once sharded (``raybm.train.fsdp_loading``); where they do not fit the
+    model (or there are none: a built-in tiny model, ``scratch``), rank 0 builds the whole
+    model and the others a skeleton, and rank 0 broadcasts it (``raybm.train.fsdp``)."""
+    from raybm.models.build import resolve_model_source, resolve_pooling
+
+    if t.parallelism != "fsdp":
+        return build_training_model(t, model_cfg, labels, False, device), None, False
+    streamable = t.strategy != "scratch" and model_cfg.head_init == "default" and resolve_pooling(model_cfg) != "mean"
+    files = weight_files(resolve_model_source(model_cfg.name)) if streamable else None
+    if files:
+        skeleton = build_training_model(t, model_cfg, labels, True, device, skeleton=True)
+        plan = stream_plan(skeleton, files)
+        if plan is not None:
+            return skeleton, plan, True
+    return build_training_model(t, model_cfg, labels, rank != 0, device), None, rank != 0
+
+
+def _resumed_stream(stream: StreamPlan | None, folder: str | None, model, rank: int):
+    """(the stream plan, rank 0's extra weights) when resuming from ``folder``: a sharded
+    checkpoint's weights come out of its shards (nothing to stream: the skeleton is only
+    materialised), a LoRA checkpoint's adapters are streamed after the base's."""
+    from safetensors.torch import load_file
+
+    from raybm.models.lora import ADAPTER_WEIGHTS_FILE, adapter_keys
+
+    if stream is None or folder is None:
+        return stream, None
+    adapters = os.path.join(folder, ADAPTER_WEIGHTS_FILE)
+    if not os.path.isfile(adapters):
+        return StreamPlan({}, []), None
+    if rank != 0:
+        return stream, None
+    keys = adapter_keys(model)
+    return stream, {keys[k]: v for k, v in load_file(adapters).items()}
+
+
+def build_training_model(t, model_cfg, labels: list[str], on_meta: bool, device=None, skeleton: bool = False):
     """The classifier to train: pretrained weights (unless ``train.strategy=scratch``),
     gradient checkpointing and LoRA adapters as set. ``on_meta``: its shapes only, on the
-    meta device (an FSDP rank other than 0: its weights come from rank 0 when sharded).
-    With ``train.quantize_base`` the base is loaded in 4 bits straight onto ``device``."""
+    meta device (an FSDP rank other than 0: its weights come from rank 0 when sharded);
+    ``skeleton``: the same, but its buffers real (they are in no weight file). With
+    ``train.quantize_base`` the base is loaded in 4 bits straight onto ``device``."""
     import torch
 
     from raybm.models.build import build_classifier, enable_checkpointing
@@ -210,7 +251,13 @@ def build_training_model(t, model_cfg, labels: list[str], on_meta: bool, device=
         from raybm.models.quantized import quantized_classifier  # bitsandbytes: only a QLoRA run needs it
 
         return add_lora(quantized_classifier(model_cfg, labels, device, t.seed, t.gradient_checkpointing), t)
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
+    if skeleton:
+        from accelerate import init_empty_weights
+
+        context = init_empty_weights(include_buffers=False)
+    else:
+        context = torch.device("meta") if on_meta else contextlib.nullcontext()
+    with context:
         model = build_classifier(model_cfg, labels, pretrained=t.strategy != "scratch" and not on_meta, seed=t.seed)
         if t.gradient_checkpointing:
             enable_checkpointing(model)
@@ -263,10 +310,11 @@ def _optimizer(model, t, groups: list[dict], state: dict | None, folder: str | N
     return optimizer
 
 
-def _wrap(model, t, device, session, amp_dtype):
-    """``model`` wrapped for data-parallel training: FSDP shards it in place, DDP replicates."""
+def _wrap(model, t, device, session, amp_dtype, stream: StreamPlan | None = None, extra: dict | None = None):
+    """``model`` wrapped for data-parallel training: FSDP shards it in place (its weights
+    streamed from the files with ``stream``), DDP replicates."""
     if t.parallelism == "fsdp":
-        return wrap_fsdp(model, device, amp_dtype, offload=t.cpu_offload)
+        return wrap_fsdp(model, device, amp_dtype, offload=t.cpu_offload, stream=stream, extra=extra, seed=t.seed)
     kwargs = {"find_unused_parameters": True} if t.strategy in ("partial", "gradual") else {}
     return session.wrap_ddp(model, kwargs)
 

@@ -78,6 +78,7 @@ LAZY_IMPORTS = {
     "sklearn": "only its English stop-word list (data.clean.stop_words)",
     "peft": "only LoRA (train.strategy=lora)",
     "captum": "1.8 s with matplotlib; only explanations of answers",
+    "accelerate": "imports torch; only FSDP's model skeletons",
     "boto3": "only S3",
     "botocore": "only S3",
     "ftfy": "only the twitter corpus's repair",
