@@ -219,12 +219,14 @@ def test_two_ddp_workers_with_gradual_unfreezing(ray_local, tmp_path):
     assert result.metrics["test"]["examples"] == report["splits"]["test"]["rows"]
 
 
-def test_two_fsdp_workers_shard_train_resume_on_three_and_save_a_whole_model(ray_local, tmp_path, data_csv):
+def test_two_fsdp_workers_shard_train_resume_on_three_and_save_a_whole_model(ray_local, tmp_path, data_csv,
+                                                                             tiny_model_dir):
     # FSDP on CPU workers (gloo): each worker holds half of every layer and writes its own
     # shards into each checkpoint (no full copy anywhere); a failed worker (injected at the
     # start of epoch 2) resumes from the shards, optimizer state included; a rerun with 3
     # workers and one more epoch resumes from the 2 ranks' shards (DCP reshards); the
-    # published model is a whole one, made from the shards.
+    # published model is a whole one, made from the shards. The weights come streamed from
+    # the model folder's file into the shards (no rank builds the whole model).
     from raybm.inference.loading import load_model_folder
     from raybm.models.build import build_classifier
 
@@ -232,7 +234,8 @@ def test_two_fsdp_workers_shard_train_resume_on_three_and_save_a_whole_model(ray
     # to pass the accuracy check every time).
     # 4 epochs: with 3, one full-suite run ended at validation accuracy 0.5 (loss 0.75 -> 0.69).
     settings = ("train.cpus_per_worker=0.5", "train.parallelism=fsdp", "train.layerwise_lr_decay=0.8",
-                "train.max_failures=1", "train.batch_size=4", "train.keep_checkpoints=5", "name=fsdp-reshard")
+                "train.max_failures=1", "train.batch_size=4", "train.keep_checkpoints=5", "name=fsdp-reshard",
+                f"model.name={tiny_model_dir}")
     cfg = config(tmp_path, data_csv, *settings, "train.epochs=3", "train.num_workers=2", "train.fail_at_epoch=2")
     first = run_training(cfg, log=quiet)
     assert [h["resumed_from_epoch"] for h in first.history] == [0, 1, 1]
