@@ -5,12 +5,14 @@ and on 3 workers, LoRA; on generated Llama-style models of about 0.4B and 0.9B p
     .venv/bin/python bench/memory_scaling.py --only 0.4b
 
 Each model is a randomly initialised Llama-style classifier (MiniLM's tokenizer) saved as an
-ordinary model folder. Each case is one `raybm train` (batch 4, length 32, 3 steps an epoch,
-a checkpoint each epoch). Each second the resident memory of every Ray Train worker process
-is sampled; printed per case: every worker's peak, the step time, the checkpoint's size and
-the seconds to write and store it, and raybm's own estimate (raybm.train.memory) beside the
-measured peak. The 0.9B FSDP case trains 2 epochs on 2 workers, one of which is killed
-(SIGKILL) once the first checkpoint is stored: it must resume from the shards and publish.
+ordinary model folder. Each case is one `raybm train` (batch 4, length 32, 3 steps an
+epoch, a checkpoint each epoch). Each second the peak resident memory of every Ray Train
+worker process is read (the kernel's high-water mark, VmHWM: no peak between reads is
+missed, only the last second of a process's life). Printed per case: every worker's peak,
+the step time, the checkpoint's size and the seconds to write and store it, and raybm's own
+estimate (raybm.train.memory) beside the measured peak. The 0.9B FSDP case trains 2 epochs
+on 2 workers, one of which is killed (SIGKILL) once rank 0 says the first checkpoint is
+stored: it must resume from the shards and publish.
 
 On a GPU machine, ``--gpu`` runs the GPU cases instead (each on one GPU, bf16, batch 8,
 length 128, 20 steps): FSDP2 on the 0.9B model (tokens/s, peak GPU memory), FSDP2 with
@@ -70,7 +72,8 @@ def build_model(folder: str, hidden: int, layers: int) -> int:
 
 
 class Sampler(threading.Thread):
-    """Each Ray Train worker process's largest resident memory, sampled once a second; once
+    """Each Ray Train worker process's peak resident memory (the kernel's high-water mark,
+    read once a second until the process ends); once
     ``kill`` is set (rank 0 said its first checkpoint is stored), SIGKILLs one worker other
     than rank 0, once."""
 
@@ -89,13 +92,23 @@ class Sampler(threading.Thread):
             for proc in psutil.process_iter(["pid", "cmdline"]):
                 try:
                     if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                        self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), proc.memory_info().rss)
+                        self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), high_water_mark(proc.pid))
                         workers.append(proc.pid)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
                     continue
             if self.kill.is_set() and self.killed is None and len(workers) > 1:
                 self.killed = sorted(workers)[-1]  # started after rank 0's (Ray starts ranks in order)
                 os.kill(self.killed, signal.SIGKILL)
+
+
+def high_water_mark(pid: int) -> int:
+    """A process's peak resident memory so far (bytes): the kernel's own mark (VmHWM), so
+    a peak shorter than the sampling second is not missed."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def run_case(label: str, model: str, data: str, root: str, settings: list[str], kill: bool = False) -> dict:
