@@ -4,11 +4,11 @@ on real FSDP2 process groups (gloo, CPU)."""
 
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from tests.process_groups import spawn_ranks
 
 LABELS = ["negative", "positive"]
 
@@ -27,42 +27,29 @@ def multi_file_model(tmp_path_factory):
     return str(folder)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, world: int, port: int, folder: str, strategy: str, out: str) -> None:
-    import torch.distributed as dist
+def _rank(rank: int, world: int, folder: str, strategy: str, out: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from raybm.config import build_config
     from raybm.train.fsdp import wrap_fsdp
     from raybm.train.worker import _model_to_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        cfg = build_config(overrides=[f"model.name={folder}", "train.parallelism=fsdp", f"train.strategy={strategy}"])
-        model, plan, on_meta = _model_to_shard(cfg.train, cfg.model, LABELS, rank, torch.device("cpu"))
-        assert plan is not None and on_meta  # rank 0 too builds only a skeleton
-        assert all(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
-        wrap_fsdp(model, torch.device("cpu"), stream=plan, seed=cfg.train.seed)
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(0))
-        model.eval()
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-        if rank == 0:
-            torch.save({"state": full, "missing": plan.missing, "logits": logits.detach()}, out)
-    finally:
-        dist.destroy_process_group()
+    cfg = build_config(overrides=[f"model.name={folder}", "train.parallelism=fsdp", f"train.strategy={strategy}"])
+    model, plan, on_meta = _model_to_shard(cfg.train, cfg.model, LABELS, rank, torch.device("cpu"))
+    assert plan is not None and on_meta  # rank 0 too builds only a skeleton
+    assert all(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    wrap_fsdp(model, torch.device("cpu"), stream=plan, seed=cfg.train.seed)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    if rank == 0:
+        torch.save({"state": full, "missing": plan.missing, "logits": logits.detach()}, out)
 
 
 def _streamed(folder: str, strategy: str, tmp_path) -> dict:
     out = str(tmp_path / f"{strategy}.pt")
-    mp.spawn(_rank, args=(2, _free_port(), folder, strategy, out), nprocs=2)
+    spawn_ranks(_rank, 2, folder, strategy, out)
     return torch.load(out, weights_only=True)
 
 

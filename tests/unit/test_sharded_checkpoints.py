@@ -3,22 +3,15 @@ written by 2 ranks, read back by 3 (DCP reshards), published into one model.safe
 
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from raybm.errors import RaybmError
 from raybm.results import SHARDS_DIR, SHARDS_INDEX_FILE, WEIGHTS_FILE
+from tests.process_groups import spawn_ranks
 
 LABELS = ["negative", "positive"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sharded_model(rank: int):
@@ -39,52 +32,44 @@ def _full_state(model, optimizer):
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _rank(rank: int, world: int, port: int, mode: str, folder: str) -> None:
-    import torch.distributed as dist
-
+def _rank(rank: int, world: int, mode: str, folder: str) -> None:
     from raybm.train.sharded import load_sharded, save_sharded, write_shards_index
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        model = _sharded_model(rank)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-        if mode == "save":
-            for _ in range(2):  # moments and step counts worth restoring
-                ids = torch.randint(5, 100, (4, 12), generator=torch.Generator().manual_seed(rank))
-                model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
-                optimizer.step()
-                optimizer.zero_grad()
-            saved = save_sharded(folder, model, optimizer, with_model=True, file_bytes=256 * 1024)
-            full = _full_state(model, optimizer)
-            if rank == 0:
-                write_shards_index(folder, saved.pop("files"), with_model=True)
-                torch.save({"saved": saved, "full": full}, os.path.join(folder, "reference.pt"))
-        else:
-            reference = torch.load(os.path.join(folder, "reference.pt"), weights_only=True)
-            load_sharded(folder, model, optimizer, reference["saved"], with_model=True)
-            model_state, optim_state = _full_state(model, optimizer)
-            if rank == 0:
-                want_model, want_optim = reference["full"]
-                assert model_state.keys() == want_model.keys()
-                for k, v in want_model.items():
-                    assert torch.equal(model_state[k], v), k
-                for name, entry in want_optim["state"].items():
-                    for key, value in entry.items():
-                        assert torch.equal(optim_state["state"][name][key], value), (name, key)
-                assert optim_state["param_groups"][0]["lr"] == 0.01
-                with open(os.path.join(folder, "loaded.json"), "w") as f:
-                    json.dump({"world": world, "tensors": len(model_state)}, f)
-    finally:
-        dist.destroy_process_group()
+    model = _sharded_model(rank)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    if mode == "save":
+        for _ in range(2):  # moments and step counts worth restoring
+            ids = torch.randint(5, 100, (4, 12), generator=torch.Generator().manual_seed(rank))
+            model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        saved = save_sharded(folder, model, optimizer, with_model=True, file_bytes=256 * 1024)
+        full = _full_state(model, optimizer)
+        if rank == 0:
+            write_shards_index(folder, saved.pop("files"), with_model=True)
+            torch.save({"saved": saved, "full": full}, os.path.join(folder, "reference.pt"))
+    else:
+        reference = torch.load(os.path.join(folder, "reference.pt"), weights_only=True)
+        load_sharded(folder, model, optimizer, reference["saved"], with_model=True)
+        model_state, optim_state = _full_state(model, optimizer)
+        if rank == 0:
+            want_model, want_optim = reference["full"]
+            assert model_state.keys() == want_model.keys()
+            for k, v in want_model.items():
+                assert torch.equal(model_state[k], v), k
+            for name, entry in want_optim["state"].items():
+                for key, value in entry.items():
+                    assert torch.equal(optim_state["state"][name][key], value), (name, key)
+            assert optim_state["param_groups"][0]["lr"] == 0.01
+            with open(os.path.join(folder, "loaded.json"), "w") as f:
+                json.dump({"world": world, "tensors": len(model_state)}, f)
 
 
 @pytest.fixture(scope="module")
 def sharded_checkpoint(tmp_path_factory):
     """A checkpoint folder with 2 ranks' shards of a trained tiny-bert and its optimizer."""
     folder = str(tmp_path_factory.mktemp("sharded"))
-    mp.spawn(_rank, args=(2, _free_port(), "save", folder), nprocs=2)
+    spawn_ranks(_rank, 2, "save", folder)
     return folder
 
 
@@ -108,7 +93,7 @@ def test_three_ranks_resume_what_two_wrote(sharded_checkpoint, tmp_path):
 
     folder = str(tmp_path / "ckpt")
     shutil.copytree(sharded_checkpoint, folder)
-    mp.spawn(_rank, args=(3, _free_port(), "load", folder), nprocs=3)
+    spawn_ranks(_rank, 3, "load", folder)
     assert json.load(open(os.path.join(folder, "loaded.json")))["world"] == 3
 
 
