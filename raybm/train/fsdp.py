@@ -4,10 +4,9 @@ themselves: ``raybm.train.sharded``)."""
 
 from __future__ import annotations
 
-import ctypes
-
 from raybm.errors import RaybmError
 from raybm.train.fsdp_loading import StreamPlan, init_missing, stream_weights
+from raybm.train.host_memory import release_freed_memory
 
 
 def wrap_fsdp(model, device, amp_dtype=None, offload: bool = False, stream: StreamPlan | None = None,
@@ -85,16 +84,6 @@ def _put_buffers(model, buffers: dict, device) -> None:
     for name, value in buffers.items():
         owner, _, attr = name.rpartition(".")
         model.get_submodule(owner)._buffers[attr] = value.to(device)
-
-
-def release_freed_memory() -> None:
-    """Hand the memory freed so far back to the system (glibc keeps freed heap memory for
-    reuse: rank 0's whole copy of the model, freed once sharded, would stay in its resident
-    memory for the whole run). Nothing elsewhere than glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def gather_full(model, names) -> dict:

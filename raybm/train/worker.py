@@ -17,6 +17,7 @@ from raybm.train.checkpoints import load_checkpoint
 from raybm.train.fsdp import wrap_fsdp
 from raybm.train.fsdp_loading import StreamPlan, stream_plan, weight_files
 from raybm.train.losses import load_teacher
+from raybm.train.host_memory import return_large_blocks_to_system
 from raybm.train.sharded import is_sharded, load_sharded
 from raybm.train.optim import amp_settings, build_optimizer, cpu_has_native_bf16
 from raybm.train.scoring import whole_split
@@ -142,6 +143,7 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     cfg = build_config(config["job"])
     t = cfg.train
     rank, world = session.rank, session.world
+    return_large_blocks_to_system()
     torch.set_num_threads(t.torch_threads or max(1, int(t.cpus_per_worker)))  # Ray's OMP setting is not enough
     torch.manual_seed(t.seed + rank)
     device = session.device()
