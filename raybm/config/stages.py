@@ -253,8 +253,8 @@ class ServeConfig:
     """Torch threads per replica. Empty: cpus_per_replica rounded down, at least 1."""
     max_batch_size: int = _opt(32, ge=1)
     """Most texts one model call takes; texts of concurrent requests are batched together."""
-    batch_wait_timeout_s: float = _opt(0.01, ge=0)
-    """How long a replica waits to fill a batch."""
+    batch_wait_timeout_s: float = _opt(0.0, ge=0)
+    """When the model is idle, how long a text waits for others to share its call (0: none; texts that arrive while it is busy share the next call anyway)."""
     max_ongoing_requests: int = _opt(32, ge=1)
     """Requests a replica works on at once."""
     max_queued_requests: int = _opt(64, ge=0)

@@ -6,8 +6,9 @@
     GET  /metadata  model name, labels, source run or sweep, its test metrics, backend, limits
     GET  /docs      OpenAPI (FastAPI ingress)
 
-Each text of a request is one item of ``@serve.batch``, so texts from concurrent requests
-share model calls of up to ``serve.max_batch_size`` texts. Requests are read and checked
+Each text of a request is one item of the replica's ``Batcher``, so texts from concurrent
+requests share model calls of up to ``serve.max_batch_size`` texts (and a text that finds
+the model idle runs at once). Requests are read and checked
 here, not by FastAPI's model binding, so every client mistake (bad JSON, wrong types, an
 empty list, empty or over-long texts, too many texts, a body over the size limit) gets a
 4xx that says what is wrong, and a body is never read past its limit. Overload is shed by
@@ -47,6 +48,7 @@ from raybm.inference.loading import check_model_files, model_info
 from raybm.inference.locate import locate_model, model_name
 from raybm.model_cache import fetch_model
 from raybm.results import EXPORTS, resolve_uri
+from raybm.serve.batching import Batcher
 from raybm.serve.contract import (
     ERROR_RESPONSES,
     EXPLAIN_MAX_TEXTS,
@@ -61,7 +63,7 @@ from raybm.serve.contract import (
     predict_request_schema,
     prediction,
 )
-from raybm.serve.watch import LOW_CONFIDENCE, Watch, make_stats_class, serve_counts, summarize
+from raybm.serve.watch import LOW_CONFIDENCE, ProxyCounts, Watch, make_stats_class, summarize
 
 DEFAULT_LOADER = "raybm.inference.loading:load_predictor"
 TIMED_OUT = 408  # what Serve answers a request cancelled at serve.request_timeout_s
@@ -199,7 +201,7 @@ async def predict_answers(server, request: Request):
     payload, texts = await read_predict_request(request, server.settings, server.api_key)
     if texts is None:
         return payload, [], []  # the error answer
-    probs = await asyncio.gather(*(server._batched(t) for t in texts))
+    probs = await asyncio.gather(*(server.batcher(t) for t in texts))
     failed = [i for i, p in enumerate(probs) if isinstance(p, Exception)]
     if failed:
         return error_response(500, f"the model failed on {len(failed)} of {len(texts)} text(s) (first: "
@@ -218,7 +220,7 @@ async def stats_answer(server, request: Request):
         return denied
     minutes = await server.watch.stats.export.remote() if server.watch.stats is not None else []
     try:  # every request, those Serve answered itself (503, 408) included: its proxies' own counts
-        proxies = await asyncio.to_thread(serve_counts, server.settings.app_name)
+        proxies = await server.proxy_counts.get()
     except Exception:  # noqa: BLE001 - the replica's own figures still answer
         logger.exception("could not read Serve's request counts")
         proxies = None
@@ -292,18 +294,14 @@ def make_server_class():
             self.explain_slot, self.explain_waiting = asyncio.Lock(), 0
             self.watch = Watch(stats, self.card.get("drift_reference"), getattr(self.predictor, "tokenizer", None),
                                s.app_name)
+            self.proxy_counts = ProxyCounts(s.app_name)
             # The documented request body carries this server's own limits.
             paths = app.openapi()["paths"]
             paths["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"] = predict_request_schema(s)
             paths["/explain"]["post"]["requestBody"]["content"]["application/json"]["schema"] = \
                 predict_request_schema(dataclasses.replace(s, max_texts=min(s.max_texts, EXPLAIN_MAX_TEXTS)))
-            self._batched.set_max_batch_size(s.max_batch_size)
-            self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
-
-        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-        async def _batched(self, texts: list[str]) -> list[Any]:
-            # In a thread, so the replica keeps reading and checking requests meanwhile.
-            return await asyncio.to_thread(predict_each, self.predictor.predict, texts)
+            self.batcher = Batcher(lambda texts: predict_each(self.predictor.predict, texts), s.max_batch_size,
+                                   s.batch_wait_timeout_s)
 
         async def check_health(self) -> None:
             probs = await asyncio.to_thread(self.predictor.predict, [HEALTH_PROBE])

@@ -7,6 +7,8 @@ population stability index of the label mix and of the input lengths)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import urllib.request
 from collections import deque
@@ -119,21 +121,28 @@ def _drift(minutes: list[dict[str, Any]], reference: dict[str, Any] | None) -> d
 
 def length_bins(tokenizer, texts: list[str], reference: dict[str, Any] | None) -> list[int]:
     """Each text's token-length bin against the reference's edges ([] without them)."""
-    if not reference or not reference.get("length_edges") or tokenizer is None:
+    if not reference or not reference.get("length_edges") or tokenizer is None or not texts:
         return []
     lengths = [len(ids) for ids in tokenize(tokenizer, texts, truncation=False)["input_ids"]]
     return [length_bin(n, reference["length_edges"]) for n in lengths]
 
 
+FLUSH_INTERVAL_S = 1.0  # how often a replica hands its counts on: /stats trails by at most this
+
+
 class Watch:
-    """A replica's side of the watching: each request goes to the app's stats deployment
-    (fire and forget) and to Ray's metrics (``ray.util.metrics``: Prometheus and Grafana see
-    them on a cluster)."""
+    """A replica's side of the watching. A request only notes what happened (a list append,
+    on the request path); once a second the replica hands the notes on, off the request
+    path: to the app's stats deployment, one call for all of them, with the texts' length
+    bins (the tokenizer runs then, in a thread, all texts at once), and to Ray's metrics
+    (``ray.util.metrics``: Prometheus and Grafana see them on a cluster)."""
 
     def __init__(self, stats, reference: dict[str, Any] | None, tokenizer, app: str) -> None:
         from ray.util.metrics import Counter, Histogram
 
         self.stats, self.reference, self.tokenizer = stats, reference, tokenizer
+        self.notes: list[tuple[str, int, float, list[tuple[str, float]], list[str]]] = []
+        self._flusher: asyncio.Task | None = None
         tags = {"app": app}
         self.requests = Counter("raybm_requests", "requests answered, by route and status",
                                 tag_keys=("app", "route", "status"))
@@ -147,19 +156,57 @@ class Watch:
 
     def observe(self, route: str, status: int, started: float, answers: list[tuple[str, float]],
                 texts: list[str]) -> None:
-        """Count one request answered ``status`` after starting at ``started`` (perf_counter)."""
+        """Note one request answered ``status`` after starting at ``started`` (perf_counter).
+        Called on the replica's event loop, which also runs the hand-over."""
         latency_ms = (time.perf_counter() - started) * 1000
-        self.requests.inc(tags={"route": route, "status": str(status)})
-        self.latency.observe(latency_ms, tags={"route": route})
-        for label, confidence in answers:
-            self.answers.inc(tags={"label": label})
-            self.confidence.observe(confidence)
-        if self.stats is not None:
+        self.notes.append((route, status, latency_ms, answers, texts if answers else []))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
             try:
-                bins = length_bins(self.tokenizer, texts, self.reference) if answers else []
-            except Exception:  # noqa: BLE001 - watching never fails a request
-                bins = []
-            self.stats.record.remote(status, latency_ms, answers, bins)
+                await self.flush()
+            except Exception:  # noqa: BLE001 - watching never stops the replica
+                logging.getLogger("ray.serve").exception("could not hand on the request counts")
+
+    async def flush(self) -> None:
+        """Hand the notes taken since the last call to Ray's metrics and the stats deployment."""
+        notes, self.notes = self.notes, []
+        if not notes:
+            return
+        counts: dict[tuple[str, int], int] = {}
+        labels: dict[str, int] = {}
+        for route, status, latency_ms, answers, _ in notes:
+            counts[route, status] = counts.get((route, status), 0) + 1
+            self.latency.observe(latency_ms, tags={"route": route})
+            for label, confidence in answers:
+                labels[label] = labels.get(label, 0) + 1
+                self.confidence.observe(confidence)
+        for (route, status), n in counts.items():
+            self.requests.inc(n, tags={"route": route, "status": str(status)})
+        for label, n in labels.items():
+            self.answers.inc(n, tags={"label": label})
+        if self.stats is None:
+            return
+        try:
+            bins = await asyncio.to_thread(self._length_bins, [note[4] for note in notes])
+        except Exception:  # noqa: BLE001 - watching never fails: the counts go on without lengths
+            bins = [[] for _ in notes]
+        self.stats.record_many.remote([(status, latency_ms, answers, b)
+                                       for (_, status, latency_ms, answers, _), b in zip(notes, bins)])
+
+    def _length_bins(self, texts_per_request: list[list[str]]) -> list[list[int]]:
+        """Each request's texts' length bins, the tokenizer called once for all of them."""
+        flat = length_bins(self.tokenizer, [t for texts in texts_per_request for t in texts], self.reference)
+        if not flat:
+            return [[] for _ in texts_per_request]
+        out, at = [], 0
+        for texts in texts_per_request:
+            out.append(flat[at:at + len(texts)])
+            at += len(texts)
+        return out
 
 
 SERVE_REQUESTS_METRIC = "ray_serve_num_http_requests"  # Serve's proxies count every request, by status
@@ -202,6 +249,27 @@ def serve_counts(app: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
             "shed": by_status.get("503", 0), "timed_out": by_status.get("408", 0)}
 
 
+PROXY_COUNTS_TTL_S = 5.0  # Ray exports the proxies' counts every few seconds: reading them more often finds the same
+
+
+class ProxyCounts:
+    """``serve_counts`` of one application, read at most once every ``PROXY_COUNTS_TTL_S``
+    (a read scrapes every node's metrics: about a second), whatever the rate of /stats calls."""
+
+    def __init__(self, app: str) -> None:
+        self.app, self.value, self.read_at = app, None, float("-inf")
+        self.lock = asyncio.Lock()
+
+    async def get(self) -> dict[str, Any] | None:
+        """The counts, read again when the last read is older than the TTL (concurrent
+        callers share one read)."""
+        async with self.lock:
+            if time.monotonic() - self.read_at >= PROXY_COUNTS_TTL_S:
+                self.value = await asyncio.to_thread(serve_counts, self.app)
+                self.read_at = time.monotonic()
+        return self.value
+
+
 def make_stats_class():
     """The Serve deployment that keeps an app's per-minute counts (one replica, no CPU of its
     own; built on first use so that importing this module does not import Ray Serve)."""
@@ -213,8 +281,10 @@ def make_stats_class():
         def __init__(self, low_confidence: float = LOW_CONFIDENCE) -> None:
             self.minutes = Minutes(low_confidence)
 
-        def record(self, status: int, latency_ms: float, answers: list, bins: list[int]) -> None:
-            self.minutes.record(status, latency_ms, [tuple(a) for a in answers], bins)
+        def record_many(self, requests: list[tuple[int, float, list, list[int]]]) -> None:
+            """Count requests: (status, latency in ms, (label, confidence) answers, length bins) each."""
+            for status, latency_ms, answers, bins in requests:
+                self.minutes.record(status, latency_ms, [tuple(a) for a in answers], bins)
 
         def export(self) -> list[dict[str, Any]]:
             return self.minutes.export()

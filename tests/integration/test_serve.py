@@ -18,6 +18,7 @@ from raybm.config import build_config
 from raybm.inference.loading import load_predictor
 from raybm.serve.app import build_app
 from raybm.serve.deploy import deploy
+from raybm.serve.watch import FLUSH_INTERVAL_S
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +93,12 @@ def test_stats_count_the_traffic_answers_and_refusals(server):
         return r.json()
 
     before = stats()
+    while True:  # settled: the earlier tests' requests all counted (a replica hands its counts on each second)
+        time.sleep(FLUSH_INTERVAL_S + 0.5)
+        again = stats()
+        if again["total"]["requests"] == before["total"]["requests"]:
+            break
+        before = again
     assert post(server["url"], {"texts": TEXTS}).status_code == 200
     assert post(server["url"], {"texts": []}).status_code == 422
     deadline = time.time() + 20  # the counts reach the app's stats deployment a moment later

@@ -1,0 +1,64 @@
+"""Texts of concurrent requests sharing model calls, without waiting when nothing else is
+waiting (a replica's dynamic batching).
+
+Ray Serve's ``@serve.batch`` waits up to its timeout for a batch to fill even when the
+model is idle and no other request is on its way: at one request at a time that wait is
+added to every answer. Here a text that finds the model idle is run at once, and texts
+that arrive while the model is busy wait for it and then share its next call (up to
+``max_batch_size``): batches are as large as the load makes them, and no larger."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Callable
+
+
+class Batcher:
+    """``await batcher(text)`` -> ``run``'s answer for that text, where ``run(texts)`` (a
+    blocking function, run in a thread so the event loop keeps reading requests) answers a
+    list of texts with one item per text. One model call at a time. ``wait_s``: when the
+    model was idle, how long to let more texts gather before the first call (0: none)."""
+
+    def __init__(self, run: Callable[[list[str]], list[Any]], max_batch_size: int, wait_s: float = 0.0) -> None:
+        self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
+        self.waiting: deque[tuple[str, asyncio.Future]] = deque()
+        self.busy = False
+        self.calls = 0  # model calls made, and texts they answered (for tests and benchmarks)
+        self.texts = 0
+
+    async def __call__(self, text: str) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((text, future))
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            if self.wait_s > 0:
+                await asyncio.sleep(self.wait_s)
+            while self.waiting:
+                batch = []
+                while self.waiting and len(batch) < self.max_batch_size:
+                    text, future = self.waiting.popleft()
+                    if not future.done():  # a request cancelled meanwhile (timeout, client gone) is dropped
+                        batch.append((text, future))
+                if batch:
+                    await self._call([text for text, _ in batch], [future for _, future in batch])
+        finally:
+            self.busy = False
+
+    async def _call(self, texts: list[str], futures: list[asyncio.Future]) -> None:
+        try:
+            answers = await asyncio.to_thread(self.run, texts)
+            if len(answers) != len(texts):
+                raise RuntimeError(f"the model answered {len(answers)} rows for {len(texts)} texts")
+        except Exception as e:  # noqa: BLE001 - every waiting request gets the failure, the replica goes on
+            answers = [e] * len(texts)
+        self.calls += 1
+        self.texts += len(texts)
+        for future, answer in zip(futures, answers):
+            if not future.done():
+                future.set_result(answer)
