@@ -21,6 +21,7 @@ from raybm.local_paths import confined_path
 from raybm.results import (
     SUCCESS_MARKER,
     WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
     copy_to_local,
     copy_tree_to_local,
     is_published,
@@ -92,8 +93,7 @@ def _cached_copy(uri: str, version_of: Any, fill: Callable[[str], Any]) -> str:
 
 # What a base model folder on S3 must hold (a Hugging Face folder): its config, its weights
 # as safetensors (one file, or shards and their index), and its tokenizer.
-SHARD_INDEX_FILE = f"{WEIGHTS_FILE}.index.json"  # the shards of weights too large for one file
-BASE_MODEL_WEIGHTS = (WEIGHTS_FILE, SHARD_INDEX_FILE)
+BASE_MODEL_WEIGHTS = (WEIGHTS_FILE, WEIGHTS_INDEX_FILE)
 BASE_MODEL_TOKENIZER = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -141,8 +141,8 @@ def _check_base_model(uri: str, files: dict[str, int], client, bucket: str, pref
                        "with transformers' save_pretrained(safe_serialization=True))")
     if not any(t in files for t in BASE_MODEL_TOKENIZER):
         missing.append("the tokenizer (tokenizer.json or tokenizer_config.json)")
-    if SHARD_INDEX_FILE in files and WEIGHTS_FILE not in files:
-        body = client.get_object(Bucket=bucket, Key=f"{prefix}/{SHARD_INDEX_FILE}")["Body"].read()
+    if WEIGHTS_INDEX_FILE in files and WEIGHTS_FILE not in files:
+        body = client.get_object(Bucket=bucket, Key=f"{prefix}/{WEIGHTS_INDEX_FILE}")["Body"].read()
         missing += sorted(set(json.loads(body).get("weight_map", {}).values()) - set(files))
     if missing:
         raise RaybmError(f"model.name={uri}: the folder is incomplete, it lacks {'; '.join(missing)}")

@@ -69,6 +69,7 @@ WINNER_FILE = "winner.json"
 SOUP_FILE = "soup.json"
 # A model folder (besides the tokenizer's and transformers' own files).
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = f"{WEIGHTS_FILE}.index.json"  # weights too large for one file: which file holds each tensor
 MODEL_CONFIG_FILE = "raybm_config.yaml"  # the job config the model was trained with
 MODEL_CARD_FILE = "README.md"
 # A training checkpoint (a model folder plus these).
@@ -84,6 +85,19 @@ MOBILE_DIR = "mobile"
 CONSOLE_LOG_FILE = "console.log"  # a quiet pipeline's whole output (raybm pipeline --quiet)
 SUMMARY_FILE = "summary.json"
 
+
+
+def weight_files(folder: str) -> list[str] | None:
+    """A local model folder's safetensors weight files: ``model.safetensors``, or the files
+    its ``model.safetensors.index.json`` names (weights too large for one file); None if neither."""
+    single = os.path.join(folder, WEIGHTS_FILE)
+    if os.path.isfile(single):
+        return [single]
+    index = os.path.join(folder, WEIGHTS_INDEX_FILE)
+    if not os.path.isfile(index):
+        return None
+    with open(index, encoding="utf-8") as f:
+        return [os.path.join(folder, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
 
 def finite_json(obj: Any) -> Any:
     """``obj`` with every NaN or infinite float replaced by None (JSON has no such numbers)."""

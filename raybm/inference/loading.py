@@ -44,6 +44,7 @@ from raybm.results import (
     WEIGHTS_FILE,
     WINNER_FILE,
     resolve_uri,
+    weight_files,
 )
 
 BACKENDS = ("auto", "torch", "int8", "onnx")
@@ -92,7 +93,7 @@ def load_model_folder(model_dir: str):
     from raybm.models.build import with_pad_token  # (importing it registers the baseline architecture)
 
     labels = read_label_map(model_dir)
-    if not os.path.isfile(os.path.join(model_dir, WEIGHTS_FILE)):
+    if weight_files(model_dir) is None:
         raise RaybmError(f"{model_dir}: no model.safetensors (raybm loads safetensors weights only)")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
@@ -209,8 +210,7 @@ def auto_backend(model_dir: str) -> str:
     manifest = variant_manifest(model_dir) or {}
     if manifest.get("backend") in BACKENDS[1:]:
         return manifest["backend"]
-    if os.path.isfile(os.path.join(model_dir, ONNX_FILE)) \
-            and not os.path.isfile(os.path.join(model_dir, WEIGHTS_FILE)):
+    if os.path.isfile(os.path.join(model_dir, ONNX_FILE)) and weight_files(model_dir) is None:
         return "onnx"
     return "torch"
 
@@ -222,7 +222,7 @@ def check_model_files(model_dir: str, backend: str = "auto") -> str:
     if backend == "auto":
         backend = auto_backend(model_dir)
     needed = ONNX_FILE if backend == "onnx" else WEIGHTS_FILE
-    if not os.path.isfile(os.path.join(model_dir, needed)):
+    if not (os.path.isfile(os.path.join(model_dir, ONNX_FILE)) if backend == "onnx" else weight_files(model_dir)):
         hint = "make one with raybm export --variants onnx" if backend == "onnx" else \
             "raybm loads safetensors weights only"
         raise RaybmError(f"{model_dir}: no {needed} for backend {backend} ({hint})")

@@ -33,9 +33,9 @@ from raybm.results import (
     MODEL_DIR,
     PREDICTIONS_FILE,
     RUNS,
-    WEIGHTS_FILE,
     Results,
     job_for_workers,
+    weight_files,
 )
 from raybm.train.loop import train_loop_per_worker
 from raybm.train.memory import check_memory_fits
@@ -319,7 +319,7 @@ def teacher_labels(folder: str | None) -> list[str] | None:
     if not folder:
         return None
 
-    if not os.path.isfile(os.path.join(folder, WEIGHTS_FILE)):
+    if weight_files(folder) is None:
         raise RaybmError(f"train.distill_from={folder}: no model.safetensors there; the teacher must be a "
                          f"raybm model folder on this machine (a run's model/ folder)")
     return read_label_map(folder)

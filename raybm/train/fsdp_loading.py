@@ -12,13 +12,9 @@ model and broadcasts it (``raybm.train.fsdp.wrap_fsdp``), as before.
 from __future__ import annotations
 
 import copy
-import json
-import os
 from dataclasses import dataclass
 
 from raybm.errors import RaybmError
-from raybm.model_cache import SHARD_INDEX_FILE
-from raybm.results import WEIGHTS_FILE
 
 STREAM_BATCH_BYTES = 512 * 2**20  # tensors rank 0 holds at a time while streaming
 MAX_MISSING_SHARE = 0.05  # of the parameters the files may lack (a head, adapters); more: not this model's files
@@ -30,18 +26,6 @@ class StreamPlan:
 
     from_files: dict[str, tuple[str, str]]  # model key -> (file, key in that file)
     missing: list[str]  # parameters no file holds: initialised on rank 0
-
-
-def weight_files(folder: str) -> list[str] | None:
-    """A model folder's safetensors weight files (one, or those its index names); None if none."""
-    single = os.path.join(folder, WEIGHTS_FILE)
-    if os.path.isfile(single):
-        return [single]
-    index = os.path.join(folder, SHARD_INDEX_FILE)
-    if not os.path.isfile(index):
-        return None
-    with open(index, encoding="utf-8") as f:
-        return [os.path.join(folder, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
 
 
 def plain_key(model_key: str) -> str:

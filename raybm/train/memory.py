@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from raybm.config import JobConfig, build_config
 from raybm.errors import RaybmError
 from raybm.placement import alive_nodes, place
-from raybm.results import is_s3
+from raybm.results import is_s3, weight_files
 from raybm.runtime import on_cluster
-from raybm.train.fsdp_loading import STREAM_BATCH_BYTES, stream_plan, weight_files
+from raybm.train.fsdp_loading import STREAM_BATCH_BYTES, stream_plan
 from raybm.train.sharded import SHARD_FILE_BYTES
 from raybm.train.worker import build_training_model
 

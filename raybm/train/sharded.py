@@ -4,8 +4,8 @@ Every rank writes its own shards of the model and of the optimizer's tensors int
 the Ray Train checkpoint (``SHARDS_DIR``, one safetensors file per rank: DCP's Hugging Face
 layout, so nothing in it is unpickled when read back); Ray merges the ranks' folders into one
 checkpoint. Resuming reads the shards back onto any number of workers (DCP reshards), and
-publishing turns them into one ``model.safetensors`` a few tensors at a time: no rank, and not
-the driver, ever holds the whole model state at once.
+publishing turns them into ``model.safetensors`` (several files past 5 GB) a few tensors at a
+time: no rank, and not the driver, ever holds the whole model state at once.
 
 The optimizer's tensors (moments, step counts) are in the shards; the rest of its state (the
 parameter groups' settings, any non-tensor entry) is small and goes in the training state.
@@ -20,11 +20,12 @@ import struct
 import warnings
 
 from raybm.errors import RaybmError
-from raybm.results import SHARDS_DIR, SHARDS_INDEX_FILE, WEIGHTS_FILE
+from raybm.results import SHARDS_DIR, SHARDS_INDEX_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 
 MODEL_KEY, OPTIMIZER_KEY = "model", "optim"  # the two parts of the sharded state (key prefixes in the files)
 SHARD_FILE_BYTES = 2**30  # the state in each run of shard files (a rank's file: its share of that)
 PUBLISH_BATCH_BYTES = 512 * 2**20  # full tensors read at once while publishing (a larger tensor: alone)
+PUBLISHED_FILE_BYTES = 5 * 10**9  # a published model's weight files (Hugging Face's default shard size)
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
                        "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
@@ -165,10 +166,14 @@ def shards_complete(index: dict, names: list[str]) -> bool:
     return isinstance(files, list) and bool(files) and set(files) <= set(names)
 
 
-def publish_sharded(folder: str, batch_bytes: int = PUBLISH_BATCH_BYTES) -> None:
+def publish_sharded(folder: str, batch_bytes: int = PUBLISH_BATCH_BYTES,
+                    file_bytes: int = PUBLISHED_FILE_BYTES) -> None:
     """Turn a sharded checkpoint folder into a plain model folder, in place: the model's full
     tensors, read out of the shards a batch of at most ``batch_bytes`` at a time, streamed into
-    one ``model.safetensors``; the shards and their index go. Needs no process group."""
+    ``model.safetensors``, or, past ``file_bytes`` of weights, into files of at most that much
+    (one tensor if larger) with a ``model.safetensors.index.json`` naming each tensor's file
+    (Hugging Face's layout for large models). The shards and their index go. Needs no
+    process group."""
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
@@ -180,18 +185,29 @@ def publish_sharded(folder: str, batch_bytes: int = PUBLISH_BATCH_BYTES) -> None
     prefix = f"{MODEL_KEY}."
     tensors = {key[len(prefix):]: (tuple(m.size), m.properties.dtype) for key, m in sorted(meta.items())
                if key.startswith(prefix)}
-    partial = os.path.join(folder, f".{WEIGHTS_FILE}.partial")
-    with open(partial, "wb") as out:
-        _write_header(out, tensors)
-        for batch in _batches(tensors, batch_bytes):
-            state = {f"{prefix}{name}": torch.empty(tensors[name][0], dtype=tensors[name][1]) for name in batch}
-            with warnings.catch_warnings():  # that it reads in this one process: as meant
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, storage_reader=HuggingFaceStorageReader(shards), no_dist=True)
-            for name in batch:
-                out.write(state[f"{prefix}{name}"].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            del state
-    os.replace(partial, os.path.join(folder, WEIGHTS_FILE))
+    files = _batches(tensors, file_bytes)
+    names = [WEIGHTS_FILE] if len(files) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    for name, in_file in zip(names, files):
+        part = {t: tensors[t] for t in in_file}
+        partial = os.path.join(folder, f".{name}.partial")
+        with open(partial, "wb") as out:
+            _write_header(out, part)
+            for batch in _batches(part, batch_bytes):
+                state = {f"{prefix}{t}": torch.empty(tensors[t][0], dtype=tensors[t][1]) for t in batch}
+                with warnings.catch_warnings():  # that it reads in this one process: as meant
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                    dcp.load(state, storage_reader=HuggingFaceStorageReader(shards), no_dist=True)
+                for t in batch:
+                    out.write(state[f"{prefix}{t}"].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                del state
+        os.replace(partial, os.path.join(folder, name))
+    if len(files) > 1:  # written last: a folder with its index has every file the index names
+        index = {"metadata": {"total_size": sum(_nbytes(*v) for v in tensors.values())},
+                 "weight_map": {t: name for name, in_file in zip(names, files) for t in in_file}}
+        with open(os.path.join(folder, f".{WEIGHTS_INDEX_FILE}.partial"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+        os.replace(os.path.join(folder, f".{WEIGHTS_INDEX_FILE}.partial"), os.path.join(folder, WEIGHTS_INDEX_FILE))
     drop_shards(folder)
 
 

@@ -15,10 +15,11 @@ from raybm.config import JobConfig, build_config
 from raybm.errors import RaybmError
 from raybm.train.checkpoints import load_checkpoint
 from raybm.train.fsdp import wrap_fsdp
-from raybm.train.fsdp_loading import StreamPlan, stream_plan, weight_files
+from raybm.train.fsdp_loading import StreamPlan, stream_plan
 from raybm.train.losses import load_teacher
 from raybm.train.host_memory import return_large_blocks_to_system
 from raybm.train.sharded import is_sharded, load_sharded
+from raybm.results import weight_files
 from raybm.train.optim import amp_settings, build_optimizer, cpu_has_native_bf16
 from raybm.train.scoring import whole_split
 

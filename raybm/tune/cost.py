@@ -14,13 +14,13 @@ from typing import Any
 
 from raybm.config import JobConfig
 from raybm.export.measure import measure
-from raybm.results import WEIGHTS_FILE, copy_to_local, is_s3
+from raybm.results import copy_to_local, is_s3, weight_files
 from raybm.train.checkpoints import as_model_folder
 
 
 def is_model_folder(uri: str) -> bool:
     """Whether a checkpoint is a model folder on this machine already (not on S3, not LoRA adapters)."""
-    return not is_s3(uri) and os.path.isfile(os.path.join(uri, WEIGHTS_FILE))
+    return not is_s3(uri) and weight_files(uri) is not None
 
 
 def architecture(folder: str) -> tuple[str, int]:
@@ -28,8 +28,11 @@ def architecture(folder: str) -> tuple[str, int]:
     tensors, read from the safetensors header without loading them."""
     from safetensors import safe_open
 
-    with safe_open(os.path.join(folder, WEIGHTS_FILE), framework="pt") as f:
-        shapes = sorted((k, list(f.get_slice(k).get_shape())) for k in f.keys())
+    shapes = []
+    for path in weight_files(folder) or []:
+        with safe_open(path, framework="pt") as f:
+            shapes.extend((k, list(f.get_slice(k).get_shape())) for k in f.keys())
+    shapes.sort()
     return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16], sum(math.prod(s) for _, s in shapes)
 
 
@@ -48,7 +51,7 @@ def measure_costs(cfg: JobConfig, rows: list[dict[str, Any]], log: Callable[[str
             key, params = architecture(folder)
             if key not in latency:
                 latency[key] = measure(folder, "torch", None, None, cfg.tune.latency_samples)["latency_p50_ms"]
-            row.update(params=params, size_mb=round(os.path.getsize(os.path.join(folder, WEIGHTS_FILE)) / 1e6, 2),
+            row.update(params=params, size_mb=round(sum(map(os.path.getsize, weight_files(folder) or [])) / 1e6, 2),
                        latency_p50_ms=latency[key])
             if folder != uri:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -45,9 +45,11 @@ from raybm.results import (
     SUCCESS_MARKER,
     TRAIN_STATE_FILE,
     WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
     Results,
     is_s3,
     soup_used,
+    weight_files,
 )
 from raybm.train.publish import publish_model, score_model_uri
 
@@ -80,10 +82,10 @@ class Soup:
 def _load(folder: str) -> dict:
     from safetensors.torch import load_file
 
-    path = os.path.join(folder, WEIGHTS_FILE)
-    if not os.path.isfile(path):
+    files = weight_files(folder)
+    if files is None:
         raise RaybmError(f"{folder}: no {WEIGHTS_FILE} (soups are made from safetensors weights only)")
-    return load_file(path)
+    return {k: v for path in files for k, v in load_file(path).items()}
 
 
 def _shapes(state: dict) -> dict[str, tuple]:
@@ -127,7 +129,8 @@ def write_model(source: str, state: dict, out: str, info: dict[str, Any] | None 
     as its weights (and ``soup.json`` when ``info`` is given)."""
     from safetensors.torch import save_file
 
-    shutil.copytree(source, out, ignore=shutil.ignore_patterns(*_NOT_COPIED, WEIGHTS_FILE))
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns(*_NOT_COPIED, WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
+                                                               "model-*-of-*.safetensors"))
     save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, WEIGHTS_FILE),
               metadata={"format": "pt"})
     if info is not None:

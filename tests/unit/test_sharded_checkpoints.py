@@ -123,6 +123,35 @@ def test_publishing_streams_the_shards_into_one_safetensors_file_with_the_same_l
     assert torch.equal(model(input_ids=ids).logits, trained(input_ids=ids).logits)
 
 
+def test_a_model_past_the_file_size_is_published_in_several_files_that_transformers_loads(sharded_checkpoint,
+                                                                                         tmp_path):
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    from raybm.config import build_config
+    from raybm.models.build import build_classifier
+    from raybm.results import WEIGHTS_INDEX_FILE, weight_files
+    from raybm.train.sharded import publish_sharded
+    from raybm.tune.cost import architecture
+
+    folder = str(tmp_path / "ckpt")
+    shutil.copytree(sharded_checkpoint, folder)
+    want = torch.load(os.path.join(folder, "reference.pt"), weights_only=True)["full"][0]
+    publish_sharded(folder, batch_bytes=64 * 1024, file_bytes=300 * 1024)
+    files = weight_files(folder)
+    assert len(files) > 2 and not os.path.exists(os.path.join(folder, WEIGHTS_FILE))
+    index = json.load(open(os.path.join(folder, WEIGHTS_INDEX_FILE)))
+    assert sorted(set(index["weight_map"].values())) == [os.path.basename(f) for f in files]
+    assert index["weight_map"].keys() == want.keys()
+    assert not [f for f in os.listdir(folder) if f.endswith(".partial")]
+    build_classifier(build_config(overrides=["model.name=tiny-bert"]).model, LABELS,
+                     pretrained=False).config.save_pretrained(folder)
+    loaded = AutoModelForSequenceClassification.from_pretrained(folder).state_dict()
+    assert all(torch.equal(loaded[k], want[k]) for k in want)
+    assert architecture(folder)[1] == sum(v.numel() for v in want.values())  # a sweep's cost reads every file
+
+
 def test_a_checkpoint_missing_a_ranks_shard_is_refused_by_name(sharded_checkpoint, tmp_path):
     import shutil
 
