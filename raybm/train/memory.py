@@ -177,6 +177,23 @@ def check_memory_fits(cfg: JobConfig, use_gpu: bool, log) -> MemoryEstimate | No
         + " (train.check_memory=false runs it anyway.)")
 
 
+MEMORY_GROWS_WITH = ("train.batch_size", "data.max_length")  # searched: a sweep is sized at the largest
+
+
+def largest_trial(cfg: JobConfig, dists) -> JobConfig:
+    """The trial of a sweep over ``dists`` (``raybm.config.search_space``) that needs the
+    most memory per worker: a larger batch or length where those are searched, and full
+    fine-tuning where LoRA is only one of the strategies tried."""
+    overrides = []
+    for d in dists:
+        values = d.extremes()
+        if d.key in MEMORY_GROWS_WITH and all(isinstance(v, (int, float)) for v in values):
+            overrides.append(f"{d.key}={max(values)}")
+        elif d.key == "train.strategy" and "lora" in values and len(set(values)) > 1:
+            overrides.append(f"train.strategy={next(v for v in values if v != 'lora')}")
+    return build_config(cfg.to_dict(), overrides) if overrides else cfg
+
+
 SIZING_LABELS = ["a", "b"]  # the head's size hardly matters; the labels are known only after the data stage
 
 

@@ -50,7 +50,8 @@ from raybm.results import (
 from raybm.train.checkpoints import as_model_folder
 from raybm.train.driver import load_prepared, load_text_splits, reads_whole_splits, training_datasets
 from raybm.train.publish import publish_model, score_model_uri
-from raybm.train.resources import check_workers_fit
+from raybm.train.memory import check_memory_fits, largest_trial
+from raybm.train.resources import asks_for_gpus, check_workers_fit
 from raybm.tune.cost import measure_costs, within_budget
 from raybm.tune.leaderboard import format_values, leaderboard, write_leaderboard
 from raybm.tune.sealed_state import check_sealed, sealed_filesystem
@@ -114,6 +115,8 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
                            f"{', plus 2 x 0.25 CPU of tokenizer actors' if tokenizes else ''})",
                       TRIAL_TOKENIZER_BUNDLES if tokenizes else None)
     trial_runner(cfg, dists, tokenizes, whole=True)  # a tune.trial_runner the settings rule out: before any work
+    check_memory_fits(largest_trial(cfg, dists), asks_for_gpus(cfg.train.use_gpu),
+                      lambda line: log(f"{line} (the sweep's most demanding trial)"))
     prepared = run_data_stage(cfg, log=log)
     results = Results.from_config(cfg.storage)
     name = sweep_name_for(cfg, prepared.name)

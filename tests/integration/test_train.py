@@ -15,6 +15,7 @@ from raybm.data import load_split, run_data_stage
 from raybm.inference.evaluate import score_dataset
 from raybm.results import Results
 from raybm.train.driver import run_training
+from raybm.tune.sweep import run_sweep
 
 from tests.helpers import make_frame
 
@@ -441,7 +442,13 @@ def test_a_run_that_cannot_fit_the_nodes_memory_is_refused_with_settings_that_wo
                                          r"per worker .* more than the nodes hold .*Settings that fit: .*"
                                          r"train.strategy=lora.*train.check_memory=false runs it anyway"):
         run_training(cfg, log=quiet)
+    # A sweep is sized by its most demanding trial: full fine-tuning, where LoRA is one of those tried.
+    sweep = config(tmp_path, data_csv, f"model.name={folder}", "train.cpus_per_worker=1",
+                   "tune.search_space={train.strategy: 'grid([lora, full])', train.lr: 'loguniform(1e-5, 1e-3)'}")
+    with pytest.raises(RaybmError, match=r"training [12],\d{3}M parameters on 1 worker\(s\) \(ddp\) needs about"):
+        run_sweep(sweep, log=quiet)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+    assert not (tmp_path / "sweeps").exists()
     lines = []
     small = config(tmp_path, data_csv, "train.epochs=1", "train.max_steps_per_epoch=1", "name=sized")
     run_training(small, log=lines.append)

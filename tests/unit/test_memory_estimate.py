@@ -94,3 +94,16 @@ def test_offload_moves_the_state_to_host_memory_and_nf4_shrinks_the_frozen_base(
     lora_arch = architecture(lora, ["a", "b"])
     full, nf4 = estimate(lora, lora_arch, True).parts["weights"], estimate(qlora, lora_arch, True).parts["weights"]
     assert 0.12 < nf4 / full < 0.15  # about half a byte a frozen weight instead of 4
+
+
+def test_a_sweep_is_sized_by_its_most_demanding_trial():
+    from raybm.config import build_config
+    from raybm.config.search_space import parse_space
+    from raybm.train.memory import largest_trial
+
+    cfg = build_config(overrides=["train.batch_size=8", "data.max_length=64", "train.strategy=lora"])
+    dists = parse_space({"train.batch_size": "choice([4, 32, 16])", "data.max_length": "randint(32, 129)",
+                         "train.strategy": "grid([lora, full])", "train.lr": "loguniform(1e-5, 1e-3)"})
+    worst = largest_trial(cfg, dists)
+    assert (worst.train.batch_size, worst.data.max_length, worst.train.strategy) == (32, 128, "full")
+    assert largest_trial(cfg, parse_space({"train.lr": "uniform(1e-5, 1e-4)"})) is cfg  # nothing that moves memory
