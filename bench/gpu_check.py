@@ -8,7 +8,8 @@ Each case is a real ``raybm`` training run on Ray Train (the full binary twitter
     fp32, bf16 and fp16 (grad scaler) on one worker holding the GPU;
     bf16 with two workers sharing the GPU (0.5 GPU each; they talk over gloo);
     bf16 with FSDP on one worker (checkpoints gathered to a full state dict);
-    bf16 LoRA alone, with gradient checkpointing, and with FSDP (cases 6-8).
+    bf16 LoRA alone, with gradient checkpointing, and with FSDP (cases 6-8);
+    QLoRA: LoRA over a 4-bit (NF4) base, bitsandbytes (case 9; refused without a GPU).
 
 For each it prints the steady-state samples/s of the last epoch, the peak GPU memory, the
 validation macro-F1 and the test macro-F1 of the saved model (read back from the
@@ -43,6 +44,9 @@ CASES = [
                                                 "train.gradient_checkpointing=true"]),
     ("bf16, LoRA r8, FSDP, 1 worker", ["train.precision=bf16", "train.strategy=lora", "train.lr=3e-3",
                                         "train.parallelism=fsdp"]),
+    # QLoRA (issue 31): the frozen base in 4 bits (bitsandbytes), adapters and head in bf16.
+    ("bf16, QLoRA r8 (NF4 base), 1 worker", ["train.precision=bf16", "train.strategy=lora", "train.lr=3e-3",
+                                              "train.quantize_base=nf4"]),
 ]
 
 
