@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serve_load.py [--model FOLDER] [--threads 1] [--requests 300]
                                          [--concurrency 1,4,16,32] [--backend torch|int8|onnx-int8]
+    .venv/bin/python bench/serve_load.py --breakdown   # where one request's time goes
 
 One run, same machine, same backend and torch threads throughout:
 1. the bare model in this process (no HTTP, no Ray): one sentence at a time, and in
@@ -166,6 +167,57 @@ def serve_phase(cfg_overrides: list[str], model_dir: str, texts_file: str, level
     return rows
 
 
+def breakdown(model_dir: str, backend: str, threads: int, texts: list[str], port: int, n: int = 300) -> dict:
+    """Where a request's time goes at concurrency 1 (medians of ``n``, milliseconds): the bare
+    model, the same through the replica's batcher in this process, the replica's own measure
+    of its handler (``/stats``), a client's whole request, and ``GET /healthz`` (Serve's
+    request path with a handler that does nothing)."""
+    import statistics
+
+    import requests
+
+    from raybm.config import build_config
+    from raybm.inference.loading import load_predictor
+    from raybm.serve.batching import Batcher
+    from raybm.serve.contract import predict_each
+    from raybm.serve.deploy import deploy
+    from raybm.serve.watch import FLUSH_INTERVAL_S
+
+    def median_ms(call) -> float:
+        took = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            call(i)
+            took.append(1000 * (time.perf_counter() - t0))
+        return round(statistics.median(took), 2)
+
+    cfg = build_config(overrides=[f"serve.port={port}", f"serve.backend={backend}", f"serve.torch_threads={threads}",
+                                  f"serve.cpus_per_replica={threads}", "serve.max_texts=64", "serve.app_name=breakdown"])
+    url = deploy(cfg, model_dir)
+    session = requests.Session()
+    for _ in range(30):
+        session.get(f"{url}/healthz").raise_for_status()
+    out = {"healthz": median_ms(lambda i: session.get(f"{url}/healthz").raise_for_status()),
+           "predict at the client": median_ms(
+               lambda i: session.post(f"{url}/predict", json={"texts": [texts[i % len(texts)]]}).raise_for_status())}
+    time.sleep(FLUSH_INTERVAL_S + 1.5)  # the replica's counts handed on
+    out["predict handler in the replica"] = round(session.get(f"{url}/stats").json()["recent"]["latency_p50_ms"], 2)
+    predictor = load_predictor(model_dir, backend, threads=threads)
+    out["bare model"] = median_ms(lambda i: predictor.predict([texts[i % len(texts)]]))
+    batcher = Batcher(lambda batch: predict_each(predictor.predict, batch), 32)
+
+    async def through_batcher() -> float:
+        took = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            await batcher(texts[i % len(texts)])
+            took.append(1000 * (time.perf_counter() - t0))
+        return round(statistics.median(took), 2)
+
+    out["bare model through the batcher"] = asyncio.run(through_batcher())
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a raybm model folder (default: MiniLM with a new head)")
@@ -176,6 +228,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only: where a request's time goes at concurrency 1 (medians, ms)")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--texts-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,6 +254,14 @@ def main() -> int:
     with open(texts_file, "w") as f:
         json.dump(texts, f)
 
+    if args.breakdown:
+        import ray
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        print(json.dumps(breakdown(model_dir, args.backend, args.threads, texts, args.port), indent=2))
+        ray.shutdown()
+        return 0
     print(f"bare model: {args.backend}, {args.threads} thread(s), {device} ...", flush=True)
     bare = bare_model(model_dir, args.backend, args.threads, device, texts, args.batch)
     print(json.dumps(bare), flush=True)

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 
 class Batcher:
     """``await batcher(text)`` -> ``run``'s answer for that text, where ``run(texts)`` (a
     blocking function, run in a thread so the event loop keeps reading requests) answers a
-    list of texts with one item per text. One model call at a time. ``wait_s``: when the
+    list of texts with one item per text. One model call at a time, always on the same
+    thread of the batcher's own (a model call hopping between the threads of asyncio's
+    shared pool took 1-3 ms longer on a CPU, measured in BENCHMARKS.md). ``wait_s``: when the
     model was idle, how long to let more texts gather before the first call (0: none)."""
 
     def __init__(self, run: Callable[[list[str]], list[Any]], max_batch_size: int, wait_s: float = 0.0) -> None:
         self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
         self.waiting: deque[tuple[str, asyncio.Future]] = deque()
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raybm-model")
         self.busy = False
         self.calls = 0  # model calls made, and texts they answered (for tests and benchmarks)
         self.texts = 0
@@ -52,7 +56,7 @@ class Batcher:
 
     async def _call(self, texts: list[str], futures: list[asyncio.Future]) -> None:
         try:
-            answers = await asyncio.to_thread(self.run, texts)
+            answers = await asyncio.get_running_loop().run_in_executor(self.thread, self.run, texts)
             if len(answers) != len(texts):
                 raise RuntimeError(f"the model answered {len(answers)} rows for {len(texts)} texts")
         except Exception as e:  # noqa: BLE001 - every waiting request gets the failure, the replica goes on
