@@ -76,10 +76,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """`raybm predict`."""
+    from raybm.inference.batch import is_folder_job
     from raybm.inference.predict import explain_texts, format_prediction, predict_file, predict_texts
 
     cfg = load_config(args.config, args.overrides)
-    args.model = local_model(locate_model(args.model, cfg), cfg)
+    located = locate_model(args.model, cfg)
+    if args.text is None and args.input and args.output and is_folder_job(args.input, args.output):
+        args.model = located  # an s3:// model is fetched by each node's model actors
+        return _score_to_folder(cfg, args)
+    args.model = local_model(located, cfg)
     if args.text is not None:
         if args.input:
             raise RaybmError("give --text or --input, not both")
@@ -112,6 +117,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"labelled {done.rows - done.unlabelled} rows -> {args.output}"
           + (f"; {done.unlabelled} row(s) with no text in {args.text_column!r} kept with an empty label"
              if done.unlabelled else ""))
+    return 0
+
+
+def _score_to_folder(cfg, args: argparse.Namespace) -> int:
+    """`raybm predict --input <file, folder or glob, local or s3://> --output <folder>`: a Ray Data job."""
+    from raybm.inference.batch import find_inputs, score_to_folder
+
+    p = cfg.predict
+    inputs = find_inputs(args.input, cfg.storage)  # before Ray starts: a wrong path fails at once
+    ensure_ray(cfg.ray)
+    local = {k: v for k, v in {"--model": args.model, "--input": args.input, "--output": args.output}.items()
+             if not v.startswith("s3://")}
+    check_shared_paths(cfg, local, root=False)  # read and written by Ray Data on any node
+    quiet_ray_data()
+    score_to_folder(args.model, inputs, args.output, args.text_column, storage=cfg.storage,
+                    probabilities=args.probabilities, max_length=args.max_length,
+                    threads=p.threads or max(1, int(p.cpus_per_actor)), cpus_per_actor=p.cpus_per_actor,
+                    gpus_per_actor=p.gpus_per_actor, concurrency=p.concurrency, log=lambda line: print(line, flush=True))
     return 0
 
 
@@ -245,8 +268,10 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="a model folder (runs/<run>/model), a run or sweep folder, or a "
                    "run/sweep name under storage.root")
     p.add_argument("--text", action="append", help="a text to label (repeat for several; one JSON line each)")
-    p.add_argument("--input", help="a CSV, TSV, JSONL or Parquet file to label")
-    p.add_argument("--output", help="where to write the input rows plus predicted_label and confidence")
+    p.add_argument("--input", help="a CSV, TSV, JSONL or Parquet file to label; or, scored by a Ray Data job, a "
+                   "folder or glob of them (local or s3://)")
+    p.add_argument("--output", help="where to write the input rows plus predicted_label and confidence: a file, "
+                   "or a new folder (local or s3://) of Parquet files marked _SUCCESS when complete")
     p.add_argument("--text-column", default="text", help="the input's text column (default: text)")
     p.add_argument("--max-length", type=int, help=MAX_LENGTH_HELP)
     p.add_argument("--ray", action="store_true", help="stream through Ray Data (automatic for files over 20 MB)")

@@ -321,6 +321,19 @@ class ExportConfig:
     """The mobile artifact: the smallest ONNX variant within this accuracy drop of the reference."""
 
 
+@dataclass
+class PredictConfig:
+    """Batch scoring with Ray Data (``raybm predict`` into a folder, ``jobs/predict.py``)."""
+    concurrency: Optional[int] = _opt(None, ge=1)
+    """Most model actors. Empty: as many as the cluster's GPUs hold (with gpus_per_actor), or its CPUs less one."""
+    cpus_per_actor: float = _opt(1.0, gt=0)
+    """CPUs reserved for each model actor."""
+    gpus_per_actor: float = _opt(0.0, ge=0)
+    """GPUs for each model actor (fractions share a GPU). 0: CPU."""
+    threads: Optional[int] = _opt(None, ge=1)
+    """Torch threads per actor. Empty: cpus_per_actor rounded down, at least 1."""
+
+
 PIPELINE_STAGES = ("data", "train", "tune", "export", "deploy")
 
 
@@ -370,6 +383,8 @@ class JobConfig:
     """Model server."""
     export: ExportConfig = field(default_factory=ExportConfig)
     """Export and compression."""
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    """Batch scoring."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     """The whole job in one command: stages and the release gate."""
 

@@ -27,12 +27,12 @@ class Classify:
     """Text -> predicted id, confidence and class probabilities (a Ray Data UDF)."""
 
     def __init__(self, model_dir: str, max_length: int | None = None, threads: int = 1, batch_size: int = 64,
-                 keep_text: bool = False, storage: dict[str, Any] | None = None) -> None:
+                 keep_text: bool = False, storage: dict[str, Any] | None = None, device: str = "cpu") -> None:
         if model_dir.startswith("s3://"):  # fetched here, on the node this task runs on
             model_dir = fetch_model(model_dir, StorageConfig(**(storage or {})))
         self.keep_text = keep_text
         self.predictor = load_predictor(model_dir, "torch", threads=threads, max_length=max_length,
-                                        batch_size=batch_size)
+                                        batch_size=batch_size, device=device)
         self.labels = self.predictor.labels
 
     def predict(self, texts: list[str]) -> np.ndarray:

@@ -194,3 +194,27 @@ def test_training_from_a_base_model_on_s3(s3_server, buckets, ray_local, tmp_pat
     assert result.history and result.model_dir.startswith("s3://raybm-results/experiments/runs/")
     card = buckets.get_object(Bucket="raybm-results", Key=result.model_dir[len("s3://raybm-results/"):] + "/README.md")
     assert "s3://raybm-data/base-models/distilbert" in card["Body"].read().decode()
+
+
+def test_scoring_files_on_s3_into_a_folder_on_s3(s3_server, buckets, ray_local, tiny_model_dir, capsys):
+    import pyarrow.parquet as pq
+
+    from raybm.cli import main
+    from raybm.results import SUCCESS_MARKER, s3_filesystem
+    from raybm.config import StorageConfig
+
+    out = "s3://raybm-results/scored/reviews"
+    assert main(["predict", "--model", tiny_model_dir, "--input", "s3://raybm-data/parquet/", "--output", out,
+                 "--text-column", "body", f"storage.s3_endpoint_url={s3_server}", "predict.concurrency=1"]) == 0
+    keys = [o["Key"] for o in buckets.list_objects_v2(Bucket="raybm-results", Prefix="scored/reviews/")["Contents"]]
+    assert f"scored/reviews/{SUCCESS_MARKER}" in keys
+    fs = s3_filesystem(StorageConfig(s3_endpoint_url=s3_server))
+    parts = sorted(k for k in keys if k.endswith(".parquet"))
+    got = pq.read_table([f"raybm-results/{k}" for k in parts], filesystem=fs).to_pandas()
+    want = make_frame()
+    assert got["body"].tolist() == want["body"].tolist()  # every row, in the files' order
+    assert set(got["predicted_label"]) <= {"negative", "positive"} and got["confidence"].between(0, 1).all()
+    capsys.readouterr()
+    assert main(["predict", "--model", tiny_model_dir, "--input", "s3://raybm-data/parquet/*.parquet", "--output",
+                 out, "--text-column", "body", f"storage.s3_endpoint_url={s3_server}"]) != 0
+    assert f"--output {out!r} already exists" in capsys.readouterr().err  # a finished output is never overwritten

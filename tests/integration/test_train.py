@@ -168,6 +168,52 @@ def test_predict_file_through_ray_data_keeps_order(ray_local, tmp_path, tiny_mod
     np.testing.assert_allclose(a[["prob_negative", "prob_positive"]], b[["prob_negative", "prob_positive"]], atol=1e-5)
 
 
+def test_scoring_a_folder_of_files_into_a_folder_of_parquet_keeps_every_row_in_order(ray_local, tmp_path,
+                                                                                     tiny_model_dir):
+    import pyarrow.parquet as pq
+
+    from raybm.cli import main
+    from raybm.inference.batch import find_inputs, score_to_folder
+    from raybm.inference.predict import PREDICTED_LABEL, predict_file
+    from raybm.results import SUCCESS_MARKER
+
+    texts = [f"review number {i} {'great' if i % 3 else 'awful'}" for i in range(400)]
+    texts[11] = None  # kept, unlabelled
+    frame = pd.DataFrame({"id": range(400), "text": texts, "score": np.linspace(0, 1, 400)})
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):  # four files, named so that name order is row order
+        frame.iloc[100 * i:100 * (i + 1)].to_parquet(src / f"part-{i}.parquet", index=False)
+    (src / "_SUCCESS").write_text("")  # markers and hidden files are no input
+    cfg = build_config(overrides=["predict.concurrency=1"])
+    out = tmp_path / "scored"
+    assert main(["predict", "--model", tiny_model_dir, "--input", str(src / "part-*.parquet"), "--output", str(out),
+                 "--max-length", "32", "--probabilities", "predict.concurrency=1"]) == 0
+    assert (out / SUCCESS_MARKER).exists() and not list(tmp_path.glob("scored.staging-*"))
+    table = pq.read_table(sorted(str(f) for f in out.glob("*.parquet")))
+    assert str(table.schema.field("id").type) == "int64" and str(table.schema.field("score").type) == "double"
+    got = table.to_pandas()
+    assert got["id"].tolist() == list(range(400))  # every row, in input order
+    assert got[PREDICTED_LABEL].isna().tolist() == [i == 11 for i in range(400)]
+    local = tmp_path / "local.parquet"
+    frame.to_parquet(tmp_path / "whole.parquet", index=False)
+    predict_file(tiny_model_dir, str(tmp_path / "whole.parquet"), str(local), max_length=32, use_ray=False,
+                 probabilities=True)
+    want = pd.read_parquet(local)
+    assert got[PREDICTED_LABEL].fillna("").tolist() == want[PREDICTED_LABEL].fillna("").tolist()
+    np.testing.assert_allclose(got["prob_positive"], want["prob_positive"], atol=1e-5)
+    # An output that exists is never overwritten; a path that matches nothing is named.
+    with pytest.raises(RaybmError, match="already exists; give a new folder"):
+        score_to_folder(tiny_model_dir, find_inputs(str(src), cfg.storage), str(out), "text", storage=cfg.storage,
+                        log=quiet)
+    with pytest.raises(RaybmError, match=r"no \.csv, \.tsv, \.jsonl or \.parquet file there"):
+        find_inputs(str(src / "*.csv"), cfg.storage)
+    with pytest.raises(RaybmError, match="no text column 'body'"):
+        score_to_folder(tiny_model_dir, find_inputs(str(src), cfg.storage), str(tmp_path / "other"), "body",
+                        storage=cfg.storage, log=quiet)
+    assert not (tmp_path / "other").exists() and not list(tmp_path.glob("other.staging-*"))
+
+
 def test_evaluate_any_file_with_the_model_label_map(ray_local, tmp_path, tiny_model_dir):
     from raybm.errors import DataError
     from raybm.inference.evaluate import score_source

@@ -86,6 +86,7 @@ LAZY_IMPORTS = {
     "raybm.models": "imports torch and transformers",
     "raybm.inference.evaluate": "imports pandas and Ray Data",
     "raybm.inference.predict": "imports pandas",
+    "raybm.inference.batch": "imports pandas (raybm.inference.predict's labelling)",
     "raybm.dashboard": "imports pandas and Streamlit",
     "raybm.serve.app": "imports FastAPI",
     "raybm.serve.deploy": "imports FastAPI",

@@ -150,3 +150,31 @@ def test_cli_and_server_use_the_length_the_model_was_trained_with(tiny_model_dir
     assert Classify(str(folder)).predict([text])[0] == pytest.approx(served, abs=1e-7)
     (_, confidence), = predict_texts(str(folder), [text], max_length=128)
     assert confidence == pytest.approx(float(max(full)), abs=1e-7)
+
+
+def test_a_folder_a_glob_or_s3_makes_a_scoring_job_and_its_files_are_found_in_name_order(tmp_path):
+    from raybm.config import StorageConfig
+    from raybm.inference.batch import find_inputs, is_folder_job
+
+    assert not is_folder_job(str(tmp_path / "in.csv"), str(tmp_path / "out.parquet"))  # file to file: in process
+    assert is_folder_job(str(tmp_path / "*.csv"), str(tmp_path / "out.parquet"))
+    assert is_folder_job(str(tmp_path / "in.csv"), str(tmp_path / "scored"))  # no suffix: a folder of Parquet
+    assert is_folder_job("s3://bucket/in.csv", str(tmp_path / "out.csv"))
+    assert is_folder_job(str(tmp_path), str(tmp_path / "out.csv"))
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for name in ("b.csv", "a.csv", "sub/c.csv", "_SUCCESS", ".a.csv.tmp-1", "notes.txt"):
+        (tmp_path / "in" / name).write_text("text\nhi\n")
+    storage = StorageConfig()
+    found = find_inputs(str(tmp_path / "in"), storage)
+    assert found.fmt == "csv" and [os.path.relpath(p, tmp_path / "in") for p in found.paths] == \
+        ["a.csv", "b.csv", "sub/c.csv"]
+    assert [os.path.basename(p) for p in find_inputs(str(tmp_path / "in" / "*.csv"), storage).paths] == \
+        ["a.csv", "b.csv", "c.csv"]  # * crosses folders, as ** does
+    assert len(find_inputs(str(tmp_path / "in" / "a.csv"), storage).paths) == 1
+    (tmp_path / "in" / "d.parquet").write_text("")
+    with pytest.raises(RaybmError, match=r"must all be one of .*score each kind apart"):
+        find_inputs(str(tmp_path / "in"), storage)
+    with pytest.raises(RaybmError, match="no such file or folder"):
+        find_inputs(str(tmp_path / "missing"), storage)
+    with pytest.raises(RaybmError, match="no .csv, .tsv, .jsonl or .parquet file there"):
+        find_inputs(str(tmp_path / "in" / "*.jsonl"), storage)
