@@ -1,7 +1,8 @@
 """Scoring a dataset as a cluster job: Ray Data reads the input in parallel (a local or
 ``s3://`` file, folder or glob of CSV, TSV, JSONL or Parquet files), a pool of model actors
-sized from the cluster labels it, and Ray Data's workers write Parquet files straight into
-the output folder (local or ``s3://``): no row passes through the driver. The folder is
+sized from the cluster labels it, and the labelled rows stream back in order and are
+written as Parquet files into the output folder (local or ``s3://``), a batch at a time,
+with progress (rows/s) every few seconds. The folder is
 published complete, with ``_SUCCESS``, only once every file is in it; locally it is built
 beside the final name and renamed into place, so a reader never sees half of it.
 
@@ -28,11 +29,13 @@ import pyarrow.parquet as pq
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
 from raybm.inference.loading import read_label_map
-from raybm.inference.predict import FORMATS, label_frame, output_columns
+from raybm.inference.predict import FORMATS, PROGRESS_EVERY_S, label_frame, output_columns
 from raybm.results import SUCCESS_MARKER, is_s3, resolve_uri
 
 GLOB_CHARS = "*?["
 SCORE_BATCH_ROWS = 256  # rows a model actor labels at a time
+WRITE_BATCH_ROWS = 4096  # rows handed to the writer at a time
+ROWS_PER_FILE = 1_000_000  # rows in each output file
 
 
 def is_folder_job(input_spec: str, output: str) -> bool:
@@ -123,17 +126,37 @@ def check_output(output: str, storage: StorageConfig) -> tuple[pafs.FileSystem, 
     return fs, path
 
 
-def ordered_names():
-    """Ray Data's file naming with names that sort in row order: ``part-<write task>-<write id>-<n>.parquet``
-    (Ray Data numbers its write tasks in row order when the dataset preserves order)."""
-    from ray.data.datasource import FilenameProvider
+def _write_in_order(ds, fs: pafs.FileSystem, folder: str, log: Callable[[str], None]) -> None:
+    """Stream ``ds`` into ``folder`` as ``part-<n>.parquet`` files of at most
+    ``ROWS_PER_FILE`` rows, in row order, with every batch cast to the first one's types.
+    From the driver, a batch at a time: Ray Data's own ``write_parquet`` (2.60) loses the row
+    order even when the dataset preserves it (its iteration keeps it)."""
+    fs.create_dir(folder, recursive=True)
+    writer, sink, schema, in_file, files, rows = None, None, None, 0, 0, 0
+    started = last = time.monotonic()
+    try:
+        for batch in ds.iter_batches(batch_format="pandas", batch_size=WRITE_BATCH_ROWS):
+            table = pa.Table.from_pandas(batch, schema=schema, preserve_index=False)
+            if writer is None or in_file >= ROWS_PER_FILE:
+                _close(writer, sink)
+                schema = schema or table.schema
+                sink = fs.open_output_stream(posixpath.join(folder, f"part-{files:05d}.parquet"))
+                writer = pq.ParquetWriter(sink, schema)
+                files, in_file = files + 1, 0
+            writer.write_table(table)
+            in_file, rows = in_file + len(table), rows + len(table)
+            if time.monotonic() - last >= PROGRESS_EVERY_S:
+                last = time.monotonic()
+                log(f"  {rows:,} rows labelled ({rows / (last - started):,.0f} rows/s)")
+    finally:
+        _close(writer, sink)
 
-    class OrderedNames(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            """The stem of one write task's files."""
-            return f"part-{task_index:06d}-{write_uuid}"
 
-    return OrderedNames()
+def _close(writer, sink) -> None:
+    if writer is not None:
+        writer.close()
+    if sink is not None:
+        sink.close()  # on S3: the upload completes here
 
 
 @dataclass(frozen=True)
@@ -184,7 +207,7 @@ def score_to_folder(model_dir: str, inputs: Inputs, output: str, text_column: st
                                                          "threads": threads, "batch_size": SCORE_BATCH_ROWS,
                                                          "device": "cuda" if gpus_per_actor > 0 else "cpu",
                                                          "storage": dataclasses.asdict(storage)})
-        labelled.write_parquet(build, filesystem=fs, filename_provider=ordered_names())
+        _write_in_order(labelled, fs, build, log)
     except BaseException:
         if not is_s3(output) and fs.get_file_info(build).type != pafs.FileType.NotFound:
             fs.delete_dir(build)

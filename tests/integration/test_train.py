@@ -177,13 +177,13 @@ def test_scoring_a_folder_of_files_into_a_folder_of_parquet_keeps_every_row_in_o
     from raybm.inference.predict import PREDICTED_LABEL, predict_file
     from raybm.results import SUCCESS_MARKER
 
-    texts = [f"review number {i} {'great' if i % 3 else 'awful'}" for i in range(400)]
+    texts = [f"review number {i} {'great' if i % 3 else 'awful'}" for i in range(2000)]
     texts[11] = None  # kept, unlabelled
-    frame = pd.DataFrame({"id": range(400), "text": texts, "score": np.linspace(0, 1, 400)})
+    frame = pd.DataFrame({"id": range(2000), "text": texts, "score": np.linspace(0, 1, 2000)})
     src = tmp_path / "in"
     src.mkdir()
-    for i in range(4):  # four files, named so that name order is row order
-        frame.iloc[100 * i:100 * (i + 1)].to_parquet(src / f"part-{i}.parquet", index=False)
+    for i in range(4):  # four files, named so that name order is row order; several model batches each
+        frame.iloc[500 * i:500 * (i + 1)].to_parquet(src / f"part-{i}.parquet", index=False)
     (src / "_SUCCESS").write_text("")  # markers and hidden files are no input
     cfg = build_config(overrides=["predict.concurrency=1"])
     out = tmp_path / "scored"
@@ -193,8 +193,8 @@ def test_scoring_a_folder_of_files_into_a_folder_of_parquet_keeps_every_row_in_o
     table = pq.read_table(sorted(str(f) for f in out.glob("*.parquet")))
     assert str(table.schema.field("id").type) == "int64" and str(table.schema.field("score").type) == "double"
     got = table.to_pandas()
-    assert got["id"].tolist() == list(range(400))  # every row, in input order
-    assert got[PREDICTED_LABEL].isna().tolist() == [i == 11 for i in range(400)]
+    assert got["id"].tolist() == list(range(2000))  # every row, in input order
+    assert got[PREDICTED_LABEL].isna().tolist() == [i == 11 for i in range(2000)]
     local = tmp_path / "local.parquet"
     frame.to_parquet(tmp_path / "whole.parquet", index=False)
     predict_file(tiny_model_dir, str(tmp_path / "whole.parquet"), str(local), max_length=32, use_ray=False,
