@@ -133,7 +133,7 @@ def _score_to_folder(cfg, args: argparse.Namespace) -> int:
     quiet_ray_data()
     score_to_folder(args.model, inputs, args.output, args.text_column, storage=cfg.storage,
                     probabilities=args.probabilities, max_length=args.max_length,
-                    threads=p.threads or max(1, int(p.cpus_per_actor)), cpus_per_actor=p.cpus_per_actor,
+                    threads=p.threads, batch_size=p.batch_size, cpus_per_actor=p.cpus_per_actor,
                     gpus_per_actor=p.gpus_per_actor, concurrency=p.concurrency, log=lambda line: print(line, flush=True))
     return 0
 

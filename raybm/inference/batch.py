@@ -1,10 +1,10 @@
 """Scoring a dataset as a cluster job: Ray Data reads the input in parallel (a local or
 ``s3://`` file, folder or glob of CSV, TSV, JSONL or Parquet files), a pool of model actors
-sized from the cluster labels it, and the labelled rows stream back in order and are
-written as Parquet files into the output folder (local or ``s3://``), a batch at a time,
-with progress (rows/s) every few seconds. The folder is
-published complete, with ``_SUCCESS``, only once every file is in it; locally it is built
-beside the final name and renamed into place, so a reader never sees half of it.
+sized from the cluster labels it, and the labelled rows stream back in order to the driver,
+which writes them as Parquet files into the output folder (local or ``s3://``), a batch at a
+time, with progress (rows/s, ETA) every few seconds. The folder, its ledger of scored input
+files (an interrupted job's rerun scores only the rest) and its publication with
+``_SUCCESS`` are ``raybm.inference.batch_output``'s.
 
 Every input row comes out, in input order (files in name order, rows in file order), with
 its columns unchanged plus the predicted label and its confidence (and every class's
@@ -17,25 +17,28 @@ import fnmatch
 import os
 import posixpath
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
+from raybm.inference.batch_output import OutputFolder
 from raybm.inference.loading import read_label_map
 from raybm.inference.predict import FORMATS, PROGRESS_EVERY_S, label_frame, output_columns
-from raybm.results import SUCCESS_MARKER, is_s3, resolve_uri
+from raybm.results import is_s3, resolve_uri
 
 GLOB_CHARS = "*?["
-SCORE_BATCH_ROWS = 256  # rows a model actor labels at a time
+SCORE_BATCH_ROWS = 1024  # rows a model actor takes at a time (run shortest first inside)
 WRITE_BATCH_ROWS = 4096  # rows handed to the writer at a time
-ROWS_PER_FILE = 1_000_000  # rows in each output file
+PATH_COLUMN = "path"  # Ray Data's column naming each row's input file (include_paths)
+SAMPLE_BYTES = 1 << 20  # read from the first input to learn its columns and rows per byte
 
 
 def is_folder_job(input_spec: str, output: str) -> bool:
@@ -47,10 +50,11 @@ def is_folder_job(input_spec: str, output: str) -> bool:
 
 @dataclass(frozen=True)
 class Inputs:
-    """The files to score: their filesystem, paths (in name order) and common format."""
+    """The files to score: their filesystem, paths (in name order), sizes and common format."""
     fs: pafs.FileSystem
     paths: list[str]
     fmt: str
+    sizes: tuple[int, ...] = ()
 
 
 def find_inputs(spec: str, storage: StorageConfig) -> Inputs:
@@ -62,24 +66,25 @@ def find_inputs(spec: str, storage: StorageConfig) -> Inputs:
     if glob_at is None:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
-            found = [path]
+            found = [info]
         elif info.type == pafs.FileType.Directory:
-            found = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            found = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
                      if f.type == pafs.FileType.File and _is_data_file(f.path)]
         else:
             raise RaybmError(f"--input {spec!r}: no such file or folder")
     else:
         base = posixpath.dirname(path[:glob_at]) or "."
         pattern = path.replace("**/", "*")  # fnmatch's * already crosses folders
-        found = [f.path for f in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        found = [f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
                  if f.type == pafs.FileType.File and fnmatch.fnmatch(f.path, pattern) and _is_data_file(f.path)]
     if not found:
         raise RaybmError(f"--input {spec!r}: no .csv, .tsv, .jsonl or .parquet file there")
-    formats = {FORMATS.get(os.path.splitext(p)[1].lower()) for p in found}
+    formats = {FORMATS.get(os.path.splitext(f.path)[1].lower()) for f in found}
     if None in formats or len(formats) > 1:
         raise RaybmError(f"--input {spec!r}: the files must all be one of .csv, .tsv, .jsonl, .parquet "
                          f"(found {sorted(str(f) for f in formats)}); score each kind apart")
-    return Inputs(fs, sorted(found), formats.pop())
+    found.sort(key=lambda f: f.path)
+    return Inputs(fs, [f.path for f in found], formats.pop(), tuple(f.size or 0 for f in found))
 
 
 def _is_data_file(path: str) -> bool:
@@ -87,76 +92,112 @@ def _is_data_file(path: str) -> bool:
     return not name.startswith((".", "_")) and os.path.splitext(name)[1].lower() in FORMATS
 
 
-def read_inputs(inputs: Inputs):
-    """A Ray Dataset of the input rows in order. CSV and TSV columns are read as text, as
-    the in-process path reads them (an id ``007`` stays ``007``); Parquet keeps its types."""
+def input_columns(inputs: Inputs) -> list[str]:
+    """The first input file's column names (from its footer or its first block, not the whole file)."""
+    fs, first = inputs.fs, inputs.paths[0]
+    if inputs.fmt == "parquet":
+        return pq.read_schema(fs.open_input_file(first)).names
+    if inputs.fmt == "jsonl":
+        with fs.open_input_stream(first) as f:
+            head = f.read(SAMPLE_BYTES)
+        lines = head[:head.rfind(b"\n") + 1] or head
+        return pajson.read_json(pa.BufferReader(lines)).column_names
+    with fs.open_input_stream(first) as f:
+        return pacsv.open_csv(f, parse_options=_csv_options(inputs.fmt)).schema.names
+
+
+def _csv_options(fmt: str) -> pacsv.ParseOptions:
+    return pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+
+
+def read_inputs(inputs: Inputs, positions: list[int], columns: list[str], with_paths: bool):
+    """A Ray Dataset of the rows of the input files at ``positions``, in order (with the
+    ``path`` column naming each row's file when ``with_paths``). CSV and TSV columns are
+    read as text, as the in-process path reads them (an id ``007`` stays ``007``); Parquet
+    keeps its types."""
     import ray.data
 
+    paths = [inputs.paths[i] for i in positions]
+    common = {"filesystem": inputs.fs, "include_paths": with_paths}
     if inputs.fmt == "parquet":
-        return ray.data.read_parquet(inputs.paths, filesystem=inputs.fs)
+        return ray.data.read_parquet(paths, **common)
     if inputs.fmt == "jsonl":
-        return ray.data.read_json(inputs.paths, filesystem=inputs.fs)
-    sep = "\t" if inputs.fmt == "tsv" else ","
-    with inputs.fs.open_input_stream(inputs.paths[0]) as f:
-        columns = pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=sep),
-                                 read_options=pacsv.ReadOptions(block_size=1 << 20)).column_names
+        return ray.data.read_json(paths, **common)
     as_text = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, strings_can_be_null=False)
-    return ray.data.read_csv(inputs.paths, filesystem=inputs.fs, parse_options=pacsv.ParseOptions(delimiter=sep),
-                             convert_options=as_text)
+    return ray.data.read_csv(paths, parse_options=_csv_options(inputs.fmt), convert_options=as_text, **common)
 
 
-def actor_pool(cpus_per_actor: float, gpus_per_actor: float, concurrency: int | None) -> tuple[int, int]:
-    """(fewest, most) model actors: ``concurrency`` when set, else as many as the cluster's
-    GPUs hold (``gpus_per_actor``), or its CPUs less one left to reading and writing."""
+def estimate_rows(inputs: Inputs, positions: list[int]) -> tuple[int, bool]:
+    """(rows, exact) in the input files at ``positions``: Parquet footers say it (up to 64
+    files read; more are extrapolated by size); text formats are estimated from the rows
+    per byte of the first file's first MiB."""
+    sizes = [inputs.sizes[i] if inputs.sizes else 0 for i in positions]
+    if inputs.fmt == "parquet":
+        sample = positions[:64]
+        counted = sum(pq.read_metadata(inputs.fs.open_input_file(inputs.paths[i])).num_rows for i in sample)
+        if len(sample) == len(positions):
+            return counted, True
+        per_byte = counted / max(1, sum(sizes[:len(sample)]))
+    else:
+        with inputs.fs.open_input_stream(inputs.paths[positions[0]]) as f:
+            head = f.read(SAMPLE_BYTES)
+        per_byte = max(1, head.count(b"\n") - (inputs.fmt != "jsonl")) / max(1, len(head))
+    return int(per_byte * sum(sizes)), False
+
+
+@dataclass(frozen=True)
+class ActorPool:
+    """How many model actors a job runs (Ray Data scales between the two) and their torch threads."""
+    fewest: int
+    most: int
+    threads: int
+
+
+def actor_pool(cpus_per_actor: float, gpus_per_actor: float, concurrency: int | None,
+               threads: int | None = None) -> ActorPool:
+    """The model actors for this cluster: ``concurrency`` when set, else as many as its GPUs
+    hold (``gpus_per_actor``), or its CPUs less one left to reading and writing. Threads,
+    unless given: on CPU the cluster's cores shared among the actors (one actor on 2 cores
+    runs 2 threads), at least ``cpus_per_actor``; on GPU ``cpus_per_actor`` (tokenizing)."""
     import ray
 
-    if concurrency:
-        return 1, concurrency
     resources = ray.cluster_resources()
-    if gpus_per_actor > 0:
-        return 1, max(1, int(resources.get("GPU", 0) / gpus_per_actor))
-    return 1, max(1, int((resources.get("CPU", 1) - 1) / cpus_per_actor))
+    cpus = resources.get("CPU", 1)
+    if concurrency:
+        most = concurrency
+    elif gpus_per_actor > 0:
+        most = max(1, int(resources.get("GPU", 0) / gpus_per_actor))
+    else:
+        most = max(1, int((cpus - 1) / cpus_per_actor))
+    if threads is None:
+        threads = max(1, int(cpus_per_actor), 0 if gpus_per_actor > 0 else int(cpus // most))
+    return ActorPool(1, most, threads)
 
 
-def check_output(output: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) of an output folder that does not exist yet (nothing is overwritten)."""
-    fs, path = resolve_uri(output, storage)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        raise RaybmError(f"--output {output!r} already exists; give a new folder (or delete that one first)")
-    return fs, path
+class _Progress:
+    """A line every ``PROGRESS_EVERY_S``: rows done, of how many, rows/s and the time left."""
+
+    def __init__(self, total: int, exact: bool, log: Callable[[str], None]) -> None:
+        self.total, self.exact, self.log, self.rows = total, exact, log, 0
+        self.started = self.last = time.monotonic()
+
+    def add(self, rows: int) -> None:
+        """Count ``rows`` more written, and say so if it is time."""
+        self.rows += rows
+        now = time.monotonic()
+        if now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last, rate = now, self.rows / max(now - self.started, 1e-9)
+        line = f"  {self.rows:,} rows labelled ({rate:,.0f} rows/s)"
+        if self.total > self.rows:
+            line += (f", {self.rows / self.total:.0%} of {'' if self.exact else '~'}{self.total:,}; "
+                     f"about {_duration((self.total - self.rows) / max(rate, 1e-9))} left")
+        self.log(line)
 
 
-def _write_in_order(ds, fs: pafs.FileSystem, folder: str, log: Callable[[str], None]) -> None:
-    """Stream ``ds`` into ``folder`` as ``part-<n>.parquet`` files of at most
-    ``ROWS_PER_FILE`` rows, in row order, with every batch cast to the first one's types.
-    From the driver, a batch at a time: Ray Data's own ``write_parquet`` (2.60) loses the row
-    order even when the dataset preserves it (its iteration keeps it)."""
-    fs.create_dir(folder, recursive=True)
-    writer, sink, schema, in_file, files, rows = None, None, None, 0, 0, 0
-    started = last = time.monotonic()
-    try:
-        for batch in ds.iter_batches(batch_format="pandas", batch_size=WRITE_BATCH_ROWS):
-            table = pa.Table.from_pandas(batch, schema=schema, preserve_index=False)
-            if writer is None or in_file >= ROWS_PER_FILE:
-                _close(writer, sink)
-                schema = schema or table.schema
-                sink = fs.open_output_stream(posixpath.join(folder, f"part-{files:05d}.parquet"))
-                writer = pq.ParquetWriter(sink, schema)
-                files, in_file = files + 1, 0
-            writer.write_table(table)
-            in_file, rows = in_file + len(table), rows + len(table)
-            if time.monotonic() - last >= PROGRESS_EVERY_S:
-                last = time.monotonic()
-                log(f"  {rows:,} rows labelled ({rows / (last - started):,.0f} rows/s)")
-    finally:
-        _close(writer, sink)
-
-
-def _close(writer, sink) -> None:
-    if writer is not None:
-        writer.close()
-    if sink is not None:
-        sink.close()  # on S3: the upload completes here
+def _duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min {int(seconds % 60):02d} s"
 
 
 @dataclass(frozen=True)
@@ -167,60 +208,93 @@ class Scored:
     seconds: float
 
 
+def _check_columns(columns: list[str], text_column: str, labels: list[str], probabilities: bool) -> None:
+    if text_column not in columns:
+        raise RaybmError(f"--input: no text column {text_column!r}; columns found: {columns}. Pass --text-column.")
+    clash = [c for c in output_columns(labels, probabilities) if c in columns]
+    if clash:
+        raise RaybmError(f"the input already has the column(s) {clash} that labelling adds; rename or drop them first")
+
+
 def score_to_folder(model_dir: str, inputs: Inputs, output: str, text_column: str, *, storage: StorageConfig,
-                    probabilities: bool = False, max_length: int | None = None, threads: int = 1,
-                    cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, concurrency: int | None = None,
-                    log: Callable[[str], None] = print) -> Scored:
-    """Label every row of ``inputs`` into Parquet files in the new folder ``output``."""
+                    probabilities: bool = False, max_length: int | None = None, threads: int | None = None,
+                    batch_size: int = 64, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
+                    concurrency: int | None = None, log: Callable[[str], None] = print,
+                    on_file_done: Callable[[str], None] | None = None) -> Scored:
+    """Label every row of ``inputs`` into Parquet files in the folder ``output`` (new, or the
+    unfinished one an interrupted run of the same job left); ``on_file_done(path)`` after each
+    input file's rows are all written."""
+    labels = read_label_map(model_dir, storage if is_s3(model_dir) else None)
+    columns = input_columns(inputs)
+    _check_columns(columns, text_column, labels, probabilities)
+    tracked = PATH_COLUMN not in columns  # else Ray Data's path column would overwrite the input's
+    fs, final = resolve_uri(output, storage)
+    job = {"model": model_dir, "text_column": text_column, "probabilities": probabilities,
+           "max_length": max_length, "inputs": inputs.paths}
+    folder = OutputFolder.open(output, fs, final, job, log)
+    started = time.monotonic()
+    todo = folder.remaining() if tracked else list(range(len(inputs.paths)))
+    if not tracked:
+        log(f"the input has a column named {PATH_COLUMN!r}: this job cannot tell its files apart, so an "
+            f"interrupted run will start over")
+    if todo:
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        saved = ctx.execution_options.preserve_order
+        ctx.execution_options.preserve_order = True  # rows leave in input order (a dataset keeps its setting)
+        try:
+            pool = actor_pool(cpus_per_actor, gpus_per_actor, concurrency, threads)
+            log(f"scoring {len(todo)} {inputs.fmt} file(s) with {pool.fewest}-{pool.most} model actor(s) of "
+                f"{pool.threads} thread(s) -> {output}")
+            labelled = _labelled(read_inputs(inputs, todo, columns, tracked), model_dir, text_column, labels, pool,
+                                 probabilities=probabilities, max_length=max_length, batch_size=batch_size,
+                                 cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, storage=storage)
+            _write(labelled, folder, {p: i for i, p in enumerate(inputs.paths)} if tracked else None,
+                   _Progress(*estimate_rows(inputs, todo), log), on_file_done)
+        except BaseException:
+            folder.abandon(log)
+            raise
+        finally:
+            ctx.execution_options.preserve_order = saved
+    rows, files = folder.publish()
+    seconds = time.monotonic() - started
+    log(f"labelled {rows:,} rows into {files} Parquet file(s) in {seconds:.0f} s "
+        f"({rows / max(seconds, 1e-9):,.0f} rows/s) -> {output}")
+    return Scored(rows, files, seconds)
+
+
+def _labelled(ds, model_dir: str, text_column: str, labels: list[str], pool: ActorPool, *, probabilities: bool,
+              max_length: int | None, batch_size: int, cpus_per_actor: float, gpus_per_actor: float,
+              storage: StorageConfig):
+    """``ds`` labelled by a pool of model actors."""
     import ray.data
 
     from raybm.inference.evaluate import Classify
 
-    fs, final = check_output(output, storage)
-    labels = read_label_map(model_dir, storage if is_s3(model_dir) else None)
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # rows leave in input order (a dataset keeps the setting it was made with)
-    build = final if is_s3(output) else f"{final}.staging-{uuid.uuid4().hex[:8]}"
-    started = time.monotonic()
-    try:
-        ds = read_inputs(inputs)
-        columns = ds.schema().names
-        if text_column not in columns:
-            raise RaybmError(f"--input: no text column {text_column!r}; columns found: {columns}. "
-                             f"Pass --text-column.")
-        clash = [c for c in output_columns(labels, probabilities) if c in columns]
-        if clash:
-            raise RaybmError(f"the input already has the column(s) {clash} that labelling adds; rename or drop "
-                             f"them first")
+    class Label(Classify):
+        def __call__(self, batch):
+            return label_frame(batch, text_column, self.predict, labels, probabilities)
 
-        class Label(Classify):
-            def __call__(self, batch):
-                return label_frame(batch, text_column, self.predict, labels, probabilities)
+    return ds.map_batches(Label, batch_format="pandas", batch_size=SCORE_BATCH_ROWS,
+                          compute=ray.data.ActorPoolStrategy(min_size=pool.fewest, max_size=pool.most),
+                          num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
+                          fn_constructor_kwargs={"model_dir": model_dir, "max_length": max_length,
+                                                 "threads": pool.threads, "batch_size": batch_size,
+                                                 "device": "cuda" if gpus_per_actor > 0 else "cpu",
+                                                 "storage": dataclasses.asdict(storage)})
 
-        fewest, most = actor_pool(cpus_per_actor, gpus_per_actor, concurrency)
-        log(f"scoring {len(inputs.paths)} {inputs.fmt} file(s) with {fewest}-{most} model actor(s) -> {output}")
-        labelled = ds.map_batches(Label, batch_format="pandas", batch_size=SCORE_BATCH_ROWS, compute=ray.data.
-                                  ActorPoolStrategy(min_size=fewest, max_size=most), num_cpus=cpus_per_actor,
-                                  num_gpus=gpus_per_actor or None,
-                                  fn_constructor_kwargs={"model_dir": model_dir, "max_length": max_length,
-                                                         "threads": threads, "batch_size": SCORE_BATCH_ROWS,
-                                                         "device": "cuda" if gpus_per_actor > 0 else "cpu",
-                                                         "storage": dataclasses.asdict(storage)})
-        _write_in_order(labelled, fs, build, log)
-    except BaseException:
-        if not is_s3(output) and fs.get_file_info(build).type != pafs.FileType.NotFound:
-            fs.delete_dir(build)
-        raise
-    finally:
-        ctx.execution_options.preserve_order = saved
-    files = [f.path for f in fs.get_file_info(pafs.FileSelector(build)) if f.path.endswith(".parquet")]
-    rows = sum(pq.read_metadata(fs.open_input_file(p)).num_rows for p in files)  # footers only
-    with fs.open_output_stream(posixpath.join(build, SUCCESS_MARKER)):
-        pass
-    if build != final:
-        os.replace(build, final)
-    seconds = time.monotonic() - started
-    log(f"labelled {rows:,} rows into {len(files)} Parquet file(s) in {seconds:.0f} s "
-        f"({rows / max(seconds, 1e-9):,.0f} rows/s) -> {output}")
-    return Scored(rows, len(files), seconds)
+
+def _write(labelled, folder: OutputFolder, positions: dict[str, int] | None, progress: _Progress,
+           on_file_done: Callable[[str], None] | None) -> None:
+    """Stream the labelled rows to ``folder`` in row order. From the driver, a batch at a
+    time: Ray Data's own ``write_parquet`` (2.60) loses the row order even when the dataset
+    preserves it (its iteration keeps it)."""
+    for batch in labelled.iter_batches(batch_format="pandas", batch_size=WRITE_BATCH_ROWS):
+        if positions is None:
+            where = np.zeros(len(batch), dtype=np.int64)
+        else:
+            where = batch.pop(PATH_COLUMN).map(positions).to_numpy()
+        folder.write(batch, where, on_file_done)
+        progress.add(len(batch))
+    folder.finish(on_file_done, covers_all=positions is None)

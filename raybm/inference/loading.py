@@ -129,7 +129,18 @@ class TextClassifier:
     batch_size: int
 
     def predict(self, texts: list[str]) -> np.ndarray:
-        """Class probabilities (calibrated: the logits over the model's temperature), one row per text."""
+        """Class probabilities (calibrated: the logits over the model's temperature), one row per
+        text, in order. More texts than one batch are run shortest first, so each batch pads
+        to a length near its own texts' (a batch of tweets with one long review pads them
+        all to the review)."""
+        if len(texts) <= self.batch_size:
+            return self._predict_batches(texts)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        probs = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        probs[order] = self._predict_batches([texts[i] for i in order])
+        return probs
+
+    def _predict_batches(self, texts: list[str]) -> np.ndarray:
         out = []
         for i in range(0, len(texts), self.batch_size):
             enc = tokenize(self.tokenizer, texts[i:i + self.batch_size], truncation=True,

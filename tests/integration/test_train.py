@@ -189,7 +189,7 @@ def test_scoring_a_folder_of_files_into_a_folder_of_parquet_keeps_every_row_in_o
     out = tmp_path / "scored"
     assert main(["predict", "--model", tiny_model_dir, "--input", str(src / "part-*.parquet"), "--output", str(out),
                  "--max-length", "32", "--probabilities", "predict.concurrency=1"]) == 0
-    assert (out / SUCCESS_MARKER).exists() and not list(tmp_path.glob("scored.staging-*"))
+    assert (out / SUCCESS_MARKER).exists() and not (tmp_path / "scored.partial").exists()
     table = pq.read_table(sorted(str(f) for f in out.glob("*.parquet")))
     assert str(table.schema.field("id").type) == "int64" and str(table.schema.field("score").type) == "double"
     got = table.to_pandas()
@@ -211,7 +211,32 @@ def test_scoring_a_folder_of_files_into_a_folder_of_parquet_keeps_every_row_in_o
     with pytest.raises(RaybmError, match="no text column 'body'"):
         score_to_folder(tiny_model_dir, find_inputs(str(src), cfg.storage), str(tmp_path / "other"), "body",
                         storage=cfg.storage, log=quiet)
-    assert not (tmp_path / "other").exists() and not list(tmp_path.glob("other.staging-*"))
+    assert not (tmp_path / "other").exists() and not (tmp_path / "other.partial").exists()
+
+    # Interrupted after two of the four files: the folder stays unpublished with those two;
+    # the same job run again scores only the other two, and the result is the whole, in order.
+    def interrupt_after_two(path, done=[]):
+        done.append(path)
+        if len(done) == 2:
+            raise KeyboardInterrupt
+
+    inputs = find_inputs(str(src), cfg.storage)
+    again = tmp_path / "again"
+    with pytest.raises(KeyboardInterrupt):
+        score_to_folder(tiny_model_dir, inputs, str(again), "text", storage=cfg.storage, max_length=32,
+                        probabilities=True, concurrency=1, log=quiet, on_file_done=interrupt_after_two)
+    partial = tmp_path / "again.partial"
+    assert not again.exists() and not (partial / SUCCESS_MARKER).exists()
+    assert sorted(f.name for f in partial.glob("*.parquet")) == ["part-00000-0000.parquet", "part-00001-0000.parquet"]
+    with pytest.raises(RaybmError, match=r"other settings \(probabilities\)"):
+        score_to_folder(tiny_model_dir, inputs, str(again), "text", storage=cfg.storage, max_length=32, log=quiet)
+    lines, finished = [], []
+    score_to_folder(tiny_model_dir, inputs, str(again), "text", storage=cfg.storage, max_length=32,
+                    probabilities=True, concurrency=1, log=lines.append, on_file_done=finished.append)
+    assert any("2 of 4 input file(s) already scored" in line for line in lines), lines
+    assert [os.path.basename(p) for p in finished] == ["part-2.parquet", "part-3.parquet"]
+    resumed = pq.read_table(sorted(str(f) for f in again.glob("*.parquet"))).to_pandas()
+    pd.testing.assert_frame_equal(resumed, got, check_exact=False, atol=1e-5)
 
 
 def test_evaluate_any_file_with_the_model_label_map(ray_local, tmp_path, tiny_model_dir):

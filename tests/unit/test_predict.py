@@ -178,3 +178,24 @@ def test_a_folder_a_glob_or_s3_makes_a_scoring_job_and_its_files_are_found_in_na
         find_inputs(str(tmp_path / "missing"), storage)
     with pytest.raises(RaybmError, match="no .csv, .tsv, .jsonl or .parquet file there"):
         find_inputs(str(tmp_path / "in" / "*.jsonl"), storage)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
+def test_a_scoring_job_learns_its_columns_and_rows_without_reading_the_files_whole(tmp_path, fmt):
+    from raybm.config import StorageConfig
+    from raybm.inference.batch import estimate_rows, find_inputs, input_columns
+
+    frame = pd.DataFrame({"id": range(3000), "text": [f"tweet number {i}" + "!" * (i % 7) for i in range(3000)]})
+    for k in range(3):
+        part = frame.iloc[1000 * k:1000 * (k + 1)]
+        path = tmp_path / f"p{k}.{fmt}"
+        if fmt == "parquet":
+            part.to_parquet(path, index=False)
+        elif fmt == "jsonl":
+            part.to_json(path, orient="records", lines=True)
+        else:
+            part.to_csv(path, index=False, sep="\t" if fmt == "tsv" else ",")
+    inputs = find_inputs(str(tmp_path), StorageConfig())
+    assert input_columns(inputs) == ["id", "text"]
+    rows, exact = estimate_rows(inputs, [1, 2])
+    assert exact == (fmt == "parquet") and abs(rows - 2000) <= 40  # text formats: from the first file's rows per byte
