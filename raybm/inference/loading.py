@@ -130,23 +130,31 @@ class TextClassifier:
 
     def predict(self, texts: list[str]) -> np.ndarray:
         """Class probabilities (calibrated: the logits over the model's temperature), one row per
-        text, in order. More texts than one batch are run shortest first, so each batch pads
-        to a length near its own texts' (a batch of tweets with one long review pads them
-        all to the review)."""
+        text, in order. More texts than one batch are tokenized together and run fewest
+        tokens first, so each batch pads to about its own texts' length (a batch of tweets
+        with one long review would pad them all to the review)."""
+        if not texts:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
         if len(texts) <= self.batch_size:
-            return self._predict_batches(texts)
-        order = np.argsort([len(t) for t in texts], kind="stable")
+            enc = tokenize(self.tokenizer, texts, truncation=True, max_length=self.max_length, padding=True,
+                           return_tensors="np")
+            return self.probabilities(enc["input_ids"], enc["attention_mask"])
+        ids = tokenize(self.tokenizer, texts, truncation=True, max_length=self.max_length)["input_ids"]
+        lengths = np.array([len(x) for x in ids])
+        order = np.argsort(lengths, kind="stable")
         probs = np.empty((len(texts), len(self.labels)), dtype=np.float32)
-        probs[order] = self._predict_batches([texts[i] for i in order])
-        return probs
-
-    def _predict_batches(self, texts: list[str]) -> np.ndarray:
-        out = []
+        pad_id = self.tokenizer.pad_token_id or 0
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
         for i in range(0, len(texts), self.batch_size):
-            enc = tokenize(self.tokenizer, texts[i:i + self.batch_size], truncation=True,
-                           max_length=self.max_length, padding=True, return_tensors="np")
-            out.append(self.probabilities(enc["input_ids"], enc["attention_mask"]))
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+            rows = order[i:i + self.batch_size]
+            width = int(lengths[rows].max())
+            input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for r, j in enumerate(rows):
+                span = slice(width - lengths[j], width) if left else slice(0, lengths[j])
+                input_ids[r, span], mask[r, span] = ids[j], 1
+            probs[rows] = self.probabilities(input_ids, mask)
+        return probs
 
     def probabilities(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities of tokenized rows."""

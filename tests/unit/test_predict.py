@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -199,3 +200,14 @@ def test_a_scoring_job_learns_its_columns_and_rows_without_reading_the_files_who
     assert input_columns(inputs) == ["id", "text"]
     rows, exact = estimate_rows(inputs, [1, 2])
     assert exact == (fmt == "parquet") and abs(rows - 2000) <= 40  # text formats: from the first file's rows per byte
+
+
+def test_texts_run_fewest_tokens_first_come_back_in_order_with_their_own_answers(tiny_model_dir):
+    from raybm.inference.loading import load_predictor
+
+    p = load_predictor(tiny_model_dir, "torch", batch_size=4, max_length=24)
+    texts = [("word " * n).strip() + ("!" if n % 2 else "") for n in (9, 1, 30, 4, 4, 2, 17, 6, 1, 12, 3)]
+    together = p.predict(texts)  # three batches, each of texts of about one length
+    alone = np.stack([p.predict([t])[0] for t in texts])  # no padding at all
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert p.predict([]).shape == (0, len(p.labels))
