@@ -103,14 +103,15 @@ def sample_texts(n: int) -> list[str]:
     return texts[texts.str.strip() != ""].sample(n=n, random_state=0).str.slice(0, 500).tolist()
 
 
-def default_model(folder: str) -> str:
-    """all-MiniLM-L6-v2 with a new 2-class head, saved as a raybm model folder."""
+def default_model(folder: str, base: str = "all-minilm-l6-v2") -> str:
+    """``base`` (all-MiniLM-L6-v2; tiny-bert: a tiny random BERT) with a new 2-class head,
+    saved as a raybm model folder."""
     import yaml
 
     from raybm.config import build_config
     from raybm.models.build import build_classifier, load_tokenizer
 
-    cfg = build_config(overrides=["model.name=all-minilm-l6-v2", "data.max_length=64"])
+    cfg = build_config(overrides=[f"model.name={base}", "data.max_length=64"])
     labels = ["negative", "positive"]
     build_classifier(cfg.model, labels).save_pretrained(folder, safe_serialization=True)
     load_tokenizer(cfg.model.name).save_pretrained(folder)

@@ -325,7 +325,8 @@ class ExportConfig:
 class PredictConfig:
     """Batch scoring with Ray Data (``raybm predict`` into a folder, ``jobs/predict.py``)."""
     concurrency: Optional[int] = _opt(None, ge=1)
-    """Most model actors. Empty: as many as the cluster's GPUs hold (with gpus_per_actor), or its CPUs less one."""
+    """Model actors (a fixed pool). Empty: up to as many as the cluster's GPUs hold (with
+    gpus_per_actor), or its CPUs less one."""
     cpus_per_actor: float = _opt(1.0, gt=0)
     """CPUs reserved for each model actor."""
     gpus_per_actor: float = _opt(0.0, ge=0)

@@ -39,6 +39,8 @@ SCORE_BATCH_ROWS = 1024  # rows a model actor takes at a time (run shortest firs
 WRITE_BATCH_ROWS = 4096  # rows handed to the writer at a time
 PATH_COLUMN = "path"  # Ray Data's column naming each row's input file (include_paths)
 SAMPLE_BYTES = 1 << 20  # read from the first input to learn its columns and rows per byte
+SCORE_BLOCK_BYTES = 1 << 20  # Ray Data blocks of the job: labelled rows stream back a few thousand at a time
+READ_CPUS = 0.25  # a read task's CPUs: light next to a model, and room beside fractional actors on every node
 
 
 def is_folder_job(input_spec: str, output: str) -> bool:
@@ -118,9 +120,14 @@ def read_inputs(inputs: Inputs, positions: list[int], columns: list[str], with_p
     import ray.data
 
     paths = [inputs.paths[i] for i in positions]
-    common = {"filesystem": inputs.fs, "include_paths": with_paths}
+    common = {"filesystem": inputs.fs, "include_paths": with_paths, "num_cpus": READ_CPUS}
     if inputs.fmt == "parquet":
-        return ray.data.read_parquet(paths, **common)
+        ctx = ray.data.DataContext.get_current()
+        saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+        try:  # Ray 2.60's new Parquet path lists files in a task of a whole CPU, which waits forever
+            return ray.data.read_parquet(paths, **common)  # where the actors left each node less
+        finally:
+            ctx.use_datasource_v2 = saved
     if inputs.fmt == "jsonl":
         return ray.data.read_json(paths, **common)
     as_text = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, strings_can_be_null=False)
@@ -155,8 +162,8 @@ class ActorPool:
 
 def actor_pool(cpus_per_actor: float, gpus_per_actor: float, concurrency: int | None,
                threads: int | None = None) -> ActorPool:
-    """The model actors for this cluster: ``concurrency`` when set, else as many as its GPUs
-    hold (``gpus_per_actor``), or its CPUs less one left to reading and writing. Threads,
+    """The model actors for this cluster: exactly ``concurrency`` when set, else up to as many
+    as its GPUs hold (``gpus_per_actor``), or its CPUs less one left to reading and writing. Threads,
     unless given: on CPU the cluster's cores shared among the actors (one actor on 2 cores
     runs 2 threads), at least ``cpus_per_actor``; on GPU ``cpus_per_actor`` (tokenizing)."""
     import ray
@@ -171,7 +178,7 @@ def actor_pool(cpus_per_actor: float, gpus_per_actor: float, concurrency: int | 
         most = max(1, int((cpus - 1) / cpus_per_actor))
     if threads is None:
         threads = max(1, int(cpus_per_actor), 0 if gpus_per_actor > 0 else int(cpus // most))
-    return ActorPool(1, most, threads)
+    return ActorPool(most if concurrency else 1, most, threads)
 
 
 class _Progress:
@@ -241,8 +248,11 @@ def score_to_folder(model_dir: str, inputs: Inputs, output: str, text_column: st
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
-        saved = ctx.execution_options.preserve_order
-        ctx.execution_options.preserve_order = True  # rows leave in input order (a dataset keeps its setting)
+        saved = ctx.execution_options.preserve_order, ctx.target_max_block_size
+        # Rows leave in input order, in blocks of about a MiB, not the 128 MiB Ray Data gathers
+        # a task's output into by default: a whole file of tweets would come back at once, at
+        # its end. (A dataset keeps the settings it was made with.)
+        ctx.execution_options.preserve_order, ctx.target_max_block_size = True, SCORE_BLOCK_BYTES
         try:
             pool = actor_pool(cpus_per_actor, gpus_per_actor, concurrency, threads)
             log(f"scoring {len(todo)} {inputs.fmt} file(s) with {pool.fewest}-{pool.most} model actor(s) of "
@@ -256,7 +266,7 @@ def score_to_folder(model_dir: str, inputs: Inputs, output: str, text_column: st
             folder.abandon(log)
             raise
         finally:
-            ctx.execution_options.preserve_order = saved
+            ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
     rows, files = folder.publish()
     seconds = time.monotonic() - started
     log(f"labelled {rows:,} rows into {files} Parquet file(s) in {seconds:.0f} s "
