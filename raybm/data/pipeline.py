@@ -30,6 +30,8 @@ from raybm.lease import hold_lease
 from raybm.results import CONFIG_FILE, DATASETS, LABEL_MAP_FILE, REPORT_FILE, SPLITS, Results
 
 REPORT_VERSION = 1
+COUNT_BLOCK_ROWS = 20_000  # rows a token-counting task takes
+BLOCK_BYTES = 16 << 20  # Ray Data blocks of the stage: one large file read is cleaned and counted on every CPU
 
 
 @dataclass
@@ -177,14 +179,21 @@ def _read_and_clean(cfg: JobConfig, src: Source):
     """(every row read, cleaned, with its label mapped and a drop reason where it is dropped
     (marked, never silently dropped); the label mapper; rows read; dropped rows by reason).
     Unknown label values are an error naming them."""
+    import ray.data
+
     d = cfg.data
-    raw = read_source(src)
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.target_max_block_size = ctx.target_max_block_size, BLOCK_BYTES
+    try:  # the dataset and all made from it keep these blocks
+        raw = read_source(src)
+    finally:
+        ctx.target_max_block_size = saved
     try:
         mapper = _resolve_labels(cfg, src, raw)
-        marked = raw.map_batches(
-            cleaning.clean_batch, batch_format="pandas",
+        marked = raw.map_batches(  # a task pool of its own size: not fused into the read, so the
+            cleaning.clean_batch, batch_format="pandas", concurrency=row_tasks(),  # blocks of one
             fn_kwargs=dict(cfg=d.clean, mapper=mapper, twitter_repair=src.kind == "twitter-sentiment"),
-        ).materialize()
+        ).materialize()  # file are cleaned on every CPU
         rows_read = marked.count()
     except Exception as e:  # noqa: BLE001 - translated or re-raised
         err = _translate_read_error(e, src)
@@ -207,8 +216,9 @@ def _deduplicate(cfg: JobConfig, marked, mapper, rows_read: int, n_clean: int, d
     """(the rows without exact duplicates across the whole dataset, before the split; their
     integer keys, which alone come to the driver and decide sample and split; how many texts
     had conflicting labels). ``dropped`` gains the duplicates."""
-    deduped = (marked.map_batches(splitting.keep_and_bucket, batch_format="pandas")
-               .groupby("bucket", num_partitions=_partitions(splitting.DEDUP_BUCKETS))
+    buckets = splitting.dedup_buckets(n_clean)
+    deduped = (marked.map_batches(splitting.keep_and_bucket, batch_format="pandas", fn_kwargs={"buckets": buckets})
+               .groupby("bucket", num_partitions=_partitions(buckets))
                .map_groups(splitting.deduplicate, batch_format="pandas", fn_kwargs={"seed": cfg.data.seed})
                .materialize())
     keys = deduped.select_columns(["label", "conflict", "sample_key", "split_key"]).to_pandas()
@@ -238,11 +248,14 @@ def _split_and_count(cfg: JobConfig, deduped, keys, mapper, dropped: dict[str, i
         dropped[cleaning.SAMPLED_OUT] = len(keys) - sum(quotas.values())
     splitting.check_split_sizes(quotas, d.split, mapper.labels)
     thresholds = splitting.split_thresholds(keys, quotas, list(d.split))
-    split_ds = deduped.map_batches(splitting.apply_split, batch_format="pandas", fn_kwargs={"thresholds": thresholds})
+    # Blocks of even size: the de-duplicated buckets come out uneven, and one large block
+    # would leave the other CPUs idle at the end of token counting.
+    split_ds = deduped.repartition(target_num_rows_per_block=COUNT_BLOCK_ROWS).map_batches(
+        splitting.apply_split, batch_format="pandas", fn_kwargs={"thresholds": thresholds})
     split_ds = map_batches_cached(split_ds, CountTokens, dict(model=cfg.model.name, max_length=d.max_length,
                                                               trust_remote_code=cfg.model.trust_remote_code,
                                                               storage=dataclasses.asdict(cfg.storage)),
-                                  concurrency=1, batch_format="pandas", batch_size=512).materialize()
+                                  concurrency=row_tasks(), batch_format="pandas", batch_size=2048).materialize()
     return split_ds, split_ds.select_columns(["split", "label", "n_tokens"]).to_pandas()
 
 
@@ -268,9 +281,18 @@ def _write_dataset(cfg: JobConfig, results: Results, name: str, split_ds, mapper
             raise
 
 
-def _partitions(n: int) -> int:
-    # Ray Data's default of 200 shuffle partitions is far too many for a few groups.
-    return max(1, min(n, 16))
+def _partitions(groups: int) -> int:
+    # Ray Data's default of 200 shuffle partitions is far too many for a few groups; a big
+    # cluster gets two a CPU.
+    return max(1, min(groups, max(16, 2 * row_tasks())))
+
+
+def row_tasks() -> int:
+    """How many tasks run a per-row step (cleaning, token counting) at once: one per CPU
+    of the cluster, so more nodes make it faster."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _rows_of_split(batch, split: str):

@@ -18,7 +18,15 @@ import pyarrow as pa
 
 from raybm.errors import DataError
 
-DEDUP_BUCKETS = 32
+MIN_DEDUP_BUCKETS = 32
+ROWS_PER_DEDUP_BUCKET = 100_000  # more rows, more buckets: each bucket is held whole by one task
+
+
+def dedup_buckets(rows: int) -> int:
+    """How many text buckets de-duplication uses for ``rows`` rows (at least 32, about
+    ``ROWS_PER_DEDUP_BUCKET`` rows each). Any count gives the same result: copies of a text
+    always share a bucket."""
+    return max(MIN_DEDUP_BUCKETS, -(-rows // ROWS_PER_DEDUP_BUCKET))
 
 # Explicit output schemas: Ray's hash shuffle cannot join an empty block whose column
 # types pandas left unknown with a full one, so every function here returns typed tables.
@@ -38,12 +46,13 @@ def text_key(text: str, salt: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def keep_and_bucket(batch: pd.DataFrame) -> pa.Table:
-    """Rows kept by cleaning, bucketed by text so all copies of a text meet in one group."""
+def keep_and_bucket(batch: pd.DataFrame, *, buckets: int = MIN_DEDUP_BUCKETS) -> pa.Table:
+    """Rows kept by cleaning, bucketed by text (one of ``buckets``) so all copies of a text
+    meet in one group."""
     kept = batch.loc[batch["drop_reason"] == "", ["text", "label"]]
     texts = kept["text"].astype(str).tolist()
     return _table({"text": texts, "label": kept["label"].to_numpy(dtype="int64"),
-                   "bucket": [text_key(t, "bucket") % DEDUP_BUCKETS for t in texts]}, BUCKETED)
+                   "bucket": [text_key(t, "bucket") % buckets for t in texts]}, BUCKETED)
 
 
 def deduplicate(group: pd.DataFrame, *, seed: int = 0) -> pa.Table:

@@ -72,3 +72,20 @@ def test_text_key_is_stable():
 
     expected = int.from_bytes(hashlib.sha256("split:0\x00héllo".encode()).digest()[:8], "big") >> 1
     assert splitting.text_key("héllo", "split:0") == expected
+
+
+def test_dedup_buckets_grow_with_the_rows_and_any_count_keeps_the_same_rows():
+    assert splitting.dedup_buckets(10) == 32 and splitting.dedup_buckets(3_200_000) == 32
+    assert splitting.dedup_buckets(10_000_000) == 100  # about 100k rows a bucket
+    rng = np.random.default_rng(0)
+    texts = [f"t{i}" for i in rng.integers(0, 400, 1000)]  # many copies
+    batch = pd.DataFrame({"text": texts, "label": rng.integers(0, 2, 1000), "drop_reason": ""})
+
+    def deduped(buckets):
+        rows = splitting.keep_and_bucket(batch, buckets=buckets).to_pandas()
+        assert rows["bucket"].between(0, buckets - 1).all()
+        out = pd.concat([splitting.deduplicate(g.drop(columns="bucket")).to_pandas()
+                         for _, g in rows.groupby("bucket")])
+        return out.sort_values("text").reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(deduped(32), deduped(7))
