@@ -189,6 +189,8 @@ def _read_and_clean(cfg: JobConfig, src: Source):
     finally:
         ctx.target_max_block_size = saved
     try:
+        if src.all_labels is None and not d.labels:  # the labels are counted first: read and parse
+            raw = raw.materialize()  # the source once, cleaned from Ray's object store
         mapper = _resolve_labels(cfg, src, raw)
         marked = raw.map_batches(  # a task pool of its own size: not fused into the read, so the
             cleaning.clean_batch, batch_format="pandas", concurrency=row_tasks(),  # blocks of one
