@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -294,6 +295,8 @@ def row_tasks() -> int:
     of the cluster, so more nodes make it faster."""
     import ray
 
+    # Ray Data warns when a small dataset gives such a step fewer blocks than its cap: expected.
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 

@@ -1,6 +1,7 @@
-"""Batch scoring on the 3-node cluster (tests/cluster/conftest.py): a `ray job submit` of
-jobs/predict.py reads Parquet files from S3, labels them with model actors on both worker
-nodes (each fetching the model from S3 itself) and writes every row, in order, to S3."""
+"""Work that scales out over the 3-node cluster (tests/cluster/conftest.py), each submitted
+as `ray job submit` does: a batch-scoring job whose model actors run on both worker nodes
+(each fetching the model from S3 itself) and write every row, in order, to S3; and a data
+stage whose token-counting tasks run on both worker nodes."""
 
 import io
 import os
@@ -8,6 +9,8 @@ import os
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+
+from tests.helpers import make_frame
 
 from .conftest import run_job, s3_keys, write_job
 
@@ -53,3 +56,23 @@ def test_a_scoring_job_runs_model_actors_on_both_worker_nodes_and_writes_every_r
               if "MapBatches(Label)" in a.class_name]
     workers = {n.node_id for n in cluster.alive_nodes() if n.resources_total.get("CPU", 0) > 0}
     assert len(actors) == 2 and {a.node_id for a in actors} == workers, [(a.class_name, a.node_id) for a in actors]
+
+
+def test_the_data_stage_counts_tokens_on_both_worker_nodes(cluster, bucket, s3_server, tmp_path):
+    from ray.util.state import list_tasks
+
+    s3, name = bucket
+    rows = make_frame(50_000)  # 100k rows: five token-counting blocks of 20k rows
+    s3.put_object(Bucket=name, Key="input/many.csv", Body=rows.to_csv(index=False).encode())
+    config = write_job(tmp_path, {
+        "storage": {"root": f"s3://{name}/scale", "s3_endpoint_url": s3_server},
+        "data": {"source": f"s3://{name}/input/many.csv", "text_column": "body", "label_column": "sentiment",
+                 "max_length": 16},
+        "model": {"name": "tiny-bert"}})
+    status, logs = run_job(cluster, "data", config, timeout=300)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "rows kept" in logs and "100000" in logs, logs[-3000:]
+    counting = [t for t in list_tasks(address=cluster.address, limit=10000, raise_on_missing_output=False)
+                if t.name == "MapBatches(_apply)" and t.state == "FINISHED"]
+    workers = {n.node_id for n in cluster.alive_nodes() if n.resources_total.get("CPU", 0) > 0}
+    assert len(counting) >= 5 and {t.node_id for t in counting} == workers, [(t.name, t.node_id) for t in counting]
