@@ -2,14 +2,16 @@
 
     .venv/bin/python bench/serve_load.py [--model FOLDER] [--threads 1] [--requests 300]
                                          [--concurrency 1,4,16,32] [--backend torch|int8|onnx-int8]
+                                         [--ingress direct|proxy]
     .venv/bin/python bench/serve_load.py --breakdown   # where one request's time goes
 
 One run, same machine, same backend and torch threads throughout:
 1. the bare model in this process (no HTTP, no Ray): one sentence at a time, and in
    batches of --batch (32);
 2. the model on Ray Serve (one replica) with dynamic batching (max_batch_size --batch),
-   loaded from a second process on loopback at each concurrency level (a fixed number of
-   single-sentence requests, then it stops): p50/p95/p99 latency, throughput, and counts
+   called at the replica's own port (direct ingress, raybm's default) or through Serve's
+   proxy (--ingress proxy), loaded from a second process on loopback at each concurrency
+   level (a fixed number of single-sentence requests, then it stops): p50/p95/p99 latency, throughput, and counts
    of 2xx, 4xx, 503 and other 5xx;
 3. the same server without batching (max_batch_size 1);
 4. overload: twice the highest concurrency against a bounded queue
@@ -152,6 +154,22 @@ def onnx_int8(model_dir: str, work: str) -> str:
     return int8
 
 
+def ingress_env(ingress: str) -> dict[str, str]:
+    """The Ray runtime env variables raybm sets for ``serve.ingress=<ingress>``."""
+    from raybm.config import build_config
+    from raybm.serve.ingress import ray_env
+
+    return ray_env(build_config(overrides=[f"serve.ingress={ingress}"]).serve)
+
+
+def client_url(cfg, model_dir: str, proxy_url: str) -> str:
+    """Where the load goes: the replica's own port under direct ingress, else the proxy."""
+    from raybm.serve.app import for_model
+    from raybm.serve.ingress import direct_urls
+
+    return (direct_urls(for_model(cfg.serve, model_dir)) or [proxy_url])[0]
+
+
 def serve_phase(cfg_overrides: list[str], model_dir: str, texts_file: str, levels: list[int],
                 requests: int) -> list[dict]:
     from ray import serve
@@ -161,14 +179,15 @@ def serve_phase(cfg_overrides: list[str], model_dir: str, texts_file: str, level
     from raybm.serve.deploy import deploy
 
     cfg = build_config(overrides=cfg_overrides)
-    url = deploy(cfg, model_dir)
+    url = client_url(cfg, model_dir, deploy(cfg, model_dir))
     run_client(url, texts_file, 4, 40)  # warm-up
     rows = [run_client(url, texts_file, c, requests) for c in levels]
     serve.delete(for_model(cfg.serve, model_dir).app_name)
     return rows
 
 
-def breakdown(model_dir: str, backend: str, threads: int, texts: list[str], port: int, n: int = 300) -> dict:
+def breakdown(model_dir: str, backend: str, threads: int, texts: list[str], port: int, ingress: str,
+              n: int = 300) -> dict:
     """Where a request's time goes at concurrency 1 (medians of ``n``, milliseconds): the bare
     model, the same through the replica's batcher in this process, the replica's own measure
     of its handler (``/stats``), a client's whole request, and ``GET /healthz`` (Serve's
@@ -193,8 +212,9 @@ def breakdown(model_dir: str, backend: str, threads: int, texts: list[str], port
         return round(statistics.median(took), 2)
 
     cfg = build_config(overrides=[f"serve.port={port}", f"serve.backend={backend}", f"serve.torch_threads={threads}",
-                                  f"serve.cpus_per_replica={threads}", "serve.max_texts=64", "serve.app_name=breakdown"])
-    url = deploy(cfg, model_dir)
+                                  f"serve.cpus_per_replica={threads}", "serve.max_texts=64", "serve.app_name=breakdown",
+                                  f"serve.ingress={ingress}"])
+    url = client_url(cfg, model_dir, deploy(cfg, model_dir))
     session = requests.Session()
     for _ in range(30):
         session.get(f"{url}/healthz").raise_for_status()
@@ -229,6 +249,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--ingress", default="direct", choices=["direct", "proxy"],
+                        help="direct: clients call the replica's own port (serve.ingress=direct); proxy: Serve's proxy")
     parser.add_argument("--breakdown", action="store_true",
                         help="only: where a request's time goes at concurrency 1 (medians, ms)")
     parser.add_argument("--client", help=argparse.SUPPRESS)
@@ -259,8 +281,8 @@ def main() -> int:
         import ray
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-        print(json.dumps(breakdown(model_dir, args.backend, args.threads, texts, args.port), indent=2))
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **ingress_env(args.ingress)}})
+        print(json.dumps(breakdown(model_dir, args.backend, args.threads, texts, args.port, args.ingress), indent=2))
         ray.shutdown()
         return 0
     print(f"bare model: {args.backend}, {args.threads} thread(s), {device} ...", flush=True)
@@ -270,8 +292,10 @@ def main() -> int:
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    common = [f"serve.port={args.port}", f"serve.backend={args.backend}", f"serve.torch_threads={args.threads}",
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **ingress_env(args.ingress)}})
+    print(f"clients call the replica {'itself (direct ingress)' if args.ingress == 'direct' else 'through the proxy'}",
+          flush=True)
+    common = [f"serve.ingress={args.ingress}", f"serve.port={args.port}", f"serve.backend={args.backend}", f"serve.torch_threads={args.threads}",
               f"serve.cpus_per_replica={args.threads}", f"serve.gpus_per_replica={1 if device == 'cuda' else 0}",
               "serve.max_texts=64"]
     top = max(levels)

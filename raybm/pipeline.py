@@ -316,8 +316,9 @@ def release_gate(cfg: JobConfig, test: dict[str, Any] | None, latency_ms: float 
 
 
 def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Output) -> dict[str, Any]:
-    from raybm.serve.app import read_api_key
+    from raybm.serve.app import for_model, read_api_key
     from raybm.serve.deploy import deploy, wait_until_interrupted
+    from raybm.serve.ingress import say_direct_urls
 
     _model_stage_output(cfg, results, state)
     folder, backend = serving_folder(cfg, state)
@@ -350,6 +351,7 @@ def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Outp
         info["smoke_test"] = [{"text": t, "label": p["label"], "confidence": p["confidence"]}
                               for t, p in zip(texts, answers)]
     shown.say(f"  served at {url}/predict")
+    info["direct_urls"] = say_direct_urls(for_model(served.serve, folder), shown.say)
     if not cluster_address(cfg.ray):
         if cfg.pipeline.keep_serving:
             shown.log("Serving until Ctrl-C (pipeline.keep_serving).")

@@ -60,15 +60,16 @@ def on_cluster() -> bool:
         return False
 
 
-def ensure_ray(cfg: RayConfig) -> str:
-    """Initialize Ray once; returns a short description of where it runs."""
+def ensure_ray(cfg: RayConfig, env: dict[str, str] | None = None) -> str:
+    """Initialize Ray once; returns a short description of where it runs. ``env``: more
+    runtime env variables for every worker (Serve's switches: ``raybm.serve.ingress``)."""
     import ray
 
     if ray.is_initialized():
         return "an already running Ray"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     address = cluster_address(cfg)
-    runtime_env = {"env_vars": worker_env()}
+    runtime_env = {"env_vars": {**worker_env(), **(env or {})}}
     if address:
         check_address(address)
         if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):

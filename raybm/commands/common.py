@@ -7,6 +7,7 @@ import argparse
 
 from raybm.pipeline import preflight
 from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
+from raybm.serve.ingress import ray_env
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -22,7 +23,7 @@ def start(cfg, stages: list[str], source=None):
     Returns the resolved data source."""
     if source is None:
         source = preflight(cfg, stages)  # storage, data, model and key problems fail before Ray starts
-    print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
+    print(f"raybm: running on {ensure_ray(cfg.ray, ray_env(cfg.serve))}", flush=True)
     check_shared_paths(cfg)
     quiet_ray_data()
     return source

@@ -177,6 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`raybm serve`."""
     from raybm.serve.app import DEFAULT_LOADER, for_model, read_api_key
     from raybm.serve.deploy import deploy, stop_app, wait_until_interrupted
+    from raybm.serve.ingress import ray_env, say_direct_urls
 
     cfg = load_config(args.config, args.overrides)
     if args.list or args.stop:
@@ -193,7 +194,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.detach and not cluster_address(cfg.ray):
         raise RaybmError("--detach leaves the server running on a Ray cluster; without one (ray.address or "
                          "RAY_ADDRESS) the server lives only as long as this command")
-    print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
+    print(f"raybm: running on {ensure_ray(cfg.ray, ray_env(cfg.serve))}", flush=True)
     check_shared_paths(cfg, {"--model": model_dir})
     print(f"Deploying {card['name']} ({model_dir}), backend {s.backend} ...", flush=True)
     url = deploy(cfg, model_dir, args.loader or DEFAULT_LOADER, storage=storage)
@@ -201,6 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if test:
         print(f"  test accuracy {test['accuracy']:.4f}  macro-F1 {test['f1_macro']:.4f}  labels {card['labels']}")
     print(f"Serving at {url}/predict  (API docs: {url}/docs, metadata: {url}/metadata)")
+    say_direct_urls(s, print)
     key = os.environ.get(s.api_key_env, "") if s.api_key_env else ""
     key_header = f" -H 'X-API-Key: ${s.api_key_env}'" if key else ""
     print(f"  curl -s {url}/predict -H 'Content-Type: application/json'{key_header} "

@@ -228,6 +228,12 @@ class ServeConfig:
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     """Where Serve's HTTP proxies run on a cluster: on every node (put a load balancer in
     front), or on the head only (one address; a lost worker node costs no proxy)."""
+    ingress: Literal["direct", "proxy"] = "direct"
+    """direct: each model replica also answers HTTP on a port of its own (Serve's direct
+    ingress, listed by ``raybm serve``; about 7 ms less a request than through the proxy,
+    which keeps answering at host:port). It is set when raybm starts or joins Ray (a Ray
+    started elsewhere needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1 at ``ray start``) and puts the
+    proxy on the head only. proxy: through Serve's proxies only."""
     app_name: str = ""
     """Serve application name. Empty: the model's name (its run or sweep; an export's name
     and variant), so each model is an application of its own and a second model never

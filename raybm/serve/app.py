@@ -12,7 +12,9 @@ the model idle runs at once). Requests are read and checked
 here, not by FastAPI's model binding, so every client mistake (bad JSON, wrong types, an
 empty list, empty or over-long texts, too many texts, a body over the size limit) gets a
 4xx that says what is wrong, and a body is never read past its limit. Overload is shed by
-Serve itself: beyond ``max_ongoing_requests`` + ``max_queued_requests`` a request gets 503.
+the replica: beyond ``max_ongoing_requests`` + ``max_queued_requests`` requests in hand a
+request gets 503 with Retry-After, counted like any other answer. Each replica also answers
+on a port of its own when Serve runs with direct ingress (``raybm.serve.ingress``).
 Serve calls ``check_health`` on each replica, which runs the model; a replica whose model
 fails is replaced.
 
@@ -186,11 +188,19 @@ async def watched(server, route: str, answer, request: Request):
     """``answer(server, request)`` -> (response, texts, answers), counted by the replica's
     watch (the stats deployment and Ray's metrics)."""
     started = time.perf_counter()
+    if server.in_hand >= server.capacity:  # shed here, where it is counted, whichever way it came in
+        server.watch.observe(route, 503, started, [], [])
+        return error_response(503, f"the server has {server.in_hand} requests in hand, its most "
+                                   f"(serve.max_ongoing_requests + serve.max_queued_requests); retry shortly",
+                              {"Retry-After": "1"})
+    server.in_hand += 1
     try:
         response, texts, answers = await answer(server, request)
     except asyncio.CancelledError:  # Serve's request timeout (the client got 408) or the client left
         server.watch.observe(route, TIMED_OUT, started, [], [])
         raise
+    finally:
+        server.in_hand -= 1
     status = getattr(response, "status_code", 200)
     server.watch.observe(route, status, started, answers, texts)
     return response
@@ -295,6 +305,7 @@ def make_server_class():
             self.watch = Watch(stats, self.card.get("drift_reference"), getattr(self.predictor, "tokenizer", None),
                                s.app_name)
             self.proxy_counts = ProxyCounts(s.app_name)
+            self.in_hand, self.capacity = 0, s.max_ongoing_requests + s.max_queued_requests
             # The documented request body carries this server's own limits.
             paths = app.openapi()["paths"]
             paths["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"] = predict_request_schema(s)
@@ -343,11 +354,18 @@ def make_server_class():
     return ModelServer
 
 
+SHED_HEADROOM = 256  # requests Serve hands a full replica at once, for it to answer 503 itself
+
+
 def deployment_options(s: ServeConfig) -> dict[str, Any]:
     """The Serve deployment options for the settings ``s``: replicas or autoscaling, resources, queue limits."""
     opts: dict[str, Any] = {
-        "max_ongoing_requests": s.max_ongoing_requests,
-        "max_queued_requests": s.max_queued_requests,
+        # The replica sheds beyond its capacity itself (``watched``: counted, whether the
+        # request came through a proxy or straight to the replica, where a 503 of Serve's
+        # own is counted nowhere), so Serve lets every request in: one being shed is in
+        # hand for microseconds, and serve.request_timeout_s bounds any wait.
+        "max_ongoing_requests": s.max_ongoing_requests + s.max_queued_requests + SHED_HEADROOM,
+        "max_queued_requests": -1,
         "health_check_period_s": s.health_check_period_s,
         "health_check_timeout_s": s.health_check_timeout_s,
         "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,

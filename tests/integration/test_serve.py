@@ -18,6 +18,7 @@ from raybm.config import build_config
 from raybm.inference.loading import load_predictor
 from raybm.serve.app import build_app
 from raybm.serve.deploy import deploy
+from raybm.serve.ingress import direct_urls, ray_env
 from raybm.serve.watch import FLUSH_INTERVAL_S
 
 pytestmark = pytest.mark.integration
@@ -44,10 +45,11 @@ def server(tmp_path_factory, tiny_model_dir):
     shutil.copytree(tiny_model_dir, run / "model")
     (run / "metrics.json").write_text(json.dumps({"test": {"accuracy": 0.75, "f1_macro": 0.7}}))
     pythonpath = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath}})
     port = free_port()
     cfg = build_config(overrides=[f"serve.port={port}", "serve.cpus_per_replica=0.25", *LIMITS])
+    # As raybm starts Ray: with Serve's direct ingress (the default serve.ingress).
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
+        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath, **ray_env(cfg.serve)}})
     url = deploy(cfg, str(run / "model"))
     yield {"url": url, "port": port, "model_dir": str(run / "model"), "run": run}
     serve.shutdown()
@@ -160,6 +162,19 @@ def test_predictions_match_the_model_in_input_order(server):
     assert "predictions" not in one.json()
     assert requests.get(f"{server['url']}/healthz", timeout=10).json()["status"] == "ok"
     assert "/predict" in requests.get(f"{server['url']}/openapi.json", timeout=10).json()["paths"]
+
+
+def test_the_replica_also_answers_on_a_port_of_its_own_with_the_same_answers(server):
+    from raybm.serve.app import for_model
+
+    s = for_model(build_config(overrides=[f"serve.port={server['port']}", *LIMITS]).serve, server["model_dir"])
+    [direct] = direct_urls(s)
+    assert direct.startswith("http://127.0.0.1:") and direct.endswith("/tiny-run") and direct != server["url"]
+    via_proxy, straight = post(server["url"], {"texts": TEXTS}).json(), post(direct, {"texts": TEXTS}).json()
+    assert straight["predictions"] == via_proxy["predictions"]
+    assert requests.get(f"{direct}/healthz", timeout=10).json()["replica"] == \
+        requests.get(f"{server['url']}/healthz", timeout=10).json()["replica"]
+    assert post(direct, {"texts": ["x"] * 9}).status_code == 422  # its limits too
 
 
 def test_every_client_mistake_gets_a_4xx_that_says_what_is_wrong(server):
@@ -320,23 +335,31 @@ def test_a_request_its_client_gives_up_on_is_still_counted(server):
     serve.delete("given-up")
 
 
-def test_overload_is_shed_with_503_and_nothing_else(server):
+def test_overload_is_shed_with_503_and_nothing_else_through_the_proxy_and_straight_to_the_replica(server):
+    cfg = build_config(overrides=[f"serve.port={server['port']}", "serve.app_name=slow", "serve.route_prefix=/slow",
+                                  "serve.max_ongoing_requests=2", "serve.max_queued_requests=2"])
     url = deploy_more(server, "slow", "serve.max_ongoing_requests=2", "serve.max_queued_requests=2",
                       "serve.max_batch_size=1", loader="serve_helpers:slow_loader")
-    with ThreadPoolExecutor(24) as pool:
-        codes = list(pool.map(lambda i: post(url, {"texts": [f"burst {i}"]}).status_code, range(24)))
-    assert set(codes) <= {200, 503}, codes
-    assert codes.count(200) >= 2 and codes.count(503) >= 1, codes
-    assert post(url, {"texts": ["after the burst"]}).status_code == 200
-    # /stats counts every request, the 503s Serve answered without the replica included,
-    # as the client counted them (Ray exports the proxies' counts every few seconds).
+    [direct] = direct_urls(cfg.serve)
+    codes = []
+    for target in (url, direct):
+        with ThreadPoolExecutor(24) as pool:
+            burst = list(pool.map(lambda i: post(target, {"texts": [f"burst {i}"]}).status_code, range(24)))
+        assert set(burst) <= {200, 503}, (target, burst)
+        assert burst.count(200) >= 2 and burst.count(503) >= 1, (target, burst)
+        assert post(target, {"texts": ["after the burst"]}).status_code == 200
+        codes += [*burst, 200]
+    r = post(direct, {"texts": ["x"]}, headers={"Host": "rebound.example.com"})  # the same checks on both paths
+    assert r.status_code == 403
+    # /stats counts every request, the 503s included, as the client counted them, whichever
+    # way they came (Ray exports the counts every few seconds).
     deadline, seen = time.time() + 60, None
     while time.time() < deadline:
         seen = requests.get(f"{url}/stats", timeout=30).json()["serve"]
         if seen and sum(seen["by_method"].get("POST", {}).values()) >= len(codes) + 1:
             break
         time.sleep(2)
-    assert seen["by_method"]["POST"] == {"200": codes.count(200) + 1, "503": codes.count(503)}, (seen, codes)
+    assert seen["by_method"]["POST"] == {"200": codes.count(200), "503": codes.count(503), "403": 1}, (seen, codes)
     assert seen["shed"] == codes.count(503)
 
 

@@ -7,7 +7,7 @@ from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.inference.loading import model_info
 from raybm.inference.locate import config_model, locate_model, model_name
-from raybm.serve.app import api_key_digest, deployment_options, read_api_key
+from raybm.serve.app import SHED_HEADROOM, api_key_digest, deployment_options, read_api_key
 from raybm.serve.contract import check_texts
 
 
@@ -25,7 +25,8 @@ def test_fixed_replicas_or_autoscaling():
     assert opts["num_replicas"] == "auto"
     assert opts["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1,
                                           "target_ongoing_requests": 8.0}
-    assert opts["max_queued_requests"] == 10
+    # The replica sheds beyond 32 + 10 requests in hand itself (counted); Serve lets them in.
+    assert opts["max_queued_requests"] == -1 and opts["max_ongoing_requests"] == 32 + 10 + SHED_HEADROOM
 
 
 @pytest.mark.parametrize("overrides, message", [
