@@ -3,9 +3,11 @@ disk, and the probe texts that check a converted model."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
+from raybm.models.catalog import code_files
 from raybm.results import CALIBRATION_FILE, DRIFT_REFERENCE_FILE, LABEL_MAP_FILE, MODEL_CONFIG_FILE
 
 # The files besides the weights that make a folder loadable (label map, raybm's config,
@@ -17,10 +19,19 @@ PROBE_TEXTS = ["a short one", "a somewhat longer sentence to check the dynamic s
                "ok", "not bad at all, really", "the worst, the very worst"]
 
 
+def _code_files(folder: str) -> list[str]:
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            return code_files(json.load(f))
+    except (OSError, ValueError):
+        return []
+
+
 def copy_side_files(src: str, dst: str) -> None:
-    """Copy the side files of the model folder ``src`` into ``dst``."""
+    """Copy the side files of the model folder ``src`` into ``dst``, its architecture's
+    code files (``raybm.models.catalog.code_files``) included."""
     os.makedirs(dst, exist_ok=True)
-    for name in SIDE_FILES:
+    for name in (*SIDE_FILES, *_code_files(src)):
         if os.path.isfile(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 

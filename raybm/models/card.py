@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from raybm.models.catalog import code_files
 from raybm.results import LABEL_MAP_FILE, MODEL_CARD_FILE, MODEL_CONFIG_FILE, Results
 
 # Built-in short names and where their weights come from on the hub.
@@ -63,9 +64,11 @@ def _fmt(v: Any) -> str:
 
 
 def render(name: str, kind: str, cfg: dict[str, Any], labels: list[str], dataset: str, test: dict[str, Any],
-           notes: list[str] | None = None, model_type: str | None = None, trained_precision: str | None = None) -> str:
+           notes: list[str] | None = None, model_type: str | None = None, trained_precision: str | None = None,
+           code_files: list[str] | None = None) -> str:
     """The README.md text. ``kind``: run, sweep or soup; ``notes``: lines on how it was chosen;
-    ``trained_precision``: what the training loop ran in (an epoch record's ``precision``)."""
+    ``trained_precision``: what the training loop ran in (an epoch record's ``precision``);
+    ``code_files``: the architecture's modules the folder carries (its ``auto_map``)."""
     base = (cfg.get("model") or {}).get("name")
     hub = _hub_id(base)
     meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-classification",
@@ -107,7 +110,15 @@ def render(name: str, kind: str, cfg: dict[str, Any], labels: list[str], dataset
         out += ["", "The whole resolved job config is in `raybm_config.yaml` beside this file.", ""]
     out += ["## Use", "", "```", "raybm predict --model <this folder> --text \"what a great flight\"",
             "raybm serve --model <this folder>", "raybm export --model <this folder> --variants onnx-int8", "```", ""]
-    if model_type in _RAYBM_TYPES:
+    if model_type in _RAYBM_TYPES and code_files:
+        out += [f"This folder's architecture (`{model_type}`) is raybm's own; its code ships in the folder "
+                f"({', '.join(f'`{c}`' for c in code_files)}: torch and transformers only, named in `config.json`'s "
+                "`auto_map` as on the Hugging Face Hub), so it loads without raybm once you trust that code:", "",
+                "```python", "from transformers import pipeline",
+                "classify = pipeline(\"text-classification\", model=\"<this folder>\", trust_remote_code=True)",
+                "# or: AutoModelForSequenceClassification.from_pretrained(\"<this folder>\", trust_remote_code=True)",
+                "```", "", "raybm itself runs its own copy of the architecture, never the folder's.", ""]
+    elif model_type in _RAYBM_TYPES:
         out += [f"This folder's architecture (`{model_type}`) is raybm's own: in Python, import raybm's models "
                 "before transformers' Auto classes. For use without raybm, `raybm export` writes ONNX and a "
                 "self-contained mobile artifact.", "", "```python", "import raybm.models.build  # registers the architecture",
@@ -127,10 +138,12 @@ def write_model_card(results: Results, model_dir: str, *, name: str, kind: str, 
     cfg_file = results.join(model_dir, MODEL_CONFIG_FILE)
     cfg = (yaml.safe_load(results.read_text(cfg_file)) or {}) if results.exists(cfg_file) else {}
     labels = results.read_json(results.join(model_dir, LABEL_MAP_FILE))["labels"]
-    model_type = results.read_json(results.join(model_dir, "config.json")).get("model_type")
+    model_config = results.read_json(results.join(model_dir, "config.json"))
+    model_type = model_config.get("model_type")
     published = results.is_complete(model_dir)
     results.unmark_complete(model_dir)  # _SUCCESS stays the last file written
     results.write_text(results.join(model_dir, MODEL_CARD_FILE),
-                       render(name, kind, cfg, labels, dataset, test, notes, model_type, trained_precision))
+                       render(name, kind, cfg, labels, dataset, test, notes, model_type, trained_precision,
+                              code_files(model_config)))
     if published:
         results.mark_complete(model_dir)

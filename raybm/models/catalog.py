@@ -130,6 +130,16 @@ def check_model(model_cfg, storage: StorageConfig | None = None) -> None:
     load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
 
 
+def code_files(model_config: dict) -> list[str]:
+    """The module files a model folder carries for a custom architecture, from its
+    ``config.json`` (``model_config``): those its ``auto_map`` names, the Hub's convention
+    (``pooled.py`` for raybm's mean-pooled classifier), which plain transformers runs with
+    ``trust_remote_code``."""
+    refs = [r for v in (model_config.get("auto_map") or {}).values() for r in (v if isinstance(v, list) else [v])
+            if isinstance(r, str)]
+    return sorted({f"{r.split('--')[-1].rsplit('.', 1)[0]}.py" for r in refs})
+
+
 def _raybm_architecture(folder: str) -> bool:
     """Whether a model folder's config names one of raybm's own architectures."""
     try:

@@ -1,5 +1,11 @@
 """raybm's own architectures (the TextCNN baseline, the mean-pooled classifier) made known
 to transformers' Auto classes, so that their saved model folders load like any other.
+
+Each is also registered for the Hub's custom-code convention: ``save_pretrained`` copies
+its module (``pooled.py``, ``baseline.py``: torch and transformers only) into the folder
+and writes ``auto_map`` into ``config.json``, so the folder loads without raybm with
+``trust_remote_code=True``. raybm itself loads its own registered classes, never the
+folder's copy (transformers prefers registered code unless told to trust the folder's).
 Imports torch and transformers: import it where models are built or loaded."""
 
 from __future__ import annotations
@@ -20,3 +26,5 @@ def register_architectures() -> None:
             AutoModelForSequenceClassification.register(config_cls, model_cls)
         except ValueError:  # already registered
             pass
+        config_cls.register_for_auto_class("AutoConfig")
+        model_cls.register_for_auto_class("AutoModelForSequenceClassification")

@@ -34,6 +34,7 @@ def test_a_mean_pooled_model_exports_to_onnx_and_quantizes(tmp_path):
     (folder / "label_map.json").write_text(json.dumps({"labels": ["a", "b", "c"]}))
     info = export_onnx(str(folder), str(tmp_path / "onnx"))
     assert info["max_relative_logit_error"] <= 1e-4
+    assert (tmp_path / "onnx" / "pooled.py").is_file()  # the architecture's code travels with its config
     ref = load_predictor(str(folder)).predict(TEXTS)
     np.testing.assert_allclose(load_predictor(str(tmp_path / "onnx"), "auto").predict(TEXTS), ref, atol=1e-4)
     quantize_onnx(str(tmp_path / "onnx"), str(tmp_path / "q"))

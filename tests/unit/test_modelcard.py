@@ -31,7 +31,11 @@ def test_card_has_hub_metadata_scores_recipe_and_how_to_load():
     assert "| learning rate | 8e-05 |" in text and "| layer-wise LR decay | 0.9 |" in text
     assert "| seed | 0 |" in text and "l1" not in text and "auto" not in text  # unset settings are left out
     assert "| classifier input | mean of the token vectors |" in text
-    assert "import raybm.models.build" in text  # raybm's own architecture needs registering
+    assert "import raybm.models.build" in text  # a folder of raybm's own architecture without its code
+    shipped = render("q6", "run", CFG, ["negative", "positive"], "d", TEST, model_type="raybm-pooled",
+                     code_files=["pooled.py"])
+    assert "import raybm.models.build" not in shipped and "`pooled.py`" in shipped
+    assert 'pipeline("text-classification", model="<this folder>", trust_remote_code=True)' in shipped
     assert "- the checkpoint of epoch 2 of 2" in text
 
 

@@ -188,3 +188,61 @@ def test_the_plateau_schedule_lowers_the_rate_after_patience_epochs_without_impr
     assert plateau_scale(0.5, 2, t) == (0.25, 0)
     other = build_config(overrides=["train.scheduler=linear"]).train
     assert plateau_scale(1.0, 5, other) == (1.0, 5)
+
+
+PLAIN_TRANSFORMERS = """
+import json, sys
+sys.modules["raybm"] = None  # this process cannot import raybm
+from transformers import AutoModelForSequenceClassification, pipeline
+out = {}
+for folder, trust in json.loads(sys.argv[1]):
+    try:
+        AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=trust)
+        classify = pipeline("text-classification", model=folder, trust_remote_code=trust, top_k=None)
+        out[folder] = [{a["label"]: a["score"] for a in answers} for answers in classify(json.loads(sys.argv[2]))]
+    except Exception as e:
+        out[folder] = f"{type(e).__name__}: {e}"
+print(json.dumps(out))
+"""
+
+
+def test_model_folders_load_with_plain_transformers_in_a_process_without_raybm(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from raybm.inference.loading import load_predictor
+    from raybm.models.build import load_tokenizer
+
+    texts = ["what a lovely day", "the worst flight ever", "ok"]
+    folders = {}
+    for pooling in ("mean", "cls"):
+        cfg, model = tiny(f"model.pooling={pooling}")
+        folder = tmp_path / pooling
+        model.save_pretrained(folder, safe_serialization=True)
+        load_tokenizer("tiny-bert").save_pretrained(folder)
+        (folder / "label_map.json").write_text(json.dumps({"labels": LABELS}))
+        folders[pooling] = str(folder)
+    # The mean-pooled folder carries its architecture's code, named by auto_map; the CLS one is standard BERT.
+    assert json.loads((tmp_path / "mean" / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "pooled.PooledClassifierConfig",
+        "AutoModelForSequenceClassification": "pooled.PooledClassifier"}
+    assert (tmp_path / "mean" / "pooled.py").is_file() and not (tmp_path / "cls" / "pooled.py").exists()
+    want = {k: load_predictor(f).predict(texts) for k, f in folders.items()}
+
+    def plain(pairs):
+        run = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, json.dumps(pairs), json.dumps(texts)],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    got = plain([[folders["mean"], True], [folders["cls"], False]])
+    for kind, folder in folders.items():
+        assert isinstance(got[folder], list), got[folder]
+        probs = [[answer[label] for label in LABELS] for answer in got[folder]]
+        assert torch.allclose(torch.tensor(probs), torch.tensor(want[kind], dtype=torch.float32), atol=1e-5), kind
+    # raybm runs its own copy of the architecture, never the folder's: a folder whose code
+    # file was tampered with still loads in raybm, and plain transformers runs the tampered one.
+    (tmp_path / "mean" / "pooled.py").write_text("raise RuntimeError('the folder code ran')\n")
+    assert load_predictor(folders["mean"]).predict(texts).shape == (3, 2)
+    assert "the folder code ran" in plain([[folders["mean"], True]])[folders["mean"]]
