@@ -21,6 +21,9 @@ class TextCNNConfig(PretrainedConfig):
     def __init__(self, vocab_size: int = 30522, embed_dim: int = 128, num_filters: int = 100,
                  kernel_sizes: tuple[int, ...] | list[int] = (3, 4, 5), dropout: float = 0.5,
                  pad_token_id: int = 0, **kwargs) -> None:
+        module = __name__.rsplit(".", 1)[-1]  # this file, copied into saved folders (raybm.models.registry)
+        kwargs.setdefault("auto_map", {"AutoConfig": f"{module}.TextCNNConfig",
+                                       "AutoModelForSequenceClassification": f"{module}.TextCNNForSequenceClassification"})
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self.vocab_size = vocab_size
         self.embed_dim = embed_dim

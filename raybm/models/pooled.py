@@ -28,6 +28,11 @@ class PooledClassifierConfig(PretrainedConfig):
 
     def __init__(self, encoder: dict[str, Any] | None = None, pooling: str = "mean",
                  classifier_dropout: float = 0.1, **kwargs) -> None:
+        # Where plain transformers finds this architecture's code in a saved folder (this
+        # file, copied there by save_pretrained: the Hub's convention for custom code).
+        module = __name__.rsplit(".", 1)[-1]
+        kwargs.setdefault("auto_map", {"AutoConfig": f"{module}.PooledClassifierConfig",
+                                       "AutoModelForSequenceClassification": f"{module}.PooledClassifier"})
         super().__init__(**kwargs)
         self.encoder = dict(encoder or {"model_type": "bert"})
         self.pooling = pooling

@@ -3,7 +3,7 @@ to transformers' Auto classes, so that their saved model folders load like any o
 
 Each is also registered for the Hub's custom-code convention: ``save_pretrained`` copies
 its module (``pooled.py``, ``baseline.py``: torch and transformers only) into the folder
-and writes ``auto_map`` into ``config.json``, so the folder loads without raybm with
+and its config's ``auto_map`` goes into ``config.json``, so the folder loads without raybm with
 ``trust_remote_code=True``. raybm itself loads its own registered classes, never the
 folder's copy (transformers prefers registered code unless told to trust the folder's).
 Imports torch and transformers: import it where models are built or loaded."""
@@ -26,5 +26,7 @@ def register_architectures() -> None:
             AutoModelForSequenceClassification.register(config_cls, model_cls)
         except ValueError:  # already registered
             pass
+        # Saving a config (which every save of a model does) copies the config's module into
+        # the folder; the config names both classes in its auto_map. Only the config is
+        # registered so: a model wrapped by FSDP is of another class, defined elsewhere.
         config_cls.register_for_auto_class("AutoConfig")
-        model_cls.register_for_auto_class("AutoModelForSequenceClassification")
