@@ -45,6 +45,7 @@ from raybm.results import (
 )
 from raybm.runtime import cluster_address
 from raybm.serve.client import post_texts
+from raybm.serve.ingress import say_direct_urls
 from raybm.train.driver import run_training, teacher_labels
 from raybm.tune.leaderboard import format_leaderboard
 from raybm.tune.sweep import run_sweep
@@ -318,7 +319,6 @@ def release_gate(cfg: JobConfig, test: dict[str, Any] | None, latency_ms: float 
 def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Output) -> dict[str, Any]:
     from raybm.serve.app import for_model, read_api_key
     from raybm.serve.deploy import deploy, wait_until_interrupted
-    from raybm.serve.ingress import say_direct_urls
 
     _model_stage_output(cfg, results, state)
     folder, backend = serving_folder(cfg, state)

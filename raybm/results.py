@@ -61,6 +61,7 @@ REPORT_FILE = "report.json"
 MODEL_DIR = "model"  # the published model
 METRICS_FILE = "metrics.json"  # a run's test metrics
 HISTORY_FILE = "history.json"  # a run's epochs
+TENSORBOARD_DIR = "tensorboard"  # a run's (a trial's) TensorBoard event files: loss, lr, metrics
 PREDICTIONS_FILE = "test_predictions.parquet"  # every test example: text, label, pred, confidence, prob_<i>
 TUNE_DIR = "tune"  # a sweep's Ray Tune experiment
 TRIALS_DIR = "trials"  # a sweep's trial runs

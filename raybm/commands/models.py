@@ -15,6 +15,7 @@ from raybm.inference.locate import local_model, locate_model, model_name
 from raybm.results import Results, is_s3
 from raybm.runtime import check_shared_paths, cluster_address, ensure_ray, quiet_ray_data
 from raybm.serve.client import post_texts
+from raybm.serve.ingress import ray_env, say_direct_urls
 
 
 MAX_LENGTH_HELP = ("longest token sequence (default: the length the model was trained with, as the model server "
@@ -177,7 +178,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`raybm serve`."""
     from raybm.serve.app import DEFAULT_LOADER, for_model, read_api_key
     from raybm.serve.deploy import deploy, stop_app, wait_until_interrupted
-    from raybm.serve.ingress import ray_env, say_direct_urls
 
     cfg = load_config(args.config, args.overrides)
     if args.list or args.stop:

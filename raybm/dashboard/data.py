@@ -66,6 +66,20 @@ class Job:
         return self.finished - self.started if self.started and self.finished else None
 
 
+
+def stages_in_brief(stages: dict[str, dict[str, Any]]) -> str:
+    """A pipeline's stages in a few words: ``all 5 done``, else the count done and each
+    other stage by its status (``3 done; held: deploy``), so the table fits a window."""
+    done = [k for k, v in stages.items() if v.get("status") == "done"]
+    if done and len(done) == len(stages):
+        return f"all {len(done)} done"
+    others: dict[str, list[str]] = {}
+    for k, v in stages.items():
+        if v.get("status") != "done":
+            others.setdefault(str(v.get("status")), []).append(k)
+    return "; ".join([f"{len(done)} done"] * bool(done) + [f"{status}: {', '.join(names)}"
+                                                           for status, names in others.items()])
+
 class DashboardData:
     """What the dashboard reads from a results root (local or S3): jobs, sweeps, runs, exports."""
 
@@ -155,8 +169,8 @@ class DashboardData:
             stages = p.get("stages", {})
             deploy = stages.get("deploy", {})
             model = next((stages[k] for k in ("tune", "train") if k in stages), {})
-            rows.append({"name": p["name"], "status": p["status"], "started": p.get("started_at"),
-                         "stages": ", ".join(f"{k}: {v['status']}" for k, v in stages.items()),
+            rows.append({"name": p["name"], "status": p["status"], "started": (p.get("started_at") or "")[:16],
+                         "stages": stages_in_brief(stages),
                          "test macro-F1": (model.get("test") or {}).get("f1_macro"),
                          "deploy": deploy.get("status"),
                          "gate": "; ".join(deploy.get("reasons", [])) or ("passed" if deploy.get("url") else None),

@@ -9,7 +9,7 @@ import os
 import pandas as pd
 
 from raybm.errors import RaybmError
-from raybm.serve.client import get_stats
+from raybm.serve.client import ServerUnreachable, get_stats
 
 
 def _pct(value) -> str:
@@ -32,6 +32,10 @@ def page_live(serve_url: str | None) -> None:
         return
     try:
         stats = get_stats(serve_url, os.environ.get("RAYBM_API_KEY") or None)
+    except ServerUnreachable:
+        st.info(f"No model server answers at {serve_url} yet. Start one with `raybm serve --model <a model folder, "
+                f"run or sweep>` (it prints the address to give here with --serve-url), then reload this page.")
+        return
     except RaybmError as e:
         st.warning(str(e))
         return

@@ -93,7 +93,10 @@ def page_jobs(data) -> None:
     if not pipelines.empty:
         st.subheader("Pipelines")
         st.caption("Each `raybm pipeline` / `jobs/pipeline.py` job: its stages, the release gate, where it serves.")
-        st.dataframe(pipelines, hide_index=True, width="stretch")
+        # Long cells (the gate's reasons, the URL) keep a column's width: hover shows them whole.
+        st.dataframe(pipelines, hide_index=True, width="stretch", column_config={
+            "gate": st.column_config.TextColumn(width="medium"), "url": st.column_config.LinkColumn(width="medium"),
+            "stages": st.column_config.TextColumn(width="medium")})
     frame = data.jobs_frame()
     if frame.empty:
         st.info(f"Nothing here yet: no runs or sweeps under {data.root}. Run `make demo` or "

@@ -13,6 +13,10 @@ from raybm.errors import RaybmError
 TEXTS_PER_REQUEST = 64
 
 
+class ServerUnreachable(RaybmError):
+    """No model server answers at the address (nothing listens, a wrong host or port)."""
+
+
 def post_texts(url: str, texts: list[str], api_key: str | None = None, timeout: float = 60.0) -> list[dict[str, Any]]:
     """The server's predictions for ``texts`` (``POST <url>/predict``, at most
     ``TEXTS_PER_REQUEST`` a request), one ``{"label", "confidence", ...}`` each, in order.
@@ -42,7 +46,7 @@ def _post(url: str, route: str, texts: list[str], api_key: str | None, timeout: 
     except urllib.error.HTTPError as e:
         raise RaybmError(f"the model server at {url} answered {e.code}: {_error_of(e.read())}") from None
     except urllib.error.URLError as e:
-        raise RaybmError(f"cannot reach the model server at {endpoint}: {e.reason}") from None
+        raise ServerUnreachable(f"cannot reach the model server at {endpoint}: {e.reason}") from None
 
 
 def get_stats(url: str, api_key: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
@@ -55,7 +59,7 @@ def get_stats(url: str, api_key: str | None = None, timeout: float = 10.0) -> di
     except urllib.error.HTTPError as e:
         raise RaybmError(f"the model server at {url} answered {e.code}: {_error_of(e.read())}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise RaybmError(f"cannot reach the model server at {endpoint}: {getattr(e, 'reason', e)}") from None
+        raise ServerUnreachable(f"cannot reach the model server at {endpoint}: {getattr(e, 'reason', e)}") from None
 
 
 def endpoint_ok(url: str | None, timeout: float = 2.0) -> bool:

@@ -23,6 +23,7 @@ import sys
 import time
 
 from raybm.config import ServeConfig, is_loopback
+from raybm.serve.running import ingress_targets
 
 WRITTEN_FOR_RAY = "2.60."
 DIRECT_INGRESS_ENV = {
@@ -56,8 +57,6 @@ def direct_urls(s: ServeConfig, wait_s: float = 10.0) -> list[str]:
     ``for_model``), one per replica, waiting up to ``wait_s`` for Serve to list them after a
     deployment; empty when Serve runs without direct ingress (a Ray started without
     ``ray_env``, or ``serve.ingress=proxy``)."""
-    from raybm.serve.running import ingress_targets
-
     deadline = time.monotonic() + wait_s
     targets = ingress_targets(s.app_name, s.route_prefix)
     while targets is None and time.monotonic() < deadline:

@@ -39,6 +39,7 @@ from raybm.results import (
 )
 from raybm.train.loop import train_loop_per_worker
 from raybm.train.memory import check_memory_fits
+from raybm.train.tensorboard import write_events
 from raybm.train.publish import (
     best_epoch,
     publish_model,
@@ -400,6 +401,7 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
                    "worker_nodes": worker_nodes_of(history),
                    "train_seconds": round(time.time() - started, 1), "test": test}
         results.write_json(results.join(run_dir, HISTORY_FILE), history)
+        write_events(results, run_dir, history)
         results.write_json(results.join(run_dir, METRICS_FILE), metrics)
         chosen = next((h for h in history if h.get("epoch") == metrics["best_epoch"]), {})
         notes = [f"the checkpoint of epoch {metrics['best_epoch']} of {len(history)}, best by validation {t.metric} "

@@ -46,6 +46,10 @@ class EpochStats:
     ended: float = 0.0
     warm_time: float = 0.0  # when the steady state began (after the first few steps)
     warm_seen: int = 0
+    # Rank 0's (optimizer step of the run, mean training loss since the last point, learning
+    # rate) at each progress line: the curves of TensorBoard (raybm.train.tensorboard).
+    points: list[list[float]] = field(default_factory=list)
+    logged: tuple[float, int] = (0.0, 0)  # (loss sum, examples) at the last point
 
 
 def train_epoch(w: Worker, p: Progress, epoch: int) -> EpochStats:
@@ -83,6 +87,7 @@ def train_epoch(w: Worker, p: Progress, epoch: int) -> EpochStats:
             stats.warm_time, stats.warm_seen = time.time(), stats.seen
         if w.rank == 0 and (epoch_steps % t.log_every_steps == 0 or epoch_steps == w.steps_per_epoch):
             _say_step(w, epoch, epoch_steps, stats, float(loss_acc))
+            _note_point(w, epoch, epoch_steps, stats, float(loss_acc))
         if epoch_steps >= w.steps_per_epoch:
             break
     stats.loss_sum = float(loss_acc)  # waits for the device
@@ -141,6 +146,15 @@ def _say_step(w: Worker, epoch: int, epoch_steps: int, stats: EpochStats, loss_s
         f"loss {loss_sum / max(1, stats.seen):.4f} {rate:.1f} samples/s ETA {left:.0f}s")
 
 
+def _note_point(w: Worker, epoch: int, epoch_steps: int, stats: EpochStats, loss_sum: float) -> None:
+    """Note a point of the training curves (``EpochStats.points``)."""
+    since = stats.seen - stats.logged[1]
+    if since > 0:
+        stats.points.append([epoch * w.steps_per_epoch + epoch_steps, (loss_sum - stats.logged[0]) / since,
+                             w.optimizer.param_groups[-1]["lr"]])
+    stats.logged = (loss_sum, stats.seen)
+
+
 def epoch_record(w: Worker, p: Progress, epoch: int, stats: EpochStats, val: dict, times: dict[str, float]):
     """The epoch's metrics as reported, and whether early stopping ends the run now; ``p``
     moves on (best value, epochs without improvement, history)."""
@@ -171,8 +185,8 @@ def epoch_record(w: Worker, p: Progress, epoch: int, stats: EpochStats, val: dic
     p.lr_scale, p.plateau_epochs = plateau_scale(p.lr_scale, 0 if improved else p.plateau_epochs + 1, t)
     stop = bool(t.early_stopping_patience and p.bad_epochs >= t.early_stopping_patience)
     metrics["early_stopped"] = stop
-    p.history.append({k: v for k, v in metrics.items() if not k.startswith("val_per_class")
-                      and k not in ("val_confusion_matrix", "placement_group")})
+    p.history.append({**{k: v for k, v in metrics.items() if not k.startswith("val_per_class")
+                         and k not in ("val_confusion_matrix", "placement_group")}, "steps": stats.points})
     metrics["history"] = json.dumps(p.history)
     return metrics, value, stop
 

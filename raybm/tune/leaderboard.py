@@ -49,6 +49,16 @@ def _trial_history(res, metric: str) -> list[dict[str, Any]]:
             and not (isinstance(h[metric], float) and math.isnan(h[metric]))]
 
 
+def _trial_id(res) -> str:
+    last = res.metrics or {}
+    return last.get("trial_id") or (res.path.rstrip("/").rsplit("/", 1)[-1] if res.path else "?")
+
+
+def trial_histories(grid, metric: str) -> dict[str, list[dict[str, Any]]]:
+    """Every trial's epoch records (``history.json``'s form), by trial id."""
+    return {_trial_id(res): _trial_history(res, metric) for res in grid}
+
+
 def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> tuple[str | None, dict | None]:
     """The best complete checkpoint of a Train run by ``metric``, read from the epoch
     metrics each checkpoint carries: (path on results.fs, its metrics)."""
@@ -112,7 +122,7 @@ def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Result
         history = _trial_history(res, metric)
         last = res.metrics or {}
         config = _trial_config(res)
-        trial_id = last.get("trial_id") or (res.path.rstrip("/").rsplit("/", 1)[-1] if res.path else "?")
+        trial_id = _trial_id(res)
         checkpoint, best = best_checkpoint(results, results.join(trials_dir, trial_id), metric, mode)
         error = None
         if res.error is not None:

@@ -52,8 +52,9 @@ from raybm.train.driver import load_prepared, load_text_splits, reads_whole_spli
 from raybm.train.publish import publish_model, score_model_uri
 from raybm.train.memory import check_memory_fits, largest_trial
 from raybm.train.resources import asks_for_gpus, check_workers_fit
+from raybm.train.tensorboard import write_events
 from raybm.tune.cost import measure_costs, within_budget
-from raybm.tune.leaderboard import format_values, leaderboard, write_leaderboard
+from raybm.tune.leaderboard import format_values, leaderboard, trial_histories, write_leaderboard
 from raybm.tune.sealed_state import check_sealed, sealed_filesystem
 from raybm.tune.soup import make_soup
 from raybm.tune.trial import (
@@ -139,7 +140,10 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
                        retry_errored, runner, log)
         grid = tuner.fit()
         # A trial's checkpoints: in its Ray Train run, or in Tune's trial folder (in_trial).
-        board = leaderboard(grid, cfg, dists, results, results.join(sweep_dir, TRIALS_DIR if runner != IN_TRIAL else TUNE_DIR))
+        trials_root = results.join(sweep_dir, TRIALS_DIR if runner != IN_TRIAL else TUNE_DIR)
+        board = leaderboard(grid, cfg, dists, results, trials_root)
+        for trial_id, history in trial_histories(grid, cfg.tune.metric).items():
+            write_events(results, results.join(trials_root, trial_id), history)
         finished = grid.num_terminated + grid.num_errors
         if finished < len(grid) and not cfg.tune.time_budget_s:
             raise RaybmError(f"sweep {name!r} was interrupted with {len(grid) - finished} trial(s) unfinished; "

@@ -259,6 +259,9 @@ def test_the_live_page_shows_traffic_latency_errors_and_drift(monkeypatch, resul
 
     quiet = app(monkeypatch, results["root"], "Live")
     assert "--serve-url" in quiet.info[0].value
+    down = app(monkeypatch, results["root"], "Live", serve_url="http://127.0.0.1:9")  # nothing listens there
+    assert "No model server answers at http://127.0.0.1:9" in down.info[0].value and "raybm serve" in down.info[0].value
+    assert not down.warning and "Errno" not in down.info[0].value
 
 
 def test_raybm_dashboards_own_script_shows_the_pages(monkeypatch, results):

@@ -95,6 +95,17 @@ def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, d
     assert preds[["prob_0", "prob_1"]].sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-5)
     assert set(preds["text"]) == set(load_split(Results.from_config(cfg.storage), metrics["dataset"], "test")
                                       .to_pandas()["text"])
+    # TensorBoard's own reader finds the run's curves: the training loss and learning rate by
+    # step (12 steps an epoch, a point at each progress line), the validation scores by epoch.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    loss, val_f1 = board.Scalars("train/loss"), board.Scalars("val/f1_macro")
+    assert [e.step for e in loss] == [12, 24, 36, 48] and [e.step for e in val_f1] == [12, 24, 36, 48]
+    assert [e.value for e in loss] == pytest.approx(losses, rel=1e-5)  # one point an epoch: the epoch's mean
+    assert [e.value for e in val_f1] == pytest.approx([h["val_f1_macro"] for h in result.history], rel=1e-5)
+    assert [e.value for e in board.Scalars("train/lr")] == pytest.approx([h["lr"] for h in result.history], rel=1e-5)
 
 
 def test_early_stopping(ray_local, tmp_path, data_csv):

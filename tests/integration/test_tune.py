@@ -99,6 +99,14 @@ def test_the_sweep_folder_holds_the_leaderboard_and_a_tested_winner_with_its_car
     assert f"| {result.winner['test']['accuracy']:.4f} |" in card
     assert "| precision | fp32 |" in card and all(row["precision"] == "fp32" for row in result.leaderboard)
     assert not (sweep / "model" / "train_state.pt").exists()
+    # Every trial's curves for TensorBoard, in its own folder: one validation point an epoch it ran.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for row in board:
+        events = EventAccumulator(str(Path(row["best_checkpoint"]).parent / "tensorboard"))  # the trial's folder
+        events.Reload()
+        assert len(events.Scalars("val/f1_macro")) == row["epochs_run"], row["trial"]
+        assert events.Scalars("train/loss") and events.Scalars("train/lr"), row["trial"]
 
 
 def test_the_greedy_soup_hands_on_the_mean_of_what_it_kept(asha_sweep):

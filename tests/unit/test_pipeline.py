@@ -33,7 +33,7 @@ def test_served_folder_follows_the_backend_and_the_exports():
 
 
 def test_summary_is_written_per_stage_and_read_by_the_dashboard(tmp_path):
-    from raybm.dashboard.data import DashboardData
+    from raybm.dashboard.data import DashboardData, stages_in_brief
 
     cfg = build_config(overrides=[f"storage.root={tmp_path}", "pipeline.min_test_f1=0.9"])
     results = Results.from_config(cfg.storage)
@@ -50,7 +50,8 @@ def test_summary_is_written_per_stage_and_read_by_the_dashboard(tmp_path):
     frame = DashboardData(str(tmp_path)).pipelines_frame()
     row = frame.iloc[0].to_dict()
     assert row["name"] == "p1" and row["status"] == "succeeded"
-    assert row["stages"] == "data: skipped, train: done, deploy: held"
+    assert row["stages"] == "1 done; skipped: data; held: deploy"
+    assert stages_in_brief({k: {"status": "done"} for k in ("data", "train", "deploy")}) == "all 3 done"
     assert row["test macro-F1"] == 0.85 and row["deploy"] == "held"
     assert row["gate"] == "test macro-F1 0.8500 < 0.9" and row["minutes"] == 1.5
 
