@@ -404,6 +404,7 @@ class Results:
         self.unmark_complete(path)  # before any file goes: a half-deleted folder never reads as complete
         if self.exists(path):
             self.fs.delete_dir(path)
+        self.fs.create_dir(path, recursive=True)  # a local destination's folder is not made by copy_files
         pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
         self.mark_complete(path)
 
