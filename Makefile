@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 # The CPU wheel; a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.raybm-installed
+# A real MLflow tracking server for the tests, in a virtualenv of its own: the full mlflow
+# package (its server) caps pyarrow below raybm's pin; raybm itself uses mlflow-skinny.
+MLFLOW_VENV := .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -35,11 +39,16 @@ demo: install
 # settings stay out of the local Ray the other tests start. The ones that stop a job and
 # kill a node mid-sweep (cluster_long) get a fresh cluster of their own. First the import
 # contracts: a module that imports a layer above its own fails the suite in seconds.
-test: install
+test: install $(MLFLOW_STAMP)
 	$(VENV)/bin/lint-imports --no-cache  # the layers of raybm/ (pyproject.toml, [tool.importlinter])
 	$(PY) -m pytest -q --durations=15 tests --ignore=tests/cluster
 	$(PY) -m pytest -q --durations=10 tests/cluster -m "not cluster_long"
 	$(PY) -m pytest -q --durations=10 tests/cluster -m cluster_long
+
+$(MLFLOW_STAMP):
+	@test -x $(MLFLOW_VENV)/bin/python || python3 -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install --quiet "mlflow==3.17.2"
+	@touch $(MLFLOW_STAMP)
 
 # Only the multi-node tests that stop a job and kill a node mid-sweep (several minutes each).
 test-cluster-long: install

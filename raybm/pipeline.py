@@ -46,6 +46,7 @@ from raybm.results import (
 from raybm.runtime import cluster_address
 from raybm.serve.client import post_texts
 from raybm.serve.ingress import say_direct_urls
+from raybm.tracking import check_tracking
 from raybm.train.driver import run_training, teacher_labels
 from raybm.tune.leaderboard import format_leaderboard
 from raybm.tune.sweep import run_sweep
@@ -70,6 +71,7 @@ def preflight(cfg: JobConfig, stages: list[str] | None = None):
     from raybm.serve.app import read_api_key
 
     Results.from_config(cfg.storage).check_reachable()
+    check_tracking(cfg.tracking)
     source = resolve_source(cfg.data, cfg.storage)
     check_model(cfg.model, cfg.storage)
     check_fits_architecture(cfg)

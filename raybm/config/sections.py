@@ -174,3 +174,18 @@ class ModelConfig:
     """Override the attention dropout. Empty keeps the model's."""
     classifier_dropout: Optional[float] = _opt(None, ge=0, lt=1)
     """Override the dropout before the classification head. Empty keeps the model's."""
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs and sweeps are also recorded: MLflow (TensorBoard files are always written)."""
+    mlflow_uri: Optional[str] = None
+    """MLflow tracking: an ``http(s)://`` tracking server or a ``file:`` folder. Every run is
+    an MLflow run, a sweep a parent run with a child per trial (config as params, each
+    epoch's metrics, tags, the card and reports as artifacts). Empty: no MLflow."""
+    experiment: str = "raybm"
+    """MLflow experiment the runs go into (made if missing)."""
+    required: bool = True
+    """A tracking server that does not answer fails the job before Ray starts; false: say so
+    once and go on without MLflow."""
+

@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from raybm.config.sections import AugmentConfig, CleanConfig, DataConfig, ModelConfig, RayConfig, StorageConfig, _opt  # noqa: F401
+from raybm.config.sections import AugmentConfig, CleanConfig, DataConfig, ModelConfig, RayConfig, StorageConfig, TrackingConfig, _opt  # noqa: F401
 
 
 @dataclass
@@ -398,6 +398,8 @@ class JobConfig:
     """Batch scoring."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     """The whole job in one command: stages and the release gate."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking beyond the results folder (MLflow)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain nested dicts."""

@@ -40,9 +40,11 @@ from raybm.results import (
 from raybm.train.loop import train_loop_per_worker
 from raybm.train.memory import check_memory_fits
 from raybm.train.tensorboard import write_events
+from raybm.tracking import log_run
 from raybm.train.publish import (
     best_epoch,
     publish_model,
+    run_artifacts,
     run_history,
     score_model_uri,
     scored_checkpoint,
@@ -408,6 +410,8 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
                  f"({chosen[t.metric]:.4f})"] if t.metric in chosen else []
         write_model_card(results, results.join(run_dir, MODEL_DIR), name=run_name, kind="run", dataset=prepared.name,
                          test=test, notes=notes, trained_precision=chosen.get("precision"))
+        log_run(cfg, run_name, "run", history, test, run_artifacts(results, run_dir, prepared.name),
+                tags={"raybm.dataset": prepared.name, "raybm.results": results.uri(run_dir)})
         lease.check()
         results.mark_complete(run_dir)
         return TrainResult(run_name, results.uri(run_dir), model_uri, metrics, history)

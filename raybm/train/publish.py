@@ -10,7 +10,15 @@ import shutil
 import tempfile
 from typing import Any
 
-from raybm.results import MODEL_DIR, SUCCESS_MARKER, TRAIN_STATE_FILE, Results
+from raybm.results import (
+    HISTORY_FILE,
+    METRICS_FILE,
+    MODEL_CARD_FILE,
+    MODEL_DIR,
+    SUCCESS_MARKER,
+    TRAIN_STATE_FILE,
+    Results,
+)
 from raybm.train.checkpoints import as_model_folder
 
 
@@ -83,3 +91,21 @@ def score_model_uri(results: Results, model_uri: str, ds, max_length: int,
     metrics, frame = score_dataset(model_uri, ds, max_length, predictions=True, storage=results.storage)
     results.write_parquet(predictions_to, frame)
     return metrics
+
+
+def run_artifacts(results: Results, run_dir: str, dataset: str) -> dict[str, str]:
+    """A finished run's files worth keeping beside its record elsewhere (MLflow): the model
+    card, the test metrics, the confusion matrix, the epochs, the data report; name -> text."""
+    metrics = results.read_json(results.join(run_dir, METRICS_FILE))
+    test = metrics.get("test") or {}
+    out = {"model_card.md": results.read_text(results.join(run_dir, MODEL_DIR, MODEL_CARD_FILE)),
+           METRICS_FILE: json.dumps(metrics, indent=2),
+           "confusion_matrix.json": json.dumps({"labels": list(test.get("per_class") or {}),
+                                                "matrix": test.get("confusion_matrix")}, indent=2),
+           HISTORY_FILE: results.read_text(results.join(run_dir, HISTORY_FILE))}
+    try:
+        out["data_report.json"] = json.dumps(results.dataset_report(dataset), indent=2)
+    except (OSError, ValueError):  # a soup's or an external dataset: no report to add
+        pass
+    return out
+

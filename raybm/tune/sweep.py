@@ -21,6 +21,7 @@ Layout under ``sweeps/<sweep>/`` (docs/tuning.md)::
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -37,6 +38,7 @@ from raybm.models.card import write_model_card
 from raybm.results import (
     CONFIG_FILE,
     LEADERBOARD,
+    MODEL_CARD_FILE,
     MODEL_DIR,
     PREDICTIONS_FILE,
     SWEEPS,
@@ -52,6 +54,7 @@ from raybm.train.driver import load_prepared, load_text_splits, reads_whole_spli
 from raybm.train.publish import publish_model, score_model_uri
 from raybm.train.memory import check_memory_fits, largest_trial
 from raybm.train.resources import asks_for_gpus, check_workers_fit
+from raybm.tracking import log_run
 from raybm.train.tensorboard import write_events
 from raybm.tune.cost import measure_costs, within_budget
 from raybm.tune.leaderboard import format_values, leaderboard, trial_histories, write_leaderboard
@@ -67,6 +70,7 @@ from raybm.tune.trial import (
     resource_releaser,
     run_trial,
     run_trial_in_process,
+    trial_config,
     trial_runner,
 )
 
@@ -156,8 +160,33 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
         winner["sweep_seconds"] = round(time.time() - started, 1)
         lease.check()
         results.write_json(results.join(sweep_dir, WINNER_FILE), winner)
+        log_sweep(cfg, name, dists, board, trial_histories(grid, cfg.tune.metric), winner, results, sweep_dir)
         results.mark_complete(sweep_dir)
         return SweepResult(name, results.uri(sweep_dir), winner["model_dir"], board, winner)
+
+
+def log_sweep(cfg: JobConfig, name: str, dists: list[Distribution], board: list[dict[str, Any]],
+              histories: dict[str, list[dict[str, Any]]], winner: dict[str, Any], results: Results,
+              sweep_dir: str) -> None:
+    """Record the sweep in MLflow (``raybm.tracking``): a parent run (the config, the
+    winner's test metrics, the leaderboard, the winner record and card) with a child run
+    per trial (its searched values in its config, each epoch, its status)."""
+    if not cfg.tracking.mlflow_uri:
+        return
+    tags = {"raybm.dataset": winner.get("dataset", ""), "raybm.results": results.uri(sweep_dir)}
+    card = results.join(sweep_dir, MODEL_DIR, MODEL_CARD_FILE)
+    parent = log_run(cfg, name, "sweep", [], winner.get("test"), {
+        "leaderboard.json": json.dumps(board, indent=2, default=str), "winner.json": json.dumps(winner, indent=2,
+                                                                                                 default=str),
+        **({"model_card.md": results.read_text(card)} if results.exists(card) else {})},
+        tags={**tags, "raybm.winner": str(winner.get("trial"))})
+    base = cfg.to_dict()
+    for row in board:
+        trial_cfg = trial_config(base, {d.key: row[d.key] for d in dists if row.get(d.key) is not None})
+        log_run(trial_cfg, row["trial"], "trial", histories.get(row["trial"], []), None, {},
+                tags={**tags, "raybm.trial_status": row["status"],
+                      "raybm.stopped_by_scheduler": str(row["status"] == "stopped").lower()},
+                parent=parent, status="FAILED" if row["status"] == "error" else "FINISHED")
 
 
 def _finished_sweep(results: Results, name: str, retry_errored: bool) -> SweepResult | None:

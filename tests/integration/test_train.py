@@ -40,10 +40,11 @@ def quiet(_):
     pass
 
 
-def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, data_csv):
+def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, data_csv, mlflow_server):
     # Batches of 8: 12 steps an epoch (with 16, the loss fell 0.698 -> 0.591 in one run, short
     # of the check below).
-    cfg = config(tmp_path, data_csv, "train.epochs=4", "train.keep_checkpoints=2", "train.batch_size=8")
+    cfg = config(tmp_path, data_csv, "train.epochs=4", "train.keep_checkpoints=2", "train.batch_size=8",
+                 f"tracking.mlflow_uri={mlflow_server}", "tracking.experiment=train-tests")
     said = []
     run_data_stage(cfg, log=quiet)  # Ray Data's own actors start here, not with the run
     before = set(ray_local._private.state.actors())
@@ -106,6 +107,19 @@ def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, d
     assert [e.value for e in loss] == pytest.approx(losses, rel=1e-5)  # one point an epoch: the epoch's mean
     assert [e.value for e in val_f1] == pytest.approx([h["val_f1_macro"] for h in result.history], rel=1e-5)
     assert [e.value for e in board.Scalars("train/lr")] == pytest.approx([h["lr"] for h in result.history], rel=1e-5)
+    # The same run in MLflow, as its tracking server tells it to any client.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    [tracked] = client.search_runs([client.get_experiment_by_name("train-tests").experiment_id])
+    assert tracked.info.run_name == result.run_name and tracked.info.status == "FINISHED"
+    assert tracked.data.params["train.lr"] == "0.003" and tracked.data.params["model.name"] == "tiny-bert"
+    assert tracked.data.tags["raybm.dataset"] == metrics["dataset"] and tracked.data.tags["raybm.kind"] == "run"
+    f1 = client.get_metric_history(tracked.info.run_id, "val_f1_macro")
+    assert sorted((m.step, m.value) for m in f1) == [(h["epoch"], pytest.approx(h["val_f1_macro"])) for h in result.history]
+    assert tracked.data.metrics["test_f1_macro"] == pytest.approx(test["f1_macro"])
+    assert {"model_card.md", "metrics.json", "confusion_matrix.json", "history.json", "data_report.json"} <= \
+        {a.path for a in client.list_artifacts(tracked.info.run_id)}
 
 
 def test_early_stopping(ray_local, tmp_path, data_csv):

@@ -52,7 +52,7 @@ def quiet(_):
 
 
 @pytest.fixture(scope="module")
-def asha_sweep(ray_tune, tmp_path_factory, data_csv):
+def asha_sweep(ray_tune, tmp_path_factory, data_csv, mlflow_server):
     """One ASHA sweep with a greedy soup, shared by the tests below: (config, result, root).
     One learning rate that learns, three that cannot (lr ~ 0): ASHA (rungs at epochs 1
     and 2) must stop at least one of the three once the good trial has reported. Batches
@@ -61,7 +61,8 @@ def asha_sweep(ray_tune, tmp_path_factory, data_csv):
     root = tmp_path_factory.mktemp("asha")
     cfg = config(root, data_csv, "train.epochs=3", "train.batch_size=4", "tune.num_samples=1",
                  "tune.soup=greedy", "tune.soup_size=2",
-                 "tune.search_space={train.lr: 'grid([3e-3, 1e-11, 1e-12, 2e-12])'}")
+                 "tune.search_space={train.lr: 'grid([3e-3, 1e-11, 1e-12, 2e-12])'}",
+                 f"tracking.mlflow_uri={mlflow_server}", "tracking.experiment=sweep-tests")
     return cfg, run_sweep(cfg, log=quiet), root
 
 
@@ -107,6 +108,27 @@ def test_the_sweep_folder_holds_the_leaderboard_and_a_tested_winner_with_its_car
         events.Reload()
         assert len(events.Scalars("val/f1_macro")) == row["epochs_run"], row["trial"]
         assert events.Scalars("train/loss") and events.Scalars("train/lr"), row["trial"]
+
+
+def test_the_sweep_is_a_parent_run_in_mlflow_with_a_child_per_trial(asha_sweep, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    _, result, _ = asha_sweep
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("sweep-tests").experiment_id])
+    [parent] = [r for r in runs if r.data.tags["raybm.kind"] == "sweep"]
+    assert parent.info.run_name == result.name and parent.data.tags["raybm.winner"] == result.winner["trial"]
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(result.winner["test"]["accuracy"])
+    assert {"leaderboard.json", "winner.json", "model_card.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {row["trial"] for row in result.leaderboard}
+    for row in result.leaderboard:
+        child = children[row["trial"]]
+        assert float(child.data.params["train.lr"]) == row["train.lr"]  # the trial's own config
+        assert child.data.tags["raybm.trial_status"] == row["status"]
+        assert child.data.tags["raybm.stopped_by_scheduler"] == str(row["status"] == "stopped").lower()
+        assert len(client.get_metric_history(child.info.run_id, "val_f1_macro")) == row["epochs_run"]
+    assert any(row["status"] == "stopped" for row in result.leaderboard)  # ASHA's stop shows in MLflow
 
 
 def test_the_greedy_soup_hands_on_the_mean_of_what_it_kept(asha_sweep):
