@@ -334,6 +334,14 @@ def resume_hint(results: Results, run_dir: str) -> str:
     return ": it resumes from the last checkpoint" if any(f.base_name.startswith("checkpoint_") for f in found) else ""
 
 
+def _record_elsewhere(cfg: JobConfig, results: Results, run_dir: str, run_name: str, dataset: str,
+                      history: list[dict[str, Any]], test: dict[str, Any]) -> None:
+    """The run's curves as TensorBoard files in its folder, and the run in MLflow when set."""
+    write_events(results, run_dir, history)
+    log_run(cfg, run_name, "run", history, test, run_artifacts(results, run_dir, dataset),
+            tags={"raybm.dataset": dataset, "raybm.results": results.uri(run_dir)})
+
+
 def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> TrainResult:
     """Train ``cfg`` end to end and return where the model and its test metrics are."""
     from raybm.data import load_split
@@ -403,15 +411,13 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
                    "worker_nodes": worker_nodes_of(history),
                    "train_seconds": round(time.time() - started, 1), "test": test}
         results.write_json(results.join(run_dir, HISTORY_FILE), history)
-        write_events(results, run_dir, history)
         results.write_json(results.join(run_dir, METRICS_FILE), metrics)
         chosen = next((h for h in history if h.get("epoch") == metrics["best_epoch"]), {})
         notes = [f"the checkpoint of epoch {metrics['best_epoch']} of {len(history)}, best by validation {t.metric} "
                  f"({chosen[t.metric]:.4f})"] if t.metric in chosen else []
         write_model_card(results, results.join(run_dir, MODEL_DIR), name=run_name, kind="run", dataset=prepared.name,
                          test=test, notes=notes, trained_precision=chosen.get("precision"))
-        log_run(cfg, run_name, "run", history, test, run_artifacts(results, run_dir, prepared.name),
-                tags={"raybm.dataset": prepared.name, "raybm.results": results.uri(run_dir)})
+        _record_elsewhere(cfg, results, run_dir, run_name, prepared.name, history, test)
         lease.check()
         results.mark_complete(run_dir)
         return TrainResult(run_name, results.uri(run_dir), model_uri, metrics, history)

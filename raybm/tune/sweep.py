@@ -175,11 +175,12 @@ def log_sweep(cfg: JobConfig, name: str, dists: list[Distribution], board: list[
         return
     tags = {"raybm.dataset": winner.get("dataset", ""), "raybm.results": results.uri(sweep_dir)}
     card = results.join(sweep_dir, MODEL_DIR, MODEL_CARD_FILE)
-    parent = log_run(cfg, name, "sweep", [], winner.get("test"), {
-        "leaderboard.json": json.dumps(board, indent=2, default=str), "winner.json": json.dumps(winner, indent=2,
-                                                                                                 default=str),
-        **({"model_card.md": results.read_text(card)} if results.exists(card) else {})},
-        tags={**tags, "raybm.winner": str(winner.get("trial"))})
+    artifacts = {f"{LEADERBOARD}.json": json.dumps(board, indent=2, default=str),
+                 WINNER_FILE: json.dumps(winner, indent=2, default=str)}
+    if results.exists(card):
+        artifacts["model_card.md"] = results.read_text(card)
+    parent = log_run(cfg, name, "sweep", [], winner.get("test"), artifacts,
+                     tags={**tags, "raybm.winner": str(winner.get("trial"))})
     base = cfg.to_dict()
     for row in board:
         trial_cfg = trial_config(base, {d.key: row[d.key] for d in dists if row.get(d.key) is not None})

@@ -82,6 +82,7 @@ LAZY_IMPORTS = {
     "boto3": "only S3",
     "botocore": "only S3",
     "ftfy": "only the twitter corpus's repair",
+    "mlflow": "an optional extra (tracking); about 1 s; only when tracking.mlflow_uri is set",
     "raybm.data": "imports Ray Data",
     "raybm.models": "imports torch and transformers",
     "raybm.inference.evaluate": "imports pandas and Ray Data",
