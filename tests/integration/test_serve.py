@@ -6,6 +6,7 @@ import shutil
 import socket
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -45,15 +46,52 @@ def server(tmp_path_factory, tiny_model_dir):
     shutil.copytree(tiny_model_dir, run / "model")
     (run / "metrics.json").write_text(json.dumps({"test": {"accuracy": 0.75, "f1_macro": 0.7}}))
     pythonpath = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
-    port = free_port()
-    cfg = build_config(overrides=[f"serve.port={port}", "serve.cpus_per_replica=0.25", *LIMITS])
     # As raybm starts Ray: with Serve's direct ingress (the default serve.ingress).
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
-        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath, **ray_env(cfg.serve)}})
-    url = deploy(cfg, str(run / "model"))
-    yield {"url": url, "port": port, "model_dir": str(run / "model"), "run": run}
-    serve.shutdown()
-    ray.shutdown()
+        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath, **ray_env(build_config().serve)}})
+    try:  # a Serve that does not start must not leave this Ray behind for the next module
+        port, url = serve_on_a_free_port(str(run / "model"))
+        yield {"url": url, "port": port, "model_dir": str(run / "model"), "run": run}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def serve_on_a_free_port(model_dir):
+    """Deploy on a port that was free a moment ago; a second try on another port if Serve
+    did not start (the port taken meanwhile by one of Ray's own processes), with what Serve
+    logged said as a warning, so that a real failure still fails and a retried one shows."""
+    from ray import serve
+
+    for attempt in (1, 2):
+        port = free_port()
+        cfg = build_config(overrides=[f"serve.port={port}", "serve.cpus_per_replica=0.25", *LIMITS])
+        try:
+            return port, deploy(cfg, model_dir)
+        except Exception as e:
+            if attempt == 2:
+                raise AssertionError(f"Serve did not start twice: {e}\n{serve_log_errors()}") from e
+            warnings.warn(f"Serve did not start on port {port} (tried again on another): {e}\n"
+                          f"{serve_log_errors()}", stacklevel=1)
+            serve.shutdown()
+
+
+def serve_log_errors(lines: int = 15) -> str:
+    """The last error lines of this Ray session's Serve logs (controller, proxy, replicas)."""
+    import glob
+
+    import ray
+
+    try:
+        session = ray._private.worker._global_node.get_session_dir_path()
+    except AttributeError:
+        return "(this Ray does not tell its session folder)"
+    found = []
+    for log in sorted(glob.glob(os.path.join(session, "logs", "serve", "*.log"))):
+        with open(log, errors="replace") as f:
+            found += [f"{os.path.basename(log)}: {line.rstrip()}" for line in f
+                      if " ERROR " in line or "Error" in line or "Exception" in line]
+    return "\n".join(found[-lines:]) or "(no errors in Serve's logs)"
 
 
 def deploy_more(server, name, *overrides, loader=None):

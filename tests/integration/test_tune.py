@@ -28,9 +28,11 @@ def ray_tune():
 
     ray.init(num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
