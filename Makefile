@@ -45,9 +45,9 @@ test: install $(MLFLOW_STAMP)
 	$(PY) -m pytest -q --durations=10 tests/cluster -m "not cluster_long"
 	$(PY) -m pytest -q --durations=10 tests/cluster -m cluster_long
 
-$(MLFLOW_STAMP):
+$(MLFLOW_STAMP): Makefile
 	@test -x $(MLFLOW_VENV)/bin/python || python3 -m venv $(MLFLOW_VENV)
-	$(MLFLOW_VENV)/bin/pip install --quiet "mlflow==3.17.2"
+	$(MLFLOW_VENV)/bin/pip install --quiet "mlflow==3.17.2" "boto3==1.44.8"  # boto3: artifacts on S3
 	@touch $(MLFLOW_STAMP)
 
 # Only the multi-node tests that stop a job and kill a node mid-sweep (several minutes each).

@@ -35,11 +35,13 @@ from raybm.inference.predict import in_words
 from raybm.model_cache import fetch_model
 from raybm.results import (
     CONFIG_FILE,
+    EXPORTS,
     METRICS_FILE,
     MODEL_DIR,
     SUMMARY_FILE,
     WINNER_FILE,
     Results,
+    copy_to_local,
     is_s3,
     resolve_uri,
 )
@@ -47,6 +49,7 @@ from raybm.runtime import cluster_address
 from raybm.serve.client import post_texts
 from raybm.serve.ingress import say_direct_urls
 from raybm.tracking import check_tracking
+from raybm.tracking.registry import register_model, registered_name
 from raybm.train.driver import run_training, teacher_labels
 from raybm.tune.leaderboard import format_leaderboard
 from raybm.tune.sweep import run_sweep
@@ -73,6 +76,8 @@ def preflight(cfg: JobConfig, stages: list[str] | None = None):
     Results.from_config(cfg.storage).check_reachable()
     check_tracking(cfg.tracking)
     source = resolve_source(cfg.data, cfg.storage)
+    if cfg.tracking.mlflow_uri and cfg.tracking.register:
+        registered_name(cfg, source.name)
     check_model(cfg.model, cfg.storage)
     check_fits_architecture(cfg)
     teacher_labels(cfg.train.distill_from)
@@ -150,7 +155,7 @@ def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = pr
     except BaseException as e:
         _failed(summary, "data", t0, e)
         raise
-    state: dict[str, Any] = {"dataset": prepared.name}
+    state: dict[str, Any] = {"dataset": prepared.name, "source": source.name}
     if "data" in stages:
         summary.stage("data", {"status": "skipped" if prepared.reused else "done",
                                "seconds": round(time.time() - t0, 1), "dataset": prepared.name,
@@ -159,6 +164,8 @@ def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = pr
 
     runners = {"train": _train, "tune": _tune, "export": _export, "deploy": _deploy}
     for stage in stages[1:] if stages[0] == "data" else stages:
+        if stage == "deploy":  # what the release gate judges is registered whether or not it ships
+            _register(cfg, results, state, out, summary)
         out.log(f"\n== pipeline stage: {stage}")
         out.say(f"  {stage:<7} ...")
         t0 = time.time()
@@ -171,6 +178,8 @@ def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = pr
         info["seconds"] = round(time.time() - t0, 1)
         summary.stage(stage, info)
         out.say(stage_line(stage, info))
+    if "deploy" not in stages:
+        _register(cfg, results, state, out, summary)
     summary.data["seconds"] = round(time.time() - started, 1)
     summary.finish("succeeded")
     out.say(f"Pipeline {name!r} finished in {time.time() - started:.0f}s: "
@@ -279,6 +288,33 @@ def _export(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Outp
     result = run_export(cfg, state["model"], log=shown.log)
     state["export"] = result.folder
     return {"folder": result.folder, "variants": _variants(result.manifests), "mobile": result.mobile}
+
+
+def _register(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Output, summary: _Summary) -> None:
+    """With MLflow (``tracking.mlflow_uri``, ``tracking.register``): the pipeline's model,
+    and its export variants, as a version in MLflow's Model Registry, noted in the summary
+    (``registered``). A failure is said and noted; the model is in the results folder."""
+    if not (cfg.tracking.mlflow_uri and cfg.tracking.register and {"train", "tune", "export"} & set(summary.data["stages"])):
+        return
+    _model_stage_output(cfg, results, state)
+    name = registered_name(cfg, state["source"])
+    export = state.get("export")
+    try:
+        with tempfile.TemporaryDirectory(prefix="raybm-register-") as tmp:
+            model = copy_to_local(state["model"], cfg.storage, os.path.join(tmp, MODEL_DIR))
+            exports = {v: copy_to_local(f"{export.rstrip('/')}/{v}", cfg.storage, os.path.join(tmp, EXPORTS, v))
+                       for v in cfg.export.variants
+                       if export and results.exists(resolve_uri(f"{export.rstrip('/')}/{v}", cfg.storage)[1])}
+            got = register_model(cfg, name, model, posix_parent(state["model"]), state.get("test"), exports,
+                                 tags={"raybm.dataset": state["dataset"], "raybm.pipeline": summary.data["name"]})
+    except RaybmError as e:
+        shown.say(f"raybm: WARNING: not registered in MLflow: {e}")
+        summary.data["registered"] = {"name": name, "error": str(e)}
+    else:
+        shown.say(f"  registered {got['uri']}{'' if got['new'] else ' (already)'} in MLflow at "
+                  f"{cfg.tracking.mlflow_uri}")
+        summary.data["registered"] = {k: got[k] for k in ("name", "version", "uri")}
+    summary.write()
 
 
 def _variants(manifests: dict[str, Any]) -> dict[str, Any]:

@@ -48,6 +48,7 @@ RUNS = "runs"
 SWEEPS = "sweeps"
 EXPORTS = "exports"
 PIPELINES = "pipelines"
+REGISTRY = "registry"  # models fetched from MLflow's Model Registry: registry/<name>-v<version>/model
 SPLITS = ("train", "validation", "test")
 # In every artifact folder.
 SUCCESS_MARKER = "_SUCCESS"  # written last: the folder is complete

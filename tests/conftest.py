@@ -7,6 +7,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 
 import pytest  # noqa: E402
@@ -43,3 +44,50 @@ def s3_server():
         env.delenv("AWS_ENDPOINT_URL", raising=False)
         yield endpoint
     server.stop()
+
+
+@contextlib.contextmanager
+def running_mlflow_server(folder, artifacts: str | None = None, env: dict | None = None):
+    """A real MLflow tracking server on loopback (SQLite store in ``folder``; artifacts in
+    ``folder/artifacts`` or at ``artifacts``, e.g. an s3:// folder with ``env`` naming its
+    endpoint and keys), from the virtualenv of its own that `make test` builds (the full
+    mlflow package caps pyarrow below raybm's pin); yields its URL."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    mlflow = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-mlflow", "bin",
+                          "mlflow")
+    assert os.path.exists(mlflow), f"{mlflow} is missing: run make test (it builds .venv-mlflow)"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                               "--artifacts-destination", artifacts or str(folder / "artifacts")],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (folder / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server for this test module, artifacts in a local folder."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url

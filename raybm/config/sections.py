@@ -188,4 +188,11 @@ class TrackingConfig:
     required: bool = True
     """A tracking server that does not answer fails the job before Ray starts; false: say so
     once and go on without MLflow."""
+    register: bool = True
+    """With ``mlflow_uri``: the pipeline registers the model it trained (a sweep's winner)
+    in MLflow's Model Registry as a new version, with its test metrics and its export
+    variants; ``raybm predict/serve/export --model models:/<name>/<version>`` load it."""
+    registered_model: Optional[str] = None
+    """The registered model's name; empty: ``<data source>-classifier`` (e.g.
+    ``twitter-classifier``), or ``data.name`` when set."""
 

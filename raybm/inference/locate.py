@@ -7,7 +7,10 @@ it here. A user names a model as
 - a model folder, or a run or sweep folder (its ``model/``), local or ``s3://``;
 - the name of a run or sweep under the results root (``storage.root``, local or S3);
 - nothing: the model this config's own job produced (its sweep's winner when the config
-  has a search space, else its training run's best model).
+  has a search space, else its training run's best model);
+- a version in MLflow's Model Registry: ``models:/<name>/<version>``, ``.../latest`` or
+  ``models:/<name>@<alias>`` (``tracking.mlflow_uri``), downloaded once into
+  ``<root>/registry/<name>-v<version>/model/``.
 
 The answer is a local absolute path or an ``s3://`` URI, always of a folder that holds a
 label map; ``local_model`` fetches an ``s3://`` one into the model cache.
@@ -16,13 +19,15 @@ label map; ``local_model`` fetches an ``s3://`` one into the model cache.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pyarrow.fs as pafs
 
 from raybm.config import JobConfig, run_name_for, sweep_name_for
 from raybm.errors import RaybmError
 from raybm.model_cache import fetch_model
-from raybm.results import LABEL_MAP_FILE, MODEL_DIR, RUNS, SWEEPS, Results, is_s3, resolve_uri
+from raybm.results import LABEL_MAP_FILE, MODEL_DIR, REGISTRY, RUNS, SWEEPS, Results, is_s3, resolve_uri
+from raybm.tracking.registry import download_version, is_registered_model, resolve_version
 
 
 def locate_model(spec: str | None, cfg: JobConfig, flag: str = "--model", shared: bool = False) -> str:
@@ -34,6 +39,8 @@ def locate_model(spec: str | None, cfg: JobConfig, flag: str = "--model", shared
     results = Results.from_config(cfg.storage)
     if not spec:
         return config_model(cfg, results)
+    if is_registered_model(spec):
+        return registered_model(spec, cfg, results)
     if shared and results.remote and not is_s3(spec) and ("/" in spec or os.sep in spec):
         raise RaybmError(f"{flag} {spec!r}: with an S3 storage.root ({results.root}), give an s3:// model "
                          f"folder or the name of a run or sweep under it")
@@ -57,6 +64,21 @@ def locate_model(spec: str | None, cfg: JobConfig, flag: str = "--model", shared
     where = f" or a run/sweep name under {results.root}" if is_name else ""
     raise RaybmError(f"{flag} {spec!r}: not a model folder (one with {LABEL_MAP_FILE} and model.safetensors), "
                      f"a run or sweep folder{where}")
+
+
+def registered_model(spec: str, cfg: JobConfig, results: Results) -> str:
+    """The folder of the registered model ``spec`` (``models:/...``) under the results root,
+    downloaded from MLflow the first time (a version never changes); path or URI."""
+    name, version = resolve_version(cfg.tracking, spec)
+    folder = results.path(REGISTRY, f"{name}-v{version}", MODEL_DIR)
+    if not (results.is_complete(folder) and results.exists(results.join(folder, LABEL_MAP_FILE))):
+        with tempfile.TemporaryDirectory(prefix="raybm-registry-") as tmp:
+            local = download_version(cfg.tracking, name, version, os.path.join(tmp, MODEL_DIR))
+            if not os.path.isfile(os.path.join(local, LABEL_MAP_FILE)):
+                raise RaybmError(f"{spec}: version {version} of {name!r} is not a raybm model folder "
+                                 f"(no {LABEL_MAP_FILE})")
+            results.upload_dir(local, folder)
+    return results.uri(folder) if results.remote else os.path.abspath(folder)
 
 
 def config_model(cfg: JobConfig, results: Results | None = None) -> str:

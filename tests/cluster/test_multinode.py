@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import running_mlflow_server
 from tests.integration.test_data_pipeline import make_frame
 
 from .conftest import ROOT, free_port, run_job, s3_keys, wait_job, write_job
@@ -28,6 +29,16 @@ def data_uri(bucket):
     s3, name = bucket
     s3.put_object(Bucket=name, Key="input/reviews.csv", Body=make_frame(60).to_csv(index=False).encode())
     return f"s3://{name}/input/reviews.csv"
+
+
+@pytest.fixture(scope="module")
+def mlflow_on_s3(bucket, s3_server, tmp_path_factory):
+    """A real MLflow tracking server whose artifacts go to the test bucket (``mlflow/``):
+    the jobs reach it over HTTP and need none of its S3 keys."""
+    _, name = bucket
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow"), f"s3://{name}/mlflow",
+                               {"MLFLOW_S3_ENDPOINT_URL": s3_server}) as url:
+        yield url
 
 
 def base_config(s3_server, data_uri, root: str) -> dict:
@@ -46,6 +57,25 @@ def post(url: str, texts: list[str], timeout: float = 30) -> dict:
         return json.loads(r.read())
 
 
+def check_mlflow(url: str, summary: dict, artifact_keys: list[str]) -> None:
+    """What the pipeline job recorded in MLflow (see the test below)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(url, registry_uri=url)
+    runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])
+    sweeps = [r for r in runs if r.data.tags.get("raybm.kind") == "sweep"]
+    assert len(sweeps) == 1 and sweeps[0].info.run_name == summary["stages"]["tune"]["sweep"], runs
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweeps[0].info.run_id]
+    assert len(children) == 2 and all(r.data.tags["raybm.kind"] == "trial" for r in children)
+    registered = summary["registered"]
+    assert registered["version"] == 1 and registered["uri"] == f"models:/{registered['name']}/1", registered
+    version = client.get_model_version(registered["name"], "1")
+    assert version.run_id == sweeps[0].info.run_id and version.tags["raybm.exports"] == "onnx"
+    assert float(version.tags["test_f1_macro"]) == summary["stages"]["tune"]["test"]["f1_macro"]
+    assert any(k.endswith("/artifacts/model/model.safetensors") for k in artifact_keys), artifact_keys
+    assert any("/artifacts/exports/onnx/" in k for k in artifact_keys), artifact_keys
+
+
 @pytest.fixture
 def serve_freed(cluster):
     """Serve shut down after the test, passed or not: its replicas' CPUs go back for the next."""
@@ -54,7 +84,7 @@ def serve_freed(cluster):
 
 
 def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, bucket, s3_server, data_uri,
-                                                                      tmp_path, serve_freed):
+                                                                      tmp_path, serve_freed, mlflow_on_s3):
     s3, name = bucket
     cfg = base_config(s3_server, data_uri, f"s3://{name}/team")
     cfg.update({
@@ -64,6 +94,7 @@ def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, 
                   "batch_wait_timeout_s": 0.0, "proxy_location": "HeadOnly"},
         "pipeline": {"min_test_f1": 0.0, "max_latency_ms": 60000, "latency_samples": 5,
                      "smoke_texts": ["a great product, works perfectly"]},
+        "tracking": {"mlflow_uri": mlflow_on_s3, "experiment": "cluster"},
     })
     started = time.time()
     config = write_job(tmp_path, cfg)
@@ -101,6 +132,16 @@ def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, 
     answer = post(deploy["url"], ["a great product, works perfectly", "broken on arrival"])
     assert [p["label"] in ("neg", "pos") for p in answer["predictions"]] == [True, True]
 
+    # MLflow: the sweep a parent run with a child per trial, the winner a registered version
+    # with its export beside it, their files in the bucket (through the tracking server).
+    check_mlflow(mlflow_on_s3, summary, s3_keys(s3, name, "mlflow/"))
+    predicted = subprocess.run([str(Path(sys.executable).with_name("raybm")), "predict", "--model",
+                                summary["registered"]["uri"], "--text", "a great product", f"storage.root=s3://{name}/team",
+                                f"storage.s3_endpoint_url={s3_server}", f"tracking.mlflow_uri={mlflow_on_s3}"],
+                               capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0 and "a great product" in predicted.stdout, predicted.stdout + predicted.stderr
+    assert any(k.startswith(f"team/registry/{summary['registered']['name']}-v1/model/") for k in s3_keys(s3, name, "team/"))
+
     # The results are readable from anywhere that reaches the bucket: `raybm list`, the dashboard.
     listed = subprocess.run([str(Path(sys.executable).with_name("raybm")), "list", "--root", f"s3://{name}/team",
                              f"storage.s3_endpoint_url={s3_server}"], capture_output=True, text=True, timeout=120)
@@ -119,6 +160,7 @@ def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, 
     again = json.loads(s3.get_object(Bucket=name, Key=summary_key)["Body"].read())
     assert [s["status"] for s in again["stages"].values()] == ["skipped", "skipped", "skipped", "held"], again
     assert "pipeline.min_test_f1 0.999" in again["stages"]["deploy"]["reasons"][0]
+    assert again["registered"] == summary["registered"] and "(already)" in logs  # no second version
 
     # A second job serves a model beside the first (its own application and route) instead
     # of replacing it; one that asks Serve for another port is refused before anything is.

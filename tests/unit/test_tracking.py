@@ -38,3 +38,19 @@ def test_params_are_the_resolved_config_and_metrics_carry_their_steps():
     got = {(k, step): v for k, v, _, step in run_metrics(history, {"accuracy": 0.9, "per_class": {}})}
     assert got[("val_f1_macro", 2)] == 0.8 and got[("step_loss", 20)] == 0.5 and got[("step_lr", 30)] == 5e-4
     assert got[("test_accuracy", 0)] == 0.9 and not any(k == "test_per_class" for k, _ in got)
+
+
+def test_a_file_store_records_runs(tmp_path, monkeypatch):
+    # MLflow 3 keeps its file store in maintenance mode and refuses it unless asked;
+    # tracking.mlflow_uri=file:... asks.
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    cfg = build_config(overrides=[f"tracking.mlflow_uri=file://{tmp_path}/mlruns", "model.name=tiny-bert"])
+    check_tracking(cfg.tracking)
+    run_id = log_run(cfg, "r1", "run", [{"epoch": 1, "val_f1_macro": 0.5}], {"accuracy": 0.9}, {"notes.txt": "hi"},
+                     tags={"raybm.results": "/x/runs/r1"})
+    assert run_id is not None
+    from raybm.tracking import mlflow_client
+
+    run = mlflow_client(cfg.tracking).get_run(run_id)
+    assert run.data.params["model.name"] == "tiny-bert" and run.data.metrics["test_accuracy"] == 0.9
+    assert run.data.tags["raybm.results"] == "/x/runs/r1" and run.info.status == "FINISHED"

@@ -48,6 +48,10 @@ def check_tracking(cfg: TrackingConfig, timeout_s: float = 5.0) -> None:
     uri = cfg.mlflow_uri
     if not uri:
         return
+    try:
+        import mlflow.tracking  # noqa: F401 - the client this job will need
+    except ImportError:
+        raise RaybmError("tracking.mlflow_uri needs MLflow's client: pip install 'raybm[tracking]'") from None
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
@@ -69,15 +73,25 @@ def check_tracking(cfg: TrackingConfig, timeout_s: float = 5.0) -> None:
     _say(f"{problem}; going on without MLflow (tracking.required=false)")
 
 
-def _client(cfg: TrackingConfig):
+def mlflow_client(cfg: TrackingConfig):
+    """An MlflowClient for ``tracking.mlflow_uri``, its Model Registry at the same address
+    (MLflow 3 would otherwise register in a ``mlflow.db`` of the current folder); None
+    when MLflow is off for this job (unset, or a failed check with tracking.required=false)."""
     if not cfg.mlflow_uri or cfg.mlflow_uri in _skipped:
         return None
-    from mlflow.tracking import MlflowClient
+    if cfg.mlflow_uri.startswith("file:"):  # MLflow 3 refuses its file store unless asked (maintenance mode)
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise RaybmError("tracking.mlflow_uri needs MLflow's client: pip install 'raybm[tracking]'") from None
+    return MlflowClient(tracking_uri=cfg.mlflow_uri, registry_uri=cfg.mlflow_uri)
 
-    return MlflowClient(tracking_uri=cfg.mlflow_uri)
+
+def experiment_id(client, name: str) -> str:
+    """The id of the MLflow experiment ``name``, made if missing."""
 
 
-def _experiment(client, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -125,7 +139,7 @@ def log_run(cfg: JobConfig, name: str, kind: str, history: list[dict[str, Any]],
     ``tags`` beside raybm's own (kind, base model, strategy; ``raybm.dataset`` is the
     caller's); ``artifacts``: file name -> text. Returns the MLflow run id, or None when MLflow is off
     or could not be reached (said, never raised)."""
-    client = _client(cfg.tracking)
+    client = mlflow_client(cfg.tracking)
     if client is None:
         return None
     from mlflow.entities import Metric, Param
@@ -135,7 +149,7 @@ def log_run(cfg: JobConfig, name: str, kind: str, history: list[dict[str, Any]],
                     **(tags or {})}
         if parent:
             all_tags["mlflow.parentRunId"] = parent
-        run_id = client.create_run(_experiment(client, cfg.tracking.experiment), run_name=name,
+        run_id = client.create_run(experiment_id(client, cfg.tracking.experiment), run_name=name,
                                    tags=all_tags).info.run_id
         params = [Param(k, v) for k, v in flat_params(cfg).items()]
         for i in range(0, len(params), _BATCH["params"]):
