@@ -54,6 +54,8 @@ def on_cluster() -> bool:
 
     if _JOINED or os.environ.get("RAY_ADDRESS"):
         return True
+    if not ray.is_initialized():  # asking Ray's runtime context would start a Ray with Ray's defaults
+        return False
     try:
         return ray.get_runtime_context().gcs_address is not None and len(ray.nodes()) > 1
     except Exception:  # noqa: BLE001 - no Ray here: not on a cluster

@@ -91,3 +91,16 @@ def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server for this test module, artifacts in a local folder."""
     with running_mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
         yield url
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_ray_left_running(request):
+    """A test module that leaves a Ray initialized in this process fails at its end (the
+    next module's own Ray would not start: "ray.init twice"); its Ray is shut down."""
+    import sys
+
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail(f"{request.module.__name__} left Ray running in the test process")

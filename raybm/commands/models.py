@@ -267,8 +267,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("predict", help="label a text or a whole file with a model folder, without a server")
     add_config_args(p)
-    p.add_argument("--model", required=True, help="a model folder (runs/<run>/model), a run or sweep folder, or a "
-                   "run/sweep name under storage.root")
+    p.add_argument("--model", required=True, help="a model folder (runs/<run>/model), a run or sweep folder, a "
+                   "run/sweep name under storage.root, or models:/<name>/<version> (MLflow's registry)")
     p.add_argument("--text", action="append", help="a text to label (repeat for several; one JSON line each)")
     p.add_argument("--input", help="a CSV, TSV, JSONL or Parquet file to label; or, scored by a Ray Data job, a "
                    "folder or glob of them (local or s3://)")
@@ -284,14 +284,16 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("export", help="export and compress a model (ONNX, int8, fp16, pruned, distilled)")
     add_config_args(p)
-    p.add_argument("--model", required=True, help="a model folder, a run or sweep folder, or a run/sweep name")
+    p.add_argument("--model", required=True, help="a model folder, a run or sweep folder, a run/sweep name, or "
+                   "models:/<name>/<version> (MLflow's registry)")
     p.add_argument("--variants", help="comma-separated: hf,onnx,int8,onnx-int8,fp16,pruned,distilled "
                    "(default: export.variants)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("serve", help="host a model on Ray Serve behind an HTTP API")
     add_config_args(p)
-    p.add_argument("--model", help="a model folder, a run or sweep folder, or a run/sweep name under "
-                   "storage.root (default: the model this config's train or tune job produced)")
+    p.add_argument("--model", help="a model folder, a run or sweep folder, a run/sweep name under "
+                   "storage.root, or models:/<name>/<version> (default: the model this config's train or tune job "
+                   "produced)")
     p.add_argument("--send", action="append", metavar="TEXT",
                    help="once serving, send this text over HTTP and print the answer (repeatable)")
     p.add_argument("--exit", action="store_true", help="stop after deploying (and --send) instead of serving on")

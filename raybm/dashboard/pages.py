@@ -93,10 +93,16 @@ def page_jobs(data) -> None:
     if not pipelines.empty:
         st.subheader("Pipelines")
         st.caption("Each `raybm pipeline` / `jobs/pipeline.py` job: its stages, the release gate, where it serves.")
-        # Long cells (the gate's reasons, the URL) keep a column's width: hover shows them whole.
+        # Every column in sight in a 1,400-pixel window: long cells (the name, the gate's
+        # reasons, the stages) keep their column's width and show whole on hover; the
+        # deployment's URL is a link.
+        small = {c: st.column_config.TextColumn(width="small") for c in ("status", "started", "stages", "deploy",
+                                                                          "gate")}
         st.dataframe(pipelines, hide_index=True, width="stretch", column_config={
-            "gate": st.column_config.TextColumn(width="medium"), "url": st.column_config.LinkColumn(width="medium"),
-            "stages": st.column_config.TextColumn(width="medium")})
+            **small, "name": st.column_config.TextColumn(width="medium"),
+            "test macro-F1": st.column_config.NumberColumn("test F1", format="%.3f", width="small"),
+            "url": st.column_config.LinkColumn("serves at", display_text="open", width="small"),
+            "minutes": st.column_config.NumberColumn(format="%.1f", width="small")})
     frame = data.jobs_frame()
     if frame.empty:
         st.info(f"Nothing here yet: no runs or sweeps under {data.root}. Run `make demo` or "

@@ -130,6 +130,16 @@ def _title(data, choice: str) -> str:
         return choice
 
 
+def knows_only(labels: list[str]) -> str:
+    """What a viewer should know of any answer: the model picks one of its labels for every
+    text, even for a text that is none of them, which then gets a low confidence."""
+    if not labels:
+        return ""
+    names = ", ".join(labels[:-1]) + f" and {labels[-1]}" if len(labels) > 1 else labels[0]
+    return (f"This model knows only {names}: every text gets one of them, a text that is none of them "
+            f"too, so a low confidence or \"uncertain\" means it fits none well.")
+
+
 def _words(label: str, confidence: float, uncertain: bool | None = None) -> str:
     """The answer in words; a model server's abstain band decides ``uncertain``."""
     return in_words(label, confidence, 1.0 if uncertain else 0.0)
@@ -183,6 +193,7 @@ def _show(predict, texts, st, alt, why=None) -> pd.DataFrame | None:
     else:
         counts = out["label"].value_counts()
         st.success(f"{len(out)} texts: " + ", ".join(f"{n} {lab}" for lab, n in counts.items()))
+    st.caption(knows_only([c[2:-1] for c in out.columns if c.startswith("p(")]))
     st.dataframe(out, hide_index=True, width="stretch")
     if len(out) == 1:
         probs = pd.DataFrame([{"label": c[2:-1], "probability": out.iloc[0][c]} for c in out.columns

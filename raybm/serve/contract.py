@@ -41,7 +41,10 @@ def predict_request_schema(s: ServeConfig) -> dict[str, Any]:
 
 _PREDICTION_SCHEMA = {
     "type": "object", "required": ["label", "confidence", "probabilities", "uncertain"],
-    "properties": {"label": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+    "properties": {"label": {"type": "string",
+                             "description": "one of the model's labels (GET /metadata): every text gets one, a text "
+                                            "that is none of them too, and then a low confidence"},
+                   "confidence": {"type": "number", "minimum": 0, "maximum": 1},
                    "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
                    "uncertain": {"type": "boolean",
                                  "description": "the confidence is below serve.min_confidence (the abstain band)"}},
@@ -53,7 +56,10 @@ PREDICT_RESPONSE_SCHEMA = {
 }
 _EXPLANATION_SCHEMA = {
     "type": "object", "required": ["label", "confidence", "uncertain", "words"],
-    "properties": {"label": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+    "properties": {"label": {"type": "string",
+                             "description": "one of the model's labels (GET /metadata): every text gets one, a text "
+                                            "that is none of them too, and then a low confidence"},
+                   "confidence": {"type": "number", "minimum": 0, "maximum": 1},
                    "uncertain": {"type": "boolean"},
                    "words": {"type": "array", "items": {
                        "type": "object", "required": ["word", "start", "end", "weight"],

@@ -1,7 +1,7 @@
 """A real browser against the real dashboard: `raybm dashboard` on a free loopback port,
 headless Chromium (driven by Playwright) opens the Try it page, submits a sentence, reads
 the answer and saves a screenshot; opens the Live page of a real `raybm serve` after
-traffic; and checks that the runs table fits a 1,400-pixel window.
+traffic; and checks that the first page's tables (runs, pipelines) fit a 1,400-pixel window.
 
 Runs from `make e2e` (it needs Debian's chromium and the playwright package); `make test`
 skips it when either is missing.
@@ -25,6 +25,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (make e2e)")
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make e2e installs it)")]
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 SHOTS = os.environ.get("RAYBM_E2E_ARTIFACTS", os.path.join(os.getcwd(), "e2e-artifacts"))
 
 
@@ -77,6 +78,13 @@ def dashboard(tmp_path, tiny_model_dir):
     (run / "config.yaml").write_text("model:\n  name: tiny-bert\n")
     (run / "metrics.json").write_text(json.dumps({"dataset": None, "test": None}))
     (run / "_SUCCESS").write_text("")
+    # A pipeline as make demo leaves it (its summary, long URLs and all): the first page's
+    # second table.
+    summary = json.loads(open(os.path.join(ASSETS, "pipeline_summary.json")).read())
+    pipeline = tmp_path / "pipelines" / summary["name"]
+    pipeline.mkdir(parents=True)
+    (pipeline / "summary.json").write_text(json.dumps(summary))
+    (pipeline / "_SUCCESS").write_text("")
     proc, url = start_dashboard(tmp_path)
     yield url, run / "model"
     proc.terminate()
@@ -149,14 +157,14 @@ def test_the_live_page_shows_the_traffic_a_real_server_got(tmp_path, served):
     assert shown[1].endswith(" ms") and shown[3] == "0.0%", shown  # p50 latency; no server errors
 
 
-def test_the_runs_table_fits_a_1400_pixel_window(dashboard):
+def test_the_first_page_s_tables_fit_a_1400_pixel_window(dashboard):
     url, _ = dashboard
     with browser_page(url) as page:
-        table = page.locator('[data-testid="stDataFrame"]').first
-        table.wait_for(timeout=60_000)
-        box = table.bounding_box()
+        tables = page.locator('[data-testid="stDataFrame"]')
+        tables.nth(1).wait_for(timeout=60_000)  # the runs and the pipelines
+        boxes = [tables.nth(i).bounding_box() for i in range(tables.count())]
         overflow = page.evaluate("""() => [...document.querySelectorAll('[data-testid="stDataFrame"] .dvn-scroller')]
                                     .map(e => e.scrollWidth - e.clientWidth)""")
         page.screenshot(path=os.path.join(SHOTS, "runs.png"), full_page=True)
-    assert box["x"] + box["width"] <= 1400
-    assert overflow and max(overflow) <= 16, overflow  # no column out of sight (a scrollbar's width of slack)
+    assert len(boxes) >= 2 and all(b["x"] + b["width"] <= 1400 for b in boxes), boxes
+    assert len(overflow) >= 2 and max(overflow) <= 16, overflow  # no column out of sight (a scrollbar's width of slack)

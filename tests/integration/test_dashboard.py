@@ -120,6 +120,8 @@ def test_try_it_predicts_typed_and_uploaded_text_and_explains_bad_input(monkeypa
     assert list(out["label"]) == [model.labels[i] for i in probs.argmax(1)]
     assert list(out["confidence"]) == pytest.approx(probs.max(1).tolist(), abs=1e-5)
     assert list(out["answer"]) == [in_words(model.labels[i], float(p.max())) for i, p in zip(probs.argmax(1), probs)]
+    knows = f"This model knows only {model.labels[0]} and {model.labels[1]}: every text gets one of them"
+    assert any(c.value.startswith(knows) for c in at.caption), [c.value for c in at.caption]
 
     # One text: the answer in words, and why (its words highlighted by their weight).
     at.text_area(key="try_text").set_value(typed[0])
