@@ -69,6 +69,7 @@ def test_models_uris_are_models_every_command_can_take(registry, tiny_model_dir,
     assert (root / "registry" / "tiny-classifier-v1" / "model" / "_SUCCESS").exists()
     want = load_predictor(tiny_model_dir).predict(TEXTS)
     np.testing.assert_allclose(load_predictor(located).predict(TEXTS), want, atol=1e-6)
+    assert locate_model("models:/tiny-classifier/1", cfg, shared=True) == located  # as export, serve, soup ask
     assert locate_model("models:/tiny-classifier/latest", cfg).endswith("tiny-classifier-v2/model")
     client = mlflow_client(cfg.tracking)
     client.set_registered_model_alias("tiny-classifier", "champion", "1")
