@@ -9,14 +9,13 @@ read a prepared split back as a lazy Dataset.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -24,14 +23,14 @@ import pyarrow.parquet as pq
 from raybm.config import JobConfig, config_hash, safe_name
 from raybm.data import cleaning, splitting
 from raybm.data.sources import Source, find_undecodable, read_source, resolve_source
+from raybm.data.report import build_report
 from raybm.data.tokenizing import CountTokens
 from raybm.data.udf import map_batches_cached
 from raybm.errors import DataError, RaybmError
 from raybm.lease import hold_lease
 from raybm.results import CONFIG_FILE, DATASETS, LABEL_MAP_FILE, REPORT_FILE, SPLITS, Results
 
-REPORT_VERSION = 1
-COUNT_BLOCK_ROWS = 20_000  # rows a token-counting task takes
+TASK_ROWS = 20_000  # rows a cleaning or token-counting task takes: few tasks to start, even ones
 BLOCK_BYTES = 16 << 20  # Ray Data blocks of the stage: one large file read is cleaned and counted on every CPU
 
 
@@ -167,9 +166,9 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
     marked, mapper, rows_read, dropped = _read_and_clean(cfg, src)
     n_clean = rows_read - sum(dropped.values())
     log(f"  2/4 removing duplicates among {n_clean} cleaned rows")
-    deduped, keys, conflicts = _deduplicate(cfg, marked, mapper, rows_read, n_clean, dropped)
+    shared, copies, keys, conflicts = _deduplicate(cfg, marked, mapper, rows_read, n_clean, dropped)
     log(f"  3/4 splitting {d.split} (seed {d.seed}) and counting tokens")
-    split_ds, lengths = _split_and_count(cfg, deduped, keys, mapper, dropped)
+    split_ds, lengths = _split_and_count(cfg, marked, shared, copies, keys, mapper, dropped)
     report = build_report(cfg, src, name, digest, mapper, rows_read, dropped, conflicts, lengths, started)
     log("  4/4 writing")
     _write_dataset(cfg, results, name, split_ds, mapper, report, log)
@@ -193,10 +192,13 @@ def _read_and_clean(cfg: JobConfig, src: Source):
         if src.all_labels is None and not d.labels:  # the labels are counted first: read and parse
             raw = raw.materialize()  # the source once, cleaned from Ray's object store
         mapper = _resolve_labels(cfg, src, raw)
-        marked = raw.map_batches(  # a task pool of its own size: not fused into the read, so the
-            cleaning.clean_batch, batch_format="pandas", concurrency=row_tasks(),  # blocks of one
-            fn_kwargs=dict(cfg=d.clean, mapper=mapper, twitter_repair=src.kind == "twitter-sentiment"),
-        ).materialize()  # file are cleaned on every CPU
+        # A task pool of its own size, not fused into the read: the blocks of one file are
+        # cleaned on every CPU.
+        marked = raw.map_batches(
+            _clean_and_key, batch_format="pandas", batch_size=TASK_ROWS, concurrency=row_tasks(),
+            fn_kwargs=dict(cfg=d.clean, mapper=mapper, twitter_repair=src.kind == "twitter-sentiment",
+                           seed=d.seed),
+        ).materialize()
         rows_read = marked.count()
     except Exception as e:  # noqa: BLE001 - translated or re-raised
         err = _translate_read_error(e, src)
@@ -215,16 +217,33 @@ def _read_and_clean(cfg: JobConfig, src: Source):
     return marked, mapper, rows_read, dropped
 
 
+def _clean_and_key(batch, cfg, mapper, twitter_repair: bool, seed: int):
+    return splitting.with_keys(cleaning.clean_batch(batch, cfg, mapper, twitter_repair=twitter_repair), seed=seed)
+
+
 def _deduplicate(cfg: JobConfig, marked, mapper, rows_read: int, n_clean: int, dropped: dict[str, int]):
-    """(the rows without exact duplicates across the whole dataset, before the split; their
-    integer keys, which alone come to the driver and decide sample and split; how many texts
-    had conflicting labels). ``dropped`` gains the duplicates."""
-    buckets = splitting.dedup_buckets(n_clean)
-    deduped = (marked.map_batches(splitting.keep_and_bucket, batch_format="pandas", fn_kwargs={"buckets": buckets})
-               .groupby("bucket", num_partitions=_partitions(buckets))
-               .map_groups(splitting.deduplicate, batch_format="pandas", fn_kwargs={"seed": cfg.data.seed})
-               .materialize())
-    keys = deduped.select_columns(["label", "conflict", "sample_key", "split_key"]).to_pandas()
+    """(the text keys more than one kept row holds; those rows de-duplicated by their text (a
+    materialized dataset, None when there are none); the integer keys of every row left,
+    which alone come to the driver and decide sample and split; how many texts had
+    conflicting labels). ``dropped`` gains the duplicates.
+
+    Only rows whose text key another row shares are shuffled (to compare their texts); the
+    others are unique where they are and stay there."""
+    keys = marked.map_batches(splitting.kept_keys, batch_format="pandas").to_pandas()
+    if keys.empty:  # no row kept: Ray hands back a frame without columns
+        keys = splitting.KEYS.empty_table().to_pandas()
+    shared = splitting.shared_keys(keys["text_key"].to_numpy())
+    maybe_copies = splitting.holds_shared_key(keys["text_key"].to_numpy(), shared)
+    keys = keys.loc[~maybe_copies, ["label", "sample_key", "split_key"]].assign(conflict=False)
+    copies = None
+    if len(shared):
+        buckets = splitting.dedup_buckets(int(maybe_copies.sum()))
+        copies = (marked.map_batches(splitting.keep_and_bucket, batch_format="pandas",
+                                     fn_kwargs={"buckets": buckets, "shared": shared})
+                  .groupby("bucket", num_partitions=_partitions(buckets))
+                  .map_groups(splitting.deduplicate, batch_format="pandas", fn_kwargs={"seed": cfg.data.seed})
+                  .materialize())
+        keys = pd.concat([keys, copies.select_columns(list(keys.columns)).to_pandas()], ignore_index=True)
     n_unique = len(keys)
     if n_unique == 0:
         raise DataError(f"no rows left after cleaning {rows_read} rows (dropped: {dropped}). Check the "
@@ -236,10 +255,10 @@ def _deduplicate(cfg: JobConfig, marked, mapper, rows_read: int, n_clean: int, d
     if empty:
         raise DataError(f"class(es) {empty} have no rows after cleaning and de-duplication; remove them "
                         f"from data.labels or add data")
-    return deduped, keys, int(keys["conflict"].sum())
+    return shared, copies, keys, int(keys["conflict"].sum())
 
 
-def _split_and_count(cfg: JobConfig, deduped, keys, mapper, dropped: dict[str, int]):
+def _split_and_count(cfg: JobConfig, marked, shared, copies, keys, mapper, dropped: dict[str, int]):
     """(the rows with their split, seeded and stratified (of a stratified sample under
     ``data.max_rows``) and their token counts with the model's tokenizer, loaded once per
     worker process; the lengths by split and label, no texts). ``dropped`` gains the rows
@@ -250,14 +269,16 @@ def _split_and_count(cfg: JobConfig, deduped, keys, mapper, dropped: dict[str, i
     if sum(quotas.values()) < len(keys):
         dropped[cleaning.SAMPLED_OUT] = len(keys) - sum(quotas.values())
     splitting.check_split_sizes(quotas, d.split, mapper.labels)
-    thresholds = splitting.split_thresholds(keys, quotas, list(d.split))
-    # Blocks of even size: the de-duplicated buckets come out uneven, and one large block
-    # would leave the other CPUs idle at the end of token counting.
-    split_ds = deduped.repartition(target_num_rows_per_block=COUNT_BLOCK_ROWS).map_batches(
-        splitting.apply_split, batch_format="pandas", fn_kwargs={"thresholds": thresholds})
-    split_ds = map_batches_cached(split_ds, CountTokens, dict(model=cfg.model.name, max_length=d.max_length,
-                                                              trust_remote_code=cfg.model.trust_remote_code,
-                                                              storage=dataclasses.asdict(cfg.storage)),
+    split = {"thresholds": splitting.split_thresholds(keys, quotas, list(d.split))}
+    rows = marked.map_batches(splitting.unique_rows, batch_format="pandas", fn_kwargs={"shared": shared, **split})
+    if copies is not None:
+        rows = rows.union(copies.map_batches(splitting.apply_split, batch_format="pandas", fn_kwargs=split))
+    # Token counting in blocks of even size (small ones merged): a task each, few enough
+    # that starting them costs little, and no large block leaves the other CPUs idle at the end.
+    rows = rows.repartition(target_num_rows_per_block=TASK_ROWS, strict=True)
+    split_ds = map_batches_cached(rows, CountTokens, dict(model=cfg.model.name, max_length=d.max_length,
+                                                          trust_remote_code=cfg.model.trust_remote_code,
+                                                          storage=dataclasses.asdict(cfg.storage)),
                                   concurrency=row_tasks(), batch_format="pandas", batch_size=2048).materialize()
     return split_ds, split_ds.select_columns(["split", "label", "n_tokens"]).to_pandas()
 
@@ -305,8 +326,6 @@ def _rows_of_split(batch, split: str):
 
 
 def _value_counts(batch, column: str, where: tuple[str, Any] | None):
-    import pandas as pd
-
     if where is not None:
         batch = batch[batch[where[0]] == where[1]]
     counts = batch[column].value_counts()
@@ -327,77 +346,6 @@ def count_values(ds, column: str, where: tuple[str, Any] | None = None) -> dict[
             key = value == "True"
         out[key] = int(n)
     return out
-
-
-def build_report(cfg: JobConfig, src: Source, name: str, digest: str, mapper: cleaning.LabelMapper,
-                 rows_read: int, dropped: dict[str, int], conflicts: int, lengths, started: float) -> dict:
-    """The data report: rows read, dropped by reason, duplicates, split sizes, class balance, token lengths."""
-    labels = mapper.labels
-    splits: dict[str, Any] = {}
-    for split in SPLITS:
-        part = lengths[lengths["split"] == split]
-        per_label = part["label"].value_counts().to_dict()
-        splits[split] = {
-            "rows": int(len(part)),
-            "labels": {lab: int(per_label.get(i, 0)) for i, lab in enumerate(labels)},
-            "truncated": int((part["n_tokens"] > cfg.data.max_length).sum()),
-        }
-    n_tokens = lengths["n_tokens"].to_numpy()
-    pct = {f"p{q}": int(np.percentile(n_tokens, q)) for q in (50, 90, 95, 99)}
-    truncated = int((n_tokens > cfg.data.max_length).sum())
-    rows_kept = int(len(lengths))
-    return {
-        "version": REPORT_VERSION,
-        "dataset": name,
-        "source": cfg.data.source,
-        "format": src.format,
-        "files": src.display_files,
-        "config_hash": digest,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "elapsed_s": round(time.time() - started, 2),
-        "rows_read": int(rows_read),
-        "dropped": {r: int(dropped.get(r, 0)) for r in cleaning.DROP_REASONS if dropped.get(r)},
-        "dropped_total": int(sum(dropped.values())),
-        "duplicates_with_conflicting_labels": int(conflicts),
-        "rows_kept": rows_kept,
-        "labels": labels,
-        "splits": splits,
-        "tokens": {
-            "model": cfg.model.name,
-            "max_length": cfg.data.max_length,
-            "mean": round(float(n_tokens.mean()), 2),
-            **pct,
-            "max": int(n_tokens.max()),
-            "truncated_rows": truncated,
-            "truncated_share": round(truncated / max(1, rows_kept), 4),
-            "ids_stored": True,  # each split's input_ids column (SPLIT_COLUMNS)
-        },
-    }
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The data report as a short human-readable summary."""
-    lines = [f"Dataset {report['dataset']}  (source: {report['source']})",
-             f"  rows read {report['rows_read']:>30}"]
-    for reason, n in report["dropped"].items():
-        lines.append(f"    dropped: {reason:<22}{n:>7}")
-    lines.append(f"  rows kept {report['rows_kept']:>30}")
-    if report.get("duplicates_with_conflicting_labels"):
-        lines.append(f"  ({report['duplicates_with_conflicting_labels']} duplicated texts had conflicting "
-                     f"labels; the majority label was kept)")
-    labels = report["labels"]
-    lines.append("")
-    lines.append("  split        rows  " + "  ".join(f"{lab:>10}" for lab in labels))
-    for split, info in report["splits"].items():
-        dist = "  ".join(f"{info['labels'][lab]:>5} {100 * info['labels'][lab] / max(1, info['rows']):3.0f}%"
-                         for lab in labels)
-        lines.append(f"  {split:<10}{info['rows']:>7}  {dist}")
-    t = report["tokens"]
-    lines.append("")
-    lines.append(f"  tokens ({t['model']}): mean {t['mean']}, p50 {t['p50']}, p95 {t['p95']}, "
-                 f"p99 {t['p99']}, max {t['max']}; {100 * t['truncated_share']:.2g}% "
-                 f"({t['truncated_rows']}) truncated at max_length {t['max_length']}")
-    return "\n".join(lines)
 
 
 # The columns of a prepared split: the cleaned text, the label's index, and the text's

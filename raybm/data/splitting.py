@@ -1,11 +1,14 @@
 """De-duplication, sampling and the stratified split: plain functions on pandas frames.
 
 Both are deterministic functions of the rows' content and the seed, never of row order,
-partitioning or machine: every decision comes from a SHA-256 of (seed, text). Only one
-shuffle is needed (copies of a text must meet); the split itself is a per-class
-threshold on those keys, found on the driver from integer keys alone. So two runs
-on different machines, with any number of Ray blocks, give the same split. Duplicates are
-removed before the split, so no text can be in two splits.
+partitioning or machine: every decision comes from a SHA-256 of (seed, text). Every kept
+row gets a text key where it is cleaned; the keys alone (integers) come to the driver,
+which finds the keys held by more than one row. Only those rows (copies of a text, or a
+rare key collision) are shuffled so that copies meet and are compared by their text; every
+other row is unique as it stands and never moves. The split itself is a per-class
+threshold on the keys, found on the driver. So two runs on different machines, with any
+number of Ray blocks, give the same split. Duplicates are removed before the split, so no
+text can be in two splits.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def dedup_buckets(rows: int) -> int:
 BUCKETED = pa.schema([("text", pa.large_string()), ("label", pa.int64()), ("bucket", pa.int64())])
 DEDUPED = pa.schema([("text", pa.large_string()), ("label", pa.int64()), ("copies", pa.int64()),
                      ("conflict", pa.bool_()), ("sample_key", pa.int64()), ("split_key", pa.int64())])
+KEYS = pa.schema([("text_key", pa.int64()), ("label", pa.int64()), ("sample_key", pa.int64()),
+                  ("split_key", pa.int64())])
 SPLIT = pa.schema([("text", pa.large_string()), ("label", pa.int64()), ("split", pa.large_string())])
 
 
@@ -46,13 +51,64 @@ def text_key(text: str, salt: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def keep_and_bucket(batch: pd.DataFrame, *, buckets: int = MIN_DEDUP_BUCKETS) -> pa.Table:
-    """Rows kept by cleaning, bucketed by text (one of ``buckets``) so all copies of a text
-    meet in one group."""
-    kept = batch.loc[batch["drop_reason"] == "", ["text", "label"]]
+def with_keys(marked: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
+    """Cleaned rows (``drop_reason`` marks the dropped) with the keys of the kept ones:
+    ``text_key`` (copies of a text share it), ``sample_key`` and ``split_key``; -1 on
+    dropped rows."""
+    kept = (marked["drop_reason"] == "").tolist()
+    texts = marked["text"].tolist()
+    for column, salt in (("text_key", "bucket"), ("sample_key", f"sample:{seed}"), ("split_key", f"split:{seed}")):
+        marked[column] = np.array([text_key(t, salt) if k else -1 for t, k in zip(texts, kept)], dtype="int64")
+    return marked
+
+
+def kept_keys(batch: pd.DataFrame) -> pa.Table:
+    """The kept rows' keys and labels, no text: all of the rows the driver sees."""
+    kept = batch.loc[batch["drop_reason"] == ""]
+    return _table({c: kept[c].to_numpy(dtype="int64") for c in KEYS.names}, KEYS)
+
+
+def shared_keys(text_keys: np.ndarray) -> np.ndarray:
+    """The text keys held by more than one row, sorted: those rows may be copies."""
+    text_keys = np.asarray(text_keys, dtype="int64")
+    return np.unique(text_keys[pd.Series(text_keys).duplicated(keep=False).to_numpy()])
+
+
+def holds_shared_key(text_keys: np.ndarray, shared: np.ndarray) -> np.ndarray:
+    """Which of ``text_keys`` are among ``shared`` (sorted)."""
+    text_keys = np.asarray(text_keys, dtype="int64")
+    if len(shared) == 0:
+        return np.zeros(len(text_keys), dtype=bool)
+    at = np.minimum(np.searchsorted(shared, text_keys), len(shared) - 1)
+    return shared[at] == text_keys
+
+
+def unique_rows(batch: pd.DataFrame, *, shared: np.ndarray, thresholds: dict[int, list[int]] | None = None
+                ) -> pa.Table:
+    """The kept rows whose text key no other row holds: unique texts, as ``deduplicate``
+    would return them (one copy, no conflict; ``DEDUPED`` columns), or with ``thresholds``
+    split as ``apply_split`` splits them (``SPLIT`` columns)."""
+    kept = batch.loc[batch["drop_reason"] == ""]
+    kept = kept.loc[~holds_shared_key(kept["text_key"].to_numpy(), shared)]
+    if thresholds is not None:
+        return apply_split(kept, thresholds=thresholds)
+    return _table({"text": kept["text"].astype(str).tolist(), "label": kept["label"].to_numpy(dtype="int64"),
+                   "copies": np.ones(len(kept), dtype="int64"), "conflict": np.zeros(len(kept), dtype=bool),
+                   "sample_key": kept["sample_key"].to_numpy(dtype="int64"),
+                   "split_key": kept["split_key"].to_numpy(dtype="int64")}, DEDUPED)
+
+
+def keep_and_bucket(batch: pd.DataFrame, *, buckets: int = MIN_DEDUP_BUCKETS,
+                    shared: np.ndarray | None = None) -> pa.Table:
+    """Rows kept by cleaning (with ``shared``: only those holding a shared text key),
+    bucketed by text (one of ``buckets``) so all copies of a text meet in one group."""
+    kept = batch.loc[batch["drop_reason"] == ""]
+    if shared is not None:
+        kept = kept.loc[holds_shared_key(kept["text_key"].to_numpy(), shared)]
     texts = kept["text"].astype(str).tolist()
+    keys = kept["text_key"].to_numpy(dtype="int64") if "text_key" in kept else [text_key(t, "bucket") for t in texts]
     return _table({"text": texts, "label": kept["label"].to_numpy(dtype="int64"),
-                   "bucket": [text_key(t, "bucket") % buckets for t in texts]}, BUCKETED)
+                   "bucket": np.asarray(keys, dtype="int64") % buckets}, BUCKETED)
 
 
 def deduplicate(group: pd.DataFrame, *, seed: int = 0) -> pa.Table:

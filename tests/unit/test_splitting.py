@@ -89,3 +89,61 @@ def test_dedup_buckets_grow_with_the_rows_and_any_count_keeps_the_same_rows():
         return out.sort_values("text").reset_index(drop=True)
 
     pd.testing.assert_frame_equal(deduped(32), deduped(7))
+
+
+def _deduplicated_where_they_are(batch, buckets=7):
+    """The pipeline's de-duplication on pandas: rows whose text key no other row holds stay
+    as they are; only the others are bucketed and compared by their text."""
+    keyed = splitting.with_keys(batch.copy(), seed=0)
+    keys = splitting.kept_keys(keyed).to_pandas()
+    shared = splitting.shared_keys(keys["text_key"].to_numpy())
+    unique = splitting.unique_rows(keyed, shared=shared).to_pandas()
+    bucketed = splitting.keep_and_bucket(keyed, buckets=buckets, shared=shared).to_pandas()
+    copies = [splitting.deduplicate(g.drop(columns="bucket")).to_pandas() for _, g in bucketed.groupby("bucket")]
+    return pd.concat([unique, *copies]).sort_values("text").reset_index(drop=True), len(bucketed)
+
+
+def test_only_rows_sharing_a_text_key_are_compared_and_the_result_is_the_whole_deduplication():
+    rng = np.random.default_rng(1)
+    texts = [f"t{i}" for i in rng.integers(0, 3000, 2000)]  # some copies, most texts once
+    batch = pd.DataFrame({"text": texts, "label": rng.integers(0, 3, 2000),
+                          "drop_reason": np.where(rng.random(2000) < 0.05, "empty_after_cleaning", "")})
+    got, compared = _deduplicated_where_they_are(batch)
+    kept = batch[batch["drop_reason"] == ""]
+    expected = splitting.deduplicate(kept[["text", "label"]]).to_pandas().sort_values("text").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expected)
+    copies = kept["text"].duplicated(keep=False)
+    assert compared == int(copies.sum()) and 0 < compared < len(kept)  # only the copies moved
+    assert got["text"].is_unique
+
+
+def test_two_texts_sharing_a_text_key_are_both_kept(monkeypatch):
+    real = splitting.text_key
+    monkeypatch.setattr(splitting, "text_key", lambda t, salt: 42 if salt == "bucket" else real(t, salt))
+    batch = pd.DataFrame({"text": ["good", "bad", "good"], "label": [1, 0, 1], "drop_reason": ""})
+    got, compared = _deduplicated_where_they_are(batch)
+    assert compared == 3  # every row holds key 42: all are compared by their text
+    assert got[["text", "label", "copies"]].values.tolist() == [["bad", 0, 1], ["good", 1, 2]]
+
+
+def test_keys_of_dropped_rows_are_not_handed_on():
+    batch = pd.DataFrame({"text": ["a", "", "b"], "label": [0, -1, 1], "drop_reason": ["", "missing_text", ""]})
+    keyed = splitting.with_keys(batch, seed=3)
+    assert keyed["text_key"].tolist()[1] == -1 and (keyed["sample_key"] >= -1).all()
+    keys = splitting.kept_keys(keyed).to_pandas()
+    assert keys["label"].tolist() == [0, 1]
+    assert keys["split_key"].tolist() == [splitting.text_key("a", "split:3"), splitting.text_key("b", "split:3")]
+
+
+def test_unique_rows_split_where_they_are_as_apply_split_splits_them():
+    batch = pd.DataFrame({"text": [f"t{i % 150}" for i in range(200)], "label": [i % 2 for i in range(200)],
+                          "drop_reason": ""})
+    keyed = splitting.with_keys(batch, seed=0)
+    shared = splitting.shared_keys(splitting.kept_keys(keyed).to_pandas()["text_key"].to_numpy())
+    unique = splitting.unique_rows(keyed, shared=shared).to_pandas()
+    assert len(unique) == 100  # t100..t149 appear once
+    thresholds = splitting.split_thresholds(unique, {0: 50, 1: 50}, [0.8, 0.1, 0.1])
+    split = splitting.unique_rows(keyed, shared=shared, thresholds=thresholds).to_pandas()
+    expected = splitting.apply_split(unique, thresholds=thresholds).to_pandas()
+    pd.testing.assert_frame_equal(split, expected)
+    assert split["split"].value_counts().to_dict() == {"train": 80, "validation": 10, "test": 10}

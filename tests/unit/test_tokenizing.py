@@ -38,6 +38,23 @@ def test_count_tokens_is_untruncated_and_stores_the_ids_training_reads():
     assert out.column("text").to_pylist() == TEXTS and out.column("label").to_pylist() == [0, 1]
 
 
+def test_count_tokens_counts_as_the_tokenizer_itself_for_every_kind_of_tokenizer():
+    # CountTokens runs a fast tokenizer's own encoder (faster); the ids must be the ones the
+    # transformers call gives, special tokens included, whatever the tokenizer.
+    from raybm.models.build import TINY_MODELS, load_tokenizer
+
+    texts = TEXTS + ["Émojis 😀 and\ttabs, URLs http://x.y/z?q=1 — and “quotes”", "", "   spaced   out  "]
+    for name in [MODEL, *TINY_MODELS]:
+        counter = CountTokens(name, max_length=6)
+        tokenizer = load_tokenizer(name)
+        expected = tokenizer(texts, truncation=False, padding=False)["input_ids"]
+        out = counter(pd.DataFrame({"text": texts, "label": [0] * len(texts)}))
+        assert out.column("n_tokens").to_pylist() == [len(ids) for ids in expected], name
+        cut = tokenizer(texts, truncation=True, max_length=6, padding=False)["input_ids"]
+        assert out.column("input_ids").to_pylist() == cut, name
+        assert counter.encoder is not None or not tokenizer.is_fast, name
+
+
 def test_collate_of_stored_ids_attends_to_every_token_and_pads_to_a_fixed_width():
     ids = np.empty(2, dtype=object)
     ids[:] = [np.array([101, 7, 102], dtype=np.int32), np.array([101, 102], dtype=np.int32)]
