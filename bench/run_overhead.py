@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from raybm.train.resources import POLL_INTERVAL_ENV, POLL_INTERVAL_S  # noqa: E402
+from raybm.ray_patches import POLL_INTERVAL_ENV, POLL_INTERVAL_S  # noqa: E402
 
 LRS = (1e-3, 5e-4, 2e-4, 1e-4)
 

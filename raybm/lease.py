@@ -72,11 +72,9 @@ def owner_gone(record: dict[str, Any]) -> bool:
 
         if not ray.is_initialized() or ray.get_runtime_context().gcs_address != record.get("ray_gcs"):
             return False
-        from ray._private.state import jobs  # the GCS job table: no dashboard needed
+        from raybm.ray_patches import ray_job_ended
 
-        for info in jobs():
-            if info.get("JobID") == job:
-                return bool(info.get("IsDead"))
+        return bool(ray_job_ended(job))
     except Exception:  # noqa: BLE001 - cannot tell: the time-to-live decides
         return False
     return False

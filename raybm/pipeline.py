@@ -30,9 +30,9 @@ from raybm.config import JobConfig, derived_name, pipeline_stages, run_name_for,
 from raybm.errors import RaybmError
 from raybm.export.measure import measure
 from raybm.export.variants import run_export
-from raybm.inference.locate import config_model
 from raybm.inference.predict import in_words
 from raybm.model_cache import fetch_model
+from raybm.preflight import trained_model
 from raybm.results import (
     CONFIG_FILE,
     EXPORTS,
@@ -48,9 +48,8 @@ from raybm.results import (
 from raybm.runtime import cluster_address
 from raybm.serve.client import post_texts
 from raybm.serve.ingress import say_direct_urls
-from raybm.tracking import check_tracking
 from raybm.tracking.registry import register_model, registered_name
-from raybm.train.driver import run_training, teacher_labels
+from raybm.train.driver import run_training
 from raybm.tune.leaderboard import format_leaderboard
 from raybm.tune.sweep import run_sweep
 
@@ -59,34 +58,6 @@ def pipeline_name(cfg: JobConfig, dataset: str) -> str:
     """The config's name, or one derived from what the pipeline produces (so rerunning some
     of its stages, or changing the gate, reports into the same summary)."""
     return derived_name(cfg, dataset, ("model", "train", "tune", "export"), "pipeline")
-
-
-def preflight(cfg: JobConfig, stages: list[str] | None = None):
-    """The checks before Ray starts, for every command that runs ``stages`` (default: the
-    pipeline's): they need no Ray and cost seconds. The storage is reachable (bucket,
-    credentials), the data source exists, the model and its tokenizer load, the training
-    settings (and those a sweep can sample) fit the model's architecture, a distillation
-    teacher is a model folder, an API key is set for deploy, export or deploy without a
-    train or tune stage have a model. Returns the resolved source."""
-    from raybm.data.sources import resolve_source
-    from raybm.models.catalog import check_model
-    from raybm.models.strategies import check_fits_architecture
-    from raybm.serve.app import read_api_key
-
-    Results.from_config(cfg.storage).check_reachable()
-    check_tracking(cfg.tracking)
-    source = resolve_source(cfg.data, cfg.storage)
-    if cfg.tracking.mlflow_uri and cfg.tracking.register:
-        registered_name(cfg, source.name)
-    check_model(cfg.model, cfg.storage)
-    check_fits_architecture(cfg)
-    teacher_labels(cfg.train.distill_from)
-    stages = pipeline_stages(cfg) if stages is None else stages
-    if "deploy" in stages:
-        read_api_key(cfg.serve)
-    if not {"train", "tune"} & set(stages) and {"export", "deploy"} & set(stages):
-        trained_model(cfg)  # export or deploy alone need a model trained earlier
-    return source
 
 
 class _Summary:
@@ -210,17 +181,6 @@ def _failed(summary: _Summary, stage: str, t0: float, e: BaseException) -> None:
 
 
 # ----------------------------------------------------------------------------- stages
-
-
-def trained_model(cfg: JobConfig) -> str:
-    """The model this config's train or tune stage made earlier (a path or URI); a clear
-    error when none."""
-    try:
-        return config_model(cfg)
-    except RaybmError as e:  # nothing trained yet: say it in the pipeline's terms
-        stage = "tune" if cfg.tune.search_space else "train"
-        raise RaybmError(f"{str(e).split(';')[0]}; add the {stage} stage (--stages {stage},...) or run "
-                         f"`raybm {stage}` with this config first") from None
 
 
 def _model_stage_output(cfg: JobConfig, results: Results, state: dict[str, Any]) -> None:

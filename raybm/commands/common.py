@@ -1,11 +1,11 @@
-"""What every command shares: the config arguments, the start (checks, then Ray), the
-test metrics printout."""
+"""What every command shares: the config arguments, the one start (checks, then Ray, then
+the paths every node must see), the test metrics printout."""
 
 from __future__ import annotations
 
 import argparse
 
-from raybm.pipeline import preflight
+from raybm.preflight import preflight
 from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
 from raybm.serve.ingress import ray_env
 
@@ -17,14 +17,24 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, e.g. train.lr=3e-5 data.max_length=64")
 
 
-def start(cfg, stages: list[str], source=None):
-    """Check what needs no Ray (``raybm.pipeline.preflight``; done already when ``source``
-    is given), then join or start Ray and check that every node sees the job's paths.
-    Returns the resolved data source."""
-    if source is None:
+def start(cfg, *, stages: list[str] | None = None, source=None, paths: dict[str, str] | None = None,
+          root: bool = True, shared: bool = True):
+    """The one start of every command that runs on Ray, in this order:
+
+    1. the checks that need no Ray (``raybm.preflight.preflight`` of ``stages``; none
+       without ``stages``, and done already when ``source`` is given);
+    2. Ray joined or started (with Serve's switches, ``raybm.serve.ingress.ray_env``);
+    3. on a cluster, every local path the work reads must be one all nodes see: the
+       config's, ``paths`` (``{flag: path}``), and ``storage.root`` unless ``root`` is false
+       (skipped with ``shared=False``: the command reads no path);
+    4. Ray Data's progress bars off when the output is not a terminal.
+
+    Returns the resolved data source (None without ``stages``)."""
+    if source is None and stages is not None:
         source = preflight(cfg, stages)  # storage, data, model and key problems fail before Ray starts
     print(f"raybm: running on {ensure_ray(cfg.ray, ray_env(cfg.serve))}", flush=True)
-    check_shared_paths(cfg)
+    if shared:
+        check_shared_paths(cfg, paths, root=root)
     quiet_ray_data()
     return source
 

@@ -6,16 +6,16 @@ import argparse
 import json
 import os
 
-from raybm.commands.common import add_config_args, print_test_metrics
+from raybm.commands.common import add_config_args, print_test_metrics, start
 from raybm.config import build_config, load_config
 from raybm.errors import RaybmError
 from raybm.export.variants import TRAINED, run_export
 from raybm.inference.loading import model_info, read_label_map
 from raybm.inference.locate import local_model, locate_model, model_name
 from raybm.results import Results, is_s3
-from raybm.runtime import check_shared_paths, cluster_address, ensure_ray, quiet_ray_data
+from raybm.runtime import cluster_address
 from raybm.serve.client import post_texts
-from raybm.serve.ingress import ray_env, say_direct_urls
+from raybm.serve.ingress import say_direct_urls
 
 
 MAX_LENGTH_HELP = ("longest token sequence (default: the length the model was trained with, as the model server "
@@ -42,10 +42,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from raybm.data.sources import resolve_source
 
         resolve_source(cfg.data, cfg.storage)
-    ensure_ray(cfg.ray)
     # Scored by Ray Data on any node: the model (and a data file) must be where all see them.
-    check_shared_paths(cfg, {"--checkpoint": args.checkpoint}, root=prepared)
-    quiet_ray_data()
+    start(cfg, paths={"--checkpoint": args.checkpoint}, root=prepared)
     want = bool(args.predictions)
     if prepared:
         scored = score_dataset(args.checkpoint, load_split(results, args.data, args.split), args.max_length,
@@ -109,10 +107,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         use_ray = os.path.getsize(args.input) > IN_PROCESS_MAX_BYTES or None
     if use_ray:
-        ensure_ray(cfg.ray)
         # Labelled by Ray Data on any node: the model and the input must be where all see them.
-        check_shared_paths(cfg, {"--model": args.model, "--input": args.input}, root=False)
-        quiet_ray_data()
+        start(cfg, paths={"--model": args.model, "--input": args.input}, root=False)
     done = predict_file(args.model, args.input, args.output, args.text_column, args.max_length, use_ray=use_ray,
                         probabilities=args.probabilities, log=lambda line: print(line, flush=True))
     print(f"labelled {done.rows - done.unlabelled} rows -> {args.output}"
@@ -127,11 +123,8 @@ def _score_to_folder(cfg, args: argparse.Namespace) -> int:
 
     p = cfg.predict
     inputs = find_inputs(args.input, cfg.storage)  # before Ray starts: a wrong path fails at once
-    ensure_ray(cfg.ray)
-    local = {k: v for k, v in {"--model": args.model, "--input": args.input, "--output": args.output}.items()
-             if not v.startswith("s3://")}
-    check_shared_paths(cfg, local, root=False)  # read and written by Ray Data on any node
-    quiet_ray_data()
+    # Read and written by Ray Data on any node.
+    start(cfg, paths={"--model": args.model, "--input": args.input, "--output": args.output}, root=False)
     score_to_folder(args.model, inputs, args.output, args.text_column, storage=cfg.storage,
                     probabilities=args.probabilities, max_length=args.max_length,
                     threads=p.threads, batch_size=p.batch_size, cpus_per_actor=p.cpus_per_actor,
@@ -144,8 +137,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     if any(v in TRAINED for v in (variants or cfg.export.variants)):
-        print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
-        quiet_ray_data()
+        start(cfg, paths={"--model": args.model})  # distilled and pruned variants train on any node
     result = run_export(cfg, args.model, variants)
     print(f"\nExports of {result.name} in {result.folder}:")
     print(format_exports(result.reference, result.manifests))
@@ -194,8 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.detach and not cluster_address(cfg.ray):
         raise RaybmError("--detach leaves the server running on a Ray cluster; without one (ray.address or "
                          "RAY_ADDRESS) the server lives only as long as this command")
-    print(f"raybm: running on {ensure_ray(cfg.ray, ray_env(cfg.serve))}", flush=True)
-    check_shared_paths(cfg, {"--model": model_dir})
+    start(cfg, paths={"--model": model_dir})
     print(f"Deploying {card['name']} ({model_dir}), backend {s.backend} ...", flush=True)
     url = deploy(cfg, model_dir, args.loader or DEFAULT_LOADER, storage=storage)
     test = card.get("test_metrics") or {}
@@ -238,7 +229,7 @@ def _manage_apps(cfg, args: argparse.Namespace) -> int:
     if not cluster_address(cfg.ray):
         raise RaybmError("--list and --stop manage the models on a Ray cluster (ray.address or RAY_ADDRESS); a "
                          "local Ray's Serve lives only as long as the command that started it")
-    print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
+    start(cfg, shared=False)
     if args.stop:
         stop_app(args.stop)
         print(f"Stopped {args.stop!r}; the other applications keep serving.")

@@ -8,10 +8,10 @@ import os
 from raybm.commands.common import add_config_args, is_override, print_test_metrics, start
 from raybm.commands.console import QuietConsole
 from raybm.config import load_config, pipeline_stages
-from raybm.pipeline import pipeline_name, preflight, run_pipeline
+from raybm.pipeline import pipeline_name, run_pipeline
+from raybm.preflight import preflight
 from raybm.local_paths import private_temp_dir
 from raybm.results import CONSOLE_LOG_FILE, Results, soup_used
-from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
 from raybm.train.driver import run_training
 from raybm.tune.leaderboard import format_leaderboard, format_values
 from raybm.tune.soup import check_soup_inputs, run_soup
@@ -23,7 +23,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from raybm.data import format_report, run_data_stage
 
     cfg = load_config(args.config, args.overrides)
-    prepared = run_data_stage(cfg, source=start(cfg, ["data"]), force=args.force)
+    prepared = run_data_stage(cfg, source=start(cfg, stages=["data"]), force=args.force)
     print()
     print(format_report(prepared.report))
     print(f"\nPrepared dataset: {prepared.path}")
@@ -33,7 +33,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """`raybm train`."""
     cfg = load_config(args.config, args.overrides)
-    start(cfg, ["data", "train"])
+    start(cfg, stages=["data", "train"])
     result = run_training(cfg)
     print(f"\nTest metrics of the best checkpoint (epoch {result.metrics['best_epoch']}):")
     print_test_metrics(result.metrics["test"])
@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     """`raybm tune`."""
     cfg = load_config(args.config, args.overrides)
-    start(cfg, ["data", "tune"])
+    start(cfg, stages=["data", "tune"])
     result = run_sweep(cfg, resume=args.resume, retry_errored=args.retry_errored)
     print(f"\nLeaderboard ({cfg.tune.metric}, best first):")
     print(format_leaderboard(result.leaderboard, cfg.tune.metric))
@@ -75,14 +75,14 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     stages = pipeline_stages(cfg)
     if not args.quiet:
-        summary = run_pipeline(cfg, source=start(cfg, stages))
+        summary = run_pipeline(cfg, source=start(cfg, stages=stages))
         _next_steps(cfg, summary, print)
         return 0
     source = preflight(cfg, stages)  # its errors show as always, before anything is redirected
     log_path = console_log_path(cfg, source)
     with QuietConsole(log_path) as console:
         console.say(f"raybm pipeline: Ray's, Tune's and ONNX's output goes to {log_path}")
-        summary = run_pipeline(cfg, source=start(cfg, stages, source), log=console.log, say=console.say)
+        summary = run_pipeline(cfg, source=start(cfg, stages=stages, source=source), log=console.log, say=console.say)
         _next_steps(cfg, summary, console.say)
     return 0
 
@@ -116,9 +116,7 @@ def cmd_soup(args: argparse.Namespace) -> int:
     models = [m for m in args.models if not is_override(m)]
     cfg = load_config(args.config, [*args.overrides, *(m for m in args.models if is_override(m))])
     check_soup_inputs(cfg, models, args.data, args.name)  # mistakes fail before Ray starts
-    print(f"raybm: running on {ensure_ray(cfg.ray)}", flush=True)
-    check_shared_paths(cfg, {f"--models {m}": m for m in models if os.path.isdir(os.path.expanduser(m))})
-    quiet_ray_data()
+    start(cfg, paths={f"--models {m}": m for m in models if os.path.isdir(os.path.expanduser(m))})
     out = run_soup(cfg, models, args.data, args.name, args.method)
     soup = out["soup"]
     print(f"\nSoup ({soup['method']}) of {len(soup['ingredients'])} model(s): {', '.join(soup['ingredients'])}")

@@ -90,7 +90,10 @@ def load_model_folder(model_dir: str):
     """(model in eval mode, tokenizer, labels) from a raybm model folder. Safetensors only."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from raybm.models.build import with_pad_token  # (importing it registers the baseline architecture)
+    from raybm.models.build import with_pad_token
+    from raybm.models.registry import prepare_transformers
+
+    prepare_transformers()  # raybm's own architectures load like any other
 
     labels = read_label_map(model_dir)
     if weight_files(model_dir) is None:
@@ -257,7 +260,10 @@ def load_onnx(model_dir: str, threads: int | None = None, max_length: int | None
         raise RaybmError("the onnx backend needs onnxruntime: pip install onnxruntime") from None
     from transformers import AutoTokenizer
 
-    from raybm.models.build import with_pad_token  # (also registers raybm's config types)
+    from raybm.models.build import with_pad_token
+    from raybm.models.registry import prepare_transformers
+
+    prepare_transformers()  # raybm's config types
 
     labels = read_label_map(model_dir)
     path = os.path.join(model_dir, ONNX_FILE)

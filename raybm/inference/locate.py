@@ -102,7 +102,7 @@ def config_model(cfg: JobConfig, results: Results | None = None) -> str:
 
 def local_model(located: str, cfg: JobConfig) -> str:
     """A local folder for a located model: itself, or an ``s3://`` one fetched into the
-    model cache (``raybm.results.fetch_model``)."""
+    model cache (``raybm.model_cache.fetch_model``)."""
     return fetch_model(located, cfg.storage) if is_s3(located) else located
 
 

@@ -12,7 +12,7 @@ import os
 from raybm.errors import RaybmError
 from raybm.models.architectures import ARCHITECTURES, head_modules
 from raybm.models.baseline import TextCNNConfig
-from raybm.models.catalog import (  # noqa: F401 - names many modules take from here, with the registration
+from raybm.models.catalog import (  # noqa: F401 - names many modules take from here
     BASELINE_MODELS,
     BUILTIN_MODELS,
     TINY_MODELS,
@@ -24,20 +24,7 @@ from raybm.models.catalog import (  # noqa: F401 - names many modules take from 
     with_pad_token,
 )
 from raybm.models.pooled import PooledClassifier, PooledClassifierConfig
-from raybm.models.registry import register_architectures
-
-register_architectures()
-
-
-def _quiet_weight_loading() -> None:
-    """transformers draws a progress bar for every model it loads ("Loading weights"), in
-    every Ray worker's log too: noise on a model this size. Hub downloads keep theirs."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-_quiet_weight_loading()
+from raybm.models.registry import prepare_transformers
 
 # ------------------------------------------------------------------------- building
 
@@ -51,6 +38,7 @@ def label_settings(labels: list[str]) -> dict:
 def classifier_config(model_cfg, labels: list[str]):
     """(the classifier's config, whether pretrained weights exist for it): the base model's
     config with ``labels``, the dropout overrides, a pad token for a decoder and layer cropping."""
+    prepare_transformers()
     from transformers import AutoConfig
 
     common = label_settings(labels)
@@ -102,6 +90,7 @@ def _crop(config, model_cfg):
 def classifier_skeleton(model_cfg, labels: list[str]):
     """The classifier's modules on the meta device: no memory and no weights, to check what a
     strategy needs of the architecture before anything runs."""
+    prepare_transformers()
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -140,6 +129,7 @@ def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, s
     strategy). Dropout overrides, layer cropping and head re-initialization from
     ``model_cfg`` are applied here.
     """
+    prepare_transformers()
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -177,6 +167,7 @@ def init_head(model, model_cfg) -> None:
 def tiny_config(name: str, common: dict):
     """The config of a tiny random model (``TINY_MODELS``) over MiniLM's tokenizer: its special
     token ids, and no pad token for a decoder."""
+    prepare_transformers()
     from transformers import CONFIG_MAPPING, AutoConfig
 
     tokenizer = load_tokenizer(name)

@@ -121,7 +121,8 @@ def render(name: str, kind: str, cfg: dict[str, Any], labels: list[str], dataset
     elif model_type in _RAYBM_TYPES:
         out += [f"This folder's architecture (`{model_type}`) is raybm's own: in Python, import raybm's models "
                 "before transformers' Auto classes. For use without raybm, `raybm export` writes ONNX and a "
-                "self-contained mobile artifact.", "", "```python", "import raybm.models.build  # registers the architecture",
+                "self-contained mobile artifact.", "", "```python", "from raybm.models.registry import prepare_transformers",
+                "prepare_transformers()  # registers the architecture",
                 "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "```", ""]
     else:
         out += ["```python", "from transformers import pipeline",

@@ -6,7 +6,9 @@ its module (``pooled.py``, ``baseline.py``: torch and transformers only) into th
 and its config's ``auto_map`` goes into ``config.json``, so the folder loads without raybm with
 ``trust_remote_code=True``. raybm itself loads its own registered classes, never the
 folder's copy (transformers prefers registered code unless told to trust the folder's).
-Imports torch and transformers: import it where models are built or loaded."""
+Imports torch and transformers. Importing changes nothing: ``prepare_transformers`` (called
+by every function that builds or loads a model) registers the architectures and quiets
+transformers' weight-loading progress bars, once per process."""
 
 from __future__ import annotations
 
@@ -30,3 +32,20 @@ def register_architectures() -> None:
         # the folder; the config names both classes in its auto_map. Only the config is
         # registered so: a model wrapped by FSDP is of another class, defined elsewhere.
         config_cls.register_for_auto_class("AutoConfig")
+
+
+_prepared = False
+
+
+def prepare_transformers() -> None:
+    """Make transformers ready for raybm's models, once per process: raybm's architectures
+    registered with the Auto classes, and no "Loading weights" progress bar for every model
+    loaded (in every Ray worker's log too; hub downloads keep theirs)."""
+    global _prepared
+    if _prepared:
+        return
+    from transformers.utils import logging as hf_logging
+
+    register_architectures()
+    hf_logging.disable_progress_bar()
+    _prepared = True

@@ -3,11 +3,11 @@ and the applications it hosts, each under its route prefix.
 
 Ray Serve keeps the HTTP options it started with (a later ``serve.start`` with others
 only logs "New http_options ... will not be applied"), and its public API does not say
-which they are. The running controller does (``get_http_config``,
-``get_serve_instance_details``, whose target groups also name the replicas that listen
-themselves under direct ingress): those two calls are private to Ray, so they live here
-alone, checked against the Ray version raybm pins, each with a fallback to what the public
-API tells (``serve.status``) where the private call is gone.
+which they are. The running controller does (its HTTP config, and its instance details,
+whose target groups also name the replicas that listen themselves under direct ingress):
+those calls are private to Ray, so they live in ``raybm.ray_patches`` with Ray's other
+private pieces, and this falls back to what the public API tells (``serve.status``) where
+they answer nothing.
 """
 
 from __future__ import annotations
@@ -39,26 +39,20 @@ def _controller():
 def running_serve() -> RunningServe | None:
     """The Serve running on the Ray this process is connected to, or None (without
     starting Serve, which ``serve.status`` would)."""
-    import ray
+    from raybm.ray_patches import serve_http_address, serve_instance_details
 
     controller = _controller()
     if controller is None:
         return None
-    host = port = None
-    try:
-        http = ray.get(controller.get_http_config.remote(), timeout=30)
-        host, port = http.host, int(http.port)
-    except Exception:  # noqa: BLE001 - a Ray whose controller changed: the address is unknown
-        pass
-    try:
-        details = ray.get(controller.get_serve_instance_details.remote(), timeout=30)
+    host, port = serve_http_address(controller) or (None, None)
+    details = serve_instance_details(controller)
+    if details is not None:
         apps = {name: app.get("route_prefix") for name, app in (details.get("applications") or {}).items()}
-    except Exception:  # noqa: BLE001 - fall back to the public status: names only
+    else:  # the public status: names only
         from ray import serve
 
         apps = {name: None for name in serve.status().applications}
     return RunningServe(host, port, apps)
-
 
 
 def ingress_targets(app: str, route_prefix: str) -> list[tuple[str, int]] | None:
@@ -66,15 +60,12 @@ def ingress_targets(app: str, route_prefix: str) -> list[tuple[str, int]] | None
     direct ingress), from the controller's target groups: empty when the app is reached
     through proxies only (Serve without direct ingress lists its proxies there, or Ray no
     longer tells), None while the app has no target group yet."""
-    import ray
+    from raybm.ray_patches import serve_instance_details
 
     controller = _controller()
     if controller is None:
         return []
-    try:
-        groups = ray.get(controller.get_serve_instance_details.remote(), timeout=30).get("target_groups")
-    except Exception:  # noqa: BLE001 - a Ray whose controller changed: no direct addresses known
-        return []
+    groups = (serve_instance_details(controller) or {}).get("target_groups")
     if groups is None:
         return []
     mine = [g for g in groups if g.get("app_name") == app and g.get("route_prefix") == route_prefix

@@ -10,7 +10,6 @@ Re-running with the same run name resumes an interrupted run from its last check
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,10 +50,6 @@ from raybm.train.publish import (
     worker_nodes_of,
 )
 from raybm.train.resources import (
-    PLACEMENT_TIMEOUT_ENV,
-    POLL_INTERVAL_ENV,
-    POLL_INTERVAL_S,
-    PREEMPTION_WATCHER_ENV,
     asks_for_gpus,
     check_workers_fit,
     not_placed,
@@ -183,25 +178,22 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
     is empty."""
     import ray.train
 
-    from raybm.train.backend import TorchProcessGroupConfig
+    from raybm.ray_patches import process_group_config, set_train_env, trainer_class
 
     t = cfg.train
     gpu = asks_for_gpus(t.use_gpu)
-    # Bounded: Ray Train retries a worker group it cannot place every minute, without end.
-    os.environ[PLACEMENT_TIMEOUT_ENV] = f"{t.placement_timeout_s:g}"
-    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     cluster = on_cluster()
-    if not cluster:
-        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
-    trainer_class = _trainer_class(ray_data=bool(datasets), autoscaling=cluster or bool(datasets),
-                                   placement_group_cleaner=cluster)
+    # Bounded: Ray Train retries a worker group it cannot place every minute, without end.
+    set_train_env(t.placement_timeout_s, cluster=cluster)
+    trainer_class = trainer_class(ray_data=bool(datasets), autoscaling=cluster or bool(datasets),
+                                              placement_group_cleaner=cluster)
     return trainer_class(
         train_loop_per_worker,
         train_loop_config=worker_config(cfg, labels, report, predictions_to, whole_splits),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=gpu,
                                                resources_per_worker=worker_resources(t, gpu)),
         # Ray's TorchConfig would have the Train controller import torch (about 2 s here).
-        torch_config=TorchProcessGroupConfig(backend=torch_backend(t, gpu)),
+        torch_config=process_group_config(torch_backend(t, gpu)),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -219,61 +211,6 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
         # numbers anyway to agree on early stopping.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-
-
-def _trainer_class(*, ray_data: bool, autoscaling: bool, placement_group_cleaner: bool):
-    """Ray Train's ``TorchTrainer``, less the helper processes a run does not need. Ray 2.60
-    starts each of them, a new Python process, for every run; on 2 cores each costs about a
-    second of CPU before the first step and a share of every step after (bench/run_overhead.py):
-
-    - without ``ray_data`` (the workers read their splits whole), no Ray Data dataset manager;
-    - without ``autoscaling``, no autoscaling coordinator: it forwards the worker group's
-      resource requests to an autoscaler, and a Ray raybm started on this machine has none
-      (kept while Ray Data runs, whose budget reads it);
-    - without ``placement_group_cleaner``, no detached actor polling the state API (the
-      dashboard's) every second to remove the run's placement group should its controller
-      die ungracefully: on a Ray raybm started, a run ends with the driver that started it,
-      and the sweep's driver removes a stopped trial's group itself
-      (``raybm.tune.trial.resource_releaser``). Kept on a cluster."""
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
-
-    dropped = set()
-    if not ray_data:
-        dropped.add("DatasetsCallback")
-    if not placement_group_cleaner:
-        dropped.add("PlacementGroupCleanerCallback")
-
-    class Trainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks() if type(c).__name__ not in dropped]
-
-        def _initialize_and_run_controller(self, **kwargs):
-            if not autoscaling and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
-                kwargs["scaling_policy"] = _policy_without_autoscaler(FixedScalingPolicy)(self.scaling_config)
-            return super()._initialize_and_run_controller(**kwargs)
-
-    return Trainer
-
-
-def _policy_without_autoscaler(fixed_policy: type) -> type:
-    """Ray Train's fixed-size scaling policy, minus its requests to the autoscaling
-    coordinator (and so minus that actor)."""
-
-    class FixedWithoutAutoscaler(fixed_policy):
-        def after_controller_start(self, train_run_context):
-            pass
-
-        def _maybe_send_resource_request(self):
-            pass
-
-        def _send_resource_request(self):
-            pass
-
-        def _cancel_resource_request(self):
-            pass
-
-    return FixedWithoutAutoscaler
 
 
 # Settings a rerun may change and still resume the same run: where and how it runs, how

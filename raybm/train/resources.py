@@ -72,21 +72,6 @@ def worker_resources(t, use_gpu: bool) -> dict[str, float]:
     return res
 
 
-PLACEMENT_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Ray Train's controller
-# How often Ray Train's controller polls its workers. Each state change of a run (workers
-# started, training finished) waits for a poll: at Ray's 2 s, a run's start and end cost
-# about 3 s more on a 2-core machine (bench/run_overhead.py). A poll is one small RPC per
-# worker; a missed one is tolerated (a worker counts as hung only after 10 minutes).
-# Ray propagates this variable from the driver to its controller; a value set by the user wins.
-POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-POLL_INTERVAL_S = "0.5"
-# Ray Train starts a preemption watcher per run (an actor polling whether Ray drains a node,
-# as a cloud does before reclaiming a spot instance). A Ray raybm started on this machine
-# drains no node: raybm turns it off there, one process fewer (about a second of CPU to
-# start, on 2 cores). Propagated like the poll interval; a value set by the user wins.
-PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-
-
 def not_placed(e: BaseException) -> bool:
     """Whether a Ray Train failure is its worker group not being placed in time."""
     return "worker group startup timed out" in str(e)

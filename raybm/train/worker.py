@@ -35,13 +35,10 @@ def quiet_ray_train_logs() -> None:
     """Ray Train logs, at INFO in every worker, each report with its whole metrics dict (the
     history included, so the line grows every epoch) and each checkpoint it saves. The
     loop's own epoch line says what matters once; warnings and errors still show."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:
-        from ray.train.v2._internal.execution import context as train_context
+    from raybm.ray_patches import quiet_train_context_logs
 
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # it logs under its file name
-    except ImportError:  # another Ray layout: its lines stay
-        pass
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    quiet_train_context_logs()  # it logs under its file name
 
 
 def worker_nodes(world: int) -> list[str]:

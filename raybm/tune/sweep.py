@@ -241,6 +241,8 @@ def _tuner(cfg: JobConfig, trainable, dists: list[Distribution], results: Result
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
+    from raybm.ray_patches import quiet_tune_sync_warning
+
     t = cfg.train
     failures = cfg.tune.max_failures
     checkpoints = None
@@ -253,7 +255,7 @@ def _tuner(cfg: JobConfig, trainable, dists: list[Distribution], results: Result
                                             checkpoint_score_order=cfg.tune.mode)
         # Tune then saves its experiment state at each checkpoint (so the ones it drops stay
         # dropped), and warns each time when epochs are short: that is the intended cost.
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        quiet_tune_sync_warning()
 
     sweep_dir = results.sweep_dir(name)
     # Tune's own state is sealed as it is written and checked as it is read back.

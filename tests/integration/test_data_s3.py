@@ -178,7 +178,7 @@ def test_training_from_a_base_model_on_s3(s3_server, buckets, ray_local, tmp_pat
     # and the training worker fetch it on their own node, with the job's endpoint (set in the
     # config only, not in the environment).
     from raybm.models.build import build_classifier, load_tokenizer
-    from raybm.pipeline import preflight
+    from raybm.preflight import preflight
     from raybm.train.driver import run_training
 
     base = tmp_path / "base"

@@ -316,6 +316,28 @@ def test_two_ddp_workers_with_gradual_unfreezing(ray_local, tmp_path):
     assert result.metrics["test"]["examples"] == report["splits"]["test"]["rows"]
 
 
+def test_two_ddp_workers_train_on_ray_s_public_path_where_raybm_s_shortcuts_do_not_apply(ray_local, tmp_path,
+                                                                                           data_csv, monkeypatch,
+                                                                                           capfd):
+    # Another Ray version (or RAYBM_RAY_PATCHES=0): Ray Train's own TorchTrainer and
+    # TorchConfig, said once; the run is the same run.
+    from raybm import ray_patches
+
+    monkeypatch.setenv(ray_patches.SWITCH_ENV, "0")
+    ray_patches.reset()
+    try:
+        cfg = config(tmp_path, data_csv, "train.epochs=1", "train.num_workers=2", "train.cpus_per_worker=0.5")
+        result = run_training(cfg, log=quiet)
+        assert not ray_patches.applies()
+    finally:
+        monkeypatch.delenv(ray_patches.SWITCH_ENV)
+        ray_patches.reset()
+    assert [h["epoch"] for h in result.history] == [1] and result.metrics["test"]["examples"] > 0
+    said = capfd.readouterr().err
+    assert said.count("public TorchTrainer path") == 1, said[-2000:]
+    assert ray_patches.applies()  # back on the pinned Ray
+
+
 def test_two_fsdp_workers_shard_train_resume_on_three_and_save_a_whole_model(ray_local, tmp_path, data_csv,
                                                                              tiny_model_dir):
     # FSDP on CPU workers (gloo): each worker holds half of every layer and writes its own

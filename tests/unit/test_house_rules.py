@@ -91,7 +91,7 @@ LAZY_IMPORTS = {
     "raybm.dashboard": "imports pandas and Streamlit",
     "raybm.serve.app": "imports FastAPI",
     "raybm.serve.deploy": "imports FastAPI",
-    "raybm.train.backend": "imports Ray Train (for the Train controller, which never imports torch)",
+    "raybm.ray_patches": "imports Ray Train (the Train controller unpickles its backend and never imports torch)",
 }
 
 

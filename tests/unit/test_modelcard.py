@@ -31,10 +31,10 @@ def test_card_has_hub_metadata_scores_recipe_and_how_to_load():
     assert "| learning rate | 8e-05 |" in text and "| layer-wise LR decay | 0.9 |" in text
     assert "| seed | 0 |" in text and "l1" not in text and "auto" not in text  # unset settings are left out
     assert "| classifier input | mean of the token vectors |" in text
-    assert "import raybm.models.build" in text  # a folder of raybm's own architecture without its code
+    assert "prepare_transformers()" in text  # a folder of raybm's own architecture without its code
     shipped = render("q6", "run", CFG, ["negative", "positive"], "d", TEST, model_type="raybm-pooled",
                      code_files=["pooled.py"])
-    assert "import raybm.models.build" not in shipped and "`pooled.py`" in shipped
+    assert "prepare_transformers()" not in shipped and "`pooled.py`" in shipped
     assert 'pipeline("text-classification", model="<this folder>", trust_remote_code=True)' in shipped
     assert "- the checkpoint of epoch 2 of 2" in text
 
@@ -43,7 +43,7 @@ def test_a_plain_transformers_model_loads_with_a_pipeline_and_local_bases_get_no
     cfg = {**CFG, "model": {"name": "/data/models/my-bert"}}
     text = render("r", "sweep", cfg, ["a", "b"], "d", TEST, model_type="bert")
     assert "base_model" not in front_matter(text)
-    assert 'pipeline("text-classification"' in text and "import raybm.models.build" not in text
+    assert 'pipeline("text-classification"' in text and "prepare_transformers()" not in text
     assert "winner of a raybm sweep" in text
     hub = render("r", "soup", {**CFG, "model": {"name": "org/some-model"}}, ["a", "b"], "d", TEST)
     assert front_matter(hub)["base_model"] == "org/some-model" and "model soup" in hub

@@ -68,7 +68,7 @@ def test_the_checks_before_ray_starts_never_import_transformers_modelling_code(t
     code = (
         "import sys\n"
         "from raybm.config import build_config\n"
-        "from raybm.pipeline import preflight\n"
+        "from raybm.preflight import preflight\n"
         f"cfg = build_config(overrides=['storage.root={tmp_path}', 'data.source=twitter-sentiment', "
         f"'model.name={model}'])\n"
         "preflight(cfg, ['data', 'train'])\n"

@@ -6,7 +6,7 @@ import sys
 
 import cloudpickle
 
-from raybm.train.backend import TorchProcessGroup, TorchProcessGroupConfig
+from raybm.ray_patches import TorchProcessGroup, TorchProcessGroupConfig
 
 
 def test_the_train_controller_reads_the_backend_without_importing_torch():
