@@ -11,6 +11,9 @@ STAMP := $(VENV)/.raybm-installed
 MLFLOW_VENV := .venv-mlflow
 MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 
+# What ruff checks and formats (make test, before the tests).
+LINTED := raybm tests bench jobs dashboards
+
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_DEDUP_LOGS ?= 0
@@ -37,9 +40,12 @@ demo: install
 # The multi-node tests (tests/cluster: a 3-node Ray cluster, nodes in their own mount
 # namespaces; root) run in pytest processes of their own: their cluster's token auth
 # settings stay out of the local Ray the other tests start. The ones that stop a job and
-# kill a node mid-sweep (cluster_long) get a fresh cluster of their own. First the import
-# contracts: a module that imports a layer above its own fails the suite in seconds.
+# kill a node mid-sweep (cluster_long) get a fresh cluster of their own. First ruff (lint
+# and format) and the import contracts: a lint error, an unformatted file or a module that
+# imports a layer above its own fails the suite in seconds.
 test: install $(MLFLOW_STAMP)
+	$(VENV)/bin/ruff check $(LINTED)  # lint, then the formatter's layout ([tool.ruff])
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/lint-imports --no-cache  # the layers of raybm/ (pyproject.toml, [tool.importlinter])
 	$(PY) -m pytest -q --durations=15 tests --ignore=tests/cluster
 	$(PY) -m pytest -q --durations=10 tests/cluster -m "not cluster_long"

@@ -46,8 +46,10 @@ def main() -> int:
 
     def probs(folder: str) -> dict[str, np.ndarray]:
         p = load_predictor(folder, "torch", threads=args.threads)
-        return {s: np.concatenate([p.predict(df["text"].tolist()[i:i + 128]) for i in range(0, len(df), 128)])
-                for s, df in splits.items()}
+        return {
+            s: np.concatenate([p.predict(df["text"].tolist()[i : i + 128]) for i in range(0, len(df), 128)])
+            for s, df in splits.items()
+        }
 
     rows = [(os.path.basename(os.path.dirname(m.rstrip("/"))) or m, probs(m)) for m in args.models]
     ensemble = {s: np.mean([r[1][s] for r in rows], axis=0) for s in splits}
@@ -81,7 +83,8 @@ def tfidf_blends(rows: list, splits: dict, train) -> list:
     y_val = splits["validation"]["label"].to_numpy()
     out = [("TF-IDF + logistic regression", tfidf)]
     for name, p in rows:
-        def blend(w: float) -> dict:
+
+        def blend(w: float, p=p) -> dict:
             return {s: (1 - w) * p[s] + w * tfidf[s] for s in splits}
 
         best = max(np.arange(0, 0.51, 0.1), key=lambda w: ((blend(w)["validation"].argmax(1) == y_val).mean(), -w))

@@ -45,7 +45,7 @@ def plain_loop(model_dir: str, texts: list[str]) -> tuple[float, list[str]]:
     labels = [""] * len(texts)
     started = time.perf_counter()
     for i in range(0, len(texts), 64):
-        idx = order[i:i + 64]
+        idx = order[i : i + 64]
         probs = p.predict([texts[j] for j in idx])
         for j, row in zip(idx, probs):
             labels[j] = p.labels[int(row.argmax())]
@@ -87,7 +87,6 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import pandas as pd
     import pyarrow.parquet as pq
-
     from serve_load import default_model, sample_texts
 
     work = tempfile.mkdtemp(prefix="raybm-batch-bench-")
@@ -100,7 +99,8 @@ def main() -> int:
     for k in range(args.files):
         part = range(k * per, min(args.rows, (k + 1) * per))
         pd.DataFrame({"id": part, "text": [texts[i] for i in part]}).to_parquet(
-            os.path.join(folder, f"part-{k:03d}.parquet"), index=False)
+            os.path.join(folder, f"part-{k:03d}.parquet"), index=False
+        )
 
     plain_rate, plain_labels = (None, None) if args.no_plain else plain_loop(model_dir, texts)
     if plain_rate:
@@ -108,21 +108,34 @@ def main() -> int:
 
     out = os.path.join(work, "scored")
     code, seconds, peak_gb = run_with_peak_memory(
-        [sys.executable, "-m", "raybm.cli", "predict", "--model", model_dir, "--input", folder, "--output", out,
-         *args.overrides])
+        [
+            sys.executable,
+            "-m",
+            "raybm.cli",
+            "predict",
+            "--model",
+            model_dir,
+            "--input",
+            folder,
+            "--output",
+            out,
+            *args.overrides,
+        ]
+    )
     files = sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".parquet")) if code == 0 else []
     ids = pq.read_table(files, columns=["id"]).column("id").to_numpy() if files else []
     in_order = code == 0 and len(ids) == args.rows and bool((ids == range(args.rows)).all())
     rate = args.rows / seconds
-    print(f"raybm predict ({args.rows:,} rows, Ray's start included): {rate:,.1f} rows/s, {seconds:.0f} s; "
-          f"driver peak RSS {peak_gb:.2f} GB")
+    print(
+        f"raybm predict ({args.rows:,} rows, Ray's start included): {rate:,.1f} rows/s, {seconds:.0f} s; "
+        f"driver peak RSS {peak_gb:.2f} GB"
+    )
     agree = 1.0
     if plain_rate:
         got = pq.read_table(files, columns=["predicted_label"]).column(0).to_pylist() if in_order else []
         agree = sum(a == b for a, b in zip(got, plain_labels)) / args.rows
         print(f"ratio raybm / plain loop: {rate / plain_rate:.2f} (target >= 0.9)")
-    print(f"every row, in order: {in_order}; labels as the plain loop's: "
-          f"{f'{agree:.2%}' if plain_rate else '-'}")
+    print(f"every row, in order: {in_order}; labels as the plain loop's: {f'{agree:.2%}' if plain_rate else '-'}")
     return 0 if in_order and agree > 0.995 else 1
 
 

@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-PLAIN = r'''
+PLAIN = r"""
 import sys, time
 import numpy as np, pandas as pd
 from transformers import AutoTokenizer
@@ -51,7 +51,7 @@ df["n_tokens"] = [len(x) for x in tok(df["text"].tolist(), truncation=False)["in
 for name, part in df.groupby("split"):
     part.drop(columns="split").to_parquet(f"{out}/{name}.parquet", index=False)
 print(f"plain: {len(df)} rows written", flush=True)
-'''
+"""
 
 
 def tree_pss_kb(root: int) -> int:
@@ -102,7 +102,6 @@ def synthetic_csv(path: str, rows: int) -> None:
     """``rows`` unique twitter-style rows: a real tweet with a number of its own, and a label."""
     import numpy as np
     import pandas as pd
-
     from serve_load import sample_texts
 
     pool = [" ".join(t.split()) for t in sample_texts(5000)]  # one line each: pandas leaves a bare \r unquoted
@@ -130,27 +129,46 @@ def main() -> int:
         synthetic_csv(src, rows)
         print(f"{rows:,} rows ({os.path.getsize(src) / 1e6:.0f} MB of CSV)", flush=True)
         code, ours, ours_gb = run_measured(
-            [sys.executable, "-m", "raybm.cli", "data", f"data.source={src}", "data.text_column=text",
-             "data.label_column=label", f"model.name={args.model}", f"data.max_length={args.max_length}",
-             f"storage.root={os.path.join(work, f'results-{rows}')}"], "raybm")
+            [
+                sys.executable,
+                "-m",
+                "raybm.cli",
+                "data",
+                f"data.source={src}",
+                "data.text_column=text",
+                "data.label_column=label",
+                f"model.name={args.model}",
+                f"data.max_length={args.max_length}",
+                f"storage.root={os.path.join(work, f'results-{rows}')}",
+            ],
+            "raybm",
+        )
         if code != 0:
             print(f"raybm data failed ({code})")
             return 1
         out = os.path.join(work, f"plain-{rows}")
         os.makedirs(out)
         code, plain, plain_gb = run_measured(
-            [sys.executable, "-c", PLAIN, src, out, tokenizer_dir, str(args.max_length)], "plain")
+            [sys.executable, "-c", PLAIN, src, out, tokenizer_dir, str(args.max_length)], "plain"
+        )
         if code != 0:
             print(f"the plain script failed ({code})")
             return 1
         results.append((rows, ours, ours_gb, plain, plain_gb))
-        print(f"  raybm {ours:.0f} s, {ours_gb:.2f} GB; plain {plain:.0f} s, {plain_gb:.2f} GB; "
-              f"time {ours / plain:.2f}x, memory {ours_gb / plain_gb:.2f}x", flush=True)
-    print("\nrows | raybm s | plain s | time ratio (target <= 1.5 at 1.6M) | raybm GB | plain GB | memory ratio "
-          "(target <= 0.5)")
+        print(
+            f"  raybm {ours:.0f} s, {ours_gb:.2f} GB; plain {plain:.0f} s, {plain_gb:.2f} GB; "
+            f"time {ours / plain:.2f}x, memory {ours_gb / plain_gb:.2f}x",
+            flush=True,
+        )
+    print(
+        "\nrows | raybm s | plain s | time ratio (target <= 1.5 at 1.6M) | raybm GB | plain GB | memory ratio "
+        "(target <= 0.5)"
+    )
     for rows, ours, ours_gb, plain, plain_gb in results:
-        print(f"{rows:,} | {ours:.0f} | {plain:.0f} | {ours / plain:.2f} | {ours_gb:.2f} | {plain_gb:.2f} | "
-              f"{ours_gb / plain_gb:.2f}")
+        print(
+            f"{rows:,} | {ours:.0f} | {plain:.0f} | {ours / plain:.2f} | {ours_gb:.2f} | {plain_gb:.2f} | "
+            f"{ours_gb / plain_gb:.2f}"
+        )
     return 0
 
 

@@ -75,9 +75,24 @@ async def _load(url: str, texts: list[str], requests: int, explainers: int) -> d
 
 
 def run_load(url: str, texts_file: str, requests: int, explainers: int) -> dict:
-    out = subprocess.run([sys.executable, HERE, "--client", url, "--texts-file", texts_file, "--requests",
-                          str(requests), "--explainers", str(explainers)],
-                         check=True, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(
+        [
+            sys.executable,
+            HERE,
+            "--client",
+            url,
+            "--texts-file",
+            texts_file,
+            "--requests",
+            str(requests),
+            "--explainers",
+            str(explainers),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -112,10 +127,20 @@ def main() -> int:
     from raybm.config import build_config
     from raybm.serve.deploy import deploy
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    cfg = build_config(overrides=[f"serve.port={args.port}", "serve.torch_threads=1", "serve.cpus_per_replica=1",
-                                  "serve.app_name=explained"])
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    )
+    cfg = build_config(
+        overrides=[
+            f"serve.port={args.port}",
+            "serve.torch_threads=1",
+            "serve.cpus_per_replica=1",
+            "serve.app_name=explained",
+        ]
+    )
     url = deploy(cfg, model_dir)
     run_load(url, texts_file, 20, 0)  # warm-up
     alone = run_load(url, texts_file, args.requests, 0)
@@ -124,12 +149,15 @@ def main() -> int:
     ray.shutdown()
 
     ratio = loaded["predict_p50_ms"] / alone["predict_p50_ms"]
-    fivexx = sum(n for route in loaded["codes"].values() for code, n in route.items()
-                 if not code.isdigit() or int(code) >= 500)
+    fivexx = sum(
+        n for route in loaded["codes"].values() for code, n in route.items() if not code.isdigit() or int(code) >= 500
+    )
     print(json.dumps({"alone": alone, "loaded": loaded}))
-    print(f"\n/predict p50 alone {alone['predict_p50_ms']} ms (p95 {alone['predict_p95_ms']}); beside "
-          f"{args.explainers} /explain clients {loaded['predict_p50_ms']} ms (p95 {loaded['predict_p95_ms']}): "
-          f"ratio {ratio:.2f} (target <= 2)")
+    print(
+        f"\n/predict p50 alone {alone['predict_p50_ms']} ms (p95 {alone['predict_p95_ms']}); beside "
+        f"{args.explainers} /explain clients {loaded['predict_p50_ms']} ms (p95 {loaded['predict_p95_ms']}): "
+        f"ratio {ratio:.2f} (target <= 2)"
+    )
     print(f"answers under load: {loaded['codes']}; 5xx and connection errors: {fivexx} (target 0)")
     return 0 if ratio <= 2 and fivexx == 0 else 1
 

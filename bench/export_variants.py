@@ -29,7 +29,7 @@ def throughput(folder: str, backend: str, texts: list[str], threads: int = 2, ba
     p.predict(texts[:batch])
     t0 = time.perf_counter()
     for i in range(0, len(texts), batch):
-        p.predict(texts[i:i + batch])
+        p.predict(texts[i : i + batch])
     return len(texts) / (time.perf_counter() - t0)
 
 
@@ -70,16 +70,21 @@ def main() -> int:
     for v, m in result.manifests.items():
         m["measured"]["throughput_b32_t2"] = throughput(os.path.join(result.folder, v), BACKEND[v], texts)
 
-    print(f"\n{result.name}: {ref['examples']} test examples; p50/p95 one sentence at 1 thread; "
-          f"throughput in batches of 32 at 2 threads")
+    print(
+        f"\n{result.name}: {ref['examples']} test examples; p50/p95 one sentence at 1 thread; "
+        f"throughput in batches of 32 at 2 threads"
+    )
     print("| variant | size MB | accuracy | macro-F1 | agreement | p50 ms | p95 ms | sentences/s (b32, 2 thr) |")
     print("|---|---|---|---|---|---|---|---|")
     rows = [("reference (fp32 PyTorch)", ref["model_bytes"], ref, 1.0)] + [
-        (v, m["model_bytes"], m["measured"], m["measured"].get("agreement_with_reference")) for v, m in
-        result.manifests.items()]
+        (v, m["model_bytes"], m["measured"], m["measured"].get("agreement_with_reference"))
+        for v, m in result.manifests.items()
+    ]
     for name, size, mm, agree in rows:
-        print(f"| {name} | {size / 1e6:.1f} | {mm['accuracy']:.4f} | {mm['f1_macro']:.4f} | {agree:.3f} | "
-              f"{mm['latency_p50_ms']:.2f} | {mm['latency_p95_ms']:.2f} | {mm['throughput_b32_t2']:.0f} |")
+        print(
+            f"| {name} | {size / 1e6:.1f} | {mm['accuracy']:.4f} | {mm['f1_macro']:.4f} | {agree:.3f} | "
+            f"{mm['latency_p50_ms']:.2f} | {mm['latency_p95_ms']:.2f} | {mm['throughput_b32_t2']:.0f} |"
+        )
     print()
     print(format_exports(ref, result.manifests))
 
@@ -93,20 +98,26 @@ def main() -> int:
         size = m["model_bytes"] / ref["model_bytes"]
         met = speed >= 4 and drop <= 0.01 and size <= 1 / 3
         ok &= met
-        print(f"\nbest int8 ({best}): {speed:.1f}x faster at 1 thread (>= 4), accuracy {-drop:+.4f} (>= -0.01), "
-              f"size {size:.2f}x (<= 0.33): {'met' if met else 'NOT met'}")
+        print(
+            f"\nbest int8 ({best}): {speed:.1f}x faster at 1 thread (>= 4), accuracy {-drop:+.4f} (>= -0.01), "
+            f"size {size:.2f}x (<= 0.33): {'met' if met else 'NOT met'}"
+        )
     if "distilled" in result.manifests:
         m = result.manifests["distilled"]
         speed = ref["latency_p50_ms"] / m["measured"]["latency_p50_ms"]
         drop = ref["accuracy"] - m["measured"]["accuracy"]
         met = speed >= 2 and drop <= 0.02
         ok &= met
-        print(f"distilled ({m['settings']['student_layers']} layers): {speed:.1f}x faster than its teacher (>= 2), "
-              f"accuracy {-drop:+.4f} (>= -0.02): {'met' if met else 'NOT met'}")
+        print(
+            f"distilled ({m['settings']['student_layers']} layers): {speed:.1f}x faster than its teacher (>= 2), "
+            f"accuracy {-drop:+.4f} (>= -0.02): {'met' if met else 'NOT met'}"
+        )
     if "pruned" in result.manifests:
         s = result.manifests["pruned"]["settings"]
-        print(f"pruned: sparsity reached {s['sparsity_reached']:.3f} (target {s['target_sparsity']}), accuracy "
-              f"{result.manifests['pruned']['measured']['accuracy'] - ref['accuracy']:+.4f}")
+        print(
+            f"pruned: sparsity reached {s['sparsity_reached']:.3f} (target {s['target_sparsity']}), accuracy "
+            f"{result.manifests['pruned']['measured']['accuracy'] - ref['accuracy']:+.4f}"
+        )
     return 0 if ok else 1
 
 

@@ -40,18 +40,33 @@ CASES = [
     ("bf16, FSDP, 1 worker", ["train.precision=bf16", "train.parallelism=fsdp"]),
     # LoRA (issue 20): its composition with bf16, gradient checkpointing and FSDP on a GPU.
     ("bf16, LoRA r8, 1 worker", ["train.precision=bf16", "train.strategy=lora", "train.lr=3e-3"]),
-    ("bf16, LoRA r8 + gradient checkpointing", ["train.precision=bf16", "train.strategy=lora", "train.lr=3e-3",
-                                                "train.gradient_checkpointing=true"]),
-    ("bf16, LoRA r8, FSDP, 1 worker", ["train.precision=bf16", "train.strategy=lora", "train.lr=3e-3",
-                                        "train.parallelism=fsdp"]),
+    (
+        "bf16, LoRA r8 + gradient checkpointing",
+        ["train.precision=bf16", "train.strategy=lora", "train.lr=3e-3", "train.gradient_checkpointing=true"],
+    ),
+    (
+        "bf16, LoRA r8, FSDP, 1 worker",
+        ["train.precision=bf16", "train.strategy=lora", "train.lr=3e-3", "train.parallelism=fsdp"],
+    ),
     # QLoRA (issue 31): the frozen base in 4 bits (bitsandbytes), adapters and head in bf16.
-    ("bf16, QLoRA r8 (NF4 base), 1 worker", ["train.precision=bf16", "train.strategy=lora", "train.lr=3e-3",
-                                              "train.quantize_base=nf4"]),
+    (
+        "bf16, QLoRA r8 (NF4 base), 1 worker",
+        ["train.precision=bf16", "train.strategy=lora", "train.lr=3e-3", "train.quantize_base=nf4"],
+    ),
 ]
 
 
-def plain_loop(cfg, texts: list[str], labels_ids: list[int], labels: list[str], batch: int, length: int,
-               steps: int, device: str, scratch: bool) -> float:
+def plain_loop(
+    cfg,
+    texts: list[str],
+    labels_ids: list[int],
+    labels: list[str],
+    batch: int,
+    length: int,
+    steps: int,
+    device: str,
+    scratch: bool,
+) -> float:
     """Samples/s of a hand-written bf16 loop over pre-tokenized, device-resident batches."""
     import torch
 
@@ -73,8 +88,8 @@ def plain_loop(cfg, texts: list[str], labels_ids: list[int], labels: list[str], 
     def one(i: int) -> None:
         lo = (i % nb) * batch
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            logits = model(input_ids=ids[lo:lo + batch], attention_mask=mask[lo:lo + batch]).logits
-        loss_fn(logits.float(), y[lo:lo + batch]).backward()
+            logits = model(input_ids=ids[lo : lo + batch], attention_mask=mask[lo : lo + batch]).logits
+        loss_fn(logits.float(), y[lo : lo + batch]).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -113,15 +128,24 @@ def main() -> int:
     from raybm.runtime import quiet_ray_data, worker_env
     from raybm.train.driver import run_training
 
-    base = [f"storage.root={args.root}", "data.source=twitter-sentiment", "data.labels=[negative,positive]",
-            "data.max_length=64", f"train.epochs={args.epochs}", f"train.batch_size={args.batch}",
-            "train.eval_batch_size=256", f"train.lr={args.lr}", "train.log_every_steps=50",
-            "train.keep_checkpoints=1", "train.cpus_per_worker=2", "train.use_gpu=auto"]
+    base = [
+        f"storage.root={args.root}",
+        "data.source=twitter-sentiment",
+        "data.labels=[negative,positive]",
+        "data.max_length=64",
+        f"train.epochs={args.epochs}",
+        f"train.batch_size={args.batch}",
+        "train.eval_batch_size=256",
+        f"train.lr={args.lr}",
+        "train.log_every_steps=50",
+        "train.keep_checkpoints=1",
+        "train.cpus_per_worker=2",
+        "train.use_gpu=auto",
+    ]
     if args.scratch:
         base.append("train.strategy=scratch")
     if args.smoke:
-        base += ["model.name=tiny-bert", "data.max_rows=300", "train.cpus_per_worker=0.5",
-                 "train.batch_size=32"]
+        base += ["model.name=tiny-bert", "data.max_rows=300", "train.cpus_per_worker=0.5", "train.batch_size=32"]
         args.batch = 32
     cases = CASES
     if args.cases:
@@ -147,13 +171,17 @@ def main() -> int:
             rows.append({"case": label, "error": f"{type(e).__name__}: {e}"[:500]})
             continue
         last = result.history[-1]
-        row = {"case": label, "run": result.run_name, "steady_samples_per_s": round(last["steady_samples_per_s"], 1),
-               "gpu_peak_memory_gb": last.get("gpu_peak_memory_gb"),
-               "train_loss_first_last": [round(result.history[0]["train_loss"], 4), round(last["train_loss"], 4)],
-               "val_f1_macro": round(last["val_f1_macro"], 4),
-               "test_f1_macro": round(result.metrics["test"]["f1_macro"], 4),
-               "test_accuracy": round(result.metrics["test"]["accuracy"], 4),
-               "wall_s": round(time.time() - started, 1)}
+        row = {
+            "case": label,
+            "run": result.run_name,
+            "steady_samples_per_s": round(last["steady_samples_per_s"], 1),
+            "gpu_peak_memory_gb": last.get("gpu_peak_memory_gb"),
+            "train_loss_first_last": [round(result.history[0]["train_loss"], 4), round(last["train_loss"], 4)],
+            "val_f1_macro": round(last["val_f1_macro"], 4),
+            "test_f1_macro": round(result.metrics["test"]["f1_macro"], 4),
+            "test_accuracy": round(result.metrics["test"]["accuracy"], 4),
+            "wall_s": round(time.time() - started, 1),
+        }
         rows.append(row)
         print("CASE", json.dumps(row), flush=True)
 
@@ -165,11 +193,21 @@ def main() -> int:
         dataset = json.loads(open(os.path.join(args.root, "runs", done[0]["run"], "metrics.json")).read())["dataset"]
         train = pd.read_parquet(results.dataset_split_dir(dataset, "train"))
         labels = results.dataset_label_map(dataset)["labels"]
-        ceiling = plain_loop(cfg, train["text"].tolist(), train["label"].tolist(), labels, args.batch, 64,
-                             steps=20 if args.smoke else 200, device="cuda" if gpu else "cpu",
-                             scratch=args.scratch or args.smoke)
-    print(f"\nGPU check: {cfg.model.name}{' (random weights)' if args.scratch else ''}, batch {args.batch} "
-          f"per worker, max length 64, {args.epochs} epoch(s), twitter corpus")
+        ceiling = plain_loop(
+            cfg,
+            train["text"].tolist(),
+            train["label"].tolist(),
+            labels,
+            args.batch,
+            64,
+            steps=20 if args.smoke else 200,
+            device="cuda" if gpu else "cpu",
+            scratch=args.scratch or args.smoke,
+        )
+    print(
+        f"\nGPU check: {cfg.model.name}{' (random weights)' if args.scratch else ''}, batch {args.batch} "
+        f"per worker, max length 64, {args.epochs} epoch(s), twitter corpus"
+    )
     print(f"{'case':<34}{'samples/s':>10}{'peak GB':>9}{'loss first→last':>18}{'val F1':>8}{'test F1':>8}")
     for r in rows:
         if "error" in r:
@@ -177,14 +215,25 @@ def main() -> int:
             continue
         mem = f"{r['gpu_peak_memory_gb']:.2f}" if r["gpu_peak_memory_gb"] is not None else "-"
         lf = f"{r['train_loss_first_last'][0]:.3f}→{r['train_loss_first_last'][1]:.3f}"
-        print(f"{r['case']:<34}{r['steady_samples_per_s']:>10.1f}{mem:>9}{lf:>18}{r['val_f1_macro']:>8.4f}"
-              f"{r['test_f1_macro']:>8.4f}")
+        print(
+            f"{r['case']:<34}{r['steady_samples_per_s']:>10.1f}{mem:>9}{lf:>18}{r['val_f1_macro']:>8.4f}"
+            f"{r['test_f1_macro']:>8.4f}"
+        )
     if ceiling:
         print(f"plain bf16 loop, data on the GPU: {ceiling:.1f} samples/s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(0) if gpu else None, "torch": torch.__version__,
-                       "cases": rows, "plain_loop_samples_per_s": ceiling, "args": vars(args)}, f, indent=2)
+            json.dump(
+                {
+                    "gpu": torch.cuda.get_device_name(0) if gpu else None,
+                    "torch": torch.__version__,
+                    "cases": rows,
+                    "plain_loop_samples_per_s": ceiling,
+                    "args": vars(args),
+                },
+                f,
+                indent=2,
+            )
     return 0 if all("error" not in r for r in rows) else 1
 
 

@@ -40,17 +40,26 @@ def run(name: str, overrides: list[str], common: list[str]) -> dict:
     result = run_training(cfg, log=lambda _: None)
     last = result.history[-1]
     test = result.metrics["test"]
-    return {"variant": name, "trainable": last["trainable_params"], "checkpoint_mb": last["checkpoint_weights_mb"],
-            "peak_mb": last.get("gpu_peak_memory_gb", 0) * 1e3 or last["peak_rss_mb"],
-            "samples_s": last["steady_samples_per_s"], "accuracy": test["accuracy"], "f1": test["f1_macro"],
-            "wall_s": time.time() - started}
+    return {
+        "variant": name,
+        "trainable": last["trainable_params"],
+        "checkpoint_mb": last["checkpoint_weights_mb"],
+        "peak_mb": last.get("gpu_peak_memory_gb", 0) * 1e3 or last["peak_rss_mb"],
+        "samples_s": last["steady_samples_per_s"],
+        "accuracy": test["accuracy"],
+        "f1": test["f1_macro"],
+        "wall_s": time.time() - started,
+    }
 
 
 def show(r: dict) -> None:
     """One compared run's line."""
-    print(f"{r['variant']:<32} trainable {r['trainable']:>11,}  checkpoint {r['checkpoint_mb']:7.2f} MB  "
-          f"peak {r['peak_mb']:7.0f} MB  {r['samples_s']:6.1f} samples/s  test acc {r['accuracy']:.4f}  "
-          f"macro-F1 {r['f1']:.4f}  ({r['wall_s']:.0f} s)", flush=True)
+    print(
+        f"{r['variant']:<32} trainable {r['trainable']:>11,}  checkpoint {r['checkpoint_mb']:7.2f} MB  "
+        f"peak {r['peak_mb']:7.0f} MB  {r['samples_s']:6.1f} samples/s  test acc {r['accuracy']:.4f}  "
+        f"macro-F1 {r['f1']:.4f}  ({r['wall_s']:.0f} s)",
+        flush=True,
+    )
 
 
 def start(root: str, rows: int, epochs: int, threads: int) -> list[str]:
@@ -59,10 +68,19 @@ def start(root: str, rows: int, epochs: int, threads: int) -> list[str]:
     from raybm.config import build_config
     from raybm.runtime import ensure_ray, quiet_ray_data
 
-    common = [f"storage.root={root}", "data.source=twitter-sentiment", *([f"data.max_rows={rows}"] if rows else []),
-              "data.max_length=64", "model.name=all-minilm-l6-v2", f"train.epochs={epochs}",
-              "train.batch_size=32", f"train.torch_threads={threads}", "train.log_every_steps=1000",
-              "train.keep_checkpoints=1", "train.warmup_ratio=0.1"]
+    common = [
+        f"storage.root={root}",
+        "data.source=twitter-sentiment",
+        *([f"data.max_rows={rows}"] if rows else []),
+        "data.max_length=64",
+        "model.name=all-minilm-l6-v2",
+        f"train.epochs={epochs}",
+        "train.batch_size=32",
+        f"train.torch_threads={threads}",
+        "train.log_every_steps=1000",
+        "train.keep_checkpoints=1",
+        "train.warmup_ratio=0.1",
+    ]
     ensure_ray(build_config(overrides=common).ray)
     quiet_ray_data()
     return common
@@ -85,21 +103,32 @@ def main() -> int:
     for name, overrides in VARIANTS.items():
         if args.skip_checkpointing and "checkpointing" in name:
             continue
-        lora = [f"train.lr={args.lora_lr}", f"train.lora_rank={args.lora_rank}",
-                f"train.lora_targets=[{args.lora_targets}]"] if name == "lora" else []
+        lora = (
+            [
+                f"train.lr={args.lora_lr}",
+                f"train.lora_rank={args.lora_rank}",
+                f"train.lora_targets=[{args.lora_targets}]",
+            ]
+            if name == "lora"
+            else []
+        )
         rows.append(run(name, overrides + lora, common))
         show(rows[-1])
     full, lora = rows[0], rows[1]
     size_ratio = lora["checkpoint_mb"] / full["checkpoint_mb"]
     trainable_ratio = lora["trainable"] / full["trainable"]
     f1_gap = full["f1"] - lora["f1"]
-    print(f"\nLoRA / full: trainable {trainable_ratio:.4f}, checkpoint {size_ratio:.4f}, "
-          f"peak memory {lora['peak_mb'] / full['peak_mb']:.3f}, samples/s {lora['samples_s'] / full['samples_s']:.3f}; "
-          f"macro-F1 {lora['f1']:.4f} vs {full['f1']:.4f} (gap {f1_gap:+.4f})")
+    print(
+        f"\nLoRA / full: trainable {trainable_ratio:.4f}, checkpoint {size_ratio:.4f}, "
+        f"peak memory {lora['peak_mb'] / full['peak_mb']:.3f}, samples/s {lora['samples_s'] / full['samples_s']:.3f}; "
+        f"macro-F1 {lora['f1']:.4f} vs {full['f1']:.4f} (gap {f1_gap:+.4f})"
+    )
     if len(rows) > 2:
         gc = rows[2]
-        print(f"gradient checkpointing / full: peak memory {gc['peak_mb'] / full['peak_mb']:.3f}, "
-              f"samples/s {gc['samples_s'] / full['samples_s']:.3f}")
+        print(
+            f"gradient checkpointing / full: peak memory {gc['peak_mb'] / full['peak_mb']:.3f}, "
+            f"samples/s {gc['samples_s'] / full['samples_s']:.3f}"
+        )
     ok = trainable_ratio <= 0.02 and size_ratio <= 0.05 and f1_gap <= 0.01
     print("targets (trainable <= 2%, checkpoint <= 5%, macro-F1 within 0.01):", "met" if ok else "NOT met")
     return 0 if ok else 1

@@ -44,12 +44,32 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MODELS = {"0.4b": (1536, 12), "0.9b": (2048, 16),  # hidden, layers: 387M and 867M parameters
-          "1.5b": (2560, 18), "3b": (3072, 26), "5b": (4096, 24), "8b": (4096, 40)}  # for --gpu offload
-GPU = ["train.use_gpu=yes", "train.gpus_per_worker=1", "train.precision=bf16", "data.max_length=128",
-       "train.batch_size=8", "train.max_steps_per_epoch=20", "train.epochs=1", "train.num_workers=1"]
-COMMON = ["data.max_length=32", "train.batch_size=4", "train.max_steps_per_epoch=3", "train.keep_checkpoints=1",
-          "train.eval_batch_size=16", "train.check_memory=false"]  # the estimate is compared here, not enforced
+MODELS = {
+    "0.4b": (1536, 12),
+    "0.9b": (2048, 16),  # hidden, layers: 387M and 867M parameters
+    "1.5b": (2560, 18),
+    "3b": (3072, 26),
+    "5b": (4096, 24),
+    "8b": (4096, 40),
+}  # for --gpu offload
+GPU = [
+    "train.use_gpu=yes",
+    "train.gpus_per_worker=1",
+    "train.precision=bf16",
+    "data.max_length=128",
+    "train.batch_size=8",
+    "train.max_steps_per_epoch=20",
+    "train.epochs=1",
+    "train.num_workers=1",
+]
+COMMON = [
+    "data.max_length=32",
+    "train.batch_size=4",
+    "train.max_steps_per_epoch=3",
+    "train.keep_checkpoints=1",
+    "train.eval_batch_size=16",
+    "train.check_memory=false",
+]  # the estimate is compared here, not enforced
 
 
 def build_model(folder: str, hidden: int, layers: int) -> int:
@@ -60,10 +80,17 @@ def build_model(folder: str, hidden: int, layers: int) -> int:
     from raybm.models.build import load_tokenizer
 
     tok = load_tokenizer("all-minilm-l6-v2")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 128),
-                         num_key_value_heads=max(1, hidden // 128), max_position_embeddings=512,
-                         pad_token_id=tok.pad_token_id, num_labels=2)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 128),
+        num_key_value_heads=max(1, hidden // 128),
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        num_labels=2,
+    )
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(config)
     model.save_pretrained(folder, safe_serialization=True)
@@ -119,9 +146,20 @@ def run_case(label: str, model: str, data: str, root: str, settings: list[str], 
     sampler = Sampler()
     sampler.start()
     started = time.time()
-    cmd = [sys.executable, "-m", "raybm.cli", "train", f"storage.root={root}", f"data.source={data}",
-           "data.text_column=text", "data.label_column=label", f"model.name={model}", f"name={name}",
-           *COMMON, *settings]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raybm.cli",
+        "train",
+        f"storage.root={root}",
+        f"data.source={data}",
+        "data.text_column=text",
+        "data.label_column=label",
+        f"model.name={model}",
+        f"name={name}",
+        *COMMON,
+        *settings,
+    ]
     out = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     lines = []
     for line in out.stdout:  # rank 0's line comes once Ray Train has registered the checkpoint
@@ -133,10 +171,15 @@ def run_case(label: str, model: str, data: str, root: str, settings: list[str], 
     sampler.join()
     text = "".join(lines)
     saves = [float(s) for s in re.findall(r"checkpoint of epoch \d+ written and stored in ([\d.]+) s", text)]
-    row = {"case": label, "ok": out.returncode == 0, "seconds": round(time.time() - started, 1),
-           "peaks_gb": sorted((round(v / 1e9, 2) for v in sampler.peaks.values()), reverse=True),
-           "checkpoint_s": saves, "killed_worker": sampler.killed,
-           "error": None if out.returncode == 0 else text[-2000:]}
+    row = {
+        "case": label,
+        "ok": out.returncode == 0,
+        "seconds": round(time.time() - started, 1),
+        "peaks_gb": sorted((round(v / 1e9, 2) for v in sampler.peaks.values()), reverse=True),
+        "checkpoint_s": saves,
+        "killed_worker": sampler.killed,
+        "error": None if out.returncode == 0 else text[-2000:],
+    }
     row["peak_gb"] = row["peaks_gb"][0] if row["peaks_gb"] else 0.0
     run_dir = os.path.join(root, "runs", name)
     history = os.path.join(run_dir, "history.json")
@@ -144,8 +187,10 @@ def run_case(label: str, model: str, data: str, root: str, settings: list[str], 
         epochs = json.load(open(history))
         row["step_s"] = round(sum(h["train_seconds"] for h in epochs) / max(1, 3 * len(epochs)), 2)
         row["resumed_from"] = [h["resumed_from_epoch"] for h in epochs]
-    sizes = [sum(os.path.getsize(f) for f in glob.glob(os.path.join(c, "**"), recursive=True) if os.path.isfile(f))
-             for c in glob.glob(os.path.join(run_dir, "checkpoint_*"))]
+    sizes = [
+        sum(os.path.getsize(f) for f in glob.glob(os.path.join(c, "**"), recursive=True) if os.path.isfile(f))
+        for c in glob.glob(os.path.join(run_dir, "checkpoint_*"))
+    ]
     row["checkpoint_gb"] = round(max(sizes, default=0) / 1e9, 2)
     row["published"] = os.path.exists(os.path.join(run_dir, "model", "model.safetensors"))
     if os.path.exists(history) and epochs[-1].get("gpu_peak_memory_gb") is not None:
@@ -169,25 +214,50 @@ def estimated(model: str, settings: list[str]) -> tuple[float, float]:
 def cases(size: str) -> list[tuple[str, list[str], bool]]:
     """(label, settings, kill a worker) of each case on a model size."""
     if size == "0.4b":
-        return [("0.4B DDP 2 workers", ["train.num_workers=2", "train.epochs=1"], False),
-                ("0.4B FSDP 2 workers", ["train.num_workers=2", "train.parallelism=fsdp", "train.epochs=1"], False),
-                ("0.4B FSDP 3 workers", ["train.num_workers=3", "train.cpus_per_worker=0.66",
-                                         "train.parallelism=fsdp", "train.epochs=1"], False)]
-    return [("0.9B DDP 1 worker", ["train.num_workers=1", "train.cpus_per_worker=2", "train.epochs=1"], False),
-            ("0.9B LoRA 1 worker", ["train.num_workers=1", "train.cpus_per_worker=2", "train.strategy=lora",
-                                    "train.lr=0.001", "train.epochs=1"], False),
-            ("0.9B FSDP 2 workers, 2 epochs, a worker killed", [
-                "train.num_workers=2", "train.parallelism=fsdp", "train.epochs=2", "train.max_failures=1"], True)]
+        return [
+            ("0.4B DDP 2 workers", ["train.num_workers=2", "train.epochs=1"], False),
+            ("0.4B FSDP 2 workers", ["train.num_workers=2", "train.parallelism=fsdp", "train.epochs=1"], False),
+            (
+                "0.4B FSDP 3 workers",
+                ["train.num_workers=3", "train.cpus_per_worker=0.66", "train.parallelism=fsdp", "train.epochs=1"],
+                False,
+            ),
+        ]
+    return [
+        ("0.9B DDP 1 worker", ["train.num_workers=1", "train.cpus_per_worker=2", "train.epochs=1"], False),
+        (
+            "0.9B LoRA 1 worker",
+            [
+                "train.num_workers=1",
+                "train.cpus_per_worker=2",
+                "train.strategy=lora",
+                "train.lr=0.001",
+                "train.epochs=1",
+            ],
+            False,
+        ),
+        (
+            "0.9B FSDP 2 workers, 2 epochs, a worker killed",
+            ["train.num_workers=2", "train.parallelism=fsdp", "train.epochs=2", "train.max_failures=1"],
+            True,
+        ),
+    ]
 
 
 def gpu_cases(offload_sizes: list[str]) -> list[tuple[str, str, list[str]]]:
     """(model size, label, settings) of the GPU cases."""
-    out = [("0.9b", "0.9B FSDP2 bf16, 1 GPU", [*GPU, "train.parallelism=fsdp"]),
-           ("0.9b", "0.9B QLoRA nf4, 1 GPU", [*GPU, "train.strategy=lora", "train.lr=0.001",
-                                              "train.quantize_base=nf4"])]
+    out = [
+        ("0.9b", "0.9B FSDP2 bf16, 1 GPU", [*GPU, "train.parallelism=fsdp"]),
+        ("0.9b", "0.9B QLoRA nf4, 1 GPU", [*GPU, "train.strategy=lora", "train.lr=0.001", "train.quantize_base=nf4"]),
+    ]
     for size in offload_sizes:
-        out.append((size, f"{size.upper()} FSDP2 bf16 + cpu_offload, 1 GPU",
-                    [*GPU, "train.parallelism=fsdp", "train.cpu_offload=true"]))
+        out.append(
+            (
+                size,
+                f"{size.upper()} FSDP2 bf16 + cpu_offload, 1 GPU",
+                [*GPU, "train.parallelism=fsdp", "train.cpu_offload=true"],
+            )
+        )
     return out
 
 
@@ -222,8 +292,12 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="raybm-memory-")
     data = os.path.join(work, "data.csv")
     words = ["good", "bad", "great", "awful", "fine", "poor", "lovely", "broken"]
-    pd.DataFrame({"text": [f"{words[i % 8]} thing number {i}" for i in range(400)],
-                  "label": ["pos" if i % 2 == 0 else "neg" for i in range(400)]}).to_csv(data, index=False)
+    pd.DataFrame(
+        {
+            "text": [f"{words[i % 8]} thing number {i}" for i in range(400)],
+            "label": ["pos" if i % 2 == 0 else "neg" for i in range(400)],
+        }
+    ).to_csv(data, index=False)
     if args.gpu:
         rows = run_gpu(work, data, [s for s in args.offload_sizes.split(",") if s])
         shutil.rmtree(work, ignore_errors=True)
@@ -238,7 +312,9 @@ def main() -> int:
                 continue
             row = run_case(label, model, data, os.path.join(work, "results"), settings, kill)
             row["estimate_gb"], row["estimate_rank0_gb"] = estimated(model, settings)
-            row["estimate_over_measured"] = round(row["estimate_rank0_gb"] / row["peak_gb"], 2) if row["peak_gb"] else None
+            row["estimate_over_measured"] = (
+                round(row["estimate_rank0_gb"] / row["peak_gb"], 2) if row["peak_gb"] else None
+            )
             print(json.dumps(row), flush=True)
             rows.append(row)
         shutil.rmtree(model, ignore_errors=True)
@@ -258,8 +334,10 @@ def report(rows: list[dict]) -> None:
 
     print("\ncase | peak per worker (GB, every worker) | estimate rank 0 / others | step s | checkpoint GB, s")
     for r in rows:
-        print(f"{r['case']} | {r['peak_gb']} {r['peaks_gb']} | {r['estimate_rank0_gb']} / {r['estimate_gb']} | "
-              f"{r.get('step_s')} | {r['checkpoint_gb']}, {r['checkpoint_s']}{'' if r['ok'] else ' FAILED'}")
+        print(
+            f"{r['case']} | {r['peak_gb']} {r['peaks_gb']} | {r['estimate_rank0_gb']} / {r['estimate_gb']} | "
+            f"{r.get('step_s')} | {r['checkpoint_gb']}, {r['checkpoint_s']}{'' if r['ok'] else ' FAILED'}"
+        )
     print(f"0.4B FSDP 2 workers / DDP: {ratio('0.4B FSDP 2 workers', '0.4B DDP 2 workers')} (target <= 0.6)")
     print(f"0.4B FSDP 3 workers / DDP: {ratio('0.4B FSDP 3 workers', '0.4B DDP 2 workers')} (target <= 0.45)")
     print(f"0.9B LoRA / DDP full: {ratio('0.9B LoRA 1 worker', '0.9B DDP 1 worker')} (target <= 0.35)")

@@ -82,24 +82,33 @@ def main(argv: list[str] | None = None) -> int:
             found[split] = (conf, pred, np.array(truth), neutral)
         conf, _, _, neutral = found["validation"]
         threshold = fit_threshold(conf[neutral], conf[~neutral])
-        print(f"abstain threshold fitted on validation ({neutral.sum()} neutral, {(~neutral).sum()} "
-              f"positive/negative tweets): serve.min_confidence={threshold:.3f}")
+        print(
+            f"abstain threshold fitted on validation ({neutral.sum()} neutral, {(~neutral).sum()} "
+            f"positive/negative tweets): serve.min_confidence={threshold:.3f}"
+        )
         conf, pred, truth, neutral = found["test"]
         kept = ~neutral & (conf >= threshold)
-        print(f"test: neutral tweets called uncertain {np.mean(conf[neutral] < threshold):.1%} "
-              f"({neutral.sum()}); positive/negative called uncertain {np.mean(conf[~neutral] < threshold):.1%} "
-              f"({(~neutral).sum()}); accuracy on those answered {np.mean(pred[kept] == truth[kept]):.4f} "
-              f"(all: {np.mean(pred[~neutral] == truth[~neutral]):.4f})")
-        print(f"test: neutral tweets answered 'very likely' (>= 95%): {np.mean(conf[neutral] >= 0.95):.1%} "
-              f"without the threshold")
+        print(
+            f"test: neutral tweets called uncertain {np.mean(conf[neutral] < threshold):.1%} "
+            f"({neutral.sum()}); positive/negative called uncertain {np.mean(conf[~neutral] < threshold):.1%} "
+            f"({(~neutral).sum()}); accuracy on those answered {np.mean(pred[kept] == truth[kept]):.4f} "
+            f"(all: {np.mean(pred[~neutral] == truth[~neutral]):.4f})"
+        )
+        print(
+            f"test: neutral tweets answered 'very likely' (>= 95%): {np.mean(conf[neutral] >= 0.95):.1%} "
+            f"without the threshold"
+        )
     else:
         probs, truth = split_probs(clf, results, args.three_class, "test")
         truth_a = np.array(truth)
         pred = np.array([labels[i] for i in probs.argmax(1)])
         neutral = truth_a == "neutral"
-        print(f"test: neutral recall {np.mean(pred[neutral] == 'neutral'):.4f}, precision "
-              f"{np.mean(truth_a[pred == 'neutral'] == 'neutral'):.4f}; neutral tweets called positive or "
-              f"negative 'very likely' (>= 95%): {np.mean((pred[neutral] != 'neutral') & (probs.max(1)[neutral] >= 0.95)):.1%}")
+        print(
+            f"test: neutral recall {np.mean(pred[neutral] == 'neutral'):.4f}, precision "
+            f"{np.mean(truth_a[pred == 'neutral'] == 'neutral'):.4f}; neutral tweets called positive or "
+            f"negative 'very likely' (>= 95%): "
+            f"{np.mean((pred[neutral] != 'neutral') & (probs.max(1)[neutral] >= 0.95)):.1%}"
+        )
     print("\nten plain neutral sentences:")
     probs = clf.predict(NEUTRAL_SENTENCES)
     very = 0

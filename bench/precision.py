@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lora import run, show, start  # noqa: E402 - the same runs, the same shared settings
+from lora import run, show, start
 
 VARIANTS = {"fp32": ["train.precision=fp32"], "bf16": ["train.precision=bf16"]}
 
@@ -43,8 +43,10 @@ def main() -> int:
     fp32, bf16 = rows
     gap = fp32["f1"] - bf16["f1"]
     speed = bf16["samples_s"] / fp32["samples_s"]
-    print(f"\nbf16 / fp32: samples/s {speed:.3f}, peak memory {bf16['peak_mb'] / fp32['peak_mb']:.3f}; "
-          f"macro-F1 {bf16['f1']:.4f} vs {fp32['f1']:.4f} (gap {gap:+.4f})")
+    print(
+        f"\nbf16 / fp32: samples/s {speed:.3f}, peak memory {bf16['peak_mb'] / fp32['peak_mb']:.3f}; "
+        f"macro-F1 {bf16['f1']:.4f} vs {fp32['f1']:.4f} (gap {gap:+.4f})"
+    )
     ok = gap <= 0.01 and (speed > 1 or not cpu_has_native_bf16())
     print("targets (faster where the CPU has native bf16, macro-F1 within 0.01):", "met" if ok else "NOT met")
     return 0 if ok else 1

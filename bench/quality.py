@@ -62,8 +62,13 @@ def paired(y: np.ndarray, ours: np.ndarray, base: np.ndarray, resamples: int = 2
     diffs = a[idx].mean(axis=1) - b[idx].mean(axis=1)
     only_ours, only_base = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
     stat = (abs(only_ours - only_base) - 1) ** 2 / max(1, only_ours + only_base)
-    return {"diff": float(a.mean() - b.mean()), "ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
-            "only_ours_right": only_ours, "only_baseline_right": only_base, "mcnemar_p": float(chi2.sf(stat, 1))}
+    return {
+        "diff": float(a.mean() - b.mean()),
+        "ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
+        "only_ours_right": only_ours,
+        "only_baseline_right": only_base,
+        "mcnemar_p": float(chi2.sf(stat, 1)),
+    }
 
 
 def run_predictions(results, run: str):
@@ -85,8 +90,10 @@ def report(name: str, ours: dict, preds, base: dict, base_pred: dict[str, int]) 
     n = ours["examples"]
     print(f"\n{name} on {preds.attrs.get('dataset', '')} (test split, {n} examples)")
     print(f"{'model':<44}{'accuracy':>10}{'macro-F1':>10}{'seconds':>10}")
-    print(f"{'TF-IDF (1-2 grams) + logistic regression':<44}{base['accuracy']:>10.4f}{base['f1_macro']:>10.4f}"
-          f"{base['seconds']:>10}")
+    print(
+        f"{'TF-IDF (1-2 grams) + logistic regression':<44}{base['accuracy']:>10.4f}{base['f1_macro']:>10.4f}"
+        f"{base['seconds']:>10}"
+    )
     print(f"{name:<44}{ours['accuracy']:>10.4f}{ours['f1_macro']:>10.4f}{ours.get('seconds', ''):>10}")
     missing = [t for t in preds["text"] if t not in base_pred]
     if missing:
@@ -95,9 +102,11 @@ def report(name: str, ours: dict, preds, base: dict, base_pred: dict[str, int]) 
     cmp = paired(y, preds["pred"].to_numpy(), np.array([base_pred[t] for t in preds["text"]]))
     se = math.sqrt(ours["accuracy"] * (1 - ours["accuracy"]) / n)
     print(f"standard error of the accuracy on {n} examples: {se:.4f}")
-    print(f"paired, same examples: accuracy {cmp['diff']:+.4f} (95% bootstrap interval {cmp['ci95'][0]:+.4f} "
-          f"to {cmp['ci95'][1]:+.4f}); right where TF-IDF is wrong {cmp['only_ours_right']}, the reverse "
-          f"{cmp['only_baseline_right']}, McNemar p = {cmp['mcnemar_p']:.2g}")
+    print(
+        f"paired, same examples: accuracy {cmp['diff']:+.4f} (95% bootstrap interval {cmp['ci95'][0]:+.4f} "
+        f"to {cmp['ci95'][1]:+.4f}); right where TF-IDF is wrong {cmp['only_ours_right']}, the reverse "
+        f"{cmp['only_baseline_right']}, McNemar p = {cmp['mcnemar_p']:.2g}"
+    )
     print(f"macro-F1 difference: {ours['f1_macro'] - base['f1_macro']:+.4f}")
     ok = ours["accuracy"] >= TARGET_ACCURACY and ours["f1_macro"] >= TARGET_F1
     print(f"target accuracy >= {TARGET_ACCURACY}, macro-F1 >= {TARGET_F1}: {'met' if ok else 'NOT met'}")
@@ -144,8 +153,9 @@ def main() -> int:
     ours = dict(trained.metrics["test"], seconds=round(time.time() - started, 1))
     preds = run_predictions(results, trained.metrics["run"])
     preds.attrs["dataset"] = trained.metrics["dataset"]
-    report(f"raybm {cfg.model.name}, {len(trained.history)} epoch(s)", ours, preds,
-           *baseline(trained.metrics["dataset"]))
+    report(
+        f"raybm {cfg.model.name}, {len(trained.history)} epoch(s)", ours, preds, *baseline(trained.metrics["dataset"])
+    )
     print(f"model folder: {trained.model_dir}")
     return 0
 

@@ -57,10 +57,19 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
 
 def kind(cmd: str) -> str:
     """A short name for a process: Ray's processes by role, anything else by its program."""
-    for marker in ("ray::", "gcs_server", "raylet", "dashboard/agent", "dashboard.py", "runtime_env/agent",
-                   "log_monitor", "monitor.py", "dashboard/dashboard"):
+    for marker in (
+        "ray::",
+        "gcs_server",
+        "raylet",
+        "dashboard/agent",
+        "dashboard.py",
+        "runtime_env/agent",
+        "log_monitor",
+        "monitor.py",
+        "dashboard/dashboard",
+    ):
         if marker in cmd:
-            return cmd[cmd.index(marker):].split()[0][:48] if marker == "ray::" else marker
+            return cmd[cmd.index(marker) :].split()[0][:48] if marker == "ray::" else marker
     return os.path.basename(cmd.split()[0]) if cmd else "?"
 
 
@@ -113,9 +122,12 @@ def workload(seconds: float, threads: int) -> dict:
         steps += 1
     elapsed = time.perf_counter() - started
     own = {k: round(v - own_before.get(k, 0.0), 2) for k, v in thread_seconds().items()}
-    return {"steps_per_s": steps / elapsed, "window_s": elapsed,
-            "others_cpu_s": used_between(before, cpu_seconds(), exclude=os.getpid()),
-            "own_threads_cpu_s": {k: v for k, v in sorted(own.items(), key=lambda kv: -kv[1]) if v >= 0.05}}
+    return {
+        "steps_per_s": steps / elapsed,
+        "window_s": elapsed,
+        "others_cpu_s": used_between(before, cpu_seconds(), exclude=os.getpid()),
+        "own_threads_cpu_s": {k: v for k, v in sorted(own.items(), key=lambda kv: -kv[1]) if v >= 0.05},
+    }
 
 
 def ray_side(seconds: float, threads: int, out: str, where: str) -> None:
@@ -137,14 +149,20 @@ def ray_side(seconds: float, threads: int, out: str, where: str) -> None:
     if where == "tune":
         from ray import tune
 
-        tune.Tuner(tune.with_resources(lambda _params: loop(config), {"CPU": 1}),
-                   run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(prefix="ray-tax-"), verbose=0)).fit()
+        tune.Tuner(
+            tune.with_resources(lambda _params: loop(config), {"CPU": 1}),
+            run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(prefix="ray-tax-"), verbose=0),
+        ).fit()
     else:
         import ray.train
         from ray.train.torch import TorchTrainer
 
-        TorchTrainer(loop, train_loop_config=config, scaling_config=ray.train.ScalingConfig(num_workers=1),
-                     run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(prefix="ray-tax-"))).fit()
+        TorchTrainer(
+            loop,
+            train_loop_config=config,
+            scaling_config=ray.train.ScalingConfig(num_workers=1),
+            run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(prefix="ray-tax-")),
+        ).fit()
     ray.shutdown()
 
 
@@ -153,8 +171,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--setting", action="append", help="'name:VAR=VALUE,VAR=VALUE' (repeatable)")
-    parser.add_argument("--where", default="train,tune",
-                        help="train: a TorchTrainer worker, once per setting; tune: a Tune trial's process, once")
+    parser.add_argument(
+        "--where",
+        default="train,tune",
+        help="train: a TorchTrainer worker, once per setting; tune: a Tune trial's process, once",
+    )
     parser.add_argument("--ray-side", help=argparse.SUPPRESS)  # internal: the child run, writing to this file
     args = parser.parse_args()
     if args.ray_side:
@@ -162,8 +183,11 @@ def main() -> int:
         return 0
 
     plain = workload(args.seconds, args.threads)
-    print(f"{'plain process':<28} {plain['steps_per_s']:7.2f} steps/s           others: {plain['others_cpu_s']}; "
-          f"own threads: {plain['own_threads_cpu_s']}", flush=True)
+    print(
+        f"{'plain process':<28} {plain['steps_per_s']:7.2f} steps/s           others: {plain['others_cpu_s']}; "
+        f"own threads: {plain['own_threads_cpu_s']}",
+        flush=True,
+    )
     wheres = args.where.split(",")
     runs = [("train", setting) for setting in (args.setting or DEFAULT_SETTINGS) if "train" in wheres]
     runs += [("tune", "a Tune trial's process:")] if "tune" in wheres else []
@@ -172,14 +196,32 @@ def main() -> int:
         env = dict(os.environ, PYTHONPATH=ROOT)
         env.update(a.split("=", 1) for a in assignments.split(",") if a)
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            subprocess.run([sys.executable, __file__, "--seconds", str(args.seconds), "--threads", str(args.threads),
-                            "--where", where, "--ray-side", out.name], env=env, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--seconds",
+                    str(args.seconds),
+                    "--threads",
+                    str(args.threads),
+                    "--where",
+                    where,
+                    "--ray-side",
+                    out.name,
+                ],
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             got = json.load(open(out.name))
         others = got["others_cpu_s"]
-        print(f"{name:<28} {got['steps_per_s']:7.2f} steps/s  x{got['steps_per_s'] / plain['steps_per_s']:.3f}  "
-              f"others {sum(others.values()):5.1f} CPU s in {got['window_s']:.0f} s: {others}; "
-              f"own threads: {got['own_threads_cpu_s']}", flush=True)
+        print(
+            f"{name:<28} {got['steps_per_s']:7.2f} steps/s  x{got['steps_per_s'] / plain['steps_per_s']:.3f}  "
+            f"others {sum(others.values()):5.1f} CPU s in {got['window_s']:.0f} s: {others}; "
+            f"own threads: {got['own_threads_cpu_s']}",
+            flush=True,
+        )
     return 0
 
 

@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from raybm.ray_patches import POLL_INTERVAL_ENV, POLL_INTERVAL_S  # noqa: E402
+from raybm.ray_patches import POLL_INTERVAL_ENV, POLL_INTERVAL_S
 
 LRS = (1e-3, 5e-4, 2e-4, 1e-4)
 
@@ -47,17 +47,25 @@ class Clock:
         return next((t for t, line in self.lines if line.startswith(prefix)), None)
 
 
-def plain_run(model_name: str, labels: list[str], data: dict, epochs: int, batch: int, lr: float,
-              device: str = "cpu", precision: str = "fp32") -> dict:
+def plain_run(
+    model_name: str,
+    labels: list[str],
+    data: dict,
+    epochs: int,
+    batch: int,
+    lr: float,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> dict:
     """Train ``epochs`` with validation after each, then score test, on ``device`` (bf16:
     autocast, as raybm's loop does); seconds per part."""
     import numpy as np
     import torch
 
     from raybm.config import build_config
+    from raybm.data.tokenizing import pad_collate
     from raybm.inference.evaluate import metrics_from_confusion
     from raybm.models.build import build_classifier
-    from raybm.data.tokenizing import pad_collate
 
     cfg = build_config(overrides=[f"model.name={model_name}", f"train.lr={lr}"])
     torch.manual_seed(0)
@@ -71,9 +79,13 @@ def plain_run(model_name: str, labels: list[str], data: dict, epochs: int, batch
         ids, mask, y = data[split]
         order = np.random.default_rng(seed).permutation(len(y)) if shuffle else np.arange(len(y))
         for lo in range(0, len(y), size):
-            pick = order[lo:lo + size]
-            yield {k: v.to(dev) for k, v in
-                   pad_collate({"input_ids": ids[pick], "attention_mask": mask[pick], "labels": y[pick]}).items()}
+            pick = order[lo : lo + size]
+            yield {
+                k: v.to(dev)
+                for k, v in pad_collate(
+                    {"input_ids": ids[pick], "attention_mask": mask[pick], "labels": y[pick]}
+                ).items()
+            }
 
     def score(split: str) -> dict:
         model.eval()
@@ -138,7 +150,9 @@ def epoch_seconds(history: list[dict]) -> float:
     return sum(h["finished_at"] - h["started_at"] for h in history)
 
 
-def breakdown(started: float, ray_up: float, clock: Clock, history: list[dict], ended: float) -> list[tuple[str, float]]:
+def breakdown(
+    started: float, ray_up: float, clock: Clock, history: list[dict], ended: float
+) -> list[tuple[str, float]]:
     """Where a raybm run's wall time went, in order."""
     fit = clock.first("Training run")
     # The workers score test when they can ("Scored ... in the training worker", after
@@ -148,17 +162,26 @@ def breakdown(started: float, ray_up: float, clock: Clock, history: list[dict], 
     first, last = history[0]["started_at"], history[-1]["finished_at"]
     epochs = epoch_seconds(history)
     loop_started, loop_ready = history[0]["loop_started_at"], history[0]["loop_ready_at"]
-    return [("Ray start", ray_up - started),
-            ("read and tokenize the prepared splits", fit - ray_up),
-            ("Ray Train: controller and worker processes", loop_started - fit),
-            ("worker: imports, model, wrap, splits read whole (until it is ready)", loop_ready - loop_started),
-            ("worker: ready until epoch 1 starts", first - loop_ready),
-            ("training and validation (the epochs themselves)", epochs),
-            ("between epochs (checkpoints, reports)", (last - first) - epochs),
-            *([("after the epochs: test scored in the worker, Ray Train shutdown, publish", scoring - last),
-               ("write metrics, history, model card", ended - scoring)] if scored else
-              [("end of training to test scoring (checkpoint, publish)", scoring - last),
-               ("score the test split (a Ray Data job), write results", ended - scoring)])]
+    return [
+        ("Ray start", ray_up - started),
+        ("read and tokenize the prepared splits", fit - ray_up),
+        ("Ray Train: controller and worker processes", loop_started - fit),
+        ("worker: imports, model, wrap, splits read whole (until it is ready)", loop_ready - loop_started),
+        ("worker: ready until epoch 1 starts", first - loop_ready),
+        ("training and validation (the epochs themselves)", epochs),
+        ("between epochs (checkpoints, reports)", (last - first) - epochs),
+        *(
+            [
+                ("after the epochs: test scored in the worker, Ray Train shutdown, publish", scoring - last),
+                ("write metrics, history, model card", ended - scoring),
+            ]
+            if scored
+            else [
+                ("end of training to test scoring (checkpoint, publish)", scoring - last),
+                ("score the test split (a Ray Data job), write results", ended - scoring),
+            ]
+        ),
+    ]
 
 
 def empty_fit_seconds() -> float:
@@ -171,8 +194,11 @@ def empty_fit_seconds() -> float:
 
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)  # as raybm's runs poll
     started = time.time()
-    TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1),
-                 run_config=ray.train.RunConfig(name=f"empty-{int(started)}", storage_path="/tmp/raybm-bench-empty")).fit()
+    TorchTrainer(
+        loop,
+        scaling_config=ray.train.ScalingConfig(num_workers=1),
+        run_config=ray.train.RunConfig(name=f"empty-{int(started)}", storage_path="/tmp/raybm-bench-empty"),
+    ).fit()
     return time.time() - started
 
 
@@ -202,9 +228,11 @@ def bench_run(args, base: list[str], frames: dict, labels: list[str]) -> None:
     plain_wall = tokenize_s + sum(plain["seconds"].values())
 
     outside = raybm_wall - epoch_seconds(result.history)
-    print(f"\nA whole run: {args.model}, {args.epochs} epochs, batch {args.batch}, length {args.max_length}, "
-          f"{args.threads} torch threads, {len(frames['train']):,} training rows, "
-          f"{'GPU' if args.gpu else 'CPU'}, {args.precision}")
+    print(
+        f"\nA whole run: {args.model}, {args.epochs} epochs, batch {args.batch}, length {args.max_length}, "
+        f"{args.threads} torch threads, {len(frames['train']):,} training rows, "
+        f"{'GPU' if args.gpu else 'CPU'}, {args.precision}"
+    )
     print(f"{'path':<58}{'seconds':>9}")
     for what, s in parts:
         print(f"  raybm: {what:<50}{s:>9.1f}")
@@ -214,8 +242,10 @@ def bench_run(args, base: list[str], frames: dict, labels: list[str]) -> None:
         print(f"  plain: {what:<50}{s:>9.1f}")
     print(f"{'plain loop, whole run':<58}{plain_wall:>9.1f}")
     print(f"ratio raybm / plain: {raybm_wall / plain_wall:.2f}")
-    print(f"raybm outside training and validation: {outside:.1f} s (target <= 15 s with tiny-bert); "
-          f"plain: {plain_wall - plain['seconds']['train'] - plain['seconds']['validation']:.1f} s")
+    print(
+        f"raybm outside training and validation: {outside:.1f} s (target <= 15 s with tiny-bert); "
+        f"plain: {plain_wall - plain['seconds']['train'] - plain['seconds']['validation']:.1f} s"
+    )
     print(f"Ray Train's floor here: an empty TorchTrainer.fit (1 worker, no data) took {floor:.1f} s")
     print(f"test macro-F1: raybm {result.metrics['test']['f1_macro']:.4f}, plain {plain['test_f1']:.4f}")
 
@@ -233,17 +263,23 @@ def empty_sweep_seconds(n: int) -> float:
 
     def trial(_params):
         os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)  # as raybm's trials poll
-        TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1),
-                     run_config=ray.train.RunConfig(name=f"empty-{tune.get_context().get_trial_id()}",
-                                                    storage_path="/tmp/raybm-bench-empty",
-                                                    callbacks=[TuneReportCallback()])).fit()
+        TorchTrainer(
+            loop,
+            scaling_config=ray.train.ScalingConfig(num_workers=1),
+            run_config=ray.train.RunConfig(
+                name=f"empty-{tune.get_context().get_trial_id()}",
+                storage_path="/tmp/raybm-bench-empty",
+                callbacks=[TuneReportCallback()],
+            ),
+        ).fit()
 
     started = time.time()
-    tune.Tuner(tune.with_resources(trial, {"memory": 512 * 1024 * 1024}),
-               param_space={"x": tune.grid_search(list(range(n)))},
-               tune_config=tune.TuneConfig(max_concurrent_trials=1),
-               run_config=tune.RunConfig(name=f"empty-sweep-{int(started)}", storage_path="/tmp/raybm-bench-empty",
-                                         verbose=0)).fit()
+    tune.Tuner(
+        tune.with_resources(trial, {"memory": 512 * 1024 * 1024}),
+        param_space={"x": tune.grid_search(list(range(n)))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1),
+        run_config=tune.RunConfig(name=f"empty-sweep-{int(started)}", storage_path="/tmp/raybm-bench-empty", verbose=0),
+    ).fit()
     return time.time() - started
 
 
@@ -258,35 +294,46 @@ def empty_tune_seconds(n: int) -> float:
         tune.report({"score": 1.0})
 
     started = time.time()
-    tune.Tuner(tune.with_resources(trial, {"CPU": 1}), param_space={"x": tune.grid_search(list(range(n)))},
-               tune_config=tune.TuneConfig(max_concurrent_trials=1),
-               run_config=tune.RunConfig(name=f"empty-tune-{int(started)}", storage_path="/tmp/raybm-bench-empty",
-                                         verbose=0)).fit()
+    tune.Tuner(
+        tune.with_resources(trial, {"CPU": 1}),
+        param_space={"x": tune.grid_search(list(range(n)))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1),
+        run_config=tune.RunConfig(name=f"empty-tune-{int(started)}", storage_path="/tmp/raybm-bench-empty", verbose=0),
+    ).fit()
     return time.time() - started
 
 
 def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
     import ray
 
-    from raybm.config import build_config
     from raybm.commands.common import start
+    from raybm.config import build_config
     from raybm.tune.sweep import run_sweep
 
     grid = ", ".join(f"{lr:g}" for lr in LRS)
     n = len(LRS)
     walls = {}
     for runner in args.trial_runners.split(","):
-        cfg = build_config(overrides=[*base, f"name=overhead-sweep-{runner}-{int(time.time())}",
-                                      "tune.max_concurrent_trials=1", "tune.num_samples=1", "tune.soup=none",
-                                      "tune.scheduler=fifo", f"tune.trial_runner={runner}",
-                                      f"tune.search_space={{train.lr: 'grid([{grid}])'}}"])
+        cfg = build_config(
+            overrides=[
+                *base,
+                f"name=overhead-sweep-{runner}-{int(time.time())}",
+                "tune.max_concurrent_trials=1",
+                "tune.num_samples=1",
+                "tune.soup=none",
+                "tune.scheduler=fifo",
+                f"tune.trial_runner={runner}",
+                f"tune.search_space={{train.lr: 'grid([{grid}])'}}",
+            ]
+        )
         started = time.time()
         start(cfg, ["tune"])  # as `raybm tune` starts
         result = run_sweep(cfg, log=lambda _: None)
         ended = time.time()
-        floors = {"in_trial": ("Ray Tune's", "a function trainable that imports torch and reports",
-                               empty_tune_seconds),
-                  "ray_train": ("Ray Tune and Train's", "an empty TorchTrainer.fit", empty_sweep_seconds)}
+        floors = {
+            "in_trial": ("Ray Tune's", "a function trainable that imports torch and reports", empty_tune_seconds),
+            "ray_train": ("Ray Tune and Train's", "an empty TorchTrainer.fit", empty_sweep_seconds),
+        }
         what, each, measure = floors[runner]
         floor = measure(n)
         ray.shutdown()
@@ -307,8 +354,10 @@ def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
         print(f"  {'  of which the trials epochs themselves':<56}{computed:>9.1f}")
         print(f"  ratio raybm / plain: {wall / plain_wall:.2f}")
         print(f"  raybm outside training and validation: {(wall - computed) / n:.1f} s a trial (target <= 10 s)")
-        print(f"  {what} floor here: an empty sweep of {n} trials (each {each}) took {floor:.1f} s, "
-              f"{floor / n:.1f} s a trial")
+        print(
+            f"  {what} floor here: an empty sweep of {n} trials (each {each}) took {floor:.1f} s, "
+            f"{floor / n:.1f} s a trial"
+        )
 
 
 def main() -> int:
@@ -323,8 +372,11 @@ def main() -> int:
     parser.add_argument("--root", default="/tmp/raybm-bench-overhead")
     parser.add_argument("--gpu", action="store_true", help="both sides train on the GPU (train.use_gpu=yes)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--trial-runners", default="in_trial,ray_train",
-                        help="the sweep's tune.trial_runner values to measure, one sweep each")
+    parser.add_argument(
+        "--trial-runners",
+        default="in_trial,ray_train",
+        help="the sweep's tune.trial_runner values to measure, one sweep each",
+    )
     args = parser.parse_args()
 
     import pandas as pd
@@ -334,12 +386,23 @@ def main() -> int:
     from raybm.results import Results
     from raybm.runtime import ensure_ray
 
-    base = [f"storage.root={args.root}", "data.source=twitter-sentiment", "data.labels=[negative, positive]",
-            f"data.max_length={args.max_length}", f"model.name={args.model}", f"train.epochs={args.epochs}",
-            f"train.batch_size={args.batch}", f"train.torch_threads={args.threads}", "train.warmup_ratio=0",
-            "train.log_every_steps=100000", "train.keep_checkpoints=1", "tune.measure_cost=false",
-            f"train.use_gpu={'yes' if args.gpu else 'no'}", f"train.precision={args.precision}",
-            *([f"data.max_rows={args.max_rows}"] if args.max_rows else [])]
+    base = [
+        f"storage.root={args.root}",
+        "data.source=twitter-sentiment",
+        "data.labels=[negative, positive]",
+        f"data.max_length={args.max_length}",
+        f"model.name={args.model}",
+        f"train.epochs={args.epochs}",
+        f"train.batch_size={args.batch}",
+        f"train.torch_threads={args.threads}",
+        "train.warmup_ratio=0",
+        "train.log_every_steps=100000",
+        "train.keep_checkpoints=1",
+        "tune.measure_cost=false",
+        f"train.use_gpu={'yes' if args.gpu else 'no'}",
+        f"train.precision={args.precision}",
+        *([f"data.max_rows={args.max_rows}"] if args.max_rows else []),
+    ]
     cfg = build_config(overrides=base)
     ray_ctx = ensure_ray(cfg.ray)  # the data stage, once, outside every timing
     prepared = run_data_stage(cfg, log=lambda _: None)

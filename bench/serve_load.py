@@ -81,16 +81,38 @@ async def _client(url: str, texts: list[str], concurrency: int, requests: int) -
     def pct(q):
         return round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 1) if lat else None
 
-    return {"concurrency": concurrency, "requests": requests, "seconds": round(elapsed, 2),
-            "throughput": round(codes["2xx"] / elapsed, 1), "p50_ms": pct(0.50), "p95_ms": pct(0.95),
-            "p99_ms": pct(0.99), **codes}
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "seconds": round(elapsed, 2),
+        "throughput": round(codes["2xx"] / elapsed, 1),
+        "p50_ms": pct(0.50),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        **codes,
+    }
 
 
 def run_client(url: str, texts_file: str, concurrency: int, requests: int) -> dict:
     """The load comes from a second process, so it does not share this one's GIL."""
-    out = subprocess.run([sys.executable, HERE, "--client", url, "--texts-file", texts_file,
-                          "--concurrency", str(concurrency), "--requests", str(requests)],
-                         check=True, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            HERE,
+            "--client",
+            url,
+            "--texts-file",
+            texts_file,
+            "--concurrency",
+            str(concurrency),
+            "--requests",
+            str(requests),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -138,10 +160,13 @@ def bare_model(model_dir: str, backend: str, threads: int, device: str, texts: l
     single = n_single / sum(latencies)
     t0 = time.perf_counter()
     for i in range(0, len(texts), batch):
-        p.predict(texts[i:i + batch])
+        p.predict(texts[i : i + batch])
     batched = len(texts) / (time.perf_counter() - t0)
-    return {"one at a time": round(single, 1), f"batches of {batch}": round(batched, 1),
-            "p50_ms": round(1000 * sorted(latencies)[len(latencies) // 2], 1)}
+    return {
+        "one at a time": round(single, 1),
+        f"batches of {batch}": round(batched, 1),
+        "p50_ms": round(1000 * sorted(latencies)[len(latencies) // 2], 1),
+    }
 
 
 def onnx_int8(model_dir: str, work: str) -> str:
@@ -170,8 +195,9 @@ def client_url(cfg, model_dir: str, proxy_url: str) -> str:
     return (direct_urls(for_model(cfg.serve, model_dir)) or [proxy_url])[0]
 
 
-def serve_phase(cfg_overrides: list[str], model_dir: str, texts_file: str, levels: list[int],
-                requests: int) -> list[dict]:
+def serve_phase(
+    cfg_overrides: list[str], model_dir: str, texts_file: str, levels: list[int], requests: int
+) -> list[dict]:
     from ray import serve
 
     from raybm.config import build_config
@@ -186,8 +212,9 @@ def serve_phase(cfg_overrides: list[str], model_dir: str, texts_file: str, level
     return rows
 
 
-def breakdown(model_dir: str, backend: str, threads: int, texts: list[str], port: int, ingress: str,
-              n: int = 300) -> dict:
+def breakdown(
+    model_dir: str, backend: str, threads: int, texts: list[str], port: int, ingress: str, n: int = 300
+) -> dict:
     """Where a request's time goes at concurrency 1 (medians of ``n``, milliseconds): the bare
     model, the same through the replica's batcher in this process, the replica's own measure
     of its handler (``/stats``), a client's whole request, and ``GET /healthz`` (Serve's
@@ -211,16 +238,27 @@ def breakdown(model_dir: str, backend: str, threads: int, texts: list[str], port
             took.append(1000 * (time.perf_counter() - t0))
         return round(statistics.median(took), 2)
 
-    cfg = build_config(overrides=[f"serve.port={port}", f"serve.backend={backend}", f"serve.torch_threads={threads}",
-                                  f"serve.cpus_per_replica={threads}", "serve.max_texts=64", "serve.app_name=breakdown",
-                                  f"serve.ingress={ingress}"])
+    cfg = build_config(
+        overrides=[
+            f"serve.port={port}",
+            f"serve.backend={backend}",
+            f"serve.torch_threads={threads}",
+            f"serve.cpus_per_replica={threads}",
+            "serve.max_texts=64",
+            "serve.app_name=breakdown",
+            f"serve.ingress={ingress}",
+        ]
+    )
     url = client_url(cfg, model_dir, deploy(cfg, model_dir))
     session = requests.Session()
     for _ in range(30):
         session.get(f"{url}/healthz").raise_for_status()
-    out = {"healthz": median_ms(lambda i: session.get(f"{url}/healthz").raise_for_status()),
-           "predict at the client": median_ms(
-               lambda i: session.post(f"{url}/predict", json={"texts": [texts[i % len(texts)]]}).raise_for_status())}
+    out = {
+        "healthz": median_ms(lambda i: session.get(f"{url}/healthz").raise_for_status()),
+        "predict at the client": median_ms(
+            lambda i: session.post(f"{url}/predict", json={"texts": [texts[i % len(texts)]]}).raise_for_status()
+        ),
+    }
     time.sleep(FLUSH_INTERVAL_S + 1.5)  # the replica's counts handed on
     out["predict handler in the replica"] = round(session.get(f"{url}/stats").json()["recent"]["latency_p50_ms"], 2)
     predictor = load_predictor(model_dir, backend, threads=threads)
@@ -242,17 +280,26 @@ def breakdown(model_dir: str, backend: str, threads: int, texts: list[str], port
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a raybm model folder (default: MiniLM with a new head)")
-    parser.add_argument("--backend", default="torch", choices=["torch", "int8", "onnx-int8"],
-                        help="onnx-int8: the model's ONNX int8 export variant, built here, on ONNX Runtime")
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "int8", "onnx-int8"],
+        help="onnx-int8: the model's ONNX int8 export variant, built here, on ONNX Runtime",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads, bare model and replica alike")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--port", type=int, default=8011)
-    parser.add_argument("--ingress", default="direct", choices=["direct", "proxy"],
-                        help="direct: clients call the replica's own port (serve.ingress=direct); proxy: Serve's proxy")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="only: where a request's time goes at concurrency 1 (medians, ms)")
+    parser.add_argument(
+        "--ingress",
+        default="direct",
+        choices=["direct", "proxy"],
+        help="direct: clients call the replica's own port (serve.ingress=direct); proxy: Serve's proxy",
+    )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="only: where a request's time goes at concurrency 1 (medians, ms)"
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--texts-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -280,8 +327,12 @@ def main() -> int:
     if args.breakdown:
         import ray
 
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **ingress_env(args.ingress)}})
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **ingress_env(args.ingress)}},
+        )
         print(json.dumps(breakdown(model_dir, args.backend, args.threads, texts, args.port, args.ingress), indent=2))
         ray.shutdown()
         return 0
@@ -291,34 +342,74 @@ def main() -> int:
 
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **ingress_env(args.ingress)}})
-    print(f"clients call the replica {'itself (direct ingress)' if args.ingress == 'direct' else 'through the proxy'}",
-          flush=True)
-    common = [f"serve.ingress={args.ingress}", f"serve.port={args.port}", f"serve.backend={args.backend}", f"serve.torch_threads={args.threads}",
-              f"serve.cpus_per_replica={args.threads}", f"serve.gpus_per_replica={1 if device == 'cuda' else 0}",
-              "serve.max_texts=64"]
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **ingress_env(args.ingress)}},
+    )
+    print(
+        f"clients call the replica {'itself (direct ingress)' if args.ingress == 'direct' else 'through the proxy'}",
+        flush=True,
+    )
+    common = [
+        f"serve.ingress={args.ingress}",
+        f"serve.port={args.port}",
+        f"serve.backend={args.backend}",
+        f"serve.torch_threads={args.threads}",
+        f"serve.cpus_per_replica={args.threads}",
+        f"serve.gpus_per_replica={1 if device == 'cuda' else 0}",
+        "serve.max_texts=64",
+    ]
     top = max(levels)
     results = {}
     for name, extra in (("batched", [f"serve.max_batch_size={args.batch}"]), ("unbatched", ["serve.max_batch_size=1"])):
         print(f"serve {name} ...", flush=True)
-        results[name] = serve_phase(common + extra + [f"serve.app_name={name}", f"serve.max_ongoing_requests={top}",
-                                                      f"serve.max_queued_requests={4 * top}"],
-                                    model_dir, texts_file, levels, args.requests)
+        results[name] = serve_phase(
+            common
+            + extra
+            + [f"serve.app_name={name}", f"serve.max_ongoing_requests={top}", f"serve.max_queued_requests={4 * top}"],
+            model_dir,
+            texts_file,
+            levels,
+            args.requests,
+        )
     print("overload ...", flush=True)
     half = max(1, top // 2)
-    overload = serve_phase(common + [f"serve.max_batch_size={args.batch}", "serve.app_name=overload",
-                                     f"serve.max_ongoing_requests={half}", f"serve.max_queued_requests={half}"],
-                           model_dir, texts_file, [2 * top], args.requests)
+    overload = serve_phase(
+        common
+        + [
+            f"serve.max_batch_size={args.batch}",
+            "serve.app_name=overload",
+            f"serve.max_ongoing_requests={half}",
+            f"serve.max_queued_requests={half}",
+        ],
+        model_dir,
+        texts_file,
+        [2 * top],
+        args.requests,
+    )
     from ray import serve
 
     serve.shutdown()
     ray.shutdown()
 
-    cols = ["concurrency", "throughput", "p50_ms", "p95_ms", "p99_ms", "2xx", "4xx", "503", "5xx other",
-            "connection errors"]
-    print(f"\nBare model ({args.backend}, {args.threads} thread(s), {device}), sentences/s: "
-          + ", ".join(f"{k} {v}" for k, v in bare.items()))
+    cols = [
+        "concurrency",
+        "throughput",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "2xx",
+        "4xx",
+        "503",
+        "5xx other",
+        "connection errors",
+    ]
+    print(
+        f"\nBare model ({args.backend}, {args.threads} thread(s), {device}), sentences/s: "
+        + ", ".join(f"{k} {v}" for k, v in bare.items())
+    )
     for name, rows in (*results.items(), ("overload (bounded queue)", overload)):
         print(f"\nServe {name}, {args.requests} single-sentence requests per level:")
         print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
@@ -332,11 +423,16 @@ def main() -> int:
     print(f"\nServe best {best_serve}/s vs bare model best {best_bare}/s: ratio {ratio:.2f} (target >= 0.80)")
     one = {name: rows[0]["p50_ms"] for name, rows in results.items() if rows[0]["concurrency"] == 1}
     over = {name: round(p50 - bare["p50_ms"], 1) for name, p50 in one.items() if p50 is not None}
-    print(f"p50 at concurrency 1 above the bare model's {bare['p50_ms']} ms: "
-          + ", ".join(f"{name} +{d} ms" for name, d in over.items()) + " (target <= 3 ms)")
+    print(
+        f"p50 at concurrency 1 above the bare model's {bare['p50_ms']} ms: "
+        + ", ".join(f"{name} +{d} ms" for name, d in over.items())
+        + " (target <= 3 ms)"
+    )
     print(f"batching gain (best batched / best unbatched): {gain:.2f}x")
-    print(f"5xx other than 503, and connection errors: {bad} (target 0); "
-          f"503s under overload: {overload[0]['503']} of {args.requests}")
+    print(
+        f"5xx other than 503, and connection errors: {bad} (target 0); "
+        f"503s under overload: {overload[0]['503']} of {args.requests}"
+    )
     return 0 if ratio >= 0.8 and bad == 0 and all(d <= 3 for d in over.values()) else 1
 
 

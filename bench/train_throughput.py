@@ -37,9 +37,8 @@ def plain_loop(cfg, texts: list[str], labels_ids: list[int], labels: list[str], 
     t0, n = None, 0
     for i in range(steps):
         lo = (i * BATCH) % (len(texts) - BATCH)
-        enc = tok(texts[lo:lo + BATCH], truncation=True, max_length=LENGTH, padding="max_length",
-                  return_tensors="pt")
-        y = torch.tensor(labels_ids[lo:lo + BATCH])
+        enc = tok(texts[lo : lo + BATCH], truncation=True, max_length=LENGTH, padding="max_length", return_tensors="pt")
+        y = torch.tensor(labels_ids[lo : lo + BATCH])
         logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
         loss = loss_fn(logits, y)
         loss.backward()
@@ -69,11 +68,22 @@ def main() -> int:
     from raybm.train.driver import run_training
 
     rows = int(args.steps * BATCH / 0.8) + 64  # a train split of about `steps` batches
-    cfg = build_config(overrides=[
-        f"storage.root={args.root}", "data.source=twitter-sentiment", f"data.max_rows={rows}",
-        f"data.max_length={LENGTH}", "data.padding=max_length", f"model.name={args.model}",
-        "train.epochs=2", f"train.batch_size={BATCH}", f"train.max_steps_per_epoch={args.steps}",
-        f"train.torch_threads={args.threads}", "train.log_every_steps=1000", "train.keep_checkpoints=1"])
+    cfg = build_config(
+        overrides=[
+            f"storage.root={args.root}",
+            "data.source=twitter-sentiment",
+            f"data.max_rows={rows}",
+            f"data.max_length={LENGTH}",
+            "data.padding=max_length",
+            f"model.name={args.model}",
+            "train.epochs=2",
+            f"train.batch_size={BATCH}",
+            f"train.max_steps_per_epoch={args.steps}",
+            f"train.torch_threads={args.threads}",
+            "train.log_every_steps=1000",
+            "train.keep_checkpoints=1",
+        ]
+    )
     ensure_ray(cfg.ray)
     quiet_ray_data()
 
@@ -89,14 +99,18 @@ def main() -> int:
     plain_rate = plain_loop(cfg, train["text"].tolist(), train["label"].tolist(), labels, args.steps, args.threads)
 
     train_seconds = sum(h["train_seconds"] for h in result.history)
-    print(f"\nTraining throughput: {args.model}, batch {BATCH}, length {LENGTH}, {args.threads} torch threads, "
-          f"{args.steps} steps an epoch")
+    print(
+        f"\nTraining throughput: {args.model}, batch {BATCH}, length {LENGTH}, {args.threads} torch threads, "
+        f"{args.steps} steps an epoch"
+    )
     print(f"{'path':<34}{'samples/s (steady)':>20}")
     print(f"{'plain PyTorch loop':<34}{plain_rate:>20.1f}")
     print(f"{'raybm on Ray Train (epoch 2)':<34}{ray_rate:>20.1f}")
     print(f"ratio raybm / plain: {ray_rate / plain_rate:.3f}  (target >= 0.90)")
-    print(f"raybm wall time {ray_wall:.0f}s for 2 epochs, of which training about {train_seconds:.0f}s; "
-          f"the rest is Ray start-up, data preparation, validation, checkpoints and the test scoring")
+    print(
+        f"raybm wall time {ray_wall:.0f}s for 2 epochs, of which training about {train_seconds:.0f}s; "
+        f"the rest is Ray start-up, data preparation, validation, checkpoints and the test scoring"
+    )
     return 0
 
 

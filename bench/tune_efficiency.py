@@ -22,10 +22,22 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SPACE = {"train.lr": "grid([3e-4, 1e-3, 3e-3, 1e-2])", "train.weight_decay": "grid([0.0, 0.01, 0.1])"}
-BASE = ["data.source=twitter-sentiment", "data.labels=[negative, positive]", "data.max_rows=6000",
-        "data.max_length=48", "model.name=textcnn", "train.epochs=8", "train.batch_size=64",
-        "train.warmup_ratio=0", "train.log_every_steps=1000", "train.cpus_per_worker=0.9", "tune.grace_period=1",
-        "tune.reduction_factor=3", "tune.max_concurrent_trials=2", "tune.num_samples=1"]
+BASE = [
+    "data.source=twitter-sentiment",
+    "data.labels=[negative, positive]",
+    "data.max_rows=6000",
+    "data.max_length=48",
+    "model.name=textcnn",
+    "train.epochs=8",
+    "train.batch_size=64",
+    "train.warmup_ratio=0",
+    "train.log_every_steps=1000",
+    "train.cpus_per_worker=0.9",
+    "tune.grace_period=1",
+    "tune.reduction_factor=3",
+    "tune.max_concurrent_trials=2",
+    "tune.num_samples=1",
+]
 
 
 def main() -> int:
@@ -42,9 +54,16 @@ def main() -> int:
     space = "{" + ", ".join(f"{k}: '{v}'" for k, v in SPACE.items()) + "}"
     rows = []
     for scheduler in ("fifo", "asha"):
-        cfg = build_config(overrides=[*BASE, f"storage.root={args.root}", f"tune.search_space={space}",
-                                      f"tune.scheduler={scheduler}", f"name=efficiency-{scheduler}",
-                                      *args.overrides])
+        cfg = build_config(
+            overrides=[
+                *BASE,
+                f"storage.root={args.root}",
+                f"tune.search_space={space}",
+                f"tune.scheduler={scheduler}",
+                f"name=efficiency-{scheduler}",
+                *args.overrides,
+            ]
+        )
         ensure_ray(cfg.ray)
         quiet_ray_data()
         started = time.time()
@@ -52,22 +71,27 @@ def main() -> int:
         seconds = time.time() - started
         metric = cfg.tune.metric
         print(f"\n{scheduler.upper()} leaderboard:\n{format_leaderboard(result.leaderboard, metric)}", flush=True)
-        rows.append({"sweep": "full grid (FIFO)" if scheduler == "fifo" else "ASHA",
-                     "trials": len(result.leaderboard),
-                     "trial_epochs": sum(r["epochs_run"] for r in result.leaderboard),
-                     "best": max(r[metric] for r in result.leaderboard if r[metric] is not None),
-                     "stopped": sum(r["status"] == "stopped" for r in result.leaderboard),
-                     "seconds": seconds})
+        rows.append(
+            {
+                "sweep": "full grid (FIFO)" if scheduler == "fifo" else "ASHA",
+                "trials": len(result.leaderboard),
+                "trial_epochs": sum(r["epochs_run"] for r in result.leaderboard),
+                "best": max(r[metric] for r in result.leaderboard if r[metric] is not None),
+                "stopped": sum(r["status"] == "stopped" for r in result.leaderboard),
+                "seconds": seconds,
+            }
+        )
 
     grid, asha = rows
     print(f"\n{'sweep':<18}{'trials':>8}{'stopped':>9}{'trial-epochs':>14}{'best val F1':>13}{'seconds':>9}")
     for r in rows:
-        print(f"{r['sweep']:<18}{r['trials']:>8}{r['stopped']:>9}{r['trial_epochs']:>14}{r['best']:>13.4f}"
-              f"{r['seconds']:>9.0f}")
+        print(
+            f"{r['sweep']:<18}{r['trials']:>8}{r['stopped']:>9}{r['trial_epochs']:>14}{r['best']:>13.4f}"
+            f"{r['seconds']:>9.0f}"
+        )
     epochs_ratio = asha["trial_epochs"] / grid["trial_epochs"]
     gap = (grid["best"] - asha["best"]) * 100
-    print(f"ASHA / grid trial-epochs: {epochs_ratio:.2f} (target <= 0.50); "
-          f"F1 gap: {gap:+.2f} points (target <= 0.50)")
+    print(f"ASHA / grid trial-epochs: {epochs_ratio:.2f} (target <= 0.50); F1 gap: {gap:+.2f} points (target <= 0.50)")
     ok = epochs_ratio <= 0.5 and gap <= 0.5
     print(f"target {'met' if ok else 'NOT met'}")
     return 0

@@ -27,8 +27,12 @@ def _versions() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The ``raybm`` argument parser: every command with its arguments."""
     parser = argparse.ArgumentParser(prog="raybm", description="Fine-tune pretrained transformers on Ray.")
-    parser.add_argument("--version", action="version", version=_versions(),
-                        help="raybm's version and those of the libraries it runs on (for bug reports)")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=_versions(),
+        help="raybm's version and those of the libraries it runs on (for bug reports)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for commands in (stages, models, browse):
         commands.register(sub)

@@ -41,8 +41,12 @@ from raybm.results import Results, s3_client
 
 def owner_record(ttl_s: float) -> dict[str, Any]:
     """Who holds a lease: a fresh token, this host and process, the Ray job (if any)."""
-    record: dict[str, Any] = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-                              "ttl_s": ttl_s}
+    record: dict[str, Any] = {
+        "token": uuid.uuid4().hex,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "ttl_s": ttl_s,
+    }
     try:
         import ray
 
@@ -239,13 +243,18 @@ class Lease:
         lease stale and took it over): this job must not publish over that job's work."""
         current = self.store.read()
         held = current[0] if current else {}
-        if self.lost.is_set() or held.get("token") != self.record["token"] \
-                or held.get("generation") != self.record["generation"]:
+        if (
+            self.lost.is_set()
+            or held.get("token") != self.record["token"]
+            or held.get("generation") != self.record["generation"]
+        ):
             self.lost.set()
             who = f"host {held.get('host')}, pid {held.get('pid')}" if held else "nobody now"
-            raise RaybmError(f"{self.what}: this job lost its lease (held by {who}) while it worked, so it publishes "
-                             f"nothing: the other job's writes win. Its lease was not renewed within "
-                             f"storage.lease_ttl_s (a stalled process or a slow store?); raise it and run again.")
+            raise RaybmError(
+                f"{self.what}: this job lost its lease (held by {who}) while it worked, so it publishes "
+                f"nothing: the other job's writes win. Its lease was not renewed within "
+                f"storage.lease_ttl_s (a stalled process or a slow store?); raise it and run again."
+            )
 
 
 @contextmanager
@@ -270,20 +279,30 @@ def hold_lease(results: Results, kind: str, name: str, what: str, log=print) -> 
         held, held_tag, age = current
         held_ttl = _ttl_of(held, ttl_s)
         if age <= held_ttl and not (held and owner_gone(held)):
-            who = (f"host {held.get('host')}, pid {held.get('pid')}" + (f", Ray job {held['ray_job']}"
-                   if held.get("ray_job") else "")) if held else "a job whose lease file is still being written"
-            raise RaybmError(f"{what} is being written by another job ({who}; lease renewed {age:.0f} s ago): "
-                             f"{results.uri(store.path)}. Wait for that job to finish or stop it, or use another "
-                             f"name. A lease its job stops renewing expires after {held_ttl:g} s "
-                             f"(storage.lease_ttl_s).")
+            who = (
+                (
+                    f"host {held.get('host')}, pid {held.get('pid')}"
+                    + (f", Ray job {held['ray_job']}" if held.get("ray_job") else "")
+                )
+                if held
+                else "a job whose lease file is still being written"
+            )
+            raise RaybmError(
+                f"{what} is being written by another job ({who}; lease renewed {age:.0f} s ago): "
+                f"{results.uri(store.path)}. Wait for that job to finish or stop it, or use another "
+                f"name. A lease its job stops renewing expires after {held_ttl:g} s "
+                f"(storage.lease_ttl_s)."
+            )
         record["generation"] = int(held.get("generation") or 0) + 1 if isinstance(held.get("generation"), int) else 2
         tag = store.replace(json.dumps(record).encode(), held_tag, take_over=True)
         if tag is not None:
             log(f"Took over the stale lease of {what} (its job ended, or stopped renewing {age:.0f} s ago)")
             break
     if tag is None:
-        raise RaybmError(f"{what}: could not take the lease {results.uri(store.path)}; another job keeps taking it. "
-                         f"Run one job per name.")
+        raise RaybmError(
+            f"{what}: could not take the lease {results.uri(store.path)}; another job keeps taking it. "
+            f"Run one job per name."
+        )
     lease = Lease(store, record, what)
     stop = threading.Event()
     state = {"tag": tag}

@@ -18,11 +18,12 @@ def confined_path(local: str, rel: str, source: str) -> str:
     segments, NUL) is refused with a RaybmError naming it and ``source``: whoever can write
     to the store must not be able to write files anywhere else on a node."""
     parts = rel.split("/")
-    if (not rel or rel.startswith("/") or "\\" in rel or "\0" in rel
-            or any(p in ("", ".", "..") for p in parts)):
-        raise RaybmError(f"{source}: refused the entry {rel!r}: its name would leave the folder it is copied "
-                         f"into (only plain names separated by '/' are allowed). Remove it from the store; "
-                         f"nothing was written for it.")
+    if not rel or rel.startswith("/") or "\\" in rel or "\0" in rel or any(p in ("", ".", "..") for p in parts):
+        raise RaybmError(
+            f"{source}: refused the entry {rel!r}: its name would leave the folder it is copied "
+            f"into (only plain names separated by '/' are allowed). Remove it from the store; "
+            f"nothing was written for it."
+        )
     return os.path.join(local, *parts)
 
 
@@ -36,8 +37,10 @@ def check_no_links_out(folder: str, source: str) -> None:
             if os.path.islink(entry):
                 target = os.path.realpath(entry)
                 if os.path.commonpath([real, target]) != real:
-                    raise RaybmError(f"{source}: refused {os.path.relpath(entry, folder)!r}, a link that leads "
-                                     f"outside the folder (to {target}); replace it with the file itself")
+                    raise RaybmError(
+                        f"{source}: refused {os.path.relpath(entry, folder)!r}, a link that leads "
+                        f"outside the folder (to {target}); replace it with the file itself"
+                    )
 
 
 def private_temp_dir(kind: str) -> str:
@@ -48,8 +51,9 @@ def private_temp_dir(kind: str) -> str:
     os.makedirs(base, mode=0o700, exist_ok=True)
     info = os.lstat(base)
     if info.st_uid != os.getuid() or os.path.islink(base):
-        raise RaybmError(f"{base} belongs to another user (or is a link): remove it, or set TMPDIR to a folder of "
-                         f"your own")
+        raise RaybmError(
+            f"{base} belongs to another user (or is a link): remove it, or set TMPDIR to a folder of your own"
+        )
     os.chmod(base, 0o700)
     folder = os.path.join(base, kind)
     os.makedirs(folder, mode=0o700, exist_ok=True)

@@ -23,10 +23,12 @@ SCORABLE = ("accuracy", "f1_macro", "precision_macro", "recall_macro")
 
 def soup_metric(metric: str) -> str:
     """The scored-split key for a validation metric name (``val_f1_macro`` -> ``f1_macro``)."""
-    key = metric[len("val_"):] if metric.startswith("val_") else metric
+    key = metric[len("val_") :] if metric.startswith("val_") else metric
     if key not in SCORABLE:
-        raise ConfigError(f"a model soup is picked by a classification score ({', '.join('val_' + k for k in SCORABLE)}); "
-                          f"{metric!r} is not one")
+        raise ConfigError(
+            f"a model soup is picked by a classification score ({', '.join('val_' + k for k in SCORABLE)}); "
+            f"{metric!r} is not one"
+        )
     return key
 
 
@@ -57,8 +59,15 @@ def metrics_from_confusion(cm: np.ndarray, labels: list[str], loss: float | None
         "precision_macro": float(precision.mean()),
         "recall_macro": float(recall.mean()),
         "f1_macro": float(f1.mean()),
-        "per_class": {lab: {"precision": float(precision[i]), "recall": float(recall[i]),
-                            "f1": float(f1[i]), "support": int(actual[i])} for i, lab in enumerate(labels)},
+        "per_class": {
+            lab: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(actual[i]),
+            }
+            for i, lab in enumerate(labels)
+        },
         "confusion_matrix": cm.astype(np.int64).tolist(),
         "labels": list(labels),
         "examples": int(total),
@@ -123,7 +132,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     if not len(labels):
         return 1.0
     lo, hi = -3.0, 3.0
-    ratio = (5 ** 0.5 - 1) / 2
+    ratio = (5**0.5 - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
     fa, fb = _nll(logits, labels, np.exp(a)), _nll(logits, labels, np.exp(b))
     for _ in range(60):
@@ -145,8 +154,11 @@ def calibration(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     t = fit_temperature(logits, labels)
     before, after = softmax(logits), softmax(logits, t)
     right = before.argmax(-1) == labels
-    return {"temperature": t, "ece": expected_calibration_error(before.max(-1), right),
-            "ece_calibrated": expected_calibration_error(after.max(-1), right)}
+    return {
+        "temperature": t,
+        "ece": expected_calibration_error(before.max(-1), right),
+        "ece_calibrated": expected_calibration_error(after.max(-1), right),
+    }
 
 
 def served_calibration(probs: np.ndarray, labels: np.ndarray, temperature: float) -> dict[str, float]:
@@ -155,8 +167,11 @@ def served_calibration(probs: np.ndarray, labels: np.ndarray, temperature: float
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     right = probs.argmax(-1) == labels
     own = rescaled(probs, 1.0 / temperature)
-    return {"temperature": float(temperature), "ece": expected_calibration_error(own.max(-1), right),
-            "ece_calibrated": expected_calibration_error(probs.max(-1), right)}
+    return {
+        "temperature": float(temperature),
+        "ece": expected_calibration_error(own.max(-1), right),
+        "ece_calibrated": expected_calibration_error(probs.max(-1), right),
+    }
 
 
 # ------------------------------------------------------------------ drift
@@ -173,8 +188,11 @@ def drift_reference(report: dict[str, Any]) -> dict[str, Any]:
     total = max(1, sum(counts.values()))
     tokens = report.get("tokens") or {}
     edges = [tokens[q] for q in LENGTH_QUANTILES if q in tokens]
-    return {"dataset": report.get("dataset"), "labels": {lab: n / total for lab, n in counts.items()},
-            "length_edges": edges if len(edges) == len(LENGTH_QUANTILES) else None}
+    return {
+        "dataset": report.get("dataset"),
+        "labels": {lab: n / total for lab, n in counts.items()},
+        "length_edges": edges if len(edges) == len(LENGTH_QUANTILES) else None,
+    }
 
 
 def length_bin(n_tokens: int, edges: list[float]) -> int:

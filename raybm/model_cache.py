@@ -40,8 +40,10 @@ def model_cache_dir() -> str:
     os.makedirs(root, mode=0o700, exist_ok=True)
     owner = os.stat(root).st_uid
     if owner != os.getuid():
-        raise RaybmError(f"the model cache {root} belongs to another user (uid {owner}), who could replace the "
-                         f"models loaded from it; point {MODEL_CACHE_ENV} at a folder of your own")
+        raise RaybmError(
+            f"the model cache {root} belongs to another user (uid {owner}), who could replace the "
+            f"models loaded from it; point {MODEL_CACHE_ENV} at a folder of your own"
+        )
     os.chmod(root, 0o700)
     return root
 
@@ -55,8 +57,10 @@ def fetch_model(uri: str, storage: StorageConfig, dest: str | None = None) -> st
     writer died."""
     fs, path = resolve_uri(uri, storage)
     if not is_published(fs, path):
-        raise RaybmError(f"{uri}: no {SUCCESS_MARKER} in the model folder - it is incomplete (still being written, "
-                         f"or its writer stopped). Wait for the job that writes it, or publish it again.")
+        raise RaybmError(
+            f"{uri}: no {SUCCESS_MARKER} in the model folder - it is incomplete (still being written, "
+            f"or its writer stopped). Wait for the job that writes it, or publish it again."
+        )
     if dest is not None:
         return copy_to_local(uri, storage, dest)
     listing = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
@@ -105,15 +109,19 @@ def fetch_base_model(uri: str, storage: StorageConfig) -> str:
     and every file's size after."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, _, prefix = uri[len("s3://"):].rstrip("/").partition("/")
+    bucket, _, prefix = uri[len("s3://") :].rstrip("/").partition("/")
     client = s3_client(storage)
     try:
-        listing = [(o["Key"][len(prefix) + 1:], o["Size"], o["ETag"])
-                   for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
-                   for o in page.get("Contents", [])]
+        listing = [
+            (o["Key"][len(prefix) + 1 :], o["Size"], o["ETag"])
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
+            for o in page.get("Contents", [])
+        ]
     except (BotoCoreError, ClientError) as e:
-        raise RaybmError(f"model.name={uri}: cannot list the folder ({e}); check the bucket, "
-                         f"storage.s3_endpoint_url and the AWS_* credentials") from None
+        raise RaybmError(
+            f"model.name={uri}: cannot list the folder ({e}); check the bucket, "
+            f"storage.s3_endpoint_url and the AWS_* credentials"
+        ) from None
     for name, _, _ in listing:  # every key confined to the folder before anything is fetched
         confined_path(model_cache_dir(), name, f"model.name={uri}")
     _check_base_model(uri, {name: size for name, size, _ in listing}, client, bucket, prefix)
@@ -124,8 +132,10 @@ def fetch_base_model(uri: str, storage: StorageConfig) -> str:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             client.download_file(bucket, f"{prefix}/{name}", target)
             if os.path.getsize(target) != size:
-                raise RaybmError(f"model.name={uri}: {name} came down as {os.path.getsize(target)} bytes, "
-                                 f"listed as {size}; it changed while it was fetched, try again")
+                raise RaybmError(
+                    f"model.name={uri}: {name} came down as {os.path.getsize(target)} bytes, "
+                    f"listed as {size}; it changed while it was fetched, try again"
+                )
 
     return _cached_copy(uri, sorted(listing), fill)
 
@@ -133,12 +143,16 @@ def fetch_base_model(uri: str, storage: StorageConfig) -> str:
 def _check_base_model(uri: str, files: dict[str, int], client, bucket: str, prefix: str) -> None:
     """A RaybmError naming what a base model folder on S3 lacks."""
     if not files:
-        raise RaybmError(f"model.name={uri}: no files there; upload a Hugging Face model folder "
-                         f"(config.json, model.safetensors, the tokenizer's files)")
+        raise RaybmError(
+            f"model.name={uri}: no files there; upload a Hugging Face model folder "
+            f"(config.json, model.safetensors, the tokenizer's files)"
+        )
     missing = [] if "config.json" in files else ["config.json"]
     if not any(w in files for w in BASE_MODEL_WEIGHTS):
-        missing.append(f"{WEIGHTS_FILE} (raybm loads safetensors weights only: convert a pytorch_model.bin "
-                       "with transformers' save_pretrained(safe_serialization=True))")
+        missing.append(
+            f"{WEIGHTS_FILE} (raybm loads safetensors weights only: convert a pytorch_model.bin "
+            "with transformers' save_pretrained(safe_serialization=True))"
+        )
     if not any(t in files for t in BASE_MODEL_TOKENIZER):
         missing.append("the tokenizer (tokenizer.json or tokenizer_config.json)")
     if WEIGHTS_INDEX_FILE in files and WEIGHTS_FILE not in files:

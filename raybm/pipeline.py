@@ -66,8 +66,12 @@ class _Summary:
     def __init__(self, results: Results, name: str, cfg: JobConfig, stages: list[str]) -> None:
         self.results, self.folder = results, results.pipeline_dir(name)
         self.data: dict[str, Any] = {
-            "name": name, "status": "running", "stages_planned": stages, "stages": {},
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "root": cfg.storage.root,
+            "name": name,
+            "status": "running",
+            "stages_planned": stages,
+            "stages": {},
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "root": cfg.storage.root,
             "ray": cluster_address(cfg.ray) or "local (embedded)",
             "gate": {"min_test_f1": cfg.pipeline.min_test_f1, "max_latency_ms": cfg.pipeline.max_latency_ms},
         }
@@ -99,8 +103,9 @@ class Output:
     say: Callable[[str], None]
 
 
-def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = print,
-                 say: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_pipeline(
+    cfg: JobConfig, *, source=None, log: Callable[[str], None] = print, say: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Run the configured stages; returns the summary (also written under pipelines/).
     ``log`` gets every line, ``say`` (default: ``log``) the headlines."""
     from raybm.data import run_data_stage
@@ -128,9 +133,16 @@ def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = pr
         raise
     state: dict[str, Any] = {"dataset": prepared.name, "source": source.name}
     if "data" in stages:
-        summary.stage("data", {"status": "skipped" if prepared.reused else "done",
-                               "seconds": round(time.time() - t0, 1), "dataset": prepared.name,
-                               "path": prepared.path, "rows": prepared.report.get("rows_kept")})
+        summary.stage(
+            "data",
+            {
+                "status": "skipped" if prepared.reused else "done",
+                "seconds": round(time.time() - t0, 1),
+                "dataset": prepared.name,
+                "path": prepared.path,
+                "rows": prepared.report.get("rows_kept"),
+            },
+        )
         out.say(stage_line("data", summary.data["stages"]["data"]))
 
     runners = {"train": _train, "tune": _tune, "export": _export, "deploy": _deploy}
@@ -153,8 +165,10 @@ def run_pipeline(cfg: JobConfig, *, source=None, log: Callable[[str], None] = pr
         _register(cfg, results, state, out, summary)
     summary.data["seconds"] = round(time.time() - started, 1)
     summary.finish("succeeded")
-    out.say(f"Pipeline {name!r} finished in {time.time() - started:.0f}s: "
-            f"{results.uri(results.join(summary.folder, SUMMARY_FILE))}")
+    out.say(
+        f"Pipeline {name!r} finished in {time.time() - started:.0f}s: "
+        f"{results.uri(results.join(summary.folder, SUMMARY_FILE))}"
+    )
     return summary.data
 
 
@@ -175,8 +189,15 @@ def stage_line(stage: str, info: dict[str, Any]) -> str:
 
 
 def _failed(summary: _Summary, stage: str, t0: float, e: BaseException) -> None:
-    summary.stage(stage, {"status": "failed", "seconds": round(time.time() - t0, 1),
-                          "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)[-4000:]})
+    summary.stage(
+        stage,
+        {
+            "status": "failed",
+            "seconds": round(time.time() - t0, 1),
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc(limit=6)[-4000:],
+        },
+    )
     summary.finish("failed")
 
 
@@ -210,8 +231,12 @@ def _train(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Outpu
         return {"status": "skipped", "run": metrics["run"], "model": state["model"], "test": _short(metrics["test"])}
     result = run_training(cfg, log=shown.log)
     state.update(model=result.model_dir, test=result.metrics["test"])
-    return {"run": result.run_name, "model": result.model_dir, "best_epoch": result.metrics["best_epoch"],
-            "test": _short(result.metrics["test"])}
+    return {
+        "run": result.run_name,
+        "model": result.model_dir,
+        "best_epoch": result.metrics["best_epoch"],
+        "test": _short(result.metrics["test"]),
+    }
 
 
 def _tune(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Output) -> dict[str, Any]:
@@ -221,10 +246,18 @@ def _tune(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Output
         shown.say(format_leaderboard(result.leaderboard, cfg.tune.metric))
     w = result.winner
     state.update(model=result.model_dir, test=w["test"])
-    return {"status": "skipped" if was_done else "done", "sweep": result.name, "model": result.model_dir,
-            "trials": len(result.leaderboard), "winner": w.get("values"), "validation": w.get("validation"),
-            "soup": (w.get("soup") or {}).get("ingredients"), "cost": w.get("cost"),
-            "latency_budget": w.get("latency_budget"), "test": _short(w["test"])}
+    return {
+        "status": "skipped" if was_done else "done",
+        "sweep": result.name,
+        "model": result.model_dir,
+        "trials": len(result.leaderboard),
+        "winner": w.get("values"),
+        "validation": w.get("validation"),
+        "soup": (w.get("soup") or {}).get("ingredients"),
+        "cost": w.get("cost"),
+        "latency_budget": w.get("latency_budget"),
+        "test": _short(w["test"]),
+    }
 
 
 def _short(test: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -240,8 +273,9 @@ def _export(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Outp
     summary_path = results.join(out, SUMMARY_FILE)
     if results.exists(summary_path):
         done = results.read_json(summary_path)
-        if set(cfg.export.variants) <= set(done.get("variants", {})) and \
-                (not results.remote or results.is_complete(out)):
+        if set(cfg.export.variants) <= set(done.get("variants", {})) and (
+            not results.remote or results.is_complete(out)
+        ):
             shown.log(f"Exports of {name!r} are already there: {results.uri(out)}")
             state["export"] = results.uri(out)
             return {"status": "skipped", "folder": results.uri(out), "variants": _variants(done["variants"])}
@@ -254,7 +288,9 @@ def _register(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Ou
     """With MLflow (``tracking.mlflow_uri``, ``tracking.register``): the pipeline's model,
     and its export variants, as a version in MLflow's Model Registry, noted in the summary
     (``registered``). A failure is said and noted; the model is in the results folder."""
-    if not (cfg.tracking.mlflow_uri and cfg.tracking.register and {"train", "tune", "export"} & set(summary.data["stages"])):
+    if not (
+        cfg.tracking.mlflow_uri and cfg.tracking.register and {"train", "tune", "export"} & set(summary.data["stages"])
+    ):
         return
     _model_stage_output(cfg, results, state)
     name = registered_name(cfg, state["source"])
@@ -262,17 +298,27 @@ def _register(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Ou
     try:
         with tempfile.TemporaryDirectory(prefix="raybm-register-") as tmp:
             model = copy_to_local(state["model"], cfg.storage, os.path.join(tmp, MODEL_DIR))
-            exports = {v: copy_to_local(f"{export.rstrip('/')}/{v}", cfg.storage, os.path.join(tmp, EXPORTS, v))
-                       for v in cfg.export.variants
-                       if export and results.exists(resolve_uri(f"{export.rstrip('/')}/{v}", cfg.storage)[1])}
-            got = register_model(cfg, name, model, posix_parent(state["model"]), state.get("test"), exports,
-                                 tags={"raybm.dataset": state["dataset"], "raybm.pipeline": summary.data["name"]})
+            exports = {
+                v: copy_to_local(f"{export.rstrip('/')}/{v}", cfg.storage, os.path.join(tmp, EXPORTS, v))
+                for v in cfg.export.variants
+                if export and results.exists(resolve_uri(f"{export.rstrip('/')}/{v}", cfg.storage)[1])
+            }
+            got = register_model(
+                cfg,
+                name,
+                model,
+                posix_parent(state["model"]),
+                state.get("test"),
+                exports,
+                tags={"raybm.dataset": state["dataset"], "raybm.pipeline": summary.data["name"]},
+            )
     except RaybmError as e:
         shown.say(f"raybm: WARNING: not registered in MLflow: {e}")
         summary.data["registered"] = {"name": name, "error": str(e)}
     else:
-        shown.say(f"  registered {got['uri']}{'' if got['new'] else ' (already)'} in MLflow at "
-                  f"{cfg.tracking.mlflow_uri}")
+        shown.say(
+            f"  registered {got['uri']}{'' if got['new'] else ' (already)'} in MLflow at {cfg.tracking.mlflow_uri}"
+        )
         summary.data["registered"] = {k: got[k] for k in ("name", "version", "uri")}
     summary.write()
 
@@ -281,8 +327,12 @@ def _variants(manifests: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for v, m in manifests.items():
         measured = m.get("measured") or {}
-        out[v] = {"model_bytes": m.get("model_bytes"), "accuracy": measured.get("accuracy"),
-                  "f1_macro": measured.get("f1_macro"), "latency_p50_ms": measured.get("latency_p50_ms")}
+        out[v] = {
+            "model_bytes": m.get("model_bytes"),
+            "accuracy": measured.get("accuracy"),
+            "f1_macro": measured.get("f1_macro"),
+            "latency_p50_ms": measured.get("latency_p50_ms"),
+        }
     return out
 
 
@@ -296,8 +346,10 @@ def serving_folder(cfg: JobConfig, state: dict[str, Any]) -> tuple[str, str]:
             if v in cfg.export.variants:
                 return f"{export.rstrip('/')}/{v}", "onnx"
     if backend == "onnx":
-        raise RaybmError("serve.backend=onnx needs an ONNX export: add onnx-int8 or onnx to export.variants "
-                         "and the export stage to pipeline.stages")
+        raise RaybmError(
+            "serve.backend=onnx needs an ONNX export: add onnx-int8 or onnx to export.variants "
+            "and the export stage to pipeline.stages"
+        )
     return state["model"], "torch" if backend == "auto" else backend
 
 
@@ -329,11 +381,16 @@ def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Outp
         shown.log(f"release gate: median single-sentence latency {latency:.1f} ms ({backend})")
     test = state.get("test")
     reasons = release_gate(cfg, test, latency)
-    info: dict[str, Any] = {"model": folder, "backend": backend, "latency_p50_ms": latency,
-                            "test_f1_macro": (test or {}).get("f1_macro")}
+    info: dict[str, Any] = {
+        "model": folder,
+        "backend": backend,
+        "latency_p50_ms": latency,
+        "test_f1_macro": (test or {}).get("f1_macro"),
+    }
     if reasons:
-        shown.log("release gate: NOT deploying - " + "; ".join(reasons) +
-            ". Whatever is being served now keeps serving.")
+        shown.log(
+            "release gate: NOT deploying - " + "; ".join(reasons) + ". Whatever is being served now keeps serving."
+        )
         return {**info, "status": "held", "reasons": reasons}
     shown.log(f"release gate: passed; deploying {folder} ({backend})")
     served = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, backend=backend))
@@ -346,8 +403,9 @@ def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Outp
         answers = post_texts(url, texts, api_key=key or None)
         for text, p in zip(texts, answers):
             shown.say(f"  {in_words(p['label'], p['confidence'], 1.0 if p.get('uncertain') else 0.0):<34} {text}")
-        info["smoke_test"] = [{"text": t, "label": p["label"], "confidence": p["confidence"]}
-                              for t, p in zip(texts, answers)]
+        info["smoke_test"] = [
+            {"text": t, "label": p["label"], "confidence": p["confidence"]} for t, p in zip(texts, answers)
+        ]
     shown.say(f"  served at {url}/predict")
     info["direct_urls"] = say_direct_urls(for_model(served.serve, folder), shown.say)
     if not cluster_address(cfg.ray):
@@ -357,7 +415,9 @@ def _deploy(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Outp
         from ray import serve
 
         serve.shutdown()
-        shown.log("Local Ray: the deployment ended with the pipeline (set pipeline.keep_serving=true to keep it, "
-            "or run the job on a cluster).")
+        shown.log(
+            "Local Ray: the deployment ended with the pipeline (set pipeline.keep_serving=true to keep it, "
+            "or run the job on a cluster)."
+        )
         info["note"] = "embedded Ray: served for the smoke test, then stopped"
     return info

@@ -85,8 +85,9 @@ def node_summary(nodes: list[Bundle]) -> str:
     return text
 
 
-def check_placeable(bundles: list[Bundle], nodes: list[Bundle], what: str, fix: str,
-                    may_appear: frozenset[str] = frozenset()) -> None:
+def check_placeable(
+    bundles: list[Bundle], nodes: list[Bundle], what: str, fix: str, may_appear: frozenset[str] = frozenset()
+) -> None:
     """Raise a clear error, before any work, when ``bundles`` (one run's or trial's workers)
     can never all be placed on ``nodes``."""
     for bundle in bundles:
@@ -94,5 +95,7 @@ def check_placeable(bundles: list[Bundle], nodes: list[Bundle], what: str, fix: 
         if why:
             raise RaybmError(f"{what} needs {why}. {fix}")
     if not may_appear and not place([dict(b) for b in bundles], [dict(n) for n in nodes]):
-        raise RaybmError(f"{what} needs {len(bundles)} x ({_describe(bundles[0])}) placed at once, more than "
-                         f"the nodes hold ({node_summary(nodes)}). {fix}")
+        raise RaybmError(
+            f"{what} needs {len(bundles)} x ({_describe(bundles[0])}) placed at once, more than "
+            f"the nodes hold ({node_summary(nodes)}). {fix}"
+        )

@@ -48,5 +48,7 @@ def trained_model(cfg: JobConfig) -> str:
         return config_model(cfg)
     except RaybmError as e:  # nothing trained yet: say it in the pipeline's terms
         stage = "tune" if cfg.tune.search_space else "train"
-        raise RaybmError(f"{str(e).split(';')[0]}; add the {stage} stage (--stages {stage},...) or run "
-                         f"`raybm {stage}` with this config first") from None
+        raise RaybmError(
+            f"{str(e).split(';')[0]}; add the {stage} stage (--stages {stage},...) or run "
+            f"`raybm {stage}` with this config first"
+        ) from None

@@ -69,8 +69,12 @@ def applies() -> bool:
         why = _why_not()
         _applies = why is None
         if why:
-            print(f"raybm: {why}: training runs Ray Train's public TorchTrainer path (a few seconds "
-                  f"more a run on a small machine)", file=sys.stderr, flush=True)
+            print(
+                f"raybm: {why}: training runs Ray Train's public TorchTrainer path (a few seconds "
+                f"more a run on a small machine)",
+                file=sys.stderr,
+                flush=True,
+            )
     return _applies
 
 
@@ -87,21 +91,29 @@ def _why_not() -> str | None:
     if other := _other_ray():
         return other
     try:
-        from ray.train._internal.utils import get_address_and_port  # noqa: F401
-        from ray.train.torch.config import (  # noqa: F401
-            _set_torch_distributed_env_vars,
-            _setup_torch_process_group,
-            _shutdown_torch,
-        )
+        import ray.train._internal.utils as train_utils
+        import ray.train.torch.config as torch_config
         from ray.train.torch import TorchTrainer
         from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy  # noqa: F401
         from ray.train.v2._internal.util import TrainingFramework  # noqa: F401
     except ImportError as e:
         return f"Ray {ray.__version__} lacks a piece raybm's shortcuts use ({e})"
-    missing = [m for m in ("_create_default_callbacks", "_initialize_and_run_controller")
-               if not callable(getattr(TorchTrainer, m, None))]
+    wanted = [
+        (train_utils, "get_address_and_port"),
+        (TorchTrainer, "_create_default_callbacks"),
+        (TorchTrainer, "_initialize_and_run_controller"),
+    ]
+    wanted += [
+        (torch_config, name)
+        for name in ("_set_torch_distributed_env_vars", "_setup_torch_process_group", "_shutdown_torch")
+    ]
+    missing = [
+        f"{getattr(owner, '__name__', owner)}.{name}"
+        for owner, name in wanted
+        if not callable(getattr(owner, name, None))
+    ]
     if missing:
-        return f"Ray {ray.__version__}'s TorchTrainer has no {', '.join(missing)}"
+        return f"Ray {ray.__version__} has no {', '.join(missing)}"
     return None
 
 
@@ -243,10 +255,19 @@ class TorchProcessGroup(Backend):
 
         address, port = worker_group.execute_single(0, get_address_and_port)
         worker_group.execute(_set_distributed_env, address=address, port=port)
-        ray.get([worker_group.execute_single_async(rank, _join_process_group, backend=backend_config.backend,
-                                                   world_rank=rank, world_size=len(worker_group),
-                                                   timeout_s=backend_config.timeout_s)
-                 for rank in range(len(worker_group))])
+        ray.get(
+            [
+                worker_group.execute_single_async(
+                    rank,
+                    _join_process_group,
+                    backend=backend_config.backend,
+                    world_rank=rank,
+                    world_size=len(worker_group),
+                    timeout_s=backend_config.timeout_s,
+                )
+                for rank in range(len(worker_group))
+            ]
+        )
 
     def on_shutdown(self, worker_group, backend_config: TorchProcessGroupConfig):
         """Every rank leaves the process group (and frees its cached CUDA memory)."""
@@ -272,8 +293,9 @@ def _join_process_group(backend: str, world_rank: int, world_size: int, timeout_
     """In a worker: ``init_process_group`` as Ray's TorchConfig does it."""
     from ray.train.torch.config import _setup_torch_process_group
 
-    _setup_torch_process_group(backend=backend, world_rank=world_rank, world_size=world_size,
-                               init_method="env://", timeout_s=timeout_s)
+    _setup_torch_process_group(
+        backend=backend, world_rank=world_rank, world_size=world_size, init_method="env://", timeout_s=timeout_s
+    )
 
 
 def _leave_process_group(destroy: bool) -> None:

@@ -88,7 +88,6 @@ CONSOLE_LOG_FILE = "console.log"  # a quiet pipeline's whole output (raybm pipel
 SUMMARY_FILE = "summary.json"
 
 
-
 def weight_files(folder: str) -> list[str] | None:
     """A local model folder's safetensors weight files: ``model.safetensors``, or the files
     its ``model.safetensors.index.json`` names (weights too large for one file); None if neither."""
@@ -100,6 +99,7 @@ def weight_files(folder: str) -> list[str] | None:
         return None
     with open(index, encoding="utf-8") as f:
         return [os.path.join(folder, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+
 
 def finite_json(obj: Any) -> Any:
     """``obj`` with every NaN or infinite float replaced by None (JSON has no such numbers)."""
@@ -161,9 +161,11 @@ def check_credentials(uri: str, role: str) -> None:
     except Exception as e:  # noqa: BLE001 - a broken profile file, say
         raise RaybmError(f"cannot read AWS credentials for {role}={uri!r}: {e}") from None
     if found is None:
-        raise RaybmError(f"no AWS credentials for {role}={uri!r}: set AWS_ACCESS_KEY_ID and "
-                         f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or run on a node whose instance profile "
-                         f"can reach the bucket (cluster.yaml).")
+        raise RaybmError(
+            f"no AWS credentials for {role}={uri!r}: set AWS_ACCESS_KEY_ID and "
+            f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or run on a node whose instance profile "
+            f"can reach the bucket (cluster.yaml)."
+        )
 
 
 def check_bucket(fs: pafs.FileSystem, path: str, uri: str, role: str) -> None:
@@ -177,15 +179,18 @@ def check_bucket(fs: pafs.FileSystem, path: str, uri: str, role: str) -> None:
     try:
         info = fs.get_file_info(bucket)
     except OSError as e:
-        raise RaybmError(f"cannot reach S3 for {role}={uri!r}: {str(e).splitlines()[0]}. Check "
-                         f"storage.s3_endpoint_url and the AWS_* credentials.") from None
+        raise RaybmError(
+            f"cannot reach S3 for {role}={uri!r}: {str(e).splitlines()[0]}. Check "
+            f"storage.s3_endpoint_url and the AWS_* credentials."
+        ) from None
     if info.type == pafs.FileType.NotFound:
-        raise RaybmError(f"S3 bucket {bucket!r} not found ({role}={uri!r}). Check the name, the endpoint "
-                         f"(storage.s3_endpoint_url) and your credentials, or create the bucket.")
+        raise RaybmError(
+            f"S3 bucket {bucket!r} not found ({role}={uri!r}). Check the name, the endpoint "
+            f"(storage.s3_endpoint_url) and your credentials, or create the bucket."
+        )
 
 
-def copy_tree_to_local(fs: pafs.FileSystem, path: str, local: str,
-                       listing: list[pafs.FileInfo] | None = None) -> str:
+def copy_tree_to_local(fs: pafs.FileSystem, path: str, local: str, listing: list[pafs.FileInfo] | None = None) -> str:
     """Copy the folder ``path`` on ``fs`` (S3) into the local folder ``local``, subfolders
     included (pyarrow creates the files, not their folders): the entries of ``listing`` when
     given (one listing decides both what a copy is and what it holds), else of a fresh one.
@@ -195,7 +200,7 @@ def copy_tree_to_local(fs: pafs.FileSystem, path: str, local: str,
     for info in listing if listing is not None else fs.get_file_info(pafs.FileSelector(path, recursive=True)):
         if not info.path.startswith(prefix):
             raise RaybmError(f"s3://{path}: refused the entry {info.path!r}, which is not inside the folder")
-        entries.append((info, confined_path(local, info.path[len(prefix):], f"s3://{path}")))
+        entries.append((info, confined_path(local, info.path[len(prefix) :], f"s3://{path}")))
     os.makedirs(local, exist_ok=True)
     for info, target in entries:
         if info.type == pafs.FileType.Directory:
@@ -220,25 +225,30 @@ def copy_to_local(uri: str, storage: StorageConfig, dest: str) -> str:
 def is_published(fs: pafs.FileSystem, folder: str) -> bool:
     """Whether a model folder is complete: its own ``_SUCCESS``, or (an export's variant
     folder) the ``_SUCCESS`` of the export it belongs to, which is written after every file."""
-    return any(fs.get_file_info(posixpath.join(f, SUCCESS_MARKER)).type != pafs.FileType.NotFound
-               for f in (folder, posixpath.dirname(folder.rstrip("/"))))
+    return any(
+        fs.get_file_info(posixpath.join(f, SUCCESS_MARKER)).type != pafs.FileType.NotFound
+        for f in (folder, posixpath.dirname(folder.rstrip("/")))
+    )
 
 
 def s3_client(storage: StorageConfig):
     """A boto3 S3 client for the configured (or ``AWS_ENDPOINT_URL``) endpoint and region."""
     import boto3
 
-    return boto3.client("s3", endpoint_url=storage.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
-                        region_name=storage.s3_region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+    return boto3.client(
+        "s3",
+        endpoint_url=storage.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
+        region_name=storage.s3_region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    )
 
 
 def resolve_uri(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
     """Split a local path or ``s3://`` URI into (filesystem, path on that filesystem)."""
     if is_s3(uri):
-        return s3_filesystem(storage), uri[len("s3://"):].rstrip("/")
+        return s3_filesystem(storage), uri[len("s3://") :].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         raise RaybmError(f"{uri!r}: only local paths and s3:// URIs are supported")
-    local = uri[len("file://"):] if uri.startswith("file://") else uri
+    local = uri[len("file://") :] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
 
 
@@ -254,7 +264,7 @@ class Results:
         self.remote = is_s3(self.root)
 
     @classmethod
-    def from_config(cls, storage: StorageConfig) -> "Results":
+    def from_config(cls, storage: StorageConfig) -> Results:
         """The results root of a job's storage settings."""
         return cls(storage.root, storage)
 
@@ -324,8 +334,9 @@ class Results:
 
     def is_complete(self, folder: str) -> bool:
         """Whether a folder is marked complete (``_SUCCESS``)."""
-        return self.exists(posixpath.join(folder, SUCCESS_MARKER) if self.remote
-                           else os.path.join(folder, SUCCESS_MARKER))
+        return self.exists(
+            posixpath.join(folder, SUCCESS_MARKER) if self.remote else os.path.join(folder, SUCCESS_MARKER)
+        )
 
     def join(self, folder: str, *parts: str) -> str:
         """A path inside ``folder``."""

@@ -88,8 +88,9 @@ def ensure_ray(cfg: RayConfig, env: dict[str, str] | None = None) -> str:
         return f"the Ray cluster at {address}"
     # No dashboard unless asked: nothing raybm runs on a Ray of its own reads the state API
     # it serves (Ray Train's placement-group cleaner, which polls it, runs on clusters only).
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
-             runtime_env=runtime_env)
+    ray.init(
+        num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1", runtime_env=runtime_env
+    )
     return "a local Ray (embedded)"
 
 
@@ -100,14 +101,18 @@ def check_address(address: str, timeout: float = 5.0) -> None:
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise RaybmError(f"ray.address / RAY_ADDRESS {address!r}: give host:port (the head's GCS port, 6379), "
-                         f"ray://host:port, or auto")
+        raise RaybmError(
+            f"ray.address / RAY_ADDRESS {address!r}: give host:port (the head's GCS port, 6379), "
+            f"ray://host:port, or auto"
+        )
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as e:
-        raise RaybmError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}). Is the head node "
-                         f"running (`ray status` on it), and are ray.address / RAY_ADDRESS right? Unset both to "
-                         f"start a local Ray instead.") from None
+        raise RaybmError(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or e}). Is the head node "
+            f"running (`ray status` on it), and are ray.address / RAY_ADDRESS right? Unset both to "
+            f"start a local Ray instead."
+        ) from None
 
 
 def node_count() -> int:
@@ -139,9 +144,11 @@ def check_shared_paths(cfg: JobConfig, models: dict[str, str] | None = None, *, 
     if nodes < 2:
         return
     if root and not cfg.storage.root.startswith("s3://"):
-        raise RaybmError(f"storage.root={cfg.storage.root!r} is a local folder, but this Ray cluster has {nodes} "
-                         f"nodes, which do not share it (each writes its own disk). Set storage.root=s3://<bucket>/"
-                         f"<prefix> so every node reads and writes the same results.")
+        raise RaybmError(
+            f"storage.root={cfg.storage.root!r} is a local folder, but this Ray cluster has {nodes} "
+            f"nodes, which do not share it (each writes its own disk). Set storage.root=s3://<bucket>/"
+            f"<prefix> so every node reads and writes the same results."
+        )
     workdir = job_working_dir()
     local = {}
     source = cfg.data.source
@@ -156,8 +163,9 @@ def check_shared_paths(cfg: JobConfig, models: dict[str, str] | None = None, *, 
         full = os.path.realpath(os.path.expanduser(path))
         if workdir and (full + os.sep).startswith(os.path.realpath(workdir) + os.sep):
             continue
-        raise RaybmError(f"{setting}={path!r} is on this node's disk only, but this Ray cluster has {nodes} nodes "
-                         f"and the work runs on the others. Put it on S3 (s3://...) or inside the job's "
-                         f"working_dir (`ray job submit --working-dir .`: every node gets a copy) and use a "
-                         f"path relative to it.")
-
+        raise RaybmError(
+            f"{setting}={path!r} is on this node's disk only, but this Ray cluster has {nodes} nodes "
+            f"and the work runs on the others. Put it on S3 (s3://...) or inside the job's "
+            f"working_dir (`ray job submit --working-dir .`: every node gets a copy) and use a "
+            f"path relative to it."
+        )

@@ -7,10 +7,10 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-import contextlib  # noqa: E402
-import json  # noqa: E402
+import contextlib
+import json
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
@@ -23,8 +23,9 @@ def tiny_model_dir(tmp_path_factory):
     cfg = build_config(overrides=["model.name=tiny-bert"])
     build_classifier(cfg.model, ["negative", "positive"], seed=1).save_pretrained(folder, safe_serialization=True)
     load_tokenizer("tiny-bert").save_pretrained(folder)
-    (folder / "label_map.json").write_text(json.dumps({"labels": ["negative", "positive"],
-                                                       "label_to_id": {"negative": 0, "positive": 1}}))
+    (folder / "label_map.json").write_text(
+        json.dumps({"labels": ["negative", "positive"], "label_to_id": {"negative": 0, "positive": 1}})
+    )
     return str(folder)
 
 
@@ -38,8 +39,11 @@ def s3_server():
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     with pytest.MonkeyPatch.context() as env:
-        for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                     ("AWS_DEFAULT_REGION", "us-east-1")):
+        for k, v in (
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_DEFAULT_REGION", "us-east-1"),
+        ):
             env.setenv(k, v)
         env.delenv("AWS_ENDPOINT_URL", raising=False)
         yield endpoint
@@ -57,18 +61,32 @@ def running_mlflow_server(folder, artifacts: str | None = None, env: dict | None
     import time
     import urllib.request
 
-    mlflow = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-mlflow", "bin",
-                          "mlflow")
+    mlflow = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-mlflow", "bin", "mlflow")
     assert os.path.exists(mlflow), f"{mlflow} is missing: run make test (it builds .venv-mlflow)"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(folder / "server.log", "w")
-    server = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-                               "--artifacts-destination", artifacts or str(folder / "artifacts")],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, **(env or {})})
+    server = subprocess.Popen(
+        [
+            mlflow,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{folder}/mlflow.db",
+            "--artifacts-destination",
+            artifacts or str(folder / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

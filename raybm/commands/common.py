@@ -13,12 +13,20 @@ from raybm.serve.ingress import ray_env
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """``--config FILE`` and dotted ``key=value`` overrides."""
     p.add_argument("--config", "-c", help="YAML job config (see jobs/configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. train.lr=3e-5 data.max_length=64")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-5 data.max_length=64"
+    )
 
 
-def start(cfg, *, stages: list[str] | None = None, source=None, paths: dict[str, str] | None = None,
-          root: bool = True, shared: bool = True):
+def start(
+    cfg,
+    *,
+    stages: list[str] | None = None,
+    source=None,
+    paths: dict[str, str] | None = None,
+    root: bool = True,
+    shared: bool = True,
+):
     """The one start of every command that runs on Ray, in this order:
 
     1. the checks that need no Ray (``raybm.preflight.preflight`` of ``stages``; none
@@ -41,11 +49,15 @@ def start(cfg, *, stages: list[str] | None = None, source=None, paths: dict[str,
 
 def print_test_metrics(test: dict) -> None:
     """Test metrics, overall and per class."""
-    print(f"  accuracy {test['accuracy']:.4f}  macro-F1 {test['f1_macro']:.4f}  "
-          f"precision {test['precision_macro']:.4f}  recall {test['recall_macro']:.4f}  ({test['examples']} examples)")
+    print(
+        f"  accuracy {test['accuracy']:.4f}  macro-F1 {test['f1_macro']:.4f}  "
+        f"precision {test['precision_macro']:.4f}  recall {test['recall_macro']:.4f}  ({test['examples']} examples)"
+    )
     for lab, m in test["per_class"].items():
-        print(f"    {lab:<12} precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} "
-              f"support {m['support']}")
+        print(
+            f"    {lab:<12} precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} "
+            f"support {m['support']}"
+        )
 
 
 def is_override(arg: str) -> bool:

@@ -24,7 +24,7 @@ class QuietConsole:
         self.terminal = None
         self.file = None
 
-    def __enter__(self) -> "QuietConsole":
+    def __enter__(self) -> QuietConsole:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         sys.stdout.flush()
         sys.stderr.flush()

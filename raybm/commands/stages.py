@@ -8,9 +8,9 @@ import os
 from raybm.commands.common import add_config_args, is_override, print_test_metrics, start
 from raybm.commands.console import QuietConsole
 from raybm.config import load_config, pipeline_stages
+from raybm.local_paths import private_temp_dir
 from raybm.pipeline import pipeline_name, run_pipeline
 from raybm.preflight import preflight
-from raybm.local_paths import private_temp_dir
 from raybm.results import CONSOLE_LOG_FILE, Results, soup_used
 from raybm.train.driver import run_training
 from raybm.tune.leaderboard import format_leaderboard, format_values
@@ -53,14 +53,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"\nWinner: trial {w['trial']} ({values}), best epoch {w['best_epoch']}.")
     soup = w.get("soup")
     if soup_used(soup):
-        print(f"Handed on: the {soup['method']} soup of {len(soup['ingredients'])} trial(s) "
-              f"({', '.join(soup['ingredients'])}), validation {soup['metric']} {soup['validation']:.4f}.")
+        print(
+            f"Handed on: the {soup['method']} soup of {len(soup['ingredients'])} trial(s) "
+            f"({', '.join(soup['ingredients'])}), validation {soup['metric']} {soup['validation']:.4f}."
+        )
     cost, budget = w.get("cost"), w.get("latency_budget")
     if cost:
-        print(f"Serving cost: {cost['params']:,} parameters, {cost['size_mb']} MB, median single-sentence latency "
-              f"{cost['latency_p50_ms']} ms (PyTorch, 1 thread)"
-              + ("" if not budget else f"; within tune.max_latency_ms {budget['max_latency_ms']}" if budget["met"]
-                 else f"; NO trial met tune.max_latency_ms {budget['max_latency_ms']}") + ".")
+        print(
+            f"Serving cost: {cost['params']:,} parameters, {cost['size_mb']} MB, median single-sentence latency "
+            f"{cost['latency_p50_ms']} ms (PyTorch, 1 thread)"
+            + (
+                ""
+                if not budget
+                else f"; within tune.max_latency_ms {budget['max_latency_ms']}"
+                if budget["met"]
+                else f"; NO trial met tune.max_latency_ms {budget['max_latency_ms']}"
+            )
+            + "."
+        )
     print(f"Validation {w['metric']} of the handed-on model: {w['validation']:.4f}. Test metrics:")
     print_test_metrics(w["test"])
     print(f"\nModel folder: {result.model_dir}\nSweep folder: {result.sweep_dir}")
@@ -106,7 +116,7 @@ def _next_steps(cfg, summary: dict, say) -> None:
     say("\nNext:")
     say(f"  raybm dashboard --root {root}          # the runs, the model, its errors; try it")
     if model:
-        say(f"  raybm predict --model {model} --text \"...\" --explain")
+        say(f'  raybm predict --model {model} --text "..." --explain')
         say(f"  raybm serve --model {model}")
 
 
@@ -138,27 +148,52 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("tune", help="search config values with Ray Tune; the winner is scored on the test split")
     add_config_args(p)
-    p.add_argument("--resume", action="store_true",
-                   help="finish an interrupted sweep (finished trials are kept); an interrupted sweep "
-                        "is also resumed without it")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted sweep (finished trials are kept); an interrupted sweep is also resumed without it",
+    )
     p.add_argument("--retry-errored", action="store_true", help="when resuming, run failed trials again")
     p.set_defaults(func=cmd_tune)
-    p = sub.add_parser("pipeline", help="the whole job: data, train or tune, test, export, deploy (skips what "
-                       "is done, resumes what was interrupted)")
+    p = sub.add_parser(
+        "pipeline",
+        help="the whole job: data, train or tune, test, export, deploy (skips what "
+        "is done, resumes what was interrupted)",
+    )
     add_config_args(p)
     p.add_argument("--stages", help="comma-separated stages to run (default: pipeline.stages)")
-    p.add_argument("--quiet", action="store_true", help="only a line a stage, the leaderboard and the smoke "
-                   "test's answers on the terminal; everything else (Ray, Tune, ONNX) in console.log")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="only a line a stage, the leaderboard and the smoke "
+        "test's answers on the terminal; everything else (Ray, Tune, ONNX) in console.log",
+    )
     p.set_defaults(func=cmd_pipeline)
-    p = sub.add_parser("soup", help="average the weights of fine-tuned models of one base model into one "
-                       "model (a model soup), picked on validation, scored on test")
+    p = sub.add_parser(
+        "soup",
+        help="average the weights of fine-tuned models of one base model into one "
+        "model (a model soup), picked on validation, scored on test",
+    )
     add_config_args(p)
-    p.add_argument("--models", nargs="+", required=True, metavar="MODEL",
-                   help="run or sweep names under storage.root, model folders, or s3:// folders (2 or more)")
-    p.add_argument("--data", required=True, help="the prepared dataset they were trained on (a name under "
-                   "<storage.root>/data/): its validation split picks the soup, its test split scores it")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        required=True,
+        metavar="MODEL",
+        help="run or sweep names under storage.root, model folders, or s3:// folders (2 or more)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="the prepared dataset they were trained on (a name under "
+        "<storage.root>/data/): its validation split picks the soup, its test split scores it",
+    )
     p.add_argument("--name", required=True, help="the new run's name: the soup is written to runs/<name>/")
-    p.add_argument("--method", default="greedy", choices=["greedy", "uniform"],
-                   help="greedy (default): add models best first, keep each only if validation "
-                        "tune.metric does not drop; uniform: average them all")
+    p.add_argument(
+        "--method",
+        default="greedy",
+        choices=["greedy", "uniform"],
+        help="greedy (default): add models best first, keep each only if validation "
+        "tune.metric does not drop; uniform: average them all",
+    )
     p.set_defaults(func=cmd_soup)

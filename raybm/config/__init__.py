@@ -17,20 +17,52 @@ from raybm.config.coerce import merge_raw
 from raybm.config.describe import describe
 from raybm.config.loading import build_config, load_config, parse_overrides
 from raybm.config.naming import check_name, config_hash, derived_name, run_name_for, safe_name, sweep_name_for
-from raybm.config.sections import (AugmentConfig, CleanConfig, DataConfig, ModelConfig, RayConfig, StorageConfig,
-                                   TrackingConfig)
+from raybm.config.sections import (
+    AugmentConfig,
+    CleanConfig,
+    DataConfig,
+    ModelConfig,
+    RayConfig,
+    StorageConfig,
+    TrackingConfig,
+)
 from raybm.config.stages import (
-                                 PIPELINE_STAGES,
-                                 ExportConfig,
-                                 JobConfig,
-                                 PipelineConfig,
-                                 ServeConfig,
-                                 TrainConfig,
-                                 TuneConfig,
+    PIPELINE_STAGES,
+    ExportConfig,
+    JobConfig,
+    PipelineConfig,
+    ServeConfig,
+    TrainConfig,
+    TuneConfig,
 )
 
-__all__ = ["AugmentConfig", "CleanConfig", "DataConfig", "ExportConfig", "JobConfig", "ModelConfig", "PIPELINE_STAGES",
-           "PipelineConfig", "RayConfig", "ServeConfig", "StorageConfig", "TrackingConfig", "TrainConfig", "TuneConfig",
-           "build_config",
-           "check_name", "config_hash", "derived_name", "describe", "extreme_trials", "is_loopback", "load_config", "merge_raw",
-           "parse_overrides", "pipeline_stages", "run_name_for", "safe_name", "sweep_name_for"]
+__all__ = [
+    "AugmentConfig",
+    "CleanConfig",
+    "DataConfig",
+    "ExportConfig",
+    "JobConfig",
+    "ModelConfig",
+    "PIPELINE_STAGES",
+    "PipelineConfig",
+    "RayConfig",
+    "ServeConfig",
+    "StorageConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "build_config",
+    "check_name",
+    "config_hash",
+    "derived_name",
+    "describe",
+    "extreme_trials",
+    "is_loopback",
+    "load_config",
+    "merge_raw",
+    "parse_overrides",
+    "pipeline_stages",
+    "run_name_for",
+    "safe_name",
+    "sweep_name_for",
+]

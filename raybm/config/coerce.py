@@ -27,7 +27,8 @@ def _type_name(tp: Any) -> str:
     if origin is dict:
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _yaml_value(text: str, key: str) -> Any:
@@ -59,8 +60,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{key}: {value!r} is not valid; choose one of: "
-                              f"{', '.join(map(str, choices))}.{hint}")
+            raise ConfigError(f"{key}: {value!r} is not valid; choose one of: {', '.join(map(str, choices))}.{hint}")
         return value
     if origin is list:
         if isinstance(value, str):
@@ -112,8 +112,7 @@ _SIGNS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 def _check_bounds(value: Any, bounds: dict[str, float], key: str) -> None:
     if value is None or not bounds:
         return
-    ok = {"ge": lambda a, b: a >= b, "gt": lambda a, b: a > b,
-          "le": lambda a, b: a <= b, "lt": lambda a, b: a < b}
+    ok = {"ge": lambda a, b: a >= b, "gt": lambda a, b: a > b, "le": lambda a, b: a <= b, "lt": lambda a, b: a < b}
     if not all(ok[op](value, limit) for op, limit in bounds.items()):
         valid = " and ".join(f"{_SIGNS[op]} {limit:g}" for op, limit in bounds.items())
         raise ConfigError(f"{key}: must be {valid}, got {value!r}")
@@ -128,8 +127,9 @@ def build_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
             full = f"{prefix}.{k}" if prefix else str(k)
             close = difflib.get_close_matches(str(k), list(fields), n=1)
             hint = f" Did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
-            raise ConfigError(f"{full}: unknown key.{hint} Valid keys"
-                              f"{' in ' + repr(prefix) if prefix else ''}: {', '.join(fields)}.")
+            raise ConfigError(
+                f"{full}: unknown key.{hint} Valid keys{' in ' + repr(prefix) if prefix else ''}: {', '.join(fields)}."
+            )
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:

@@ -22,8 +22,10 @@ def check_name(name: str, what: str) -> str:
     ``.``, ``_`` and ``-``, not starting with ``.``, at most 200 characters), else a
     ConfigError naming ``what`` (the key or flag it came from)."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ConfigError(f"{what}={name!r}: a name may hold only letters, digits, '.', '_' and '-', may not "
-                          f"start with '.', and has at most 200 characters (it names a folder in the results)")
+        raise ConfigError(
+            f"{what}={name!r}: a name may hold only letters, digits, '.', '_' and '-', may not "
+            f"start with '.', and has at most 200 characters (it names a folder in the results)"
+        )
     return name
 
 
@@ -39,7 +41,7 @@ def config_hash(section: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
-def derived_name(cfg: "JobConfig", dataset: str, sections: tuple[str, ...], kind: str = "") -> str:
+def derived_name(cfg: JobConfig, dataset: str, sections: tuple[str, ...], kind: str = "") -> str:
     """``cfg.name``, or a name made of the dataset, the model and a hash of the given config
     sections (rerunning the same config reuses, and resumes, the same run)."""
     if cfg.name:
@@ -49,11 +51,11 @@ def derived_name(cfg: "JobConfig", dataset: str, sections: tuple[str, ...], kind
     return safe_name(f"{dataset}-{cfg.model.name.replace('/', '_')}-{kind + '-' if kind else ''}{digest}")
 
 
-def run_name_for(cfg: "JobConfig", dataset: str) -> str:
+def run_name_for(cfg: JobConfig, dataset: str) -> str:
     """The name of the training run this config makes on ``dataset``."""
     return derived_name(cfg, dataset, ("model", "train"))
 
 
-def sweep_name_for(cfg: "JobConfig", dataset: str) -> str:
+def sweep_name_for(cfg: JobConfig, dataset: str) -> str:
     """The name of the sweep this config makes on ``dataset``."""
     return derived_name(cfg, dataset, ("model", "train", "tune"), "sweep")

@@ -39,6 +39,7 @@ _CALL = re.compile(r"^\s*([a-z_]+)\s*\((.*)\)\s*$", re.S)
 @dataclass(frozen=True)
 class Distribution:
     """One searched key: its kind (``loguniform``, ``choice`` ...) and arguments, as written in the YAML."""
+
     key: str  # dotted config key
     kind: str
     args: tuple
@@ -80,30 +81,32 @@ def _literal(text: str, key: str, raw: str) -> Any:
 
 def parse_distribution(key: str, raw: Any) -> Distribution:
     """Parse one ``kind(args)`` string; a malformed one is a ``ConfigError``."""
-    usage = ("write e.g. loguniform(1e-5, 1e-3), uniform(0, 0.1), randint(1, 4), "
-             "choice([16, 32]) or grid([adamw, sgd])")
+    usage = "write e.g. loguniform(1e-5, 1e-3), uniform(0, 0.1), randint(1, 4), choice([16, 32]) or grid([adamw, sgd])"
     if not isinstance(raw, str):
         raise ConfigError(f"tune.search_space.{key}: expected a distribution, got {raw!r}; {usage}")
     m = _CALL.match(raw)
     if not m or m.group(1) not in KINDS:
         name = m.group(1) if m else raw
-        raise ConfigError(f"tune.search_space.{key}: {name!r} is not a distribution "
-                          f"({', '.join(KINDS)}); {usage}")
+        raise ConfigError(f"tune.search_space.{key}: {name!r} is not a distribution ({', '.join(KINDS)}); {usage}")
     kind, inner = m.group(1), m.group(2).strip()
     if kind in LISTS:
         values = _literal(inner, key, raw)
         if isinstance(values, tuple):
             values = list(values)
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"tune.search_space.{key}: {kind} takes one non-empty list, e.g. "
-                              f"{kind}([16, 32]); got {raw!r}")
+            raise ConfigError(
+                f"tune.search_space.{key}: {kind} takes one non-empty list, e.g. {kind}([16, 32]); got {raw!r}"
+            )
         if len({repr(v) for v in values}) != len(values):
             raise ConfigError(f"tune.search_space.{key}: {raw!r} lists a value twice")
         return Distribution(key, kind, (tuple(values),))
     args = _literal(f"({inner},)" if inner else "()", key, raw)
     want = CONTINUOUS.get(kind) or INTEGER[kind]
-    if not isinstance(args, tuple) or len(args) != want or not all(
-            isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args):
+    if (
+        not isinstance(args, tuple)
+        or len(args) != want
+        or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args)
+    ):
         raise ConfigError(f"tune.search_space.{key}: {kind} takes {want} numbers; got {raw!r}")
     lo, hi = args[0], args[1]
     if not lo < hi:
@@ -139,8 +142,10 @@ def parse_space(space: dict[str, Any], check=None) -> list[Distribution]:
     dists = []
     for key, raw in space.items():
         if key.startswith("tune.") or key in ("name", "storage", "ray") or key.split(".")[0] in ("storage", "ray"):
-            raise ConfigError(f"tune.search_space.{key}: only job settings (data, model, train, ...) "
-                              f"can be searched, not where or how the sweep runs")
+            raise ConfigError(
+                f"tune.search_space.{key}: only job settings (data, model, train, ...) "
+                f"can be searched, not where or how the sweep runs"
+            )
         dist = parse_distribution(key, raw)
         if check is not None:
             for value in dist.extremes():

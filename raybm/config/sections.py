@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 
-def _opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
-         ge: float | None = None, gt: float | None = None,
-         le: float | None = None, lt: float | None = None) -> Any:
+def _opt(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Any = dataclasses.MISSING,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
     """A dataclass field with numeric bounds checked at load time."""
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     if factory is not dataclasses.MISSING:
@@ -21,18 +27,17 @@ def _opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSI
     return field(default=default, metadata={"bounds": bounds})
 
 
-
-
 @dataclass
 class StorageConfig:
     """Where results live: a local folder or ``s3://``, and how to reach S3."""
+
     root: str = "results"
     """Results folder shared by every stage and the dashboard: a local path or
     ``s3://bucket/prefix``. Layout: docs/results.md."""
-    s3_endpoint_url: Optional[str] = None
+    s3_endpoint_url: str | None = None
     """Endpoint of an S3-compatible store (MinIO, a local test server ...). Empty: the
     ``AWS_ENDPOINT_URL`` environment variable, else AWS itself."""
-    s3_region: Optional[str] = None
+    s3_region: str | None = None
     """S3 region. Empty: ``AWS_DEFAULT_REGION``, else us-east-1."""
     lease_ttl_s: float = _opt(60.0, ge=5)
     """A job writing a run, sweep, dataset or export holds its folder's ``_LEASE`` and renews
@@ -42,10 +47,11 @@ class StorageConfig:
 @dataclass
 class RayConfig:
     """Which Ray a job runs on: a cluster to join, or a local Ray and its size."""
-    address: Optional[str] = None
+
+    address: str | None = None
     """Ray cluster to join (``auto``, ``ray://host:10001`` ...). Empty: ``RAY_ADDRESS`` if
     set, otherwise the job starts a local Ray (the embedded default)."""
-    num_cpus: Optional[int] = _opt(None, ge=1)
+    num_cpus: int | None = _opt(None, ge=1)
     """CPUs for a local Ray. Empty: all of this machine's."""
     autoscaling: bool = False
     """The cluster adds nodes on demand (an autoscaler, as with cluster.yaml): work that no
@@ -61,6 +67,7 @@ class RayConfig:
 @dataclass
 class CleanConfig:
     """Text cleaning of the data stage."""
+
     html: bool = True
     """Remove HTML tags and unescape entities (``&amp;`` -> ``&``)."""
     urls: bool = True
@@ -85,6 +92,7 @@ class CleanConfig:
 @dataclass
 class AugmentConfig:
     """Training-time text augmentation."""
+
     enabled: bool = False
     """Augment training texts (never validation or test). Seeded by ``data.seed``. A "word"
     below is a word in text written with spaces, a character in Chinese, Japanese or Korean."""
@@ -105,10 +113,11 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     """The data stage: the source, its columns and labels, the split, tokenization."""
+
     source: str = "twitter-sentiment"
     """Built-in corpus (``twitter-sentiment``, ``chinese-reviews``) or user files: a
     file, a folder or a glob, local or ``s3://``, in CSV, TSV, JSONL or Parquet."""
-    name: Optional[str] = None
+    name: str | None = None
     """Name of the prepared dataset under ``<root>/data/``. Empty: derived from the
     source and a hash of this section, so a changed config never reuses old data."""
     format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = "auto"
@@ -119,7 +128,7 @@ class DataConfig:
     """Column holding the label (user files)."""
     encoding: str = "utf-8"
     """Character encoding of CSV, TSV and JSONL files."""
-    labels: Optional[list[str]] = None
+    labels: list[str] | None = None
     """Class names in id order (id 0 first). Empty: the built-in corpus's default, or
     every label found in user files, sorted."""
     label_values: dict[str, str] = field(default_factory=dict)
@@ -135,7 +144,7 @@ class DataConfig:
     """Train, validation and test shares; they must add up to 1."""
     seed: int = 0
     """Seed of the split and of augmentation. Same seed, same split, on any machine."""
-    max_rows: Optional[int] = _opt(None, ge=3)
+    max_rows: int | None = _opt(None, ge=3)
     """Keep at most this many rows after de-duplication (a seeded, stratified sample).
     For quick runs; empty keeps all."""
     max_length: int = _opt(128, ge=8, le=8192)
@@ -150,6 +159,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     """The base model and how its classifier is built."""
+
     name: str = "all-minilm-l6-v2"
     """Base model: ``all-minilm-l6-v2`` (shipped offline), a tiny random model for tests and
     smoke runs (``tiny-bert``, ``tiny-roberta``, ``tiny-distilbert``, ``tiny-deberta-v2``,
@@ -163,23 +173,24 @@ class ModelConfig:
     head (first token; BERT's pooler); ``mean`` averages the token vectors, what
     sentence-transformers models (the built-in all-MiniLM-L6-v2) were trained for; ``auto``
     picks ``mean`` for sentence-transformers folders, else ``cls``."""
-    keep_layers: Optional[int] = _opt(None, ge=1)
+    keep_layers: int | None = _opt(None, ge=1)
     """Layer cropping: keep only the first K encoder layers. Empty keeps all."""
     head_init: Literal["default", "xavier", "normal"] = "default"
     """Re-initialize the classification head: the model's own init, Xavier uniform, or
     normal (std 0.02)."""
-    hidden_dropout: Optional[float] = _opt(None, ge=0, lt=1)
+    hidden_dropout: float | None = _opt(None, ge=0, lt=1)
     """Override the encoder's hidden dropout. Empty keeps the model's."""
-    attention_dropout: Optional[float] = _opt(None, ge=0, lt=1)
+    attention_dropout: float | None = _opt(None, ge=0, lt=1)
     """Override the attention dropout. Empty keeps the model's."""
-    classifier_dropout: Optional[float] = _opt(None, ge=0, lt=1)
+    classifier_dropout: float | None = _opt(None, ge=0, lt=1)
     """Override the dropout before the classification head. Empty keeps the model's."""
 
 
 @dataclass
 class TrackingConfig:
     """Where runs and sweeps are also recorded: MLflow (TensorBoard files are always written)."""
-    mlflow_uri: Optional[str] = None
+
+    mlflow_uri: str | None = None
     """MLflow tracking: an ``http(s)://`` tracking server or a ``file:`` folder. Every run is
     an MLflow run, a sweep a parent run with a child per trial (config as params, each
     epoch's metrics, tags, the card and reports as artifacts). Empty: no MLflow."""
@@ -192,7 +203,6 @@ class TrackingConfig:
     """With ``mlflow_uri``: the pipeline registers the model it trained (a sweep's winner)
     in MLflow's Model Registry as a new version, with its test metrics and its export
     variants; ``raybm predict/serve/export --model models:/<name>/<version>`` load it."""
-    registered_model: Optional[str] = None
+    registered_model: str | None = None
     """The registered model's name; empty: ``<data source>-classifier`` (e.g.
     ``twitter-classifier``), or ``data.name`` when set."""
-

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
-from raybm.config.sections import AugmentConfig, CleanConfig, DataConfig, ModelConfig, RayConfig, StorageConfig, TrackingConfig, _opt  # noqa: F401
+from raybm.config.sections import DataConfig, ModelConfig, RayConfig, StorageConfig, TrackingConfig, _opt
 
 
 @dataclass
 class TrainConfig:
     """The training stage: workers, optimizer, schedule, strategy, regularization, checkpoints."""
+
     epochs: int = _opt(3, ge=1)
     """Passes over the training split."""
     batch_size: int = _opt(32, ge=1)
     """Examples per step per worker."""
     eval_batch_size: int = _opt(64, ge=1)
     """Examples per batch when validating and testing."""
-    max_steps_per_epoch: Optional[int] = _opt(None, ge=1)
+    max_steps_per_epoch: int | None = _opt(None, ge=1)
     """Cap the optimizer steps of an epoch (quick runs). Empty: the whole split."""
     lr: float = _opt(5e-5, gt=0, le=1)
     """Peak learning rate (of the top layer, with layer-wise decay)."""
@@ -54,7 +55,7 @@ class TrainConfig:
     """L1 penalty: this times the sum of |w| over trainable weights, added to the loss."""
     keep_sparsity: bool = False
     """Keep weights of Linear layers that are zero at the start at zero (fine-tuning a pruned model)."""
-    distill_from: Optional[str] = None
+    distill_from: str | None = None
     """Teacher model folder: train on its soft labels as well as the hard ones (knowledge distillation)."""
     distill_alpha: float = _opt(0.5, ge=0, le=1)
     """Weight of the soft-label (teacher) loss; 1 - alpha goes to the hard labels."""
@@ -120,7 +121,7 @@ class TrainConfig:
     training split's ids take at most 512 MiB; ``ray_data`` otherwise."""
     cpus_per_worker: float = _opt(1.0, gt=0)
     """CPUs each worker reserves (leave some free for Ray Data)."""
-    torch_threads: Optional[int] = _opt(None, ge=1)
+    torch_threads: int | None = _opt(None, ge=1)
     """Torch threads per worker. Empty: the worker's CPUs (at least 1)."""
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     """Train on GPUs: ``auto`` uses them when the cluster has any."""
@@ -150,7 +151,7 @@ class TrainConfig:
     """Worker failures survived by restarting from the last checkpoint (-1: no limit)."""
     log_every_steps: int = _opt(20, ge=1)
     """Print progress every this many optimizer steps."""
-    fail_at_epoch: Optional[int] = _opt(None, ge=2)
+    fail_at_epoch: int | None = _opt(None, ge=2)
     """Test hook: raise in worker 0 when this epoch starts (once, from epoch 2, so a
     checkpoint exists), to test recovery."""
 
@@ -158,6 +159,7 @@ class TrainConfig:
 @dataclass
 class TuneConfig:
     """The hyperparameter sweep: search space, scheduler, trials, the winner's pick."""
+
     num_samples: int = _opt(4, ge=1)
     """Trials to sample (a search space with ``grid`` entries runs the grid this many times)."""
     metric: str = "val_f1_macro"
@@ -171,14 +173,14 @@ class TuneConfig:
     """Epochs every trial runs before the scheduler may stop it."""
     reduction_factor: float = _opt(2.0, gt=1)
     """ASHA: keep the top 1/this of trials at each rung."""
-    max_concurrent_trials: Optional[int] = _opt(None, ge=1)
+    max_concurrent_trials: int | None = _opt(None, ge=1)
     """Trials running at once. Empty: as many as fit the cluster's GPUs (``tune.cluster_gpus``,
     or those it has now) or, on CPUs, its CPUs, given each trial's ``train.num_workers`` x
     ``train.gpus_per_worker`` (or ``train.cpus_per_worker``)."""
-    cluster_gpus: Optional[int] = _opt(None, ge=1)
+    cluster_gpus: int | None = _opt(None, ge=1)
     """GPUs the sweep may use on an autoscaling cluster (its GPU workers' maximum, e.g. 16),
     which it does not have yet when the sweep starts. Empty: the GPUs the cluster has now."""
-    time_budget_s: Optional[float] = _opt(None, gt=0)
+    time_budget_s: float | None = _opt(None, gt=0)
     """Stop the sweep after this many seconds (running trials stop, the best so far wins)."""
     max_failures: int = _opt(0, ge=-1)
     """Times a failed trial is retried from its last checkpoint (-1: no limit)."""
@@ -194,7 +196,7 @@ class TuneConfig:
     """Dotted config key -> distribution: ``uniform(lo, hi)``, ``loguniform(lo, hi)``,
     ``quniform(lo, hi, q)``, ``randint(lo, hi)``, ``lograndint(lo, hi)``, ``choice([...])``,
     ``grid([...])``; e.g. ``train.lr: loguniform(1e-5, 1e-3)``. Checked before any trial."""
-    seed: Optional[int] = 0
+    seed: int | None = 0
     """Seed of the random search (empty: a different sample every sweep)."""
     soup: Literal["none", "greedy", "uniform"] = "none"
     """Hand on a model soup instead of the best trial alone: the best trials' weights averaged
@@ -209,7 +211,7 @@ class TuneConfig:
     """After the sweep, measure each finished trial's serving cost on the driver, one
     architecture at a time: parameters, weights size (MB) and median single-sentence latency
     (PyTorch, 1 thread). Into the leaderboard and the dashboard."""
-    max_latency_ms: Optional[float] = _opt(None, gt=0)
+    max_latency_ms: float | None = _opt(None, gt=0)
     """Latency budget: the winner (and a soup's ingredients) are the best trials whose median
     latency is at most this; the others stay on the leaderboard, marked. When no trial meets
     it, the best trial wins and ``winner.json`` says so. Needs ``tune.measure_cost``."""
@@ -220,6 +222,7 @@ class TuneConfig:
 @dataclass
 class ServeConfig:
     """The model server: address, key, replicas, batching and request limits."""
+
     host: str = "127.0.0.1"
     """Address the HTTP server binds. Another address than loopback (0.0.0.0 listens beyond
     this machine) needs an API key (api_key_env), or allow_without_key."""
@@ -247,7 +250,7 @@ class ServeConfig:
     """Model replicas (fixed). Set max_replicas to autoscale instead."""
     min_replicas: int = _opt(1, ge=0)
     """Autoscaling: fewest replicas (used when max_replicas is set)."""
-    max_replicas: Optional[int] = _opt(None, ge=1)
+    max_replicas: int | None = _opt(None, ge=1)
     """Autoscaling: most replicas. Empty: a fixed num_replicas."""
     target_ongoing_requests: float = _opt(2.0, gt=0)
     """Autoscaling: ongoing requests per replica the autoscaler aims for."""
@@ -255,12 +258,13 @@ class ServeConfig:
     """CPUs reserved for each replica."""
     gpus_per_replica: float = _opt(0.0, ge=0)
     """GPUs for each replica (fractions share a GPU). 0: CPU."""
-    torch_threads: Optional[int] = _opt(None, ge=1)
+    torch_threads: int | None = _opt(None, ge=1)
     """Torch threads per replica. Empty: cpus_per_replica rounded down, at least 1."""
     max_batch_size: int = _opt(32, ge=1)
     """Most texts one model call takes; texts of concurrent requests are batched together."""
     batch_wait_timeout_s: float = _opt(0.0, ge=0)
-    """When the model is idle, how long a text waits for others to share its call (0: none; texts that arrive while it is busy share the next call anyway)."""
+    """When the model is idle, how long a text waits for others to share its call (0: none;
+    texts that arrive while it is busy share the next call anyway)."""
     max_ongoing_requests: int = _opt(32, ge=1)
     """Requests a replica works on at once."""
     max_queued_requests: int = _opt(64, ge=0)
@@ -287,7 +291,7 @@ class ServeConfig:
     requests get 422; explanations run one at a time per replica, apart from /predict."""
     explain_max_queued: int = _opt(16, ge=0)
     """/explain requests a replica keeps waiting for its explanation thread; more get 503."""
-    api_key_env: Optional[str] = None
+    api_key_env: str | None = None
     """Environment variable holding an API key that /predict and /metadata require (header
     X-API-Key or Authorization: Bearer; at least 16 characters). Empty: no key."""
     allow_without_key: bool = False
@@ -298,8 +302,10 @@ class ServeConfig:
 @dataclass
 class ExportConfig:
     """Export and compression: variants, their settings, measuring them."""
+
     variants: list[Literal["hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled"]] = field(
-        default_factory=lambda: ["hf", "onnx", "int8", "onnx-int8"])
+        default_factory=lambda: ["hf", "onnx", "int8", "onnx-int8"]
+    )
     """Variants to produce (pruned and distilled train on Ray Train; the others take seconds)."""
     opset: int = _opt(17, ge=13)
     """ONNX opset."""
@@ -330,14 +336,15 @@ class ExportConfig:
 @dataclass
 class PredictConfig:
     """Batch scoring with Ray Data (``raybm predict`` into a folder, ``jobs/predict.py``)."""
-    concurrency: Optional[int] = _opt(None, ge=1)
+
+    concurrency: int | None = _opt(None, ge=1)
     """Model actors (a fixed pool). Empty: up to as many as the cluster's GPUs hold (with
     gpus_per_actor), or its CPUs less one."""
     cpus_per_actor: float = _opt(1.0, gt=0)
     """CPUs reserved for each model actor."""
     gpus_per_actor: float = _opt(0.0, ge=0)
     """GPUs for each model actor (fractions share a GPU). 0: CPU."""
-    threads: Optional[int] = _opt(None, ge=1)
+    threads: int | None = _opt(None, ge=1)
     """Torch threads per actor. Empty: on CPU the cluster's cores shared among the actors (one
     actor on a 2-core machine runs 2 threads), at least cpus_per_actor; on GPU cpus_per_actor."""
     batch_size: int = _opt(64, ge=1)
@@ -351,15 +358,16 @@ PIPELINE_STAGES = ("data", "train", "tune", "export", "deploy")
 @dataclass
 class PipelineConfig:
     """The whole job in one command: its stages and the release gate."""
+
     stages: list[str] = field(default_factory=list)
     """Stages of ``raybm pipeline``, run in this order: ``data``, then ``train`` (one run) or
     ``tune`` (a sweep; its winner is scored on test), ``export``, ``deploy``. A stage whose
     output already exists is skipped; an interrupted one resumes. Empty: all of them, with
     ``tune`` when ``tune.search_space`` is set, else ``train``."""
-    min_test_f1: Optional[float] = _opt(None, ge=0, le=1)
+    min_test_f1: float | None = _opt(None, ge=0, le=1)
     """Release gate: deploy only if the model's test macro-F1 is at least this. Empty: no
     F1 condition."""
-    max_latency_ms: Optional[float] = _opt(None, gt=0)
+    max_latency_ms: float | None = _opt(None, gt=0)
     """Release gate: deploy only if the served backend's median single-sentence latency
     (measured on this machine, ``serve.torch_threads`` threads) is at most this. Empty: no
     latency condition."""
@@ -376,7 +384,8 @@ class PipelineConfig:
 @dataclass
 class JobConfig:
     """A whole job config: one section per stage."""
-    name: Optional[str] = None
+
+    name: str | None = None
     """Job name, used for run folders. Empty: derived from the config."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Where results live."""

@@ -48,6 +48,7 @@ KINDS = (RUNS, SWEEPS)
 @dataclass
 class Job:
     """One run or sweep as the dashboard lists it."""
+
     kind: str  # run | sweep
     name: str
     complete: bool
@@ -66,7 +67,6 @@ class Job:
         return self.finished - self.started if self.started and self.finished else None
 
 
-
 def stages_in_brief(stages: dict[str, dict[str, Any]]) -> str:
     """A pipeline's stages in a few words: ``all 5 done``, else the count done and each
     other stage by its status (``3 done; held: deploy``), so the table fits a window."""
@@ -77,8 +77,10 @@ def stages_in_brief(stages: dict[str, dict[str, Any]]) -> str:
     for k, v in stages.items():
         if v.get("status") != "done":
             others.setdefault(str(v.get("status")), []).append(k)
-    return "; ".join([f"{len(done)} done"] * bool(done) + [f"{status}: {', '.join(names)}"
-                                                           for status, names in others.items()])
+    return "; ".join(
+        [f"{len(done)} done"] * bool(done) + [f"{status}: {', '.join(names)}" for status, names in others.items()]
+    )
+
 
 class DashboardData:
     """What the dashboard reads from a results root (local or S3): jobs, sweeps, runs, exports."""
@@ -93,9 +95,14 @@ class DashboardData:
         base = self.results.path(kind)
         if not self.results.exists(base):
             return []
-        return sorted((i for i in self.results.fs.get_file_info(pafs.FileSelector(base))
-                       if i.type == pafs.FileType.Directory and not i.base_name.startswith(".")),
-                      key=lambda i: i.base_name)
+        return sorted(
+            (
+                i
+                for i in self.results.fs.get_file_info(pafs.FileSelector(base))
+                if i.type == pafs.FileType.Directory and not i.base_name.startswith(".")
+            ),
+            key=lambda i: i.base_name,
+        )
 
     def _named(self, kind: str, name: str) -> str:
         """The folder of ``name`` under ``kind``, only if the listing has it."""
@@ -136,21 +143,39 @@ class DashboardData:
         else:
             w = self._read_json(j(folder, WINNER_FILE)) or {}
             test, metric, best, dataset = w.get("test") or {}, w.get("metric"), w.get("validation"), w.get("dataset")
-        return Job(kind=kind[:-1], name=name, complete=done, started=self._mtime(j(folder, CONFIG_FILE)),
-                   finished=self._mtime(j(folder, SUCCESS_MARKER)) if done else None,
-                   base_model=(cfg.get("model") or {}).get("name"), dataset=dataset, metric=metric, best=best,
-                   test_accuracy=test.get("accuracy"), test_f1=test.get("f1_macro"))
+        return Job(
+            kind=kind[:-1],
+            name=name,
+            complete=done,
+            started=self._mtime(j(folder, CONFIG_FILE)),
+            finished=self._mtime(j(folder, SUCCESS_MARKER)) if done else None,
+            base_model=(cfg.get("model") or {}).get("name"),
+            dataset=dataset,
+            metric=metric,
+            best=best,
+            test_accuracy=test.get("accuracy"),
+            test_f1=test.get("f1_macro"),
+        )
 
     def jobs_frame(self) -> pd.DataFrame:
         """The jobs as a table, one row each, the scores first (the Jobs page and ``raybm list``)."""
         rows = []
         for job in self.jobs():
-            rows.append({"name": job.name, "test accuracy": job.test_accuracy, "test macro-F1": job.test_f1,
-                         "best validation": job.best, "metric": job.metric, "kind": job.kind,
-                         "status": "complete" if job.complete else "incomplete",
-                         "minutes": round(job.seconds / 60, 1) if job.seconds else None,
-                         "started": pd.Timestamp(job.started, unit="s", tz="UTC") if job.started else None,
-                         "base model": job.base_model, "dataset": job.dataset})
+            rows.append(
+                {
+                    "name": job.name,
+                    "test accuracy": job.test_accuracy,
+                    "test macro-F1": job.test_f1,
+                    "best validation": job.best,
+                    "metric": job.metric,
+                    "kind": job.kind,
+                    "status": "complete" if job.complete else "incomplete",
+                    "minutes": round(job.seconds / 60, 1) if job.seconds else None,
+                    "started": pd.Timestamp(job.started, unit="s", tz="UTC") if job.started else None,
+                    "base model": job.base_model,
+                    "dataset": job.dataset,
+                }
+            )
         return pd.DataFrame(rows)
 
     def pipelines(self) -> list[dict[str, Any]]:
@@ -169,12 +194,19 @@ class DashboardData:
             stages = p.get("stages", {})
             deploy = stages.get("deploy", {})
             model = next((stages[k] for k in ("tune", "train") if k in stages), {})
-            rows.append({"name": p["name"], "status": p["status"], "started": (p.get("started_at") or "")[:16],
-                         "stages": stages_in_brief(stages),
-                         "test macro-F1": (model.get("test") or {}).get("f1_macro"),
-                         "deploy": deploy.get("status"),
-                         "gate": "; ".join(deploy.get("reasons", [])) or ("passed" if deploy.get("url") else None),
-                         "url": deploy.get("url"), "minutes": round(p["seconds"] / 60, 1) if p.get("seconds") else None})
+            rows.append(
+                {
+                    "name": p["name"],
+                    "status": p["status"],
+                    "started": (p.get("started_at") or "")[:16],
+                    "stages": stages_in_brief(stages),
+                    "test macro-F1": (model.get("test") or {}).get("f1_macro"),
+                    "deploy": deploy.get("status"),
+                    "gate": "; ".join(deploy.get("reasons", [])) or ("passed" if deploy.get("url") else None),
+                    "url": deploy.get("url"),
+                    "minutes": round(p["seconds"] / 60, 1) if p.get("seconds") else None,
+                }
+            )
         return pd.DataFrame(rows)
 
     def _config(self, path: str) -> dict | None:
@@ -182,16 +214,18 @@ class DashboardData:
 
     def names(self, kind: str, complete_only: bool = True) -> list[str]:
         """The names of one kind of artifact (``runs``, ``sweeps`` ...), complete ones only unless told."""
-        return [i.base_name for i in self._folders(kind)
-                if not complete_only or self.results.is_complete(i.path)]
+        return [i.base_name for i in self._folders(kind) if not complete_only or self.results.is_complete(i.path)]
 
     # -- one job -----------------------------------------------------------------------
     def sweep(self, name: str) -> dict[str, Any]:
         """A sweep's leaderboard, winner record and config."""
         folder = self._named(SWEEPS, name)
         j = self.results.join
-        return {"leaderboard": self._read_json(j(folder, LEADERBOARD + ".json")) or [],
-                "winner": self._read_json(j(folder, WINNER_FILE)), "config": self._config(j(folder, CONFIG_FILE))}
+        return {
+            "leaderboard": self._read_json(j(folder, LEADERBOARD + ".json")) or [],
+            "winner": self._read_json(j(folder, WINNER_FILE)),
+            "config": self._config(j(folder, CONFIG_FILE)),
+        }
 
     def model_info(self, kind: str, name: str) -> dict[str, Any]:
         """Test metrics, dataset and config of a run's model or a sweep's winner."""
@@ -205,8 +239,14 @@ class DashboardData:
             test, dataset, soup = w.get("test"), w.get("dataset"), w.get("soup")
         if not soup_used(soup):
             soup = None  # none, or tried with nothing added: the model is the best trial alone
-        return {"test": test, "dataset": dataset, "soup": soup, "config": self._config(j(folder, CONFIG_FILE)),
-                "model_dir": j(folder, MODEL_DIR), "history": self._read_json(j(folder, HISTORY_FILE))}
+        return {
+            "test": test,
+            "dataset": dataset,
+            "soup": soup,
+            "config": self._config(j(folder, CONFIG_FILE)),
+            "model_dir": j(folder, MODEL_DIR),
+            "history": self._read_json(j(folder, HISTORY_FILE)),
+        }
 
     def predictions(self, kind: str, name: str) -> pd.DataFrame | None:
         """Every test example's prediction of a run or sweep (the Errors page), or None."""
@@ -236,8 +276,12 @@ class DashboardData:
                 out[f"{name} ({kind[:-1]})"] = self.results.join(self._named(kind, name), MODEL_DIR)
         for info in self._folders(EXPORTS):
             for v in self.results.fs.get_file_info(pafs.FileSelector(info.path)):
-                if v.type == pafs.FileType.Directory and not v.base_name.startswith(".") and v.base_name != MOBILE_DIR \
-                        and self.results.exists(self.results.join(v.path, VARIANT_FILE)):
+                if (
+                    v.type == pafs.FileType.Directory
+                    and not v.base_name.startswith(".")
+                    and v.base_name != MOBILE_DIR
+                    and self.results.exists(self.results.join(v.path, VARIANT_FILE))
+                ):
                     out[f"{info.base_name} / {v.base_name} (export)"] = v.path
         return out
 
@@ -261,9 +305,14 @@ class DashboardData:
         task = posixpath.splitext(posixpath.basename(str(source).rstrip("/")))[0].replace("-", " ").replace("_", " ")
         task = task[:1].upper() + task[1:]
         classes = len(test.get("per_class") or {}) or None
-        made = self._mtime(self.results.join(self._named(folder, name), METRICS_FILE if folder == RUNS else WINNER_FILE))
-        parts = [task, f"{classes} classes" if classes else None,
-                 f"{test['accuracy']:.1%} right on held-out test texts" if "accuracy" in test else "not tested yet"]
+        made = self._mtime(
+            self.results.join(self._named(folder, name), METRICS_FILE if folder == RUNS else WINNER_FILE)
+        )
+        parts = [
+            task,
+            f"{classes} classes" if classes else None,
+            f"{test['accuracy']:.1%} right on held-out test texts" if "accuracy" in test else "not tested yet",
+        ]
         when = f" ({time.strftime('%-d %b %Y', time.localtime(made))})" if made else ""
         return ", ".join(p for p in parts if p) + when
 
@@ -278,15 +327,22 @@ class DashboardData:
 def read_upload(name: str, content: bytes, max_rows: int, max_bytes: int) -> pd.DataFrame:
     """A user's CSV / TSV / JSONL upload as strings; clear errors, no silent truncation. The
     size is checked before parsing, and parsing stops one row past ``max_rows``."""
-    too_many = (f"the limit here is {max_rows} rows and {max_bytes / 2**20:g} MB. Split the file, or label it "
-                f"with `raybm predict --input {name} --output labelled.csv`")
+    too_many = (
+        f"the limit here is {max_rows} rows and {max_bytes / 2**20:g} MB. Split the file, or label it "
+        f"with `raybm predict --input {name} --output labelled.csv`"
+    )
     if len(content) > max_bytes:
         raise RaybmError(f"{name} is {len(content) / 2**20:.1f} MB; {too_many}")
     ext = posixpath.splitext(name.lower())[1]
     try:
         if ext in (".csv", ".tsv", ".txt"):
-            df = pd.read_csv(io.BytesIO(content), sep="\t" if ext == ".tsv" else ",", dtype=str, keep_default_na=False,
-                             nrows=max_rows + 1)
+            df = pd.read_csv(
+                io.BytesIO(content),
+                sep="\t" if ext == ".tsv" else ",",
+                dtype=str,
+                keep_default_na=False,
+                nrows=max_rows + 1,
+            )
         elif ext in (".jsonl", ".json"):
             df = pd.read_json(io.BytesIO(content), lines=True, dtype=False, nrows=max_rows + 1)
         else:

@@ -31,9 +31,11 @@ def check_dashboard_host(host: str) -> None:
         return
     password = os.environ.get(PASSWORD_ENV, "")
     if len(password) < MIN_PASSWORD_CHARS:
-        raise RaybmError(f"--host {host} opens the dashboard (its results, and the model server with its API key) "
-                         f"to other machines: set {PASSWORD_ENV} to a password of at least {MIN_PASSWORD_CHARS} "
-                         f"characters first, or keep the default --host 127.0.0.1")
+        raise RaybmError(
+            f"--host {host} opens the dashboard (its results, and the model server with its API key) "
+            f"to other machines: set {PASSWORD_ENV} to a password of at least {MIN_PASSWORD_CHARS} "
+            f"characters first, or keep the default --host 127.0.0.1"
+        )
 
 
 def signed_in() -> bool:
@@ -45,8 +47,10 @@ def signed_in() -> bool:
     if not password:
         if is_loopback_address(address):
             return True
-        st.error(f"This dashboard listens on {address or 'every address'}, beyond this machine, without a password. "
-                 f"Restart it with {PASSWORD_ENV} set, or on 127.0.0.1.")
+        st.error(
+            f"This dashboard listens on {address or 'every address'}, beyond this machine, without a password. "
+            f"Restart it with {PASSWORD_ENV} set, or on 127.0.0.1."
+        )
         return False
     if st.session_state.get("raybm_signed_in"):
         return True

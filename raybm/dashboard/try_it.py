@@ -10,8 +10,8 @@ import os
 import pandas as pd
 
 from raybm.errors import RaybmError
-from raybm.inference.loading import load_predictor
 from raybm.inference.explain import explain, strongest
+from raybm.inference.loading import load_predictor
 from raybm.inference.predict import in_words
 from raybm.serve.client import endpoint_ok, explain_text, post_texts
 
@@ -74,14 +74,23 @@ def page_try(data, serve_url: str | None) -> None:
                 return
             long = [i + 2 for i, t in enumerate(texts) if len(t) > MAX_TEXT_CHARS]
             if long:
-                st.error(f"Column {column!r} has texts over {MAX_TEXT_CHARS} characters on line(s) {long[:10]}; "
-                         f"shorten them, or label the file with `raybm predict --input`.")
+                st.error(
+                    f"Column {column!r} has texts over {MAX_TEXT_CHARS} characters on line(s) {long[:10]}; "
+                    f"shorten them, or label the file with `raybm predict --input`."
+                )
                 return
             out = _show(predict, texts, st, alt)
             if out is not None:
-                labelled = frame.assign(predicted_label=out["label"].to_numpy(), confidence=out["confidence"].to_numpy())
-                st.download_button("Download the labelled file (CSV)", labelled.to_csv(index=False).encode("utf-8"),
-                                   file_name="labelled.csv", mime="text/csv", key="try_download")
+                labelled = frame.assign(
+                    predicted_label=out["label"].to_numpy(), confidence=out["confidence"].to_numpy()
+                )
+                st.download_button(
+                    "Download the labelled file (CSV)",
+                    labelled.to_csv(index=False).encode("utf-8"),
+                    file_name="labelled.csv",
+                    mime="text/csv",
+                    key="try_download",
+                )
 
 
 def _answerers(data, serve_url: str | None, st):
@@ -93,31 +102,54 @@ def _answerers(data, serve_url: str | None, st):
 
         def predict(texts: list[str]) -> pd.DataFrame:
             answers = post_texts(serve_url, texts, api_key)
-            return pd.DataFrame([{"text": t, "answer": _words(a["label"], a["confidence"], a.get("uncertain")),
-                                  "label": a["label"], "confidence": a["confidence"],
-                                  **{f"p({k})": v for k, v in a["probabilities"].items()}}
-                                 for t, a in zip(texts, answers)])
+            return pd.DataFrame(
+                [
+                    {
+                        "text": t,
+                        "answer": _words(a["label"], a["confidence"], a.get("uncertain")),
+                        "label": a["label"],
+                        "confidence": a["confidence"],
+                        **{f"p({k})": v for k, v in a["probabilities"].items()},
+                    }
+                    for t, a in zip(texts, answers)
+                ]
+            )
 
         return predict, lambda text: explain_text(serve_url, text, api_key)
     if serve_url:
-        st.warning(f"The model server at {serve_url} does not answer; using a model loaded here instead. "
-                   f"Start it with `raybm serve` or check the address.")
+        st.warning(
+            f"The model server at {serve_url} does not answer; using a model loaded here instead. "
+            f"Start it with `raybm serve` or check the address."
+        )
     models = data.models()
     if not models:
         st.info(f"No trained model under {data.root} yet. Run `make demo` first.")
         return None
     titles = {choice: _title(data, choice) for choice in models}
-    choice = st.selectbox("Model", list(models), key="try_model", format_func=titles.get,
-                          help="Technical names: " + "; ".join(f"{titles[c]} = {c}" for c in models))
+    choice = st.selectbox(
+        "Model",
+        list(models),
+        key="try_model",
+        format_func=titles.get,
+        help="Technical names: " + "; ".join(f"{titles[c]} = {c}" for c in models),
+    )
     st.caption(f"Technical name: {choice}")
 
     def predict(texts: list[str]) -> pd.DataFrame:
         p = _predictor(data.local_model(models[choice]))
         probs = p.predict(texts)
-        return pd.DataFrame([{"text": t, "answer": _words(p.labels[int(r.argmax())], float(r.max())),
-                              "label": p.labels[int(r.argmax())], "confidence": float(r.max()),
-                              **{f"p({lab})": float(v) for lab, v in zip(p.labels, r)}}
-                             for t, r in zip(texts, probs)])
+        return pd.DataFrame(
+            [
+                {
+                    "text": t,
+                    "answer": _words(p.labels[int(r.argmax())], float(r.max())),
+                    "label": p.labels[int(r.argmax())],
+                    "confidence": float(r.max()),
+                    **{f"p({lab})": float(v) for lab, v in zip(p.labels, r)},
+                }
+                for t, r in zip(texts, probs)
+            ]
+        )
 
     return predict, lambda text: explain(_predictor(data.local_model(models[choice])), text)
 
@@ -136,8 +168,10 @@ def knows_only(labels: list[str]) -> str:
     if not labels:
         return ""
     names = ", ".join(labels[:-1]) + f" and {labels[-1]}" if len(labels) > 1 else labels[0]
-    return (f"This model knows only {names}: every text gets one of them, a text that is none of them "
-            f"too, so a low confidence or \"uncertain\" means it fits none well.")
+    return (
+        f"This model knows only {names}: every text gets one of them, a text that is none of them "
+        f'too, so a low confidence or "uncertain" means it fits none well.'
+    )
 
 
 def _words(label: str, confidence: float, uncertain: bool | None = None) -> str:
@@ -151,11 +185,13 @@ def highlighted(text: str, words: list[dict]) -> str:
     top = max((abs(w["weight"]) for w in words), default=0.0) or 1.0
     out, at = [], 0
     for w in sorted(words, key=lambda w: w["start"]):
-        out.append(html.escape(text[at:w["start"]]))
+        out.append(html.escape(text[at : w["start"]]))
         share = min(1.0, abs(w["weight"]) / top)
         color = "0, 160, 60" if w["weight"] > 0 else "220, 40, 40"
-        out.append(f'<span style="background: rgba({color}, {0.6 * share:.2f}); border-radius: 3px" '
-                   f'title="{w["weight"]:+.3f}">{html.escape(text[w["start"]:w["end"]])}</span>')
+        out.append(
+            f'<span style="background: rgba({color}, {0.6 * share:.2f}); border-radius: 3px" '
+            f'title="{w["weight"]:+.3f}">{html.escape(text[w["start"] : w["end"]])}</span>'
+        )
         at = w["end"]
     out.append(html.escape(text[at:]))
     return "".join(out)
@@ -169,11 +205,19 @@ def _why(why, text: str, st) -> None:
         st.caption(f"No explanation: {e}")
         return
     pushed = strongest(found)
-    st.markdown("**Why:** " + (f"the words that pushed the answer most: {', '.join(pushed)}" if pushed
-                               else "no single word moves this answer"))
+    st.markdown(
+        "**Why:** "
+        + (
+            f"the words that pushed the answer most: {', '.join(pushed)}"
+            if pushed
+            else "no single word moves this answer"
+        )
+    )
     st.markdown(highlighted(text, found["words"]), unsafe_allow_html=True)  # every piece of the text is escaped
-    st.caption("Each word was hidden in turn and the text scored again: green words made the model surer of its "
-               "answer, red ones less sure (occlusion).")
+    st.caption(
+        "Each word was hidden in turn and the text scored again: green words made the model surer of its "
+        "answer, red ones less sure (occlusion)."
+    )
 
 
 def _show(predict, texts, st, alt, why=None) -> pd.DataFrame | None:
@@ -196,8 +240,9 @@ def _show(predict, texts, st, alt, why=None) -> pd.DataFrame | None:
     st.caption(knows_only([c[2:-1] for c in out.columns if c.startswith("p(")]))
     st.dataframe(out, hide_index=True, width="stretch")
     if len(out) == 1:
-        probs = pd.DataFrame([{"label": c[2:-1], "probability": out.iloc[0][c]} for c in out.columns
-                              if c.startswith("p(")])
+        probs = pd.DataFrame(
+            [{"label": c[2:-1], "probability": out.iloc[0][c]} for c in out.columns if c.startswith("p(")]
+        )
         st.altair_chart(alt.Chart(probs).mark_bar().encode(x="probability:Q", y="label:N"), width="stretch")
     else:
         counts = out["label"].value_counts().rename_axis("label").reset_index(name="texts")

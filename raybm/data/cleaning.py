@@ -22,8 +22,15 @@ UNKNOWN_LABEL = "unknown_label"
 EMPTY_AFTER_CLEANING = "empty_after_cleaning"
 DUPLICATE = "duplicate"
 SAMPLED_OUT = "over_max_rows"
-DROP_REASONS = (MISSING_TEXT, MISSING_LABEL, EXCLUDED_LABEL, UNKNOWN_LABEL,
-                EMPTY_AFTER_CLEANING, DUPLICATE, SAMPLED_OUT)
+DROP_REASONS = (
+    MISSING_TEXT,
+    MISSING_LABEL,
+    EXCLUDED_LABEL,
+    UNKNOWN_LABEL,
+    EMPTY_AFTER_CLEANING,
+    DUPLICATE,
+    SAMPLED_OUT,
+)
 
 _HTML_TAG = re.compile(r"<[^>]{1,200}>")
 _URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
@@ -42,13 +49,24 @@ _FTFY_NEEDED_IN_ASCII = re.compile(r"[^\t\n\x20-\x7e]|&")
 # decoder can undo it). These are its most frequent runs, mapped to what they stood for
 # (read from context); the remaining runs are emoji remnants and are removed.
 _TWITTER_MOJIBAKE = {
-    "Õ¢_\x8aÎ_\x86¢": "'", "Õ¢_\x8aÎ\x81Ð": '"', "Õ¢_\x8aÎë\x9d": '"', "Õ¢_\x8aÎë_": "...",
-    "Õ¢_\x8aÎ_Ñ\x9d": " - ", "Õ¢_\x8aÎ_ÑÒ": " - ",
-    "äó»": "'", "äóÖ": "'", "äóì": '"', "äó\x9d": '"', "äó_": "...", "äóñ": " - ",
-    "\x8a\x97È": "'", "\x8a\x97\x85": '"', "\x8a\x97\x93": '"', "\x8a\x97\x9d": '"',
+    "Õ¢_\x8aÎ_\x86¢": "'",
+    "Õ¢_\x8aÎ\x81Ð": '"',
+    "Õ¢_\x8aÎë\x9d": '"',
+    "Õ¢_\x8aÎë_": "...",
+    "Õ¢_\x8aÎ_Ñ\x9d": " - ",
+    "Õ¢_\x8aÎ_ÑÒ": " - ",
+    "äó»": "'",
+    "äóÖ": "'",
+    "äóì": '"',
+    "äó\x9d": '"',
+    "äó_": "...",
+    "äóñ": " - ",
+    "\x8a\x97È": "'",
+    "\x8a\x97\x85": '"',
+    "\x8a\x97\x93": '"',
+    "\x8a\x97\x9d": '"',
 }
-_TWITTER_MOJIBAKE_RE = re.compile("|".join(re.escape(k) for k in
-                                           sorted(_TWITTER_MOJIBAKE, key=len, reverse=True)))
+_TWITTER_MOJIBAKE_RE = re.compile("|".join(re.escape(k) for k in sorted(_TWITTER_MOJIBAKE, key=len, reverse=True)))
 # Runs of Latin-1 garbage: two or more high characters (underscores may sit between),
 # or any C1 control character. A lone accented letter ("café") is left alone.
 _MOJIBAKE_RUN = re.compile(r"_?[\x80-\xff][_\x80-\xff]*[\x80-\xff]_?|[\x80-\x9f]")
@@ -62,14 +80,17 @@ def repair_twitter_mojibake(text: str) -> str:
 
 def _stop_words() -> frozenset[str]:
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
     return frozenset(ENGLISH_STOP_WORDS)
 
 
-def clean_text(text: str, cfg: CleanConfig, *, twitter_repair: bool = False,
-               stop_words: frozenset[str] | None = None) -> str:
+def clean_text(
+    text: str, cfg: CleanConfig, *, twitter_repair: bool = False, stop_words: frozenset[str] | None = None
+) -> str:
     """Apply the enabled cleaning steps to one text, in a fixed order."""
     if cfg.fix_mojibake:
         import ftfy
+
         if twitter_repair:
             text = repair_twitter_mojibake(text)
         if not text.isascii() or _FTFY_NEEDED_IN_ASCII.search(text):
@@ -117,9 +138,13 @@ class LabelMapper:
 
     def to_json(self) -> dict:
         """The label map as written to ``label_map.json``."""
-        return {"labels": self.labels, "label_to_id": self.label_to_id,
-                "id_to_label": {str(i): n for n, i in self.label_to_id.items()},
-                "label_values": self.label_values, "excluded": sorted(self._exclude)}
+        return {
+            "labels": self.labels,
+            "label_to_id": self.label_to_id,
+            "id_to_label": {str(i): n for n, i in self.label_to_id.items()},
+            "label_values": self.label_values,
+            "excluded": sorted(self._exclude),
+        }
 
 
 def normalize_raw_label(value: object) -> str | None:
@@ -132,8 +157,9 @@ def normalize_raw_label(value: object) -> str | None:
     return text if text else None
 
 
-def clean_batch(batch: pd.DataFrame, cfg: CleanConfig, mapper: LabelMapper, *,
-                twitter_repair: bool = False) -> pd.DataFrame:
+def clean_batch(
+    batch: pd.DataFrame, cfg: CleanConfig, mapper: LabelMapper, *, twitter_repair: bool = False
+) -> pd.DataFrame:
     """Clean a batch with columns ``text`` and ``label_raw``.
 
     Returns columns text (cleaned), label (id or -1), label_raw and drop_reason.
@@ -158,5 +184,6 @@ def clean_batch(batch: pd.DataFrame, cfg: CleanConfig, mapper: LabelMapper, *,
         labels.append(label)
         raws.append(raw if raw is not None else "")
         reasons.append(reason)
-    return pd.DataFrame({"text": texts, "label": pd.array(labels, dtype="int64"),
-                         "label_raw": raws, "drop_reason": reasons})
+    return pd.DataFrame(
+        {"text": texts, "label": pd.array(labels, dtype="int64"), "label_raw": raws, "drop_reason": reasons}
+    )

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 
 from raybm.config import JobConfig, config_hash, safe_name
 from raybm.data import cleaning, splitting
-from raybm.data.sources import Source, find_undecodable, read_source, resolve_source
 from raybm.data.report import build_report
+from raybm.data.sources import Source, find_undecodable, read_source, resolve_source
 from raybm.data.tokenizing import CountTokens
 from raybm.data.udf import map_batches_cached
 from raybm.errors import DataError, RaybmError
@@ -53,6 +53,7 @@ def dataset_name(cfg: JobConfig, src: Source) -> str:
 
 def data_config_hash(cfg: JobConfig) -> str:
     """A hash of everything that changes the prepared data or its report."""
+
     @dataclasses.dataclass
     class _Key:  # everything that changes the prepared data or its report
         data: Any
@@ -68,8 +69,7 @@ def _resolve_labels(cfg: JobConfig, src: Source, raw_ds) -> cleaning.LabelMapper
     d = cfg.data
     if src.all_labels is not None:  # built-in corpus: its label set is known
         labels = d.labels or src.default_labels or src.all_labels
-        unknown = [lab for lab in labels if lab not in src.all_labels
-                   and lab not in d.label_values.values()]
+        unknown = [lab for lab in labels if lab not in src.all_labels and lab not in d.label_values.values()]
         if unknown:
             raise DataError(f"data.labels {unknown} are not labels of {d.source}; it has: {src.all_labels}")
         exclude = sorted(set(src.all_labels) - set(labels) | set(d.exclude_labels))
@@ -81,8 +81,10 @@ def _resolve_labels(cfg: JobConfig, src: Source, raw_ds) -> cleaning.LabelMapper
     names = {d.label_values.get(r, r) for r in raws if r is not None}
     labels = sorted(n for n in names if n not in set(d.exclude_labels))
     if len(labels) < 2:
-        raise DataError(f"found {len(labels)} label value(s) {labels} in {d.label_column!r}; a classifier "
-                        f"needs at least 2. Check data.label_column and data.exclude_labels.")
+        raise DataError(
+            f"found {len(labels)} label value(s) {labels} in {d.label_column!r}; a classifier "
+            f"needs at least 2. Check data.label_column and data.exclude_labels."
+        )
     return cleaning.LabelMapper(labels, d.label_values, list(d.exclude_labels))
 
 
@@ -100,26 +102,39 @@ def _translate_read_error(exc: BaseException, src: Source) -> RaybmError | None:
             return cause
         text += f"\n{type(cause).__name__}: {cause}"
         cause = cause.__cause__
-    if src.format != "parquet" and any(s in text for s in (
-            "UnicodeDecodeError", "invalid UTF8", "can't decode", "codec", "Failed to read")):
+    if src.format != "parquet" and any(
+        s in text for s in ("UnicodeDecodeError", "invalid UTF8", "can't decode", "codec", "Failed to read")
+    ):
         bad = find_undecodable(src)
         if bad:
-            return DataError(f"{bad[0]} (byte {bad[1]}): not valid {src.encoding} text; set data.encoding "
-                             f"to the file's encoding (for example latin-1 or cp1252)")
-    for marker in ("CSV parse error", "JSON parse error", "ArrowInvalid", "straddling object",
-                   "Invalid: ", "Parquet magic bytes", "Failed to read"):
+            return DataError(
+                f"{bad[0]} (byte {bad[1]}): not valid {src.encoding} text; set data.encoding "
+                f"to the file's encoding (for example latin-1 or cp1252)"
+            )
+    for marker in (
+        "CSV parse error",
+        "JSON parse error",
+        "ArrowInvalid",
+        "straddling object",
+        "Invalid: ",
+        "Parquet magic bytes",
+        "Failed to read",
+    ):
         if marker in text:
             line = next((ln for ln in text.splitlines() if marker in ln), text.splitlines()[0])
-            return DataError(f"cannot read {src.format} data from {', '.join(src.display_files[:3])}: "
-                             f"{line.strip()[:300]}. Check the files or set data.format / data.encoding.")
+            return DataError(
+                f"cannot read {src.format} data from {', '.join(src.display_files[:3])}: "
+                f"{line.strip()[:300]}. Check the files or set data.format / data.encoding."
+            )
     return None
 
 
 # --------------------------------------------------------------------------- the stage
 
 
-def run_data_stage(cfg: JobConfig, *, force: bool = False, source: Source | None = None,
-                   log: Callable[[str], None] = print) -> PreparedData:
+def run_data_stage(
+    cfg: JobConfig, *, force: bool = False, source: Source | None = None, log: Callable[[str], None] = print
+) -> PreparedData:
     """Prepare ``cfg.data`` into the results folder and return where it is.
 
     ``source`` is what ``resolve_source`` returned, when the caller checked the input
@@ -147,8 +162,10 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
     # 1. Resolve the source and the destination (no Ray work yet).
     src = source or resolve_source(d, cfg.storage)
     if d.clean.stop_words and src.language != "en":
-        raise DataError(f"data.clean.stop_words removes English stop words; {d.source} is {src.language} "
-                        f"text: set data.clean.stop_words=false")
+        raise DataError(
+            f"data.clean.stop_words removes English stop words; {d.source} is {src.language} "
+            f"text: set data.clean.stop_words=false"
+        )
     results = Results.from_config(cfg.storage)
     results.check_reachable()
     name = dataset_name(cfg, src)
@@ -157,8 +174,10 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
     if results.is_complete(final) and not force:
         report = results.dataset_report(name)
         if report.get("config_hash") != digest:
-            raise DataError(f"dataset {name!r} already exists in {results.root} with a different data "
-                            f"config; rerun with --force to rebuild it, or set another data.name")
+            raise DataError(
+                f"dataset {name!r} already exists in {results.root} with a different data "
+                f"config; rerun with --force to rebuild it, or set another data.name"
+            )
         log(f"Dataset {name!r} is already prepared at {results.uri(final)} (use --force to rebuild).")
         return PreparedData(name, results.uri(final), report, reused=True)
     log(f"Preparing {d.source} -> {results.uri(final)}")
@@ -195,12 +214,14 @@ def _read_and_clean(cfg: JobConfig, src: Source):
         # A task pool of its own size, not fused into the read: the blocks of one file are
         # cleaned on every CPU.
         marked = raw.map_batches(
-            _clean_and_key, batch_format="pandas", batch_size=TASK_ROWS, concurrency=row_tasks(),
-            fn_kwargs=dict(cfg=d.clean, mapper=mapper, twitter_repair=src.kind == "twitter-sentiment",
-                           seed=d.seed),
+            _clean_and_key,
+            batch_format="pandas",
+            batch_size=TASK_ROWS,
+            concurrency=row_tasks(),
+            fn_kwargs=dict(cfg=d.clean, mapper=mapper, twitter_repair=src.kind == "twitter-sentiment", seed=d.seed),
         ).materialize()
         rows_read = marked.count()
-    except Exception as e:  # noqa: BLE001 - translated or re-raised
+    except Exception as e:
         err = _translate_read_error(e, src)
         if err is None:
             raise
@@ -211,9 +232,11 @@ def _read_and_clean(cfg: JobConfig, src: Source):
     if dropped.get(cleaning.UNKNOWN_LABEL):
         unknown = count_values(marked, "label_raw", where=("drop_reason", cleaning.UNKNOWN_LABEL))
         shown = ", ".join(f"{v!r} ({n} rows)" for v, n in sorted(unknown.items(), key=lambda x: -x[1])[:10])
-        raise DataError(f"unknown label value(s) in {d.label_column!r}: {shown}. Known classes: "
-                        f"{mapper.labels}. Add them to data.labels, map them with data.label_values, "
-                        f"or drop them with data.exclude_labels.")
+        raise DataError(
+            f"unknown label value(s) in {d.label_column!r}: {shown}. Known classes: "
+            f"{mapper.labels}. Add them to data.labels, map them with data.label_values, "
+            f"or drop them with data.exclude_labels."
+        )
     return marked, mapper, rows_read, dropped
 
 
@@ -238,23 +261,30 @@ def _deduplicate(cfg: JobConfig, marked, mapper, rows_read: int, n_clean: int, d
     copies = None
     if len(shared):
         buckets = splitting.dedup_buckets(int(maybe_copies.sum()))
-        copies = (marked.map_batches(splitting.keep_and_bucket, batch_format="pandas",
-                                     fn_kwargs={"buckets": buckets, "shared": shared})
-                  .groupby("bucket", num_partitions=_partitions(buckets))
-                  .map_groups(splitting.deduplicate, batch_format="pandas", fn_kwargs={"seed": cfg.data.seed})
-                  .materialize())
+        copies = (
+            marked.map_batches(
+                splitting.keep_and_bucket, batch_format="pandas", fn_kwargs={"buckets": buckets, "shared": shared}
+            )
+            .groupby("bucket", num_partitions=_partitions(buckets))
+            .map_groups(splitting.deduplicate, batch_format="pandas", fn_kwargs={"seed": cfg.data.seed})
+            .materialize()
+        )
         keys = pd.concat([keys, copies.select_columns(list(keys.columns)).to_pandas()], ignore_index=True)
     n_unique = len(keys)
     if n_unique == 0:
-        raise DataError(f"no rows left after cleaning {rows_read} rows (dropped: {dropped}). Check the "
-                        f"text column and the cleaning options under data.clean.")
+        raise DataError(
+            f"no rows left after cleaning {rows_read} rows (dropped: {dropped}). Check the "
+            f"text column and the cleaning options under data.clean."
+        )
     if n_clean - n_unique:
         dropped[cleaning.DUPLICATE] = n_clean - n_unique
     class_counts = {int(k): int(v) for k, v in keys["label"].value_counts().items()}
     empty = [lab for i, lab in enumerate(mapper.labels) if class_counts.get(i, 0) == 0]
     if empty:
-        raise DataError(f"class(es) {empty} have no rows after cleaning and de-duplication; remove them "
-                        f"from data.labels or add data")
+        raise DataError(
+            f"class(es) {empty} have no rows after cleaning and de-duplication; remove them "
+            f"from data.labels or add data"
+        )
     return shared, copies, keys, int(keys["conflict"].sum())
 
 
@@ -276,10 +306,19 @@ def _split_and_count(cfg: JobConfig, marked, shared, copies, keys, mapper, dropp
     # Token counting in blocks of even size (small ones merged): a task each, few enough
     # that starting them costs little, and no large block leaves the other CPUs idle at the end.
     rows = rows.repartition(target_num_rows_per_block=TASK_ROWS, strict=True)
-    split_ds = map_batches_cached(rows, CountTokens, dict(model=cfg.model.name, max_length=d.max_length,
-                                                          trust_remote_code=cfg.model.trust_remote_code,
-                                                          storage=dataclasses.asdict(cfg.storage)),
-                                  concurrency=row_tasks(), batch_format="pandas", batch_size=2048).materialize()
+    split_ds = map_batches_cached(
+        rows,
+        CountTokens,
+        dict(
+            model=cfg.model.name,
+            max_length=d.max_length,
+            trust_remote_code=cfg.model.trust_remote_code,
+            storage=dataclasses.asdict(cfg.storage),
+        ),
+        concurrency=row_tasks(),
+        batch_format="pandas",
+        batch_size=2048,
+    ).materialize()
     return split_ds, split_ds.select_columns(["split", "label", "n_tokens"]).to_pandas()
 
 
@@ -334,8 +373,9 @@ def _value_counts(batch, column: str, where: tuple[str, Any] | None):
 
 def count_values(ds, column: str, where: tuple[str, Any] | None = None) -> dict[Any, int]:
     """Count a column's values with one small pandas frame per block (no shuffle)."""
-    partial = ds.map_batches(_value_counts, batch_format="pandas",
-                             fn_kwargs={"column": column, "where": where}).to_pandas()
+    partial = ds.map_batches(
+        _value_counts, batch_format="pandas", fn_kwargs={"column": column, "where": where}
+    ).to_pandas()
     if partial.empty:
         return {}
     totals = partial.groupby("value")["n"].sum()
@@ -363,11 +403,19 @@ def split_files(results: Results, name: str, split: str) -> list:
     refuses a dataset that is not completely prepared."""
     folder = results.dataset_dir(name)
     if not results.is_complete(folder):
-        raise DataError(f"dataset {name!r} is not prepared in {results.root} (no {results.uri(folder)}/_SUCCESS); "
-                        f"run raybm data first")
+        raise DataError(
+            f"dataset {name!r} is not prepared in {results.root} (no {results.uri(folder)}/_SUCCESS); "
+            f"run raybm data first"
+        )
     path = results.dataset_split_dir(name, split)
-    return sorted((f for f in results.fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                   if f.type == pafs.FileType.File and f.path.endswith(".parquet")), key=lambda f: f.path)
+    return sorted(
+        (
+            f
+            for f in results.fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+        ),
+        key=lambda f: f.path,
+    )
 
 
 def read_split_table(results: Results, name: str, split: str, columns: tuple[str, ...], files=None):
@@ -376,8 +424,9 @@ def read_split_table(results: Results, name: str, split: str, columns: tuple[str
     return pq.ParquetDataset([f.path for f in files], filesystem=results.fs).read(columns=list(columns))
 
 
-def load_split(results: Results, name: str, split: str, num_cpus: float = 0.25,
-               columns: tuple[str, ...] = ("text", "label")):
+def load_split(
+    results: Results, name: str, split: str, num_cpus: float = 0.25, columns: tuple[str, ...] = ("text", "label")
+):
     """A prepared split as a Ray Dataset with ``columns`` (text and label by default).
 
     Up to ``DRIVER_READ_MAX_BYTES`` on disk the driver reads it and puts it in Ray's object
@@ -389,5 +438,6 @@ def load_split(results: Results, name: str, split: str, num_cpus: float = 0.25,
     files = split_files(results, name, split)
     if sum(f.size or 0 for f in files) <= DRIVER_READ_MAX_BYTES:
         return ray.data.from_arrow(read_split_table(results, name, split, columns, files))
-    return ray.data.read_parquet(results.dataset_split_dir(name, split), filesystem=results.fs, columns=list(columns),
-                                 num_cpus=num_cpus)
+    return ray.data.read_parquet(
+        results.dataset_split_dir(name, split), filesystem=results.fs, columns=list(columns), num_cpus=num_cpus
+    )

@@ -17,8 +17,18 @@ from raybm.results import SPLITS
 REPORT_VERSION = 1
 
 
-def build_report(cfg: JobConfig, src: Source, name: str, digest: str, mapper: cleaning.LabelMapper,
-                 rows_read: int, dropped: dict[str, int], conflicts: int, lengths, started: float) -> dict:
+def build_report(
+    cfg: JobConfig,
+    src: Source,
+    name: str,
+    digest: str,
+    mapper: cleaning.LabelMapper,
+    rows_read: int,
+    dropped: dict[str, int],
+    conflicts: int,
+    lengths,
+    started: float,
+) -> dict:
     """The data report: rows read, dropped by reason, duplicates, split sizes, class balance, token lengths."""
     labels = mapper.labels
     splits: dict[str, Any] = {}
@@ -65,24 +75,28 @@ def build_report(cfg: JobConfig, src: Source, name: str, digest: str, mapper: cl
 
 def format_report(report: dict[str, Any]) -> str:
     """The data report as a short human-readable summary."""
-    lines = [f"Dataset {report['dataset']}  (source: {report['source']})",
-             f"  rows read {report['rows_read']:>30}"]
+    lines = [f"Dataset {report['dataset']}  (source: {report['source']})", f"  rows read {report['rows_read']:>30}"]
     for reason, n in report["dropped"].items():
         lines.append(f"    dropped: {reason:<22}{n:>7}")
     lines.append(f"  rows kept {report['rows_kept']:>30}")
     if report.get("duplicates_with_conflicting_labels"):
-        lines.append(f"  ({report['duplicates_with_conflicting_labels']} duplicated texts had conflicting "
-                     f"labels; the majority label was kept)")
+        lines.append(
+            f"  ({report['duplicates_with_conflicting_labels']} duplicated texts had conflicting "
+            f"labels; the majority label was kept)"
+        )
     labels = report["labels"]
     lines.append("")
     lines.append("  split        rows  " + "  ".join(f"{lab:>10}" for lab in labels))
     for split, info in report["splits"].items():
-        dist = "  ".join(f"{info['labels'][lab]:>5} {100 * info['labels'][lab] / max(1, info['rows']):3.0f}%"
-                         for lab in labels)
+        dist = "  ".join(
+            f"{info['labels'][lab]:>5} {100 * info['labels'][lab] / max(1, info['rows']):3.0f}%" for lab in labels
+        )
         lines.append(f"  {split:<10}{info['rows']:>7}  {dist}")
     t = report["tokens"]
     lines.append("")
-    lines.append(f"  tokens ({t['model']}): mean {t['mean']}, p50 {t['p50']}, p95 {t['p95']}, "
-                 f"p99 {t['p99']}, max {t['max']}; {100 * t['truncated_share']:.2g}% "
-                 f"({t['truncated_rows']}) truncated at max_length {t['max_length']}")
+    lines.append(
+        f"  tokens ({t['model']}): mean {t['mean']}, p50 {t['p50']}, p95 {t['p95']}, "
+        f"p99 {t['p99']}, max {t['max']}; {100 * t['truncated_share']:.2g}% "
+        f"({t['truncated_rows']}) truncated at max_length {t['max_length']}"
+    )
     return "\n".join(lines)

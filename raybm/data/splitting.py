@@ -31,13 +31,23 @@ def dedup_buckets(rows: int) -> int:
     always share a bucket."""
     return max(MIN_DEDUP_BUCKETS, -(-rows // ROWS_PER_DEDUP_BUCKET))
 
+
 # Explicit output schemas: Ray's hash shuffle cannot join an empty block whose column
 # types pandas left unknown with a full one, so every function here returns typed tables.
 BUCKETED = pa.schema([("text", pa.large_string()), ("label", pa.int64()), ("bucket", pa.int64())])
-DEDUPED = pa.schema([("text", pa.large_string()), ("label", pa.int64()), ("copies", pa.int64()),
-                     ("conflict", pa.bool_()), ("sample_key", pa.int64()), ("split_key", pa.int64())])
-KEYS = pa.schema([("text_key", pa.int64()), ("label", pa.int64()), ("sample_key", pa.int64()),
-                  ("split_key", pa.int64())])
+DEDUPED = pa.schema(
+    [
+        ("text", pa.large_string()),
+        ("label", pa.int64()),
+        ("copies", pa.int64()),
+        ("conflict", pa.bool_()),
+        ("sample_key", pa.int64()),
+        ("split_key", pa.int64()),
+    ]
+)
+KEYS = pa.schema(
+    [("text_key", pa.int64()), ("label", pa.int64()), ("sample_key", pa.int64()), ("split_key", pa.int64())]
+)
 SPLIT = pa.schema([("text", pa.large_string()), ("label", pa.int64()), ("split", pa.large_string())])
 
 
@@ -47,7 +57,7 @@ def _table(columns: dict, schema: pa.Schema) -> pa.Table:
 
 def text_key(text: str, salt: str) -> int:
     """A stable 63-bit key for a text (same on every machine and Python run)."""
-    digest = hashlib.sha256(f"{salt}\x00{text}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{salt}\x00{text}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
 
@@ -83,8 +93,7 @@ def holds_shared_key(text_keys: np.ndarray, shared: np.ndarray) -> np.ndarray:
     return shared[at] == text_keys
 
 
-def unique_rows(batch: pd.DataFrame, *, shared: np.ndarray, thresholds: dict[int, list[int]] | None = None
-                ) -> pa.Table:
+def unique_rows(batch: pd.DataFrame, *, shared: np.ndarray, thresholds: dict[int, list[int]] | None = None) -> pa.Table:
     """The kept rows whose text key no other row holds: unique texts, as ``deduplicate``
     would return them (one copy, no conflict; ``DEDUPED`` columns), or with ``thresholds``
     split as ``apply_split`` splits them (``SPLIT`` columns)."""
@@ -92,14 +101,22 @@ def unique_rows(batch: pd.DataFrame, *, shared: np.ndarray, thresholds: dict[int
     kept = kept.loc[~holds_shared_key(kept["text_key"].to_numpy(), shared)]
     if thresholds is not None:
         return apply_split(kept, thresholds=thresholds)
-    return _table({"text": kept["text"].astype(str).tolist(), "label": kept["label"].to_numpy(dtype="int64"),
-                   "copies": np.ones(len(kept), dtype="int64"), "conflict": np.zeros(len(kept), dtype=bool),
-                   "sample_key": kept["sample_key"].to_numpy(dtype="int64"),
-                   "split_key": kept["split_key"].to_numpy(dtype="int64")}, DEDUPED)
+    return _table(
+        {
+            "text": kept["text"].astype(str).tolist(),
+            "label": kept["label"].to_numpy(dtype="int64"),
+            "copies": np.ones(len(kept), dtype="int64"),
+            "conflict": np.zeros(len(kept), dtype=bool),
+            "sample_key": kept["sample_key"].to_numpy(dtype="int64"),
+            "split_key": kept["split_key"].to_numpy(dtype="int64"),
+        },
+        DEDUPED,
+    )
 
 
-def keep_and_bucket(batch: pd.DataFrame, *, buckets: int = MIN_DEDUP_BUCKETS,
-                    shared: np.ndarray | None = None) -> pa.Table:
+def keep_and_bucket(
+    batch: pd.DataFrame, *, buckets: int = MIN_DEDUP_BUCKETS, shared: np.ndarray | None = None
+) -> pa.Table:
     """Rows kept by cleaning (with ``shared``: only those holding a shared text key),
     bucketed by text (one of ``buckets``) so all copies of a text meet in one group."""
     kept = batch.loc[batch["drop_reason"] == ""]
@@ -107,8 +124,14 @@ def keep_and_bucket(batch: pd.DataFrame, *, buckets: int = MIN_DEDUP_BUCKETS,
         kept = kept.loc[holds_shared_key(kept["text_key"].to_numpy(), shared)]
     texts = kept["text"].astype(str).tolist()
     keys = kept["text_key"].to_numpy(dtype="int64") if "text_key" in kept else [text_key(t, "bucket") for t in texts]
-    return _table({"text": texts, "label": kept["label"].to_numpy(dtype="int64"),
-                   "bucket": np.asarray(keys, dtype="int64") % buckets}, BUCKETED)
+    return _table(
+        {
+            "text": texts,
+            "label": kept["label"].to_numpy(dtype="int64"),
+            "bucket": np.asarray(keys, dtype="int64") % buckets,
+        },
+        BUCKETED,
+    )
 
 
 def deduplicate(group: pd.DataFrame, *, seed: int = 0) -> pa.Table:
@@ -123,14 +146,17 @@ def deduplicate(group: pd.DataFrame, *, seed: int = 0) -> pa.Table:
     best = counts.sort_values(["text", "n", "label"], ascending=[True, False, True]).drop_duplicates("text")
     best = best.merge(per_text, left_on="text", right_index=True)
     texts = best["text"].astype(str).tolist()
-    return _table({
-        "text": texts,
-        "label": best["label"].to_numpy(dtype="int64"),
-        "copies": best["copies"].to_numpy(dtype="int64"),
-        "conflict": (best["labels"] > 1).to_numpy(),
-        "sample_key": [text_key(t, f"sample:{seed}") for t in texts],
-        "split_key": [text_key(t, f"split:{seed}") for t in texts],
-    }, DEDUPED)
+    return _table(
+        {
+            "text": texts,
+            "label": best["label"].to_numpy(dtype="int64"),
+            "copies": best["copies"].to_numpy(dtype="int64"),
+            "conflict": (best["labels"] > 1).to_numpy(),
+            "sample_key": [text_key(t, f"sample:{seed}") for t in texts],
+            "split_key": [text_key(t, f"split:{seed}") for t in texts],
+        },
+        DEDUPED,
+    )
 
 
 def split_sizes(n: int, ratios: list[float]) -> tuple[int, int, int]:
@@ -157,7 +183,8 @@ def check_split_sizes(class_counts: dict[int, int], ratios: list[float], labels:
                 raise DataError(
                     f"class {labels[cid]!r} has {n} row(s) after cleaning and de-duplication, "
                     f"which leaves the {split} split without it (split {ratios}). Add data for "
-                    f"this class, change data.split, or drop the class with data.exclude_labels.")
+                    f"this class, change data.split, or drop the class with data.exclude_labels."
+                )
 
 
 def split_thresholds(keys: pd.DataFrame, quotas: dict[int, int], ratios: list[float]) -> dict[int, list[int]]:
@@ -174,16 +201,20 @@ def split_thresholds(keys: pd.DataFrame, quotas: dict[int, int], ratios: list[fl
         kept = part.nsmallest(quotas[label], "sample_key")
         split_sorted = np.sort(kept["split_key"].to_numpy())
         n_train, n_val, _ = split_sizes(len(kept), ratios)
-        out[label] = [int(kept["sample_key"].max()), int(split_sorted[n_train - 1]),
-                      int(split_sorted[n_train + n_val - 1])]
+        out[label] = [
+            int(kept["sample_key"].max()),
+            int(split_sorted[n_train - 1]),
+            int(split_sorted[n_train + n_val - 1]),
+        ]
     return out
 
 
 def apply_split(batch: pd.DataFrame, *, thresholds: dict[int, list[int]]) -> pa.Table:
     """Label each row train / validation / test by the thresholds; drop sampled-out rows."""
     texts, labels, splits = [], [], []
-    for text, label, sample_key, split_key in zip(batch["text"].tolist(), batch["label"].tolist(),
-                                                   batch["sample_key"].tolist(), batch["split_key"].tolist()):
+    for text, label, sample_key, split_key in zip(
+        batch["text"].tolist(), batch["label"].tolist(), batch["sample_key"].tolist(), batch["split_key"].tolist()
+    ):
         t = thresholds.get(label) or thresholds.get(str(label))
         if sample_key > t[0]:
             continue

@@ -21,7 +21,6 @@ import pyarrow as pa
 from raybm.config import AugmentConfig, DataConfig, ModelConfig, StorageConfig
 from raybm.data.splitting import text_key
 
-
 # Characters of scripts written without spaces between words (CJK ideographs, kana, hangul).
 _UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
@@ -35,15 +34,14 @@ def augment_units(text: str) -> tuple[list[str], str]:
     return text.split(), " "
 
 
-def augment_text(text: str, cfg: AugmentConfig, rng: np.random.Generator,
-                 mask_token: str, pad_token: str) -> str:
+def augment_text(text: str, cfg: AugmentConfig, rng: np.random.Generator, mask_token: str, pad_token: str) -> str:
     """Random crop, padding, replacement and deletion of words (of characters in Chinese,
     Japanese or Korean text), each by its probability."""
     words, joiner = augment_units(text)
     if len(words) > 1 and rng.random() < cfg.crop_prob:
         keep = max(1, int(np.ceil(len(words) * rng.uniform(cfg.crop_min_ratio, 1.0))))
         start = int(rng.integers(0, len(words) - keep + 1))
-        words = words[start:start + keep]
+        words = words[start : start + keep]
     if cfg.replace_prob > 0:
         words = [mask_token if rng.random() < cfg.replace_prob else w for w in words]
     if cfg.delete_prob > 0 and len(words) > 1:
@@ -76,7 +74,7 @@ class AugmentCollate:
         self.max_length, self.padding, self.seed = max_length, padding, seed
         self.epoch = 0
 
-    def for_epoch(self, epoch: int) -> "AugmentCollate":
+    def for_epoch(self, epoch: int) -> AugmentCollate:
         """This collate, augmenting as in ``epoch`` (0-based)."""
         self.epoch = epoch
         return self
@@ -84,18 +82,33 @@ class AugmentCollate:
     def texts(self, texts: list[str]) -> list[str]:
         """The texts as this epoch augments them."""
         tok, salt = self.tokenizer, f"augment:{self.seed}:{self.epoch}"
-        return [augment_text(t, self.augment, np.random.default_rng(text_key(t, salt)),
-                             tok.mask_token or tok.unk_token, tok.pad_token or tok.unk_token) for t in texts]
+        return [
+            augment_text(
+                t,
+                self.augment,
+                np.random.default_rng(text_key(t, salt)),
+                tok.mask_token or tok.unk_token,
+                tok.pad_token or tok.unk_token,
+            )
+            for t in texts
+        ]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
-        enc = self.tokenizer(self.texts([str(t) for t in batch["text"]]), truncation=True,
-                             max_length=self.max_length, return_tensors="pt",
-                             padding="max_length" if self.padding == "max_length" else "longest")
+        enc = self.tokenizer(
+            self.texts([str(t) for t in batch["text"]]),
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+            padding="max_length" if self.padding == "max_length" else "longest",
+        )
         labels = batch["labels"] if "labels" in batch else batch["label"]
-        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long(),
-                "labels": torch.from_numpy(np.array(labels, dtype=np.int64))}
+        return {
+            "input_ids": enc["input_ids"].long(),
+            "attention_mask": enc["attention_mask"].long(),
+            "labels": torch.from_numpy(np.array(labels, dtype=np.int64)),
+        }
 
 
 class Tokenize(_WithTokenizer):
@@ -105,16 +118,21 @@ class Tokenize(_WithTokenizer):
     variable-length array per row, padded per training batch by ``pad_collate``.
     """
 
-    def __init__(self, model: str, max_length: int, padding: str, trust_remote_code: bool = False,
-                 storage: dict | None = None) -> None:
+    def __init__(
+        self, model: str, max_length: int, padding: str, trust_remote_code: bool = False, storage: dict | None = None
+    ) -> None:
         super().__init__(model, trust_remote_code, storage)
         self.max_length = max_length
         self.padding = padding
 
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
         texts = batch["text"].astype(str).tolist()
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length,
-                             padding="max_length" if self.padding == "max_length" else False)
+        enc = self.tokenizer(
+            texts,
+            truncation=True,
+            max_length=self.max_length,
+            padding="max_length" if self.padding == "max_length" else False,
+        )
         out: dict[str, np.ndarray] = {}
         for key in ("input_ids", "attention_mask"):
             rows = [np.asarray(r, dtype=np.int64) for r in enc[key]]
@@ -135,8 +153,9 @@ class CountTokens(_WithTokenizer):
     ``max_length``, not padded; ``list<int32>``): stored with the prepared splits, so that
     no training run or sweep trial of this dataset tokenizes again."""
 
-    def __init__(self, model: str, max_length: int, trust_remote_code: bool = False,
-                 storage: dict | None = None) -> None:
+    def __init__(
+        self, model: str, max_length: int, trust_remote_code: bool = False, storage: dict | None = None
+    ) -> None:
         super().__init__(model, trust_remote_code, storage)
         self.max_length = max_length
         # A fast tokenizer's own encoder, as transformers calls it without truncation or
@@ -161,8 +180,9 @@ class CountTokens(_WithTokenizer):
         kept = list(counted)  # a text within max_length tokenizes the same truncated or not
         long = [i for i, ids in enumerate(counted) if len(ids) > self.max_length]
         if long:
-            cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=self.max_length,
-                                 **ids_only)["input_ids"]
+            cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=self.max_length, **ids_only)[
+                "input_ids"
+            ]
             for i, ids in zip(long, cut):
                 kept[i] = ids
         table = pa.Table.from_pandas(batch, preserve_index=False)
@@ -170,23 +190,41 @@ class CountTokens(_WithTokenizer):
         return table.append_column("input_ids", pa.array(kept, type=pa.list_(pa.int32())))
 
 
-def tokenize_dataset(ds, data: DataConfig, model: ModelConfig, storage: StorageConfig | None = None, *,
-                     concurrency: int = 1, num_cpus: float = 0.25):
+def tokenize_dataset(
+    ds,
+    data: DataConfig,
+    model: ModelConfig,
+    storage: StorageConfig | None = None,
+    *,
+    concurrency: int = 1,
+    num_cpus: float = 0.25,
+):
     """Lazily tokenize a Dataset with columns text and label (never augmented: training
     workers augment texts themselves, per epoch, with ``AugmentCollate``); ``storage``
     reaches an ``s3://`` base model."""
     from raybm.data.udf import map_batches_cached
 
     return map_batches_cached(
-        ds, Tokenize, dict(model=model.name, max_length=data.max_length, padding=data.padding,
-                           trust_remote_code=model.trust_remote_code,
-                           storage=dataclasses.asdict(storage or StorageConfig())),
-        concurrency=concurrency, batch_format="pandas", batch_size=256, num_cpus=num_cpus)
+        ds,
+        Tokenize,
+        dict(
+            model=model.name,
+            max_length=data.max_length,
+            padding=data.padding,
+            trust_remote_code=model.trust_remote_code,
+            storage=dataclasses.asdict(storage or StorageConfig()),
+        ),
+        concurrency=concurrency,
+        batch_format="pandas",
+        batch_size=256,
+        num_cpus=num_cpus,
+    )
 
 
 def _collate_base():
     try:
         from ray.data.collate_fn import NumpyBatchCollateFn
+
         return NumpyBatchCollateFn
     except ImportError:  # pragma: no cover - older Ray
         return object
@@ -218,8 +256,9 @@ def pad_collate(batch: dict[str, np.ndarray], pad_id: int = 0, width: int | None
     if ids.dtype != object and ids.ndim == 2 and (width is None or ids.shape[1] == width):  # already fixed width
         out["input_ids"] = torch.from_numpy(np.array(ids, dtype=np.int64))  # a copy: Ray's arrays are read-only
         mask = batch.get("attention_mask")
-        out["attention_mask"] = torch.ones_like(out["input_ids"]) if mask is None else \
-            torch.from_numpy(np.array(mask, dtype=np.int64))
+        out["attention_mask"] = (
+            torch.ones_like(out["input_ids"]) if mask is None else torch.from_numpy(np.array(mask, dtype=np.int64))
+        )
         if mask is not None and pad_id:  # rows padded with 0 upstream (whole splits): the model's pad id
             out["input_ids"][out["attention_mask"] == 0] = pad_id
     else:
@@ -229,8 +268,8 @@ def pad_collate(batch: dict[str, np.ndarray], pad_id: int = 0, width: int | None
         arr = np.full((len(rows), size), pad_id, dtype=np.int64)
         att = np.zeros((len(rows), size), dtype=np.int64)
         for i, r in enumerate(rows):
-            arr[i, :len(r)] = r
-            att[i, :len(r)] = 1 if masks is None else masks[i]
+            arr[i, : len(r)] = r
+            att[i, : len(r)] = 1 if masks is None else masks[i]
         out["input_ids"], out["attention_mask"] = torch.from_numpy(arr), torch.from_numpy(att)
     if labels is not None:
         out["labels"] = torch.from_numpy(np.array(labels, dtype=np.int64))

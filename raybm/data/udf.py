@@ -51,5 +51,9 @@ def map_batches_cached(ds, cls: type, kwargs: dict[str, Any], *, concurrency: in
     path = f"{cls.__module__}:{cls.__qualname__}"
     if "." in cls.__qualname__ or cls.__module__ == "__main__":
         raise ValueError(f"{cls!r}: map_batches_cached needs a module-level class")
-    return ds.map_batches(_apply, fn_kwargs={"cls_path": path, "kwargs_json": json.dumps(kwargs, sort_keys=True)},
-                          compute=ray.data.TaskPoolStrategy(size=concurrency), **options)
+    return ds.map_batches(
+        _apply,
+        fn_kwargs={"cls_path": path, "kwargs_json": json.dumps(kwargs, sort_keys=True)},
+        compute=ray.data.TaskPoolStrategy(size=concurrency),
+        **options,
+    )

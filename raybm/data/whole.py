@@ -49,8 +49,10 @@ class TokenArrays:
         col = table.column("input_ids").combine_chunks()
         lengths = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         if len(lengths) and int(lengths.max()) > width:
-            raise DataError(f"a stored row has {int(lengths.max())} token ids, more than max_length={width}; "
-                            f"prepare the dataset again (raybm data)")
+            raise DataError(
+                f"a stored row has {int(lengths.max())} token ids, more than max_length={width}; "
+                f"prepare the dataset again (raybm data)"
+            )
         ids = np.zeros((len(lengths), width), dtype=np.int32)
         ids[np.arange(width) < lengths[:, None]] = col.flatten().to_numpy(zero_copy_only=False)
         texts = table.column("text").to_numpy(zero_copy_only=False) if "text" in table.column_names else None
@@ -64,9 +66,11 @@ class TokenArrays:
         ``attention_mask`` and ``label`` (and ``text`` when read)."""
         lengths = self.lengths[rows]
         size = width or max(1, int(lengths.max(initial=0)))
-        out = {"input_ids": self.ids[rows, :size].astype(np.int64),
-               "attention_mask": (np.arange(size) < lengths[:, None]).astype(np.int64),
-               "label": self.labels[rows]}
+        out = {
+            "input_ids": self.ids[rows, :size].astype(np.int64),
+            "attention_mask": (np.arange(size) < lengths[:, None]).astype(np.int64),
+            "label": self.labels[rows],
+        }
         if self.texts is not None:
             out["text"] = self.texts[rows]
         return out
@@ -88,8 +92,16 @@ class WholeSplit:
     Data shard: ``iter_torch_batches`` (through a collate) and ``iter_batches`` (numpy).
     For training, ``set_epoch`` picks the epoch's shuffled shard."""
 
-    def __init__(self, arrays: TokenArrays, *, rank: int = 0, world: int = 1, seed: int = 0,
-                 shuffle: bool = False, width: int | None = None) -> None:
+    def __init__(
+        self,
+        arrays: TokenArrays,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        shuffle: bool = False,
+        width: int | None = None,
+    ) -> None:
         self.arrays, self.rank, self.world, self.seed, self.shuffle = arrays, rank, world, seed, shuffle
         self.width = width
         self.epoch = 0
@@ -100,8 +112,9 @@ class WholeSplit:
 
     def rows(self) -> np.ndarray:
         """This rank's rows in the current epoch, in order."""
-        return epoch_order(len(self.arrays), epoch=self.epoch, seed=self.seed, rank=self.rank, world=self.world,
-                           shuffle=self.shuffle)
+        return epoch_order(
+            len(self.arrays), epoch=self.epoch, seed=self.seed, rank=self.rank, world=self.world, shuffle=self.shuffle
+        )
 
     def iter_batches(self, batch_size: int, batch_format: str = "numpy") -> Iterator[dict[str, np.ndarray]]:
         """Numpy batches of up to ``batch_size`` rows."""
@@ -109,7 +122,7 @@ class WholeSplit:
             raise ValueError(f"batch_format={batch_format!r}: only numpy batches")
         rows = self.rows()
         for start in range(0, len(rows), batch_size):
-            yield self.arrays.batch(rows[start:start + batch_size], self.width)
+            yield self.arrays.batch(rows[start : start + batch_size], self.width)
 
     def iter_torch_batches(self, batch_size: int, collate_fn: Callable[[dict], Any]) -> Iterator[Any]:
         """``collate_fn`` applied to each numpy batch."""

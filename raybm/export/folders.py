@@ -12,11 +12,25 @@ from raybm.results import CALIBRATION_FILE, DRIFT_REFERENCE_FILE, LABEL_MAP_FILE
 
 # The files besides the weights that make a folder loadable (label map, raybm's config,
 # transformers' config and the tokenizer's files).
-SIDE_FILES = (LABEL_MAP_FILE, MODEL_CONFIG_FILE, CALIBRATION_FILE, DRIFT_REFERENCE_FILE, "config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "vocab.txt")
+SIDE_FILES = (
+    LABEL_MAP_FILE,
+    MODEL_CONFIG_FILE,
+    CALIBRATION_FILE,
+    DRIFT_REFERENCE_FILE,
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
-PROBE_TEXTS = ["a short one", "a somewhat longer sentence to check the dynamic sequence axis works fine",
-               "ok", "not bad at all, really", "the worst, the very worst"]
+PROBE_TEXTS = [
+    "a short one",
+    "a somewhat longer sentence to check the dynamic sequence axis works fine",
+    "ok",
+    "not bad at all, really",
+    "the worst, the very worst",
+]
 
 
 def _code_files(folder: str) -> list[str]:
@@ -38,6 +52,8 @@ def copy_side_files(src: str, dst: str) -> None:
 
 def model_bytes(folder: str) -> int:
     """Bytes of the weights in a model folder (safetensors, ONNX and its external data)."""
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
-               if f.endswith((".onnx", ".safetensors", ".onnx.data")))
-
+    return sum(
+        os.path.getsize(os.path.join(folder, f))
+        for f in os.listdir(folder)
+        if f.endswith((".onnx", ".safetensors", ".onnx.data"))
+    )

@@ -35,8 +35,14 @@ def eval_split(model_dir: str, cfg: JobConfig) -> tuple[list[str], np.ndarray] |
     return table.column("text").to_pylist(), table.column("label").to_numpy()
 
 
-def measure(folder: str, backend: str, texts: list[str] | None, labels: np.ndarray | None,
-            latency_samples: int, threads: int = 2) -> dict[str, Any]:
+def measure(
+    folder: str,
+    backend: str,
+    texts: list[str] | None,
+    labels: np.ndarray | None,
+    latency_samples: int,
+    threads: int = 2,
+) -> dict[str, Any]:
     """Accuracy / macro-F1 on ``texts`` and single-sentence latency at 1 thread."""
     import torch
 
@@ -56,9 +62,11 @@ def measure(folder: str, backend: str, texts: list[str] | None, labels: np.ndarr
             t0 = time.perf_counter()
             p.predict([t])
             times.append(time.perf_counter() - t0)
-        out.update(latency_p50_ms=round(1000 * float(np.percentile(times, 50)), 2),
-                   latency_p95_ms=round(1000 * float(np.percentile(times, 95)), 2), latency_threads=1)
+        out.update(
+            latency_p50_ms=round(1000 * float(np.percentile(times, 50)), 2),
+            latency_p95_ms=round(1000 * float(np.percentile(times, 95)), 2),
+            latency_threads=1,
+        )
     finally:
         torch.set_num_threads(saved)
     return out
-

@@ -25,9 +25,15 @@ def build_mobile(variant_dir: str, out_dir: str, manifest: dict[str, Any]) -> No
     shutil.copy2(os.path.join(variant_dir, LABEL_MAP_FILE), os.path.join(out_dir, LABEL_MAP_FILE))
     tok.backend_tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
     shutil.copy2(PREDICT_SCRIPT, os.path.join(out_dir, "predict.py"))
-    manifest = {**manifest, "tokenizer": {"max_length": model_max_length(variant_dir),
-                                          "pad_id": tok.pad_token_id or 0, "pad_token": tok.pad_token or "[PAD]"},
-                "temperature": read_calibration(variant_dir)["temperature"]}
+    manifest = {
+        **manifest,
+        "tokenizer": {
+            "max_length": model_max_length(variant_dir),
+            "pad_id": tok.pad_token_id or 0,
+            "pad_token": tok.pad_token or "[PAD]",
+        },
+        "temperature": read_calibration(variant_dir)["temperature"],
+    }
     with open(os.path.join(out_dir, VARIANT_FILE), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
 
@@ -46,8 +52,11 @@ def publish_mobile(manifests, reference, out, e, results, log) -> str | None:
     best = min(candidates, key=lambda m: m["model_bytes"])
     staging = results.staging_dir(EXPORTS, f"{os.path.basename(out)}-{MOBILE_DIR}")
     try:
-        build_mobile(os.path.join(out, best["variant"]), staging,
-                     {**best, "variant": MOBILE_DIR, "from_variant": best["variant"]})
+        build_mobile(
+            os.path.join(out, best["variant"]),
+            staging,
+            {**best, "variant": MOBILE_DIR, "from_variant": best["variant"]},
+        )
         results.publish(staging, os.path.join(out, MOBILE_DIR))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -42,23 +42,35 @@ def export_onnx(model_dir: str, out_dir: str, opset: int = 17) -> dict[str, Any]
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ONNX_FILE)
     with torch.no_grad():
-        torch.onnx.export(module, (enc["input_ids"], enc["attention_mask"]), path, dynamo=False,
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                          dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
-                                        "attention_mask": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}},
-                          opset_version=opset, do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            (enc["input_ids"], enc["attention_mask"]),
+            path,
+            dynamo=False,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+                "logits": {0: "batch"},
+            },
+            opset_version=opset,
+            do_constant_folding=True,
+        )
     copy_side_files(model_dir, out_dir)
     # Check on a different batch and length than the one traced.
     enc = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         want = module(enc["input_ids"], enc["attention_mask"]).numpy()
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    got = session.run(["logits"], {"input_ids": enc["input_ids"].numpy(),
-                                   "attention_mask": enc["attention_mask"].numpy()})[0]
+    got = session.run(
+        ["logits"], {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()}
+    )[0]
     rel = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-6))
     if rel > ONNX_TOLERANCE:
-        raise RaybmError(f"the ONNX export disagrees with PyTorch: max relative logit error {rel:.2e} "
-                         f"> {ONNX_TOLERANCE:g}")
+        raise RaybmError(
+            f"the ONNX export disagrees with PyTorch: max relative logit error {rel:.2e} > {ONNX_TOLERANCE:g}"
+        )
     return {"opset": opset, "max_relative_logit_error": rel}
 
 
@@ -70,4 +82,3 @@ def quantize_onnx(fp32_dir: str, out_dir: str) -> dict[str, Any]:
     quantize_dynamic(os.path.join(fp32_dir, ONNX_FILE), os.path.join(out_dir, ONNX_FILE), weight_type=QuantType.QInt8)
     copy_side_files(fp32_dir, out_dir)
     return {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8"}
-

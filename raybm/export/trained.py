@@ -49,8 +49,15 @@ def prune_model(model_dir: str, out_dir: str, amount: float) -> float:
 
 
 # Where and how fast to train is this job's business, not the source model's.
-RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "torch_threads", "use_gpu", "precision", "parallelism",
-                 "log_every_steps")
+RESOURCE_KEYS = (
+    "num_workers",
+    "cpus_per_worker",
+    "torch_threads",
+    "use_gpu",
+    "precision",
+    "parallelism",
+    "log_every_steps",
+)
 
 
 def source_config(model_dir: str, cfg: JobConfig) -> dict[str, Any]:
@@ -58,8 +65,10 @@ def source_config(model_dir: str, cfg: JobConfig) -> dict[str, Any]:
     training resources."""
     path = os.path.join(model_dir, MODEL_CONFIG_FILE)
     if not os.path.isfile(path):
-        raise RaybmError(f"{model_dir}: no raybm_config.yaml, so its training data is unknown; the pruned and "
-                         f"distilled variants train on it")
+        raise RaybmError(
+            f"{model_dir}: no raybm_config.yaml, so its training data is unknown; the pruned and "
+            f"distilled variants train on it"
+        )
     with open(path, encoding="utf-8") as f:
         raw = yaml.safe_load(f) or {}
     raw.pop("tune", None)
@@ -74,4 +83,3 @@ def train_variant(model_dir: str, cfg: JobConfig, run_name: str, overrides: dict
     raw = merge_raw(source_config(model_dir, cfg), {"name": run_name, **overrides})
     job = build_config(raw)
     return run_training(job, log=log).model_dir
-

@@ -30,8 +30,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from raybm.config import JobConfig
 from raybm.errors import RaybmError
@@ -57,20 +58,27 @@ from raybm.results import (
 )
 
 VARIANTS = ("hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled")
-BACKEND = {"hf": "torch", "onnx": "onnx", "int8": "int8", "onnx-int8": "onnx", "fp16": "torch",
-           "pruned": "torch", "distilled": "torch"}
+BACKEND = {
+    "hf": "torch",
+    "onnx": "onnx",
+    "int8": "int8",
+    "onnx-int8": "onnx",
+    "fp16": "torch",
+    "pruned": "torch",
+    "distilled": "torch",
+}
 TRAINED = ("pruned", "distilled")  # variants that run Ray Train
 
 
 @dataclass
 class ExportResult:
     """What an export made: its name and folder, each variant's manifest, the reference, the mobile bundle."""
+
     name: str
     folder: str
     manifests: dict[str, dict[str, Any]]
     reference: dict[str, Any] | None
     mobile: str | None
-
 
 
 def check_source(model_dir: str) -> None:
@@ -79,8 +87,9 @@ def check_source(model_dir: str) -> None:
     load_model_folder(model_dir)
 
 
-def run_export(cfg: JobConfig, model_spec: str, variants: list[str] | None = None,
-               log: Callable[[str], None] = print) -> ExportResult:
+def run_export(
+    cfg: JobConfig, model_spec: str, variants: list[str] | None = None, log: Callable[[str], None] = print
+) -> ExportResult:
     """Build ``variants`` of a model under ``<root>/exports/<name>/``.
 
     On an S3 root the model is fetched into a temporary folder, the variants are built and
@@ -112,12 +121,24 @@ def run_export(cfg: JobConfig, model_spec: str, variants: list[str] | None = Non
         with hold_lease(results, EXPORTS, done.name, f"export {done.name!r}", log=log) as lease:
             lease.check()
             results.upload_dir(done.folder, final)
-        return ExportResult(done.name, results.uri(final), done.manifests, done.reference,
-                            results.uri(results.join(final, MOBILE_DIR)) if done.mobile else None)
+        return ExportResult(
+            done.name,
+            results.uri(final),
+            done.manifests,
+            done.reference,
+            results.uri(results.join(final, MOBILE_DIR)) if done.mobile else None,
+        )
 
 
-def _export(cfg: JobConfig, model_dir: str, variants: list[str], results: Results, log,
-            source_uri: str | None = None, check_lease: Callable[[], None] = lambda: None) -> ExportResult:
+def _export(
+    cfg: JobConfig,
+    model_dir: str,
+    variants: list[str],
+    results: Results,
+    log,
+    source_uri: str | None = None,
+    check_lease: Callable[[], None] = lambda: None,
+) -> ExportResult:
     """Build the variants of the local ``model_dir`` under the local ``results`` root."""
     e = cfg.export
     check_source(model_dir)
@@ -148,10 +169,17 @@ def _export(cfg: JobConfig, model_dir: str, variants: list[str], results: Result
             staging = results.staging_dir(EXPORTS, f"{name}-{v}")
             try:
                 settings = _build(v, model_dir, staging, work, cfg, name, out, log)
-                manifest = {"variant": v, "backend": BACKEND[v], "source": source_uri or card["model"], "source_name": name,
-                            "base_model": card.get("base_model"), "settings": settings,
-                            "model_bytes": model_bytes(staging), "build_seconds": round(time.time() - started, 1),
-                            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                manifest = {
+                    "variant": v,
+                    "backend": BACKEND[v],
+                    "source": source_uri or card["model"],
+                    "source_name": name,
+                    "base_model": card.get("base_model"),
+                    "settings": settings,
+                    "model_bytes": model_bytes(staging),
+                    "build_seconds": round(time.time() - started, 1),
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
                 if e.measure:
                     m = measure(staging, BACKEND[v], texts, labels, e.latency_samples)
                     pred = m.pop("_pred", None)
@@ -174,8 +202,13 @@ def _export(cfg: JobConfig, model_dir: str, variants: list[str], results: Result
             log(f"  {v}: {size:.1f} MB{extra} -> {os.path.join(out, v)}")
 
     mobile = publish_mobile(manifests, reference, out, e, results, log)
-    summary = {"name": name, "source": source_uri or card["model"], "reference": reference,
-               "variants": manifests, "mobile": mobile}
+    summary = {
+        "name": name,
+        "source": source_uri or card["model"],
+        "reference": reference,
+        "variants": manifests,
+        "mobile": mobile,
+    }
     results.write_json(os.path.join(out, SUMMARY_FILE), summary)
     return ExportResult(name, out, manifests, reference, mobile)
 
@@ -187,8 +220,10 @@ def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name
         return {"method": "copy of the trained model (safetensors)"}
     if v == "int8":
         shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns(VARIANT_FILE, ONNX_FILE, MODEL_CARD_FILE))
-        return {"method": "torch.ao.quantization.quantize_dynamic on Linear layers, applied when loaded",
-                "note": "weights are stored in fp32; the model is int8 in memory"}
+        return {
+            "method": "torch.ao.quantization.quantize_dynamic on Linear layers, applied when loaded",
+            "note": "weights are stored in fp32; the model is int8 in memory",
+        }
     if v == "onnx":
         return {"method": "torch.onnx.export", **export_onnx(model_dir, staging, e.opset)}
     if v == "onnx-int8":
@@ -208,28 +243,72 @@ def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name
         reached = prune_model(model_dir, base, e.prune_sparsity)
         log(f"  pruned {reached:.1%} of the encoder's Linear weights; fine-tuning {e.prune_epochs} epoch(s) ...")
         run = f"{name}-pruned{round(100 * e.prune_sparsity)}"
-        trained = train_variant(model_dir, cfg, run, {
-            "model": {"name": base, "keep_layers": None, "head_init": "default", "pooling": "auto"},
-            "train": {"strategy": "full", "epochs": e.prune_epochs, "lr": e.prune_lr, "keep_sparsity": True,
-                      "parallelism": "ddp",  # the zeros are kept on whole weight matrices
-                      "early_stopping_patience": 0, "distill_from": None}}, log)
+        trained = train_variant(
+            model_dir,
+            cfg,
+            run,
+            {
+                "model": {"name": base, "keep_layers": None, "head_init": "default", "pooling": "auto"},
+                "train": {
+                    "strategy": "full",
+                    "epochs": e.prune_epochs,
+                    "lr": e.prune_lr,
+                    "keep_sparsity": True,
+                    "parallelism": "ddp",  # the zeros are kept on whole weight matrices
+                    "early_stopping_patience": 0,
+                    "distill_from": None,
+                },
+            },
+            log,
+        )
         copy_to_local(trained, cfg.storage, staging)
 
         after = sparsity(load_model_folder(staging)[0])
-        return {"method": "global L1 unstructured pruning of encoder Linear weights, then fine-tuning with the "
-                          "zeros kept", "target_sparsity": e.prune_sparsity, "sparsity_after_pruning": reached,
-                "sparsity_reached": after, "finetune_epochs": e.prune_epochs, "finetune_lr": e.prune_lr,
-                "finetune_run": run}
+        return {
+            "method": "global L1 unstructured pruning of encoder Linear weights, then fine-tuning with the zeros kept",
+            "target_sparsity": e.prune_sparsity,
+            "sparsity_after_pruning": reached,
+            "sparsity_reached": after,
+            "finetune_epochs": e.prune_epochs,
+            "finetune_lr": e.prune_lr,
+            "finetune_run": run,
+        }
     if v == "distilled":
         run = f"{name}-distilled{e.distill_layers}"
         log(f"  training a {e.distill_layers}-layer student on the teacher's soft labels ...")
-        trained = train_variant(model_dir, cfg, run, {
-            "model": {"name": model_dir, "keep_layers": e.distill_layers, "head_init": "default", "pooling": "auto"},
-            "train": {"strategy": "full", "epochs": e.distill_epochs, "lr": e.distill_lr, "distill_from": model_dir,
-                      "distill_alpha": e.distill_alpha, "distill_temperature": e.distill_temperature,
-                      "keep_sparsity": False, "early_stopping_patience": 0}}, log)
+        trained = train_variant(
+            model_dir,
+            cfg,
+            run,
+            {
+                "model": {
+                    "name": model_dir,
+                    "keep_layers": e.distill_layers,
+                    "head_init": "default",
+                    "pooling": "auto",
+                },
+                "train": {
+                    "strategy": "full",
+                    "epochs": e.distill_epochs,
+                    "lr": e.distill_lr,
+                    "distill_from": model_dir,
+                    "distill_alpha": e.distill_alpha,
+                    "distill_temperature": e.distill_temperature,
+                    "keep_sparsity": False,
+                    "early_stopping_patience": 0,
+                },
+            },
+            log,
+        )
         copy_to_local(trained, cfg.storage, staging)
-        return {"method": "knowledge distillation into the teacher's lowest layers", "teacher": model_dir,
-                "student_layers": e.distill_layers, "epochs": e.distill_epochs, "lr": e.distill_lr,
-                "alpha": e.distill_alpha, "temperature": e.distill_temperature, "train_run": run}
+        return {
+            "method": "knowledge distillation into the teacher's lowest layers",
+            "teacher": model_dir,
+            "student_layers": e.distill_layers,
+            "epochs": e.distill_epochs,
+            "lr": e.distill_lr,
+            "alpha": e.distill_alpha,
+            "temperature": e.distill_temperature,
+            "train_run": run,
+        }
     raise AssertionError(v)

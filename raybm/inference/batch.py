@@ -53,6 +53,7 @@ def is_folder_job(input_spec: str, output: str) -> bool:
 @dataclass(frozen=True)
 class Inputs:
     """The files to score: their filesystem, paths (in name order), sizes and common format."""
+
     fs: pafs.FileSystem
     paths: list[str]
     fmt: str
@@ -70,21 +71,29 @@ def find_inputs(spec: str, storage: StorageConfig) -> Inputs:
         if info.type == pafs.FileType.File:
             found = [info]
         elif info.type == pafs.FileType.Directory:
-            found = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                     if f.type == pafs.FileType.File and _is_data_file(f.path)]
+            found = [
+                f
+                for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                if f.type == pafs.FileType.File and _is_data_file(f.path)
+            ]
         else:
             raise RaybmError(f"--input {spec!r}: no such file or folder")
     else:
         base = posixpath.dirname(path[:glob_at]) or "."
         pattern = path.replace("**/", "*")  # fnmatch's * already crosses folders
-        found = [f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-                 if f.type == pafs.FileType.File and fnmatch.fnmatch(f.path, pattern) and _is_data_file(f.path)]
+        found = [
+            f
+            for f in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+            if f.type == pafs.FileType.File and fnmatch.fnmatch(f.path, pattern) and _is_data_file(f.path)
+        ]
     if not found:
         raise RaybmError(f"--input {spec!r}: no .csv, .tsv, .jsonl or .parquet file there")
     formats = {FORMATS.get(os.path.splitext(f.path)[1].lower()) for f in found}
     if None in formats or len(formats) > 1:
-        raise RaybmError(f"--input {spec!r}: the files must all be one of .csv, .tsv, .jsonl, .parquet "
-                         f"(found {sorted(str(f) for f in formats)}); score each kind apart")
+        raise RaybmError(
+            f"--input {spec!r}: the files must all be one of .csv, .tsv, .jsonl, .parquet "
+            f"(found {sorted(str(f) for f in formats)}); score each kind apart"
+        )
     found.sort(key=lambda f: f.path)
     return Inputs(fs, [f.path for f in found], formats.pop(), tuple(f.size or 0 for f in found))
 
@@ -102,7 +111,7 @@ def input_columns(inputs: Inputs) -> list[str]:
     if inputs.fmt == "jsonl":
         with fs.open_input_stream(first) as f:
             head = f.read(SAMPLE_BYTES)
-        lines = head[:head.rfind(b"\n") + 1] or head
+        lines = head[: head.rfind(b"\n") + 1] or head
         return pajson.read_json(pa.BufferReader(lines)).column_names
     with fs.open_input_stream(first) as f:
         return pacsv.open_csv(f, parse_options=_csv_options(inputs.fmt)).schema.names
@@ -144,7 +153,7 @@ def estimate_rows(inputs: Inputs, positions: list[int]) -> tuple[int, bool]:
         counted = sum(pq.read_metadata(inputs.fs.open_input_file(inputs.paths[i])).num_rows for i in sample)
         if len(sample) == len(positions):
             return counted, True
-        per_byte = counted / max(1, sum(sizes[:len(sample)]))
+        per_byte = counted / max(1, sum(sizes[: len(sample)]))
     else:
         with inputs.fs.open_input_stream(inputs.paths[positions[0]]) as f:
             head = f.read(SAMPLE_BYTES)
@@ -155,13 +164,15 @@ def estimate_rows(inputs: Inputs, positions: list[int]) -> tuple[int, bool]:
 @dataclass(frozen=True)
 class ActorPool:
     """How many model actors a job runs (Ray Data scales between the two) and their torch threads."""
+
     fewest: int
     most: int
     threads: int
 
 
-def actor_pool(cpus_per_actor: float, gpus_per_actor: float, concurrency: int | None,
-               threads: int | None = None) -> ActorPool:
+def actor_pool(
+    cpus_per_actor: float, gpus_per_actor: float, concurrency: int | None, threads: int | None = None
+) -> ActorPool:
     """The model actors for this cluster: exactly ``concurrency`` when set, else up to as many
     as its GPUs hold (``gpus_per_actor``), or its CPUs less one left to reading and writing. Threads,
     unless given: on CPU the cluster's cores shared among the actors (one actor on 2 cores
@@ -197,8 +208,10 @@ class _Progress:
         self.last, rate = now, self.rows / max(now - self.started, 1e-9)
         line = f"  {self.rows:,} rows labelled ({rate:,.0f} rows/s)"
         if self.total > self.rows:
-            line += (f", {self.rows / self.total:.0%} of {'' if self.exact else '~'}{self.total:,}; "
-                     f"about {_duration((self.total - self.rows) / max(rate, 1e-9))} left")
+            line += (
+                f", {self.rows / self.total:.0%} of {'' if self.exact else '~'}{self.total:,}; "
+                f"about {_duration((self.total - self.rows) / max(rate, 1e-9))} left"
+            )
         self.log(line)
 
 
@@ -210,6 +223,7 @@ def _duration(seconds: float) -> str:
 @dataclass(frozen=True)
 class Scored:
     """What a scoring job wrote."""
+
     rows: int
     files: int
     seconds: float
@@ -223,11 +237,23 @@ def _check_columns(columns: list[str], text_column: str, labels: list[str], prob
         raise RaybmError(f"the input already has the column(s) {clash} that labelling adds; rename or drop them first")
 
 
-def score_to_folder(model_dir: str, inputs: Inputs, output: str, text_column: str, *, storage: StorageConfig,
-                    probabilities: bool = False, max_length: int | None = None, threads: int | None = None,
-                    batch_size: int = 64, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
-                    concurrency: int | None = None, log: Callable[[str], None] = print,
-                    on_file_done: Callable[[str], None] | None = None) -> Scored:
+def score_to_folder(
+    model_dir: str,
+    inputs: Inputs,
+    output: str,
+    text_column: str,
+    *,
+    storage: StorageConfig,
+    probabilities: bool = False,
+    max_length: int | None = None,
+    threads: int | None = None,
+    batch_size: int = 64,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+    concurrency: int | None = None,
+    log: Callable[[str], None] = print,
+    on_file_done: Callable[[str], None] | None = None,
+) -> Scored:
     """Label every row of ``inputs`` into Parquet files in the folder ``output`` (new, or the
     unfinished one an interrupted run of the same job left); ``on_file_done(path)`` after each
     input file's rows are all written."""
@@ -236,14 +262,21 @@ def score_to_folder(model_dir: str, inputs: Inputs, output: str, text_column: st
     _check_columns(columns, text_column, labels, probabilities)
     tracked = PATH_COLUMN not in columns  # else Ray Data's path column would overwrite the input's
     fs, final = resolve_uri(output, storage)
-    job = {"model": model_dir, "text_column": text_column, "probabilities": probabilities,
-           "max_length": max_length, "inputs": inputs.paths}
+    job = {
+        "model": model_dir,
+        "text_column": text_column,
+        "probabilities": probabilities,
+        "max_length": max_length,
+        "inputs": inputs.paths,
+    }
     folder = OutputFolder.open(output, fs, final, job, log)
     started = time.monotonic()
     todo = folder.remaining() if tracked else list(range(len(inputs.paths)))
     if not tracked:
-        log(f"the input has a column named {PATH_COLUMN!r}: this job cannot tell its files apart, so an "
-            f"interrupted run will start over")
+        log(
+            f"the input has a column named {PATH_COLUMN!r}: this job cannot tell its files apart, so an "
+            f"interrupted run will start over"
+        )
     if todo:
         import ray.data
 
@@ -255,13 +288,30 @@ def score_to_folder(model_dir: str, inputs: Inputs, output: str, text_column: st
         ctx.execution_options.preserve_order, ctx.target_max_block_size = True, SCORE_BLOCK_BYTES
         try:
             pool = actor_pool(cpus_per_actor, gpus_per_actor, concurrency, threads)
-            log(f"scoring {len(todo)} {inputs.fmt} file(s) with {pool.fewest}-{pool.most} model actor(s) of "
-                f"{pool.threads} thread(s) -> {output}")
-            labelled = _labelled(read_inputs(inputs, todo, columns, tracked), model_dir, text_column, labels, pool,
-                                 probabilities=probabilities, max_length=max_length, batch_size=batch_size,
-                                 cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, storage=storage)
-            _write(labelled, folder, {p: i for i, p in enumerate(inputs.paths)} if tracked else None,
-                   _Progress(*estimate_rows(inputs, todo), log), on_file_done)
+            log(
+                f"scoring {len(todo)} {inputs.fmt} file(s) with {pool.fewest}-{pool.most} model actor(s) of "
+                f"{pool.threads} thread(s) -> {output}"
+            )
+            labelled = _labelled(
+                read_inputs(inputs, todo, columns, tracked),
+                model_dir,
+                text_column,
+                labels,
+                pool,
+                probabilities=probabilities,
+                max_length=max_length,
+                batch_size=batch_size,
+                cpus_per_actor=cpus_per_actor,
+                gpus_per_actor=gpus_per_actor,
+                storage=storage,
+            )
+            _write(
+                labelled,
+                folder,
+                {p: i for i, p in enumerate(inputs.paths)} if tracked else None,
+                _Progress(*estimate_rows(inputs, todo), log),
+                on_file_done,
+            )
         except BaseException:
             folder.abandon(log)
             raise
@@ -269,14 +319,27 @@ def score_to_folder(model_dir: str, inputs: Inputs, output: str, text_column: st
             ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
     rows, files = folder.publish()
     seconds = time.monotonic() - started
-    log(f"labelled {rows:,} rows into {files} Parquet file(s) in {seconds:.0f} s "
-        f"({rows / max(seconds, 1e-9):,.0f} rows/s) -> {output}")
+    log(
+        f"labelled {rows:,} rows into {files} Parquet file(s) in {seconds:.0f} s "
+        f"({rows / max(seconds, 1e-9):,.0f} rows/s) -> {output}"
+    )
     return Scored(rows, files, seconds)
 
 
-def _labelled(ds, model_dir: str, text_column: str, labels: list[str], pool: ActorPool, *, probabilities: bool,
-              max_length: int | None, batch_size: int, cpus_per_actor: float, gpus_per_actor: float,
-              storage: StorageConfig):
+def _labelled(
+    ds,
+    model_dir: str,
+    text_column: str,
+    labels: list[str],
+    pool: ActorPool,
+    *,
+    probabilities: bool,
+    max_length: int | None,
+    batch_size: int,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    storage: StorageConfig,
+):
     """``ds`` labelled by a pool of model actors."""
     import ray.data
 
@@ -286,17 +349,31 @@ def _labelled(ds, model_dir: str, text_column: str, labels: list[str], pool: Act
         def __call__(self, batch):
             return label_frame(batch, text_column, self.predict, labels, probabilities)
 
-    return ds.map_batches(Label, batch_format="pandas", batch_size=SCORE_BATCH_ROWS,
-                          compute=ray.data.ActorPoolStrategy(min_size=pool.fewest, max_size=pool.most),
-                          num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
-                          fn_constructor_kwargs={"model_dir": model_dir, "max_length": max_length,
-                                                 "threads": pool.threads, "batch_size": batch_size,
-                                                 "device": "cuda" if gpus_per_actor > 0 else "cpu",
-                                                 "storage": dataclasses.asdict(storage)})
+    return ds.map_batches(
+        Label,
+        batch_format="pandas",
+        batch_size=SCORE_BATCH_ROWS,
+        compute=ray.data.ActorPoolStrategy(min_size=pool.fewest, max_size=pool.most),
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor or None,
+        fn_constructor_kwargs={
+            "model_dir": model_dir,
+            "max_length": max_length,
+            "threads": pool.threads,
+            "batch_size": batch_size,
+            "device": "cuda" if gpus_per_actor > 0 else "cpu",
+            "storage": dataclasses.asdict(storage),
+        },
+    )
 
 
-def _write(labelled, folder: OutputFolder, positions: dict[str, int] | None, progress: _Progress,
-           on_file_done: Callable[[str], None] | None) -> None:
+def _write(
+    labelled,
+    folder: OutputFolder,
+    positions: dict[str, int] | None,
+    progress: _Progress,
+    on_file_done: Callable[[str], None] | None,
+) -> None:
     """Stream the labelled rows to ``folder`` in row order. From the driver, a batch at a
     time: Ray Data's own ``write_parquet`` (2.60) loses the row order even when the dataset
     preserves it (its iteration keeps it)."""

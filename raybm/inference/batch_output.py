@@ -40,8 +40,7 @@ class OutputFolder:
         self._files: list[str] = []
 
     @classmethod
-    def open(cls, output: str, fs: pafs.FileSystem, final: str, job: dict,
-             log: Callable[[str], None]) -> OutputFolder:
+    def open(cls, output: str, fs: pafs.FileSystem, final: str, job: dict, log: Callable[[str], None]) -> OutputFolder:
         """The folder for ``output``: a new one, or the unfinished one an interrupted run of the
         same ``job`` (its settings and input files) left. A complete folder, anything else
         at that path, or an unfinished job of other settings is refused."""
@@ -52,21 +51,27 @@ class OutputFolder:
         ledger = _read_ledger(fs, build)
         if ledger is None:
             if fs.get_file_info(build).type != pafs.FileType.NotFound:
-                raise RaybmError(f"--output {output!r}: {build} exists and is no raybm scoring job; give a new "
-                                 f"folder (or delete that one first)")
+                raise RaybmError(
+                    f"--output {output!r}: {build} exists and is no raybm scoring job; give a new "
+                    f"folder (or delete that one first)"
+                )
             fs.create_dir(build, recursive=True)
             folder = cls(fs, final, build, output, {**job, "done": {}})
             folder._save()
             return folder
         if {k: ledger.get(k) for k in job} != job:
             changed = sorted(k for k in job if ledger.get(k) != job[k])
-            raise RaybmError(f"--output {output!r}: an unfinished job is there that scored with other settings "
-                             f"({', '.join(changed)}); rerun it as it was to finish it, or delete {build} to "
-                             f"start over")
+            raise RaybmError(
+                f"--output {output!r}: an unfinished job is there that scored with other settings "
+                f"({', '.join(changed)}); rerun it as it was to finish it, or delete {build} to "
+                f"start over"
+            )
         folder = cls(fs, final, build, output, ledger)
         folder._drop_unfinished()
-        log(f"resuming the unfinished job in {build}: {len(ledger['done'])} of {len(job['inputs'])} input "
-            f"file(s) already scored")
+        log(
+            f"resuming the unfinished job in {build}: {len(ledger['done'])} of {len(job['inputs'])} input "
+            f"file(s) already scored"
+        )
         return folder
 
     def remaining(self) -> list[int]:
@@ -110,8 +115,10 @@ class OutputFolder:
         folder when nothing is."""
         self._close()
         if self.ledger["done"]:
-            log(f"the output of {len(self.ledger['done'])} of {len(self.ledger['inputs'])} input file(s) is kept in "
-                f"{self.build}: run the same command again to score the rest")
+            log(
+                f"the output of {len(self.ledger['done'])} of {len(self.ledger['inputs'])} input file(s) is kept in "
+                f"{self.build}: run the same command again to score the rest"
+            )
         else:
             self.fs.delete_dir(self.build)
 
@@ -119,8 +126,8 @@ class OutputFolder:
         while len(rows):
             if self._writer is None or self._in_file >= ROWS_PER_FILE:
                 self._open_file()
-            take = rows.iloc[:ROWS_PER_FILE - self._in_file]
-            rows = rows.iloc[len(take):]
+            take = rows.iloc[: ROWS_PER_FILE - self._in_file]
+            rows = rows.iloc[len(take) :]
             table = pa.Table.from_pandas(take, schema=self._schema, preserve_index=False)
             self._schema = self._schema or table.schema  # every file has the first batch's types
             self._writer.write_table(table)

@@ -19,20 +19,29 @@ from raybm.config import StorageConfig
 from raybm.errors import DataError
 from raybm.inference.loading import load_predictor, read_calibration, read_label_map
 from raybm.metrics import calibration, confusion_matrix, metrics_from_confusion, rescaled, served_calibration
-from raybm.results import CALIBRATION_FILE
 from raybm.model_cache import fetch_model
+from raybm.results import CALIBRATION_FILE
 
 
 class Classify:
     """Text -> predicted id, confidence and class probabilities (a Ray Data UDF)."""
 
-    def __init__(self, model_dir: str, max_length: int | None = None, threads: int = 1, batch_size: int = 64,
-                 keep_text: bool = False, storage: dict[str, Any] | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        max_length: int | None = None,
+        threads: int = 1,
+        batch_size: int = 64,
+        keep_text: bool = False,
+        storage: dict[str, Any] | None = None,
+        device: str = "cpu",
+    ) -> None:
         if model_dir.startswith("s3://"):  # fetched here, on the node this task runs on
             model_dir = fetch_model(model_dir, StorageConfig(**(storage or {})))
         self.keep_text = keep_text
-        self.predictor = load_predictor(model_dir, "torch", threads=threads, max_length=max_length,
-                                        batch_size=batch_size, device=device)
+        self.predictor = load_predictor(
+            model_dir, "torch", threads=threads, max_length=max_length, batch_size=batch_size, device=device
+        )
         self.labels = self.predictor.labels
 
     def predict(self, texts: list[str]) -> np.ndarray:
@@ -51,8 +60,9 @@ class Classify:
         return out
 
 
-def score_dataset(model_dir: str, ds, max_length: int | None = None, num_cpus: float = 1.0,
-                  predictions: bool = False, storage=None) -> Any:
+def score_dataset(
+    model_dir: str, ds, max_length: int | None = None, num_cpus: float = 1.0, predictions: bool = False, storage=None
+) -> Any:
     """Metrics of the model in ``model_dir`` (a local folder, or an ``s3://`` one reached with
     the ``storage`` settings) on a Dataset with columns text and label.
 
@@ -68,10 +78,21 @@ def score_dataset(model_dir: str, ds, max_length: int | None = None, num_cpus: f
     saved = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = predictions
     try:
-        scored = map_batches_cached(ds, Classify, {"model_dir": model_dir, "max_length": max_length,
-                                                   "threads": max(1, int(num_cpus)), "keep_text": predictions,
-                                                   "storage": asdict(storage) if storage else None},
-                                    concurrency=1, batch_format="pandas", batch_size=256, num_cpus=num_cpus)
+        scored = map_batches_cached(
+            ds,
+            Classify,
+            {
+                "model_dir": model_dir,
+                "max_length": max_length,
+                "threads": max(1, int(num_cpus)),
+                "keep_text": predictions,
+                "storage": asdict(storage) if storage else None,
+            },
+            concurrency=1,
+            batch_format="pandas",
+            batch_size=256,
+            num_cpus=num_cpus,
+        )
         probs = [f"prob_{i}" for i in range(len(labels))]
         frame = scored.to_pandas() if predictions else scored.select_columns(["label", "pred", *probs]).to_pandas()
     finally:
@@ -79,8 +100,11 @@ def score_dataset(model_dir: str, ds, max_length: int | None = None, num_cpus: f
     cm = confusion_matrix(frame["label"].to_numpy(), frame["pred"].to_numpy(), len(labels))
     metrics = metrics_from_confusion(cm, labels)
     if len(frame):  # the probabilities came through the model's temperature
-        metrics.update(served_calibration(frame[probs].to_numpy(), frame["label"].to_numpy(),
-                                          read_calibration(model_dir, storage)["temperature"]))
+        metrics.update(
+            served_calibration(
+                frame[probs].to_numpy(), frame["label"].to_numpy(), read_calibration(model_dir, storage)["temperature"]
+            )
+        )
     if predictions:
         return metrics, frame[["text", "label", "pred", "confidence", *[f"prob_{i}" for i in range(len(labels))]]]
     return metrics
@@ -94,8 +118,11 @@ def calibrate_folder(model_dir: str, ds, max_length: int = 128) -> dict[str, Any
     probs = frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
     # Back to the model's own probabilities (the folder may carry another model's temperature).
     own = rescaled(probs, 1.0 / read_calibration(model_dir)["temperature"])
-    found = {**calibration(np.log(np.clip(own, 1e-12, 1.0)), frame["label"].to_numpy()),
-             "fitted_on": "validation", "examples": int(len(frame))}
+    found = {
+        **calibration(np.log(np.clip(own, 1e-12, 1.0)), frame["label"].to_numpy()),
+        "fitted_on": "validation",
+        "examples": int(len(frame)),
+    }
     with open(os.path.join(model_dir, CALIBRATION_FILE), "w", encoding="utf-8") as f:
         json.dump(found, f, indent=2)
     return found
@@ -122,15 +149,22 @@ def score_source(model_dir: str, cfg, predictions: bool = False, max_length: int
     if src.all_labels is not None:
         exclude += [lab for lab in src.all_labels if lab not in labels]
     mapper = cleaning.LabelMapper(labels, cfg.data.label_values, exclude)
-    marked = read_source(src).map_batches(
-        cleaning.clean_batch, batch_format="pandas",
-        fn_kwargs=dict(cfg=cfg.data.clean, mapper=mapper, twitter_repair=src.kind == "twitter-sentiment"),
-    ).materialize()
+    marked = (
+        read_source(src)
+        .map_batches(
+            cleaning.clean_batch,
+            batch_format="pandas",
+            fn_kwargs=dict(cfg=cfg.data.clean, mapper=mapper, twitter_repair=src.kind == "twitter-sentiment"),
+        )
+        .materialize()
+    )
     dropped = {k: v for k, v in count_values(marked, "drop_reason").items() if k}
     if dropped.get(cleaning.UNKNOWN_LABEL):
         unknown = count_values(marked, "label_raw", where=("drop_reason", cleaning.UNKNOWN_LABEL))
-        raise DataError(f"label value(s) {sorted(unknown)[:10]} are not classes of this model ({labels}); map "
-                        f"them with data.label_values or drop them with data.exclude_labels")
+        raise DataError(
+            f"label value(s) {sorted(unknown)[:10]} are not classes of this model ({labels}); map "
+            f"them with data.label_values or drop them with data.exclude_labels"
+        )
     kept = marked.map_batches(_kept_rows, batch_format="pandas")
     scored = score_dataset(model_dir, kept, max_length, predictions=predictions)
     metrics = scored[0] if predictions else scored

@@ -24,8 +24,10 @@ import numpy as np
 from raybm.errors import RaybmError
 from raybm.inference.loading import tokenize
 
-METHOD = ("occlusion: each word masked in turn (Captum FeatureAblation); weight = how much the answer's log-odds "
-          "drop without it")
+METHOD = (
+    "occlusion: each word masked in turn (Captum FeatureAblation); weight = how much the answer's log-odds "
+    "drop without it"
+)
 
 
 ROWS_PER_PASS = 32  # texts with one word masked scored per model call: bounds an explanation's memory
@@ -77,11 +79,15 @@ def explain(predictor, text: str, deadline: float | None = None) -> dict[str, An
         rows = input_ids.shape[0]
         return torch.from_numpy(log_odds(predictor.probabilities(input_ids.numpy(), np.repeat(mask, rows, 0))))
 
-    weights = FeatureAblation(forward).attribute(torch.from_numpy(ids), baselines=baseline, target=best,
-                                                 feature_mask=groups,
-                                                 perturbations_per_eval=min(len(words) + 1, ROWS_PER_PASS))[0]
+    weights = FeatureAblation(forward).attribute(
+        torch.from_numpy(ids),
+        baselines=baseline,
+        target=best,
+        feature_mask=groups,
+        perturbations_per_eval=min(len(words) + 1, ROWS_PER_PASS),
+    )[0]
     out = []
-    for i, w in enumerate(words):
+    for w in words:
         spans = [enc["offset_mapping"][k] for k, wid in enumerate(word_of) if wid == w]
         start, end = spans[0][0], spans[-1][1]
         first = word_of.index(w)
@@ -94,9 +100,11 @@ def explain_within(predictor, texts: list[str], max_cost: int, deadline: float |
     they cost more than ``max_cost`` token positions (``explain_cost``)."""
     cost = sum(explain_cost(predictor, t) for t in texts)
     if cost > max_cost:
-        raise RaybmError(f"explaining {'this text' if len(texts) == 1 else f'these {len(texts)} texts'} would score "
-                         f"{cost:,} token positions ((words + 1) x tokens), over this server's limit of {max_cost:,} "
-                         f"(serve.explain_max_cost); send fewer or shorter texts")
+        raise RaybmError(
+            f"explaining {'this text' if len(texts) == 1 else f'these {len(texts)} texts'} would score "
+            f"{cost:,} token positions ((words + 1) x tokens), over this server's limit of {max_cost:,} "
+            f"(serve.explain_max_cost); send fewer or shorter texts"
+        )
     return [explain(predictor, t, deadline) for t in texts]
 
 

@@ -103,8 +103,10 @@ def load_model_folder(model_dir: str):
         tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_dir), model_dir)
     except Exception as e:  # noqa: BLE001 - safetensors and transformers raise many kinds on a bad folder
         first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise RaybmError(f"{model_dir}: cannot load the model ({type(e).__name__}: {first}); the folder is "
-                         f"incomplete or corrupt, retrain or copy it again") from None
+        raise RaybmError(
+            f"{model_dir}: cannot load the model ({type(e).__name__}: {first}); the folder is "
+            f"incomplete or corrupt, retrain or copy it again"
+        ) from None
     model.eval()
     return model, tokenizer, labels
 
@@ -139,8 +141,9 @@ class TextClassifier:
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         if len(texts) <= self.batch_size:
-            enc = tokenize(self.tokenizer, texts, truncation=True, max_length=self.max_length, padding=True,
-                           return_tensors="np")
+            enc = tokenize(
+                self.tokenizer, texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="np"
+            )
             return self.probabilities(enc["input_ids"], enc["attention_mask"])
         ids = tokenize(self.tokenizer, texts, truncation=True, max_length=self.max_length)["input_ids"]
         lengths = np.array([len(x) for x in ids])
@@ -149,7 +152,7 @@ class TextClassifier:
         pad_id = self.tokenizer.pad_token_id or 0
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
         for i in range(0, len(texts), self.batch_size):
-            rows = order[i:i + self.batch_size]
+            rows = order[i : i + self.batch_size]
             width = int(lengths[rows].max())
             input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
             mask = np.zeros((len(rows), width), dtype=np.int64)
@@ -183,8 +186,10 @@ class Predictor(TextClassifier):
         import torch
 
         with torch.inference_mode():
-            logits = self.model(input_ids=torch.as_tensor(input_ids, dtype=torch.long).to(self.device),
-                                attention_mask=torch.as_tensor(attention_mask, dtype=torch.long).to(self.device)).logits
+            logits = self.model(
+                input_ids=torch.as_tensor(input_ids, dtype=torch.long).to(self.device),
+                attention_mask=torch.as_tensor(attention_mask, dtype=torch.long).to(self.device),
+            ).logits
             return torch.softmax(logits.float() / self.temperature, dim=-1).cpu().numpy()
 
 
@@ -213,8 +218,13 @@ class OnnxPredictor(TextClassifier):
 
     def probabilities(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities of tokenized rows (the explainer perturbs these)."""
-        logits = self.session.run(["logits"], {"input_ids": np.asarray(input_ids, dtype=np.int64),
-                                               "attention_mask": np.asarray(attention_mask, dtype=np.int64)})[0]
+        logits = self.session.run(
+            ["logits"],
+            {
+                "input_ids": np.asarray(input_ids, dtype=np.int64),
+                "attention_mask": np.asarray(attention_mask, dtype=np.int64),
+            },
+        )[0]
         return softmax(logits, self.temperature).astype(np.float32)
 
 
@@ -245,14 +255,18 @@ def check_model_files(model_dir: str, backend: str = "auto") -> str:
         backend = auto_backend(model_dir)
     needed = ONNX_FILE if backend == "onnx" else WEIGHTS_FILE
     if not (os.path.isfile(os.path.join(model_dir, ONNX_FILE)) if backend == "onnx" else weight_files(model_dir)):
-        hint = "make one with raybm export --variants onnx" if backend == "onnx" else \
-            "raybm loads safetensors weights only"
+        hint = (
+            "make one with raybm export --variants onnx"
+            if backend == "onnx"
+            else "raybm loads safetensors weights only"
+        )
         raise RaybmError(f"{model_dir}: no {needed} for backend {backend} ({hint})")
     return backend
 
 
-def load_onnx(model_dir: str, threads: int | None = None, max_length: int | None = None,
-              batch_size: int = 64) -> OnnxPredictor:
+def load_onnx(
+    model_dir: str, threads: int | None = None, max_length: int | None = None, batch_size: int = 64
+) -> OnnxPredictor:
     """An ONNX Runtime predictor over the folder's ``model.onnx``."""
     try:
         import onnxruntime as ort
@@ -278,13 +292,24 @@ def load_onnx(model_dir: str, threads: int | None = None, max_length: int | None
         tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_dir), model_dir)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise RaybmError(f"{model_dir}: cannot load {ONNX_FILE}: {str(e).splitlines()[0]}") from None
-    return OnnxPredictor(session=session, tokenizer=tokenizer, labels=labels,
-                         max_length=max_length or model_max_length(model_dir), batch_size=batch_size,
-                         temperature=read_calibration(model_dir)["temperature"])
+    return OnnxPredictor(
+        session=session,
+        tokenizer=tokenizer,
+        labels=labels,
+        max_length=max_length or model_max_length(model_dir),
+        batch_size=batch_size,
+        temperature=read_calibration(model_dir)["temperature"],
+    )
 
 
-def load_predictor(model_dir: str, backend: str = "torch", threads: int | None = None,
-                   max_length: int | None = None, device: str = "cpu", batch_size: int = 64):
+def load_predictor(
+    model_dir: str,
+    backend: str = "torch",
+    threads: int | None = None,
+    max_length: int | None = None,
+    device: str = "cpu",
+    batch_size: int = 64,
+):
     """Load a raybm model folder for prediction with the given backend."""
     import torch
 
@@ -309,9 +334,16 @@ def load_predictor(model_dir: str, backend: str = "torch", threads: int | None =
         if device.startswith("cuda"):
             model = model.half()
     model.eval()
-    return Predictor(model=model, tokenizer=tokenizer, labels=labels, backend=backend,
-                     max_length=max_length or model_max_length(model_dir), batch_size=batch_size, device=device,
-                     temperature=read_calibration(model_dir)["temperature"])
+    return Predictor(
+        model=model,
+        tokenizer=tokenizer,
+        labels=labels,
+        backend=backend,
+        max_length=max_length or model_max_length(model_dir),
+        batch_size=batch_size,
+        device=device,
+        temperature=read_calibration(model_dir)["temperature"],
+    )
 
 
 def _read_json(path: str) -> Any:
@@ -325,11 +357,18 @@ def model_info(model_dir: str, source: str | None = None, storage: Any = None) -
     ``model_dir`` is a local copy; the run's or sweep's records are read there. Locations
     are given relative to the results root (``runs/<run>/model``), never as local paths."""
     labels = read_label_map(model_dir)
-    card: dict[str, Any] = {"labels": labels, "base_model": None, "dataset": None,
-                            "source": None, "source_kind": None, "test_metrics": None,
-                            "calibration": read_calibration(model_dir),
-                            "drift_reference": _read_json(os.path.join(model_dir, DRIFT_REFERENCE_FILE))
-                            if os.path.isfile(os.path.join(model_dir, DRIFT_REFERENCE_FILE)) else None}
+    card: dict[str, Any] = {
+        "labels": labels,
+        "base_model": None,
+        "dataset": None,
+        "source": None,
+        "source_kind": None,
+        "test_metrics": None,
+        "calibration": read_calibration(model_dir),
+        "drift_reference": _read_json(os.path.join(model_dir, DRIFT_REFERENCE_FILE))
+        if os.path.isfile(os.path.join(model_dir, DRIFT_REFERENCE_FILE))
+        else None,
+    }
     cfg_path = os.path.join(model_dir, MODEL_CONFIG_FILE)
     if os.path.isfile(cfg_path):
         with open(cfg_path, encoding="utf-8") as f:

@@ -42,15 +42,16 @@ def locate_model(spec: str | None, cfg: JobConfig, flag: str = "--model", shared
     if is_registered_model(spec):
         return registered_model(spec, cfg, results)
     if shared and results.remote and not is_s3(spec) and ("/" in spec or os.sep in spec):
-        raise RaybmError(f"{flag} {spec!r}: with an S3 storage.root ({results.root}), give an s3:// model "
-                         f"folder or the name of a run or sweep under it")
+        raise RaybmError(
+            f"{flag} {spec!r}: with an S3 storage.root ({results.root}), give an s3:// model "
+            f"folder or the name of a run or sweep under it"
+        )
     if is_s3(spec):
         fs, base = resolve_uri(spec, cfg.storage)
         for folder in (base, f"{base.rstrip('/')}/{MODEL_DIR}"):
             if fs.get_file_info(f"{folder}/{LABEL_MAP_FILE}").type != pafs.FileType.NotFound:
                 return f"s3://{folder}"
-        raise RaybmError(f"{flag} {spec!r}: no model folder there (one with {LABEL_MAP_FILE}), nor in its "
-                         f"{MODEL_DIR}/")
+        raise RaybmError(f"{flag} {spec!r}: no model folder there (one with {LABEL_MAP_FILE}), nor in its {MODEL_DIR}/")
     local_ok = not (shared and results.remote)
     for folder in (spec, os.path.join(spec, MODEL_DIR)) if local_ok else ():
         if os.path.isfile(os.path.join(folder, LABEL_MAP_FILE)):
@@ -62,8 +63,10 @@ def locate_model(spec: str | None, cfg: JobConfig, flag: str = "--model", shared
             if results.exists(results.join(folder, LABEL_MAP_FILE)):
                 return results.uri(folder) if results.remote else os.path.abspath(folder)
     where = f" or a run/sweep name under {results.root}" if is_name else ""
-    raise RaybmError(f"{flag} {spec!r}: not a model folder (one with {LABEL_MAP_FILE} and model.safetensors), "
-                     f"a run or sweep folder{where}")
+    raise RaybmError(
+        f"{flag} {spec!r}: not a model folder (one with {LABEL_MAP_FILE} and model.safetensors), "
+        f"a run or sweep folder{where}"
+    )
 
 
 def registered_model(spec: str, cfg: JobConfig, results: Results) -> str:
@@ -75,8 +78,9 @@ def registered_model(spec: str, cfg: JobConfig, results: Results) -> str:
         with tempfile.TemporaryDirectory(prefix="raybm-registry-") as tmp:
             local = download_version(cfg.tracking, name, version, os.path.join(tmp, MODEL_DIR))
             if not os.path.isfile(os.path.join(local, LABEL_MAP_FILE)):
-                raise RaybmError(f"{spec}: version {version} of {name!r} is not a raybm model folder "
-                                 f"(no {LABEL_MAP_FILE})")
+                raise RaybmError(
+                    f"{spec}: version {version} of {name!r} is not a raybm model folder (no {LABEL_MAP_FILE})"
+                )
             results.upload_dir(local, folder)
     return results.uri(folder) if results.remote else os.path.abspath(folder)
 
@@ -94,8 +98,10 @@ def config_model(cfg: JobConfig, results: Results | None = None) -> str:
     else:
         folder, what = results.run_dir(run_name_for(cfg, dataset)), "raybm train"
     if not results.is_complete(folder):
-        raise RaybmError(f"no finished model for this config at {results.uri(folder)}; run `{what} --config ...` "
-                         f"first, or pass --model <folder>")
+        raise RaybmError(
+            f"no finished model for this config at {results.uri(folder)}; run `{what} --config ...` "
+            f"first, or pass --model <folder>"
+        )
     model = results.join(folder, MODEL_DIR)
     return results.uri(model) if results.remote else os.path.abspath(model)
 

@@ -69,14 +69,22 @@ def explain_texts(model_dir: str, texts: list[str], max_length: int | None = Non
     for text in texts:
         found = explain(predictor, text)
         answer = json.loads(format_prediction(text, found["label"], found["confidence"]))
-        lines.append(json.dumps({**answer, "words": [{"word": w["word"], "weight": round(w["weight"], 4)}
-                                                      for w in found["words"]], "method": found["method"]},
-                                ensure_ascii=False))
+        lines.append(
+            json.dumps(
+                {
+                    **answer,
+                    "words": [{"word": w["word"], "weight": round(w["weight"], 4)} for w in found["words"]],
+                    "method": found["method"],
+                },
+                ensure_ascii=False,
+            )
+        )
     return lines
 
 
 class Labelled(NamedTuple):
     """How many rows a file had, how many were labelled, and where the output went."""
+
     rows: int
     """Rows written (every input row)."""
     unlabelled: int
@@ -89,8 +97,13 @@ def output_columns(labels: list[str], probabilities: bool) -> list[str]:
     return [PREDICTED_LABEL, CONFIDENCE, *([f"prob_{lab}" for lab in labels] if probabilities else [])]
 
 
-def label_frame(df: pd.DataFrame, text_column: str, predict: Callable[[list[str]], np.ndarray],
-                labels: list[str], probabilities: bool = False) -> pd.DataFrame:
+def label_frame(
+    df: pd.DataFrame,
+    text_column: str,
+    predict: Callable[[list[str]], np.ndarray],
+    labels: list[str],
+    probabilities: bool = False,
+) -> pd.DataFrame:
     """``df`` with the predicted label and its confidence added (and every class's
     probability with ``probabilities``); rows without text get none of them (None / NaN)
     instead of a guess."""
@@ -130,8 +143,9 @@ def _read_frames(path: str, fmt: str, chunk_rows: int = 10_000) -> Iterator[pd.D
         elif fmt == "jsonl":
             yield from pd.read_json(path, lines=True, chunksize=chunk_rows, dtype=False)
         else:
-            yield from pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", chunksize=chunk_rows,
-                                   dtype=str, keep_default_na=False)
+            yield from pd.read_csv(
+                path, sep="\t" if fmt == "tsv" else ",", chunksize=chunk_rows, dtype=str, keep_default_na=False
+            )
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
         raise RaybmError(f"cannot read {path} as {fmt}: {str(e).splitlines()[0]}") from None
 
@@ -173,9 +187,16 @@ class _Writer:
             os.remove(self.tmp)
 
 
-def predict_file(model_dir: str, input_path: str, output_path: str, text_column: str = "text",
-                 max_length: int | None = None, use_ray: bool | None = None, probabilities: bool = False,
-                 log: Callable[[str], None] | None = None) -> Labelled:
+def predict_file(
+    model_dir: str,
+    input_path: str,
+    output_path: str,
+    text_column: str = "text",
+    max_length: int | None = None,
+    use_ray: bool | None = None,
+    probabilities: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Labelled:
     """Label every row of ``input_path`` into ``output_path``; with ``probabilities`` also
     write each class's probability. ``log`` gets a progress line every few seconds."""
     from raybm.inference.evaluate import Classify
@@ -188,25 +209,36 @@ def predict_file(model_dir: str, input_path: str, output_path: str, text_column:
     first = next(_read_frames(input_path, in_fmt, chunk_rows=5), None)
     if first is None or text_column not in first.columns:
         found = [] if first is None else list(first.columns)
-        raise RaybmError(f"{input_path}: no text column {text_column!r}; columns found: {found}. "
-                         f"Pass --text-column.")
+        raise RaybmError(f"{input_path}: no text column {text_column!r}; columns found: {found}. Pass --text-column.")
     clash = [c for c in output_columns(labels, probabilities) if c in first.columns]
     if clash:
-        raise RaybmError(f"{input_path} already has the column(s) {clash} that labelling adds; rename or drop "
-                         f"them first, so no input column is overwritten")
+        raise RaybmError(
+            f"{input_path} already has the column(s) {clash} that labelling adds; rename or drop "
+            f"them first, so no input column is overwritten"
+        )
     if use_ray is None:
         use_ray = os.path.getsize(input_path) > IN_PROCESS_MAX_BYTES
     writer = _Writer(output_path, out_fmt)
     unlabelled = 0
     try:
         if use_ray:
-            batches = _ray_batches(model_dir, input_path, in_fmt, text_column, max_length, labels, probabilities,
-                                   columns=list(first.columns))
+            batches = _ray_batches(
+                model_dir,
+                input_path,
+                in_fmt,
+                text_column,
+                max_length,
+                labels,
+                probabilities,
+                columns=list(first.columns),
+            )
         else:
             clf = Classify(model_dir, max_length=max_length, threads=max(1, os.cpu_count() or 1))
 
-            batches = (label_frame(df, text_column, clf.predict, labels, probabilities)
-                       for df in _read_frames(input_path, in_fmt, chunk_rows=2048))
+            batches = (
+                label_frame(df, text_column, clf.predict, labels, probabilities)
+                for df in _read_frames(input_path, in_fmt, chunk_rows=2048)
+            )
         started = last = time.monotonic()
         for df in batches:
             writer.write(df)
@@ -221,8 +253,9 @@ def predict_file(model_dir: str, input_path: str, output_path: str, text_column:
     return Labelled(writer.rows, unlabelled)
 
 
-def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels, probabilities=False,
-                 columns: list[str] | None = None):
+def _ray_batches(
+    model_dir, input_path, fmt, text_column, max_length, labels, probabilities=False, columns: list[str] | None = None
+):
     """Predictions streamed from Ray Data in input order, input columns kept. A CSV's
     ``columns`` are read as text, as the in-process path reads them (no type guessing: an
     id ``007`` stays ``007``)."""
@@ -239,15 +272,23 @@ def _ray_batches(model_dir, input_path, fmt, text_column, max_length, labels, pr
         ds = ray.data.read_json(input_path)
     else:
         as_text = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns or []}, strings_can_be_null=False)
-        ds = ray.data.read_csv(input_path, parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
-                               convert_options=as_text)
+        ds = ray.data.read_csv(
+            input_path,
+            parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
+            convert_options=as_text,
+        )
 
     class _Label(Classify):
         def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
             return label_frame(batch, text_column, self.predict, labels, probabilities)
 
-    out = ds.map_batches(_Label, batch_format="pandas", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1),
-                         fn_constructor_kwargs={"model_dir": model_dir, "max_length": max_length})
+    out = ds.map_batches(
+        _Label,
+        batch_format="pandas",
+        batch_size=256,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        fn_constructor_kwargs={"model_dir": model_dir, "max_length": max_length},
+    )
     try:
         yield from out.iter_batches(batch_format="pandas", batch_size=4096)
     finally:
@@ -269,5 +310,7 @@ def in_words(label: str, confidence: float, min_confidence: float = 0.0) -> str:
 
 def format_prediction(text: str, label: str, confidence: float) -> str:
     """One prediction as a JSON line, with the answer in words."""
-    return json.dumps({"text": text, "label": label, "confidence": round(confidence, 4),
-                       "answer": in_words(label, confidence)}, ensure_ascii=False)
+    return json.dumps(
+        {"text": text, "label": label, "confidence": round(confidence, 4), "answer": in_words(label, confidence)},
+        ensure_ascii=False,
+    )

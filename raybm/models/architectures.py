@@ -28,8 +28,9 @@ class Architecture:
 
 
 _BERT_LIKE = Architecture("encoder.layer", ("embeddings",), lora_targets=("query", "value"))
-_LLAMA_LIKE = Architecture("layers", ("embed_tokens",), after=("norm",), decoder=True,
-                           lora_targets=("q_proj", "v_proj"))
+_LLAMA_LIKE = Architecture(
+    "layers", ("embed_tokens",), after=("norm",), decoder=True, lora_targets=("q_proj", "v_proj")
+)
 
 ARCHITECTURES: dict[str, Architecture] = {
     "bert": _BERT_LIKE,
@@ -38,8 +39,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "electra": Architecture("encoder.layer", ("embeddings", "embeddings_project"), lora_targets=("query", "value")),
     "distilbert": Architecture("transformer.layer", ("embeddings",), lora_targets=("q_lin", "v_lin")),
     # DeBERTa's relative position embeddings and their norm sit beside the layers.
-    "deberta-v2": Architecture("encoder.layer", ("embeddings", "encoder.rel_embeddings", "encoder.LayerNorm"),
-                               lora_targets=("query_proj", "value_proj")),
+    "deberta-v2": Architecture(
+        "encoder.layer",
+        ("embeddings", "encoder.rel_embeddings", "encoder.LayerNorm"),
+        lora_targets=("query_proj", "value_proj"),
+    ),
     "modernbert": Architecture("layers", ("embeddings",), after=("final_norm",), lora_targets=("Wqkv",)),
     "gpt2": Architecture("h", ("wte", "wpe"), after=("ln_f",), decoder=True, lora_targets=("c_attn",)),
     "llama": _LLAMA_LIKE,
@@ -107,8 +111,14 @@ def model_parts(model) -> Parts:
     row = ARCHITECTURES.get(kind)
     if row is not None and isinstance(_module(base, row.layers), torch.nn.ModuleList):
         pick = lambda paths: [m for m in (_module(base, p) for p in paths) if m is not None]  # noqa: E731
-        return Parts(kind, list(_module(base, row.layers)), pick(row.embeddings), pick(row.after),
-                     head_modules(model), row.decoder)
+        return Parts(
+            kind,
+            list(_module(base, row.layers)),
+            pick(row.embeddings),
+            pick(row.after),
+            head_modules(model),
+            row.decoder,
+        )
     return walk_parts(model)
 
 
@@ -124,9 +134,14 @@ def walk_parts(model) -> Parts:
     base = model.base_model
     head = head_modules(model)
     in_head = {id(m) for h in head for m in h.modules()}
-    lists = [(sum(p.numel() for p in m.parameters()), name, m) for name, m in base.named_modules()
-             if isinstance(m, torch.nn.ModuleList) and len(m) > 0 and id(m) not in in_head
-             and all(any(True for _ in layer.children()) for layer in m)]  # layers, not a list of convolutions
+    lists = [
+        (sum(p.numel() for p in m.parameters()), name, m)
+        for name, m in base.named_modules()
+        if isinstance(m, torch.nn.ModuleList)
+        and len(m) > 0
+        and id(m) not in in_head
+        and all(any(True for _ in layer.children()) for layer in m)
+    ]  # layers, not a list of convolutions
     if not lists:
         raise RaybmError(f"{kind} has no stack of transformer layers")
     _, path, layers = max(lists, key=lambda x: x[0])
@@ -166,5 +181,7 @@ def lora_targets(model) -> list[str]:
 
     if kind in PEFT_TARGETS:
         return list(PEFT_TARGETS[kind])
-    raise RaybmError(f"no default LoRA target modules for {kind}; name them with train.lora_targets "
-                     f"(Linear module names inside its layers, e.g. [q_proj, v_proj])")
+    raise RaybmError(
+        f"no default LoRA target modules for {kind}; name them with train.lora_targets "
+        f"(Linear module names inside its layers, e.g. [q_proj, v_proj])"
+    )

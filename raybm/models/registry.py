@@ -21,8 +21,10 @@ def register_architectures() -> None:
     AutoModelForSequenceClassification (once; again is a no-op)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    for config_cls, model_cls in ((TextCNNConfig, TextCNNForSequenceClassification),
-                                  (PooledClassifierConfig, PooledClassifier)):
+    for config_cls, model_cls in (
+        (TextCNNConfig, TextCNNForSequenceClassification),
+        (PooledClassifierConfig, PooledClassifier),
+    ):
         try:
             AutoConfig.register(config_cls.model_type, config_cls)
             AutoModelForSequenceClassification.register(config_cls, model_cls)

@@ -13,8 +13,9 @@ def encoder_layers(model):
     return model_parts(model).layers
 
 
-def trainable_layers(strategy: str, num_layers: int, epoch: int, freeze_layers: int = 0,
-                     unfreeze_every: int = 1) -> tuple[bool, int]:
+def trainable_layers(
+    strategy: str, num_layers: int, epoch: int, freeze_layers: int = 0, unfreeze_every: int = 1
+) -> tuple[bool, int]:
     """(embeddings trainable, how many top encoder layers are trainable) at ``epoch`` (0-based)."""
     if strategy in ("full", "scratch"):
         return True, num_layers
@@ -34,11 +35,12 @@ def apply_strategy(model, train_cfg, epoch: int, sizes: dict[int, int] | None = 
     if train_cfg.strategy in ("partial", "gradual"):
         parts = model_parts(model)
         layers = parts.layers
-        emb_on, top = trainable_layers(train_cfg.strategy, len(layers), epoch, train_cfg.freeze_layers,
-                                       train_cfg.unfreeze_every)
+        emb_on, top = trainable_layers(
+            train_cfg.strategy, len(layers), epoch, train_cfg.freeze_layers, train_cfg.unfreeze_every
+        )
         for p in model.parameters():
             p.requires_grad = False
-        trained = parts.head + (layers[len(layers) - top:] if top else []) + (parts.after if top else [])
+        trained = parts.head + (layers[len(layers) - top :] if top else []) + (parts.after if top else [])
         for module in trained:
             for p in module.parameters():
                 p.requires_grad = True
@@ -75,8 +77,10 @@ def param_groups(model, lr: float, weight_decay: float, layerwise_decay: float =
         no_decay = p.dim() < 2 or "norm" in name.lower()
         key = (scale.get(id(p), 1.0), no_decay)
         groups.setdefault(key, []).append(p)
-    return [{"params": ps, "lr": lr * s, "weight_decay": 0.0 if nd else weight_decay, "lr_scale": s}
-            for (s, nd), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+    return [
+        {"params": ps, "lr": lr * s, "weight_decay": 0.0 if nd else weight_decay, "lr_scale": s}
+        for (s, nd), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))
+    ]
 
 
 def needs_of(train_cfg) -> list[str]:
@@ -99,14 +103,18 @@ def check_fits_architecture(cfg) -> None:
     trial can have). The model is built on the meta device (no weights, no memory) only when
     a setting needs it."""
     trials = extreme_trials(cfg)
-    needing = {need: next(t.train for t in trials if need in needs_of(t.train))
-               for need in ("layers", "lora", "checkpointing") if any(need in needs_of(t.train) for t in trials)}
+    needing = {
+        need: next(t.train for t in trials if need in needs_of(t.train))
+        for need in ("layers", "lora", "checkpointing")
+        if any(need in needs_of(t.train) for t in trials)
+    }
     if not needing:
         return
     # Only now: building a skeleton imports torch and transformers' modelling code.
     from raybm.models.architectures import model_type
     from raybm.models.build import classifier_skeleton, local_model, supports_checkpointing
     from raybm.models.lora import target_names
+
     skeletons: dict = {}
     for trial in trials:
         key = repr(trial.model)
@@ -119,15 +127,20 @@ def check_fits_architecture(cfg) -> None:
                 model_parts(model)
             except RaybmError as e:
                 t = needing["layers"]
-                what = f"train.strategy={t.strategy}" if t.strategy in ("partial", "gradual") \
+                what = (
+                    f"train.strategy={t.strategy}"
+                    if t.strategy in ("partial", "gradual")
                     else f"train.layerwise_lr_decay={t.layerwise_lr_decay:g}"
-                raise RaybmError(f"{where}: {what} works layer by layer, but {e}; use train.strategy=full "
-                                 f"and layerwise_lr_decay=1") from None
+                )
+                raise RaybmError(
+                    f"{where}: {what} works layer by layer, but {e}; use train.strategy=full and layerwise_lr_decay=1"
+                ) from None
         if "lora" in needing:
             try:
                 target_names(model, trial.train.lora_targets)
             except RaybmError as e:
                 raise RaybmError(f"{where}: train.strategy=lora: {e}") from None
         if "checkpointing" in needing and not supports_checkpointing(model):
-            raise RaybmError(f"{where}: train.gradient_checkpointing is not supported by this architecture; "
-                             f"set it to false")
+            raise RaybmError(
+                f"{where}: train.gradient_checkpointing is not supported by this architecture; set it to false"
+            )

@@ -37,9 +37,10 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 
@@ -111,8 +112,12 @@ def load_replica(model_dir: str, s: ServeConfig, loader: str | Callable, storage
     started = time.time()
     predictor = import_object(loader)(model_dir, backend=s.backend, threads=replica_threads(s), device=device)
     card = model_info(model_dir, source=source, storage=storage_cfg)
-    card.update(backend=getattr(predictor, "backend", s.backend), device=device, torch_threads=replica_threads(s),
-                load_seconds=round(time.time() - started, 2))
+    card.update(
+        backend=getattr(predictor, "backend", s.backend),
+        device=device,
+        torch_threads=replica_threads(s),
+        load_seconds=round(time.time() - started, 2),
+    )
     return predictor, card
 
 
@@ -125,7 +130,7 @@ def foreign_host(request: Request) -> bool:
     could otherwise use the server from the visitor's browser."""
     host = (request.headers.get("host") or "").strip().lower()
     name = host.rsplit(":", 1)[0] if not host.endswith("]") and host.count(":") == 1 else host
-    name = host[:host.index("]") + 1] if host.startswith("[") and "]" in host else name
+    name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else name
     return name not in LOOPBACK_NAMES
 
 
@@ -143,8 +148,11 @@ def unauthorized(request: Request, api_key: dict[str, str] | None, s: ServeConfi
         given = auth[7:].strip()
     if given and hmac.compare_digest(api_key_digest(given, api_key["salt"]), api_key["hmac"]):
         return None
-    return error_response(401, "missing or wrong API key: send it in the X-API-Key header "
-                               "(or Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"})
+    return error_response(
+        401,
+        "missing or wrong API key: send it in the X-API-Key header (or Authorization: Bearer <key>)",
+        {"WWW-Authenticate": "Bearer"},
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -167,13 +175,17 @@ async def read_predict_request(request: Request, s: ServeConfig, api_key: dict[s
     if denied is not None:
         return denied, None
     if not is_json_content_type(request.headers.get("content-type")):
-        return error_response(415, f"send the body as JSON with the header Content-Type: application/json "
-                                   f"(got {request.headers.get('content-type') or 'none'})"), None
+        return error_response(
+            415,
+            f"send the body as JSON with the header Content-Type: application/json "
+            f"(got {request.headers.get('content-type') or 'none'})",
+        ), None
     try:
         body = await read_body(request, s.max_body_bytes)
     except BodyTooLarge:
-        return error_response(413, f"request body over {s.max_body_bytes} bytes; send fewer or "
-                                   f"shorter texts per request"), None
+        return error_response(
+            413, f"request body over {s.max_body_bytes} bytes; send fewer or shorter texts per request"
+        ), None
     try:
         payload = json.loads(body.decode("utf-8"))  # UTF-8 only (json.loads of bytes would take UTF-16 and 32)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, an int over 4,300 digits
@@ -190,9 +202,12 @@ async def watched(server, route: str, answer, request: Request):
     started = time.perf_counter()
     if server.in_hand >= server.capacity:  # shed here, where it is counted, whichever way it came in
         server.watch.observe(route, 503, started, [], [])
-        return error_response(503, f"the server has {server.in_hand} requests in hand, its most "
-                                   f"(serve.max_ongoing_requests + serve.max_queued_requests); retry shortly",
-                              {"Retry-After": "1"})
+        return error_response(
+            503,
+            f"the server has {server.in_hand} requests in hand, its most "
+            f"(serve.max_ongoing_requests + serve.max_queued_requests); retry shortly",
+            {"Retry-After": "1"},
+        )
     server.in_hand += 1
     try:
         response, texts, answers = await answer(server, request)
@@ -214,13 +229,23 @@ async def predict_answers(server, request: Request):
     probs = await asyncio.gather(*(server.batcher(t) for t in texts))
     failed = [i for i, p in enumerate(probs) if isinstance(p, Exception)]
     if failed:
-        return error_response(500, f"the model failed on {len(failed)} of {len(texts)} text(s) (first: "
-                                   f"{type(probs[failed[0]]).__name__}); other requests are not affected. "
-                                   f"The replica's log has the details"), texts, []
+        return (
+            error_response(
+                500,
+                f"the model failed on {len(failed)} of {len(texts)} text(s) (first: "
+                f"{type(probs[failed[0]]).__name__}); other requests are not affected. "
+                f"The replica's log has the details",
+            ),
+            texts,
+            [],
+        )
     predictions = [prediction(server.labels, p, server.settings.min_confidence) for p in probs]
     body = {"prediction": predictions[0]} if "text" in payload else {"predictions": predictions}
-    return ({**body, "model": server.card["name"], "backend": server.backend}, texts,
-            [(p["label"], p["confidence"]) for p in predictions])
+    return (
+        {**body, "model": server.card["name"], "backend": server.backend},
+        texts,
+        [(p["label"], p["confidence"]) for p in predictions],
+    )
 
 
 async def stats_answer(server, request: Request):
@@ -231,11 +256,10 @@ async def stats_answer(server, request: Request):
     minutes = await server.watch.stats.export.remote() if server.watch.stats is not None else []
     try:  # every request, those Serve answered itself (503, 408) included: its proxies' own counts
         proxies = await server.proxy_counts.get()
-    except Exception:  # noqa: BLE001 - the replica's own figures still answer
+    except Exception:
         logger.exception("could not read Serve's request counts")
         proxies = None
-    return {"model": server.card["name"], **summarize(minutes, server.card.get("drift_reference")),
-            "serve": proxies}
+    return {"model": server.card["name"], **summarize(minutes, server.card.get("drift_reference")), "serve": proxies}
 
 
 async def explain_answers(server, request: Request):
@@ -246,33 +270,61 @@ async def explain_answers(server, request: Request):
     if texts is None:
         return payload, [], []  # the error answer
     if len(texts) > EXPLAIN_MAX_TEXTS:
-        return error_response(422, f"{len(texts)} texts: /explain takes at most {EXPLAIN_MAX_TEXTS} per request"), [], []
+        return (
+            error_response(422, f"{len(texts)} texts: /explain takes at most {EXPLAIN_MAX_TEXTS} per request"),
+            [],
+            [],
+        )
     s = server.settings
     if server.explain_waiting > s.explain_max_queued:
-        return error_response(503, "too many explanations waiting on this replica; retry later",
-                              {"Retry-After": "1"}), texts, []
+        return (
+            error_response(503, "too many explanations waiting on this replica; retry later", {"Retry-After": "1"}),
+            texts,
+            [],
+        )
     deadline = time.monotonic() + s.request_timeout_s  # the thread stops by itself once the request has timed out
     server.explain_waiting += 1
     try:
         async with server.explain_slot:  # one explanation at a time, in a thread apart from /predict and health
             found = await asyncio.get_running_loop().run_in_executor(
-                server.explain_pool, explain_within, server.predictor, texts, s.explain_max_cost, deadline)
+                server.explain_pool, explain_within, server.predictor, texts, s.explain_max_cost, deadline
+            )
     except RaybmError as e:
         return error_response(422, str(e)), texts, []
     except ExplainTimeout:
-        return error_response(503, f"the explanation took longer than serve.request_timeout_s "
-                                   f"({s.request_timeout_s:g} s); send shorter or fewer texts"), texts, []
-    except Exception as e:  # noqa: BLE001 - the model failed: the documented 500, no traceback
+        return (
+            error_response(
+                503,
+                f"the explanation took longer than serve.request_timeout_s "
+                f"({s.request_timeout_s:g} s); send shorter or fewer texts",
+            ),
+            texts,
+            [],
+        )
+    except Exception as e:
         logger.exception("/explain failed")
-        return error_response(500, f"the model failed to explain ({type(e).__name__}); the replica's log has "
-                                   f"the details"), texts, []
+        return (
+            error_response(500, f"the model failed to explain ({type(e).__name__}); the replica's log has the details"),
+            texts,
+            [],
+        )
     finally:
         server.explain_waiting -= 1
-    answers = [{"label": f["label"], "confidence": f["confidence"], "words": f["words"],
-                "uncertain": f["confidence"] < server.settings.min_confidence} for f in found]
+    answers = [
+        {
+            "label": f["label"],
+            "confidence": f["confidence"],
+            "words": f["words"],
+            "uncertain": f["confidence"] < server.settings.min_confidence,
+        }
+        for f in found
+    ]
     body = {"explanation": answers[0]} if "text" in payload else {"explanations": answers}
-    return ({**body, "method": METHOD, "model": server.card["name"], "backend": server.backend}, texts,
-            [(a["label"], a["confidence"]) for a in answers])
+    return (
+        {**body, "method": METHOD, "model": server.card["name"], "backend": server.backend},
+        texts,
+        [(a["label"], a["confidence"]) for a in answers],
+    )
 
 
 def make_server_class():
@@ -281,16 +333,23 @@ def make_server_class():
     from fastapi import FastAPI
     from ray import serve
 
-    app = FastAPI(title="raybm model server", version="1",
-                  description="Text classification with a model fine-tuned by raybm.")
+    app = FastAPI(
+        title="raybm model server", version="1", description="Text classification with a model fine-tuned by raybm."
+    )
     add_error_handlers(app)
 
     @serve.deployment(name="ModelServer")
     @serve.ingress(app)
     class ModelServer:
-        def __init__(self, model_dir: str, settings: dict[str, Any], loader: str | Callable = DEFAULT_LOADER,
-                     api_key: dict[str, str] | None = None, storage: dict[str, Any] | None = None,
-                     stats=None) -> None:
+        def __init__(
+            self,
+            model_dir: str,
+            settings: dict[str, Any],
+            loader: str | Callable = DEFAULT_LOADER,
+            api_key: dict[str, str] | None = None,
+            storage: dict[str, Any] | None = None,
+            stats=None,
+        ) -> None:
             self.settings = s = ServeConfig(**settings)
             try:
                 self.replica = serve.get_replica_context().replica_id.unique_id
@@ -302,32 +361,53 @@ def make_server_class():
             # Explanations one at a time, in a thread apart from /predict's and health checks'.
             self.explain_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raybm-explain")
             self.explain_slot, self.explain_waiting = asyncio.Lock(), 0
-            self.watch = Watch(stats, self.card.get("drift_reference"), getattr(self.predictor, "tokenizer", None),
-                               s.app_name)
+            self.watch = Watch(
+                stats, self.card.get("drift_reference"), getattr(self.predictor, "tokenizer", None), s.app_name
+            )
             self.proxy_counts = ProxyCounts(s.app_name)
             self.in_hand, self.capacity = 0, s.max_ongoing_requests + s.max_queued_requests
             # The documented request body carries this server's own limits.
             paths = app.openapi()["paths"]
-            paths["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"] = predict_request_schema(s)
-            paths["/explain"]["post"]["requestBody"]["content"]["application/json"]["schema"] = \
-                predict_request_schema(dataclasses.replace(s, max_texts=min(s.max_texts, EXPLAIN_MAX_TEXTS)))
-            self.batcher = Batcher(lambda texts: predict_each(self.predictor.predict, texts), s.max_batch_size,
-                                   s.batch_wait_timeout_s)
+            paths["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"] = predict_request_schema(
+                s
+            )
+            paths["/explain"]["post"]["requestBody"]["content"]["application/json"]["schema"] = predict_request_schema(
+                dataclasses.replace(s, max_texts=min(s.max_texts, EXPLAIN_MAX_TEXTS))
+            )
+            self.batcher = Batcher(
+                lambda texts: predict_each(self.predictor.predict, texts), s.max_batch_size, s.batch_wait_timeout_s
+            )
 
         async def check_health(self) -> None:
             probs = await asyncio.to_thread(self.predictor.predict, [HEALTH_PROBE])
             if len(probs) != 1 or abs(float(sum(probs[0])) - 1.0) > 1e-3:
                 raise RuntimeError(f"model health check returned {probs!r}")
 
-        @app.post("/predict", summary="Classify texts", responses=PREDICT_RESPONSES,
-                  openapi_extra={"requestBody": {"required": True, "content": {
-                      "application/json": {"schema": predict_request_schema(ServeConfig())}}}})
+        @app.post(
+            "/predict",
+            summary="Classify texts",
+            responses=PREDICT_RESPONSES,
+            openapi_extra={
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": predict_request_schema(ServeConfig())}},
+                }
+            },
+        )
         async def predict(self, request: Request):
             return await watched(self, "predict", predict_answers, request)
 
-        @app.post("/explain", summary="Classify texts and weigh each word's part in the answer",
-                  responses=EXPLAIN_RESPONSES, openapi_extra={"requestBody": {"required": True, "content": {
-                      "application/json": {"schema": predict_request_schema(ServeConfig())}}}})
+        @app.post(
+            "/explain",
+            summary="Classify texts and weigh each word's part in the answer",
+            responses=EXPLAIN_RESPONSES,
+            openapi_extra={
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": predict_request_schema(ServeConfig())}},
+                }
+            },
+        )
         async def explain(self, request: Request):
             return await watched(self, "explain", explain_answers, request)
 
@@ -342,12 +422,19 @@ def make_server_class():
             if denied is not None:
                 return denied
             s = self.settings
-            limits = {"max_texts": s.max_texts, "max_text_chars": s.max_text_chars,
-                      "max_body_bytes": s.max_body_bytes, "max_batch_size": s.max_batch_size}
+            limits = {
+                "max_texts": s.max_texts,
+                "max_text_chars": s.max_text_chars,
+                "max_body_bytes": s.max_body_bytes,
+                "max_batch_size": s.max_batch_size,
+            }
             return {**self.card, "limits": limits, "min_confidence": s.min_confidence}
 
-        @app.get("/stats", summary="How the served model is doing: traffic, latency, errors, answers, drift",
-                 responses=ERROR_RESPONSES)
+        @app.get(
+            "/stats",
+            summary="How the served model is doing: traffic, latency, errors, answers, drift",
+            responses=ERROR_RESPONSES,
+        )
         async def stats(self, request: Request):
             return await stats_answer(self, request)
 
@@ -368,15 +455,22 @@ def deployment_options(s: ServeConfig) -> dict[str, Any]:
         "max_queued_requests": -1,
         "health_check_period_s": s.health_check_period_s,
         "health_check_timeout_s": s.health_check_timeout_s,
-        "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
-                              "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false",
-                                                           "OMP_NUM_THREADS": str(replica_threads(s))}}},
+        "ray_actor_options": {
+            "num_cpus": s.cpus_per_replica,
+            "num_gpus": s.gpus_per_replica,
+            "runtime_env": {
+                "env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(replica_threads(s))}
+            },
+        },
         "max_constructor_retry_count": 3,
     }
     if s.max_replicas is not None:
-        opts["autoscaling_config"] = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                                      "initial_replicas": max(s.min_replicas, 1),
-                                      "target_ongoing_requests": s.target_ongoing_requests}
+        opts["autoscaling_config"] = {
+            "min_replicas": s.min_replicas,
+            "max_replicas": s.max_replicas,
+            "initial_replicas": max(s.min_replicas, 1),
+            "target_ongoing_requests": s.target_ongoing_requests,
+        }
         opts["num_replicas"] = "auto"
     else:
         opts["num_replicas"] = s.num_replicas
@@ -390,11 +484,15 @@ def read_api_key(s: ServeConfig) -> dict[str, str] | None:
         return None
     key = os.environ.get(s.api_key_env, "").strip()
     if not key:
-        raise RaybmError(f"serve.api_key_env={s.api_key_env}: set the environment variable {s.api_key_env} to "
-                         f"the API key, or unset serve.api_key_env to serve without one")
+        raise RaybmError(
+            f"serve.api_key_env={s.api_key_env}: set the environment variable {s.api_key_env} to "
+            f"the API key, or unset serve.api_key_env to serve without one"
+        )
     if len(key) < MIN_API_KEY_CHARS:
-        raise RaybmError(f"the API key in {s.api_key_env} has {len(key)} characters; use at least "
-                         f"{MIN_API_KEY_CHARS} (for example: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        raise RaybmError(
+            f"the API key in {s.api_key_env} has {len(key)} characters; use at least "
+            f"{MIN_API_KEY_CHARS} (for example: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
     salt = secrets.token_hex(16)
     return {"salt": salt, "hmac": api_key_digest(key, salt)}
 
@@ -414,8 +512,9 @@ def for_model(s: ServeConfig, model_dir: str) -> ServeConfig:
     return dataclasses.replace(s, app_name=name, route_prefix=s.route_prefix or f"/{name}")
 
 
-def build_application(model_dir: str, s: ServeConfig, loader: str | Callable = DEFAULT_LOADER,
-                      storage: StorageConfig | None = None):
+def build_application(
+    model_dir: str, s: ServeConfig, loader: str | Callable = DEFAULT_LOADER, storage: StorageConfig | None = None
+):
     """A Serve application for ``model_dir`` (a local folder, or an s3:// one with the
     ``storage`` settings to reach it) with the settings ``s``."""
     if model_dir.startswith("s3://"):
@@ -440,5 +539,6 @@ def build_app(args: dict[str, str]):
     model, config, loader = args.pop("model"), args.pop("config", None), args.pop("loader", DEFAULT_LOADER)
     cfg = load_config(config, [f"serve.{k}={v}" for k, v in args.items()])
     located = locate_model(model, cfg, flag="model=")
-    return build_application(located, for_model(cfg.serve, located), loader,
-                             storage=cfg.storage if located.startswith("s3://") else None)
+    return build_application(
+        located, for_model(cfg.serve, located), loader, storage=cfg.storage if located.startswith("s3://") else None
+    )

@@ -23,7 +23,7 @@ def post_texts(url: str, texts: list[str], api_key: str | None = None, timeout: 
     A RaybmError with the server's own error message when it refuses."""
     out: list[dict[str, Any]] = []
     for i in range(0, len(texts), TEXTS_PER_REQUEST):
-        out += _post(url, "predict", texts[i:i + TEXTS_PER_REQUEST], api_key, timeout)["predictions"]
+        out += _post(url, "predict", texts[i : i + TEXTS_PER_REQUEST], api_key, timeout)["predictions"]
     return out
 
 
@@ -38,8 +38,9 @@ def _post(url: str, route: str, texts: list[str], api_key: str | None, timeout: 
     if api_key:
         headers["X-API-Key"] = api_key
     endpoint = f"{url.rstrip('/')}/{route}"
-    req = urllib.request.Request(endpoint, data=json.dumps({"texts": texts}).encode("utf-8"), headers=headers,
-                                 method="POST")
+    req = urllib.request.Request(
+        endpoint, data=json.dumps({"texts": texts}).encode("utf-8"), headers=headers, method="POST"
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())

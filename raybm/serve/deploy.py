@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from raybm.config import JobConfig, ServeConfig, StorageConfig, is_loopback
 from raybm.errors import RaybmError
@@ -34,22 +34,29 @@ def check_running_serve(s: ServeConfig, running: RunningServe) -> None:
     as configured: one it would expose beyond loopback without a key, one on another
     address than it listens on (Serve keeps its first), one on a route another model holds."""
     if running.host is not None and not is_loopback(running.host) and not s.api_key_env and not s.allow_without_key:
-        raise RaybmError(f"Serve on this Ray listens on {running.host}:{running.port}, beyond this machine: "
-                         f"{s.app_name!r} without an API key would be open to anyone there. Set serve.api_key_env "
-                         f"(and serve.host={running.host}), or stop that Serve first")
+        raise RaybmError(
+            f"Serve on this Ray listens on {running.host}:{running.port}, beyond this machine: "
+            f"{s.app_name!r} without an API key would be open to anyone there. Set serve.api_key_env "
+            f"(and serve.host={running.host}), or stop that Serve first"
+        )
     if (running.host, running.port) != (None, None) and (running.host != s.host or running.port != s.port):
-        raise RaybmError(f"Serve on this Ray already listens on {running.host}:{running.port} and keeps that "
-                         f"address for every application; set serve.host={running.host} serve.port={running.port} "
-                         f"to add {s.app_name!r} beside the others, or stop them first (raybm serve --list)")
+        raise RaybmError(
+            f"Serve on this Ray already listens on {running.host}:{running.port} and keeps that "
+            f"address for every application; set serve.host={running.host} serve.port={running.port} "
+            f"to add {s.app_name!r} beside the others, or stop them first (raybm serve --list)"
+        )
     taken = {route.rstrip("/") or "/": app for app, route in running.apps.items() if route and app != s.app_name}
     holder = taken.get(s.route_prefix.rstrip("/") or "/")
     if holder is not None:
-        raise RaybmError(f"route {s.route_prefix} is served by the application {holder!r}; pick another "
-                         f"serve.route_prefix (or serve.app_name={holder} to update that one)")
+        raise RaybmError(
+            f"route {s.route_prefix} is served by the application {holder!r}; pick another "
+            f"serve.route_prefix (or serve.app_name={holder} to update that one)"
+        )
 
 
-def deploy(cfg: JobConfig, model_dir: str, loader: str | Callable = DEFAULT_LOADER,
-           storage: StorageConfig | None = None) -> str:
+def deploy(
+    cfg: JobConfig, model_dir: str, loader: str | Callable = DEFAULT_LOADER, storage: StorageConfig | None = None
+) -> str:
     """Start Serve (if needed) on the configured host and port and deploy ``model_dir`` as
     an application of its own (``for_model``): a running Serve is checked first
     (``check_running_serve``), and the same name again is an update. Returns the API's URL
@@ -62,13 +69,19 @@ def deploy(cfg: JobConfig, model_dir: str, loader: str | Callable = DEFAULT_LOAD
         check_running_serve(s, running)
     app = build_application(model_dir, s, loader, storage)
     if not is_loopback(s.host) and not s.api_key_env:  # allowed only by serve.allow_without_key
-        print(f"raybm: WARNING: serving on {s.host}:{s.port} without an API key (serve.allow_without_key=true): "
-              f"anyone who reaches the port can use the model", file=sys.stderr, flush=True)
+        print(
+            f"raybm: WARNING: serving on {s.host}:{s.port} without an API key (serve.allow_without_key=true): "
+            f"anyone who reaches the port can use the model",
+            file=sys.stderr,
+            flush=True,
+        )
     if running is None:
         if not _port_free(s.host, s.port):
             raise RaybmError(f"port {s.port} on {s.host} is in use; pick another with serve.port=<port>")
-        serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s},
-                    proxy_location=s.proxy_location)
+        serve.start(
+            http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s},
+            proxy_location=s.proxy_location,
+        )
     try:
         serve.run(app, name=s.app_name, route_prefix=s.route_prefix)
     except RuntimeError as e:
@@ -86,9 +99,15 @@ def list_apps() -> list[dict[str, str | None]]:
         return []
     statuses = serve.status().applications
     host = "127.0.0.1" if running.host in (None, "0.0.0.0", "::") else running.host
-    return [{"name": name, "route_prefix": route, "status": str(getattr(statuses.get(name), "status", "")),
-             "url": f"http://{host}:{running.port}{(route or '').rstrip('/')}" if route else None}
-            for name, route in sorted(running.apps.items())]
+    return [
+        {
+            "name": name,
+            "route_prefix": route,
+            "status": str(getattr(statuses.get(name), "status", "")),
+            "url": f"http://{host}:{running.port}{(route or '').rstrip('/')}" if route else None,
+        }
+        for name, route in sorted(running.apps.items())
+    ]
 
 
 def stop_app(name: str) -> None:

@@ -45,8 +45,12 @@ def ray_env(s: ServeConfig) -> dict[str, str]:
 
     if not ray.__version__.startswith(WRITTEN_FOR_RAY):
         if not _warned:
-            print(f"raybm: serve.ingress=direct was written for Ray {WRITTEN_FOR_RAY}x, this is Ray "
-                  f"{ray.__version__}: serving through Serve's proxy only", file=sys.stderr, flush=True)
+            print(
+                f"raybm: serve.ingress=direct was written for Ray {WRITTEN_FOR_RAY}x, this is Ray "
+                f"{ray.__version__}: serving through Serve's proxy only",
+                file=sys.stderr,
+                flush=True,
+            )
             _warned = True
         return {}
     return dict(DIRECT_INGRESS_ENV)
@@ -72,6 +76,8 @@ def say_direct_urls(s: ServeConfig, say) -> list[str]:
     resolved); returns those URLs."""
     urls = direct_urls(s)
     if urls:
-        say(f"  and straight to the replica{'s' if len(urls) > 1 else ''}, without the proxy's hop: "
-            f"{', '.join(u + '/predict' for u in urls)} (a new port after each redeploy)")
+        say(
+            f"  and straight to the replica{'s' if len(urls) > 1 else ''}, without the proxy's hop: "
+            f"{', '.join(u + '/predict' for u in urls)} (a new port after each redeploy)"
+        )
     return urls

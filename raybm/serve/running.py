@@ -22,6 +22,7 @@ NAMESPACE = "serve"
 class RunningServe:
     """A running Serve: where it listens (None where Ray no longer tells) and its
     applications (name -> route prefix; the prefix None where Ray no longer tells)."""
+
     host: str | None
     port: int | None
     apps: dict[str, str | None]
@@ -68,8 +69,13 @@ def ingress_targets(app: str, route_prefix: str) -> list[tuple[str, int]] | None
     groups = (serve_instance_details(controller) or {}).get("target_groups")
     if groups is None:
         return []
-    mine = [g for g in groups if g.get("app_name") == app and g.get("route_prefix") == route_prefix
-            and getattr(g.get("protocol"), "value", g.get("protocol")) == "HTTP"]
+    mine = [
+        g
+        for g in groups
+        if g.get("app_name") == app
+        and g.get("route_prefix") == route_prefix
+        and getattr(g.get("protocol"), "value", g.get("protocol")) == "HTTP"
+    ]
     if not mine:
         return None
     targets = [t for g in mine for t in g.get("targets") or []]

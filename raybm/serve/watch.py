@@ -28,8 +28,17 @@ LOW_CONFIDENCE = 0.6  # an answer below this (or below serve.min_confidence, whe
 
 def new_minute(minute: int) -> dict[str, Any]:
     """An empty minute of counts."""
-    return {"minute": minute, "requests": 0, "errors": 0, "refused": 0, "latencies_ms": [], "labels": {},
-            "answers": 0, "low_confidence": 0, "lengths": {}}
+    return {
+        "minute": minute,
+        "requests": 0,
+        "errors": 0,
+        "refused": 0,
+        "latencies_ms": [],
+        "labels": {},
+        "answers": 0,
+        "low_confidence": 0,
+        "lengths": {},
+    }
 
 
 class Minutes:
@@ -47,8 +56,14 @@ class Minutes:
             self.seen = 0
         return self.minutes[-1]
 
-    def record(self, status: int, latency_ms: float, answers: list[tuple[str, float]], length_bins: list[int],
-               now: float | None = None) -> None:
+    def record(
+        self,
+        status: int,
+        latency_ms: float,
+        answers: list[tuple[str, float]],
+        length_bins: list[int],
+        now: float | None = None,
+    ) -> None:
         """One request: its status, latency, (label, confidence) answers and texts' length bins."""
         m = self._now(time.time() if now is None else now)
         m["requests"] += 1
@@ -71,18 +86,22 @@ class Minutes:
         return [dict(m) for m in self.minutes]
 
 
-def summarize(minutes: list[dict[str, Any]], reference: dict[str, Any] | None, now: float | None = None
-              ) -> dict[str, Any]:
+def summarize(
+    minutes: list[dict[str, Any]], reference: dict[str, Any] | None, now: float | None = None
+) -> dict[str, Any]:
     """``GET /stats``: totals over the hour, the last ``RECENT_MINUTES`` minutes' figures, a
     series per minute, and drift of the recent label mix and input lengths from ``reference``
     (``raybm.metrics.drift_reference``; None: no drift figures)."""
     now = time.time() if now is None else now
     recent = [m for m in minutes if m["minute"] > now // 60 - RECENT_MINUTES]
-    return {"window_minutes": WINDOW_MINUTES, "recent_minutes": RECENT_MINUTES,
-            "total": _figures(minutes, span_s=max(60.0, 60.0 * len(minutes))),
-            "recent": _figures(recent, span_s=60.0 * RECENT_MINUTES),
-            "series": [{"minute": int(m["minute"] * 60), **_figures([m], span_s=60.0)} for m in minutes],
-            "drift": _drift(recent, reference)}
+    return {
+        "window_minutes": WINDOW_MINUTES,
+        "recent_minutes": RECENT_MINUTES,
+        "total": _figures(minutes, span_s=max(60.0, 60.0 * len(minutes))),
+        "recent": _figures(recent, span_s=60.0 * RECENT_MINUTES),
+        "series": [{"minute": int(m["minute"] * 60), **_figures([m], span_s=60.0)} for m in minutes],
+        "drift": _drift(recent, reference),
+    }
 
 
 def _figures(minutes: list[dict[str, Any]], span_s: float) -> dict[str, Any]:
@@ -95,12 +114,18 @@ def _figures(minutes: list[dict[str, Any]], span_s: float) -> dict[str, Any]:
     for m in minutes:
         for lab, n in m["labels"].items():
             labels[lab] = labels.get(lab, 0) + n
-    return {"requests": requests, "requests_per_s": requests / span_s, "errors": errors, "refused": refused,
-            "error_rate": errors / requests if requests else 0.0,
-            "latency_p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
-            "latency_p95_ms": float(np.percentile(latencies, 95)) if latencies else None,
-            "answers": answers, "labels": labels,
-            "low_confidence_share": sum(m["low_confidence"] for m in minutes) / answers if answers else None}
+    return {
+        "requests": requests,
+        "requests_per_s": requests / span_s,
+        "errors": errors,
+        "refused": refused,
+        "error_rate": errors / requests if requests else 0.0,
+        "latency_p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
+        "latency_p95_ms": float(np.percentile(latencies, 95)) if latencies else None,
+        "answers": answers,
+        "labels": labels,
+        "low_confidence_share": sum(m["low_confidence"] for m in minutes) / answers if answers else None,
+    }
 
 
 def _drift(minutes: list[dict[str, Any]], reference: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -108,8 +133,11 @@ def _drift(minutes: list[dict[str, Any]], reference: dict[str, Any] | None) -> d
         return None
     names = list(reference["labels"])
     labels = [sum(m["labels"].get(lab, 0) for m in minutes) for lab in names]
-    out: dict[str, Any] = {"reference": reference.get("dataset"), "threshold": PSI_ALERT,
-                           "labels_psi": population_stability_index([reference["labels"][n] for n in names], labels)}
+    out: dict[str, Any] = {
+        "reference": reference.get("dataset"),
+        "threshold": PSI_ALERT,
+        "labels_psi": population_stability_index([reference["labels"][n] for n in names], labels),
+    }
     if reference.get("length_edges"):
         bins = [sum(m["lengths"].get(str(b), 0) for m in minutes) for b in range(len(LENGTH_SHARES))]
         out["lengths_psi"] = population_stability_index(list(LENGTH_SHARES), bins)
@@ -144,18 +172,28 @@ class Watch:
         self.notes: list[tuple[str, int, float, list[tuple[str, float]], list[str]]] = []
         self._flusher: asyncio.Task | None = None
         tags = {"app": app}
-        self.requests = Counter("raybm_requests", "requests answered, by route and status",
-                                tag_keys=("app", "route", "status"))
-        self.latency = Histogram("raybm_request_latency_ms", "time to answer a request (ms)",
-                                 boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000], tag_keys=("app", "route"))
+        self.requests = Counter(
+            "raybm_requests", "requests answered, by route and status", tag_keys=("app", "route", "status")
+        )
+        self.latency = Histogram(
+            "raybm_request_latency_ms",
+            "time to answer a request (ms)",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
+            tag_keys=("app", "route"),
+        )
         self.answers = Counter("raybm_answers", "answers given, by label", tag_keys=("app", "label"))
-        self.confidence = Histogram("raybm_answer_confidence", "the answers' calibrated confidence",
-                                    boundaries=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99], tag_keys=("app",))
+        self.confidence = Histogram(
+            "raybm_answer_confidence",
+            "the answers' calibrated confidence",
+            boundaries=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+            tag_keys=("app",),
+        )
         for metric in (self.requests, self.latency, self.answers, self.confidence):
             metric.set_default_tags(tags)
 
-    def observe(self, route: str, status: int, started: float, answers: list[tuple[str, float]],
-                texts: list[str]) -> None:
+    def observe(
+        self, route: str, status: int, started: float, answers: list[tuple[str, float]], texts: list[str]
+    ) -> None:
         """Note one request answered ``status`` after starting at ``started`` (perf_counter).
         Called on the replica's event loop, which also runs the hand-over."""
         latency_ms = (time.perf_counter() - started) * 1000
@@ -168,7 +206,7 @@ class Watch:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             try:
                 await self.flush()
-            except Exception:  # noqa: BLE001 - watching never stops the replica
+            except Exception:
                 logging.getLogger("ray.serve").exception("could not hand on the request counts")
 
     async def flush(self) -> None:
@@ -194,8 +232,9 @@ class Watch:
             bins = await asyncio.to_thread(self._length_bins, [note[4] for note in notes])
         except Exception:  # noqa: BLE001 - watching never fails: the counts go on without lengths
             bins = [[] for _ in notes]
-        self.stats.record_many.remote([(status, latency_ms, answers, b)
-                                       for (_, status, latency_ms, answers, _), b in zip(notes, bins)])
+        self.stats.record_many.remote(
+            [(status, latency_ms, answers, b) for (_, status, latency_ms, answers, _), b in zip(notes, bins)]
+        )
 
     def _length_bins(self, texts_per_request: list[list[str]]) -> list[list[int]]:
         """Each request's texts' length bins, the tokenizer called once for all of them."""
@@ -204,7 +243,7 @@ class Watch:
             return [[] for _ in texts_per_request]
         out, at = [], 0
         for texts in texts_per_request:
-            out.append(flat[at:at + len(texts)])
+            out.append(flat[at : at + len(texts)])
             at += len(texts)
         return out
 
@@ -244,9 +283,13 @@ def serve_counts(app: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
                     counts[code] = counts.get(code, 0) + int(sample.value)
     if not read:
         return None
-    return {"requests": sum(by_status.values()), "by_status": dict(sorted(by_status.items())),
-            "by_method": {m: dict(sorted(c.items())) for m, c in sorted(by_method.items())},
-            "shed": by_status.get("503", 0), "timed_out": by_status.get("408", 0)}
+    return {
+        "requests": sum(by_status.values()),
+        "by_status": dict(sorted(by_status.items())),
+        "by_method": {m: dict(sorted(c.items())) for m, c in sorted(by_method.items())},
+        "shed": by_status.get("503", 0),
+        "timed_out": by_status.get("408", 0),
+    }
 
 
 PROXY_COUNTS_TTL_S = 5.0  # Ray exports the proxies' counts every few seconds: reading them more often finds the same
@@ -275,8 +318,9 @@ def make_stats_class():
     own; built on first use so that importing this module does not import Ray Serve)."""
     from ray import serve
 
-    @serve.deployment(name="Stats", num_replicas=1, ray_actor_options={"num_cpus": 0},
-                      logging_config={"log_level": "WARNING"})  # not a line per request in the logs
+    @serve.deployment(
+        name="Stats", num_replicas=1, ray_actor_options={"num_cpus": 0}, logging_config={"log_level": "WARNING"}
+    )  # not a line per request in the logs
     class StatsKeeper:
         def __init__(self, low_confidence: float = LOW_CONFIDENCE) -> None:
             self.minutes = Minutes(low_confidence)

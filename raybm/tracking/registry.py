@@ -33,8 +33,9 @@ def is_registered_model(spec: str | None) -> bool:
 def check_model_name(name: str) -> str:
     """``name`` if MLflow and raybm's results folder can both use it, else a RaybmError."""
     if not _NAME.match(name):
-        raise RaybmError(f"registered model name {name!r}: use letters, digits, '.', '_' and '-' "
-                         f"(set tracking.registered_model)")
+        raise RaybmError(
+            f"registered model name {name!r}: use letters, digits, '.', '_' and '-' (set tracking.registered_model)"
+        )
     return name
 
 
@@ -50,21 +51,32 @@ def registered_name(cfg: JobConfig, source_name: str) -> str:
 def _model_run(client, cfg: JobConfig, results_uri: str, test: dict[str, Any] | None) -> str:
     """The id of the MLflow run that recorded the raybm run or sweep at ``results_uri``;
     one made for the registration when none did (a run trained before MLflow was set)."""
-    found = client.search_runs([experiment_id(client, cfg.tracking.experiment)],
-                               filter_string=f"tags.`raybm.results` = '{results_uri}' and "
-                                             f"tags.`raybm.kind` != 'trial'",  # a sweep's trials share its folder
-                               order_by=["attributes.start_time DESC"], max_results=1)
+    found = client.search_runs(
+        [experiment_id(client, cfg.tracking.experiment)],
+        filter_string=f"tags.`raybm.results` = '{results_uri}' and "
+        f"tags.`raybm.kind` != 'trial'",  # a sweep's trials share its folder
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if found:
         return found[0].info.run_id
-    run_id = log_run(cfg, os.path.basename(results_uri.rstrip("/")), "model", [], test, {},
-                     tags={"raybm.results": results_uri})
+    run_id = log_run(
+        cfg, os.path.basename(results_uri.rstrip("/")), "model", [], test, {}, tags={"raybm.results": results_uri}
+    )
     if run_id is None:
         raise RaybmError(f"could not make an MLflow run for {results_uri}")
     return run_id
 
 
-def register_model(cfg: JobConfig, name: str, model_folder: str, results_uri: str, test: dict[str, Any] | None,
-                   exports: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> dict[str, Any]:
+def register_model(
+    cfg: JobConfig,
+    name: str,
+    model_folder: str,
+    results_uri: str,
+    test: dict[str, Any] | None,
+    exports: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Register the local model folder ``model_folder`` (of the raybm run or sweep at
     ``results_uri``) as a version of ``name``, with ``exports`` (variant -> local folder)
     beside it; the test metrics and ``tags`` become the version's tags. Returns
@@ -77,28 +89,43 @@ def register_model(cfg: JobConfig, name: str, model_folder: str, results_uri: st
         model_tag = f"{results_uri.rstrip('/')}/{MODEL_ARTIFACTS}"
         for v in client.search_model_versions(f"name = '{name}'"):
             if (v.tags or {}).get("raybm.model") == model_tag:
-                return {"name": name, "version": int(v.version), "uri": f"{MODEL_URI_SCHEME}{name}/{v.version}",
-                        "new": False}
+                return {
+                    "name": name,
+                    "version": int(v.version),
+                    "uri": f"{MODEL_URI_SCHEME}{name}/{v.version}",
+                    "new": False,
+                }
         run_id = _model_run(client, cfg, results_uri, test)
         client.log_artifacts(run_id, model_folder, MODEL_ARTIFACTS)
         for variant, folder in sorted((exports or {}).items()):
             client.log_artifacts(run_id, folder, f"{EXPORT_ARTIFACTS}/{variant}")
         if not client.search_registered_models(f"name = '{name}'"):
             client.create_registered_model(name, description="Text classifiers fine-tuned by raybm.")
-        version_tags = {"raybm.model": model_tag, "raybm.base_model": cfg.model.name,
-                        "raybm.exports": ",".join(sorted(exports or {})), **(tags or {}),
-                        **{f"test_{k}": str((test or {})[k]) for k in TEST_METRICS
-                           if isinstance((test or {}).get(k), (int, float))}}
+        version_tags = {
+            "raybm.model": model_tag,
+            "raybm.base_model": cfg.model.name,
+            "raybm.exports": ",".join(sorted(exports or {})),
+            **(tags or {}),
+            **{
+                f"test_{k}": str((test or {})[k]) for k in TEST_METRICS if isinstance((test or {}).get(k), (int, float))
+            },
+        }
         source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACTS}"
-        version = client.create_model_version(name, source, run_id=run_id, tags=version_tags,
-                                              description=_description(cfg, test, exports))
+        version = client.create_model_version(
+            name, source, run_id=run_id, tags=version_tags, description=_description(cfg, test, exports)
+        )
     except RaybmError:
         raise
     except Exception as e:  # noqa: BLE001 - MLflow's own errors, said in raybm's words
-        raise RaybmError(f"could not register {name!r} in MLflow at {cfg.tracking.mlflow_uri}: "
-                         f"{type(e).__name__}: {e}") from None
-    return {"name": name, "version": int(version.version), "uri": f"{MODEL_URI_SCHEME}{name}/{version.version}",
-            "new": True}
+        raise RaybmError(
+            f"could not register {name!r} in MLflow at {cfg.tracking.mlflow_uri}: {type(e).__name__}: {e}"
+        ) from None
+    return {
+        "name": name,
+        "version": int(version.version),
+        "uri": f"{MODEL_URI_SCHEME}{name}/{version.version}",
+        "new": True,
+    }
 
 
 def _description(cfg: JobConfig, test: dict[str, Any] | None, exports: dict[str, str] | None) -> str:
@@ -114,8 +141,10 @@ def resolve_version(cfg: TrackingConfig, spec: str) -> tuple[str, int]:
     ``models:/<name>@<alias>``; a RaybmError that says what exists when there is no such one."""
     m = _SPEC.match(spec)
     if not m:
-        raise RaybmError(f"{spec!r}: name a registered model as models:/<name>/<version>, models:/<name>/latest "
-                         f"or models:/<name>@<alias>")
+        raise RaybmError(
+            f"{spec!r}: name a registered model as models:/<name>/<version>, models:/<name>/latest "
+            f"or models:/<name>@<alias>"
+        )
     client = mlflow_client(cfg)
     if client is None:
         raise RaybmError(f"{spec}: a registered model needs MLflow: set tracking.mlflow_uri to its tracking server")

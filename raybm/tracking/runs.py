@@ -29,8 +29,16 @@ from typing import Any
 from raybm.config import JobConfig, TrackingConfig
 from raybm.errors import RaybmError
 
-EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_f1_macro", "val_precision_macro",
-                 "val_recall_macro", "lr", "samples_per_s")
+EPOCH_METRICS = (
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_f1_macro",
+    "val_precision_macro",
+    "val_recall_macro",
+    "lr",
+    "samples_per_s",
+)
 TEST_METRICS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "ece", "ece_calibrated")
 _BATCH = {"params": 100, "metrics": 1000}  # MLflow's limits per log_batch call
 _PARAM_CHARS = 6000
@@ -67,8 +75,9 @@ def check_tracking(cfg: TrackingConfig, timeout_s: float = 5.0) -> None:
     else:
         raise RaybmError(f"tracking.mlflow_uri {uri!r}: give an http(s):// tracking server or a file: folder")
     if cfg.required:
-        raise RaybmError(f"{problem}: start it, fix tracking.mlflow_uri, or set tracking.required=false to run "
-                         f"without MLflow")
+        raise RaybmError(
+            f"{problem}: start it, fix tracking.mlflow_uri, or set tracking.required=false to run without MLflow"
+        )
     _skipped.add(uri)
     _say(f"{problem}; going on without MLflow (tracking.required=false)")
 
@@ -90,7 +99,6 @@ def mlflow_client(cfg: TrackingConfig):
 
 def experiment_id(client, name: str) -> str:
     """The id of the MLflow experiment ``name``, made if missing."""
-
 
     found = client.get_experiment_by_name(name)
     if found is not None:
@@ -123,18 +131,32 @@ def run_metrics(history: list[dict[str, Any]], test: dict[str, Any] | None) -> l
     now = int(time.time() * 1000)
     for record in history:
         at = int(1000 * float(record.get("finished_at") or 0)) or now
-        out += [(k, float(record[k]), at, int(record["epoch"])) for k in EPOCH_METRICS
-                if isinstance(record.get(k), (int, float))]
+        out += [
+            (k, float(record[k]), at, int(record["epoch"]))
+            for k in EPOCH_METRICS
+            if isinstance(record.get(k), (int, float))
+        ]
         for step, loss, lr in record.get("steps") or []:
             out += [("step_loss", float(loss), at, int(step)), ("step_lr", float(lr), at, int(step))]
-    out += [(f"test_{k}", float((test or {})[k]), now, 0) for k in TEST_METRICS
-            if isinstance((test or {}).get(k), (int, float))]
+    out += [
+        (f"test_{k}", float((test or {})[k]), now, 0)
+        for k in TEST_METRICS
+        if isinstance((test or {}).get(k), (int, float))
+    ]
     return out
 
 
-def log_run(cfg: JobConfig, name: str, kind: str, history: list[dict[str, Any]], test: dict[str, Any] | None,
-            artifacts: dict[str, str], tags: dict[str, str] | None = None, parent: str | None = None,
-            status: str = "FINISHED") -> str | None:
+def log_run(
+    cfg: JobConfig,
+    name: str,
+    kind: str,
+    history: list[dict[str, Any]],
+    test: dict[str, Any] | None,
+    artifacts: dict[str, str],
+    tags: dict[str, str] | None = None,
+    parent: str | None = None,
+    status: str = "FINISHED",
+) -> str | None:
     """Record a run, trial or sweep ``name`` in MLflow (``kind``: run, trial, sweep);
     ``tags`` beside raybm's own (kind, base model, strategy; ``raybm.dataset`` is the
     caller's); ``artifacts``: file name -> text. Returns the MLflow run id, or None when MLflow is off
@@ -145,18 +167,23 @@ def log_run(cfg: JobConfig, name: str, kind: str, history: list[dict[str, Any]],
     from mlflow.entities import Metric, Param
 
     try:
-        all_tags = {"raybm.kind": kind, "raybm.base_model": cfg.model.name, "raybm.strategy": cfg.train.strategy,
-                    **(tags or {})}
+        all_tags = {
+            "raybm.kind": kind,
+            "raybm.base_model": cfg.model.name,
+            "raybm.strategy": cfg.train.strategy,
+            **(tags or {}),
+        }
         if parent:
             all_tags["mlflow.parentRunId"] = parent
-        run_id = client.create_run(experiment_id(client, cfg.tracking.experiment), run_name=name,
-                                   tags=all_tags).info.run_id
+        run_id = client.create_run(
+            experiment_id(client, cfg.tracking.experiment), run_name=name, tags=all_tags
+        ).info.run_id
         params = [Param(k, v) for k, v in flat_params(cfg).items()]
         for i in range(0, len(params), _BATCH["params"]):
-            client.log_batch(run_id, params=params[i:i + _BATCH["params"]])
+            client.log_batch(run_id, params=params[i : i + _BATCH["params"]])
         metrics = [Metric(k, v, at, step) for k, v, at, step in run_metrics(history, test)]
         for i in range(0, len(metrics), _BATCH["metrics"]):
-            client.log_batch(run_id, metrics=metrics[i:i + _BATCH["metrics"]])
+            client.log_batch(run_id, metrics=metrics[i : i + _BATCH["metrics"]])
         for file_name, text in artifacts.items():
             client.log_text(run_id, text, file_name)
         client.set_terminated(run_id, status)

@@ -32,9 +32,19 @@ CHECKPOINT_FILES = ("config.json", LABEL_MAP_FILE, "tokenizer_config.json", EPOC
 CHECKPOINT_WEIGHTS = (WEIGHTS_FILE, ADAPTER_WEIGHTS_FILE, SHARDS_INDEX_FILE)
 
 
-def save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list[str], state: dict,
-                     metrics: dict, weights: dict | None = None, drift_reference: dict | None = None,
-                     adapter_keys: dict | None = None, sharded: bool = False) -> None:
+def save_checkpoint(
+    folder: str,
+    model,
+    tokenizer,
+    cfg: JobConfig,
+    labels: list[str],
+    state: dict,
+    metrics: dict,
+    weights: dict | None = None,
+    drift_reference: dict | None = None,
+    adapter_keys: dict | None = None,
+    sharded: bool = False,
+) -> None:
     """Write a checkpoint into ``folder``: a loadable model folder (weights, tokenizer, label
     map, the job config) plus the training state and the epoch's metrics. Under LoRA the
     weights are the adapters' and the head's only (``as_model_folder`` merges them).
@@ -61,9 +71,18 @@ def save_checkpoint(folder: str, model, tokenizer, cfg: JobConfig, labels: list[
         f.write(cfg.to_yaml())
     if "val_temperature" in metrics:  # fitted on this epoch's validation logits (train.scoring.validate)
         with open(os.path.join(folder, CALIBRATION_FILE), "w", encoding="utf-8") as f:
-            json.dump({"temperature": metrics["val_temperature"], "ece": metrics["val_ece"],
-                       "ece_calibrated": metrics["val_ece_calibrated"], "fitted_on": "validation",
-                       "examples": metrics["val_examples"], "epoch": metrics["epoch"]}, f, indent=2)
+            json.dump(
+                {
+                    "temperature": metrics["val_temperature"],
+                    "ece": metrics["val_ece"],
+                    "ece_calibrated": metrics["val_ece_calibrated"],
+                    "fitted_on": "validation",
+                    "examples": metrics["val_examples"],
+                    "epoch": metrics["epoch"],
+                },
+                f,
+                indent=2,
+            )
     if drift_reference is not None:  # what a served model's traffic is compared with (raybm.serve.watch)
         with open(os.path.join(folder, DRIFT_REFERENCE_FILE), "w", encoding="utf-8") as f:
             json.dump(drift_reference, f, indent=2)

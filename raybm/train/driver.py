@@ -23,7 +23,6 @@ from raybm.errors import RaybmError
 from raybm.inference.loading import read_label_map
 from raybm.lease import hold_lease
 from raybm.metrics import drift_reference
-from raybm.runtime import on_cluster
 from raybm.models.card import write_model_card
 from raybm.results import (
     CONFIG_FILE,
@@ -36,10 +35,10 @@ from raybm.results import (
     job_for_workers,
     weight_files,
 )
+from raybm.runtime import on_cluster
+from raybm.tracking import log_run
 from raybm.train.loop import train_loop_per_worker
 from raybm.train.memory import check_memory_fits
-from raybm.train.tensorboard import write_events
-from raybm.tracking import log_run
 from raybm.train.publish import (
     best_epoch,
     publish_model,
@@ -57,11 +56,13 @@ from raybm.train.resources import (
     torch_backend,
     worker_resources,
 )
+from raybm.train.tensorboard import write_events
 
 
 @dataclass
 class TrainResult:
     """What a training run made: its name and folder, the published model, its metrics."""
+
     run_name: str
     run_dir: str  # URI
     model_dir: str  # URI of the best model folder
@@ -100,8 +101,11 @@ def stored_ids_fit(cfg: JobConfig, report: dict) -> bool:
     """Whether the token ids stored with the prepared splits are what ``cfg`` trains on
     (same tokenizer and max_length; datasets prepared before ids were stored have none)."""
     tokens = report.get("tokens") or {}
-    return bool(tokens.get("ids_stored")) and tokens.get("model") == cfg.model.name \
+    return (
+        bool(tokens.get("ids_stored"))
+        and tokens.get("model") == cfg.model.name
         and tokens.get("max_length") == cfg.data.max_length
+    )
 
 
 def reads_whole_splits(cfg: JobConfig, report: dict) -> bool:
@@ -115,14 +119,21 @@ def reads_whole_splits(cfg: JobConfig, report: dict) -> bool:
     if not stored_ids_fit(cfg, report):
         if feed == "whole":
             tokens = report.get("tokens") or {}
-            stored = (f"for {tokens.get('model')} at max_length {tokens.get('max_length')}"
-                      if tokens.get("ids_stored") else "none")
-            raise RaybmError(f"train.data_feed=whole needs the token ids stored with the prepared dataset for "
-                             f"{cfg.model.name} at max_length {cfg.data.max_length} (stored: {stored}); prepare "
-                             f"the data with this model (raybm data, same config) or set train.data_feed=auto")
+            stored = (
+                f"for {tokens.get('model')} at max_length {tokens.get('max_length')}"
+                if tokens.get("ids_stored")
+                else "none"
+            )
+            raise RaybmError(
+                f"train.data_feed=whole needs the token ids stored with the prepared dataset for "
+                f"{cfg.model.name} at max_length {cfg.data.max_length} (stored: {stored}); prepare "
+                f"the data with this model (raybm data, same config) or set train.data_feed=auto"
+            )
         return False
-    return feed == "whole" or \
-        whole_split_bytes(report["splits"]["train"]["rows"], cfg.data.max_length) <= WHOLE_SPLIT_MAX_BYTES
+    return (
+        feed == "whole"
+        or whole_split_bytes(report["splits"]["train"]["rows"], cfg.data.max_length) <= WHOLE_SPLIT_MAX_BYTES
+    )
 
 
 def training_datasets(cfg: JobConfig, prepared) -> dict:
@@ -136,8 +147,10 @@ def training_datasets(cfg: JobConfig, prepared) -> dict:
 
     results = Results.from_config(cfg.storage)
     if stored_ids_fit(cfg, prepared.report):
-        out = {s: load_split(results, prepared.name, s, columns=("input_ids", "label")).materialize()
-               for s in ("train", "validation")}
+        out = {
+            s: load_split(results, prepared.name, s, columns=("input_ids", "label")).materialize()
+            for s in ("train", "validation")
+        }
         if cfg.data.augment.enabled:
             out["train"] = load_split(results, prepared.name, "train", columns=("text", "label")).materialize()
         return out
@@ -149,13 +162,17 @@ def tokenized_datasets(cfg: JobConfig, splits: dict) -> dict:
     split stays text, which the workers augment per epoch and tokenize."""
     from raybm.data import tokenize_dataset
 
-    train = splits["train"] if cfg.data.augment.enabled else \
-        tokenize_dataset(splits["train"], cfg.data, cfg.model, cfg.storage)
+    train = (
+        splits["train"]
+        if cfg.data.augment.enabled
+        else tokenize_dataset(splits["train"], cfg.data, cfg.model, cfg.storage)
+    )
     return {"train": train, "validation": tokenize_dataset(splits["validation"], cfg.data, cfg.model, cfg.storage)}
 
 
-def worker_config(cfg: JobConfig, labels: list[str], report: dict, predictions_to: str | None,
-                  whole_splits: str | None) -> dict[str, Any]:
+def worker_config(
+    cfg: JobConfig, labels: list[str], report: dict, predictions_to: str | None, whole_splits: str | None
+) -> dict[str, Any]:
     """What every training worker is handed (``raybm.train.loop.run_worker``)."""
     return {
         "job": job_for_workers(cfg),
@@ -168,9 +185,19 @@ def worker_config(cfg: JobConfig, labels: list[str], report: dict, predictions_t
     }
 
 
-def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: dict, run_name: str,
-                  storage_path: str, storage_filesystem, callbacks: list | None = None,
-                  predictions_to: str | None = None, whole_splits: str | None = None):
+def build_trainer(
+    cfg: JobConfig,
+    *,
+    labels: list[str],
+    report: dict,
+    datasets: dict,
+    run_name: str,
+    storage_path: str,
+    storage_filesystem,
+    callbacks: list | None = None,
+    predictions_to: str | None = None,
+    whole_splits: str | None = None,
+):
     """The TorchTrainer of one training run (a plain run or one sweep trial). With
     ``predictions_to`` (and a ``test`` dataset, or ``whole_splits``) rank 0 scores the best
     epoch on the test split and writes every prediction there. With ``whole_splits`` (a
@@ -185,22 +212,24 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
     cluster = on_cluster()
     # Bounded: Ray Train retries a worker group it cannot place every minute, without end.
     set_train_env(t.placement_timeout_s, cluster=cluster)
-    trainer_class = trainer_class(ray_data=bool(datasets), autoscaling=cluster or bool(datasets),
-                                              placement_group_cleaner=cluster)
+    trainer_class = trainer_class(
+        ray_data=bool(datasets), autoscaling=cluster or bool(datasets), placement_group_cleaner=cluster
+    )
     return trainer_class(
         train_loop_per_worker,
         train_loop_config=worker_config(cfg, labels, report, predictions_to, whole_splits),
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=gpu,
-                                               resources_per_worker=worker_resources(t, gpu)),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=worker_resources(t, gpu)
+        ),
         # Ray's TorchConfig would have the Train controller import torch (about 2 s here).
         torch_config=process_group_config(torch_backend(t, gpu)),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints,
-                                                         checkpoint_score_attribute=t.metric,
-                                                         checkpoint_score_order=t.mode),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.metric, checkpoint_score_order=t.mode
+            ),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures, controller_failure_limit=0),
             callbacks=callbacks or None,
         ),
@@ -215,9 +244,23 @@ def build_trainer(cfg: JobConfig, *, labels: list[str], report: dict, datasets: 
 
 # Settings a rerun may change and still resume the same run: where and how it runs, how
 # long (train on for more epochs), not what it trains.
-RESUMABLE_KEYS = {"num_workers", "cpus_per_worker", "torch_threads", "use_gpu", "gpus_per_worker", "backend",
-                  "max_failures", "fail_at_epoch", "log_every_steps", "epochs", "early_stopping_patience",
-                  "keep_checkpoints", "worker_resources", "placement_timeout_s", "data_feed"}
+RESUMABLE_KEYS = {
+    "num_workers",
+    "cpus_per_worker",
+    "torch_threads",
+    "use_gpu",
+    "gpus_per_worker",
+    "backend",
+    "max_failures",
+    "fail_at_epoch",
+    "log_every_steps",
+    "epochs",
+    "early_stopping_patience",
+    "keep_checkpoints",
+    "worker_resources",
+    "placement_timeout_s",
+    "data_feed",
+}
 
 
 def recipe_differences(old: dict, new: dict) -> list[str]:
@@ -242,9 +285,11 @@ def check_same_recipe(results: Results, run_dir: str, run_name: str, cfg: JobCon
     old = yaml.safe_load(results.read_text(path)) or {}
     diff = recipe_differences(old, cfg.to_dict())
     if diff:
-        raise RaybmError(f"run {run_name!r} already exists in {results.uri(run_dir)} with another training "
-                         f"recipe ({'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}). Rerun with the same "
-                         f"settings to resume it, set another name, or delete the run folder.")
+        raise RaybmError(
+            f"run {run_name!r} already exists in {results.uri(run_dir)} with another training "
+            f"recipe ({'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}). Rerun with the same "
+            f"settings to resume it, set another name, or delete the run folder."
+        )
 
 
 def failure_reason(e: BaseException) -> str:
@@ -260,8 +305,10 @@ def teacher_labels(folder: str | None) -> list[str] | None:
         return None
 
     if weight_files(folder) is None:
-        raise RaybmError(f"train.distill_from={folder}: no model.safetensors there; the teacher must be a "
-                         f"raybm model folder on this machine (a run's model/ folder)")
+        raise RaybmError(
+            f"train.distill_from={folder}: no model.safetensors there; the teacher must be a "
+            f"raybm model folder on this machine (a run's model/ folder)"
+        )
     return read_label_map(folder)
 
 
@@ -271,12 +318,26 @@ def resume_hint(results: Results, run_dir: str) -> str:
     return ": it resumes from the last checkpoint" if any(f.base_name.startswith("checkpoint_") for f in found) else ""
 
 
-def _record_elsewhere(cfg: JobConfig, results: Results, run_dir: str, run_name: str, dataset: str,
-                      history: list[dict[str, Any]], test: dict[str, Any]) -> None:
+def _record_elsewhere(
+    cfg: JobConfig,
+    results: Results,
+    run_dir: str,
+    run_name: str,
+    dataset: str,
+    history: list[dict[str, Any]],
+    test: dict[str, Any],
+) -> None:
     """The run's curves as TensorBoard files in its folder, and the run in MLflow when set."""
     write_events(results, run_dir, history)
-    log_run(cfg, run_name, "run", history, test, run_artifacts(results, run_dir, dataset),
-            tags={"raybm.dataset": dataset, "raybm.results": results.uri(run_dir)})
+    log_run(
+        cfg,
+        run_name,
+        "run",
+        history,
+        test,
+        run_artifacts(results, run_dir, dataset),
+        tags={"raybm.dataset": dataset, "raybm.results": results.uri(run_dir)},
+    )
 
 
 def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> TrainResult:
@@ -291,8 +352,10 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     # 1. Data: prepared (and tokenized) once per dataset, then read by the workers.
     prepared, labels = load_prepared(cfg, log=log)
     if teacher is not None and teacher != labels:
-        raise RaybmError(f"train.distill_from={t.distill_from}: the teacher's labels {teacher} differ from this "
-                         f"dataset's {labels}; distil from a model trained on the same labels")
+        raise RaybmError(
+            f"train.distill_from={t.distill_from}: the teacher's labels {teacher} differ from this "
+            f"dataset's {labels}; distil from a model trained on the same labels"
+        )
     results = Results.from_config(cfg.storage)
 
     # 2. The trainer: one worker per data-parallel replica.
@@ -303,14 +366,25 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
     scores_test = worker_scores_test(cfg, prepared.report)
     predictions_to = results.join(run_dir, PREDICTIONS_FILE)
     if scores_test and not whole:
-        datasets["test"] = load_split(results, prepared.name, "test", columns=("text", "label", "input_ids")).materialize()
-    trainer = build_trainer(cfg, labels=labels, report=prepared.report, datasets=datasets,
-                            run_name=run_name, storage_path=results.path(RUNS), storage_filesystem=results.fs,
-                            predictions_to=predictions_to if scores_test else None,
-                            whole_splits=prepared.name if whole else None)
-    log(f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"
+        datasets["test"] = load_split(
+            results, prepared.name, "test", columns=("text", "label", "input_ids")
+        ).materialize()
+    trainer = build_trainer(
+        cfg,
+        labels=labels,
+        report=prepared.report,
+        datasets=datasets,
+        run_name=run_name,
+        storage_path=results.path(RUNS),
+        storage_filesystem=results.fs,
+        predictions_to=predictions_to if scores_test else None,
+        whole_splits=prepared.name if whole else None,
+    )
+    log(
+        f"Training run {run_name!r}: {cfg.model.name}, strategy {t.strategy}, {t.num_workers} worker(s)"
         f"{' on GPU' if asks_for_gpus(t.use_gpu) else ''}, {t.epochs} epoch(s), "
-        f"{'splits read whole by each worker' if whole else 'splits streamed by Ray Data'} -> {results.uri(run_dir)}")
+        f"{'splits read whole by each worker' if whole else 'splits streamed by Ray Data'} -> {results.uri(run_dir)}"
+    )
     # One writer per run: a second job with the same run name is refused while this one lives.
     with hold_lease(results, RUNS, run_name, f"training run {run_name!r}", log=log) as lease:
         check_same_recipe(results, run_dir, run_name, cfg)
@@ -320,9 +394,13 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
             result = trainer.fit()
         except Exception as e:  # TrainingFailedError wraps the worker's exception
             if not_placed(e):
-                raise RaybmError(f"training run {run_name!r}: {placement_failure(t, asks_for_gpus(t.use_gpu))}") from None
-            raise RaybmError(f"training run {run_name!r} failed: {failure_reason(e)}. Fix the cause and rerun the "
-                             f"same command{resume_hint(results, run_dir)}.") from e
+                raise RaybmError(
+                    f"training run {run_name!r}: {placement_failure(t, asks_for_gpus(t.use_gpu))}"
+                ) from None
+            raise RaybmError(
+                f"training run {run_name!r} failed: {failure_reason(e)}. Fix the cause and rerun the "
+                f"same command{resume_hint(results, run_dir)}."
+            ) from e
         history = run_history(result)
         # The epoch the workers scored on the test split, and its checkpoint (see scored_checkpoint).
         best, test = scored_checkpoint(result)
@@ -337,23 +415,50 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
         model_uri = publish_model(results, run_dir, best)
         if test is None:
             log("Scoring the best checkpoint on the test split")
-            test = score_model_uri(results, model_uri, load_split(results, prepared.name, "test"), cfg.data.max_length,
-                                   predictions_to=predictions_to)
+            test = score_model_uri(
+                results,
+                model_uri,
+                load_split(results, prepared.name, "test"),
+                cfg.data.max_length,
+                predictions_to=predictions_to,
+            )
         else:
-            log(f"Scored the best checkpoint on the test split in the training worker: "
-                f"accuracy {test['accuracy']:.4f}, macro-F1 {test['f1_macro']:.4f}")
-        metrics = {"run": run_name, "dataset": prepared.name, "model": cfg.model.name,
-                   "best_epoch": best_epoch(history, t.metric, t.mode), "epochs_run": len(history),
-                   "early_stopped": bool(history and history[-1].get("early_stopped")),
-                   "worker_nodes": worker_nodes_of(history),
-                   "train_seconds": round(time.time() - started, 1), "test": test}
+            log(
+                f"Scored the best checkpoint on the test split in the training worker: "
+                f"accuracy {test['accuracy']:.4f}, macro-F1 {test['f1_macro']:.4f}"
+            )
+        metrics = {
+            "run": run_name,
+            "dataset": prepared.name,
+            "model": cfg.model.name,
+            "best_epoch": best_epoch(history, t.metric, t.mode),
+            "epochs_run": len(history),
+            "early_stopped": bool(history and history[-1].get("early_stopped")),
+            "worker_nodes": worker_nodes_of(history),
+            "train_seconds": round(time.time() - started, 1),
+            "test": test,
+        }
         results.write_json(results.join(run_dir, HISTORY_FILE), history)
         results.write_json(results.join(run_dir, METRICS_FILE), metrics)
         chosen = next((h for h in history if h.get("epoch") == metrics["best_epoch"]), {})
-        notes = [f"the checkpoint of epoch {metrics['best_epoch']} of {len(history)}, best by validation {t.metric} "
-                 f"({chosen[t.metric]:.4f})"] if t.metric in chosen else []
-        write_model_card(results, results.join(run_dir, MODEL_DIR), name=run_name, kind="run", dataset=prepared.name,
-                         test=test, notes=notes, trained_precision=chosen.get("precision"))
+        notes = (
+            [
+                f"the checkpoint of epoch {metrics['best_epoch']} of {len(history)}, best by validation {t.metric} "
+                f"({chosen[t.metric]:.4f})"
+            ]
+            if t.metric in chosen
+            else []
+        )
+        write_model_card(
+            results,
+            results.join(run_dir, MODEL_DIR),
+            name=run_name,
+            kind="run",
+            dataset=prepared.name,
+            test=test,
+            notes=notes,
+            trained_precision=chosen.get("precision"),
+        )
         _record_elsewhere(cfg, results, run_dir, run_name, prepared.name, history, test)
         lease.check()
         results.mark_complete(run_dir)
@@ -366,5 +471,3 @@ def worker_scores_test(cfg: JobConfig, report: dict) -> bool:
     for another tokenizer or length, or FSDP (rank 0 alone cannot run a sharded model, and
     a whole copy next to its shard may not fit)."""
     return stored_ids_fit(cfg, report) and cfg.train.parallelism != "fsdp"
-
-

@@ -9,8 +9,15 @@ from raybm.train.fsdp_loading import StreamPlan, init_missing, stream_weights
 from raybm.train.host_memory import release_freed_memory
 
 
-def wrap_fsdp(model, device, amp_dtype=None, offload: bool = False, stream: StreamPlan | None = None,
-              extra: dict | None = None, seed: int = 0):
+def wrap_fsdp(
+    model,
+    device,
+    amp_dtype=None,
+    offload: bool = False,
+    stream: StreamPlan | None = None,
+    extra: dict | None = None,
+    seed: int = 0,
+):
     """Shard ``model`` over all workers with FSDP2, in place: one unit per encoder layer
     (the architecture table's layer stack) plus the root for the rest, so a forward pass
     holds one layer's full weights at a time and each worker keeps 1/N of every parameter,
@@ -101,4 +108,3 @@ def gather_full(model, names) -> dict:
         if rank0:
             out[name] = full.detach().cpu()
     return out
-

@@ -92,7 +92,7 @@ def init_missing(model, missing: list[str], seed: int) -> dict:
                         sub.reset_parameters()
         state = module.state_dict()
         for key in keys:
-            out[key] = state[key[len(owner) + 1:] if owner else key].detach().clone()
+            out[key] = state[key[len(owner) + 1 :] if owner else key].detach().clone()
         del module
     return out
 
@@ -122,8 +122,10 @@ def stream_weights(model, plan: StreamPlan, initial: dict, dtypes: dict, extra: 
     count = [len(batches)]
     dist.broadcast_object_list(count, src=0)
     if count[0] != len(batches):  # each rank planned from its own copy of the files: they differ
-        raise RaybmError(f"the model's weight files differ between nodes ({count[0]} batches on rank 0, "
-                         f"{len(batches)} here); give every node the same model folder")
+        raise RaybmError(
+            f"the model's weight files differ between nodes ({count[0]} batches on rank 0, "
+            f"{len(batches)} here); give every node the same model folder"
+        )
     for batch in batches:
         part = {}
         if rank0:

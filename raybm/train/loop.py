@@ -105,7 +105,8 @@ def _batch_loss(w: Worker, batch: dict):
     loss = w.loss_fn(logits.float(), batch["labels"])
     if w.teacher is not None:
         loss = (1 - t.distill_alpha) * loss + t.distill_alpha * distill_loss(
-            logits.float(), w.teacher, batch, t.distill_temperature)
+            logits.float(), w.teacher, batch, t.distill_temperature
+        )
     if t.l1:
         loss = loss + t.l1 * l1_penalty(w.model)
     return loss
@@ -142,16 +143,23 @@ def _say_step(w: Worker, epoch: int, epoch_steps: int, stats: EpochStats, loss_s
     t = w.cfg.train
     rate = stats.seen * w.world / max(1e-9, time.time() - stats.started)
     left = (w.steps_per_epoch - epoch_steps) * t.batch_size * t.grad_accum * w.world / max(rate, 1e-9)
-    say(f"epoch {epoch + 1}/{t.epochs} step {epoch_steps}/{w.steps_per_epoch} "
-        f"loss {loss_sum / max(1, stats.seen):.4f} {rate:.1f} samples/s ETA {left:.0f}s")
+    say(
+        f"epoch {epoch + 1}/{t.epochs} step {epoch_steps}/{w.steps_per_epoch} "
+        f"loss {loss_sum / max(1, stats.seen):.4f} {rate:.1f} samples/s ETA {left:.0f}s"
+    )
 
 
 def _note_point(w: Worker, epoch: int, epoch_steps: int, stats: EpochStats, loss_sum: float) -> None:
     """Note a point of the training curves (``EpochStats.points``)."""
     since = stats.seen - stats.logged[1]
     if since > 0:
-        stats.points.append([epoch * w.steps_per_epoch + epoch_steps, (loss_sum - stats.logged[0]) / since,
-                             w.optimizer.param_groups[-1]["lr"]])
+        stats.points.append(
+            [
+                epoch * w.steps_per_epoch + epoch_steps,
+                (loss_sum - stats.logged[0]) / since,
+                w.optimizer.param_groups[-1]["lr"],
+            ]
+        )
     stats.logged = (loss_sum, stats.seen)
 
 
@@ -161,19 +169,30 @@ def epoch_record(w: Worker, p: Progress, epoch: int, stats: EpochStats, val: dic
     import torch
 
     t = w.cfg.train
-    metrics = {"epoch": epoch + 1, "train_loss": stats.loss_sum / max(1, stats.seen),
-               "lr": w.optimizer.param_groups[-1]["lr"],
-               "samples_per_s": stats.seen * w.world / max(1e-9, stats.ended - stats.started),
-               "steady_samples_per_s": (stats.seen - stats.warm_seen) * w.world / max(1e-9, stats.ended - stats.warm_time),
-               "train_seconds": stats.ended - stats.started,
-               "trainable_params": stats.trainable, "checkpoint_weights_mb": round(w.checkpoint_mb, 3),
-               "precision": precision_name(w.amp_dtype),
-               "resumed_from_epoch": p.resumed_from,
-               "val_examples": val["examples"], **flat(val, "val_"),
-               "val_per_class": json.dumps(val["per_class"]), "val_confusion_matrix": json.dumps(val["confusion_matrix"]),
-               "started_at": stats.started, "finished_at": time.time(), "worker_nodes": json.dumps(w.nodes),
-               "loop_started_at": times["loop_started"], "loop_ready_at": times["loop_ready"]}
-    metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's process (Linux: KiB)
+    metrics = {
+        "epoch": epoch + 1,
+        "train_loss": stats.loss_sum / max(1, stats.seen),
+        "lr": w.optimizer.param_groups[-1]["lr"],
+        "samples_per_s": stats.seen * w.world / max(1e-9, stats.ended - stats.started),
+        "steady_samples_per_s": (stats.seen - stats.warm_seen) * w.world / max(1e-9, stats.ended - stats.warm_time),
+        "train_seconds": stats.ended - stats.started,
+        "trainable_params": stats.trainable,
+        "checkpoint_weights_mb": round(w.checkpoint_mb, 3),
+        "precision": precision_name(w.amp_dtype),
+        "resumed_from_epoch": p.resumed_from,
+        "val_examples": val["examples"],
+        **flat(val, "val_"),
+        "val_per_class": json.dumps(val["per_class"]),
+        "val_confusion_matrix": json.dumps(val["confusion_matrix"]),
+        "started_at": stats.started,
+        "finished_at": time.time(),
+        "worker_nodes": json.dumps(w.nodes),
+        "loop_started_at": times["loop_started"],
+        "loop_ready_at": times["loop_ready"],
+    }
+    metrics["peak_rss_mb"] = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )  # this worker's process (Linux: KiB)
     if w.device.type == "cuda":
         metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(w.device) / 1e9
     pg = w.session.placement_group()
@@ -185,8 +204,16 @@ def epoch_record(w: Worker, p: Progress, epoch: int, stats: EpochStats, val: dic
     p.lr_scale, p.plateau_epochs = plateau_scale(p.lr_scale, 0 if improved else p.plateau_epochs + 1, t)
     stop = bool(t.early_stopping_patience and p.bad_epochs >= t.early_stopping_patience)
     metrics["early_stopped"] = stop
-    p.history.append({**{k: v for k, v in metrics.items() if not k.startswith("val_per_class")
-                         and k not in ("val_confusion_matrix", "placement_group")}, "steps": stats.points})
+    p.history.append(
+        {
+            **{
+                k: v
+                for k, v in metrics.items()
+                if not k.startswith("val_per_class") and k not in ("val_confusion_matrix", "placement_group")
+            },
+            "steps": stats.points,
+        }
+    )
     metrics["history"] = json.dumps(p.history)
     return metrics, value, stop
 
@@ -199,8 +226,9 @@ class BestKept:
     epoch: int | None = None
 
 
-def report(w: Worker, p: Progress, epoch: int, metrics: dict, value: float, scratch: str | None,
-           kept: BestKept | None) -> None:
+def report(
+    w: Worker, p: Progress, epoch: int, metrics: dict, value: float, scratch: str | None, kept: BestKept | None
+) -> None:
     """Report the epoch with its checkpoint: written by rank 0, or under FSDP by every rank
     (its shards; Ray merges the ranks' folders into one checkpoint). With ``kept``, rank 0
     keeps the best epoch's checkpoint on local disk; on a tie the later epoch, as Ray Train
@@ -212,8 +240,16 @@ def report(w: Worker, p: Progress, epoch: int, metrics: dict, value: float, scra
         w.session.report(metrics)
         return
     tmp = tempfile.mkdtemp(prefix="epoch-", dir=scratch)
-    save_checkpoint(tmp, w.model, w.tokenizer, w.cfg, w.labels, p.state(epoch, w.optimizer.state_dict()),
-                    p.history[-1], drift_reference=w.config.get("drift_reference"))
+    save_checkpoint(
+        tmp,
+        w.model,
+        w.tokenizer,
+        w.cfg,
+        w.labels,
+        p.state(epoch, w.optimizer.state_dict()),
+        p.history[-1],
+        drift_reference=w.config.get("drift_reference"),
+    )
     w.session.report(metrics, tmp)
     if kept is not None and value == p.best:
         if kept.folder:
@@ -235,9 +271,19 @@ def _report_sharded(w: Worker, p: Progress, epoch: int, metrics: dict, scratch: 
     adapters = gather_full(w.model, sorted(set(w.adapter_keys.values()))) if lora else None
     if w.rank == 0:
         write_shards_index(tmp, files, with_model=not lora)
-        save_checkpoint(tmp, w.model, w.tokenizer, w.cfg, w.labels, p.state(epoch, optimizer), p.history[-1],
-                        weights=adapters, sharded=not lora, drift_reference=w.config.get("drift_reference"),
-                        adapter_keys=w.adapter_keys)
+        save_checkpoint(
+            tmp,
+            w.model,
+            w.tokenizer,
+            w.cfg,
+            w.labels,
+            p.state(epoch, optimizer),
+            p.history[-1],
+            weights=adapters,
+            sharded=not lora,
+            drift_reference=w.config.get("drift_reference"),
+            adapter_keys=w.adapter_keys,
+        )
     w.session.report(metrics, tmp)
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -269,13 +315,23 @@ def run_worker(config: dict[str, Any], session) -> dict | None:
         stats = train_epoch(w, p, epoch)
         # DDP: the unwrapped module (a forward through DDP outside training would expect a
         # backward). FSDP: the wrapped one, which gathers the sharded weights.
-        val = validate(w.wrapped if w.fsdp else w.model, w.val_data, w.device, t.eval_batch_size, len(w.labels),
-                       w.labels, w.eval_loss_fn, w.collate)
+        val = validate(
+            w.wrapped if w.fsdp else w.model,
+            w.val_data,
+            w.device,
+            t.eval_batch_size,
+            len(w.labels),
+            w.labels,
+            w.eval_loss_fn,
+            w.collate,
+        )
         metrics, value, stop = epoch_record(w, p, epoch, stats, val, times)
         if w.rank == 0:
-            say(f"epoch {epoch + 1} done: train_loss {metrics['train_loss']:.4f} "
+            say(
+                f"epoch {epoch + 1} done: train_loss {metrics['train_loss']:.4f} "
                 f"val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.4f} "
-                f"val_f1_macro {metrics['val_f1_macro']:.4f} ({metrics['samples_per_s']:.1f} samples/s)")
+                f"val_f1_macro {metrics['val_f1_macro']:.4f} ({metrics['samples_per_s']:.1f} samples/s)"
+            )
         saving = time.time()
         report(w, p, epoch, metrics, value, scratch, kept)
         if w.rank == 0:
@@ -293,8 +349,20 @@ def run_worker(config: dict[str, Any], session) -> dict | None:
         w.session.report({**p.history[-1], "history": json.dumps(p.history)})
     try:
         if kept is not None:  # rank 0's return value reaches the driver (Result.return_value)
-            return {"test": score_best_checkpoint(config, w.cfg, w.model, w.device, w.labels, w.collate, kept.folder,
-                                                  kept.epoch, last_epoch, w.session)}
+            return {
+                "test": score_best_checkpoint(
+                    config,
+                    w.cfg,
+                    w.model,
+                    w.device,
+                    w.labels,
+                    w.collate,
+                    kept.folder,
+                    kept.epoch,
+                    last_epoch,
+                    w.session,
+                )
+            }
         return None
     finally:
         if scratch:

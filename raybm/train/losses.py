@@ -21,9 +21,14 @@ def distill_loss(student_logits, teacher, batch, temperature: float):
 
     with torch.no_grad():
         soft = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    return torch.nn.functional.kl_div(torch.log_softmax(student_logits / temperature, dim=-1),
-                                      torch.softmax(soft / temperature, dim=-1),
-                                      reduction="batchmean") * temperature ** 2
+    return (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(student_logits / temperature, dim=-1),
+            torch.softmax(soft / temperature, dim=-1),
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
 
 
 def l1_penalty(model):

@@ -79,9 +79,11 @@ class MemoryEstimate:
         """One line: the total per worker and its parts."""
         parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in self.parts.items() if v >= 0.005 * GB)
         offloaded = f"; {self.offloaded / GB:.1f} GB offloaded to host memory" if self.offloaded else ""
-        return (f"{self.arch.params / 1e6:,.0f}M parameters ({self.arch.trainable / 1e6:,.1f}M trained): about "
-                f"{self.per_worker / GB:.1f} GB of {self.where} memory per worker ({parts}); rank 0 "
-                f"{self.rank0 / GB:.1f} GB{offloaded}")
+        return (
+            f"{self.arch.params / 1e6:,.0f}M parameters ({self.arch.trainable / 1e6:,.1f}M trained): about "
+            f"{self.per_worker / GB:.1f} GB of {self.where} memory per worker ({parts}); rank 0 "
+            f"{self.rank0 / GB:.1f} GB{offloaded}"
+        )
 
 
 def architecture(cfg: JobConfig, labels: list[str]) -> Architecture:
@@ -102,12 +104,17 @@ def architecture(cfg: JobConfig, labels: list[str]) -> Architecture:
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0) or getattr(config, "dim", 0) or 256)
     heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_heads", 0) or 1)
     streamed = False
-    if cfg.train.parallelism == "fsdp" and cfg.train.strategy != "scratch" and cfg.model.head_init == "default" \
-            and resolve_pooling(cfg.model) != "mean":
+    if (
+        cfg.train.parallelism == "fsdp"
+        and cfg.train.strategy != "scratch"
+        and cfg.model.head_init == "default"
+        and resolve_pooling(cfg.model) != "mean"
+    ):
         files = weight_files(resolve_model_source(cfg.model.name))
         streamed = bool(files) and stream_plan(model, files) is not None
-    return Architecture(params, trainable, hidden, max(1, len(layers)), heads, max(sizes), params - sum(sizes),
-                        streamed)
+    return Architecture(
+        params, trainable, hidden, max(1, len(layers)), heads, max(sizes), params - sum(sizes), streamed
+    )
 
 
 def estimate(cfg: JobConfig, arch: Architecture, use_gpu: bool) -> MemoryEstimate:
@@ -119,8 +126,11 @@ def estimate(cfg: JobConfig, arch: Architecture, use_gpu: bool) -> MemoryEstimat
     trained = arch.trainable
     # NF4 (QLoRA): half a byte a frozen weight, plus a scale per block of 64 (double-quantized).
     weight_bytes = 0.53 * (arch.params - trained) + 4 * trained if t.quantize_base == "nf4" else 4 * arch.params
-    parts = {"weights": weight_bytes / shards, "gradients": 4 * trained / shards,
-             "optimizer": OPTIMIZER_BYTES.get(t.optimizer, 8) * trained / shards}
+    parts = {
+        "weights": weight_bytes / shards,
+        "gradients": 4 * trained / shards,
+        "optimizer": OPTIMIZER_BYTES.get(t.optimizer, 8) * trained / shards,
+    }
     if t.optimizer in ("momentum", "rmsprop") and t.momentum:
         parts["optimizer"] += 4 * trained / shards if t.optimizer == "rmsprop" else 0
     if not fsdp and t.num_workers > 1:
@@ -130,8 +140,9 @@ def estimate(cfg: JobConfig, arch: Architecture, use_gpu: bool) -> MemoryEstimat
     tokens = t.batch_size * cfg.data.max_length
     act = 2 if half else 4
     per_layer = tokens * (16 * arch.hidden + 2 * arch.heads * cfg.data.max_length) * act
-    parts["activations"] = (tokens * arch.hidden * act * arch.layers + per_layer) if t.gradient_checkpointing \
-        else per_layer * arch.layers
+    parts["activations"] = (
+        (tokens * arch.hidden * act * arch.layers + per_layer) if t.gradient_checkpointing else per_layer * arch.layers
+    )
     parts["process"] = 0.6 * GB if use_gpu else PROCESS_BYTES
     offloaded = 0.0
     if use_gpu and t.cpu_offload:  # the sharded state waits in host memory; the GPU holds what is in use
@@ -165,16 +176,30 @@ def check_memory_fits(cfg: JobConfig, use_gpu: bool, log) -> MemoryEstimate | No
     if fits(cfg, est, nodes):
         return est
     room = max((node_memory(n) for n in nodes), default=0.0)
-    fixes = [setting for setting, variant in _variants(cfg) if fits(variant, estimate(
-        variant, architecture(variant, SIZING_LABELS) if variant.train.strategy != cfg.train.strategy else arch,
-        use_gpu), nodes)]
+    fixes = [
+        setting
+        for setting, variant in _variants(cfg)
+        if fits(
+            variant,
+            estimate(
+                variant,
+                architecture(variant, SIZING_LABELS) if variant.train.strategy != cfg.train.strategy else arch,
+                use_gpu,
+            ),
+            nodes,
+        )
+    ]
     raise RaybmError(
         f"training {arch.params / 1e6:,.0f}M parameters on {cfg.train.num_workers} worker(s) "
         f"({cfg.train.parallelism}) needs about {est.per_worker / GB:.1f} GB per worker and {est.rank0 / GB:.1f} GB "
         f"on rank 0, more than the nodes hold ({len(nodes)} node(s), the largest {room / GB:.1f} GB usable). "
-        + (f"Settings that fit: {'; '.join(fixes)}." if fixes else
-           "No single setting makes it fit: add nodes with more memory, or combine fsdp, LoRA and more workers.")
-        + " (train.check_memory=false runs it anyway.)")
+        + (
+            f"Settings that fit: {'; '.join(fixes)}."
+            if fixes
+            else "No single setting makes it fit: add nodes with more memory, or combine fsdp, LoRA and more workers."
+        )
+        + " (train.check_memory=false runs it anyway.)"
+    )
 
 
 MEMORY_GROWS_WITH = ("train.batch_size", "data.max_length")  # searched: a sweep is sized at the largest
@@ -222,8 +247,12 @@ def _variants(cfg: JobConfig) -> list[tuple[str, JobConfig]]:
         out.append(("train.parallelism=fsdp", ["train.parallelism=fsdp"]))
     for workers in (t.num_workers * 2, t.num_workers * 4):
         cpus = round(t.cpus_per_worker * t.num_workers / workers, 2)
-        out.append((f"train.parallelism=fsdp train.num_workers={workers} train.cpus_per_worker={cpus:g}",
-                    ["train.parallelism=fsdp", f"train.num_workers={workers}", f"train.cpus_per_worker={cpus:g}"]))
+        out.append(
+            (
+                f"train.parallelism=fsdp train.num_workers={workers} train.cpus_per_worker={cpus:g}",
+                ["train.parallelism=fsdp", f"train.num_workers={workers}", f"train.cpus_per_worker={cpus:g}"],
+            )
+        )
     if t.strategy != "lora":
         out.append(("train.strategy=lora", ["train.strategy=lora"]))
     if not t.gradient_checkpointing:

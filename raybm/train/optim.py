@@ -17,8 +17,7 @@ def build_optimizer(model, t, groups: list[dict] | None = None):
         groups = param_groups(model, t.lr, t.weight_decay, t.layerwise_lr_decay)
     if t.optimizer in ("sgd", "momentum"):
         momentum = t.momentum if t.optimizer == "momentum" else 0.0
-        return torch.optim.SGD(groups, lr=t.lr, momentum=momentum,
-                               nesterov=t.nesterov and t.optimizer == "momentum")
+        return torch.optim.SGD(groups, lr=t.lr, momentum=momentum, nesterov=t.nesterov and t.optimizer == "momentum")
     if t.optimizer == "adagrad":
         return torch.optim.Adagrad(groups, lr=t.lr)
     if t.optimizer == "adadelta":

@@ -77,8 +77,9 @@ def publish_model(results: Results, run_dir: str, checkpoint) -> str:
     return results.uri(final)
 
 
-def score_model_uri(results: Results, model_uri: str, ds, max_length: int,
-                    predictions_to: str | None = None) -> dict[str, Any]:
+def score_model_uri(
+    results: Results, model_uri: str, ds, max_length: int, predictions_to: str | None = None
+) -> dict[str, Any]:
     """Score a model folder (local or in the results store) on a Dataset; with
     ``predictions_to`` (a path in the results store) also write every example's prediction
     there as Parquet (``PREDICTIONS_FILE``)."""
@@ -98,14 +99,16 @@ def run_artifacts(results: Results, run_dir: str, dataset: str) -> dict[str, str
     card, the test metrics, the confusion matrix, the epochs, the data report; name -> text."""
     metrics = results.read_json(results.join(run_dir, METRICS_FILE))
     test = metrics.get("test") or {}
-    out = {"model_card.md": results.read_text(results.join(run_dir, MODEL_DIR, MODEL_CARD_FILE)),
-           METRICS_FILE: json.dumps(metrics, indent=2),
-           "confusion_matrix.json": json.dumps({"labels": list(test.get("per_class") or {}),
-                                                "matrix": test.get("confusion_matrix")}, indent=2),
-           HISTORY_FILE: results.read_text(results.join(run_dir, HISTORY_FILE))}
+    out = {
+        "model_card.md": results.read_text(results.join(run_dir, MODEL_DIR, MODEL_CARD_FILE)),
+        METRICS_FILE: json.dumps(metrics, indent=2),
+        "confusion_matrix.json": json.dumps(
+            {"labels": list(test.get("per_class") or {}), "matrix": test.get("confusion_matrix")}, indent=2
+        ),
+        HISTORY_FILE: results.read_text(results.join(run_dir, HISTORY_FILE)),
+    }
     try:
         out["data_report.json"] = json.dumps(results.dataset_report(dataset), indent=2)
     except (OSError, ValueError):  # a soup's or an external dataset: no report to add
         pass
     return out
-

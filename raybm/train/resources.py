@@ -29,11 +29,14 @@ def check_workers_fit(cfg: JobConfig, what: str, extra: list[dict[str, float]] |
     cluster, ``tune.cluster_gpus``) and anything with ``ray.autoscaling`` are not held against it."""
     t = cfg.train
     check_gpu_settings(cfg, asks_for_gpus(t.use_gpu))
-    check_placeable([worker_resources(t, asks_for_gpus(t.use_gpu))] * t.num_workers + list(extra or []),
-                    alive_nodes(), what,
-                    "Lower train.cpus_per_worker, train.gpus_per_worker or train.num_workers, drop "
-                    "train.worker_resources a node lacks, or add nodes (ray.num_cpus on a local Ray)",
-                    resources_that_may_appear(cfg))
+    check_placeable(
+        [worker_resources(t, asks_for_gpus(t.use_gpu))] * t.num_workers + list(extra or []),
+        alive_nodes(),
+        what,
+        "Lower train.cpus_per_worker, train.gpus_per_worker or train.num_workers, drop "
+        "train.worker_resources a node lacks, or add nodes (ray.num_cpus on a local Ray)",
+        resources_that_may_appear(cfg),
+    )
 
 
 def check_gpu_settings(cfg: JobConfig, use_gpu: bool) -> None:
@@ -41,11 +44,15 @@ def check_gpu_settings(cfg: JobConfig, use_gpu: bool) -> None:
     (``train.cpu_offload``, ``train.quantize_base``), and 4-bit weights without bitsandbytes."""
     t = cfg.train
     if not use_gpu and t.cpu_offload:
-        raise RaybmError("train.cpu_offload needs GPU workers (it moves their state to host memory), and this "
-                         "cluster has no GPUs: drop train.cpu_offload (CPU workers keep everything in host memory)")
+        raise RaybmError(
+            "train.cpu_offload needs GPU workers (it moves their state to host memory), and this "
+            "cluster has no GPUs: drop train.cpu_offload (CPU workers keep everything in host memory)"
+        )
     if not use_gpu and t.quantize_base != "none":
-        raise RaybmError(f"train.quantize_base={t.quantize_base} needs GPU workers (bitsandbytes' 4-bit kernels), "
-                         f"and this cluster has no GPUs: set train.quantize_base=none (LoRA on the full-precision base)")
+        raise RaybmError(
+            f"train.quantize_base={t.quantize_base} needs GPU workers (bitsandbytes' 4-bit kernels), "
+            f"and this cluster has no GPUs: set train.quantize_base=none (LoRA on the full-precision base)"
+        )
     if t.quantize_base != "none" and not on_cluster() and importlib.util.find_spec("bitsandbytes") is None:
         raise RaybmError("train.quantize_base needs bitsandbytes: pip install 'raybm[qlora]'")
 
@@ -80,10 +87,12 @@ def not_placed(e: BaseException) -> bool:
 def placement_failure(t, use_gpu: bool) -> str:
     """The error of workers that were not placed within ``train.placement_timeout_s``."""
     bundle = ", ".join(f"{v:g} {k}" for k, v in worker_resources(t, use_gpu).items())
-    return (f"{t.num_workers} worker(s) of {bundle} each could not be placed within train.placement_timeout_s="
-            f"{t.placement_timeout_s:g} s: the cluster has no room for them now (other jobs, or no node with "
-            f"all of that). Lower train.cpus_per_worker / train.gpus_per_worker / train.num_workers, free or add "
-            f"nodes, or raise train.placement_timeout_s")
+    return (
+        f"{t.num_workers} worker(s) of {bundle} each could not be placed within train.placement_timeout_s="
+        f"{t.placement_timeout_s:g} s: the cluster has no room for them now (other jobs, or no node with "
+        f"all of that). Lower train.cpus_per_worker / train.gpus_per_worker / train.num_workers, free or add "
+        f"nodes, or raise train.placement_timeout_s"
+    )
 
 
 def torch_backend(t, use_gpu: bool) -> str:
@@ -93,8 +102,10 @@ def torch_backend(t, use_gpu: bool) -> str:
         if t.backend == "gloo":
             raise RaybmError("train.parallelism=fsdp on GPUs needs NCCL; set train.backend=auto")
         if t.gpus_per_worker < 1 and t.num_workers > 1:
-            raise RaybmError("train.parallelism=fsdp needs one GPU per worker (NCCL); set "
-                             "train.gpus_per_worker=1 or use parallelism ddp")
+            raise RaybmError(
+                "train.parallelism=fsdp needs one GPU per worker (NCCL); set "
+                "train.gpus_per_worker=1 or use parallelism ddp"
+            )
     if t.backend != "auto":
         return t.backend
     if not use_gpu:

@@ -38,8 +38,9 @@ def validate(model, data, device, batch_size: int, num_classes: int, labels: lis
     return out
 
 
-def score_test_split(model, data, device, batch_size: int, labels: list[str], collate,
-                     temperature: float = 1.0) -> tuple[dict, Any]:
+def score_test_split(
+    model, data, device, batch_size: int, labels: list[str], collate, temperature: float = 1.0
+) -> tuple[dict, Any]:
     """Metrics and every example's prediction on the test split (rows with text, label and
     token ids), the probabilities through the model's ``temperature``: the same numbers and
     columns as ``raybm.inference.evaluate.score_dataset`` gives for the published model,
@@ -52,12 +53,21 @@ def score_test_split(model, data, device, batch_size: int, labels: list[str], co
     with torch.no_grad():
         for batch in data.iter_batches(batch_size=batch_size, batch_format="numpy"):
             tensors = collate(batch)
-            logits = model(input_ids=tensors["input_ids"].to(device),
-                           attention_mask=tensors["attention_mask"].to(device)).logits.float()
+            logits = model(
+                input_ids=tensors["input_ids"].to(device), attention_mask=tensors["attention_mask"].to(device)
+            ).logits.float()
             probs = torch.softmax(logits / temperature, dim=-1).cpu().numpy()
-            frames.append(pd.DataFrame({"text": batch["text"].astype(str), "label": batch["label"].astype(np.int64),
-                                        "pred": probs.argmax(-1).astype(np.int64), "confidence": probs.max(-1),
-                                        **{f"prob_{i}": probs[:, i] for i in range(probs.shape[1])}}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "text": batch["text"].astype(str),
+                        "label": batch["label"].astype(np.int64),
+                        "pred": probs.argmax(-1).astype(np.int64),
+                        "confidence": probs.max(-1),
+                        **{f"prob_{i}": probs[:, i] for i in range(probs.shape[1])},
+                    }
+                )
+            )
     columns = ["text", "label", "pred", "confidence", *[f"prob_{i}" for i in range(len(labels))]]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     cm = confusion_matrix(frame["label"].to_numpy(), frame["pred"].to_numpy(), len(labels))
@@ -67,8 +77,18 @@ def score_test_split(model, data, device, batch_size: int, labels: list[str], co
     return metrics, frame[columns]
 
 
-def score_best_checkpoint(config: dict, cfg: JobConfig, model, device, labels: list[str], collate,
-                          kept: str | None, kept_epoch: int | None, last_epoch: int | None, session) -> dict | None:
+def score_best_checkpoint(
+    config: dict,
+    cfg: JobConfig,
+    model,
+    device,
+    labels: list[str],
+    collate,
+    kept: str | None,
+    kept_epoch: int | None,
+    last_epoch: int | None,
+    session,
+) -> dict | None:
     """Rank 0, once training ends: the best epoch's weights scored on the test split, the
     predictions written where the driver said (``predictions_to``). None when the best
     checkpoint is not at hand here (it was written before a restart): the driver then
@@ -81,8 +101,9 @@ def score_best_checkpoint(config: dict, cfg: JobConfig, model, device, labels: l
         test_data = whole_split(config, cfg, "test", texts=True)
     else:
         test_data = session.dataset("test")
-    metrics, frame = score_test_split(model, test_data, device, cfg.train.eval_batch_size, labels, collate,
-                                      read_calibration(kept)["temperature"])
+    metrics, frame = score_test_split(
+        model, test_data, device, cfg.train.eval_batch_size, labels, collate, read_calibration(kept)["temperature"]
+    )
     Results.from_config(cfg.storage).write_parquet(config["predictions_to"], frame)
     return {"epoch": kept_epoch, "metrics": metrics}
 

@@ -46,8 +46,11 @@ class RayTrainSession:
         if folder is None:
             ray.train.report(metrics, checkpoint=None)
         else:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             delete_local_checkpoint_after_upload=False)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                delete_local_checkpoint_after_upload=False,
+            )
 
     def dataset(self, name: str):
         """This rank's shard of the Ray Data dataset ``name`` (validation and test: whole)."""
@@ -59,8 +62,9 @@ class RayTrainSession:
         """``model`` replicated with DDP across the worker group."""
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp",
-                                             parallel_strategy_kwargs=kwargs)
+        return ray.train.torch.prepare_model(
+            model, move_to_device=False, parallel_strategy="ddp", parallel_strategy_kwargs=kwargs
+        )
 
     def placement_group(self) -> str | None:
         """The worker group's placement group (hex): a sweep frees a stopped trial's by it."""
@@ -98,8 +102,9 @@ class TrialSession:
 
     def dataset(self, name: str):
         """Never asked: a trial runs in its own process only when it reads the splits whole."""
-        raise RuntimeError(f"a sweep trial run in its own process has no Ray Data dataset {name!r}; "
-                           f"set tune.trial_runner=ray_train")
+        raise RuntimeError(
+            f"a sweep trial run in its own process has no Ray Data dataset {name!r}; set tune.trial_runner=ray_train"
+        )
 
     def wrap_ddp(self, model, kwargs: dict[str, Any]):
         """One worker: nothing to replicate."""

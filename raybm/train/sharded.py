@@ -26,8 +26,18 @@ MODEL_KEY, OPTIMIZER_KEY = "model", "optim"  # the two parts of the sharded stat
 SHARD_FILE_BYTES = 2**30  # the state in each run of shard files (a rank's file: its share of that)
 PUBLISH_BATCH_BYTES = 512 * 2**20  # full tensors read at once while publishing (a larger tensor: alone)
 PUBLISHED_FILE_BYTES = 5 * 10**9  # a published model's weight files (Hugging Face's default shard size)
-_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
-                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+_SAFETENSORS_DTYPES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float64": "F64",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
 
 
 def save_sharded(folder: str, model, optimizer, with_model: bool, file_bytes: int = SHARD_FILE_BYTES) -> dict:
@@ -48,11 +58,18 @@ def save_sharded(folder: str, model, optimizer, with_model: bool, file_bytes: in
     state = {OPTIMIZER_KEY: tensors}
     if with_model:
         state[MODEL_KEY] = get_model_state_dict(model)
-    writer = _listing_writer()(os.path.join(folder, SHARDS_DIR), save_distributed=True,
-                               fqn_to_index_mapping=_file_of_each_tensor(state, file_bytes))
+    writer = _listing_writer()(
+        os.path.join(folder, SHARDS_DIR),
+        save_distributed=True,
+        fqn_to_index_mapping=_file_of_each_tensor(state, file_bytes),
+    )
     dcp.save(state, storage_writer=writer)
-    return {"param_groups": optim["param_groups"], "state": rest,
-            "tensors": sorted([name, key] for name, entry in tensors.items() for key in entry), "files": writer.files}
+    return {
+        "param_groups": optim["param_groups"],
+        "state": rest,
+        "tensors": sorted([name, key] for name, entry in tensors.items() for key in entry),
+        "files": writer.files,
+    }
 
 
 def _listing_writer():
@@ -114,8 +131,10 @@ def load_sharded(folder: str, model, optimizer, saved: dict, with_model: bool) -
     wanted: dict[str, dict] = {}
     for name, key in saved["tensors"]:
         if name not in optim["state"] or key not in optim["state"][name]:
-            raise RaybmError(f"{folder}: the checkpoint's optimizer state has {name}.{key}, which this model's "
-                             f"optimizer has not; resume with the recipe that wrote it")
+            raise RaybmError(
+                f"{folder}: the checkpoint's optimizer state has {name}.{key}, which this model's "
+                f"optimizer has not; resume with the recipe that wrote it"
+            )
         wanted.setdefault(name, {})[key] = optim["state"][name][key]
     state = {OPTIMIZER_KEY: wanted}
     if with_model:
@@ -154,8 +173,10 @@ def check_shards(folder: str) -> dict:
     found = os.listdir(shards) if os.path.isdir(shards) else []
     if not shards_complete(index, found):
         missing = sorted(set(index.get("files") or []) - set(found))
-        raise RaybmError(f"{folder}: an incomplete checkpoint ({len(missing)} shard file(s) missing from {SHARDS_DIR}/: "
-                         f"{', '.join(missing[:3])}); its upload was cut short. Delete it to resume from the one before")
+        raise RaybmError(
+            f"{folder}: an incomplete checkpoint ({len(missing)} shard file(s) missing from {SHARDS_DIR}/: "
+            f"{', '.join(missing[:3])}); its upload was cut short. Delete it to resume from the one before"
+        )
     return index
 
 
@@ -166,8 +187,9 @@ def shards_complete(index: dict, names: list[str]) -> bool:
     return isinstance(files, list) and bool(files) and set(files) <= set(names)
 
 
-def publish_sharded(folder: str, batch_bytes: int = PUBLISH_BATCH_BYTES,
-                    file_bytes: int = PUBLISHED_FILE_BYTES) -> None:
+def publish_sharded(
+    folder: str, batch_bytes: int = PUBLISH_BATCH_BYTES, file_bytes: int = PUBLISHED_FILE_BYTES
+) -> None:
     """Turn a sharded checkpoint folder into a plain model folder, in place: the model's full
     tensors, read out of the shards a batch of at most ``batch_bytes`` at a time, streamed into
     ``model.safetensors``, or, past ``file_bytes`` of weights, into files of at most that much
@@ -183,11 +205,17 @@ def publish_sharded(folder: str, batch_bytes: int = PUBLISH_BATCH_BYTES,
     shards = os.path.join(folder, SHARDS_DIR)
     meta = HuggingFaceStorageReader(shards).read_metadata().state_dict_metadata
     prefix = f"{MODEL_KEY}."
-    tensors = {key[len(prefix):]: (tuple(m.size), m.properties.dtype) for key, m in sorted(meta.items())
-               if key.startswith(prefix)}
+    tensors = {
+        key[len(prefix) :]: (tuple(m.size), m.properties.dtype)
+        for key, m in sorted(meta.items())
+        if key.startswith(prefix)
+    }
     files = _batches(tensors, file_bytes)
-    names = [WEIGHTS_FILE] if len(files) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    names = (
+        [WEIGHTS_FILE]
+        if len(files) == 1
+        else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    )
     for name, in_file in zip(names, files):
         part = {t: tensors[t] for t in in_file}
         partial = os.path.join(folder, f".{name}.partial")
@@ -203,8 +231,10 @@ def publish_sharded(folder: str, batch_bytes: int = PUBLISH_BATCH_BYTES,
                 del state
         os.replace(partial, os.path.join(folder, name))
     if len(files) > 1:  # written last: a folder with its index has every file the index names
-        index = {"metadata": {"total_size": sum(_nbytes(*v) for v in tensors.values())},
-                 "weight_map": {t: name for name, in_file in zip(names, files) for t in in_file}}
+        index = {
+            "metadata": {"total_size": sum(_nbytes(*v) for v in tensors.values())},
+            "weight_map": {t: name for name, in_file in zip(names, files) for t in in_file},
+        }
         with open(os.path.join(folder, f".{WEIGHTS_INDEX_FILE}.partial"), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
         os.replace(os.path.join(folder, f".{WEIGHTS_INDEX_FILE}.partial"), os.path.join(folder, WEIGHTS_INDEX_FILE))

@@ -19,9 +19,15 @@ from typing import Any
 from raybm.results import TENSORBOARD_DIR, Results
 
 # Each epoch's record: these, under "val/" and "train/", at the epoch's last step.
-EPOCH_SCALARS = {"val_loss": "val/loss", "val_accuracy": "val/accuracy", "val_f1_macro": "val/f1_macro",
-                 "val_precision_macro": "val/precision_macro", "val_recall_macro": "val/recall_macro",
-                 "train_loss": "train/epoch_loss", "samples_per_s": "train/samples_per_s"}
+EPOCH_SCALARS = {
+    "val_loss": "val/loss",
+    "val_accuracy": "val/accuracy",
+    "val_f1_macro": "val/f1_macro",
+    "val_precision_macro": "val/precision_macro",
+    "val_recall_macro": "val/recall_macro",
+    "train_loss": "train/epoch_loss",
+    "samples_per_s": "train/samples_per_s",
+}
 _warned = False
 
 
@@ -31,8 +37,12 @@ def _writer_class():
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         if not _warned:
-            print("raybm: TensorBoard event files are not written: the tensorboard package is not installed "
-                  "(pip install 'raybm[tracking]')", file=sys.stderr, flush=True)
+            print(
+                "raybm: TensorBoard event files are not written: the tensorboard package is not installed "
+                "(pip install 'raybm[tracking]')",
+                file=sys.stderr,
+                flush=True,
+            )
             _warned = True
         return None
     return SummaryWriter

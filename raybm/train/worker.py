@@ -13,15 +13,15 @@ from typing import Any
 
 from raybm.config import JobConfig, build_config
 from raybm.errors import RaybmError
+from raybm.results import weight_files
 from raybm.train.checkpoints import load_checkpoint
 from raybm.train.fsdp import wrap_fsdp
 from raybm.train.fsdp_loading import StreamPlan, stream_plan
-from raybm.train.losses import load_teacher
 from raybm.train.host_memory import return_large_blocks_to_system
-from raybm.train.sharded import is_sharded, load_sharded
-from raybm.results import weight_files
+from raybm.train.losses import load_teacher
 from raybm.train.optim import amp_settings, build_optimizer, cpu_has_native_bf16
 from raybm.train.scoring import whole_split
+from raybm.train.sharded import is_sharded, load_sharded
 
 
 def say(message: str) -> None:
@@ -74,17 +74,31 @@ class Progress:
 
     def state(self, epoch: int, optimizer_state: dict) -> dict[str, Any]:
         """The training state a checkpoint of ``epoch`` holds."""
-        return {"epoch": epoch, "step": self.step, "best": self.best, "bad_epochs": self.bad_epochs,
-                "optimizer": optimizer_state, "history": self.history, "lr_scale": self.lr_scale,
-                "plateau_epochs": self.plateau_epochs}
+        return {
+            "epoch": epoch,
+            "step": self.step,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "optimizer": optimizer_state,
+            "history": self.history,
+            "lr_scale": self.lr_scale,
+            "plateau_epochs": self.plateau_epochs,
+        }
 
     @classmethod
-    def resumed_at(cls, state: dict[str, Any]) -> "Progress":
+    def resumed_at(cls, state: dict[str, Any]) -> Progress:
         """Progress restored from a checkpoint's training state."""
-        return cls(start_epoch=state["epoch"] + 1, step=state["step"], best=state.get("best"),
-                   bad_epochs=state.get("bad_epochs", 0), resumed=True, resumed_from=state["epoch"] + 1,
-                   history=list(state.get("history", [])), lr_scale=state.get("lr_scale", 1.0),
-                   plateau_epochs=state.get("plateau_epochs", 0))
+        return cls(
+            start_epoch=state["epoch"] + 1,
+            step=state["step"],
+            best=state.get("best"),
+            bad_epochs=state.get("bad_epochs", 0),
+            resumed=True,
+            resumed_from=state["epoch"] + 1,
+            history=list(state.get("history", [])),
+            lr_scale=state.get("lr_scale", 1.0),
+            plateau_epochs=state.get("plateau_epochs", 0),
+        )
 
 
 @dataclass
@@ -133,8 +147,8 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
     import torch
 
     from raybm.data.tokenizing import AugmentCollate, PadCollate
-    from raybm.models.build import load_tokenizer, local_model
     from raybm.models.architectures import weight_layers
+    from raybm.models.build import load_tokenizer, local_model
     from raybm.models.lora import adapter_keys, adapter_state, is_lora
     from raybm.models.strategies import param_groups
 
@@ -165,34 +179,62 @@ def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
         optimizer = _optimizer(model, t, groups, state, folder)
     if rank == 0 and is_lora(model):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        say(f"LoRA: {trainable:,} of {sum(sizes.values()):,} parameters train "
-            f"({100 * trainable / max(1, sum(sizes.values())):.2f}%); each checkpoint holds {checkpoint_mb:.2f} MB")
+        say(
+            f"LoRA: {trainable:,} of {sum(sizes.values()):,} parameters train "
+            f"({100 * trainable / max(1, sum(sizes.values())):.2f}%); each checkpoint holds {checkpoint_mb:.2f} MB"
+        )
     if rank == 0 and amp_dtype is not None and device.type == "cpu":
-        say("mixed precision: bf16 on the CPU" + ("" if cpu_has_native_bf16() else
-            " (this CPU has no native bf16: slower than fp32 here; train.precision=fp32 is faster)"))
-    weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) \
-        if config.get("class_weights") else None
+        say(
+            "mixed precision: bf16 on the CPU"
+            + (
+                ""
+                if cpu_has_native_bf16()
+                else " (this CPU has no native bf16: slower than fp32 here; train.precision=fp32 is faster)"
+            )
+        )
+    weights = (
+        torch.tensor(config["class_weights"], dtype=torch.float32, device=device)
+        if config.get("class_weights")
+        else None
+    )
     train_shard, val_data = _training_data(config, cfg, rank, world, session)
     tokenizer = load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
     steps_per_epoch = max(1, math.ceil(math.ceil(config["n_train"] / world) / t.batch_size / t.grad_accum))
     if t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
     worker = Worker(
-        config=config, cfg=cfg, labels=config["labels"], rank=rank, world=world, device=device, model=model,
-        wrapped=wrapped, tokenizer=tokenizer, optimizer=optimizer,
-        scaler=torch.amp.GradScaler("cuda") if use_scaler else None, amp_dtype=amp_dtype,
+        config=config,
+        cfg=cfg,
+        labels=config["labels"],
+        rank=rank,
+        world=world,
+        device=device,
+        model=model,
+        wrapped=wrapped,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda") if use_scaler else None,
+        amp_dtype=amp_dtype,
         loss_fn=torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=t.label_smoothing),
         eval_loss_fn=torch.nn.CrossEntropyLoss(),
         # Rows come tokenized (stored by the data stage, or by Tokenize): padded here, per batch.
         collate=PadCollate(tokenizer.pad_token_id, cfg.data.max_length if cfg.data.padding == "max_length" else None),
         augment=AugmentCollate(tokenizer, cfg.data.augment, cfg.data.max_length, cfg.data.padding, cfg.data.seed)
-        if cfg.data.augment.enabled else None,
-        train_shard=train_shard, val_data=val_data,
+        if cfg.data.augment.enabled
+        else None,
+        train_shard=train_shard,
+        val_data=val_data,
         # Fine-tuning a pruned model: the zeros of Linear weights stay zero.
         masks=[(m.weight, m.weight.ne(0)) for m in weight_layers(model)] if t.keep_sparsity else [],
         teacher=load_teacher(t.distill_from, device) if t.distill_from else None,
-        sizes=sizes, checkpoint_mb=checkpoint_mb, adapter_keys=keys, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * t.epochs,
-        nodes=worker_nodes(world), session=session)
+        sizes=sizes,
+        checkpoint_mb=checkpoint_mb,
+        adapter_keys=keys,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * t.epochs,
+        nodes=worker_nodes(world),
+        session=session,
+    )
     return worker, progress
 
 
@@ -301,8 +343,10 @@ def _optimizer(model, t, groups: list[dict], state: dict | None, folder: str | N
     if state is None:
         return optimizer
     if t.parallelism == "fsdp" and not is_sharded(folder):
-        raise RaybmError(f"{folder}: an FSDP checkpoint without shards (written by an older raybm) cannot be "
-                         f"resumed; start the run under another name")
+        raise RaybmError(
+            f"{folder}: an FSDP checkpoint without shards (written by an older raybm) cannot be "
+            f"resumed; start the run under another name"
+        )
     if t.parallelism == "fsdp":
         load_sharded(folder, model, optimizer, state["optimizer"], with_model=not is_lora(model))
     else:
@@ -324,6 +368,8 @@ def _training_data(config: dict[str, Any], cfg: JobConfig, rank: int, world: int
     results folder when the driver says so (no Ray Data in the loop), else Ray Data shards."""
     if config.get("whole_splits"):
         t = cfg.train
-        return (whole_split(config, cfg, "train", rank=rank, world=world, seed=t.seed, shuffle=True),
-                whole_split(config, cfg, "validation"))
+        return (
+            whole_split(config, cfg, "train", rank=rank, world=world, seed=t.seed, shuffle=True),
+            whole_split(config, cfg, "validation"),
+        )
     return session.dataset("train"), session.dataset("validation")  # validation: not sharded

@@ -46,21 +46,30 @@ def measure_costs(cfg: JobConfig, rows: list[dict[str, Any]], log: Callable[[str
     with tempfile.TemporaryDirectory(prefix="raybm-cost-") as tmp:
         for row in rows:
             uri = row["best_checkpoint"]
-            folder = uri if is_model_folder(uri) else \
-                as_model_folder(copy_to_local(uri, cfg.storage, os.path.join(tmp, row["trial"])))
+            folder = (
+                uri
+                if is_model_folder(uri)
+                else as_model_folder(copy_to_local(uri, cfg.storage, os.path.join(tmp, row["trial"])))
+            )
             key, params = architecture(folder)
             if key not in latency:
                 latency[key] = measure(folder, "torch", None, None, cfg.tune.latency_samples)["latency_p50_ms"]
-            row.update(params=params, size_mb=round(sum(map(os.path.getsize, weight_files(folder) or [])) / 1e6, 2),
-                       latency_p50_ms=latency[key])
+            row.update(
+                params=params,
+                size_mb=round(sum(map(os.path.getsize, weight_files(folder) or [])) / 1e6, 2),
+                latency_p50_ms=latency[key],
+            )
             if folder != uri:
                 shutil.rmtree(folder, ignore_errors=True)
-    log(f"Serving cost measured for {len(rows)} trial(s), {len(latency)} architecture(s): median single-sentence "
-        f"latency {', '.join(f'{v:.1f}' for v in sorted(latency.values()))} ms (PyTorch, 1 thread)")
+    log(
+        f"Serving cost measured for {len(rows)} trial(s), {len(latency)} architecture(s): median single-sentence "
+        f"latency {', '.join(f'{v:.1f}' for v in sorted(latency.values()))} ms (PyTorch, 1 thread)"
+    )
 
 
-def within_budget(ranked: list[dict[str, Any]], max_latency_ms: float | None
-                  ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def within_budget(
+    ranked: list[dict[str, Any]], max_latency_ms: float | None
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """The ranked trials the winner may come from under a latency budget, best first, and
     what the budget did (None without one). Marks each row ``within_budget``. When no trial
     meets the budget, all of them stay (the best wins) and ``met`` is False."""
@@ -69,6 +78,10 @@ def within_budget(ranked: list[dict[str, Any]], max_latency_ms: float | None
     for row in ranked:
         row["within_budget"] = row["latency_p50_ms"] <= max_latency_ms
     ok = [row for row in ranked if row["within_budget"]]
-    budget = {"max_latency_ms": max_latency_ms, "met": bool(ok), "trials_within": len(ok),
-              "fastest_ms": min(row["latency_p50_ms"] for row in ranked)}
+    budget = {
+        "max_latency_ms": max_latency_ms,
+        "met": bool(ok),
+        "trials_within": len(ok),
+        "fastest_ms": min(row["latency_p50_ms"] for row in ranked),
+    }
     return (ok or ranked), budget

@@ -17,8 +17,8 @@ from raybm.results import EPOCH_METRICS_FILE, LEADERBOARD, SHARDS_DIR, SHARDS_IN
 from raybm.train.checkpoints import CHECKPOINT_FILES, CHECKPOINT_WEIGHTS
 from raybm.train.driver import failure_reason
 from raybm.train.publish import worker_nodes_of
-from raybm.train.sharded import shards_complete
 from raybm.train.resources import asks_for_gpus, not_placed, placement_failure
+from raybm.train.sharded import shards_complete
 
 # Serving-cost columns of the leaderboard (tune.measure_cost, tune.max_latency_ms).
 COST_COLUMNS = ("params", "size_mb", "latency_p50_ms", "within_budget")
@@ -45,8 +45,9 @@ def _trial_history(res, metric: str) -> list[dict[str, Any]]:
     else:
         df = res.metrics_dataframe
         history = [] if df is None or df.empty else df.to_dict("records")
-    return [h for h in history if h.get(metric) is not None
-            and not (isinstance(h[metric], float) and math.isnan(h[metric]))]
+    return [
+        h for h in history if h.get(metric) is not None and not (isinstance(h[metric], float) and math.isnan(h[metric]))
+    ]
 
 
 def _trial_id(res) -> str:
@@ -70,8 +71,11 @@ def best_checkpoint(results: Results, run_dir: str, metric: str, mode: str) -> t
             continue
         files = results.fs.get_file_info([results.join(info.path, f) for f in CHECKPOINT_FILES])
         weights = results.fs.get_file_info([results.join(info.path, f) for f in CHECKPOINT_WEIGHTS])
-        if any(f.type == pafs.FileType.NotFound for f in files) or \
-                all(f.type == pafs.FileType.NotFound for f in weights) or not _shards_complete(results, info.path):
+        if (
+            any(f.type == pafs.FileType.NotFound for f in files)
+            or all(f.type == pafs.FileType.NotFound for f in weights)
+            or not _shards_complete(results, info.path)
+        ):
             continue  # an upload cut short (a lost node, a stopped job)
         try:
             m = results.read_json(results.join(info.path, EPOCH_METRICS_FILE))
@@ -113,8 +117,9 @@ def _trial_config(res) -> dict[str, Any]:
         return {}
 
 
-def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Results,
-                trials_dir: str) -> list[dict[str, Any]]:
+def leaderboard(
+    grid, cfg: JobConfig, dists: list[Distribution], results: Results, trials_dir: str
+) -> list[dict[str, Any]]:
     """One row per trial, best first (trials without a metric last)."""
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = []
@@ -126,32 +131,43 @@ def leaderboard(grid, cfg: JobConfig, dists: list[Distribution], results: Result
         checkpoint, best = best_checkpoint(results, results.join(trials_dir, trial_id), metric, mode)
         error = None
         if res.error is not None:
-            error = placement_failure(cfg.train, asks_for_gpus(cfg.train.use_gpu)) if not_placed(res.error) \
+            error = (
+                placement_failure(cfg.train, asks_for_gpus(cfg.train.use_gpu))
+                if not_placed(res.error)
                 else failure_reason(res.error)
-        rows.append({
-            "trial": trial_id,
-            **{d.key: config.get(d.key) for d in dists},
-            metric: None if best is None else float(best[metric]),
-            "best_epoch": None if best is None else int(best["epoch"]),
-            "epochs_run": len(history),
-            "status": _status(error, history, int(config.get("train.epochs") or cfg.train.epochs)),
-            "val_accuracy": None if best is None else best.get("val_accuracy"),
-            "val_loss": None if best is None else best.get("val_loss"),
-            "best_checkpoint": None if checkpoint is None else results.uri(checkpoint),
-            "seconds": round(float(last.get("time_total_s", 0.0)), 1),  # wall time (of the last attempt)
-            "worker_nodes": worker_nodes_of(history),  # where the last epoch ran, rank 0 first
-            "precision": history[-1].get("precision") if history else None,  # what the loop ran in
-            "started_at": history[0].get("started_at") if history else None,
-            "finished_at": history[-1].get("finished_at") if history else None,
-            "error": error,
-            "history": [{"epoch": int(h["epoch"]), metric: float(h[metric]),
-                         "resumed_from_epoch": int(h.get("resumed_from_epoch", 0) or 0),
-                         "val_loss": float(h.get("val_loss", float("nan"))),
-                         "train_loss": float(h.get("train_loss", float("nan"))),
-                         "worker_nodes": json.loads(h.get("worker_nodes") or "[]"),
-                         "started_at": h.get("started_at"), "finished_at": h.get("finished_at")}
-                        for h in history],
-        })
+            )
+        rows.append(
+            {
+                "trial": trial_id,
+                **{d.key: config.get(d.key) for d in dists},
+                metric: None if best is None else float(best[metric]),
+                "best_epoch": None if best is None else int(best["epoch"]),
+                "epochs_run": len(history),
+                "status": _status(error, history, int(config.get("train.epochs") or cfg.train.epochs)),
+                "val_accuracy": None if best is None else best.get("val_accuracy"),
+                "val_loss": None if best is None else best.get("val_loss"),
+                "best_checkpoint": None if checkpoint is None else results.uri(checkpoint),
+                "seconds": round(float(last.get("time_total_s", 0.0)), 1),  # wall time (of the last attempt)
+                "worker_nodes": worker_nodes_of(history),  # where the last epoch ran, rank 0 first
+                "precision": history[-1].get("precision") if history else None,  # what the loop ran in
+                "started_at": history[0].get("started_at") if history else None,
+                "finished_at": history[-1].get("finished_at") if history else None,
+                "error": error,
+                "history": [
+                    {
+                        "epoch": int(h["epoch"]),
+                        metric: float(h[metric]),
+                        "resumed_from_epoch": int(h.get("resumed_from_epoch", 0) or 0),
+                        "val_loss": float(h.get("val_loss", float("nan"))),
+                        "train_loss": float(h.get("train_loss", float("nan"))),
+                        "worker_nodes": json.loads(h.get("worker_nodes") or "[]"),
+                        "started_at": h.get("started_at"),
+                        "finished_at": h.get("finished_at"),
+                    }
+                    for h in history
+                ],
+            }
+        )
     sign = -1 if mode == "max" else 1
     rows.sort(key=lambda r: (r[metric] is None, sign * (r[metric] or 0.0)))
     for rank, row in enumerate(rows, 1):
@@ -183,8 +199,14 @@ def format_leaderboard(board: list[dict[str, Any]], metric: str) -> str:
         return "(no trials)"
     fixed = ("rank", "trial", metric, "best_epoch", "epochs_run", "status", "seconds")
     cost = [k for k in COST_COLUMNS if any(k in row for row in board)]
-    searched = [k for k in board[0] if k not in fixed and k not in COST_COLUMNS and k not in
-                ("val_accuracy", "val_loss", "best_checkpoint", "error", "history", "precision", *PLACEMENT_COLUMNS)]
+    searched = [
+        k
+        for k in board[0]
+        if k not in fixed
+        and k not in COST_COLUMNS
+        and k
+        not in ("val_accuracy", "val_loss", "best_checkpoint", "error", "history", "precision", *PLACEMENT_COLUMNS)
+    ]
     cols = ["rank", "trial", *searched, metric, "best_epoch", "epochs_run", "status", *cost, "seconds"]
 
     def cell(v: Any) -> str:

@@ -62,11 +62,15 @@ def state_key() -> bytes:
         with open(path, "rb") as f:
             key = f.read()
     except OSError as e:
-        raise RaybmError(f"cannot keep the key that seals sweep state in {path} ({e.strerror}); set {STATE_KEY_ENV} "
-                         f"to a secret of your own instead") from None
+        raise RaybmError(
+            f"cannot keep the key that seals sweep state in {path} ({e.strerror}); set {STATE_KEY_ENV} "
+            f"to a secret of your own instead"
+        ) from None
     if len(key) < 16:
-        raise RaybmError(f"{path}: the key that seals sweep state is damaged (under 16 bytes); remove the file "
-                         f"(sweeps sealed with it can then not be resumed) or set {STATE_KEY_ENV}")
+        raise RaybmError(
+            f"{path}: the key that seals sweep state is damaged (under 16 bytes); remove the file "
+            f"(sweeps sealed with it can then not be resumed) or set {STATE_KEY_ENV}"
+        )
     return key
 
 
@@ -76,7 +80,7 @@ def is_guarded(root: str, path: str) -> bool:
     root = root.rstrip("/")
     if not path.startswith(root + "/"):
         return False
-    rel = path[len(root) + 1:]
+    rel = path[len(root) + 1 :]
     name = posixpath.basename(rel)
     if name.startswith(SEAL_PREFIX):
         return False
@@ -88,7 +92,7 @@ def _seal_path(path: str) -> str:
 
 
 def _digest(key: bytes, root: str, path: str, data: bytes) -> str:
-    rel = path[len(root.rstrip("/")) + 1:]
+    rel = path[len(root.rstrip("/")) + 1 :]
     return hmac.new(key, rel.encode() + b"\0" + data, hashlib.sha256).hexdigest()
 
 
@@ -113,7 +117,7 @@ def _verify(fs: pafs.FileSystem, key: bytes, root: str, path: str, data: bytes) 
 class _SealingStream:
     """An output stream that buffers a guarded file and, on close, writes its seal, then it."""
 
-    def __init__(self, handler: "SealedStateHandler", path: str, metadata):
+    def __init__(self, handler: SealedStateHandler, path: str, metadata):
         self.handler, self.path, self.metadata = handler, path, metadata
         self.chunks: list[bytes] = []
         self.closed = False
@@ -219,8 +223,10 @@ class SealedStateHandler(pafs.FileSystemHandler):
         with self.fs.open_input_stream(path) as f:
             data = f.read()
         if not _verify(self.fs, self.key, self.root, path, data):
-            raise OSError(f"raybm refused to hand Ray {path}: it does not match the seal raybm wrote with it "
-                          f"(changed or planted in the results store)")
+            raise OSError(
+                f"raybm refused to hand Ray {path}: it does not match the seal raybm wrote with it "
+                f"(changed or planted in the results store)"
+            )
         return data
 
     def _write(self, path: str, data: bytes, metadata) -> None:
@@ -270,9 +276,10 @@ def check_sealed(fs: pafs.FileSystem, experiment_path: str, what: str) -> None:
             continue
         data = _read_all(fs, info.path) or b""
         if not _verify(fs, key, experiment_path, info.path, data):
-            rel = info.path[len(experiment_path.rstrip("/")) + 1:]
+            rel = info.path[len(experiment_path.rstrip("/")) + 1 :]
             raise RaybmError(
                 f"{what}: refused to resume: {rel} in its Ray Tune state does not carry a valid raybm seal, so "
                 f"it was written by someone else (or by a raybm before seals, or by a driver with another "
                 f"{STATE_KEY_ENV}), and loading it could run their code. Nothing was loaded. Start the sweep "
-                f"afresh: delete {experiment_path} (its finished trials are lost) or change the sweep's settings.")
+                f"afresh: delete {experiment_path} (its finished trials are lost) or change the sweep's settings."
+            )

@@ -30,8 +30,8 @@ from raybm.inference.loading import model_info, read_label_map
 from raybm.inference.locate import locate_model
 from raybm.lease import hold_lease
 from raybm.metrics import soup_metric
-from raybm.models.card import write_model_card
 from raybm.model_cache import fetch_model
+from raybm.models.card import write_model_card
 from raybm.results import (
     CONFIG_FILE,
     EPOCH_METRICS_FILE,
@@ -60,6 +60,7 @@ _NOT_COPIED = (TRAIN_STATE_FILE, EPOCH_METRICS_FILE, SUCCESS_MARKER, MODEL_CARD_
 @dataclass
 class Soup:
     """A model soup: the chosen model's folder, how it was made, and its validation score."""
+
     folder: str  # local folder of the chosen model (a copy of the best candidate when nothing was added)
     method: str
     metric: str
@@ -75,8 +76,14 @@ class Soup:
 
     def to_dict(self) -> dict[str, Any]:
         """The soup's record, as written into ``winner.json`` and ``soup.json``."""
-        return {"method": self.method, "metric": self.metric, "ingredients": self.ingredients,
-                "validation": self.validation, "best_single": self.best_single, "tried": self.tried}
+        return {
+            "method": self.method,
+            "metric": self.metric,
+            "ingredients": self.ingredients,
+            "validation": self.validation,
+            "best_single": self.best_single,
+            "tried": self.tried,
+        }
 
 
 def _load(folder: str) -> dict:
@@ -129,10 +136,12 @@ def write_model(source: str, state: dict, out: str, info: dict[str, Any] | None 
     as its weights (and ``soup.json`` when ``info`` is given)."""
     from safetensors.torch import save_file
 
-    shutil.copytree(source, out, ignore=shutil.ignore_patterns(*_NOT_COPIED, WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
-                                                               "model-*-of-*.safetensors"))
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, WEIGHTS_FILE),
-              metadata={"format": "pt"})
+    shutil.copytree(
+        source,
+        out,
+        ignore=shutil.ignore_patterns(*_NOT_COPIED, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, "model-*-of-*.safetensors"),
+    )
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, WEIGHTS_FILE), metadata={"format": "pt"})
     if info is not None:
         with open(os.path.join(out, SOUP_FILE), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)
@@ -150,9 +159,16 @@ def average_models(folders: list[str], out: str) -> str:
     return write_model(folders[0], total.mean(), out)
 
 
-def make_soup(candidates: list[tuple[str, str]], score: Callable[[str], dict[str, Any]], *, metric: str,
-              mode: str = "max", method: str = "greedy", workdir: str,
-              log: Callable[[str], None] = print) -> Soup:
+def make_soup(
+    candidates: list[tuple[str, str]],
+    score: Callable[[str], dict[str, Any]],
+    *,
+    metric: str,
+    mode: str = "max",
+    method: str = "greedy",
+    workdir: str,
+    log: Callable[[str], None] = print,
+) -> Soup:
     """Make a soup of ``candidates`` ((name, local model folder), best first) in ``workdir``.
 
     ``score(folder)`` returns a model folder's validation metrics (``score_dataset``);
@@ -210,16 +226,19 @@ def check_soup_inputs(cfg, models: list[str], dataset: str, name: str):
     results = Results.from_config(cfg.storage)
     results.check_reachable()
     if dataset not in results.list_datasets():
-        raise RaybmError(f"--data {dataset!r}: no prepared dataset of that name under {results.root}/data "
-                         f"(the one the models were trained on; `raybm data` prepares it)")
+        raise RaybmError(
+            f"--data {dataset!r}: no prepared dataset of that name under {results.root}/data "
+            f"(the one the models were trained on; `raybm data` prepares it)"
+        )
     run_dir = results.run_dir(name)
     if results.exists(run_dir):
         raise RaybmError(f"--name {name!r}: {results.uri(run_dir)} already exists; pick another name or delete it")
     return results, run_dir
 
 
-def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "greedy",
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_soup(
+    cfg, models: list[str], dataset: str, name: str, method: str = "greedy", log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """``raybm soup``: the soup of finished models (run or sweep names, model folders, or
     s3:// folders) as a new run ``runs/<name>/``: model/, metrics.json (the soup's test
     metrics and its recipe), config.yaml, test predictions. Candidates are ranked by their
@@ -232,8 +251,17 @@ def run_soup(cfg, models: list[str], dataset: str, name: str, method: str = "gre
         return _run_soup(cfg, results, run_dir, models, dataset, name, method, lease, log)
 
 
-def _run_soup(cfg, results, run_dir: str, models: list[str], dataset: str, name: str, method: str, lease,
-              log: Callable[[str], None]) -> dict[str, Any]:
+def _run_soup(
+    cfg,
+    results,
+    run_dir: str,
+    models: list[str],
+    dataset: str,
+    name: str,
+    method: str,
+    lease,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     """``run_soup`` under the run's lease."""
     import ray.train
 
@@ -263,8 +291,9 @@ def _run_soup(cfg, results, run_dir: str, models: list[str], dataset: str, name:
             log(f"  {spec}: {metric} {score(folder)[metric]:.4f}")
         sign = -1 if cfg.tune.mode == "max" else 1
         local.sort(key=lambda sf: sign * score(sf[1])[metric])
-        soup = make_soup(local, score, metric=metric, mode=cfg.tune.mode, method=method,
-                         workdir=os.path.join(tmp, "work"), log=log)
+        soup = make_soup(
+            local, score, metric=metric, mode=cfg.tune.mode, method=method, workdir=os.path.join(tmp, "work"), log=log
+        )
         with open(os.path.join(soup.folder, SOUP_FILE), "w", encoding="utf-8") as f:
             json.dump({**soup.to_dict(), "dataset": dataset}, f, indent=2)
         calibrate_folder(soup.folder, validation, cfg.data.max_length)  # new weights: their own temperature
@@ -277,16 +306,36 @@ def _run_soup(cfg, results, run_dir: str, models: list[str], dataset: str, name:
             with open(source_cfg, encoding="utf-8") as f:
                 results.write_text(results.join(run_dir, CONFIG_FILE), f.read())
     log("Scoring the soup on the test split")
-    test = score_model_uri(results, model_uri, load_split(results, dataset, "test"), cfg.data.max_length,
-                           predictions_to=results.join(run_dir, PREDICTIONS_FILE))
-    metrics = {"run": name, "dataset": dataset, "model": base_model, "soup": {**soup.to_dict(), "models": models},
-               "validation": {cfg.tune.metric: soup.validation}, "test": test}
+    test = score_model_uri(
+        results,
+        model_uri,
+        load_split(results, dataset, "test"),
+        cfg.data.max_length,
+        predictions_to=results.join(run_dir, PREDICTIONS_FILE),
+    )
+    metrics = {
+        "run": name,
+        "dataset": dataset,
+        "model": base_model,
+        "soup": {**soup.to_dict(), "models": models},
+        "validation": {cfg.tune.metric: soup.validation},
+        "test": test,
+    }
     results.write_json(results.join(run_dir, METRICS_FILE), metrics)
 
-    write_model_card(results, results.join(run_dir, MODEL_DIR), name=name, kind="soup", dataset=dataset, test=test,
-                     notes=[f"the {soup.method} soup of {', '.join(soup.ingredients)} (from {', '.join(models)}), "
-                            f"validation {cfg.tune.metric} {soup.validation:.4f} against {soup.best_single:.4f} "
-                            f"for the best of them alone"])
+    write_model_card(
+        results,
+        results.join(run_dir, MODEL_DIR),
+        name=name,
+        kind="soup",
+        dataset=dataset,
+        test=test,
+        notes=[
+            f"the {soup.method} soup of {', '.join(soup.ingredients)} (from {', '.join(models)}), "
+            f"validation {cfg.tune.metric} {soup.validation:.4f} against {soup.best_single:.4f} "
+            f"for the best of them alone"
+        ],
+    )
     lease.check()
     results.mark_complete(run_dir)
     return {"run_dir": results.uri(run_dir), "model_dir": model_uri, **metrics}

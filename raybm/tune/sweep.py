@@ -49,12 +49,12 @@ from raybm.results import (
     copy_to_local,
     job_for_workers,
 )
+from raybm.tracking import log_run
 from raybm.train.checkpoints import as_model_folder
 from raybm.train.driver import load_prepared, load_text_splits, reads_whole_splits, training_datasets
-from raybm.train.publish import publish_model, score_model_uri
 from raybm.train.memory import check_memory_fits, largest_trial
+from raybm.train.publish import publish_model, score_model_uri
 from raybm.train.resources import asks_for_gpus, check_workers_fit
-from raybm.tracking import log_run
 from raybm.train.tensorboard import write_events
 from raybm.tune.cost import measure_costs, within_budget
 from raybm.tune.leaderboard import format_values, leaderboard, trial_histories, write_leaderboard
@@ -81,6 +81,7 @@ _TOKENIZATION_KEYS = ("data.", "model.name", "model.trust_remote_code")
 @dataclass
 class SweepResult:
     """What a sweep made: its name and folder, the winner's model, the leaderboard, the winner record."""
+
     name: str
     sweep_dir: str  # URI
     model_dir: str  # URI of the winner's model folder
@@ -95,15 +96,20 @@ def _scheduler(cfg: JobConfig):
     # Trials report once per epoch; the epoch number (not Tune's report count) is the
     # clock, so a trial resumed from a checkpoint keeps its place.
     if tc.scheduler == "asha":
-        return ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=tc.grace_period,
-                             reduction_factor=tc.reduction_factor)
+        return ASHAScheduler(
+            time_attr="epoch",
+            max_t=cfg.train.epochs,
+            grace_period=tc.grace_period,
+            reduction_factor=tc.reduction_factor,
+        )
     if tc.scheduler == "median":
         return MedianStoppingRule(time_attr="epoch", grace_period=tc.grace_period, min_samples_required=2)
     return FIFOScheduler()
 
 
-def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = False,
-              log: Callable[[str], None] = print) -> SweepResult:
+def run_sweep(
+    cfg: JobConfig, *, resume: bool = False, retry_errored: bool = False, log: Callable[[str], None] = print
+) -> SweepResult:
     """Run (or resume) the sweep of ``cfg`` and hand on its winner, scored on test."""
     from ray import tune
 
@@ -111,17 +117,25 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
 
     dists = parse_space(cfg.tune.search_space)
     if not dists:
-        raise RaybmError("tune.search_space is empty: add the settings to search to the config, e.g. "
-                         "tune.search_space: {train.lr: 'loguniform(1e-5, 1e-3)'} (docs/tuning.md)")
+        raise RaybmError(
+            "tune.search_space is empty: add the settings to search to the config, e.g. "
+            "tune.search_space: {train.lr: 'loguniform(1e-5, 1e-3)'} (docs/tuning.md)"
+        )
     started = time.time()
     # Trials share the tokenized data unless the search changes how it is tokenized.
     tokenizes = any(d.key.startswith(_TOKENIZATION_KEYS) for d in dists) or cfg.data.augment.enabled
-    check_workers_fit(cfg, f"one trial ({cfg.train.num_workers} worker(s)"
-                           f"{', plus 2 x 0.25 CPU of tokenizer actors' if tokenizes else ''})",
-                      TRIAL_TOKENIZER_BUNDLES if tokenizes else None)
+    check_workers_fit(
+        cfg,
+        f"one trial ({cfg.train.num_workers} worker(s)"
+        f"{', plus 2 x 0.25 CPU of tokenizer actors' if tokenizes else ''})",
+        TRIAL_TOKENIZER_BUNDLES if tokenizes else None,
+    )
     trial_runner(cfg, dists, tokenizes, whole=True)  # a tune.trial_runner the settings rule out: before any work
-    check_memory_fits(largest_trial(cfg, dists), asks_for_gpus(cfg.train.use_gpu),
-                      lambda line: log(f"{line} (the sweep's most demanding trial)"))
+    check_memory_fits(
+        largest_trial(cfg, dists),
+        asks_for_gpus(cfg.train.use_gpu),
+        lambda line: log(f"{line} (the sweep's most demanding trial)"),
+    )
     prepared = run_data_stage(cfg, log=log)
     results = Results.from_config(cfg.storage)
     name = sweep_name_for(cfg, prepared.name)
@@ -136,12 +150,24 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
             log(f"Sweep {name!r} is already complete: {results.uri(sweep_dir)}")
             return done
         if resume and not can_restore:
-            raise RaybmError(f"--resume: no interrupted sweep {name!r} under {results.uri(results.path(SWEEPS))}; "
-                             f"run without --resume to start it")
+            raise RaybmError(
+                f"--resume: no interrupted sweep {name!r} under {results.uri(results.path(SWEEPS))}; "
+                f"run without --resume to start it"
+            )
         trainable, prepared, runner = _trainable(cfg, prepared, results, sweep_dir, dists, tokenizes, log)
         results.write_text(results.join(sweep_dir, CONFIG_FILE), cfg.to_yaml())
-        tuner = _tuner(cfg, trainable, dists, results, name, can_restore, concurrent_trials(cfg, tokenizes),
-                       retry_errored, runner, log)
+        tuner = _tuner(
+            cfg,
+            trainable,
+            dists,
+            results,
+            name,
+            can_restore,
+            concurrent_trials(cfg, tokenizes),
+            retry_errored,
+            runner,
+            log,
+        )
         grid = tuner.fit()
         # A trial's checkpoints: in its Ray Train run, or in Tune's trial folder (in_trial).
         trials_root = results.join(sweep_dir, TRIALS_DIR if runner != IN_TRIAL else TUNE_DIR)
@@ -150,8 +176,10 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
             write_events(results, results.join(trials_root, trial_id), history)
         finished = grid.num_terminated + grid.num_errors
         if finished < len(grid) and not cfg.tune.time_budget_s:
-            raise RaybmError(f"sweep {name!r} was interrupted with {len(grid) - finished} trial(s) unfinished; "
-                             f"run the same command with --resume to finish it")
+            raise RaybmError(
+                f"sweep {name!r} was interrupted with {len(grid) - finished} trial(s) unfinished; "
+                f"run the same command with --resume to finish it"
+            )
         ranked, budget = _rank(cfg, name, board, log)
         lease.check()  # fencing: nothing is published by a job that lost its lease
         write_leaderboard(results, sweep_dir, board)  # the callers print it (cli, pipeline)
@@ -165,9 +193,16 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, retry_errored: bool = Fal
         return SweepResult(name, results.uri(sweep_dir), winner["model_dir"], board, winner)
 
 
-def log_sweep(cfg: JobConfig, name: str, dists: list[Distribution], board: list[dict[str, Any]],
-              histories: dict[str, list[dict[str, Any]]], winner: dict[str, Any], results: Results,
-              sweep_dir: str) -> None:
+def log_sweep(
+    cfg: JobConfig,
+    name: str,
+    dists: list[Distribution],
+    board: list[dict[str, Any]],
+    histories: dict[str, list[dict[str, Any]]],
+    winner: dict[str, Any],
+    results: Results,
+    sweep_dir: str,
+) -> None:
     """Record the sweep in MLflow (``raybm.tracking``): a parent run (the config, the
     winner's test metrics, the leaderboard, the winner record and card) with a child run
     per trial (its searched values in its config, each epoch, its status)."""
@@ -175,19 +210,33 @@ def log_sweep(cfg: JobConfig, name: str, dists: list[Distribution], board: list[
         return
     tags = {"raybm.dataset": winner.get("dataset", ""), "raybm.results": results.uri(sweep_dir)}
     card = results.join(sweep_dir, MODEL_DIR, MODEL_CARD_FILE)
-    artifacts = {f"{LEADERBOARD}.json": json.dumps(board, indent=2, default=str),
-                 WINNER_FILE: json.dumps(winner, indent=2, default=str)}
+    artifacts = {
+        f"{LEADERBOARD}.json": json.dumps(board, indent=2, default=str),
+        WINNER_FILE: json.dumps(winner, indent=2, default=str),
+    }
     if results.exists(card):
         artifacts["model_card.md"] = results.read_text(card)
-    parent = log_run(cfg, name, "sweep", [], winner.get("test"), artifacts,
-                     tags={**tags, "raybm.winner": str(winner.get("trial"))})
+    parent = log_run(
+        cfg, name, "sweep", [], winner.get("test"), artifacts, tags={**tags, "raybm.winner": str(winner.get("trial"))}
+    )
     base = cfg.to_dict()
     for row in board:
         trial_cfg = trial_config(base, {d.key: row[d.key] for d in dists if row.get(d.key) is not None})
-        log_run(trial_cfg, row["trial"], "trial", histories.get(row["trial"], []), None, {},
-                tags={**tags, "raybm.trial_status": row["status"],
-                      "raybm.stopped_by_scheduler": str(row["status"] == "stopped").lower()},
-                parent=parent, status="FAILED" if row["status"] == "error" else "FINISHED")
+        log_run(
+            trial_cfg,
+            row["trial"],
+            "trial",
+            histories.get(row["trial"], []),
+            None,
+            {},
+            tags={
+                **tags,
+                "raybm.trial_status": row["status"],
+                "raybm.stopped_by_scheduler": str(row["status"] == "stopped").lower(),
+            },
+            parent=parent,
+            status="FAILED" if row["status"] == "error" else "FINISHED",
+        )
 
 
 def _finished_sweep(results: Results, name: str, retry_errored: bool) -> SweepResult | None:
@@ -202,8 +251,9 @@ def _finished_sweep(results: Results, name: str, retry_errored: bool) -> SweepRe
     return None
 
 
-def _trainable(cfg: JobConfig, prepared, results: Results, sweep_dir: str, dists: list[Distribution],
-               tokenizes: bool, log):
+def _trainable(
+    cfg: JobConfig, prepared, results: Results, sweep_dir: str, dists: list[Distribution], tokenizes: bool, log
+):
     """(the trial function with the data it shares and its resources, the prepared dataset
     with its labels read, where the trials train: raybm.tune.trial.trial_runner). Read only
     now: a finished sweep needs no data (and reading asks Ray for CPUs)."""
@@ -221,21 +271,39 @@ def _trainable(cfg: JobConfig, prepared, results: Results, sweep_dir: str, dists
     base["train"].update(metric=cfg.tune.metric, mode=cfg.tune.mode)
     if runner == IN_TRIAL:  # the trial's own process is its one worker, reading the splits whole
         log("Each trial trains in its own process (one worker, splits read whole: tune.trial_runner)")
-        trainable = tune.with_parameters(run_trial_in_process, base=base, labels=labels, report=prepared.report,
-                                         dataset=prepared.name)
+        trainable = tune.with_parameters(
+            run_trial_in_process, base=base, labels=labels, report=prepared.report, dataset=prepared.name
+        )
         return tune.with_resources(trainable, in_trial_resources(cfg)), prepared, runner
     # Trials share one tokenized copy, unless the search changes how text is tokenized.
     splits = load_text_splits(cfg, prepared) if tokenizes else None
     # Or none at all, where each trial's workers read the splits whole.
     tokenized = None if tokenizes or whole else training_datasets(cfg, prepared)
-    trainable = tune.with_parameters(run_trial, base=base, labels=labels, report=prepared.report,
-                                     dataset=prepared.name, text_splits=splits, tokenized=tokenized,
-                                     trials_path=results.join(sweep_dir, TRIALS_DIR))
+    trainable = tune.with_parameters(
+        run_trial,
+        base=base,
+        labels=labels,
+        report=prepared.report,
+        dataset=prepared.name,
+        text_splits=splits,
+        tokenized=tokenized,
+        trials_path=results.join(sweep_dir, TRIALS_DIR),
+    )
     return tune.with_resources(trainable, {"memory": TRIAL_DRIVER_MEMORY}), prepared, runner
 
 
-def _tuner(cfg: JobConfig, trainable, dists: list[Distribution], results: Results, name: str,
-           can_restore: bool, concurrency: int, retry_errored: bool, runner: str, log):
+def _tuner(
+    cfg: JobConfig,
+    trainable,
+    dists: list[Distribution],
+    results: Results,
+    name: str,
+    can_restore: bool,
+    concurrency: int,
+    retry_errored: bool,
+    runner: str,
+    log,
+):
     """The Ray Tune Tuner of the sweep: restored from its experiment state (finished trials
     kept, unfinished ones continued from their last checkpoint), or a new one."""
     from ray import tune
@@ -251,8 +319,11 @@ def _tuner(cfg: JobConfig, trainable, dists: list[Distribution], results: Result
         # last checkpoint (as Ray Train would restart its worker group), and Tune keeps the
         # checkpoints by the sweep's metric.
         failures = -1 if -1 in (failures, t.max_failures) else failures + t.max_failures
-        checkpoints = tune.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=cfg.tune.metric,
-                                            checkpoint_score_order=cfg.tune.mode)
+        checkpoints = tune.CheckpointConfig(
+            num_to_keep=t.keep_checkpoints,
+            checkpoint_score_attribute=cfg.tune.metric,
+            checkpoint_score_order=cfg.tune.mode,
+        )
         # Tune then saves its experiment state at each checkpoint (so the ones it drops stay
         # dropped), and warns each time when epochs are short: that is the intended cost.
         quiet_tune_sync_warning()
@@ -261,20 +332,31 @@ def _tuner(cfg: JobConfig, trainable, dists: list[Distribution], results: Result
     # Tune's own state is sealed as it is written and checked as it is read back.
     state_fs = sealed_filesystem(results.fs, results.join(sweep_dir, TUNE_DIR))
     if can_restore:
-        log(f"Resuming sweep {name!r}: finished trials are kept, unfinished ones continue from their "
-            f"last checkpoint{'; failed trials are retried' if retry_errored else ''}")
-        return tune.Tuner.restore(results.join(sweep_dir, TUNE_DIR), trainable, resume_unfinished=True,
-                                  resume_errored=retry_errored, storage_filesystem=state_fs)
+        log(
+            f"Resuming sweep {name!r}: finished trials are kept, unfinished ones continue from their "
+            f"last checkpoint{'; failed trials are retried' if retry_errored else ''}"
+        )
+        return tune.Tuner.restore(
+            results.join(sweep_dir, TUNE_DIR),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=retry_errored,
+            storage_filesystem=state_fs,
+        )
     n_trials = cfg.tune.num_samples * grid_size(dists)
-    log(f"Sweep {name!r}: {n_trials} trial(s) of {cfg.train.epochs} epoch(s), {cfg.tune.scheduler} scheduler, "
-        f"up to {concurrency} at once, ranking by {cfg.tune.metric} ({cfg.tune.mode}) -> {results.uri(sweep_dir)}")
+    log(
+        f"Sweep {name!r}: {n_trials} trial(s) of {cfg.train.epochs} epoch(s), {cfg.tune.scheduler} scheduler, "
+        f"up to {concurrency} at once, ranking by {cfg.tune.metric} ({cfg.tune.mode}) -> {results.uri(sweep_dir)}"
+    )
     for d in dists:
         log(f"  {d.key}: {d}")
     return tune.Tuner(
         trainable,
         param_space={d.key: d.to_tune() for d in dists},
         tune_config=tune.TuneConfig(
-            metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg),
+            metric=cfg.tune.metric,
+            mode=cfg.tune.mode,
+            scheduler=_scheduler(cfg),
             num_samples=cfg.tune.num_samples,  # concurrency: the search generator's max_concurrent
             time_budget_s=cfg.tune.time_budget_s,
             search_alg=BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=concurrency),
@@ -286,7 +368,8 @@ def _tuner(cfg: JobConfig, trainable, dists: list[Distribution], results: Result
             reuse_actors=runner == IN_TRIAL,
         ),
         run_config=tune.RunConfig(
-            name=TUNE_DIR, storage_path=sweep_dir,  # stripped of s3://: the filesystem is given
+            name=TUNE_DIR,
+            storage_path=sweep_dir,  # stripped of s3://: the filesystem is given
             storage_filesystem=state_fs,
             failure_config=tune.FailureConfig(max_failures=failures),
             checkpoint_config=checkpoints,
@@ -306,22 +389,37 @@ def _rank(cfg: JobConfig, name: str, board: list[dict[str, Any]], log) -> tuple[
     ranked, budget = within_budget(ranked, cfg.tune.max_latency_ms)
     failed = [row for row in board if row["status"] == "error"]
     if not ranked:
-        raise RaybmError(f"sweep {name!r}: no trial finished"
-                         + (f"; {len(failed)} failed, the first with: {failed[0]['error']}" if failed else "")
-                         + ". Fix the cause and run the same command with --resume --retry-errored")
+        raise RaybmError(
+            f"sweep {name!r}: no trial finished"
+            + (f"; {len(failed)} failed, the first with: {failed[0]['error']}" if failed else "")
+            + ". Fix the cause and run the same command with --resume --retry-errored"
+        )
     if failed:
-        log(f"{len(failed)} trial(s) failed (first error: {failed[0]['error']}); the winner is the best of "
-            f"the rest. --resume --retry-errored runs the failed ones again from their last checkpoint")
+        log(
+            f"{len(failed)} trial(s) failed (first error: {failed[0]['error']}); the winner is the best of "
+            f"the rest. --resume --retry-errored runs the failed ones again from their last checkpoint"
+        )
     if budget and not budget["met"]:
-        log(f"No trial meets tune.max_latency_ms {budget['max_latency_ms']} (the fastest: "
-            f"{budget['fastest_ms']} ms): the winner is the best trial regardless; winner.json says so")
+        log(
+            f"No trial meets tune.max_latency_ms {budget['max_latency_ms']} (the fastest: "
+            f"{budget['fastest_ms']} ms): the winner is the best trial regardless; winner.json says so"
+        )
     elif budget:
-        log(f"{len(ranked)} trial(s) within tune.max_latency_ms {budget['max_latency_ms']}: the winner is the best of them")
+        log(
+            f"{len(ranked)} trial(s) within tune.max_latency_ms {budget['max_latency_ms']}: "
+            "the winner is the best of them"
+        )
     return ranked, budget
 
 
-def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: str, ranked: list[dict[str, Any]],
-                    log: Callable[[str], None]) -> dict[str, Any]:
+def _publish_winner(
+    results: Results,
+    sweep_dir: str,
+    cfg: JobConfig,
+    dataset: str,
+    ranked: list[dict[str, Any]],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     """Copy the winner's best checkpoint (or, with ``tune.soup``, the soup of the best trials)
     to <sweep>/model and score it on the test split."""
     import ray.train
@@ -334,44 +432,72 @@ def _publish_winner(results: Results, sweep_dir: str, cfg: JobConfig, dataset: s
     soup = None
     with tempfile.TemporaryDirectory(prefix="raybm-soup-") as tmp:
         if cfg.tune.soup != "none" and len(ranked) > 1:
-            soup = _make_soup(results, cfg, dataset, ranked[:cfg.tune.soup_size], tmp, log)
+            soup = _make_soup(results, cfg, dataset, ranked[: cfg.tune.soup_size], tmp, log)
         if soup is not None and soup.used:
             checkpoint = ray.train.Checkpoint.from_directory(soup.folder)
-            log(f"Handing on the {soup.method} soup of {len(soup.ingredients)} trial(s) "
+            log(
+                f"Handing on the {soup.method} soup of {len(soup.ingredients)} trial(s) "
                 f"({', '.join(soup.ingredients)}): validation {soup.validation:.4f} against "
-                f"{soup.best_single:.4f} for the best trial alone")
+                f"{soup.best_single:.4f} for the best trial alone"
+            )
         else:
             if soup is not None:
                 log("No other trial improved the soup: handing on the best trial alone")
             path = row["best_checkpoint"]
             if path.startswith("s3://"):
-                path = path[len("s3://"):]
+                path = path[len("s3://") :]
             checkpoint = ray.train.Checkpoint(path, filesystem=results.fs)
         model_uri = publish_model(results, sweep_dir, checkpoint)
     log("Scoring the winning model on the test split")
-    test = score_model_uri(results, model_uri, load_split(results, dataset, "test"), cfg.data.max_length,
-                           predictions_to=results.join(sweep_dir, PREDICTIONS_FILE))
+    test = score_model_uri(
+        results,
+        model_uri,
+        load_split(results, dataset, "test"),
+        cfg.data.max_length,
+        predictions_to=results.join(sweep_dir, PREDICTIONS_FILE),
+    )
     searched = {k: v for k, v in row.items() if k in cfg.tune.search_space}
     used = soup is not None and soup.used
     values = format_values(searched)
-    notes = [f"a sweep of {len(ranked)} finished trial(s) over {', '.join(cfg.tune.search_space)}; trial "
-             f"{row['trial']} ({values}) was best by validation {metric} ({row[metric]:.4f}, epoch {row['best_epoch']})"]
+    notes = [
+        f"a sweep of {len(ranked)} finished trial(s) over {', '.join(cfg.tune.search_space)}; trial "
+        f"{row['trial']} ({values}) was best by validation {metric} ({row[metric]:.4f}, epoch {row['best_epoch']})"
+    ]
     if used:
-        notes.append(f"handed on: the {soup.method} soup of trials {', '.join(soup.ingredients)} "
-                     f"(validation {metric} {soup.validation:.4f})")
+        notes.append(
+            f"handed on: the {soup.method} soup of trials {', '.join(soup.ingredients)} "
+            f"(validation {metric} {soup.validation:.4f})"
+        )
     if row.get("latency_p50_ms") is not None:
-        notes.append(f"serving cost: {row.get('params', 0):,} parameters, {row.get('size_mb')} MB, median "
-                     f"single-sentence latency {row['latency_p50_ms']} ms (PyTorch, 1 thread, measured on the driver)")
+        notes.append(
+            f"serving cost: {row.get('params', 0):,} parameters, {row.get('size_mb')} MB, median "
+            f"single-sentence latency {row['latency_p50_ms']} ms (PyTorch, 1 thread, measured on the driver)"
+        )
 
-    write_model_card(results, results.join(sweep_dir, MODEL_DIR), name=os.path.basename(sweep_dir.rstrip("/")),
-                     kind="sweep", dataset=dataset, test=test, notes=notes,
-                     trained_precision=_trained_precision([r for r in ranked if r["trial"] in soup.ingredients]
-                                                          if used else [row]))
-    return {"trial": row["trial"], "values": searched, "dataset": dataset, "model": cfg.model.name,
-            "metric": metric, "validation": soup.validation if used else row[metric],
-            "best_epoch": row["best_epoch"], "checkpoint": row["best_checkpoint"], "model_dir": model_uri,
-            "soup": soup.to_dict() if soup is not None else None, "test": test,
-            "cost": {k: row[k] for k in ("params", "size_mb", "latency_p50_ms") if k in row} or None}
+    write_model_card(
+        results,
+        results.join(sweep_dir, MODEL_DIR),
+        name=os.path.basename(sweep_dir.rstrip("/")),
+        kind="sweep",
+        dataset=dataset,
+        test=test,
+        notes=notes,
+        trained_precision=_trained_precision([r for r in ranked if r["trial"] in soup.ingredients] if used else [row]),
+    )
+    return {
+        "trial": row["trial"],
+        "values": searched,
+        "dataset": dataset,
+        "model": cfg.model.name,
+        "metric": metric,
+        "validation": soup.validation if used else row[metric],
+        "best_epoch": row["best_epoch"],
+        "checkpoint": row["best_checkpoint"],
+        "model_dir": model_uri,
+        "soup": soup.to_dict() if soup is not None else None,
+        "test": test,
+        "cost": {k: row[k] for k in ("params", "size_mb", "latency_p50_ms") if k in row} or None,
+    }
 
 
 def _trained_precision(rows: list[dict[str, Any]]) -> str | None:
@@ -380,19 +506,30 @@ def _trained_precision(rows: list[dict[str, Any]]) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _make_soup(results: Results, cfg: JobConfig, dataset: str, rows: list[dict[str, Any]], workdir: str,
-               log: Callable[[str], None]):
+def _make_soup(
+    results: Results, cfg: JobConfig, dataset: str, rows: list[dict[str, Any]], workdir: str, log: Callable[[str], None]
+):
     """The soup of ``rows``' best checkpoints (best first), scored on the validation split."""
     from raybm.data import load_split
     from raybm.inference.evaluate import calibrate_folder, score_dataset
 
-    candidates = [(r["trial"], as_model_folder(copy_to_local(r["best_checkpoint"], cfg.storage,
-                                                             os.path.join(workdir, r["trial"]))))
-                  for r in rows]
+    candidates = [
+        (
+            r["trial"],
+            as_model_folder(copy_to_local(r["best_checkpoint"], cfg.storage, os.path.join(workdir, r["trial"]))),
+        )
+        for r in rows
+    ]
     validation = load_split(results, dataset, "validation").materialize()
-    soup = make_soup(candidates, lambda folder: score_dataset(folder, validation, cfg.data.max_length),
-                     metric=soup_metric(cfg.tune.metric), mode=cfg.tune.mode, method=cfg.tune.soup,
-                     workdir=workdir, log=log)
+    soup = make_soup(
+        candidates,
+        lambda folder: score_dataset(folder, validation, cfg.data.max_length),
+        metric=soup_metric(cfg.tune.metric),
+        mode=cfg.tune.mode,
+        method=cfg.tune.soup,
+        workdir=workdir,
+        log=log,
+    )
     calibrate_folder(soup.folder, validation, cfg.data.max_length)  # new weights: their own temperature
     return soup
 

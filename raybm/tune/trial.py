@@ -36,8 +36,15 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
 IN_TRIAL, RAY_TRAIN = "in_trial", "ray_train"
 # Searched settings that change a trial's resources or worker group: Tune reserves one
 # trial's resources for every trial, so such sweeps fit a TorchTrainer per trial.
-_WORKER_KEYS = ("train.num_workers", "train.parallelism", "train.data_feed", "train.cpus_per_worker",
-                "train.gpus_per_worker", "train.worker_resources", "train.use_gpu")
+_WORKER_KEYS = (
+    "train.num_workers",
+    "train.parallelism",
+    "train.data_feed",
+    "train.cpus_per_worker",
+    "train.gpus_per_worker",
+    "train.worker_resources",
+    "train.use_gpu",
+)
 
 
 def trial_runner(cfg: JobConfig, dists: list[Distribution], tokenizes: bool, whole: bool) -> str:
@@ -45,20 +52,33 @@ def trial_runner(cfg: JobConfig, dists: list[Distribution], tokenizes: bool, who
     process is the one worker) or ``ray_train`` (a TorchTrainer per trial). ``whole``: the
     trials' workers read the prepared splits whole."""
     t = cfg.train
-    why_not = [reason for reason, applies in [
-        (f"train.num_workers={t.num_workers} (one worker only)", t.num_workers != 1),
-        ("train.parallelism=fsdp", t.parallelism == "fsdp"),
-        ("each trial tokenizes its data (the search changes data.* or model.name, or data.augment is on)", tokenizes),
-        ("the splits stream through Ray Data (train.data_feed)", not tokenizes and not whole),
-        (f"the search changes {', '.join(d.key for d in dists if d.key.startswith(_WORKER_KEYS))}",
-         any(d.key.startswith(_WORKER_KEYS) for d in dists)),
-        ("the workers wait for resources the cluster may add (autoscaling, train.use_gpu=yes)",
-         bool(resources_that_may_appear(cfg))),
-    ] if applies]
+    why_not = [
+        reason
+        for reason, applies in [
+            (f"train.num_workers={t.num_workers} (one worker only)", t.num_workers != 1),
+            ("train.parallelism=fsdp", t.parallelism == "fsdp"),
+            (
+                "each trial tokenizes its data (the search changes data.* or model.name, or data.augment is on)",
+                tokenizes,
+            ),
+            ("the splits stream through Ray Data (train.data_feed)", not tokenizes and not whole),
+            (
+                f"the search changes {', '.join(d.key for d in dists if d.key.startswith(_WORKER_KEYS))}",
+                any(d.key.startswith(_WORKER_KEYS) for d in dists),
+            ),
+            (
+                "the workers wait for resources the cluster may add (autoscaling, train.use_gpu=yes)",
+                bool(resources_that_may_appear(cfg)),
+            ),
+        ]
+        if applies
+    ]
     wanted = cfg.tune.trial_runner
     if wanted == IN_TRIAL and why_not:
-        raise RaybmError(f"tune.trial_runner=in_trial cannot run these trials in their own process: "
-                         f"{'; '.join(why_not)}. Set tune.trial_runner=auto (or ray_train)")
+        raise RaybmError(
+            f"tune.trial_runner=in_trial cannot run these trials in their own process: "
+            f"{'; '.join(why_not)}. Set tune.trial_runner=auto (or ray_train)"
+        )
     if wanted == "auto":
         return RAY_TRAIN if why_not else IN_TRIAL
     return wanted
@@ -71,8 +91,9 @@ def in_trial_resources(cfg: JobConfig):
     return tune.PlacementGroupFactory([worker_resources(cfg.train, asks_for_gpus(cfg.train.use_gpu))])
 
 
-def run_trial_in_process(params: dict[str, Any], *, base: dict[str, Any], labels: list[str],
-                         report: dict[str, Any], dataset: str) -> None:
+def run_trial_in_process(
+    params: dict[str, Any], *, base: dict[str, Any], labels: list[str], report: dict[str, Any], dataset: str
+) -> None:
     """One Tune trial trained here, in the trial's own process (``tune.trial_runner``): its
     one worker reads the prepared dataset ``dataset`` whole and reports each epoch, with
     its checkpoint, to Tune."""
@@ -80,8 +101,17 @@ def run_trial_in_process(params: dict[str, Any], *, base: dict[str, Any], labels
     run_worker(worker_config(cfg, labels, report, predictions_to=None, whole_splits=dataset), TrialSession())
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any], labels: list[str], report: dict[str, Any],
-              dataset: str, text_splits: dict, tokenized: dict | None, trials_path: str) -> None:
+def run_trial(
+    params: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    labels: list[str],
+    report: dict[str, Any],
+    dataset: str,
+    text_splits: dict,
+    tokenized: dict | None,
+    trials_path: str,
+) -> None:
     """One Tune trial: a full Ray Train run of the trial's config; its workers read the
     prepared dataset ``dataset`` whole where they can (``train.data_feed``)."""
     import ray.tune
@@ -97,9 +127,17 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], labels: list[str]
         datasets = {}
     else:
         datasets = tokenized if tokenized is not None else tokenized_datasets(cfg, text_splits)
-    trainer = build_trainer(cfg, labels=labels, report=report, datasets=datasets, run_name=run_name,
-                            storage_path=trials_path, storage_filesystem=results.fs,
-                            callbacks=[TuneReportCallback()], whole_splits=dataset if whole else None)
+    trainer = build_trainer(
+        cfg,
+        labels=labels,
+        report=report,
+        datasets=datasets,
+        run_name=run_name,
+        storage_path=trials_path,
+        storage_filesystem=results.fs,
+        callbacks=[TuneReportCallback()],
+        whole_splits=dataset if whole else None,
+    )
     trainer.fit()
 
 
@@ -114,7 +152,7 @@ def _release_placement_group(pg_hex: str | None) -> None:
         pg_id = ray.PlacementGroupID(bytes.fromhex(pg_hex))
         if ray.util.placement_group_table(PlacementGroup(pg_id)).get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
             remove_placement_group(PlacementGroup(pg_id))
-    except Exception:  # already gone
+    except Exception:  # noqa: BLE001 - already gone
         pass
 
 
@@ -144,7 +182,9 @@ def trial_bundles(cfg: JobConfig, tokenizes: bool) -> list[dict[str, float]]:
     """What one running trial holds, bundle by bundle: its workers, its tokenizer actors
     (the trial's own function reserves memory only)."""
     t = cfg.train
-    return [worker_resources(t, asks_for_gpus(t.use_gpu))] * t.num_workers + (TRIAL_TOKENIZER_BUNDLES if tokenizes else [])
+    return [worker_resources(t, asks_for_gpus(t.use_gpu))] * t.num_workers + (
+        TRIAL_TOKENIZER_BUNDLES if tokenizes else []
+    )
 
 
 def concurrent_trials(cfg: JobConfig, tokenizes: bool) -> int:
@@ -152,8 +192,9 @@ def concurrent_trials(cfg: JobConfig, tokenizes: bool) -> int:
     return trials_that_fit(cfg, trial_bundles(cfg, tokenizes), alive_nodes(), bool(cluster_address(cfg.ray)))
 
 
-def trials_that_fit(cfg: JobConfig, bundles: list[dict[str, float]], nodes: list[dict[str, float]],
-                    on_cluster: bool) -> int:
+def trials_that_fit(
+    cfg: JobConfig, bundles: list[dict[str, float]], nodes: list[dict[str, float]], on_cluster: bool
+) -> int:
     """Trials whose bundles fit the nodes at once, node by node. GPU sweeps on an autoscaling
     cluster: ``tune.cluster_gpus`` over a trial's GPUs. At least 1."""
     gpus = sum(b.get("GPU", 0.0) for b in bundles)

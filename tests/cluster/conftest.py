@@ -15,8 +15,11 @@ import yaml
 from tests.cluster.local_cluster import LocalCluster, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-NODE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                    "AWS_DEFAULT_REGION": "us-east-1"}
+NODE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -50,8 +53,11 @@ def bucket(s3_server):
 
 def s3_keys(s3, bucket: str, prefix: str = "") -> list[str]:
     """Every key under ``prefix``."""
-    return [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for o in page.get("Contents", [])]
+    return [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
 
 
 def write_job(folder: Path, cfg: dict) -> Path:
@@ -67,15 +73,18 @@ def client(cluster: LocalCluster):
     return JobSubmissionClient(cluster.address, headers={"Authorization": f"Bearer {cluster.token}"})
 
 
-def start_job(cluster: LocalCluster, entrypoint: str, config: Path, *overrides: str,
-              env_vars: dict | None = None) -> str:
+def start_job(
+    cluster: LocalCluster, entrypoint: str, config: Path, *overrides: str, env_vars: dict | None = None
+) -> str:
     """Submit ``python jobs/<entrypoint>.py --config ...`` with this checkout as working_dir."""
     return client(cluster).submit_job(
         entrypoint=shlex.join([sys.executable, f"jobs/{entrypoint}.py", "--config", str(config), *overrides]),
-        runtime_env={"working_dir": str(ROOT),
-                     "excludes": [".git", ".venv", "results", "e2e-artifacts", ".pytest_cache", ".whl", ".gpu",
-                                  "demo-results"],
-                     "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_vars or {})}})
+        runtime_env={
+            "working_dir": str(ROOT),
+            "excludes": [".git", ".venv", "results", "e2e-artifacts", ".pytest_cache", ".whl", ".gpu", "demo-results"],
+            "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_vars or {})},
+        },
+    )
 
 
 def wait_job(cluster: LocalCluster, job: str, timeout: float = 600) -> tuple[str, str]:
@@ -92,8 +101,14 @@ def wait_job(cluster: LocalCluster, job: str, timeout: float = 600) -> tuple[str
     return status, logs
 
 
-def run_job(cluster: LocalCluster, entrypoint: str, config: Path, *overrides: str, timeout: float = 600,
-            env_vars: dict | None = None) -> tuple[str, str]:
+def run_job(
+    cluster: LocalCluster,
+    entrypoint: str,
+    config: Path,
+    *overrides: str,
+    timeout: float = 600,
+    env_vars: dict | None = None,
+) -> tuple[str, str]:
     """Submit a job and wait for it; (status, logs)."""
     return wait_job(cluster, start_job(cluster, entrypoint, config, *overrides, env_vars=env_vars), timeout)
 

@@ -71,7 +71,7 @@ def kill_tree(root: int, *, graceful: bool = True) -> None:
     """Stop ``root`` and its descendants: SIGTERM, then SIGKILL what is left (only SIGKILL
     when ``graceful`` is false: a node that disappears)."""
     pids = process_tree(root)
-    for sig in ((signal.SIGTERM, signal.SIGKILL) if graceful else (signal.SIGKILL,)):
+    for sig in (signal.SIGTERM, signal.SIGKILL) if graceful else (signal.SIGKILL,):
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -132,9 +132,17 @@ class LocalCluster:
         # The cluster's own token (as `ray get-auth-token --generate` makes one), given to
         # every node in its environment; clients send it as a bearer token.
         self.token = secrets.token_hex(32)
-        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_DEDUP_LOGS="1", RAY_USAGE_STATS_ENABLED="0",
-                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                        **(env or {}))
+        self.env = dict(
+            os.environ,
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            RAY_DEDUP_LOGS="1",
+            RAY_USAGE_STATS_ENABLED="0",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            **(env or {}),
+        )
         self.env.pop("RAY_ADDRESS", None)
         # A mount point outside every private folder, for a node's view of what it keeps.
         self.holding = tempfile.mkdtemp(prefix="raybm-node-keep-", dir="/var/tmp")
@@ -155,11 +163,24 @@ class LocalCluster:
     def _start(self, name: str, private: list[str], args: list[str]) -> Node:
         log = open(self.workdir / f"{name}.log", "wb")
         mounts = " && ".join(self._private_mounts(d) for d in private)
-        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-               f"{mounts} && exec {RAY} start --block --disable-usage-stats --node-ip-address=127.0.0.1 "
-               f"--object-store-memory={OBJECT_STORE_BYTES} " + " ".join(args)]
-        process = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   preexec_fn=_stop_with_parent)
+        cmd = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"{mounts} && exec {RAY} start --block --disable-usage-stats --node-ip-address=127.0.0.1 "
+            f"--object-store-memory={OBJECT_STORE_BYTES} " + " ".join(args),
+        ]
+        process = subprocess.Popen(
+            cmd,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_stop_with_parent,
+        )
         return Node(name, process)
 
     def _private_mounts(self, folder: str) -> str:
@@ -176,13 +197,23 @@ class LocalCluster:
             steps.append(f"mkdir -p {path} && mount --bind {self.holding}/{rel} {path}")
         return " && ".join(steps)
 
-    def start(self, timeout: float = 120) -> "LocalCluster":
+    def start(self, timeout: float = 120) -> LocalCluster:
         """Start the head and every worker node; return when all are alive."""
         os.makedirs("/tmp/ray", exist_ok=True)  # the head's private mount point
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.head = self._start("head", ["/tmp/ray"], [
-            "--head", f"--port={self.gcs_port}", "--num-cpus=0", "--num-gpus=0",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"])
+        self.head = self._start(
+            "head",
+            ["/tmp/ray"],
+            [
+                "--head",
+                f"--port={self.gcs_port}",
+                "--num-cpus=0",
+                "--num-gpus=0",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+            ],
+        )
         self._wait_for_port(self.gcs_port, timeout)
         for i, cpus in enumerate(self.worker_cpus):
             self.add_worker(cpus, name=f"worker-{chr(ord('a') + i)}")
@@ -194,8 +225,16 @@ class LocalCluster:
         """Start one more worker node (also: bring a lost node back)."""
         name = name or f"worker-{len(self.workers)}"
         resources = {f"node:{name}": 1}
-        node = self._start(name, ["/tmp"], [f"--address={self.gcs_address}", f"--num-cpus={cpus:g}", "--num-gpus=0",
-                                           f"--resources='{json.dumps(resources)}'"])
+        node = self._start(
+            name,
+            ["/tmp"],
+            [
+                f"--address={self.gcs_address}",
+                f"--num-cpus={cpus:g}",
+                "--num-gpus=0",
+                f"--resources='{json.dumps(resources)}'",
+            ],
+        )
         node.resources = resources
         self.workers.append(node)
         return node
@@ -234,8 +273,11 @@ class LocalCluster:
         from ray.util.state import list_nodes
 
         self.use_as_client()
-        return [n for n in list_nodes(address=self.address, raise_on_missing_output=False, timeout=10)
-                if str(getattr(n, "state", "")).upper() == "ALIVE"]
+        return [
+            n
+            for n in list_nodes(address=self.address, raise_on_missing_output=False, timeout=10)
+            if str(getattr(n, "state", "")).upper() == "ALIVE"
+        ]
 
     def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
         """Wait until ``count`` nodes are alive."""
@@ -271,7 +313,7 @@ class LocalCluster:
         except OSError:
             pass
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -292,14 +334,20 @@ def main() -> None:
         cluster.start()
         import boto3
 
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}", **{k.lower(): v for k, v in creds.items()
-                                                                    if k != "AWS_DEFAULT_REGION"},
-                     region_name="us-east-1").create_bucket(Bucket="raybm")
-        print(f"""3 Ray nodes up (head: 0 CPUs; workers: {', '.join(f'{c:g}' for c in cluster.worker_cpus)} CPUs).
+        boto3.client(
+            "s3",
+            endpoint_url=f"http://{host}:{port}",
+            **{k.lower(): v for k, v in creds.items() if k != "AWS_DEFAULT_REGION"},
+            region_name="us-east-1",
+        ).create_bucket(Bucket="raybm")
+        print(
+            f"""3 Ray nodes up (head: 0 CPUs; workers: {", ".join(f"{c:g}" for c in cluster.worker_cpus)} CPUs).
   export RAY_ADDRESS={cluster.address} RAY_AUTH_MODE=token RAY_AUTH_TOKEN={cluster.token}
   S3: endpoint http://{host}:{port}, bucket 'raybm'; storage.root=s3://raybm/results storage.s3_endpoint_url=http://{host}:{port}
   node logs: {workdir}
-Ctrl-C stops everything.""", flush=True)
+Ctrl-C stops everything.""",
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

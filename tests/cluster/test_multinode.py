@@ -36,8 +36,9 @@ def mlflow_on_s3(bucket, s3_server, tmp_path_factory):
     """A real MLflow tracking server whose artifacts go to the test bucket (``mlflow/``):
     the jobs reach it over HTTP and need none of its S3 keys."""
     _, name = bucket
-    with running_mlflow_server(tmp_path_factory.mktemp("mlflow"), f"s3://{name}/mlflow",
-                               {"MLFLOW_S3_ENDPOINT_URL": s3_server}) as url:
+    with running_mlflow_server(
+        tmp_path_factory.mktemp("mlflow"), f"s3://{name}/mlflow", {"MLFLOW_S3_ENDPOINT_URL": s3_server}
+    ) as url:
         yield url
 
 
@@ -51,8 +52,9 @@ def base_config(s3_server, data_uri, root: str) -> dict:
 
 
 def post(url: str, texts: list[str], timeout: float = 30) -> dict:
-    req = urllib.request.Request(f"{url}/predict", data=json.dumps({"texts": texts}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{url}/predict", data=json.dumps({"texts": texts}).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
@@ -83,19 +85,32 @@ def serve_freed(cluster):
     serve_shutdown(cluster)
 
 
-def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, bucket, s3_server, data_uri,
-                                                                      tmp_path, serve_freed, mlflow_on_s3):
+def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(
+    cluster, bucket, s3_server, data_uri, tmp_path, serve_freed, mlflow_on_s3
+):
     s3, name = bucket
     cfg = base_config(s3_server, data_uri, f"s3://{name}/team")
-    cfg.update({
-        "tune": {"num_samples": 1, "scheduler": "fifo", "search_space": {"train.lr": "grid([3e-3, 1e-6])"}},
-        "export": {"variants": ["onnx"], "latency_samples": 10},
-        "serve": {"port": free_port(), "backend": "auto", "num_replicas": 2, "cpus_per_replica": 0.25,
-                  "batch_wait_timeout_s": 0.0, "proxy_location": "HeadOnly"},
-        "pipeline": {"min_test_f1": 0.0, "max_latency_ms": 60000, "latency_samples": 5,
-                     "smoke_texts": ["a great product, works perfectly"]},
-        "tracking": {"mlflow_uri": mlflow_on_s3, "experiment": "cluster"},
-    })
+    cfg.update(
+        {
+            "tune": {"num_samples": 1, "scheduler": "fifo", "search_space": {"train.lr": "grid([3e-3, 1e-6])"}},
+            "export": {"variants": ["onnx"], "latency_samples": 10},
+            "serve": {
+                "port": free_port(),
+                "backend": "auto",
+                "num_replicas": 2,
+                "cpus_per_replica": 0.25,
+                "batch_wait_timeout_s": 0.0,
+                "proxy_location": "HeadOnly",
+            },
+            "pipeline": {
+                "min_test_f1": 0.0,
+                "max_latency_ms": 60000,
+                "latency_samples": 5,
+                "smoke_texts": ["a great product, works perfectly"],
+            },
+            "tracking": {"mlflow_uri": mlflow_on_s3, "experiment": "cluster"},
+        }
+    )
     started = time.time()
     config = write_job(tmp_path, cfg)
     status, logs = run_job(cluster, "pipeline", config)
@@ -139,16 +154,40 @@ def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, 
     # MLflow: the sweep a parent run with a child per trial, the winner a registered version
     # with its export beside it, their files in the bucket (through the tracking server).
     check_mlflow(mlflow_on_s3, summary, s3_keys(s3, name, "mlflow/"))
-    predicted = subprocess.run([str(Path(sys.executable).with_name("raybm")), "predict", "--model",
-                                summary["registered"]["uri"], "--text", "a great product", f"storage.root=s3://{name}/team",
-                                f"storage.s3_endpoint_url={s3_server}", f"tracking.mlflow_uri={mlflow_on_s3}"],
-                               capture_output=True, text=True, timeout=300)
+    predicted = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("raybm")),
+            "predict",
+            "--model",
+            summary["registered"]["uri"],
+            "--text",
+            "a great product",
+            f"storage.root=s3://{name}/team",
+            f"storage.s3_endpoint_url={s3_server}",
+            f"tracking.mlflow_uri={mlflow_on_s3}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert predicted.returncode == 0 and "a great product" in predicted.stdout, predicted.stdout + predicted.stderr
-    assert any(k.startswith(f"team/registry/{summary['registered']['name']}-v1/model/") for k in s3_keys(s3, name, "team/"))
+    assert any(
+        k.startswith(f"team/registry/{summary['registered']['name']}-v1/model/") for k in s3_keys(s3, name, "team/")
+    )
 
     # The results are readable from anywhere that reaches the bucket: `raybm list`, the dashboard.
-    listed = subprocess.run([str(Path(sys.executable).with_name("raybm")), "list", "--root", f"s3://{name}/team",
-                             f"storage.s3_endpoint_url={s3_server}"], capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("raybm")),
+            "list",
+            "--root",
+            f"s3://{name}/team",
+            f"storage.s3_endpoint_url={s3_server}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listed.returncode == 0 and stages["tune"]["sweep"] in listed.stdout, listed.stdout + listed.stderr
     from raybm.config import StorageConfig
     from raybm.dashboard.data import DashboardData
@@ -168,15 +207,17 @@ def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(cluster, 
 
     # A second job serves a model beside the first (its own application and route) instead
     # of replacing it; one that asks Serve for another port is refused before anything is.
-    status, logs = run_job(cluster, "pipeline", config, "serve.app_name=second-job", "serve.num_replicas=1",
-                           timeout=300)
+    status, logs = run_job(
+        cluster, "pipeline", config, "serve.app_name=second-job", "serve.num_replicas=1", timeout=300
+    )
     assert status == "SUCCEEDED", logs[-3000:]
     second_url = deploy["url"].rsplit("/", 1)[0] + "/second-job"
     assert f"served at {second_url}/predict" in logs, logs[-3000:]
     for url in (deploy["url"], second_url):
         assert [p["label"] in ("neg", "pos") for p in post(url, ["fine"])["predictions"]] == [True], url
-    status, logs = run_job(cluster, "pipeline", config, f"serve.port={free_port()}", "serve.app_name=third-job",
-                           timeout=300)
+    status, logs = run_job(
+        cluster, "pipeline", config, f"serve.port={free_port()}", "serve.app_name=third-job", timeout=300
+    )
     assert status == "FAILED" and f"already listens on 127.0.0.1:{cfg['serve']['port']}" in logs, logs[-3000:]
     assert len(serve_replicas(cluster, "second-job")) == 1 and not serve_replicas(cluster, "third-job")
     status, logs = run_job(cluster, "serve", config, "--list", timeout=120)
@@ -255,16 +296,26 @@ def serve_replicas(cluster, app: str | None = None) -> list:
     HTTP; the Stats replicas aside). Serve names them ServeReplica:<app>:ModelServer."""
     from ray.util.state import list_actors
 
-    return [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], limit=1000,
-                                   raise_on_missing_output=False)
-            if a.class_name.startswith("ServeReplica:") and a.class_name.endswith(":ModelServer")
-            and (app is None or a.class_name == f"ServeReplica:{app}:ModelServer")]
+    return [
+        a
+        for a in list_actors(
+            address=cluster.address, filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False
+        )
+        if a.class_name.startswith("ServeReplica:")
+        and a.class_name.endswith(":ModelServer")
+        and (app is None or a.class_name == f"ServeReplica:{app}:ModelServer")
+    ]
 
 
 def serve_shutdown(cluster) -> None:
     """`serve shutdown`: frees the replicas' CPUs for the next test."""
-    subprocess.run([str(Path(sys.executable).with_name("serve")), "shutdown", "-a", cluster.address, "-y"],
-                   check=True, env=dict(os.environ, **cluster.client_env()), capture_output=True, timeout=120)
+    subprocess.run(
+        [str(Path(sys.executable).with_name("serve")), "shutdown", "-a", cluster.address, "-y"],
+        check=True,
+        env=dict(os.environ, **cluster.client_env()),
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def get_json(url: str) -> dict:
@@ -291,8 +342,9 @@ def test_local_paths_the_other_nodes_cannot_see_are_refused_before_any_work(clus
     assert not (tmp_path / "results").exists()
 
 
-def test_predict_and_evaluate_refuse_a_model_only_the_driver_can_see(cluster, s3_server, data_uri, tmp_path,
-                                                                    tiny_model_dir):
+def test_predict_and_evaluate_refuse_a_model_only_the_driver_can_see(
+    cluster, s3_server, data_uri, tmp_path, tiny_model_dir
+):
     """Ray Data labels and scores on any node: a model folder (or an input file) on the
     driver's disk alone is refused before any work, naming the flag."""
     from tests.cluster.conftest import client
@@ -302,15 +354,38 @@ def test_predict_and_evaluate_refuse_a_model_only_the_driver_can_see(cluster, s3
     make_frame(10).to_csv(local_input, index=False)
     cli = [sys.executable, "-m", "raybm.cli"]
     cases = [
-        ([*cli, "evaluate", "--checkpoint", tiny_model_dir, "--data", data_uri, "--config", str(config)],
-         "raybm evaluate: error: --checkpoint="),
-        ([*cli, "predict", "--model", tiny_model_dir, "--input", str(local_input), "--output", str(tmp_path / "out.csv"),
-          "--text-column", "body", "--ray", "--config", str(config)], "raybm predict: error: --model="),
+        (
+            [*cli, "evaluate", "--checkpoint", tiny_model_dir, "--data", data_uri, "--config", str(config)],
+            "raybm evaluate: error: --checkpoint=",
+        ),
+        (
+            [
+                *cli,
+                "predict",
+                "--model",
+                tiny_model_dir,
+                "--input",
+                str(local_input),
+                "--output",
+                str(tmp_path / "out.csv"),
+                "--text-column",
+                "body",
+                "--ray",
+                "--config",
+                str(config),
+            ],
+            "raybm predict: error: --model=",
+        ),
     ]
     for entrypoint, said in cases:
-        job = client(cluster).submit_job(entrypoint=shlex.join(entrypoint), runtime_env={
-            "working_dir": str(ROOT), "excludes": [".git", ".venv", "results", ".pytest_cache"],
-            "env_vars": {"HF_HUB_OFFLINE": "1"}})
+        job = client(cluster).submit_job(
+            entrypoint=shlex.join(entrypoint),
+            runtime_env={
+                "working_dir": str(ROOT),
+                "excludes": [".git", ".venv", "results", ".pytest_cache"],
+                "env_vars": {"HF_HUB_OFFLINE": "1"},
+            },
+        )
         status, logs = wait_job(cluster, job, timeout=120)
         assert status == "FAILED", logs[-3000:]
         assert said in logs and "this Ray cluster has 3 nodes" in logs, logs[-3000:]
@@ -320,7 +395,10 @@ def test_predict_and_evaluate_refuse_a_model_only_the_driver_can_see(cluster, s3
 def test_workers_no_node_can_hold_fail_fast_naming_the_setting(cluster, s3_server, data_uri, tmp_path):
     cfg = base_config(s3_server, data_uri, "s3://raybm-mn/unplaceable")
     for overrides, expected in [
-        (["train.cpus_per_worker=2"], "needs 2 CPU per worker, but the largest node has 1 (nodes: 3 node(s) with 0, 1, 1 CPU)"),
+        (
+            ["train.cpus_per_worker=2"],
+            "needs 2 CPU per worker, but the largest node has 1 (nodes: 3 node(s) with 0, 1, 1 CPU)",
+        ),
         (["train.num_workers=3"], "needs 3 x (1 CPU) placed at once, more than the nodes hold"),
     ]:
         started = time.time()
@@ -330,8 +408,9 @@ def test_workers_no_node_can_hold_fail_fast_naming_the_setting(cluster, s3_serve
     # GPUs a cluster may add later (train.use_gpu=yes) are waited for, but only for
     # train.placement_timeout_s: then one clear error instead of retrying forever.
     started = time.time()
-    status, logs = run_job(cluster, "train", write_job(tmp_path, cfg), "train.use_gpu=yes",
-                           "train.placement_timeout_s=10", timeout=240)
+    status, logs = run_job(
+        cluster, "train", write_job(tmp_path, cfg), "train.use_gpu=yes", "train.placement_timeout_s=10", timeout=240
+    )
     assert status == "FAILED", logs[-3000:]
     assert "could not be placed within train.placement_timeout_s=10 s" in logs, logs[-3000:]
     assert time.time() - started < 120
@@ -346,8 +425,7 @@ def placement_groups(cluster, state: str | None = None) -> list:
 
 
 @pytest.mark.cluster_long
-def test_a_stopped_sweep_frees_the_cluster_and_the_same_job_resumes_it(cluster, bucket, s3_server, data_uri,
-                                                                         tmp_path):
+def test_a_stopped_sweep_frees_the_cluster_and_the_same_job_resumes_it(cluster, bucket, s3_server, data_uri, tmp_path):
     from tests.cluster.conftest import client, start_job
 
     s3, name = bucket
@@ -361,21 +439,27 @@ def test_a_stopped_sweep_frees_the_cluster_and_the_same_job_resumes_it(cluster, 
     # Each trial's second checkpoint folder on S3: the first one is complete and on Tune's record.
     while time.time() < deadline and len(trials_with_checkpoints(s3_keys(s3, name, "stopped/"), at_least=2)) < 2:
         time.sleep(1)
-    assert len(placement_groups(cluster, "CREATED")) >= 2, client(cluster).get_job_logs(job)[-3000:]  # trials and workers
+    assert len(placement_groups(cluster, "CREATED")) >= 2, client(cluster).get_job_logs(job)[
+        -3000:
+    ]  # trials and workers
     stopped_at = time.time()
     client(cluster).stop_job(job)  # mid-trial: the driver is killed
     while time.time() < stopped_at + 120 and (placement_groups(cluster, "CREATED") or busy_cpus(cluster)):
         time.sleep(1)
     print(f"stopped sweep: every CPU free {time.time() - stopped_at:.1f} s after the stop")
-    assert not placement_groups(cluster, "CREATED") and not busy_cpus(cluster), \
-        [(pg.placement_group_id, pg.state) for pg in placement_groups(cluster)]
+    assert not placement_groups(cluster, "CREATED") and not busy_cpus(cluster), [
+        (pg.placement_group_id, pg.state) for pg in placement_groups(cluster)
+    ]
     # The same submit line again: the next job gets the whole cluster (both trials at once,
     # one 1-CPU worker each) and the sweep resumes from its checkpoints on S3.
     status, logs = run_job(cluster, "pipeline", config, timeout=400)
     assert status == "SUCCEEDED", logs[-3000:]
     assert "Resuming sweep" in logs
-    board = json.loads(s3.get_object(Bucket=name, Key=next(k for k in s3_keys(s3, name, "stopped/sweeps/")
-                                                           if k.endswith("/leaderboard.json")))["Body"].read())
+    board = json.loads(
+        s3.get_object(
+            Bucket=name, Key=next(k for k in s3_keys(s3, name, "stopped/sweeps/") if k.endswith("/leaderboard.json"))
+        )["Body"].read()
+    )
     assert [row["status"] for row in board] == ["completed", "completed"]
     for row in board:
         assert [h["epoch"] for h in row["history"]] == list(range(1, 9))
@@ -384,8 +468,13 @@ def test_a_stopped_sweep_frees_the_cluster_and_the_same_job_resumes_it(cluster, 
 
 def busy_cpus(cluster) -> float:
     """CPUs held cluster-wide, as `ray status` reports them ("used/total CPU")."""
-    out = subprocess.run([str(Path(sys.executable).with_name("ray")), "status", f"--address={cluster.gcs_address}"],
-                 capture_output=True, text=True, env=dict(os.environ, **cluster.client_env()), timeout=60).stdout
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "status", f"--address={cluster.gcs_address}"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **cluster.client_env()),
+        timeout=60,
+    ).stdout
     import re
 
     for line in out.splitlines():
@@ -395,8 +484,9 @@ def busy_cpus(cluster) -> float:
     raise AssertionError(f"no CPU line in `ray status`:\n{out}")
 
 
-def test_a_joining_driver_trains_two_ddp_ranks_on_two_nodes_with_no_credentials_in_ray(cluster, bucket, s3_server,
-                                                                                     data_uri, tmp_path):
+def test_a_joining_driver_trains_two_ddp_ranks_on_two_nodes_with_no_credentials_in_ray(
+    cluster, bucket, s3_server, data_uri, tmp_path
+):
     """A driver run by hand against the cluster (here: started on the head, as its own Ray
     job, with keys in its shell) trains 2 DDP workers, one on each worker node, with the
     nodes' own credentials: checkpoints and model land in the bucket, and Ray's job records,
@@ -409,11 +499,15 @@ def test_a_joining_driver_trains_two_ddp_ranks_on_two_nodes_with_no_credentials_
     config = write_job(tmp_path, cfg)
     secret = "shell-secret-0d5e8a"
     script = tmp_path / "driver.sh"  # the user's shell: keys exported, then raybm
-    script.write_text(f"unset RAY_JOB_CONFIG_JSON_ENV_VAR\nexport AWS_SECRET_ACCESS_KEY={secret} "
-                      f"AWS_ACCESS_KEY_ID=shell-key-id\n"
-                      f"exec {shlex.join([sys.executable, 'jobs/train.py', '--config', str(config)])}\n")
-    job = client(cluster).submit_job(entrypoint=f"sh {script}", runtime_env={
-        "working_dir": str(ROOT), "excludes": [".git", ".venv", "results", ".pytest_cache"]})
+    script.write_text(
+        f"unset RAY_JOB_CONFIG_JSON_ENV_VAR\nexport AWS_SECRET_ACCESS_KEY={secret} "
+        f"AWS_ACCESS_KEY_ID=shell-key-id\n"
+        f"exec {shlex.join([sys.executable, 'jobs/train.py', '--config', str(config)])}\n"
+    )
+    job = client(cluster).submit_job(
+        entrypoint=f"sh {script}",
+        runtime_env={"working_dir": str(ROOT), "excludes": [".git", ".venv", "results", ".pytest_cache"]},
+    )
     status, logs = wait_job(cluster, job, timeout=300)
     assert status == "SUCCEEDED", logs[-3000:]
     assert "raybm: running on the Ray cluster at" in logs
@@ -424,12 +518,15 @@ def test_a_joining_driver_trains_two_ddp_ranks_on_two_nodes_with_no_credentials_
     assert secret not in records and "shell-key-id" not in records  # ...with no key in it
 
     keys = s3_keys(s3, name, "ddp/runs/")
-    metrics = json.loads(s3.get_object(Bucket=name, Key=next(k for k in keys if k.endswith("/metrics.json")))["Body"]
-                         .read())
+    metrics = json.loads(
+        s3.get_object(Bucket=name, Key=next(k for k in keys if k.endswith("/metrics.json")))["Body"].read()
+    )
     workers = {n["node_id"] for n in cluster_nodes(cluster) if n["cpus"]}
     assert len(metrics["worker_nodes"]) == 2 and set(metrics["worker_nodes"]) == workers, metrics["worker_nodes"]
     assert any("/checkpoint_" in k for k in keys)
-    assert any(k.endswith("/model/model.safetensors") for k in keys) and any(k.endswith("/model/_SUCCESS") for k in keys)
+    assert any(k.endswith("/model/model.safetensors") for k in keys) and any(
+        k.endswith("/model/_SUCCESS") for k in keys
+    )
     assert metrics["test"]["examples"] > 0
 
 
@@ -440,8 +537,12 @@ def test_a_lost_worker_node_costs_a_checkpoint_not_the_sweep(cluster, bucket, s3
     s3, name = bucket
     cfg = base_config(s3_server, data_uri, f"s3://{name}/node-loss")
     cfg["train"].update(epochs=8, batch_size=4, max_failures=3)
-    cfg["tune"] = {"num_samples": 1, "scheduler": "fifo", "max_failures": 3,
-                   "search_space": {"train.lr": "grid([1e-3, 1e-4])"}}
+    cfg["tune"] = {
+        "num_samples": 1,
+        "scheduler": "fifo",
+        "max_failures": 3,
+        "search_space": {"train.lr": "grid([1e-3, 1e-4])"},
+    }
     job = start_job(cluster, "tune", write_job(tmp_path, cfg))
     # Both trials running, each with a checkpoint that Tune has on record: then worker-b
     # disappears. A checkpoint folder is on S3 from its first uploaded file on, before the
@@ -462,8 +563,11 @@ def test_a_lost_worker_node_costs_a_checkpoint_not_the_sweep(cluster, bucket, s3
     status, logs = wait_job(cluster, job, timeout=480)
     cluster.add_worker(1, name=lost.name)
     assert status == "SUCCEEDED", logs[-5000:]
-    board = json.loads(s3.get_object(Bucket=name, Key=next(k for k in s3_keys(s3, name, "node-loss/sweeps/")
-                                                           if k.endswith("/leaderboard.json")))["Body"].read())
+    board = json.loads(
+        s3.get_object(
+            Bucket=name, Key=next(k for k in s3_keys(s3, name, "node-loss/sweeps/") if k.endswith("/leaderboard.json"))
+        )["Body"].read()
+    )
     assert len(board) == 2 and all(row["status"] == "completed" for row in board), board
     # The trial that ran on the lost node resumed from its last checkpoint on the other
     # node. The other trial's workers ran on the node that stayed, but its own actor (and
@@ -477,9 +581,11 @@ def test_a_lost_worker_node_costs_a_checkpoint_not_the_sweep(cluster, bucket, s3
     resumed = next(h for h in moved["history"] if lost_id not in h["worker_nodes"])
     assert resumed["resumed_from_epoch"] >= 1, moved["history"]  # from a checkpoint, not from scratch
     finished_epochs = resumed["resumed_from_epoch"]
-    print(f"trial {moved['trial']} resumed from epoch {finished_epochs} on the other node "
-          f"{resumed['started_at'] - killed_at:.0f} s after its node was lost (the other trial held that node "
-          f"until {other_finished(board, moved) - killed_at:.0f} s); sweep done {time.time() - killed_at:.0f} s after")
+    print(
+        f"trial {moved['trial']} resumed from epoch {finished_epochs} on the other node "
+        f"{resumed['started_at'] - killed_at:.0f} s after its node was lost (the other trial held that node "
+        f"until {other_finished(board, moved) - killed_at:.0f} s); sweep done {time.time() - killed_at:.0f} s after"
+    )
     other = next(row for row in board if row is not moved)
     assert all(lost_id not in h["worker_nodes"] for h in other["history"]), other["history"]
     assert [h["epoch"] for h in other["history"]] == list(range(1, 9)), other["history"]
@@ -506,4 +612,3 @@ def trials_with_checkpoints(keys: list[str], at_least: int) -> set[str]:
 def other_finished(board: list[dict], row: dict) -> float:
     """When the trial other than ``row`` finished."""
     return next(r for r in board if r is not row)["finished_at"]
-

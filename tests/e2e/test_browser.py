@@ -23,8 +23,10 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (make e2e)")
-pytestmark = [pytest.mark.e2e,
-              pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make e2e installs it)")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make e2e installs it)"),
+]
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 SHOTS = os.environ.get("RAYBM_E2E_ARTIFACTS", os.path.join(os.getcwd(), "e2e-artifacts"))
 
@@ -38,8 +40,11 @@ def free_port() -> int:
 def start_dashboard(root, *flags: str):
     """`raybm dashboard` over ``root`` on a free loopback port, once it answers: (process, URL)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "raybm.cli", "dashboard", "--root", str(root),
-                             "--port", str(port), *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raybm.cli", "dashboard", "--root", str(root), "--port", str(port), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     answers(proc, f"{url}/_stcore/health", "the dashboard", 60)
     return proc, url
@@ -115,9 +120,22 @@ def served(tiny_model_dir, tmp_path):
     """`raybm serve` of the tiny model on a free loopback port (its own local Ray), with
     traffic sent to it: 20 requests of 3 texts and one a client gets wrong."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "raybm.cli", "serve", "--model", tiny_model_dir,
-                             f"serve.port={port}", "serve.cpus_per_replica=0.25", "serve.app_name=tiny"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "raybm.cli",
+            "serve",
+            "--model",
+            tiny_model_dir,
+            f"serve.port={port}",
+            "serve.cpus_per_replica=0.25",
+            "serve.app_name=tiny",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     url = f"http://127.0.0.1:{port}/tiny"
     answers(proc, f"{url}/healthz", "the model server", 180)
 

@@ -13,8 +13,7 @@ from raybm.results import Results
 
 pytestmark = pytest.mark.integration
 
-TWITTER_BINARY = {"rows_read": 38158, "excluded_label": 15018, "duplicate": 892,
-                  "negative": 15527, "positive": 6721}
+TWITTER_BINARY = {"rows_read": 38158, "excluded_label": 15018, "duplicate": 892, "negative": 15527, "positive": 6721}
 
 
 def split_assignment(cfg, name):
@@ -31,8 +30,10 @@ def test_twitter_corpus_documented_counts_and_repeatable_split(ray_local, tmp_pa
     first = run_data_stage(cfg, log=lambda _: None)
     rep = first.report
     assert rep["rows_read"] == TWITTER_BINARY["rows_read"]
-    assert rep["dropped"] == {"excluded_label": TWITTER_BINARY["excluded_label"],
-                              "duplicate": TWITTER_BINARY["duplicate"]}
+    assert rep["dropped"] == {
+        "excluded_label": TWITTER_BINARY["excluded_label"],
+        "duplicate": TWITTER_BINARY["duplicate"],
+    }
     per_label = {lab: sum(s["labels"][lab] for s in rep["splits"].values()) for lab in rep["labels"]}
     assert per_label == {"negative": TWITTER_BINARY["negative"], "positive": TWITTER_BINARY["positive"]}
     assert rep["rows_kept"] == rep["rows_read"] - rep["dropped_total"]

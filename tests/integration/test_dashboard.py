@@ -13,13 +13,11 @@ from raybm.export.variants import run_export
 from raybm.inference.loading import load_predictor
 from raybm.inference.predict import in_words
 from raybm.tune.sweep import run_sweep
-
 from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
 
-APP = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "dashboards",
-                   "app.py")
+APP = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "dashboards", "app.py")
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +25,28 @@ def results(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("dash-results")
     data = root / "reviews.csv"
     make_frame(60).to_csv(data, index=False)
-    cfg = build_config(overrides=[
-        f"storage.root={root}", f"data.source={data}", "data.text_column=body", "data.label_column=sentiment",
-        "data.max_length=16", "model.name=tiny-bert", "train.batch_size=16", "train.warmup_ratio=0",
-        "train.log_every_steps=100", "train.cpus_per_worker=0.5", "train.epochs=2", "tune.max_concurrent_trials=1",
-        "tune.num_samples=1", "tune.grace_period=1", "name=dash-sweep", "tune.soup=uniform", "tune.max_latency_ms=1000",
-        "tune.search_space={train.lr: 'grid([3e-3, 1e-12])'}"])
+    cfg = build_config(
+        overrides=[
+            f"storage.root={root}",
+            f"data.source={data}",
+            "data.text_column=body",
+            "data.label_column=sentiment",
+            "data.max_length=16",
+            "model.name=tiny-bert",
+            "train.batch_size=16",
+            "train.warmup_ratio=0",
+            "train.log_every_steps=100",
+            "train.cpus_per_worker=0.5",
+            "train.epochs=2",
+            "tune.max_concurrent_trials=1",
+            "tune.num_samples=1",
+            "tune.grace_period=1",
+            "name=dash-sweep",
+            "tune.soup=uniform",
+            "tune.max_latency_ms=1000",
+            "tune.search_space={train.lr: 'grid([3e-3, 1e-12])'}",
+        ]
+    )
     sweep = run_sweep(cfg, log=lambda _: None)
     run_export(cfg, "dash-sweep", ["onnx-int8"], log=lambda _: None)
     return {"root": str(root), "sweep": sweep}
@@ -147,7 +161,7 @@ def test_try_it_predicts_typed_and_uploaded_text_and_explains_bad_input(monkeypa
 
     at.file_uploader(key="try_file").set_value(("empty.csv", b"text\n", "text/csv")).run()
     assert "empty.csv has no rows" in at.error[-1].value
-    gaps = "text\nI really liked item number 8\n\"\"\nItem 9 was a disappointment\n"
+    gaps = 'text\nI really liked item number 8\n""\nItem 9 was a disappointment\n'
     at.file_uploader(key="try_file").set_value(("gaps.csv", gaps.encode(), "text/csv")).run()
     at.button(key="try_file_go").click().run()
     assert "empty on line(s) [3]" in at.error[-1].value
@@ -201,8 +215,12 @@ def test_the_dashboard_reads_a_results_root_on_s3(monkeypatch, results, s3_serve
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="dash-bucket")
     storage = StorageConfig(root="s3://dash-bucket/results", s3_endpoint_url=s3_server)
-    pafs.copy_files(results["root"], "dash-bucket/results", source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=s3_filesystem(storage))
+    pafs.copy_files(
+        results["root"],
+        "dash-bucket/results",
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=s3_filesystem(storage),
+    )
     data = DashboardData(storage.root, storage)
     assert data.names("sweeps") == ["dash-sweep"]
     assert len(data.sweep("dash-sweep")["leaderboard"]) == 2
@@ -229,14 +247,24 @@ def stats_server():
     minutes = Minutes()
     now = time.time()
     for i in range(40):
-        minutes.record(500 if i == 0 else 200, 5.0 + i % 10, [("positive" if i % 2 else "negative", 0.55 + i / 100)],
-                       [i % 5], now=now - 120 + i)
-    reference = drift_reference({"dataset": "reviews-1", "splits": {"train": {"labels": {"negative": 90, "positive": 10}}},
-                                 "tokens": {"p50": 10, "p90": 20, "p95": 25, "p99": 40}})
+        minutes.record(
+            500 if i == 0 else 200,
+            5.0 + i % 10,
+            [("positive" if i % 2 else "negative", 0.55 + i / 100)],
+            [i % 5],
+            now=now - 120 + i,
+        )
+    reference = drift_reference(
+        {
+            "dataset": "reviews-1",
+            "splits": {"train": {"labels": {"negative": 90, "positive": 10}}},
+            "tokens": {"p50": 10, "p90": 20, "p95": 25, "p99": 40},
+        }
+    )
     body = json.dumps({"model": "dash-sweep", **summarize(minutes.export(), reference)}).encode()
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the standard library's name
+        def do_GET(self):
             self.send_response(200 if self.path == "/stats" else 404)
             self.send_header("Content-Type", "application/json")
             self.end_headers()

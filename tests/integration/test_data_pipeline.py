@@ -23,8 +23,15 @@ def quiet(_msg):
 
 
 def prepare(tmp_path, source, *overrides):
-    cfg = build_config(overrides=[f"storage.root={tmp_path / 'results'}", f"data.source={source}",
-                                  "data.text_column=body", "data.label_column=sentiment", *overrides])
+    cfg = build_config(
+        overrides=[
+            f"storage.root={tmp_path / 'results'}",
+            f"data.source={source}",
+            "data.text_column=body",
+            "data.label_column=sentiment",
+            *overrides,
+        ]
+    )
     return cfg, run_data_stage(cfg, log=quiet)
 
 
@@ -38,8 +45,9 @@ def split_of(results: Results, name: str) -> dict[str, str]:
 
 
 def test_user_csv_end_to_end(ray_local, tmp_path):
-    cfg = load_config(REPO / "jobs/configs/user-files.yaml",
-                      [f"storage.root={tmp_path}", f"data.source={ASSETS / 'reviews.csv'}"])
+    cfg = load_config(
+        REPO / "jobs/configs/user-files.yaml", [f"storage.root={tmp_path}", f"data.source={ASSETS / 'reviews.csv'}"]
+    )
     prepared = run_data_stage(cfg, log=quiet)
     rep = prepared.report
     assert rep["rows_read"] == 54
@@ -50,8 +58,15 @@ def test_user_csv_end_to_end(ray_local, tmp_path):
 
     results = Results.from_config(cfg.storage)
     folder = Path(results.dataset_dir(prepared.name))
-    assert sorted(os.listdir(folder)) == ["_SUCCESS", "config.yaml", "label_map.json", "report.json",
-                                          "test", "train", "validation"]
+    assert sorted(os.listdir(folder)) == [
+        "_SUCCESS",
+        "config.yaml",
+        "label_map.json",
+        "report.json",
+        "test",
+        "train",
+        "validation",
+    ]
     assert results.dataset_label_map(prepared.name)["label_to_id"] == {"negative": 0, "positive": 1}
     resolved = load_config(folder / "config.yaml")
     assert resolved.data.label_values == cfg.data.label_values
@@ -105,19 +120,22 @@ def no_leftovers(tmp_path):
     return not data.exists() or os.listdir(data) == []
 
 
-@pytest.mark.parametrize("case, match", [
-    ("missing_file", r"no such file or folder"),
-    ("missing_column", r"column\(s\) \['sentiment'\] not found; columns found: \['body', 'stars'\]"),
-    ("unknown_label", r"unknown label value\(s\) in 'sentiment': 'meh' \(2 rows\)"),
-    ("bad_encoding_head", r"bad\.csv: bytes at offset \d+ are not valid utf-8; set data\.encoding"),
-    ("bad_encoding_tail", r"bad\.csv \(byte \d+\): not valid utf-8 text; set data\.encoding"),
-    ("empty_after_cleaning", r"no rows left after cleaning 4 rows"),
-    ("class_too_small", r"class 'neg' has 2 row\(s\).*leaves the validation split without it"),
-    ("bad_format", r"cannot tell the format"),
-    ("corrupt_parquet", r"data\.parquet: cannot read it as parquet"),
-    ("ragged_csv", r"cannot read csv data from .*bad\.csv"),
-    ("stop_words_zh", r"stop_words removes English stop words; chinese-reviews is zh"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing_file", r"no such file or folder"),
+        ("missing_column", r"column\(s\) \['sentiment'\] not found; columns found: \['body', 'stars'\]"),
+        ("unknown_label", r"unknown label value\(s\) in 'sentiment': 'meh' \(2 rows\)"),
+        ("bad_encoding_head", r"bad\.csv: bytes at offset \d+ are not valid utf-8; set data\.encoding"),
+        ("bad_encoding_tail", r"bad\.csv \(byte \d+\): not valid utf-8 text; set data\.encoding"),
+        ("empty_after_cleaning", r"no rows left after cleaning 4 rows"),
+        ("class_too_small", r"class 'neg' has 2 row\(s\).*leaves the validation split without it"),
+        ("bad_format", r"cannot tell the format"),
+        ("corrupt_parquet", r"data\.parquet: cannot read it as parquet"),
+        ("ragged_csv", r"cannot read csv data from .*bad\.csv"),
+        ("stop_words_zh", r"stop_words removes English stop words; chinese-reviews is zh"),
+    ],
+)
 def test_bad_input_is_a_clear_error_and_leaves_nothing(ray_local, tmp_path, case, match):
     src = tmp_path / "bad.csv"
     labels = ["pos", "neg"]
@@ -134,10 +152,16 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing(ray_local, tmp_path, case
         assert len(good) > 1 << 16
         src.write_bytes(good + "caf\u00e9 bad,pos\n".encode("latin-1"))
     elif case == "empty_after_cleaning":
-        pd.DataFrame({"body": ["<b></b>", "http://x.y", "@someone", " "], "sentiment": labels * 2}).to_csv(src, index=False)
+        pd.DataFrame({"body": ["<b></b>", "http://x.y", "@someone", " "], "sentiment": labels * 2}).to_csv(
+            src, index=False
+        )
     elif case == "class_too_small":
-        df = pd.concat([make_frame(20)[lambda d: d.sentiment == "pos"],
-                        pd.DataFrame({"body": ["bad one", "bad two"], "sentiment": ["neg", "neg"]})])
+        df = pd.concat(
+            [
+                make_frame(20)[lambda d: d.sentiment == "pos"],
+                pd.DataFrame({"body": ["bad one", "bad two"], "sentiment": ["neg", "neg"]}),
+            ]
+        )
         df.to_csv(src, index=False)
     elif case == "bad_format":
         src = tmp_path / "data.xlsx"
@@ -182,8 +206,11 @@ def test_training_reads_the_ids_the_data_stage_stored_and_tokenizes_when_they_do
     cfg, prepared = prepare(tmp_path, tmp_path / "d.csv", "data.max_length=12")
     assert stored_ids_fit(cfg, prepared.report)
     results = Results.from_config(cfg.storage)
-    assert set(load_split(results, prepared.name, "validation", columns=("text", "label", "input_ids"))
-               .columns()) == {"text", "label", "input_ids"}
+    assert set(load_split(results, prepared.name, "validation", columns=("text", "label", "input_ids")).columns()) == {
+        "text",
+        "label",
+        "input_ids",
+    }
 
     def rows(datasets):  # (ids, label) of every validation row, padded per batch
         out = []
@@ -197,9 +224,14 @@ def test_training_reads_the_ids_the_data_stage_stored_and_tokenizes_when_they_do
     tokenized = {"validation": tokenize_dataset(load_split(results, prepared.name, "validation"), cfg.data, cfg.model)}
     assert rows(stored) == rows(tokenized)
     # Another max_length than the data stage's: tokenized again, at the new length.
-    shorter = build_config(overrides=[*[f"{k}={v}" for k, v in (("storage.root", tmp_path / "results"),
-                                                               ("data.source", tmp_path / "d.csv"))],
-                                     "data.text_column=body", "data.label_column=sentiment", "data.max_length=8"])
+    shorter = build_config(
+        overrides=[
+            *[f"{k}={v}" for k, v in (("storage.root", tmp_path / "results"), ("data.source", tmp_path / "d.csv"))],
+            "data.text_column=body",
+            "data.label_column=sentiment",
+            "data.max_length=8",
+        ]
+    )
     assert not stored_ids_fit(shorter, prepared.report)
     assert max(len(ids) for ids, _ in rows(training_datasets(shorter, prepared))) == 8
 
@@ -215,9 +247,17 @@ def test_a_pipeline_whose_data_stage_fails_records_it(ray_local, tmp_path):
     df = make_frame(10)
     df.loc[[0, 3], "sentiment"] = "meh"
     df.to_csv(src, index=False)
-    cfg = build_config(overrides=[f"storage.root={tmp_path / 'results'}", f"data.source={src}", "name=fails",
-                                  "data.text_column=body", "data.label_column=sentiment", "data.labels=[neg, pos]",
-                                  "pipeline.stages=[data, train]"])
+    cfg = build_config(
+        overrides=[
+            f"storage.root={tmp_path / 'results'}",
+            f"data.source={src}",
+            "name=fails",
+            "data.text_column=body",
+            "data.label_column=sentiment",
+            "data.labels=[neg, pos]",
+            "pipeline.stages=[data, train]",
+        ]
+    )
     with pytest.raises(DataError, match="unknown label value"):
         run_pipeline(cfg, log=quiet)
     summary = json.loads((tmp_path / "results" / "pipelines" / "fails" / "summary.json").read_text())

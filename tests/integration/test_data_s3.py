@@ -11,7 +11,6 @@ from raybm.config import build_config
 from raybm.data import load_split, run_data_stage
 from raybm.errors import RaybmError
 from raybm.results import Results
-
 from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
@@ -32,9 +31,16 @@ def buckets(s3_server):
 
 
 def s3_config(endpoint, source, *extra):
-    return build_config(overrides=[
-        "storage.root=s3://raybm-results/experiments", f"storage.s3_endpoint_url={endpoint}",
-        f"data.source={source}", "data.text_column=body", "data.label_column=sentiment", *extra])
+    return build_config(
+        overrides=[
+            "storage.root=s3://raybm-results/experiments",
+            f"storage.s3_endpoint_url={endpoint}",
+            f"data.source={source}",
+            "data.text_column=body",
+            "data.label_column=sentiment",
+            *extra,
+        ]
+    )
 
 
 def read_all(results, name):
@@ -56,7 +62,10 @@ def test_csv_and_parquet_from_s3_into_s3_results(s3_server, buckets, ray_local):
     assert csv.report["rows_kept"] == pq.report["rows_kept"] == 80
     assert pq.report["files"] == ["s3://raybm-data/parquet/part-0.parquet", "s3://raybm-data/parquet/part-1.parquet"]
 
-    keys = {o["Key"] for o in buckets.list_objects_v2(Bucket="raybm-results", Prefix="experiments/data/from-csv/")["Contents"]}
+    keys = {
+        o["Key"]
+        for o in buckets.list_objects_v2(Bucket="raybm-results", Prefix="experiments/data/from-csv/")["Contents"]
+    }
     for name in ("_SUCCESS", "report.json", "label_map.json", "config.yaml"):
         assert f"experiments/data/from-csv/{name}" in keys
     assert any(k.startswith("experiments/data/from-csv/train/") and k.endswith(".parquet") for k in keys)
@@ -86,8 +95,13 @@ def test_a_soup_of_two_models_in_s3_is_written_to_s3(s3_server, buckets, ray_loc
     from raybm.models.build import build_classifier, load_tokenizer
     from raybm.tune.soup import run_soup
 
-    cfg = s3_config(s3_server, "s3://raybm-data/csv/reviews.csv", "data.name=soup-data", "model.name=tiny-bert",
-                    "data.max_length=16")
+    cfg = s3_config(
+        s3_server,
+        "s3://raybm-data/csv/reviews.csv",
+        "data.name=soup-data",
+        "model.name=tiny-bert",
+        "data.max_length=16",
+    )
     run_data_stage(cfg, log=lambda _: None)
     results = Results.from_config(cfg.storage)
     labels = results.dataset_label_map("soup-data")["labels"]
@@ -100,11 +114,22 @@ def test_a_soup_of_two_models_in_s3_is_written_to_s3(s3_server, buckets, ray_loc
         results.upload_dir(str(folder), results.path("runs", name, "model"))
         states.append(load_file(str(folder / "model.safetensors")))
 
-    out = run_soup(cfg, ["a", "s3://raybm-results/experiments/runs/b"], "soup-data", "ab", "uniform", log=lambda _: None)
+    out = run_soup(
+        cfg, ["a", "s3://raybm-results/experiments/runs/b"], "soup-data", "ab", "uniform", log=lambda _: None
+    )
     assert out["run_dir"] == "s3://raybm-results/experiments/runs/ab" and out["test"]["examples"] == 8
-    keys = {o["Key"] for o in buckets.list_objects_v2(Bucket="raybm-results", Prefix="experiments/runs/ab/")["Contents"]}
-    for name in ("_SUCCESS", "metrics.json", "test_predictions.parquet", "model/model.safetensors",
-                 "model/soup.json", "model/_SUCCESS", "model/README.md"):
+    keys = {
+        o["Key"] for o in buckets.list_objects_v2(Bucket="raybm-results", Prefix="experiments/runs/ab/")["Contents"]
+    }
+    for name in (
+        "_SUCCESS",
+        "metrics.json",
+        "test_predictions.parquet",
+        "model/model.safetensors",
+        "model/soup.json",
+        "model/_SUCCESS",
+        "model/README.md",
+    ):
         assert f"experiments/runs/ab/{name}" in keys, name
     got = tmp_path / "got.safetensors"
     buckets.download_file("raybm-results", "experiments/runs/ab/model/model.safetensors", str(got))
@@ -129,8 +154,11 @@ def test_a_model_folder_without_success_is_refused_by_every_loader(s3_server, bu
             buckets.put_object(Bucket="raybm-results", Key=f"{prefix}/{f.name}", Body=f.read_bytes())
     buckets.put_object(Bucket="raybm-results", Key="exports/e1/_SUCCESS", Body=b"")  # the export is complete
     buckets.put_object(Bucket="raybm-results", Key="runs/r1/model/_SUCCESS", Body=b"")
-    with pytest.raises(RaybmError, match=r"s3://raybm-results/half/model: no _SUCCESS in the model folder - it is "
-                                         r"incomplete"):
+    with pytest.raises(
+        RaybmError,
+        match=r"s3://raybm-results/half/model: no _SUCCESS in the model folder - it is "
+        r"incomplete",
+    ):
         fetch_model("s3://raybm-results/half/model", storage)
     for uri in ("s3://raybm-results/exports/e1/onnx", "s3://raybm-results/runs/r1/model"):
         local = fetch_model(uri, storage, str(tmp_path / uri.rsplit("/", 2)[-2]))
@@ -149,16 +177,20 @@ def test_one_writer_per_artifact_on_s3_with_conditional_writes(s3_server, bucket
     root = "s3://raybm-results/leases-test"
     storage = StorageConfig(root=root, s3_endpoint_url=s3_server, lease_ttl_s=6)
     results = Results(root, storage)
-    script = ("import sys, time\nfrom raybm.config import StorageConfig\nfrom raybm.lease import hold_lease\n"
-              "from raybm.results import Results\n"
-              f"s = StorageConfig(root={root!r}, s3_endpoint_url={s3_server!r}, lease_ttl_s=6)\n"
-              "with hold_lease(Results(s.root, s), 'exports', 'e1', \"export 'e1'\", log=lambda m: None):\n"
-              "    print('held', flush=True)\n    time.sleep(600)\n")
+    script = (
+        "import sys, time\nfrom raybm.config import StorageConfig\nfrom raybm.lease import hold_lease\n"
+        "from raybm.results import Results\n"
+        f"s = StorageConfig(root={root!r}, s3_endpoint_url={s3_server!r}, lease_ttl_s=6)\n"
+        "with hold_lease(Results(s.root, s), 'exports', 'e1', \"export 'e1'\", log=lambda m: None):\n"
+        "    print('held', flush=True)\n    time.sleep(600)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
         time.sleep(4)  # past a renewal
-        with pytest.raises(RaybmError, match=rf"export 'e1' is being written by another job \(host .*, pid {proc.pid};"):
+        with pytest.raises(
+            RaybmError, match=rf"export 'e1' is being written by another job \(host .*, pid {proc.pid};"
+        ):
             with hold_lease(results, "exports", "e1", "export 'e1'"):
                 pass
     finally:
@@ -186,13 +218,22 @@ def test_training_from_a_base_model_on_s3(s3_server, buckets, ray_local, tmp_pat
     load_tokenizer("tiny-distilbert").save_pretrained(base)
     for f in base.iterdir():
         buckets.upload_file(str(f), "raybm-data", f"base-models/distilbert/{f.name}")
-    cfg = s3_config(s3_server, "s3://raybm-data/csv/reviews.csv", "data.name=from-s3-base",
-                    "model.name=s3://raybm-data/base-models/distilbert", "data.max_length=16", "train.epochs=1",
-                    "train.batch_size=16", "train.warmup_ratio=0", "train.strategy=partial", "train.freeze_layers=1")
+    cfg = s3_config(
+        s3_server,
+        "s3://raybm-data/csv/reviews.csv",
+        "data.name=from-s3-base",
+        "model.name=s3://raybm-data/base-models/distilbert",
+        "data.max_length=16",
+        "train.epochs=1",
+        "train.batch_size=16",
+        "train.warmup_ratio=0",
+        "train.strategy=partial",
+        "train.freeze_layers=1",
+    )
     preflight(cfg, ["data", "train"])
     result = run_training(cfg, log=lambda _: None)
     assert result.history and result.model_dir.startswith("s3://raybm-results/experiments/runs/")
-    card = buckets.get_object(Bucket="raybm-results", Key=result.model_dir[len("s3://raybm-results/"):] + "/README.md")
+    card = buckets.get_object(Bucket="raybm-results", Key=result.model_dir[len("s3://raybm-results/") :] + "/README.md")
     assert "s3://raybm-data/base-models/distilbert" in card["Body"].read().decode()
 
 
@@ -200,12 +241,28 @@ def test_scoring_files_on_s3_into_a_folder_on_s3(s3_server, buckets, ray_local, 
     import pyarrow.parquet as pq
 
     from raybm.cli import main
-    from raybm.results import SUCCESS_MARKER, s3_filesystem
     from raybm.config import StorageConfig
+    from raybm.results import SUCCESS_MARKER, s3_filesystem
 
     out = "s3://raybm-results/scored/reviews"
-    assert main(["predict", "--model", tiny_model_dir, "--input", "s3://raybm-data/parquet/", "--output", out,
-                 "--text-column", "body", f"storage.s3_endpoint_url={s3_server}", "predict.concurrency=1"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                tiny_model_dir,
+                "--input",
+                "s3://raybm-data/parquet/",
+                "--output",
+                out,
+                "--text-column",
+                "body",
+                f"storage.s3_endpoint_url={s3_server}",
+                "predict.concurrency=1",
+            ]
+        )
+        == 0
+    )
     keys = [o["Key"] for o in buckets.list_objects_v2(Bucket="raybm-results", Prefix="scored/reviews/")["Contents"]]
     assert f"scored/reviews/{SUCCESS_MARKER}" in keys
     fs = s3_filesystem(StorageConfig(s3_endpoint_url=s3_server))
@@ -215,6 +272,21 @@ def test_scoring_files_on_s3_into_a_folder_on_s3(s3_server, buckets, ray_local, 
     assert got["body"].tolist() == want["body"].tolist()  # every row, in the files' order
     assert set(got["predicted_label"]) <= {"negative", "positive"} and got["confidence"].between(0, 1).all()
     capsys.readouterr()
-    assert main(["predict", "--model", tiny_model_dir, "--input", "s3://raybm-data/parquet/*.parquet", "--output",
-                 out, "--text-column", "body", f"storage.s3_endpoint_url={s3_server}"]) != 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                tiny_model_dir,
+                "--input",
+                "s3://raybm-data/parquet/*.parquet",
+                "--output",
+                out,
+                "--text-column",
+                "body",
+                f"storage.s3_endpoint_url={s3_server}",
+            ]
+        )
+        != 0
+    )
     assert f"--output {out!r} already exists" in capsys.readouterr().err  # a finished output is never overwritten

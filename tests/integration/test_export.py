@@ -14,7 +14,6 @@ from raybm.export.trained import sparsity
 from raybm.export.variants import run_export
 from raybm.inference.loading import load_predictor
 from raybm.train.driver import run_training
-
 from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
@@ -22,8 +21,11 @@ pytestmark = pytest.mark.integration
 # In the training rows' own two templates (make_frame), with item numbers the training never saw:
 # the tiny reference learns those templates, not English, so a probe worded otherwise ("avoid it"
 # at the end) was once labelled at random, and CI failed on the reference, not on an export.
-PROBES = [text for i in range(101, 105) for text in (f"I really liked item number {i}, great stuff",
-                                                     f"Item {i} was a disappointment, avoid")]
+PROBES = [
+    text
+    for i in range(101, 105)
+    for text in (f"I really liked item number {i}, great stuff", f"Item {i} was a disappointment, avoid")
+]
 PROBE_LABELS = [1, 0, 1, 0, 1, 0, 1, 0]
 
 
@@ -38,10 +40,22 @@ def trained(ray_local, tmp_path_factory):
     make_frame(60).to_csv(data, index=False)
     # Batches of 4 (24 steps an epoch): with 16 (6 steps an epoch) the reference once learned
     # too little to be sure of the probes, and the approximate variants then disagreed with it.
-    cfg = build_config(overrides=[
-        f"storage.root={root}", f"data.source={data}", "data.text_column=body", "data.label_column=sentiment",
-        "data.max_length=16", "model.name=tiny-bert", "train.batch_size=4", "train.lr=0.003", "train.epochs=3",
-        "train.warmup_ratio=0", "train.log_every_steps=100", "name=tiny"])
+    cfg = build_config(
+        overrides=[
+            f"storage.root={root}",
+            f"data.source={data}",
+            "data.text_column=body",
+            "data.label_column=sentiment",
+            "data.max_length=16",
+            "model.name=tiny-bert",
+            "train.batch_size=4",
+            "train.lr=0.003",
+            "train.epochs=3",
+            "train.warmup_ratio=0",
+            "train.log_every_steps=100",
+            "name=tiny",
+        ]
+    )
     result = run_training(cfg, log=quiet)
     return cfg, result
 
@@ -51,9 +65,19 @@ def exported(trained):
     """Every variant of the trained model, exported once for the tests below: (export
     result, the reference's probabilities on the probes, its labels)."""
     cfg, result = trained
-    cfg = build_config({**cfg.to_dict(), "export": {"prune_sparsity": 0.5, "distill_layers": 1,
-                                                     "distill_epochs": 2, "distill_lr": 0.003, "prune_lr": 0.003,
-                                                     "latency_samples": 10}})
+    cfg = build_config(
+        {
+            **cfg.to_dict(),
+            "export": {
+                "prune_sparsity": 0.5,
+                "distill_layers": 1,
+                "distill_epochs": 2,
+                "distill_lr": 0.003,
+                "prune_lr": 0.003,
+                "latency_samples": 10,
+            },
+        }
+    )
     out = run_export(cfg, "tiny", ["hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled"], log=quiet)
     reference = load_predictor(result.model_dir).predict(PROBES)
     return out, reference, reference.argmax(1)
@@ -64,8 +88,9 @@ def test_every_variant_loads_and_predicts_like_the_reference(exported):
     # The reference learned the probes (label 1 is "pos"): agreement with it then means something.
     assert ref_labels.tolist() == PROBE_LABELS, reference
     folder = out.folder
-    assert sorted(os.listdir(folder)) == sorted(["hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled",
-                                                 "mobile", "summary.json"])
+    assert sorted(os.listdir(folder)) == sorted(
+        ["hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled", "mobile", "summary.json"]
+    )
     # Exact variants: the same labels, and ONNX fp32 the same probabilities.
     for variant in ("hf", "onnx", "fp16"):
         probs = load_predictor(os.path.join(folder, variant), "auto").predict(PROBES)
@@ -112,9 +137,11 @@ def test_the_mobile_bundle_runs_without_raybm_transformers_or_torch(exported):
     source_variant = manifest["from_variant"]
     assert not os.path.isabs(manifest["source"]) and manifest["source"].endswith("/model")  # no local path
     assert source_variant in ("onnx", "onnx-int8")
-    code = ("import runpy, sys; [sys.modules.__setitem__(m, None) for m in ('raybm', 'transformers', 'torch')]; "
-            f"sys.argv = ['predict.py', *{PROBES!r}]; runpy.run_path({os.path.join(mobile, 'predict.py')!r}, "
-            "run_name='__main__')")
+    code = (
+        "import runpy, sys; [sys.modules.__setitem__(m, None) for m in ('raybm', 'transformers', 'torch')]; "
+        f"sys.argv = ['predict.py', *{PROBES!r}]; runpy.run_path({os.path.join(mobile, 'predict.py')!r}, "
+        "run_name='__main__')"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     labels = [json.loads(line)["label"] for line in run.stdout.splitlines()]

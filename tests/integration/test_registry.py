@@ -25,15 +25,28 @@ def registry(mlflow_server, tiny_model_dir, tmp_path_factory):
     """A config on the test server, a results root, and the tiny model registered twice:
     version 1 with an export variant beside it, version 2 another folder."""
     root = tmp_path_factory.mktemp("registry-results")
-    cfg = build_config(overrides=[f"storage.root={root}", f"tracking.mlflow_uri={mlflow_server}",
-                                  "tracking.experiment=registry-tests", "model.name=tiny-bert"])
+    cfg = build_config(
+        overrides=[
+            f"storage.root={root}",
+            f"tracking.mlflow_uri={mlflow_server}",
+            "tracking.experiment=registry-tests",
+            "model.name=tiny-bert",
+        ]
+    )
     run = root / "runs" / "tiny-run"
     shutil.copytree(tiny_model_dir, run / "model")
     variant = root / "exports" / "tiny-run" / "fp16"
     shutil.copytree(tiny_model_dir, variant)
     test = {"accuracy": 0.75, "f1_macro": 0.7, "per_class": {}}
-    first = register_model(cfg, "tiny-classifier", str(run / "model"), str(run), test, {"fp16": str(variant)},
-                           tags={"raybm.dataset": "reviews-1234"})
+    first = register_model(
+        cfg,
+        "tiny-classifier",
+        str(run / "model"),
+        str(run),
+        test,
+        {"fp16": str(variant)},
+        tags={"raybm.dataset": "reviews-1234"},
+    )
     other = root / "runs" / "other-run"
     shutil.copytree(tiny_model_dir, other / "model")
     second = register_model(cfg, "tiny-classifier", str(other / "model"), str(other), {"accuracy": 0.5})

@@ -47,8 +47,13 @@ def server(tmp_path_factory, tiny_model_dir):
     (run / "metrics.json").write_text(json.dumps({"test": {"accuracy": 0.75, "f1_macro": 0.7}}))
     pythonpath = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
     # As raybm starts Ray: with Serve's direct ingress (the default serve.ingress).
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
-        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath, **ray_env(build_config().serve)}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={
+            "env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath, **ray_env(build_config().serve)}
+        },
+    )
     try:  # a Serve that does not start must not leave this Ray behind for the next module
         port, url = serve_on_a_free_port(str(run / "model"))
         yield {"url": url, "port": port, "model_dir": str(run / "model"), "run": run}
@@ -71,8 +76,9 @@ def serve_on_a_free_port(model_dir):
         except Exception as e:
             if attempt == 2:
                 raise AssertionError(f"Serve did not start twice: {e}\n{serve_log_errors()}") from e
-            warnings.warn(f"Serve did not start on port {port} (tried again on another): {e}\n"
-                          f"{serve_log_errors()}", stacklevel=1)
+            warnings.warn(
+                f"Serve did not start on port {port} (tried again on another): {e}\n{serve_log_errors()}", stacklevel=1
+            )
             serve.shutdown()
 
 
@@ -89,21 +95,32 @@ def serve_log_errors(lines: int = 15) -> str:
     found = []
     for log in sorted(glob.glob(os.path.join(session, "logs", "serve", "*.log"))):
         with open(log, errors="replace") as f:
-            found += [f"{os.path.basename(log)}: {line.rstrip()}" for line in f
-                      if " ERROR " in line or "Error" in line or "Exception" in line]
+            found += [
+                f"{os.path.basename(log)}: {line.rstrip()}"
+                for line in f
+                if " ERROR " in line or "Error" in line or "Exception" in line
+            ]
     return "\n".join(found[-lines:]) or "(no errors in Serve's logs)"
 
 
 def deploy_more(server, name, *overrides, loader=None):
-    cfg = build_config(overrides=[f"serve.port={server['port']}", f"serve.app_name={name}",
-                                  f"serve.route_prefix=/{name}", "serve.cpus_per_replica=0.25", *overrides])
+    cfg = build_config(
+        overrides=[
+            f"serve.port={server['port']}",
+            f"serve.app_name={name}",
+            f"serve.route_prefix=/{name}",
+            "serve.cpus_per_replica=0.25",
+            *overrides,
+        ]
+    )
     return deploy(cfg, server["model_dir"], loader) if loader else deploy(cfg, server["model_dir"])
 
 
 def post(url, body, headers=None, timeout=60):
     data = body if isinstance(body, (bytes, str)) or hasattr(body, "__next__") else json.dumps(body)
-    return requests.post(f"{url}/predict", data=data, headers={"Content-Type": "application/json", **(headers or {})},
-                         timeout=timeout)
+    return requests.post(
+        f"{url}/predict", data=data, headers={"Content-Type": "application/json", **(headers or {})}, timeout=timeout
+    )
 
 
 def test_explanations_are_the_models_own_and_refuse_what_predict_refuses(server):
@@ -115,10 +132,12 @@ def test_explanations_are_the_models_own_and_refuse_what_predict_refuses(server)
     assert r.status_code == 200, r.text
     got = r.json()
     assert got["method"] == want["method"] and got["explanation"]["label"] == want["label"]
-    assert [(w["word"], w["start"], w["end"]) for w in got["explanation"]["words"]] == \
-        [(w["word"], w["start"], w["end"]) for w in want["words"]]
-    assert [w["weight"] for w in got["explanation"]["words"]] == pytest.approx([w["weight"] for w in want["words"]],
-                                                                               abs=1e-5)
+    assert [(w["word"], w["start"], w["end"]) for w in got["explanation"]["words"]] == [
+        (w["word"], w["start"], w["end"]) for w in want["words"]
+    ]
+    assert [w["weight"] for w in got["explanation"]["words"]] == pytest.approx(
+        [w["weight"] for w in want["words"]], abs=1e-5
+    )
     many = requests.post(f"{server['url']}/explain", json={"texts": [text, "awful"]}, timeout=60).json()
     assert [e["label"] for e in many["explanations"]][0] == want["label"] and len(many["explanations"]) == 2
     assert requests.post(f"{server['url']}/explain", json={"texts": ["a"] * 9}, timeout=60).status_code == 422
@@ -165,11 +184,19 @@ def test_the_counts_reach_rays_metrics_that_prometheus_scrapes(server):
     deadline, text = time.time() + 60, ""
     while time.time() < deadline:
         text = requests.get(endpoint, timeout=10).text
-        if all(part in text for part in ("raybm_answers", "raybm_request_latency_ms_bucket",
-                                         "raybm_answer_confidence", 'app="tiny-run"', 'route="predict"')):
+        if all(
+            part in text
+            for part in (
+                "raybm_answers",
+                "raybm_request_latency_ms_bucket",
+                "raybm_answer_confidence",
+                'app="tiny-run"',
+                'route="predict"',
+            )
+        ):
             break  # this test's own request exported (an earlier test's /explain counts may come first)
         time.sleep(2)
-    assert 'raybm_requests_total{' in text or "raybm_requests{" in text, text[-2000:]
+    assert "raybm_requests_total{" in text or "raybm_requests{" in text, text[-2000:]
     assert "raybm_answers" in text and "raybm_request_latency_ms_bucket" in text and "raybm_answer_confidence" in text
     assert 'app="tiny-run"' in text and 'route="predict"' in text  # the model's own application
 
@@ -210,8 +237,10 @@ def test_the_replica_also_answers_on_a_port_of_its_own_with_the_same_answers(ser
     assert direct.startswith("http://127.0.0.1:") and direct.endswith("/tiny-run") and direct != server["url"]
     via_proxy, straight = post(server["url"], {"texts": TEXTS}).json(), post(direct, {"texts": TEXTS}).json()
     assert straight["predictions"] == via_proxy["predictions"]
-    assert requests.get(f"{direct}/healthz", timeout=10).json()["replica"] == \
-        requests.get(f"{server['url']}/healthz", timeout=10).json()["replica"]
+    assert (
+        requests.get(f"{direct}/healthz", timeout=10).json()["replica"]
+        == requests.get(f"{server['url']}/healthz", timeout=10).json()["replica"]
+    )
     assert post(direct, {"texts": ["x"] * 9}).status_code == 422  # its limits too
 
 
@@ -249,13 +278,19 @@ def test_every_client_mistake_gets_a_4xx_that_says_what_is_wrong(server):
     assert nowhere.status_code == 404 and "error" in nowhere.json()
     # JSON only: a cross-site form post (or a forgotten header) cannot reach the model.
     for content_type in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x", None):
-        r = requests.post(f"{url}/predict", data=json.dumps({"texts": ["hi"]}),
-                          headers={"Content-Type": content_type} if content_type else {}, timeout=10)
+        r = requests.post(
+            f"{url}/predict",
+            data=json.dumps({"texts": ["hi"]}),
+            headers={"Content-Type": content_type} if content_type else {},
+            timeout=10,
+        )
         if content_type is None:
             assert "content-type" not in {k.lower() for k in r.request.headers}
         assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"], (content_type, r.text)
-    assert post(url, {"texts": ["still serving"]}, headers={"Content-Type": "application/json; charset=utf-8"}) \
-        .status_code == 200
+    assert (
+        post(url, {"texts": ["still serving"]}, headers={"Content-Type": "application/json; charset=utf-8"}).status_code
+        == 200
+    )
 
 
 def test_api_key_int8_backend_metadata_and_the_app_builder(server, monkeypatch):
@@ -263,8 +298,9 @@ def test_api_key_int8_backend_metadata_and_the_app_builder(server, monkeypatch):
 
     monkeypatch.setenv(KEY_ENV, "s3cret-key-of-16-chars")
     # build_app is what `serve run raybm.serve.app:build_app model=...` calls.
-    app = build_app({"model": str(server["run"]), "backend": "int8", "api_key_env": KEY_ENV,
-                     "cpus_per_replica": "0.25"})
+    app = build_app(
+        {"model": str(server["run"]), "backend": "int8", "api_key_env": KEY_ENV, "cpus_per_replica": "0.25"}
+    )
     serve.run(app, name="keyed", route_prefix="/keyed")
     url = f"http://127.0.0.1:{server['port']}/keyed"
 
@@ -306,9 +342,13 @@ def test_a_second_model_is_an_application_of_its_own_and_a_serve_it_cannot_use_i
         assert post(u, {"texts": TEXTS[:2]}).status_code == 200, u
     apps = {a["name"]: a for a in list_apps()}
     assert apps["tiny-run"]["url"] == server["url"] and apps["other-run"]["route_prefix"] == "/other-run"
-    for overrides, message in (([f"serve.port={free_port()}"], f"already listens on 127.0.0.1:{server['port']}"),
-                               ([f"serve.port={server['port']}", "serve.app_name=third",
-                                 "serve.route_prefix=/tiny-run"], "route /tiny-run is served by the application")):
+    for overrides, message in (
+        ([f"serve.port={free_port()}"], f"already listens on 127.0.0.1:{server['port']}"),
+        (
+            [f"serve.port={server['port']}", "serve.app_name=third", "serve.route_prefix=/tiny-run"],
+            "route /tiny-run is served by the application",
+        ),
+    ):
         with pytest.raises(Exception, match=message):
             deploy(build_config(overrides=overrides + ["serve.cpus_per_replica=0.25"]), str(other))
     assert "third" not in {a["name"] for a in list_apps()}
@@ -342,8 +382,11 @@ def test_explanations_are_bounded_and_never_starve_or_break_predictions(server):
             r = requests.post(f"{url}/explain", json={"texts": TEXTS[:2]}, timeout=60)
             return r.status_code == 200 and len(r.json()["explanations"]) == 2 or r.text
         r = post(url, {"texts": TEXTS[:3]})
-        got = [[p["probabilities"]["negative"], p["probabilities"]["positive"]] for p in r.json()["predictions"]] \
-            if r.status_code == 200 else None
+        got = (
+            [[p["probabilities"]["negative"], p["probabilities"]["positive"]] for p in r.json()["predictions"]]
+            if r.status_code == 200
+            else None
+        )
         return got is not None and np.allclose(got, want, atol=1e-4) or r.text
 
     with ThreadPoolExecutor(max_workers=12) as pool:
@@ -374,15 +417,28 @@ def test_a_request_its_client_gives_up_on_is_still_counted(server):
 
 
 def test_overload_is_shed_with_503_and_nothing_else_through_the_proxy_and_straight_to_the_replica(server):
-    cfg = build_config(overrides=[f"serve.port={server['port']}", "serve.app_name=slow", "serve.route_prefix=/slow",
-                                  "serve.max_ongoing_requests=2", "serve.max_queued_requests=2"])
-    url = deploy_more(server, "slow", "serve.max_ongoing_requests=2", "serve.max_queued_requests=2",
-                      "serve.max_batch_size=1", loader="serve_helpers:slow_loader")
+    cfg = build_config(
+        overrides=[
+            f"serve.port={server['port']}",
+            "serve.app_name=slow",
+            "serve.route_prefix=/slow",
+            "serve.max_ongoing_requests=2",
+            "serve.max_queued_requests=2",
+        ]
+    )
+    url = deploy_more(
+        server,
+        "slow",
+        "serve.max_ongoing_requests=2",
+        "serve.max_queued_requests=2",
+        "serve.max_batch_size=1",
+        loader="serve_helpers:slow_loader",
+    )
     [direct] = direct_urls(cfg.serve)
     codes = []
     for target in (url, direct):
         with ThreadPoolExecutor(24) as pool:
-            burst = list(pool.map(lambda i: post(target, {"texts": [f"burst {i}"]}).status_code, range(24)))
+            burst = list(pool.map(lambda i, t=target: post(t, {"texts": [f"burst {i}"]}).status_code, range(24)))
         assert set(burst) <= {200, 503}, (target, burst)
         assert burst.count(200) >= 2 and burst.count(503) >= 1, (target, burst)
         assert post(target, {"texts": ["after the burst"]}).status_code == 200
@@ -418,10 +474,15 @@ def _wait_for(predicate, timeout=60.0, what="condition"):
 def test_a_killed_or_failing_replica_is_replaced(server):
     import ray
 
-    url = deploy_more(server, "sick", "serve.health_check_period_s=1", "serve.health_check_timeout_s=5",
-                      loader="serve_helpers:sickly_loader")
+    url = deploy_more(
+        server,
+        "sick",
+        "serve.health_check_period_s=1",
+        "serve.health_check_timeout_s=5",
+        loader="serve_helpers:sickly_loader",
+    )
     run = server["run"]
-    first, = _pids(run)
+    (first,) = _pids(run)
 
     # Killed during traffic: Serve starts a new replica and requests succeed again.
     codes, stop = [], threading.Event()
@@ -438,8 +499,11 @@ def test_a_killed_or_failing_replica_is_replaced(server):
     worker.start()
     try:
         _wait_for(lambda: len(codes) >= 3, what="traffic")
-        name, = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith("SERVE_REPLICA::sick#ModelServer#")]
+        (name,) = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::sick#ModelServer#")
+        ]
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         _wait_for(lambda: len(_pids(run)) == 2, what="a new replica")
         seen = len(codes)
@@ -465,8 +529,14 @@ def test_export_variants_are_served_with_their_own_backend(server, tmp_path):
     for variant, backend in (("onnx-int8", "onnx"), ("int8", "int8")):
         folder = os.path.join(out.folder, variant)
         name = variant.replace("-", "")
-        cfg = build_config(overrides=[f"serve.port={server['port']}", f"serve.app_name={name}",
-                                      f"serve.route_prefix=/{name}", "serve.cpus_per_replica=0.25"])
+        cfg = build_config(
+            overrides=[
+                f"serve.port={server['port']}",
+                f"serve.app_name={name}",
+                f"serve.route_prefix=/{name}",
+                "serve.cpus_per_replica=0.25",
+            ]
+        )
         url = deploy(cfg, folder)
         r = post(url, {"texts": TEXTS})
         assert r.status_code == 200 and r.json()["backend"] == backend
@@ -481,8 +551,16 @@ def test_export_variants_are_served_with_their_own_backend(server, tmp_path):
 @pytest.fixture(scope="module")
 def edge(server):
     """A deployment whose model fails on texts holding "poison", with small limits."""
-    url = deploy_more(server, "edge", "serve.max_texts=4", "serve.max_text_chars=40", "serve.max_batch_size=8",
-                      "serve.batch_wait_timeout_s=0.2", "serve.min_confidence=0.95", loader="serve_helpers:picky_loader")
+    url = deploy_more(
+        server,
+        "edge",
+        "serve.max_texts=4",
+        "serve.max_text_chars=40",
+        "serve.max_batch_size=8",
+        "serve.batch_wait_timeout_s=0.2",
+        "serve.min_confidence=0.95",
+        loader="serve_helpers:picky_loader",
+    )
     return url
 
 
@@ -519,12 +597,12 @@ def test_generated_requests_get_documented_answers_and_no_5xx(edge, mode):
     # a schema violation; 413 is for a body over the size limit only).
     schema = schemathesis.openapi.from_url(f"{edge}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {f"{op.method.upper()} {op.path}" for op in operations} >= {"POST /predict", "GET /metadata",
-                                                                        "GET /healthz"}
+    assert {f"{op.method.upper()} {op.path}" for op in operations} >= {"POST /predict", "GET /metadata", "GET /healthz"}
     statuses = []
     for op in operations:
         if mode == "negative" and op.method.upper() == "GET":
             continue  # no parameters and no body: nothing to break
+
         @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(case=op.as_strategy(generation_mode=schemathesis.GenerationMode(mode)))
         def generated(case):

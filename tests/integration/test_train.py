@@ -10,13 +10,12 @@ import pytest
 from safetensors.torch import load_file
 
 from raybm.config import build_config
-from raybm.errors import RaybmError
 from raybm.data import load_split, run_data_stage
+from raybm.errors import RaybmError
 from raybm.inference.evaluate import score_dataset
 from raybm.results import Results
 from raybm.train.driver import run_training
 from raybm.tune.sweep import run_sweep
-
 from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
@@ -30,10 +29,21 @@ def data_csv(tmp_path_factory):
 
 
 def config(root, data_csv, *overrides):
-    return build_config(overrides=[
-        f"storage.root={root}", f"data.source={data_csv}", "data.text_column=body", "data.label_column=sentiment",
-        "data.max_length=16", "model.name=tiny-bert", "train.batch_size=16", "train.lr=0.003",
-        "train.warmup_ratio=0", "train.log_every_steps=100", *overrides])
+    return build_config(
+        overrides=[
+            f"storage.root={root}",
+            f"data.source={data_csv}",
+            "data.text_column=body",
+            "data.label_column=sentiment",
+            "data.max_length=16",
+            "model.name=tiny-bert",
+            "train.batch_size=16",
+            "train.lr=0.003",
+            "train.warmup_ratio=0",
+            "train.log_every_steps=100",
+            *overrides,
+        ]
+    )
 
 
 def quiet(_):
@@ -43,8 +53,15 @@ def quiet(_):
 def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, data_csv, mlflow_server):
     # Batches of 8: 12 steps an epoch (with 16, the loss fell 0.698 -> 0.591 in one run, short
     # of the check below).
-    cfg = config(tmp_path, data_csv, "train.epochs=4", "train.keep_checkpoints=2", "train.batch_size=8",
-                 f"tracking.mlflow_uri={mlflow_server}", "tracking.experiment=train-tests")
+    cfg = config(
+        tmp_path,
+        data_csv,
+        "train.epochs=4",
+        "train.keep_checkpoints=2",
+        "train.batch_size=8",
+        f"tracking.mlflow_uri={mlflow_server}",
+        "tracking.experiment=train-tests",
+    )
     said = []
     run_data_stage(cfg, log=quiet)  # Ray Data's own actors start here, not with the run
     before = set(ray_local._private.state.actors())
@@ -56,18 +73,25 @@ def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, d
     # coordinator, no placement-group cleaner (the driver's Ray ends with it).
     started = {a["ActorClassName"] for k, a in ray_local._private.state.actors().items() if k not in before}
     assert {"TrainController", "RayTrainWorker"} <= started, started
-    assert not started & {"DatasetManager", "PreemptionWatcher", "_AutoscalingCoordinatorActor",
-                          "PlacementGroupCleaner"}, started
+    assert not started & {
+        "DatasetManager",
+        "PreemptionWatcher",
+        "_AutoscalingCoordinatorActor",
+        "PlacementGroupCleaner",
+    }, started
     losses = [h["train_loss"] for h in result.history]
     assert len(losses) == 4 and losses[-1] < losses[0] * 0.8
     assert result.history[-1]["val_accuracy"] >= 0.8
 
     run = Path(result.run_dir)
-    assert {"config.yaml", "metrics.json", "history.json", "model", "_SUCCESS",
-            "test_predictions.parquet"} <= set(os.listdir(run))
+    assert {"config.yaml", "metrics.json", "history.json", "model", "_SUCCESS", "test_predictions.parquet"} <= set(
+        os.listdir(run)
+    )
     assert len([d for d in os.listdir(run) if d.startswith("checkpoint_2")]) == 2  # best K kept
     model = run / "model"
-    assert {"model.safetensors", "config.json", "label_map.json", "raybm_config.yaml", "tokenizer.json"} <= set(os.listdir(model))
+    assert {"model.safetensors", "config.json", "label_map.json", "raybm_config.yaml", "tokenizer.json"} <= set(
+        os.listdir(model)
+    )
     assert not (model / "train_state.pt").exists()  # optimizer state stays in the checkpoints
     # Calibration: each epoch fits a temperature on validation; the published model keeps the
     # best epoch's, and the test metrics say how calibrated its confidences are.
@@ -94,8 +118,9 @@ def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, d
     assert list(preds.columns) == ["text", "label", "pred", "confidence", "prob_0", "prob_1"] and len(preds) == 12
     assert (preds["label"] == preds["pred"]).mean() == pytest.approx(test["accuracy"])
     assert preds[["prob_0", "prob_1"]].sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-5)
-    assert set(preds["text"]) == set(load_split(Results.from_config(cfg.storage), metrics["dataset"], "test")
-                                      .to_pandas()["text"])
+    assert set(preds["text"]) == set(
+        load_split(Results.from_config(cfg.storage), metrics["dataset"], "test").to_pandas()["text"]
+    )
     # TensorBoard's own reader finds the run's curves: the training loss and learning rate by
     # step (12 steps an epoch, a point at each progress line), the validation scores by epoch.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -116,16 +141,26 @@ def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, d
     assert tracked.data.params["train.lr"] == "0.003" and tracked.data.params["model.name"] == "tiny-bert"
     assert tracked.data.tags["raybm.dataset"] == metrics["dataset"] and tracked.data.tags["raybm.kind"] == "run"
     f1 = client.get_metric_history(tracked.info.run_id, "val_f1_macro")
-    assert sorted((m.step, m.value) for m in f1) == [(h["epoch"], pytest.approx(h["val_f1_macro"])) for h in result.history]
+    assert sorted((m.step, m.value) for m in f1) == [
+        (h["epoch"], pytest.approx(h["val_f1_macro"])) for h in result.history
+    ]
     assert tracked.data.metrics["test_f1_macro"] == pytest.approx(test["f1_macro"])
-    assert {"model_card.md", "metrics.json", "confusion_matrix.json", "history.json", "data_report.json"} <= \
-        {a.path for a in client.list_artifacts(tracked.info.run_id)}
+    assert {"model_card.md", "metrics.json", "confusion_matrix.json", "history.json", "data_report.json"} <= {
+        a.path for a in client.list_artifacts(tracked.info.run_id)
+    }
 
 
 def test_early_stopping(ray_local, tmp_path, data_csv):
     # lr 0 never improves: stops after 1 + patience epochs
-    cfg = config(tmp_path, data_csv, "train.epochs=6", "train.lr=1e-12", "train.early_stopping_patience=2",
-                 "train.metric=val_loss", "train.mode=min")
+    cfg = config(
+        tmp_path,
+        data_csv,
+        "train.epochs=6",
+        "train.lr=1e-12",
+        "train.early_stopping_patience=2",
+        "train.metric=val_loss",
+        "train.mode=min",
+    )
     result = run_training(cfg, log=quiet)
     assert len(result.history) == 3 and result.metrics["early_stopped"]
 
@@ -133,8 +168,15 @@ def test_early_stopping(ray_local, tmp_path, data_csv):
 def test_the_worker_scores_the_best_epoch_on_test_not_the_last(ray_local, tmp_path, data_csv):
     # "Best" by the highest validation loss: epoch 1 of a model that learns (batches of 4, 24
     # steps an epoch), so the worker must load epoch 1's weights back before scoring test.
-    cfg = config(tmp_path, data_csv, "train.epochs=2", "train.batch_size=4", "train.metric=val_loss",
-                 "train.mode=max", "name=worst-first")
+    cfg = config(
+        tmp_path,
+        data_csv,
+        "train.epochs=2",
+        "train.batch_size=4",
+        "train.metric=val_loss",
+        "train.mode=max",
+        "name=worst-first",
+    )
     said = []
     result = run_training(cfg, log=said.append)
     assert any("in the training worker" in line for line in said), said
@@ -147,9 +189,12 @@ def test_the_worker_scores_the_best_epoch_on_test_not_the_last(ray_local, tmp_pa
 
     probs = load_predictor(result.model_dir, "torch", max_length=16).predict(preds["text"].tolist())
     np.testing.assert_allclose(preds[["prob_0", "prob_1"]].to_numpy(), probs, atol=1e-4)
-    assert test["confusion_matrix"] == score_dataset(
-        result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics["dataset"], "test"),
-        16)["confusion_matrix"]
+    assert (
+        test["confusion_matrix"]
+        == score_dataset(
+            result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics["dataset"], "test"), 16
+        )["confusion_matrix"]
+    )
 
 
 def test_rerun_with_the_same_name_resumes(ray_local, tmp_path, data_csv):
@@ -157,8 +202,12 @@ def test_rerun_with_the_same_name_resumes(ray_local, tmp_path, data_csv):
     # switches to whole splits: how the workers read is not part of the recipe.
     said = []
     # Batches of 4 (24 steps an epoch): enough to learn in 2 epochs.
-    first = run_training(config(tmp_path, data_csv, "name=resume-me", "train.epochs=2", "train.batch_size=4",
-                                "train.data_feed=ray_data"), log=said.append)
+    first = run_training(
+        config(
+            tmp_path, data_csv, "name=resume-me", "train.epochs=2", "train.batch_size=4", "train.data_feed=ray_data"
+        ),
+        log=said.append,
+    )
     assert any("splits streamed by Ray Data" in line for line in said), said
     assert [h["resumed_from_epoch"] for h in first.history] == [0, 0]
     assert first.history[-1]["val_accuracy"] >= 0.8 and first.metrics["test"]["examples"] == 12
@@ -166,8 +215,10 @@ def test_rerun_with_the_same_name_resumes(ray_local, tmp_path, data_csv):
     assert os.path.exists(marker)
     # While the rerun writes, the old run's _SUCCESS is gone: the folder never reads as complete.
     seen = []
-    second = run_training(config(tmp_path, data_csv, "name=resume-me", "train.epochs=3", "train.batch_size=4"),
-                          log=lambda line: seen.append((line, os.path.exists(marker))))
+    second = run_training(
+        config(tmp_path, data_csv, "name=resume-me", "train.epochs=3", "train.batch_size=4"),
+        log=lambda line: seen.append((line, os.path.exists(marker))),
+    )
     assert [h["epoch"] for h in second.history] == [1, 2, 3]
     assert second.history[-1]["resumed_from_epoch"] == 2  # only epoch 3 ran again
     after_training = [done for line, done in seen if line.startswith(("Scored", "Scoring"))]
@@ -183,8 +234,10 @@ def test_predict_file_through_ray_data_keeps_order(ray_local, tmp_path, tiny_mod
     src = tmp_path / "in.jsonl"
     pd.DataFrame({"n": range(300), "text": texts}).to_json(src, orient="records", lines=True)
     via_ray, local = tmp_path / "ray.csv", tmp_path / "local.csv"
-    assert predict_file(tiny_model_dir, str(src), str(via_ray), max_length=32, use_ray=True,
-                        probabilities=True) == (300, 2)
+    assert predict_file(tiny_model_dir, str(src), str(via_ray), max_length=32, use_ray=True, probabilities=True) == (
+        300,
+        2,
+    )
     predict_file(tiny_model_dir, str(src), str(local), max_length=32, use_ray=False, probabilities=True)
     a, b = pd.read_csv(via_ray), pd.read_csv(local)
     assert a["n"].tolist() == list(range(300))
@@ -193,8 +246,9 @@ def test_predict_file_through_ray_data_keeps_order(ray_local, tmp_path, tiny_mod
     np.testing.assert_allclose(a[["prob_negative", "prob_positive"]], b[["prob_negative", "prob_positive"]], atol=1e-5)
 
 
-def test_scoring_a_folder_of_files_into_a_folder_of_parquet_keeps_every_row_in_order(ray_local, tmp_path,
-                                                                                     tiny_model_dir):
+def test_scoring_a_folder_of_files_into_a_folder_of_parquet_keeps_every_row_in_order(
+    ray_local, tmp_path, tiny_model_dir
+):
     import pyarrow.parquet as pq
 
     from raybm.cli import main
@@ -208,12 +262,28 @@ def test_scoring_a_folder_of_files_into_a_folder_of_parquet_keeps_every_row_in_o
     src = tmp_path / "in"
     src.mkdir()
     for i in range(4):  # four files, named so that name order is row order; several model batches each
-        frame.iloc[500 * i:500 * (i + 1)].to_parquet(src / f"part-{i}.parquet", index=False)
+        frame.iloc[500 * i : 500 * (i + 1)].to_parquet(src / f"part-{i}.parquet", index=False)
     (src / "_SUCCESS").write_text("")  # markers and hidden files are no input
     cfg = build_config(overrides=["predict.concurrency=1"])
     out = tmp_path / "scored"
-    assert main(["predict", "--model", tiny_model_dir, "--input", str(src / "part-*.parquet"), "--output", str(out),
-                 "--max-length", "32", "--probabilities", "predict.concurrency=1"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                tiny_model_dir,
+                "--input",
+                str(src / "part-*.parquet"),
+                "--output",
+                str(out),
+                "--max-length",
+                "32",
+                "--probabilities",
+                "predict.concurrency=1",
+            ]
+        )
+        == 0
+    )
     assert (out / SUCCESS_MARKER).exists() and not (tmp_path / "scored.partial").exists()
     table = pq.read_table(sorted(str(f) for f in out.glob("*.parquet")))
     assert str(table.schema.field("id").type) == "int64" and str(table.schema.field("score").type) == "double"
@@ -222,25 +292,33 @@ def test_scoring_a_folder_of_files_into_a_folder_of_parquet_keeps_every_row_in_o
     assert got[PREDICTED_LABEL].isna().tolist() == [i == 11 for i in range(2000)]
     local = tmp_path / "local.parquet"
     frame.to_parquet(tmp_path / "whole.parquet", index=False)
-    predict_file(tiny_model_dir, str(tmp_path / "whole.parquet"), str(local), max_length=32, use_ray=False,
-                 probabilities=True)
+    predict_file(
+        tiny_model_dir, str(tmp_path / "whole.parquet"), str(local), max_length=32, use_ray=False, probabilities=True
+    )
     want = pd.read_parquet(local)
     assert got[PREDICTED_LABEL].fillna("").tolist() == want[PREDICTED_LABEL].fillna("").tolist()
     np.testing.assert_allclose(got["prob_positive"], want["prob_positive"], atol=1e-5)
     # An output that exists is never overwritten; a path that matches nothing is named.
     with pytest.raises(RaybmError, match="already exists; give a new folder"):
-        score_to_folder(tiny_model_dir, find_inputs(str(src), cfg.storage), str(out), "text", storage=cfg.storage,
-                        log=quiet)
+        score_to_folder(
+            tiny_model_dir, find_inputs(str(src), cfg.storage), str(out), "text", storage=cfg.storage, log=quiet
+        )
     with pytest.raises(RaybmError, match=r"no \.csv, \.tsv, \.jsonl or \.parquet file there"):
         find_inputs(str(src / "*.csv"), cfg.storage)
     with pytest.raises(RaybmError, match="no text column 'body'"):
-        score_to_folder(tiny_model_dir, find_inputs(str(src), cfg.storage), str(tmp_path / "other"), "body",
-                        storage=cfg.storage, log=quiet)
+        score_to_folder(
+            tiny_model_dir,
+            find_inputs(str(src), cfg.storage),
+            str(tmp_path / "other"),
+            "body",
+            storage=cfg.storage,
+            log=quiet,
+        )
     assert not (tmp_path / "other").exists() and not (tmp_path / "other.partial").exists()
 
     # Interrupted after two of the four files: the folder stays unpublished with those two;
     # the same job run again scores only the other two, and the result is the whole, in order.
-    def interrupt_after_two(path, done=[]):
+    def interrupt_after_two(path, done=[]):  # noqa: B006 - the list counts calls across both runs
         done.append(path)
         if len(done) == 2:
             raise KeyboardInterrupt
@@ -248,16 +326,36 @@ def test_scoring_a_folder_of_files_into_a_folder_of_parquet_keeps_every_row_in_o
     inputs = find_inputs(str(src), cfg.storage)
     again = tmp_path / "again"
     with pytest.raises(KeyboardInterrupt):
-        score_to_folder(tiny_model_dir, inputs, str(again), "text", storage=cfg.storage, max_length=32,
-                        probabilities=True, concurrency=1, log=quiet, on_file_done=interrupt_after_two)
+        score_to_folder(
+            tiny_model_dir,
+            inputs,
+            str(again),
+            "text",
+            storage=cfg.storage,
+            max_length=32,
+            probabilities=True,
+            concurrency=1,
+            log=quiet,
+            on_file_done=interrupt_after_two,
+        )
     partial = tmp_path / "again.partial"
     assert not again.exists() and not (partial / SUCCESS_MARKER).exists()
     assert sorted(f.name for f in partial.glob("*.parquet")) == ["part-00000-0000.parquet", "part-00001-0000.parquet"]
     with pytest.raises(RaybmError, match=r"other settings \(probabilities\)"):
         score_to_folder(tiny_model_dir, inputs, str(again), "text", storage=cfg.storage, max_length=32, log=quiet)
     lines, finished = [], []
-    score_to_folder(tiny_model_dir, inputs, str(again), "text", storage=cfg.storage, max_length=32,
-                    probabilities=True, concurrency=1, log=lines.append, on_file_done=finished.append)
+    score_to_folder(
+        tiny_model_dir,
+        inputs,
+        str(again),
+        "text",
+        storage=cfg.storage,
+        max_length=32,
+        probabilities=True,
+        concurrency=1,
+        log=lines.append,
+        on_file_done=finished.append,
+    )
     assert any("2 of 4 input file(s) already scored" in line for line in lines), lines
     assert [os.path.basename(p) for p in finished] == ["part-2.parquet", "part-3.parquet"]
     resumed = pq.read_table(sorted(str(f) for f in again.glob("*.parquet"))).to_pandas()
@@ -268,12 +366,22 @@ def test_evaluate_any_file_with_the_model_label_map(ray_local, tmp_path, tiny_mo
     from raybm.errors import DataError
     from raybm.inference.evaluate import score_source
 
-    df = pd.DataFrame({"review": ["nice one", "awful", "<b>great</b>", "", "meh"],
-                       "stars": ["positive", "negative", "positive", "negative", "neutral"]})
+    df = pd.DataFrame(
+        {
+            "review": ["nice one", "awful", "<b>great</b>", "", "meh"],
+            "stars": ["positive", "negative", "positive", "negative", "neutral"],
+        }
+    )
     src = tmp_path / "eval.csv"
     df.to_csv(src, index=False)
-    cfg = build_config(overrides=[f"data.source={src}", "data.text_column=review", "data.label_column=stars",
-                                  "data.exclude_labels=[neutral]"])
+    cfg = build_config(
+        overrides=[
+            f"data.source={src}",
+            "data.text_column=review",
+            "data.label_column=stars",
+            "data.exclude_labels=[neutral]",
+        ]
+    )
     m = score_source(tiny_model_dir, cfg)
     assert m["examples"] == 3 and m["dropped"] == {"missing_text": 1, "excluded_label": 1}
     # the CLI, with every example's prediction written for a look at the mistakes
@@ -281,20 +389,47 @@ def test_evaluate_any_file_with_the_model_label_map(ray_local, tmp_path, tiny_mo
     from raybm.inference.evaluate import Classify
 
     out = tmp_path / "pred.jsonl"
-    assert main(["evaluate", "--checkpoint", tiny_model_dir, "--data", str(src), "data.text_column=review",
-                 "data.label_column=stars", "data.exclude_labels=[neutral]", "--predictions", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                tiny_model_dir,
+                "--data",
+                str(src),
+                "data.text_column=review",
+                "data.label_column=stars",
+                "data.exclude_labels=[neutral]",
+                "--predictions",
+                str(out),
+            ]
+        )
+        == 0
+    )
     got = pd.read_json(out, lines=True)
-    assert list(got.columns) == ["text", "label", "predicted_label", "correct", "confidence",
-                                 "prob_negative", "prob_positive"]
+    assert list(got.columns) == [
+        "text",
+        "label",
+        "predicted_label",
+        "correct",
+        "confidence",
+        "prob_negative",
+        "prob_positive",
+    ]
     assert got["text"].tolist() == ["nice one", "awful", "great"] and got["label"].tolist() == [
-        "positive", "negative", "positive"]
+        "positive",
+        "negative",
+        "positive",
+    ]
     probs = Classify(tiny_model_dir).predict(["nice one", "awful", "great"])
     assert got["predicted_label"].tolist() == [["negative", "positive"][i] for i in probs.argmax(1)]
     assert got["correct"].tolist() == (got["label"] == got["predicted_label"]).tolist()
     assert (1 - got["correct"].mean()) * 3 == pytest.approx(3 - m["accuracy"] * 3)
     with pytest.raises(DataError, match=r"\['neutral'\] are not classes of this model"):
-        score_source(tiny_model_dir, build_config(overrides=[f"data.source={src}", "data.text_column=review",
-                                                             "data.label_column=stars"]))
+        score_source(
+            tiny_model_dir,
+            build_config(overrides=[f"data.source={src}", "data.text_column=review", "data.label_column=stars"]),
+        )
 
 
 def test_two_ddp_workers_with_gradual_unfreezing(ray_local, tmp_path):
@@ -304,8 +439,15 @@ def test_two_ddp_workers_with_gradual_unfreezing(ray_local, tmp_path):
     df = make_frame(75)
     odd = tmp_path / "odd.csv"
     df.drop(df[df.sentiment == "neg"].index[:5]).to_csv(odd, index=False)
-    cfg = config(tmp_path, odd, "train.epochs=3", "train.num_workers=2", "train.cpus_per_worker=0.5",
-                 "train.strategy=gradual", "train.unfreeze_every=1")
+    cfg = config(
+        tmp_path,
+        odd,
+        "train.epochs=3",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.strategy=gradual",
+        "train.unfreeze_every=1",
+    )
     result = run_training(cfg, log=quiet)
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     counts = [h["trainable_params"] for h in result.history]
@@ -316,9 +458,9 @@ def test_two_ddp_workers_with_gradual_unfreezing(ray_local, tmp_path):
     assert result.metrics["test"]["examples"] == report["splits"]["test"]["rows"]
 
 
-def test_two_ddp_workers_train_on_ray_s_public_path_where_raybm_s_shortcuts_do_not_apply(ray_local, tmp_path,
-                                                                                           data_csv, monkeypatch,
-                                                                                           capfd):
+def test_two_ddp_workers_train_on_ray_s_public_path_where_raybm_s_shortcuts_do_not_apply(
+    ray_local, tmp_path, data_csv, monkeypatch, capfd
+):
     # Another Ray version (or RAYBM_RAY_PATCHES=0): Ray Train's own TorchTrainer and
     # TorchConfig, said once; the run is the same run.
     from raybm import ray_patches
@@ -338,8 +480,9 @@ def test_two_ddp_workers_train_on_ray_s_public_path_where_raybm_s_shortcuts_do_n
     assert ray_patches.applies()  # back on the pinned Ray
 
 
-def test_two_fsdp_workers_shard_train_resume_on_three_and_save_a_whole_model(ray_local, tmp_path, data_csv,
-                                                                             tiny_model_dir):
+def test_two_fsdp_workers_shard_train_resume_on_three_and_save_a_whole_model(
+    ray_local, tmp_path, data_csv, tiny_model_dir
+):
     # FSDP on CPU workers (gloo): each worker holds half of every layer and writes its own
     # shards into each checkpoint (no full copy anywhere); a failed worker (injected at the
     # start of epoch 2) resumes from the shards, optimizer state included; a rerun with 3
@@ -352,9 +495,16 @@ def test_two_fsdp_workers_shard_train_resume_on_three_and_save_a_whole_model(ray
     # Batches of 4: 12 steps an epoch per worker (with 16, 3 steps an epoch learned too little
     # to pass the accuracy check every time).
     # 4 epochs: with 3, one full-suite run ended at validation accuracy 0.5 (loss 0.75 -> 0.69).
-    settings = ("train.cpus_per_worker=0.5", "train.parallelism=fsdp", "train.layerwise_lr_decay=0.8",
-                "train.max_failures=1", "train.batch_size=4", "train.keep_checkpoints=5", "name=fsdp-reshard",
-                f"model.name={tiny_model_dir}")
+    settings = (
+        "train.cpus_per_worker=0.5",
+        "train.parallelism=fsdp",
+        "train.layerwise_lr_decay=0.8",
+        "train.max_failures=1",
+        "train.batch_size=4",
+        "train.keep_checkpoints=5",
+        "name=fsdp-reshard",
+        f"model.name={tiny_model_dir}",
+    )
     cfg = config(tmp_path, data_csv, *settings, "train.epochs=3", "train.num_workers=2", "train.fail_at_epoch=2")
     first = run_training(cfg, log=quiet)
     assert [h["resumed_from_epoch"] for h in first.history] == [0, 1, 1]
@@ -369,8 +519,11 @@ def test_two_fsdp_workers_shard_train_resume_on_three_and_save_a_whole_model(ray
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
     assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 1, 3]
     newest = max(c for c in Path(result.run_dir).glob("checkpoint_*") if c.is_dir())  # names sort by time
-    assert {f.name.split("-model-")[0] for f in (newest / "shards").glob("*.safetensors")} == \
-        {"shard-00001", "shard-00002", "shard-00003"}
+    assert {f.name.split("-model-")[0] for f in (newest / "shards").glob("*.safetensors")} == {
+        "shard-00001",
+        "shard-00002",
+        "shard-00003",
+    }
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert max(h["val_accuracy"] for h in result.history) >= 0.8  # the best epoch is the one published
     model, _, labels = load_model_folder(result.model_dir)
@@ -378,8 +531,9 @@ def test_two_fsdp_workers_shard_train_resume_on_three_and_save_a_whole_model(ray
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in fresh.state_dict().items()}
     assert not any(n.startswith(("shards", "train_state")) for n in os.listdir(result.model_dir))
     assert result.history[0]["trainable_params"] == sum(p.numel() for p in fresh.parameters())  # not one shard's
-    again = score_dataset(result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics["dataset"],
-                                                       "test"), 16)
+    again = score_dataset(
+        result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics["dataset"], "test"), 16
+    )
     assert again["confusion_matrix"] == result.metrics["test"]["confusion_matrix"]
     # The driver's scoring of the published model applies its temperature as the worker did.
     assert again["temperature"] == result.metrics["test"]["temperature"]
@@ -388,8 +542,11 @@ def test_two_fsdp_workers_shard_train_resume_on_three_and_save_a_whole_model(ray
 
 def test_workers_bigger_than_the_local_ray_are_refused_instead_of_waiting_forever(ray_local, tmp_path, data_csv):
     cfg = config(tmp_path, data_csv, "train.num_workers=2", "train.cpus_per_worker=1.5")
-    with pytest.raises(RaybmError, match=r"training \(2 worker\(s\)\) needs 2 x \(1.5 CPU\) placed at once, more than "
-                                         r"the nodes hold \(1 node\(s\) with 2 CPU\)\. Lower train.cpus_per_worker"):
+    with pytest.raises(
+        RaybmError,
+        match=r"training \(2 worker\(s\)\) needs 2 x \(1.5 CPU\) placed at once, more than "
+        r"the nodes hold \(1 node\(s\) with 2 CPU\)\. Lower train.cpus_per_worker",
+    ):
         run_training(cfg, log=quiet)
     cfg = config(tmp_path, data_csv, "train.worker_resources={nobody_has: 1}")
     with pytest.raises(RaybmError, match=r"needs 1 nobody_has per worker, but no node has any"):
@@ -398,13 +555,14 @@ def test_workers_bigger_than_the_local_ray_are_refused_instead_of_waiting_foreve
 
 
 def test_a_second_job_writing_the_same_run_is_refused_while_the_first_lives(ray_local, tmp_path, data_csv):
-    from tests.unit.test_lease import HOLDER
-
     import subprocess
     import sys
 
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER.replace('"r1"', '"busy"'), str(tmp_path), "60"],
-                              stdout=subprocess.PIPE, text=True)
+    from tests.unit.test_lease import HOLDER
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER.replace('"r1"', '"busy"'), str(tmp_path), "60"], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RaybmError, match=r"training run 'busy' is being written by another job"):
@@ -444,8 +602,14 @@ def test_augmented_training_reads_texts_and_learns(ray_local, tmp_path, data_csv
     # With data.augment on, the workers get the training split as text and augment it anew
     # every epoch (AugmentCollate; its per-epoch change is a unit test): the run trains,
     # learns and scores on test like any other.
-    cfg = config(tmp_path, data_csv, "train.epochs=4", "train.batch_size=8", "data.augment.enabled=true",
-                 "data.augment.replace_prob=0.1")
+    cfg = config(
+        tmp_path,
+        data_csv,
+        "train.epochs=4",
+        "train.batch_size=8",
+        "data.augment.enabled=true",
+        "data.augment.replace_prob=0.1",
+    )
     result = run_training(cfg, log=quiet)
     losses = [h["train_loss"] for h in result.history]
     assert len(losses) == 4 and losses[-1] < losses[0] * 0.8, losses
@@ -455,8 +619,15 @@ def test_augmented_training_reads_texts_and_learns(ray_local, tmp_path, data_csv
 def test_the_plateau_schedule_halves_the_rate_when_validation_stops_improving(ray_local, tmp_path, data_csv):
     # lr ~ 0: validation never changes, so never improves after the first epoch; with
     # patience 1 the rate is halved after epoch 2, and epoch 3 trains at half of it.
-    cfg = config(tmp_path, data_csv, "train.epochs=3", "train.lr=1e-12", "train.scheduler=plateau",
-                 "train.plateau_patience=1", "train.plateau_factor=0.5")
+    cfg = config(
+        tmp_path,
+        data_csv,
+        "train.epochs=3",
+        "train.lr=1e-12",
+        "train.scheduler=plateau",
+        "train.plateau_patience=1",
+        "train.plateau_factor=0.5",
+    )
     lrs = [h["lr"] for h in run_training(cfg, log=quiet).history]
     assert lrs == pytest.approx([1e-12, 1e-12, 5e-13]), lrs
 
@@ -468,10 +639,23 @@ def test_lora_on_a_decoder_two_ddp_workers_checkpointing_resume_and_a_merged_mod
     # folder that predict, export and serve load.
     from raybm.inference.loading import load_model_folder, load_predictor
 
-    cfg = config(tmp_path, data_csv, "model.name=tiny-qwen2", "train.strategy=lora", "train.lora_rank=4",
-                 "train.lr=0.01", "train.gradient_checkpointing=true", "train.epochs=3", "train.num_workers=2",
-                 "train.cpus_per_worker=0.5", "train.batch_size=4", "train.grad_accum=2", "train.max_failures=1",
-                 "train.fail_at_epoch=2", "train.precision=bf16")
+    cfg = config(
+        tmp_path,
+        data_csv,
+        "model.name=tiny-qwen2",
+        "train.strategy=lora",
+        "train.lora_rank=4",
+        "train.lr=0.01",
+        "train.gradient_checkpointing=true",
+        "train.epochs=3",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.batch_size=4",
+        "train.grad_accum=2",
+        "train.max_failures=1",
+        "train.fail_at_epoch=2",
+        "train.precision=bf16",
+    )
     result = run_training(cfg, log=quiet)
     assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 1]
     assert [h["precision"] for h in result.history] == ["bf16"] * 3
@@ -480,8 +664,9 @@ def test_lora_on_a_decoder_two_ddp_workers_checkpointing_resume_and_a_merged_mod
     total = sum(p.numel() for p in full.parameters())
     assert all(h["trainable_params"] < total / 10 for h in result.history)
     checkpoints = sorted(c for c in Path(result.run_dir).glob("checkpoint_*") if c.is_dir())
-    assert checkpoints and all((c / "adapter_model.safetensors").exists() and not (c / "model.safetensors").exists()
-                               for c in checkpoints)
+    assert checkpoints and all(
+        (c / "adapter_model.safetensors").exists() and not (c / "model.safetensors").exists() for c in checkpoints
+    )
     adapter_mb = (checkpoints[-1] / "adapter_model.safetensors").stat().st_size / 1e6
     model_mb = (Path(result.model_dir) / "model.safetensors").stat().st_size / 1e6
     assert adapter_mb < model_mb / 10 and result.history[-1]["checkpoint_weights_mb"] < model_mb / 10
@@ -491,8 +676,9 @@ def test_lora_on_a_decoder_two_ddp_workers_checkpointing_resume_and_a_merged_mod
     assert "LoRA (PEFT), merged into the weights: rank 4" in (Path(result.model_dir) / "README.md").read_text()
     probs = load_predictor(result.model_dir).predict(["great", "awful, would not buy again", "fine"])
     assert probs.shape == (3, 2)
-    again = score_dataset(result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics["dataset"],
-                                                       "test"), 16)
+    again = score_dataset(
+        result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics["dataset"], "test"), 16
+    )
     assert again["confusion_matrix"] == result.metrics["test"]["confusion_matrix"]
 
 
@@ -503,14 +689,27 @@ def test_lora_with_two_fsdp_workers_gradient_checkpointing_and_bf16(ray_local, t
     from raybm.models.build import build_classifier, load_tokenizer
 
     base = tmp_path / "multi-file-base"
-    build_classifier(build_config(overrides=["model.name=tiny-bert"]).model, ["negative", "positive"],
-                     seed=3).save_pretrained(base, max_shard_size="300KB")
+    build_classifier(
+        build_config(overrides=["model.name=tiny-bert"]).model, ["negative", "positive"], seed=3
+    ).save_pretrained(base, max_shard_size="300KB")
     load_tokenizer("tiny-bert").save_pretrained(base)
     assert len(list(base.glob("model-*.safetensors"))) > 1 and (base / "model.safetensors.index.json").exists()
-    cfg = config(tmp_path, data_csv, f"model.name={base}", "train.strategy=lora", "train.lr=0.01", "train.epochs=2", "train.num_workers=2",
-                 "train.cpus_per_worker=0.5", "train.parallelism=fsdp", "train.batch_size=4",
-                 "train.gradient_checkpointing=true", "train.precision=bf16", "train.max_failures=1",
-                 "train.fail_at_epoch=2")
+    cfg = config(
+        tmp_path,
+        data_csv,
+        f"model.name={base}",
+        "train.strategy=lora",
+        "train.lr=0.01",
+        "train.epochs=2",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.parallelism=fsdp",
+        "train.batch_size=4",
+        "train.gradient_checkpointing=true",
+        "train.precision=bf16",
+        "train.max_failures=1",
+        "train.fail_at_epoch=2",
+    )
     result = run_training(cfg, log=quiet)
     assert [h["precision"] for h in result.history] == ["bf16", "bf16"]
     assert [h["resumed_from_epoch"] for h in result.history] == [0, 1]  # adapters whole, optimizer from shards
@@ -553,16 +752,31 @@ def test_a_run_that_cannot_fit_the_nodes_memory_is_refused_with_settings_that_wo
     from transformers import LlamaConfig
 
     folder = tmp_path / "llama-2b"
-    LlamaConfig(vocab_size=32000, hidden_size=2560, intermediate_size=6912, num_hidden_layers=24,
-                num_attention_heads=20, num_key_value_heads=4, pad_token_id=0).save_pretrained(folder)
+    LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2560,
+        intermediate_size=6912,
+        num_hidden_layers=24,
+        num_attention_heads=20,
+        num_key_value_heads=4,
+        pad_token_id=0,
+    ).save_pretrained(folder)
     cfg = config(tmp_path, data_csv, f"model.name={folder}", "train.cpus_per_worker=1")
-    with pytest.raises(RaybmError, match=r"training [12],\d{3}M parameters on 1 worker\(s\) \(ddp\) needs about \d+\.\d GB "
-                                         r"per worker .* more than the nodes hold .*Settings that fit: .*"
-                                         r"train.strategy=lora.*train.check_memory=false runs it anyway"):
+    with pytest.raises(
+        RaybmError,
+        match=r"training [12],\d{3}M parameters on 1 worker\(s\) \(ddp\) needs about \d+\.\d GB "
+        r"per worker .* more than the nodes hold .*Settings that fit: .*"
+        r"train.strategy=lora.*train.check_memory=false runs it anyway",
+    ):
         run_training(cfg, log=quiet)
     # A sweep is sized by its most demanding trial: full fine-tuning, where LoRA is one of those tried.
-    sweep = config(tmp_path, data_csv, f"model.name={folder}", "train.cpus_per_worker=1",
-                   "tune.search_space={train.strategy: 'grid([lora, full])', train.lr: 'loguniform(1e-5, 1e-3)'}")
+    sweep = config(
+        tmp_path,
+        data_csv,
+        f"model.name={folder}",
+        "train.cpus_per_worker=1",
+        "tune.search_space={train.strategy: 'grid([lora, full])', train.lr: 'loguniform(1e-5, 1e-3)'}",
+    )
     with pytest.raises(RaybmError, match=r"training [12],\d{3}M parameters on 1 worker\(s\) \(ddp\) needs about"):
         run_sweep(sweep, log=quiet)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
@@ -575,9 +789,13 @@ def test_a_run_that_cannot_fit_the_nodes_memory_is_refused_with_settings_that_wo
 
 def test_gpu_only_memory_settings_are_refused_on_cpu_workers_before_any_work(ray_local, tmp_path, data_csv):
     for overrides, message in (
-            (["train.parallelism=fsdp", "train.cpu_offload=true"], r"train.cpu_offload needs GPU workers .* has no GPUs"),
-            (["train.strategy=lora", "train.quantize_base=nf4"], r"train.quantize_base=nf4 needs GPU workers .*"
-                                                                  r"set train.quantize_base=none")):
+        (["train.parallelism=fsdp", "train.cpu_offload=true"], r"train.cpu_offload needs GPU workers .* has no GPUs"),
+        (
+            ["train.strategy=lora", "train.quantize_base=nf4"],
+            r"train.quantize_base=nf4 needs GPU workers .*"
+            r"set train.quantize_base=none",
+        ),
+    ):
         with pytest.raises(RaybmError, match=message):
             run_training(config(tmp_path, data_csv, *overrides), log=quiet)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()

@@ -20,9 +20,23 @@ pytestmark = pytest.mark.integration
 def test_rerun_after_the_driver_was_killed_resumes(tmp_path):
     data = tmp_path / "d.csv"
     make_frame(60).to_csv(data, index=False)
-    cmd = [sys.executable, "-m", "raybm.cli", "train", f"storage.root={tmp_path / 'r'}", f"data.source={data}",
-           "data.text_column=body", "data.label_column=sentiment", "data.max_length=16", "model.name=tiny-bert",
-           "train.batch_size=16", "train.lr=0.003", "train.epochs=8", "name=killed", "ray.num_cpus=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raybm.cli",
+        "train",
+        f"storage.root={tmp_path / 'r'}",
+        f"data.source={data}",
+        "data.text_column=body",
+        "data.label_column=sentiment",
+        "data.max_length=16",
+        "model.name=tiny-bert",
+        "train.batch_size=16",
+        "train.lr=0.003",
+        "train.epochs=8",
+        "name=killed",
+        "ray.num_cpus=2",
+    ]
     # 8 epochs of about a second each: with 3, the run sometimes finished all of them
     # between its first checkpoint and the kill, and the rerun had nothing to resume.
     run_dir = tmp_path / "r" / "runs" / "killed"

@@ -10,10 +10,9 @@ import torch
 
 from raybm.config import build_config
 from raybm.errors import RaybmError
-from raybm.tune.soup import run_soup
 from raybm.tune.leaderboard import format_leaderboard
+from raybm.tune.soup import run_soup
 from raybm.tune.sweep import run_sweep
-
 from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
@@ -26,8 +25,7 @@ def ray_tune():
     import ray
     import ray.data
 
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         yield ray
@@ -43,10 +41,22 @@ def data_csv(tmp_path_factory):
 
 
 def config(root, data_csv, *overrides):
-    return build_config(overrides=[
-        f"storage.root={root}", f"data.source={data_csv}", "data.text_column=body", "data.label_column=sentiment",
-        "data.max_length=16", "model.name=tiny-bert", "train.batch_size=16", "train.warmup_ratio=0",
-        "train.log_every_steps=100", "train.cpus_per_worker=0.5", "tune.max_concurrent_trials=2", *overrides])
+    return build_config(
+        overrides=[
+            f"storage.root={root}",
+            f"data.source={data_csv}",
+            "data.text_column=body",
+            "data.label_column=sentiment",
+            "data.max_length=16",
+            "model.name=tiny-bert",
+            "train.batch_size=16",
+            "train.warmup_ratio=0",
+            "train.log_every_steps=100",
+            "train.cpus_per_worker=0.5",
+            "tune.max_concurrent_trials=2",
+            *overrides,
+        ]
+    )
 
 
 def quiet(_):
@@ -61,10 +71,18 @@ def asha_sweep(ray_tune, tmp_path_factory, data_csv, mlflow_server):
     of 4 (24 steps an epoch): the good trial must already be ahead at a rung (with 6 steps
     an epoch it could still tie the others at epoch 2, and ASHA stops none of a tie)."""
     root = tmp_path_factory.mktemp("asha")
-    cfg = config(root, data_csv, "train.epochs=3", "train.batch_size=4", "tune.num_samples=1",
-                 "tune.soup=greedy", "tune.soup_size=2",
-                 "tune.search_space={train.lr: 'grid([3e-3, 1e-11, 1e-12, 2e-12])'}",
-                 f"tracking.mlflow_uri={mlflow_server}", "tracking.experiment=sweep-tests")
+    cfg = config(
+        root,
+        data_csv,
+        "train.epochs=3",
+        "train.batch_size=4",
+        "tune.num_samples=1",
+        "tune.soup=greedy",
+        "tune.soup_size=2",
+        "tune.search_space={train.lr: 'grid([3e-3, 1e-11, 1e-12, 2e-12])'}",
+        f"tracking.mlflow_uri={mlflow_server}",
+        "tracking.experiment=sweep-tests",
+    )
     return cfg, run_sweep(cfg, log=quiet), root
 
 
@@ -86,17 +104,31 @@ def test_asha_stops_weak_trials_and_ranks_every_trial(asha_sweep):
 def test_the_sweep_folder_holds_the_leaderboard_and_a_tested_winner_with_its_card(asha_sweep):
     _, result, _ = asha_sweep
     board, sweep = result.leaderboard, Path(result.sweep_dir)
-    assert {"config.yaml", "leaderboard.csv", "leaderboard.json", "winner.json", "model", "_SUCCESS"} \
-        <= set(os.listdir(sweep))
+    assert {"config.yaml", "leaderboard.csv", "leaderboard.json", "winner.json", "model", "_SUCCESS"} <= set(
+        os.listdir(sweep)
+    )
     with open(sweep / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["trial"] for r in rows] == [row["trial"] for row in board]
-    assert {"rank", "trial", "train.lr", "val_f1_macro", "epochs_run", "status", "best_checkpoint", "seconds",
-            "params", "size_mb", "latency_p50_ms"} <= set(rows[0])
+    assert {
+        "rank",
+        "trial",
+        "train.lr",
+        "val_f1_macro",
+        "epochs_run",
+        "status",
+        "best_checkpoint",
+        "seconds",
+        "params",
+        "size_mb",
+        "latency_p50_ms",
+    } <= set(rows[0])
     winner = json.loads((sweep / "winner.json").read_text())
     assert winner["trial"] == board[0]["trial"] and winner["values"] == {"train.lr": 3e-3}
     assert winner["test"]["examples"] == 12 and winner["test"]["accuracy"] >= 0.8
-    assert {"model.safetensors", "config.json", "label_map.json", "_SUCCESS", "README.md"} <= set(os.listdir(sweep / "model"))
+    assert {"model.safetensors", "config.json", "label_map.json", "_SUCCESS", "README.md"} <= set(
+        os.listdir(sweep / "model")
+    )
     card = (sweep / "model" / "README.md").read_text()
     assert "winner of a raybm sweep" in card and f"trial {result.winner['trial']} (" in card
     assert f"| {result.winner['test']['accuracy']:.4f} |" in card
@@ -121,7 +153,9 @@ def test_the_sweep_is_a_parent_run_in_mlflow_with_a_child_per_trial(asha_sweep, 
     [parent] = [r for r in runs if r.data.tags["raybm.kind"] == "sweep"]
     assert parent.info.run_name == result.name and parent.data.tags["raybm.winner"] == result.winner["trial"]
     assert parent.data.metrics["test_accuracy"] == pytest.approx(result.winner["test"]["accuracy"])
-    assert {"leaderboard.json", "winner.json", "model_card.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.json", "winner.json", "model_card.md"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {row["trial"] for row in result.leaderboard}
     for row in result.leaderboard:
@@ -207,8 +241,15 @@ def test_failed_trials_are_reported_then_retried_from_their_checkpoint(ray_tune,
     # Each trial's worker raises at the start of epoch 2 and may not restart: both fail.
     # Begun with a worker group per trial (as sweeps did before trials ran in their own
     # process), the sweep resumed with the default runner goes on as it began.
-    overrides = ["train.epochs=2", "train.lr=3e-3", "train.fail_at_epoch=2", "tune.scheduler=fifo",
-                 "tune.num_samples=1", "name=retried", "tune.search_space={train.weight_decay: 'grid([0.0, 0.01])'}"]
+    overrides = [
+        "train.epochs=2",
+        "train.lr=3e-3",
+        "train.fail_at_epoch=2",
+        "tune.scheduler=fifo",
+        "tune.num_samples=1",
+        "name=retried",
+        "tune.search_space={train.weight_decay: 'grid([0.0, 0.01])'}",
+    ]
     with pytest.raises(RaybmError, match="--retry-errored"):
         run_sweep(config(tmp_path, data_csv, *overrides, f"tune.trial_runner={first}"), log=quiet)
     # Retrying resumes each trial's Train run from its epoch-1 checkpoint (the failure
@@ -227,9 +268,18 @@ def test_failed_trials_are_reported_then_retried_from_their_checkpoint(ray_tune,
 def test_a_trial_whose_worker_dies_resumes_inside_the_sweep(ray_tune, tmp_path, data_csv, runner, holder):
     # Both places a trial trains: in its own process (Tune restarts the trial) and in a Ray
     # Train worker group (Ray Train restarts the group); the checkpoints are where each keeps them.
-    cfg = config(tmp_path, data_csv, "train.epochs=2", "train.lr=3e-3", "train.fail_at_epoch=2",
-                 "train.max_failures=1", "tune.scheduler=fifo", "tune.num_samples=1",
-                 f"tune.trial_runner={runner}", "tune.search_space={train.seed: 'grid([0])'}")
+    cfg = config(
+        tmp_path,
+        data_csv,
+        "train.epochs=2",
+        "train.lr=3e-3",
+        "train.fail_at_epoch=2",
+        "train.max_failures=1",
+        "tune.scheduler=fifo",
+        "tune.num_samples=1",
+        f"tune.trial_runner={runner}",
+        "tune.search_space={train.seed: 'grid([0])'}",
+    )
     lines = []
     result = run_sweep(cfg, log=lines.append)
     (row,) = result.leaderboard
@@ -240,9 +290,16 @@ def test_a_trial_whose_worker_dies_resumes_inside_the_sweep(ray_tune, tmp_path, 
 
 
 def test_trials_of_several_workers_cannot_run_in_their_own_process(ray_tune, tmp_path, data_csv):
-    cfg = config(tmp_path, data_csv, "train.num_workers=2", "tune.trial_runner=in_trial",
-                 "tune.search_space={train.seed: 'grid([0])'}")
-    with pytest.raises(RaybmError, match=r"tune.trial_runner=in_trial cannot .*train.num_workers=2 .*Set tune.trial_runner=auto"):
+    cfg = config(
+        tmp_path,
+        data_csv,
+        "train.num_workers=2",
+        "tune.trial_runner=in_trial",
+        "tune.search_space={train.seed: 'grid([0])'}",
+    )
+    with pytest.raises(
+        RaybmError, match=r"tune.trial_runner=in_trial cannot .*train.num_workers=2 .*Set tune.trial_runner=auto"
+    ):
         run_sweep(cfg, log=quiet)
 
 
@@ -256,8 +313,11 @@ def test_resume_without_an_interrupted_sweep_is_a_clear_error(ray_tune, tmp_path
 
 def test_a_trial_bigger_than_the_local_ray_is_refused_instead_of_waiting_forever(ray_tune, tmp_path, data_csv):
     cfg = config(tmp_path, data_csv, "train.cpus_per_worker=3", "tune.search_space={train.lr: 'grid([1e-3, 1e-4])'}")
-    with pytest.raises(RaybmError, match=r"one trial \(1 worker\(s\)\) needs 3 CPU per worker, but the largest node "
-                                         r"has 2 \(nodes: 1 node\(s\) with 2 CPU\)\. Lower train.cpus_per_worker"):
+    with pytest.raises(
+        RaybmError,
+        match=r"one trial \(1 worker\(s\)\) needs 3 CPU per worker, but the largest node "
+        r"has 2 \(nodes: 1 node\(s\) with 2 CPU\)\. Lower train.cpus_per_worker",
+    ):
         run_sweep(cfg, log=quiet)
     assert not (tmp_path / "sweeps").exists() or not any((tmp_path / "sweeps").rglob("trials/*"))
 
@@ -278,9 +338,18 @@ def test_time_budget_ends_the_sweep_and_the_best_so_far_wins(ray_tune, tmp_path,
     # (and a latency budget no trial can meet: the best trial still wins, and says so)
     # A 1-epoch trial that ends well inside the budget, then a 100,000-epoch one that the
     # budget cuts off, however fast the machine (a trial's own train.epochs decides "completed").
-    cfg = config(tmp_path, data_csv, "train.epochs=3", "train.lr=3e-3", "tune.scheduler=median",
-                 "tune.max_concurrent_trials=1", "tune.num_samples=1", "tune.time_budget_s=40",
-                 "tune.max_latency_ms=0.0001", "tune.search_space={train.epochs: 'grid([1, 100000])'}")
+    cfg = config(
+        tmp_path,
+        data_csv,
+        "train.epochs=3",
+        "train.lr=3e-3",
+        "tune.scheduler=median",
+        "tune.max_concurrent_trials=1",
+        "tune.num_samples=1",
+        "tune.time_budget_s=40",
+        "tune.max_latency_ms=0.0001",
+        "tune.search_space={train.epochs: 'grid([1, 100000])'}",
+    )
     result = run_sweep(cfg, log=quiet)
     statuses = {row["train.epochs"]: row["status"] for row in result.leaderboard}
     assert statuses == {1: "completed", 100000: "stopped"}, result.leaderboard
@@ -297,8 +366,14 @@ def test_a_relative_results_root_means_the_same_folder_inside_the_trials(ray_tun
     # A Tune trial runs in its own trial folder: its workers must still read the dataset
     # and write under the results root the user meant (make demo's `storage.root: results`).
     monkeypatch.chdir(tmp_path)
-    cfg = config("results", data_csv, "train.epochs=1", "train.lr=3e-3", "train.data_feed=whole",
-                 "tune.search_space={train.seed: 'grid([1])'}")
+    cfg = config(
+        "results",
+        data_csv,
+        "train.epochs=1",
+        "train.lr=3e-3",
+        "train.data_feed=whole",
+        "tune.search_space={train.seed: 'grid([1])'}",
+    )
     result = run_sweep(cfg, log=quiet)
     assert result.leaderboard[0]["status"] == "completed", result.leaderboard
     assert (tmp_path / "results" / "sweeps" / result.name / "_SUCCESS").exists()
@@ -307,9 +382,19 @@ def test_a_relative_results_root_means_the_same_folder_inside_the_trials(ray_tun
 def test_a_lora_sweep_searches_the_rank_measures_merged_models_and_soups_them(ray_tune, tmp_path, data_csv):
     # Trials keep adapter-only checkpoints; the serving cost, the soup and the winner's
     # published model are of the adapters merged into the base (a plain model folder).
-    cfg = config(tmp_path, data_csv, "train.epochs=2", "train.lr=3e-3", "train.batch_size=4",
-                 "train.strategy=lora", "tune.scheduler=fifo", "tune.num_samples=1", "tune.soup=uniform",
-                 "tune.soup_size=2", "tune.search_space={train.lora_rank: 'grid([2, 4])'}")
+    cfg = config(
+        tmp_path,
+        data_csv,
+        "train.epochs=2",
+        "train.lr=3e-3",
+        "train.batch_size=4",
+        "train.strategy=lora",
+        "tune.scheduler=fifo",
+        "tune.num_samples=1",
+        "tune.soup=uniform",
+        "tune.soup_size=2",
+        "tune.search_space={train.lora_rank: 'grid([2, 4])'}",
+    )
     result = run_sweep(cfg, log=quiet)
     board = result.leaderboard
     assert sorted(row["train.lora_rank"] for row in board) == [2, 4] and all(r["status"] == "completed" for r in board)
@@ -338,10 +423,22 @@ def test_resuming_a_sweep_with_planted_tune_state_runs_none_of_it(ray_tune, tmp_
 
     from raybm.cli import main
 
-    overrides = [f"storage.root={tmp_path}", f"data.source={data_csv}", "data.text_column=body",
-                 "data.label_column=sentiment", "data.max_length=16", "model.name=tiny-bert", "train.batch_size=16",
-                 "train.epochs=2", "train.fail_at_epoch=2", "train.cpus_per_worker=0.5", "tune.scheduler=fifo",
-                 "tune.num_samples=1", "name=planted", "tune.search_space={train.seed: 'grid([0])'}"]
+    overrides = [
+        f"storage.root={tmp_path}",
+        f"data.source={data_csv}",
+        "data.text_column=body",
+        "data.label_column=sentiment",
+        "data.max_length=16",
+        "model.name=tiny-bert",
+        "train.batch_size=16",
+        "train.epochs=2",
+        "train.fail_at_epoch=2",
+        "train.cpus_per_worker=0.5",
+        "tune.scheduler=fifo",
+        "tune.num_samples=1",
+        "name=planted",
+        "tune.search_space={train.seed: 'grid([0])'}",
+    ]
     assert main(["tune", *overrides]) == 2  # its one trial fails: an interrupted sweep to resume
     tune_dir = tmp_path / "sweeps" / "planted" / "tune"
     assert (tune_dir / "tuner.pkl").exists() and (tune_dir / ".raybm-seal-tuner.pkl").exists()
@@ -350,5 +447,7 @@ def test_resuming_a_sweep_with_planted_tune_state_runs_none_of_it(ray_tune, tmp_
     capsys.readouterr()
     assert main(["tune", *overrides, "--resume", "--retry-errored"]) == 2
     err = capsys.readouterr().err
-    assert "sweep 'planted': refused to resume: tuner.pkl in its Ray Tune state does not carry a valid raybm seal" in err
+    assert (
+        "sweep 'planted': refused to resume: tuner.pkl in its Ray Tune state does not carry a valid raybm seal" in err
+    )
     assert not marker.exists()

@@ -45,11 +45,27 @@ def _checkpoints(trial_dir: Path) -> set[str]:
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     data = tmp_path / "d.csv"
     make_frame(60).to_csv(data, index=False)
-    cmd = [sys.executable, "-m", "raybm.cli", "tune", f"storage.root={tmp_path / 'r'}", f"data.source={data}",
-           "data.text_column=body", "data.label_column=sentiment", "data.max_length=16", "model.name=tiny-bert",
-           "train.batch_size=16", "train.lr=0.003", "train.epochs=20", "name=killed", "ray.num_cpus=2",
-           "tune.scheduler=fifo", "tune.max_concurrent_trials=1", "tune.num_samples=1",
-           "tune.search_space={train.weight_decay: 'grid([0.0, 0.01])'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raybm.cli",
+        "tune",
+        f"storage.root={tmp_path / 'r'}",
+        f"data.source={data}",
+        "data.text_column=body",
+        "data.label_column=sentiment",
+        "data.max_length=16",
+        "model.name=tiny-bert",
+        "train.batch_size=16",
+        "train.lr=0.003",
+        "train.epochs=20",
+        "name=killed",
+        "ray.num_cpus=2",
+        "tune.scheduler=fifo",
+        "tune.max_concurrent_trials=1",
+        "tune.num_samples=1",
+        "tune.search_space={train.weight_decay: 'grid([0.0, 0.01])'}",
+    ]
     sweep = tmp_path / "r" / "sweeps" / "killed"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -77,8 +93,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming sweep" in resumed.stdout
     board = {row["trial"]: row for row in json.loads((sweep / "leaderboard.json").read_text())}
-    assert len(board) == 2 and all(row["status"] == "completed" for row in board.values()), \
-        {t: (row["status"], row["epochs_run"], [h["epoch"] for h in row["history"]]) for t, row in board.items()}
+    assert len(board) == 2 and all(row["status"] == "completed" for row in board.values()), {
+        t: (row["status"], row["epochs_run"], [h["epoch"] for h in row["history"]]) for t, row in board.items()
+    }
     for t in done:  # finished trials did not run again
         assert _checkpoints(sweep / "tune" / t) == finished_checkpoints[t]
     for t in running:  # the interrupted trial went on from its checkpoint

@@ -12,7 +12,7 @@ from raybm.config import build_config
 from raybm.errors import RaybmError
 from raybm.models.architectures import ARCHITECTURES, model_parts, walk_parts
 from raybm.models.build import TINY_MODELS, build_classifier, enable_checkpointing, load_tokenizer, with_pad_token
-from raybm.models.lora import add_lora, adapter_state, merged
+from raybm.models.lora import adapter_state, add_lora, merged
 from raybm.models.strategies import apply_strategy, check_fits_architecture, param_groups
 from raybm.train.optim import build_optimizer
 
@@ -37,8 +37,18 @@ def ids_of(modules):
 
 def test_the_tiny_models_cover_every_architecture_in_the_table_we_promise():
     kinds = {kind for kind, _ in TINY_MODELS.values()}
-    assert kinds == {"bert", "roberta", "distilbert", "deberta-v2", "electra", "modernbert", "gpt2", "qwen2",
-                     "llama", "mistral"}
+    assert kinds == {
+        "bert",
+        "roberta",
+        "distilbert",
+        "deberta-v2",
+        "electra",
+        "modernbert",
+        "gpt2",
+        "qwen2",
+        "llama",
+        "mistral",
+    }
     assert kinds <= set(ARCHITECTURES)
 
 
@@ -60,7 +70,9 @@ def test_the_generic_walk_finds_what_the_table_says(name):
     table, walk = model_parts(model), walk_parts(model)
     assert [id(m) for m in walk.layers] == [id(m) for m in table.layers]
     assert ids_of(walk.head) == ids_of(table.head) and walk.decoder == table.decoder
-    if name == "tiny-deberta-v2":  # its relative-position norm sits after the layers; the table files it with the embeddings
+    if (
+        name == "tiny-deberta-v2"
+    ):  # its relative-position norm sits after the layers; the table files it with the embeddings
         assert ids_of(walk.embeddings) | ids_of(walk.after) == ids_of(table.embeddings) | ids_of(table.after)
     else:
         assert ids_of(walk.embeddings) == ids_of(table.embeddings) and ids_of(walk.after) == ids_of(table.after)
@@ -69,9 +81,13 @@ def test_the_generic_walk_finds_what_the_table_says(name):
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("strategy", ["full", "partial", "gradual", "lora", "decay"])
 def test_every_strategy_trains_exactly_what_it_says(name, strategy):
-    overrides = {"partial": ["train.strategy=partial", "train.freeze_layers=1"],
-                 "gradual": ["train.strategy=gradual"], "lora": ["train.strategy=lora"],
-                 "decay": ["train.layerwise_lr_decay=0.5"], "full": []}[strategy]
+    overrides = {
+        "partial": ["train.strategy=partial", "train.freeze_layers=1"],
+        "gradual": ["train.strategy=gradual"],
+        "lora": ["train.strategy=lora"],
+        "decay": ["train.layerwise_lr_decay=0.5"],
+        "full": [],
+    }[strategy]
     cfg, model = build(name, "train.lr=0.05", "model.head_init=xavier", *overrides)
     check_fits_architecture(cfg)
     if strategy == "lora":
@@ -79,9 +95,12 @@ def test_every_strategy_trains_exactly_what_it_says(name, strategy):
     epoch = 1 if strategy == "gradual" else 0  # gradual: the head and the top layer
     trainable = apply_strategy(model, cfg.train, epoch)
     parts = model_parts(model)
-    expected = {"full": ids_of([model]), "decay": ids_of([model]),
-                "partial": ids_of(parts.head + parts.layers[1:] + parts.after),
-                "gradual": ids_of(parts.head + parts.layers[1:] + parts.after)}.get(strategy)
+    expected = {
+        "full": ids_of([model]),
+        "decay": ids_of([model]),
+        "partial": ids_of(parts.head + parts.layers[1:] + parts.after),
+        "gradual": ids_of(parts.head + parts.layers[1:] + parts.after),
+    }.get(strategy)
     if expected is not None:
         assert {id(p) for p in model.parameters() if p.requires_grad} == expected
     else:  # lora: the adapters and the head
@@ -95,7 +114,9 @@ def test_every_strategy_trains_exactly_what_it_says(name, strategy):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     enc = batch(name=name)
     model.train()
-    model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=torch.tensor([0, 1, 0])).loss.backward()
+    model(
+        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=torch.tensor([0, 1, 0])
+    ).loss.backward()
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -110,8 +131,9 @@ def test_any_batch_size_gives_each_text_the_same_answer(name):
     assert model.config.pad_token_id == tokenizer.pad_token_id and tokenizer.padding_side == "right"
     with torch.no_grad():
         together = model(**{k: v for k, v in batch(name=name).items() if k != "token_type_ids"}).logits
-        alone = torch.cat([model(**{k: v for k, v in batch([t], name).items() if k != "token_type_ids"}).logits
-                           for t in TEXTS])
+        alone = torch.cat(
+            [model(**{k: v for k, v in batch([t], name).items() if k != "token_type_ids"}).logits for t in TEXTS]
+        )
     assert torch.allclose(together, alone, atol=1e-5)
 
 
@@ -131,8 +153,9 @@ def test_a_decoder_without_a_pad_token_gets_one(name):
 
 @pytest.mark.parametrize("name", TINY)
 def test_cropping_mean_pooling_and_checkpointing_build_and_learn(name):
-    cfg, model = build(name, "model.keep_layers=1", "model.pooling=mean", "train.gradient_checkpointing=true",
-                       "train.lr=0.01")
+    cfg, model = build(
+        name, "model.keep_layers=1", "model.pooling=mean", "train.gradient_checkpointing=true", "train.lr=0.01"
+    )
     check_fits_architecture(cfg)
     assert len(model_parts(model).layers) == 1
     enable_checkpointing(model)
@@ -141,7 +164,9 @@ def test_cropping_mean_pooling_and_checkpointing_build_and_learn(name):
     model.train()
     losses = []
     for _ in range(8):
-        loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=torch.tensor([0, 1, 0])).loss
+        loss = model(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=torch.tensor([0, 1, 0])
+        ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -157,7 +182,9 @@ def test_lora_checkpoints_hold_the_adapters_and_the_merged_model_answers_the_sam
     optimizer = build_optimizer(model, cfg.train)
     enc = batch(name=name)
     for _ in range(2):
-        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=torch.tensor([0, 1, 0])).loss.backward()
+        model(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=torch.tensor([0, 1, 0])
+        ).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     state = adapter_state(model)
@@ -205,30 +232,44 @@ def test_pruning_reaches_every_architectures_weight_matrices(name, tmp_path):
     assert load_predictor(str(tmp_path / "pruned")).predict(TEXTS).shape == (3, 2)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.name=textcnn", "train.strategy=partial"],
-     "model.name=textcnn (raybm-textcnn): train.strategy=partial works layer by layer, but raybm-textcnn has no "
-     "stack of transformer layers; use train.strategy=full"),
-    (["model.name=textcnn", "train.layerwise_lr_decay=0.8"], "train.layerwise_lr_decay=0.8 works layer by layer"),
-    (["model.name=textcnn", "tune.search_space={train.strategy: 'choice([full, gradual])'}"],
-     "train.strategy=gradual works layer by layer"),
-    (["model.name=tiny-gpt2", "train.strategy=lora", "train.lora_targets=[q_proj]"],
-     "model.name=tiny-gpt2 (gpt2): train.strategy=lora: train.lora_targets: gpt2 has no Linear module named q_proj "
-     "in its layers; it has: c_attn, c_fc, c_proj"),
-    (["model.name=textcnn", "train.gradient_checkpointing=true"],
-     "train.gradient_checkpointing is not supported by this architecture"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.name=textcnn", "train.strategy=partial"],
+            "model.name=textcnn (raybm-textcnn): train.strategy=partial works layer by layer, but raybm-textcnn has no "
+            "stack of transformer layers; use train.strategy=full",
+        ),
+        (["model.name=textcnn", "train.layerwise_lr_decay=0.8"], "train.layerwise_lr_decay=0.8 works layer by layer"),
+        (
+            ["model.name=textcnn", "tune.search_space={train.strategy: 'choice([full, gradual])'}"],
+            "train.strategy=gradual works layer by layer",
+        ),
+        (
+            ["model.name=tiny-gpt2", "train.strategy=lora", "train.lora_targets=[q_proj]"],
+            "model.name=tiny-gpt2 (gpt2): train.strategy=lora: train.lora_targets: gpt2 has no Linear module "
+            "named q_proj in its layers; it has: c_attn, c_fc, c_proj",
+        ),
+        (
+            ["model.name=textcnn", "train.gradient_checkpointing=true"],
+            "train.gradient_checkpointing is not supported by this architecture",
+        ),
+    ],
+)
 def test_settings_an_architecture_cannot_take_are_refused_before_ray_starts(overrides, message):
     with pytest.raises(RaybmError) as e:
         check_fits_architecture(build_config(overrides=overrides))
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.strategy=lora", "train.layerwise_lr_decay=0.9"], "layerwise_lr_decay does not apply"),
-    (["train.strategy=lora", "train.keep_sparsity=true"], "keep_sparsity does not work with train.strategy=lora"),
-    (["train.strategy=lora", "train.freeze_layers=2"], "only used with train.strategy=partial"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.strategy=lora", "train.layerwise_lr_decay=0.9"], "layerwise_lr_decay does not apply"),
+        (["train.strategy=lora", "train.keep_sparsity=true"], "keep_sparsity does not work with train.strategy=lora"),
+        (["train.strategy=lora", "train.freeze_layers=2"], "only used with train.strategy=partial"),
+    ],
+)
 def test_lora_settings_that_conflict_are_refused_when_the_config_loads(overrides, message):
     from raybm.errors import ConfigError
 
@@ -237,8 +278,10 @@ def test_lora_settings_that_conflict_are_refused_when_the_config_loads(overrides
 
 
 def test_lora_settings_are_searchable_and_each_sampled_trial_is_checked():
-    space = ("tune.search_space={train.strategy: 'grid([full, lora])', train.lora_rank: 'choice([4, 16])', "
-             "train.lora_alpha: 'uniform(8, 32)', train.lora_dropout: 'uniform(0, 0.2)'}")
+    space = (
+        "tune.search_space={train.strategy: 'grid([full, lora])', train.lora_rank: 'choice([4, 16])', "
+        "train.lora_alpha: 'uniform(8, 32)', train.lora_dropout: 'uniform(0, 0.2)'}"
+    )
     check_fits_architecture(build_config(overrides=["model.name=tiny-gpt2", space]))
     bad = space.replace("}", ", train.lora_targets: 'choice([[c_attn], [q_proj]])'}")
     with pytest.raises(RaybmError, match="gpt2 has no Linear module named q_proj"):

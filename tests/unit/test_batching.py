@@ -67,10 +67,10 @@ def test_a_cancelled_request_is_not_run_and_the_others_are_answered():
     assert model.calls == [["a"], ["kept"]]
 
 
-@pytest.mark.parametrize("run, message", [
-    (lambda texts: 1 / 0, "division by zero"),
-    (lambda texts: texts[:-1], "answered 1 rows for 2 texts"),
-])
+@pytest.mark.parametrize(
+    "run, message",
+    [(lambda texts: 1 / 0, "division by zero"), (lambda texts: texts[:-1], "answered 1 rows for 2 texts")],
+)
 def test_a_failed_call_answers_each_of_its_requests_with_the_error_and_the_batcher_goes_on(run, message):
     async def scenario():
         batcher = Batcher(run, 8, wait_s=0.02)  # the two texts gather into one call

@@ -62,15 +62,17 @@ def test_config_reference_doc_is_current():
     from raybm.commands.browse import describe_text
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "config.md"
-    assert doc.read_text(encoding="utf-8") == describe_text(markdown=True), \
+    assert doc.read_text(encoding="utf-8") == describe_text(markdown=True), (
         "regenerate: raybm config --describe --markdown > docs/config.md"
+    )
 
 
 def test_predict_texts_one_json_line_each(tiny_model_dir):
     import json
 
-    out = run("predict", "--model", tiny_model_dir, "--text", "what a lovely day", "--text", "awful",
-              "--max-length", "32")
+    out = run(
+        "predict", "--model", tiny_model_dir, "--text", "what a lovely day", "--text", "awful", "--max-length", "32"
+    )
     assert out.returncode == 0, out.stderr
     lines = [json.loads(ln) for ln in out.stdout.strip().splitlines()[-2:]]
     assert [ln["text"] for ln in lines] == ["what a lovely day", "awful"]
@@ -105,7 +107,7 @@ def test_predict_takes_a_run_folder_or_a_run_name_like_serve(tiny_model_dir, tmp
     assert locate_model(str(tmp_path / "runs" / "r1"), cfg) == str(tmp_path / "runs" / "r1" / "model")
     by_name = run("predict", "--model", "r1", f"storage.root={tmp_path}", "--text", "nice", "--max-length", "32")
     assert by_name.returncode == 0, by_name.stderr
-    (label, confidence), = predict_texts(tiny_model_dir, ["nice"], max_length=32)
+    ((label, confidence),) = predict_texts(tiny_model_dir, ["nice"], max_length=32)
     answer = json.loads(by_name.stdout.strip().splitlines()[-1])
     assert answer["label"] == label and answer["confidence"] == round(confidence, 4)
     out = run("evaluate", "--checkpoint", "r2", "--data", "d", f"storage.root={tmp_path}")
@@ -127,13 +129,31 @@ def test_serve_refuses_what_it_cannot_do_before_starting_ray(tmp_path, tiny_mode
 
 
 def test_evaluate_output_in_a_missing_folder_fails_before_starting_ray(tmp_path, tiny_model_dir):
-    out = run("evaluate", "--checkpoint", tiny_model_dir, "--data", "twitter-sentiment", f"storage.root={tmp_path}",
-              "--output", f"{tmp_path}/no/metrics.json")
+    out = run(
+        "evaluate",
+        "--checkpoint",
+        tiny_model_dir,
+        "--data",
+        "twitter-sentiment",
+        f"storage.root={tmp_path}",
+        "--output",
+        f"{tmp_path}/no/metrics.json",
+    )
     assert out.returncode == 2 and f"the folder {tmp_path}/no does not exist" in out.stderr
     assert "Traceback" not in out.stderr and "Started a local Ray" not in out.stderr
-    out = run("evaluate", "--checkpoint", tiny_model_dir, "--data", "twitter-sentiment", f"storage.root={tmp_path}",
-              "--predictions", f"{tmp_path}/p.xlsx")
-    assert out.returncode == 2 and "--predictions" in out.stderr and "use a .csv, .tsv, .jsonl or .parquet" in out.stderr
+    out = run(
+        "evaluate",
+        "--checkpoint",
+        tiny_model_dir,
+        "--data",
+        "twitter-sentiment",
+        f"storage.root={tmp_path}",
+        "--predictions",
+        f"{tmp_path}/p.xlsx",
+    )
+    assert (
+        out.returncode == 2 and "--predictions" in out.stderr and "use a .csv, .tsv, .jsonl or .parquet" in out.stderr
+    )
     assert "Started a local Ray" not in out.stderr
 
 
@@ -146,9 +166,20 @@ def test_a_model_that_cannot_load_fails_before_starting_ray(tmp_path):
     out = run("train", f"storage.root={tmp_path}", f"model.name={not_a_model}")
     assert out.returncode == 2 and f"no config.json in {not_a_model}" in out.stderr
     assert "running on" not in out.stdout and "Traceback" not in out.stderr
-    offline = subprocess.run([sys.executable, "-m", "raybm.cli", "pipeline", f"storage.root={tmp_path}",
-                              "model.name=no-such-org/no-such-model"], capture_output=True, text=True, timeout=120,
-                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    offline = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raybm.cli",
+            "pipeline",
+            f"storage.root={tmp_path}",
+            "model.name=no-such-org/no-such-model",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert offline.returncode == 2, offline.stderr[-2000:]
     assert "cannot load the tokenizer of model 'no-such-org/no-such-model'" in offline.stderr
     assert "built-in model (all-minilm-l6-v2)" in offline.stderr and "Traceback" not in offline.stderr
@@ -173,8 +204,9 @@ def test_list_shows_runs_and_sweeps_best_test_score_first(tmp_path):
         if kind == "runs":
             (folder / "metrics.json").write_text(json.dumps({"dataset": "d1", "test": test}))
         else:
-            (folder / "winner.json").write_text(json.dumps({"dataset": "d1", "test": test, "metric": "val_f1_macro",
-                                                            "validation": 0.5}))
+            (folder / "winner.json").write_text(
+                json.dumps({"dataset": "d1", "test": test, "metric": "val_f1_macro", "validation": 0.5})
+            )
         if done:
             (folder / "_SUCCESS").write_text("")
 
@@ -201,8 +233,9 @@ def test_version_names_raybm_and_the_libraries_it_runs_on():
 
 
 def test_the_shipped_streamlit_settings_match_what_raybm_dashboard_passes():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from raybm.dashboard.pages import STREAMLIT_SETTINGS
 

@@ -78,4 +78,3 @@ def test_the_cluster_lets_no_one_in(cluster):
     text = (ROOT / "cluster.yaml").read_text(encoding="utf-8").lower()
     assert "aws_secret_access_key" not in text and "aws_access_key_id" not in text  # no copied keys
     assert "--dashboard-host=0.0.0.0" not in text
-

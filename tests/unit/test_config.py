@@ -16,8 +16,7 @@ def test_defaults_are_valid():
 def test_yaml_and_dotted_overrides(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("data:\n  max_length: 32\ntrain:\n  lr: 1.0e-4\n")
-    cfg = load_config(path, ["train.lr=3e-5", "data.labels=[neg, pos]", "data.clean.lowercase=true",
-                             "train.epochs=2"])
+    cfg = load_config(path, ["train.lr=3e-5", "data.labels=[neg, pos]", "data.clean.lowercase=true", "train.epochs=2"])
     assert cfg.data.max_length == 32
     assert cfg.train.lr == pytest.approx(3e-5)  # "3e-5" is a string to YAML; coerced to float
     assert cfg.data.labels == ["neg", "pos"]
@@ -121,17 +120,35 @@ def test_pipeline_stages_are_checked():
     assert pipeline_stages(build_config({})) == ["data", "train", "export", "deploy"]
     swept = build_config(overrides=["tune.search_space={train.lr: 'grid([1e-4, 3e-4])'}"])
     assert pipeline_stages(swept) == ["data", "tune", "export", "deploy"]
-    explicit = build_config(overrides=["pipeline.stages=[data, tune]",
-                                       "tune.search_space={train.lr: 'grid([1e-4, 3e-4])'}"])
+    explicit = build_config(
+        overrides=["pipeline.stages=[data, tune]", "tune.search_space={train.lr: 'grid([1e-4, 3e-4])'}"]
+    )
     assert pipeline_stages(explicit) == ["data", "tune"]
-    for stages, message in (("[data, deploy, tune]", "in the order"), ("[data, train, tune]", "not both"),
-                            ("[data, tune]", "tune.search_space is empty"), ("[data, fit]", "unknown stage")):
+    for stages, message in (
+        ("[data, deploy, tune]", "in the order"),
+        ("[data, train, tune]", "not both"),
+        ("[data, tune]", "tune.search_space is empty"),
+        ("[data, fit]", "unknown stage"),
+    ):
         with pytest.raises(ConfigError, match=message):
             build_config(overrides=[f"pipeline.stages={stages}"])
 
 
-@pytest.mark.parametrize("override", ["name=../x", "data.name=../x", "name=a/b", "name=.hidden", "name=a:b", "name=a b",
-                                      "data.name=/abs", "name=" + "x" * 201, "name=..", "name=a\\b"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "name=../x",
+        "data.name=../x",
+        "name=a/b",
+        "name=.hidden",
+        "name=a:b",
+        "name=a b",
+        "data.name=/abs",
+        "name=" + "x" * 201,
+        "name=..",
+        "name=a\\b",
+    ],
+)
 def test_names_that_would_leave_or_hide_in_the_results_folder_are_refused(override):
     with pytest.raises(ConfigError, match="a name may hold only letters"):
         build_config(overrides=[override])

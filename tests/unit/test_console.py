@@ -28,8 +28,14 @@ def test_only_headlines_reach_the_terminal_and_the_log_holds_everything(tmp_path
     out, log = run_quietly(tmp_path, "print('after: still in the log')")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "stage data done\n" and out.stderr == ""
-    for line in ("stage data done", "ray: started a local instance", "C++: noise from a library", "a tracer warning",
-                 "a detail", "after: still in the log"):
+    for line in (
+        "stage data done",
+        "ray: started a local instance",
+        "C++: noise from a library",
+        "a tracer warning",
+        "a detail",
+        "after: still in the log",
+    ):
         assert line in log, line
 
 

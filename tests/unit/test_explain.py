@@ -23,7 +23,7 @@ def test_each_weight_is_the_drop_in_the_answers_log_odds_without_that_word(predi
     tok = predictor.tokenizer
     enc = tok(TEXT, return_offsets_mapping=True)
     for w in found["words"]:
-        assert TEXT[w["start"]:w["end"]] == w["word"]
+        assert TEXT[w["start"] : w["end"]] == w["word"]
         # Mask every token of this word by hand and score again.
         ids = np.array([enc["input_ids"]])
         for k, (s, e) in enumerate(enc["offset_mapping"]):
@@ -59,8 +59,10 @@ def test_the_highlighted_text_escapes_whatever_the_text_holds():
     from raybm.dashboard.try_it import highlighted
 
     text = "<script>alert(1)</script> & good"
-    words = [{"word": "<script>alert(1)</script>", "start": 0, "end": 25, "weight": -0.2},
-             {"word": "good", "start": 28, "end": 32, "weight": 0.4}]
+    words = [
+        {"word": "<script>alert(1)</script>", "start": 0, "end": 25, "weight": -0.2},
+        {"word": "good", "start": 28, "end": 32, "weight": 0.4},
+    ]
     out = highlighted(text, words)
     assert "<script>" not in out and "&lt;script&gt;alert(1)&lt;/script&gt;" in out and " &amp; " in out
     assert "rgba(0, 160, 60, 0.60)" in out and "rgba(220, 40, 40, 0.30)" in out
@@ -77,8 +79,12 @@ def test_predict_explain_and_the_watcher_share_one_tokenizer_safely(tiny_model_d
     from raybm.serve.watch import length_bins
 
     predictor = load_predictor(tiny_model_dir, max_length=8)
-    texts = ["short one", "a much longer text that goes well past eight tokens of the tiny model, and on",
-             "mid length text here", "x"]
+    texts = [
+        "short one",
+        "a much longer text that goes well past eight tokens of the tiny model, and on",
+        "mid length text here",
+        "x",
+    ]
     reference = {"length_edges": [2, 4, 8, 16], "labels": {"a": 1}}
     want_probs = predictor.predict(texts)
     want_words = [w["word"] for w in explain(predictor, texts[1])["words"]]

@@ -6,11 +6,10 @@ import pytest
 from raybm.commands.models import format_exports
 from raybm.config import build_config
 from raybm.errors import RaybmError
-from raybm.inference.loading import load_model_folder
 from raybm.export.onnx import export_onnx, quantize_onnx
 from raybm.export.trained import prune_model, pruning_targets, sparsity
 from raybm.export.variants import run_export
-from raybm.inference.loading import load_predictor
+from raybm.inference.loading import load_model_folder, load_predictor
 
 TEXTS = ["one", "two words", "a somewhat longer text with more tokens in it", "ok then"]
 
@@ -52,11 +51,21 @@ def test_unknown_variants_and_local_models_for_remote_roots_are_refused(tiny_mod
 
 
 def test_the_exports_table_lists_every_variant():
-    table = format_exports({"model_bytes": 90e6, "accuracy": 0.91, "f1_macro": 0.89, "latency_p50_ms": 10.0},
-                           {"onnx-int8": {"model_bytes": 23e6, "measured": {"accuracy": 0.905, "f1_macro": 0.88,
-                                                                           "agreement_with_reference": 0.98,
-                                                                           "latency_p50_ms": 1.9}},
-                            "fp16": {"model_bytes": 45e6}})
+    table = format_exports(
+        {"model_bytes": 90e6, "accuracy": 0.91, "f1_macro": 0.89, "latency_p50_ms": 10.0},
+        {
+            "onnx-int8": {
+                "model_bytes": 23e6,
+                "measured": {
+                    "accuracy": 0.905,
+                    "f1_macro": 0.88,
+                    "agreement_with_reference": 0.98,
+                    "latency_p50_ms": 1.9,
+                },
+            },
+            "fp16": {"model_bytes": 45e6},
+        },
+    )
     lines = table.splitlines()
     assert len(lines) == 4 and "onnx-int8" in lines[2] and "23.0" in lines[2] and "0.980" in lines[2]
     assert lines[3].split()[:3] == ["fp16", "45.0", "-"]

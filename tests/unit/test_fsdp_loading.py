@@ -21,7 +21,8 @@ def multi_file_model(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("multi-file")
     build_classifier(build_config(overrides=["model.name=tiny-bert"]).model, LABELS, seed=7).save_pretrained(
-        folder, max_shard_size="300KB")
+        folder, max_shard_size="300KB"
+    )
     load_tokenizer("tiny-bert").save_pretrained(folder)
     assert len(list(folder.glob("model-*.safetensors"))) > 1
     return str(folder)
@@ -64,7 +65,9 @@ def test_full_weights_stream_from_several_files_into_the_shards_exactly(multi_fi
     assert all(torch.equal(got["state"][k], want[k]) for k in want)
     ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.allclose(got["logits"], plain(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, atol=1e-5)
+        assert torch.allclose(
+            got["logits"], plain(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, atol=1e-5
+        )
 
 
 def test_lora_adapters_the_files_lack_start_as_peft_starts_them(multi_file_model, tmp_path):
@@ -81,8 +84,10 @@ def test_lora_adapters_the_files_lack_start_as_peft_starts_them(multi_file_model
             files.update(load_file(os.path.join(multi_file_model, f)))
     base = {k: v for k, v in state.items() if k not in missing}
     assert base and all(torch.equal(v, files[plain_key(k)]) for k, v in base.items())
-    assert plain_key("base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.weight") == \
-        "bert.encoder.layer.0.attention.self.query.weight"
+    assert (
+        plain_key("base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.weight")
+        == "bert.encoder.layer.0.attention.self.query.weight"
+    )
     lora_b = [v for k, v in state.items() if "lora_B" in k]
     lora_a = [v for k, v in state.items() if "lora_A" in k]
     assert lora_b and all(v.abs().sum() == 0 for v in lora_b)  # PEFT starts B at zero: the base model's outputs

@@ -1,5 +1,9 @@
 """The package's own rules of order, checked on its source: every public function and
-class says what it is, no function runs past a screen, no module past a few hundred lines."""
+class says what it is, no function runs past a screen, no module past a few hundred lines.
+
+Sizes are counted in statements, not lines: ``ruff format`` (checked in make test) lays a
+call that does not fit one line out one argument a line, which says nothing of how much a
+function does. 70 statements are about the 80 lines of the rule before the formatter came."""
 
 import ast
 import os
@@ -7,8 +11,13 @@ import os
 import raybm
 
 PACKAGE = os.path.dirname(raybm.__file__)
-MAX_FUNCTION_LINES = 80
-MAX_MODULE_LINES = 450
+MAX_FUNCTION_STATEMENTS = 70
+MAX_MODULE_STATEMENTS = 320
+
+
+def statements(node) -> int:
+    """Statements in a function or module, nested ones included (the ``def`` itself not)."""
+    return sum(isinstance(n, ast.stmt) for n in ast.walk(node)) - (not isinstance(node, ast.Module))
 
 
 def modules():
@@ -43,29 +52,45 @@ def public_definitions(tree, prefix=""):
 
 
 def test_every_public_function_and_class_has_a_docstring():
-    missing = [f"raybm/{rel}:{node.lineno} {name}" for rel, tree, _ in modules()
-               for name, node in public_definitions(tree) if not ast.get_docstring(node)]
+    missing = [
+        f"raybm/{rel}:{node.lineno} {name}"
+        for rel, tree, _ in modules()
+        for name, node in public_definitions(tree)
+        if not ast.get_docstring(node)
+    ]
     assert not missing, "add a docstring:\n" + "\n".join(missing)
 
 
 def test_no_function_is_longer_than_a_screen():
-    long = [f"raybm/{rel}:{node.lineno} {name} ({node.end_lineno - node.lineno + 1} lines)"
-            for rel, tree, _ in modules() for name, node in definitions(tree)
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
-    assert not long, f"split into named steps (at most {MAX_FUNCTION_LINES} lines):\n" + "\n".join(long)
+    long = [
+        f"raybm/{rel}:{node.lineno} {name} ({statements(node)} statements)"
+        for rel, tree, _ in modules()
+        for name, node in definitions(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and statements(node) > MAX_FUNCTION_STATEMENTS
+    ]
+    assert not long, f"split into named steps (at most {MAX_FUNCTION_STATEMENTS} statements):\n" + "\n".join(long)
 
 
 def test_no_module_is_longer_than_a_few_hundred_lines():
-    big = [f"raybm/{rel} ({lines} lines)" for rel, _, lines in modules() if lines > MAX_MODULE_LINES]
-    assert not big, f"split by concern (at most {MAX_MODULE_LINES} lines):\n" + "\n".join(big)
+    big = [
+        f"raybm/{rel} ({statements(tree)} statements)"
+        for rel, tree, _ in modules()
+        if statements(tree) > MAX_MODULE_STATEMENTS
+    ]
+    assert not big, f"split by concern (at most {MAX_MODULE_STATEMENTS} statements):\n" + "\n".join(big)
+
+
+def test_the_size_rules_can_fail():
+    tree = ast.parse("def f():\n" + "    x = 1\n" * (MAX_FUNCTION_STATEMENTS + 1))
+    assert statements(tree.body[0]) == MAX_FUNCTION_STATEMENTS + 1
+    assert statements(ast.parse("x = 1\ny = 2\n")) == 2
 
 
 # The only imports a function may make itself (not the module): libraries whose import
 # costs seconds or which only some commands need, and raybm modules that import them.
 # Everything else is imported at the top of the module.
 LAZY_IMPORTS = {
-    "ray": "Ray's client, Data, Train, Tune and Serve: 0.7 s or more, and not needed by a command that fails its checks",
+    "ray": "Ray's client, Data, Train, Tune and Serve: 0.7 s or more; not needed by a command that fails its checks",
     "torch": "3 s with transformers; not needed to read results, list them or check a config",
     "transformers": "3 s with torch",
     "safetensors": "only where weights are read or written",

@@ -43,8 +43,11 @@ def test_a_live_writer_refuses_a_second_and_a_killed_one_is_taken_over(tmp_path)
     results = results_at(tmp_path)
     proc = holder(str(tmp_path))
     try:
-        with pytest.raises(RaybmError, match=r"training run 'r1' is being written by another job \(host .*, pid "
-                                             rf"{proc.pid}; lease renewed \d+ s ago\).*Wait for that job"):
+        with pytest.raises(
+            RaybmError,
+            match=r"training run 'r1' is being written by another job \(host .*, pid "
+            rf"{proc.pid}; lease renewed \d+ s ago\).*Wait for that job",
+        ):
             with hold_lease(results, "runs", "r1", "training run 'r1'"):
                 pass
         with hold_lease(results, "runs", "r2", "training run 'r2'"):  # another name is free
@@ -65,15 +68,15 @@ def test_a_lease_nobody_renews_expires_and_a_renewed_one_does_not(tmp_path):
     lease = tmp_path / ".leases" / "sweeps-s1"
     lease.parent.mkdir(parents=True)
     # A holder on another host (its process cannot be checked) that stopped renewing.
-    lease.write_text(json.dumps({"token": "t0", "host": "elsewhere", "pid": 1, "ttl_s": 5,
-                                 "renewed_at": time.time()}))
+    lease.write_text(json.dumps({"token": "t0", "host": "elsewhere", "pid": 1, "ttl_s": 5, "renewed_at": time.time()}))
     os.utime(lease, (time.time() - 30, time.time() - 30))  # last written 30 s ago, on the store's clock
     with hold_lease(results, "sweeps", "s1", "sweep 's1'", log=lambda m: None):
         pass
     # Written just now by a holder whose clock runs 30 s behind (or a taker's 30 s ahead):
     # its own renewed_at does not make a live lease stale.
-    lease.write_text(json.dumps({"token": "t1", "host": "elsewhere", "pid": 1, "ttl_s": 5,
-                                 "renewed_at": time.time() - 30}))
+    lease.write_text(
+        json.dumps({"token": "t1", "host": "elsewhere", "pid": 1, "ttl_s": 5, "renewed_at": time.time() - 30})
+    )
     with pytest.raises(RaybmError, match="sweep 's1' is being written by another job"):
         with hold_lease(results, "sweeps", "s1", "sweep 's1'"):
             pass
@@ -94,8 +97,11 @@ def test_an_empty_lease_file_blocks_until_its_ttl_then_is_taken_over(tmp_path):
     lease.parent.mkdir(parents=True)
     lease.write_bytes(b"")  # a writer that died between creating the file and writing it
     started = time.time()
-    with pytest.raises(RaybmError, match=r"being written by another job \(a job whose lease file is still being "
-                                         r"written"):
+    with pytest.raises(
+        RaybmError,
+        match=r"being written by another job \(a job whose lease file is still being "
+        r"written",
+    ):
         with hold_lease(results, "runs", "r1", "training run 'r1'"):
             pass
     assert time.time() - started < 5  # refused at once: no retry loop
@@ -128,8 +134,9 @@ with hold_lease(results, "runs", "r1", "training run 'r1'", log=lambda m: None) 
 def test_a_writer_that_lost_its_lease_publishes_nothing(tmp_path):
     """Fencing: a job stalled past its lease's time-to-live (stopped here with SIGSTOP) is
     taken over; when it wakes it checks its lease before publishing and stops."""
-    first = subprocess.Popen([sys.executable, "-c", FENCED, str(tmp_path)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", FENCED, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert first.stdout.readline().strip() == "held"
         first.send_signal(signal.SIGSTOP)

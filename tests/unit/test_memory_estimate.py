@@ -17,8 +17,15 @@ def llama_1b(tmp_path_factory):
     from transformers import LlamaConfig
 
     folder = tmp_path_factory.mktemp("llama-1b")
-    LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                num_attention_heads=16, num_key_value_heads=4, pad_token_id=0).save_pretrained(folder)
+    LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        pad_token_id=0,
+    ).save_pretrained(folder)
     return str(folder)
 
 
@@ -52,8 +59,11 @@ def test_fsdp_shards_the_training_state_and_lora_trains_a_sliver(llama_1b):
     assert ddp.parts["DDP buckets"] == pytest.approx(4 * arch.params) and "DDP buckets" not in fsdp2.parts
     assert fsdp4.per_worker < fsdp2.per_worker < ddp.per_worker
     assert fsdp2.rank0 > fsdp2.per_worker  # rank 0 loads the whole model before sharding it
-    lora = estimate(cfg_for(llama_1b, "train.strategy=lora"), architecture(cfg_for(llama_1b, "train.strategy=lora"),
-                                                                            ["a", "b"]), use_gpu=False)
+    lora = estimate(
+        cfg_for(llama_1b, "train.strategy=lora"),
+        architecture(cfg_for(llama_1b, "train.strategy=lora"), ["a", "b"]),
+        use_gpu=False,
+    )
     assert lora.per_worker < 0.35 * ddp.per_worker
     sgd = estimate(cfg_for(llama_1b, "train.optimizer=sgd"), arch, use_gpu=False)
     assert "optimizer" not in sgd.describe() and "weights" in sgd.describe()
@@ -63,8 +73,9 @@ def test_activations_grow_with_batch_and_length_and_checkpointing_cuts_them(llam
     arch = architecture(cfg_for(llama_1b), ["a", "b"])
     small = estimate(cfg_for(llama_1b), arch, use_gpu=False).parts["activations"]
     long = estimate(cfg_for(llama_1b, "data.max_length=512", "train.batch_size=8"), arch, False).parts["activations"]
-    ckpt = estimate(cfg_for(llama_1b, "data.max_length=512", "train.batch_size=8", "train.gradient_checkpointing=true"),
-                    arch, False).parts["activations"]
+    ckpt = estimate(
+        cfg_for(llama_1b, "data.max_length=512", "train.batch_size=8", "train.gradient_checkpointing=true"), arch, False
+    ).parts["activations"]
     assert long > 30 * small and ckpt < long / 5
 
 
@@ -102,8 +113,14 @@ def test_a_sweep_is_sized_by_its_most_demanding_trial():
     from raybm.train.memory import largest_trial
 
     cfg = build_config(overrides=["train.batch_size=8", "data.max_length=64", "train.strategy=lora"])
-    dists = parse_space({"train.batch_size": "choice([4, 32, 16])", "data.max_length": "randint(32, 129)",
-                         "train.strategy": "grid([lora, full])", "train.lr": "loguniform(1e-5, 1e-3)"})
+    dists = parse_space(
+        {
+            "train.batch_size": "choice([4, 32, 16])",
+            "data.max_length": "randint(32, 129)",
+            "train.strategy": "grid([lora, full])",
+            "train.lr": "loguniform(1e-5, 1e-3)",
+        }
+    )
     worst = largest_trial(cfg, dists)
     assert (worst.train.batch_size, worst.data.max_length, worst.train.strategy) == (32, 128, "full")
     assert largest_trial(cfg, parse_space({"train.lr": "uniform(1e-5, 1e-4)"})) is cfg  # nothing that moves memory

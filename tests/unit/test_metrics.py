@@ -1,6 +1,7 @@
-import pytest
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix as sk_cm, precision_recall_fscore_support
+import pytest
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix as sk_cm
 
 from raybm.metrics import confusion_matrix, flat, metrics_from_confusion
 
@@ -18,8 +19,13 @@ def test_matches_scikit_learn_including_a_never_predicted_class():
     assert np.isclose(m["precision_macro"], p.mean()) and np.isclose(m["recall_macro"], r.mean())
     assert np.isclose(m["f1_macro"], f.mean())
     assert m["per_class"]["c"]["precision"] == 0.0 and m["per_class"]["c"]["support"] == s[2]
-    assert flat(m, "val_") == {"val_loss": 0.5, "val_accuracy": m["accuracy"], "val_precision_macro": m["precision_macro"],
-                               "val_recall_macro": m["recall_macro"], "val_f1_macro": m["f1_macro"]}
+    assert flat(m, "val_") == {
+        "val_loss": 0.5,
+        "val_accuracy": m["accuracy"],
+        "val_precision_macro": m["precision_macro"],
+        "val_recall_macro": m["recall_macro"],
+        "val_f1_macro": m["f1_macro"],
+    }
 
 
 def test_temperature_scaling_recovers_an_overconfident_models_scale_and_lowers_its_calibration_error():

@@ -15,8 +15,8 @@ import pytest
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
 from raybm.inference.loading import model_info
-from raybm.results import SUCCESS_MARKER, Results, s3_filesystem
 from raybm.model_cache import MODEL_CACHE_ENV, fetch_model
+from raybm.results import SUCCESS_MARKER, Results, s3_filesystem
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_one_private_copy_per_version_refreshed_when_the_model_changes(store, ti
 
 def test_an_unpublished_folder_is_refused_and_a_rewrite_unmarks_it_first(store, tiny_model_dir):
     uri = publish(store, tiny_model_dir, "rewritten")
-    folder = uri[len("s3://"):]
+    folder = uri[len("s3://") :]
     fs = s3_filesystem(store.storage)
     seen = []
     real_delete = fs.delete_dir
@@ -99,8 +99,18 @@ def test_a_model_card_keeps_success_last(tmp_path, tiny_model_dir):
     results.mark_complete(model)
     before = os.stat(os.path.join(model, SUCCESS_MARKER)).st_mtime_ns
     time.sleep(0.01)
-    write_model_card(results, model, name="carded", kind="run", dataset="d", test={"accuracy": 1.0, "f1_macro": 1.0, "precision_macro": 1.0, "recall_macro": 1.0})
-    assert os.stat(os.path.join(model, SUCCESS_MARKER)).st_mtime_ns >= os.stat(os.path.join(model, MODEL_CARD_FILE)).st_mtime_ns
+    write_model_card(
+        results,
+        model,
+        name="carded",
+        kind="run",
+        dataset="d",
+        test={"accuracy": 1.0, "f1_macro": 1.0, "precision_macro": 1.0, "recall_macro": 1.0},
+    )
+    assert (
+        os.stat(os.path.join(model, SUCCESS_MARKER)).st_mtime_ns
+        >= os.stat(os.path.join(model, MODEL_CARD_FILE)).st_mtime_ns
+    )
     assert os.stat(os.path.join(model, SUCCESS_MARKER)).st_mtime_ns > before
 
 
@@ -115,14 +125,14 @@ def test_a_base_model_on_s3_is_fetched_once_per_node_and_content_and_checked_com
     import boto3
 
     from raybm.config import build_config
-    from raybm.models.build import build_classifier, load_tokenizer, local_model
     from raybm.model_cache import fetch_base_model
+    from raybm.models.build import build_classifier, load_tokenizer, local_model
 
     base = tmp_path / "base"  # a Hugging Face folder as a user uploads it: no _SUCCESS
     build_classifier(build_config(overrides=["model.name=tiny-gpt2"]).model, ["a", "b"]).save_pretrained(base)
     load_tokenizer("tiny-gpt2").save_pretrained(base)
     s3 = boto3.client("s3", endpoint_url=store.storage.s3_endpoint_url)
-    bucket = store.root[len("s3://"):].split("/")[0]
+    bucket = store.root[len("s3://") :].split("/")[0]
     uri = upload_folder(s3, bucket, "base-models/gpt2", str(base))
     storage = store.storage
 
@@ -132,19 +142,32 @@ def test_a_base_model_on_s3_is_fetched_once_per_node_and_content_and_checked_com
     stamp = os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns
     again = fetch_base_model(uri, storage)  # the same content: the same copy, not fetched again
     assert again == first and os.stat(os.path.join(again, "model.safetensors")).st_mtime_ns == stamp
-    cfg = build_config(overrides=[f"model.name={uri}", f"storage.root={store.root}",
-                                  f"storage.s3_endpoint_url={storage.s3_endpoint_url}"])
+    cfg = build_config(
+        overrides=[
+            f"model.name={uri}",
+            f"storage.root={store.root}",
+            f"storage.s3_endpoint_url={storage.s3_endpoint_url}",
+        ]
+    )
     assert local_model(cfg.model, cfg.storage).name == first
-    assert type(build_classifier(local_model(cfg.model, cfg.storage), ["a", "b"])).__name__ == "GPT2ForSequenceClassification"
+    assert (
+        type(build_classifier(local_model(cfg.model, cfg.storage), ["a", "b"])).__name__
+        == "GPT2ForSequenceClassification"
+    )
 
-    s3.put_object(Bucket=bucket, Key="base-models/gpt2/config.json",  # new content, same size: a new version
-                  Body=(base / "config.json").read_bytes().replace(b'"a"', b'"x"'))
+    s3.put_object(
+        Bucket=bucket,
+        Key="base-models/gpt2/config.json",  # new content, same size: a new version
+        Body=(base / "config.json").read_bytes().replace(b'"a"', b'"x"'),
+    )
     changed = fetch_base_model(uri, storage)
     assert changed != first and not os.path.exists(first)  # the older copy goes
 
-    for skip, lacks in ((("model.safetensors",), "model.safetensors (raybm loads safetensors weights only"),
-                        (("config.json",), "config.json"),
-                        (("tokenizer.json", "tokenizer_config.json"), "the tokenizer")):
+    for skip, lacks in (
+        (("model.safetensors",), "model.safetensors (raybm loads safetensors weights only"),
+        (("config.json",), "config.json"),
+        (("tokenizer.json", "tokenizer_config.json"), "the tokenizer"),
+    ):
         partial = upload_folder(s3, bucket, f"partial-{skip[0]}", str(base), skip=skip)
         with pytest.raises(RaybmError, match="the folder is incomplete, it lacks " + lacks.replace("(", r"\(")):
             fetch_base_model(partial, storage)
@@ -152,10 +175,20 @@ def test_a_base_model_on_s3_is_fetched_once_per_node_and_content_and_checked_com
         fetch_base_model(f"s3://{bucket}/nothing-here", storage)
 
 
-@pytest.mark.parametrize("bad", ["../../../../ESCAPED.txt", "sub/../../ESCAPED.txt", "/abs/ESCAPED.txt",
-                                 "sub//ESCAPED.txt", "sub\\..\\ESCAPED.txt", "./ESCAPED.txt"])
-def test_a_store_entry_whose_name_leaves_its_folder_is_refused_and_nothing_is_written(store, tiny_model_dir,
-                                                                                       tmp_path, bad):
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../../../../ESCAPED.txt",
+        "sub/../../ESCAPED.txt",
+        "/abs/ESCAPED.txt",
+        "sub//ESCAPED.txt",
+        "sub\\..\\ESCAPED.txt",
+        "./ESCAPED.txt",
+    ],
+)
+def test_a_store_entry_whose_name_leaves_its_folder_is_refused_and_nothing_is_written(
+    store, tiny_model_dir, tmp_path, bad
+):
     """A bucket writer must not be able to write files anywhere on a node that fetches a
     model: every key is checked before anything is fetched."""
     import boto3
@@ -164,18 +197,21 @@ def test_a_store_entry_whose_name_leaves_its_folder_is_refused_and_nothing_is_wr
     from raybm.results import copy_tree_to_local
 
     s3 = boto3.client("s3", endpoint_url=store.storage.s3_endpoint_url)
-    bucket = store.root[len("s3://"):].split("/")[0]
+    bucket = store.root[len("s3://") :].split("/")[0]
     uri = upload_folder(s3, bucket, "base", tiny_model_dir)
     s3.put_object(Bucket=bucket, Key=f"base/{bad}", Body=b"planted")
-    with pytest.raises(RaybmError, match=r"model.name=s3://.*/base: refused the entry .*ESCAPED.txt.* nothing was "
-                                         r"written for it"):
+    with pytest.raises(
+        RaybmError,
+        match=r"model.name=s3://.*/base: refused the entry .*ESCAPED.txt.* nothing was "
+        r"written for it",
+    ):
         fetch_base_model(uri, store.storage)
     published = publish(store, tiny_model_dir, "escaping")
     s3.put_object(Bucket=bucket, Key=f"results/runs/escaping/model/{bad}", Body=b"planted")
     with pytest.raises(RaybmError, match=r"refused the entry"):
         fetch_model(published, store.storage)
     with pytest.raises(RaybmError, match=r"refused the entry"):
-        copy_tree_to_local(store.fs, published[len("s3://"):], str(tmp_path / "copy" / "model"))
+        copy_tree_to_local(store.fs, published[len("s3://") :], str(tmp_path / "copy" / "model"))
     assert not list(tmp_path.rglob("ESCAPED.txt")) and not (tmp_path / "copy").exists()
     assert not os.path.exists("/abs/ESCAPED.txt")
 
@@ -195,7 +231,9 @@ def test_a_local_model_folder_with_a_link_out_is_refused(tmp_path, tiny_model_di
     assert not (tmp_path / "copy").exists()
     (folder / "notes.txt").unlink()
     (folder / "notes.txt").symlink_to(folder / "config.json")  # a link inside the folder is fine
-    assert os.path.isfile(os.path.join(copy_to_local(str(folder), StorageConfig(), str(tmp_path / "copy")), "notes.txt"))
+    assert os.path.isfile(
+        os.path.join(copy_to_local(str(folder), StorageConfig(), str(tmp_path / "copy")), "notes.txt")
+    )
 
 
 def test_a_model_cache_another_user_owns_is_refused(tmp_path, monkeypatch):

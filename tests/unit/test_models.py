@@ -38,8 +38,15 @@ def test_gradual_unfreezes_one_layer_from_the_top_per_step():
     head = count(model.classifier) + count(model.bert.pooler)
     got = [apply_strategy(model, cfg.train, epoch) for epoch in range(7)]
     top, second, emb = count(layers[1]), count(layers[0]), count(model.bert.embeddings)
-    assert got == [head, head, head + top, head + top, head + top + second, head + top + second,
-                   head + top + second + emb]
+    assert got == [
+        head,
+        head,
+        head + top,
+        head + top,
+        head + top + second,
+        head + top + second,
+        head + top + second + emb,
+    ]
     # the top layer is the one unfrozen first
     apply_strategy(model, cfg.train, 2)
     assert all(p.requires_grad for p in layers[1].parameters())
@@ -55,7 +62,9 @@ def test_scratch_differs_from_pretrained_and_cropping_keeps_first_layers():
     w_scr = scratch.base_model.encoder.layer[0].attention.self.query.weight
     assert not torch.allclose(w_pre, w_scr)
     full = build_classifier(build_config().model, LABELS)
-    assert torch.allclose(full.base_model.encoder.layer[1].output.dense.weight, pre.base_model.encoder.layer[1].output.dense.weight)
+    assert torch.allclose(
+        full.base_model.encoder.layer[1].output.dense.weight, pre.base_model.encoder.layer[1].output.dense.weight
+    )
 
 
 def test_head_init_and_dropout_overrides():
@@ -82,8 +91,13 @@ def test_layerwise_lr_decay_groups():
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adagrad", "adadelta", "rmsprop", "adam", "adamw"])
 @pytest.mark.parametrize("strategy", ["full", "partial", "gradual", "scratch"])
 def test_every_optimizer_and_strategy_takes_a_step(optimizer, strategy):
-    cfg, model = tiny(f"train.optimizer={optimizer}", f"train.strategy={strategy}", "train.lr=0.05",
-                      "train.nesterov=true", "train.l1=0.001")
+    cfg, model = tiny(
+        f"train.optimizer={optimizer}",
+        f"train.strategy={strategy}",
+        "train.lr=0.05",
+        "train.nesterov=true",
+        "train.l1=0.001",
+    )
     apply_strategy(model, cfg.train, 0)
     opt = build_optimizer(model, cfg.train)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -105,8 +119,9 @@ def test_schedules():
     assert f[55] == pytest.approx(0.5) and f[-1] < 0.02
     cos = build_config(overrides=["train.warmup_ratio=0", "train.scheduler=cosine"]).train
     assert lr_factor(50, cos, 10, 100) == pytest.approx(0.5)
-    step = build_config(overrides=["train.warmup_ratio=0", "train.scheduler=step", "train.step_epochs=2",
-                                   "train.step_gamma=0.1"]).train
+    step = build_config(
+        overrides=["train.warmup_ratio=0", "train.scheduler=step", "train.step_epochs=2", "train.step_gamma=0.1"]
+    ).train
     assert [lr_factor(s, step, 10, 100) for s in (0, 19, 20, 40)] == pytest.approx([1, 1, 0.1, 0.01])
     const = build_config(overrides=["train.warmup_ratio=0", "train.scheduler=constant"]).train
     assert lr_factor(99, const, 10, 100) == 1.0
@@ -117,8 +132,9 @@ def test_textcnn_baseline_trains_saves_and_loads(tmp_path):
 
     from raybm.inference.evaluate import Classify
 
-    cfg = build_config(overrides=["model.name=textcnn", "train.strategy=scratch", "train.lr=0.01",
-                                  "model.classifier_dropout=0.1"])
+    cfg = build_config(
+        overrides=["model.name=textcnn", "train.strategy=scratch", "train.lr=0.01", "model.classifier_dropout=0.1"]
+    )
     model = build_classifier(cfg.model, LABELS)
     assert type(model).__name__ == "TextCNNForSequenceClassification" and model.dropout.p == 0.1
     opt = build_optimizer(model, cfg.train)
@@ -181,7 +197,9 @@ def test_pooling_auto_is_mean_for_sentence_transformers_folders():
 def test_the_plateau_schedule_lowers_the_rate_after_patience_epochs_without_improvement():
     from raybm.train.optim import plateau_scale
 
-    t = build_config(overrides=["train.scheduler=plateau", "train.plateau_patience=2", "train.plateau_factor=0.5"]).train
+    t = build_config(
+        overrides=["train.scheduler=plateau", "train.plateau_patience=2", "train.plateau_factor=0.5"]
+    ).train
     assert lr_factor(10_000, t, 10, 20_000) == 1.0  # between epochs it is constant (after warmup)
     assert plateau_scale(1.0, 1, t) == (1.0, 1)
     assert plateau_scale(1.0, 2, t) == (0.5, 0)
@@ -226,13 +244,19 @@ def test_model_folders_load_with_plain_transformers_in_a_process_without_raybm(t
     # The mean-pooled folder carries its architecture's code, named by auto_map; the CLS one is standard BERT.
     assert json.loads((tmp_path / "mean" / "config.json").read_text())["auto_map"] == {
         "AutoConfig": "pooled.PooledClassifierConfig",
-        "AutoModelForSequenceClassification": "pooled.PooledClassifier"}
+        "AutoModelForSequenceClassification": "pooled.PooledClassifier",
+    }
     assert (tmp_path / "mean" / "pooled.py").is_file() and not (tmp_path / "cls" / "pooled.py").exists()
     want = {k: load_predictor(f).predict(texts) for k, f in folders.items()}
 
     def plain(pairs):
-        run = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, json.dumps(pairs), json.dumps(texts)],
-                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        run = subprocess.run(
+            [sys.executable, "-c", PLAIN_TRANSFORMERS, json.dumps(pairs), json.dumps(texts)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         return json.loads(run.stdout.strip().splitlines()[-1])
 

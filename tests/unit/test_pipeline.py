@@ -6,8 +6,7 @@ import pytest
 from raybm.config import build_config
 from raybm.errors import RaybmError
 from raybm.pipeline import _Summary, release_gate, serving_folder
-from raybm.results import SUMMARY_FILE
-from raybm.results import Results
+from raybm.results import SUMMARY_FILE, Results
 
 TEST = {"accuracy": 0.9, "f1_macro": 0.85}
 
@@ -16,8 +15,10 @@ def test_release_gate_names_every_reason():
     cfg = build_config(overrides=["pipeline.min_test_f1=0.88", "pipeline.max_latency_ms=20"])
     assert release_gate(cfg, {"f1_macro": 0.9}, 12.0) == []
     reasons = release_gate(cfg, TEST, 31.5)
-    assert reasons == ["test macro-F1 0.8500 < pipeline.min_test_f1 0.88",
-                       "median latency 31.5 ms > pipeline.max_latency_ms 20.0"]
+    assert reasons == [
+        "test macro-F1 0.8500 < pipeline.min_test_f1 0.88",
+        "median latency 31.5 ms > pipeline.max_latency_ms 20.0",
+    ]
     assert release_gate(cfg, None, 1.0) == ["no test metrics for this model"]
     assert release_gate(build_config({}), TEST, 999.0) == []  # no gate configured
 

@@ -24,14 +24,21 @@ def test_predict_texts_matches_the_model(tiny_model_dir):
 def test_predict_file_keeps_columns_and_order(tiny_model_dir, tmp_path, ext):
     df = pd.DataFrame({"id": [str(i) for i in range(len(TEXTS))], "review": TEXTS})
     src = tmp_path / f"in.{ext}"
-    {"csv": lambda: df.to_csv(src, index=False), "tsv": lambda: df.to_csv(src, index=False, sep="\t"),
-     "jsonl": lambda: df.to_json(src, orient="records", lines=True),
-     "parquet": lambda: df.to_parquet(src)}[ext]()
+    {
+        "csv": lambda: df.to_csv(src, index=False),
+        "tsv": lambda: df.to_csv(src, index=False, sep="\t"),
+        "jsonl": lambda: df.to_json(src, orient="records", lines=True),
+        "parquet": lambda: df.to_parquet(src),
+    }[ext]()
     out = tmp_path / f"out.{ext}"
     rows = predict_file(tiny_model_dir, str(src), str(out), text_column="review", max_length=32, use_ray=False)
     assert rows == (len(TEXTS), 0)
-    read = {"csv": lambda p: pd.read_csv(p, dtype=str), "tsv": lambda p: pd.read_csv(p, sep="\t", dtype=str),
-            "jsonl": lambda p: pd.read_json(p, lines=True, dtype=False), "parquet": pd.read_parquet}[ext]
+    read = {
+        "csv": lambda p: pd.read_csv(p, dtype=str),
+        "tsv": lambda p: pd.read_csv(p, sep="\t", dtype=str),
+        "jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
+        "parquet": pd.read_parquet,
+    }[ext]
     got = read(out)
     assert list(got.columns) == ["id", "review", PREDICTED_LABEL, CONFIDENCE]
     assert got["review"].tolist() == TEXTS
@@ -59,8 +66,11 @@ def test_rows_without_text_are_kept_unlabelled_and_counted(tiny_model_dir, tmp_p
     texts = ["I love it", "", None, "   ", "never again"]
     df = pd.DataFrame({"id": [str(i) for i in range(len(texts))], "review": texts})
     src, out = tmp_path / f"in.{ext}", tmp_path / f"out.{ext}"
-    {"csv": lambda: df.to_csv(src, index=False), "jsonl": lambda: df.to_json(src, orient="records", lines=True),
-     "parquet": lambda: df.to_parquet(src)}[ext]()
+    {
+        "csv": lambda: df.to_csv(src, index=False),
+        "jsonl": lambda: df.to_json(src, orient="records", lines=True),
+        "parquet": lambda: df.to_parquet(src),
+    }[ext]()
     # chunks of 2 rows: a chunk with no text at all comes after one with labels
     import raybm.inference.predict as predict_mod
 
@@ -68,8 +78,11 @@ def test_rows_without_text_are_kept_unlabelled_and_counted(tiny_model_dir, tmp_p
     monkeypatch.setattr(predict_mod, "_read_frames", lambda path, fmt, chunk_rows=2: frames(path, fmt, chunk_rows=2))
     done = predict_file(tiny_model_dir, str(src), str(out), text_column="review", max_length=32, use_ray=False)
     assert done == (5, 3)
-    got = {"csv": lambda p: pd.read_csv(p, dtype=str), "jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
-           "parquet": pd.read_parquet}[ext](out)
+    got = {
+        "csv": lambda p: pd.read_csv(p, dtype=str),
+        "jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
+        "parquet": pd.read_parquet,
+    }[ext](out)
     assert got["id"].tolist() == [str(i) for i in range(5)]
     expected = [lab for lab, _ in predict_texts(tiny_model_dir, ["I love it", "never again"], max_length=32)]
     assert got[PREDICTED_LABEL].tolist()[0::4] == expected
@@ -90,8 +103,9 @@ def test_output_folder_must_exist_and_differ_from_the_input(tiny_model_dir, tmp_
 def test_probabilities_add_a_column_per_class_and_input_columns_are_never_overwritten(tiny_model_dir, tmp_path):
     src, out = tmp_path / "in.csv", tmp_path / "out.csv"
     pd.DataFrame({"review": TEXTS[:3] + [""]}).to_csv(src, index=False)
-    assert predict_file(tiny_model_dir, str(src), str(out), text_column="review", max_length=32,
-                        use_ray=False, probabilities=True) == (4, 1)
+    assert predict_file(
+        tiny_model_dir, str(src), str(out), text_column="review", max_length=32, use_ray=False, probabilities=True
+    ) == (4, 1)
     got = pd.read_csv(out)
     assert list(got.columns) == ["review", PREDICTED_LABEL, CONFIDENCE, "prob_negative", "prob_positive"]
     probs = Classify(tiny_model_dir, max_length=32).predict(TEXTS[:3])
@@ -146,10 +160,10 @@ def test_cli_and_server_use_the_length_the_model_was_trained_with(tiny_model_dir
     assert abs(served[1] - full[1]) > 1e-6  # truncation matters for this text
     for command in (["predict", "--model", "m", "--text", "t"], ["evaluate", "--checkpoint", "m", "--data", "d"]):
         assert build_parser().parse_args(command).max_length is None  # the commands' default: the model's own
-    (_, confidence), = predict_texts(str(folder), [text])
+    ((_, confidence),) = predict_texts(str(folder), [text])
     assert confidence == pytest.approx(float(max(served)), abs=1e-7)
     assert Classify(str(folder)).predict([text])[0] == pytest.approx(served, abs=1e-7)
-    (_, confidence), = predict_texts(str(folder), [text], max_length=128)
+    ((_, confidence),) = predict_texts(str(folder), [text], max_length=128)
     assert confidence == pytest.approx(float(max(full)), abs=1e-7)
 
 
@@ -167,10 +181,16 @@ def test_a_folder_a_glob_or_s3_makes_a_scoring_job_and_its_files_are_found_in_na
         (tmp_path / "in" / name).write_text("text\nhi\n")
     storage = StorageConfig()
     found = find_inputs(str(tmp_path / "in"), storage)
-    assert found.fmt == "csv" and [os.path.relpath(p, tmp_path / "in") for p in found.paths] == \
-        ["a.csv", "b.csv", "sub/c.csv"]
-    assert [os.path.basename(p) for p in find_inputs(str(tmp_path / "in" / "*.csv"), storage).paths] == \
-        ["a.csv", "b.csv", "c.csv"]  # * crosses folders, as ** does
+    assert found.fmt == "csv" and [os.path.relpath(p, tmp_path / "in") for p in found.paths] == [
+        "a.csv",
+        "b.csv",
+        "sub/c.csv",
+    ]
+    assert [os.path.basename(p) for p in find_inputs(str(tmp_path / "in" / "*.csv"), storage).paths] == [
+        "a.csv",
+        "b.csv",
+        "c.csv",
+    ]  # * crosses folders, as ** does
     assert len(find_inputs(str(tmp_path / "in" / "a.csv"), storage).paths) == 1
     (tmp_path / "in" / "d.parquet").write_text("")
     with pytest.raises(RaybmError, match=r"must all be one of .*score each kind apart"):
@@ -188,7 +208,7 @@ def test_a_scoring_job_learns_its_columns_and_rows_without_reading_the_files_who
 
     frame = pd.DataFrame({"id": range(3000), "text": [f"tweet number {i}" + "!" * (i % 7) for i in range(3000)]})
     for k in range(3):
-        part = frame.iloc[1000 * k:1000 * (k + 1)]
+        part = frame.iloc[1000 * k : 1000 * (k + 1)]
         path = tmp_path / f"p{k}.{fmt}"
         if fmt == "parquet":
             part.to_parquet(path, index=False)

@@ -22,16 +22,54 @@ from raybm.errors import ConfigError
 ANY_CHAR = st.characters(exclude_categories=())  # lone surrogates too: JSON escapes can carry them
 KEYS = [key for key, _, _ in describe()]
 # RAYBM_HYPOTHESIS_EXAMPLES=5000 for a longer search than the suite's.
-SETTINGS = settings(max_examples=int(os.environ.get("RAYBM_HYPOTHESIS_EXAMPLES", "300")), deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=int(os.environ.get("RAYBM_HYPOTHESIS_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 # Values as a user types them on a command line: YAML scalars, lists and mappings, numbers
 # at the edges, and arbitrary text.
 VALUE_TEXT = st.one_of(
     st.text(max_size=40),
-    st.sampled_from(["nan", ".nan", "inf", "-inf", ".inf", "1e309", "-1", "0", "1", "true", "null", "~", "[]", "{}",
-                     "[nan, 0.5, 0.5]", "[0.8, 0.1, 0.1]", "[a, b]", "{a: 1}", "{a: [1, {b: 2}]}", "'", "\"", ":",
-                     "..", "../x", "a/b", "-", "1" * 5000, "x" * 300, "\x00", "\ud800", "é", "*", "&a", "!!python/int 1"]),
+    st.sampled_from(
+        [
+            "nan",
+            ".nan",
+            "inf",
+            "-inf",
+            ".inf",
+            "1e309",
+            "-1",
+            "0",
+            "1",
+            "true",
+            "null",
+            "~",
+            "[]",
+            "{}",
+            "[nan, 0.5, 0.5]",
+            "[0.8, 0.1, 0.1]",
+            "[a, b]",
+            "{a: 1}",
+            "{a: [1, {b: 2}]}",
+            "'",
+            '"',
+            ":",
+            "..",
+            "../x",
+            "a/b",
+            "-",
+            "1" * 5000,
+            "x" * 300,
+            "\x00",
+            "\ud800",
+            "é",
+            "*",
+            "&a",
+            "!!python/int 1",
+        ]
+    ),
     st.integers().map(str),
     st.floats().map(repr),
 )
@@ -68,16 +106,32 @@ def _check_floats_are_finite(node, where: str) -> None:
             _check_floats_are_finite(v, f"{where}[{i}]")
 
 
-@pytest.mark.parametrize("override", ["data.split=[nan,0.5,0.5]", "serve.batch_wait_timeout_s=inf",
-                                      "train.lr=nan", "train.weight_decay=.inf", "tune.time_budget_s=inf",
-                                      "train.worker_resources={accelerator: nan}"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.split=[nan,0.5,0.5]",
+        "serve.batch_wait_timeout_s=inf",
+        "train.lr=nan",
+        "train.weight_decay=.inf",
+        "tune.time_budget_s=inf",
+        "train.worker_resources={accelerator: nan}",
+    ],
+)
 def test_nan_and_infinity_are_refused_for_every_float_key(override):
     with pytest.raises(ConfigError, match="finite"):
         build_config(overrides=[override])
 
 
-ALL_CLEANING = CleanConfig(fix_mojibake=True, html=True, urls=True, mentions=True, special_chars=True,
-                           lowercase=True, stop_words=True, whitespace=True)
+ALL_CLEANING = CleanConfig(
+    fix_mojibake=True,
+    html=True,
+    urls=True,
+    mentions=True,
+    special_chars=True,
+    lowercase=True,
+    stop_words=True,
+    whitespace=True,
+)
 
 
 @SETTINGS

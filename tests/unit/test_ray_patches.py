@@ -31,7 +31,9 @@ def test_elsewhere_the_public_path_is_taken_and_said_once(patches, capsys, how):
     else:
         patches.setattr(ray, "__version__", "2.61.0")
     for _ in range(3):
-        assert ray_patches.trainer_class(ray_data=False, autoscaling=False, placement_group_cleaner=False) is TorchTrainer
+        assert (
+            ray_patches.trainer_class(ray_data=False, autoscaling=False, placement_group_cleaner=False) is TorchTrainer
+        )
         assert type(ray_patches.process_group_config("gloo")) is TorchConfig
     err = capsys.readouterr().err
     assert err.count("public TorchTrainer path") == 1
@@ -62,7 +64,11 @@ def test_no_other_module_reaches_into_ray_s_private_code_or_sets_its_environment
 
     root = pathlib.Path(ray_patches.__file__).parent
     private = re.compile(r"\bray(\.\w+)*\._(private|internal)\b|from ray\.\S+ import _|\bRAY_TRAIN_\w+|\bTUNE_\w+_S\b")
-    found = [f"{p.relative_to(root.parent)}:{n}: {line.strip()}"
-             for p in root.rglob("*.py") if p.name != "ray_patches.py"
-             for n, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
+    found = [
+        f"{p.relative_to(root.parent)}:{n}: {line.strip()}"
+        for p in root.rglob("*.py")
+        if p.name != "ray_patches.py"
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
     assert not found, "\n".join(found)

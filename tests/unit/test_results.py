@@ -63,7 +63,9 @@ def layout_names() -> dict[str, str]:
     """Every name of the results layout that results.py owns, by constant."""
     import raybm.results as results
 
-    start = inspect.getsource(results).index("# ---------------------------------------------------------------------------- the layout")
+    start = inspect.getsource(results).index(
+        "# ---------------------------------------------------------------------------- the layout"
+    )
     block = inspect.getsource(results)[start:].split("\n\n\n")[0]
     names = {m.group(1): getattr(results, m.group(1)) for m in re.finditer(r"^([A-Z_]+) = ", block, flags=re.M)}
     return {k: v for k, v in names.items() if isinstance(v, str)}
@@ -79,8 +81,13 @@ def test_no_module_but_results_spells_a_results_file_or_folder_name():
     # A file name is a file name wherever it appears; a folder name only where a path is
     # built (its words are also config sections and dict keys).
     file_literal = re.compile(r'(?<![\w{])"(' + "|".join(re.escape(f) for f in files) + r')"')
-    folder_in_path = re.compile(r'\b(join|path|build_dir|staging_dir|hold_lease|_folders|_named|names)\([^()\n]*"('
-                                + "|".join(folders) + r')"|"(' + "|".join(folders) + r')/')
+    folder_in_path = re.compile(
+        r'\b(join|path|build_dir|staging_dir|hold_lease|_folders|_named|names)\([^()\n]*"('
+        + "|".join(folders)
+        + r')"|"('
+        + "|".join(folders)
+        + r")/"
+    )
     package = os.path.dirname(raybm.__file__)
     found = []
     for folder, _, filenames in os.walk(package):
@@ -129,8 +136,10 @@ def test_json_records_are_standard_json(tmp_path):
     from raybm.results import Results
 
     results = Results(str(tmp_path), StorageConfig(root=str(tmp_path)))
-    results.write_json(str(tmp_path / "leaderboard.json"),
-                       [{"val_loss": float("nan"), "x": [float("inf"), 1.5], "n": np.float32(0.5), "k": np.int64(3)}])
+    results.write_json(
+        str(tmp_path / "leaderboard.json"),
+        [{"val_loss": float("nan"), "x": [float("inf"), 1.5], "n": np.float32(0.5), "k": np.int64(3)}],
+    )
     text = (tmp_path / "leaderboard.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == [{"val_loss": None, "x": [None, 1.5], "n": 0.5, "k": 3}]

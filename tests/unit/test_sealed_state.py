@@ -57,8 +57,11 @@ def test_sealed_files_read_back_and_changed_or_planted_ones_are_refused(experime
     (experiment / "tuner.pkl").write_bytes(pickle.dumps({"state": "planted"}))  # a bucket writer's file
     with pytest.raises(OSError, match="does not match the seal"):
         fs.open_input_file(str(experiment / "tuner.pkl"))
-    with pytest.raises(RaybmError, match=r"sweep 's': refused to resume: tuner.pkl .* does not carry a valid raybm "
-                                         r"seal.*Nothing was loaded"):
+    with pytest.raises(
+        RaybmError,
+        match=r"sweep 's': refused to resume: tuner.pkl .* does not carry a valid raybm "
+        r"seal.*Nothing was loaded",
+    ):
         check_sealed(pafs.LocalFileSystem(), str(experiment), "sweep 's'")
 
 

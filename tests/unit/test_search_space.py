@@ -3,8 +3,8 @@
 import pytest
 
 from raybm.config import build_config
-from raybm.errors import ConfigError
 from raybm.config.search_space import grid_size, nested, parse_distribution, parse_space
+from raybm.errors import ConfigError
 from raybm.tune.leaderboard import _status, format_leaderboard
 from raybm.tune.trial import trial_config
 
@@ -29,31 +29,39 @@ def test_distributions_parse_to_ray_tune_domains():
 
 
 def test_a_valid_space_loads():
-    cfg = space(train__lr="loguniform(1e-5, 1e-3)", train__weight_decay="uniform(0, 0.1)",
-                train__optimizer="grid([adamw, momentum])", train__batch_size="choice([16, 32])",
-                train__strategy="choice([full, gradual])", model__classifier_dropout="uniform(0.0, 0.3)")
+    cfg = space(
+        train__lr="loguniform(1e-5, 1e-3)",
+        train__weight_decay="uniform(0, 0.1)",
+        train__optimizer="grid([adamw, momentum])",
+        train__batch_size="choice([16, 32])",
+        train__strategy="choice([full, gradual])",
+        model__classifier_dropout="uniform(0.0, 0.3)",
+    )
     assert len(parse_space(cfg.tune.search_space)) == 6
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("train.lrr", "loguniform(1e-5, 1e-3)", "train.lrr: unknown key. Did you mean 'train.lr'"),
-    ("trian.lr", "loguniform(1e-5, 1e-3)", "trian: unknown key. Did you mean 'train'"),
-    ("train.lr", "logunifrm(1e-5, 1e-3)", "'logunifrm' is not a distribution"),
-    ("train.lr", "loguniform(1e-5)", "loguniform takes 2 numbers"),
-    ("train.lr", "loguniform(0, 1e-3)", "needs bounds above 0"),
-    ("train.lr", "uniform(1e-3, 1e-5)", "lower bound must be below"),
-    ("train.lr", "uniform(1e-5, 2)", "allows 2, which the config refuses: train.lr: must be > 0"),
-    ("train.lr", 0.001, "is not a distribution"),
-    ("train.batch_size", "uniform(8, 64)", "takes whole numbers; use randint"),
-    ("train.freeze_layers", "randint(0.5, 3)", "takes whole numbers"),
-    ("train.optimizer", "choice([adamw, adamx])", "'adamx' is not valid"),
-    ("train.optimizer", "choice([])", "one non-empty list"),
-    ("train.optimizer", "grid([adamw, adamw])", "lists a value twice"),
-    ("train.optimizer", "choice(adamw", "is not a distribution"),
-    ("train", "choice([1])", "is a section"),
-    ("storage.root", "choice([a, b])", "only job settings"),
-    ("tune.num_samples", "choice([1, 2])", "only job settings"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("train.lrr", "loguniform(1e-5, 1e-3)", "train.lrr: unknown key. Did you mean 'train.lr'"),
+        ("trian.lr", "loguniform(1e-5, 1e-3)", "trian: unknown key. Did you mean 'train'"),
+        ("train.lr", "logunifrm(1e-5, 1e-3)", "'logunifrm' is not a distribution"),
+        ("train.lr", "loguniform(1e-5)", "loguniform takes 2 numbers"),
+        ("train.lr", "loguniform(0, 1e-3)", "needs bounds above 0"),
+        ("train.lr", "uniform(1e-3, 1e-5)", "lower bound must be below"),
+        ("train.lr", "uniform(1e-5, 2)", "allows 2, which the config refuses: train.lr: must be > 0"),
+        ("train.lr", 0.001, "is not a distribution"),
+        ("train.batch_size", "uniform(8, 64)", "takes whole numbers; use randint"),
+        ("train.freeze_layers", "randint(0.5, 3)", "takes whole numbers"),
+        ("train.optimizer", "choice([adamw, adamx])", "'adamx' is not valid"),
+        ("train.optimizer", "choice([])", "one non-empty list"),
+        ("train.optimizer", "grid([adamw, adamw])", "lists a value twice"),
+        ("train.optimizer", "choice(adamw", "is not a distribution"),
+        ("train", "choice([1])", "is a section"),
+        ("storage.root", "choice([a, b])", "only job settings"),
+        ("tune.num_samples", "choice([1, 2])", "only job settings"),
+    ],
+)
 def test_bad_spaces_fail_at_load_with_the_key_named(key, value, message):
     with pytest.raises(ConfigError, match="tune.search_space") as err:
         build_config({"tune": {"search_space": {key: value}}})
@@ -62,8 +70,13 @@ def test_bad_spaces_fail_at_load_with_the_key_named(key, value, message):
 
 def test_space_values_that_break_a_cross_field_rule_fail_at_load():
     with pytest.raises(ConfigError, match="freeze_layers"):
-        build_config({"model": {"keep_layers": 2}, "train": {"strategy": "partial"},
-                      "tune": {"search_space": {"train.freeze_layers": "randint(0, 5)"}}})
+        build_config(
+            {
+                "model": {"keep_layers": 2},
+                "train": {"strategy": "partial"},
+                "tune": {"search_space": {"train.freeze_layers": "randint(0, 5)"}},
+            }
+        )
 
 
 def test_trial_config_applies_sampled_values():
@@ -82,13 +95,43 @@ def test_trial_status():
 
 
 def test_leaderboard_table():
-    board = [{"rank": 1, "trial": "a_00001", "train.lr": 3e-4, "val_f1_macro": 0.91234, "best_epoch": 3,
-              "epochs_run": 3, "status": "completed", "seconds": 120.0, "best_checkpoint": "x", "history": []},
-             {"rank": 2, "trial": "a_00000", "train.lr": 1e-5, "val_f1_macro": None, "best_epoch": None,
-              "epochs_run": 0, "status": "error", "seconds": 3.5, "best_checkpoint": None, "history": []}]
+    board = [
+        {
+            "rank": 1,
+            "trial": "a_00001",
+            "train.lr": 3e-4,
+            "val_f1_macro": 0.91234,
+            "best_epoch": 3,
+            "epochs_run": 3,
+            "status": "completed",
+            "seconds": 120.0,
+            "best_checkpoint": "x",
+            "history": [],
+        },
+        {
+            "rank": 2,
+            "trial": "a_00000",
+            "train.lr": 1e-5,
+            "val_f1_macro": None,
+            "best_epoch": None,
+            "epochs_run": 0,
+            "status": "error",
+            "seconds": 3.5,
+            "best_checkpoint": None,
+            "history": [],
+        },
+    ]
     lines = format_leaderboard(board, "val_f1_macro").splitlines()
-    assert lines[0].split() == ["rank", "trial", "train.lr", "val_f1_macro", "best_epoch", "epochs_run",
-                                "status", "seconds"]
+    assert lines[0].split() == [
+        "rank",
+        "trial",
+        "train.lr",
+        "val_f1_macro",
+        "best_epoch",
+        "epochs_run",
+        "status",
+        "seconds",
+    ]
     assert lines[2].split() == ["1", "a_00001", "0.0003", "0.9123", "3", "3", "completed", "120"]
     assert lines[3].split()[3] == "-" and "error" in lines[3]
 
@@ -103,17 +146,24 @@ def test_a_trial_ended_before_its_first_report_still_has_a_row(tmp_path):
     from raybm.results import Results
     from raybm.tune.leaderboard import leaderboard
 
-    cfg = build_config({"storage": {"root": str(tmp_path)},
-                        "tune": {"search_space": {"train.lr": "grid([1e-3, 1e-4])"}}})
+    cfg = build_config(
+        {"storage": {"root": str(tmp_path)}, "tune": {"search_space": {"train.lr": "grid([1e-3, 1e-4])"}}}
+    )
     dists = parse_space(cfg.tune.search_space)
     reported, silent, unknown = tmp_path / "t_00000", tmp_path / "t_00001", tmp_path / "t_00002"
     for folder in (reported, silent, unknown):
         folder.mkdir()
     (silent / "params.json").write_text(json.dumps({"train.lr": 1e-4}))
-    grid = [Result(metrics={"trial_id": "t_00000", "config": {"train.lr": 1e-3}, "time_total_s": 4.0},
-                   checkpoint=None, error=None, path=str(reported)),
-            Result(metrics={}, checkpoint=None, error=None, path=str(silent)),
-            Result(metrics={}, checkpoint=None, error=None, path=str(unknown))]
+    grid = [
+        Result(
+            metrics={"trial_id": "t_00000", "config": {"train.lr": 1e-3}, "time_total_s": 4.0},
+            checkpoint=None,
+            error=None,
+            path=str(reported),
+        ),
+        Result(metrics={}, checkpoint=None, error=None, path=str(silent)),
+        Result(metrics={}, checkpoint=None, error=None, path=str(unknown)),
+    ]
     board = leaderboard(grid, cfg, dists, Results.from_config(cfg.storage), str(tmp_path))
     rows = {row["trial"]: row for row in board}
     assert rows["t_00000"]["train.lr"] == 1e-3
@@ -132,10 +182,22 @@ def test_a_trial_that_ran_its_own_searched_epochs_is_completed(tmp_path):
     from raybm.results import Results
     from raybm.tune.leaderboard import leaderboard
 
-    cfg = build_config({"storage": {"root": str(tmp_path)}, "train": {"epochs": 3},
-                        "tune": {"search_space": {"train.epochs": "grid([2, 4])"}}})
+    cfg = build_config(
+        {
+            "storage": {"root": str(tmp_path)},
+            "train": {"epochs": 3},
+            "tune": {"search_space": {"train.epochs": "grid([2, 4])"}},
+        }
+    )
     two = json.dumps([{"epoch": 1, "val_f1_macro": 0.5}, {"epoch": 2, "val_f1_macro": 0.6}])
-    grid = [Result(metrics={"trial_id": f"t_0000{i}", "config": {"train.epochs": epochs}, "history": two},
-                   checkpoint=None, error=None, path=str(tmp_path / f"t_0000{i}")) for i, epochs in enumerate((2, 4))]
+    grid = [
+        Result(
+            metrics={"trial_id": f"t_0000{i}", "config": {"train.epochs": epochs}, "history": two},
+            checkpoint=None,
+            error=None,
+            path=str(tmp_path / f"t_0000{i}"),
+        )
+        for i, epochs in enumerate((2, 4))
+    ]
     board = leaderboard(grid, cfg, parse_space(cfg.tune.search_space), Results.from_config(cfg.storage), str(tmp_path))
     assert {row["train.epochs"]: row["status"] for row in board} == {2: "completed", 4: "stopped"}

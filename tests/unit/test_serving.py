@@ -20,22 +20,35 @@ def test_fixed_replicas_or_autoscaling():
     assert opts["num_replicas"] == 3 and "autoscaling_config" not in opts
     assert opts["ray_actor_options"]["num_cpus"] == 2
     assert opts["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
-    opts = deployment_options(serve_cfg("serve.min_replicas=0", "serve.max_replicas=4",
-                                        "serve.target_ongoing_requests=8", "serve.max_queued_requests=10"))
+    opts = deployment_options(
+        serve_cfg(
+            "serve.min_replicas=0",
+            "serve.max_replicas=4",
+            "serve.target_ongoing_requests=8",
+            "serve.max_queued_requests=10",
+        )
+    )
     assert opts["num_replicas"] == "auto"
-    assert opts["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1,
-                                          "target_ongoing_requests": 8.0}
+    assert opts["autoscaling_config"] == {
+        "min_replicas": 0,
+        "max_replicas": 4,
+        "initial_replicas": 1,
+        "target_ongoing_requests": 8.0,
+    }
     # The replica sheds beyond 32 + 10 requests in hand itself (counted); Serve lets them in.
     assert opts["max_queued_requests"] == -1 and opts["max_ongoing_requests"] == 32 + 10 + SHED_HEADROOM
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["serve.min_replicas=3", "serve.max_replicas=2"], "exceeds serve.max_replicas"),
-    (["serve.route_prefix=api"], "must start with '/'"),
-    (["serve.backend=int8", "serve.gpus_per_replica=1"], "CPU only"),
-    (["serve.backend=tensorrt"], "serve.backend"),
-    (["serve.max_texts=0"], "serve.max_texts"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["serve.min_replicas=3", "serve.max_replicas=2"], "exceeds serve.max_replicas"),
+        (["serve.route_prefix=api"], "must start with '/'"),
+        (["serve.backend=int8", "serve.gpus_per_replica=1"], "CPU only"),
+        (["serve.backend=tensorrt"], "serve.backend"),
+        (["serve.max_texts=0"], "serve.max_texts"),
+    ],
+)
 def test_bad_serve_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_config(overrides=overrides)
@@ -75,7 +88,9 @@ def test_text_that_is_not_valid_unicode_is_refused():
     s = serve_cfg()
     texts, status, message = check_texts({"texts": ["fine", "bad \ud800 text"]}, s)
     assert texts is None and status == 422
-    assert message == "texts[1] is not valid Unicode: it holds a lone surrogate (\\ud800) at character 4; send UTF-8 text"
+    assert (
+        message == "texts[1] is not valid Unicode: it holds a lone surrogate (\\ud800) at character 4; send UTF-8 text"
+    )
 
 
 def test_one_failing_text_fails_only_itself():
@@ -100,7 +115,10 @@ def test_request_checks_name_the_problem():
     # one text without a list
     assert check_texts({"text": "fine"}, s) == (["fine"], 0, "")
     assert check_texts({"text": "toolong"}, s)[1:] == (422, '"text" is 7 characters long, the limit is 5')
-    assert check_texts({"text": ["a"]}, s)[2] == '"text" must be a string, got array; for several texts send {"texts": [...]}'
+    assert (
+        check_texts({"text": ["a"]}, s)[2]
+        == '"text" must be a string, got array; for several texts send {"texts": [...]}'
+    )
     assert "not both" in check_texts({"text": "a", "texts": ["b"]}, s)[2]
     assert check_texts({"txt": "a"}, s)[2].startswith('missing field "texts" (or "text")')
 
@@ -108,8 +126,18 @@ def test_request_checks_name_the_problem():
 def test_models_resolve_from_folders_and_names(tmp_path, tiny_model_dir):
     sweep = tmp_path / "sweeps" / "s1"
     shutil.copytree(tiny_model_dir, sweep / "model")
-    (sweep / "winner.json").write_text(json.dumps({"trial": "t1", "values": {"train.lr": 0.001}, "metric": "val_f1_macro",
-                                                   "validation": 0.8, "best_epoch": 2, "test": {"accuracy": 0.9}}))
+    (sweep / "winner.json").write_text(
+        json.dumps(
+            {
+                "trial": "t1",
+                "values": {"train.lr": 0.001},
+                "metric": "val_f1_macro",
+                "validation": 0.8,
+                "best_epoch": 2,
+                "test": {"accuracy": 0.9},
+            }
+        )
+    )
     want = str(sweep / "model")
     cfg = build_config(overrides=[f"storage.root={tmp_path}"])
     assert locate_model(str(sweep / "model"), cfg) == want
@@ -131,7 +159,9 @@ def test_default_model_is_the_configs_own_job_result(tmp_path):
     cfg = build_config(overrides=[f"storage.root={tmp_path}"])
     with pytest.raises(RaybmError, match="run `raybm train --config ...` first"):
         locate_model(None, cfg)
-    cfg = build_config({"storage": {"root": str(tmp_path)}, "tune": {"search_space": {"train.lr": "loguniform(1e-5, 1e-3)"}}})
+    cfg = build_config(
+        {"storage": {"root": str(tmp_path)}, "tune": {"search_space": {"train.lr": "loguniform(1e-5, 1e-3)"}}}
+    )
     with pytest.raises(RaybmError, match="run `raybm tune --config ...` first"):
         config_model(cfg)
 
@@ -142,8 +172,12 @@ def test_an_answer_below_the_abstain_band_says_it_is_uncertain():
     from raybm.serve.contract import prediction
 
     sure, unsure = np.array([0.03, 0.97]), np.array([0.45, 0.55])
-    assert prediction(["neg", "pos"], sure, 0.8) == {"label": "pos", "confidence": 0.97,
-                                                     "probabilities": {"neg": 0.03, "pos": 0.97}, "uncertain": False}
+    assert prediction(["neg", "pos"], sure, 0.8) == {
+        "label": "pos",
+        "confidence": 0.97,
+        "probabilities": {"neg": 0.03, "pos": 0.97},
+        "uncertain": False,
+    }
     assert prediction(["neg", "pos"], unsure, 0.8)["uncertain"] is True
     assert prediction(["neg", "pos"], unsure)["uncertain"] is False  # no band by default
 
@@ -159,16 +193,19 @@ def test_each_model_is_its_own_application_under_its_own_route():
     assert (s.app_name, s.route_prefix) == ("sentiment", "/api")
 
 
-@pytest.mark.parametrize("running, overrides, message", [
-    # Serve already open beyond this machine: a keyless model would be open to anyone.
-    (("0.0.0.0", 8000, {}), ["serve.host=0.0.0.0", "serve.allow_without_key=true"], None),
-    (("0.0.0.0", 8000, {}), [], r"listens on 0.0.0.0:8000, beyond this machine: 'x' without an API key"),
-    # Serve keeps the address it started with: another port would not be applied.
-    (("127.0.0.1", 8000, {}), ["serve.port=8001"], r"already listens on 127.0.0.1:8000 .*serve.port=8000"),
-    (("127.0.0.1", 8000, {"other": "/x"}), [], r"route /x is served by the application 'other'"),
-    (("127.0.0.1", 8000, {"x": "/x"}), [], None),  # the same name again: an update
-    ((None, None, {"other": None}), [], None),  # a Ray that no longer tells: Serve's own checks decide
-])
+@pytest.mark.parametrize(
+    "running, overrides, message",
+    [
+        # Serve already open beyond this machine: a keyless model would be open to anyone.
+        (("0.0.0.0", 8000, {}), ["serve.host=0.0.0.0", "serve.allow_without_key=true"], None),
+        (("0.0.0.0", 8000, {}), [], r"listens on 0.0.0.0:8000, beyond this machine: 'x' without an API key"),
+        # Serve keeps the address it started with: another port would not be applied.
+        (("127.0.0.1", 8000, {}), ["serve.port=8001"], r"already listens on 127.0.0.1:8000 .*serve.port=8000"),
+        (("127.0.0.1", 8000, {"other": "/x"}), [], r"route /x is served by the application 'other'"),
+        (("127.0.0.1", 8000, {"x": "/x"}), [], None),  # the same name again: an update
+        ((None, None, {"other": None}), [], None),  # a Ray that no longer tells: Serve's own checks decide
+    ],
+)
 def test_a_running_serve_is_checked_before_anything_is_replaced(running, overrides, message, monkeypatch):
     from raybm.serve.app import for_model
     from raybm.serve.deploy import check_running_serve

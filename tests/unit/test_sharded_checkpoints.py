@@ -110,7 +110,9 @@ def test_publishing_streams_the_shards_into_one_safetensors_file_with_the_same_l
     shutil.copytree(sharded_checkpoint, folder)
     want = torch.load(os.path.join(folder, "reference.pt"), weights_only=True)["full"][0]
     publish_sharded(folder, batch_bytes=64 * 1024)  # many batches, some tensors alone in theirs
-    assert not os.path.exists(os.path.join(folder, SHARDS_DIR)) and not os.path.exists(os.path.join(folder, SHARDS_INDEX_FILE))
+    assert not os.path.exists(os.path.join(folder, SHARDS_DIR)) and not os.path.exists(
+        os.path.join(folder, SHARDS_INDEX_FILE)
+    )
     got = load_file(os.path.join(folder, WEIGHTS_FILE))
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -123,8 +125,7 @@ def test_publishing_streams_the_shards_into_one_safetensors_file_with_the_same_l
     assert torch.equal(model(input_ids=ids).logits, trained(input_ids=ids).logits)
 
 
-def test_a_model_past_the_file_size_is_published_in_several_files_that_transformers_loads(sharded_checkpoint,
-                                                                                         tmp_path):
+def test_a_model_past_the_file_size_is_published_in_several_files_that_transformers_loads(sharded_checkpoint, tmp_path):
     import shutil
 
     from transformers import AutoModelForSequenceClassification
@@ -145,8 +146,9 @@ def test_a_model_past_the_file_size_is_published_in_several_files_that_transform
     assert sorted(set(index["weight_map"].values())) == [os.path.basename(f) for f in files]
     assert index["weight_map"].keys() == want.keys()
     assert not [f for f in os.listdir(folder) if f.endswith(".partial")]
-    build_classifier(build_config(overrides=["model.name=tiny-bert"]).model, LABELS,
-                     pretrained=False).config.save_pretrained(folder)
+    build_classifier(
+        build_config(overrides=["model.name=tiny-bert"]).model, LABELS, pretrained=False
+    ).config.save_pretrained(folder)
     loaded = AutoModelForSequenceClassification.from_pretrained(folder).state_dict()
     assert all(torch.equal(loaded[k], want[k]) for k in want)
     assert architecture(folder)[1] == sum(v.numel() for v in want.values())  # a sweep's cost reads every file
@@ -161,8 +163,11 @@ def test_a_checkpoint_missing_a_ranks_shard_is_refused_by_name(sharded_checkpoin
     shutil.copytree(sharded_checkpoint, folder)
     shards = os.path.join(folder, SHARDS_DIR)
     os.remove(os.path.join(shards, sorted(os.listdir(shards))[-1]))
-    with pytest.raises(RaybmError, match=r"incomplete checkpoint \(1 shard file\(s\) missing from shards/: shard-.*"
-                                         r"upload was cut short"):
+    with pytest.raises(
+        RaybmError,
+        match=r"incomplete checkpoint \(1 shard file\(s\) missing from shards/: shard-.*"
+        r"upload was cut short",
+    ):
         check_shards(folder)
     with pytest.raises(RaybmError, match="incomplete checkpoint"):
         publish_sharded(folder)
@@ -182,8 +187,9 @@ def test_a_sweep_never_ranks_a_sharded_checkpoint_missing_a_ranks_file(tmp_path)
         for f in CHECKPOINT_FILES:
             (folder / f).write_text("{}")
         (folder / EPOCH_METRICS_FILE).write_text(json.dumps({"epoch": 1, "val_accuracy": accuracy}))
-        (folder / SHARDS_INDEX_FILE).write_text(json.dumps({"files": ["shard-0.safetensors", "shard-1.safetensors"],
-                                                            "model": True}))
+        (folder / SHARDS_INDEX_FILE).write_text(
+            json.dumps({"files": ["shard-0.safetensors", "shard-1.safetensors"], "model": True})
+        )
         for i in range(shard_files):
             (folder / SHARDS_DIR / f"shard-{i}.safetensors").write_bytes(b"x")
     results = Results.from_config(build_config(overrides=[f"storage.root={tmp_path}"]).storage)

@@ -10,8 +10,8 @@ from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.inference.loading import load_model_folder
 from raybm.metrics import soup_metric
-from raybm.tune.soup import average_models, make_soup
 from raybm.results import SOUP_FILE, soup_used
+from raybm.tune.soup import average_models, make_soup
 
 LABELS = ["negative", "positive"]
 
@@ -99,8 +99,9 @@ def test_min_mode_keeps_a_candidate_that_lowers_the_metric(folders, tmp_path):
 
 def test_uniform_averages_every_candidate(folders, tmp_path):
     score = distance_scorer(weights(folders[0]))
-    soup = make_soup(list(zip("abc", folders)), score, metric="accuracy", method="uniform",
-                     workdir=str(tmp_path), log=print)
+    soup = make_soup(
+        list(zip("abc", folders)), score, metric="accuracy", method="uniform", workdir=str(tmp_path), log=print
+    )
     assert soup.ingredients == ["a", "b", "c"] and soup.validation < soup.best_single  # reported, not hidden
     got, want = weights(soup.folder), mean_of(*folders)
     assert all(torch.allclose(got[k].float(), want[k], atol=1e-6) for k in want)
@@ -111,10 +112,16 @@ def test_uniform_averages_every_candidate(folders, tmp_path):
 def test_a_model_of_another_architecture_is_skipped_or_refused(folders, tmp_path):
     other = model_folder(tmp_path / "cropped", 4, keep_layers=1)
     lines = []
-    soup = make_soup([("a", folders[0]), ("cropped", other)], distance_scorer(weights(folders[0])),
-                     metric="accuracy", workdir=str(tmp_path / "w"), log=lines.append)
-    assert soup.ingredients == ["a"] and soup.tried == [{"model": "cropped", "kept": False,
-                                                         "reason": "weights do not match"}]
+    soup = make_soup(
+        [("a", folders[0]), ("cropped", other)],
+        distance_scorer(weights(folders[0])),
+        metric="accuracy",
+        workdir=str(tmp_path / "w"),
+        log=lines.append,
+    )
+    assert soup.ingredients == ["a"] and soup.tried == [
+        {"model": "cropped", "kept": False, "reason": "weights do not match"}
+    ]
     assert any("skipped" in line for line in lines)
     with pytest.raises(RaybmError, match="do not match"):
         average_models([folders[0], other], str(tmp_path / "bad"))

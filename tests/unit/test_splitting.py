@@ -14,9 +14,11 @@ def _split_all(df, ratios=(0.8, 0.1, 0.1), seed=0, max_rows=None, n_parts=3):
     counts = deduped["label"].value_counts().to_dict()
     quota = splitting.sample_quotas(counts, max_rows)
     thresholds = splitting.split_thresholds(deduped[["label", "sample_key", "split_key"]], quota, list(ratios))
-    parts = [splitting.apply_split(part, thresholds=thresholds).to_pandas()
-             for idx in np.array_split(np.arange(len(deduped)), n_parts)
-             for part in [deduped.iloc[idx]]]
+    parts = [
+        splitting.apply_split(part, thresholds=thresholds).to_pandas()
+        for idx in np.array_split(np.arange(len(deduped)), n_parts)
+        for part in [deduped.iloc[idx]]
+    ]
     return pd.concat(parts, ignore_index=True)
 
 
@@ -41,8 +43,14 @@ def test_split_is_stratified_and_sized():
     df = pd.DataFrame({"text": [f"t{i}" for i in range(1000)], "label": [0] * 700 + [1] * 300})
     out = _split_all(df)
     sizes = out.groupby(["split", "label"]).size().to_dict()
-    assert sizes == {("train", 0): 560, ("validation", 0): 70, ("test", 0): 70,
-                     ("train", 1): 240, ("validation", 1): 30, ("test", 1): 30}
+    assert sizes == {
+        ("train", 0): 560,
+        ("validation", 0): 70,
+        ("test", 0): 70,
+        ("train", 1): 240,
+        ("validation", 1): 30,
+        ("test", 1): 30,
+    }
 
 
 def test_split_does_not_depend_on_row_order_and_changes_with_seed():
@@ -84,8 +92,9 @@ def test_dedup_buckets_grow_with_the_rows_and_any_count_keeps_the_same_rows():
     def deduped(buckets):
         rows = splitting.keep_and_bucket(batch, buckets=buckets).to_pandas()
         assert rows["bucket"].between(0, buckets - 1).all()
-        out = pd.concat([splitting.deduplicate(g.drop(columns="bucket")).to_pandas()
-                         for _, g in rows.groupby("bucket")])
+        out = pd.concat(
+            [splitting.deduplicate(g.drop(columns="bucket")).to_pandas() for _, g in rows.groupby("bucket")]
+        )
         return out.sort_values("text").reset_index(drop=True)
 
     pd.testing.assert_frame_equal(deduped(32), deduped(7))
@@ -106,8 +115,13 @@ def _deduplicated_where_they_are(batch, buckets=7):
 def test_only_rows_sharing_a_text_key_are_compared_and_the_result_is_the_whole_deduplication():
     rng = np.random.default_rng(1)
     texts = [f"t{i}" for i in rng.integers(0, 3000, 2000)]  # some copies, most texts once
-    batch = pd.DataFrame({"text": texts, "label": rng.integers(0, 3, 2000),
-                          "drop_reason": np.where(rng.random(2000) < 0.05, "empty_after_cleaning", "")})
+    batch = pd.DataFrame(
+        {
+            "text": texts,
+            "label": rng.integers(0, 3, 2000),
+            "drop_reason": np.where(rng.random(2000) < 0.05, "empty_after_cleaning", ""),
+        }
+    )
     got, compared = _deduplicated_where_they_are(batch)
     kept = batch[batch["drop_reason"] == ""]
     expected = splitting.deduplicate(kept[["text", "label"]]).to_pandas().sort_values("text").reset_index(drop=True)
@@ -136,8 +150,9 @@ def test_keys_of_dropped_rows_are_not_handed_on():
 
 
 def test_unique_rows_split_where_they_are_as_apply_split_splits_them():
-    batch = pd.DataFrame({"text": [f"t{i % 150}" for i in range(200)], "label": [i % 2 for i in range(200)],
-                          "drop_reason": ""})
+    batch = pd.DataFrame(
+        {"text": [f"t{i % 150}" for i in range(200)], "label": [i % 2 for i in range(200)], "drop_reason": ""}
+    )
     keyed = splitting.with_keys(batch, seed=0)
     shared = splitting.shared_keys(splitting.kept_keys(keyed).to_pandas()["text_key"].to_numpy())
     unique = splitting.unique_rows(keyed, shared=shared).to_pandas()

@@ -1,4 +1,3 @@
-
 import numpy as np
 import pandas as pd
 
@@ -18,7 +17,7 @@ def test_tokenize_longest_gives_variable_rows_and_collate_pads():
     batch = pad_collate(out)
     assert tuple(batch["input_ids"].shape) == (2, 8)
     assert batch["attention_mask"][0].sum().item() == lengths[0]
-    assert batch["input_ids"][0, lengths[0]:].eq(0).all()
+    assert batch["input_ids"][0, lengths[0] :].eq(0).all()
 
 
 def test_tokenize_max_length_gives_fixed_width():
@@ -28,8 +27,7 @@ def test_tokenize_max_length_gives_fixed_width():
 
 
 def test_count_tokens_is_untruncated_and_stores_the_ids_training_reads():
-    out = CountTokens(MODEL, max_length=8)(pd.DataFrame({"text": TEXTS, "split": ["train", "test"],
-                                                          "label": [0, 1]}))
+    out = CountTokens(MODEL, max_length=8)(pd.DataFrame({"text": TEXTS, "split": ["train", "test"], "label": [0, 1]}))
     assert out.column("n_tokens").to_pylist()[1] > 8
     assert str(out.schema.field("input_ids").type) == "list<item: int32>"
     stored = out.column("input_ids").to_pylist()
@@ -69,8 +67,15 @@ def test_collate_of_stored_ids_attends_to_every_token_and_pads_to_a_fixed_width(
 
 
 def test_augmentation_is_seeded_and_changes_text():
-    cfg = AugmentConfig(enabled=True, crop_prob=1.0, crop_min_ratio=0.5, pad_prob=1.0, pad_max_tokens=2,
-                        replace_prob=0.3, delete_prob=0.2)
+    cfg = AugmentConfig(
+        enabled=True,
+        crop_prob=1.0,
+        crop_min_ratio=0.5,
+        pad_prob=1.0,
+        pad_max_tokens=2,
+        replace_prob=0.3,
+        delete_prob=0.2,
+    )
     text = "one two three four five six seven eight nine ten"
     a = augment_text(text, cfg, np.random.default_rng(5), "[MASK]", "[PAD]")
     b = augment_text(text, cfg, np.random.default_rng(5), "[MASK]", "[PAD]")
@@ -96,8 +101,10 @@ def test_chinese_text_is_augmented_by_characters_not_as_one_word():
 def test_training_texts_are_augmented_anew_every_epoch_and_the_same_in_every_run():
     from raybm.models.build import load_tokenizer
 
-    batch = {"text": np.array(["the film was long but the ending was wonderful and moving"], dtype=object),
-             "label": np.array([1])}
+    batch = {
+        "text": np.array(["the film was long but the ending was wonderful and moving"], dtype=object),
+        "label": np.array([1]),
+    }
     aug = AugmentConfig(enabled=True, crop_prob=1.0, replace_prob=0.5)
     tokenizer = load_tokenizer(MODEL)
     plain = Tokenize(MODEL, 64, "longest")(pd.DataFrame(batch))["input_ids"][0].tolist()
@@ -130,7 +137,13 @@ def test_collate_of_read_only_arrays_copies_without_a_warning():
 def test_batches_pad_with_the_models_pad_id_whether_ragged_or_zero_padded_upstream():
     ragged = {"input_ids": np.array([np.array([7, 8, 9]), np.array([7])], dtype=object), "label": np.array([0, 1])}
     assert pad_collate(ragged, pad_id=5)["input_ids"].tolist() == [[7, 8, 9], [7, 5, 5]]
-    whole = {"input_ids": np.array([[7, 8, 9], [7, 0, 0]]), "attention_mask": np.array([[1, 1, 1], [1, 0, 0]]),
-             "label": np.array([0, 1])}  # a whole split's rows come 0-padded
+    whole = {
+        "input_ids": np.array([[7, 8, 9], [7, 0, 0]]),
+        "attention_mask": np.array([[1, 1, 1], [1, 0, 0]]),
+        "label": np.array([0, 1]),
+    }  # a whole split's rows come 0-padded
     out = pad_collate(whole, pad_id=5)
-    assert out["input_ids"].tolist() == [[7, 8, 9], [7, 5, 5]] and out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert out["input_ids"].tolist() == [[7, 8, 9], [7, 5, 5]] and out["attention_mask"].tolist() == [
+        [1, 1, 1],
+        [1, 0, 0],
+    ]

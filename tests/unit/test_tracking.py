@@ -32,9 +32,16 @@ def test_a_tracking_server_that_does_not_answer_fails_fast_unless_not_required(c
 def test_params_are_the_resolved_config_and_metrics_carry_their_steps():
     params = flat_params(build_config(overrides=["train.lr=0.003", "model.name=tiny-bert"]))
     assert params["train.lr"] == "0.003" and params["model.name"] == "tiny-bert" and "tracking.mlflow_uri" in params
-    history = [{"epoch": 1, "train_loss": 0.6, "val_f1_macro": 0.5, "steps": [[10, 0.7, 1e-3], [20, 0.5, 9e-4]],
-                "finished_at": 100.0},
-               {"epoch": 2, "train_loss": 0.4, "val_f1_macro": 0.8, "steps": [[30, 0.4, 5e-4]], "finished_at": 200.0}]
+    history = [
+        {
+            "epoch": 1,
+            "train_loss": 0.6,
+            "val_f1_macro": 0.5,
+            "steps": [[10, 0.7, 1e-3], [20, 0.5, 9e-4]],
+            "finished_at": 100.0,
+        },
+        {"epoch": 2, "train_loss": 0.4, "val_f1_macro": 0.8, "steps": [[30, 0.4, 5e-4]], "finished_at": 200.0},
+    ]
     got = {(k, step): v for k, v, _, step in run_metrics(history, {"accuracy": 0.9, "per_class": {}})}
     assert got[("val_f1_macro", 2)] == 0.8 and got[("step_loss", 20)] == 0.5 and got[("step_lr", 30)] == 5e-4
     assert got[("test_accuracy", 0)] == 0.9 and not any(k == "test_per_class" for k, _ in got)
@@ -46,8 +53,15 @@ def test_a_file_store_records_runs(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     cfg = build_config(overrides=[f"tracking.mlflow_uri=file://{tmp_path}/mlruns", "model.name=tiny-bert"])
     check_tracking(cfg.tracking)
-    run_id = log_run(cfg, "r1", "run", [{"epoch": 1, "val_f1_macro": 0.5}], {"accuracy": 0.9}, {"notes.txt": "hi"},
-                     tags={"raybm.results": "/x/runs/r1"})
+    run_id = log_run(
+        cfg,
+        "r1",
+        "run",
+        [{"epoch": 1, "val_f1_macro": 0.5}],
+        {"accuracy": 0.9},
+        {"notes.txt": "hi"},
+        tags={"raybm.results": "/x/runs/r1"},
+    )
     assert run_id is not None
     from raybm.tracking import mlflow_client
 

@@ -11,12 +11,14 @@ from raybm.ray_patches import TorchProcessGroup, TorchProcessGroupConfig
 
 def test_the_train_controller_reads_the_backend_without_importing_torch():
     pickled = cloudpickle.dumps(TorchProcessGroupConfig(backend="gloo", timeout_s=60))
-    code = ("import pickle, sys\n"
-            f"config = pickle.loads({pickled!r})\n"
-            "backend = config.backend_cls()\n"
-            "assert (config.backend, config.timeout_s) == ('gloo', 60), config\n"
-            "assert backend.share_cuda_visible_devices\n"
-            "print('torch' in sys.modules)\n")
+    code = (
+        "import pickle, sys\n"
+        f"config = pickle.loads({pickled!r})\n"
+        "backend = config.backend_cls()\n"
+        "assert (config.backend, config.timeout_s) == ('gloo', 60), config\n"
+        "assert backend.share_cuda_visible_devices\n"
+        "print('torch' in sys.modules)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -34,8 +34,9 @@ def test_fsdp_runs_on_gloo_on_cpus_and_needs_nccl_and_whole_gpus_on_gpus():
     assert torch_backend(train_cfg("train.parallelism=fsdp", "train.num_workers=2"), use_gpu=False) == "gloo"
     assert torch_backend(train_cfg("train.parallelism=fsdp", "train.num_workers=2"), use_gpu=True) == "nccl"
     with pytest.raises(RaybmError, match="one GPU per worker"):
-        torch_backend(train_cfg("train.parallelism=fsdp", "train.num_workers=2", "train.gpus_per_worker=0.5"),
-                      use_gpu=True)
+        torch_backend(
+            train_cfg("train.parallelism=fsdp", "train.num_workers=2", "train.gpus_per_worker=0.5"), use_gpu=True
+        )
     with pytest.raises(RaybmError, match="on GPUs needs NCCL"):
         torch_backend(train_cfg("train.parallelism=fsdp", "train.backend=gloo"), use_gpu=True)
     with pytest.raises(ConfigError, match="does not support train.l1"):
@@ -46,8 +47,15 @@ def test_fsdp_runs_on_gloo_on_cpus_and_needs_nccl_and_whole_gpus_on_gpus():
 
 def test_recipe_differences_ignore_where_a_run_runs():
     old = build_config(overrides=["train.lr=1e-4"]).to_dict()
-    same = build_config(overrides=["train.lr=1e-4", "train.num_workers=4", "train.use_gpu=no",
-                                   "train.max_failures=3", "data.max_rows=50"]).to_dict()
+    same = build_config(
+        overrides=[
+            "train.lr=1e-4",
+            "train.num_workers=4",
+            "train.use_gpu=no",
+            "train.max_failures=3",
+            "data.max_rows=50",
+        ]
+    ).to_dict()
     assert recipe_differences(old, same) == []
     other = build_config(overrides=["train.lr=3e-4", "train.precision=fp32", "model.keep_layers=3"]).to_dict()
     diff = recipe_differences(old, other)
@@ -62,11 +70,13 @@ def test_a_run_is_not_resumed_with_another_recipe(tmp_path):
     cfg = build_config(overrides=[f"storage.root={tmp_path}", "name=r1"])
     check_same_recipe(results, run_dir, "r1", cfg)  # a new run: nothing to compare
     results.write_text(results.join(run_dir, CONFIG_FILE), cfg.to_yaml())
-    check_same_recipe(results, run_dir, "r1", build_config(overrides=[f"storage.root={tmp_path}", "name=r1",
-                                                                        "train.num_workers=2"]))
+    check_same_recipe(
+        results, run_dir, "r1", build_config(overrides=[f"storage.root={tmp_path}", "name=r1", "train.num_workers=2"])
+    )
     with pytest.raises(RaybmError, match=r"run 'r1' already exists .* another training recipe \(train\.lr"):
-        check_same_recipe(results, run_dir, "r1", build_config(overrides=[f"storage.root={tmp_path}", "name=r1",
-                                                                            "train.lr=1e-3"]))
+        check_same_recipe(
+            results, run_dir, "r1", build_config(overrides=[f"storage.root={tmp_path}", "name=r1", "train.lr=1e-3"])
+        )
 
 
 def test_sweeps_run_as_many_trials_as_fit_the_nodes_one_by_one():
@@ -107,8 +117,9 @@ def test_work_that_no_node_can_hold_is_named():
 
     nodes = [{"CPU": 0.0, "memory": 8e9}, {"CPU": 1.0, "memory": 8e9}, {"CPU": 1.0, "memory": 8e9}]
     assert unplaceable({"CPU": 1.0}, nodes) is None
-    assert unplaceable({"CPU": 2.0}, nodes) == ("2 CPU per worker, but the largest node has 1 (nodes: 3 node(s) "
-                                                "with 0, 1, 1 CPU)")
+    assert unplaceable({"CPU": 2.0}, nodes) == (
+        "2 CPU per worker, but the largest node has 1 (nodes: 3 node(s) with 0, 1, 1 CPU)"
+    )
     assert unplaceable({"CPU": 1.0, "GPU": 1.0}, nodes).startswith("1 GPU per worker, but no node has any")
     assert unplaceable({"CPU": 1.0, "GPU": 1.0}, nodes, frozenset({"GPU"})) is None  # an autoscaler adds them
     assert unplaceable({"CPU": 1.0, "nobody_has": 1.0}, nodes).startswith("1 nobody_has per worker, but no node")
@@ -124,8 +135,12 @@ def test_work_that_no_node_can_hold_is_named():
 def test_the_best_epoch_of_a_tie_is_the_later_one_as_ray_train_ranks_checkpoints():
     # Ray Train keeps the later of tied checkpoints; the published model and the epoch
     # named in metrics.json and the model card must be the same one.
-    history = [{"epoch": 1, "val_f1_macro": 0.5, "val_loss": 0.4}, {"epoch": 2, "val_f1_macro": 1.0, "val_loss": 0.2},
-               {"epoch": 3, "val_f1_macro": 1.0, "val_loss": 0.2}, {"epoch": 4, "val_f1_macro": 0.9, "val_loss": 0.3}]
+    history = [
+        {"epoch": 1, "val_f1_macro": 0.5, "val_loss": 0.4},
+        {"epoch": 2, "val_f1_macro": 1.0, "val_loss": 0.2},
+        {"epoch": 3, "val_f1_macro": 1.0, "val_loss": 0.2},
+        {"epoch": 4, "val_f1_macro": 0.9, "val_loss": 0.3},
+    ]
     assert best_epoch(history, "val_f1_macro", "max") == 3
     assert best_epoch(history, "val_loss", "min") == 3
     assert best_epoch(history, "val_loss", "max") == 1
@@ -134,8 +149,10 @@ def test_the_best_epoch_of_a_tie_is_the_later_one_as_ray_train_ranks_checkpoints
 
 def test_workers_read_splits_whole_where_the_stored_ids_fit_and_the_split_is_small():
     def report(rows=1000, model="tiny-bert", max_length=16, stored=True):
-        return {"splits": {"train": {"rows": rows}},
-                "tokens": {"ids_stored": stored, "model": model, "max_length": max_length}}
+        return {
+            "splits": {"train": {"rows": rows}},
+            "tokens": {"ids_stored": stored, "model": model, "max_length": max_length},
+        }
 
     def cfg(*overrides):
         return build_config(overrides=["model.name=tiny-bert", "data.max_length=16", *overrides])
@@ -146,8 +163,11 @@ def test_workers_read_splits_whole_where_the_stored_ids_fit_and_the_split_is_sma
     assert not reads_whole_splits(cfg(), report(max_length=32))  # ids for another length: Ray Data tokenizes
     assert not reads_whole_splits(cfg(), report(rows=10**7))  # 640 MB of ids per worker: streamed
     assert reads_whole_splits(cfg("train.data_feed=whole"), report(rows=10**7))  # the user's word wins
-    with pytest.raises(RaybmError, match="data_feed=whole needs the token ids .* tiny-bert at max_length 16 "
-                                         r"\(stored: for other at max_length 16\)"):
+    with pytest.raises(
+        RaybmError,
+        match="data_feed=whole needs the token ids .* tiny-bert at max_length 16 "
+        r"\(stored: for other at max_length 16\)",
+    ):
         reads_whole_splits(cfg("train.data_feed=whole"), report(model="other"))
     with pytest.raises(ConfigError, match="data_feed=whole does not work with data.augment"):
         cfg("train.data_feed=whole", "data.augment.enabled=true")
@@ -182,13 +202,16 @@ def test_a_cpu_runs_bf16_autocast_only_when_asked_and_never_fp16():
     assert [precision_name(d) for d in (torch.bfloat16, torch.float16, None)] == ["bf16", "fp16", "fp32"]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.cpu_offload=true"], r"train.cpu_offload offloads FSDP's shards; set train.parallelism=fsdp"),
-    (["train.cpu_offload=true", "train.parallelism=fsdp", "train.use_gpu=no"], r"drop train.cpu_offload"),
-    (["train.quantize_base=nf4"], r"quantizes the frozen base of a LoRA run; set train.strategy=lora"),
-    (["train.quantize_base=nf4", "train.strategy=lora", "train.parallelism=fsdp"], r"use parallelism ddp"),
-    (["train.quantize_base=nf4", "train.strategy=lora", "train.use_gpu=no"], r"needs GPU workers"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.cpu_offload=true"], r"train.cpu_offload offloads FSDP's shards; set train.parallelism=fsdp"),
+        (["train.cpu_offload=true", "train.parallelism=fsdp", "train.use_gpu=no"], r"drop train.cpu_offload"),
+        (["train.quantize_base=nf4"], r"quantizes the frozen base of a LoRA run; set train.strategy=lora"),
+        (["train.quantize_base=nf4", "train.strategy=lora", "train.parallelism=fsdp"], r"use parallelism ddp"),
+        (["train.quantize_base=nf4", "train.strategy=lora", "train.use_gpu=no"], r"needs GPU workers"),
+    ],
+)
 def test_offload_and_4bit_settings_that_cannot_work_are_refused_by_the_config(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_config(overrides=overrides)

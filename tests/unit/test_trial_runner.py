@@ -10,8 +10,9 @@ from raybm.tune.trial import IN_TRIAL, RAY_TRAIN, trial_runner
 
 
 def decide(*overrides, tokenizes=False, whole=True, runner="auto"):
-    cfg = build_config(overrides=["tune.search_space={train.lr: 'grid([1e-3, 1e-4])'}",
-                                  f"tune.trial_runner={runner}", *overrides])
+    cfg = build_config(
+        overrides=["tune.search_space={train.lr: 'grid([1e-3, 1e-4])'}", f"tune.trial_runner={runner}", *overrides]
+    )
     return trial_runner(cfg, parse_space(cfg.tune.search_space), tokenizes, whole)
 
 
@@ -20,14 +21,21 @@ def test_a_trial_of_one_worker_reading_whole_splits_trains_in_its_own_process():
     assert decide("train.cpus_per_worker=2", "train.torch_threads=2") == IN_TRIAL
 
 
-@pytest.mark.parametrize("overrides, tokenizes, whole, reason", [
-    (["train.num_workers=2"], False, True, "train.num_workers=2"),
-    (["train.parallelism=fsdp"], False, True, "train.parallelism=fsdp"),
-    ([], True, False, "each trial tokenizes its data"),
-    ([], False, False, "the splits stream through Ray Data"),
-    (["tune.search_space={train.cpus_per_worker: 'grid([1, 2])'}"], False, True,
-     "the search changes train.cpus_per_worker"),
-])
+@pytest.mark.parametrize(
+    "overrides, tokenizes, whole, reason",
+    [
+        (["train.num_workers=2"], False, True, "train.num_workers=2"),
+        (["train.parallelism=fsdp"], False, True, "train.parallelism=fsdp"),
+        ([], True, False, "each trial tokenizes its data"),
+        ([], False, False, "the splits stream through Ray Data"),
+        (
+            ["tune.search_space={train.cpus_per_worker: 'grid([1, 2])'}"],
+            False,
+            True,
+            "the search changes train.cpus_per_worker",
+        ),
+    ],
+)
 def test_trials_that_need_a_worker_group_get_one_and_in_trial_says_why(overrides, tokenizes, whole, reason):
     assert decide(*overrides, tokenizes=tokenizes, whole=whole) == RAY_TRAIN
     with pytest.raises(RaybmError, match=f"tune.trial_runner=in_trial cannot .*{reason}"):

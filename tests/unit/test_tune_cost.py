@@ -19,8 +19,9 @@ def test_architecture_tells_cropped_models_apart_and_counts_parameters(tmp_path,
     assert crop_key != full_key and crop_params == sum(p.numel() for p in model.parameters())
     assert 0 < crop_params < full_params
     retrained = tmp_path / "retrained"  # other weights, same shapes: same architecture
-    build_classifier(build_config(overrides=["model.name=tiny-bert"]).model, ["negative", "positive"],
-                     seed=9).save_pretrained(retrained, safe_serialization=True)
+    build_classifier(
+        build_config(overrides=["model.name=tiny-bert"]).model, ["negative", "positive"], seed=9
+    ).save_pretrained(retrained, safe_serialization=True)
     assert architecture(str(retrained)) == (full_key, full_params)
 
 

@@ -7,16 +7,24 @@ import pytest
 from raybm.metrics import drift_reference, population_stability_index
 from raybm.serve.watch import WINDOW_MINUTES, Minutes, summarize
 
-REPORT = {"dataset": "twitter-1", "splits": {"train": {"rows": 100, "labels": {"negative": 70, "positive": 30}}},
-          "tokens": {"p50": 10, "p90": 20, "p95": 25, "p99": 40}}
+REPORT = {
+    "dataset": "twitter-1",
+    "splits": {"train": {"rows": 100, "labels": {"negative": 70, "positive": 30}}},
+    "tokens": {"p50": 10, "p90": 20, "p95": 25, "p99": 40},
+}
 T0 = 1_800_000_000.0  # a minute boundary
 
 
 def test_the_summary_counts_traffic_latency_errors_answers_and_confidence():
     m = Minutes(low_confidence=0.6)
     for i in range(10):  # minute 0: 10 requests of 2 texts, latency 10..19 ms, one server error
-        m.record(500 if i == 0 else 200, 10.0 + i, [] if i == 0 else [("negative", 0.9), ("positive", 0.55)], [0, 1],
-                 now=T0 + i)
+        m.record(
+            500 if i == 0 else 200,
+            10.0 + i,
+            [] if i == 0 else [("negative", 0.9), ("positive", 0.55)],
+            [0, 1],
+            now=T0 + i,
+        )
     m.record(422, 1.0, [], [], now=T0 + 61)  # minute 1: a client's mistake
     out = summarize(m.export(), None, now=T0 + 62)
     total = out["total"]
@@ -58,5 +66,6 @@ def test_the_population_stability_index_by_hand():
 
     assert population_stability_index([0.5, 0.5], [50, 50]) == 0.0
     assert population_stability_index([0.7, 0.3], [30, 70]) == pytest.approx(
-        (0.3 - 0.7) * math.log(0.3 / 0.7) + (0.7 - 0.3) * math.log(0.7 / 0.3))
+        (0.3 - 0.7) * math.log(0.3 / 0.7) + (0.7 - 0.3) * math.log(0.7 / 0.3)
+    )
     assert population_stability_index([0.5, 0.5], [0, 0]) is None

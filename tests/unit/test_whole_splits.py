@@ -10,7 +10,10 @@ from raybm.errors import DataError
 
 
 def table(rows, texts=None):
-    columns = {"input_ids": pa.array(rows, type=pa.list_(pa.int32())), "label": pa.array([i % 2 for i in range(len(rows))])}
+    columns = {
+        "input_ids": pa.array(rows, type=pa.list_(pa.int32())),
+        "label": pa.array([i % 2 for i in range(len(rows))]),
+    }
     if texts is not None:
         columns["text"] = pa.array(texts)
     return pa.table(columns)
@@ -75,5 +78,8 @@ def test_a_whole_split_iterates_its_shard_in_batches_through_the_collate():
         got = [int(x) for b in batches for x in b["input_ids"][:, 1]]
         assert got == epoch_order(10, epoch=epoch, seed=0, rank=1, world=2).tolist()
     validation = WholeSplit(TokenArrays.from_table(table(rows, [str(i) for i in range(10)]), width=4))
-    assert [b["text"].tolist() for b in validation.iter_batches(4)] == [["0", "1", "2", "3"], ["4", "5", "6", "7"],
-                                                                        ["8", "9"]]
+    assert [b["text"].tolist() for b in validation.iter_batches(4)] == [
+        ["0", "1", "2", "3"],
+        ["4", "5", "6", "7"],
+        ["8", "9"],
+    ]
