@@ -32,10 +32,12 @@ from raybm.errors import RaybmError
 from raybm.inference.batch_output import OutputFolder
 from raybm.inference.loading import read_label_map
 from raybm.inference.predict import FORMATS, PROGRESS_EVERY_S, label_frame, output_columns
+from raybm.placement import alive_nodes, place
 from raybm.results import is_s3, resolve_uri
 
 GLOB_CHARS = "*?["
 SCORE_BATCH_ROWS = 1024  # rows a model actor takes at a time (run shortest first inside)
+ACTORS_START_S = 600  # how long a scoring job waits for its pool's fewest actors to start
 WRITE_BATCH_ROWS = 4096  # rows handed to the writer at a time
 PATH_COLUMN = "path"  # Ray Data's column naming each row's input file (include_paths)
 SAMPLE_BYTES = 1 << 20  # read from the first input to learn its columns and rows per byte
@@ -88,11 +90,12 @@ def find_inputs(spec: str, storage: StorageConfig) -> Inputs:
         ]
     if not found:
         raise RaybmError(f"--input {spec!r}: no .csv, .tsv, .jsonl or .parquet file there")
-    formats = {FORMATS.get(os.path.splitext(f.path)[1].lower()) for f in found}
-    if None in formats or len(formats) > 1:
+    kinds = [FORMATS.get(os.path.splitext(f.path)[1].lower()) for f in found]
+    formats = {k for k in kinds if k is not None}
+    if None in kinds or len(formats) > 1:
         raise RaybmError(
             f"--input {spec!r}: the files must all be one of .csv, .tsv, .jsonl, .parquet "
-            f"(found {sorted(str(f) for f in formats)}); score each kind apart"
+            f"(found {sorted(str(k) for k in set(kinds))}); score each kind apart"
         )
     found.sort(key=lambda f: f.path)
     return Inputs(fs, [f.path for f in found], formats.pop(), tuple(f.size or 0 for f in found))
@@ -281,13 +284,24 @@ def score_to_folder(
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
-        saved = ctx.execution_options.preserve_order, ctx.target_max_block_size
+        saved = ctx.execution_options.preserve_order, ctx.target_max_block_size, ctx.wait_for_min_actors_s
         # Rows leave in input order, in blocks of about a MiB, not the 128 MiB Ray Data gathers
         # a task's output into by default: a whole file of tweets would come back at once, at
-        # its end. (A dataset keeps the settings it was made with.)
+        # its end. (A dataset keeps the settings it was made with.) The pool's fewest actors all
+        # start before the first file is read: otherwise the reads can take a node's CPUs
+        # first, and a fixed pool runs short of the actors it announced (on a cluster, a node
+        # that scores nothing). Bounded: a cluster that cannot hold them fails, said below.
         ctx.execution_options.preserve_order, ctx.target_max_block_size = True, SCORE_BLOCK_BYTES
+        ctx.wait_for_min_actors_s = ACTORS_START_S
         try:
             pool = actor_pool(cpus_per_actor, gpus_per_actor, concurrency, threads)
+            actor = {"CPU": cpus_per_actor, **({"GPU": gpus_per_actor} if gpus_per_actor else {})}
+            if not place([dict(actor) for _ in range(pool.fewest)], alive_nodes()):
+                raise RaybmError(
+                    f"{pool.fewest} model actor(s) of {cpus_per_actor:g} CPU(s)"
+                    + (f" and {gpus_per_actor:g} GPU(s)" if gpus_per_actor else "")
+                    + " do not fit this Ray's nodes; lower predict.concurrency or predict.cpus_per_actor"
+                )
             log(
                 f"scoring {len(todo)} {inputs.fmt} file(s) with {pool.fewest}-{pool.most} model actor(s) of "
                 f"{pool.threads} thread(s) -> {output}"
@@ -312,11 +326,18 @@ def score_to_folder(
                 _Progress(*estimate_rows(inputs, todo), log),
                 on_file_done,
             )
-        except BaseException:
+        except BaseException as e:
             folder.abandon(log)
+            if "Timed out while starting actors" in str(e):
+                raise RaybmError(
+                    f"the {pool.fewest} model actor(s) of {cpus_per_actor:g} CPU(s)"
+                    + (f" and {gpus_per_actor:g} GPU(s)" if gpus_per_actor else "")
+                    + f" did not all start within {ACTORS_START_S} s: this Ray cannot hold them now. Lower "
+                    f"predict.concurrency or predict.cpus_per_actor, or free the cluster"
+                ) from None
             raise
         finally:
-            ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
+            ctx.execution_options.preserve_order, ctx.target_max_block_size, ctx.wait_for_min_actors_s = saved
     rows, files = folder.publish()
     seconds = time.monotonic() - started
     log(
@@ -379,7 +400,7 @@ def _write(
     preserves it (its iteration keeps it)."""
     for batch in labelled.iter_batches(batch_format="pandas", batch_size=WRITE_BATCH_ROWS):
         if positions is None:
-            where = np.zeros(len(batch), dtype=np.int64)
+            where: np.ndarray = np.zeros(len(batch), dtype=np.int64)
         else:
             where = batch.pop(PATH_COLUMN).map(positions).to_numpy()
         folder.write(batch, where, on_file_done)

@@ -315,6 +315,18 @@ def test_scoring_a_folder_of_files_into_a_folder_of_parquet_keeps_every_row_in_o
             log=quiet,
         )
     assert not (tmp_path / "other").exists() and not (tmp_path / "other.partial").exists()
+    # A fixed pool the nodes cannot hold fails at once (Ray would wait for it), leaving nothing.
+    with pytest.raises(RaybmError, match=r"5 model actor\(s\) of 1 CPU\(s\) do not fit this Ray's nodes"):
+        score_to_folder(
+            tiny_model_dir,
+            find_inputs(str(src), cfg.storage),
+            str(tmp_path / "big"),
+            "text",
+            storage=cfg.storage,
+            concurrency=5,
+            log=quiet,
+        )
+    assert not (tmp_path / "big").exists() and not (tmp_path / "big.partial").exists()
 
     # Interrupted after two of the four files: the folder stays unpublished with those two;
     # the same job run again scores only the other two, and the result is the whole, in order.
