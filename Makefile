@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,tracking]"
+	$(PY) -m pip install --quiet -e ".[dev,tracking,serve,export,dashboard]"
 	@touch $(STAMP)
 
 # The main job on the embedded default (the same entrypoint `ray job submit` runs, on a
@@ -41,11 +41,12 @@ demo: install
 # namespaces; root) run in pytest processes of their own: their cluster's token auth
 # settings stay out of the local Ray the other tests start. The ones that stop a job and
 # kill a node mid-sweep (cluster_long) get a fresh cluster of their own. First ruff (lint
-# and format) and the import contracts: a lint error, an unformatted file or a module that
-# imports a layer above its own fails the suite in seconds.
+# and format), mypy and the import contracts: a lint error, an unformatted file, a type
+# error or a module that imports a layer above its own fails the suite in seconds.
 test: install $(MLFLOW_STAMP)
 	$(VENV)/bin/ruff check $(LINTED)  # lint, then the formatter's layout ([tool.ruff])
 	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy raybm  # types ([tool.mypy]; the large libraries taken as untyped: seconds)
 	$(VENV)/bin/lint-imports --no-cache  # the layers of raybm/ (pyproject.toml, [tool.importlinter])
 	$(PY) -m pytest -q --durations=15 tests --ignore=tests/cluster
 	$(PY) -m pytest -q --durations=10 tests/cluster -m "not cluster_long"

@@ -34,7 +34,7 @@ def soup_metric(metric: str) -> str:
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows: true class, columns: predicted class."""
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    cm: np.ndarray = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
     return cm
 

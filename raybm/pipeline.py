@@ -24,7 +24,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from raybm.config import JobConfig, derived_name, pipeline_stages, run_name_for, sweep_name_for
 from raybm.errors import RaybmError
@@ -298,7 +298,7 @@ def _register(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Ou
     try:
         with tempfile.TemporaryDirectory(prefix="raybm-register-") as tmp:
             model = copy_to_local(state["model"], cfg.storage, os.path.join(tmp, MODEL_DIR))
-            exports = {
+            exports: dict[str, str] = {
                 v: copy_to_local(f"{export.rstrip('/')}/{v}", cfg.storage, os.path.join(tmp, EXPORTS, v))
                 for v in cfg.export.variants
                 if export and results.exists(resolve_uri(f"{export.rstrip('/')}/{v}", cfg.storage)[1])
@@ -336,7 +336,7 @@ def _variants(manifests: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def serving_folder(cfg: JobConfig, state: dict[str, Any]) -> tuple[str, str]:
+def serving_folder(cfg: JobConfig, state: dict[str, Any]) -> tuple[str, Literal["torch", "int8", "onnx"]]:
     """(model folder URI, backend) that the deploy stage serves: the ONNX int8 export for
     ``serve.backend=onnx`` (or ``auto`` when it exists), else the trained model."""
     backend = cfg.serve.backend
@@ -350,7 +350,7 @@ def serving_folder(cfg: JobConfig, state: dict[str, Any]) -> tuple[str, str]:
             "serve.backend=onnx needs an ONNX export: add onnx-int8 or onnx to export.variants "
             "and the export stage to pipeline.stages"
         )
-    return state["model"], "torch" if backend == "auto" else backend
+    return state["model"], ("torch" if backend == "auto" else backend)
 
 
 def release_gate(cfg: JobConfig, test: dict[str, Any] | None, latency_ms: float | None) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from raybm.config import JobConfig, pipeline_stages
 from raybm.errors import RaybmError
+from raybm.extras import require
 from raybm.inference.locate import config_model
 from raybm.results import Results
 from raybm.tracking import check_tracking
@@ -23,7 +24,6 @@ def preflight(cfg: JobConfig, stages: list[str] | None = None):
     from raybm.data.sources import resolve_source
     from raybm.models.catalog import check_model
     from raybm.models.strategies import check_fits_architecture
-    from raybm.serve.app import read_api_key
 
     Results.from_config(cfg.storage).check_reachable()
     check_tracking(cfg.tracking)
@@ -35,7 +35,12 @@ def preflight(cfg: JobConfig, stages: list[str] | None = None):
     teacher_labels(cfg.train.distill_from)
     stages = pipeline_stages(cfg) if stages is None else stages
     if "deploy" in stages:
+        require("serve", "the deploy stage")
+        from raybm.serve.app import read_api_key
+
         read_api_key(cfg.serve)
+    if "export" in stages and any(v.startswith("onnx") for v in cfg.export.variants):
+        require("export", "the export stage's ONNX variants")
     if not {"train", "tune"} & set(stages) and {"export", "deploy"} & set(stages):
         trained_model(cfg)  # export or deploy alone need a model trained earlier
     return source

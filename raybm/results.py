@@ -28,7 +28,7 @@ import posixpath
 import shutil
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -124,11 +124,11 @@ def job_for_workers(cfg) -> dict[str, Any]:
     return job
 
 
-def soup_used(soup: dict[str, Any] | None) -> bool:
+def soup_used(soup: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
     """Whether a soup record (``soup`` of ``winner.json`` and ``metrics.json``) describes the
     model that was handed on: a uniform soup always, a greedy one when it kept more than
     one model."""
-    return bool(soup) and (len(soup.get("ingredients", [])) > 1 or soup.get("method") == "uniform")
+    return soup is not None and (len(soup.get("ingredients", [])) > 1 or soup.get("method") == "uniform")
 
 
 def is_s3(uri: str) -> bool:

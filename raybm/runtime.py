@@ -71,7 +71,7 @@ def ensure_ray(cfg: RayConfig, env: dict[str, str] | None = None) -> str:
         return "an already running Ray"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     address = cluster_address(cfg)
-    runtime_env = {"env_vars": {**worker_env(), **(env or {})}}
+    runtime_env: dict | None = {"env_vars": {**worker_env(), **(env or {})}}
     if address:
         check_address(address)
         if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):

@@ -9,11 +9,13 @@ import sys
 
 from raybm.commands.common import add_config_args
 from raybm.config import JobConfig, describe, load_config
+from raybm.extras import require
 from raybm.results import EXPORTS, Results
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """`raybm dashboard`."""
+    require("dashboard", "raybm dashboard")
     import raybm.dashboard.pages as pages
     from raybm.dashboard.login import check_dashboard_host
 

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import traceback
+from typing import TextIO
 
 from raybm.errors import RaybmError
 
@@ -21,21 +22,21 @@ class QuietConsole:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.terminal = None
-        self.file = None
+        self.terminal: TextIO = sys.stdout  # the terminal itself once entered
+        self.file: TextIO | None = None
 
     def __enter__(self) -> QuietConsole:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         sys.stdout.flush()
         sys.stderr.flush()
         self.terminal = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
-        self.file = open(self.path, "a", buffering=1, encoding="utf-8", errors="replace")
-        self.file.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
-        os.dup2(self.file.fileno(), 1)
-        os.dup2(self.file.fileno(), 2)
+        self.file = file = open(self.path, "a", buffering=1, encoding="utf-8", errors="replace")
+        file.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
+        os.dup2(file.fileno(), 1)
+        os.dup2(file.fileno(), 2)
         return self
 
-    def __exit__(self, kind, error, tb) -> bool:
+    def __exit__(self, kind, error, tb) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         if error is not None:
@@ -44,7 +45,7 @@ class QuietConsole:
             else:
                 self.say("".join(traceback.format_exception(kind, error, tb)).rstrip())
             self.say(f"The whole output is in {self.path}")
-        return False  # the error goes on up (the CLI exits with its code)
+        # None: the error goes on up (the CLI exits with its code)
 
     def say(self, line: str) -> None:
         """A headline: on the terminal and in the log."""
@@ -54,4 +55,5 @@ class QuietConsole:
 
     def log(self, line: str) -> None:
         """A detail: in the log only."""
-        self.file.write(f"{line}\n")
+        if self.file is not None:
+            self.file.write(f"{line}\n")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Any
 
 from raybm.commands.common import add_config_args, print_test_metrics, start
 from raybm.config import build_config, load_config
 from raybm.errors import RaybmError
 from raybm.export.variants import TRAINED, run_export
+from raybm.extras import require
 from raybm.inference.loading import model_info, read_label_map
 from raybm.inference.locate import local_model, locate_model, model_name
 from raybm.results import Results, is_s3
@@ -93,6 +95,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if empty:
             raise RaybmError(f"--text number {empty[0]} is empty")
         if args.explain:
+            require("serve", "--explain", ("captum",))
             for line in explain_texts(args.model, args.text, args.max_length):
                 print(line)
             return 0
@@ -162,6 +165,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """`raybm export`."""
     cfg = load_config(args.config, args.overrides)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    if any(v.startswith("onnx") for v in (variants or cfg.export.variants)):
+        require("export", "raybm export of ONNX variants")
     if any(v in TRAINED for v in (variants or cfg.export.variants)):
         start(cfg, paths={"--model": args.model})  # distilled and pruned variants train on any node
     result = run_export(cfg, args.model, variants)
@@ -208,6 +213,7 @@ def format_exports(reference: dict | None, manifests: dict) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`raybm serve`."""
+    require("serve", "raybm serve")
     from raybm.serve.app import DEFAULT_LOADER, for_model, read_api_key
     from raybm.serve.deploy import deploy, stop_app, wait_until_interrupted
 
@@ -231,7 +237,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     start(cfg, paths={"--model": model_dir})
     print(f"Deploying {card['name']} ({model_dir}), backend {s.backend} ...", flush=True)
     url = deploy(cfg, model_dir, args.loader or DEFAULT_LOADER, storage=storage)
-    test = card.get("test_metrics") or {}
+    test: Any = card.get("test_metrics") or {}
     if test:
         print(f"  test accuracy {test['accuracy']:.4f}  macro-F1 {test['f1_macro']:.4f}  labels {card['labels']}")
     print(f"Serving at {url}/predict  (API docs: {url}/docs, metadata: {url}/metadata)")

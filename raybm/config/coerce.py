@@ -42,7 +42,7 @@ def _yaml_value(text: str, key: str) -> Any:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against type ``tp``, converting strings from CLI overrides."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
         if not isinstance(value, dict):

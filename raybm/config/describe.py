@@ -38,7 +38,7 @@ def describe(cls: type = JobConfig, prefix: str = "") -> list[tuple[str, str, st
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, key + "."))
             continue
         default = getattr(default_obj, f.name)

@@ -193,7 +193,7 @@ class DashboardData:
         for p in self.pipelines():
             stages = p.get("stages", {})
             deploy = stages.get("deploy", {})
-            model = next((stages[k] for k in ("tune", "train") if k in stages), {})
+            model: dict = next((stages[k] for k in ("tune", "train") if k in stages), {})
             rows.append(
                 {
                     "name": p["name"],

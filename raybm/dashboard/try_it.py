@@ -97,11 +97,12 @@ def _answerers(data, serve_url: str | None, st):
     """(predict texts -> frame, explain one text) from the model server when it answers,
     else from a model the viewer picks; None when there is no model yet."""
     api_key = os.environ.get("RAYBM_API_KEY") or None
-    if endpoint_ok(serve_url):
+    if serve_url is not None and endpoint_ok(serve_url):
+        url = serve_url
         st.success(f"Answers come from the model server at {serve_url}.")
 
         def predict(texts: list[str]) -> pd.DataFrame:
-            answers = post_texts(serve_url, texts, api_key)
+            answers = post_texts(url, texts, api_key)
             return pd.DataFrame(
                 [
                     {
@@ -115,7 +116,7 @@ def _answerers(data, serve_url: str | None, st):
                 ]
             )
 
-        return predict, lambda text: explain_text(serve_url, text, api_key)
+        return predict, lambda text: explain_text(url, text, api_key)
     if serve_url:
         st.warning(
             f"The model server at {serve_url} does not answer; using a model loaded here instead. "
@@ -135,7 +136,7 @@ def _answerers(data, serve_url: str | None, st):
     )
     st.caption(f"Technical name: {choice}")
 
-    def predict(texts: list[str]) -> pd.DataFrame:
+    def predict_here(texts: list[str]) -> pd.DataFrame:
         p = _predictor(data.local_model(models[choice]))
         probs = p.predict(texts)
         return pd.DataFrame(
@@ -151,7 +152,7 @@ def _answerers(data, serve_url: str | None, st):
             ]
         )
 
-    return predict, lambda text: explain(_predictor(data.local_model(models[choice])), text)
+    return predict_here, lambda text: explain(_predictor(data.local_model(models[choice])), text)
 
 
 def _title(data, choice: str) -> str:

@@ -150,10 +150,11 @@ def _list_files(source: str, storage: StorageConfig) -> tuple[pafs.FileSystem, l
 def _detect_format(files: list[str], configured: str) -> str:
     if configured != "auto":
         return configured
-    found = {EXTENSIONS.get(os.path.splitext(f)[1].lower()) for f in files}
-    if None in found:
-        unknown = [f for f in files if os.path.splitext(f)[1].lower() not in EXTENSIONS][:3]
+    extensions = [os.path.splitext(f)[1].lower() for f in files]
+    unknown = [f for f, ext in zip(files, extensions) if ext not in EXTENSIONS][:3]
+    if unknown:
         raise DataError(f"cannot tell the format of {unknown}; set data.format to csv, tsv, jsonl or parquet")
+    found = {EXTENSIONS[ext] for ext in extensions}
     if len(found) > 1:
         raise DataError(f"the source mixes formats {sorted(found)}; point data.source at one format or set data.format")
     return found.pop()

@@ -14,6 +14,7 @@ text can be in two splits.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -209,13 +210,13 @@ def split_thresholds(keys: pd.DataFrame, quotas: dict[int, int], ratios: list[fl
     return out
 
 
-def apply_split(batch: pd.DataFrame, *, thresholds: dict[int, list[int]]) -> pa.Table:
+def apply_split(batch: pd.DataFrame, *, thresholds: dict[Any, list[int]]) -> pa.Table:
     """Label each row train / validation / test by the thresholds; drop sampled-out rows."""
     texts, labels, splits = [], [], []
     for text, label, sample_key, split_key in zip(
         batch["text"].tolist(), batch["label"].tolist(), batch["sample_key"].tolist(), batch["split_key"].tolist()
     ):
-        t = thresholds.get(label) or thresholds.get(str(label))
+        t = thresholds.get(label) or thresholds[str(label)]  # keys may come back as strings
         if sample_key > t[0]:
             continue
         texts.append(text)

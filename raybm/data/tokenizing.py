@@ -139,7 +139,7 @@ class Tokenize(_WithTokenizer):
             if self.padding == "max_length":
                 out[key] = np.stack(rows)
             else:
-                col = np.empty(len(rows), dtype=object)
+                col: np.ndarray = np.empty(len(rows), dtype=object)
                 col[:] = rows
                 out[key] = col
         if "label" in batch:
@@ -265,8 +265,8 @@ def pad_collate(batch: dict[str, np.ndarray], pad_id: int = 0, width: int | None
         rows = list(ids)
         masks = batch.get("attention_mask")
         size = width or max(len(r) for r in rows)
-        arr = np.full((len(rows), size), pad_id, dtype=np.int64)
-        att = np.zeros((len(rows), size), dtype=np.int64)
+        arr: np.ndarray = np.full((len(rows), size), pad_id, dtype=np.int64)
+        att: np.ndarray = np.zeros((len(rows), size), dtype=np.int64)
         for i, r in enumerate(rows):
             arr[i, : len(r)] = r
             att[i, : len(r)] = 1 if masks is None else masks[i]

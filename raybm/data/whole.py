@@ -53,7 +53,7 @@ class TokenArrays:
                 f"a stored row has {int(lengths.max())} token ids, more than max_length={width}; "
                 f"prepare the dataset again (raybm data)"
             )
-        ids = np.zeros((len(lengths), width), dtype=np.int32)
+        ids: np.ndarray = np.zeros((len(lengths), width), dtype=np.int32)
         ids[np.arange(width) < lengths[:, None]] = col.flatten().to_numpy(zero_copy_only=False)
         texts = table.column("text").to_numpy(zero_copy_only=False) if "text" in table.column_names else None
         return cls(ids, lengths, table.column("label").to_numpy(zero_copy_only=False).astype(np.int64), texts)

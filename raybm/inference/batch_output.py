@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,7 +36,9 @@ class OutputFolder:
 
     def __init__(self, fs: pafs.FileSystem, final: str, build: str, output: str, ledger: dict) -> None:
         self.fs, self.final, self.build, self.output, self.ledger = fs, final, build, output, ledger
-        self._writer = self._sink = self._schema = None
+        self._writer: _LazyWriter | None = None
+        self._sink: Any = None
+        self._schema: pa.Schema | None = None
         self._input = self._chunk = self._in_file = 0
         self._files: list[str] = []
 
@@ -124,16 +127,17 @@ class OutputFolder:
 
     def _write_rows(self, rows: pd.DataFrame) -> None:
         while len(rows):
-            if self._writer is None or self._in_file >= ROWS_PER_FILE:
-                self._open_file()
+            writer = self._writer
+            if writer is None or self._in_file >= ROWS_PER_FILE:
+                writer = self._open_file()
             take = rows.iloc[: ROWS_PER_FILE - self._in_file]
             rows = rows.iloc[len(take) :]
             table = pa.Table.from_pandas(take, schema=self._schema, preserve_index=False)
             self._schema = self._schema or table.schema  # every file has the first batch's types
-            self._writer.write_table(table)
+            writer.write_table(table)
             self._in_file += len(take)
 
-    def _open_file(self) -> None:
+    def _open_file(self) -> _LazyWriter:
         if self._writer is not None:  # a full file of a long input: its next chunk
             self._close()
             self._chunk += 1
@@ -143,6 +147,7 @@ class OutputFolder:
         self._sink = self.fs.open_output_stream(posixpath.join(self.build, name))
         self._writer, self._in_file = _LazyWriter(self._sink, self._schema), 0
         self._files.append(name)
+        return self._writer
 
     def _finish_input(self, on_file_done: Callable[[str], None] | None) -> None:
         self._close()
@@ -177,7 +182,8 @@ class _LazyWriter:
     rows may give the schema when the job's first batch had not fixed it yet)."""
 
     def __init__(self, sink, schema: pa.Schema | None) -> None:
-        self._sink, self._schema, self._writer = sink, schema, None
+        self._sink, self._schema = sink, schema
+        self._writer: Any = None  # pq.ParquetWriter once written to
 
     def write_table(self, table: pa.Table) -> None:
         """Write ``table``, opening the file's writer with its schema on first use."""

@@ -148,14 +148,14 @@ class TextClassifier:
         ids = tokenize(self.tokenizer, texts, truncation=True, max_length=self.max_length)["input_ids"]
         lengths = np.array([len(x) for x in ids])
         order = np.argsort(lengths, kind="stable")
-        probs = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        probs: np.ndarray = np.empty((len(texts), len(self.labels)), dtype=np.float32)
         pad_id = self.tokenizer.pad_token_id or 0
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
         for i in range(0, len(texts), self.batch_size):
             rows = order[i : i + self.batch_size]
             width = int(lengths[rows].max())
-            input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
+            input_ids: np.ndarray = np.full((len(rows), width), pad_id, dtype=np.int64)
+            mask: np.ndarray = np.zeros((len(rows), width), dtype=np.int64)
             for r, j in enumerate(rows):
                 span = slice(width - lengths[j], width) if left else slice(0, lengths[j])
                 input_ids[r, span], mask[r, span] = ids[j], 1
@@ -271,7 +271,10 @@ def load_onnx(
     try:
         import onnxruntime as ort
     except ImportError:
-        raise RaybmError("the onnx backend needs onnxruntime: pip install onnxruntime") from None
+        raise RaybmError(
+            "the onnx backend needs onnxruntime, which comes with raybm's serve and export extras: "
+            "pip install 'raybm[serve]'"
+        ) from None
     from transformers import AutoTokenizer
 
     from raybm.models.build import with_pad_token

@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -109,9 +109,9 @@ def label_frame(
     instead of a guess."""
     texts = df[text_column]
     has_text = texts.notna().to_numpy() & (texts.astype(str).str.strip() != "").to_numpy()
-    pred = np.full(len(df), None, dtype=object)
-    conf = np.full(len(df), np.nan, dtype=np.float32)
-    probs = np.full((len(df), len(labels)), np.nan, dtype=np.float32)
+    pred: np.ndarray = np.full(len(df), None, dtype=object)
+    conf: np.ndarray = np.full(len(df), np.nan, dtype=np.float32)
+    probs: np.ndarray = np.full((len(df), len(labels)), np.nan, dtype=np.float32)
     if has_text.any():
         got = predict(texts[has_text].astype(str).tolist())
         probs[has_text], conf[has_text] = got, got.max(-1)
@@ -157,7 +157,7 @@ class _Writer:
         self.path, self.fmt = path, fmt
         self.tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         self.rows = 0
-        self._parquet = None
+        self._parquet: Any = None  # pq.ParquetWriter once a frame is written
 
     def write(self, df: pd.DataFrame) -> None:
         if self.fmt == "parquet":

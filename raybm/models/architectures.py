@@ -145,7 +145,8 @@ def walk_parts(model) -> Parts:
     if not lists:
         raise RaybmError(f"{kind} has no stack of transformer layers")
     _, path, layers = max(lists, key=lambda x: x[0])
-    embeddings, after = [], []
+    embeddings: list = []
+    after: list = []
     owner = base
     for name in path.split("."):
         before = True

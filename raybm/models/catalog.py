@@ -50,7 +50,7 @@ TINY_MODELS = {
     "tiny-mistral": ("mistral", {"num_key_value_heads": 1}),
 }
 # The from-scratch baseline (raybm.models.baseline), over MiniLM's tokenizer ids.
-BASELINE_MODELS = {"textcnn": {}}
+BASELINE_MODELS: dict[str, dict] = {"textcnn": {}}
 
 
 def resolve_model_source(name: str, storage: StorageConfig | None = None) -> str:

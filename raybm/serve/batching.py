@@ -45,7 +45,7 @@ class Batcher:
             if self.wait_s > 0:
                 await asyncio.sleep(self.wait_s)
             while self.waiting:
-                batch = []
+                batch: list = []
                 while self.waiting and len(batch) < self.max_batch_size:
                     text, future = self.waiting.popleft()
                     if not future.done():  # a request cancelled meanwhile (timeout, client gone) is dropped

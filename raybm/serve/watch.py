@@ -300,7 +300,8 @@ class ProxyCounts:
     (a read scrapes every node's metrics: about a second), whatever the rate of /stats calls."""
 
     def __init__(self, app: str) -> None:
-        self.app, self.value, self.read_at = app, None, float("-inf")
+        self.app, self.read_at = app, float("-inf")
+        self.value: dict[str, Any] | None = None
         self.lock = asyncio.Lock()
 
     async def get(self) -> dict[str, Any] | None:

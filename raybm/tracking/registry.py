@@ -27,7 +27,7 @@ _SPEC = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<a
 
 def is_registered_model(spec: str | None) -> bool:
     """Whether ``spec`` names a registered model (``models:/...``)."""
-    return bool(spec) and spec.startswith(MODEL_URI_SCHEME)
+    return spec is not None and spec.startswith(MODEL_URI_SCHEME)
 
 
 def check_model_name(name: str) -> str:
@@ -129,7 +129,8 @@ def register_model(
 
 
 def _description(cfg: JobConfig, test: dict[str, Any] | None, exports: dict[str, str] | None) -> str:
-    scores = ", ".join(f"{k} {test[k]:.4f}" for k in ("accuracy", "f1_macro") if isinstance((test or {}).get(k), float))
+    known = test or {}
+    scores = ", ".join(f"{k} {known[k]:.4f}" for k in ("accuracy", "f1_macro") if isinstance(known.get(k), float))
     text = f"{cfg.model.name} fine-tuned by raybm" + (f"; test {scores}" if scores else "")
     if exports:
         text += f"; export variants under {EXPORT_ARTIFACTS}/: {', '.join(sorted(exports))}"

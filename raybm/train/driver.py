@@ -212,10 +212,10 @@ def build_trainer(
     cluster = on_cluster()
     # Bounded: Ray Train retries a worker group it cannot place every minute, without end.
     set_train_env(t.placement_timeout_s, cluster=cluster)
-    trainer_class = trainer_class(
+    trainer = trainer_class(
         ray_data=bool(datasets), autoscaling=cluster or bool(datasets), placement_group_cleaner=cluster
     )
-    return trainer_class(
+    return trainer(
         train_loop_per_worker,
         train_loop_config=worker_config(cfg, labels, report, predictions_to, whole_splits),
         scaling_config=ray.train.ScalingConfig(

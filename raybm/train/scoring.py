@@ -21,7 +21,7 @@ def validate(model, data, device, batch_size: int, num_classes: int, labels: lis
     import torch
 
     model.eval()
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    cm: np.ndarray = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum = 0.0
     seen_logits, seen_labels = [], []
     with torch.no_grad():
@@ -93,7 +93,7 @@ def score_best_checkpoint(
     predictions written where the driver said (``predictions_to``). None when the best
     checkpoint is not at hand here (it was written before a restart): the driver then
     scores the published model."""
-    if kept_epoch is None:
+    if kept_epoch is None or kept is None:
         return None
     if kept_epoch != last_epoch:  # the live weights are a later, worse epoch's
         load_weights(kept, model)

@@ -28,7 +28,7 @@ def architecture(folder: str) -> tuple[str, int]:
     tensors, read from the safetensors header without loading them."""
     from safetensors import safe_open
 
-    shapes = []
+    shapes: list = []
     for path in weight_files(folder) or []:
         with safe_open(path, framework="pt") as f:
             shapes.extend((k, list(f.get_slice(k).get_shape())) for k in f.keys())

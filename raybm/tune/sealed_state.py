@@ -140,7 +140,7 @@ class _SealingStream:
             kept = json.loads(previous)["digests"][:1] if previous is not None else []
         except (ValueError, KeyError, TypeError):
             kept = []
-        seal = json.dumps({"digests": [_digest(h.key, h.root, self.path, data), *kept]}).encode()
+        seal = json.dumps({"digests": [_digest(h.sealing_key(), h.root, self.path, data), *kept]}).encode()
         with h.fs.open_output_stream(_seal_path(self.path)) as out:
             out.write(seal)
         with h.fs.open_output_stream(self.path, metadata=self.metadata) as out:
@@ -219,10 +219,16 @@ class SealedStateHandler(pafs.FileSystemHandler):
     def _guarded(self, path: str) -> bool:
         return self.key is not None and is_guarded(self.root, path)
 
+    def sealing_key(self) -> bytes:
+        """The key guarded files are sealed and checked with (only the driver's handler has one)."""
+        if self.key is None:
+            raise OSError("raybm: this copy of Tune's state store has no key to seal or check files with")
+        return self.key
+
     def _checked(self, path: str) -> bytes:
         with self.fs.open_input_stream(path) as f:
             data = f.read()
-        if not _verify(self.fs, self.key, self.root, path, data):
+        if not _verify(self.fs, self.sealing_key(), self.root, path, data):
             raise OSError(
                 f"raybm refused to hand Ray {path}: it does not match the seal raybm wrote with it "
                 f"(changed or planted in the results store)"

@@ -457,16 +457,16 @@ def _publish_winner(
         predictions_to=results.join(sweep_dir, PREDICTIONS_FILE),
     )
     searched = {k: v for k, v in row.items() if k in cfg.tune.search_space}
-    used = soup is not None and soup.used
+    used = soup if soup is not None and soup.used else None  # the soup handed on, if one was
     values = format_values(searched)
     notes = [
         f"a sweep of {len(ranked)} finished trial(s) over {', '.join(cfg.tune.search_space)}; trial "
         f"{row['trial']} ({values}) was best by validation {metric} ({row[metric]:.4f}, epoch {row['best_epoch']})"
     ]
-    if used:
+    if used is not None:
         notes.append(
-            f"handed on: the {soup.method} soup of trials {', '.join(soup.ingredients)} "
-            f"(validation {metric} {soup.validation:.4f})"
+            f"handed on: the {used.method} soup of trials {', '.join(used.ingredients)} "
+            f"(validation {metric} {used.validation:.4f})"
         )
     if row.get("latency_p50_ms") is not None:
         notes.append(
@@ -482,7 +482,9 @@ def _publish_winner(
         dataset=dataset,
         test=test,
         notes=notes,
-        trained_precision=_trained_precision([r for r in ranked if r["trial"] in soup.ingredients] if used else [row]),
+        trained_precision=_trained_precision(
+            [r for r in ranked if r["trial"] in used.ingredients] if used is not None else [row]
+        ),
     )
     return {
         "trial": row["trial"],
@@ -490,7 +492,7 @@ def _publish_winner(
         "dataset": dataset,
         "model": cfg.model.name,
         "metric": metric,
-        "validation": soup.validation if used else row[metric],
+        "validation": used.validation if used is not None else row[metric],
         "best_epoch": row["best_epoch"],
         "checkpoint": row["best_checkpoint"],
         "model_dir": model_uri,

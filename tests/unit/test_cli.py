@@ -243,3 +243,35 @@ def test_the_shipped_streamlit_settings_match_what_raybm_dashboard_passes():
     flat = {f"{section}.{key}": value for section, keys in shipped.items() for key, value in keys.items()}
     assert flat == STREAMLIT_SETTINGS
     assert STREAMLIT_SETTINGS["client.showErrorDetails"] == "none" and STREAMLIT_SETTINGS["server.maxUploadSize"] <= 5
+
+
+# Not installed, as Python sees it: importing them fails, and importlib.util.find_spec
+# (what raybm and transformers look with) finds nothing.
+BLOCKED_EXTRAS = (
+    "import sys\n"
+    "for name in ('fastapi', 'streamlit', 'onnx', 'captum', 'prometheus_client'):\n"
+    "    sys.modules[name] = None\n"
+    "from raybm.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def run_without_extras(*args):
+    """The CLI on an install without the serve, export and dashboard extras."""
+    return subprocess.run([sys.executable, "-c", BLOCKED_EXTRAS, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_command_whose_extra_is_not_installed_says_the_pip_line_and_training_needs_none(tmp_path, tiny_model_dir):
+    for args, extra in (
+        (["serve", "--model", tiny_model_dir], "serve"),
+        (["dashboard", "--root", str(tmp_path)], "dashboard"),
+        (["export", "--model", tiny_model_dir, "--variants", "onnx-int8", f"storage.root={tmp_path}"], "export"),
+        (["predict", "--model", tiny_model_dir, "--text", "great", "--explain"], "serve"),
+        (["pipeline", "--config", "jobs/configs/demo.yaml", f"storage.root={tmp_path}"], "serve"),
+    ):
+        out = run_without_extras(*args)
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        assert f"pip install 'raybm[{extra}]'" in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+    out = run_without_extras("predict", "--model", tiny_model_dir, "--text", "great")  # core: no extra needed
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert run_without_extras("config", "--config", "jobs/configs/demo.yaml").returncode == 0
