@@ -436,8 +436,11 @@ def test_a_stopped_sweep_frees_the_cluster_and_the_same_job_resumes_it(cluster, 
     config = write_job(tmp_path, cfg)
     job = start_job(cluster, "pipeline", config)
     deadline = time.time() + 180
-    # Each trial's second checkpoint folder on S3: the first one is complete and on Tune's record.
-    while time.time() < deadline and len(trials_with_checkpoints(s3_keys(s3, name, "stopped/"), at_least=2)) < 2:
+    # Each trial with an epoch in the results Tune's driver synced to S3: that sync also
+    # carried its experiment state, with the epoch's checkpoint on record (a checkpoint on S3
+    # that the record does not name yet is lost with the driver: Tune snapshots its state
+    # every 10 s, and at every `keep_checkpoints`-th checkpoint of a trial).
+    while time.time() < deadline and len(trials_with_synced_epochs(s3, name, "stopped/sweeps/")) < 2:
         time.sleep(1)
     assert len(placement_groups(cluster, "CREATED")) >= 2, client(cluster).get_job_logs(job)[
         -3000:
@@ -464,6 +467,12 @@ def test_a_stopped_sweep_frees_the_cluster_and_the_same_job_resumes_it(cluster, 
     # A trial that had finished before the stop keeps its record; every other one trained
     # on from a checkpoint, not from the start (on a fast machine the first trial can end
     # all its epochs while the second one writes its second checkpoint).
+    for row in board:
+        print(
+            f"trial {row['trial']}: epochs ended at "
+            f"{[round(h['finished_at'] - stopped_at, 1) for h in row['history']]} s from the stop, "
+            f"resumed from {[h['resumed_from_epoch'] for h in row['history']]}"
+        )
     unfinished = [row for row in board if row["history"][-1]["finished_at"] > stopped_at]
     assert unfinished, [(row["trial"], row["history"][-1]["finished_at"], stopped_at) for row in board]
     for row in board:
@@ -613,6 +622,16 @@ def trials_with_checkpoints(keys: list[str], at_least: int) -> set[str]:
             trial, rest = k.split(holder)[1].split("/", 1)
             folders.setdefault(trial, set()).add(("/" + rest).split("/checkpoint_")[1].split("/")[0])
     return {trial for trial, found in folders.items() if len(found) >= at_least}
+
+
+def trials_with_synced_epochs(s3, bucket: str, prefix: str) -> set[str]:
+    """The sweep trials whose ``result.json`` in Tune's folder under ``prefix`` on S3 holds an
+    epoch: synced by Tune's driver with the experiment state that records the epoch."""
+    return {
+        k.split("/tune/")[1].split("/")[0]
+        for k in s3_keys(s3, bucket, prefix)
+        if "/tune/" in k and k.endswith("/result.json") and s3.get_object(Bucket=bucket, Key=k)["Body"].read().strip()
+    }
 
 
 def other_finished(board: list[dict], row: dict) -> float:
