@@ -231,3 +231,16 @@ def test_texts_run_fewest_tokens_first_come_back_in_order_with_their_own_answers
     alone = np.stack([p.predict([t])[0] for t in texts])  # no padding at all
     np.testing.assert_allclose(together, alone, atol=1e-5)
     assert p.predict([]).shape == (0, len(p.labels))
+
+
+def test_length_groups_cut_at_the_batch_size_and_the_padding_they_would_waste():
+    from raybm.inference.loading import length_groups
+
+    lengths = np.array([30, 5, 6, 31, 5, 12, 7, 5, 64, 29, 6, 5])
+    groups = length_groups(lengths, batch_size=3, max_waste=0.2)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))  # every row once
+    assert [lengths[g].tolist() for g in groups] == [[5, 5, 5], [5, 6, 6], [7], [12], [29, 30, 31], [64]]
+    for g in groups:
+        assert len(g) <= 3 and (lengths[g].max() * len(g) - lengths[g].sum()) <= 0.2 * lengths[g].max() * len(g)
+    assert [len(g) for g in length_groups(lengths, batch_size=64, max_waste=1.0)] == [12]  # padding allowed: one call
+    assert [len(g) for g in length_groups(np.array([9]), batch_size=8)] == [1]
