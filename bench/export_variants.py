@@ -68,7 +68,7 @@ def main() -> int:
     ref = result.reference
     ref["throughput_b32_t2"] = throughput(model_dir, "torch", texts)
     for v, m in result.manifests.items():
-        m["measured"]["throughput_b32_t2"] = throughput(os.path.join(result.folder, v), BACKEND[v], texts)
+        m.measured["throughput_b32_t2"] = throughput(os.path.join(result.folder, v), BACKEND[v], texts)
 
     print(
         f"\n{result.name}: {ref['examples']} test examples; p50/p95 one sentence at 1 thread; "
@@ -77,8 +77,7 @@ def main() -> int:
     print("| variant | size MB | accuracy | macro-F1 | agreement | p50 ms | p95 ms | sentences/s (b32, 2 thr) |")
     print("|---|---|---|---|---|---|---|---|")
     rows = [("reference (fp32 PyTorch)", ref["model_bytes"], ref, 1.0)] + [
-        (v, m["model_bytes"], m["measured"], m["measured"].get("agreement_with_reference"))
-        for v, m in result.manifests.items()
+        (v, m.model_bytes, m.measured, m.measured.get("agreement_with_reference")) for v, m in result.manifests.items()
     ]
     for name, size, mm, agree in rows:
         print(
@@ -91,11 +90,11 @@ def main() -> int:
     ok = True
     int8 = [v for v in ("int8", "onnx-int8") if v in result.manifests]
     if int8:
-        best = min(int8, key=lambda v: result.manifests[v]["measured"]["latency_p50_ms"])
+        best = min(int8, key=lambda v: result.manifests[v].measured["latency_p50_ms"])
         m = result.manifests[best]
-        speed = ref["latency_p50_ms"] / m["measured"]["latency_p50_ms"]
-        drop = ref["accuracy"] - m["measured"]["accuracy"]
-        size = m["model_bytes"] / ref["model_bytes"]
+        speed = ref["latency_p50_ms"] / m.measured["latency_p50_ms"]
+        drop = ref["accuracy"] - m.measured["accuracy"]
+        size = m.model_bytes / ref["model_bytes"]
         met = speed >= 4 and drop <= 0.01 and size <= 1 / 3
         ok &= met
         print(
@@ -104,19 +103,19 @@ def main() -> int:
         )
     if "distilled" in result.manifests:
         m = result.manifests["distilled"]
-        speed = ref["latency_p50_ms"] / m["measured"]["latency_p50_ms"]
-        drop = ref["accuracy"] - m["measured"]["accuracy"]
+        speed = ref["latency_p50_ms"] / m.measured["latency_p50_ms"]
+        drop = ref["accuracy"] - m.measured["accuracy"]
         met = speed >= 2 and drop <= 0.02
         ok &= met
         print(
-            f"distilled ({m['settings']['student_layers']} layers): {speed:.1f}x faster than its teacher (>= 2), "
+            f"distilled ({m.settings['student_layers']} layers): {speed:.1f}x faster than its teacher (>= 2), "
             f"accuracy {-drop:+.4f} (>= -0.02): {'met' if met else 'NOT met'}"
         )
     if "pruned" in result.manifests:
-        s = result.manifests["pruned"]["settings"]
+        s = result.manifests["pruned"].settings
         print(
             f"pruned: sparsity reached {s['sparsity_reached']:.3f} (target {s['target_sparsity']}), accuracy "
-            f"{result.manifests['pruned']['measured']['accuracy'] - ref['accuracy']:+.4f}"
+            f"{result.manifests['pruned'].measured['accuracy'] - ref['accuracy']:+.4f}"
         )
     return 0 if ok else 1
 

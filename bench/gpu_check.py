@@ -124,8 +124,8 @@ def main() -> int:
     import torch
 
     from raybm.config import build_config
-    from raybm.results import Results
     from raybm.runtime import quiet_ray_data, worker_env
+    from raybm.storage.results import Results
     from raybm.train.driver import run_training
 
     base = [
@@ -178,8 +178,8 @@ def main() -> int:
             "gpu_peak_memory_gb": last.get("gpu_peak_memory_gb"),
             "train_loss_first_last": [round(result.history[0]["train_loss"], 4), round(last["train_loss"], 4)],
             "val_f1_macro": round(last["val_f1_macro"], 4),
-            "test_f1_macro": round(result.metrics["test"]["f1_macro"], 4),
-            "test_accuracy": round(result.metrics["test"]["accuracy"], 4),
+            "test_f1_macro": round(result.metrics.test["f1_macro"], 4),
+            "test_accuracy": round(result.metrics.test["accuracy"], 4),
             "wall_s": round(time.time() - started, 1),
         }
         rows.append(row)

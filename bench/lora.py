@@ -39,7 +39,7 @@ def run(name: str, overrides: list[str], common: list[str]) -> dict:
     started = time.time()
     result = run_training(cfg, log=lambda _: None)
     last = result.history[-1]
-    test = result.metrics["test"]
+    test = result.metrics.test
     return {
         "variant": name,
         "trainable": last["trainable_params"],

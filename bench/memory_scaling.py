@@ -140,7 +140,7 @@ def high_water_mark(pid: int) -> int:
 
 def run_case(label: str, model: str, data: str, root: str, settings: list[str], kill: bool = False) -> dict:
     """One `raybm train` with its workers sampled."""
-    from raybm.results import Results
+    from raybm.storage.results import Results
 
     name = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
     sampler = Sampler()

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from raybm.config import build_config
     from raybm.inference.evaluate import Classify
     from raybm.inference.predict import in_words
-    from raybm.results import Results
+    from raybm.storage.results import Results
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)

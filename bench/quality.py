@@ -74,7 +74,7 @@ def paired(y: np.ndarray, ours: np.ndarray, base: np.ndarray, resamples: int = 2
 def run_predictions(results, run: str):
     import pandas as pd
 
-    from raybm.results import PREDICTIONS_FILE
+    from raybm.storage.layout import PREDICTIONS_FILE
 
     path = results.join(results.run_dir(run), PREDICTIONS_FILE)
     if not results.exists(path):
@@ -124,7 +124,7 @@ def main() -> int:
         args.runs = [r for r in args.runs if "=" not in r]
 
     from raybm.config import load_config
-    from raybm.results import Results
+    from raybm.storage.results import Results
 
     cfg = load_config(args.config, args.overrides)
     results = Results.from_config(cfg.storage)
@@ -150,12 +150,10 @@ def main() -> int:
     quiet_ray_data()
     started = time.time()
     trained = run_training(cfg)
-    ours = dict(trained.metrics["test"], seconds=round(time.time() - started, 1))
-    preds = run_predictions(results, trained.metrics["run"])
-    preds.attrs["dataset"] = trained.metrics["dataset"]
-    report(
-        f"raybm {cfg.model.name}, {len(trained.history)} epoch(s)", ours, preds, *baseline(trained.metrics["dataset"])
-    )
+    ours = dict(trained.metrics.test, seconds=round(time.time() - started, 1))
+    preds = run_predictions(results, trained.metrics.run)
+    preds.attrs["dataset"] = trained.metrics.dataset
+    report(f"raybm {cfg.model.name}, {len(trained.history)} epoch(s)", ours, preds, *baseline(trained.metrics.dataset))
     print(f"model folder: {trained.model_dir}")
     return 0
 

@@ -247,7 +247,7 @@ def bench_run(args, base: list[str], frames: dict, labels: list[str]) -> None:
         f"plain: {plain_wall - plain['seconds']['train'] - plain['seconds']['validation']:.1f} s"
     )
     print(f"Ray Train's floor here: an empty TorchTrainer.fit (1 worker, no data) took {floor:.1f} s")
-    print(f"test macro-F1: raybm {result.metrics['test']['f1_macro']:.4f}, plain {plain['test_f1']:.4f}")
+    print(f"test macro-F1: raybm {result.metrics.test['f1_macro']:.4f}, plain {plain['test_f1']:.4f}")
 
 
 def empty_sweep_seconds(n: int) -> float:
@@ -383,8 +383,8 @@ def main() -> int:
 
     from raybm.config import build_config
     from raybm.data import run_data_stage
-    from raybm.results import Results
     from raybm.runtime import ensure_ray
+    from raybm.storage.results import Results
 
     base = [
         f"storage.root={args.root}",

@@ -63,8 +63,8 @@ def main() -> int:
     import pandas as pd
 
     from raybm.config import build_config
-    from raybm.results import Results
     from raybm.runtime import ensure_ray, quiet_ray_data
+    from raybm.storage.results import Results
     from raybm.train.driver import run_training
 
     rows = int(args.steps * BATCH / 0.8) + 64  # a train split of about `steps` batches
@@ -94,8 +94,8 @@ def main() -> int:
     ray_rate = epoch2["steady_samples_per_s"]
 
     results = Results.from_config(cfg.storage)
-    train = pd.read_parquet(results.dataset_split_dir(result.metrics["dataset"], "train"))
-    labels = results.dataset_label_map(result.metrics["dataset"])["labels"]
+    train = pd.read_parquet(results.dataset_split_dir(result.metrics.dataset, "train"))
+    labels = results.dataset_label_map(result.metrics.dataset)["labels"]
     plain_rate = plain_loop(cfg, train["text"].tolist(), train["label"].tolist(), labels, args.steps, args.threads)
 
     train_seconds = sum(h["train_seconds"] for h in result.history)

@@ -181,15 +181,14 @@ LENGTH_SHARES = (0.5, 0.4, 0.05, 0.04, 0.01)  # the training split's share below
 PSI_ALERT = 0.2  # a population stability index above this: the inputs have moved (0.1 to 0.2: a little)
 
 
-def drift_reference(report: dict[str, Any]) -> dict[str, Any]:
+def drift_reference(dataset: str | None, counts: dict[str, int], tokens: dict[str, Any]) -> dict[str, Any]:
     """What served traffic is compared with, from a prepared dataset's report: the training
-    split's label shares and the token lengths' quantiles (the edges of the length bins)."""
-    counts = report["splits"]["train"]["labels"]
+    split's label shares (``counts``: its rows per label) and the token lengths' quantiles
+    (``tokens``: the report's token statistics; the edges of the length bins)."""
     total = max(1, sum(counts.values()))
-    tokens = report.get("tokens") or {}
     edges = [tokens[q] for q in LENGTH_QUANTILES if q in tokens]
     return {
-        "dataset": report.get("dataset"),
+        "dataset": dataset,
         "labels": {lab: n / total for lab, n in counts.items()},
         "length_edges": edges if len(edges) == len(LENGTH_QUANTILES) else None,
     }

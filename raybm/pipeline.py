@@ -31,23 +31,15 @@ from raybm.errors import RaybmError
 from raybm.export.measure import measure
 from raybm.export.variants import run_export
 from raybm.inference.predict import in_words
-from raybm.model_cache import fetch_model
 from raybm.preflight import trained_model
-from raybm.results import (
-    CONFIG_FILE,
-    EXPORTS,
-    METRICS_FILE,
-    MODEL_DIR,
-    SUMMARY_FILE,
-    WINNER_FILE,
-    Results,
-    copy_to_local,
-    is_s3,
-    resolve_uri,
-)
 from raybm.runtime import cluster_address
 from raybm.serve.client import post_texts
 from raybm.serve.ingress import say_direct_urls
+from raybm.storage.fs import copy_to_local, is_s3, resolve_uri
+from raybm.storage.layout import CONFIG_FILE, EXPORTS, METRICS_FILE, MODEL_DIR, SUMMARY_FILE, WINNER_FILE
+from raybm.storage.model_cache import fetch_model
+from raybm.storage.records import ExportManifest, PipelineSummary, RunRecord, Winner
+from raybm.storage.results import Results
 from raybm.tracking.registry import register_model, registered_name
 from raybm.train.driver import run_training
 from raybm.tune.leaderboard import format_leaderboard
@@ -65,29 +57,28 @@ class _Summary:
 
     def __init__(self, results: Results, name: str, cfg: JobConfig, stages: list[str]) -> None:
         self.results, self.folder = results, results.pipeline_dir(name)
-        self.data: dict[str, Any] = {
-            "name": name,
-            "status": "running",
-            "stages_planned": stages,
-            "stages": {},
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "root": cfg.storage.root,
-            "ray": cluster_address(cfg.ray) or "local (embedded)",
-            "gate": {"min_test_f1": cfg.pipeline.min_test_f1, "max_latency_ms": cfg.pipeline.max_latency_ms},
-        }
+        self.record = PipelineSummary(
+            name=name,
+            status="running",
+            stages_planned=stages,
+            started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            root=cfg.storage.root,
+            ray=cluster_address(cfg.ray) or "local (embedded)",
+            gate={"min_test_f1": cfg.pipeline.min_test_f1, "max_latency_ms": cfg.pipeline.max_latency_ms},
+        )
         results.unmark_complete(self.folder)
         self.results.write_text(results.join(self.folder, CONFIG_FILE), cfg.to_yaml())
         self.write()
 
     def write(self) -> None:
-        self.results.write_json(self.results.join(self.folder, SUMMARY_FILE), self.data)
+        self.results.write_json(self.results.join(self.folder, SUMMARY_FILE), self.record.to_json())
 
     def stage(self, stage: str, info: dict[str, Any]) -> None:
-        self.data["stages"][stage] = info
+        self.record.stages[stage] = info
         self.write()
 
     def finish(self, status: str) -> None:
-        self.data.update(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.record.status, self.record.finished_at = status, time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.write()
         if status == "succeeded":
             self.results.mark_complete(self.folder)
@@ -140,10 +131,10 @@ def run_pipeline(
                 "seconds": round(time.time() - t0, 1),
                 "dataset": prepared.name,
                 "path": prepared.path,
-                "rows": prepared.report.get("rows_kept"),
+                "rows": prepared.report.rows_kept,
             },
         )
-        out.say(stage_line("data", summary.data["stages"]["data"]))
+        out.say(stage_line("data", summary.record.stages["data"]))
 
     runners = {"train": _train, "tune": _tune, "export": _export, "deploy": _deploy}
     for stage in stages[1:] if stages[0] == "data" else stages:
@@ -163,13 +154,13 @@ def run_pipeline(
         out.say(stage_line(stage, info))
     if "deploy" not in stages:
         _register(cfg, results, state, out, summary)
-    summary.data["seconds"] = round(time.time() - started, 1)
+    summary.record.seconds = round(time.time() - started, 1)
     summary.finish("succeeded")
     out.say(
         f"Pipeline {name!r} finished in {time.time() - started:.0f}s: "
         f"{results.uri(results.join(summary.folder, SUMMARY_FILE))}"
     )
-    return summary.data
+    return summary.record.to_json()
 
 
 def stage_line(stage: str, info: dict[str, Any]) -> str:
@@ -211,9 +202,10 @@ def _model_stage_output(cfg: JobConfig, results: Results, state: dict[str, Any])
         return
     state["model"] = trained_model(cfg)
     folder = posix_parent(resolve_uri(state["model"], cfg.storage)[1])
-    for pointer in (METRICS_FILE, WINNER_FILE):  # a run's metrics, a sweep's winner
-        if results.exists(results.join(folder, pointer)):
-            state["test"] = results.read_json(results.join(folder, pointer)).get("test")
+    for pointer, record in ((METRICS_FILE, RunRecord), (WINNER_FILE, Winner)):  # a run's, a sweep's
+        path = results.join(folder, pointer)
+        if results.exists(path):
+            state["test"] = record.from_json(results.read_json(path), results.uri(path)).test
             break
 
 
@@ -225,17 +217,18 @@ def posix_parent(path: str) -> str:
 def _train(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Output) -> dict[str, Any]:
     run_dir = results.run_dir(run_name_for(cfg, state["dataset"]))
     if results.is_complete(run_dir):
-        metrics = results.read_json(results.join(run_dir, METRICS_FILE))
-        shown.log(f"Run {metrics['run']!r} is already complete: {results.uri(run_dir)}")
-        state.update(model=results.uri(results.join(run_dir, MODEL_DIR)), test=metrics["test"])
-        return {"status": "skipped", "run": metrics["run"], "model": state["model"], "test": _short(metrics["test"])}
+        path = results.join(run_dir, METRICS_FILE)
+        metrics = RunRecord.from_json(results.read_json(path), results.uri(path))
+        shown.log(f"Run {metrics.run!r} is already complete: {results.uri(run_dir)}")
+        state.update(model=results.uri(results.join(run_dir, MODEL_DIR)), test=metrics.test)
+        return {"status": "skipped", "run": metrics.run, "model": state["model"], "test": _short(metrics.test)}
     result = run_training(cfg, log=shown.log)
-    state.update(model=result.model_dir, test=result.metrics["test"])
+    state.update(model=result.model_dir, test=result.metrics.test)
     return {
         "run": result.run_name,
         "model": result.model_dir,
-        "best_epoch": result.metrics["best_epoch"],
-        "test": _short(result.metrics["test"]),
+        "best_epoch": result.metrics.best_epoch,
+        "test": _short(result.metrics.test),
     }
 
 
@@ -245,18 +238,18 @@ def _tune(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Output
     if not was_done:
         shown.say(format_leaderboard(result.leaderboard, cfg.tune.metric))
     w = result.winner
-    state.update(model=result.model_dir, test=w["test"])
+    state.update(model=result.model_dir, test=w.test)
     return {
         "status": "skipped" if was_done else "done",
         "sweep": result.name,
         "model": result.model_dir,
         "trials": len(result.leaderboard),
-        "winner": w.get("values"),
-        "validation": w.get("validation"),
-        "soup": (w.get("soup") or {}).get("ingredients"),
-        "cost": w.get("cost"),
-        "latency_budget": w.get("latency_budget"),
-        "test": _short(w["test"]),
+        "winner": w.values,
+        "validation": w.validation,
+        "soup": (w.soup or {}).get("ingredients"),
+        "cost": w.cost,
+        "latency_budget": w.latency_budget,
+        "test": _short(w.test),
     }
 
 
@@ -289,7 +282,7 @@ def _register(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Ou
     and its export variants, as a version in MLflow's Model Registry, noted in the summary
     (``registered``). A failure is said and noted; the model is in the results folder."""
     if not (
-        cfg.tracking.mlflow_uri and cfg.tracking.register and {"train", "tune", "export"} & set(summary.data["stages"])
+        cfg.tracking.mlflow_uri and cfg.tracking.register and {"train", "tune", "export"} & set(summary.record.stages)
     ):
         return
     _model_stage_output(cfg, results, state)
@@ -310,25 +303,25 @@ def _register(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Ou
                 posix_parent(state["model"]),
                 state.get("test"),
                 exports,
-                tags={"raybm.dataset": state["dataset"], "raybm.pipeline": summary.data["name"]},
+                tags={"raybm.dataset": state["dataset"], "raybm.pipeline": summary.record.name},
             )
     except RaybmError as e:
         shown.say(f"raybm: WARNING: not registered in MLflow: {e}")
-        summary.data["registered"] = {"name": name, "error": str(e)}
+        summary.record.registered = {"name": name, "error": str(e)}
     else:
         shown.say(
             f"  registered {got['uri']}{'' if got['new'] else ' (already)'} in MLflow at {cfg.tracking.mlflow_uri}"
         )
-        summary.data["registered"] = {k: got[k] for k in ("name", "version", "uri")}
+        summary.record.registered = {k: got[k] for k in ("name", "version", "uri")}
     summary.write()
 
 
-def _variants(manifests: dict[str, Any]) -> dict[str, Any]:
+def _variants(manifests: dict[str, ExportManifest]) -> dict[str, Any]:
     out = {}
     for v, m in manifests.items():
-        measured = m.get("measured") or {}
+        measured = m.measured
         out[v] = {
-            "model_bytes": m.get("model_bytes"),
+            "model_bytes": m.model_bytes,
             "accuracy": measured.get("accuracy"),
             "f1_macro": measured.get("f1_macro"),
             "latency_p50_ms": measured.get("latency_p50_ms"),

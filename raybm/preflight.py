@@ -8,7 +8,7 @@ from raybm.config import JobConfig, pipeline_stages
 from raybm.errors import RaybmError
 from raybm.extras import require
 from raybm.inference.locate import config_model
-from raybm.results import Results
+from raybm.storage.results import Results
 from raybm.tracking import check_tracking
 from raybm.tracking.registry import registered_name
 from raybm.train.driver import teacher_labels

@@ -10,7 +10,8 @@ import sys
 from raybm.commands.common import add_config_args
 from raybm.config import JobConfig, describe, load_config
 from raybm.extras import require
-from raybm.results import EXPORTS, Results
+from raybm.storage.layout import EXPORTS
+from raybm.storage.results import Results
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:

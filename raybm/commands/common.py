@@ -47,8 +47,11 @@ def start(
     return source
 
 
-def print_test_metrics(test: dict) -> None:
+def print_test_metrics(test: dict | None) -> None:
     """Test metrics, overall and per class."""
+    if not test:
+        print("  (not scored on a test split)")
+        return
     print(
         f"  accuracy {test['accuracy']:.4f}  macro-F1 {test['f1_macro']:.4f}  "
         f"precision {test['precision_macro']:.4f}  recall {test['recall_macro']:.4f}  ({test['examples']} examples)"

@@ -14,10 +14,12 @@ from raybm.export.variants import TRAINED, run_export
 from raybm.extras import require
 from raybm.inference.loading import model_info, read_label_map
 from raybm.inference.locate import local_model, locate_model, model_name
-from raybm.results import Results, is_s3
 from raybm.runtime import cluster_address
 from raybm.serve.client import post_texts
 from raybm.serve.ingress import say_direct_urls
+from raybm.storage.fs import is_s3
+from raybm.storage.records import ExportManifest
+from raybm.storage.results import Results
 
 MAX_LENGTH_HELP = (
     "longest token sequence (default: the length the model was trained with, as the model server "
@@ -177,7 +179,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_exports(reference: dict | None, manifests: dict) -> str:
+def format_exports(reference: dict | None, manifests: dict[str, ExportManifest]) -> str:
     """The exports as a table: size, accuracy, agreement with the reference, latency."""
     rows = [("variant", "MB", "accuracy", "macro-F1", "agree", "p50 ms (1 thread)")]
 
@@ -196,11 +198,11 @@ def format_exports(reference: dict | None, manifests: dict) -> str:
             )
         )
     for v, m in manifests.items():
-        mm = m.get("measured", {})
+        mm = m.measured
         rows.append(
             (
                 v,
-                fmt(m["model_bytes"] / 1e6, ".1f"),
+                fmt(m.model_bytes / 1e6, ".1f"),
                 fmt(mm.get("accuracy"), ".4f"),
                 fmt(mm.get("f1_macro"), ".4f"),
                 fmt(mm.get("agreement_with_reference"), ".3f"),

@@ -11,7 +11,8 @@ from raybm.config import load_config, pipeline_stages
 from raybm.local_paths import private_temp_dir
 from raybm.pipeline import pipeline_name, run_pipeline
 from raybm.preflight import preflight
-from raybm.results import CONSOLE_LOG_FILE, Results, soup_used
+from raybm.storage.layout import CONSOLE_LOG_FILE
+from raybm.storage.results import Results
 from raybm.train.driver import run_training
 from raybm.tune.leaderboard import format_leaderboard, format_values
 from raybm.tune.soup import check_soup_inputs, run_soup
@@ -35,8 +36,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     start(cfg, stages=["data", "train"])
     result = run_training(cfg)
-    print(f"\nTest metrics of the best checkpoint (epoch {result.metrics['best_epoch']}):")
-    print_test_metrics(result.metrics["test"])
+    print(f"\nTest metrics of the best checkpoint (epoch {result.metrics.best_epoch}):")
+    print_test_metrics(result.metrics.test)
     print(f"\nModel folder: {result.model_dir}\nRun folder:   {result.run_dir}")
     return 0
 
@@ -49,15 +50,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"\nLeaderboard ({cfg.tune.metric}, best first):")
     print(format_leaderboard(result.leaderboard, cfg.tune.metric))
     w = result.winner
-    values = format_values(w["values"])
-    print(f"\nWinner: trial {w['trial']} ({values}), best epoch {w['best_epoch']}.")
-    soup = w.get("soup")
-    if soup_used(soup):
+    values = format_values(w.values)
+    print(f"\nWinner: trial {w.trial} ({values}), best epoch {w.best_epoch}.")
+    soup = w.handed_on_soup
+    if soup is not None:
         print(
             f"Handed on: the {soup['method']} soup of {len(soup['ingredients'])} trial(s) "
             f"({', '.join(soup['ingredients'])}), validation {soup['metric']} {soup['validation']:.4f}."
         )
-    cost, budget = w.get("cost"), w.get("latency_budget")
+    cost, budget = w.cost, w.latency_budget
     if cost:
         print(
             f"Serving cost: {cost['params']:,} parameters, {cost['size_mb']} MB, median single-sentence latency "
@@ -71,8 +72,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             )
             + "."
         )
-    print(f"Validation {w['metric']} of the handed-on model: {w['validation']:.4f}. Test metrics:")
-    print_test_metrics(w["test"])
+    print(f"Validation {w.metric} of the handed-on model: {w.validation:.4f}. Test metrics:")
+    print_test_metrics(w.test)
     print(f"\nModel folder: {result.model_dir}\nSweep folder: {result.sweep_dir}")
     return 0
 

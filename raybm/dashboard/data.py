@@ -21,8 +21,7 @@ import yaml
 
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
-from raybm.model_cache import fetch_model
-from raybm.results import (
+from raybm.storage.layout import (
     CONFIG_FILE,
     EXPORTS,
     HISTORY_FILE,
@@ -38,9 +37,10 @@ from raybm.results import (
     SWEEPS,
     VARIANT_FILE,
     WINNER_FILE,
-    Results,
-    soup_used,
 )
+from raybm.storage.model_cache import fetch_model
+from raybm.storage.records import DataReport, PipelineSummary, PublishedModel, R, RunRecord, Winner
+from raybm.storage.results import Results
 
 KINDS = (RUNS, SWEEPS)
 
@@ -114,6 +114,11 @@ class DashboardData:
     def _read_json(self, path: str) -> Any | None:
         return self.results.read_json(path) if self.results.exists(path) else None
 
+    def _record(self, path: str, record: type[R]) -> R | None:
+        """The record in the file at ``path``, or None when there is none (yet)."""
+        raw = self._read_json(path)
+        return None if raw is None else record.from_json(raw, self.results.uri(path))
+
     def _mtime(self, path: str) -> float | None:
         info = self.results.fs.get_file_info(path)
         return info.mtime.timestamp() if info.type != pafs.FileType.NotFound and info.mtime else None
@@ -132,17 +137,17 @@ class DashboardData:
         cfg = self._config(j(folder, CONFIG_FILE)) or {}
         done = self.results.exists(j(folder, SUCCESS_MARKER))
         if kind == RUNS:
-            m = self._read_json(j(folder, METRICS_FILE)) or {}
-            test, metric = m.get("test") or {}, (cfg.get("train") or {}).get("metric", "val_f1_macro")
+            run = self._record(j(folder, METRICS_FILE), RunRecord)
+            test, metric = (run.test if run else {}), (cfg.get("train") or {}).get("metric", "val_f1_macro")
             hist = self._read_json(j(folder, HISTORY_FILE)) or []
             vals = [h[metric] for h in hist if metric in h]
             best = (max(vals) if (cfg.get("train") or {}).get("mode", "max") == "max" else min(vals)) if vals else None
-            if best is None:  # a soup of runs (raybm soup): no epochs, its validation score
-                best = (m.get("validation") or {}).get(metric)
-            dataset = m.get("dataset")
+            if best is None and run is not None:  # a soup of runs (raybm soup): no epochs, its validation score
+                best = (run.validation or {}).get(metric)
+            dataset = run.dataset if run else None
         else:
-            w = self._read_json(j(folder, WINNER_FILE)) or {}
-            test, metric, best, dataset = w.get("test") or {}, w.get("metric"), w.get("validation"), w.get("dataset")
+            w = self._record(j(folder, WINNER_FILE), Winner)
+            test, metric, best, dataset = (w.test, w.metric, w.validation, w.dataset) if w else ({}, None, None, None)
         return Job(
             kind=kind[:-1],
             name=name,
@@ -153,8 +158,8 @@ class DashboardData:
             dataset=dataset,
             metric=metric,
             best=best,
-            test_accuracy=test.get("accuracy"),
-            test_f1=test.get("f1_macro"),
+            test_accuracy=(test or {}).get("accuracy"),
+            test_f1=(test or {}).get("f1_macro"),
         )
 
     def jobs_frame(self) -> pd.DataFrame:
@@ -178,33 +183,33 @@ class DashboardData:
             )
         return pd.DataFrame(rows)
 
-    def pipelines(self) -> list[dict[str, Any]]:
+    def pipelines(self) -> list[PipelineSummary]:
         """Every pipeline's summary (``raybm pipeline`` / ``jobs/pipeline.py``), newest first."""
         out = []
         for info in self._folders(PIPELINES):
-            summary = self._read_json(self.results.join(info.path, SUMMARY_FILE))
+            summary = self._record(self.results.join(info.path, SUMMARY_FILE), PipelineSummary)
             if summary:
                 out.append(summary)
-        return sorted(out, key=lambda p: p.get("started_at", ""), reverse=True)
+        return sorted(out, key=lambda p: p.started_at, reverse=True)
 
     def pipelines_frame(self) -> pd.DataFrame:
         """Every pipeline with its stages' status, as a table."""
         rows = []
         for p in self.pipelines():
-            stages = p.get("stages", {})
+            stages = p.stages
             deploy = stages.get("deploy", {})
             model: dict = next((stages[k] for k in ("tune", "train") if k in stages), {})
             rows.append(
                 {
-                    "name": p["name"],
-                    "status": p["status"],
-                    "started": (p.get("started_at") or "")[:16],
+                    "name": p.name,
+                    "status": p.status,
+                    "started": p.started_at[:16],
                     "stages": stages_in_brief(stages),
                     "test macro-F1": (model.get("test") or {}).get("f1_macro"),
                     "deploy": deploy.get("status"),
                     "gate": "; ".join(deploy.get("reasons", [])) or ("passed" if deploy.get("url") else None),
                     "url": deploy.get("url"),
-                    "minutes": round(p["seconds"] / 60, 1) if p.get("seconds") else None,
+                    "minutes": round(p.seconds / 60, 1) if p.seconds else None,
                 }
             )
         return pd.DataFrame(rows)
@@ -223,7 +228,7 @@ class DashboardData:
         j = self.results.join
         return {
             "leaderboard": self._read_json(j(folder, LEADERBOARD + ".json")) or [],
-            "winner": self._read_json(j(folder, WINNER_FILE)),
+            "winner": self._record(j(folder, WINNER_FILE), Winner),
             "config": self._config(j(folder, CONFIG_FILE)),
         }
 
@@ -232,13 +237,11 @@ class DashboardData:
         folder = self._named(kind, name)
         j = self.results.join
         if kind == RUNS:
-            m = self._read_json(j(folder, METRICS_FILE)) or {}
-            test, dataset, soup = m.get("test"), m.get("dataset"), m.get("soup")
+            record: PublishedModel | None = self._record(j(folder, METRICS_FILE), RunRecord)
         else:
-            w = self._read_json(j(folder, WINNER_FILE)) or {}
-            test, dataset, soup = w.get("test"), w.get("dataset"), w.get("soup")
-        if not soup_used(soup):
-            soup = None  # none, or tried with nothing added: the model is the best trial alone
+            record = self._record(j(folder, WINNER_FILE), Winner)
+        # the soup: none, or tried with nothing added, when the model is the best trial alone
+        test, dataset, soup = (record.test, record.dataset, record.handed_on_soup) if record else (None, None, None)
         return {
             "test": test,
             "dataset": dataset,
@@ -255,7 +258,7 @@ class DashboardData:
             return None
         return pq.read_table(path, filesystem=self.results.fs).to_pandas()
 
-    def dataset_report(self, name: str | None) -> dict | None:
+    def dataset_report(self, name: str | None) -> DataReport | None:
         """The data report of a prepared dataset."""
         if not name or name not in self.results.list_datasets():
             return None

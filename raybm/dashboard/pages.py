@@ -28,7 +28,8 @@ from raybm.dashboard.live import page_live
 from raybm.dashboard.login import signed_in
 from raybm.dashboard.try_it import MAX_UPLOAD_MB, page_try
 from raybm.errors import RaybmError
-from raybm.results import RUNS, SWEEPS, soup_used
+from raybm.storage.layout import RUNS, SWEEPS
+from raybm.storage.records import soup_used
 
 PAGES = ("Runs and sweeps", "Sweep", "Model", "Errors", "Try it", "Live")
 
@@ -177,13 +178,13 @@ def page_sweep(data) -> None:
     if not board:
         st.warning("This sweep has no leaderboard.")
         return
-    winner = sweep["winner"] or {}
-    metric = winner.get("metric") or next(k for k in board[0] if k.startswith("val_"))
-    searched = list((winner.get("values") or {}).keys()) or [k for k in board[0] if "." in k]
+    winner = sweep["winner"]  # None while the sweep runs
+    metric = winner.metric if winner else next(k for k in board[0] if k.startswith("val_"))
+    searched = list(winner.values) if winner and winner.values else [k for k in board[0] if "." in k]
     table = pd.DataFrame([{k: v for k, v in row.items() if k != "history"} for row in board])
     st.subheader("Leaderboard")
     st.dataframe(table, hide_index=True, width="stretch")
-    soup = winner.get("soup")
+    soup = winner.soup if winner else None
     if soup_used(soup):
         st.info(
             f"The sweep's model is a {soup['method']} soup: the mean of the weights of "
@@ -195,7 +196,7 @@ def page_sweep(data) -> None:
 
     if "latency_p50_ms" in table and table["latency_p50_ms"].notna().any():
         st.subheader(f"Serving cost against {metric}")
-        budget = winner.get("latency_budget")
+        budget = winner.latency_budget if winner else None
         costed = table[table["latency_p50_ms"].notna()]
         chart = (
             alt.Chart(costed)
@@ -345,23 +346,19 @@ def page_model(data) -> None:
 
     report = data.dataset_report(info["dataset"])
     if report:
-        st.subheader(f"Data: {report['dataset']}")
+        st.subheader(f"Data: {report.dataset}")
         dist = pd.DataFrame(
-            [
-                {"split": s, "label": lab, "rows": n}
-                for s, v in report["splits"].items()
-                for lab, n in v["labels"].items()
-            ]
+            [{"split": s, "label": lab, "rows": n} for s in report.splits for lab, n in report.label_counts(s).items()]
         )
         st.altair_chart(
             alt.Chart(dist).mark_bar().encode(x="split:N", y="rows:Q", color="label:N", xOffset="label:N"),
             width="stretch",
         )
-        dropped = pd.DataFrame([{"reason": k, "rows": v} for k, v in report.get("dropped", {}).items()])
+        dropped = pd.DataFrame([{"reason": k, "rows": v} for k, v in report.dropped.items()])
         c1, c2 = st.columns(2)
-        c1.write(f"Rows read {report['rows_read']}, kept {report['rows_kept']}; dropped by reason:")
+        c1.write(f"Rows read {report.rows_read}, kept {report.rows_kept}; dropped by reason:")
         c1.dataframe(dropped, hide_index=True)
-        tokens = report.get("tokens") or {}
+        tokens = report.tokens
         c2.write("Token lengths")
         c2.dataframe(
             pd.DataFrame([{"statistic": k, "value": v} for k, v in tokens.items() if k != "model"]), hide_index=True

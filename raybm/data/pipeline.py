@@ -27,8 +27,10 @@ from raybm.data.sources import Source, find_undecodable, read_source, resolve_so
 from raybm.data.tokenizing import CountTokens
 from raybm.data.udf import map_batches_cached
 from raybm.errors import DataError, RaybmError
-from raybm.lease import hold_lease
-from raybm.results import CONFIG_FILE, DATASETS, LABEL_MAP_FILE, REPORT_FILE, SPLITS, Results
+from raybm.storage.layout import CONFIG_FILE, DATASETS, LABEL_MAP_FILE, REPORT_FILE, SPLITS
+from raybm.storage.lease import hold_lease
+from raybm.storage.records import DataReport
+from raybm.storage.results import Results
 
 TASK_ROWS = 20_000  # rows a cleaning or token-counting task takes: few tasks to start, even ones
 BLOCK_BYTES = 16 << 20  # Ray Data blocks of the stage: one large file read is cleaned and counted on every CPU
@@ -40,7 +42,7 @@ class PreparedData:
 
     name: str
     path: str  # URI of the dataset folder
-    report: dict[str, Any]
+    report: DataReport
     reused: bool = False
 
 
@@ -173,7 +175,7 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
     digest = data_config_hash(cfg)
     if results.is_complete(final) and not force:
         report = results.dataset_report(name)
-        if report.get("config_hash") != digest:
+        if report.config_hash != digest:
             raise DataError(
                 f"dataset {name!r} already exists in {results.root} with a different data "
                 f"config; rerun with --force to rebuild it, or set another data.name"
@@ -322,26 +324,21 @@ def _split_and_count(cfg: JobConfig, marked, shared, copies, keys, mapper, dropp
     return split_ds, split_ds.select_columns(["split", "label", "n_tokens"]).to_pandas()
 
 
-def _write_dataset(cfg: JobConfig, results: Results, name: str, split_ds, mapper, report: dict, log) -> None:
+def _write_dataset(cfg: JobConfig, results: Results, name: str, split_ds, mapper, report: DataReport, log) -> None:
     """Write the splits, label map, config and report into a staging folder, then publish it
     in one step (one writer per dataset: a lease)."""
+
+    def build(folder: str) -> None:
+        for split in SPLITS:
+            part = split_ds.map_batches(_rows_of_split, batch_format="pyarrow", fn_kwargs={"split": split})
+            part.write_parquet(results.join(folder, split), filesystem=results.fs)
+        results.write_json(results.join(folder, LABEL_MAP_FILE), mapper.to_json())
+        results.write_text(results.join(folder, CONFIG_FILE), cfg.to_yaml())
+        results.write_json(results.join(folder, REPORT_FILE), report.to_json())
+
     with hold_lease(results, DATASETS, name, f"dataset {name!r}", log=log) as lease:
-        build = results.build_dir(DATASETS, name)
-        try:
-            if results.remote and results.exists(build):
-                results.delete_tree(build)
-            for split in SPLITS:
-                part = split_ds.map_batches(_rows_of_split, batch_format="pyarrow", fn_kwargs={"split": split})
-                part.write_parquet(results.join(build, split), filesystem=results.fs)
-            results.write_json(results.join(build, LABEL_MAP_FILE), mapper.to_json())
-            results.write_text(results.join(build, CONFIG_FILE), cfg.to_yaml())
-            results.write_json(results.join(build, REPORT_FILE), report)
-            lease.check()  # fencing: nothing is published by a job that lost its lease
-            results.mark_complete(build)
-            results.publish(build, results.dataset_dir(name))
-        except BaseException:
-            results.delete_tree(build)
-            raise
+        # fencing: nothing is published by a job that lost its lease
+        results.publish(results.dataset_dir(name), build, before_publish=lease.check)
 
 
 def _partitions(groups: int) -> int:

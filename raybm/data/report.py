@@ -12,9 +12,8 @@ import numpy as np
 from raybm.config import JobConfig
 from raybm.data import cleaning
 from raybm.data.sources import Source
-from raybm.results import SPLITS
-
-REPORT_VERSION = 1
+from raybm.storage.layout import SPLITS
+from raybm.storage.records import DataReport
 
 
 def build_report(
@@ -28,7 +27,7 @@ def build_report(
     conflicts: int,
     lengths,
     started: float,
-) -> dict:
+) -> DataReport:
     """The data report: rows read, dropped by reason, duplicates, split sizes, class balance, token lengths."""
     labels = mapper.labels
     splits: dict[str, Any] = {}
@@ -44,23 +43,22 @@ def build_report(
     pct = {f"p{q}": int(np.percentile(n_tokens, q)) for q in (50, 90, 95, 99)}
     truncated = int((n_tokens > cfg.data.max_length).sum())
     rows_kept = int(len(lengths))
-    return {
-        "version": REPORT_VERSION,
-        "dataset": name,
-        "source": cfg.data.source,
-        "format": src.format,
-        "files": src.display_files,
-        "config_hash": digest,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "elapsed_s": round(time.time() - started, 2),
-        "rows_read": int(rows_read),
-        "dropped": {r: int(dropped.get(r, 0)) for r in cleaning.DROP_REASONS if dropped.get(r)},
-        "dropped_total": int(sum(dropped.values())),
-        "duplicates_with_conflicting_labels": int(conflicts),
-        "rows_kept": rows_kept,
-        "labels": labels,
-        "splits": splits,
-        "tokens": {
+    return DataReport(
+        dataset=name,
+        source=cfg.data.source,
+        format=src.format,
+        files=src.display_files,
+        config_hash=digest,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        elapsed_s=round(time.time() - started, 2),
+        rows_read=int(rows_read),
+        dropped={r: int(dropped.get(r, 0)) for r in cleaning.DROP_REASONS if dropped.get(r)},
+        dropped_total=int(sum(dropped.values())),
+        duplicates_with_conflicting_labels=int(conflicts),
+        rows_kept=rows_kept,
+        labels=labels,
+        splits=splits,
+        tokens={
             "model": cfg.model.name,
             "max_length": cfg.data.max_length,
             "mean": round(float(n_tokens.mean()), 2),
@@ -70,29 +68,28 @@ def build_report(
             "truncated_share": round(truncated / max(1, rows_kept), 4),
             "ids_stored": True,  # each split's input_ids column (SPLIT_COLUMNS)
         },
-    }
+    )
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_report(report: DataReport) -> str:
     """The data report as a short human-readable summary."""
-    lines = [f"Dataset {report['dataset']}  (source: {report['source']})", f"  rows read {report['rows_read']:>30}"]
-    for reason, n in report["dropped"].items():
+    lines = [f"Dataset {report.dataset}  (source: {report.source})", f"  rows read {report.rows_read:>30}"]
+    for reason, n in report.dropped.items():
         lines.append(f"    dropped: {reason:<22}{n:>7}")
-    lines.append(f"  rows kept {report['rows_kept']:>30}")
-    if report.get("duplicates_with_conflicting_labels"):
+    lines.append(f"  rows kept {report.rows_kept:>30}")
+    if report.duplicates_with_conflicting_labels:
         lines.append(
-            f"  ({report['duplicates_with_conflicting_labels']} duplicated texts had conflicting "
+            f"  ({report.duplicates_with_conflicting_labels} duplicated texts had conflicting "
             f"labels; the majority label was kept)"
         )
-    labels = report["labels"]
+    labels = report.labels
     lines.append("")
     lines.append("  split        rows  " + "  ".join(f"{lab:>10}" for lab in labels))
-    for split, info in report["splits"].items():
-        dist = "  ".join(
-            f"{info['labels'][lab]:>5} {100 * info['labels'][lab] / max(1, info['rows']):3.0f}%" for lab in labels
-        )
-        lines.append(f"  {split:<10}{info['rows']:>7}  {dist}")
-    t = report["tokens"]
+    for split in report.splits:
+        rows, counts = report.split_rows(split), report.label_counts(split)
+        dist = "  ".join(f"{counts[lab]:>5} {100 * counts[lab] / max(1, rows):3.0f}%" for lab in labels)
+        lines.append(f"  {split:<10}{rows:>7}  {dist}")
+    t = report.tokens
     lines.append("")
     lines.append(
         f"  tokens ({t['model']}): mean {t['mean']}, p50 {t['p50']}, p95 {t['p95']}, "

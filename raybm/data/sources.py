@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from raybm.config import DataConfig, StorageConfig
 from raybm.errors import DataError
-from raybm.results import check_bucket, is_s3, resolve_uri
+from raybm.storage.fs import check_bucket, is_s3, resolve_uri
 
 BUILTIN_SOURCES = ("twitter-sentiment", "chinese-reviews")
 EXTENSIONS = {

@@ -230,7 +230,7 @@ def _collate_base():
         return object
 
 
-class PadCollate(_collate_base()):
+class PadCollate(_collate_base()):  # type: ignore[misc]  # Ray's base class where this Ray has it
     """``iter_torch_batches(collate_fn=PadCollate())``: pads each batch to its longest row
     (to ``width`` when given: ``data.padding=max_length``)."""
 

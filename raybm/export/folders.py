@@ -8,7 +8,7 @@ import os
 import shutil
 
 from raybm.models.catalog import code_files
-from raybm.results import CALIBRATION_FILE, DRIFT_REFERENCE_FILE, LABEL_MAP_FILE, MODEL_CONFIG_FILE
+from raybm.storage.layout import CALIBRATION_FILE, DRIFT_REFERENCE_FILE, LABEL_MAP_FILE, MODEL_CONFIG_FILE
 
 # The files besides the weights that make a folder loadable (label map, raybm's config,
 # transformers' config and the tokenizer's files).

@@ -15,7 +15,7 @@ from raybm.export.folders import PROBE_TEXTS
 from raybm.export.trained import source_config
 from raybm.inference.loading import load_predictor, read_label_map
 from raybm.metrics import confusion_matrix, metrics_from_confusion
-from raybm.results import Results
+from raybm.storage.results import Results
 
 
 def eval_split(model_dir: str, cfg: JobConfig) -> tuple[list[str], np.ndarray] | None:
@@ -49,7 +49,7 @@ def measure(
     out: dict[str, Any] = {}
     saved = torch.get_num_threads()
     try:
-        if texts is not None:
+        if texts is not None and labels is not None:
             p = load_predictor(folder, backend, threads=threads)
             pred = p.predict(texts).argmax(-1)
             m = metrics_from_confusion(confusion_matrix(labels, pred, len(p.labels)), p.labels)

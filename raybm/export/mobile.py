@@ -4,13 +4,14 @@ onnxruntime, tokenizers and numpy."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Any
 
 from raybm.inference.loading import model_max_length, read_calibration
-from raybm.results import EXPORTS, LABEL_MAP_FILE, MOBILE_DIR, ONNX_FILE, VARIANT_FILE
+from raybm.storage.fs import write_json_file
+from raybm.storage.layout import LABEL_MAP_FILE, MOBILE_DIR, ONNX_FILE, VARIANT_FILE
+from raybm.storage.records import ExportManifest
 
 PREDICT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mobile_predict.py")
 
@@ -34,32 +35,28 @@ def build_mobile(variant_dir: str, out_dir: str, manifest: dict[str, Any]) -> No
         },
         "temperature": read_calibration(variant_dir)["temperature"],
     }
-    with open(os.path.join(out_dir, VARIANT_FILE), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
+    write_json_file(os.path.join(out_dir, VARIANT_FILE), manifest)
 
 
-def publish_mobile(manifests, reference, out, e, results, log) -> str | None:
+def publish_mobile(manifests: dict[str, ExportManifest], reference, out, e, results, log) -> str | None:
     """Copy the smallest ONNX variant within the allowed accuracy drop into mobile/."""
-    candidates = [m for v, m in manifests.items() if m["backend"] == "onnx"]
+    candidates = [m for m in manifests.values() if m.backend == "onnx"]
     if not candidates:
         return None
     ref_acc = (reference or {}).get("accuracy")
     if ref_acc is not None:
-        candidates = [m for m in candidates if m.get("measured", {}).get("accuracy", -1) >= ref_acc - e.mobile_max_drop]
+        candidates = [m for m in candidates if m.measured.get("accuracy", -1) >= ref_acc - e.mobile_max_drop]
     if not candidates:
         log(f"no ONNX variant is within {e.mobile_max_drop:.0%} accuracy of the reference; no mobile artifact")
         return None
-    best = min(candidates, key=lambda m: m["model_bytes"])
-    staging = results.staging_dir(EXPORTS, f"{os.path.basename(out)}-{MOBILE_DIR}")
-    try:
-        build_mobile(
-            os.path.join(out, best["variant"]),
-            staging,
-            {**best, "variant": MOBILE_DIR, "from_variant": best["variant"]},
-        )
-        results.publish(staging, os.path.join(out, MOBILE_DIR))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log(f"mobile artifact: {best['variant']} ({best['model_bytes'] / 1e6:.1f} MB) -> {os.path.join(out, MOBILE_DIR)}")
+    best = min(candidates, key=lambda m: m.model_bytes)
+    results.publish(
+        os.path.join(out, MOBILE_DIR),
+        lambda folder: build_mobile(
+            os.path.join(out, best.variant),
+            folder,
+            {**best.to_json(), "variant": MOBILE_DIR, "from_variant": best.variant},
+        ),
+    )
+    log(f"mobile artifact: {best.variant} ({best.model_bytes / 1e6:.1f} MB) -> {os.path.join(out, MOBILE_DIR)}")
     return os.path.join(out, MOBILE_DIR)

@@ -11,7 +11,7 @@ import numpy as np
 from raybm.errors import RaybmError
 from raybm.export.folders import PROBE_TEXTS, copy_side_files
 from raybm.inference.loading import load_model_folder
-from raybm.results import ONNX_FILE
+from raybm.storage.layout import ONNX_FILE
 
 ONNX_TOLERANCE = 1e-4  # fp32 ONNX logits must match PyTorch's to this relative error
 

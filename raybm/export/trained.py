@@ -13,7 +13,7 @@ from raybm.config import JobConfig, build_config, merge_raw
 from raybm.errors import RaybmError
 from raybm.export.folders import copy_side_files
 from raybm.inference.loading import load_model_folder
-from raybm.results import MODEL_CONFIG_FILE
+from raybm.storage.layout import MODEL_CONFIG_FILE
 from raybm.train.driver import run_training
 
 

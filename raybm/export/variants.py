@@ -25,7 +25,6 @@ onnxruntime, tokenizers and numpy.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -43,19 +42,12 @@ from raybm.export.onnx import export_onnx, quantize_onnx
 from raybm.export.trained import prune_model, source_config, sparsity, train_variant
 from raybm.inference.loading import load_model_folder, model_info
 from raybm.inference.locate import local_model, locate_model, model_name
-from raybm.lease import hold_lease
-from raybm.model_cache import fetch_model
-from raybm.results import (
-    EXPORTS,
-    MOBILE_DIR,
-    MODEL_CARD_FILE,
-    ONNX_FILE,
-    SUMMARY_FILE,
-    VARIANT_FILE,
-    Results,
-    copy_to_local,
-    is_s3,
-)
+from raybm.storage.fs import copy_to_local, is_s3, write_json_file
+from raybm.storage.layout import EXPORTS, MOBILE_DIR, MODEL_CARD_FILE, ONNX_FILE, SUMMARY_FILE, VARIANT_FILE
+from raybm.storage.lease import hold_lease
+from raybm.storage.model_cache import fetch_model
+from raybm.storage.records import ExportManifest
+from raybm.storage.results import Results
 
 VARIANTS = ("hf", "onnx", "int8", "onnx-int8", "fp16", "pruned", "distilled")
 BACKEND = {
@@ -76,7 +68,7 @@ class ExportResult:
 
     name: str
     folder: str
-    manifests: dict[str, dict[str, Any]]
+    manifests: dict[str, ExportManifest]
     reference: dict[str, Any] | None
     mobile: str | None
 
@@ -119,8 +111,9 @@ def run_export(
         final = results.export_dir(done.name)
         log(f"uploading {done.name} to {results.uri(final)} ...")
         with hold_lease(results, EXPORTS, done.name, f"export {done.name!r}", log=log) as lease:
-            lease.check()
-            results.upload_dir(done.folder, final)
+            results.publish(
+                final, lambda folder: shutil.copytree(done.folder, folder), local_build=True, before_publish=lease.check
+            )
         return ExportResult(
             done.name,
             results.uri(final),
@@ -161,43 +154,41 @@ def _export(
         reference["model_bytes"] = model_bytes(model_dir)
     ref_pred = reference.pop("_pred", None) if reference else None
 
-    manifests: dict[str, dict[str, Any]] = {}
+    manifests: dict[str, ExportManifest] = {}
     with tempfile.TemporaryDirectory(prefix="raybm-export-") as work:
         for v in variants:
             log(f"variant {v} ...")
             started = time.time()
-            staging = results.staging_dir(EXPORTS, f"{name}-{v}")
-            try:
-                settings = _build(v, model_dir, staging, work, cfg, name, out, log)
-                manifest = {
-                    "variant": v,
-                    "backend": BACKEND[v],
-                    "source": source_uri or card["model"],
-                    "source_name": name,
-                    "base_model": card.get("base_model"),
-                    "settings": settings,
-                    "model_bytes": model_bytes(staging),
-                    "build_seconds": round(time.time() - started, 1),
-                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                }
+
+            def build(folder: str, v: str = v, started: float = started) -> ExportManifest:
+                settings = _build(v, model_dir, folder, work, cfg, name, out, log)
+                manifest = ExportManifest(
+                    variant=v,
+                    backend=BACKEND[v],
+                    source=source_uri or card["model"],
+                    source_name=name,
+                    base_model=card.get("base_model"),
+                    settings=settings,
+                    model_bytes=model_bytes(folder),
+                    build_seconds=round(time.time() - started, 1),
+                    created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                )
                 if e.measure:
-                    m = measure(staging, BACKEND[v], texts, labels, e.latency_samples)
+                    m = measure(folder, BACKEND[v], texts, labels, e.latency_samples)
                     pred = m.pop("_pred", None)
                     if pred is not None and ref_pred is not None:
                         m["agreement_with_reference"] = float((pred == ref_pred).mean())
-                    manifest["measured"] = m
-                with open(os.path.join(staging, VARIANT_FILE), "w", encoding="utf-8") as f:
-                    json.dump(manifest, f, indent=2)
-                check_lease()  # fencing: nothing is published by a job that lost its lease
-                results.publish(staging, os.path.join(out, v))
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
+                    manifest.measured = m
+                write_json_file(os.path.join(folder, VARIANT_FILE), manifest.to_json())
+                return manifest
+
+            # fencing: nothing is published by a job that lost its lease
+            manifest = results.publish(os.path.join(out, v), build, before_publish=check_lease)
             manifests[v] = manifest
-            size = manifest["model_bytes"] / 1e6
+            size = manifest.model_bytes / 1e6
             extra = ""
-            if "measured" in manifest and "accuracy" in manifest["measured"]:
-                mm = manifest["measured"]
+            if "accuracy" in manifest.measured:
+                mm = manifest.measured
                 extra = f", accuracy {mm['accuracy']:.4f}, p50 {mm['latency_p50_ms']} ms"
             log(f"  {v}: {size:.1f} MB{extra} -> {os.path.join(out, v)}")
 
@@ -206,7 +197,7 @@ def _export(
         "name": name,
         "source": source_uri or card["model"],
         "reference": reference,
-        "variants": manifests,
+        "variants": {v: m.to_json() for v, m in manifests.items()},
         "mobile": mobile,
     }
     results.write_json(os.path.join(out, SUMMARY_FILE), summary)

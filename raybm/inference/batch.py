@@ -33,7 +33,7 @@ from raybm.inference.batch_output import OutputFolder
 from raybm.inference.loading import read_label_map
 from raybm.inference.predict import FORMATS, PROGRESS_EVERY_S, label_frame, output_columns
 from raybm.placement import alive_nodes, place
-from raybm.results import is_s3, resolve_uri
+from raybm.storage.fs import is_s3, resolve_uri
 
 GLOB_CHARS = "*?["
 SCORE_BATCH_ROWS = 1024  # rows a model actor takes at a time (run shortest first inside)

@@ -24,7 +24,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raybm.errors import RaybmError
-from raybm.results import SUCCESS_MARKER, is_s3
+from raybm.storage.fs import is_s3
+from raybm.storage.layout import SUCCESS_MARKER
 
 LEDGER_FILE = "_job.json"
 ROWS_PER_FILE = 1_000_000  # rows in each output file

@@ -19,8 +19,8 @@ from raybm.config import StorageConfig
 from raybm.errors import DataError
 from raybm.inference.loading import load_predictor, read_calibration, read_label_map
 from raybm.metrics import calibration, confusion_matrix, metrics_from_confusion, rescaled, served_calibration
-from raybm.model_cache import fetch_model
-from raybm.results import CALIBRATION_FILE
+from raybm.storage.layout import CALIBRATION_FILE
+from raybm.storage.model_cache import fetch_model
 
 
 class Classify:

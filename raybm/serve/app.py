@@ -49,8 +49,6 @@ from raybm.errors import RaybmError
 from raybm.inference.explain import METHOD, ExplainTimeout, explain_within
 from raybm.inference.loading import check_model_files, model_info
 from raybm.inference.locate import locate_model, model_name
-from raybm.model_cache import fetch_model
-from raybm.results import EXPORTS, resolve_uri
 from raybm.serve.batching import Batcher
 from raybm.serve.contract import (
     ERROR_RESPONSES,
@@ -67,6 +65,9 @@ from raybm.serve.contract import (
     prediction,
 )
 from raybm.serve.watch import LOW_CONFIDENCE, ProxyCounts, Watch, make_stats_class, summarize
+from raybm.storage.fs import resolve_uri
+from raybm.storage.layout import EXPORTS
+from raybm.storage.model_cache import fetch_model
 
 DEFAULT_LOADER = "raybm.inference.loading:load_predictor"
 TIMED_OUT = 408  # what Serve answers a request cancelled at serve.request_timeout_s

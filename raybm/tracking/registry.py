@@ -3,7 +3,7 @@
 
 A registered version points at the ``model/`` artifacts of the MLflow run that produced
 the model (the training run, or the sweep's parent run: found by the results folder it
-records, ``raybm.results``); the export variants go beside it as ``exports/<variant>/``.
+records, ``raybm.storage``); the export variants go beside it as ``exports/<variant>/``.
 Its tags hold the test metrics, the dataset, the base model and the raybm folder it came
 from; registering the same model folder again gives back the version it already has.
 """

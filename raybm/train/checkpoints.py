@@ -10,7 +10,7 @@ import shutil
 from raybm.config import JobConfig, load_config
 from raybm.local_paths import private_temp_dir
 from raybm.models.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
-from raybm.results import (
+from raybm.storage.layout import (
     CALIBRATION_FILE,
     DRIFT_REFERENCE_FILE,
     EPOCH_METRICS_FILE,
@@ -42,7 +42,7 @@ def save_checkpoint(
     metrics: dict,
     weights: dict | None = None,
     drift_reference: dict | None = None,
-    adapter_keys: dict | None = None,
+    adapter_keys: dict[str, str] | None = None,
     sharded: bool = False,
 ) -> None:
     """Write a checkpoint into ``folder``: a loadable model folder (weights, tokenizer, label
@@ -59,7 +59,7 @@ def save_checkpoint(
         model.config.save_pretrained(folder)
     else:
         model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
-    if is_lora(model) and weights is not None:
+    if is_lora(model) and weights is not None and adapter_keys is not None:
         save_adapter_weights(folder, weights, adapter_keys)  # PEFT's own filter loses the adapters here
     if is_lora(model):
         model.get_base_model().config.save_pretrained(folder)

@@ -21,21 +21,21 @@ import yaml
 from raybm.config import JobConfig, run_name_for
 from raybm.errors import RaybmError
 from raybm.inference.loading import read_label_map
-from raybm.lease import hold_lease
 from raybm.metrics import drift_reference
 from raybm.models.card import write_model_card
-from raybm.results import (
+from raybm.runtime import on_cluster
+from raybm.storage.layout import (
     CONFIG_FILE,
     HISTORY_FILE,
     METRICS_FILE,
     MODEL_DIR,
     PREDICTIONS_FILE,
     RUNS,
-    Results,
-    job_for_workers,
     weight_files,
 )
-from raybm.runtime import on_cluster
+from raybm.storage.lease import hold_lease
+from raybm.storage.records import DataReport, RunRecord
+from raybm.storage.results import Results, job_for_workers
 from raybm.tracking import log_run
 from raybm.train.loop import train_loop_per_worker
 from raybm.train.memory import check_memory_fits
@@ -66,13 +66,13 @@ class TrainResult:
     run_name: str
     run_dir: str  # URI
     model_dir: str  # URI of the best model folder
-    metrics: dict[str, Any]  # test metrics
+    metrics: RunRecord  # what metrics.json says: the best epoch, the test scores
     history: list[dict[str, Any]]
 
 
-def balanced_class_weights(report: dict, labels: list[str]) -> list[float]:
+def balanced_class_weights(report: DataReport, labels: list[str]) -> list[float]:
     """n / (classes x n_class) from the training split's label counts."""
-    counts = report["splits"]["train"]["labels"]
+    counts = report.label_counts("train")
     total = sum(counts[lab] for lab in labels)
     return [total / (len(labels) * max(1, counts[lab])) for lab in labels]
 
@@ -97,10 +97,10 @@ def load_text_splits(cfg: JobConfig, prepared) -> dict:
     return {s: load_split(results, prepared.name, s).materialize() for s in ("train", "validation")}
 
 
-def stored_ids_fit(cfg: JobConfig, report: dict) -> bool:
+def stored_ids_fit(cfg: JobConfig, report: DataReport) -> bool:
     """Whether the token ids stored with the prepared splits are what ``cfg`` trains on
     (same tokenizer and max_length; datasets prepared before ids were stored have none)."""
-    tokens = report.get("tokens") or {}
+    tokens = report.tokens
     return (
         bool(tokens.get("ids_stored"))
         and tokens.get("model") == cfg.model.name
@@ -108,7 +108,7 @@ def stored_ids_fit(cfg: JobConfig, report: dict) -> bool:
     )
 
 
-def reads_whole_splits(cfg: JobConfig, report: dict) -> bool:
+def reads_whole_splits(cfg: JobConfig, report: DataReport) -> bool:
     """Whether the workers read the splits whole from the results folder
     (``raybm.data.whole``) rather than through Ray Data: see ``train.data_feed``."""
     from raybm.data.whole import WHOLE_SPLIT_MAX_BYTES, whole_split_bytes
@@ -118,7 +118,7 @@ def reads_whole_splits(cfg: JobConfig, report: dict) -> bool:
         return False
     if not stored_ids_fit(cfg, report):
         if feed == "whole":
-            tokens = report.get("tokens") or {}
+            tokens = report.tokens
             stored = (
                 f"for {tokens.get('model')} at max_length {tokens.get('max_length')}"
                 if tokens.get("ids_stored")
@@ -131,8 +131,7 @@ def reads_whole_splits(cfg: JobConfig, report: dict) -> bool:
             )
         return False
     return (
-        feed == "whole"
-        or whole_split_bytes(report["splits"]["train"]["rows"], cfg.data.max_length) <= WHOLE_SPLIT_MAX_BYTES
+        feed == "whole" or whole_split_bytes(report.split_rows("train"), cfg.data.max_length) <= WHOLE_SPLIT_MAX_BYTES
     )
 
 
@@ -171,14 +170,14 @@ def tokenized_datasets(cfg: JobConfig, splits: dict) -> dict:
 
 
 def worker_config(
-    cfg: JobConfig, labels: list[str], report: dict, predictions_to: str | None, whole_splits: str | None
+    cfg: JobConfig, labels: list[str], report: DataReport, predictions_to: str | None, whole_splits: str | None
 ) -> dict[str, Any]:
     """What every training worker is handed (``raybm.train.loop.run_worker``)."""
     return {
         "job": job_for_workers(cfg),
         "labels": labels,
-        "n_train": report["splits"]["train"]["rows"],
-        "drift_reference": drift_reference(report),
+        "n_train": report.split_rows("train"),
+        "drift_reference": drift_reference(report.dataset, report.label_counts("train"), report.tokens),
         "class_weights": balanced_class_weights(report, labels) if cfg.train.class_weights == "balanced" else None,
         "predictions_to": predictions_to,
         "whole_splits": whole_splits,
@@ -189,7 +188,7 @@ def build_trainer(
     cfg: JobConfig,
     *,
     labels: list[str],
-    report: dict,
+    report: DataReport,
     datasets: dict,
     run_name: str,
     storage_path: str,
@@ -427,23 +426,23 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
                 f"Scored the best checkpoint on the test split in the training worker: "
                 f"accuracy {test['accuracy']:.4f}, macro-F1 {test['f1_macro']:.4f}"
             )
-        metrics = {
-            "run": run_name,
-            "dataset": prepared.name,
-            "model": cfg.model.name,
-            "best_epoch": best_epoch(history, t.metric, t.mode),
-            "epochs_run": len(history),
-            "early_stopped": bool(history and history[-1].get("early_stopped")),
-            "worker_nodes": worker_nodes_of(history),
-            "train_seconds": round(time.time() - started, 1),
-            "test": test,
-        }
+        metrics = RunRecord(
+            run=run_name,
+            dataset=prepared.name,
+            model=cfg.model.name,
+            best_epoch=best_epoch(history, t.metric, t.mode),
+            epochs_run=len(history),
+            early_stopped=bool(history and history[-1].get("early_stopped")),
+            worker_nodes=worker_nodes_of(history),
+            train_seconds=round(time.time() - started, 1),
+            test=test,
+        )
         results.write_json(results.join(run_dir, HISTORY_FILE), history)
-        results.write_json(results.join(run_dir, METRICS_FILE), metrics)
-        chosen = next((h for h in history if h.get("epoch") == metrics["best_epoch"]), {})
+        results.write_json(results.join(run_dir, METRICS_FILE), metrics.to_json())
+        chosen = next((h for h in history if h.get("epoch") == metrics.best_epoch), {})
         notes = (
             [
-                f"the checkpoint of epoch {metrics['best_epoch']} of {len(history)}, best by validation {t.metric} "
+                f"the checkpoint of epoch {metrics.best_epoch} of {len(history)}, best by validation {t.metric} "
                 f"({chosen[t.metric]:.4f})"
             ]
             if t.metric in chosen
@@ -465,7 +464,7 @@ def run_training(cfg: JobConfig, *, log: Callable[[str], None] = print) -> Train
         return TrainResult(run_name, results.uri(run_dir), model_uri, metrics, history)
 
 
-def worker_scores_test(cfg: JobConfig, report: dict) -> bool:
+def worker_scores_test(cfg: JobConfig, report: DataReport) -> bool:
     """Whether rank 0 scores the best epoch on the test split once training ends (from the
     stored token ids); if not, the driver scores the published model instead: ids stored
     for another tokenizer or length, or FSDP (rank 0 alone cannot run a sharded model, and

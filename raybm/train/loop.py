@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from raybm.errors import RaybmError
 from raybm.metrics import flat
 from raybm.train.checkpoints import checkpoint_scratch, save_checkpoint
 from raybm.train.fsdp import gather_full
@@ -198,7 +199,10 @@ def epoch_record(w: Worker, p: Progress, epoch: int, stats: EpochStats, val: dic
     pg = w.session.placement_group()
     if pg is not None:  # lets a sweep free a stopped trial's workers (raybm.tune.trial)
         metrics["placement_group"] = pg
-    value = metrics[t.metric] if t.metric in metrics else metrics.get(f"val_{t.metric}")
+    value = metrics.get(t.metric, metrics.get(f"val_{t.metric}"))
+    if value is None:
+        scores = ", ".join(sorted(k for k in metrics if k.startswith("val_") and isinstance(metrics[k], float)))
+        raise RaybmError(f"train.metric={t.metric!r} is none of an epoch's scores; choose one of {scores}")
     improved = p.best is None or (value > p.best if t.mode == "max" else value < p.best)
     p.best, p.bad_epochs = (value, 0) if improved else (p.best, p.bad_epochs + 1)
     p.lr_scale, p.plateau_epochs = plateau_scale(p.lr_scale, 0 if improved else p.plateau_epochs + 1, t)
@@ -268,7 +272,7 @@ def _report_sharded(w: Worker, p: Progress, epoch: int, metrics: dict, scratch: 
     lora = w.adapter_keys is not None
     optimizer = save_sharded(tmp, w.model, w.optimizer, with_model=not lora)
     files = optimizer.pop("files")
-    adapters = gather_full(w.model, sorted(set(w.adapter_keys.values()))) if lora else None
+    adapters = gather_full(w.model, sorted(set(w.adapter_keys.values()))) if w.adapter_keys is not None else None
     if w.rank == 0:
         write_shards_index(tmp, files, with_model=not lora)
         save_checkpoint(

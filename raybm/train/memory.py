@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from raybm.config import JobConfig, build_config
 from raybm.errors import RaybmError
 from raybm.placement import alive_nodes, place
-from raybm.results import is_s3, weight_files
 from raybm.runtime import on_cluster
+from raybm.storage.fs import is_s3
+from raybm.storage.layout import weight_files
 from raybm.train.fsdp_loading import STREAM_BATCH_BYTES, stream_plan
 from raybm.train.sharded import SHARD_FILE_BYTES
 from raybm.train.worker import build_training_model
@@ -111,7 +112,7 @@ def architecture(cfg: JobConfig, labels: list[str]) -> Architecture:
         and resolve_pooling(cfg.model) != "mean"
     ):
         files = weight_files(resolve_model_source(cfg.model.name))
-        streamed = bool(files) and stream_plan(model, files) is not None
+        streamed = files is not None and stream_plan(model, files) is not None
     return Architecture(
         params, trainable, hidden, max(1, len(layers)), heads, max(sizes), params - sum(sizes), streamed
     )

@@ -6,19 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
-from raybm.results import (
-    HISTORY_FILE,
-    METRICS_FILE,
-    MODEL_CARD_FILE,
-    MODEL_DIR,
-    SUCCESS_MARKER,
-    TRAIN_STATE_FILE,
-    Results,
-)
+from raybm.storage.layout import HISTORY_FILE, METRICS_FILE, MODEL_CARD_FILE, MODEL_DIR, TRAIN_STATE_FILE
+from raybm.storage.results import Results
 from raybm.train.checkpoints import as_model_folder
 
 
@@ -61,19 +52,13 @@ def publish_model(results: Results, run_dir: str, checkpoint) -> str:
     """Copy a checkpoint (minus optimizer state; a LoRA run's adapters merged into the base
     model) to <run_dir>/model, atomically."""
     final = results.join(run_dir, MODEL_DIR)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = as_model_folder(checkpoint.to_directory(os.path.join(tmp, "ckpt")))  # LoRA: merged
-        state = os.path.join(local, TRAIN_STATE_FILE)
-        if os.path.exists(state):
-            os.remove(state)
-        if results.remote:  # _SUCCESS goes up last: a replica never loads half a model
-            results.upload_dir(local, final)
-        else:
-            open(os.path.join(local, SUCCESS_MARKER), "w").close()
-            staging = results.join(run_dir, f".staging-{MODEL_DIR}")
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(local, staging)
-            results.publish(staging, final)
+
+    def build(folder: str) -> None:
+        as_model_folder(checkpoint.to_directory(folder))  # LoRA: merged; FSDP: the shards joined
+        if os.path.exists(os.path.join(folder, TRAIN_STATE_FILE)):
+            os.remove(os.path.join(folder, TRAIN_STATE_FILE))
+
+    results.publish(final, build, local_build=True)  # _SUCCESS last: a replica never loads half a model
     return results.uri(final)
 
 
@@ -108,7 +93,7 @@ def run_artifacts(results: Results, run_dir: str, dataset: str) -> dict[str, str
         HISTORY_FILE: results.read_text(results.join(run_dir, HISTORY_FILE)),
     }
     try:
-        out["data_report.json"] = json.dumps(results.dataset_report(dataset), indent=2)
+        out["data_report.json"] = json.dumps(results.dataset_report(dataset).to_json(), indent=2)
     except (OSError, ValueError):  # a soup's or an external dataset: no report to add
         pass
     return out

@@ -10,7 +10,7 @@ import numpy as np
 from raybm.config import JobConfig
 from raybm.inference.loading import read_calibration
 from raybm.metrics import calibration, confusion_matrix, metrics_from_confusion, served_calibration
-from raybm.results import Results
+from raybm.storage.results import Results
 from raybm.train.checkpoints import load_weights
 
 

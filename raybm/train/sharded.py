@@ -20,7 +20,7 @@ import struct
 import warnings
 
 from raybm.errors import RaybmError
-from raybm.results import SHARDS_DIR, SHARDS_INDEX_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+from raybm.storage.layout import SHARDS_DIR, SHARDS_INDEX_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 
 MODEL_KEY, OPTIMIZER_KEY = "model", "optim"  # the two parts of the sharded state (key prefixes in the files)
 SHARD_FILE_BYTES = 2**30  # the state in each run of shard files (a rank's file: its share of that)

@@ -16,7 +16,8 @@ import sys
 import tempfile
 from typing import Any
 
-from raybm.results import TENSORBOARD_DIR, Results
+from raybm.storage.layout import TENSORBOARD_DIR
+from raybm.storage.results import Results
 
 # Each epoch's record: these, under "val/" and "train/", at the epoch's last step.
 EPOCH_SCALARS = {

@@ -13,7 +13,7 @@ from typing import Any
 
 from raybm.config import JobConfig, build_config
 from raybm.errors import RaybmError
-from raybm.results import weight_files
+from raybm.storage.layout import weight_files
 from raybm.train.checkpoints import load_checkpoint
 from raybm.train.fsdp import wrap_fsdp
 from raybm.train.fsdp_loading import StreamPlan, stream_plan
@@ -342,12 +342,12 @@ def _optimizer(model, t, groups: list[dict], state: dict | None, folder: str | N
         group["initial_lr"] = group["lr"]
     if state is None:
         return optimizer
-    if t.parallelism == "fsdp" and not is_sharded(folder):
-        raise RaybmError(
-            f"{folder}: an FSDP checkpoint without shards (written by an older raybm) cannot be "
-            f"resumed; start the run under another name"
-        )
     if t.parallelism == "fsdp":
+        if folder is None or not is_sharded(folder):
+            raise RaybmError(
+                f"{folder}: an FSDP checkpoint without shards (written by an older raybm) cannot be "
+                f"resumed; start the run under another name"
+            )
         load_sharded(folder, model, optimizer, state["optimizer"], with_model=not is_lora(model))
     else:
         optimizer.load_state_dict(state["optimizer"])

@@ -14,7 +14,8 @@ from typing import Any
 
 from raybm.config import JobConfig
 from raybm.export.measure import measure
-from raybm.results import copy_to_local, is_s3, weight_files
+from raybm.storage.fs import copy_to_local, is_s3
+from raybm.storage.layout import weight_files
 from raybm.train.checkpoints import as_model_folder
 
 

@@ -13,7 +13,8 @@ import pyarrow.fs as pafs
 
 from raybm.config import JobConfig
 from raybm.config.search_space import Distribution
-from raybm.results import EPOCH_METRICS_FILE, LEADERBOARD, SHARDS_DIR, SHARDS_INDEX_FILE, Results
+from raybm.storage.layout import EPOCH_METRICS_FILE, LEADERBOARD, SHARDS_DIR, SHARDS_INDEX_FILE
+from raybm.storage.results import Results
 from raybm.train.checkpoints import CHECKPOINT_FILES, CHECKPOINT_WEIGHTS
 from raybm.train.driver import failure_reason
 from raybm.train.publish import worker_nodes_of

@@ -28,11 +28,10 @@ from typing import Any
 from raybm.errors import ConfigError, RaybmError
 from raybm.inference.loading import model_info, read_label_map
 from raybm.inference.locate import locate_model
-from raybm.lease import hold_lease
 from raybm.metrics import soup_metric
-from raybm.model_cache import fetch_model
 from raybm.models.card import write_model_card
-from raybm.results import (
+from raybm.storage.fs import is_s3
+from raybm.storage.layout import (
     CONFIG_FILE,
     EPOCH_METRICS_FILE,
     METRICS_FILE,
@@ -46,11 +45,12 @@ from raybm.results import (
     TRAIN_STATE_FILE,
     WEIGHTS_FILE,
     WEIGHTS_INDEX_FILE,
-    Results,
-    is_s3,
-    soup_used,
     weight_files,
 )
+from raybm.storage.lease import hold_lease
+from raybm.storage.model_cache import fetch_model
+from raybm.storage.records import RunRecord, soup_used
+from raybm.storage.results import Results
 from raybm.train.publish import publish_model, score_model_uri
 
 # Files of a training checkpoint that do not describe the averaged model.
@@ -71,7 +71,7 @@ class Soup:
 
     @property
     def used(self) -> bool:
-        """Whether the soup is the model handed on (``raybm.results.soup_used``)."""
+        """Whether the soup is the model handed on (``raybm.storage.records.soup_used``)."""
         return soup_used(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
@@ -243,7 +243,7 @@ def run_soup(
     s3:// folders) as a new run ``runs/<name>/``: model/, metrics.json (the soup's test
     metrics and its recipe), config.yaml, test predictions. Candidates are ranked by their
     validation score on ``dataset`` first; the test split is scored once, at the end. The
-    run is written under its lease (raybm.lease), as every run is."""
+    run is written under its lease (raybm.storage.lease), as every run is."""
     results, run_dir = check_soup_inputs(cfg, models, dataset, name)
     with hold_lease(results, RUNS, name, f"soup {name!r}", log=log) as lease:  # one writer per run name
         if results.exists(run_dir):  # written by another job since the check above
@@ -313,15 +313,15 @@ def _run_soup(
         cfg.data.max_length,
         predictions_to=results.join(run_dir, PREDICTIONS_FILE),
     )
-    metrics = {
-        "run": name,
-        "dataset": dataset,
-        "model": base_model,
-        "soup": {**soup.to_dict(), "models": models},
-        "validation": {cfg.tune.metric: soup.validation},
-        "test": test,
-    }
-    results.write_json(results.join(run_dir, METRICS_FILE), metrics)
+    metrics = RunRecord(
+        run=name,
+        dataset=dataset,
+        model=base_model,
+        soup={**soup.to_dict(), "models": models},
+        validation={cfg.tune.metric: soup.validation},
+        test=test,
+    )
+    results.write_json(results.join(run_dir, METRICS_FILE), metrics.to_json())
 
     write_model_card(
         results,
@@ -338,4 +338,4 @@ def _run_soup(
     )
     lease.check()
     results.mark_complete(run_dir)
-    return {"run_dir": results.uri(run_dir), "model_dir": model_uri, **metrics}
+    return {"run_dir": results.uri(run_dir), "model_dir": model_uri, **metrics.to_json()}

@@ -32,10 +32,10 @@ from typing import Any
 from raybm.config import JobConfig, sweep_name_for
 from raybm.config.search_space import Distribution, grid_size, parse_space
 from raybm.errors import RaybmError
-from raybm.lease import hold_lease
 from raybm.metrics import soup_metric
 from raybm.models.card import write_model_card
-from raybm.results import (
+from raybm.storage.fs import copy_to_local
+from raybm.storage.layout import (
     CONFIG_FILE,
     LEADERBOARD,
     MODEL_CARD_FILE,
@@ -45,10 +45,10 @@ from raybm.results import (
     TRIALS_DIR,
     TUNE_DIR,
     WINNER_FILE,
-    Results,
-    copy_to_local,
-    job_for_workers,
 )
+from raybm.storage.lease import hold_lease
+from raybm.storage.records import Winner
+from raybm.storage.results import Results, job_for_workers
 from raybm.tracking import log_run
 from raybm.train.checkpoints import as_model_folder
 from raybm.train.driver import load_prepared, load_text_splits, reads_whole_splits, training_datasets
@@ -86,7 +86,7 @@ class SweepResult:
     sweep_dir: str  # URI
     model_dir: str  # URI of the winner's model folder
     leaderboard: list[dict[str, Any]]
-    winner: dict[str, Any]
+    winner: Winner
 
 
 def _scheduler(cfg: JobConfig):
@@ -184,13 +184,13 @@ def run_sweep(
         lease.check()  # fencing: nothing is published by a job that lost its lease
         write_leaderboard(results, sweep_dir, board)  # the callers print it (cli, pipeline)
         winner = _publish_winner(results, sweep_dir, cfg, prepared.name, ranked, log)
-        winner["latency_budget"] = budget
-        winner["sweep_seconds"] = round(time.time() - started, 1)
+        winner.latency_budget = budget
+        winner.sweep_seconds = round(time.time() - started, 1)
         lease.check()
-        results.write_json(results.join(sweep_dir, WINNER_FILE), winner)
+        results.write_json(results.join(sweep_dir, WINNER_FILE), winner.to_json())
         log_sweep(cfg, name, dists, board, trial_histories(grid, cfg.tune.metric), winner, results, sweep_dir)
         results.mark_complete(sweep_dir)
-        return SweepResult(name, results.uri(sweep_dir), winner["model_dir"], board, winner)
+        return SweepResult(name, results.uri(sweep_dir), winner.model_dir, board, winner)
 
 
 def log_sweep(
@@ -199,7 +199,7 @@ def log_sweep(
     dists: list[Distribution],
     board: list[dict[str, Any]],
     histories: dict[str, list[dict[str, Any]]],
-    winner: dict[str, Any],
+    winner: Winner,
     results: Results,
     sweep_dir: str,
 ) -> None:
@@ -208,17 +208,15 @@ def log_sweep(
     per trial (its searched values in its config, each epoch, its status)."""
     if not cfg.tracking.mlflow_uri:
         return
-    tags = {"raybm.dataset": winner.get("dataset", ""), "raybm.results": results.uri(sweep_dir)}
+    tags = {"raybm.dataset": winner.dataset or "", "raybm.results": results.uri(sweep_dir)}
     card = results.join(sweep_dir, MODEL_DIR, MODEL_CARD_FILE)
     artifacts = {
         f"{LEADERBOARD}.json": json.dumps(board, indent=2, default=str),
-        WINNER_FILE: json.dumps(winner, indent=2, default=str),
+        WINNER_FILE: json.dumps(winner.to_json(), indent=2, default=str),
     }
     if results.exists(card):
         artifacts["model_card.md"] = results.read_text(card)
-    parent = log_run(
-        cfg, name, "sweep", [], winner.get("test"), artifacts, tags={**tags, "raybm.winner": str(winner.get("trial"))}
-    )
+    parent = log_run(cfg, name, "sweep", [], winner.test, artifacts, tags={**tags, "raybm.winner": winner.trial})
     base = cfg.to_dict()
     for row in board:
         trial_cfg = trial_config(base, {d.key: row[d.key] for d in dists if row.get(d.key) is not None})
@@ -419,7 +417,7 @@ def _publish_winner(
     dataset: str,
     ranked: list[dict[str, Any]],
     log: Callable[[str], None],
-) -> dict[str, Any]:
+) -> Winner:
     """Copy the winner's best checkpoint (or, with ``tune.soup``, the soup of the best trials)
     to <sweep>/model and score it on the test split."""
     import ray.train
@@ -486,20 +484,20 @@ def _publish_winner(
             [r for r in ranked if r["trial"] in used.ingredients] if used is not None else [row]
         ),
     )
-    return {
-        "trial": row["trial"],
-        "values": searched,
-        "dataset": dataset,
-        "model": cfg.model.name,
-        "metric": metric,
-        "validation": used.validation if used is not None else row[metric],
-        "best_epoch": row["best_epoch"],
-        "checkpoint": row["best_checkpoint"],
-        "model_dir": model_uri,
-        "soup": soup.to_dict() if soup is not None else None,
-        "test": test,
-        "cost": {k: row[k] for k in ("params", "size_mb", "latency_p50_ms") if k in row} or None,
-    }
+    return Winner(
+        trial=row["trial"],
+        values=searched,
+        dataset=dataset,
+        model=cfg.model.name,
+        metric=metric,
+        validation=used.validation if used is not None else row[metric],
+        best_epoch=row["best_epoch"],
+        checkpoint=row["best_checkpoint"],
+        model_dir=model_uri,
+        soup=soup.to_dict() if soup is not None else None,
+        test=test,
+        cost={k: row[k] for k in ("params", "size_mb", "latency_p50_ms") if k in row} or None,
+    )
 
 
 def _trained_precision(rows: list[dict[str, Any]]) -> str | None:
@@ -540,5 +538,6 @@ def load_sweep(results: Results, name: str) -> SweepResult:
     """A finished sweep's leaderboard and winner, as written."""
     sweep_dir = results.sweep_dir(name)
     board = results.read_json(results.join(sweep_dir, f"{LEADERBOARD}.json"))
-    winner = results.read_json(results.join(sweep_dir, WINNER_FILE))
-    return SweepResult(name, results.uri(sweep_dir), winner["model_dir"], board, winner)
+    path = results.join(sweep_dir, WINNER_FILE)
+    winner = Winner.from_json(results.read_json(path), results.uri(path))
+    return SweepResult(name, results.uri(sweep_dir), winner.model_dir, board, winner)

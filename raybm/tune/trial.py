@@ -10,8 +10,9 @@ from raybm.config import JobConfig, build_config, merge_raw
 from raybm.config.search_space import Distribution, nested
 from raybm.errors import RaybmError
 from raybm.placement import alive_nodes, copies_that_fit
-from raybm.results import Results
 from raybm.runtime import cluster_address
+from raybm.storage.records import DataReport
+from raybm.storage.results import Results
 from raybm.train.driver import build_trainer, reads_whole_splits, tokenized_datasets, worker_config
 from raybm.train.loop import run_worker
 from raybm.train.resources import asks_for_gpus, resources_that_may_appear, worker_resources
@@ -92,7 +93,7 @@ def in_trial_resources(cfg: JobConfig):
 
 
 def run_trial_in_process(
-    params: dict[str, Any], *, base: dict[str, Any], labels: list[str], report: dict[str, Any], dataset: str
+    params: dict[str, Any], *, base: dict[str, Any], labels: list[str], report: DataReport, dataset: str
 ) -> None:
     """One Tune trial trained here, in the trial's own process (``tune.trial_runner``): its
     one worker reads the prepared dataset ``dataset`` whole and reports each epoch, with
@@ -106,7 +107,7 @@ def run_trial(
     *,
     base: dict[str, Any],
     labels: list[str],
-    report: dict[str, Any],
+    report: DataReport,
     dataset: str,
     text_splits: dict,
     tokenized: dict | None,

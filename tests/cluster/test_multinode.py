@@ -193,7 +193,7 @@ def test_pipeline_sweeps_on_both_nodes_and_serves_two_replicas_from_s3(
     from raybm.dashboard.data import DashboardData
 
     board_view = DashboardData(f"s3://{name}/team", StorageConfig(root=f"s3://{name}/team", s3_endpoint_url=s3_server))
-    assert [p["status"] for p in board_view.pipelines()] == ["succeeded"]
+    assert [p.status for p in board_view.pipelines()] == ["succeeded"]
 
     # The same job again with a release gate this model cannot pass: every stage finds its
     # output in the bucket and is skipped, the gate holds the deploy, the deployment stays.

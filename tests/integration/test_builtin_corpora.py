@@ -9,7 +9,7 @@ import pytest
 
 from raybm.config import build_config, load_config
 from raybm.data import run_data_stage
-from raybm.results import Results
+from raybm.storage.results import Results
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def split_assignment(cfg, name):
 def test_twitter_corpus_documented_counts_and_repeatable_split(ray_local, tmp_path):
     cfg = load_config("jobs/configs/twitter-full.yaml", [f"storage.root={tmp_path}"])
     first = run_data_stage(cfg, log=lambda _: None)
-    rep = first.report
+    rep = first.report.to_json()  # as written in report.json
     assert rep["rows_read"] == TWITTER_BINARY["rows_read"]
     assert rep["dropped"] == {
         "excluded_label": TWITTER_BINARY["excluded_label"],
@@ -52,7 +52,7 @@ def test_twitter_corpus_documented_counts_and_repeatable_split(ray_local, tmp_pa
 
 def test_twitter_three_classes(ray_local, tmp_path):
     cfg = load_config("jobs/configs/twitter-3class.yaml", [f"storage.root={tmp_path}", "data.max_rows=3000"])
-    rep = run_data_stage(cfg, log=lambda _: None).report
+    rep = run_data_stage(cfg, log=lambda _: None).report.to_json()
     assert rep["labels"] == ["negative", "neutral", "positive"]
     assert "excluded_label" not in rep["dropped"]
     assert rep["rows_kept"] == 3000 and rep["dropped"]["over_max_rows"] > 30000
@@ -61,7 +61,7 @@ def test_twitter_three_classes(ray_local, tmp_path):
 
 def test_chinese_reviews(ray_local, tmp_path):
     cfg = build_config(overrides=[f"storage.root={tmp_path}", "data.source=chinese-reviews", "data.max_rows=2000"])
-    rep = run_data_stage(cfg, log=lambda _: None).report
+    rep = run_data_stage(cfg, log=lambda _: None).report.to_json()
     assert rep["rows_read"] == 16548 + 18576  # one review a line in pos.txt and neg.txt
     assert rep["labels"] == ["negative", "positive"]
     assert rep["rows_kept"] == 2000

@@ -71,7 +71,7 @@ def test_jobs_sweep_and_model_pages_show_the_run(monkeypatch, results):
     assert list(jobs["name"]) == ["dash-sweep"] and jobs["status"][0] == "complete"
     assert list(jobs.columns[:4]) == ["name", "test accuracy", "test macro-F1", "best validation"]  # scores first
     winner = results["sweep"].winner
-    assert jobs["test accuracy"][0] == pytest.approx(winner["test"]["accuracy"])
+    assert jobs["test accuracy"][0] == pytest.approx(winner.test["accuracy"])
 
     at.button(key="open_sweep").click().run()  # the list links into the sweep's page
     assert at.sidebar.radio[0].value == "Sweep" and at.selectbox(key="sweep").value == ("sweeps", "dash-sweep")
@@ -80,7 +80,7 @@ def test_jobs_sweep_and_model_pages_show_the_run(monkeypatch, results):
     assert any("uniform soup" in i.value and "2 trial(s)" in i.value for i in at.info)  # what was handed on
     assert len(at.get("vega_lite_chart")) == 4  # cost vs metric, lr vs metric, metric curves, loss curves
     assert any(h.value.startswith("Serving cost against") for h in at.subheader)
-    assert results["sweep"].winner["latency_budget"]["met"]  # a tiny model is far within 1 s
+    assert results["sweep"].winner.latency_budget["met"]  # a tiny model is far within 1 s
     assert any("Latency budget 1000.0 ms" in c.value and "best of the 2 trial(s)" in c.value for c in at.caption)
     statuses = dict(zip(board["train.lr"], board["status"]))
     assert statuses[3e-3] == "completed"
@@ -91,8 +91,8 @@ def test_jobs_sweep_and_model_pages_show_the_run(monkeypatch, results):
     at.sidebar.radio[0].set_value("Model").run()
     assert any("uniform model soup" in c.value for c in at.caption)
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["accuracy"] == f"{winner['test']['accuracy']:.4f}"
-    assert metrics["macro-F1"] == f"{winner['test']['f1_macro']:.4f}"
+    assert metrics["accuracy"] == f"{winner.test['accuracy']:.4f}"
+    assert metrics["macro-F1"] == f"{winner.test['f1_macro']:.4f}"
     per_class = at.dataframe[0].value
     assert list(per_class["class"]) == ["neg", "pos"]
     assert len(at.get("vega_lite_chart")) == 2  # confusion matrix, label distribution
@@ -211,7 +211,7 @@ def test_the_dashboard_reads_a_results_root_on_s3(monkeypatch, results, s3_serve
 
     from raybm.config import StorageConfig
     from raybm.dashboard.data import DashboardData
-    from raybm.results import s3_filesystem
+    from raybm.storage.fs import s3_filesystem
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="dash-bucket")
     storage = StorageConfig(root="s3://dash-bucket/results", s3_endpoint_url=s3_server)
@@ -255,11 +255,7 @@ def stats_server():
             now=now - 120 + i,
         )
     reference = drift_reference(
-        {
-            "dataset": "reviews-1",
-            "splits": {"train": {"labels": {"negative": 90, "positive": 10}}},
-            "tokens": {"p50": 10, "p90": 20, "p95": 25, "p99": 40},
-        }
+        "reviews-1", {"negative": 90, "positive": 10}, {"p50": 10, "p90": 20, "p95": 25, "p99": 40}
     )
     body = json.dumps({"model": "dash-sweep", **summarize(minutes.export(), reference)}).encode()
 

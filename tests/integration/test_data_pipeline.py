@@ -10,7 +10,7 @@ from raybm.config import build_config, load_config
 from raybm.data import load_split, run_data_stage, tokenize_dataset
 from raybm.data.tokenizing import PadCollate
 from raybm.errors import DataError
-from raybm.results import Results
+from raybm.storage.results import Results
 from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ def test_user_csv_end_to_end(ray_local, tmp_path):
         REPO / "jobs/configs/user-files.yaml", [f"storage.root={tmp_path}", f"data.source={ASSETS / 'reviews.csv'}"]
     )
     prepared = run_data_stage(cfg, log=quiet)
-    rep = prepared.report
+    rep = prepared.report.to_json()  # as written in report.json
     assert rep["rows_read"] == 54
     assert rep["dropped"] == {"missing_text": 1, "excluded_label": 3, "empty_after_cleaning": 1, "duplicate": 1}
     assert rep["rows_read"] == rep["rows_kept"] + rep["dropped_total"]
@@ -91,7 +91,7 @@ def test_every_format_gives_the_same_split(ray_local, tmp_path):
     splits = {}
     for i, source in enumerate(["in/a.csv", "in/a.tsv", "in/a.jsonl", "in/a.parquet", "parts", "parts/p*.csv"]):
         cfg, prepared = prepare(tmp_path, tmp_path / source, f"data.name=ds{i}")
-        assert prepared.report["rows_kept"] == 80, source
+        assert prepared.report.rows_kept == 80, source
         splits[source] = split_of(Results.from_config(cfg.storage), prepared.name)
     first = splits["in/a.csv"]
     assert sorted(set(first.values())) == ["test", "train", "validation"]
@@ -105,7 +105,7 @@ def test_rerun_reuses_and_force_rebuilds(ray_local, tmp_path):
     again = run_data_stage(cfg, log=quiet)
     assert again.reused and again.report == first.report
     rebuilt = run_data_stage(cfg, force=True, log=quiet)
-    assert not rebuilt.reused and rebuilt.report["created_at"] >= first.report["created_at"]
+    assert not rebuilt.reused and rebuilt.report.created_at >= first.report.created_at
     # a changed data config gets another dataset name, never the stale one
     _, other = prepare(tmp_path, tmp_path / "d.csv", "data.seed=1")
     assert other.name != first.name
@@ -193,7 +193,7 @@ def test_tokenized_split_streams_into_torch_batches(ray_local, tmp_path):
         assert batch["input_ids"].shape[1] <= 12
         seen += batch["input_ids"].shape[0]
         labels |= set(batch["labels"].tolist())
-    assert seen == prepared.report["splits"]["train"]["rows"]
+    assert seen == prepared.report.split_rows("train")
     assert labels == {0, 1}
     with pytest.raises(DataError, match="not prepared"):
         load_split(results, "missing", "train")

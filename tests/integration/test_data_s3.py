@@ -10,7 +10,7 @@ import pytest
 from raybm.config import build_config
 from raybm.data import load_split, run_data_stage
 from raybm.errors import RaybmError
-from raybm.results import Results
+from raybm.storage.results import Results
 from tests.helpers import make_frame
 
 pytestmark = pytest.mark.integration
@@ -59,8 +59,8 @@ def test_csv_and_parquet_from_s3_into_s3_results(s3_server, buckets, ray_local):
     pq_cfg = s3_config(s3_server, "s3://raybm-data/parquet/", "data.name=from-parquet")
     pq = run_data_stage(pq_cfg, log=lambda _: None)
     assert csv.path == "s3://raybm-results/experiments/data/from-csv"
-    assert csv.report["rows_kept"] == pq.report["rows_kept"] == 80
-    assert pq.report["files"] == ["s3://raybm-data/parquet/part-0.parquet", "s3://raybm-data/parquet/part-1.parquet"]
+    assert csv.report.rows_kept == pq.report.rows_kept == 80
+    assert pq.report.files == ["s3://raybm-data/parquet/part-0.parquet", "s3://raybm-data/parquet/part-1.parquet"]
 
     keys = {
         o["Key"]
@@ -72,7 +72,7 @@ def test_csv_and_parquet_from_s3_into_s3_results(s3_server, buckets, ray_local):
 
     results = Results.from_config(csv_cfg.storage)
     assert results.list_datasets() == ["from-csv", "from-parquet"]
-    assert results.dataset_report("from-csv")["rows_read"] == 80
+    assert results.dataset_report("from-csv").rows_read == 80
     assert read_all(results, "from-csv") == read_all(results, "from-parquet")
 
 
@@ -145,7 +145,7 @@ def test_a_model_folder_without_success_is_refused_by_every_loader(s3_server, bu
     from pathlib import Path
 
     from raybm.config import StorageConfig
-    from raybm.model_cache import fetch_model
+    from raybm.storage.model_cache import fetch_model
 
     storage = StorageConfig(root="s3://raybm-results/x", s3_endpoint_url=s3_server)
     files = sorted(p for p in Path(tiny_model_dir).iterdir() if p.is_file())
@@ -172,14 +172,14 @@ def test_one_writer_per_artifact_on_s3_with_conditional_writes(s3_server, bucket
     import sys
 
     from raybm.config import StorageConfig
-    from raybm.lease import hold_lease
+    from raybm.storage.lease import hold_lease
 
     root = "s3://raybm-results/leases-test"
     storage = StorageConfig(root=root, s3_endpoint_url=s3_server, lease_ttl_s=6)
     results = Results(root, storage)
     script = (
-        "import sys, time\nfrom raybm.config import StorageConfig\nfrom raybm.lease import hold_lease\n"
-        "from raybm.results import Results\n"
+        "import sys, time\nfrom raybm.config import StorageConfig\nfrom raybm.storage.lease import hold_lease\n"
+        "from raybm.storage.results import Results\n"
         f"s = StorageConfig(root={root!r}, s3_endpoint_url={s3_server!r}, lease_ttl_s=6)\n"
         "with hold_lease(Results(s.root, s), 'exports', 'e1', \"export 'e1'\", log=lambda m: None):\n"
         "    print('held', flush=True)\n    time.sleep(600)\n"
@@ -242,7 +242,8 @@ def test_scoring_files_on_s3_into_a_folder_on_s3(s3_server, buckets, ray_local, 
 
     from raybm.cli import main
     from raybm.config import StorageConfig
-    from raybm.results import SUCCESS_MARKER, s3_filesystem
+    from raybm.storage.fs import s3_filesystem
+    from raybm.storage.layout import SUCCESS_MARKER
 
     out = "s3://raybm-results/scored/reviews"
     assert (

@@ -98,13 +98,13 @@ def test_every_variant_loads_and_predicts_like_the_reference(exported):
     onnx = load_predictor(os.path.join(folder, "onnx"), "auto")
     assert onnx.backend == "onnx"
     np.testing.assert_allclose(onnx.predict(PROBES), reference, atol=1e-4)
-    assert out.manifests["onnx"]["settings"]["max_relative_logit_error"] <= 1e-4
+    assert out.manifests["onnx"].settings["max_relative_logit_error"] <= 1e-4
     # Approximate variants (quantized, pruned and retrained, distilled): at least 7 of the 8
     # probe labels agree, and at least 10 of the 12 test-split labels.
     for variant in ("int8", "onnx-int8", "pruned", "distilled"):
         p = load_predictor(os.path.join(folder, variant), "auto")
         assert (p.predict(PROBES).argmax(1) == ref_labels).mean() >= 7 / 8, variant
-        assert out.manifests[variant]["measured"]["agreement_with_reference"] >= 10 / 12, variant
+        assert out.manifests[variant].measured["agreement_with_reference"] >= 10 / 12, variant
     assert load_predictor(os.path.join(folder, "int8"), "auto").backend == "int8"
 
 
@@ -114,15 +114,17 @@ def test_sizes_and_methods_are_real_and_every_variant_is_measured(exported):
 
     out, _, _ = exported
     folder, m = out.folder, out.manifests
-    assert m["onnx-int8"]["model_bytes"] < 0.5 * m["onnx"]["model_bytes"]
-    assert m["fp16"]["model_bytes"] < 0.6 * m["hf"]["model_bytes"]
+    assert m["onnx-int8"].model_bytes < 0.5 * m["onnx"].model_bytes
+    assert m["fp16"].model_bytes < 0.6 * m["hf"].model_bytes
     assert sparsity(load_model_folder(os.path.join(folder, "pruned"))[0]) >= 0.49
-    assert m["pruned"]["settings"]["sparsity_reached"] >= 0.49
+    assert m["pruned"].settings["sparsity_reached"] >= 0.49
     student = load_model_folder(os.path.join(folder, "distilled"))[0]
     assert student.config.num_hidden_layers == 1
     for manifest in m.values():
-        assert {"variant", "backend", "source", "settings", "model_bytes", "measured"} <= set(manifest)
-        assert manifest["measured"]["examples"] == 12 and manifest["measured"]["latency_p50_ms"] > 0
+        assert {"version", "variant", "backend", "source", "settings", "model_bytes", "measured"} <= set(
+            manifest.to_json()
+        )
+        assert manifest.measured["examples"] == 12 and manifest.measured["latency_p50_ms"] > 0
     with open(os.path.join(folder, "summary.json")) as f:
         assert json.load(f)["reference"]["examples"] == 12
 

@@ -13,7 +13,7 @@ from raybm.config import build_config
 from raybm.data import load_split, run_data_stage
 from raybm.errors import RaybmError
 from raybm.inference.evaluate import score_dataset
-from raybm.results import Results
+from raybm.storage.results import Results
 from raybm.train.driver import run_training
 from raybm.tune.sweep import run_sweep
 from tests.helpers import make_frame
@@ -97,7 +97,7 @@ def test_training_learns_and_writes_the_documented_layout(ray_local, tmp_path, d
     # best epoch's, and the test metrics say how calibrated its confidences are.
     assert all(h["val_temperature"] > 0 and 0 <= h["val_ece_calibrated"] <= 1 for h in result.history)
     calibration = json.loads((model / "calibration.json").read_text())
-    test = result.metrics["test"]
+    test = result.metrics.test
     assert calibration["fitted_on"] == "validation" and calibration["temperature"] == test["temperature"]
     assert 0 <= test["ece"] <= 1 and 0 <= test["ece_calibrated"] <= 1
 
@@ -162,7 +162,7 @@ def test_early_stopping(ray_local, tmp_path, data_csv):
         "train.mode=min",
     )
     result = run_training(cfg, log=quiet)
-    assert len(result.history) == 3 and result.metrics["early_stopped"]
+    assert len(result.history) == 3 and result.metrics.early_stopped
 
 
 def test_the_worker_scores_the_best_epoch_on_test_not_the_last(ray_local, tmp_path, data_csv):
@@ -181,8 +181,8 @@ def test_the_worker_scores_the_best_epoch_on_test_not_the_last(ray_local, tmp_pa
     result = run_training(cfg, log=said.append)
     assert any("in the training worker" in line for line in said), said
     losses = [h["val_loss"] for h in result.history]
-    assert result.metrics["best_epoch"] == losses.index(max(losses)) + 1
-    test = result.metrics["test"]
+    assert result.metrics.best_epoch == losses.index(max(losses)) + 1
+    test = result.metrics.test
     preds = pd.read_parquet(Path(result.run_dir) / "test_predictions.parquet")
     # The published model (the best epoch's checkpoint) gives the same probabilities.
     from raybm.inference.loading import load_predictor
@@ -192,7 +192,7 @@ def test_the_worker_scores_the_best_epoch_on_test_not_the_last(ray_local, tmp_pa
     assert (
         test["confusion_matrix"]
         == score_dataset(
-            result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics["dataset"], "test"), 16
+            result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics.dataset, "test"), 16
         )["confusion_matrix"]
     )
 
@@ -210,7 +210,7 @@ def test_rerun_with_the_same_name_resumes(ray_local, tmp_path, data_csv):
     )
     assert any("splits streamed by Ray Data" in line for line in said), said
     assert [h["resumed_from_epoch"] for h in first.history] == [0, 0]
-    assert first.history[-1]["val_accuracy"] >= 0.8 and first.metrics["test"]["examples"] == 12
+    assert first.history[-1]["val_accuracy"] >= 0.8 and first.metrics.test["examples"] == 12
     marker = os.path.join(first.run_dir, "_SUCCESS")
     assert os.path.exists(marker)
     # While the rerun writes, the old run's _SUCCESS is gone: the folder never reads as complete.
@@ -254,7 +254,7 @@ def test_scoring_a_folder_of_files_into_a_folder_of_parquet_keeps_every_row_in_o
     from raybm.cli import main
     from raybm.inference.batch import find_inputs, score_to_folder
     from raybm.inference.predict import PREDICTED_LABEL, predict_file
-    from raybm.results import SUCCESS_MARKER
+    from raybm.storage.layout import SUCCESS_MARKER
 
     texts = [f"review number {i} {'great' if i % 3 else 'awful'}" for i in range(2000)]
     texts[11] = None  # kept, unlabelled
@@ -464,10 +464,10 @@ def test_two_ddp_workers_with_gradual_unfreezing(ray_local, tmp_path):
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     counts = [h["trainable_params"] for h in result.history]
     assert counts[0] < counts[1] < counts[2]
-    report = json.loads((Path(cfg.storage.root) / "data" / result.metrics["dataset"] / "report.json").read_text())
+    report = json.loads((Path(cfg.storage.root) / "data" / result.metrics.dataset / "report.json").read_text())
     assert report["splits"]["validation"]["rows"] == 15
     assert all(h["val_examples"] == 15 for h in result.history)
-    assert result.metrics["test"]["examples"] == report["splits"]["test"]["rows"]
+    assert result.metrics.test["examples"] == report["splits"]["test"]["rows"]
 
 
 def test_two_ddp_workers_train_on_ray_s_public_path_where_raybm_s_shortcuts_do_not_apply(
@@ -486,7 +486,7 @@ def test_two_ddp_workers_train_on_ray_s_public_path_where_raybm_s_shortcuts_do_n
     finally:
         monkeypatch.delenv(ray_patches.SWITCH_ENV)
         ray_patches.reset()
-    assert [h["epoch"] for h in result.history] == [1] and result.metrics["test"]["examples"] > 0
+    assert [h["epoch"] for h in result.history] == [1] and result.metrics.test["examples"] > 0
     said = capfd.readouterr().err
     assert said.count("public TorchTrainer path") == 1, said[-2000:]
     assert ray_patches.applies()  # back on the pinned Ray
@@ -544,12 +544,12 @@ def test_two_fsdp_workers_shard_train_resume_on_three_and_save_a_whole_model(
     assert not any(n.startswith(("shards", "train_state")) for n in os.listdir(result.model_dir))
     assert result.history[0]["trainable_params"] == sum(p.numel() for p in fresh.parameters())  # not one shard's
     again = score_dataset(
-        result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics["dataset"], "test"), 16
+        result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics.dataset, "test"), 16
     )
-    assert again["confusion_matrix"] == result.metrics["test"]["confusion_matrix"]
+    assert again["confusion_matrix"] == result.metrics.test["confusion_matrix"]
     # The driver's scoring of the published model applies its temperature as the worker did.
-    assert again["temperature"] == result.metrics["test"]["temperature"]
-    assert again["ece_calibrated"] == pytest.approx(result.metrics["test"]["ece_calibrated"], abs=1e-4)
+    assert again["temperature"] == result.metrics.test["temperature"]
+    assert again["ece_calibrated"] == pytest.approx(result.metrics.test["ece_calibrated"], abs=1e-4)
 
 
 def test_workers_bigger_than_the_local_ray_are_refused_instead_of_waiting_forever(ray_local, tmp_path, data_csv):
@@ -625,7 +625,7 @@ def test_augmented_training_reads_texts_and_learns(ray_local, tmp_path, data_csv
     result = run_training(cfg, log=quiet)
     losses = [h["train_loss"] for h in result.history]
     assert len(losses) == 4 and losses[-1] < losses[0] * 0.8, losses
-    assert result.metrics["test"]["accuracy"] >= 0.75, result.metrics["test"]
+    assert result.metrics.test["accuracy"] >= 0.75, result.metrics.test
 
 
 def test_the_plateau_schedule_halves_the_rate_when_validation_stops_improving(ray_local, tmp_path, data_csv):
@@ -689,9 +689,9 @@ def test_lora_on_a_decoder_two_ddp_workers_checkpointing_resume_and_a_merged_mod
     probs = load_predictor(result.model_dir).predict(["great", "awful, would not buy again", "fine"])
     assert probs.shape == (3, 2)
     again = score_dataset(
-        result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics["dataset"], "test"), 16
+        result.model_dir, load_split(Results.from_config(cfg.storage), result.metrics.dataset, "test"), 16
     )
-    assert again["confusion_matrix"] == result.metrics["test"]["confusion_matrix"]
+    assert again["confusion_matrix"] == result.metrics.test["confusion_matrix"]
 
 
 def test_lora_with_two_fsdp_workers_gradient_checkpointing_and_bf16(ray_local, tmp_path, data_csv):

@@ -125,13 +125,13 @@ def test_the_sweep_folder_holds_the_leaderboard_and_a_tested_winner_with_its_car
     } <= set(rows[0])
     winner = json.loads((sweep / "winner.json").read_text())
     assert winner["trial"] == board[0]["trial"] and winner["values"] == {"train.lr": 3e-3}
-    assert winner["test"]["examples"] == 12 and winner["test"]["accuracy"] >= 0.8
+    assert winner["test"]["examples"] == 12 and winner["test"]["accuracy"] >= 0.8 and winner["version"] == 1
     assert {"model.safetensors", "config.json", "label_map.json", "_SUCCESS", "README.md"} <= set(
         os.listdir(sweep / "model")
     )
     card = (sweep / "model" / "README.md").read_text()
-    assert "winner of a raybm sweep" in card and f"trial {result.winner['trial']} (" in card
-    assert f"| {result.winner['test']['accuracy']:.4f} |" in card
+    assert "winner of a raybm sweep" in card and f"trial {result.winner.trial} (" in card
+    assert f"| {result.winner.test['accuracy']:.4f} |" in card
     assert "| precision | fp32 |" in card and all(row["precision"] == "fp32" for row in result.leaderboard)
     assert not (sweep / "model" / "train_state.pt").exists()
     # Every trial's curves for TensorBoard, in its own folder: one validation point an epoch it ran.
@@ -151,8 +151,8 @@ def test_the_sweep_is_a_parent_run_in_mlflow_with_a_child_per_trial(asha_sweep, 
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("sweep-tests").experiment_id])
     [parent] = [r for r in runs if r.data.tags["raybm.kind"] == "sweep"]
-    assert parent.info.run_name == result.name and parent.data.tags["raybm.winner"] == result.winner["trial"]
-    assert parent.data.metrics["test_accuracy"] == pytest.approx(result.winner["test"]["accuracy"])
+    assert parent.info.run_name == result.name and parent.data.tags["raybm.winner"] == result.winner.trial
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(result.winner.test["accuracy"])
     assert {"leaderboard.json", "winner.json", "model_card.md"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)
     }
@@ -172,11 +172,11 @@ def test_the_greedy_soup_hands_on_the_mean_of_what_it_kept(asha_sweep):
     # what it kept, which is never worse on validation than the winner alone.
     _, result, _ = asha_sweep
     board, winner = result.leaderboard, result.winner
-    soup = winner["soup"]
+    soup = winner.soup
     assert soup["method"] == "greedy" and soup["ingredients"][0] == board[0]["trial"]
     assert [t["model"] for t in soup["tried"]] == [board[1]["trial"]]
     assert soup["validation"] >= soup["best_single"] == pytest.approx(board[0]["val_f1_macro"])
-    assert winner["validation"] == (soup["validation"] if len(soup["ingredients"]) > 1 else board[0]["val_f1_macro"])
+    assert winner.validation == (soup["validation"] if len(soup["ingredients"]) > 1 else board[0]["val_f1_macro"])
     kept = [row for row in board if row["trial"] in soup["ingredients"]]
     assert_weights_are_the_mean(Path(result.sweep_dir) / "model", [row["best_checkpoint"] for row in kept])
 
@@ -186,8 +186,8 @@ def test_serving_cost_is_measured_once_for_the_architecture_all_trials_share(ash
     board, winner = result.leaderboard, result.winner
     assert len({(row["params"], row["latency_p50_ms"]) for row in board}) == 1
     assert board[0]["params"] > 0 and board[0]["size_mb"] > 0 and board[0]["latency_p50_ms"] > 0
-    assert winner["cost"] == {k: board[0][k] for k in ("params", "size_mb", "latency_p50_ms")}
-    assert winner["latency_budget"] is None and "within_budget" not in board[0]
+    assert winner.cost == {k: board[0][k] for k in ("params", "size_mb", "latency_p50_ms")}
+    assert winner.latency_budget is None and "within_budget" not in board[0]
 
 
 def test_the_same_sweep_again_is_read_back_and_nothing_reruns(asha_sweep):
@@ -206,12 +206,12 @@ def test_raybm_soup_over_two_trials_makes_a_run_picked_on_validation_and_scored_
     cfg, result, root = asha_sweep
     board, winner = result.leaderboard, result.winner
     pair = [board[1]["best_checkpoint"], board[0]["best_checkpoint"]]
-    out = run_soup(cfg, pair, winner["dataset"], "two-trials", "uniform", log=quiet)
+    out = run_soup(cfg, pair, winner.dataset, "two-trials", "uniform", log=quiet)
     run = root / "runs" / "two-trials"
     assert out["run_dir"] == str(run) and (run / "_SUCCESS").exists()
     assert {"model", "metrics.json", "config.yaml", "test_predictions.parquet"} <= set(os.listdir(run))
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["test"]["examples"] == 12 and metrics["dataset"] == winner["dataset"]
+    assert metrics["test"]["examples"] == 12 and metrics["dataset"] == winner.dataset
     assert metrics["soup"]["method"] == "uniform" and metrics["soup"]["ingredients"] == pair[::-1]  # best first
     assert metrics["model"] == "tiny-bert" and (run / "model" / "soup.json").exists()
     assert metrics["validation"] == {"val_f1_macro": metrics["soup"]["validation"]}
@@ -219,9 +219,9 @@ def test_raybm_soup_over_two_trials_makes_a_run_picked_on_validation_and_scored_
     assert listed["two-trials"].best == metrics["soup"]["validation"] and listed["two-trials"].complete
     assert_weights_are_the_mean(run / "model", pair)
     with pytest.raises(RaybmError, match="already exists"):
-        run_soup(cfg, pair, winner["dataset"], "two-trials", log=quiet)
+        run_soup(cfg, pair, winner.dataset, "two-trials", log=quiet)
     with pytest.raises(RaybmError, match="at least two"):
-        run_soup(cfg, pair[:1], winner["dataset"], "one", log=quiet)
+        run_soup(cfg, pair[:1], winner.dataset, "one", log=quiet)
     with pytest.raises(RaybmError, match="no prepared dataset"):
         run_soup(cfg, pair, "no-such-data", "other", log=quiet)
 
@@ -261,7 +261,7 @@ def test_failed_trials_are_reported_then_retried_from_their_checkpoint(ray_tune,
         assert [h["epoch"] for h in row["history"]][-1] == 2
         assert row["history"][-1]["resumed_from_epoch"] == 1
         assert f"/{holder}/{row['trial']}/checkpoint_" in row["best_checkpoint"]
-    assert result.winner["test"]["examples"] == 12
+    assert result.winner.test["examples"] == 12
 
 
 @pytest.mark.parametrize("runner, holder", [("in_trial", "tune"), ("ray_train", "trials")])
@@ -353,8 +353,8 @@ def test_time_budget_ends_the_sweep_and_the_best_so_far_wins(ray_tune, tmp_path,
     result = run_sweep(cfg, log=quiet)
     statuses = {row["train.epochs"]: row["status"] for row in result.leaderboard}
     assert statuses == {1: "completed", 100000: "stopped"}, result.leaderboard
-    assert result.winner["trial"] == result.leaderboard[0]["trial"]
-    budget = result.winner["latency_budget"]
+    assert result.winner.trial == result.leaderboard[0]["trial"]
+    budget = result.winner.latency_budget
     assert budget["met"] is False and budget["trials_within"] == 0 and budget["max_latency_ms"] == 0.0001
     finished = [row for row in result.leaderboard if row["best_checkpoint"]]
     assert budget["fastest_ms"] == min(row["latency_p50_ms"] for row in finished) > 0
@@ -402,9 +402,9 @@ def test_a_lora_sweep_searches_the_rank_measures_merged_models_and_soups_them(ra
         assert (Path(row["best_checkpoint"]) / "adapter_model.safetensors").exists()
         assert not (Path(row["best_checkpoint"]) / "model.safetensors").exists()
     assert board[0]["params"] == board[1]["params"] > 1_000_000  # the merged model's, not the adapters'
-    model_dir = Path(result.winner["model_dir"])
+    model_dir = Path(result.winner.model_dir)
     assert (model_dir / "model.safetensors").exists() and not (model_dir / "adapter_model.safetensors").exists()
-    assert sorted(result.winner["soup"]["ingredients"]) == sorted(row["trial"] for row in board)
+    assert sorted(result.winner.soup["ingredients"]) == sorted(row["trial"] for row in board)
     assert "LoRA (PEFT)" in (model_dir / "README.md").read_text()
 
 

@@ -165,7 +165,7 @@ def test_safe_names_load_and_derived_names_are_always_safe(tmp_path):
 
 def test_the_results_folder_refuses_unsafe_names_whoever_asks(tmp_path):
     from raybm.config import StorageConfig
-    from raybm.results import Results
+    from raybm.storage.results import Results
 
     results = Results(str(tmp_path), StorageConfig(root=str(tmp_path)))
     for build in (results.run_dir, results.sweep_dir, results.dataset_dir, results.export_dir, results.pipeline_dir):

@@ -13,14 +13,14 @@ import pytest
 
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
-from raybm.lease import hold_lease
-from raybm.results import Results
+from raybm.storage.lease import hold_lease
+from raybm.storage.results import Results
 
 HOLDER = """
 import sys, time
 from raybm.config import StorageConfig
-from raybm.lease import hold_lease
-from raybm.results import Results
+from raybm.storage.lease import hold_lease
+from raybm.storage.results import Results
 results = Results(sys.argv[1], StorageConfig(root=sys.argv[1], lease_ttl_s=float(sys.argv[2])))
 with hold_lease(results, "runs", "r1", "training run 'r1'", log=lambda m: None):
     print("held", flush=True)
@@ -117,8 +117,8 @@ FENCED = """
 import sys, time
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
-from raybm.lease import hold_lease
-from raybm.results import Results
+from raybm.storage.lease import hold_lease
+from raybm.storage.results import Results
 results = Results(sys.argv[1], StorageConfig(root=sys.argv[1], lease_ttl_s=5))
 with hold_lease(results, "runs", "r1", "training run 'r1'", log=lambda m: None) as lease:
     print("held", flush=True)
@@ -161,8 +161,8 @@ real = time.time
 time.time = lambda: real() + 30  # this job's clock runs 30 s ahead of the store's
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
-from raybm.lease import hold_lease
-from raybm.results import Results
+from raybm.storage.lease import hold_lease
+from raybm.storage.results import Results
 results = Results(sys.argv[1], StorageConfig(root=sys.argv[1], lease_ttl_s=5))
 try:
     with hold_lease(results, "runs", "r1", "training run 'r1'", log=print):

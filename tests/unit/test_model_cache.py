@@ -15,8 +15,10 @@ import pytest
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
 from raybm.inference.loading import model_info
-from raybm.model_cache import MODEL_CACHE_ENV, fetch_model
-from raybm.results import SUCCESS_MARKER, Results, s3_filesystem
+from raybm.storage.fs import s3_filesystem
+from raybm.storage.layout import SUCCESS_MARKER
+from raybm.storage.model_cache import MODEL_CACHE_ENV, fetch_model
+from raybm.storage.results import Results
 
 
 @pytest.fixture
@@ -91,7 +93,7 @@ def test_a_model_card_keeps_success_last(tmp_path, tiny_model_dir):
     import shutil
 
     from raybm.models.card import write_model_card
-    from raybm.results import MODEL_CARD_FILE
+    from raybm.storage.layout import MODEL_CARD_FILE
 
     results = Results(str(tmp_path), StorageConfig(root=str(tmp_path)))
     model = results.join(results.run_dir("carded"), "model")
@@ -125,8 +127,8 @@ def test_a_base_model_on_s3_is_fetched_once_per_node_and_content_and_checked_com
     import boto3
 
     from raybm.config import build_config
-    from raybm.model_cache import fetch_base_model
     from raybm.models.build import build_classifier, load_tokenizer, local_model
+    from raybm.storage.model_cache import fetch_base_model
 
     base = tmp_path / "base"  # a Hugging Face folder as a user uploads it: no _SUCCESS
     build_classifier(build_config(overrides=["model.name=tiny-gpt2"]).model, ["a", "b"]).save_pretrained(base)
@@ -193,8 +195,8 @@ def test_a_store_entry_whose_name_leaves_its_folder_is_refused_and_nothing_is_wr
     model: every key is checked before anything is fetched."""
     import boto3
 
-    from raybm.model_cache import fetch_base_model
-    from raybm.results import copy_tree_to_local
+    from raybm.storage.fs import copy_tree_to_local
+    from raybm.storage.model_cache import fetch_base_model
 
     s3 = boto3.client("s3", endpoint_url=store.storage.s3_endpoint_url)
     bucket = store.root[len("s3://") :].split("/")[0]
@@ -219,7 +221,7 @@ def test_a_store_entry_whose_name_leaves_its_folder_is_refused_and_nothing_is_wr
 def test_a_local_model_folder_with_a_link_out_is_refused(tmp_path, tiny_model_dir):
     import shutil
 
-    from raybm.results import copy_to_local
+    from raybm.storage.fs import copy_to_local
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
@@ -237,7 +239,7 @@ def test_a_local_model_folder_with_a_link_out_is_refused(tmp_path, tiny_model_di
 
 
 def test_a_model_cache_another_user_owns_is_refused(tmp_path, monkeypatch):
-    from raybm.model_cache import model_cache_dir
+    from raybm.storage.model_cache import model_cache_dir
 
     if os.getuid() != 0:
         pytest.skip("making a folder another user owns needs root")

@@ -6,7 +6,8 @@ import pytest
 from raybm.config import build_config
 from raybm.errors import RaybmError
 from raybm.pipeline import _Summary, release_gate, serving_folder
-from raybm.results import SUMMARY_FILE, Results
+from raybm.storage.layout import SUMMARY_FILE
+from raybm.storage.results import Results
 
 TEST = {"accuracy": 0.9, "f1_macro": 0.85}
 

@@ -143,7 +143,7 @@ def test_a_trial_ended_before_its_first_report_still_has_a_row(tmp_path):
 
     from ray.air.result import Result
 
-    from raybm.results import Results
+    from raybm.storage.results import Results
     from raybm.tune.leaderboard import leaderboard
 
     cfg = build_config(
@@ -179,7 +179,7 @@ def test_a_trial_that_ran_its_own_searched_epochs_is_completed(tmp_path):
 
     from ray.air.result import Result
 
-    from raybm.results import Results
+    from raybm.storage.results import Results
     from raybm.tune.leaderboard import leaderboard
 
     cfg = build_config(

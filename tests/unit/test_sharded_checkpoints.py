@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raybm.errors import RaybmError
-from raybm.results import SHARDS_DIR, SHARDS_INDEX_FILE, WEIGHTS_FILE
+from raybm.storage.layout import SHARDS_DIR, SHARDS_INDEX_FILE, WEIGHTS_FILE
 from tests.process_groups import spawn_ranks
 
 LABELS = ["negative", "positive"]
@@ -132,7 +132,7 @@ def test_a_model_past_the_file_size_is_published_in_several_files_that_transform
 
     from raybm.config import build_config
     from raybm.models.build import build_classifier
-    from raybm.results import WEIGHTS_INDEX_FILE, weight_files
+    from raybm.storage.layout import WEIGHTS_INDEX_FILE, weight_files
     from raybm.train.sharded import publish_sharded
     from raybm.tune.cost import architecture
 
@@ -176,7 +176,8 @@ def test_a_checkpoint_missing_a_ranks_shard_is_refused_by_name(sharded_checkpoin
 
 def test_a_sweep_never_ranks_a_sharded_checkpoint_missing_a_ranks_file(tmp_path):
     from raybm.config import build_config
-    from raybm.results import EPOCH_METRICS_FILE, Results
+    from raybm.storage.layout import EPOCH_METRICS_FILE
+    from raybm.storage.results import Results
     from raybm.train.checkpoints import CHECKPOINT_FILES
     from raybm.tune.leaderboard import best_checkpoint
 

@@ -10,7 +10,8 @@ from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.inference.loading import load_model_folder
 from raybm.metrics import soup_metric
-from raybm.results import SOUP_FILE, soup_used
+from raybm.storage.layout import SOUP_FILE
+from raybm.storage.records import soup_used
 from raybm.tune.soup import average_models, make_soup
 
 LABELS = ["negative", "positive"]

@@ -7,7 +7,8 @@ import pytest
 
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
-from raybm.results import CONFIG_FILE, Results
+from raybm.storage.layout import CONFIG_FILE
+from raybm.storage.results import Results
 from raybm.train.driver import check_same_recipe, reads_whole_splits, recipe_differences, teacher_labels
 from raybm.train.optim import amp_settings, precision_name
 from raybm.train.publish import best_epoch

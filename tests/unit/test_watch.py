@@ -7,11 +7,8 @@ import pytest
 from raybm.metrics import drift_reference, population_stability_index
 from raybm.serve.watch import WINDOW_MINUTES, Minutes, summarize
 
-REPORT = {
-    "dataset": "twitter-1",
-    "splits": {"train": {"rows": 100, "labels": {"negative": 70, "positive": 30}}},
-    "tokens": {"p50": 10, "p90": 20, "p95": 25, "p99": 40},
-}
+TRAIN_LABELS = {"negative": 70, "positive": 30}
+TOKENS = {"p50": 10, "p90": 20, "p95": 25, "p99": 40}
 T0 = 1_800_000_000.0  # a minute boundary
 
 
@@ -47,7 +44,7 @@ def test_only_the_last_hour_is_kept():
 
 
 def test_drift_flags_a_label_mix_or_input_lengths_unlike_the_training_data():
-    ref = drift_reference(REPORT)
+    ref = drift_reference("twitter-1", TRAIN_LABELS, TOKENS)
     assert ref["labels"] == {"negative": 0.7, "positive": 0.3} and ref["length_edges"] == [10, 20, 25, 40]
     like, unlike = Minutes(), Minutes()
     bins = [0] * 50 + [1] * 40 + [2] * 5 + [3] * 4 + [4]  # the training split's shares

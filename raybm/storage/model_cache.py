@@ -18,16 +18,8 @@ import pyarrow.fs as pafs
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
 from raybm.local_paths import confined_path
-from raybm.results import (
-    SUCCESS_MARKER,
-    WEIGHTS_FILE,
-    WEIGHTS_INDEX_FILE,
-    copy_to_local,
-    copy_tree_to_local,
-    is_published,
-    resolve_uri,
-    s3_client,
-)
+from raybm.storage.fs import copy_to_local, copy_tree_to_local, is_published, resolve_uri, s3_client
+from raybm.storage.layout import SUCCESS_MARKER, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 
 MODEL_CACHE_ENV = "RAYBM_MODEL_CACHE"
 

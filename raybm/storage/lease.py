@@ -36,7 +36,8 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from raybm.errors import RaybmError
-from raybm.results import Results, s3_client
+from raybm.storage.fs import s3_client
+from raybm.storage.results import Results
 
 
 def owner_record(ttl_s: float) -> dict[str, Any]:
