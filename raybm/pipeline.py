@@ -265,13 +265,14 @@ def _export(cfg: JobConfig, results: Results, state: dict[str, Any], shown: Outp
     out = results.export_dir(name)
     summary_path = results.join(out, SUMMARY_FILE)
     if results.exists(summary_path):
-        done = results.read_json(summary_path)
-        if set(cfg.export.variants) <= set(done.get("variants", {})) and (
-            not results.remote or results.is_complete(out)
-        ):
+        done = {
+            v: ExportManifest.from_json(m, f"{results.uri(summary_path)}: {v}")
+            for v, m in (results.read_json(summary_path).get("variants") or {}).items()
+        }
+        if set(cfg.export.variants) <= set(done) and (not results.remote or results.is_complete(out)):
             shown.log(f"Exports of {name!r} are already there: {results.uri(out)}")
             state["export"] = results.uri(out)
-            return {"status": "skipped", "folder": results.uri(out), "variants": _variants(done["variants"])}
+            return {"status": "skipped", "folder": results.uri(out), "variants": _variants(done)}
     result = run_export(cfg, state["model"], log=shown.log)
     state["export"] = result.folder
     return {"folder": result.folder, "variants": _variants(result.manifests), "mobile": result.mobile}

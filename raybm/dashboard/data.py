@@ -25,7 +25,7 @@ from raybm.storage.layout import (
     CONFIG_FILE,
     EXPORTS,
     HISTORY_FILE,
-    LEADERBOARD,
+    LEADERBOARD_JSON,
     METRICS_FILE,
     MOBILE_DIR,
     MODEL_DIR,
@@ -227,7 +227,7 @@ class DashboardData:
         folder = self._named(SWEEPS, name)
         j = self.results.join
         return {
-            "leaderboard": self._read_json(j(folder, LEADERBOARD + ".json")) or [],
+            "leaderboard": self._read_json(j(folder, LEADERBOARD_JSON)) or [],
             "winner": self._record(j(folder, WINNER_FILE), Winner),
             "config": self._config(j(folder, CONFIG_FILE)),
         }

@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 from raybm.config import JobConfig, run_name_for, sweep_name_for
 from raybm.errors import RaybmError
 from raybm.storage.fs import is_s3, resolve_uri
-from raybm.storage.layout import LABEL_MAP_FILE, MODEL_DIR, REGISTRY, RUNS, SWEEPS
+from raybm.storage.layout import LABEL_MAP_FILE, MODEL_DIR, RUNS, SWEEPS
 from raybm.storage.model_cache import fetch_model
 from raybm.storage.results import Results
 from raybm.tracking.registry import download_version, is_registered_model, resolve_version
@@ -75,7 +75,7 @@ def registered_model(spec: str, cfg: JobConfig, results: Results) -> str:
     """The folder of the registered model ``spec`` (``models:/...``) under the results root,
     downloaded from MLflow the first time (a version never changes); path or URI."""
     name, version = resolve_version(cfg.tracking, spec)
-    folder = results.path(REGISTRY, f"{name}-v{version}", MODEL_DIR)
+    folder = results.join(results.registry_dir(name, version), MODEL_DIR)
     if not (results.is_complete(folder) and results.exists(results.join(folder, LABEL_MAP_FILE))):
         with tempfile.TemporaryDirectory(prefix="raybm-registry-") as tmp:
             local = download_version(cfg.tracking, name, version, os.path.join(tmp, MODEL_DIR))

@@ -40,7 +40,8 @@ incomplete and is never read as data. docs/results.md shows the tree below
         tune/                        Ray Tune's experiment (sealed state); a trial in its own
                                      process keeps its checkpoints in its folder here
         trials/                      the trials' Ray Train runs (trials of several workers)
-        leaderboard.json  .csv       every trial: its settings, best score, epochs, history
+        leaderboard.json             every trial: its settings, best score, epochs, history
+    leaderboard.csv              the same, one row a trial
         winner.json                  the best trial, its test metrics, the soup if one was made
         model/                       the winner's model (as a run's model/; soup.json when a soup)
         config.yaml  _SUCCESS
@@ -94,7 +95,8 @@ TENSORBOARD_DIR = "tensorboard"  # a run's (a trial's) TensorBoard event files: 
 PREDICTIONS_FILE = "test_predictions.parquet"  # every test example: text, label, pred, confidence, prob_<i>
 TUNE_DIR = "tune"  # a sweep's Ray Tune experiment
 TRIALS_DIR = "trials"  # a sweep's trial runs
-LEADERBOARD = "leaderboard"  # a sweep's leaderboard: .json and .csv
+LEADERBOARD_JSON = "leaderboard.json"  # a sweep's leaderboard, every trial with its history
+LEADERBOARD_CSV = "leaderboard.csv"  # the same, one row a trial, for spreadsheets
 WINNER_FILE = "winner.json"
 SOUP_FILE = "soup.json"
 # A model folder (besides the tokenizer's and transformers' own files).

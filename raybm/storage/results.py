@@ -28,6 +28,7 @@ from raybm.storage.layout import (
     LABEL_MAP_FILE,
     LEASES,
     PIPELINES,
+    REGISTRY,
     REPORT_FILE,
     RUNS,
     SPLITS,
@@ -98,6 +99,10 @@ class Results:
         """The folder of an export, or of one of its variants."""
         check_name(name, "export name")
         return self.path(EXPORTS, name, variant) if variant else self.path(EXPORTS, name)
+
+    def registry_dir(self, name: str, version: int | str) -> str:
+        """The folder of a version of MLflow's Model Registry, fetched once (``registry/<name>-v<version>``)."""
+        return self.path(REGISTRY, f"{name}-v{version}")
 
     def lease_path(self, kind: str, name: str) -> str:
         """The lease file of ``<kind>/<name>`` (raybm.storage.lease): beside the artifacts, not in

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 
 from raybm.config import JobConfig
 from raybm.config.search_space import Distribution
-from raybm.storage.layout import EPOCH_METRICS_FILE, LEADERBOARD, SHARDS_DIR, SHARDS_INDEX_FILE
+from raybm.storage.layout import EPOCH_METRICS_FILE, LEADERBOARD_CSV, LEADERBOARD_JSON, SHARDS_DIR, SHARDS_INDEX_FILE
 from raybm.storage.results import Results
 from raybm.train.checkpoints import CHECKPOINT_FILES, CHECKPOINT_WEIGHTS
 from raybm.train.driver import failure_reason
@@ -178,7 +178,7 @@ def leaderboard(
 
 def write_leaderboard(results: Results, sweep_dir: str, board: list[dict[str, Any]]) -> None:
     """Write the leaderboard as JSON (with each trial's history) and CSV."""
-    results.write_json(results.join(sweep_dir, f"{LEADERBOARD}.json"), board)
+    results.write_json(results.join(sweep_dir, LEADERBOARD_JSON), board)
     flat = [{k: v for k, v in row.items() if k != "history"} for row in board]
     buf = io.StringIO()
     if flat:
@@ -186,7 +186,7 @@ def write_leaderboard(results: Results, sweep_dir: str, board: list[dict[str, An
         writer = csv.DictWriter(buf, fieldnames=["rank"] + fields)
         writer.writeheader()
         writer.writerows(flat)
-    results.write_text(results.join(sweep_dir, f"{LEADERBOARD}.csv"), buf.getvalue())
+    results.write_text(results.join(sweep_dir, LEADERBOARD_CSV), buf.getvalue())
 
 
 def format_values(values: dict[str, Any]) -> str:

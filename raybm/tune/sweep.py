@@ -37,7 +37,7 @@ from raybm.models.card import write_model_card
 from raybm.storage.fs import copy_to_local
 from raybm.storage.layout import (
     CONFIG_FILE,
-    LEADERBOARD,
+    LEADERBOARD_JSON,
     MODEL_CARD_FILE,
     MODEL_DIR,
     PREDICTIONS_FILE,
@@ -211,7 +211,7 @@ def log_sweep(
     tags = {"raybm.dataset": winner.dataset or "", "raybm.results": results.uri(sweep_dir)}
     card = results.join(sweep_dir, MODEL_DIR, MODEL_CARD_FILE)
     artifacts = {
-        f"{LEADERBOARD}.json": json.dumps(board, indent=2, default=str),
+        LEADERBOARD_JSON: json.dumps(board, indent=2, default=str),
         WINNER_FILE: json.dumps(winner.to_json(), indent=2, default=str),
     }
     if results.exists(card):
@@ -537,7 +537,7 @@ def _make_soup(
 def load_sweep(results: Results, name: str) -> SweepResult:
     """A finished sweep's leaderboard and winner, as written."""
     sweep_dir = results.sweep_dir(name)
-    board = results.read_json(results.join(sweep_dir, f"{LEADERBOARD}.json"))
+    board = results.read_json(results.join(sweep_dir, LEADERBOARD_JSON))
     path = results.join(sweep_dir, WINNER_FILE)
     winner = Winner.from_json(results.read_json(path), results.uri(path))
     return SweepResult(name, results.uri(sweep_dir), winner.model_dir, board, winner)

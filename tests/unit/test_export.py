@@ -10,6 +10,7 @@ from raybm.export.onnx import export_onnx, quantize_onnx
 from raybm.export.trained import prune_model, pruning_targets, sparsity
 from raybm.export.variants import run_export
 from raybm.inference.loading import load_model_folder, load_predictor
+from raybm.storage.records import ExportManifest
 
 TEXTS = ["one", "two words", "a somewhat longer text with more tokens in it", "ok then"]
 
@@ -54,16 +55,11 @@ def test_the_exports_table_lists_every_variant():
     table = format_exports(
         {"model_bytes": 90e6, "accuracy": 0.91, "f1_macro": 0.89, "latency_p50_ms": 10.0},
         {
-            "onnx-int8": {
-                "model_bytes": 23e6,
-                "measured": {
-                    "accuracy": 0.905,
-                    "f1_macro": 0.88,
-                    "agreement_with_reference": 0.98,
-                    "latency_p50_ms": 1.9,
-                },
-            },
-            "fp16": {"model_bytes": 45e6},
+            "onnx-int8": ExportManifest(
+                model_bytes=23_000_000,
+                measured={"accuracy": 0.905, "f1_macro": 0.88, "agreement_with_reference": 0.98, "latency_p50_ms": 1.9},
+            ),
+            "fp16": ExportManifest(model_bytes=45_000_000),
         },
     )
     lines = table.splitlines()

@@ -8,6 +8,7 @@ import pytest
 from raybm.config import build_config
 from raybm.errors import ConfigError, RaybmError
 from raybm.storage.layout import CONFIG_FILE
+from raybm.storage.records import DataReport
 from raybm.storage.results import Results
 from raybm.train.driver import check_same_recipe, reads_whole_splits, recipe_differences, teacher_labels
 from raybm.train.optim import amp_settings, precision_name
@@ -150,10 +151,9 @@ def test_the_best_epoch_of_a_tie_is_the_later_one_as_ray_train_ranks_checkpoints
 
 def test_workers_read_splits_whole_where_the_stored_ids_fit_and_the_split_is_small():
     def report(rows=1000, model="tiny-bert", max_length=16, stored=True):
-        return {
-            "splits": {"train": {"rows": rows}},
-            "tokens": {"ids_stored": stored, "model": model, "max_length": max_length},
-        }
+        return DataReport(
+            splits={"train": {"rows": rows}}, tokens={"ids_stored": stored, "model": model, "max_length": max_length}
+        )
 
     def cfg(*overrides):
         return build_config(overrides=["model.name=tiny-bert", "data.max_length=16", *overrides])
