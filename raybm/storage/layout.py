@@ -41,7 +41,7 @@ incomplete and is never read as data. docs/results.md shows the tree below
                                      process keeps its checkpoints in its folder here
         trials/                      the trials' Ray Train runs (trials of several workers)
         leaderboard.json             every trial: its settings, best score, epochs, history
-    leaderboard.csv              the same, one row a trial
+        leaderboard.csv              the same, one row a trial
         winner.json                  the best trial, its test metrics, the soup if one was made
         model/                       the winner's model (as a run's model/; soup.json when a soup)
         config.yaml  _SUCCESS

@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from raybm.storage.layout import HISTORY_FILE, METRICS_FILE, MODEL_CARD_FILE, MODEL_DIR, TRAIN_STATE_FILE
+from raybm.storage.records import RunRecord
 from raybm.storage.results import Results
 from raybm.train.checkpoints import as_model_folder
 
@@ -82,11 +83,12 @@ def score_model_uri(
 def run_artifacts(results: Results, run_dir: str, dataset: str) -> dict[str, str]:
     """A finished run's files worth keeping beside its record elsewhere (MLflow): the model
     card, the test metrics, the confusion matrix, the epochs, the data report; name -> text."""
-    metrics = results.read_json(results.join(run_dir, METRICS_FILE))
-    test = metrics.get("test") or {}
+    path = results.join(run_dir, METRICS_FILE)
+    metrics = RunRecord.from_json(results.read_json(path), results.uri(path))
+    test = metrics.test or {}
     out = {
         "model_card.md": results.read_text(results.join(run_dir, MODEL_DIR, MODEL_CARD_FILE)),
-        METRICS_FILE: json.dumps(metrics, indent=2),
+        METRICS_FILE: json.dumps(metrics.to_json(), indent=2),
         "confusion_matrix.json": json.dumps(
             {"labels": list(test.get("per_class") or {}), "matrix": test.get("confusion_matrix")}, indent=2
         ),

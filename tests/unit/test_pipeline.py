@@ -45,7 +45,7 @@ def test_summary_is_written_per_stage_and_read_by_the_dashboard(tmp_path):
     assert running["status"] == "running" and list(running["stages"]) == ["data"]
     summary.stage("train", {"status": "done", "seconds": 12.0, "test": TEST})
     summary.stage("deploy", {"status": "held", "seconds": 0.2, "reasons": ["test macro-F1 0.8500 < 0.9"]})
-    summary.data["seconds"] = 90
+    summary.record.seconds = 90
     summary.finish("succeeded")
     assert results.is_complete(summary.folder)
 
