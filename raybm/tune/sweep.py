@@ -331,8 +331,8 @@ def _tuner(
     state_fs = sealed_filesystem(results.fs, results.join(sweep_dir, TUNE_DIR))
     if can_restore:
         log(
-            f"Resuming sweep {name!r}: finished trials are kept, unfinished ones continue from their "
-            f"last checkpoint{'; failed trials are retried' if retry_errored else ''}"
+            f"Resuming sweep {name!r}: finished trials are kept, unfinished ones continue from the "
+            f"last checkpoint Tune recorded{'; failed trials are retried' if retry_errored else ''}"
         )
         return tune.Tuner.restore(
             results.join(sweep_dir, TUNE_DIR),
