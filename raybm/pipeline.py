@@ -24,7 +24,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from raybm.config import JobConfig, derived_name, pipeline_stages, run_name_for, sweep_name_for
 from raybm.errors import RaybmError
@@ -44,6 +44,9 @@ from raybm.tracking.registry import register_model, registered_name
 from raybm.train.driver import run_training
 from raybm.tune.leaderboard import format_leaderboard
 from raybm.tune.sweep import run_sweep
+
+if TYPE_CHECKING:
+    from raybm.data.sources import Source
 
 
 def pipeline_name(cfg: JobConfig, dataset: str) -> str:
@@ -95,7 +98,11 @@ class Output:
 
 
 def run_pipeline(
-    cfg: JobConfig, *, source=None, log: Callable[[str], None] = print, say: Callable[[str], None] | None = None
+    cfg: JobConfig,
+    *,
+    source: Source | None = None,
+    log: Callable[[str], None] = print,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the configured stages; returns the summary (also written under pipelines/).
     ``log`` gets every line, ``say`` (default: ``log``) the headlines."""

@@ -4,6 +4,8 @@ after Ray's start (or a cluster's queue)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from raybm.config import JobConfig, pipeline_stages
 from raybm.errors import RaybmError
 from raybm.extras import require
@@ -13,8 +15,11 @@ from raybm.tracking import check_tracking
 from raybm.tracking.registry import registered_name
 from raybm.train.driver import teacher_labels
 
+if TYPE_CHECKING:
+    from raybm.data.sources import Source
 
-def preflight(cfg: JobConfig, stages: list[str] | None = None):
+
+def preflight(cfg: JobConfig, stages: list[str] | None = None) -> Source:
     """The checks before Ray starts, for every command that runs ``stages`` (default: the
     pipeline's): they need no Ray and cost seconds. The storage is reachable (bucket,
     credentials), the data source exists, the model and its tokenizer load, the training

@@ -36,9 +36,14 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.train.backend import Backend, BackendConfig
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+    from ray.train.torch import TorchConfig, TorchTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +146,7 @@ def quiet_tune_sync_warning() -> None:
     os.environ.setdefault(TUNE_SYNC_WARNING_ENV, "0")
 
 
-def trainer_class(*, ray_data: bool, autoscaling: bool, placement_group_cleaner: bool):
+def trainer_class(*, ray_data: bool, autoscaling: bool, placement_group_cleaner: bool) -> type[TorchTrainer]:
     """Ray Train's ``TorchTrainer``, less the helper processes a run does not need (each a
     new Python process per run, about a second of CPU on 2 cores before the first step):
 
@@ -199,7 +204,7 @@ def _policy_without_autoscaler(fixed_policy: type) -> type:
     return FixedWithoutAutoscaler
 
 
-def process_group_config(backend: str):
+def process_group_config(backend: str) -> TorchProcessGroupConfig | TorchConfig:
     """The torch process group of a run's workers (``gloo`` or ``nccl``): raybm's
     ``TorchProcessGroupConfig``, or Ray's ``TorchConfig`` where the shortcuts do not apply."""
     if applies():
@@ -219,19 +224,19 @@ class TorchProcessGroupConfig(BackendConfig):
     timeout_s: int = 1800
 
     @property
-    def backend_cls(self):
+    def backend_cls(self) -> type[TorchProcessGroup]:
         """The backend the controller runs (``TorchProcessGroup``)."""
         return TorchProcessGroup
 
     @property
-    def train_func_context(self):
+    def train_func_context(self) -> type:
         """Ray's context around the training function, in the worker: its CUDA device."""
         from ray.train.torch.config import TorchConfigContextManager
 
         return TorchConfigContextManager
 
     @property
-    def framework(self):
+    def framework(self) -> Any:
         """The framework Ray Train records for the run."""
         from ray.train.v2._internal.util import TrainingFramework
 
@@ -249,7 +254,7 @@ class TorchProcessGroup(Backend):
 
     share_cuda_visible_devices: bool = True  # ranks on one node see each other's GPUs, as with Ray's
 
-    def on_start(self, worker_group, backend_config: TorchProcessGroupConfig):
+    def on_start(self, worker_group: Any, backend_config: TorchProcessGroupConfig) -> None:
         """Rendezvous at rank 0, then every rank calls ``init_process_group``."""
         from ray.train._internal.utils import get_address_and_port
 
@@ -269,7 +274,7 @@ class TorchProcessGroup(Backend):
             ]
         )
 
-    def on_shutdown(self, worker_group, backend_config: TorchProcessGroupConfig):
+    def on_shutdown(self, worker_group: Any, backend_config: TorchProcessGroupConfig) -> None:
         """Every rank leaves the process group (and frees its cached CUDA memory)."""
         from ray.exceptions import GetTimeoutError
 
@@ -329,7 +334,7 @@ def ray_job_ended(job_id: str) -> bool | None:
     return None
 
 
-def serve_http_address(controller) -> tuple[str, int] | None:
+def serve_http_address(controller: ActorHandle) -> tuple[str, int] | None:
     """(host, port) the running Serve's proxies listen on, from its controller; None on
     another Ray or where the controller no longer tells."""
     if _other_ray():
@@ -341,7 +346,7 @@ def serve_http_address(controller) -> tuple[str, int] | None:
         return None
 
 
-def serve_instance_details(controller) -> dict | None:
+def serve_instance_details(controller: ActorHandle) -> dict | None:
     """The running Serve's own account of itself (``applications`` with their route
     prefixes, ``target_groups`` with the replicas that answer HTTP themselves); None on
     another Ray or where the controller no longer tells."""

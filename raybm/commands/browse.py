@@ -132,7 +132,7 @@ def describe_text(markdown: bool = False) -> str:
     return "".join(out)
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the results commands to the ``raybm`` parser."""
     p = sub.add_parser("dashboard", help="open the Streamlit dashboard over a results folder")
     add_config_args(p)

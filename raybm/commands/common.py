@@ -4,10 +4,15 @@ the paths every node must see), the test metrics printout."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from raybm.preflight import preflight
 from raybm.runtime import check_shared_paths, ensure_ray, quiet_ray_data
 from raybm.serve.ingress import ray_env
+
+if TYPE_CHECKING:
+    from raybm.config import JobConfig
+    from raybm.data.sources import Source
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -19,14 +24,14 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def start(
-    cfg,
+    cfg: JobConfig,
     *,
     stages: list[str] | None = None,
-    source=None,
+    source: Source | None = None,
     paths: dict[str, str] | None = None,
     root: bool = True,
     shared: bool = True,
-):
+) -> Source | None:
     """The one start of every command that runs on Ray, in this order:
 
     1. the checks that need no Ray (``raybm.preflight.preflight`` of ``stages``; none

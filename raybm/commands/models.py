@@ -299,7 +299,7 @@ def _manage_apps(cfg, args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the model commands to the ``raybm`` parser."""
     p = sub.add_parser("evaluate", help="score a model folder on a prepared dataset's split")
     add_config_args(p)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from raybm.commands.common import add_config_args, is_override, print_test_metrics, start
 from raybm.commands.console import QuietConsole
@@ -17,6 +18,10 @@ from raybm.train.driver import run_training
 from raybm.tune.leaderboard import format_leaderboard, format_values
 from raybm.tune.soup import check_soup_inputs, run_soup
 from raybm.tune.sweep import run_sweep
+
+if TYPE_CHECKING:
+    from raybm.config import JobConfig
+    from raybm.data.sources import Source
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -98,7 +103,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def console_log_path(cfg, source) -> str:
+def console_log_path(cfg: JobConfig, source: Source) -> str:
     """Where a quiet pipeline writes everything: ``console.log`` in its folder under a local
     results root, else in the system's temp folder."""
     from raybm.data.pipeline import dataset_name
@@ -138,7 +143,7 @@ def cmd_soup(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the stage commands to the ``raybm`` parser."""
     p = sub.add_parser("data", help="clean, de-duplicate, split and report a dataset")
     add_config_args(p)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +53,7 @@ class Distribution:
             return [self.args[0], self.args[1] - 1]
         return [self.args[0], self.args[1]]
 
-    def to_tune(self):
+    def to_tune(self) -> Any:
         """The Ray Tune domain for this distribution."""
         from ray import tune
 
@@ -132,7 +133,9 @@ def nested(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_space(space: dict[str, Any], check=None) -> list[Distribution]:
+def parse_space(
+    space: dict[str, Any], check: Callable[[str, Any, Distribution], None] | None = None
+) -> list[Distribution]:
     """Parse every entry of ``tune.search_space``.
 
     ``check(dotted_key, value)`` validates one value against the config (raising

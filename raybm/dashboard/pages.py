@@ -20,6 +20,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,9 @@ from raybm.dashboard.try_it import MAX_UPLOAD_MB, page_try
 from raybm.errors import RaybmError
 from raybm.storage.layout import RUNS, SWEEPS
 from raybm.storage.records import soup_used
+
+if TYPE_CHECKING:
+    from raybm.dashboard.data import DashboardData
 
 PAGES = ("Runs and sweeps", "Sweep", "Model", "Errors", "Try it", "Live")
 
@@ -95,7 +99,7 @@ def _data(root: str):
 # ------------------------------------------------------------------------------ pages
 
 
-def page_jobs(data) -> None:
+def page_jobs(data: DashboardData) -> None:
     """The Jobs page: every run and sweep, best first, and the pipelines."""
     import streamlit as st
 
@@ -164,7 +168,7 @@ def _pick(data, kinds: tuple[str, ...], key: str) -> tuple[str, str] | None:
     return st.selectbox("Choose", options, format_func=lambda o: f"{o[1]}  ({o[0][:-1]})", key=key)
 
 
-def page_sweep(data) -> None:
+def page_sweep(data: DashboardData) -> None:
     """The Sweep page: leaderboard, learning curves and the winner."""
     import altair as alt
     import streamlit as st
@@ -302,7 +306,7 @@ def _confusion_chart(cm: list[list[int]], labels: list[str]):
     return chart.properties(width=side, height=side)
 
 
-def page_model(data) -> None:
+def page_model(data: DashboardData) -> None:
     """The Model page: a model's test metrics, confusion matrix and training history."""
     import altair as alt
     import streamlit as st
@@ -393,7 +397,7 @@ def page_model(data) -> None:
         st.dataframe(pd.DataFrame(rows), hide_index=True)
 
 
-def page_errors(data) -> None:
+def page_errors(data: DashboardData) -> None:
     """The Errors page: the test examples a model got wrong, most confident first."""
     import altair as alt
     import streamlit as st

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import os
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -14,6 +15,9 @@ from raybm.inference.explain import explain, strongest
 from raybm.inference.loading import load_predictor
 from raybm.inference.predict import in_words
 from raybm.serve.client import endpoint_ok, explain_text, post_texts
+
+if TYPE_CHECKING:
+    from raybm.dashboard.data import DashboardData
 
 MAX_UPLOAD_ROWS = 5000
 MAX_UPLOAD_MB = 5
@@ -31,7 +35,7 @@ def _predictor(path: str):
     return load(path)
 
 
-def page_try(data, serve_url: str | None) -> None:
+def page_try(data: DashboardData, serve_url: str | None) -> None:
     """The Try it page: label typed or uploaded texts with a model or a model server."""
     import altair as alt
     import streamlit as st

@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow.compute as pc
@@ -31,6 +31,10 @@ from raybm.storage.layout import CONFIG_FILE, DATASETS, LABEL_MAP_FILE, REPORT_F
 from raybm.storage.lease import hold_lease
 from raybm.storage.records import DataReport
 from raybm.storage.results import Results
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from ray.data import Dataset
 
 TASK_ROWS = 20_000  # rows a cleaning or token-counting task takes: few tasks to start, even ones
 BLOCK_BYTES = 16 << 20  # Ray Data blocks of the stage: one large file read is cleaned and counted on every CPU
@@ -368,7 +372,7 @@ def _value_counts(batch, column: str, where: tuple[str, Any] | None):
     return pd.DataFrame({"value": counts.index.astype(str), "n": counts.to_numpy(dtype="int64")})
 
 
-def count_values(ds, column: str, where: tuple[str, Any] | None = None) -> dict[Any, int]:
+def count_values(ds: Dataset, column: str, where: tuple[str, Any] | None = None) -> dict[Any, int]:
     """Count a column's values with one small pandas frame per block (no shuffle)."""
     partial = ds.map_batches(
         _value_counts, batch_format="pandas", fn_kwargs={"column": column, "where": where}
@@ -395,7 +399,7 @@ SPLIT_COLUMNS = ("text", "label", "input_ids")
 DRIVER_READ_MAX_BYTES = 256 * 2**20
 
 
-def split_files(results: Results, name: str, split: str) -> list:
+def split_files(results: Results, name: str, split: str) -> list[pafs.FileInfo]:
     """The Parquet files of a prepared split (pyarrow ``FileInfo``s, sorted by path);
     refuses a dataset that is not completely prepared."""
     folder = results.dataset_dir(name)
@@ -415,7 +419,9 @@ def split_files(results: Results, name: str, split: str) -> list:
     )
 
 
-def read_split_table(results: Results, name: str, split: str, columns: tuple[str, ...], files=None):
+def read_split_table(
+    results: Results, name: str, split: str, columns: tuple[str, ...], files: list[pafs.FileInfo] | None = None
+) -> pa.Table:
     """A prepared split's ``columns`` read whole in this process, as an Arrow table."""
     files = split_files(results, name, split) if files is None else files
     return pq.ParquetDataset([f.path for f in files], filesystem=results.fs).read(columns=list(columns))
@@ -423,7 +429,7 @@ def read_split_table(results: Results, name: str, split: str, columns: tuple[str
 
 def load_split(
     results: Results, name: str, split: str, num_cpus: float = 0.25, columns: tuple[str, ...] = ("text", "label")
-):
+) -> Dataset:
     """A prepared split as a Ray Dataset with ``columns`` (text and label by default).
 
     Up to ``DRIVER_READ_MAX_BYTES`` on disk the driver reads it and puts it in Ray's object

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from raybm.data import cleaning
 from raybm.data.sources import Source
 from raybm.storage.layout import SPLITS
 from raybm.storage.records import DataReport
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def build_report(
@@ -25,7 +28,7 @@ def build_report(
     rows_read: int,
     dropped: dict[str, int],
     conflicts: int,
-    lengths,
+    lengths: pd.DataFrame,
     started: float,
 ) -> DataReport:
     """The data report: rows read, dropped by reason, duplicates, split sizes, class balance, token lengths."""

@@ -14,6 +14,7 @@ import json
 import os
 import posixpath
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -23,6 +24,9 @@ import pyarrow.parquet as pq
 from raybm.config import DataConfig, StorageConfig
 from raybm.errors import DataError
 from raybm.storage.fs import check_bucket, is_s3, resolve_uri
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 BUILTIN_SOURCES = ("twitter-sentiment", "chinese-reviews")
 EXTENSIONS = {
@@ -227,14 +231,14 @@ def resolve_source(cfg: DataConfig, storage: StorageConfig) -> Source:
     )
 
 
-def refuse_invalid_row(row) -> str:
+def refuse_invalid_row(row: pacsv.InvalidRow) -> str:
     """pyarrow's handler for a row with the wrong number of fields: stop with an error
     (its default). Set explicitly: pyarrow's options, once pickled to a Ray worker, call
     a missing handler and print a TypeError traceback before the real error."""
     return "error"
 
 
-def read_source(src: Source):
+def read_source(src: Source) -> Dataset:
     """A lazy Ray Dataset of the source with string columns ``text`` and ``label_raw``."""
     import ray.data
 

@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,10 @@ import pyarrow as pa
 
 from raybm.config import AugmentConfig, DataConfig, ModelConfig, StorageConfig
 from raybm.data.splitting import text_key
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
+    from transformers import PreTrainedTokenizerBase
 
 # Characters of scripts written without spaces between words (CJK ideographs, kana, hangul).
 _UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
@@ -69,7 +73,9 @@ class AugmentCollate:
     is seeded by the text, ``data.seed`` and the epoch: the same in every run and on every
     worker, different from one epoch to the next."""
 
-    def __init__(self, tokenizer, augment: AugmentConfig, max_length: int, padding: str, seed: int = 0) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, augment: AugmentConfig, max_length: int, padding: str, seed: int = 0
+    ) -> None:
         self.tokenizer, self.augment = tokenizer, augment
         self.max_length, self.padding, self.seed = max_length, padding, seed
         self.epoch = 0
@@ -173,7 +179,7 @@ class CountTokens(_WithTokenizer):
         ids_only = {"padding": False, "return_attention_mask": False, "return_token_type_ids": False}  # 1.3x faster
         return self.tokenizer(texts, truncation=False, **ids_only)["input_ids"]
 
-    def __call__(self, batch: pd.DataFrame):
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
         texts = batch["text"].astype(str).tolist()
         ids_only = {"padding": False, "return_attention_mask": False, "return_token_type_ids": False}
         counted = self._untruncated(texts)
@@ -191,14 +197,14 @@ class CountTokens(_WithTokenizer):
 
 
 def tokenize_dataset(
-    ds,
+    ds: Dataset,
     data: DataConfig,
     model: ModelConfig,
     storage: StorageConfig | None = None,
     *,
     concurrency: int = 1,
     num_cpus: float = 0.25,
-):
+) -> Dataset:
     """Lazily tokenize a Dataset with columns text and label (never augmented: training
     workers augment texts themselves, per epoch, with ``AugmentCollate``); ``storage``
     reaches an ``s3://`` base model."""

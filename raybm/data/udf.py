@@ -16,7 +16,10 @@ from __future__ import annotations
 import importlib
 import json
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 _KEEP = 2
 _INSTANCES: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -42,7 +45,9 @@ def _apply(batch, cls_path: str, kwargs_json: str):
     return cached_instance(cls_path, kwargs_json)(batch)
 
 
-def map_batches_cached(ds, cls: type, kwargs: dict[str, Any], *, concurrency: int | None = None, **options):
+def map_batches_cached(
+    ds: Dataset, cls: type, kwargs: dict[str, Any], *, concurrency: int | None = None, **options: Any
+) -> Dataset:
     """``ds.map_batches(cls, fn_constructor_kwargs=kwargs, ...)`` on tasks with a
     per-process instance cache; ``concurrency`` caps the tasks running at once (empty:
     Ray Data decides)."""

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.compute as pc
 
 from raybm.errors import DataError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from raybm.storage.results import Results
 
 # Each worker holds the training and validation ids as int32 arrays of max_length columns.
 # Up to this many bytes (per split) the workers read splits whole; above it, Ray Data
@@ -43,7 +48,7 @@ class TokenArrays:
     texts: np.ndarray | None = None
 
     @classmethod
-    def from_table(cls, table, width: int) -> TokenArrays:
+    def from_table(cls, table: pa.Table, width: int) -> TokenArrays:
         """From a prepared split's Arrow table (``input_ids`` a list column, ``label``, and
         ``text`` if present); ``width`` is the longest a row may be (``data.max_length``)."""
         col = table.column("input_ids").combine_chunks()
@@ -130,7 +135,7 @@ class WholeSplit:
             yield collate_fn(batch)
 
 
-def read_whole_split(results, dataset: str, split: str, width: int, *, texts: bool = False) -> TokenArrays:
+def read_whole_split(results: Results, dataset: str, split: str, width: int, *, texts: bool = False) -> TokenArrays:
     """A prepared split's stored token ids (and text when ``texts``), read whole from the
     results folder."""
     from raybm.data.pipeline import read_split_table

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raybm.inference.loading import model_max_length, read_calibration
 from raybm.storage.fs import write_json_file
 from raybm.storage.layout import LABEL_MAP_FILE, MOBILE_DIR, ONNX_FILE, VARIANT_FILE
 from raybm.storage.records import ExportManifest
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from raybm.config import ExportConfig
+    from raybm.storage.results import Results
 
 PREDICT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mobile_predict.py")
 
@@ -38,7 +44,14 @@ def build_mobile(variant_dir: str, out_dir: str, manifest: dict[str, Any]) -> No
     write_json_file(os.path.join(out_dir, VARIANT_FILE), manifest)
 
 
-def publish_mobile(manifests: dict[str, ExportManifest], reference, out, e, results, log) -> str | None:
+def publish_mobile(
+    manifests: dict[str, ExportManifest],
+    reference: dict[str, Any] | None,
+    out: str,
+    e: ExportConfig,
+    results: Results,
+    log: Callable[[str], object],
+) -> str | None:
     """Copy the smallest ONNX variant within the allowed accuracy drop into mobile/."""
     candidates = [m for m in manifests.values() if m.backend == "onnx"]
     if not candidates:

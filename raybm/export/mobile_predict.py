@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def load():
+def load() -> tuple[list[str], Tokenizer, ort.InferenceSession, float]:
     """The labels, tokenizer, ONNX Runtime session and calibration temperature of the model
     beside this file."""
     with open(os.path.join(HERE, "label_map.json"), encoding="utf-8") as f:
@@ -31,7 +31,9 @@ def load():
     return labels, tokenizer, session, float(manifest.get("temperature", 1.0))
 
 
-def predict(texts, labels, tokenizer, session, temperature=1.0):
+def predict(
+    texts: list[str], labels: list[str], tokenizer: Tokenizer, session: ort.InferenceSession, temperature: float = 1.0
+) -> list[tuple[str, float]]:
     """(label, calibrated confidence) for each text."""
     encodings = tokenizer.encode_batch(texts)
     ids = np.array([e.ids for e in encodings], dtype=np.int64)

@@ -5,7 +5,7 @@ on the data and recipe the source model was trained with."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -16,8 +16,13 @@ from raybm.inference.loading import load_model_folder
 from raybm.storage.layout import MODEL_CONFIG_FILE
 from raybm.train.driver import run_training
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
-def pruning_targets(model) -> list:
+    from torch import nn
+
+
+def pruning_targets(model: nn.Module) -> list:
     """The weight matrices of the encoder (Linear layers, GPT-2's Conv1D), not the head's."""
     from raybm.models.architectures import head_modules, weight_layers
 
@@ -25,7 +30,7 @@ def pruning_targets(model) -> list:
     return [m for m in weight_layers(model) if id(m) not in head]
 
 
-def sparsity(model) -> float:
+def sparsity(model: nn.Module) -> float:
     """The share of zero weights in the encoder's Linear layers."""
     targets = pruning_targets(model)
     zeros = sum(int((m.weight == 0).sum()) for m in targets)
@@ -78,7 +83,9 @@ def source_config(model_dir: str, cfg: JobConfig) -> dict[str, Any]:
     return raw
 
 
-def train_variant(model_dir: str, cfg: JobConfig, run_name: str, overrides: dict[str, Any], log) -> str:
+def train_variant(
+    model_dir: str, cfg: JobConfig, run_name: str, overrides: dict[str, Any], log: Callable[[str], None]
+) -> str:
     """Train on Ray Train from the source config with ``overrides``; returns the model folder."""
     raw = merge_raw(source_config(model_dir, cfg), {"name": run_name, **overrides})
     job = build_config(raw)

@@ -19,6 +19,7 @@ import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,9 @@ from raybm.inference.loading import read_label_map
 from raybm.inference.predict import FORMATS, PROGRESS_EVERY_S, label_frame, output_columns
 from raybm.placement import alive_nodes, place
 from raybm.storage.fs import is_s3, resolve_uri
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 GLOB_CHARS = "*?["
 SCORE_BATCH_ROWS = 1024  # rows a model actor takes at a time (run shortest first inside)
@@ -124,7 +128,7 @@ def _csv_options(fmt: str) -> pacsv.ParseOptions:
     return pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
 
 
-def read_inputs(inputs: Inputs, positions: list[int], columns: list[str], with_paths: bool):
+def read_inputs(inputs: Inputs, positions: list[int], columns: list[str], with_paths: bool) -> Dataset:
     """A Ray Dataset of the rows of the input files at ``positions``, in order (with the
     ``path`` column naming each row's file when ``with_paths``). CSV and TSV columns are
     read as text, as the in-process path reads them (an id ``007`` stays ``007``); Parquet

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,11 @@ from raybm.inference.loading import load_predictor, read_calibration, read_label
 from raybm.metrics import calibration, confusion_matrix, metrics_from_confusion, rescaled, served_calibration
 from raybm.storage.layout import CALIBRATION_FILE
 from raybm.storage.model_cache import fetch_model
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
+    from raybm.config import JobConfig
 
 
 class Classify:
@@ -61,7 +66,12 @@ class Classify:
 
 
 def score_dataset(
-    model_dir: str, ds, max_length: int | None = None, num_cpus: float = 1.0, predictions: bool = False, storage=None
+    model_dir: str,
+    ds: Dataset,
+    max_length: int | None = None,
+    num_cpus: float = 1.0,
+    predictions: bool = False,
+    storage: StorageConfig | None = None,
 ) -> Any:
     """Metrics of the model in ``model_dir`` (a local folder, or an ``s3://`` one reached with
     the ``storage`` settings) on a Dataset with columns text and label.
@@ -110,7 +120,7 @@ def score_dataset(
     return metrics
 
 
-def calibrate_folder(model_dir: str, ds, max_length: int = 128) -> dict[str, Any]:
+def calibrate_folder(model_dir: str, ds: Dataset, max_length: int = 128) -> dict[str, Any]:
     """Fit the temperature of the local model folder ``model_dir`` on ``ds`` (its
     validation split) and write it there (``calibration.json``): for a model whose weights
     no training epoch validated, such as a soup. Returns what it wrote."""
@@ -132,7 +142,7 @@ def _kept_rows(batch: pd.DataFrame) -> pd.DataFrame:
     return batch.loc[batch["drop_reason"] == "", ["text", "label"]]
 
 
-def score_source(model_dir: str, cfg, predictions: bool = False, max_length: int | None = None) -> Any:
+def score_source(model_dir: str, cfg: JobConfig, predictions: bool = False, max_length: int | None = None) -> Any:
     """Metrics of a model on any data source (``cfg.data``: a file, folder, glob or built-in
     corpus), cleaned like the training data and labelled by the model's own label map, at
     ``max_length`` tokens (None: the length the model was trained with).
@@ -172,7 +182,7 @@ def score_source(model_dir: str, cfg, predictions: bool = False, max_length: int
     return scored
 
 
-def named_predictions(frame, labels: list[str]):
+def named_predictions(frame: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
     """``score_dataset``'s prediction frame for people: label names instead of ids, and
     ``prob_<label>`` columns."""
     out = frame[["text"]].copy()

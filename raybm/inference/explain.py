@@ -17,12 +17,15 @@ passes per text.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from raybm.errors import RaybmError
 from raybm.inference.loading import tokenize
+
+if TYPE_CHECKING:
+    from raybm.inference.loading import TextClassifier
 
 METHOD = (
     "occlusion: each word masked in turn (Captum FeatureAblation); weight = how much the answer's log-odds "
@@ -44,13 +47,13 @@ def _encode(predictor, text: str):
     return tokenize(tok, text, truncation=True, max_length=predictor.max_length, return_offsets_mapping=True)
 
 
-def explain_cost(predictor, text: str) -> int:
+def explain_cost(predictor: TextClassifier, text: str) -> int:
     """What explaining ``text`` costs, in token positions scored: (words + 1) x tokens."""
     enc = _encode(predictor, text)
     return (len({w for w in enc.word_ids() if w is not None}) + 1) * len(enc["input_ids"])
 
 
-def explain(predictor, text: str, deadline: float | None = None) -> dict[str, Any]:
+def explain(predictor: TextClassifier, text: str, deadline: float | None = None) -> dict[str, Any]:
     """The answer for ``text`` and each word's weight toward it: ``label``, ``confidence``,
     ``words`` (``word``, ``start``, ``end``: its place in the text, ``weight``), ``method``.
     Scored ``ROWS_PER_PASS`` rows per model call; past ``deadline`` (``time.monotonic``) it
@@ -95,7 +98,9 @@ def explain(predictor, text: str, deadline: float | None = None) -> dict[str, An
     return {**answer, "words": out}
 
 
-def explain_within(predictor, texts: list[str], max_cost: int, deadline: float | None = None) -> list[dict[str, Any]]:
+def explain_within(
+    predictor: TextClassifier, texts: list[str], max_cost: int, deadline: float | None = None
+) -> list[dict[str, Any]]:
     """``explain`` of each text, refused (RaybmError) before any model call when together
     they cost more than ``max_cost`` token positions (``explain_cost``)."""
     cost = sum(explain_cost(predictor, t) for t in texts)

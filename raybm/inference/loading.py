@@ -22,7 +22,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -48,13 +48,17 @@ from raybm.storage.layout import (
 )
 from raybm.storage.records import ExportManifest, RunRecord, Winner
 
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import BatchEncoding, PreTrainedTokenizerBase
+
 BACKENDS = ("auto", "torch", "int8", "onnx")
 
 
-def read_label_map(model_dir: str, storage=None) -> list[str]:
+def read_label_map(model_dir: str, storage: StorageConfig | None = None) -> list[str]:
     """The labels of a model folder, local or (with ``storage``) ``s3://``."""
     if model_dir.startswith("s3://"):
-        fs, path = resolve_uri(model_dir, storage)
+        fs, path = resolve_uri(model_dir, storage or StorageConfig())
         try:
             with fs.open_input_stream(f"{path}/label_map.json") as f:
                 return list(json.loads(f.read())["labels"])
@@ -67,13 +71,13 @@ def read_label_map(model_dir: str, storage=None) -> list[str]:
         return list(json.load(f)["labels"])
 
 
-def read_calibration(model_dir: str, storage=None) -> dict[str, Any]:
+def read_calibration(model_dir: str, storage: StorageConfig | None = None) -> dict[str, Any]:
     """A model folder's calibration (local or, with ``storage``, ``s3://``): the temperature
     its logits are divided by before the softmax, and what it was fitted on; a temperature of
     1 (the model's own confidences) for a folder without one."""
     try:
         if model_dir.startswith("s3://"):
-            fs, path = resolve_uri(model_dir, storage)
+            fs, path = resolve_uri(model_dir, storage or StorageConfig())
             with fs.open_input_stream(f"{path}/{CALIBRATION_FILE}") as f:
                 found = json.loads(f.read())
         else:
@@ -87,7 +91,7 @@ def read_calibration(model_dir: str, storage=None) -> dict[str, Any]:
     return found
 
 
-def load_model_folder(model_dir: str):
+def load_model_folder(model_dir: str) -> tuple[nn.Module, PreTrainedTokenizerBase, list[str]]:
     """(model in eval mode, tokenizer, labels) from a raybm model folder. Safetensors only."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -112,7 +116,7 @@ def load_model_folder(model_dir: str):
     return model, tokenizer, labels
 
 
-def tokenize(tokenizer, texts, **kwargs):
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: str | list[str], **kwargs: Any) -> BatchEncoding:
     """``tokenizer(texts, **kwargs)`` under the tokenizer's own lock. A fast tokenizer keeps
     its truncation and padding settings in its Rust backend and each call resets them, so
     two threads calling one tokenizer with different settings (a replica's batches, its
@@ -332,7 +336,7 @@ def load_predictor(
     max_length: int | None = None,
     device: str = "cpu",
     batch_size: int = 64,
-):
+) -> TextClassifier:
     """Load a raybm model folder for prediction with the given backend."""
     import torch
 

@@ -12,8 +12,12 @@ checks that the walk agrees with every row of the table.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from raybm.errors import RaybmError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -75,12 +79,12 @@ def _module(root, path: str):
     return root
 
 
-def unwrapped(model):
+def unwrapped(model: nn.Module) -> nn.Module:
     """The classifier inside a PEFT (LoRA) model, else ``model``."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def model_type(model) -> str:
+def model_type(model: nn.Module) -> str:
     """The architecture's name (the base model's ``model_type``)."""
     model = unwrapped(model)
     for owner in (model.base_model, model):
@@ -90,7 +94,7 @@ def model_type(model) -> str:
     return type(model).__name__
 
 
-def head_modules(model) -> list:
+def head_modules(model: nn.Module) -> list:
     """Modules outside the base model (classifier, pre-classifier, DeBERTa's pooler, ModernBERT's
     head) plus a pooler inside it (BERT's)."""
     model = unwrapped(model)
@@ -100,7 +104,7 @@ def head_modules(model) -> list:
     return mods + ([pooler] if pooler is not None else [])
 
 
-def model_parts(model) -> Parts:
+def model_parts(model: nn.Module) -> Parts:
     """The parts of ``model`` by the table, else by the generic walk; a RaybmError naming the
     architecture when it has no layer stack (the TextCNN baseline)."""
     import torch
@@ -122,7 +126,7 @@ def model_parts(model) -> Parts:
     return walk_parts(model)
 
 
-def walk_parts(model) -> Parts:
+def walk_parts(model: nn.Module) -> Parts:
     """The generic walk: the largest ModuleList under the base model is the layer stack; each
     module beside it on the way down is an embedding when it comes before the stack (modules
     register in the order they run) or holds an ``nn.Embedding``, else a module after the
@@ -163,7 +167,7 @@ def walk_parts(model) -> Parts:
     return Parts(kind, list(layers), embeddings, after, head, decoder)
 
 
-def weight_layers(module) -> list:
+def weight_layers(module: nn.Module) -> list:
     """Every layer with a weight matrix under ``module``: ``nn.Linear``, and transformers'
     ``Conv1D`` (GPT-2's, a Linear with its weight transposed)."""
     import torch
@@ -172,7 +176,7 @@ def weight_layers(module) -> list:
     return [m for m in module.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
 
 
-def lora_targets(model) -> list[str]:
+def lora_targets(model: nn.Module) -> list[str]:
     """The module names LoRA adapts by default for this model's architecture."""
     kind = model_type(model)
     row = ARCHITECTURES.get(kind)

@@ -7,6 +7,8 @@ prediction treat it like any transformer: ``model.name=textcnn``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,7 +29,7 @@ class TextCNNConfig(PretrainedConfig):
         kernel_sizes: tuple[int, ...] | list[int] = (3, 4, 5),
         dropout: float = 0.5,
         pad_token_id: int = 0,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         module = __name__.rsplit(".", 1)[-1]  # this file, copied into saved folders (raybm.models.registry)
         kwargs.setdefault(

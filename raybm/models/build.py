@@ -8,6 +8,7 @@ name is a hub name and the network allows it.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from raybm.errors import RaybmError
 from raybm.models.architectures import ARCHITECTURES, head_modules
@@ -26,6 +27,12 @@ from raybm.models.catalog import (  # noqa: F401 - names many modules take from 
 from raybm.models.pooled import PooledClassifier, PooledClassifierConfig
 from raybm.models.registry import prepare_transformers
 
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PretrainedConfig
+
+    from raybm.config import ModelConfig
+
 # ------------------------------------------------------------------------- building
 
 
@@ -35,7 +42,7 @@ def label_settings(labels: list[str]) -> dict:
     return dict(num_labels=len(labels), id2label=id2label, label2id={lab: i for i, lab in id2label.items()})
 
 
-def classifier_config(model_cfg, labels: list[str]):
+def classifier_config(model_cfg: ModelConfig, labels: list[str]) -> tuple[PretrainedConfig, bool]:
     """(the classifier's config, whether pretrained weights exist for it): the base model's
     config with ``labels``, the dropout overrides, a pad token for a decoder and layer cropping."""
     prepare_transformers()
@@ -94,7 +101,7 @@ def _crop(config, model_cfg):
     return config
 
 
-def classifier_skeleton(model_cfg, labels: list[str]):
+def classifier_skeleton(model_cfg: ModelConfig, labels: list[str]) -> nn.Module:
     """The classifier's modules on the meta device: no memory and no weights, to check what a
     strategy needs of the architecture before anything runs."""
     prepare_transformers()
@@ -108,19 +115,19 @@ def classifier_skeleton(model_cfg, labels: list[str]):
         return AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
 
 
-def checkpointed_part(model):
+def checkpointed_part(model: nn.Module) -> nn.Module | None:
     """The module whose layers recompute activations under gradient checkpointing: the model,
     or the encoder inside a mean-pooling classifier; None when it has no such support."""
     part = model.encoder if isinstance(model, PooledClassifier) else model
     return part if getattr(part, "supports_gradient_checkpointing", False) else None
 
 
-def supports_checkpointing(model) -> bool:
+def supports_checkpointing(model: nn.Module) -> bool:
     """Whether ``train.gradient_checkpointing`` works for this model."""
     return checkpointed_part(model) is not None
 
 
-def enable_checkpointing(model) -> None:
+def enable_checkpointing(model: nn.Module) -> None:
     """Recompute each layer's activations in the backward pass (non-reentrant: gradients
     reach frozen embeddings' outputs too, as LoRA and partial fine-tuning need)."""
     part = checkpointed_part(model)
@@ -129,7 +136,7 @@ def enable_checkpointing(model) -> None:
     part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
-def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, seed: int = 0):
+def build_classifier(model_cfg: ModelConfig, labels: list[str], *, pretrained: bool = True, seed: int = 0) -> nn.Module:
     """A sequence classifier with a fresh head for ``labels``.
 
     ``pretrained=False`` gives the same architecture with random weights (the ``scratch``
@@ -155,7 +162,7 @@ def build_classifier(model_cfg, labels: list[str], *, pretrained: bool = True, s
     return model
 
 
-def init_head(model, model_cfg) -> None:
+def init_head(model: nn.Module, model_cfg: ModelConfig) -> None:
     """Re-initialize the classification head as ``model.head_init`` says (``default``: as built)."""
     import torch
 
@@ -172,7 +179,7 @@ def init_head(model, model_cfg) -> None:
                 torch.nn.init.zeros_(p)
 
 
-def tiny_config(name: str, common: dict):
+def tiny_config(name: str, common: dict) -> PretrainedConfig:
     """The config of a tiny random model (``TINY_MODELS``) over MiniLM's tokenizer: its special
     token ids, and no pad token for a decoder."""
     prepare_transformers()
@@ -192,7 +199,7 @@ def tiny_config(name: str, common: dict):
     return AutoConfig.for_model(kind, vocab_size=len(tokenizer), **{**TINY_SIZE, **settings, **ids}, **common)
 
 
-def resolve_pooling(model_cfg) -> str:
+def resolve_pooling(model_cfg: ModelConfig) -> str:
     """``cls`` or ``mean`` for this model (``auto``: mean for sentence-transformers folders)."""
     if model_cfg.pooling != "auto":
         if model_cfg.pooling == "mean" and model_cfg.name in BASELINE_MODELS:

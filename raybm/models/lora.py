@@ -6,15 +6,21 @@ export, serve and the dashboard load it as any other model."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from raybm.errors import RaybmError
 from raybm.models.architectures import head_modules, lora_targets, model_parts, weight_layers
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from raybm.config import TrainConfig
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's names for what save_pretrained writes
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
-def adaptable_names(model) -> list[str]:
+def adaptable_names(model: nn.Module) -> list[str]:
     """The short names of the Linear (and GPT-2 Conv1D) modules inside the layer stack."""
     names = set()
     for layer in model_parts(model).layers:
@@ -23,7 +29,7 @@ def adaptable_names(model) -> list[str]:
     return sorted(names)
 
 
-def target_names(model, targets: list[str] | tuple[str, ...] = ()) -> list[str]:
+def target_names(model: nn.Module, targets: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The modules LoRA adapts: ``targets`` (``train.lora_targets``) or the architecture's
     default; a RaybmError naming the architecture and the names it has when one is not there."""
     from raybm.models.architectures import model_type
@@ -39,7 +45,7 @@ def target_names(model, targets: list[str] | tuple[str, ...] = ()) -> list[str]:
     return chosen
 
 
-def saved_heads(model) -> list[str]:
+def saved_heads(model: nn.Module) -> list[str]:
     """The names PEFT trains and saves whole beside the adapters: every module outside the
     base model that has weights (classifier, pre-classifier, pooler, ModernBERT's head), and
     a pooler inside it (BERT's)."""
@@ -53,7 +59,7 @@ def saved_heads(model) -> list[str]:
     )
 
 
-def add_lora(model, train_cfg):
+def add_lora(model: nn.Module, train_cfg: TrainConfig) -> nn.Module:
     """``model`` with LoRA adapters (PEFT): only the adapters and the head train."""
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
@@ -72,19 +78,19 @@ def add_lora(model, train_cfg):
     return get_peft_model(model, config)
 
 
-def is_lora(model) -> bool:
+def is_lora(model: nn.Module) -> bool:
     """Whether ``model`` carries PEFT adapters."""
     return getattr(model, "peft_config", None) is not None
 
 
-def adapter_state(model) -> dict:
+def adapter_state(model: nn.Module) -> dict:
     """The adapters' and the head's weights, keyed as a LoRA checkpoint holds them."""
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(model)
 
 
-def adapter_keys(model) -> dict[str, str]:
+def adapter_keys(model: nn.Module) -> dict[str, str]:
     """Each key of ``model``'s LoRA checkpoint -> the key of the same tensor in the model's
     full state dict (the checkpoint's keys drop the adapter's name). Taken before FSDP shards
     the model, so that the adapters are written out of a gathered full state dict by these
@@ -111,7 +117,7 @@ def save_adapter_weights(folder: str, full_state: dict, keys: dict[str, str]) ->
     )
 
 
-def load_adapter(folder: str, model) -> None:
+def load_adapter(folder: str, model: nn.Module) -> None:
     """Load a LoRA checkpoint's adapters and head into ``model`` (a PEFT model)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -119,7 +125,7 @@ def load_adapter(folder: str, model) -> None:
     set_peft_model_state_dict(model, load_file(os.path.join(folder, ADAPTER_WEIGHTS_FILE)))
 
 
-def merged(model):
+def merged(model: nn.Module) -> nn.Module:
     """The plain classifier with the adapters merged into its weights (PEFT's merge_and_unload)."""
     if not is_lora(model):
         raise RaybmError("merged(): the model has no LoRA adapters")

@@ -28,7 +28,11 @@ class PooledClassifierConfig(PretrainedConfig):
     model_type = "raybm-pooled"
 
     def __init__(
-        self, encoder: dict[str, Any] | None = None, pooling: str = "mean", classifier_dropout: float = 0.1, **kwargs
+        self,
+        encoder: dict[str, Any] | None = None,
+        pooling: str = "mean",
+        classifier_dropout: float = 0.1,
+        **kwargs: Any,
     ) -> None:
         # Where plain transformers finds this architecture's code in a saved folder (this
         # file, copied there by save_pretrained: the Hub's convention for custom code).

@@ -3,11 +3,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from raybm.errors import RaybmError
 from raybm.models.build import classifier_config, init_head, resolve_model_source, resolve_pooling
 
+if TYPE_CHECKING:
+    import torch
 
-def quantized_classifier(model_cfg, labels: list[str], device, seed: int, gradient_checkpointing: bool):
+    from raybm.config import ModelConfig
+
+
+def quantized_classifier(
+    model_cfg: ModelConfig, labels: list[str], device: torch.device, seed: int, gradient_checkpointing: bool
+) -> torch.nn.Module:
     """The pretrained classifier for ``labels`` with its base weights in NF4 (double
     quantization, bf16 compute) on ``device`` (a GPU), prepared for k-bit training by PEFT:
     norms and the head in fp32, gradients reaching the adapters through the frozen base,

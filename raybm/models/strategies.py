@@ -3,12 +3,19 @@ layer-wise learning rates (the parts of each architecture: ``raybm.models.archit
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from raybm.config import extreme_trials
 from raybm.errors import RaybmError
 from raybm.models.architectures import model_parts
 
+if TYPE_CHECKING:
+    from torch import nn
 
-def encoder_layers(model):
+    from raybm.config import JobConfig, TrainConfig
+
+
+def encoder_layers(model: nn.Module) -> list[nn.Module]:
     """The stack of transformer layers, bottom first."""
     return model_parts(model).layers
 
@@ -28,7 +35,7 @@ def trainable_layers(
     return stage > num_layers, min(num_layers, stage)
 
 
-def apply_strategy(model, train_cfg, epoch: int, sizes: dict[int, int] | None = None) -> int:
+def apply_strategy(model: nn.Module, train_cfg: TrainConfig, epoch: int, sizes: dict[int, int] | None = None) -> int:
     """Set ``requires_grad`` for ``epoch`` by the strategy; returns the trainable parameter
     count (``sizes``: each parameter's size by id, taken before FSDP sharded it). LoRA's
     trainable parameters are set once, by PEFT, and left as they are."""
@@ -53,7 +60,7 @@ def apply_strategy(model, train_cfg, epoch: int, sizes: dict[int, int] | None = 
     return sum((sizes or {}).get(id(p), p.numel()) for p in model.parameters() if p.requires_grad)
 
 
-def param_groups(model, lr: float, weight_decay: float, layerwise_decay: float = 1.0) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, weight_decay: float, layerwise_decay: float = 1.0) -> list[dict]:
     """Optimizer parameter groups: no weight decay on biases and norms; with layer-wise
     decay, layer i of n (0 = bottom) gets lr * decay^(n - i) and the embeddings
     lr * decay^(n + 1); the head gets lr. Under LoRA only the adapters and the head."""
@@ -83,7 +90,7 @@ def param_groups(model, lr: float, weight_decay: float, layerwise_decay: float =
     ]
 
 
-def needs_of(train_cfg) -> list[str]:
+def needs_of(train_cfg: TrainConfig) -> list[str]:
     """What of the architecture these training settings need: ``layers`` (a strategy that
     freezes or decays by layer), ``lora`` (its target modules), ``checkpointing``."""
     needs = []
@@ -96,7 +103,7 @@ def needs_of(train_cfg) -> list[str]:
     return needs
 
 
-def check_fits_architecture(cfg) -> None:
+def check_fits_architecture(cfg: JobConfig) -> None:
     """Refuse, before Ray starts, training settings the model's architecture cannot take,
     naming both: the job's own and those of every trial its sweep can sample (searched keys
     combine, so what any trial needs is checked against every model and LoRA target list a

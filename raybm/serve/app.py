@@ -37,12 +37,13 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
+from starlette.responses import Response
 
 from raybm.config import ServeConfig, StorageConfig, is_loopback, load_config
 from raybm.errors import RaybmError
@@ -68,6 +69,9 @@ from raybm.serve.watch import LOW_CONFIDENCE, ProxyCounts, Watch, make_stats_cla
 from raybm.storage.fs import resolve_uri
 from raybm.storage.layout import EXPORTS
 from raybm.storage.model_cache import fetch_model
+
+if TYPE_CHECKING:
+    from ray.serve import Application, Deployment
 
 DEFAULT_LOADER = "raybm.inference.loading:load_predictor"
 TIMED_OUT = 408  # what Serve answers a request cancelled at serve.request_timeout_s
@@ -102,7 +106,9 @@ def replica_threads(s: ServeConfig) -> int:
     return s.torch_threads or max(1, int(s.cpus_per_replica))
 
 
-def load_replica(model_dir: str, s: ServeConfig, loader: str | Callable, storage: dict[str, Any] | None):
+def load_replica(
+    model_dir: str, s: ServeConfig, loader: str | Callable, storage: dict[str, Any] | None
+) -> tuple[Any, dict[str, Any]]:
     """(predictor, model card) of one replica: an ``s3://`` model is fetched into the node's
     model cache first (one copy per node and model version)."""
     source = model_dir
@@ -135,7 +141,7 @@ def foreign_host(request: Request) -> bool:
     return name not in LOOPBACK_NAMES
 
 
-def unauthorized(request: Request, api_key: dict[str, str] | None, s: ServeConfig):
+def unauthorized(request: Request, api_key: dict[str, str] | None, s: ServeConfig) -> Response | None:
     """None when the request may pass (no key is set, or it sends the right one), else the
     401 answer. The key comes in ``X-API-Key`` or as ``Authorization: Bearer <key>``.
     Without a key, a loopback server's request must name this machine as its Host (403)."""
@@ -169,7 +175,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def read_predict_request(request: Request, s: ServeConfig, api_key: dict[str, str] | None):
+async def read_predict_request(
+    request: Request, s: ServeConfig, api_key: dict[str, str] | None
+) -> tuple[Any, list[str] | None]:
     """(payload, texts) of a /predict request that passes every check, else (the 4xx
     answer, None): the key, the content type, the size, JSON, the texts themselves."""
     denied = unauthorized(request, api_key, s)
@@ -197,7 +205,31 @@ async def read_predict_request(request: Request, s: ServeConfig, api_key: dict[s
     return payload, texts
 
 
-async def watched(server, route: str, answer, request: Request):
+class Replica(Protocol):
+    """What the request handlers below use of a model replica (``make_server_class``)."""
+
+    settings: ServeConfig
+    api_key: dict[str, str] | None
+    predictor: Any
+    card: dict[str, Any]
+    labels: list[str]
+    backend: str
+    batcher: Batcher
+    watch: Watch
+    proxy_counts: ProxyCounts
+    in_hand: int
+    capacity: int
+    explain_pool: ThreadPoolExecutor
+    explain_slot: asyncio.Lock
+    explain_waiting: int
+
+
+Answer = tuple[Any, list[str], list[tuple[str, float]]]  # (the answer, its texts, (label, confidence) per text)
+
+
+async def watched(
+    server: Replica, route: str, answer: Callable[[Replica, Request], Awaitable[Answer]], request: Request
+) -> Any:
     """``answer(server, request)`` -> (response, texts, answers), counted by the replica's
     watch (the stats deployment and Ray's metrics)."""
     started = time.perf_counter()
@@ -222,7 +254,7 @@ async def watched(server, route: str, answer, request: Request):
     return response
 
 
-async def predict_answers(server, request: Request):
+async def predict_answers(server: Replica, request: Request) -> Answer:
     """A /predict request: (the answer, its texts, (label, confidence) per answered text)."""
     payload, texts = await read_predict_request(request, server.settings, server.api_key)
     if texts is None:
@@ -249,7 +281,7 @@ async def predict_answers(server, request: Request):
     )
 
 
-async def stats_answer(server, request: Request):
+async def stats_answer(server: Replica, request: Request) -> Any:
     """A /stats request: the app's counts summed up (``raybm.serve.watch.summarize``)."""
     denied = unauthorized(request, server.api_key, server.settings)
     if denied is not None:
@@ -263,7 +295,7 @@ async def stats_answer(server, request: Request):
     return {"model": server.card["name"], **summarize(minutes, server.card.get("drift_reference")), "serve": proxies}
 
 
-async def explain_answers(server, request: Request):
+async def explain_answers(server: Replica, request: Request) -> Answer:
     """A /explain request answered by ``server`` (a replica): its texts checked as for
     /predict, at most EXPLAIN_MAX_TEXTS of them, each explained in a thread; as
     ``predict_answers``, (the answer, its texts, the answers' labels and confidences)."""
@@ -328,7 +360,7 @@ async def explain_answers(server, request: Request):
     )
 
 
-def make_server_class():
+def make_server_class() -> "Deployment":
     """The FastAPI app and the Serve deployment class (built on first use, so importing
     this module does not import Ray Serve)."""
     from fastapi import FastAPI
@@ -515,7 +547,7 @@ def for_model(s: ServeConfig, model_dir: str) -> ServeConfig:
 
 def build_application(
     model_dir: str, s: ServeConfig, loader: str | Callable = DEFAULT_LOADER, storage: StorageConfig | None = None
-):
+) -> "Application":
     """A Serve application for ``model_dir`` (a local folder, or an s3:// one with the
     ``storage`` settings to reach it) with the settings ``s``."""
     if model_dir.startswith("s3://"):
@@ -531,7 +563,7 @@ def build_application(
     return server.bind(target, asdict(s), loader, read_api_key(s), asdict(storage) if storage else None, stats)
 
 
-def build_app(args: dict[str, str]):
+def build_app(args: dict[str, str]) -> "Application":
     """Serve application builder: ``serve run raybm.serve.app:build_app model=PATH
     [config=FILE] [loader=module:function] [key=value ...]`` (keys are serve.* settings)."""
     args = dict(args)

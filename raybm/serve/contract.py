@@ -8,11 +8,15 @@ checked contract are one."""
 import logging
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from raybm.config import ServeConfig
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
 
 # A character that is not white space, the same in Python and in a JSON schema (ECMA-262)
 # pattern: every character either language counts as space is listed, so the server's
@@ -137,7 +141,7 @@ class BodyTooLarge(Exception):
     pass
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None):
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> "JSONResponse":
     """A ``{"error": message}`` JSON answer with this status."""
     from fastapi.responses import JSONResponse
 
@@ -188,7 +192,7 @@ EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def add_error_handlers(app) -> None:
+def add_error_handlers(app: "FastAPI") -> None:
     """Every error the framework raises (an unknown route, a wrong method, an exception in a
     handler) answers in the documented ``{"error": "..."}`` form, without a traceback or a path."""
     from fastapi.exceptions import RequestValidationError

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 from raybm.config import ServeConfig, is_loopback
 from raybm.serve.running import ingress_targets
@@ -71,7 +72,7 @@ def direct_urls(s: ServeConfig, wait_s: float = 10.0) -> list[str]:
     return [f"http://{'127.0.0.1' if loopback else ip}:{port}{prefix}" for ip, port in targets or []]
 
 
-def say_direct_urls(s: ServeConfig, say) -> list[str]:
+def say_direct_urls(s: ServeConfig, say: Callable[[str], object]) -> list[str]:
     """Tell (``say``) where the application's replicas also answer themselves (``s``
     resolved); returns those URLs."""
     urls = direct_urls(s)

@@ -12,13 +12,18 @@ import logging
 import time
 import urllib.request
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from raybm.inference.loading import tokenize
 from raybm.metrics import LENGTH_SHARES, PSI_ALERT, length_bin, population_stability_index
+
+if TYPE_CHECKING:
+    from ray.serve import Deployment
+    from ray.serve.handle import DeploymentHandle
+    from transformers import PreTrainedTokenizerBase
 
 WINDOW_MINUTES = 60  # minutes of history kept
 LATENCY_SAMPLES = 2000  # latencies kept per minute for the quantiles (a uniform sample beyond)
@@ -147,7 +152,9 @@ def _drift(minutes: list[dict[str, Any]], reference: dict[str, Any] | None) -> d
     return out
 
 
-def length_bins(tokenizer, texts: list[str], reference: dict[str, Any] | None) -> list[int]:
+def length_bins(
+    tokenizer: PreTrainedTokenizerBase | None, texts: list[str], reference: dict[str, Any] | None
+) -> list[int]:
     """Each text's token-length bin against the reference's edges ([] without them)."""
     if not reference or not reference.get("length_edges") or tokenizer is None or not texts:
         return []
@@ -165,7 +172,13 @@ class Watch:
     bins (the tokenizer runs then, in a thread, all texts at once), and to Ray's metrics
     (``ray.util.metrics``: Prometheus and Grafana see them on a cluster)."""
 
-    def __init__(self, stats, reference: dict[str, Any] | None, tokenizer, app: str) -> None:
+    def __init__(
+        self,
+        stats: DeploymentHandle | None,
+        reference: dict[str, Any] | None,
+        tokenizer: PreTrainedTokenizerBase | None,
+        app: str,
+    ) -> None:
         from ray.util.metrics import Counter, Histogram
 
         self.stats, self.reference, self.tokenizer = stats, reference, tokenizer
@@ -314,7 +327,7 @@ class ProxyCounts:
         return self.value
 
 
-def make_stats_class():
+def make_stats_class() -> Deployment:
     """The Serve deployment that keeps an app's per-minute counts (one replica, no CPU of its
     own; built on first use so that importing this module does not import Ray Serve)."""
     from ray import serve

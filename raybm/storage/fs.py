@@ -129,7 +129,7 @@ def is_published(fs: pafs.FileSystem, folder: str) -> bool:
     )
 
 
-def s3_client(storage: StorageConfig):
+def s3_client(storage: StorageConfig) -> Any:
     """A boto3 S3 client for the configured (or ``AWS_ENDPOINT_URL``) endpoint and region."""
     import boto3
 

@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -235,7 +235,7 @@ def _server_time(response: dict[str, Any]) -> float | None:
 class Lease:
     """A held lease: ``check()`` before publishing (fencing)."""
 
-    def __init__(self, store: _Store, record: dict[str, Any], what: str):
+    def __init__(self, store: _Store, record: dict[str, Any], what: str) -> None:
         self.store, self.record, self.what = store, record, what
         self.lost = threading.Event()
 
@@ -259,7 +259,9 @@ class Lease:
 
 
 @contextmanager
-def hold_lease(results: Results, kind: str, name: str, what: str, log=print) -> Iterator[Lease]:
+def hold_lease(
+    results: Results, kind: str, name: str, what: str, log: Callable[[str], object] = print
+) -> Iterator[Lease]:
     """Hold the lease of ``<root>/<kind>/<name>`` while the block runs: a second writer of
     the same artifact is refused with an error naming the holder; a stale lease is taken
     over. ``what`` names the artifact in messages. Yields the ``Lease``, whose ``check()``

@@ -14,7 +14,7 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -36,6 +36,11 @@ from raybm.storage.layout import (
     SWEEPS,
 )
 from raybm.storage.records import DataReport
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from raybm.config import JobConfig
 
 T = TypeVar("T")
 
@@ -146,7 +151,7 @@ class Results:
         diverged, a metric never measured) is written as null, which every reader takes."""
         self.write_text(path, json.dumps(finite_json(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
-    def write_parquet(self, path: str, frame) -> None:
+    def write_parquet(self, path: str, frame: pd.DataFrame) -> None:
         """A whole Parquet file from a pandas frame, atomically as ``write_text``."""
         table = pa.Table.from_pandas(frame, preserve_index=False)
         self.fs.create_dir(posixpath.dirname(path) if self.remote else os.path.dirname(path), recursive=True)
@@ -273,7 +278,7 @@ class Results:
         return self.read_json(self.dataset_file(name, LABEL_MAP_FILE))
 
 
-def job_for_workers(cfg) -> dict[str, Any]:
+def job_for_workers(cfg: JobConfig) -> dict[str, Any]:
     """The job config as a dict for processes that run elsewhere (Ray Train workers, Tune
     trials): a local results root made absolute, since those processes start in folders of
     their own (a Tune trial runs in its trial folder), where a relative root means nothing."""

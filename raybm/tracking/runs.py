@@ -24,10 +24,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raybm.config import JobConfig, TrackingConfig
 from raybm.errors import RaybmError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 EPOCH_METRICS = (
     "train_loss",
@@ -82,7 +85,7 @@ def check_tracking(cfg: TrackingConfig, timeout_s: float = 5.0) -> None:
     _say(f"{problem}; going on without MLflow (tracking.required=false)")
 
 
-def mlflow_client(cfg: TrackingConfig):
+def mlflow_client(cfg: TrackingConfig) -> MlflowClient:
     """An MlflowClient for ``tracking.mlflow_uri``, its Model Registry at the same address
     (MLflow 3 would otherwise register in a ``mlflow.db`` of the current folder); None
     when MLflow is off for this job (unset, or a failed check with tracking.required=false)."""
@@ -97,7 +100,7 @@ def mlflow_client(cfg: TrackingConfig):
     return MlflowClient(tracking_uri=cfg.mlflow_uri, registry_uri=cfg.mlflow_uri)
 
 
-def experiment_id(client, name: str) -> str:
+def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of the MLflow experiment ``name``, made if missing."""
 
     found = client.get_experiment_by_name(name)

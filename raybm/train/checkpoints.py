@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from typing import TYPE_CHECKING
 
 from raybm.config import JobConfig, load_config
 from raybm.local_paths import private_temp_dir
@@ -23,6 +24,10 @@ from raybm.storage.layout import (
 )
 from raybm.train.sharded import drop_shards, is_sharded, publish_sharded
 
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
 # What a usable checkpoint holds. A checkpoint folder whose upload a lost node or a stopped
 # job cut short has only some of its files (S3 writes each file whole, in any order); the
 # epoch's validation metrics inside it are what sweeps rank checkpoints by. Its weights are
@@ -34,8 +39,8 @@ CHECKPOINT_WEIGHTS = (WEIGHTS_FILE, ADAPTER_WEIGHTS_FILE, SHARDS_INDEX_FILE)
 
 def save_checkpoint(
     folder: str,
-    model,
-    tokenizer,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     cfg: JobConfig,
     labels: list[str],
     state: dict,
@@ -91,7 +96,7 @@ def save_checkpoint(
         json.dump(metrics, f, indent=2)
 
 
-def load_weights(folder: str, model) -> None:
+def load_weights(folder: str, model: nn.Module) -> None:
     """Load a checkpoint's weights into ``model`` (unwrapped; a PEFT model for a LoRA
     checkpoint). A sharded checkpoint's go into the sharded model instead
     (``raybm.train.sharded.load_sharded``): nothing here."""
@@ -140,7 +145,7 @@ def _remove(folder: str, name: str) -> None:
         os.remove(path)
 
 
-def load_checkpoint(folder: str, model) -> dict:
+def load_checkpoint(folder: str, model: nn.Module) -> dict:
     """Load the weights into ``model`` (None: only the training state is wanted); return the
     training state (optimizer, epoch ...)."""
     import torch

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 import yaml
@@ -58,6 +58,11 @@ from raybm.train.resources import (
 )
 from raybm.train.tensorboard import write_events
 
+if TYPE_CHECKING:
+    from ray.train.torch import TorchTrainer
+
+    from raybm.data import PreparedData
+
 
 @dataclass
 class TrainResult:
@@ -77,7 +82,9 @@ def balanced_class_weights(report: DataReport, labels: list[str]) -> list[float]
     return [total / (len(labels) * max(1, counts[lab])) for lab in labels]
 
 
-def load_prepared(cfg: JobConfig, *, log: Callable[[str], None] = print, prepared=None):
+def load_prepared(
+    cfg: JobConfig, *, log: Callable[[str], None] = print, prepared: PreparedData | None = None
+) -> tuple[PreparedData, list[str]]:
     """Prepare (or reuse) the data, unless ``prepared`` already is; log its report and
     return (prepared, labels)."""
     from raybm.data import format_report, run_data_stage
@@ -89,7 +96,7 @@ def load_prepared(cfg: JobConfig, *, log: Callable[[str], None] = print, prepare
     return prepared, labels
 
 
-def load_text_splits(cfg: JobConfig, prepared) -> dict:
+def load_text_splits(cfg: JobConfig, prepared: PreparedData) -> dict:
     """The training and validation splits' text and labels, in Ray's object store."""
     from raybm.data import load_split
 
@@ -135,7 +142,7 @@ def reads_whole_splits(cfg: JobConfig, report: DataReport) -> bool:
     )
 
 
-def training_datasets(cfg: JobConfig, prepared) -> dict:
+def training_datasets(cfg: JobConfig, prepared: PreparedData) -> dict:
     """The training and validation datasets the workers read, as token ids and labels.
 
     The ids the data stage stored are read as they are: no tokenizing. Otherwise both
@@ -192,11 +199,11 @@ def build_trainer(
     datasets: dict,
     run_name: str,
     storage_path: str,
-    storage_filesystem,
+    storage_filesystem: pafs.FileSystem | None,
     callbacks: list | None = None,
     predictions_to: str | None = None,
     whole_splits: str | None = None,
-):
+) -> TorchTrainer:
     """The TorchTrainer of one training run (a plain run or one sweep trial). With
     ``predictions_to`` (and a ``test`` dataset, or ``whole_splits``) rank 0 scores the best
     epoch on the test split and writes every prediction there. With ``whole_splits`` (a

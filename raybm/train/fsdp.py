@@ -4,20 +4,26 @@ themselves: ``raybm.train.sharded``)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from raybm.errors import RaybmError
 from raybm.train.fsdp_loading import StreamPlan, init_missing, stream_weights
 from raybm.train.host_memory import release_freed_memory
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 
 def wrap_fsdp(
-    model,
-    device,
-    amp_dtype=None,
+    model: nn.Module,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
     offload: bool = False,
     stream: StreamPlan | None = None,
     extra: dict | None = None,
     seed: int = 0,
-):
+) -> nn.Module:
     """Shard ``model`` over all workers with FSDP2, in place: one unit per encoder layer
     (the architecture table's layer stack) plus the root for the rest, so a forward pass
     holds one layer's full weights at a time and each worker keeps 1/N of every parameter,
@@ -93,7 +99,7 @@ def _put_buffers(model, buffers: dict, device) -> None:
         model.get_submodule(owner)._buffers[attr] = value.to(device)
 
 
-def gather_full(model, names) -> dict:
+def gather_full(model: nn.Module, names: list[str]) -> dict:
     """The full tensors of a sharded model's state entries ``names`` (a LoRA run's adapters
     and head), in rank 0's host memory (empty on the other ranks): a collective, every rank
     calls it with the same names. Only these are gathered, never the frozen base model."""

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from raybm.errors import RaybmError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 STREAM_BATCH_BYTES = 512 * 2**20  # tensors rank 0 holds at a time while streaming
 MAX_MISSING_SHARE = 0.05  # of the parameters the files may lack (a head, adapters); more: not this model's files
@@ -37,7 +41,7 @@ def plain_key(model_key: str) -> str:
     return key
 
 
-def stream_plan(model, files: list[str]) -> StreamPlan | None:
+def stream_plan(model: nn.Module, files: list[str]) -> StreamPlan | None:
     """Which file holds each state entry of ``model`` (its skeleton), and which parameters
     none does; None when the files lack more than ``MAX_MISSING_SHARE`` of the parameters
     (they are not this model's weights under names raybm can map)."""
@@ -65,7 +69,7 @@ def stream_plan(model, files: list[str]) -> StreamPlan | None:
     return StreamPlan(from_files, missing)
 
 
-def init_missing(model, missing: list[str], seed: int) -> dict:
+def init_missing(model: nn.Module, missing: list[str], seed: int) -> dict:
     """Rank 0: values for the parameters no file holds, each owning module built alone in
     host memory and initialised as its model does (PEFT's LoRA init for adapters, the
     model's own ``_init_weights`` otherwise)."""
@@ -107,7 +111,7 @@ def _owner(model, key: str) -> str:
     return ".".join(parts)
 
 
-def stream_weights(model, plan: StreamPlan, initial: dict, dtypes: dict, extra: dict | None = None) -> None:
+def stream_weights(model: nn.Module, plan: StreamPlan, initial: dict, dtypes: dict, extra: dict | None = None) -> None:
     """Fill a sharded, materialised model from rank 0: the files' tensors by ``plan``, then
     ``initial`` (``init_missing``'s) and ``extra`` (a LoRA checkpoint's adapters, by model
     key), a batch of at most ``STREAM_BATCH_BYTES`` at a time. A collective: every rank

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raybm.errors import RaybmError
 from raybm.metrics import flat
@@ -34,6 +34,9 @@ from raybm.train.scoring import score_best_checkpoint, validate
 from raybm.train.session import RayTrainSession
 from raybm.train.sharded import save_sharded, write_shards_index
 from raybm.train.worker import Progress, Worker, quiet_ray_train_logs, say, set_up
+
+if TYPE_CHECKING:
+    from raybm.train.session import WorkerSession
 
 
 @dataclass
@@ -164,7 +167,9 @@ def _note_point(w: Worker, epoch: int, epoch_steps: int, stats: EpochStats, loss
     stats.logged = (loss_sum, stats.seen)
 
 
-def epoch_record(w: Worker, p: Progress, epoch: int, stats: EpochStats, val: dict, times: dict[str, float]):
+def epoch_record(
+    w: Worker, p: Progress, epoch: int, stats: EpochStats, val: dict, times: dict[str, float]
+) -> tuple[dict[str, Any], float, bool]:
     """The epoch's metrics as reported, and whether early stopping ends the run now; ``p``
     moves on (best value, epochs without improvement, history)."""
     import torch
@@ -297,7 +302,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
     return run_worker(config, RayTrainSession())
 
 
-def run_worker(config: dict[str, Any], session) -> dict | None:
+def run_worker(config: dict[str, Any], session: WorkerSession) -> dict | None:
     """One worker's whole job: build the model, resume, train, validate, report and
     checkpoint every epoch; in a plain run, rank 0 then scores the best epoch on the test
     split and returns ``{"test": {"epoch": n, "metrics": {...}}}`` (``"test": None`` when it

@@ -24,6 +24,7 @@ Checked against measured peaks by ``bench/memory_scaling.py`` (BENCHMARKS.md).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from raybm.config import JobConfig, build_config
 from raybm.errors import RaybmError
@@ -34,6 +35,11 @@ from raybm.storage.layout import weight_files
 from raybm.train.fsdp_loading import STREAM_BATCH_BYTES, stream_plan
 from raybm.train.sharded import SHARD_FILE_BYTES
 from raybm.train.worker import build_training_model
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from raybm.config.search_space import Distribution
 
 GB = 1e9
 PROCESS_BYTES = 1.0 * GB  # a training worker's own resident memory before any model (measured: tiny models)
@@ -160,7 +166,7 @@ def estimate(cfg: JobConfig, arch: Architecture, use_gpu: bool) -> MemoryEstimat
     return MemoryEstimate(arch, "GPU" if use_gpu else "host", parts, at_checkpoint, loading, offloaded)
 
 
-def check_memory_fits(cfg: JobConfig, use_gpu: bool, log) -> MemoryEstimate | None:
+def check_memory_fits(cfg: JobConfig, use_gpu: bool, log: Callable[[str], object]) -> MemoryEstimate | None:
     """Estimate the run's memory per worker and log it; on CPU workers, refuse (before any
     work) a run whose workers cannot all fit the nodes' memory, naming the settings that
     would make it fit. None when the model is not on this machine to size (an ``s3://`` base
@@ -206,7 +212,7 @@ def check_memory_fits(cfg: JobConfig, use_gpu: bool, log) -> MemoryEstimate | No
 MEMORY_GROWS_WITH = ("train.batch_size", "data.max_length")  # searched: a sweep is sized at the largest
 
 
-def largest_trial(cfg: JobConfig, dists) -> JobConfig:
+def largest_trial(cfg: JobConfig, dists: list[Distribution]) -> JobConfig:
     """The trial of a sweep over ``dists`` (``raybm.config.search_space``) that needs the
     most memory per worker: a larger batch or length where those are searched, and full
     fine-tuning where LoRA is only one of the strategies tried."""

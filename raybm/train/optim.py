@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from raybm.config import TrainConfig
 
 
-def build_optimizer(model, t, groups: list[dict] | None = None):
+def build_optimizer(model: nn.Module, t: TrainConfig, groups: list[dict] | None = None) -> torch.optim.Optimizer:
     """The configured optimizer over parameter groups (no decay on biases / norms). Pass
     ``groups`` made before FSDP wrapping: wrapping flattens the parameters it shards, so
     their shapes no longer tell weights from biases."""
@@ -30,7 +37,7 @@ def build_optimizer(model, t, groups: list[dict] | None = None):
     return torch.optim.AdamW(groups, lr=t.lr)
 
 
-def lr_factor(step: int, t, steps_per_epoch: int, total_steps: int) -> float:
+def lr_factor(step: int, t: TrainConfig, steps_per_epoch: int, total_steps: int) -> float:
     """Multiplier of each group's base learning rate after ``step`` optimizer steps."""
     warmup = int(round(t.warmup_ratio * total_steps))
     if warmup and step < warmup:
@@ -46,7 +53,7 @@ def lr_factor(step: int, t, steps_per_epoch: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
-def plateau_scale(scale: float, bad_epochs: int, t) -> tuple[float, int]:
+def plateau_scale(scale: float, bad_epochs: int, t: TrainConfig) -> tuple[float, int]:
     """The ``plateau`` schedule after an epoch: (learning-rate scale, epochs without
     improvement since it last changed). ``bad_epochs`` counts this epoch; after
     ``plateau_patience`` of them the scale is multiplied by ``plateau_factor``."""
@@ -55,7 +62,7 @@ def plateau_scale(scale: float, bad_epochs: int, t) -> tuple[float, int]:
     return scale * t.plateau_factor, 0
 
 
-def amp_settings(device, precision: str):
+def amp_settings(device: torch.device, precision: str) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, use a grad scaler) for this device and setting. On a CPU only
     an explicit ``bf16`` turns autocast on (about 1.6x faster steps where the CPU has native
     bf16, AMX or AVX512-BF16); ``auto`` and ``fp16`` run fp32 there."""
@@ -70,7 +77,7 @@ def amp_settings(device, precision: str):
     return torch.float16, True
 
 
-def precision_name(amp_dtype) -> str:
+def precision_name(amp_dtype: torch.dtype | None) -> str:
     """What the training steps compute in: ``bf16``, ``fp16`` or ``fp32``."""
     return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(amp_dtype), "fp32")
 

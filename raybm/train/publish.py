@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raybm.storage.layout import HISTORY_FILE, METRICS_FILE, MODEL_CARD_FILE, MODEL_DIR, TRAIN_STATE_FILE
 from raybm.storage.records import RunRecord
 from raybm.storage.results import Results
 from raybm.train.checkpoints import as_model_folder
 
+if TYPE_CHECKING:
+    from ray.data import Dataset
+    from ray.train import Checkpoint, Result
 
-def scored_checkpoint(result) -> tuple[Any, dict | None]:
+
+def scored_checkpoint(result: Result) -> tuple[Any, dict | None]:
     """The checkpoint whose weights rank 0 scored on the test split, with the test metrics;
     ``(None, None)`` when it scored none or that checkpoint is not among those kept (Ray's
     best by the metric can differ from the loop's on a tie: both keep the first, but a
@@ -28,7 +32,7 @@ def scored_checkpoint(result) -> tuple[Any, dict | None]:
     return None, None
 
 
-def run_history(result) -> list[dict[str, Any]]:
+def run_history(result: Result) -> list[dict[str, Any]]:
     """Every epoch's metrics: the loop carries the full history in each report (Ray keeps
     only the metrics of the checkpoints it retains)."""
     metrics = result.metrics or {}
@@ -49,7 +53,7 @@ def best_epoch(history: list[dict], metric: str, mode: str) -> int | None:
     return int(pick(reversed(scored), key=lambda h: h[metric])["epoch"])
 
 
-def publish_model(results: Results, run_dir: str, checkpoint) -> str:
+def publish_model(results: Results, run_dir: str, checkpoint: Checkpoint) -> str:
     """Copy a checkpoint (minus optimizer state; a LoRA run's adapters merged into the base
     model) to <run_dir>/model, atomically."""
     final = results.join(run_dir, MODEL_DIR)
@@ -64,7 +68,7 @@ def publish_model(results: Results, run_dir: str, checkpoint) -> str:
 
 
 def score_model_uri(
-    results: Results, model_uri: str, ds, max_length: int, predictions_to: str | None = None
+    results: Results, model_uri: str, ds: Dataset, max_length: int, predictions_to: str | None = None
 ) -> dict[str, Any]:
     """Score a model folder (local or in the results store) on a Dataset; with
     ``predictions_to`` (a path in the results store) also write every example's prediction

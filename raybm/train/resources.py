@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from raybm.config import JobConfig
+from raybm.config import JobConfig, TrainConfig
 from raybm.errors import RaybmError
 from raybm.placement import alive_nodes, check_placeable
 from raybm.runtime import on_cluster
@@ -71,7 +71,7 @@ def resources_that_may_appear(cfg: JobConfig) -> frozenset[str]:
     return frozenset(may_appear)
 
 
-def worker_resources(t, use_gpu: bool) -> dict[str, float]:
+def worker_resources(t: TrainConfig, use_gpu: bool) -> dict[str, float]:
     """Resources one training worker reserves (its bundle)."""
     res = {"CPU": t.cpus_per_worker, **t.worker_resources}
     if use_gpu:
@@ -84,7 +84,7 @@ def not_placed(e: BaseException) -> bool:
     return "worker group startup timed out" in str(e)
 
 
-def placement_failure(t, use_gpu: bool) -> str:
+def placement_failure(t: TrainConfig, use_gpu: bool) -> str:
     """The error of workers that were not placed within ``train.placement_timeout_s``."""
     bundle = ", ".join(f"{v:g} {k}" for k, v in worker_resources(t, use_gpu).items())
     return (
@@ -95,7 +95,7 @@ def placement_failure(t, use_gpu: bool) -> str:
     )
 
 
-def torch_backend(t, use_gpu: bool) -> str:
+def torch_backend(t: TrainConfig, use_gpu: bool) -> str:
     """The collective backend: NCCL on GPUs unless workers share one (NCCL refuses two ranks
     on the same device), gloo on CPUs (FSDP too)."""
     if t.parallelism == "fsdp" and use_gpu:

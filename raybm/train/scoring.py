@@ -3,7 +3,8 @@ epoch on the test split once training ends (no Ray Data job and no second model 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,8 +14,25 @@ from raybm.metrics import calibration, confusion_matrix, metrics_from_confusion,
 from raybm.storage.results import Results
 from raybm.train.checkpoints import load_weights
 
+if TYPE_CHECKING:
+    import torch
+    from ray.data import DataIterator
+    from torch import nn
 
-def validate(model, data, device, batch_size: int, num_classes: int, labels: list[str], loss_fn, collate):
+    from raybm.data.whole import WholeSplit
+    from raybm.train.session import WorkerSession
+
+
+def validate(
+    model: nn.Module,
+    data: DataIterator | WholeSplit,
+    device: torch.device,
+    batch_size: int,
+    num_classes: int,
+    labels: list[str],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    collate: Callable[[dict[str, np.ndarray]], dict[str, torch.Tensor]],
+) -> dict[str, Any]:
     """Metrics on the whole validation split (every worker reads all of it and gets the
     same numbers, so they agree on early stopping without a collective), with the
     temperature that calibrates this epoch's confidences on it (``raybm.metrics.calibration``)."""
@@ -39,7 +57,13 @@ def validate(model, data, device, batch_size: int, num_classes: int, labels: lis
 
 
 def score_test_split(
-    model, data, device, batch_size: int, labels: list[str], collate, temperature: float = 1.0
+    model: nn.Module,
+    data: DataIterator | WholeSplit,
+    device: torch.device,
+    batch_size: int,
+    labels: list[str],
+    collate: Callable[[dict[str, np.ndarray]], dict[str, torch.Tensor]],
+    temperature: float = 1.0,
 ) -> tuple[dict, Any]:
     """Metrics and every example's prediction on the test split (rows with text, label and
     token ids), the probabilities through the model's ``temperature``: the same numbers and
@@ -80,14 +104,14 @@ def score_test_split(
 def score_best_checkpoint(
     config: dict,
     cfg: JobConfig,
-    model,
-    device,
+    model: nn.Module,
+    device: torch.device,
     labels: list[str],
-    collate,
+    collate: Callable[[dict[str, np.ndarray]], dict[str, torch.Tensor]],
     kept: str | None,
     kept_epoch: int | None,
     last_epoch: int | None,
-    session,
+    session: WorkerSession,
 ) -> dict | None:
     """Rank 0, once training ends: the best epoch's weights scored on the test split, the
     predictions written where the driver said (``predictions_to``). None when the best
@@ -108,7 +132,7 @@ def score_best_checkpoint(
     return {"epoch": kept_epoch, "metrics": metrics}
 
 
-def whole_split(config: dict, cfg: JobConfig, split: str, *, texts: bool = False, **shard):
+def whole_split(config: dict, cfg: JobConfig, split: str, *, texts: bool = False, **shard: Any) -> WholeSplit:
     """A split of the dataset the driver named (``whole_splits``), read whole here from the
     results folder (``raybm.data.whole``); ``shard``: rank, world, seed and shuffle."""
     from raybm.data.whole import WholeSplit, read_whole_split

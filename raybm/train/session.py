@@ -15,7 +15,12 @@ Two places run the same loop (``raybm.train.loop.run_worker``):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from ray.data import DataIterator
+    from ray.train import Checkpoint
 
 
 class RayTrainSession:
@@ -27,13 +32,13 @@ class RayTrainSession:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
 
-    def device(self):
+    def device(self) -> torch.device:
         """This rank's torch device (its GPU, or the CPU)."""
         import ray.train.torch
 
         return ray.train.torch.get_device()
 
-    def checkpoint(self):
+    def checkpoint(self) -> Checkpoint | None:
         """The checkpoint to resume from (a restarted worker group, a rerun), or None."""
         import ray.train
 
@@ -52,13 +57,13 @@ class RayTrainSession:
                 delete_local_checkpoint_after_upload=False,
             )
 
-    def dataset(self, name: str):
+    def dataset(self, name: str) -> DataIterator:
         """This rank's shard of the Ray Data dataset ``name`` (validation and test: whole)."""
         import ray.train
 
         return ray.train.get_dataset_shard(name)
 
-    def wrap_ddp(self, model, kwargs: dict[str, Any]):
+    def wrap_ddp(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.nn.Module:
         """``model`` replicated with DDP across the worker group."""
         import ray.train.torch
 
@@ -80,14 +85,14 @@ class TrialSession:
 
     rank, world = 0, 1
 
-    def device(self):
+    def device(self) -> torch.device:
         """The trial's GPU when Tune gave it one (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
         import ray
         import torch
 
         return torch.device("cuda", 0) if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
 
-    def checkpoint(self):
+    def checkpoint(self) -> Checkpoint | None:
         """The trial's last checkpoint when Tune restarts it (a failure, a resumed sweep), or None."""
         import ray.tune
 
@@ -100,16 +105,19 @@ class TrialSession:
 
         ray.tune.report(metrics, checkpoint=None if folder is None else ray.tune.Checkpoint.from_directory(folder))
 
-    def dataset(self, name: str):
+    def dataset(self, name: str) -> DataIterator:
         """Never asked: a trial runs in its own process only when it reads the splits whole."""
         raise RuntimeError(
             f"a sweep trial run in its own process has no Ray Data dataset {name!r}; set tune.trial_runner=ray_train"
         )
 
-    def wrap_ddp(self, model, kwargs: dict[str, Any]):
+    def wrap_ddp(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.nn.Module:
         """One worker: nothing to replicate."""
         return model
 
     def placement_group(self) -> str | None:
         """None: Tune owns the trial's placement group and frees it itself."""
         return None
+
+
+WorkerSession = RayTrainSession | TrialSession  # where a worker runs (``run_worker``)

@@ -18,9 +18,14 @@ import os
 import shutil
 import struct
 import warnings
+from typing import TYPE_CHECKING
 
 from raybm.errors import RaybmError
 from raybm.storage.layout import SHARDS_DIR, SHARDS_INDEX_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 MODEL_KEY, OPTIMIZER_KEY = "model", "optim"  # the two parts of the sharded state (key prefixes in the files)
 SHARD_FILE_BYTES = 2**30  # the state in each run of shard files (a rank's file: its share of that)
@@ -40,7 +45,13 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def save_sharded(folder: str, model, optimizer, with_model: bool, file_bytes: int = SHARD_FILE_BYTES) -> dict:
+def save_sharded(
+    folder: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    with_model: bool,
+    file_bytes: int = SHARD_FILE_BYTES,
+) -> dict:
     """Write this rank's shards into ``folder/SHARDS_DIR``: the optimizer's tensors, and the
     model's unless ``with_model`` is False (a LoRA run keeps its adapters whole instead). A
     collective: every rank calls it. Each rank's part is split into files of about
@@ -113,7 +124,9 @@ def write_shards_index(folder: str, files: list[str], with_model: bool) -> None:
         json.dump({"files": files, "model": with_model, "format": "torch.distributed.checkpoint/safetensors"}, f)
 
 
-def load_sharded(folder: str, model, optimizer, saved: dict, with_model: bool) -> None:
+def load_sharded(
+    folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, with_model: bool
+) -> None:
     """Load a sharded checkpoint's state into this rank's shards of ``model`` (when
     ``with_model``) and ``optimizer``; ``saved``: what ``save_sharded`` returned. Any number
     of ranks: DCP reads each rank's part out of whichever files hold it. A collective."""

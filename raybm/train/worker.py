@@ -9,7 +9,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raybm.config import JobConfig, build_config
 from raybm.errors import RaybmError
@@ -22,6 +22,12 @@ from raybm.train.losses import load_teacher
 from raybm.train.optim import amp_settings, build_optimizer, cpu_has_native_bf16
 from raybm.train.scoring import whole_split
 from raybm.train.sharded import is_sharded, load_sharded
+
+if TYPE_CHECKING:
+    import torch
+
+    from raybm.config import ModelConfig, TrainConfig
+    from raybm.train.session import WorkerSession
 
 
 def say(message: str) -> None:
@@ -139,7 +145,7 @@ class Worker:
         return self.cfg.train.parallelism == "fsdp"
 
 
-def set_up(config: dict[str, Any], session) -> tuple[Worker, Progress]:
+def set_up(config: dict[str, Any], session: WorkerSession) -> tuple[Worker, Progress]:
     """The worker's model, data, loss and optimizer; resumed from the run's last checkpoint
     when this is a restart (a worker failure or a rerun). All parameters are trainable when
     wrapped (DDP tracks them all); the strategy freezes some per epoch. Under LoRA only the
@@ -278,7 +284,14 @@ def _resumed_stream(stream: StreamPlan | None, folder: str | None, model, rank: 
     return stream, {keys[k]: v for k, v in load_file(adapters).items()}
 
 
-def build_training_model(t, model_cfg, labels: list[str], on_meta: bool, device=None, skeleton: bool = False):
+def build_training_model(
+    t: TrainConfig,
+    model_cfg: ModelConfig,
+    labels: list[str],
+    on_meta: bool,
+    device: torch.device | None = None,
+    skeleton: bool = False,
+) -> torch.nn.Module:
     """The classifier to train: pretrained weights (unless ``train.strategy=scratch``),
     gradient checkpointing and LoRA adapters as set. ``on_meta``: its shapes only, on the
     meta device (an FSDP rank other than 0: its weights come from rank 0 when sharded);

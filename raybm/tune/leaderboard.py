@@ -7,7 +7,7 @@ import csv
 import io
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
@@ -20,6 +20,9 @@ from raybm.train.driver import failure_reason
 from raybm.train.publish import worker_nodes_of
 from raybm.train.resources import asks_for_gpus, not_placed, placement_failure
 from raybm.train.sharded import shards_complete
+
+if TYPE_CHECKING:
+    from ray.tune import ResultGrid
 
 # Serving-cost columns of the leaderboard (tune.measure_cost, tune.max_latency_ms).
 COST_COLUMNS = ("params", "size_mb", "latency_p50_ms", "within_budget")
@@ -56,7 +59,7 @@ def _trial_id(res) -> str:
     return last.get("trial_id") or (res.path.rstrip("/").rsplit("/", 1)[-1] if res.path else "?")
 
 
-def trial_histories(grid, metric: str) -> dict[str, list[dict[str, Any]]]:
+def trial_histories(grid: ResultGrid, metric: str) -> dict[str, list[dict[str, Any]]]:
     """Every trial's epoch records (``history.json``'s form), by trial id."""
     return {_trial_id(res): _trial_history(res, metric) for res in grid}
 
@@ -119,7 +122,7 @@ def _trial_config(res) -> dict[str, Any]:
 
 
 def leaderboard(
-    grid, cfg: JobConfig, dists: list[Distribution], results: Results, trials_dir: str
+    grid: ResultGrid, cfg: JobConfig, dists: list[Distribution], results: Results, trials_dir: str
 ) -> list[dict[str, Any]]:
     """One row per trial, best first (trials without a metric last)."""
     metric, mode = cfg.tune.metric, cfg.tune.mode

@@ -152,7 +152,7 @@ class SealedStateHandler(pafs.FileSystemHandler):
     under the experiment folder ``root`` and verifies those it reads (``key`` None: a
     trial's copy, which passes everything through)."""
 
-    def __init__(self, fs: pafs.FileSystem, root: str, key: bytes | None):
+    def __init__(self, fs: pafs.FileSystem, root: str, key: bytes | None) -> None:
         self.fs, self.root, self.key = fs, root.rstrip("/"), key
 
     def __reduce__(self):  # the key stays on the driver
@@ -168,39 +168,39 @@ class SealedStateHandler(pafs.FileSystemHandler):
         """The filesystem type name pyarrow shows."""
         return f"raybm-sealed+{self.fs.type_name}"
 
-    def normalize_path(self, path):
+    def normalize_path(self, path: str) -> str:
         """Passed through."""
         return self.fs.normalize_path(path)
 
-    def get_file_info(self, paths):
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
         """Passed through."""
         return self.fs.get_file_info(paths)
 
-    def get_file_info_selector(self, selector):
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
         """Passed through."""
         return self.fs.get_file_info(selector)
 
-    def create_dir(self, path, recursive):
+    def create_dir(self, path: str, recursive: bool) -> None:
         """Passed through."""
         self.fs.create_dir(path, recursive=recursive)
 
-    def delete_dir(self, path):
+    def delete_dir(self, path: str) -> None:
         """Passed through."""
         self.fs.delete_dir(path)
 
-    def delete_dir_contents(self, path, missing_dir_ok=False):
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
         """Passed through."""
         self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
 
-    def delete_root_dir_contents(self):
+    def delete_root_dir_contents(self) -> None:
         """Passed through."""
         self.fs.delete_dir_contents("/", accept_root_dir=True)
 
-    def delete_file(self, path):
+    def delete_file(self, path: str) -> None:
         """Passed through."""
         self.fs.delete_file(path)
 
-    def move(self, src, dest):
+    def move(self, src: str, dest: str) -> None:
         """A guarded file moves with its seal checked and a new one written."""
         if self.key is not None and (is_guarded(self.root, src) or is_guarded(self.root, dest)):
             data = self._checked(src)
@@ -209,7 +209,7 @@ class SealedStateHandler(pafs.FileSystemHandler):
             return
         self.fs.move(src, dest)
 
-    def copy_file(self, src, dest):
+    def copy_file(self, src: str, dest: str) -> None:
         """A guarded copy is checked and sealed anew."""
         if self.key is not None and is_guarded(self.root, dest):
             self._write(dest, self._checked(src), None)
@@ -235,30 +235,30 @@ class SealedStateHandler(pafs.FileSystemHandler):
             )
         return data
 
-    def _write(self, path: str, data: bytes, metadata) -> None:
+    def _write(self, path: str, data: bytes, metadata: dict[str, str] | None) -> None:
         stream = _SealingStream(self, path, metadata)
         stream.write(data)
         stream.close()
 
-    def open_input_stream(self, path):
+    def open_input_stream(self, path: str) -> pa.NativeFile:
         """A guarded file is read whole and handed on only when its seal verifies."""
         if self._guarded(path):
             return pa.BufferReader(self._checked(path))
         return self.fs.open_input_stream(path)
 
-    def open_input_file(self, path):
+    def open_input_file(self, path: str) -> pa.NativeFile:
         """A guarded file is read whole and handed on only when its seal verifies."""
         if self._guarded(path):
             return pa.BufferReader(self._checked(path))
         return self.fs.open_input_file(path)
 
-    def open_output_stream(self, path, metadata):
+    def open_output_stream(self, path: str, metadata: dict[str, str] | None) -> pa.NativeFile:
         """A guarded file is buffered and sealed as it is closed."""
         if self._guarded(path):
             return pa.PythonFile(_SealingStream(self, path, metadata), mode="w")
         return self.fs.open_output_stream(path, metadata=metadata)
 
-    def open_append_stream(self, path, metadata):
+    def open_append_stream(self, path: str, metadata: dict[str, str] | None) -> pa.NativeFile:
         """Appending to a guarded file is refused (its seal covers whole files)."""
         if self._guarded(path):
             raise OSError(f"raybm: appending to {path} is not supported (its seal covers whole files)")

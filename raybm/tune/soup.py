@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raybm.errors import ConfigError, RaybmError
 from raybm.inference.loading import model_info, read_label_map
@@ -52,6 +52,9 @@ from raybm.storage.model_cache import fetch_model
 from raybm.storage.records import RunRecord, soup_used
 from raybm.storage.results import Results
 from raybm.train.publish import publish_model, score_model_uri
+
+if TYPE_CHECKING:
+    from raybm.config import JobConfig
 
 # Files of a training checkpoint that do not describe the averaged model.
 _NOT_COPIED = (TRAIN_STATE_FILE, EPOCH_METRICS_FILE, SUCCESS_MARKER, MODEL_CARD_FILE)
@@ -216,7 +219,7 @@ def make_soup(
     return soup
 
 
-def check_soup_inputs(cfg, models: list[str], dataset: str, name: str):
+def check_soup_inputs(cfg: JobConfig, models: list[str], dataset: str, name: str) -> tuple[Results, str]:
     """``raybm soup``'s arguments, checked without Ray: (results, the new run's folder)."""
     if len(models) < 2:
         raise RaybmError("a soup needs at least two models (--models A B ...)")
@@ -237,7 +240,12 @@ def check_soup_inputs(cfg, models: list[str], dataset: str, name: str):
 
 
 def run_soup(
-    cfg, models: list[str], dataset: str, name: str, method: str = "greedy", log: Callable[[str], None] = print
+    cfg: JobConfig,
+    models: list[str],
+    dataset: str,
+    name: str,
+    method: str = "greedy",
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """``raybm soup``: the soup of finished models (run or sweep names, model folders, or
     s3:// folders) as a new run ``runs/<name>/``: model/, metrics.json (the soup's test

@@ -4,7 +4,7 @@ once, and freeing a stopped trial's workers."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raybm.config import JobConfig, build_config, merge_raw
 from raybm.config.search_space import Distribution, nested
@@ -17,6 +17,9 @@ from raybm.train.driver import build_trainer, reads_whole_splits, tokenized_data
 from raybm.train.loop import run_worker
 from raybm.train.resources import asks_for_gpus, resources_that_may_appear, worker_resources
 from raybm.train.session import TrialSession
+
+if TYPE_CHECKING:
+    from ray.tune import Callback, PlacementGroupFactory
 
 # Each trial's function only waits on its TorchTrainer; the workers reserve the real CPUs.
 # It reserves memory, not a fraction of a CPU: fractions left on nodes add up to no node
@@ -85,7 +88,7 @@ def trial_runner(cfg: JobConfig, dists: list[Distribution], tokenizes: bool, who
     return wanted
 
 
-def in_trial_resources(cfg: JobConfig):
+def in_trial_resources(cfg: JobConfig) -> PlacementGroupFactory:
     """What a trial that trains in its own process reserves: its one worker's bundle."""
     from ray import tune
 
@@ -157,7 +160,7 @@ def _release_placement_group(pg_hex: str | None) -> None:
         pass
 
 
-def resource_releaser():
+def resource_releaser() -> Callback:
     """A Tune callback that frees a stopped trial's training workers.
 
     When the scheduler stops a trial, Tune ends the trial's actor at once, and the Ray

@@ -61,6 +61,46 @@ def test_every_public_function_and_class_has_a_docstring():
     assert not missing, "add a docstring:\n" + "\n".join(missing)
 
 
+def unannotated(fn: ast.FunctionDef | ast.AsyncFunctionDef, method: bool) -> list[str]:
+    """What of ``fn``'s signature has no annotation: its parameters by name (``self`` and
+    ``cls`` of a method aside), and ``return``."""
+    a = fn.args
+    params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *(p for p in (a.vararg, a.kwarg) if p)]
+    if method and params and params[0].arg in ("self", "cls"):
+        params = params[1:]
+    return [p.arg for p in params if p.annotation is None] + (["return"] if fn.returns is None else [])
+
+
+def interface_functions(tree):
+    """(qualified name, node, is a method) of every public function and method, with the
+    constructors and ``__call__`` of public classes (their callers' interface too)."""
+    for name, node in public_definitions(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield name, node, "." in name
+        elif isinstance(node, ast.ClassDef):
+            for m in node.body:
+                if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and m.name in ("__init__", "__call__"):
+                    yield f"{name}.{m.name}", m, True
+
+
+def test_every_public_function_is_annotated():
+    """Parameters and return of every public function: what mypy (in make test) checks its
+    callers against."""
+    missing = [
+        f"raybm/{rel}:{node.lineno} {name}: {', '.join(unannotated(node, method))}"
+        for rel, tree, _ in modules()
+        for name, node, method in interface_functions(tree)
+        if unannotated(node, method)
+    ]
+    assert not missing, "annotate:\n" + "\n".join(missing)
+
+
+def test_the_annotation_rule_can_fail():
+    tree = ast.parse("def f(a, b: int):\n    pass\nclass C:\n    def __init__(self, x: int):\n        pass\n")
+    found = {name: unannotated(node, method) for name, node, method in interface_functions(tree)}
+    assert found == {"f": ["a", "return"], "C.__init__": ["return"]}
+
+
 def test_no_function_is_longer_than_a_screen():
     long = [
         f"raybm/{rel}:{node.lineno} {name} ({statements(node)} statements)"
