@@ -337,7 +337,7 @@ def bench_sweep(args, base: list[str], frames: dict, labels: list[str]) -> None:
         what, each, measure = floors[runner]
         floor = measure(n)
         ray.shutdown()
-        computed = sum(epoch_seconds(row["history"]) for row in result.leaderboard)
+        computed = sum(epoch_seconds(row.history) for row in result.leaderboard)
         walls[runner] = (ended - started, computed, floor, what, each)
 
     t0 = time.time()

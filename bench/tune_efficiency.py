@@ -75,9 +75,9 @@ def main() -> int:
             {
                 "sweep": "full grid (FIFO)" if scheduler == "fifo" else "ASHA",
                 "trials": len(result.leaderboard),
-                "trial_epochs": sum(r["epochs_run"] for r in result.leaderboard),
-                "best": max(r[metric] for r in result.leaderboard if r[metric] is not None),
-                "stopped": sum(r["status"] == "stopped" for r in result.leaderboard),
+                "trial_epochs": sum(r.epochs_run for r in result.leaderboard),
+                "best": max(s for r in result.leaderboard if (s := r.score()) is not None),
+                "stopped": sum(r.status == "stopped" for r in result.leaderboard),
                 "seconds": seconds,
             }
         )

@@ -39,7 +39,7 @@ from raybm.storage.layout import (
     WINNER_FILE,
 )
 from raybm.storage.model_cache import fetch_model
-from raybm.storage.records import DataReport, PipelineSummary, PublishedModel, R, RunRecord, Winner
+from raybm.storage.records import DataReport, LeaderboardRow, PipelineSummary, PublishedModel, R, RunRecord, Winner
 from raybm.storage.results import Results
 
 KINDS = (RUNS, SWEEPS)
@@ -227,7 +227,10 @@ class DashboardData:
         folder = self._named(SWEEPS, name)
         j = self.results.join
         return {
-            "leaderboard": self._read_json(j(folder, LEADERBOARD_JSON)) or [],
+            "leaderboard": [
+                LeaderboardRow.from_json(row, self.results.uri(j(folder, LEADERBOARD_JSON)))
+                for row in self._read_json(j(folder, LEADERBOARD_JSON)) or []
+            ],
             "winner": self._record(j(folder, WINNER_FILE), Winner),
             "config": self._config(j(folder, CONFIG_FILE)),
         }

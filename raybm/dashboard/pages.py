@@ -30,7 +30,7 @@ from raybm.dashboard.login import signed_in
 from raybm.dashboard.try_it import MAX_UPLOAD_MB, page_try
 from raybm.errors import RaybmError
 from raybm.storage.layout import RUNS, SWEEPS
-from raybm.storage.records import soup_used
+from raybm.storage.records import FORMAT_KEY, soup_used
 
 if TYPE_CHECKING:
     from raybm.dashboard.data import DashboardData
@@ -183,9 +183,11 @@ def page_sweep(data: DashboardData) -> None:
         st.warning("This sweep has no leaderboard.")
         return
     winner = sweep["winner"]  # None while the sweep runs
-    metric = winner.metric if winner else next(k for k in board[0] if k.startswith("val_"))
-    searched = list(winner.values) if winner and winner.values else [k for k in board[0] if "." in k]
-    table = pd.DataFrame([{k: v for k, v in row.items() if k != "history"} for row in board])
+    metric = winner.metric if winner else board[0].ranked_by()
+    searched = list(winner.values) if winner and winner.values else list(board[0].searched())
+    table = pd.DataFrame(
+        [{k: v for k, v in row.to_json().items() if k not in ("history", FORMAT_KEY)} for row in board]
+    )
     st.subheader("Leaderboard")
     st.dataframe(table, hide_index=True, width="stretch")
     soup = winner.soup if winner else None
@@ -257,7 +259,7 @@ def page_sweep(data: DashboardData) -> None:
         st.altair_chart(chart.properties(title=f"{metric} by {key}, one point per trial"), width="stretch")
 
     st.subheader("Learning curves")
-    curves = pd.DataFrame([{"trial": row["trial"], **h} for row in board for h in row.get("history") or []])
+    curves = pd.DataFrame([{"trial": row.trial, **h} for row in board for h in row.history])
     if not curves.empty:
         for y in (metric, "val_loss"):
             if y in curves:

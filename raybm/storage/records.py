@@ -188,3 +188,61 @@ class Winner(PublishedModel):
             "validation": self.validation,
             "best_epoch": self.best_epoch,
         }
+
+
+@dataclass(kw_only=True)
+class LeaderboardRow(Record):
+    """One trial of a sweep (``sweeps/<sweep>/leaderboard.json`` is a list of them, best
+    first; ``leaderboard.csv`` the same without the history). The trial's searched values
+    (``train.lr``) and its score (under its metric's name, ``val_f1``) sit beside these
+    fields under keys only the sweep's config names: they are in ``extra`` and read with
+    ``get``, ``searched`` and ``score``."""
+
+    WHAT: ClassVar[str] = "a leaderboard row"
+    trial: str = ""
+    rank: int | None = None
+    metric: str | None = None  # the name of the score trials are ranked by (None: a file from before it was kept)
+    best_epoch: int | None = None
+    epochs_run: int = 0
+    status: str = ""  # finished, stopped (by the scheduler or early stopping), error, running
+    val_accuracy: float | None = None
+    val_loss: float | None = None
+    best_checkpoint: str | None = None  # URI of the trial's best checkpoint
+    seconds: float = 0.0  # wall time of its last attempt
+    worker_nodes: list[Any] = field(default_factory=list)  # where its last epoch ran, rank 0 first
+    precision: str | None = None  # what its training steps computed in
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: str | None = None  # why it failed, for people
+    history: list[dict[str, Any]] = field(default_factory=list)  # each epoch: the score, losses, where, when
+    params: int | None = None  # serving cost (tune.measure_cost): parameters, weights' MB, median latency
+    size_mb: float | None = None
+    latency_p50_ms: float | None = None
+    within_budget: bool | None = None  # under tune.max_latency_ms (when one is set)
+
+    def get(self, key: str) -> Any:
+        """A field, a searched value or the score, by its key; None when the row has none."""
+        return getattr(self, key) if key in LEADERBOARD_FIELDS else self.extra.get(key)
+
+    def ranked_by(self) -> str:
+        """The name of the score trials are ranked by: ``metric`` (a file from before it was
+        kept: its first ``val_`` key beside the fields, else ``val_accuracy``)."""
+        return self.metric or next((k for k in self.extra if k.startswith("val_")), "val_accuracy")
+
+    def score(self) -> float | None:
+        """The trial's best validation score (``ranked_by``)."""
+        return self.get(self.ranked_by())
+
+    def searched(self, keys: list[str] | None = None) -> dict[str, Any]:
+        """The trial's searched values: of ``keys``, or every dotted key (``train.lr``) it has."""
+        names = [k for k in self.extra if "." in k] if keys is None else keys
+        return {k: self.extra[k] for k in names if k in self.extra}
+
+    def to_json(self) -> dict[str, Any]:
+        """As written: rank, trial, its searched values and score first (a table's reading order)."""
+        out = super().to_json()
+        first = {k: out[k] for k in (FORMAT_KEY, "rank", "trial") if k in out}
+        return {**first, **self.extra, **{k: v for k, v in out.items() if k not in first and k not in self.extra}}
+
+
+LEADERBOARD_FIELDS = frozenset(f.name for f in dataclasses.fields(LeaderboardRow) if f.name != "extra")

@@ -14,6 +14,7 @@ import pyarrow.fs as pafs
 from raybm.config import JobConfig
 from raybm.config.search_space import Distribution
 from raybm.storage.layout import EPOCH_METRICS_FILE, LEADERBOARD_CSV, LEADERBOARD_JSON, SHARDS_DIR, SHARDS_INDEX_FILE
+from raybm.storage.records import FORMAT_KEY, LEADERBOARD_FIELDS, LeaderboardRow
 from raybm.storage.results import Results
 from raybm.train.checkpoints import CHECKPOINT_FILES, CHECKPOINT_WEIGHTS
 from raybm.train.driver import failure_reason
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
 
 # Serving-cost columns of the leaderboard (tune.measure_cost, tune.max_latency_ms).
 COST_COLUMNS = ("params", "size_mb", "latency_p50_ms", "within_budget")
-# Where and when a trial ran (the leaderboard files carry them; the printed table does not).
-PLACEMENT_COLUMNS = ("worker_nodes", "started_at", "finished_at")
 
 
 def _status(error: str | None, history: list[dict], epochs: int) -> str:
@@ -123,7 +122,7 @@ def _trial_config(res) -> dict[str, Any]:
 
 def leaderboard(
     grid: ResultGrid, cfg: JobConfig, dists: list[Distribution], results: Results, trials_dir: str
-) -> list[dict[str, Any]]:
+) -> list[LeaderboardRow]:
     """One row per trial, best first (trials without a metric last)."""
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = []
@@ -140,49 +139,55 @@ def leaderboard(
                 if not_placed(res.error)
                 else failure_reason(res.error)
             )
+        score = None if best is None else float(best[metric])
         rows.append(
-            {
-                "trial": trial_id,
-                **{d.key: config.get(d.key) for d in dists},
-                metric: None if best is None else float(best[metric]),
-                "best_epoch": None if best is None else int(best["epoch"]),
-                "epochs_run": len(history),
-                "status": _status(error, history, int(config.get("train.epochs") or cfg.train.epochs)),
-                "val_accuracy": None if best is None else best.get("val_accuracy"),
-                "val_loss": None if best is None else best.get("val_loss"),
-                "best_checkpoint": None if checkpoint is None else results.uri(checkpoint),
-                "seconds": round(float(last.get("time_total_s", 0.0)), 1),  # wall time (of the last attempt)
-                "worker_nodes": worker_nodes_of(history),  # where the last epoch ran, rank 0 first
-                "precision": history[-1].get("precision") if history else None,  # what the loop ran in
-                "started_at": history[0].get("started_at") if history else None,
-                "finished_at": history[-1].get("finished_at") if history else None,
-                "error": error,
-                "history": [
-                    {
-                        "epoch": int(h["epoch"]),
-                        metric: float(h[metric]),
-                        "resumed_from_epoch": int(h.get("resumed_from_epoch", 0) or 0),
-                        "val_loss": float(h.get("val_loss", float("nan"))),
-                        "train_loss": float(h.get("train_loss", float("nan"))),
-                        "worker_nodes": json.loads(h.get("worker_nodes") or "[]"),
-                        "started_at": h.get("started_at"),
-                        "finished_at": h.get("finished_at"),
-                    }
-                    for h in history
-                ],
-            }
+            LeaderboardRow(
+                trial=trial_id,
+                metric=metric,
+                best_epoch=None if best is None else int(best["epoch"]),
+                epochs_run=len(history),
+                status=_status(error, history, int(config.get("train.epochs") or cfg.train.epochs)),
+                val_accuracy=None if best is None else best.get("val_accuracy"),
+                val_loss=None if best is None else best.get("val_loss"),
+                best_checkpoint=None if checkpoint is None else results.uri(checkpoint),
+                seconds=round(float(last.get("time_total_s", 0.0)), 1),  # wall time (of the last attempt)
+                worker_nodes=worker_nodes_of(history),  # where the last epoch ran, rank 0 first
+                precision=history[-1].get("precision") if history else None,  # what the loop ran in
+                started_at=history[0].get("started_at") if history else None,
+                finished_at=history[-1].get("finished_at") if history else None,
+                error=error,
+                history=[_epoch_entry(h, metric) for h in history],
+                extra={
+                    **{d.key: config.get(d.key) for d in dists},
+                    **({} if metric in LEADERBOARD_FIELDS else {metric: score}),
+                },
+            )
         )
     sign = -1 if mode == "max" else 1
-    rows.sort(key=lambda r: (r[metric] is None, sign * (r[metric] or 0.0)))
+    rows.sort(key=lambda r: (r.score() is None, sign * (r.score() or 0.0)))
     for rank, row in enumerate(rows, 1):
-        row["rank"] = rank
+        row.rank = rank
     return rows
 
 
-def write_leaderboard(results: Results, sweep_dir: str, board: list[dict[str, Any]]) -> None:
+def _epoch_entry(h: dict[str, Any], metric: str) -> dict[str, Any]:
+    """One epoch of a trial's history as its row keeps it."""
+    return {
+        "epoch": int(h["epoch"]),
+        metric: float(h[metric]),
+        "resumed_from_epoch": int(h.get("resumed_from_epoch", 0) or 0),
+        "val_loss": float(h.get("val_loss", float("nan"))),
+        "train_loss": float(h.get("train_loss", float("nan"))),
+        "worker_nodes": json.loads(h.get("worker_nodes") or "[]"),
+        "started_at": h.get("started_at"),
+        "finished_at": h.get("finished_at"),
+    }
+
+
+def write_leaderboard(results: Results, sweep_dir: str, board: list[LeaderboardRow]) -> None:
     """Write the leaderboard as JSON (with each trial's history) and CSV."""
-    results.write_json(results.join(sweep_dir, LEADERBOARD_JSON), board)
-    flat = [{k: v for k, v in row.items() if k != "history"} for row in board]
+    results.write_json(results.join(sweep_dir, LEADERBOARD_JSON), [row.to_json() for row in board])
+    flat = [{k: v for k, v in row.to_json().items() if k not in ("history", FORMAT_KEY)} for row in board]
     buf = io.StringIO()
     if flat:
         fields = list(dict.fromkeys(k for row in flat for k in row if k != "rank"))  # cost: finished trials only
@@ -197,20 +202,12 @@ def format_values(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
-def format_leaderboard(board: list[dict[str, Any]], metric: str) -> str:
+def format_leaderboard(board: list[LeaderboardRow], metric: str) -> str:
     """The leaderboard as a plain-text table."""
     if not board:
         return "(no trials)"
-    fixed = ("rank", "trial", metric, "best_epoch", "epochs_run", "status", "seconds")
-    cost = [k for k in COST_COLUMNS if any(k in row for row in board)]
-    searched = [
-        k
-        for k in board[0]
-        if k not in fixed
-        and k not in COST_COLUMNS
-        and k
-        not in ("val_accuracy", "val_loss", "best_checkpoint", "error", "history", "precision", *PLACEMENT_COLUMNS)
-    ]
+    cost = [k for k in COST_COLUMNS if any(row.get(k) is not None for row in board)]
+    searched = list(board[0].searched())
     cols = ["rank", "trial", *searched, metric, "best_epoch", "epochs_run", "status", *cost, "seconds"]
 
     def cell(v: Any) -> str:

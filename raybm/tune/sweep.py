@@ -47,7 +47,7 @@ from raybm.storage.layout import (
     WINNER_FILE,
 )
 from raybm.storage.lease import hold_lease
-from raybm.storage.records import Winner
+from raybm.storage.records import LeaderboardRow, Winner
 from raybm.storage.results import Results, job_for_workers
 from raybm.tracking import log_run
 from raybm.train.checkpoints import as_model_folder
@@ -85,7 +85,7 @@ class SweepResult:
     name: str
     sweep_dir: str  # URI
     model_dir: str  # URI of the winner's model folder
-    leaderboard: list[dict[str, Any]]
+    leaderboard: list[LeaderboardRow]
     winner: Winner
 
 
@@ -197,7 +197,7 @@ def log_sweep(
     cfg: JobConfig,
     name: str,
     dists: list[Distribution],
-    board: list[dict[str, Any]],
+    board: list[LeaderboardRow],
     histories: dict[str, list[dict[str, Any]]],
     winner: Winner,
     results: Results,
@@ -211,7 +211,7 @@ def log_sweep(
     tags = {"raybm.dataset": winner.dataset or "", "raybm.results": results.uri(sweep_dir)}
     card = results.join(sweep_dir, MODEL_DIR, MODEL_CARD_FILE)
     artifacts = {
-        LEADERBOARD_JSON: json.dumps(board, indent=2, default=str),
+        LEADERBOARD_JSON: json.dumps([row.to_json() for row in board], indent=2, default=str),
         WINNER_FILE: json.dumps(winner.to_json(), indent=2, default=str),
     }
     if results.exists(card):
@@ -219,21 +219,21 @@ def log_sweep(
     parent = log_run(cfg, name, "sweep", [], winner.test, artifacts, tags={**tags, "raybm.winner": winner.trial})
     base = cfg.to_dict()
     for row in board:
-        trial_cfg = trial_config(base, {d.key: row[d.key] for d in dists if row.get(d.key) is not None})
+        trial_cfg = trial_config(base, {k: v for k, v in row.searched([d.key for d in dists]).items() if v is not None})
         log_run(
             trial_cfg,
-            row["trial"],
+            row.trial,
             "trial",
-            histories.get(row["trial"], []),
+            histories.get(row.trial, []),
             None,
             {},
             tags={
                 **tags,
-                "raybm.trial_status": row["status"],
-                "raybm.stopped_by_scheduler": str(row["status"] == "stopped").lower(),
+                "raybm.trial_status": row.status,
+                "raybm.stopped_by_scheduler": str(row.status == "stopped").lower(),
             },
             parent=parent,
-            status="FAILED" if row["status"] == "error" else "FINISHED",
+            status="FAILED" if row.status == "error" else "FINISHED",
         )
 
 
@@ -243,7 +243,7 @@ def _finished_sweep(results: Results, name: str, retry_errored: bool) -> SweepRe
     if not results.is_complete(results.sweep_dir(name)):
         return None
     done = load_sweep(results, name)
-    if not (retry_errored and any(row["status"] == "error" for row in done.leaderboard)):
+    if not (retry_errored and any(row.status == "error" for row in done.leaderboard)):
         return done
     results.unmark_complete(results.sweep_dir(name))  # reopened to retry failed trials
     return None
@@ -377,24 +377,26 @@ def _tuner(
     )
 
 
-def _rank(cfg: JobConfig, name: str, board: list[dict[str, Any]], log) -> tuple[list[dict[str, Any]], dict | None]:
+def _rank(
+    cfg: JobConfig, name: str, board: list[LeaderboardRow], log: Callable[[str], None]
+) -> tuple[list[LeaderboardRow], dict | None]:
     """(the trials that may win, best first; the latency budget's outcome): finished trials
     with a checkpoint, their serving cost measured when asked, within the budget when one
     is set. A RaybmError when no trial finished."""
-    ranked = [row for row in board if row["best_checkpoint"] and row["status"] != "error"]
+    ranked = [row for row in board if row.best_checkpoint and row.status != "error"]
     if cfg.tune.measure_cost and ranked:
         measure_costs(cfg, ranked, log)
     ranked, budget = within_budget(ranked, cfg.tune.max_latency_ms)
-    failed = [row for row in board if row["status"] == "error"]
+    failed = [row for row in board if row.status == "error"]
     if not ranked:
         raise RaybmError(
             f"sweep {name!r}: no trial finished"
-            + (f"; {len(failed)} failed, the first with: {failed[0]['error']}" if failed else "")
+            + (f"; {len(failed)} failed, the first with: {failed[0].error}" if failed else "")
             + ". Fix the cause and run the same command with --resume --retry-errored"
         )
     if failed:
         log(
-            f"{len(failed)} trial(s) failed (first error: {failed[0]['error']}); the winner is the best of "
+            f"{len(failed)} trial(s) failed (first error: {failed[0].error}); the winner is the best of "
             f"the rest. --resume --retry-errored runs the failed ones again from their last checkpoint"
         )
     if budget and not budget["met"]:
@@ -415,7 +417,7 @@ def _publish_winner(
     sweep_dir: str,
     cfg: JobConfig,
     dataset: str,
-    ranked: list[dict[str, Any]],
+    ranked: list[LeaderboardRow],
     log: Callable[[str], None],
 ) -> Winner:
     """Copy the winner's best checkpoint (or, with ``tune.soup``, the soup of the best trials)
@@ -426,7 +428,8 @@ def _publish_winner(
 
     row = ranked[0]
     metric = cfg.tune.metric
-    log(f"Winner: trial {row['trial']} ({metric} {row[metric]:.4f} at epoch {row['best_epoch']})")
+    score = row.score() or 0.0
+    log(f"Winner: trial {row.trial} ({metric} {score:.4f} at epoch {row.best_epoch})")
     soup = None
     with tempfile.TemporaryDirectory(prefix="raybm-soup-") as tmp:
         if cfg.tune.soup != "none" and len(ranked) > 1:
@@ -441,7 +444,7 @@ def _publish_winner(
         else:
             if soup is not None:
                 log("No other trial improved the soup: handing on the best trial alone")
-            path = row["best_checkpoint"]
+            path = row.best_checkpoint or ""
             if path.startswith("s3://"):
                 path = path[len("s3://") :]
             checkpoint = ray.train.Checkpoint(path, filesystem=results.fs)
@@ -454,22 +457,22 @@ def _publish_winner(
         cfg.data.max_length,
         predictions_to=results.join(sweep_dir, PREDICTIONS_FILE),
     )
-    searched = {k: v for k, v in row.items() if k in cfg.tune.search_space}
+    searched = row.searched(list(cfg.tune.search_space))
     used = soup if soup is not None and soup.used else None  # the soup handed on, if one was
     values = format_values(searched)
     notes = [
         f"a sweep of {len(ranked)} finished trial(s) over {', '.join(cfg.tune.search_space)}; trial "
-        f"{row['trial']} ({values}) was best by validation {metric} ({row[metric]:.4f}, epoch {row['best_epoch']})"
+        f"{row.trial} ({values}) was best by validation {metric} ({score:.4f}, epoch {row.best_epoch})"
     ]
     if used is not None:
         notes.append(
             f"handed on: the {used.method} soup of trials {', '.join(used.ingredients)} "
             f"(validation {metric} {used.validation:.4f})"
         )
-    if row.get("latency_p50_ms") is not None:
+    if row.latency_p50_ms is not None:
         notes.append(
-            f"serving cost: {row.get('params', 0):,} parameters, {row.get('size_mb')} MB, median "
-            f"single-sentence latency {row['latency_p50_ms']} ms (PyTorch, 1 thread, measured on the driver)"
+            f"serving cost: {row.params or 0:,} parameters, {row.size_mb} MB, median "
+            f"single-sentence latency {row.latency_p50_ms} ms (PyTorch, 1 thread, measured on the driver)"
         )
 
     write_model_card(
@@ -481,43 +484,40 @@ def _publish_winner(
         test=test,
         notes=notes,
         trained_precision=_trained_precision(
-            [r for r in ranked if r["trial"] in used.ingredients] if used is not None else [row]
+            [r for r in ranked if r.trial in used.ingredients] if used is not None else [row]
         ),
     )
     return Winner(
-        trial=row["trial"],
+        trial=row.trial,
         values=searched,
         dataset=dataset,
         model=cfg.model.name,
         metric=metric,
-        validation=used.validation if used is not None else row[metric],
-        best_epoch=row["best_epoch"],
-        checkpoint=row["best_checkpoint"],
+        validation=used.validation if used is not None else row.score(),
+        best_epoch=row.best_epoch,
+        checkpoint=row.best_checkpoint,
         model_dir=model_uri,
         soup=soup.to_dict() if soup is not None else None,
         test=test,
-        cost={k: row[k] for k in ("params", "size_mb", "latency_p50_ms") if k in row} or None,
+        cost={k: row.get(k) for k in ("params", "size_mb", "latency_p50_ms") if row.get(k) is not None} or None,
     )
 
 
-def _trained_precision(rows: list[dict[str, Any]]) -> str | None:
+def _trained_precision(rows: list[LeaderboardRow]) -> str | None:
     """The precision the published weights trained in: their trials', when they agree."""
-    found = {r.get("precision") for r in rows}
+    found = {r.precision for r in rows}
     return found.pop() if len(found) == 1 else None
 
 
 def _make_soup(
-    results: Results, cfg: JobConfig, dataset: str, rows: list[dict[str, Any]], workdir: str, log: Callable[[str], None]
+    results: Results, cfg: JobConfig, dataset: str, rows: list[LeaderboardRow], workdir: str, log: Callable[[str], None]
 ):
     """The soup of ``rows``' best checkpoints (best first), scored on the validation split."""
     from raybm.data import load_split
     from raybm.inference.evaluate import calibrate_folder, score_dataset
 
     candidates = [
-        (
-            r["trial"],
-            as_model_folder(copy_to_local(r["best_checkpoint"], cfg.storage, os.path.join(workdir, r["trial"]))),
-        )
+        (r.trial, as_model_folder(copy_to_local(r.best_checkpoint or "", cfg.storage, os.path.join(workdir, r.trial))))
         for r in rows
     ]
     validation = load_split(results, dataset, "validation").materialize()
@@ -537,7 +537,8 @@ def _make_soup(
 def load_sweep(results: Results, name: str) -> SweepResult:
     """A finished sweep's leaderboard and winner, as written."""
     sweep_dir = results.sweep_dir(name)
-    board = results.read_json(results.join(sweep_dir, LEADERBOARD_JSON))
+    path = results.join(sweep_dir, LEADERBOARD_JSON)
+    board = [LeaderboardRow.from_json(row, results.uri(path)) for row in results.read_json(path)]
     path = results.join(sweep_dir, WINNER_FILE)
     winner = Winner.from_json(results.read_json(path), results.uri(path))
     return SweepResult(name, results.uri(sweep_dir), winner.model_dir, board, winner)

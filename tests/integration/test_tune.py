@@ -90,12 +90,12 @@ def test_asha_stops_weak_trials_and_ranks_every_trial(asha_sweep):
     _, result, _ = asha_sweep
     board = result.leaderboard
     assert len(board) == 4
-    assert [row["rank"] for row in board] == [1, 2, 3, 4]
-    assert board[0]["train.lr"] == 3e-3 and board[0]["val_f1_macro"] >= 0.8
-    assert any(row["status"] == "stopped" and row["epochs_run"] < 3 for row in board), board
-    assert all(row["best_checkpoint"] and row["seconds"] > 0 for row in board)
+    assert [row.rank for row in board] == [1, 2, 3, 4]
+    assert board[0].get("train.lr") == 3e-3 and board[0].get("val_f1_macro") >= 0.8
+    assert any(row.status == "stopped" and row.epochs_run < 3 for row in board), board
+    assert all(row.best_checkpoint and row.seconds > 0 for row in board)
     for row in board:  # per-epoch curves for the dashboard
-        assert [h["epoch"] for h in row["history"]] == list(range(1, row["epochs_run"] + 1))
+        assert [h["epoch"] for h in row.history] == list(range(1, row.epochs_run + 1))
     table = format_leaderboard(board, "val_f1_macro")
     assert "train.lr" in table.splitlines()[0] and "latency_p50_ms" in table.splitlines()[0]
     assert len(table.splitlines()) == 6
@@ -109,7 +109,7 @@ def test_the_sweep_folder_holds_the_leaderboard_and_a_tested_winner_with_its_car
     )
     with open(sweep / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["trial"] for r in rows] == [row["trial"] for row in board]
+    assert [r["trial"] for r in rows] == [row.trial for row in board]
     assert {
         "rank",
         "trial",
@@ -124,7 +124,7 @@ def test_the_sweep_folder_holds_the_leaderboard_and_a_tested_winner_with_its_car
         "latency_p50_ms",
     } <= set(rows[0])
     winner = json.loads((sweep / "winner.json").read_text())
-    assert winner["trial"] == board[0]["trial"] and winner["values"] == {"train.lr": 3e-3}
+    assert winner["trial"] == board[0].trial and winner["values"] == {"train.lr": 3e-3}
     assert winner["test"]["examples"] == 12 and winner["test"]["accuracy"] >= 0.8 and winner["version"] == 1
     assert {"model.safetensors", "config.json", "label_map.json", "_SUCCESS", "README.md"} <= set(
         os.listdir(sweep / "model")
@@ -132,16 +132,16 @@ def test_the_sweep_folder_holds_the_leaderboard_and_a_tested_winner_with_its_car
     card = (sweep / "model" / "README.md").read_text()
     assert "winner of a raybm sweep" in card and f"trial {result.winner.trial} (" in card
     assert f"| {result.winner.test['accuracy']:.4f} |" in card
-    assert "| precision | fp32 |" in card and all(row["precision"] == "fp32" for row in result.leaderboard)
+    assert "| precision | fp32 |" in card and all(row.precision == "fp32" for row in result.leaderboard)
     assert not (sweep / "model" / "train_state.pt").exists()
     # Every trial's curves for TensorBoard, in its own folder: one validation point an epoch it ran.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     for row in board:
-        events = EventAccumulator(str(Path(row["best_checkpoint"]).parent / "tensorboard"))  # the trial's folder
+        events = EventAccumulator(str(Path(row.best_checkpoint).parent / "tensorboard"))  # the trial's folder
         events.Reload()
-        assert len(events.Scalars("val/f1_macro")) == row["epochs_run"], row["trial"]
-        assert events.Scalars("train/loss") and events.Scalars("train/lr"), row["trial"]
+        assert len(events.Scalars("val/f1_macro")) == row.epochs_run, row.trial
+        assert events.Scalars("train/loss") and events.Scalars("train/lr"), row.trial
 
 
 def test_the_sweep_is_a_parent_run_in_mlflow_with_a_child_per_trial(asha_sweep, mlflow_server):
@@ -157,14 +157,14 @@ def test_the_sweep_is_a_parent_run_in_mlflow_with_a_child_per_trial(asha_sweep, 
         a.path for a in client.list_artifacts(parent.info.run_id)
     }
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {row["trial"] for row in result.leaderboard}
+    assert set(children) == {row.trial for row in result.leaderboard}
     for row in result.leaderboard:
-        child = children[row["trial"]]
-        assert float(child.data.params["train.lr"]) == row["train.lr"]  # the trial's own config
-        assert child.data.tags["raybm.trial_status"] == row["status"]
-        assert child.data.tags["raybm.stopped_by_scheduler"] == str(row["status"] == "stopped").lower()
-        assert len(client.get_metric_history(child.info.run_id, "val_f1_macro")) == row["epochs_run"]
-    assert any(row["status"] == "stopped" for row in result.leaderboard)  # ASHA's stop shows in MLflow
+        child = children[row.trial]
+        assert float(child.data.params["train.lr"]) == row.get("train.lr")  # the trial's own config
+        assert child.data.tags["raybm.trial_status"] == row.status
+        assert child.data.tags["raybm.stopped_by_scheduler"] == str(row.status == "stopped").lower()
+        assert len(client.get_metric_history(child.info.run_id, "val_f1_macro")) == row.epochs_run
+    assert any(row.status == "stopped" for row in result.leaderboard)  # ASHA's stop shows in MLflow
 
 
 def test_the_greedy_soup_hands_on_the_mean_of_what_it_kept(asha_sweep):
@@ -173,21 +173,21 @@ def test_the_greedy_soup_hands_on_the_mean_of_what_it_kept(asha_sweep):
     _, result, _ = asha_sweep
     board, winner = result.leaderboard, result.winner
     soup = winner.soup
-    assert soup["method"] == "greedy" and soup["ingredients"][0] == board[0]["trial"]
-    assert [t["model"] for t in soup["tried"]] == [board[1]["trial"]]
-    assert soup["validation"] >= soup["best_single"] == pytest.approx(board[0]["val_f1_macro"])
-    assert winner.validation == (soup["validation"] if len(soup["ingredients"]) > 1 else board[0]["val_f1_macro"])
-    kept = [row for row in board if row["trial"] in soup["ingredients"]]
-    assert_weights_are_the_mean(Path(result.sweep_dir) / "model", [row["best_checkpoint"] for row in kept])
+    assert soup["method"] == "greedy" and soup["ingredients"][0] == board[0].trial
+    assert [t["model"] for t in soup["tried"]] == [board[1].trial]
+    assert soup["validation"] >= soup["best_single"] == pytest.approx(board[0].get("val_f1_macro"))
+    assert winner.validation == (soup["validation"] if len(soup["ingredients"]) > 1 else board[0].get("val_f1_macro"))
+    kept = [row for row in board if row.trial in soup["ingredients"]]
+    assert_weights_are_the_mean(Path(result.sweep_dir) / "model", [row.best_checkpoint for row in kept])
 
 
 def test_serving_cost_is_measured_once_for_the_architecture_all_trials_share(asha_sweep):
     _, result, _ = asha_sweep
     board, winner = result.leaderboard, result.winner
-    assert len({(row["params"], row["latency_p50_ms"]) for row in board}) == 1
-    assert board[0]["params"] > 0 and board[0]["size_mb"] > 0 and board[0]["latency_p50_ms"] > 0
-    assert winner.cost == {k: board[0][k] for k in ("params", "size_mb", "latency_p50_ms")}
-    assert winner.latency_budget is None and "within_budget" not in board[0]
+    assert len({(row.params, row.get("latency_p50_ms")) for row in board}) == 1
+    assert board[0].params > 0 and board[0].size_mb > 0 and board[0].get("latency_p50_ms") > 0
+    assert winner.cost == {k: board[0].get(k) for k in ("params", "size_mb", "latency_p50_ms")}
+    assert winner.latency_budget is None and board[0].within_budget is None
 
 
 def test_the_same_sweep_again_is_read_back_and_nothing_reruns(asha_sweep):
@@ -205,7 +205,7 @@ def test_raybm_soup_over_two_trials_makes_a_run_picked_on_validation_and_scored_
 
     cfg, result, root = asha_sweep
     board, winner = result.leaderboard, result.winner
-    pair = [board[1]["best_checkpoint"], board[0]["best_checkpoint"]]
+    pair = [board[1].best_checkpoint, board[0].best_checkpoint]
     out = run_soup(cfg, pair, winner.dataset, "two-trials", "uniform", log=quiet)
     run = root / "runs" / "two-trials"
     assert out["run_dir"] == str(run) and (run / "_SUCCESS").exists()
@@ -256,11 +256,11 @@ def test_failed_trials_are_reported_then_retried_from_their_checkpoint(ray_tune,
     # hook fires only in a fresh attempt), so both finish.
     cfg = config(tmp_path, data_csv, *overrides)
     result = run_sweep(cfg, resume=True, retry_errored=True, log=quiet)
-    assert [row["status"] for row in result.leaderboard] == ["completed", "completed"]
+    assert [row.status for row in result.leaderboard] == ["completed", "completed"]
     for row in result.leaderboard:
-        assert [h["epoch"] for h in row["history"]][-1] == 2
-        assert row["history"][-1]["resumed_from_epoch"] == 1
-        assert f"/{holder}/{row['trial']}/checkpoint_" in row["best_checkpoint"]
+        assert [h["epoch"] for h in row.history][-1] == 2
+        assert row.history[-1]["resumed_from_epoch"] == 1
+        assert f"/{holder}/{row.trial}/checkpoint_" in row.best_checkpoint
     assert result.winner.test["examples"] == 12
 
 
@@ -283,9 +283,9 @@ def test_a_trial_whose_worker_dies_resumes_inside_the_sweep(ray_tune, tmp_path, 
     lines = []
     result = run_sweep(cfg, log=lines.append)
     (row,) = result.leaderboard
-    assert row["status"] == "completed"
-    assert [h["resumed_from_epoch"] for h in row["history"]] == [0, 1]
-    assert f"/{holder}/{row['trial']}/checkpoint_" in row["best_checkpoint"]
+    assert row.status == "completed"
+    assert [h["resumed_from_epoch"] for h in row.history] == [0, 1]
+    assert f"/{holder}/{row.trial}/checkpoint_" in row.best_checkpoint
     assert any("trains in its own process" in line for line in lines) == (runner == "in_trial")
 
 
@@ -351,15 +351,15 @@ def test_time_budget_ends_the_sweep_and_the_best_so_far_wins(ray_tune, tmp_path,
         "tune.search_space={train.epochs: 'grid([1, 100000])'}",
     )
     result = run_sweep(cfg, log=quiet)
-    statuses = {row["train.epochs"]: row["status"] for row in result.leaderboard}
+    statuses = {row.get("train.epochs"): row.status for row in result.leaderboard}
     assert statuses == {1: "completed", 100000: "stopped"}, result.leaderboard
-    assert result.winner.trial == result.leaderboard[0]["trial"]
+    assert result.winner.trial == result.leaderboard[0].trial
     budget = result.winner.latency_budget
     assert budget["met"] is False and budget["trials_within"] == 0 and budget["max_latency_ms"] == 0.0001
-    finished = [row for row in result.leaderboard if row["best_checkpoint"]]
-    assert budget["fastest_ms"] == min(row["latency_p50_ms"] for row in finished) > 0
-    assert all(row["within_budget"] is False for row in finished)
-    assert sum(row["epochs_run"] for row in result.leaderboard) < 1 + 100000
+    finished = [row for row in result.leaderboard if row.best_checkpoint]
+    assert budget["fastest_ms"] == min(row.get("latency_p50_ms") for row in finished) > 0
+    assert all(row.within_budget is False for row in finished)
+    assert sum(row.epochs_run for row in result.leaderboard) < 1 + 100000
 
 
 def test_a_relative_results_root_means_the_same_folder_inside_the_trials(ray_tune, tmp_path, data_csv, monkeypatch):
@@ -375,7 +375,7 @@ def test_a_relative_results_root_means_the_same_folder_inside_the_trials(ray_tun
         "tune.search_space={train.seed: 'grid([1])'}",
     )
     result = run_sweep(cfg, log=quiet)
-    assert result.leaderboard[0]["status"] == "completed", result.leaderboard
+    assert result.leaderboard[0].status == "completed", result.leaderboard
     assert (tmp_path / "results" / "sweeps" / result.name / "_SUCCESS").exists()
 
 
@@ -397,14 +397,14 @@ def test_a_lora_sweep_searches_the_rank_measures_merged_models_and_soups_them(ra
     )
     result = run_sweep(cfg, log=quiet)
     board = result.leaderboard
-    assert sorted(row["train.lora_rank"] for row in board) == [2, 4] and all(r["status"] == "completed" for r in board)
+    assert sorted(row.get("train.lora_rank") for row in board) == [2, 4] and all(r.status == "completed" for r in board)
     for row in board:
-        assert (Path(row["best_checkpoint"]) / "adapter_model.safetensors").exists()
-        assert not (Path(row["best_checkpoint"]) / "model.safetensors").exists()
-    assert board[0]["params"] == board[1]["params"] > 1_000_000  # the merged model's, not the adapters'
+        assert (Path(row.best_checkpoint) / "adapter_model.safetensors").exists()
+        assert not (Path(row.best_checkpoint) / "model.safetensors").exists()
+    assert board[0].params == board[1].params > 1_000_000  # the merged model's, not the adapters'
     model_dir = Path(result.winner.model_dir)
     assert (model_dir / "model.safetensors").exists() and not (model_dir / "adapter_model.safetensors").exists()
-    assert sorted(result.winner.soup["ingredients"]) == sorted(row["trial"] for row in board)
+    assert sorted(result.winner.soup["ingredients"]) == sorted(row.trial for row in board)
     assert "LoRA (PEFT)" in (model_dir / "README.md").read_text()
 
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from raybm.errors import RaybmError
-from raybm.storage.records import RunRecord, Winner
+from raybm.storage.records import LeaderboardRow, RunRecord, Winner
 
 
 def test_a_winner_round_trips_with_its_format_and_keeps_fields_it_does_not_know():
@@ -41,3 +41,22 @@ def test_a_record_of_a_version_this_raybm_does_not_know_is_refused_with_what_to_
 def test_a_record_that_is_not_an_object_is_refused():
     with pytest.raises(RaybmError, match="a run's metrics.json is not a JSON object; the file is damaged"):
         RunRecord.from_json([1, 2])
+
+
+def test_a_leaderboard_row_keeps_its_searched_values_and_score_under_their_own_keys():
+    row = LeaderboardRow(
+        trial="t1", rank=1, metric="val_f1_macro", status="completed", extra={"train.lr": 3e-4, "val_f1_macro": 0.9}
+    )
+    written = json.loads(json.dumps(row.to_json()))
+    assert list(written)[:5] == ["version", "rank", "trial", "train.lr", "val_f1_macro"]  # a table's reading order
+    back = LeaderboardRow.from_json(written)
+    assert back == row and back.score() == 0.9 and back.searched() == {"train.lr": 3e-4}
+    assert back.get("status") == "completed" and back.get("train.lr") == 3e-4 and back.get("missing") is None
+    assert back.searched(["train.lr", "train.seed"]) == {"train.lr": 3e-4}
+
+
+def test_a_leaderboard_row_written_before_rows_named_their_metric_is_ranked_by_its_val_key():
+    old = {"rank": 1, "trial": "t1", "train.lr": 1e-3, "val_f1_macro": 0.7, "val_accuracy": 0.8, "status": "completed"}
+    row = LeaderboardRow.from_json(old)
+    assert row.ranked_by() == "val_f1_macro" and row.score() == 0.7 and row.val_accuracy == 0.8
+    assert LeaderboardRow.from_json({"trial": "t2", "val_accuracy": 0.6}).score() == 0.6  # the metric is a field

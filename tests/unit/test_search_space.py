@@ -5,6 +5,7 @@ import pytest
 from raybm.config import build_config
 from raybm.config.search_space import grid_size, nested, parse_distribution, parse_space
 from raybm.errors import ConfigError
+from raybm.storage.records import LeaderboardRow
 from raybm.tune.leaderboard import _status, format_leaderboard
 from raybm.tune.trial import trial_config
 
@@ -121,7 +122,7 @@ def test_leaderboard_table():
             "history": [],
         },
     ]
-    lines = format_leaderboard(board, "val_f1_macro").splitlines()
+    lines = format_leaderboard([LeaderboardRow.from_json(row) for row in board], "val_f1_macro").splitlines()
     assert lines[0].split() == [
         "rank",
         "trial",
@@ -165,11 +166,11 @@ def test_a_trial_ended_before_its_first_report_still_has_a_row(tmp_path):
         Result(metrics={}, checkpoint=None, error=None, path=str(unknown)),
     ]
     board = leaderboard(grid, cfg, dists, Results.from_config(cfg.storage), str(tmp_path))
-    rows = {row["trial"]: row for row in board}
-    assert rows["t_00000"]["train.lr"] == 1e-3
-    assert rows["t_00001"]["train.lr"] == 1e-4 and rows["t_00001"]["status"] == "stopped"
-    assert rows["t_00001"]["epochs_run"] == 0 and rows["t_00001"]["best_checkpoint"] is None
-    assert rows["t_00002"]["train.lr"] is None
+    rows = {row.trial: row for row in board}
+    assert rows["t_00000"].get("train.lr") == 1e-3
+    assert rows["t_00001"].get("train.lr") == 1e-4 and rows["t_00001"].status == "stopped"
+    assert rows["t_00001"].epochs_run == 0 and rows["t_00001"].best_checkpoint is None
+    assert rows["t_00002"].get("train.lr") is None
 
 
 def test_a_trial_that_ran_its_own_searched_epochs_is_completed(tmp_path):
@@ -200,4 +201,4 @@ def test_a_trial_that_ran_its_own_searched_epochs_is_completed(tmp_path):
         for i, epochs in enumerate((2, 4))
     ]
     board = leaderboard(grid, cfg, parse_space(cfg.tune.search_space), Results.from_config(cfg.storage), str(tmp_path))
-    assert {row["train.epochs"]: row["status"] for row in board} == {2: "completed", 4: "stopped"}
+    assert {row.get("train.epochs"): row.status for row in board} == {2: "completed", 4: "stopped"}
