@@ -103,7 +103,7 @@ def run_pipeline(
     source: Source | None = None,
     log: Callable[[str], None] = print,
     say: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> PipelineSummary:
     """Run the configured stages; returns the summary (also written under pipelines/).
     ``log`` gets every line, ``say`` (default: ``log``) the headlines."""
     from raybm.data import run_data_stage
@@ -167,7 +167,7 @@ def run_pipeline(
         f"Pipeline {name!r} finished in {time.time() - started:.0f}s: "
         f"{results.uri(results.join(summary.folder, SUMMARY_FILE))}"
     )
-    return summary.record.to_json()
+    return summary.record
 
 
 def stage_line(stage: str, info: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from raybm.commands.common import add_config_args, is_override, print_test_metrics, start
@@ -13,6 +14,7 @@ from raybm.local_paths import private_temp_dir
 from raybm.pipeline import pipeline_name, run_pipeline
 from raybm.preflight import preflight
 from raybm.storage.layout import CONSOLE_LOG_FILE
+from raybm.storage.records import PipelineSummary
 from raybm.storage.results import Results
 from raybm.train.driver import run_training
 from raybm.tune.leaderboard import format_leaderboard, format_values
@@ -115,9 +117,9 @@ def console_log_path(cfg: JobConfig, source: Source) -> str:
     return os.path.join(results.pipeline_dir(name), CONSOLE_LOG_FILE)
 
 
-def _next_steps(cfg, summary: dict, say) -> None:
+def _next_steps(cfg: JobConfig, summary: PipelineSummary, say: Callable[[str], object]) -> None:
     """What to look at next: the dashboard, predictions, a server."""
-    model = next((summary["stages"][k].get("model") for k in ("tune", "train") if k in summary["stages"]), None)
+    model = summary.trained_model()
     root = cfg.storage.root
     say("\nNext:")
     say(f"  raybm dashboard --root {root}          # the runs, the model, its errors; try it")

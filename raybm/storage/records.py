@@ -125,6 +125,10 @@ class PipelineSummary(Record):
     gate: dict[str, Any] = field(default_factory=dict)  # the release gate's settings
     registered: dict[str, Any] | None = None  # the model's version in MLflow's Model Registry
 
+    def trained_model(self) -> str | None:
+        """The model the pipeline's sweep or run handed on (its URI), if one of them ran."""
+        return next((self.stages[k].get("model") for k in ("tune", "train") if k in self.stages), None)
+
 
 def soup_used(soup: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
     """Whether a soup record (``soup`` of ``winner.json`` and ``metrics.json``) describes the

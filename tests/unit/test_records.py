@@ -3,7 +3,7 @@ import json
 import pytest
 
 from raybm.errors import RaybmError
-from raybm.storage.records import LeaderboardRow, RunRecord, Winner
+from raybm.storage.records import LeaderboardRow, PipelineSummary, RunRecord, Winner
 
 
 def test_a_winner_round_trips_with_its_format_and_keeps_fields_it_does_not_know():
@@ -60,3 +60,13 @@ def test_a_leaderboard_row_written_before_rows_named_their_metric_is_ranked_by_i
     row = LeaderboardRow.from_json(old)
     assert row.ranked_by() == "val_f1_macro" and row.score() == 0.7 and row.val_accuracy == 0.8
     assert LeaderboardRow.from_json({"trial": "t2", "val_accuracy": 0.6}).score() == 0.6  # the metric is a field
+
+
+def test_a_pipeline_summary_names_the_model_its_sweep_or_run_handed_on():
+    stages = {"data": {"status": "done"}, "train": {"model": "s3://b/runs/r/model"}}
+    assert PipelineSummary(stages=stages).trained_model() == "s3://b/runs/r/model"
+    assert (
+        PipelineSummary(stages={**stages, "tune": {"model": "/r/sweeps/s/model"}}).trained_model()
+        == "/r/sweeps/s/model"
+    )
+    assert PipelineSummary(stages={"data": {"status": "done"}}).trained_model() is None
