@@ -275,3 +275,17 @@ def test_a_command_whose_extra_is_not_installed_says_the_pip_line_and_training_n
     out = run_without_extras("predict", "--model", tiny_model_dir, "--text", "great")  # core: no extra needed
     assert out.returncode == 0, out.stderr[-2000:]
     assert run_without_extras("config", "--config", "jobs/configs/demo.yaml").returncode == 0
+
+
+def test_a_finished_pipeline_says_how_to_use_the_model_it_handed_on():
+    from raybm.commands.stages import _next_steps
+    from raybm.config import build_config
+    from raybm.storage.records import PipelineSummary
+
+    said: list[str] = []
+    cfg = build_config(overrides=["storage.root=/r"])
+    _next_steps(cfg, PipelineSummary(stages={"tune": {"model": "/r/sweeps/s/model"}}), said.append)
+    assert "  raybm serve --model /r/sweeps/s/model" in said and any("--root /r" in line for line in said)
+    said.clear()
+    _next_steps(cfg, PipelineSummary(stages={"data": {}}), said.append)  # no model: only the dashboard
+    assert not any("--model" in line for line in said)
