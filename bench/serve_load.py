@@ -19,9 +19,11 @@ One run, same machine, same backend and torch threads throughout:
    the only errors allowed are deliberate 503s;
 5. one request at a time, each beside a call of the bare model on the same text in this
    process (``breakdown``): this machine drifts by milliseconds within a minute, so the p50
-   toll is the median of paired differences, not two medians taken minutes apart; with
-   ``GET /healthz`` on the replica and on a plain FastAPI app on uvicorn (the floor of any
-   Python HTTP server here).
+   toll is the median of paired differences, not two medians taken minutes apart; the
+   requests go out on one keep-alive ``http.client`` connection (``LeanClient``: the
+   server's toll, not a client library's; the same on ``requests`` is printed beside it),
+   with ``GET /healthz`` on the replica and on a plain FastAPI app on uvicorn (the floor of
+   any Python HTTP server here), and what counting a request costs the replica.
 Targets: no 5xx other than 503 anywhere; Serve's best throughput at least 0.8x the bare
 model's best; at concurrency 1, Serve's p50 at most 3 ms above the bare model's (5.).
 
@@ -119,6 +121,32 @@ def run_client(url: str, texts_file: str, concurrency: int, requests: int) -> di
         timeout=900,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class LeanClient:
+    """One keep-alive HTTP/1.1 connection on the standard library's ``http.client``: the
+    leanest Python client, so what a request costs above the bare model is the server's, not
+    the client library's (``requests`` spends about 0.6 ms of its own Python on each call
+    here, measured beside it in ``breakdown``)."""
+
+    def __init__(self, url: str) -> None:
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.prefix = parts.path.rstrip("/")
+        self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+
+    def call(self, method: str, path: str, payload: object = None) -> bytes:
+        """The body of a 2xx answer to ``method path`` (JSON ``payload``, if any); else an error."""
+        body = None if payload is None else json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        self.connection.request(method, self.prefix + path, body=body, headers=headers)
+        response = self.connection.getresponse()
+        data = response.read()
+        if not 200 <= response.status < 300:
+            raise RuntimeError(f"{method} {path}: HTTP {response.status}: {data[:200]!r}")
+        return data
 
 
 def plain_server(port: int) -> None:
@@ -249,14 +277,46 @@ def serve_phase(
     return rows
 
 
+def counting_cost(predictor: object, texts: list[str], n: int = 2000) -> dict:
+    """What counting a request costs a replica (microseconds a request), timed in this
+    process on the replica's own ``Watch``: the note taken on the request path
+    (``Watch.observe``), and the once-a-second hand-over off it (``Watch.flush``: Ray's
+    metrics, and the texts' token-length bins against a drift reference)."""
+    from raybm.serve.watch import Watch
+
+    reference = {"labels": {"negative": 0.5, "positive": 0.5}, "length_edges": [12, 30, 40, 60]}
+    watch = Watch(None, reference, getattr(predictor, "tokenizer", None), "counting")
+
+    async def observe_all() -> float:
+        t0 = time.perf_counter()
+        for i in range(n):
+            watch.observe("predict", 200, time.perf_counter(), [("positive", 0.9)], [texts[i % len(texts)]])
+        took = time.perf_counter() - t0
+        watch._flusher.cancel()
+        return took
+
+    observe_s = asyncio.run(observe_all())
+    notes = list(watch.notes)
+    t0 = time.perf_counter()
+    asyncio.run(watch.flush())
+    bins = watch._length_bins([note[4] for note in notes])
+    flush_s = time.perf_counter() - t0
+    assert len(bins) == n
+    return {
+        "counting a request (on its path), us": round(1e6 * observe_s / n, 2),
+        "handing counts on (off the path, once a second), us a request": round(1e6 * flush_s / n, 2),
+    }
+
+
 def breakdown(
     model_dir: str, backend: str, threads: int, texts: list[str], port: int, ingress: str, n: int = 400
 ) -> dict:
     """Where a request's time goes at concurrency 1 (milliseconds): the bare model, the same
     through the replica's batcher in this process, ``GET /healthz`` on the replica (Serve's
     request path with a handler that does nothing) and on a plain FastAPI app on uvicorn (any
-    Python HTTP server's floor), a client's whole /predict request, and the replica's own
-    measure of its handler (``/stats``). The first five are taken in turn for each of ``n``
+    Python HTTP server's floor), a client's whole /predict request (on ``LeanClient``, and
+    on ``requests`` to show what a heavier client library adds), and the replica's own
+    measure of its handler (``/stats``). The first six are taken in turn for each of ``n``
     texts, so this machine's drift falls on all alike: medians, and the median of the paired
     differences (a request against the bare model on the same text, a moment apart)."""
     import statistics
@@ -285,15 +345,19 @@ def breakdown(
     url = client_url(cfg, model_dir, deploy(cfg, model_dir))
     plain = start_plain_server(port + 1)
     session = requests.Session()
+    replica, floor = LeanClient(url), LeanClient(f"http://127.0.0.1:{port + 1}")
     predictor = load_predictor(model_dir, backend, threads=threads)
     batcher = Batcher(lambda batch: predict_each(predictor.predict, batch), 32)
     loop = asyncio.new_event_loop()
     calls = {
         "bare model": lambda text: predictor.predict([text]),
         "bare model through the batcher": lambda text: loop.run_until_complete(batcher(text)),
-        "healthz": lambda text: session.get(f"{url}/healthz").raise_for_status(),
-        "plain FastAPI healthz": lambda text: session.get(f"http://127.0.0.1:{port + 1}/healthz").raise_for_status(),
-        "predict at the client": lambda text: session.post(f"{url}/predict", json={"texts": [text]}).raise_for_status(),
+        "healthz": lambda text: replica.call("GET", "/healthz"),
+        "plain FastAPI healthz": lambda text: floor.call("GET", "/healthz"),
+        "predict at the client": lambda text: replica.call("POST", "/predict", {"texts": [text]}),
+        "predict at the client, on requests": lambda text: session.post(
+            f"{url}/predict", json={"texts": [text]}
+        ).raise_for_status(),
     }
     took: dict[str, list[float]] = {name: [] for name in calls}
     for i in range(n + 30):  # the first 30 warm up
@@ -310,6 +374,9 @@ def breakdown(
     serve.delete("breakdown")
     pairs = [p - b for p, b in zip(took["predict at the client"], took["bare model"])]
     out["predict over the bare model, median of pairs"] = round(statistics.median(pairs), 2)
+    out.update(counting_cost(predictor, texts))
+    pairs = [p - b for p, b in zip(took["predict at the client, on requests"], took["bare model"])]
+    out["predict on requests over the bare model, median of pairs"] = round(statistics.median(pairs), 2)
     return out
 
 
@@ -472,8 +539,15 @@ def main() -> int:
     toll = paired["predict over the bare model, median of pairs"]
     print(
         f"one request at a time, each beside the bare model on the same text: /predict +{toll} ms over the "
-        f"bare model (target <= 3 ms); GET /healthz {paired['healthz']} ms on the replica, "
+        f"bare model (target <= 3 ms; on requests, a heavier client library: "
+        f"+{paired['predict on requests over the bare model, median of pairs']} ms); "
+        f"GET /healthz {paired['healthz']} ms on the replica, "
         f"{paired['plain FastAPI healthz']} ms on a plain FastAPI app (the HTTP floor)"
+    )
+    print(
+        f"counting a request: {paired['counting a request (on its path), us']} us on its path, "
+        f"{paired['handing counts on (off the path, once a second), us a request']} us a request off it "
+        f"(target: at most 0.5 ms of the p50)"
     )
     print(f"batching gain (best batched / best unbatched): {gain:.2f}x")
     print(
