@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import html
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from raybm.errors import RaybmError
 from raybm.inference.explain import explain, strongest
-from raybm.inference.loading import load_predictor
+from raybm.inference.loading import TextClassifier, load_predictor
 from raybm.inference.predict import in_words
 from raybm.serve.client import endpoint_ok, explain_text, post_texts
 
@@ -22,14 +24,16 @@ if TYPE_CHECKING:
 MAX_UPLOAD_ROWS = 5000
 MAX_UPLOAD_MB = 5
 MAX_TEXT_CHARS = 2000
+Predict = Callable[[list[str]], pd.DataFrame]  # texts -> one row of answers each
+Explain = Callable[[str], dict[str, Any]]  # a text -> its answer and each word's weight
 
 
-def _predictor(path: str):
+def _predictor(path: str) -> TextClassifier:
     """The model's predictor, loaded once per session and model (Streamlit's cache)."""
     import streamlit as st
 
     @st.cache_resource(show_spinner="Loading the model ...", max_entries=2)
-    def load(p: str):
+    def load(p: str) -> TextClassifier:
         return load_predictor(p, "auto", threads=max(1, min(4, os.cpu_count() or 1)))
 
     return load(path)
@@ -97,7 +101,7 @@ def page_try(data: DashboardData, serve_url: str | None) -> None:
                 )
 
 
-def _answerers(data, serve_url: str | None, st):
+def _answerers(data: DashboardData, serve_url: str | None, st: ModuleType) -> tuple[Predict, Explain] | None:
     """(predict texts -> frame, explain one text) from the model server when it answers,
     else from a model the viewer picks; None when there is no model yet."""
     api_key = os.environ.get("RAYBM_API_KEY") or None
@@ -159,7 +163,7 @@ def _answerers(data, serve_url: str | None, st):
     return predict_here, lambda text: explain(_predictor(data.local_model(models[choice])), text)
 
 
-def _title(data, choice: str) -> str:
+def _title(data: DashboardData, choice: str) -> str:
     """A model's readable name; its technical one when its records cannot be read."""
     try:
         return data.model_title(choice)
@@ -202,7 +206,7 @@ def highlighted(text: str, words: list[dict]) -> str:
     return "".join(out)
 
 
-def _why(why, text: str, st) -> None:
+def _why(why: Explain, text: str, st: ModuleType) -> None:
     """The explanation of one answer: the text with its words highlighted."""
     try:
         found = why(text)
@@ -225,7 +229,9 @@ def _why(why, text: str, st) -> None:
     )
 
 
-def _show(predict, texts, st, alt, why=None) -> pd.DataFrame | None:
+def _show(
+    predict: Predict, texts: list[str], st: ModuleType, alt: ModuleType, why: Explain | None = None
+) -> pd.DataFrame | None:
     try:
         out = predict(texts)
     except RaybmError as e:

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raybm.config import JobConfig, config_hash, safe_name
+from raybm.config import CleanConfig, JobConfig, config_hash, safe_name
 from raybm.data import cleaning, splitting
 from raybm.data.report import build_report
 from raybm.data.sources import Source, find_undecodable, read_source, resolve_source
@@ -33,6 +33,7 @@ from raybm.storage.records import DataReport
 from raybm.storage.results import Results
 
 if TYPE_CHECKING:
+    import numpy as np
     import pyarrow as pa
     from ray.data import Dataset
 
@@ -71,7 +72,7 @@ def data_config_hash(cfg: JobConfig) -> str:
 # --------------------------------------------------------------------------- labels
 
 
-def _resolve_labels(cfg: JobConfig, src: Source, raw_ds) -> cleaning.LabelMapper:
+def _resolve_labels(cfg: JobConfig, src: Source, raw_ds: Dataset) -> cleaning.LabelMapper:
     d = cfg.data
     if src.all_labels is not None:  # built-in corpus: its label set is known
         labels = d.labels or src.default_labels or src.all_labels
@@ -200,7 +201,7 @@ def _prepare(cfg: JobConfig, force: bool, source: Source | None, log: Callable[[
     return PreparedData(name, results.uri(final), report)
 
 
-def _read_and_clean(cfg: JobConfig, src: Source):
+def _read_and_clean(cfg: JobConfig, src: Source) -> tuple[Dataset, cleaning.LabelMapper, int, dict[str, int]]:
     """(every row read, cleaned, with its label mapped and a drop reason where it is dropped
     (marked, never silently dropped); the label mapper; rows read; dropped rows by reason).
     Unknown label values are an error naming them."""
@@ -246,11 +247,15 @@ def _read_and_clean(cfg: JobConfig, src: Source):
     return marked, mapper, rows_read, dropped
 
 
-def _clean_and_key(batch, cfg, mapper, twitter_repair: bool, seed: int):
+def _clean_and_key(
+    batch: pd.DataFrame, cfg: CleanConfig, mapper: cleaning.LabelMapper, twitter_repair: bool, seed: int
+) -> pd.DataFrame:
     return splitting.with_keys(cleaning.clean_batch(batch, cfg, mapper, twitter_repair=twitter_repair), seed=seed)
 
 
-def _deduplicate(cfg: JobConfig, marked, mapper, rows_read: int, n_clean: int, dropped: dict[str, int]):
+def _deduplicate(
+    cfg: JobConfig, marked: Dataset, mapper: cleaning.LabelMapper, rows_read: int, n_clean: int, dropped: dict[str, int]
+) -> tuple[np.ndarray, Dataset | None, pd.DataFrame, int]:
     """(the text keys more than one kept row holds; those rows de-duplicated by their text (a
     materialized dataset, None when there are none); the integer keys of every row left,
     which alone come to the driver and decide sample and split; how many texts had
@@ -294,7 +299,15 @@ def _deduplicate(cfg: JobConfig, marked, mapper, rows_read: int, n_clean: int, d
     return shared, copies, keys, int(keys["conflict"].sum())
 
 
-def _split_and_count(cfg: JobConfig, marked, shared, copies, keys, mapper, dropped: dict[str, int]):
+def _split_and_count(
+    cfg: JobConfig,
+    marked: Dataset,
+    shared: np.ndarray,
+    copies: Dataset | None,
+    keys: pd.DataFrame,
+    mapper: cleaning.LabelMapper,
+    dropped: dict[str, int],
+) -> tuple[Dataset, pd.DataFrame]:
     """(the rows with their split, seeded and stratified (of a stratified sample under
     ``data.max_rows``) and their token counts with the model's tokenizer, loaded once per
     worker process; the lengths by split and label, no texts). ``dropped`` gains the rows
@@ -328,7 +341,15 @@ def _split_and_count(cfg: JobConfig, marked, shared, copies, keys, mapper, dropp
     return split_ds, split_ds.select_columns(["split", "label", "n_tokens"]).to_pandas()
 
 
-def _write_dataset(cfg: JobConfig, results: Results, name: str, split_ds, mapper, report: DataReport, log) -> None:
+def _write_dataset(
+    cfg: JobConfig,
+    results: Results,
+    name: str,
+    split_ds: Dataset,
+    mapper: cleaning.LabelMapper,
+    report: DataReport,
+    log: Callable[[str], None],
+) -> None:
     """Write the splits, label map, config and report into a staging folder, then publish it
     in one step (one writer per dataset: a lease)."""
 
@@ -361,11 +382,11 @@ def row_tasks() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _rows_of_split(batch, split: str):
+def _rows_of_split(batch: pa.Table, split: str) -> pa.Table:
     return batch.filter(pc.equal(batch["split"], split)).select(list(SPLIT_COLUMNS))
 
 
-def _value_counts(batch, column: str, where: tuple[str, Any] | None):
+def _value_counts(batch: pd.DataFrame, column: str, where: tuple[str, Any] | None) -> pd.DataFrame:
     if where is not None:
         batch = batch[batch[where[0]] == where[1]]
     counts = batch[column].value_counts()

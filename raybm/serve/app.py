@@ -72,6 +72,7 @@ from raybm.storage.model_cache import fetch_model
 
 if TYPE_CHECKING:
     from ray.serve import Application, Deployment
+    from ray.serve.handle import DeploymentHandle
 
 DEFAULT_LOADER = "raybm.inference.loading:load_predictor"
 TIMED_OUT = 408  # what Serve answers a request cancelled at serve.request_timeout_s
@@ -381,7 +382,7 @@ def make_server_class() -> "Deployment":
             loader: str | Callable = DEFAULT_LOADER,
             api_key: dict[str, str] | None = None,
             storage: dict[str, Any] | None = None,
-            stats=None,
+            stats: "DeploymentHandle | None" = None,
         ) -> None:
             self.settings = s = ServeConfig(**settings)
             try:
@@ -418,6 +419,7 @@ def make_server_class() -> "Deployment":
 
         @app.post(
             "/predict",
+            response_model=None,  # the handlers build their answers: no model read off the return type
             summary="Classify texts",
             responses=PREDICT_RESPONSES,
             openapi_extra={
@@ -427,11 +429,12 @@ def make_server_class() -> "Deployment":
                 }
             },
         )
-        async def predict(self, request: Request):
+        async def predict(self, request: Request) -> Any:
             return await watched(self, "predict", predict_answers, request)
 
         @app.post(
             "/explain",
+            response_model=None,  # the handlers build their answers: no model read off the return type
             summary="Classify texts and weigh each word's part in the answer",
             responses=EXPLAIN_RESPONSES,
             openapi_extra={
@@ -441,7 +444,7 @@ def make_server_class() -> "Deployment":
                 }
             },
         )
-        async def explain(self, request: Request):
+        async def explain(self, request: Request) -> Any:
             return await watched(self, "explain", explain_answers, request)
 
         @app.get("/healthz", summary="Liveness: the replica is up and its model loaded")
@@ -449,8 +452,13 @@ def make_server_class() -> "Deployment":
             # Which replica answered: a load balancer's or an operator's view of the pool.
             return {"status": "ok", "model": self.card["name"], "backend": self.backend, "replica": self.replica}
 
-        @app.get("/metadata", summary="The model being served and the server's limits", responses=ERROR_RESPONSES)
-        async def metadata(self, request: Request):
+        @app.get(
+            "/metadata",
+            summary="The model being served and the server's limits",
+            responses=ERROR_RESPONSES,
+            response_model=None,
+        )
+        async def metadata(self, request: Request) -> Any:
             denied = unauthorized(request, self.api_key, self.settings)
             if denied is not None:
                 return denied
@@ -465,10 +473,11 @@ def make_server_class() -> "Deployment":
 
         @app.get(
             "/stats",
+            response_model=None,
             summary="How the served model is doing: traffic, latency, errors, answers, drift",
             responses=ERROR_RESPONSES,
         )
-        async def stats(self, request: Request):
+        async def stats(self, request: Request) -> Any:
             return await stats_answer(self, request)
 
     return ModelServer

@@ -197,14 +197,15 @@ def add_error_handlers(app: "FastAPI") -> None:
     handler) answers in the documented ``{"error": "..."}`` form, without a traceback or a path."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
+    from starlette.requests import Request
 
-    async def http_error(request, exc: HTTPException):
+    async def http_error(request: Request, exc: HTTPException) -> "JSONResponse":
         return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
-    async def validation_error(request, exc: RequestValidationError):
+    async def validation_error(request: Request, exc: RequestValidationError) -> "JSONResponse":
         return error_response(422, "the request does not match the API; see /docs")
 
-    async def server_error(request, exc: Exception):
+    async def server_error(request: Request, exc: Exception) -> "JSONResponse":
         return error_response(500, "internal error in the model server; the replica's log has the details")
 
     app.add_exception_handler(HTTPException, http_error)
@@ -237,7 +238,7 @@ def predict_each(predict: Callable[[list[str]], Any], texts: list[str]) -> list[
     return out
 
 
-def _finite(rows) -> list[Any]:
+def _finite(rows: Any) -> list[Any]:
     return [row if np.isfinite(np.asarray(row, dtype=np.float64)).all() else NonFiniteAnswer() for row in rows]
 
 

@@ -24,9 +24,13 @@ from raybm.train.scoring import whole_split
 from raybm.train.sharded import is_sharded, load_sharded
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
+    from ray.data import DataIterator
 
     from raybm.config import ModelConfig, TrainConfig
+    from raybm.data.whole import WholeSplit
     from raybm.train.session import WorkerSession
 
 
@@ -244,7 +248,9 @@ def set_up(config: dict[str, Any], session: WorkerSession) -> tuple[Worker, Prog
     return worker, progress
 
 
-def _model_to_shard(t, model_cfg, labels: list[str], rank: int, device):
+def _model_to_shard(
+    t: TrainConfig, model_cfg: ModelConfig, labels: list[str], rank: int, device: torch.device
+) -> tuple[torch.nn.Module, StreamPlan | None, bool]:
     """(the model as this rank builds it, the plan to stream its weights or None, whether
     its parameters are on the meta device). DDP: the whole model on every rank. FSDP: a
     skeleton on every rank, rank 0 too, whose weights rank 0 streams from the model's
@@ -265,7 +271,9 @@ def _model_to_shard(t, model_cfg, labels: list[str], rank: int, device):
     return build_training_model(t, model_cfg, labels, rank != 0, device), None, rank != 0
 
 
-def _resumed_stream(stream: StreamPlan | None, folder: str | None, model, rank: int):
+def _resumed_stream(
+    stream: StreamPlan | None, folder: str | None, model: torch.nn.Module, rank: int
+) -> tuple[StreamPlan | None, dict[str, torch.Tensor] | None]:
     """(the stream plan, rank 0's extra weights) when resuming from ``folder``: a sharded
     checkpoint's weights come out of its shards (nothing to stream: the skeleton is only
     materialised), a LoRA checkpoint's adapters are streamed after the base's."""
@@ -322,7 +330,7 @@ def build_training_model(
 
 
 @contextlib.contextmanager
-def _checkpoint_folder(session):
+def _checkpoint_folder(session: WorkerSession) -> Iterator[str | None]:
     """The checkpoint to resume from as a local folder while set-up reads it (a remote one is
     fetched for the while), or None for a fresh start."""
     checkpoint = session.checkpoint()
@@ -333,7 +341,7 @@ def _checkpoint_folder(session):
         yield folder
 
 
-def _resume(folder: str | None, model, rank: int) -> tuple[Progress, dict | None]:
+def _resume(folder: str | None, model: torch.nn.Module | None, rank: int) -> tuple[Progress, dict | None]:
     """The run's progress and training state from its latest checkpoint (``folder``), its
     weights loaded into ``model`` (None: the state only; a sharded checkpoint's weights go in
     once the model is sharded, ``_optimizer``); a fresh start when there is none."""
@@ -345,7 +353,9 @@ def _resume(folder: str | None, model, rank: int) -> tuple[Progress, dict | None
     return Progress.resumed_at(state), state
 
 
-def _optimizer(model, t, groups: list[dict], state: dict | None, folder: str | None):
+def _optimizer(
+    model: torch.nn.Module, t: TrainConfig, groups: list[dict], state: dict | None, folder: str | None
+) -> torch.optim.Optimizer:
     """The configured optimizer over ``groups``; resuming, its state out of the checkpoint
     (under FSDP, with the model's weights, out of the ranks' shards onto this rank's)."""
     from raybm.models.lora import is_lora
@@ -367,7 +377,15 @@ def _optimizer(model, t, groups: list[dict], state: dict | None, folder: str | N
     return optimizer
 
 
-def _wrap(model, t, device, session, amp_dtype, stream: StreamPlan | None = None, extra: dict | None = None):
+def _wrap(
+    model: torch.nn.Module,
+    t: TrainConfig,
+    device: torch.device,
+    session: WorkerSession,
+    amp_dtype: torch.dtype | None,
+    stream: StreamPlan | None = None,
+    extra: dict | None = None,
+) -> torch.nn.Module:
     """``model`` wrapped for data-parallel training: FSDP shards it in place (its weights
     streamed from the files with ``stream``), DDP replicates."""
     if t.parallelism == "fsdp":
@@ -376,7 +394,9 @@ def _wrap(model, t, device, session, amp_dtype, stream: StreamPlan | None = None
     return session.wrap_ddp(model, kwargs)
 
 
-def _training_data(config: dict[str, Any], cfg: JobConfig, rank: int, world: int, session):
+def _training_data(
+    config: dict[str, Any], cfg: JobConfig, rank: int, world: int, session: WorkerSession
+) -> tuple[WholeSplit | DataIterator, WholeSplit | DataIterator]:
     """(this worker's training shard, the whole validation split): read whole from the
     results folder when the driver says so (no Ray Data in the loop), else Ray Data shards."""
     if config.get("whole_splits"):

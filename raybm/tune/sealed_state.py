@@ -117,12 +117,12 @@ def _verify(fs: pafs.FileSystem, key: bytes, root: str, path: str, data: bytes) 
 class _SealingStream:
     """An output stream that buffers a guarded file and, on close, writes its seal, then it."""
 
-    def __init__(self, handler: SealedStateHandler, path: str, metadata):
+    def __init__(self, handler: SealedStateHandler, path: str, metadata: dict[str, str] | None) -> None:
         self.handler, self.path, self.metadata = handler, path, metadata
         self.chunks: list[bytes] = []
         self.closed = False
 
-    def write(self, data) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         self.chunks.append(bytes(data))
         return len(data)
 
@@ -155,13 +155,13 @@ class SealedStateHandler(pafs.FileSystemHandler):
     def __init__(self, fs: pafs.FileSystem, root: str, key: bytes | None) -> None:
         self.fs, self.root, self.key = fs, root.rstrip("/"), key
 
-    def __reduce__(self):  # the key stays on the driver
+    def __reduce__(self) -> tuple[type, tuple]:  # the key stays on the driver
         return SealedStateHandler, (self.fs, self.root, None)
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, SealedStateHandler) and other.fs.equals(self.fs) and other.root == self.root
 
-    def __ne__(self, other) -> bool:
+    def __ne__(self, other: object) -> bool:
         return not self.__eq__(other)
 
     def get_type_name(self) -> str:

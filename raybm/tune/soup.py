@@ -47,7 +47,7 @@ from raybm.storage.layout import (
     WEIGHTS_INDEX_FILE,
     weight_files,
 )
-from raybm.storage.lease import hold_lease
+from raybm.storage.lease import Lease, hold_lease
 from raybm.storage.model_cache import fetch_model
 from raybm.storage.records import RunRecord, soup_used
 from raybm.storage.results import Results
@@ -260,14 +260,14 @@ def run_soup(
 
 
 def _run_soup(
-    cfg,
-    results,
+    cfg: JobConfig,
+    results: Results,
     run_dir: str,
     models: list[str],
     dataset: str,
     name: str,
     method: str,
-    lease,
+    lease: Lease,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """``run_soup`` under the run's lease."""

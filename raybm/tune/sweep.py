@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raybm.config import JobConfig, sweep_name_for
 from raybm.config.search_space import Distribution, grid_size, parse_space
@@ -59,7 +59,7 @@ from raybm.train.tensorboard import write_events
 from raybm.tune.cost import measure_costs, within_budget
 from raybm.tune.leaderboard import format_values, leaderboard, trial_histories, write_leaderboard
 from raybm.tune.sealed_state import check_sealed, sealed_filesystem
-from raybm.tune.soup import make_soup
+from raybm.tune.soup import Soup, make_soup
 from raybm.tune.trial import (
     IN_TRIAL,
     RAY_TRAIN,
@@ -73,6 +73,12 @@ from raybm.tune.trial import (
     trial_config,
     trial_runner,
 )
+
+if TYPE_CHECKING:
+    from ray.tune import Tuner
+    from ray.tune.schedulers import TrialScheduler
+
+    from raybm.data.pipeline import PreparedData
 
 # Keys whose change needs the data tokenized again for each trial.
 _TOKENIZATION_KEYS = ("data.", "model.name", "model.trust_remote_code")
@@ -89,7 +95,7 @@ class SweepResult:
     winner: Winner
 
 
-def _scheduler(cfg: JobConfig):
+def _scheduler(cfg: JobConfig) -> TrialScheduler:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     tc = cfg.tune
@@ -250,8 +256,14 @@ def _finished_sweep(results: Results, name: str, retry_errored: bool) -> SweepRe
 
 
 def _trainable(
-    cfg: JobConfig, prepared, results: Results, sweep_dir: str, dists: list[Distribution], tokenizes: bool, log
-):
+    cfg: JobConfig,
+    prepared: PreparedData | None,
+    results: Results,
+    sweep_dir: str,
+    dists: list[Distribution],
+    tokenizes: bool,
+    log: Callable[[str], None],
+) -> tuple[Any, PreparedData, str]:
     """(the trial function with the data it shares and its resources, the prepared dataset
     with its labels read, where the trials train: raybm.tune.trial.trial_runner). Read only
     now: a finished sweep needs no data (and reading asks Ray for CPUs)."""
@@ -292,7 +304,7 @@ def _trainable(
 
 def _tuner(
     cfg: JobConfig,
-    trainable,
+    trainable: Any,
     dists: list[Distribution],
     results: Results,
     name: str,
@@ -300,8 +312,8 @@ def _tuner(
     concurrency: int,
     retry_errored: bool,
     runner: str,
-    log,
-):
+    log: Callable[[str], None],
+) -> Tuner:
     """The Ray Tune Tuner of the sweep: restored from its experiment state (finished trials
     kept, unfinished ones continued from their last checkpoint), or a new one."""
     from ray import tune
@@ -511,7 +523,7 @@ def _trained_precision(rows: list[LeaderboardRow]) -> str | None:
 
 def _make_soup(
     results: Results, cfg: JobConfig, dataset: str, rows: list[LeaderboardRow], workdir: str, log: Callable[[str], None]
-):
+) -> Soup:
     """The soup of ``rows``' best checkpoints (best first), scored on the validation split."""
     from raybm.data import load_split
     from raybm.inference.evaluate import calibrate_folder, score_dataset
