@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import traceback
+from types import TracebackType
 from typing import TextIO
 
 from raybm.errors import RaybmError
@@ -36,7 +37,7 @@ class QuietConsole:
         os.dup2(file.fileno(), 2)
         return self
 
-    def __exit__(self, kind, error, tb) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         if error is not None:

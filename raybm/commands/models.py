@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from raybm.commands.common import add_config_args, print_test_metrics, start
-from raybm.config import build_config, load_config
+from raybm.config import JobConfig, build_config, load_config
 from raybm.errors import RaybmError
 from raybm.export.variants import TRAINED, run_export
 from raybm.extras import require
@@ -137,7 +137,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score_to_folder(cfg, args: argparse.Namespace) -> int:
+def _score_to_folder(cfg: JobConfig, args: argparse.Namespace) -> int:
     """`raybm predict --input <file, folder or glob, local or s3://> --output <folder>`: a Ray Data job."""
     from raybm.inference.batch import find_inputs, score_to_folder
 
@@ -277,7 +277,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _manage_apps(cfg, args: argparse.Namespace) -> int:
+def _manage_apps(cfg: JobConfig, args: argparse.Namespace) -> int:
     """`raybm serve --list` / `--stop NAME`: the models the running Serve hosts."""
     from raybm.serve.deploy import list_apps, stop_app
 

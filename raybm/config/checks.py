@@ -10,7 +10,7 @@ from typing import Any
 from raybm.config.coerce import build_section, merge_raw
 from raybm.config.naming import check_name
 from raybm.config.search_space import CONTINUOUS, nested, parse_space
-from raybm.config.stages import PIPELINE_STAGES, JobConfig
+from raybm.config.stages import PIPELINE_STAGES, JobConfig, TrainConfig
 from raybm.errors import ConfigError
 from raybm.metrics import soup_metric
 
@@ -128,7 +128,7 @@ def check_job(cfg: JobConfig) -> None:
         )
 
 
-def _check_memory_settings(t) -> None:
+def _check_memory_settings(t: TrainConfig) -> None:
     """Offload and 4-bit base weights: what they combine with."""
     if t.cpu_offload and t.parallelism != "fsdp":
         raise ConfigError("train.cpu_offload offloads FSDP's shards; set train.parallelism=fsdp (on GPU workers)")

@@ -5,6 +5,7 @@ share over time, and a drift flag when the inputs move away from the training da
 from __future__ import annotations
 
 import os
+from types import ModuleType
 
 import pandas as pd
 
@@ -12,11 +13,11 @@ from raybm.errors import RaybmError
 from raybm.serve.client import ServerUnreachable, get_stats
 
 
-def _pct(value) -> str:
+def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
-def _ms(value) -> str:
+def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
 
@@ -115,7 +116,7 @@ def page_live(serve_url: str | None) -> None:
     )
 
 
-def _drift(drift: dict | None, st) -> None:
+def _drift(drift: dict | None, st: ModuleType) -> None:
     """The drift flag: population stability index of the label mix and input lengths."""
     if drift is None:
         st.caption(

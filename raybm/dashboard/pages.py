@@ -33,6 +33,8 @@ from raybm.storage.layout import RUNS, SWEEPS
 from raybm.storage.records import FORMAT_KEY, soup_used
 
 if TYPE_CHECKING:
+    import altair as alt
+
     from raybm.dashboard.data import DashboardData
 
 PAGES = ("Runs and sweeps", "Sweep", "Model", "Errors", "Try it", "Live")
@@ -84,7 +86,7 @@ def settings(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _data(root: str):
+def _data(root: str) -> DashboardData:
     import streamlit as st
 
     from raybm.dashboard.data import DashboardData
@@ -158,7 +160,7 @@ def _open(page: str, key: str, value: tuple[str, str]) -> None:
     st.session_state[key] = value
 
 
-def _pick(data, kinds: tuple[str, ...], key: str) -> tuple[str, str] | None:
+def _pick(data: DashboardData, kinds: tuple[str, ...], key: str) -> tuple[str, str] | None:
     import streamlit as st
 
     options = [(k, n) for k in kinds for n in data.names(k)]
@@ -289,7 +291,7 @@ def page_sweep(data: DashboardData) -> None:
         )
 
 
-def _confusion_chart(cm: list[list[int]], labels: list[str]):
+def _confusion_chart(cm: list[list[int]], labels: list[str]) -> alt.Chart:
     import altair as alt
 
     rows = [

@@ -41,7 +41,7 @@ def cached_instance(cls_path: str, kwargs_json: str) -> Any:
     return inst
 
 
-def _apply(batch, cls_path: str, kwargs_json: str):
+def _apply(batch: Any, cls_path: str, kwargs_json: str) -> Any:
     return cached_instance(cls_path, kwargs_json)(batch)
 
 

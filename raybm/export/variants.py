@@ -128,7 +128,7 @@ def _export(
     model_dir: str,
     variants: list[str],
     results: Results,
-    log,
+    log: Callable[[str], None],
     source_uri: str | None = None,
     check_lease: Callable[[], None] = lambda: None,
 ) -> ExportResult:
@@ -204,7 +204,9 @@ def _export(
     return ExportResult(name, out, manifests, reference, mobile)
 
 
-def _build(v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name: str, out: str, log) -> dict:
+def _build(
+    v: str, model_dir: str, staging: str, work: str, cfg: JobConfig, name: str, out: str, log: Callable[[str], None]
+) -> dict:
     e = cfg.export
     if v == "hf":
         shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns(VARIANT_FILE, ONNX_FILE))

@@ -352,7 +352,7 @@ def score_to_folder(
 
 
 def _labelled(
-    ds,
+    ds: Dataset,
     model_dir: str,
     text_column: str,
     labels: list[str],
@@ -364,7 +364,7 @@ def _labelled(
     cpus_per_actor: float,
     gpus_per_actor: float,
     storage: StorageConfig,
-):
+) -> Dataset:
     """``ds`` labelled by a pool of model actors."""
     import ray.data
 
@@ -393,7 +393,7 @@ def _labelled(
 
 
 def _write(
-    labelled,
+    labelled: Dataset,
     folder: OutputFolder,
     positions: dict[str, int] | None,
     progress: _Progress,

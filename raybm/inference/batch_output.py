@@ -182,7 +182,7 @@ class _LazyWriter:
     """A Parquet writer that takes its schema from the first table written (a file's first
     rows may give the schema when the job's first batch had not fixed it yet)."""
 
-    def __init__(self, sink, schema: pa.Schema | None) -> None:
+    def __init__(self, sink: pa.NativeFile, schema: pa.Schema | None) -> None:
         self._sink, self._schema = sink, schema
         self._writer: Any = None  # pq.ParquetWriter once written to
 

@@ -25,6 +25,8 @@ from raybm.errors import RaybmError
 from raybm.inference.loading import tokenize
 
 if TYPE_CHECKING:
+    from transformers import BatchEncoding
+
     from raybm.inference.loading import TextClassifier
 
 METHOD = (
@@ -40,7 +42,7 @@ class ExplainTimeout(Exception):
     """An explanation ran past its deadline (its request timed out): it stops at the next model call."""
 
 
-def _encode(predictor, text: str):
+def _encode(predictor: TextClassifier, text: str) -> BatchEncoding:
     tok = predictor.tokenizer
     if not getattr(tok, "is_fast", False):
         raise RaybmError("explanations need a fast tokenizer (one with a tokenizer.json)")

@@ -49,6 +49,7 @@ from raybm.storage.layout import (
 from raybm.storage.records import ExportManifest, RunRecord, Winner
 
 if TYPE_CHECKING:
+    import pyarrow.fs as pafs
     from torch import nn
     from transformers import BatchEncoding, PreTrainedTokenizerBase
 
@@ -443,7 +444,7 @@ def shown_source(source: Any) -> str | None:
     return os.path.basename(source.rstrip("/").rstrip(os.sep)) or source
 
 
-def _read_record(fs, path: str) -> dict[str, Any] | None:
+def _read_record(fs: pafs.FileSystem | None, path: str) -> dict[str, Any] | None:
     """A run's or sweep's JSON record on ``fs`` (None: a local path), or None if absent."""
     if fs is None:
         return _read_json(path) if os.path.isfile(path) else None

@@ -254,8 +254,15 @@ def predict_file(
 
 
 def _ray_batches(
-    model_dir, input_path, fmt, text_column, max_length, labels, probabilities=False, columns: list[str] | None = None
-):
+    model_dir: str,
+    input_path: str,
+    fmt: str,
+    text_column: str,
+    max_length: int | None,
+    labels: list[str],
+    probabilities: bool = False,
+    columns: list[str] | None = None,
+) -> Iterator[pd.DataFrame]:
     """Predictions streamed from Ray Data in input order, input columns kept. A CSV's
     ``columns`` are read as text, as the in-process path reads them (no type guessing: an
     id ``007`` stays ``007``)."""

@@ -12,7 +12,7 @@ checks that the walk agrees with every row of the table.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from raybm.errors import RaybmError
 
@@ -71,7 +71,7 @@ class Parts:
     decoder: bool
 
 
-def _module(root, path: str):
+def _module(root: nn.Module, path: str) -> Any:  # a submodule (or None), found by attribute
     for name in path.split("."):
         root = getattr(root, name, None)
         if root is None:

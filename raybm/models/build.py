@@ -214,7 +214,7 @@ def resolve_pooling(model_cfg: ModelConfig) -> str:
     return "mean" if st_folder else "cls"
 
 
-def _mean_pooled(model_cfg, config, common: dict, pretrained: bool):
+def _mean_pooled(model_cfg: ModelConfig, config: PretrainedConfig, common: dict, pretrained: bool) -> PooledClassifier:
     """A PooledClassifier around the encoder of ``config`` (weights from the base model)."""
     from transformers import AutoModel
 
@@ -251,7 +251,7 @@ _DROPOUT_KEYS = {
 }
 
 
-def _apply_dropout(config, model_cfg) -> None:
+def _apply_dropout(config: PretrainedConfig, model_cfg: ModelConfig) -> None:
     for option, keys in _DROPOUT_KEYS.items():
         value = getattr(model_cfg, option)
         if value is None:

@@ -132,7 +132,7 @@ def fetch_base_model(uri: str, storage: StorageConfig) -> str:
     return _cached_copy(uri, sorted(listing), fill)
 
 
-def _check_base_model(uri: str, files: dict[str, int], client, bucket: str, prefix: str) -> None:
+def _check_base_model(uri: str, files: dict[str, int], client: Any, bucket: str, prefix: str) -> None:
     """A RaybmError naming what a base model folder on S3 lacks."""
     if not files:
         raise RaybmError(

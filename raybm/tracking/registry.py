@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raybm.config import JobConfig, TrackingConfig
 from raybm.errors import RaybmError
 from raybm.tracking.runs import TEST_METRICS, experiment_id, log_run, mlflow_client
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 MODEL_URI_SCHEME = "models:/"
 MODEL_ARTIFACTS = "model"
@@ -48,7 +51,7 @@ def registered_name(cfg: JobConfig, source_name: str) -> str:
     return check_model_name(re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "raybm-classifier")
 
 
-def _model_run(client, cfg: JobConfig, results_uri: str, test: dict[str, Any] | None) -> str:
+def _model_run(client: MlflowClient, cfg: JobConfig, results_uri: str, test: dict[str, Any] | None) -> str:
     """The id of the MLflow run that recorded the raybm run or sweep at ``results_uri``;
     one made for the registration when none did (a run trained before MLflow was set)."""
     found = client.search_runs(

@@ -92,7 +92,7 @@ def wrap_fsdp(
     return model
 
 
-def _put_buffers(model, buffers: dict, device) -> None:
+def _put_buffers(model: nn.Module, buffers: dict, device: torch.device) -> None:
     """Set each of ``model``'s buffers (by name) to the given value, on ``device``."""
     for name, value in buffers.items():
         owner, _, attr = name.rpartition(".")

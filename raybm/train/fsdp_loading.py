@@ -12,6 +12,7 @@ model and broadcasts it (``raybm.train.fsdp.wrap_fsdp``), as before.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -101,7 +102,7 @@ def init_missing(model: nn.Module, missing: list[str], seed: int) -> dict:
     return out
 
 
-def _owner(model, key: str) -> str:
+def _owner(model: nn.Module, key: str) -> str:
     """The module whose init sets ``key``: its nearest LoRA layer, else the module holding it."""
     parts = key.split(".")[:-1]
     for i in range(len(parts), 0, -1):
@@ -165,7 +166,7 @@ def _batches(plan: StreamPlan) -> list[dict[str, list[tuple[str, str]]]]:
     return batches
 
 
-def _numel(shape) -> int:
+def _numel(shape: Iterable[int]) -> int:
     n = 1
     for d in shape:
         n *= d

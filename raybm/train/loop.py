@@ -36,6 +36,8 @@ from raybm.train.sharded import save_sharded, write_shards_index
 from raybm.train.worker import Progress, Worker, quiet_ray_train_logs, say, set_up
 
 if TYPE_CHECKING:
+    import torch
+
     from raybm.train.session import WorkerSession
 
 
@@ -99,7 +101,7 @@ def train_epoch(w: Worker, p: Progress, epoch: int) -> EpochStats:
     return stats
 
 
-def _batch_loss(w: Worker, batch: dict):
+def _batch_loss(w: Worker, batch: dict) -> torch.Tensor:
     """The training loss of one batch: cross-entropy, plus distillation and L1 when set."""
     import torch
 

@@ -18,7 +18,7 @@ import os
 import shutil
 import struct
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from raybm.errors import RaybmError
 from raybm.storage.layout import SHARDS_DIR, SHARDS_INDEX_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
@@ -262,7 +262,7 @@ def drop_shards(folder: str) -> None:
         os.remove(index)
 
 
-def _nbytes(shape: tuple, dtype) -> int:
+def _nbytes(shape: tuple, dtype: torch.dtype) -> int:
     count = 1
     for n in shape:
         count *= n
@@ -283,7 +283,7 @@ def _batches(tensors: dict, batch_bytes: int) -> list[list[str]]:
     return [b for b in out if b]
 
 
-def _write_header(out, tensors: dict) -> None:
+def _write_header(out: BinaryIO, tensors: dict) -> None:
     """The safetensors header (every tensor's dtype, shape and byte range, in this order)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0

@@ -23,7 +23,7 @@ from raybm.train.resources import asks_for_gpus, not_placed, placement_failure
 from raybm.train.sharded import shards_complete
 
 if TYPE_CHECKING:
-    from ray.tune import ResultGrid
+    from ray.tune import Result, ResultGrid
 
 # Serving-cost columns of the leaderboard (tune.measure_cost, tune.max_latency_ms).
 COST_COLUMNS = ("params", "size_mb", "latency_p50_ms", "within_budget")
@@ -39,7 +39,7 @@ def _status(error: str | None, history: list[dict], epochs: int) -> str:
     return "completed"
 
 
-def _trial_history(res, metric: str) -> list[dict[str, Any]]:
+def _trial_history(res: Result, metric: str) -> list[dict[str, Any]]:
     """Every epoch of a trial. The Train run carries its whole history in each report, so
     epochs from before a resume are kept (Tune's own record restarts with the trial)."""
     last = res.metrics or {}
@@ -53,7 +53,7 @@ def _trial_history(res, metric: str) -> list[dict[str, Any]]:
     ]
 
 
-def _trial_id(res) -> str:
+def _trial_id(res: Result) -> str:
     last = res.metrics or {}
     return last.get("trial_id") or (res.path.rstrip("/").rsplit("/", 1)[-1] if res.path else "?")
 
@@ -106,7 +106,7 @@ def _shards_complete(results: Results, checkpoint: str) -> bool:
     return shards_complete(listed, [f.base_name for f in found])
 
 
-def _trial_config(res) -> dict[str, Any]:
+def _trial_config(res: Result) -> dict[str, Any]:
     """A trial's searched values. A trial the time budget ended before its first report has
     no metrics, so Tune's ``Result.config`` is None: they are read from its params.json."""
     if res.config:
