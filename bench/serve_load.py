@@ -7,7 +7,8 @@
 
 One run, same machine, same backend and torch threads throughout:
 1. the bare model in this process (no HTTP, no Ray): one sentence at a time, and in
-   batches of --batch (32);
+   batches of --batch (32); before Ray starts, and again beside the idle Ray (the faster
+   of the two is the bare model's best);
 2. the model on Ray Serve (one replica) with dynamic batching (max_batch_size --batch),
    called at the replica's own port (direct ingress, raybm's default) or through Serve's
    proxy (--ingress proxy), loaded from a second process on loopback at each concurrency
@@ -17,13 +18,14 @@ One run, same machine, same backend and torch threads throughout:
 4. overload: twice the highest concurrency against a bounded queue
    (max_ongoing_requests = highest concurrency / 2, max_queued_requests the same), where
    the only errors allowed are deliberate 503s;
-5. one request at a time, each beside a call of the bare model on the same text in this
-   process (``breakdown``): this machine drifts by milliseconds within a minute, so the p50
-   toll is the median of paired differences, not two medians taken minutes apart; the
-   requests go out on one keep-alive ``http.client`` connection (``LeanClient``: the
-   server's toll, not a client library's; the same on ``requests`` is printed beside it),
-   with ``GET /healthz`` on the replica and on a plain FastAPI app on uvicorn (the floor of
-   any Python HTTP server here), and what counting a request costs the replica.
+5. one request at a time, back to back, in blocks of 100 taken in turn with blocks of the
+   bare model in this process (``breakdown``): this machine drifts by milliseconds within a
+   minute, so the p50 toll is the median over the rounds of each round's difference, not two
+   medians taken minutes apart; the requests go out on one keep-alive ``http.client``
+   connection (``LeanClient``: the server's toll, not a client library's; the same on
+   ``requests`` is printed beside it), with ``GET /healthz`` on the replica and on a plain
+   FastAPI app on uvicorn (the floor of any Python HTTP server here), and what counting a
+   request costs the replica.
 Targets: no 5xx other than 503 anywhere; Serve's best throughput at least 0.8x the bare
 model's best; at concurrency 1, Serve's p50 at most 3 ms above the bare model's (5.).
 
@@ -141,8 +143,13 @@ class LeanClient:
         """The body of a 2xx answer to ``method path`` (JSON ``payload``, if any); else an error."""
         body = None if payload is None else json.dumps(payload).encode()
         headers = {"Content-Type": "application/json"} if body is not None else {}
-        self.connection.request(method, self.prefix + path, body=body, headers=headers)
-        response = self.connection.getresponse()
+        try:
+            self.connection.request(method, self.prefix + path, body=body, headers=headers)
+            response = self.connection.getresponse()
+        except (ConnectionError, OSError):  # the server closed a connection idle past its keep-alive: once more
+            self.connection.close()
+            self.connection.request(method, self.prefix + path, body=body, headers=headers)
+            response = self.connection.getresponse()
         data = response.read()
         if not 200 <= response.status < 300:
             raise RuntimeError(f"{method} {path}: HTTP {response.status}: {data[:200]!r}")
@@ -309,16 +316,18 @@ def counting_cost(predictor: object, texts: list[str], n: int = 2000) -> dict:
 
 
 def breakdown(
-    model_dir: str, backend: str, threads: int, texts: list[str], port: int, ingress: str, n: int = 400
+    model_dir: str, backend: str, threads: int, texts: list[str], port: int, ingress: str, n: int = 500
 ) -> dict:
     """Where a request's time goes at concurrency 1 (milliseconds): the bare model, the same
     through the replica's batcher in this process, ``GET /healthz`` on the replica (Serve's
     request path with a handler that does nothing) and on a plain FastAPI app on uvicorn (any
     Python HTTP server's floor), a client's whole /predict request (on ``LeanClient``, and
     on ``requests`` to show what a heavier client library adds), and the replica's own
-    measure of its handler (``/stats``). The first six are taken in turn for each of ``n``
-    texts, so this machine's drift falls on all alike: medians, and the median of the paired
-    differences (a request against the bare model on the same text, a moment apart)."""
+    measure of its handler (``/stats``). Each of the first six runs in blocks of 100 calls
+    back to back (as a client at concurrency 1 sends them), the blocks in turn, ``n`` calls
+    of each in all, so this machine's drift falls on all alike: medians, and the toll as the
+    median over the rounds of (a round's /predict median - its bare-model median). Calls in
+    alternation flatter the toll: a replica woken by the call before answers faster."""
     import statistics
 
     import requests
@@ -359,24 +368,35 @@ def breakdown(
             f"{url}/predict", json={"texts": [text]}
         ).raise_for_status(),
     }
+    for i in range(30):  # warm-up
+        for call in calls.values():
+            call(texts[i])
     took: dict[str, list[float]] = {name: [] for name in calls}
-    for i in range(n + 30):  # the first 30 warm up
+    rounds: dict[str, list[float]] = {name: [] for name in calls}
+    block = 100
+    for r in range(max(1, n // block)):  # each in a block of back-to-back calls, the blocks in turn
         for name, call in calls.items():
-            t0 = time.perf_counter()
-            call(texts[i % len(texts)])
-            if i >= 30:
-                took[name].append(1000 * (time.perf_counter() - t0))
+            ms = []
+            for i in range(block):
+                t0 = time.perf_counter()
+                call(texts[(r * block + i) % len(texts)])
+                ms.append(1000 * (time.perf_counter() - t0))
+            took[name] += ms[5:]  # the first calls of a block wake what the block before let sleep
+            rounds[name].append(statistics.median(ms[5:]))
     loop.close()
     plain.terminate()
     out = {name: round(statistics.median(ms), 2) for name, ms in took.items()}
     time.sleep(FLUSH_INTERVAL_S + 1.5)  # the replica's counts handed on
     out["predict handler in the replica"] = round(session.get(f"{url}/stats").json()["recent"]["latency_p50_ms"], 2)
     serve.delete("breakdown")
-    pairs = [p - b for p, b in zip(took["predict at the client"], took["bare model"])]
-    out["predict over the bare model, median of pairs"] = round(statistics.median(pairs), 2)
+    for name, key in (
+        ("predict at the client", "predict"),
+        ("predict at the client, on requests", "predict on requests"),
+    ):
+        steps = [p - b for p, b in zip(rounds[name], rounds["bare model"])]
+        out[f"{key} over the bare model, back to back"] = round(statistics.median(steps), 2)
+        out[f"{key} over the bare model, each round"] = [round(x, 2) for x in steps]
     out.update(counting_cost(predictor, texts))
-    pairs = [p - b for p, b in zip(took["predict at the client, on requests"], took["bare model"])]
-    out["predict on requests over the bare model, median of pairs"] = round(statistics.median(pairs), 2)
     return out
 
 
@@ -455,6 +475,9 @@ def main() -> int:
         log_to_driver=False,
         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **ingress_env(args.ingress)}},
     )
+    # The same again beside the idle Ray (its processes share this machine's CPUs with the replica).
+    beside = bare_model(model_dir, args.backend, args.threads, device, texts, args.batch)
+    print("beside the idle Ray:", json.dumps(beside), flush=True)
     print(
         f"clients call the replica {'itself (direct ingress)' if args.ingress == 'direct' else 'through the proxy'}",
         flush=True,
@@ -496,8 +519,8 @@ def main() -> int:
         [2 * top],
         args.requests,
     )
-    print("one request at a time, beside the bare model ...", flush=True)
-    paired = breakdown(model_dir, args.backend, args.threads, texts, args.port, args.ingress, n=200)
+    print("one request at a time, back to back, in blocks beside the bare model ...", flush=True)
+    paired = breakdown(model_dir, args.backend, args.threads, texts, args.port, args.ingress, n=500)
     from ray import serve
 
     serve.shutdown()
@@ -519,28 +542,30 @@ def main() -> int:
         f"\nBare model ({args.backend}, {args.threads} thread(s), {device}), sentences/s: "
         + ", ".join(f"{k} {v}" for k, v in bare.items())
     )
+    print("Bare model beside the idle Ray, sentences/s: " + ", ".join(f"{k} {v}" for k, v in beside.items()))
     for name, rows in (*results.items(), ("overload (bounded queue)", overload)):
         print(f"\nServe {name}, {args.requests} single-sentence requests per level:")
         print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
         for r in rows:
             print("| " + " | ".join(str(r[c]) for c in cols) + " |")
     best_serve = max(r["throughput"] for rows in results.values() for r in rows)
-    best_bare = max(v for k, v in bare.items() if k != "p50_ms")
+    best_bare = max(v for run in (bare, beside) for k, v in run.items() if k != "p50_ms")  # the faster of the two
     gain = max(r["throughput"] for r in results["batched"]) / max(r["throughput"] for r in results["unbatched"])
     bad = sum(r["5xx other"] + r["connection errors"] for rows in (*results.values(), overload) for r in rows)
     ratio = best_serve / best_bare
     print(f"\nServe best {best_serve}/s vs bare model best {best_bare}/s: ratio {ratio:.2f} (target >= 0.80)")
     one = {name: rows[0]["p50_ms"] for name, rows in results.items() if rows[0]["concurrency"] == 1}
-    over = {name: round(p50 - bare["p50_ms"], 1) for name, p50 in one.items() if p50 is not None}
+    for when, run in (("before Ray started", bare), ("beside the idle Ray", beside)):
+        over = {name: round(p50 - run["p50_ms"], 1) for name, p50 in one.items() if p50 is not None}
+        print(
+            f"p50 at concurrency 1 above the bare model's {run['p50_ms']} ms ({when}; two medians taken "
+            f"minutes apart, not the target's measure): " + ", ".join(f"{name} {d:+} ms" for name, d in over.items())
+        )
+    toll = paired["predict over the bare model, back to back"]
     print(
-        f"p50 at concurrency 1 above the bare model's {bare['p50_ms']} ms (measured before Ray started): "
-        + ", ".join(f"{name} +{d} ms" for name, d in over.items())
-    )
-    toll = paired["predict over the bare model, median of pairs"]
-    print(
-        f"one request at a time, each beside the bare model on the same text: /predict +{toll} ms over the "
-        f"bare model (target <= 3 ms; on requests, a heavier client library: "
-        f"+{paired['predict on requests over the bare model, median of pairs']} ms); "
+        f"one request at a time, back to back, in blocks beside blocks of the bare model: /predict {toll:+} ms "
+        f"over the bare model (target <= 3 ms; rounds {paired['predict over the bare model, each round']}; on "
+        f"requests, a heavier client library: {paired['predict on requests over the bare model, back to back']:+} ms); "
         f"GET /healthz {paired['healthz']} ms on the replica, "
         f"{paired['plain FastAPI healthz']} ms on a plain FastAPI app (the HTTP floor)"
     )

@@ -65,6 +65,7 @@ from raybm.serve.contract import (
     predict_request_schema,
     prediction,
 )
+from raybm.serve.ingress import replica_env
 from raybm.serve.watch import LOW_CONFIDENCE, ProxyCounts, Watch, make_stats_class, summarize
 from raybm.storage.fs import resolve_uri
 from raybm.storage.layout import EXPORTS
@@ -501,7 +502,11 @@ def deployment_options(s: ServeConfig) -> dict[str, Any]:
             "num_cpus": s.cpus_per_replica,
             "num_gpus": s.gpus_per_replica,
             "runtime_env": {
-                "env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(replica_threads(s))}
+                "env_vars": {
+                    "TOKENIZERS_PARALLELISM": "false",
+                    "OMP_NUM_THREADS": str(replica_threads(s)),
+                    **replica_env(),
+                }
             },
         },
         "max_constructor_retry_count": 3,

@@ -20,6 +20,8 @@ def test_fixed_replicas_or_autoscaling():
     assert opts["num_replicas"] == 3 and "autoscaling_config" not in opts
     assert opts["ray_actor_options"]["num_cpus"] == 2
     assert opts["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
+    # The handlers run on the loop that reads the requests (Ray 2.60's switch, in the replica's env).
+    assert opts["ray_actor_options"]["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     opts = deployment_options(
         serve_cfg(
             "serve.min_replicas=0",
