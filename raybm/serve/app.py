@@ -410,7 +410,10 @@ def make_server_class() -> "Deployment":
                 dataclasses.replace(s, max_texts=min(s.max_texts, EXPLAIN_MAX_TEXTS))
             )
             self.batcher = Batcher(
-                lambda texts: predict_each(self.predictor.predict, texts), s.max_batch_size, s.batch_wait_timeout_s
+                lambda texts: predict_each(self.predictor.predict, texts),
+                s.max_batch_size,
+                s.batch_wait_timeout_s,
+                s.inline_call_max_s,
             )
 
         async def check_health(self) -> None:

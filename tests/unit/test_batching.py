@@ -3,6 +3,7 @@ arrive while it is busy share its next call, and every request gets its own answ
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -81,3 +82,48 @@ def test_a_failed_call_answers_each_of_its_requests_with_the_error_and_the_batch
     answers, after = asyncio.run(scenario())
     assert all(isinstance(a, Exception) and message in str(a) for a in answers)
     assert after == "zz"
+
+
+class Where:
+    """Answers each text with its upper-case form after ``delay`` seconds, noting for each
+    call whether it ran on the event loop's thread or another."""
+
+    def __init__(self) -> None:
+        self.delay, self.loop_thread, self.where = 0.0, None, []
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        self.where.append("loop" if threading.get_ident() == self.loop_thread else "thread")
+        time.sleep(self.delay)
+        return [t.upper() for t in texts]
+
+
+def test_a_text_alone_runs_on_the_event_loop_while_one_text_calls_are_quick_and_on_the_model_thread_otherwise():
+    async def scenario(model: Where, batcher: Batcher) -> list[str]:
+        model.loop_thread = threading.get_ident()
+        answers = [await batcher("a"), await batcher("b")]  # the first call is timed on the thread
+        model.delay = 0.08  # slower than inline_under_s: the call after it goes back to the thread
+        answers += [await batcher("c"), await batcher("d")]
+        model.delay = 0.0
+        return answers + [await batcher("e"), await batcher("f")]
+
+    model = Where()
+    batcher = Batcher(model, 8, inline_under_s=0.05)
+    assert asyncio.run(scenario(model, batcher)) == ["A", "B", "C", "D", "E", "F"]
+    assert model.where == ["thread", "loop", "loop", "thread", "thread", "loop"]
+    assert (batcher.calls, batcher.inline_calls) == (6, 3)
+
+    never = Where()  # inline_under_s=0 (the default): always on the model's thread
+    asyncio.run(scenario(never, Batcher(never, 8)))
+    assert never.where == ["thread"] * 6
+
+
+def test_texts_with_others_waiting_run_on_the_model_thread_even_when_calls_are_quick():
+    async def scenario(model: Where, batcher: Batcher) -> list[str]:
+        model.loop_thread = threading.get_ident()
+        await batcher("warm")  # one quick call timed on the thread
+        return list(await asyncio.gather(batcher("x"), batcher("y"), batcher("z")))
+
+    model = Where()
+    batcher = Batcher(model, 1, inline_under_s=1.0)  # one text a call: x and y leave others waiting
+    assert asyncio.run(scenario(model, batcher)) == ["X", "Y", "Z"]
+    assert model.where == ["thread", "thread", "thread", "loop"]
