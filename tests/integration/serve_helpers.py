@@ -6,6 +6,7 @@ the model is changed, to drive the server into overload and into a failing healt
 """
 
 import os
+import threading
 import time
 
 from raybm.inference.loading import load_predictor
@@ -69,3 +70,20 @@ class _Picky(_Wrapped):
 
 def picky_loader(model_dir, **kwargs):
     return _Picky(load_predictor(model_dir, **kwargs))
+
+
+class _Where(_Wrapped):
+    """Notes, for each model call, the thread it ran on and its texts in ``<model_dir>/../threads``."""
+
+    def __init__(self, inner, path):
+        super().__init__(inner)
+        self.path = path
+
+    def predict(self, texts):
+        with open(self.path, "a") as f:
+            f.write(f"{threading.current_thread().name}\t{' | '.join(texts)}\n")
+        return self.inner.predict(texts)
+
+
+def where_loader(model_dir, **kwargs):
+    return _Where(load_predictor(model_dir, **kwargs), os.path.join(os.path.dirname(model_dir), "threads"))

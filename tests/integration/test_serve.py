@@ -582,6 +582,20 @@ def test_a_text_the_model_fails_on_fails_only_its_own_request_in_the_error_form(
     assert requests.get(f"{edge}/metadata", timeout=10).json()["min_confidence"] == 0.95
 
 
+def test_a_request_alone_runs_the_model_on_the_request_loop_once_its_calls_are_known_to_be_quick(server):
+    from ray import serve
+
+    # serve.inline_call_max_s (default 0.05 s): the first call is timed on the model's thread,
+    # then a text alone on the idle replica skips the hand-over (0 turns it off: unit-tested).
+    url = deploy_more(server, "inline", loader="serve_helpers:where_loader")
+    for i in range(4):
+        assert post(url, {"text": f"alone {i}"}).status_code == 200
+    calls = [line.split("\t") for line in (server["run"] / "threads").read_text().splitlines()]
+    ran = [thread for thread, texts in calls if texts.startswith("alone")]
+    assert ["thread" if t.startswith("raybm-model") else "loop" for t in ran] == ["thread"] + ["loop"] * 3, ran
+    serve.delete("inline")
+
+
 def test_a_number_too_long_for_python_is_a_400_not_a_500(edge):
     r = post(edge, b'{"texts": [' + b"1" * 5000 + b"]}")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"], r.text
