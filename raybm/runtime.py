@@ -19,11 +19,20 @@ from raybm.errors import RaybmError
 # (an instance profile on cloud nodes; a local Ray's workers inherit the driver's
 # environment anyway).
 _FORWARDED_ENV = ("AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
+# Fast tokenizers' own threads off in every raybm process: each worker, replica and actor
+# already has its CPU share, and a tokenizer that used threads before a fork warns and stalls.
+TOKENIZER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+
+
+def quiet_tokenizers() -> None:
+    """Set ``TOKENIZER_ENV`` in this process unless the user set those variables."""
+    for key, value in TOKENIZER_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def worker_env() -> dict[str, str]:
     """The runtime env variables raybm hands workers when it joins or starts a Ray."""
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    env = dict(TOKENIZER_ENV)
     env.update({k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
     return env
 
@@ -69,7 +78,7 @@ def ensure_ray(cfg: RayConfig, env: dict[str, str] | None = None) -> str:
 
     if ray.is_initialized():
         return "an already running Ray"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_tokenizers()
     address = cluster_address(cfg)
     runtime_env: dict | None = {"env_vars": {**worker_env(), **(env or {})}}
     if address:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ import pyarrow as pa
 
 from raybm.config import AugmentConfig, DataConfig, ModelConfig, StorageConfig
 from raybm.data.splitting import text_key
+from raybm.runtime import quiet_tokenizers
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -59,7 +59,7 @@ def augment_text(text: str, cfg: AugmentConfig, rng: np.random.Generator, mask_t
 
 class _WithTokenizer:
     def __init__(self, model: str, trust_remote_code: bool = False, storage: dict | None = None) -> None:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        quiet_tokenizers()
         from raybm.models.build import load_tokenizer, resolve_model_source
 
         # An s3:// base model: fetched to this task's node (the driver's copy is on its own disk).

@@ -30,6 +30,7 @@ import yaml
 from raybm.config import StorageConfig
 from raybm.errors import RaybmError
 from raybm.metrics import softmax
+from raybm.runtime import quiet_tokenizers
 from raybm.storage.fs import resolve_uri
 from raybm.storage.layout import (
     CALIBRATION_FILE,
@@ -351,7 +352,7 @@ def load_predictor(
         return load_onnx(model_dir, threads, max_length, batch_size)
     if threads:
         torch.set_num_threads(threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_tokenizers()
     model, tokenizer, labels = load_model_folder(model_dir)
     if backend == "int8":
         if device != "cpu":

@@ -50,6 +50,7 @@ from raybm.errors import RaybmError
 from raybm.inference.explain import METHOD, ExplainTimeout, explain_within
 from raybm.inference.loading import check_model_files, model_info
 from raybm.inference.locate import locate_model, model_name
+from raybm.runtime import TOKENIZER_ENV
 from raybm.serve.batching import Batcher
 from raybm.serve.contract import (
     ERROR_RESPONSES,
@@ -504,13 +505,7 @@ def deployment_options(s: ServeConfig) -> dict[str, Any]:
         "ray_actor_options": {
             "num_cpus": s.cpus_per_replica,
             "num_gpus": s.gpus_per_replica,
-            "runtime_env": {
-                "env_vars": {
-                    "TOKENIZERS_PARALLELISM": "false",
-                    "OMP_NUM_THREADS": str(replica_threads(s)),
-                    **replica_env(),
-                }
-            },
+            "runtime_env": {"env_vars": {**TOKENIZER_ENV, "OMP_NUM_THREADS": str(replica_threads(s)), **replica_env()}},
         },
         "max_constructor_retry_count": 3,
     }
