@@ -102,6 +102,9 @@ def main() -> int:
     parser.add_argument("--explainers", type=int, default=12)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--port", type=int, default=8012)
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="more settings, e.g. serve.inline_call_max_s=0"
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--texts-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -139,6 +142,7 @@ def main() -> int:
             "serve.torch_threads=1",
             "serve.cpus_per_replica=1",
             "serve.app_name=explained",
+            *args.set,
         ]
     )
     url = deploy(cfg, model_dir)
