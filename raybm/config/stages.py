@@ -287,7 +287,8 @@ class ServeConfig:
     max_body_bytes: int = _opt(1 << 20, ge=1024)
     """Largest request body in bytes (larger: 413)."""
     health_check_period_s: float = _opt(10.0, gt=0)
-    """How often Serve checks each replica's model (a failing replica is replaced)."""
+    """How often Serve checks each replica's model (a failing replica is replaced); a model
+    that answered a request since the last check is not probed again."""
     health_check_timeout_s: float = _opt(30.0, gt=0)
     """How long a health check may take before the replica counts as failed."""
     explain_max_cost: int = _opt(20000, ge=100)

@@ -15,8 +15,8 @@ empty list, empty or over-long texts, too many texts, a body over the size limit
 the replica: beyond ``max_ongoing_requests`` + ``max_queued_requests`` requests in hand a
 request gets 503 with Retry-After, counted like any other answer. Each replica also answers
 on a port of its own when Serve runs with direct ingress (``raybm.serve.ingress``).
-Serve calls ``check_health`` on each replica, which runs the model; a replica whose model
-fails is replaced.
+Serve calls ``check_health`` on each replica, which runs the model unless it answered a
+request since the last check; a replica whose model fails is replaced.
 
 The deployment takes its model loader as an import path (``module:function``), so tests
 and benchmarks can put a tiny or deliberately slow model behind the same server.
@@ -418,8 +418,10 @@ def make_server_class() -> "Deployment":
             )
 
         async def check_health(self) -> None:
+            if self.batcher.answered_within(self.settings.health_check_period_s):
+                return  # the model answered a request since the last check: no probe beside the traffic
             probs = await asyncio.to_thread(self.predictor.predict, [HEALTH_PROBE])
-            if len(probs) != 1 or abs(float(sum(probs[0])) - 1.0) > 1e-3:
+            if len(probs) != 1 or not abs(float(sum(probs[0])) - 1.0) <= 1e-3:  # NaN fails too
                 raise RuntimeError(f"model health check returned {probs!r}")
 
         @app.post(

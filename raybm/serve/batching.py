@@ -49,6 +49,12 @@ class Batcher:
         self.calls = 0  # model calls made, and texts they answered (for tests and benchmarks)
         self.texts = 0
         self.inline_calls = 0
+        self.answered_at: float | None = None  # time.monotonic() of the last call that answered a text
+
+    def answered_within(self, seconds: float) -> bool:
+        """Whether a model call answered at least one text (not an exception in its place)
+        in the last ``seconds``."""
+        return self.answered_at is not None and time.monotonic() - self.answered_at < seconds
 
     async def __call__(self, text: str) -> Any:
         future = asyncio.get_running_loop().create_future()
@@ -85,6 +91,8 @@ class Batcher:
                 answers = await asyncio.get_running_loop().run_in_executor(self.thread, self.run, texts)
             if len(answers) != len(texts):
                 raise RuntimeError(f"the model answered {len(answers)} rows for {len(texts)} texts")
+            if not all(isinstance(a, Exception) for a in answers):
+                self.answered_at = time.monotonic()
         except Exception as e:  # noqa: BLE001 - every waiting request gets the failure, the replica goes on
             answers = [e] * len(texts)
         if len(texts) == 1:

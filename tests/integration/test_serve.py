@@ -596,6 +596,27 @@ def test_a_request_alone_runs_the_model_on_the_request_loop_once_its_calls_are_k
     serve.delete("inline")
 
 
+def test_health_checks_probe_the_model_only_when_no_request_has_answered_since_the_last(server):
+    from ray import serve
+
+    url = deploy_more(server, "probed", "serve.health_check_period_s=1", loader="serve_helpers:where_loader")
+    log = server["run"] / "threads"
+
+    def probes() -> int:
+        return sum(line.endswith("\traybm health check") for line in log.read_text().splitlines())
+
+    start = probes()
+    until = time.monotonic() + 4
+    while time.monotonic() < until:  # steady traffic: the model answers between checks
+        assert post(url, {"text": "steady traffic"}).status_code == 200
+        time.sleep(0.1)
+    during = probes() - start
+    time.sleep(4)  # no traffic: every check probes the model
+    idle = probes() - start - during
+    serve.delete("probed")
+    assert during <= 1 and idle >= 2, (during, idle)
+
+
 def test_a_number_too_long_for_python_is_a_400_not_a_500(edge):
     r = post(edge, b'{"texts": [' + b"1" * 5000 + b"]}")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"], r.text

@@ -127,3 +127,19 @@ def test_texts_with_others_waiting_run_on_the_model_thread_even_when_calls_are_q
     batcher = Batcher(model, 1, inline_under_s=1.0)  # one text a call: x and y leave others waiting
     assert asyncio.run(scenario(model, batcher)) == ["X", "Y", "Z"]
     assert model.where == ["thread", "thread", "thread", "loop"]
+
+
+def test_the_batcher_knows_when_the_model_last_answered_a_text_and_a_call_of_failures_does_not_count():
+    async def scenario(batcher: Batcher) -> list[bool]:
+        seen = [batcher.answered_within(60)]  # nothing answered yet
+        await batcher("good")
+        seen.append(batcher.answered_within(60))
+        batcher.answered_at -= 120  # as if that answer were two minutes old
+        batcher.run = lambda texts: [ValueError("every text failed")] * len(texts)  # predict_each's failures
+        await batcher("bad")
+        seen.append(batcher.answered_within(60))
+        batcher.run = lambda texts: 1 / 0
+        await batcher("worse")
+        return seen + [batcher.answered_within(60), batcher.answered_within(600)]
+
+    assert asyncio.run(scenario(Batcher(Where(), 8))) == [False, True, False, False, True]
